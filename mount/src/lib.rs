@@ -1,0 +1,1 @@
+//! The FUSE mount (placeholder until wired).
