@@ -1,0 +1,129 @@
+//! The server's error type, and its one conversion to a gRPC status.
+//!
+//! Every message says what went wrong and what to do. None carries secret
+//! content: names, versions and sizes only.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid {kind} name \"{name}\": {why}")]
+    InvalidName {
+        kind: &'static str,
+        name: String,
+        why: String,
+    },
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("secret content is {size} bytes, over the limit of {max} bytes; store a smaller value or start the server with a larger --max-secret-size")]
+    TooLarge { size: usize, max: usize },
+    #[error("{kind} \"{name}\" already exists{hint}")]
+    AlreadyExists {
+        kind: &'static str,
+        name: String,
+        hint: &'static str,
+    },
+    #[error("{kind} \"{name}\" not found{hint}")]
+    NotFound {
+        kind: &'static str,
+        name: String,
+        hint: &'static str,
+    },
+    #[error("secret \"{name}\" has no version {version}; `secretfs secret versions {name}` lists them")]
+    NoSuchVersion { name: String, version: u64 },
+    #[error("secret \"{name}\" version {version} failed its integrity check: the stored data was altered, moved between rows, or sealed with another master key; restore the database or the right master key from backup")]
+    Integrity { name: String, version: u64 },
+    #[error("cryptography failed: {0}")]
+    Crypto(&'static str),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("the database is not writable ({0}); check the state directory's permissions and free space")]
+    ReadOnly(String),
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("{0}")]
+    Pki(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn not_found(kind: &'static str, name: &str) -> Self {
+        let hint = match kind {
+            "secret" => "; `secretfs secret list` shows the secrets",
+            "client" => "; `secretfs client list` shows the clients",
+            "group" => "; `secretfs group list` shows the groups",
+            _ => "",
+        };
+        Error::NotFound {
+            kind,
+            name: name.to_owned(),
+            hint,
+        }
+    }
+
+    pub fn exists(kind: &'static str, name: &str) -> Self {
+        let hint = match kind {
+            "secret" => "; use `secretfs secret rotate` to add a new version",
+            _ => "",
+        };
+        Error::AlreadyExists {
+            kind,
+            name: name.to_owned(),
+            hint,
+        }
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::TooLarge { .. } => {
+                Code::InvalidArgument
+            }
+            Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::NotFound { .. } | Error::NoSuchVersion { .. } => Code::NotFound,
+            Error::Integrity { .. } => Code::DataLoss,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ReadOnly(_) => Code::Unavailable,
+            Error::Crypto(_)
+            | Error::Storage(_)
+            | Error::Pki(_)
+            | Error::Config(_)
+            | Error::Io { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(err: rusqlite::Error) -> Error {
+        use rusqlite::ffi::ErrorCode;
+        match err.sqlite_error_code() {
+            Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::DiskFull | ErrorCode::PermissionDenied) => {
+                Error::ReadOnly(err.to_string())
+            }
+            _ => Error::Storage(err.to_string()),
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Who is calling: the identity in a client certificate, and the check that
+//! the client exists, is enabled, and (for certificates we issued) presents
+//! a certificate we issued to it.
+
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::error::Error;
+use crate::names::check_entity_name;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// `spiffe://TRUST_DOMAIN/client/NAME` URI SAN.
+    Spiffe,
+    /// The subject CN, for certificates from the operator's own PKI that
+    /// carry no URI SAN.
+    CommonName,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub name: String,
+    /// Lowercase hex of the certificate's serial.
+    pub serial: String,
+    pub source: IdentitySource,
+}
+
+/// Reads the client identity from a DER certificate (already verified by
+/// the TLS layer against the trusted CA).
+pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity, Error> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| Error::Unauthenticated(format!("the client certificate cannot be parsed: {e}")))?;
+    let serial = hex::encode(cert.tbs_certificate.raw_serial());
+
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if uri.starts_with("spiffe://") {
+                    uris.push(*uri);
+                }
+            }
+        }
+    }
+    if let Some(uri) = uris.first() {
+        if uris.len() > 1 {
+            return Err(Error::Unauthenticated(
+                "the client certificate carries more than one SPIFFE id; issue it with exactly one".into(),
+            ));
+        }
+        let rest = &uri["spiffe://".len()..];
+        let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if domain != trust_domain {
+            return Err(Error::Unauthenticated(format!(
+                "the client certificate's SPIFFE id {uri} is for trust domain {domain:?}, this server serves {trust_domain:?}"
+            )));
+        }
+        let name = path.strip_prefix("client/").ok_or_else(|| {
+            Error::Unauthenticated(format!(
+                "the client certificate's SPIFFE id {uri} is not of the form spiffe://{trust_domain}/client/NAME"
+            ))
+        })?;
+        check_entity_name("client", name).map_err(|e| Error::Unauthenticated(format!("SPIFFE id {uri}: {e}")))?;
+        return Ok(PeerIdentity {
+            name: name.to_owned(),
+            serial,
+            source: IdentitySource::Spiffe,
+        });
+    }
+
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| {
+            Error::Unauthenticated(
+                "the client certificate has neither a SPIFFE URI SAN nor a subject CN naming the client".into(),
+            )
+        })?;
+    check_entity_name("client", cn).map_err(|e| Error::Unauthenticated(format!("certificate CN: {e}")))?;
+    Ok(PeerIdentity {
+        name: cn.to_owned(),
+        serial,
+        source: IdentitySource::CommonName,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+
+    fn cert(cn: Option<&str>, uris: &[&str]) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if let Some(cn) = cn {
+            dn.push(DnType::CommonName, cn);
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn spiffe_id_wins_over_cn() {
+        let id = identity_from_der(&cert(Some("other"), &["spiffe://td/client/web"]), "td").unwrap();
+        assert_eq!((id.name.as_str(), id.source), ("web", IdentitySource::Spiffe));
+    }
+
+    #[test]
+    fn cn_when_no_uri_san() {
+        let id = identity_from_der(&cert(Some("legacy-app"), &[]), "td").unwrap();
+        assert_eq!((id.name.as_str(), id.source), ("legacy-app", IdentitySource::CommonName));
+    }
+
+    #[test]
+    fn refusals() {
+        for (c, why) in [
+            (cert(None, &["spiffe://other/client/web"]), "trust domain"),
+            (cert(None, &["spiffe://td/workload/web"]), "form"),
+            (cert(None, &["spiffe://td/client/a/b"]), "client"),
+            (cert(None, &["spiffe://td/client/a", "spiffe://td/client/b"]), "more than one"),
+            (cert(None, &[]), "neither"),
+            (cert(Some("bad name"), &[]), "CN"),
+        ] {
+            let err = identity_from_der(&c, "td").unwrap_err().to_string();
+            assert!(err.contains(why), "{why}: {err}");
+        }
+        assert!(identity_from_der(b"garbage", "td").is_err());
+    }
+}

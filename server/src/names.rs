@@ -1,0 +1,135 @@
+//! Name rules for secrets, clients and groups.
+//!
+//! A secret name becomes a path in every mount, so the rule is strict:
+//! segments of `[A-Za-z0-9._-]` joined by `/`, no segment `.`/`..` or
+//! starting with `.` (those are the mount's own, e.g. `.secretfs/`), at most
+//! 255 bytes a segment and 1024 in all. Client and group names are single
+//! segments of the same alphabet, because a client name is also part of a
+//! SPIFFE id and a file name (`NAME.pem`).
+
+use crate::error::Error;
+
+pub const MAX_NAME: usize = 1024;
+pub const MAX_SEGMENT: usize = 255;
+
+const SECRET_RULE: &str = "a secret name is segments of letters, digits, '.', '_' or '-' joined by '/', \
+     with no empty segment, no segment '.' or '..' or starting with '.', \
+     at most 255 bytes a segment and 1024 bytes in all (e.g. db/password)";
+
+const ENTITY_RULE: &str = "letters, digits, '.', '_' or '-', not starting with '.' or '-', 1 to 128 bytes \
+     (e.g. web-1)";
+
+fn allowed(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// Checks a secret name; the error quotes the name (names are not secret)
+/// and the rule.
+pub fn check_secret_name(name: &str) -> Result<(), Error> {
+    let bad = |why: &str| Error::InvalidName {
+        kind: "secret",
+        name: printable(name),
+        why: format!("{why}; {SECRET_RULE}"),
+    };
+    if name.is_empty() {
+        return Err(bad("the name is empty"));
+    }
+    if name.len() > MAX_NAME {
+        return Err(bad(&format!("the name is {} bytes long", name.len())));
+    }
+    if name.starts_with('/') || name.ends_with('/') {
+        return Err(bad("it starts or ends with '/'"));
+    }
+    for segment in name.split('/') {
+        if segment.is_empty() {
+            return Err(bad("it has an empty segment ('//')"));
+        }
+        if segment.len() > MAX_SEGMENT {
+            return Err(bad(&format!("a segment is {} bytes long", segment.len())));
+        }
+        if segment.starts_with('.') {
+            return Err(bad(&format!("segment {segment:?} starts with '.'")));
+        }
+        if let Some(c) = segment.bytes().find(|b| !allowed(*b)) {
+            return Err(bad(&format!("it contains the byte {c:#04x}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a client or group name.
+pub fn check_entity_name(kind: &'static str, name: &str) -> Result<(), Error> {
+    let bad = |why: &str| Error::InvalidName {
+        kind,
+        name: printable(name),
+        why: format!("{why}; a {kind} name is {ENTITY_RULE}"),
+    };
+    if name.is_empty() {
+        return Err(bad("the name is empty"));
+    }
+    if name.len() > 128 {
+        return Err(bad(&format!("the name is {} bytes long", name.len())));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(bad("it starts with '.' or '-'"));
+    }
+    if let Some(c) = name.bytes().find(|b| !allowed(*b)) {
+        return Err(bad(&format!("it contains the byte {c:#04x}")));
+    }
+    Ok(())
+}
+
+/// A bounded, escaped form of a rejected name for error messages.
+fn printable(name: &str) -> String {
+    let mut shown: String = name.chars().take(80).collect();
+    if name.chars().count() > 80 {
+        shown.push('…');
+    }
+    shown.escape_debug().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_secret_names() {
+        for n in ["a", "db/password", "a.b_c-d/E9", "x/y/z", "v1.2"] {
+            check_secret_name(n).unwrap_or_else(|e| panic!("{n}: {e}"));
+        }
+        check_secret_name(&"a".repeat(255)).unwrap();
+        let long = vec!["a".repeat(255); 4].join("/");
+        assert_eq!(long.len(), 1023);
+        check_secret_name(&long).unwrap();
+    }
+
+    #[test]
+    fn bad_secret_names() {
+        let cases = [
+            "", "/a", "a/", "a//b", ".", "..", "a/../b", "a/./b", ".hidden", "a/.x", "a b",
+            "a\0b", "é", "a\\b", "a:b", "*",
+        ];
+        for n in cases {
+            let err = check_secret_name(n).expect_err(n).to_string();
+            assert!(err.contains("segments of letters"), "{n}: {err}");
+        }
+        assert!(check_secret_name(&"a".repeat(256)).is_err());
+        assert!(check_secret_name(&vec!["a".repeat(200); 6].join("/")).is_err());
+    }
+
+    #[test]
+    fn nul_is_escaped_in_messages() {
+        let err = check_secret_name("a\0b").unwrap_err().to_string();
+        assert!(!err.contains('\0'));
+        assert!(err.contains("\\0"));
+    }
+
+    #[test]
+    fn entity_names() {
+        check_entity_name("client", "web-1").unwrap();
+        check_entity_name("group", "db.readers").unwrap();
+        for n in ["", ".a", "-a", "a/b", "a b", &"x".repeat(129)] {
+            assert!(check_entity_name("client", n).is_err(), "{n}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! The built-in certificate authority: the CA itself, the server's
+//! certificate, and client certificates signed from CSRs.
+//!
+//! Client certificates carry the identity as a SPIFFE URI SAN
+//! (`spiffe://TRUST_DOMAIN/client/NAME`) and the name as CN, are for client
+//! authentication only, and get a random serial that the store records, so a
+//! removed and re-added client's old certificate does not work for the new one.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use time::{Duration, OffsetDateTime};
+use zeroize::Zeroizing;
+
+use crate::error::Error;
+
+pub const CA_DAYS: i64 = 3650;
+pub const SERVER_DAYS: i64 = 825;
+pub const CLIENT_DAYS: u32 = 365;
+pub const MAX_CLIENT_DAYS: u32 = 3650;
+
+/// A freshly made certificate (and its key, when we generated it).
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: Option<Zeroizing<String>>,
+    pub serial: String,
+    pub not_after: i64,
+}
+
+/// The CA, loaded from its PEM files, able to sign.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pub cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ca(..)")
+    }
+}
+
+fn pki(what: &str, e: rcgen::Error) -> Error {
+    Error::Pki(format!("{what}: {e}"))
+}
+
+fn random_serial() -> Result<SerialNumber, Error> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::Crypto("the system random generator failed"))?;
+    // Positive and without a leading zero byte, so its DER form is exactly
+    // these 16 bytes and the hex we record matches what a parser reads back.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // A little slack for clocks that are slightly behind ours.
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(days);
+}
+
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+pub fn spiffe_id(trust_domain: &str, client: &str) -> String {
+    format!("spiffe://{trust_domain}/client/{client}")
+}
+
+impl Ca {
+    /// Makes a new CA; returns it and its key's PEM (to be stored 0600).
+    pub fn generate(trust_domain: &str) -> Result<(Ca, Zeroizing<String>), Error> {
+        let key = KeyPair::generate().map_err(|e| pki("generating the CA key", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("secretfs CA ({trust_domain})"));
+        dn.push(DnType::OrganizationName, "secretfs");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial()?);
+        validity(&mut params, CA_DAYS);
+        let cert = params.self_signed(&key).map_err(|e| pki("signing the CA certificate", e))?;
+        let key_pem = Zeroizing::new(key.serialize_pem());
+        let cert_pem = cert.pem();
+        let ca = Ca::load(&cert_pem, &key_pem)?;
+        Ok((ca, key_pem))
+    }
+
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, Error> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| pki("reading the CA key", e))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| pki("reading the CA certificate", e))?;
+        Ok(Ca {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The server's certificate for the given DNS names and IP addresses.
+    pub fn issue_server(&self, sans: &[String]) -> Result<Issued, Error> {
+        let key = KeyPair::generate().map_err(|e| pki("generating the server key", e))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "secretfs server");
+        params.distinguished_name = dn;
+        for san in sans {
+            let san = san.trim();
+            let entry = match san.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) if is_dns_name(san) => SanType::DnsName(
+                    san.try_into()
+                        .map_err(|e| Error::InvalidArgument(format!("--san {san:?}: {e}")))?,
+                ),
+                Err(_) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "--san {san:?} is neither an IP address nor a DNS name (letters, digits, '-' and '.', e.g. secrets.internal)"
+                    )))
+                }
+            };
+            params.subject_alt_names.push(entry);
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let serial = random_serial()?;
+        params.serial_number = Some(serial.clone());
+        validity(&mut params, SERVER_DAYS);
+        let not_after = params.not_after.unix_timestamp();
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| pki("signing the server certificate", e))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: Some(Zeroizing::new(key.serialize_pem())),
+            serial: hex::encode(serial.to_bytes()),
+            not_after,
+        })
+    }
+
+    fn client_params(trust_domain: &str, name: &str, days: u32) -> Result<(CertificateParams, SerialNumber), Error> {
+        let days = if days == 0 { CLIENT_DAYS } else { days };
+        if days > MAX_CLIENT_DAYS {
+            return Err(Error::InvalidArgument(format!(
+                "--days {days} is too long; client certificates last at most {MAX_CLIENT_DAYS} days"
+            )));
+        }
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        let uri = spiffe_id(trust_domain, name);
+        params.subject_alt_names = vec![SanType::URI(
+            uri.as_str()
+                .try_into()
+                .map_err(|e| Error::InvalidArgument(format!("bad SPIFFE id {uri}: {e}")))?,
+        )];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let serial = random_serial()?;
+        params.serial_number = Some(serial.clone());
+        validity(&mut params, days as i64);
+        Ok((params, serial))
+    }
+
+    /// A client certificate with a key generated here (used by `server init`
+    /// for the first admin, whose key is written straight into the state dir).
+    pub fn issue_client(&self, trust_domain: &str, name: &str, days: u32) -> Result<Issued, Error> {
+        let key = KeyPair::generate().map_err(|e| pki("generating a client key", e))?;
+        let (params, serial) = Self::client_params(trust_domain, name, days)?;
+        let not_after = params.not_after.unix_timestamp();
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| pki("signing the client certificate", e))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: Some(Zeroizing::new(key.serialize_pem())),
+            serial: hex::encode(serial.to_bytes()),
+            not_after,
+        })
+    }
+
+    /// Signs a client's CSR. Only the CSR's public key is used: the subject
+    /// and SANs come from the name the admin asked for, never from the CSR.
+    pub fn sign_csr(&self, trust_domain: &str, name: &str, csr_pem: &str, days: u32) -> Result<Issued, Error> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "the CSR could not be read ({e}); give a PEM 'CERTIFICATE REQUEST' with an ECDSA P-256/P-384 or Ed25519 key"
+            ))
+        })?;
+        let (params, serial) = Self::client_params(trust_domain, name, days)?;
+        let not_after = params.not_after.unix_timestamp();
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| pki("signing the client certificate", e))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: None,
+            serial: hex::encode(serial.to_bytes()),
+            not_after,
+        })
+    }
+}
+
+/// Makes a key and a CSR for `name` (the CLI's side of `client add`).
+pub fn new_csr(name: &str) -> Result<(Zeroizing<String>, String), Error> {
+    let key = KeyPair::generate().map_err(|e| pki("generating a key", e))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| pki("making the CSR", e))?;
+    Ok((Zeroizing::new(key.serialize_pem()), csr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{identity_from_der, IdentitySource};
+
+    fn der(pem: &str) -> Vec<u8> {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+    }
+
+    #[test]
+    fn csr_signing_uses_the_requested_name_not_the_csr_subject() {
+        let (ca, _key) = Ca::generate("example.org").unwrap();
+        let (_k, csr) = new_csr("evil-admin").unwrap();
+        let issued = ca.sign_csr("example.org", "web-1", &csr, 30).unwrap();
+        let id = identity_from_der(&der(&issued.cert_pem), "example.org").unwrap();
+        assert_eq!(id.name, "web-1");
+        assert_eq!(id.source, IdentitySource::Spiffe);
+        assert_eq!(id.serial, issued.serial);
+        assert!(ca.sign_csr("example.org", "x", "not a csr", 30).is_err());
+        assert!(ca.sign_csr("example.org", "x", &csr, MAX_CLIENT_DAYS + 1).is_err());
+    }
+
+    #[test]
+    fn server_cert_takes_dns_and_ip_sans() {
+        let (ca, _) = Ca::generate("td").unwrap();
+        let issued = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into(), "::1".into()])
+            .unwrap();
+        assert!(issued.key_pem.is_some());
+        assert!(ca.issue_server(&["bad name!".into()]).is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! The gRPC services and what they share: the caller's authentication,
+//! blocking store calls, and conversions to protocol messages.
+
+mod admin;
+mod secrets;
+
+use std::sync::Arc;
+
+use secretfs_proto::v1;
+use tonic::{Request, Status};
+
+pub use admin::AdminService;
+pub use secrets::SecretsService;
+
+use crate::envelope::MasterKey;
+use crate::error::Error;
+use crate::pki::Ca;
+use crate::store::{AccessRecord, AuditEntry, ClientRecord, SecretRecord, Store};
+use crate::tls::PeerInfo;
+
+/// Everything a request handler needs, shared by both services.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub master: MasterKey,
+    pub ca: Ca,
+    pub trust_domain: String,
+    pub max_secret_size: usize,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub client: ClientRecord,
+}
+
+impl Caller {
+    pub fn name(&self) -> &str {
+        &self.client.name
+    }
+}
+
+/// Runs a blocking store call off the async threads.
+pub async fn blocking<T, F>(f: F) -> Result<T, Status>
+where
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => {
+            tracing::error!(error = %e, "a store task failed");
+            Err(Status::internal("internal error; see the server log"))
+        }
+    }
+}
+
+impl Shared {
+    /// Who is calling: the certificate's identity, which must name a
+    /// registered, enabled client, presenting a certificate issued to it.
+    pub async fn authenticate<T>(self: &Arc<Self>, req: &Request<T>) -> Result<Caller, Status> {
+        let info = req
+            .extensions()
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::unauthenticated("no TLS client identity on this connection"))?;
+        let peer = match info.identity.as_ref() {
+            Ok(p) => p.clone(),
+            Err(why) => return Err(Status::unauthenticated(why.clone())),
+        };
+        let this = self.clone();
+        let remote = info.remote.map(|r| r.to_string()).unwrap_or_default();
+        blocking(move || {
+            let deny = |detail: String, err: Error| -> Result<Caller, Error> {
+                this.store.append_audit(&[AuditEntry {
+                    actor: peer.name.clone(),
+                    action: "auth".into(),
+                    client: Some(peer.name.clone()),
+                    allowed: false,
+                    detail: format!("{detail} (from {remote}, certificate {})", peer.serial),
+                    ..Default::default()
+                }])?;
+                Err(err)
+            };
+            let client = match this.store.get_client(&peer.name) {
+                Ok(c) => c,
+                Err(Error::NotFound { .. }) => {
+                    return deny(
+                        "unknown client".into(),
+                        Error::Unauthenticated(format!(
+                            "client \"{}\" is not registered (or was removed); an operator can add it with `secretfs client add {}`",
+                            peer.name, peer.name
+                        )),
+                    )
+                }
+                Err(e) => return Err(e),
+            };
+            if !client.enabled {
+                return deny(
+                    "client disabled".into(),
+                    Error::PermissionDenied(format!("client \"{}\" is disabled", client.name)),
+                );
+            }
+            if client.pinned && !this.store.client_has_cert(client.id, &peer.serial)? {
+                return deny(
+                    "certificate not issued to this client".into(),
+                    Error::Unauthenticated(format!(
+                        "this certificate was not issued to the current client \"{}\" (it may belong to a removed client of the same name); \
+                         use the certificate from `secretfs client add`",
+                        client.name
+                    )),
+                );
+            }
+            Ok(Caller { client })
+        })
+        .await
+    }
+
+    /// As `authenticate`, and the caller must hold the admin role.
+    pub async fn authenticate_admin<T>(self: &Arc<Self>, req: &Request<T>, action: &str) -> Result<Caller, Status> {
+        let caller = self.authenticate(req).await?;
+        if caller.client.admin {
+            return Ok(caller);
+        }
+        let this = self.clone();
+        let name = caller.client.name.clone();
+        let entry = AuditEntry {
+            actor: name.clone(),
+            action: format!("admin.{action}"),
+            allowed: false,
+            detail: "not an admin".into(),
+            ..Default::default()
+        };
+        blocking(move || this.store.append_audit(&[entry])).await?;
+        Err(Error::PermissionDenied(format!(
+            "client \"{name}\" is not an admin; operator commands need a client made with `secretfs client add NAME --admin`"
+        ))
+        .into())
+    }
+}
+
+pub fn secret_meta(r: &SecretRecord) -> v1::SecretMeta {
+    v1::SecretMeta {
+        id: r.id,
+        name: r.name.clone(),
+        description: r.description.clone(),
+        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        mode: r.mode,
+        owner: r.owner,
+        group: r.group,
+        expires_at: r.expires_at,
+        current_version: r.current_version,
+        version_count: r.version_count,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        size: r.size,
+        version_created_at: r.version_created_at,
+    }
+}
+
+pub fn client_info(c: &ClientRecord) -> v1::ClientInfo {
+    v1::ClientInfo {
+        name: c.name.clone(),
+        admin: c.admin,
+        enabled: c.enabled,
+        created_at: c.created_at,
+        cert_serial: c.cert_serial.clone().unwrap_or_default(),
+        cert_not_after: c.cert_not_after.unwrap_or_default(),
+        groups: c.groups.clone(),
+    }
+}
+
+pub fn access_entries(a: Vec<AccessRecord>) -> Vec<v1::AccessEntry> {
+    a.into_iter()
+        .map(|a| v1::AccessEntry {
+            secret: a.secret,
+            groups: a.groups,
+        })
+        .collect()
+}

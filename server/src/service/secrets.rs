@@ -1,0 +1,130 @@
+//! `secretfs.v1.Secrets`: what workloads call, as their own identity. A
+//! caller sees only the secrets its groups hold; every read is audited.
+
+use std::sync::Arc;
+
+use secretfs_proto::v1::{self, secrets_server::Secrets};
+use tonic::{Request, Response, Status};
+
+use super::{access_entries, blocking, secret_meta, Shared};
+use crate::envelope::Binding;
+use crate::error::Error;
+use crate::names::check_secret_name;
+use crate::store::AuditEntry;
+
+pub struct SecretsService {
+    shared: Arc<Shared>,
+}
+
+impl SecretsService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        SecretsService { shared }
+    }
+}
+
+/// The most names one ReadSecrets call may list.
+const MAX_NAMES: usize = 10_000;
+
+#[tonic::async_trait]
+impl Secrets for SecretsService {
+    async fn who_am_i(&self, req: Request<v1::Empty>) -> Result<Response<v1::WhoAmIResponse>, Status> {
+        let caller = self.shared.authenticate(&req).await?;
+        let shared = self.shared.clone();
+        let name = caller.client.name.clone();
+        let access = blocking(move || shared.store.client_access(&name)).await?;
+        Ok(Response::new(v1::WhoAmIResponse {
+            client: caller.client.name,
+            admin: caller.client.admin,
+            trust_domain: self.shared.trust_domain.clone(),
+            access: access_entries(access),
+        }))
+    }
+
+    async fn list_my_secrets(&self, req: Request<v1::Empty>) -> Result<Response<v1::MySecretsResponse>, Status> {
+        let caller = self.shared.authenticate(&req).await?;
+        let shared = self.shared.clone();
+        let all = blocking(move || shared.store.readable_secrets(caller.client.id)).await?;
+        Ok(Response::new(v1::MySecretsResponse {
+            secrets: all.iter().map(secret_meta).collect(),
+        }))
+    }
+
+    async fn read_secrets(&self, req: Request<v1::ReadSecretsRequest>) -> Result<Response<v1::ReadSecretsResponse>, Status> {
+        let caller = self.shared.authenticate(&req).await?;
+        let names = req.into_inner().names;
+        if names.len() > MAX_NAMES {
+            return Err(Error::InvalidArgument(format!("at most {MAX_NAMES} names per read")).into());
+        }
+        for n in &names {
+            check_secret_name(n)?;
+        }
+        let shared = self.shared.clone();
+        let secrets = blocking(move || {
+            let actor = caller.client.name.clone();
+            let (found, denied) = shared.store.read_sealed(caller.client.id, &names)?;
+            if !denied.is_empty() {
+                let entries: Vec<AuditEntry> = denied
+                    .iter()
+                    .map(|n| AuditEntry {
+                        actor: actor.clone(),
+                        action: "secret.read".into(),
+                        secret: Some(n.clone()),
+                        allowed: false,
+                        detail: "no grant".into(),
+                        ..Default::default()
+                    })
+                    .collect();
+                shared.store.append_audit(&entries)?;
+                // Do not say which of "missing" or "not granted": that would
+                // let a client probe for names it has no business knowing.
+                return Err(Error::PermissionDenied(format!(
+                    "client \"{actor}\" may not read {}: no such secret, or no group grants it; \
+                     `secretfs whoami` lists what this identity can read",
+                    denied.iter().map(|d| format!("\"{d}\"")).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let mut out = Vec::with_capacity(found.len());
+            let mut audit = Vec::with_capacity(found.len());
+            for s in found {
+                let binding = Binding {
+                    secret_id: s.record.id,
+                    name: &s.record.name,
+                    version: s.record.current_version,
+                };
+                let plain = match shared.master.open(binding, &s.sealed) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(secret = %s.record.name, version = s.record.current_version, "integrity check failed");
+                        audit.push(AuditEntry {
+                            actor: actor.clone(),
+                            action: "secret.read".into(),
+                            secret: Some(s.record.name.clone()),
+                            version: Some(s.record.current_version),
+                            allowed: false,
+                            detail: "integrity check failed".into(),
+                            ..Default::default()
+                        });
+                        shared.store.append_audit(&audit)?;
+                        return Err(e);
+                    }
+                };
+                audit.push(AuditEntry {
+                    actor: actor.clone(),
+                    action: "secret.read".into(),
+                    secret: Some(s.record.name.clone()),
+                    version: Some(s.record.current_version),
+                    allowed: true,
+                    ..Default::default()
+                });
+                out.push(v1::SecretContent {
+                    meta: Some(secret_meta(&s.record)),
+                    content: plain.into_vec(),
+                });
+            }
+            shared.store.append_audit(&audit)?;
+            Ok(out)
+        })
+        .await?;
+        Ok(Response::new(v1::ReadSecretsResponse { secrets }))
+    }
+}

@@ -1,0 +1,302 @@
+//! The state directory: what `server init` creates and `server run` reads.
+//!
+//! ```text
+//! DIR/            0700
+//!   master.key    0600  256-bit master key, hex (back it up apart from the database)
+//!   ca.pem              the CA certificate clients trust
+//!   ca.key        0600  the CA key (signs client certificates)
+//!   server.pem, server.key (0600)
+//!   admin.pem, admin.key (0600)   the first admin's client identity
+//!   secretfs.db (+ -wal, -shm)    SQLite: sealed secrets, clients, groups, audit
+//! ```
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::envelope::{MasterKey, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+use crate::error::Error;
+use crate::names::check_entity_name;
+use crate::pki::Ca;
+use crate::store::{NewClient, SqliteStore, Store};
+
+pub const META_TRUST_DOMAIN: &str = "trust_domain";
+pub const META_KEY_CHECK: &str = "master_key_check";
+
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    pub path: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        StateDir { path: path.into() }
+    }
+    pub fn master_key(&self) -> PathBuf {
+        self.path.join("master.key")
+    }
+    pub fn ca_cert(&self) -> PathBuf {
+        self.path.join("ca.pem")
+    }
+    pub fn ca_key(&self) -> PathBuf {
+        self.path.join("ca.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.path.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.path.join("server.key")
+    }
+    pub fn admin_cert(&self) -> PathBuf {
+        self.path.join("admin.pem")
+    }
+    pub fn admin_key(&self) -> PathBuf {
+        self.path.join("admin.key")
+    }
+    pub fn database(&self) -> PathBuf {
+        self.path.join("secretfs.db")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    pub state_dir: PathBuf,
+    pub trust_domain: String,
+    /// DNS names and IP addresses for the server certificate.
+    pub sans: Vec<String>,
+    pub admin_name: String,
+}
+
+pub fn default_sans() -> Vec<String> {
+    vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+}
+
+fn check_trust_domain(td: &str) -> Result<(), Error> {
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "trust domain {td:?} is not valid; use lowercase letters, digits, '.', '-' or '_' (e.g. example.org)"
+        )))
+    }
+}
+
+/// Writes a new file with the given mode; never overwrites.
+pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
+}
+
+/// Creates a complete state directory, or nothing: everything is made in a
+/// sibling temporary directory and renamed into place at the end.
+pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
+    check_trust_domain(&opts.trust_domain)?;
+    check_entity_name("client", &opts.admin_name)?;
+    let target = &opts.state_dir;
+    if let Ok(mut entries) = fs::read_dir(target) {
+        if entries.next().is_some() {
+            return Err(Error::Config(format!(
+                "state directory {} already exists and is not empty; secretfs never overwrites one. \
+                 Run `secretfs server run --state-dir {}` to use it, or pick a new path",
+                target.display(),
+                target.display()
+            )));
+        }
+    } else if target.exists() {
+        return Err(Error::Config(format!("{} exists and is not a directory", target.display())));
+    }
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    let file_name = target
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("{} is not a usable directory name", target.display())))?;
+    let tmp = parent.join(format!(".{}.init-{}", file_name.to_string_lossy(), std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir(&tmp).map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("cannot chmod {}", tmp.display()), e))?;
+
+    let result = fill(&StateDir::new(&tmp), opts).and_then(|()| {
+        if target.exists() {
+            fs::remove_dir(target).map_err(|e| Error::io(format!("cannot replace empty {}", target.display()), e))?;
+        }
+        fs::rename(&tmp, target).map_err(|e| Error::io(format!("cannot move the new state into {}", target.display()), e))
+    });
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    Ok(StateDir::new(target))
+}
+
+fn fill(dir: &StateDir, opts: &InitOptions) -> Result<(), Error> {
+    let master = MasterKey::generate()?;
+    write_new(&dir.master_key(), master.to_hex().as_bytes(), 0o600)?;
+
+    let (ca, ca_key) = Ca::generate(&opts.trust_domain)?;
+    write_new(&dir.ca_cert(), ca.cert_pem.as_bytes(), 0o644)?;
+    write_new(&dir.ca_key(), ca_key.as_bytes(), 0o600)?;
+
+    let sans = if opts.sans.is_empty() { default_sans() } else { opts.sans.clone() };
+    let server = ca.issue_server(&sans)?;
+    write_new(&dir.server_cert(), server.cert_pem.as_bytes(), 0o644)?;
+    write_new(&dir.server_key(), key_bytes(&server.key_pem), 0o600)?;
+
+    let admin = ca.issue_client(&opts.trust_domain, &opts.admin_name, crate::pki::CLIENT_DAYS)?;
+    write_new(&dir.admin_cert(), admin.cert_pem.as_bytes(), 0o644)?;
+    write_new(&dir.admin_key(), key_bytes(&admin.key_pem), 0o600)?;
+
+    let store = SqliteStore::open(&dir.database(), true)?;
+    store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
+    let check = master.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?;
+    let mut blob = check.wrapped_key.clone();
+    blob.extend_from_slice(&check.ciphertext);
+    store.put_meta(META_KEY_CHECK, &blob)?;
+    store.create_client(
+        &NewClient {
+            name: opts.admin_name.clone(),
+            admin: true,
+            cert: Some((admin.serial.clone(), admin.not_after)),
+        },
+        "server init",
+    )?;
+    Ok(())
+}
+
+fn key_bytes(key: &Option<Zeroizing<String>>) -> &[u8] {
+    key.as_ref().map(|k| k.as_bytes()).unwrap_or_default()
+}
+
+/// Loads the master key, refusing a file others can read.
+pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
+    let meta = fs::metadata(path).map_err(|e| {
+        Error::io(
+            format!(
+                "cannot read the master key {} (restore it from your backup; without it the stored secrets cannot be decrypted)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "the master key {} is readable by others (mode {mode:04o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    let text = Zeroizing::new(
+        fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?,
+    );
+    MasterKey::from_hex(&text).ok_or_else(|| {
+        Error::Config(format!(
+            "{} is not a secretfs master key (expected 64 hex digits); restore the right file from backup",
+            path.display()
+        ))
+    })
+}
+
+/// Proves the master key is the one this database was made with.
+pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) -> Result<(), Error> {
+    let blob = store.get_meta(META_KEY_CHECK)?.ok_or_else(|| {
+        Error::Config("the database has no master key check; it was not made by `secretfs server init`".into())
+    })?;
+    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
+    const WRAPPED: usize = 60;
+    if blob.len() < WRAPPED {
+        return Err(Error::Config("the database's master key check is damaged".into()));
+    }
+    let sealed = crate::envelope::Sealed {
+        wrapped_key: blob[..WRAPPED].to_vec(),
+        ciphertext: blob[WRAPPED..].to_vec(),
+    };
+    match key.open(KEY_CHECK, &sealed) {
+        Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => Err(Error::Config(format!(
+            "the master key in {} does not match this database (it was made with another key); \
+             put the right master.key back (from backup) and start again. Nothing was changed",
+            key_path.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> InitOptions {
+        InitOptions {
+            state_dir: dir.to_path_buf(),
+            trust_domain: "test.local".into(),
+            sans: vec![],
+            admin_name: "admin".into(),
+        }
+    }
+
+    #[test]
+    fn init_makes_everything_with_tight_modes_and_refuses_to_reinit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let sd = init(&opts(&dir)).unwrap();
+        for (p, mode) in [(sd.master_key(), 0o600), (sd.ca_key(), 0o600), (sd.server_key(), 0o600), (sd.admin_key(), 0o600)] {
+            assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, mode, "{}", p.display());
+        }
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        let key = load_master_key(&sd.master_key()).unwrap();
+        let store = SqliteStore::open(&sd.database(), false).unwrap();
+        verify_master_key(&store, &key, &sd.master_key()).unwrap();
+        let err = verify_master_key(&store, &MasterKey::generate().unwrap(), &sd.master_key()).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(store.get_client("admin").unwrap().admin);
+
+        let before = fs::read(sd.master_key()).unwrap();
+        let err = init(&opts(&dir)).unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(fs::read(sd.master_key()).unwrap(), before);
+        // No temporary directory left behind.
+        assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn init_into_an_empty_existing_dir_and_bad_trust_domain() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("empty");
+        fs::create_dir(&dir).unwrap();
+        init(&opts(&dir)).unwrap();
+        let mut bad = opts(&tmp.path().join("x"));
+        bad.trust_domain = "Bad Domain".into();
+        assert!(init(&bad).is_err());
+        assert!(!tmp.path().join("x").exists());
+    }
+
+    #[test]
+    fn master_key_readable_by_others_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("k");
+        write_new(&p, MasterKey::generate().unwrap().to_hex().as_bytes(), 0o644).unwrap();
+        let err = load_master_key(&p).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        let p2 = tmp.path().join("k2");
+        write_new(&p2, b"nonsense", 0o600).unwrap();
+        assert!(load_master_key(&p2).unwrap_err().to_string().contains("64 hex"));
+    }
+}
