@@ -112,7 +112,10 @@ pub fn explain_connect_error(chain: &str) -> String {
     let lower = chain.to_ascii_lowercase();
     let hint = if lower.contains("connection refused") {
         "nothing listens there; is `secretfs server run` up, and is the address right?"
-    } else if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+    } else if lower.contains("unknownissuer")
+        || lower.contains("unknown issuer")
+        || lower.contains("badsignature")
+    {
         "the server's certificate is not signed by the CA given with --ca/SECRETFS_CA"
     } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
         "the server's certificate does not name this host; use the host it was issued for, or re-run `server init --san HOST`"

@@ -116,7 +116,9 @@ impl Server {
     /// flight finish, and returns.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         let addr = self.local_addr();
-        let max = self.shared.max_secret_size + MESSAGE_SLACK;
+        // Twice the limit, so a value somewhat over it reaches the handler and
+        // gets the clear "over the limit" error, while memory stays bounded.
+        let max = self.shared.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
         let incoming = tls::accept_loop(self.listener, self.tls, self.shared.trust_domain.clone());
         let admin = AdminServer::new(AdminService::new(self.shared.clone()))
             .max_decoding_message_size(max)

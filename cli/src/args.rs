@@ -1,0 +1,353 @@
+//! Every command, flag and environment variable of `secretfs`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "secretfs",
+    version,
+    about = "Secrets for containers: an encrypted store, mutual-TLS identity, and read-only in-memory mounts",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Output format for commands that print data.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn is_long_running(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Server(ServerCmd { command: ServerSub::Run(_) }) | Command::Dev(_) | Command::Mount(_)
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// How to reach the server and as whom.
+#[derive(Clone, Debug, Args)]
+pub struct ConnArgs {
+    /// Server address, https://HOST:PORT.
+    #[arg(long, global = true, env = "SECRETFS_SERVER")]
+    pub server: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, global = true, env = "SECRETFS_CA")]
+    pub ca: Option<PathBuf>,
+    /// This identity's client certificate (PEM).
+    #[arg(long, global = true, env = "SECRETFS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This identity's private key (PEM).
+    #[arg(long, global = true, env = "SECRETFS_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or run the server.
+    Server(ServerCmd),
+    /// Mount this identity's secrets as read-only in-memory files.
+    Mount(MountArgs),
+    /// One command to a working local system: server, demo client, secret and mount.
+    Dev(DevArgs),
+    /// Add, rotate, inspect and delete secrets.
+    #[command(subcommand)]
+    Secret(SecretCmd),
+    /// Register and remove clients (identities).
+    #[command(subcommand)]
+    Client(ClientCmd),
+    /// Groups link clients to secrets.
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Which secrets a client can read, and through which groups.
+    Access {
+        client: String,
+    },
+    /// Who the server sees this identity as, and what it may read.
+    Whoami,
+    /// Print a secret's content to stdout, read as this identity.
+    Read {
+        name: String,
+    },
+    /// Show the audit log.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerCmd {
+    #[command(subcommand)]
+    pub command: ServerSub,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerSub {
+    /// Create a state directory: master key, CA, server and admin certificates, database.
+    Init(InitArgs),
+    /// Serve gRPC over mutual TLS until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// SPIFFE trust domain of the client identities.
+    #[arg(long, default_value = "secretfs.local")]
+    pub trust_domain: String,
+    /// DNS name or IP address for the server certificate (repeatable; default localhost, 127.0.0.1, ::1).
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
+    /// The address the printed SECRETFS_SERVER line points at.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub advertise: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7443", env = "SECRETFS_LISTEN")]
+    pub listen: SocketAddr,
+    /// Largest secret accepted, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_secret_size: usize,
+    /// Also accept client certificates from this CA bundle (bring your own PKI; repeatable).
+    #[arg(long)]
+    pub client_ca: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// An empty directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Owner of files whose secret sets none.
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    /// Group of files whose secret sets none.
+    #[arg(long, default_value_t = 0)]
+    pub gid: u32,
+    /// Mode of files whose secret sets none (octal).
+    #[arg(long, default_value = "0400", value_parser = parse_mode)]
+    pub mode: u32,
+    /// Re-sync interval.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub refresh: Duration,
+    /// Give up if the first sync has not succeeded by then.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub start_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// State, certificates and the mount live here (reused when it exists).
+    #[arg(long, default_value = "secretfs-dev")]
+    pub dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Do not mount (for machines without FUSE).
+    #[arg(long)]
+    pub no_mount: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCmd {
+    /// Add a secret; content from stdin or --from-file, never from the command line.
+    Add(SecretAddArgs),
+    /// Add a new version; content from stdin or --from-file.
+    Rotate {
+        name: String,
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        /// Accept empty content.
+        #[arg(long)]
+        allow_empty: bool,
+    },
+    /// List all secrets (metadata only).
+    List,
+    /// Show one secret's metadata.
+    Describe { name: String },
+    /// List a secret's versions.
+    Versions { name: String },
+    /// Make an earlier version current again.
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: u64,
+    },
+    /// Delete a secret and all its versions; it leaves every mount.
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct SecretAddArgs {
+    pub name: String,
+    /// Read the content from this file instead of stdin.
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+    /// Accept empty content.
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// File mode in the mount (octal); default: the mount's (0400).
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// Owner uid of the mounted file.
+    #[arg(long)]
+    pub owner: Option<u32>,
+    /// Group gid of the mounted file.
+    #[arg(long)]
+    pub group: Option<u32>,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Expiry time, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub expires: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCmd {
+    /// Register a client and issue its certificate (the key is made here and never sent).
+    Add(ClientAddArgs),
+    /// List clients.
+    List,
+    /// Show one client.
+    Describe { name: String },
+    /// Remove a client; it is locked out at once.
+    Remove { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ClientAddArgs {
+    pub name: String,
+    /// Where to write NAME.pem, NAME.key and ca.pem.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    /// Give the client the admin role.
+    #[arg(long)]
+    pub admin: bool,
+    /// Certificate lifetime in days (default 365).
+    #[arg(long)]
+    pub days: Option<u32>,
+    /// Sign this CSR (PEM) instead of making a key here.
+    #[arg(long, conflicts_with = "external")]
+    pub csr: Option<PathBuf>,
+    /// Register only: the client's certificate comes from your own CA (see `server run --client-ca`).
+    #[arg(long)]
+    pub external: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// Create a group.
+    Add {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List groups with their clients and secrets.
+    List,
+    /// Remove a group (its grants go with it).
+    Remove { name: String },
+    /// Let a client read the group's secrets.
+    AddClient { group: String, client: String },
+    RemoveClient { group: String, client: String },
+    /// Grant the group's clients a secret.
+    AddSecret { group: String, secret: String },
+    RemoveSecret { group: String, secret: String },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Events by or about this client.
+    #[arg(long)]
+    pub client: Option<String>,
+    /// Events about this secret.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// From this time: RFC 3339, or a duration ago (e.g. 1h, 30m).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<i64>,
+    /// At most this many (newest) events.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+}
+
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let mode = u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode (e.g. 0400)"))?;
+    if mode > 0o777 {
+        return Err(format!("{s}: give permission bits only, 0 to 0777"));
+    }
+    Ok(mode)
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time ({e}); e.g. 2027-01-31T00:00:00Z"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0))
+}
+
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let now = std::time::SystemTime::now();
+        let t = now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH);
+        return Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+    }
+    parse_rfc3339(s).map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 1h"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0400"), Ok(0o400));
+        assert_eq!(parse_mode("640"), Ok(0o640));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("4755").is_err());
+    }
+
+    #[test]
+    fn since_takes_durations_and_times() {
+        let an_hour_ago = parse_since("1h").unwrap();
+        let now = parse_since("0s").unwrap();
+        assert!((3599..=3601).contains(&(now - an_hour_ago)));
+        assert_eq!(parse_since("1970-01-01T00:01:00Z"), Ok(60));
+        assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

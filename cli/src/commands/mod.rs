@@ -1,0 +1,45 @@
+//! One module per command family; `run` dispatches.
+
+mod client;
+mod dev;
+mod group;
+mod identity;
+mod mount;
+mod secret;
+mod server;
+
+use anyhow::Result;
+
+use crate::args::{Cli, Command};
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let format = cli.output;
+    match cli.command {
+        Command::Server(cmd) => server::run(cmd, format).await,
+        Command::Mount(args) => mount::run(&cli.conn, args).await,
+        Command::Dev(args) => dev::run(args).await,
+        Command::Secret(cmd) => secret::run(&cli.conn, cmd, format).await,
+        Command::Client(cmd) => client::run(&cli.conn, cmd, format).await,
+        Command::Group(cmd) => group::run(&cli.conn, cmd, format).await,
+        Command::Access { client } => identity::access(&cli.conn, &client, format).await,
+        Command::Whoami => identity::whoami(&cli.conn, format).await,
+        Command::Read { name } => identity::read(&cli.conn, &name).await,
+        Command::Audit(args) => identity::audit(&cli.conn, args, format).await,
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,79 @@
+//! `secretfs server init|run`
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
+use serde_json::json;
+
+use crate::args::{Format, ServerCmd, ServerSub};
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The lines that point the CLI at a server as the admin in `dir`.
+pub fn export_lines(dir: &StateDir, server: &str) -> String {
+    format!(
+        "export SECRETFS_SERVER=https://{server}\n\
+         export SECRETFS_CA={}\n\
+         export SECRETFS_CERT={}\n\
+         export SECRETFS_KEY={}\n",
+        absolute(&dir.ca_cert()).display(),
+        absolute(&dir.admin_cert()).display(),
+        absolute(&dir.admin_key()).display(),
+    )
+}
+
+pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
+    match cmd.command {
+        ServerSub::Init(a) => {
+            let opts = InitOptions {
+                state_dir: a.state_dir.clone(),
+                trust_domain: a.trust_domain,
+                sans: a.sans,
+                admin_name: "admin".into(),
+            };
+            let dir = tokio::task::spawn_blocking(move || secretfs_server::init(&opts)).await??;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "state_dir": absolute(&dir.path),
+                        "server": format!("https://{}", a.advertise),
+                        "ca": absolute(&dir.ca_cert()),
+                        "cert": absolute(&dir.admin_cert()),
+                        "key": absolute(&dir.admin_key()),
+                        "master_key": absolute(&dir.master_key()),
+                    }))?
+                ),
+                Format::Text => {
+                    eprintln!("created state directory {}", absolute(&dir.path).display());
+                    eprintln!(
+                        "back up {} apart from the database: without it no secret can be decrypted",
+                        absolute(&dir.master_key()).display()
+                    );
+                    eprintln!(
+                        "start the server:  secretfs server run --state-dir {}",
+                        absolute(&dir.path).display()
+                    );
+                    eprintln!("then, to use the CLI as the admin:");
+                    print!("{}", export_lines(&dir, &a.advertise));
+                }
+            }
+            Ok(())
+        }
+        ServerSub::Run(a) => {
+            let server = Server::open(RunOptions {
+                state_dir: a.state_dir,
+                listen: a.listen,
+                max_secret_size: a.max_secret_size,
+                client_ca: a.client_ca,
+            })
+            .await
+            .context("the server did not start")?;
+            server.serve(super::shutdown_signal()).await?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Connection settings (flags or `SECRETFS_*`) into clients.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use secretfs_proto::v1::admin_client::AdminClient;
+use secretfs_proto::v1::secrets_client::SecretsClient;
+use secretfs_proto::ConnectConfig;
+use tonic::transport::Channel;
+
+use crate::args::ConnArgs;
+use crate::fail::UsageError;
+
+/// Replies can carry many secrets at once (a mount's first sync).
+const MAX_REPLY: usize = 256 * 1024 * 1024;
+
+fn need<'a, T>(value: &'a Option<T>, flag: &str, env: &str) -> Result<&'a T> {
+    value.as_ref().ok_or_else(|| {
+        UsageError(format!(
+            "no {flag} given: pass {flag} or set {env} (`secretfs server init` and `secretfs dev` print the export lines)"
+        ))
+        .into()
+    })
+}
+
+fn read_file(path: &Path, what: &str, flag: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read the {what} {} (given by {flag})", path.display()))
+}
+
+pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
+    let server = need(&args.server, "--server", "SECRETFS_SERVER")?;
+    let ca: &PathBuf = need(&args.ca, "--ca", "SECRETFS_CA")?;
+    let cert: &PathBuf = need(&args.cert, "--cert", "SECRETFS_CERT")?;
+    let key: &PathBuf = need(&args.key, "--key", "SECRETFS_KEY")?;
+    Ok(ConnectConfig {
+        server: server.clone(),
+        ca_pem: read_file(ca, "CA certificate", "--ca/SECRETFS_CA")?,
+        cert_pem: read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?,
+        key_pem: read_file(key, "client key", "--key/SECRETFS_KEY")?,
+        connect_timeout: Duration::from_secs(10),
+    })
+}
+
+pub async fn channel(args: &ConnArgs) -> Result<Channel> {
+    let config = config(args)?;
+    Ok(secretfs_proto::connect(&config).await?)
+}
+
+pub async fn admin(args: &ConnArgs) -> Result<AdminClient<Channel>> {
+    Ok(AdminClient::new(channel(args).await?).max_decoding_message_size(MAX_REPLY))
+}
+
+pub async fn secrets(args: &ConnArgs) -> Result<SecretsClient<Channel>> {
+    Ok(SecretsClient::new(channel(args).await?).max_decoding_message_size(MAX_REPLY))
+}

@@ -1,0 +1,87 @@
+//! Errors into messages that say what to do, and exit codes: 1 for an
+//! error, 2 for a usage error.
+
+use std::process::ExitCode;
+
+use tonic::Code;
+
+/// A mistake in how the command was called (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub fn report(err: &anyhow::Error) -> ExitCode {
+    if let Some(usage) = err.downcast_ref::<UsageError>() {
+        eprintln!("error: {usage}");
+        return ExitCode::from(crate::EXIT_USAGE);
+    }
+    if let Some(status) = err.downcast_ref::<tonic::Status>() {
+        eprintln!("error: {}", explain_status(status));
+        return ExitCode::FAILURE;
+    }
+    eprintln!("error: {}", chain(err));
+    ExitCode::FAILURE
+}
+
+fn chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for (i, cause) in err.chain().enumerate() {
+        let text = cause.to_string();
+        if i > 0 {
+            if out.contains(&text) {
+                continue;
+            }
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// A status from the server already says what to do; a transport failure
+/// needs translating.
+pub fn explain_status(status: &tonic::Status) -> String {
+    let message = status.message();
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled => {
+            let detail = format!(
+                "{message}{}",
+                std::error::Error::source(status)
+                    .map(|s| format!(": {}", secretfs_proto::channel::error_chain(s)))
+                    .unwrap_or_default()
+            );
+            let lower = detail.to_ascii_lowercase();
+            if lower.contains("certificate") || lower.contains("handshake") || lower.contains("alert") {
+                format!(
+                    "the server refused this client's TLS certificate ({detail}); check --cert/--key (SECRETFS_CERT/SECRETFS_KEY) \
+                     name a certificate issued by this server's CA"
+                )
+            } else if lower.contains("not ready")
+                || lower.contains("connection reset")
+                || lower.contains("connection closed")
+                || lower.contains("broken pipe")
+            {
+                format!(
+                    "the connection was closed during setup ({detail}); most often the server refused the client certificate: \
+                     check --cert/--key name a certificate issued by this server's CA"
+                )
+            } else if status.code() == Code::Unavailable {
+                format!("the server is unavailable ({detail}); is `secretfs server run` up at the address in SECRETFS_SERVER?")
+            } else {
+                detail
+            }
+        }
+        Code::OutOfRange | Code::ResourceExhausted if message.contains("message length too large") => format!(
+            "the request is larger than the server accepts ({message}); secrets are limited by the server's \
+             --max-secret-size (1 MiB by default): store a smaller value or raise the limit"
+        ),
+        _ => message.to_owned(),
+    }
+}

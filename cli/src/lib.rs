@@ -1,0 +1,51 @@
+//! The `secretfs` command line: one binary for the server, the mount, the
+//! operator commands and the one-command dev setup.
+//!
+//! - `args`: the clap definitions (the whole command surface in one place).
+//! - `connect`: connection settings from flags/`SECRETFS_*` into a channel.
+//! - `output`: text tables and `--output json`.
+//! - `input`: reading secret content from stdin or a file, never argv.
+//! - `fail`: turning errors into messages that say what to do, and exit codes.
+//! - `commands::*`: one module per command family.
+
+mod args;
+mod commands;
+mod connect;
+mod fail;
+mod input;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit code for usage errors (clap uses it too).
+pub const EXIT_USAGE: u8 = 2;
+
+pub fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    init_tracing(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail::report(&err),
+    }
+}
+
+fn init_tracing(cli: &args::Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cli.is_long_running() { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("SECRETFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
