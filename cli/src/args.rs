@@ -29,7 +29,10 @@ impl Cli {
     pub fn is_long_running(&self) -> bool {
         matches!(
             self.command,
-            Command::Server(ServerCmd { command: ServerSub::Run(_) }) | Command::Dev(_) | Command::Mount(_)
+            Command::Server(ServerCmd {
+                command: ServerSub::Run(_)
+            }) | Command::Dev(_)
+                | Command::Mount(_)
         )
     }
 }
@@ -75,15 +78,11 @@ pub enum Command {
     #[command(subcommand)]
     Group(GroupCmd),
     /// Which secrets a client can read, and through which groups.
-    Access {
-        client: String,
-    },
+    Access { client: String },
     /// Who the server sees this identity as, and what it may read.
     Whoami,
     /// Print a secret's content to stdout, read as this identity.
-    Read {
-        name: String,
-    },
+    Read { name: String },
     /// Show the audit log.
     Audit(AuditArgs),
 }
@@ -264,13 +263,27 @@ pub enum GroupCmd {
     /// List groups with their clients and secrets.
     List,
     /// Remove a group (its grants go with it).
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
     /// Let a client read the group's secrets.
-    AddClient { group: String, client: String },
-    RemoveClient { group: String, client: String },
+    AddClient {
+        group: String,
+        client: String,
+    },
+    RemoveClient {
+        group: String,
+        client: String,
+    },
     /// Grant the group's clients a secret.
-    AddSecret { group: String, secret: String },
-    RemoveSecret { group: String, secret: String },
+    AddSecret {
+        group: String,
+        secret: String,
+    },
+    RemoveSecret {
+        group: String,
+        secret: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -291,7 +304,8 @@ pub struct AuditArgs {
 
 pub fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    let mode = u32::from_str_radix(digits, 8).map_err(|_| format!("{s:?} is not an octal mode (e.g. 0400)"))?;
+    let mode = u32::from_str_radix(digits, 8)
+        .map_err(|_| format!("{s:?} is not an octal mode (e.g. 0400)"))?;
     if mode > 0o777 {
         return Err(format!("{s}: give permission bits only, 0 to 0777"));
     }
@@ -299,7 +313,8 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -312,16 +327,22 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 fn parse_rfc3339(s: &str) -> Result<i64, String> {
     let t = humantime::parse_rfc3339_weak(s)
         .map_err(|e| format!("{s:?} is not an RFC 3339 time ({e}); e.g. 2027-01-31T00:00:00Z"))?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0))
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0))
 }
 
 fn parse_since(s: &str) -> Result<i64, String> {
     if let Ok(d) = humantime::parse_duration(s) {
         let now = std::time::SystemTime::now();
         let t = now.checked_sub(d).unwrap_or(std::time::UNIX_EPOCH);
-        return Ok(t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0));
+        return Ok(t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0));
     }
-    parse_rfc3339(s).map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 1h"))
+    parse_rfc3339(s)
+        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 1h"))
 }
 
 #[cfg(test)]

@@ -25,7 +25,12 @@ fn need<'a, T>(value: &'a Option<T>, flag: &str, env: &str) -> Result<&'a T> {
 }
 
 fn read_file(path: &Path, what: &str, flag: &str) -> Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read the {what} {} (given by {flag})", path.display()))
+    std::fs::read(path).with_context(|| {
+        format!(
+            "cannot read the {what} {} (given by {flag})",
+            path.display()
+        )
+    })
 }
 
 pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {

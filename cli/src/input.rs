@@ -17,7 +17,8 @@ pub fn read_content(from_file: Option<&Path>, allow_empty: bool) -> Result<Zeroi
     let mut buf = Zeroizing::new(Vec::new());
     match from_file {
         Some(path) if path != Path::new("-") => {
-            let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
             file.take(READ_LIMIT + 1)
                 .read_to_end(&mut buf)
                 .with_context(|| format!("cannot read {}", path.display()))?;

@@ -25,7 +25,10 @@ pub const EXIT_USAGE: u8 = 2;
 pub fn main() -> ExitCode {
     let cli = args::Cli::parse();
     init_tracing(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -40,8 +43,13 @@ pub fn main() -> ExitCode {
 
 fn init_tracing(cli: &args::Cli) {
     use tracing_subscriber::EnvFilter;
-    let default = if cli.is_long_running() { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_env("SECRETFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let default = if cli.is_long_running() {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter =
+        EnvFilter::try_from_env("SECRETFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -48,7 +48,10 @@ impl Table {
 
     pub fn vertical(rows: Vec<(&'static str, String)>) -> Self {
         Table {
-            rows: rows.into_iter().map(|(k, v)| vec![k.to_owned(), v]).collect(),
+            rows: rows
+                .into_iter()
+                .map(|(k, v)| vec![k.to_owned(), v])
+                .collect(),
             vertical: true,
             ..Table::default()
         }
@@ -67,7 +70,12 @@ impl Table {
         if self.vertical {
             let width = self.rows.iter().map(|r| r[0].len()).max().unwrap_or(0);
             for r in &self.rows {
-                println!("{:width$}  {}", format!("{}:", r[0]), r[1], width = width + 1);
+                println!(
+                    "{:width$}  {}",
+                    format!("{}:", r[0]),
+                    r[1],
+                    width = width + 1
+                );
             }
             return;
         }

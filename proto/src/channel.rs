@@ -32,7 +32,9 @@ impl std::fmt::Debug for ConnectConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChannelError {
-    #[error("invalid server address {0:?}: use https://HOST:PORT (for example https://127.0.0.1:7443)")]
+    #[error(
+        "invalid server address {0:?}: use https://HOST:PORT (for example https://127.0.0.1:7443)"
+    )]
     BadAddress(String),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
@@ -121,11 +123,17 @@ pub fn explain_connect_error(chain: &str) -> String {
         "the server's certificate does not name this host; use the host it was issued for, or re-run `server init --san HOST`"
     } else if lower.contains("certificate required") || lower.contains("certificaterequired") {
         "the server wants a client certificate: give --cert/--key or SECRETFS_CERT/SECRETFS_KEY"
-    } else if lower.contains("bad certificate") || lower.contains("badcertificate") || lower.contains("unknown ca") {
+    } else if lower.contains("bad certificate")
+        || lower.contains("badcertificate")
+        || lower.contains("unknown ca")
+    {
         "the server refused the client certificate: is it issued by this server's CA?"
     } else if lower.contains("timed out") || lower.contains("deadline") {
         "no answer in time; check the address and any firewall"
-    } else if lower.contains("private key") || lower.contains("no certificates") || lower.contains("pem") {
+    } else if lower.contains("private key")
+        || lower.contains("no certificates")
+        || lower.contains("pem")
+    {
         "the client certificate or key could not be read; check --cert/--key"
     } else {
         ""
@@ -143,7 +151,10 @@ mod tests {
 
     #[test]
     fn server_url_forms() {
-        assert_eq!(server_url("127.0.0.1:7443").unwrap(), "https://127.0.0.1:7443");
+        assert_eq!(
+            server_url("127.0.0.1:7443").unwrap(),
+            "https://127.0.0.1:7443"
+        );
         assert_eq!(server_url("https://h:1").unwrap(), "https://h:1");
         assert!(server_url("http://h:1").is_err());
         assert!(server_url("").is_err());
@@ -152,7 +163,9 @@ mod tests {
 
     #[test]
     fn hints_name_the_fix() {
-        assert!(explain_connect_error("tcp connect error: Connection refused").contains("server run"));
+        assert!(
+            explain_connect_error("tcp connect error: Connection refused").contains("server run")
+        );
         assert!(explain_connect_error("invalid peer certificate: UnknownIssuer").contains("--ca"));
     }
 }

@@ -147,7 +147,12 @@ impl MasterKey {
     }
 }
 
-fn seal_with(rng: &SystemRandom, key: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+fn seal_with(
+    rng: &SystemRandom,
+    key: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, Error> {
     let key = LessSafeKey::new(
         UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::Crypto("bad AES-256 key length"))?,
     );
@@ -212,7 +217,10 @@ mod tests {
         let k = MasterKey::generate().unwrap();
         let sealed = k.seal(b("db/pw", 7, 1), b"hunter2").unwrap();
         assert!(!sealed.ciphertext.windows(7).any(|w| w == b"hunter2"));
-        assert_eq!(k.open(b("db/pw", 7, 1), &sealed).unwrap().as_bytes(), b"hunter2");
+        assert_eq!(
+            k.open(b("db/pw", 7, 1), &sealed).unwrap().as_bytes(),
+            b"hunter2"
+        );
         let empty = k.seal(b("e", 1, 1), b"").unwrap();
         assert!(k.open(b("e", 1, 1), &empty).unwrap().is_empty());
     }
@@ -230,7 +238,10 @@ mod tests {
         let k = MasterKey::generate().unwrap();
         let other = MasterKey::generate().unwrap();
         let sealed = k.seal(b("x", 1, 1), b"v").unwrap();
-        assert!(matches!(other.open(b("x", 1, 1), &sealed), Err(Error::Integrity { .. })));
+        assert!(matches!(
+            other.open(b("x", 1, 1), &sealed),
+            Err(Error::Integrity { .. })
+        ));
     }
 
     #[test]
@@ -279,6 +290,9 @@ mod tests {
         assert!(MasterKey::from_hex("zz").is_none());
         assert!(MasterKey::from_hex(&"ab".repeat(31)).is_none());
         assert_eq!(format!("{k:?}"), "MasterKey(..)");
-        assert_eq!(format!("{:?}", Plaintext::new(b"abc".to_vec())), "Plaintext(3 bytes)");
+        assert_eq!(
+            format!("{:?}", Plaintext::new(b"abc".to_vec())),
+            "Plaintext(3 bytes)"
+        );
     }
 }

@@ -30,7 +30,9 @@ pub enum Error {
         name: String,
         hint: &'static str,
     },
-    #[error("secret \"{name}\" has no version {version}; `secretfs secret versions {name}` lists them")]
+    #[error(
+        "secret \"{name}\" has no version {version}; `secretfs secret versions {name}` lists them"
+    )]
     NoSuchVersion { name: String, version: u64 },
     #[error("secret \"{name}\" version {version} failed its integrity check: the stored data was altered, moved between rows, or sealed with another master key; restore the database or the right master key from backup")]
     Integrity { name: String, version: u64 },
@@ -120,9 +122,12 @@ impl From<rusqlite::Error> for Error {
     fn from(err: rusqlite::Error) -> Error {
         use rusqlite::ffi::ErrorCode;
         match err.sqlite_error_code() {
-            Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::DiskFull | ErrorCode::PermissionDenied) => {
-                Error::ReadOnly(err.to_string())
-            }
+            Some(
+                ErrorCode::ReadOnly
+                | ErrorCode::CannotOpen
+                | ErrorCode::DiskFull
+                | ErrorCode::PermissionDenied,
+            ) => Error::ReadOnly(err.to_string()),
             _ => Error::Storage(err.to_string()),
         }
     }

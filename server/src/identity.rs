@@ -27,8 +27,9 @@ pub struct PeerIdentity {
 /// Reads the client identity from a DER certificate (already verified by
 /// the TLS layer against the trusted CA).
 pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity, Error> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| Error::Unauthenticated(format!("the client certificate cannot be parsed: {e}")))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
+        Error::Unauthenticated(format!("the client certificate cannot be parsed: {e}"))
+    })?;
     let serial = hex::encode(cert.tbs_certificate.raw_serial());
 
     let mut uris = Vec::new();
@@ -44,7 +45,8 @@ pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity,
     if let Some(uri) = uris.first() {
         if uris.len() > 1 {
             return Err(Error::Unauthenticated(
-                "the client certificate carries more than one SPIFFE id; issue it with exactly one".into(),
+                "the client certificate carries more than one SPIFFE id; issue it with exactly one"
+                    .into(),
             ));
         }
         let rest = &uri["spiffe://".len()..];
@@ -59,7 +61,8 @@ pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity,
                 "the client certificate's SPIFFE id {uri} is not of the form spiffe://{trust_domain}/client/NAME"
             ))
         })?;
-        check_entity_name("client", name).map_err(|e| Error::Unauthenticated(format!("SPIFFE id {uri}: {e}")))?;
+        check_entity_name("client", name)
+            .map_err(|e| Error::Unauthenticated(format!("SPIFFE id {uri}: {e}")))?;
         return Ok(PeerIdentity {
             name: name.to_owned(),
             serial,
@@ -77,7 +80,8 @@ pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity,
                 "the client certificate has neither a SPIFFE URI SAN nor a subject CN naming the client".into(),
             )
         })?;
-    check_entity_name("client", cn).map_err(|e| Error::Unauthenticated(format!("certificate CN: {e}")))?;
+    check_entity_name("client", cn)
+        .map_err(|e| Error::Unauthenticated(format!("certificate CN: {e}")))?;
     Ok(PeerIdentity {
         name: cn.to_owned(),
         serial,
@@ -98,20 +102,30 @@ mod tests {
             dn.push(DnType::CommonName, cn);
         }
         params.distinguished_name = dn;
-        params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
         params.self_signed(&key).unwrap().der().to_vec()
     }
 
     #[test]
     fn spiffe_id_wins_over_cn() {
-        let id = identity_from_der(&cert(Some("other"), &["spiffe://td/client/web"]), "td").unwrap();
-        assert_eq!((id.name.as_str(), id.source), ("web", IdentitySource::Spiffe));
+        let id =
+            identity_from_der(&cert(Some("other"), &["spiffe://td/client/web"]), "td").unwrap();
+        assert_eq!(
+            (id.name.as_str(), id.source),
+            ("web", IdentitySource::Spiffe)
+        );
     }
 
     #[test]
     fn cn_when_no_uri_san() {
         let id = identity_from_der(&cert(Some("legacy-app"), &[]), "td").unwrap();
-        assert_eq!((id.name.as_str(), id.source), ("legacy-app", IdentitySource::CommonName));
+        assert_eq!(
+            (id.name.as_str(), id.source),
+            ("legacy-app", IdentitySource::CommonName)
+        );
     }
 
     #[test]
@@ -120,7 +134,10 @@ mod tests {
             (cert(None, &["spiffe://other/client/web"]), "trust domain"),
             (cert(None, &["spiffe://td/workload/web"]), "form"),
             (cert(None, &["spiffe://td/client/a/b"]), "client"),
-            (cert(None, &["spiffe://td/client/a", "spiffe://td/client/b"]), "more than one"),
+            (
+                cert(None, &["spiffe://td/client/a", "spiffe://td/client/b"]),
+                "more than one",
+            ),
             (cert(None, &[]), "neither"),
             (cert(Some("bad name"), &[]), "CN"),
         ] {

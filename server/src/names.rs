@@ -12,11 +12,13 @@ use crate::error::Error;
 pub const MAX_NAME: usize = 1024;
 pub const MAX_SEGMENT: usize = 255;
 
-const SECRET_RULE: &str = "a secret name is segments of letters, digits, '.', '_' or '-' joined by '/', \
+const SECRET_RULE: &str =
+    "a secret name is segments of letters, digits, '.', '_' or '-' joined by '/', \
      with no empty segment, no segment '.' or '..' or starting with '.', \
      at most 255 bytes a segment and 1024 bytes in all (e.g. db/password)";
 
-const ENTITY_RULE: &str = "letters, digits, '.', '_' or '-', not starting with '.' or '-', 1 to 128 bytes \
+const ENTITY_RULE: &str =
+    "letters, digits, '.', '_' or '-', not starting with '.' or '-', 1 to 128 bytes \
      (e.g. web-1)";
 
 fn allowed(b: u8) -> bool {
@@ -106,8 +108,8 @@ mod tests {
     #[test]
     fn bad_secret_names() {
         let cases = [
-            "", "/a", "a/", "a//b", ".", "..", "a/../b", "a/./b", ".hidden", "a/.x", "a b",
-            "a\0b", "é", "a\\b", "a:b", "*",
+            "", "/a", "a/", "a//b", ".", "..", "a/../b", "a/./b", ".hidden", "a/.x", "a b", "a\0b",
+            "é", "a\\b", "a:b", "*",
         ];
         for n in cases {
             let err = check_secret_name(n).expect_err(n).to_string();

@@ -9,8 +9,8 @@
 use std::net::IpAddr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use time::{Duration, OffsetDateTime};
@@ -74,7 +74,9 @@ fn is_dns_name(name: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -99,7 +101,9 @@ impl Ca {
         ];
         params.serial_number = Some(random_serial()?);
         validity(&mut params, CA_DAYS);
-        let cert = params.self_signed(&key).map_err(|e| pki("signing the CA certificate", e))?;
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| pki("signing the CA certificate", e))?;
         let key_pem = Zeroizing::new(key.serialize_pem());
         let cert_pem = cert.pem();
         let ca = Ca::load(&cert_pem, &key_pem)?;
@@ -108,7 +112,8 @@ impl Ca {
 
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, Error> {
         let key = KeyPair::from_pem(key_pem).map_err(|e| pki("reading the CA key", e))?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| pki("reading the CA certificate", e))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|e| pki("reading the CA certificate", e))?;
         Ok(Ca {
             issuer,
             cert_pem: cert_pem.to_owned(),
@@ -155,7 +160,11 @@ impl Ca {
         })
     }
 
-    fn client_params(trust_domain: &str, name: &str, days: u32) -> Result<(CertificateParams, SerialNumber), Error> {
+    fn client_params(
+        trust_domain: &str,
+        name: &str,
+        days: u32,
+    ) -> Result<(CertificateParams, SerialNumber), Error> {
         let days = if days == 0 { CLIENT_DAYS } else { days };
         if days > MAX_CLIENT_DAYS {
             return Err(Error::InvalidArgument(format!(
@@ -167,11 +176,10 @@ impl Ca {
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
         let uri = spiffe_id(trust_domain, name);
-        params.subject_alt_names = vec![SanType::URI(
-            uri.as_str()
-                .try_into()
-                .map_err(|e| Error::InvalidArgument(format!("bad SPIFFE id {uri}: {e}")))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(uri.as_str().try_into().map_err(|e| {
+                Error::InvalidArgument(format!("bad SPIFFE id {uri}: {e}"))
+            })?)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let serial = random_serial()?;
@@ -199,7 +207,13 @@ impl Ca {
 
     /// Signs a client's CSR. Only the CSR's public key is used: the subject
     /// and SANs come from the name the admin asked for, never from the CSR.
-    pub fn sign_csr(&self, trust_domain: &str, name: &str, csr_pem: &str, days: u32) -> Result<Issued, Error> {
+    pub fn sign_csr(
+        &self,
+        trust_domain: &str,
+        name: &str,
+        csr_pem: &str,
+        days: u32,
+    ) -> Result<Issued, Error> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
             Error::InvalidArgument(format!(
                 "the CSR could not be read ({e}); give a PEM 'CERTIFICATE REQUEST' with an ECDSA P-256/P-384 or Ed25519 key"
@@ -240,7 +254,9 @@ mod tests {
 
     fn der(pem: &str) -> Vec<u8> {
         use rustls_pki_types::{pem::PemObject, CertificateDer};
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
@@ -253,7 +269,9 @@ mod tests {
         assert_eq!(id.source, IdentitySource::Spiffe);
         assert_eq!(id.serial, issued.serial);
         assert!(ca.sign_csr("example.org", "x", "not a csr", 30).is_err());
-        assert!(ca.sign_csr("example.org", "x", &csr, MAX_CLIENT_DAYS + 1).is_err());
+        assert!(ca
+            .sign_csr("example.org", "x", &csr, MAX_CLIENT_DAYS + 1)
+            .is_err());
     }
 
     #[test]

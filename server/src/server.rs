@@ -77,7 +77,11 @@ impl Server {
         )?;
         let server_cert = read(&dir.server_cert())?;
         let server_key = zeroize::Zeroizing::new(read(&dir.server_key())?);
-        let extra: Vec<Vec<u8>> = opts.client_ca.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+        let extra: Vec<Vec<u8>> = opts
+            .client_ca
+            .iter()
+            .map(|p| read(p))
+            .collect::<Result<_, _>>()?;
         let mut roots: Vec<&[u8]> = vec![&ca_cert];
         roots.extend(extra.iter().map(|v| v.as_slice()));
         let tls = tls::server_config(&server_cert, &server_key, &roots)?;
@@ -89,7 +93,9 @@ impl Server {
             )
         })?;
         if unsafe { libc::geteuid() } == 0 {
-            tracing::warn!("running as root: the server needs no privilege; run it as a dedicated user");
+            tracing::warn!(
+                "running as root: the server needs no privilege; run it as a dedicated user"
+            );
         }
         Ok(Server {
             listener,
@@ -105,7 +111,9 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     pub fn trust_domain(&self) -> &str {

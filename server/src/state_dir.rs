@@ -77,9 +77,9 @@ pub fn default_sans() -> Vec<String> {
 fn check_trust_domain(td: &str) -> Result<(), Error> {
     let ok = !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'));
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
     if ok {
         Ok(())
     } else {
@@ -118,17 +118,28 @@ pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
             )));
         }
     } else if target.exists() {
-        return Err(Error::Config(format!("{} exists and is not a directory", target.display())));
+        return Err(Error::Config(format!(
+            "{} exists and is not a directory",
+            target.display()
+        )));
     }
     let parent = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    fs::create_dir_all(&parent).map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| Error::Config(format!("{} is not a usable directory name", target.display())))?;
-    let tmp = parent.join(format!(".{}.init-{}", file_name.to_string_lossy(), std::process::id()));
+    fs::create_dir_all(&parent)
+        .map_err(|e| Error::io(format!("cannot create {}", parent.display()), e))?;
+    let file_name = target.file_name().ok_or_else(|| {
+        Error::Config(format!(
+            "{} is not a usable directory name",
+            target.display()
+        ))
+    })?;
+    let tmp = parent.join(format!(
+        ".{}.init-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir(&tmp).map_err(|e| Error::io(format!("cannot create {}", tmp.display()), e))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
@@ -136,9 +147,15 @@ pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
 
     let result = fill(&StateDir::new(&tmp), opts).and_then(|()| {
         if target.exists() {
-            fs::remove_dir(target).map_err(|e| Error::io(format!("cannot replace empty {}", target.display()), e))?;
+            fs::remove_dir(target)
+                .map_err(|e| Error::io(format!("cannot replace empty {}", target.display()), e))?;
         }
-        fs::rename(&tmp, target).map_err(|e| Error::io(format!("cannot move the new state into {}", target.display()), e))
+        fs::rename(&tmp, target).map_err(|e| {
+            Error::io(
+                format!("cannot move the new state into {}", target.display()),
+                e,
+            )
+        })
     });
     if let Err(e) = result {
         let _ = fs::remove_dir_all(&tmp);
@@ -155,12 +172,20 @@ fn fill(dir: &StateDir, opts: &InitOptions) -> Result<(), Error> {
     write_new(&dir.ca_cert(), ca.cert_pem.as_bytes(), 0o644)?;
     write_new(&dir.ca_key(), ca_key.as_bytes(), 0o600)?;
 
-    let sans = if opts.sans.is_empty() { default_sans() } else { opts.sans.clone() };
+    let sans = if opts.sans.is_empty() {
+        default_sans()
+    } else {
+        opts.sans.clone()
+    };
     let server = ca.issue_server(&sans)?;
     write_new(&dir.server_cert(), server.cert_pem.as_bytes(), 0o644)?;
     write_new(&dir.server_key(), key_bytes(&server.key_pem), 0o600)?;
 
-    let admin = ca.issue_client(&opts.trust_domain, &opts.admin_name, crate::pki::CLIENT_DAYS)?;
+    let admin = ca.issue_client(
+        &opts.trust_domain,
+        &opts.admin_name,
+        crate::pki::CLIENT_DAYS,
+    )?;
     write_new(&dir.admin_cert(), admin.cert_pem.as_bytes(), 0o644)?;
     write_new(&dir.admin_key(), key_bytes(&admin.key_pem), 0o600)?;
 
@@ -205,7 +230,8 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
         )));
     }
     let text = Zeroizing::new(
-        fs::read_to_string(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?,
+        fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?,
     );
     MasterKey::from_hex(&text).ok_or_else(|| {
         Error::Config(format!(
@@ -218,12 +244,17 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
 /// Proves the master key is the one this database was made with.
 pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) -> Result<(), Error> {
     let blob = store.get_meta(META_KEY_CHECK)?.ok_or_else(|| {
-        Error::Config("the database has no master key check; it was not made by `secretfs server init`".into())
+        Error::Config(
+            "the database has no master key check; it was not made by `secretfs server init`"
+                .into(),
+        )
     })?;
     // The wrapped data key is a fixed 12 + 32 + 16 bytes.
     const WRAPPED: usize = 60;
     if blob.len() < WRAPPED {
-        return Err(Error::Config("the database's master key check is damaged".into()));
+        return Err(Error::Config(
+            "the database's master key check is damaged".into(),
+        ));
     }
     let sealed = crate::envelope::Sealed {
         wrapped_key: blob[..WRAPPED].to_vec(),
@@ -257,14 +288,28 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("state");
         let sd = init(&opts(&dir)).unwrap();
-        for (p, mode) in [(sd.master_key(), 0o600), (sd.ca_key(), 0o600), (sd.server_key(), 0o600), (sd.admin_key(), 0o600)] {
-            assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, mode, "{}", p.display());
+        for (p, mode) in [
+            (sd.master_key(), 0o600),
+            (sd.ca_key(), 0o600),
+            (sd.server_key(), 0o600),
+            (sd.admin_key(), 0o600),
+        ] {
+            assert_eq!(
+                fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                mode,
+                "{}",
+                p.display()
+            );
         }
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let key = load_master_key(&sd.master_key()).unwrap();
         let store = SqliteStore::open(&sd.database(), false).unwrap();
         verify_master_key(&store, &key, &sd.master_key()).unwrap();
-        let err = verify_master_key(&store, &MasterKey::generate().unwrap(), &sd.master_key()).unwrap_err();
+        let err = verify_master_key(&store, &MasterKey::generate().unwrap(), &sd.master_key())
+            .unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
         assert!(store.get_client("admin").unwrap().admin);
 
@@ -292,11 +337,19 @@ mod tests {
     fn master_key_readable_by_others_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("k");
-        write_new(&p, MasterKey::generate().unwrap().to_hex().as_bytes(), 0o644).unwrap();
+        write_new(
+            &p,
+            MasterKey::generate().unwrap().to_hex().as_bytes(),
+            0o644,
+        )
+        .unwrap();
         let err = load_master_key(&p).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
         let p2 = tmp.path().join("k2");
         write_new(&p2, b"nonsense", 0o600).unwrap();
-        assert!(load_master_key(&p2).unwrap_err().to_string().contains("64 hex"));
+        assert!(load_master_key(&p2)
+            .unwrap_err()
+            .to_string()
+            .contains("64 hex"));
     }
 }

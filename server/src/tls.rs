@@ -51,13 +51,21 @@ impl Connected for PeerStream {
 }
 
 impl AsyncRead for PeerStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PeerStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -100,9 +108,9 @@ pub fn server_config(
     let mut roots = RootCertStore::empty();
     for pem in client_roots_pem {
         for cert in read_certs(pem, "the client CA bundle")? {
-            roots
-                .add(cert)
-                .map_err(|e| Error::Config(format!("a client CA certificate is not usable: {e}")))?;
+            roots.add(cert).map_err(|e| {
+                Error::Config(format!("a client CA certificate is not usable: {e}"))
+            })?;
         }
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -116,7 +124,11 @@ pub fn server_config(
         .map_err(|e| Error::Config(format!("TLS 1.3 is not available: {e}")))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
-        .map_err(|e| Error::Config(format!("the server certificate and key do not fit together: {e}")))?;
+        .map_err(|e| {
+            Error::Config(format!(
+                "the server certificate and key do not fit together: {e}"
+            ))
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -150,7 +162,8 @@ pub fn accept_loop(
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::info!(%remote, error = %e, "TLS handshake refused");

@@ -1,1 +1,3 @@
-//! Shared helpers for the end-to-end tests live in `tests/common`.
+//! End-to-end tests for secretfs live in `tests/`; `tests/common/mod.rs`
+//! starts the real binary (server, CLI, mount) in fresh temporary
+//! directories. This library is empty on purpose.

@@ -54,13 +54,18 @@ impl ClientFiles {
 }
 
 /// Registers `name` with a key made here; writes its files into `out`.
-pub async fn add(conn: &ConnArgs, a: &ClientAddArgs) -> Result<(v1::ClientInfo, Option<ClientFiles>)> {
-    secretfs_server::names::check_entity_name("client", &a.name).map_err(|e| UsageError(e.to_string()))?;
+pub async fn add(
+    conn: &ConnArgs,
+    a: &ClientAddArgs,
+) -> Result<(v1::ClientInfo, Option<ClientFiles>)> {
+    secretfs_server::names::check_entity_name("client", &a.name)
+        .map_err(|e| UsageError(e.to_string()))?;
     let files = ClientFiles::new(&a.out, &a.name);
     let (key_pem, csr_pem) = if a.external {
         (None, String::new())
     } else if let Some(csr) = &a.csr {
-        let csr = std::fs::read_to_string(csr).with_context(|| format!("cannot read the CSR {}", csr.display()))?;
+        let csr = std::fs::read_to_string(csr)
+            .with_context(|| format!("cannot read the CSR {}", csr.display()))?;
         (None, csr)
     } else {
         let (key, csr) = secretfs_server::pki::new_csr(&a.name)?;
@@ -69,7 +74,10 @@ pub async fn add(conn: &ConnArgs, a: &ClientAddArgs) -> Result<(v1::ClientInfo, 
     if !a.external {
         for p in [&files.cert, &files.key] {
             if p.exists() && (key_pem.is_some() || p == &files.cert) {
-                bail!("{} already exists; refusing to overwrite it (pick another --out)", p.display());
+                bail!(
+                    "{} already exists; refusing to overwrite it (pick another --out)",
+                    p.display()
+                );
             }
         }
     }
@@ -120,12 +128,17 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
             let (info, files) = add(conn, &a).await?;
             let mut j = client_json(&info);
             if let Some(f) = &files {
-                j["files"] = json!({"cert": f.cert, "key": f.key.exists().then_some(&f.key), "ca": f.ca});
+                j["files"] =
+                    json!({"cert": f.cert, "key": f.key.exists().then_some(&f.key), "ca": f.ca});
             }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&j)?),
                 Format::Text => {
-                    println!("added client {}{}", info.name, if info.admin { " (admin)" } else { "" });
+                    println!(
+                        "added client {}{}",
+                        info.name,
+                        if info.admin { " (admin)" } else { "" }
+                    );
                     match &files {
                         Some(f) => {
                             println!("  certificate: {}", f.cert.display());
@@ -143,34 +156,51 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
             let mut client = connect::admin(conn).await?;
             let list = client.list_clients(v1::Empty {}).await?.into_inner();
             let json = Value::Array(list.clients.iter().map(client_json).collect());
-            let mut t = Table::new(&["NAME", "ADMIN", "GROUPS", "CERT EXPIRES"]).empty("no clients");
+            let mut t =
+                Table::new(&["NAME", "ADMIN", "GROUPS", "CERT EXPIRES"]).empty("no clients");
             for c in &list.clients {
                 t.row(vec![
                     c.name.clone(),
                     if c.admin { "yes".into() } else { "no".into() },
                     c.groups.join(","),
-                    if c.cert_not_after == 0 { "external".into() } else { time(c.cert_not_after) },
+                    if c.cert_not_after == 0 {
+                        "external".into()
+                    } else {
+                        time(c.cert_not_after)
+                    },
                 ]);
             }
             print(format, &json, t);
         }
         ClientCmd::Describe { name } => {
             let mut client = connect::admin(conn).await?;
-            let c = client.describe_client(v1::ClientRef { name }).await?.into_inner();
+            let c = client
+                .describe_client(v1::ClientRef { name })
+                .await?
+                .into_inner();
             let t = Table::vertical(vec![
                 ("name", c.name.clone()),
                 ("admin", c.admin.to_string()),
                 ("enabled", c.enabled.to_string()),
                 ("groups", c.groups.join(", ")),
                 ("created", time(c.created_at)),
-                ("certificate", if c.cert_serial.is_empty() { "external (your own CA)".into() } else { c.cert_serial.clone() }),
+                (
+                    "certificate",
+                    if c.cert_serial.is_empty() {
+                        "external (your own CA)".into()
+                    } else {
+                        c.cert_serial.clone()
+                    },
+                ),
                 ("expires", time(c.cert_not_after)),
             ]);
             print(format, &client_json(&c), t);
         }
         ClientCmd::Remove { name } => {
             let mut client = connect::admin(conn).await?;
-            client.remove_client(v1::ClientRef { name: name.clone() }).await?;
+            client
+                .remove_client(v1::ClientRef { name: name.clone() })
+                .await?;
             match format {
                 Format::Json => println!("{}", json!({"removed": name})),
                 Format::Text => println!("removed client {name}; its certificate no longer works"),

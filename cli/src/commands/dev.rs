@@ -44,14 +44,22 @@ async fn seed(admin: &ConnArgs, clients_dir: &Path) -> Result<ConnArgs> {
     let mut c = connect::admin(admin).await?;
     let files = super::client::ClientFiles::new(clients_dir, DEMO_CLIENT);
     let have_files = files.cert.exists() && files.key.exists();
-    let registered = match c.describe_client(v1::ClientRef { name: DEMO_CLIENT.into() }).await {
+    let registered = match c
+        .describe_client(v1::ClientRef {
+            name: DEMO_CLIENT.into(),
+        })
+        .await
+    {
         Ok(_) => true,
         Err(s) if s.code() == Code::NotFound => false,
         Err(s) => return Err(s.into()),
     };
     if !(registered && have_files) {
         if registered {
-            c.remove_client(v1::ClientRef { name: DEMO_CLIENT.into() }).await?;
+            c.remove_client(v1::ClientRef {
+                name: DEMO_CLIENT.into(),
+            })
+            .await?;
         }
         let _ = std::fs::remove_file(&files.cert);
         let _ = std::fs::remove_file(&files.key);
@@ -76,8 +84,16 @@ async fn seed(admin: &ConnArgs, clients_dir: &Path) -> Result<ConnArgs> {
         .await,
     )?;
     let demo_secrets: [(&str, Vec<u8>, &str); 2] = [
-        ("demo/greeting", b"hello from secretfs\n".to_vec(), "a greeting to cat"),
-        ("demo/db/password", random_password().into_bytes(), "a random demo password"),
+        (
+            "demo/greeting",
+            b"hello from secretfs\n".to_vec(),
+            "a greeting to cat",
+        ),
+        (
+            "demo/db/password",
+            random_password().into_bytes(),
+            "a random demo password",
+        ),
     ];
     for (name, content, description) in demo_secrets {
         ignore_exists(
@@ -138,7 +154,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     }));
 
     let server_url = format!("https://{addr}");
-    let admin = conn_for(&server_url, state.ca_cert(), state.admin_cert(), state.admin_key());
+    let admin = conn_for(
+        &server_url,
+        state.ca_cert(),
+        state.admin_cert(),
+        state.admin_key(),
+    );
     let demo = match seed(&admin, &dir.join("clients")).await {
         Ok(demo) => demo,
         Err(e) => {
@@ -155,7 +176,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
         Some(super::mount::start_dev_mount(&demo, &mountpoint).await)
     };
 
-    println!("secretfs dev is running: server {server_url}, state in {}", state.path.display());
+    println!(
+        "secretfs dev is running: server {server_url}, state in {}",
+        state.path.display()
+    );
     println!();
     println!("# use the CLI as the admin (in another shell):");
     if let Ok(exe) = std::env::current_exe() {
@@ -168,8 +192,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("# read as the demo client:");
     println!(
         "SECRETFS_CERT={} SECRETFS_KEY={} secretfs read demo/greeting",
-        demo.cert.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        demo.key.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+        demo.cert
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        demo.key
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
     );
     match &mount {
         Some(Ok(_)) => {

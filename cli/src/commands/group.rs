@@ -15,7 +15,10 @@ fn group_json(g: &v1::GroupInfo) -> Value {
 
 fn show(format: Format, g: &v1::GroupInfo, what: &str) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&group_json(g)).unwrap_or_default()),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&group_json(g)).unwrap_or_default()
+        ),
         Format::Text => println!(
             "{what}; group {} has clients [{}] and secrets [{}]",
             g.name,
@@ -29,15 +32,24 @@ pub async fn run(conn: &ConnArgs, cmd: GroupCmd, format: Format) -> Result<()> {
     let mut c = connect::admin(conn).await?;
     match cmd {
         GroupCmd::Add { name, description } => {
-            let g = c.create_group(v1::CreateGroupRequest { name, description }).await?.into_inner();
+            let g = c
+                .create_group(v1::CreateGroupRequest { name, description })
+                .await?
+                .into_inner();
             show(format, &g, &format!("added group {}", g.name));
         }
         GroupCmd::List => {
             let list = c.list_groups(v1::Empty {}).await?.into_inner();
             let json = Value::Array(list.groups.iter().map(group_json).collect());
-            let mut t = Table::new(&["NAME", "CLIENTS", "SECRETS", "DESCRIPTION"]).empty("no groups");
+            let mut t =
+                Table::new(&["NAME", "CLIENTS", "SECRETS", "DESCRIPTION"]).empty("no groups");
             for g in &list.groups {
-                t.row(vec![g.name.clone(), g.clients.join(","), g.secrets.join(","), g.description.clone()]);
+                t.row(vec![
+                    g.name.clone(),
+                    g.clients.join(","),
+                    g.secrets.join(","),
+                    g.description.clone(),
+                ]);
             }
             print(format, &json, t);
         }
@@ -49,19 +61,31 @@ pub async fn run(conn: &ConnArgs, cmd: GroupCmd, format: Format) -> Result<()> {
             }
         }
         GroupCmd::AddClient { group, client } => {
-            let g = c.add_client_to_group(v1::GroupClientRequest { group, client }).await?.into_inner();
+            let g = c
+                .add_client_to_group(v1::GroupClientRequest { group, client })
+                .await?
+                .into_inner();
             show(format, &g, "client added");
         }
         GroupCmd::RemoveClient { group, client } => {
-            let g = c.remove_client_from_group(v1::GroupClientRequest { group, client }).await?.into_inner();
+            let g = c
+                .remove_client_from_group(v1::GroupClientRequest { group, client })
+                .await?
+                .into_inner();
             show(format, &g, "client removed");
         }
         GroupCmd::AddSecret { group, secret } => {
-            let g = c.add_secret_to_group(v1::GroupSecretRequest { group, secret }).await?.into_inner();
+            let g = c
+                .add_secret_to_group(v1::GroupSecretRequest { group, secret })
+                .await?
+                .into_inner();
             show(format, &g, "secret granted");
         }
         GroupCmd::RemoveSecret { group, secret } => {
-            let g = c.remove_secret_from_group(v1::GroupSecretRequest { group, secret }).await?.into_inner();
+            let g = c
+                .remove_secret_from_group(v1::GroupSecretRequest { group, secret })
+                .await?
+                .into_inner();
             show(format, &g, "secret revoked");
         }
     }

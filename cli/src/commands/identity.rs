@@ -28,11 +28,17 @@ fn access_table(entries: &[v1::AccessEntry]) -> (Value, Table) {
 pub async fn access(conn: &ConnArgs, client: &str, format: Format) -> Result<()> {
     let mut c = connect::admin(conn).await?;
     let reply = c
-        .client_access(v1::ClientRef { name: client.to_owned() })
+        .client_access(v1::ClientRef {
+            name: client.to_owned(),
+        })
         .await?
         .into_inner();
     let (entries, table) = access_table(&reply.entries);
-    print(format, &json!({"client": reply.client, "access": entries}), table);
+    print(
+        format,
+        &json!({"client": reply.client, "access": entries}),
+        table,
+    );
     Ok(())
 }
 
@@ -66,14 +72,18 @@ pub async fn whoami(conn: &ConnArgs, format: Format) -> Result<()> {
 pub async fn read(conn: &ConnArgs, name: &str) -> Result<()> {
     let mut c = connect::secrets(conn).await?;
     let reply = c
-        .read_secrets(v1::ReadSecretsRequest { names: vec![name.to_owned()] })
+        .read_secrets(v1::ReadSecretsRequest {
+            names: vec![name.to_owned()],
+        })
         .await?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
     let mut result = Ok(());
     for mut s in reply.secrets {
         if result.is_ok() {
-            result = stdout.write_all(&s.content).context("cannot write to stdout");
+            result = stdout
+                .write_all(&s.content)
+                .context("cannot write to stdout");
         }
         s.content.zeroize();
     }
@@ -108,7 +118,10 @@ pub async fn audit(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> 
             })
             .collect(),
     );
-    let mut t = Table::new(&["TIME", "ACTOR", "ACTION", "RESULT", "TARGET", "VERSION", "DETAIL"]).empty("no audit events");
+    let mut t = Table::new(&[
+        "TIME", "ACTOR", "ACTION", "RESULT", "TARGET", "VERSION", "DETAIL",
+    ])
+    .empty("no audit events");
     for e in &reply.events {
         let target = [
             (!e.secret.is_empty()).then(|| format!("secret={}", e.secret)),
@@ -123,9 +136,17 @@ pub async fn audit(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> 
             time_ms(e.at_ms),
             e.actor.clone(),
             e.action.clone(),
-            if e.allowed { "allowed".into() } else { "DENIED".into() },
+            if e.allowed {
+                "allowed".into()
+            } else {
+                "DENIED".into()
+            },
             target,
-            if e.version == 0 { String::new() } else { e.version.to_string() },
+            if e.version == 0 {
+                String::new()
+            } else {
+                e.version.to_string()
+            },
             e.detail.clone(),
         ]);
     }

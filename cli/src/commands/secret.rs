@@ -41,11 +41,27 @@ fn describe(m: &v1::SecretMeta) -> Table {
     labels.sort();
     Table::vertical(vec![
         ("name", m.name.clone()),
-        ("version", format!("{} of {}", m.current_version, m.version_count)),
+        (
+            "version",
+            format!("{} of {}", m.current_version, m.version_count),
+        ),
         ("size", format!("{} bytes", m.size)),
-        ("mode", if m.mode == 0 { "mount default".into() } else { format!("{:04o}", m.mode) }),
-        ("owner", m.owner.map_or("mount default".into(), |u| u.to_string())),
-        ("group", m.group.map_or("mount default".into(), |g| g.to_string())),
+        (
+            "mode",
+            if m.mode == 0 {
+                "mount default".into()
+            } else {
+                format!("{:04o}", m.mode)
+            },
+        ),
+        (
+            "owner",
+            m.owner.map_or("mount default".into(), |u| u.to_string()),
+        ),
+        (
+            "group",
+            m.group.map_or("mount default".into(), |g| g.to_string()),
+        ),
         ("description", m.description.clone()),
         ("labels", labels.join(", ")),
         (
@@ -62,13 +78,18 @@ fn describe(m: &v1::SecretMeta) -> Table {
 }
 
 fn list_table(secrets: &[v1::SecretMeta]) -> Table {
-    let mut t = Table::new(&["NAME", "VERSION", "SIZE", "MODE", "UPDATED", "EXPIRES"]).empty("no secrets");
+    let mut t =
+        Table::new(&["NAME", "VERSION", "SIZE", "MODE", "UPDATED", "EXPIRES"]).empty("no secrets");
     for m in secrets {
         t.row(vec![
             m.name.clone(),
             m.current_version.to_string(),
             m.size.to_string(),
-            if m.mode == 0 { "-".into() } else { format!("{:04o}", m.mode) },
+            if m.mode == 0 {
+                "-".into()
+            } else {
+                format!("{:04o}", m.mode)
+            },
             time(m.updated_at),
             match m.expires_at {
                 None => "-".into(),
@@ -122,17 +143,26 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
         }
         SecretCmd::List => {
             let mut client = connect::admin(conn).await?;
-            let list = client.list_secrets(v1::ListSecretsRequest {}).await?.into_inner();
+            let list = client
+                .list_secrets(v1::ListSecretsRequest {})
+                .await?
+                .into_inner();
             print_list(format, &list.secrets);
         }
         SecretCmd::Describe { name } => {
             let mut client = connect::admin(conn).await?;
-            let m = client.describe_secret(v1::SecretRef { name }).await?.into_inner();
+            let m = client
+                .describe_secret(v1::SecretRef { name })
+                .await?
+                .into_inner();
             print(format, &meta_json(&m), describe(&m));
         }
         SecretCmd::Versions { name } => {
             let mut client = connect::admin(conn).await?;
-            let list = client.list_versions(v1::SecretRef { name }).await?.into_inner();
+            let list = client
+                .list_versions(v1::SecretRef { name })
+                .await?
+                .into_inner();
             let json = Value::Array(
                 list.versions
                     .iter()
@@ -164,7 +194,9 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
         }
         SecretCmd::Delete { name } => {
             let mut client = connect::admin(conn).await?;
-            client.delete_secret(v1::SecretRef { name: name.clone() }).await?;
+            client
+                .delete_secret(v1::SecretRef { name: name.clone() })
+                .await?;
             match format {
                 Format::Json => println!("{}", json!({"deleted": name})),
                 Format::Text => println!("deleted secret {name}"),
@@ -176,7 +208,13 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
 
 fn report_change(format: Format, m: &v1::SecretMeta, what: &str) {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&meta_json(m)).unwrap_or_default()),
-        Format::Text => println!("{what} secret {} (version {}, {} bytes)", m.name, m.current_version, m.size),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&meta_json(m)).unwrap_or_default()
+        ),
+        Format::Text => println!(
+            "{what} secret {} (version {}, {} bytes)",
+            m.name, m.current_version, m.size
+        ),
     }
 }

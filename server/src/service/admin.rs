@@ -37,12 +37,15 @@ const MAX_LABELS: usize = 64;
 
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
     if labels.len() > MAX_LABELS {
-        return Err(Error::InvalidArgument(format!("at most {MAX_LABELS} labels per secret")));
+        return Err(Error::InvalidArgument(format!(
+            "at most {MAX_LABELS} labels per secret"
+        )));
     }
     for (k, v) in labels {
         let key_ok = !k.is_empty()
             && k.len() <= 63
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
         if !key_ok {
             return Err(Error::InvalidArgument(format!(
                 "label key {:?} is not valid; use 1-63 letters, digits, '.', '_', '-' or '/'",
@@ -74,8 +77,14 @@ fn take_content(content: &mut Vec<u8>) -> Plaintext {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn create_secret(&self, req: Request<v1::CreateSecretRequest>) -> Result<Response<v1::SecretMeta>, Status> {
-        let caller = self.shared.authenticate_admin(&req, "secret.create").await?;
+    async fn create_secret(
+        &self,
+        req: Request<v1::CreateSecretRequest>,
+    ) -> Result<Response<v1::SecretMeta>, Status> {
+        let caller = self
+            .shared
+            .authenticate_admin(&req, "secret.create")
+            .await?;
         let mut r = req.into_inner();
         let content = take_content(&mut r.content);
         check_secret_name(&r.name)?;
@@ -96,34 +105,9 @@ impl Admin for AdminService {
         let shared = self.shared.clone();
         let rec = blocking(move || {
             let name = new.name.clone();
-            shared.store.create_secret(&new, caller.name(), &mut |id, version| {
-                shared.master.seal(
-                    Binding {
-                        secret_id: id,
-                        name: &name,
-                        version,
-                    },
-                    content.as_bytes(),
-                )
-            })
-        })
-        .await?;
-        tracing::info!(secret = %rec.name, "secret created");
-        Ok(Response::new(secret_meta(&rec)))
-    }
-
-    async fn rotate_secret(&self, req: Request<v1::RotateSecretRequest>) -> Result<Response<v1::SecretMeta>, Status> {
-        let caller = self.shared.authenticate_admin(&req, "secret.rotate").await?;
-        let mut r = req.into_inner();
-        let content = take_content(&mut r.content);
-        check_secret_name(&r.name)?;
-        self.check_size(content.len())?;
-        let shared = self.shared.clone();
-        let name = r.name;
-        let rec = blocking(move || {
             shared
                 .store
-                .rotate_secret(&name, content.len() as u64, caller.name(), &mut |id, version| {
+                .create_secret(&new, caller.name(), &mut |id, version| {
                     shared.master.seal(
                         Binding {
                             secret_id: id,
@@ -135,11 +119,50 @@ impl Admin for AdminService {
                 })
         })
         .await?;
+        tracing::info!(secret = %rec.name, "secret created");
+        Ok(Response::new(secret_meta(&rec)))
+    }
+
+    async fn rotate_secret(
+        &self,
+        req: Request<v1::RotateSecretRequest>,
+    ) -> Result<Response<v1::SecretMeta>, Status> {
+        let caller = self
+            .shared
+            .authenticate_admin(&req, "secret.rotate")
+            .await?;
+        let mut r = req.into_inner();
+        let content = take_content(&mut r.content);
+        check_secret_name(&r.name)?;
+        self.check_size(content.len())?;
+        let shared = self.shared.clone();
+        let name = r.name;
+        let rec = blocking(move || {
+            shared.store.rotate_secret(
+                &name,
+                content.len() as u64,
+                caller.name(),
+                &mut |id, version| {
+                    shared.master.seal(
+                        Binding {
+                            secret_id: id,
+                            name: &name,
+                            version,
+                        },
+                        content.as_bytes(),
+                    )
+                },
+            )
+        })
+        .await?;
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rotated");
         Ok(Response::new(secret_meta(&rec)))
     }
 
-    async fn list_secrets(&self, req: Request<v1::ListSecretsRequest>) -> Result<Response<v1::ListSecretsResponse>, Status> {
+    async fn list_secrets(
+        &self,
+        req: Request<v1::ListSecretsRequest>,
+    ) -> Result<Response<v1::ListSecretsResponse>, Status> {
         self.shared.authenticate_admin(&req, "secret.list").await?;
         let shared = self.shared.clone();
         let all = blocking(move || shared.store.list_secrets()).await?;
@@ -148,8 +171,13 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn describe_secret(&self, req: Request<v1::SecretRef>) -> Result<Response<v1::SecretMeta>, Status> {
-        self.shared.authenticate_admin(&req, "secret.describe").await?;
+    async fn describe_secret(
+        &self,
+        req: Request<v1::SecretRef>,
+    ) -> Result<Response<v1::SecretMeta>, Status> {
+        self.shared
+            .authenticate_admin(&req, "secret.describe")
+            .await?;
         let name = req.into_inner().name;
         check_secret_name(&name)?;
         let shared = self.shared.clone();
@@ -157,8 +185,13 @@ impl Admin for AdminService {
         Ok(Response::new(secret_meta(&rec)))
     }
 
-    async fn list_versions(&self, req: Request<v1::SecretRef>) -> Result<Response<v1::ListVersionsResponse>, Status> {
-        self.shared.authenticate_admin(&req, "secret.versions").await?;
+    async fn list_versions(
+        &self,
+        req: Request<v1::SecretRef>,
+    ) -> Result<Response<v1::ListVersionsResponse>, Status> {
+        self.shared
+            .authenticate_admin(&req, "secret.versions")
+            .await?;
         let name = req.into_inner().name;
         check_secret_name(&name)?;
         let shared = self.shared.clone();
@@ -177,18 +210,35 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn rollback_secret(&self, req: Request<v1::RollbackSecretRequest>) -> Result<Response<v1::SecretMeta>, Status> {
-        let caller = self.shared.authenticate_admin(&req, "secret.rollback").await?;
+    async fn rollback_secret(
+        &self,
+        req: Request<v1::RollbackSecretRequest>,
+    ) -> Result<Response<v1::SecretMeta>, Status> {
+        let caller = self
+            .shared
+            .authenticate_admin(&req, "secret.rollback")
+            .await?;
         let r = req.into_inner();
         check_secret_name(&r.name)?;
         let shared = self.shared.clone();
-        let rec = blocking(move || shared.store.rollback_secret(&r.name, r.version, caller.name())).await?;
+        let rec = blocking(move || {
+            shared
+                .store
+                .rollback_secret(&r.name, r.version, caller.name())
+        })
+        .await?;
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rolled back");
         Ok(Response::new(secret_meta(&rec)))
     }
 
-    async fn delete_secret(&self, req: Request<v1::SecretRef>) -> Result<Response<v1::Empty>, Status> {
-        let caller = self.shared.authenticate_admin(&req, "secret.delete").await?;
+    async fn delete_secret(
+        &self,
+        req: Request<v1::SecretRef>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        let caller = self
+            .shared
+            .authenticate_admin(&req, "secret.delete")
+            .await?;
         let name = req.into_inner().name;
         check_secret_name(&name)?;
         let shared = self.shared.clone();
@@ -198,8 +248,14 @@ impl Admin for AdminService {
         Ok(Response::new(v1::Empty {}))
     }
 
-    async fn create_client(&self, req: Request<v1::CreateClientRequest>) -> Result<Response<v1::CreateClientResponse>, Status> {
-        let caller = self.shared.authenticate_admin(&req, "client.create").await?;
+    async fn create_client(
+        &self,
+        req: Request<v1::CreateClientRequest>,
+    ) -> Result<Response<v1::CreateClientResponse>, Status> {
+        let caller = self
+            .shared
+            .authenticate_admin(&req, "client.create")
+            .await?;
         let r = req.into_inner();
         check_entity_name("client", &r.name)?;
         let shared = self.shared.clone();
@@ -213,7 +269,11 @@ impl Admin for AdminService {
             let issued = if r.csr_pem.trim().is_empty() {
                 None
             } else {
-                Some(shared.ca.sign_csr(&shared.trust_domain, &r.name, &r.csr_pem, r.days)?)
+                Some(
+                    shared
+                        .ca
+                        .sign_csr(&shared.trust_domain, &r.name, &r.csr_pem, r.days)?,
+                )
             };
             let client = shared.store.create_client(
                 &NewClient {
@@ -234,7 +294,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_clients(&self, req: Request<v1::Empty>) -> Result<Response<v1::ListClientsResponse>, Status> {
+    async fn list_clients(
+        &self,
+        req: Request<v1::Empty>,
+    ) -> Result<Response<v1::ListClientsResponse>, Status> {
         self.shared.authenticate_admin(&req, "client.list").await?;
         let shared = self.shared.clone();
         let all = blocking(move || shared.store.list_clients()).await?;
@@ -243,8 +306,13 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn describe_client(&self, req: Request<v1::ClientRef>) -> Result<Response<v1::ClientInfo>, Status> {
-        self.shared.authenticate_admin(&req, "client.describe").await?;
+    async fn describe_client(
+        &self,
+        req: Request<v1::ClientRef>,
+    ) -> Result<Response<v1::ClientInfo>, Status> {
+        self.shared
+            .authenticate_admin(&req, "client.describe")
+            .await?;
         let name = req.into_inner().name;
         check_entity_name("client", &name)?;
         let shared = self.shared.clone();
@@ -252,8 +320,14 @@ impl Admin for AdminService {
         Ok(Response::new(client_info(&c)))
     }
 
-    async fn remove_client(&self, req: Request<v1::ClientRef>) -> Result<Response<v1::Empty>, Status> {
-        let caller = self.shared.authenticate_admin(&req, "client.remove").await?;
+    async fn remove_client(
+        &self,
+        req: Request<v1::ClientRef>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        let caller = self
+            .shared
+            .authenticate_admin(&req, "client.remove")
+            .await?;
         let name = req.into_inner().name;
         check_entity_name("client", &name)?;
         if name == caller.name() {
@@ -269,16 +343,27 @@ impl Admin for AdminService {
         Ok(Response::new(v1::Empty {}))
     }
 
-    async fn create_group(&self, req: Request<v1::CreateGroupRequest>) -> Result<Response<v1::GroupInfo>, Status> {
+    async fn create_group(
+        &self,
+        req: Request<v1::CreateGroupRequest>,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
         let caller = self.shared.authenticate_admin(&req, "group.create").await?;
         let r = req.into_inner();
         check_entity_name("group", &r.name)?;
         let shared = self.shared.clone();
-        let g = blocking(move || shared.store.create_group(&r.name, &r.description, caller.name())).await?;
+        let g = blocking(move || {
+            shared
+                .store
+                .create_group(&r.name, &r.description, caller.name())
+        })
+        .await?;
         Ok(Response::new(group_info(g)))
     }
 
-    async fn list_groups(&self, req: Request<v1::Empty>) -> Result<Response<v1::ListGroupsResponse>, Status> {
+    async fn list_groups(
+        &self,
+        req: Request<v1::Empty>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         self.shared.authenticate_admin(&req, "group.list").await?;
         let shared = self.shared.clone();
         let all = blocking(move || shared.store.list_groups()).await?;
@@ -287,7 +372,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn remove_group(&self, req: Request<v1::GroupRef>) -> Result<Response<v1::Empty>, Status> {
+    async fn remove_group(
+        &self,
+        req: Request<v1::GroupRef>,
+    ) -> Result<Response<v1::Empty>, Status> {
         let caller = self.shared.authenticate_admin(&req, "group.remove").await?;
         let name = req.into_inner().name;
         check_entity_name("group", &name)?;
@@ -296,24 +384,41 @@ impl Admin for AdminService {
         Ok(Response::new(v1::Empty {}))
     }
 
-    async fn add_client_to_group(&self, req: Request<v1::GroupClientRequest>) -> Result<Response<v1::GroupInfo>, Status> {
+    async fn add_client_to_group(
+        &self,
+        req: Request<v1::GroupClientRequest>,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
         self.group_client(req, true).await
     }
 
-    async fn remove_client_from_group(&self, req: Request<v1::GroupClientRequest>) -> Result<Response<v1::GroupInfo>, Status> {
+    async fn remove_client_from_group(
+        &self,
+        req: Request<v1::GroupClientRequest>,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
         self.group_client(req, false).await
     }
 
-    async fn add_secret_to_group(&self, req: Request<v1::GroupSecretRequest>) -> Result<Response<v1::GroupInfo>, Status> {
+    async fn add_secret_to_group(
+        &self,
+        req: Request<v1::GroupSecretRequest>,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
         self.group_secret(req, true).await
     }
 
-    async fn remove_secret_from_group(&self, req: Request<v1::GroupSecretRequest>) -> Result<Response<v1::GroupInfo>, Status> {
+    async fn remove_secret_from_group(
+        &self,
+        req: Request<v1::GroupSecretRequest>,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
         self.group_secret(req, false).await
     }
 
-    async fn client_access(&self, req: Request<v1::ClientRef>) -> Result<Response<v1::AccessResponse>, Status> {
-        self.shared.authenticate_admin(&req, "client.access").await?;
+    async fn client_access(
+        &self,
+        req: Request<v1::ClientRef>,
+    ) -> Result<Response<v1::AccessResponse>, Status> {
+        self.shared
+            .authenticate_admin(&req, "client.access")
+            .await?;
         let name = req.into_inner().name;
         check_entity_name("client", &name)?;
         let shared = self.shared.clone();
@@ -325,7 +430,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn query_audit(&self, req: Request<v1::AuditQuery>) -> Result<Response<v1::AuditResponse>, Status> {
+    async fn query_audit(
+        &self,
+        req: Request<v1::AuditQuery>,
+    ) -> Result<Response<v1::AuditResponse>, Status> {
         self.shared.authenticate_admin(&req, "audit.query").await?;
         let q = req.into_inner();
         let filter = AuditFilter {
@@ -357,25 +465,51 @@ impl Admin for AdminService {
 }
 
 impl AdminService {
-    async fn group_client(&self, req: Request<v1::GroupClientRequest>, member: bool) -> Result<Response<v1::GroupInfo>, Status> {
-        let action = if member { "group.add-client" } else { "group.remove-client" };
+    async fn group_client(
+        &self,
+        req: Request<v1::GroupClientRequest>,
+        member: bool,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
+        let action = if member {
+            "group.add-client"
+        } else {
+            "group.remove-client"
+        };
         let caller = self.shared.authenticate_admin(&req, action).await?;
         let r = req.into_inner();
         check_entity_name("group", &r.group)?;
         check_entity_name("client", &r.client)?;
         let shared = self.shared.clone();
-        let g = blocking(move || shared.store.set_group_client(&r.group, &r.client, member, caller.name())).await?;
+        let g = blocking(move || {
+            shared
+                .store
+                .set_group_client(&r.group, &r.client, member, caller.name())
+        })
+        .await?;
         Ok(Response::new(group_info(g)))
     }
 
-    async fn group_secret(&self, req: Request<v1::GroupSecretRequest>, member: bool) -> Result<Response<v1::GroupInfo>, Status> {
-        let action = if member { "group.add-secret" } else { "group.remove-secret" };
+    async fn group_secret(
+        &self,
+        req: Request<v1::GroupSecretRequest>,
+        member: bool,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
+        let action = if member {
+            "group.add-secret"
+        } else {
+            "group.remove-secret"
+        };
         let caller = self.shared.authenticate_admin(&req, action).await?;
         let r = req.into_inner();
         check_entity_name("group", &r.group)?;
         check_secret_name(&r.secret)?;
         let shared = self.shared.clone();
-        let g = blocking(move || shared.store.set_group_secret(&r.group, &r.secret, member, caller.name())).await?;
+        let g = blocking(move || {
+            shared
+                .store
+                .set_group_secret(&r.group, &r.secret, member, caller.name())
+        })
+        .await?;
         Ok(Response::new(group_info(g)))
     }
 }

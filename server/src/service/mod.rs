@@ -115,7 +115,11 @@ impl Shared {
     }
 
     /// As `authenticate`, and the caller must hold the admin role.
-    pub async fn authenticate_admin<T>(self: &Arc<Self>, req: &Request<T>, action: &str) -> Result<Caller, Status> {
+    pub async fn authenticate_admin<T>(
+        self: &Arc<Self>,
+        req: &Request<T>,
+        action: &str,
+    ) -> Result<Caller, Status> {
         let caller = self.authenticate(req).await?;
         if caller.client.admin {
             return Ok(caller);
@@ -142,7 +146,11 @@ pub fn secret_meta(r: &SecretRecord) -> v1::SecretMeta {
         id: r.id,
         name: r.name.clone(),
         description: r.description.clone(),
-        labels: r.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: r
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         mode: r.mode,
         owner: r.owner,
         group: r.group,

@@ -27,7 +27,10 @@ const MAX_NAMES: usize = 10_000;
 
 #[tonic::async_trait]
 impl Secrets for SecretsService {
-    async fn who_am_i(&self, req: Request<v1::Empty>) -> Result<Response<v1::WhoAmIResponse>, Status> {
+    async fn who_am_i(
+        &self,
+        req: Request<v1::Empty>,
+    ) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let caller = self.shared.authenticate(&req).await?;
         let shared = self.shared.clone();
         let name = caller.client.name.clone();
@@ -40,7 +43,10 @@ impl Secrets for SecretsService {
         }))
     }
 
-    async fn list_my_secrets(&self, req: Request<v1::Empty>) -> Result<Response<v1::MySecretsResponse>, Status> {
+    async fn list_my_secrets(
+        &self,
+        req: Request<v1::Empty>,
+    ) -> Result<Response<v1::MySecretsResponse>, Status> {
         let caller = self.shared.authenticate(&req).await?;
         let shared = self.shared.clone();
         let all = blocking(move || shared.store.readable_secrets(caller.client.id)).await?;
@@ -49,11 +55,16 @@ impl Secrets for SecretsService {
         }))
     }
 
-    async fn read_secrets(&self, req: Request<v1::ReadSecretsRequest>) -> Result<Response<v1::ReadSecretsResponse>, Status> {
+    async fn read_secrets(
+        &self,
+        req: Request<v1::ReadSecretsRequest>,
+    ) -> Result<Response<v1::ReadSecretsResponse>, Status> {
         let caller = self.shared.authenticate(&req).await?;
         let names = req.into_inner().names;
         if names.len() > MAX_NAMES {
-            return Err(Error::InvalidArgument(format!("at most {MAX_NAMES} names per read")).into());
+            return Err(
+                Error::InvalidArgument(format!("at most {MAX_NAMES} names per read")).into(),
+            );
         }
         for n in &names {
             check_secret_name(n)?;

@@ -133,9 +133,21 @@ pub trait Store: Send + Sync + 'static {
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error>;
 
     // -- secrets
-    fn create_secret(&self, new: &NewSecret, actor: &str, seal: SealFn<'_>) -> Result<SecretRecord, Error>;
-    fn rotate_secret(&self, name: &str, size: u64, actor: &str, seal: SealFn<'_>) -> Result<SecretRecord, Error>;
-    fn rollback_secret(&self, name: &str, version: u64, actor: &str) -> Result<SecretRecord, Error>;
+    fn create_secret(
+        &self,
+        new: &NewSecret,
+        actor: &str,
+        seal: SealFn<'_>,
+    ) -> Result<SecretRecord, Error>;
+    fn rotate_secret(
+        &self,
+        name: &str,
+        size: u64,
+        actor: &str,
+        seal: SealFn<'_>,
+    ) -> Result<SecretRecord, Error>;
+    fn rollback_secret(&self, name: &str, version: u64, actor: &str)
+        -> Result<SecretRecord, Error>;
     fn delete_secret(&self, name: &str, actor: &str) -> Result<(), Error>;
     fn get_secret(&self, name: &str) -> Result<SecretRecord, Error>;
     fn list_secrets(&self) -> Result<Vec<SecretRecord>, Error>;
@@ -150,12 +162,29 @@ pub trait Store: Send + Sync + 'static {
     fn client_has_cert(&self, client_id: u64, serial: &str) -> Result<bool, Error>;
 
     // -- groups
-    fn create_group(&self, name: &str, description: &str, actor: &str) -> Result<GroupRecord, Error>;
+    fn create_group(
+        &self,
+        name: &str,
+        description: &str,
+        actor: &str,
+    ) -> Result<GroupRecord, Error>;
     fn get_group(&self, name: &str) -> Result<GroupRecord, Error>;
     fn list_groups(&self) -> Result<Vec<GroupRecord>, Error>;
     fn remove_group(&self, name: &str, actor: &str) -> Result<(), Error>;
-    fn set_group_client(&self, group: &str, client: &str, member: bool, actor: &str) -> Result<GroupRecord, Error>;
-    fn set_group_secret(&self, group: &str, secret: &str, member: bool, actor: &str) -> Result<GroupRecord, Error>;
+    fn set_group_client(
+        &self,
+        group: &str,
+        client: &str,
+        member: bool,
+        actor: &str,
+    ) -> Result<GroupRecord, Error>;
+    fn set_group_secret(
+        &self,
+        group: &str,
+        secret: &str,
+        member: bool,
+        actor: &str,
+    ) -> Result<GroupRecord, Error>;
 
     // -- access
     /// What the client can read and through which groups.
@@ -165,7 +194,11 @@ pub trait Store: Send + Sync + 'static {
     /// Sealed current content of the named secrets the client can read (all
     /// of them when `names` is empty). Names it cannot read are returned in
     /// the second list, so the caller can refuse and audit.
-    fn read_sealed(&self, client_id: u64, names: &[String]) -> Result<(Vec<SealedSecret>, Vec<String>), Error>;
+    fn read_sealed(
+        &self,
+        client_id: u64,
+        names: &[String],
+    ) -> Result<(Vec<SealedSecret>, Vec<String>), Error>;
 
     // -- audit
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), Error>;

@@ -122,9 +122,8 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
-            Error::ReadOnly(format!("cannot open {}: {e}", path.display()))
-        })?;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| Error::ReadOnly(format!("cannot open {}: {e}", path.display())))?;
         Self::setup(conn)
     }
 
@@ -216,10 +215,19 @@ fn secret_by_name(tx: &Transaction<'_>, name: &str) -> Result<SecretRecord, Erro
     .ok_or_else(|| Error::not_found("secret", name))
 }
 
-fn id_by_name(tx: &Transaction<'_>, table: &str, kind: &'static str, name: &str) -> Result<i64, Error> {
-    tx.query_row(&format!("SELECT id FROM {table} WHERE name = ?1"), [name], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| Error::not_found(kind, name))
+fn id_by_name(
+    tx: &Transaction<'_>,
+    table: &str,
+    kind: &'static str,
+    name: &str,
+) -> Result<i64, Error> {
+    tx.query_row(
+        &format!("SELECT id FROM {table} WHERE name = ?1"),
+        [name],
+        |r| r.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| Error::not_found(kind, name))
 }
 
 fn audit(tx: &Transaction<'_>, e: &AuditEntry) -> Result<(), Error> {
@@ -368,18 +376,35 @@ impl Store for SqliteStore {
         })
     }
 
-    fn create_secret(&self, new: &NewSecret, actor: &str, seal: SealFn<'_>) -> Result<SecretRecord, Error> {
+    fn create_secret(
+        &self,
+        new: &NewSecret,
+        actor: &str,
+        seal: SealFn<'_>,
+    ) -> Result<SecretRecord, Error> {
         self.write(|tx| {
             let now = now_s();
-            let labels = serde_json::to_string(&new.labels).map_err(|e| Error::Storage(e.to_string()))?;
+            let labels =
+                serde_json::to_string(&new.labels).map_err(|e| Error::Storage(e.to_string()))?;
             let inserted = tx.execute(
                 "INSERT INTO secrets (name, description, labels, mode, owner, grp, expires_at,
                                       current_version, version_count, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, 1, ?8, ?8)",
-                params![new.name, new.description, labels, new.mode, new.owner, new.group, new.expires_at, now],
+                params![
+                    new.name,
+                    new.description,
+                    labels,
+                    new.mode,
+                    new.owner,
+                    new.group,
+                    new.expires_at,
+                    now
+                ],
             );
             match inserted {
-                Err(e) if is_unique_violation(&e) => return Err(Error::exists("secret", &new.name)),
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(Error::exists("secret", &new.name))
+                }
                 other => other?,
             };
             let id = tx.last_insert_rowid();
@@ -397,7 +422,13 @@ impl Store for SqliteStore {
         })
     }
 
-    fn rotate_secret(&self, name: &str, size: u64, actor: &str, seal: SealFn<'_>) -> Result<SecretRecord, Error> {
+    fn rotate_secret(
+        &self,
+        name: &str,
+        size: u64,
+        actor: &str,
+        seal: SealFn<'_>,
+    ) -> Result<SecretRecord, Error> {
         self.write(|tx| {
             let current = secret_by_name(tx, name)?;
             let version = current.version_count + 1;
@@ -419,7 +450,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn rollback_secret(&self, name: &str, version: u64, actor: &str) -> Result<SecretRecord, Error> {
+    fn rollback_secret(
+        &self,
+        name: &str,
+        version: u64,
+        actor: &str,
+    ) -> Result<SecretRecord, Error> {
         self.write(|tx| {
             let current = secret_by_name(tx, name)?;
             let exists: bool = tx.query_row(
@@ -470,7 +506,9 @@ impl Store for SqliteStore {
 
     fn list_secrets(&self) -> Result<Vec<SecretRecord>, Error> {
         self.read(|tx| {
-            let mut stmt = tx.prepare_cached(&format!("SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} ORDER BY s.name"))?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} ORDER BY s.name"
+            ))?;
             let rows = stmt.query_map([], secret_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -568,7 +606,12 @@ impl Store for SqliteStore {
         })
     }
 
-    fn create_group(&self, name: &str, description: &str, actor: &str) -> Result<GroupRecord, Error> {
+    fn create_group(
+        &self,
+        name: &str,
+        description: &str,
+        actor: &str,
+    ) -> Result<GroupRecord, Error> {
         self.write(|tx| {
             let inserted = tx.execute(
                 "INSERT INTO groups (name, description, created_at) VALUES (?1, ?2, ?3)",
@@ -618,14 +661,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_group_client(&self, group: &str, client: &str, member: bool, actor: &str) -> Result<GroupRecord, Error> {
+    fn set_group_client(
+        &self,
+        group: &str,
+        client: &str,
+        member: bool,
+        actor: &str,
+    ) -> Result<GroupRecord, Error> {
         self.write(|tx| {
             let gid = id_by_name(tx, "groups", "group", group)?;
             let cid = id_by_name(tx, "clients", "client", client)?;
             let (sql, action) = if member {
-                ("INSERT OR IGNORE INTO group_clients (group_id, client_id) VALUES (?1, ?2)", "group.add-client")
+                (
+                    "INSERT OR IGNORE INTO group_clients (group_id, client_id) VALUES (?1, ?2)",
+                    "group.add-client",
+                )
             } else {
-                ("DELETE FROM group_clients WHERE group_id = ?1 AND client_id = ?2", "group.remove-client")
+                (
+                    "DELETE FROM group_clients WHERE group_id = ?1 AND client_id = ?2",
+                    "group.remove-client",
+                )
             };
             let changed = tx.execute(sql, params![gid, cid])?;
             audit(
@@ -633,7 +688,11 @@ impl Store for SqliteStore {
                 &AuditEntry {
                     group: Some(group.to_owned()),
                     client: Some(client.to_owned()),
-                    detail: if changed == 0 { "no change".into() } else { String::new() },
+                    detail: if changed == 0 {
+                        "no change".into()
+                    } else {
+                        String::new()
+                    },
                     ..change(actor, action)
                 },
             )?;
@@ -641,14 +700,26 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_group_secret(&self, group: &str, secret: &str, member: bool, actor: &str) -> Result<GroupRecord, Error> {
+    fn set_group_secret(
+        &self,
+        group: &str,
+        secret: &str,
+        member: bool,
+        actor: &str,
+    ) -> Result<GroupRecord, Error> {
         self.write(|tx| {
             let gid = id_by_name(tx, "groups", "group", group)?;
             let sid = id_by_name(tx, "secrets", "secret", secret)?;
             let (sql, action) = if member {
-                ("INSERT OR IGNORE INTO group_secrets (group_id, secret_id) VALUES (?1, ?2)", "group.add-secret")
+                (
+                    "INSERT OR IGNORE INTO group_secrets (group_id, secret_id) VALUES (?1, ?2)",
+                    "group.add-secret",
+                )
             } else {
-                ("DELETE FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2", "group.remove-secret")
+                (
+                    "DELETE FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2",
+                    "group.remove-secret",
+                )
             };
             let changed = tx.execute(sql, params![gid, sid])?;
             audit(
@@ -656,7 +727,11 @@ impl Store for SqliteStore {
                 &AuditEntry {
                     group: Some(group.to_owned()),
                     secret: Some(secret.to_owned()),
-                    detail: if changed == 0 { "no change".into() } else { String::new() },
+                    detail: if changed == 0 {
+                        "no change".into()
+                    } else {
+                        String::new()
+                    },
                     ..change(actor, action)
                 },
             )?;
@@ -675,7 +750,9 @@ impl Store for SqliteStore {
                   WHERE gc.client_id = ?1 ORDER BY s.name, g.name",
             )?;
             let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            let rows = stmt.query_map([cid], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows = stmt.query_map([cid], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
             for row in rows {
                 let (secret, group) = row?;
                 out.entry(secret).or_default().push(group);
@@ -691,7 +768,11 @@ impl Store for SqliteStore {
         self.read(|tx| readable(tx, client_id))
     }
 
-    fn read_sealed(&self, client_id: u64, names: &[String]) -> Result<(Vec<SealedSecret>, Vec<String>), Error> {
+    fn read_sealed(
+        &self,
+        client_id: u64,
+        names: &[String],
+    ) -> Result<(Vec<SealedSecret>, Vec<String>), Error> {
         self.read(|tx| {
             let readable = readable(tx, client_id)?;
             let (wanted, denied): (Vec<SecretRecord>, Vec<String>) = if names.is_empty() {
@@ -794,7 +875,9 @@ mod tests {
             size: 3,
             ..NewSecret::default()
         };
-        store.create_secret(&new, "admin", &mut |_, _| Ok(sealed(1))).unwrap()
+        store
+            .create_secret(&new, "admin", &mut |_, _| Ok(sealed(1)))
+            .unwrap()
     }
 
     fn client(store: &SqliteStore, name: &str) -> ClientRecord {
@@ -814,9 +897,19 @@ mod tests {
     fn secret_lifecycle() {
         let s = SqliteStore::open_in_memory().unwrap();
         let rec = add(&s, "db/pw");
-        assert_eq!((rec.current_version, rec.version_count, rec.size), (1, 1, 3));
+        assert_eq!(
+            (rec.current_version, rec.version_count, rec.size),
+            (1, 1, 3)
+        );
         assert!(matches!(
-            s.create_secret(&NewSecret { name: "db/pw".into(), ..Default::default() }, "a", &mut |_, _| Ok(sealed(1))),
+            s.create_secret(
+                &NewSecret {
+                    name: "db/pw".into(),
+                    ..Default::default()
+                },
+                "a",
+                &mut |_, _| Ok(sealed(1))
+            ),
             Err(Error::AlreadyExists { .. })
         ));
         let mut seen = None;
@@ -829,12 +922,26 @@ mod tests {
         assert_eq!(seen, Some((rec.id, 2)));
         assert_eq!((rot.current_version, rot.size), (2, 5));
         let back = s.rollback_secret("db/pw", 1, "admin").unwrap();
-        assert_eq!((back.current_version, back.version_count, back.size), (1, 2, 3));
-        assert!(matches!(s.rollback_secret("db/pw", 9, "a"), Err(Error::NoSuchVersion { .. })));
+        assert_eq!(
+            (back.current_version, back.version_count, back.size),
+            (1, 2, 3)
+        );
+        assert!(matches!(
+            s.rollback_secret("db/pw", 9, "a"),
+            Err(Error::NoSuchVersion { .. })
+        ));
         let versions = s.list_versions("db/pw").unwrap();
-        assert_eq!(versions.iter().map(|v| (v.version, v.current)).collect::<Vec<_>>(), [(1, true), (2, false)]);
+        assert_eq!(
+            versions
+                .iter()
+                .map(|v| (v.version, v.current))
+                .collect::<Vec<_>>(),
+            [(1, true), (2, false)]
+        );
         // A failed seal writes nothing.
-        assert!(s.rotate_secret("db/pw", 1, "a", &mut |_, _| Err(Error::Crypto("boom"))).is_err());
+        assert!(s
+            .rotate_secret("db/pw", 1, "a", &mut |_, _| Err(Error::Crypto("boom")))
+            .is_err());
         assert_eq!(s.get_secret("db/pw").unwrap().version_count, 2);
         s.delete_secret("db/pw", "admin").unwrap();
         assert!(matches!(s.get_secret("db/pw"), Err(Error::NotFound { .. })));
@@ -857,12 +964,25 @@ mod tests {
         s.set_group_secret("g1", "a", true, "admin").unwrap();
         s.set_group_secret("g2", "a", true, "admin").unwrap();
         s.set_group_secret("g2", "b", true, "admin").unwrap();
-        let names: Vec<_> = s.readable_secrets(web.id).unwrap().into_iter().map(|r| r.name).collect();
+        let names: Vec<_> = s
+            .readable_secrets(web.id)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert!(s.readable_secrets(other.id).unwrap().is_empty());
         let access = s.client_access("web").unwrap();
-        assert_eq!(access[0], AccessRecord { secret: "a".into(), groups: vec!["g1".into(), "g2".into()] });
-        let (ok, denied) = s.read_sealed(web.id, &["b".into(), "c".into(), "zz".into()]).unwrap();
+        assert_eq!(
+            access[0],
+            AccessRecord {
+                secret: "a".into(),
+                groups: vec!["g1".into(), "g2".into()]
+            }
+        );
+        let (ok, denied) = s
+            .read_sealed(web.id, &["b".into(), "c".into(), "zz".into()])
+            .unwrap();
         assert_eq!(ok.len(), 1);
         assert_eq!(denied, ["c", "zz"]);
         s.set_group_secret("g2", "b", false, "admin").unwrap();
@@ -887,14 +1007,37 @@ mod tests {
         }])
         .unwrap();
         let all = s.query_audit(&AuditFilter::default()).unwrap();
-        assert_eq!(all.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["secret.create", "client.create", "secret.read"]);
-        let web = s.query_audit(&AuditFilter { client: Some("web".into()), ..Default::default() }).unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+            ["secret.create", "client.create", "secret.read"]
+        );
+        let web = s
+            .query_audit(&AuditFilter {
+                client: Some("web".into()),
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(web.len(), 2);
-        let x = s.query_audit(&AuditFilter { secret: Some("x".into()), ..Default::default() }).unwrap();
+        let x = s
+            .query_audit(&AuditFilter {
+                secret: Some("x".into()),
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(x.len(), 2);
-        let future = s.query_audit(&AuditFilter { since_ms: Some(now_ms() + 60_000), ..Default::default() }).unwrap();
+        let future = s
+            .query_audit(&AuditFilter {
+                since_ms: Some(now_ms() + 60_000),
+                ..Default::default()
+            })
+            .unwrap();
         assert!(future.is_empty());
-        let last = s.query_audit(&AuditFilter { limit: 1, ..Default::default() }).unwrap();
+        let last = s
+            .query_audit(&AuditFilter {
+                limit: 1,
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(last[0].action, "secret.read");
     }
 
@@ -904,9 +1047,15 @@ mod tests {
         let path = dir.path().join("db");
         drop(SqliteStore::open(&path, true).unwrap());
         let s = SqliteStore::open(&path, false).unwrap();
-        let v: i64 = s.conn().pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: i64 = s
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v as usize, MIGRATIONS.len());
-        let mode: String = s.conn().pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        let mode: String = s
+            .conn()
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         assert!(SqliteStore::open(&dir.path().join("missing"), false).is_err());
     }

@@ -1,0 +1,331 @@
+//! Starts the real `secretfs` binary: a server on a free loopback port in a
+//! fresh state directory, and CLI calls against it as the admin or as any
+//! client. Everything is killed and removed on drop.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The `secretfs` binary next to this test executable, built on demand.
+pub fn bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        // target/<profile>/deps/<test> -> target/<profile>/secretfs
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let bin = profile_dir.join("secretfs");
+        if !bin.exists() {
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "secretfs", "--bin", "secretfs"])
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the secretfs binary failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// A CLI result with its streams as text.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub raw_stdout: Vec<u8>,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            raw_stdout: out.stdout,
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "expected success\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Asserts failure with `code` and an error naming `needle`.
+    #[track_caller]
+    pub fn fails(self, code: i32, needle: &str) -> Run {
+        assert_eq!(
+            self.code, code,
+            "expected exit {code}\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "expected stderr to mention {needle:?}\nstderr: {}",
+            self.stderr
+        );
+        self
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// Credentials of one identity.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub struct TestServer {
+    pub tmp: tempfile::TempDir,
+    pub state: PathBuf,
+    pub addr: String,
+    pub admin: Identity,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    extra_args: Vec<String>,
+}
+
+pub fn run_cmd(mut cmd: Command, stdin: Option<&[u8]>) -> Run {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn secretfs");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        pipe.write_all(input).unwrap();
+    }
+    Run::from(wait_bounded(child, Duration::from_secs(60)))
+}
+
+/// Waits for a child, killing it if it runs past `limit`.
+pub fn wait_bounded(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "command ran over {limit:?}\nstdout: {}\nstderr: {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl TestServer {
+    pub fn start() -> TestServer {
+        Self::start_with(&[])
+    }
+
+    /// `server init` in a fresh directory, then `server run` with `args`.
+    pub fn start_with(args: &[&str]) -> TestServer {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let state = tmp.path().join("state");
+        let mut init = Command::new(bin());
+        init.args(["server", "init", "--state-dir"]).arg(&state);
+        run_cmd(init, None).ok();
+        let admin = Identity {
+            name: "admin".into(),
+            cert: state.join("admin.pem"),
+            key: state.join("admin.key"),
+        };
+        let mut server = TestServer {
+            tmp,
+            state,
+            addr: String::new(),
+            admin,
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.restart_on("127.0.0.1:0");
+        server
+    }
+
+    /// Starts `server run` and waits until it listens.
+    pub fn restart_on(&mut self, listen: &str) {
+        assert!(self.child.is_none(), "server already running");
+        let mut cmd = Command::new(bin());
+        cmd.args(["server", "run", "--state-dir"])
+            .arg(&self.state)
+            .args(["--listen", listen])
+            .args(&self.extra_args)
+            .env("SECRETFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push_str(&line);
+                log.lock().unwrap().push('\n');
+                if !sent {
+                    if let Some(i) = line.find("addr=") {
+                        let addr = line[i + 5..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_owned();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => self.addr = addr,
+            Err(_) => {
+                let _ = child.kill();
+                let out = child.wait_with_output();
+                panic!("server did not start: {out:?}\nlog: {}", self.log());
+            }
+        }
+        self.child = Some(child);
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        let Some(child) = self.child.take() else {
+            return 0;
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = wait_bounded(child, Duration::from_secs(20));
+        out.status.code().unwrap_or(-1)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// A CLI command as `who`.
+    pub fn cmd_as(&self, who: &Identity) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SECRETFS_SERVER", self.url())
+            .env("SECRETFS_CA", self.state.join("ca.pem"))
+            .env("SECRETFS_CERT", &who.cert)
+            .env("SECRETFS_KEY", &who.key);
+        cmd
+    }
+
+    /// Runs the CLI as the admin.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        self.cli_as(&self.admin.clone(), args, None)
+    }
+
+    pub fn cli_in(&self, args: &[&str], stdin: &[u8]) -> Run {
+        self.cli_as(&self.admin.clone(), args, Some(stdin))
+    }
+
+    pub fn cli_as(&self, who: &Identity, args: &[&str], stdin: Option<&[u8]>) -> Run {
+        let mut cmd = self.cmd_as(who);
+        cmd.args(args);
+        run_cmd(cmd, stdin)
+    }
+
+    /// Adds a secret with `content`.
+    pub fn add_secret(&self, name: &str, content: &[u8]) {
+        self.cli_in(&["secret", "add", name], content).ok();
+    }
+
+    /// Registers a client (key made by the CLI) and returns its identity.
+    pub fn add_client(&self, name: &str) -> Identity {
+        let out = self.tmp.path().join("clients");
+        self.cli(&["client", "add", name, "--out", out.to_str().unwrap()])
+            .ok();
+        Identity {
+            name: name.into(),
+            cert: out.join(format!("{name}.pem")),
+            key: out.join(format!("{name}.key")),
+        }
+    }
+
+    /// A group `group` holding `secrets`, with `clients` in it.
+    pub fn grant(&self, group: &str, clients: &[&str], secrets: &[&str]) {
+        let r = self.cli(&["group", "add", group]);
+        assert!(
+            r.code == 0 || r.stderr.contains("already exists"),
+            "{}",
+            r.stderr
+        );
+        for c in clients {
+            self.cli(&["group", "add-client", group, c]).ok();
+        }
+        for s in secrets {
+            self.cli(&["group", "add-secret", group, s]).ok();
+        }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.state.join("secretfs.db")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Reads a whole file, for scanning.
+pub fn read_all(path: &Path) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_end(&mut buf);
+    }
+    buf
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A random marker that cannot appear by chance.
+pub fn marker(tag: &str) -> String {
+    let mut bytes = [0u8; 12];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut bytes)
+        .unwrap();
+    format!(
+        "{tag}-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
