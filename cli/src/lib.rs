@@ -43,10 +43,11 @@ pub fn main() -> ExitCode {
 
 fn init_tracing(cli: &args::Cli) {
     use tracing_subscriber::EnvFilter;
+    // fuser logs each request it has no handler for at warn: noise here.
     let default = if cli.is_long_running() {
-        "info"
+        "info,fuser=error"
     } else {
-        "warn"
+        "warn,fuser=error"
     };
     let filter =
         EnvFilter::try_from_env("SECRETFS_LOG").unwrap_or_else(|_| EnvFilter::new(default));

@@ -1,22 +1,69 @@
-//! `secretfs mount MOUNTPOINT`
+//! `secretfs mount MOUNTPOINT`, and the mount inside `secretfs dev`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use secretfs_mount::MountOptions;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::args::{ConnArgs, MountArgs};
+use crate::connect;
 
-pub async fn run(_conn: &ConnArgs, _args: MountArgs) -> Result<()> {
-    anyhow::bail!("the mount is not wired in yet")
+pub async fn run(conn: &ConnArgs, args: MountArgs) -> Result<()> {
+    let mut opts = MountOptions::new(&args.mountpoint, connect::config(conn)?);
+    opts.default_uid = args.uid;
+    opts.default_gid = args.gid;
+    opts.default_mode = args.mode;
+    opts.refresh = args.refresh;
+    opts.start_timeout = args.start_timeout;
+    secretfs_mount::run(opts, super::shutdown_signal()).await?;
+    Ok(())
 }
 
 /// A mount running in the background of `secretfs dev`.
-pub struct DevMount {}
-
-impl DevMount {
-    pub async fn stop(self) {}
+pub struct DevMount {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), secretfs_mount::MountError>>,
 }
 
-pub async fn start_dev_mount(_conn: &ConnArgs, _mountpoint: &Path) -> Result<DevMount> {
-    anyhow::bail!("the mount is not wired in yet")
+impl DevMount {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("unmounting failed: {e}"),
+            Err(e) => eprintln!("the mount task failed: {e}"),
+        }
+    }
+}
+
+/// Mounts `conn`'s secrets at `mountpoint` and waits until they show.
+pub async fn start_dev_mount(conn: &ConnArgs, mountpoint: &Path) -> Result<DevMount> {
+    std::fs::create_dir_all(mountpoint)?;
+    let opts = MountOptions::new(mountpoint, connect::config(conn)?);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut task = tokio::spawn(secretfs_mount::run(opts, async {
+        let _ = stopped.await;
+    }));
+    let status = mountpoint.join(".secretfs/status");
+    let deadline = Instant::now() + Duration::from_secs(35);
+    loop {
+        if status.exists() {
+            return Ok(DevMount { stop, task });
+        }
+        if task.is_finished() {
+            return match (&mut task).await {
+                Ok(Err(e)) => Err(e.into()),
+                Ok(Ok(())) => bail!("the mount stopped at once"),
+                Err(e) => bail!("the mount task failed: {e}"),
+            };
+        }
+        if Instant::now() > deadline {
+            let _ = stop.send(());
+            bail!("the mount did not appear at {} in time", mountpoint.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
