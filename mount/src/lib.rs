@@ -1,1 +1,292 @@
-//! The FUSE mount (placeholder until wired).
+//! secretfs mount: a container's secrets as read-only files that live only
+//! in this process's locked memory, served over FUSE and kept in sync with
+//! the server.
+//!
+//! The parts, from the inside out:
+//! - `secret_bytes`: the mlocked, zeroize-on-drop buffer holding content.
+//! - `snapshot`: the secrets shown at one moment; screens names the
+//!   filesystem cannot show (dot-names, file/directory conflicts).
+//! - `tree`: the pure core. Inodes (one per secret version), lookup/getattr/
+//!   read/readdir answers, lookup counting, and the list of kernel
+//!   invalidations when a new snapshot is applied. Unit-tested without FUSE.
+//! - `status`: the JSON at `.secretfs/status`.
+//! - `fuse`: the thin `fuser::Filesystem` adapter over the tree; the only
+//!   place that calls `reply.*`.
+//! - `sync`: the gRPC side (`ListMySecrets`, `ReadSecrets` of changed names).
+//! - `updater`: applies a snapshot or error to the tree, then notifies the
+//!   kernel (outside the tree lock).
+//! - `mount`: mountpoint checks, stale-mount clearing, mount and unmount.
+//! - `static_mount`: [`StaticMount`], a fixed set of secrets mounted through
+//!   the same adapter without a server (end-to-end tests, benchmarks).
+//!
+//! [`run`] ties them together: sync first, mount, refresh until shutdown,
+//! unmount.
+
+mod error;
+mod fuse;
+mod mount;
+mod secret_bytes;
+mod snapshot;
+mod static_mount;
+mod status;
+mod sync;
+mod tree;
+mod updater;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use secretfs_proto::channel::ChannelError;
+use secretfs_proto::ConnectConfig;
+use tokio::sync::mpsc;
+
+pub use error::MountError;
+pub use static_mount::{StaticMount, StaticSecret};
+
+use crate::snapshot::Snapshot;
+use crate::status::SyncState;
+use crate::sync::{SecretsSource, SyncError};
+use crate::tree::{Defaults, Tree};
+use crate::updater::Updater;
+
+/// How long shutdown waits for open files to close before aborting.
+const UNMOUNT_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// An existing, empty directory.
+    pub mountpoint: PathBuf,
+    pub connect: ConnectConfig,
+    /// Owner, group and mode of secrets that do not set their own; the
+    /// owner and group also own the directories (mode 0555) and the status
+    /// file (mode 0440).
+    pub default_uid: u32,
+    pub default_gid: u32,
+    pub default_mode: u32,
+    /// Re-sync interval.
+    pub refresh: Duration,
+    /// How long to try for the first sync before giving up.
+    pub start_timeout: Duration,
+}
+
+impl MountOptions {
+    /// Defaults: files 0400 owned by root, refresh and start timeout 30 s.
+    pub fn new(mountpoint: impl Into<PathBuf>, connect: ConnectConfig) -> MountOptions {
+        MountOptions {
+            mountpoint: mountpoint.into(),
+            connect,
+            default_uid: 0,
+            default_gid: 0,
+            default_mode: 0o400,
+            refresh: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Mounts after the first successful sync, serves until `shutdown`
+/// resolves, then unmounts (lazy detach if busy).
+///
+/// Must be called from inside a tokio multi-thread runtime.
+pub async fn run(
+    opts: MountOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), MountError> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {}
+        _ => return Err(MountError::NoRuntime),
+    }
+    forbid_core_dumps();
+    mount::check_fuse()?;
+    let path = mount::prepare_mountpoint(&opts.mountpoint)?;
+    tokio::pin!(shutdown);
+
+    let server = opts.connect.server.clone();
+    let first = tokio::select! {
+        r = first_sync(&opts) => r?,
+        () = &mut shutdown => return Ok(()),
+    };
+    let FirstSync {
+        source,
+        snapshot,
+        identity,
+    } = first;
+
+    let defaults = Defaults {
+        uid: opts.default_uid,
+        gid: opts.default_gid,
+        mode: opts.default_mode,
+    };
+    let tree = Arc::new(Mutex::new(Tree::new(defaults, SystemTime::now())));
+    let mut updater = Updater::new(
+        tree.clone(),
+        SyncState {
+            identity,
+            server: server.clone(),
+            ..SyncState::default()
+        },
+    );
+    updater.synced(snapshot.clone());
+
+    // The first sync may have taken a while: check again right before mounting.
+    mount::prepare_mountpoint(&path)?;
+    let fs = fuse::SecretFs::new(tree.clone());
+    let mount_path = path.clone();
+    let mounted = tokio::task::spawn_blocking(move || mount::mount(fs, &mount_path))
+        .await
+        .map_err(|e| MountError::Mount {
+            path: path.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
+    updater.set_notifier(mounted.notifier());
+    tracing::info!(
+        path = %path.display(),
+        secrets = snapshot.files().len(),
+        "mounted"
+    );
+
+    let (tx, mut rx) = mpsc::channel(4);
+    let poller = tokio::spawn(sync::poll_loop(source, snapshot, opts.refresh, tx));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(event) = rx.recv() => updater.on_event(event),
+            _ = tick.tick() => updater.publish_status(),
+        }
+    }
+
+    poller.abort();
+    tracing::info!(path = %path.display(), "shutting down");
+    tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
+        .await
+        .ok();
+    // Whatever the kernel still references, no secret outlives `run`.
+    updater.wipe();
+    Ok(())
+}
+
+struct FirstSync {
+    source: SecretsSource,
+    snapshot: Snapshot,
+    identity: Option<String>,
+}
+
+/// Connects and syncs, retrying unreachable servers until `start_timeout`.
+/// A refused client or TLS failure does not get better by waiting: fail at once.
+async fn first_sync(opts: &MountOptions) -> Result<FirstSync, MountError> {
+    let server = opts.connect.server.clone();
+    let deadline = Instant::now() + opts.start_timeout;
+    let mut backoff = Duration::from_millis(250);
+    let mut reason = String::from("no answer");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MountError::StartTimeout {
+                server,
+                timeout: humantime::format_duration(opts.start_timeout).to_string(),
+                reason,
+            });
+        }
+        match tokio::time::timeout(left, try_first_sync(&opts.connect)).await {
+            Ok(Ok(first)) => return Ok(first),
+            Ok(Err(Attempt::Fatal(e))) => return Err(e),
+            Ok(Err(Attempt::Retry(r))) => {
+                tracing::info!(server = %server, reason = %r, "server not reachable yet; retrying");
+                reason = r;
+            }
+            Err(_) => continue, // deadline hit mid-attempt: report on the next turn
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(backoff.min(left)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+enum Attempt {
+    Retry(String),
+    Fatal(MountError),
+}
+
+async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
+    let server = cfg.server.clone();
+    let channel = match secretfs_proto::connect(cfg).await {
+        Ok(c) => c,
+        Err(ChannelError::Connect { reason, .. }) if is_tls_failure(&reason) => {
+            return Err(Attempt::Fatal(MountError::TlsRefused { server, reason }))
+        }
+        Err(ChannelError::Connect { reason, .. }) => return Err(Attempt::Retry(reason)),
+        Err(e) => return Err(Attempt::Fatal(MountError::Connect(e.to_string()))),
+    };
+    let mut source = SecretsSource::new(channel);
+    let snapshot = match source.fetch(&Snapshot::empty()).await {
+        Ok(s) => s,
+        Err(SyncError::Refused(message)) => {
+            return Err(Attempt::Fatal(MountError::ClientRefused {
+                server,
+                message,
+            }))
+        }
+        Err(SyncError::Unreachable(r)) if is_tls_failure(&r) => {
+            return Err(Attempt::Fatal(MountError::TlsRefused { server, reason: r }))
+        }
+        Err(e) => return Err(Attempt::Retry(e.to_string())),
+    };
+    // Only for the status page: a server without WhoAmI is fine.
+    let identity = match source.whoami().await {
+        Ok(name) => Some(name),
+        Err(e) => {
+            tracing::debug!(error = %e, "WhoAmI failed; status will show no identity");
+            None
+        }
+    };
+    Ok(FirstSync {
+        source,
+        snapshot,
+        identity,
+    })
+}
+
+/// Certificate trouble shows up as a connect error; waiting will not fix it.
+fn is_tls_failure(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "unknown issuer",
+        "unknown ca",
+        "handshake",
+        "alert",
+        "notvalidforname",
+    ]
+    .iter()
+    .any(|k| r.contains(k))
+}
+
+/// Keeps secrets out of core dumps and away from ptrace by other users.
+fn forbid_core_dumps() {
+    // SAFETY: prctl with integer arguments has no memory effects.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mark the process non-dumpable");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_failures_are_recognised() {
+        assert!(is_tls_failure("invalid peer certificate: UnknownIssuer"));
+        assert!(is_tls_failure("received fatal alert: BadCertificate"));
+        assert!(!is_tls_failure(
+            "tcp connect error: Connection refused (os error 111)"
+        ));
+    }
+}

@@ -378,15 +378,8 @@ fn no_plaintext_in_database_wal_or_logs() {
             );
         }
     };
-    assert!(
-        read_all(&std::path::PathBuf::from(format!(
-            "{}-wal",
-            s.db().display()
-        )))
-        .len()
-            > 0,
-        "WAL in use"
-    );
+    let wal = std::path::PathBuf::from(format!("{}-wal", s.db().display()));
+    assert!(!read_all(&wal).is_empty(), "WAL in use");
     scan(&s, "running");
     assert_eq!(s.stop(), 0);
     scan(&s, "stopped");

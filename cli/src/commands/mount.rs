@@ -62,7 +62,10 @@ pub async fn start_dev_mount(conn: &ConnArgs, mountpoint: &Path) -> Result<DevMo
         }
         if Instant::now() > deadline {
             let _ = stop.send(());
-            bail!("the mount did not appear at {} in time", mountpoint.display());
+            bail!(
+                "the mount did not appear at {} in time",
+                mountpoint.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -30,6 +30,7 @@ pub fn bin() -> PathBuf {
 }
 
 /// A CLI result with its streams as text.
+#[derive(Debug)]
 pub struct Run {
     pub code: i32,
     pub stdout: String,
@@ -328,4 +329,177 @@ pub fn marker(tag: &str) -> String {
         "{tag}-{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
     )
+}
+
+/// A running `secretfs mount`, unmounted (SIGTERM) on drop.
+pub struct Mount {
+    pub path: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+/// Fails with a clear message where FUSE cannot work, instead of skipping.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: the mount tests need FUSE (run as root with /dev/fuse; see scripts/test.sh)"
+    );
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the mount tests need root (CAP_SYS_ADMIN) to mount FUSE"
+    );
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+impl TestServer {
+    /// Starts `secretfs mount` as `who` on a new directory and waits until
+    /// the mount is up.
+    pub fn mount_as(&self, who: &Identity, args: &[&str]) -> Mount {
+        let path = self
+            .tmp
+            .path()
+            .join(format!("mnt-{}-{}", who.name, marker("m")));
+        std::fs::create_dir(&path).unwrap();
+        self.mount_at(who, &path, args)
+            .unwrap_or_else(|r| panic!("mount should start: {}", r.stderr))
+    }
+
+    /// Starts a mount at `path`; Err(Run) if the process exits first.
+    pub fn mount_at(&self, who: &Identity, path: &Path, args: &[&str]) -> Result<Mount, Run> {
+        self.mount_at_with(who, path, args, |_| {})
+    }
+
+    /// As `mount_at`, with a last say on the command (limits, directory).
+    pub fn mount_at_with(
+        &self,
+        who: &Identity,
+        path: &Path,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Mount, Run> {
+        require_fuse();
+        let mut cmd = self.cmd_as(who);
+        configure(&mut cmd);
+        cmd.arg("mount")
+            .arg(path)
+            .args(args)
+            .env("SECRETFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn mount");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let start = Instant::now();
+        loop {
+            // Wait for this process to say it mounted: a dead mount left at
+            // the same path may still answer from the kernel's caches.
+            if log.lock().unwrap().contains("mounted path=")
+                && path.join(".secretfs/status").exists()
+            {
+                return Ok(Mount {
+                    path: path.to_path_buf(),
+                    child: Some(child),
+                    log,
+                });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return Err(Run {
+                    code: status.code().unwrap_or(-1),
+                    stdout: String::new(),
+                    stderr: log.lock().unwrap().clone(),
+                    raw_stdout: Vec::new(),
+                });
+            }
+            if start.elapsed() > Duration::from_secs(40) {
+                let _ = child.kill();
+                panic!(
+                    "mount did not come up at {}: {}",
+                    path.display(),
+                    log.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Mount {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path.join(".secretfs/status")).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status is not JSON ({e}): {text}"))
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> i32 {
+        let Some(child) = self.child.take() else {
+            return 0;
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = wait_bounded(child, Duration::from_secs(20));
+        out.status.code().unwrap_or(-1)
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal_and_wait(libc::SIGKILL);
+    }
+
+    /// Sends `signal` and returns how the process ended.
+    pub fn signal_and_wait(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe { libc::kill(child.id() as i32, signal) };
+        child.wait().ok()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        if is_mounted(&self.path) {
+            let c =
+                std::ffi::CString::new(self.path.as_os_str().to_string_lossy().as_bytes()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
 }

@@ -1,0 +1,417 @@
+//! The FUSE adapter: the only place that talks `fuser` types and calls
+//! `reply.*`. Every answer comes from the [`Tree`]; errors become errnos in
+//! [`errno`].
+//!
+//! Read path (why a cached read never reaches this process):
+//! - `init` asks for `FUSE_NO_OPEN_SUPPORT` / `FUSE_NO_OPENDIR_SUPPORT` and
+//!   `open`/`opendir` answer `ENOSYS`: the kernel then opens every later file
+//!   by itself, saving one round trip (~50 µs here) per `open()`.
+//! - Entries and attributes live for a day: names only change when the sync
+//!   loop invalidates them, and each inode's bytes never change, so the page
+//!   cache stays valid until the inode is forgotten.
+//! - The status file is the exception: its content changes every second, so
+//!   its attributes expire after a second and the sync loop invalidates its
+//!   pages whenever it rewrites it.
+
+use std::ffi::OsStr;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::tree::{Attr, FsError, Kind, Tree, STATUS_INO};
+
+/// Names and attributes change only through explicit invalidation.
+pub const LONG_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The status file's size changes every second.
+pub const STATUS_ATTR_TTL: Duration = Duration::from_secs(1);
+
+/// The tree, shared by the FUSE threads and the sync loop.
+pub type SharedTree = Arc<Mutex<Tree>>;
+
+pub fn lock(tree: &SharedTree) -> MutexGuard<'_, Tree> {
+    // A panic inside a callback must not take the whole mount down with
+    // poisoned-lock panics; the tree's invariants hold between calls.
+    tree.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct SecretFs {
+    tree: SharedTree,
+    /// The kernel accepted FUSE_NO_OPEN_SUPPORT: `open` may answer ENOSYS.
+    no_open: bool,
+    no_opendir: bool,
+}
+
+impl SecretFs {
+    pub fn new(tree: SharedTree) -> SecretFs {
+        SecretFs {
+            tree,
+            no_open: false,
+            no_opendir: false,
+        }
+    }
+}
+
+/// The single FsError -> errno mapping.
+fn errno(e: FsError) -> Errno {
+    match e {
+        FsError::NotFound => Errno::ENOENT,
+        FsError::NotDir => Errno::ENOTDIR,
+        FsError::IsDir => Errno::EISDIR,
+        FsError::ReadOnly => Errno::EROFS,
+        FsError::Stale => Errno::ESTALE,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+    }
+}
+
+fn attr_ttl(ino: u64) -> Duration {
+    if ino == STATUS_INO {
+        STATUS_ATTR_TTL
+    } else {
+        LONG_TTL
+    }
+}
+
+/// Asks for one capability; an old kernel simply goes without it.
+fn want(config: &mut KernelConfig, flag: InitFlags, name: &str) -> bool {
+    match config.add_capabilities(flag) {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::info!(
+                capability = name,
+                "kernel lacks FUSE capability; continuing without it"
+            );
+            false
+        }
+    }
+}
+
+impl Filesystem for SecretFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        self.no_open = want(config, InitFlags::FUSE_NO_OPEN_SUPPORT, "NO_OPEN_SUPPORT");
+        self.no_opendir = want(
+            config,
+            InitFlags::FUSE_NO_OPENDIR_SUPPORT,
+            "NO_OPENDIR_SUPPORT",
+        );
+        // `ls -l` of a directory in one round trip instead of one lookup per
+        // entry; the tree counts the lookups readdirplus implies.
+        want(config, InitFlags::FUSE_DO_READDIRPLUS, "DO_READDIRPLUS");
+        want(config, InitFlags::FUSE_READDIRPLUS_AUTO, "READDIRPLUS_AUTO");
+        // Lookups in one directory need not wait for each other.
+        want(config, InitFlags::FUSE_PARALLEL_DIROPS, "PARALLEL_DIROPS");
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match lock(&self.tree).lookup(parent.0, name) {
+            Ok(a) => {
+                reply.entry_with_ttls(&attr_ttl(a.ino), &LONG_TTL, &file_attr(&a), Generation(0))
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.tree).forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match lock(&self.tree).getattr(ino.0) {
+            Ok(a) => reply.attr(&attr_ttl(a.ino), &file_attr(&a)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            // The kernel takes ENOSYS as "open needs no daemon" from now on.
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        }
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_opendir {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        // Clone the Arc under the lock, copy into the reply without it.
+        let out = lock(&self.tree).read(ino.0, offset, size);
+        match out {
+            Ok(out) => reply.data(out.bytes()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let res = lock(&self.tree).readdir(ino.0, offset, false, |e| {
+            reply.add(
+                INodeNo(e.attr.ino),
+                e.offset,
+                file_type(e.attr.kind),
+                &e.name,
+            )
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        // The reply must be built under the lock: the lookups it implies
+        // are counted there, and a forget must not slip in between.
+        let res = lock(&self.tree).readdir(ino.0, offset, true, |e| {
+            reply.add(
+                INodeNo(e.attr.ino),
+                e.offset,
+                &e.name,
+                &attr_ttl(e.attr.ino),
+                &file_attr(&e.attr),
+                Generation(0),
+            )
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = lock(&self.tree).inode_count() as u64;
+        reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    // ---- everything that would change the tree: read-only filesystem ----
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Only reached without default_permissions; the kernel checks modes.
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(errno(FsError::ReadOnly));
+    }
+}

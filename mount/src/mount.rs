@@ -1,0 +1,314 @@
+//! The mount's life: check the mountpoint (clearing a dead mount left by a
+//! crash), mount, and unmount cleanly.
+//!
+//! fuser 0.18 pitfalls handled here:
+//! - Dropping a session while a file is open leaves a dead mount (ENOTCONN)
+//!   that blocks the next mount at that path. So shutdown detaches the mount
+//!   itself (`umount2(MNT_DETACH)`) before the session goes, and start-up
+//!   clears any dead mount it finds.
+//! - `AutoUnmount` needs `fusermount3`; never used. As root fuser mounts with
+//!   mount(2) directly.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, MountOption, Notifier, Session, SessionACL};
+
+use crate::error::MountError;
+use crate::fuse::SecretFs;
+
+/// Source name shown in /proc/mounts (`secretfs on /path type fuse`).
+pub const FS_NAME: &str = "secretfs";
+
+/// Fails early, with advice, when this process cannot mount FUSE at all.
+pub fn check_fuse() -> Result<(), MountError> {
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(MountError::FuseUnavailable(
+                "/dev/fuse is missing: load the module (modprobe fuse) or, in a container, \
+                 pass the device (--device /dev/fuse)"
+                    .into(),
+            ))
+        }
+        Err(e) => {
+            return Err(MountError::FuseUnavailable(format!(
+                "cannot open /dev/fuse ({e}): run the mount as root"
+            )))
+        }
+    }
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(MountError::FuseUnavailable(
+            "mounting needs root (CAP_SYS_ADMIN): run the mount as root; it serves the files \
+             to other users itself (allow_other)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `path` is an empty directory we may mount on, first
+/// detaching a dead FUSE mount left there by an earlier crash. Returns the
+/// absolute path.
+pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    let abs = std::path::absolute(path).map_err(|source| MountError::Mountpoint {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Several crashes can stack several dead mounts.
+    for _ in 0..8 {
+        // A dead mount can still answer stat from the kernel's attribute
+        // cache (our TTLs are long), so ask the daemon itself: statfs is
+        // never cached by FUSE and fails with ENOTCONN once it is gone.
+        if is_secretfs_mount(&abs) && statfs_errno(&abs) == Some(libc::ENOTCONN) {
+            tracing::warn!(path = %abs.display(), "clearing a dead secretfs mount left by an earlier run");
+            detach(&abs).map_err(|source| MountError::StaleMount {
+                path: abs.clone(),
+                source,
+            })?;
+            continue;
+        }
+        match fs::metadata(&abs) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                tracing::warn!(path = %abs.display(), "clearing a dead FUSE mount left by an earlier run");
+                detach(&abs).map_err(|source| MountError::StaleMount {
+                    path: abs.clone(),
+                    source,
+                })?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(MountError::MountpointMissing(abs))
+            }
+            Err(source) => return Err(MountError::Mountpoint { path: abs, source }),
+            Ok(md) if !md.is_dir() => return Err(MountError::NotADirectory(abs)),
+            Ok(_) => {
+                if is_secretfs_mount(&abs) {
+                    // It answers (stat worked), so another mount serves it.
+                    return Err(MountError::AlreadyMounted(abs));
+                }
+                let mut entries = fs::read_dir(&abs).map_err(|source| MountError::Mountpoint {
+                    path: abs.clone(),
+                    source,
+                })?;
+                if entries.next().is_some() {
+                    return Err(MountError::NotEmpty(abs));
+                }
+                return Ok(abs);
+            }
+        }
+    }
+    Err(MountError::StaleMount {
+        path: abs,
+        source: io::Error::other("still not usable after detaching 8 mounts"),
+    })
+}
+
+/// The errno of statfs(2) on `path`, if it fails.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid C string and `buf` is large enough for statfs.
+    let rc = unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
+    (rc != 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+/// Whether /proc/self/mountinfo lists a secretfs mount at `path`.
+fn is_secretfs_mount(path: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.as_os_str().as_bytes();
+    info.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            return false;
+        };
+        let mountpoint = fields.get(4).map(|m| unescape_mountinfo(m));
+        let fstype = fields.get(sep + 1).copied().unwrap_or("");
+        let source = fields.get(sep + 2).copied().unwrap_or("");
+        mountpoint.as_deref() == Some(want) && fstype.starts_with("fuse") && source == FS_NAME
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn detach(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A live mount.
+pub struct Mounted {
+    session: BackgroundSession,
+    path: PathBuf,
+    /// Kernel device number of the connection, to abort it via fusectl if
+    /// open files keep a detached mount alive at shutdown.
+    conn: Option<u64>,
+}
+
+/// The options every secretfs mount gets.
+pub fn config() -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+        MountOption::FSName(FS_NAME.into()),
+        MountOption::Subtype(FS_NAME.into()),
+    ];
+    // allow_other: the container's user is not the mount's (root).
+    config.acl = SessionACL::All;
+    config
+}
+
+/// Mounts `fs` at `path` (blocking: mount(2) plus the INIT handshake) and
+/// serves it on a background thread.
+pub fn mount(fs: SecretFs, path: &Path) -> Result<Mounted, MountError> {
+    let session = Session::new(fs, path, &config()).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EPERM) {
+            MountError::FuseUnavailable(format!(
+                "mount at {} was refused ({source}): run the mount as root with CAP_SYS_ADMIN",
+                path.display()
+            ))
+        } else {
+            MountError::Mount {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
+    let session = session.spawn().map_err(|source| MountError::Mount {
+        path: path.to_owned(),
+        source,
+    })?;
+    let conn = fs::metadata(path).ok().map(|md| {
+        let dev = md.dev();
+        // fusectl names connections by the kernel's dev_t (major << 20 | minor).
+        (u64::from(libc::major(dev)) << 20) | u64::from(libc::minor(dev))
+    });
+    Ok(Mounted {
+        session,
+        path: path.to_owned(),
+        conn,
+    })
+}
+
+impl Mounted {
+    pub fn notifier(&self) -> Notifier {
+        self.session.notifier()
+    }
+
+    /// Detaches the mount, then waits up to `grace` for the kernel to
+    /// release the connection (it does when the last open file closes). If
+    /// files stay open, the connection is aborted through fusectl when
+    /// available, so their readers get ENOTCONN rather than old bytes.
+    pub fn unmount(self, grace: Duration) {
+        match detach(&self.path) {
+            Ok(()) => tracing::info!(path = %self.path.display(), "unmounted"),
+            // Someone unmounted it already (EINVAL: not a mount point).
+            Err(e) => tracing::debug!(error = %e, "detach at shutdown"),
+        }
+        let (tx, rx) = mpsc::channel();
+        let session = self.session;
+        // `join` returns once the kernel ends the connection; the session's
+        // own unmount then sees it gone and does nothing.
+        std::thread::spawn(move || {
+            let res = session.join();
+            let _ = tx.send(res);
+        });
+        if wait(&rx, grace) {
+            return;
+        }
+        let aborted = self
+            .conn
+            .is_some_and(|c| fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1").is_ok());
+        if aborted && wait(&rx, Duration::from_secs(2)) {
+            tracing::info!("aborted the FUSE connection kept alive by open files");
+            return;
+        }
+        tracing::warn!(
+            "files under the detached mount are still open; the connection ends when they close \
+             or this process exits"
+        );
+    }
+}
+
+fn wait(rx: &mpsc::Receiver<io::Result<()>>, d: Duration) -> bool {
+    match rx.recv_timeout(d) {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "FUSE session ended with an error");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(r"/x\134"), b"/x\\");
+    }
+
+    #[test]
+    fn mountpoint_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(prepare_mountpoint(dir.path()).unwrap(), dir.path());
+        let missing = dir.path().join("missing");
+        assert!(matches!(
+            prepare_mountpoint(&missing),
+            Err(MountError::MountpointMissing(_))
+        ));
+        let file = dir.path().join("f");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            prepare_mountpoint(&file),
+            Err(MountError::NotADirectory(_))
+        ));
+        let err = prepare_mountpoint(dir.path()).unwrap_err();
+        assert!(matches!(err, MountError::NotEmpty(_)));
+        assert!(err.to_string().contains("not empty"));
+    }
+}

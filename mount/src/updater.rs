@@ -1,0 +1,171 @@
+//! The one step every change goes through: swap a new snapshot into the
+//! tree, rewrite the status file, then tell the kernel what to forget.
+//!
+//! Notifications are sent after the tree's lock is released: the kernel
+//! applies an entry invalidation under the parent directory's lock, which a
+//! concurrent lookup holds while it waits for our FUSE thread, and that
+//! thread needs the tree's lock. Holding it here would deadlock.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use fuser::{INodeNo, Notifier};
+
+use crate::fuse::{lock, SharedTree};
+use crate::snapshot::Snapshot;
+use crate::status::{self, SyncState};
+use crate::sync::{SyncError, SyncEvent};
+use crate::tree::Invalidation;
+
+pub struct Updater {
+    tree: SharedTree,
+    notifier: Option<Notifier>,
+    snapshot: Snapshot,
+    state: SyncState,
+    /// Skipped names already logged, so each is logged once, not per sync.
+    logged_skips: HashSet<String>,
+    /// Log an outage once, not on every failed attempt.
+    in_outage: bool,
+}
+
+impl Updater {
+    pub fn new(tree: SharedTree, state: SyncState) -> Updater {
+        Updater {
+            tree,
+            notifier: None,
+            snapshot: Snapshot::empty(),
+            state,
+            logged_skips: HashSet::new(),
+            in_outage: false,
+        }
+    }
+
+    /// From now on, changes are also sent to the kernel.
+    pub fn set_notifier(&mut self, notifier: Notifier) {
+        self.notifier = Some(notifier);
+    }
+
+    pub fn on_event(&mut self, event: SyncEvent) {
+        match event {
+            SyncEvent::Synced(snap) => self.synced(snap),
+            SyncEvent::Error(e) => self.failed(e),
+        }
+    }
+
+    /// A successful sync: show `snap`.
+    pub fn synced(&mut self, snap: Snapshot) {
+        if self.in_outage {
+            tracing::info!(server = %self.state.server, "server reachable again; secrets are current");
+            self.in_outage = false;
+        }
+        if self.state.refused.take().is_some() {
+            tracing::info!("the server accepts this client again");
+        }
+        for s in snap.skipped() {
+            if self.logged_skips.insert(s.name.clone()) {
+                tracing::warn!(name = %s.name, reason = %s.reason, "secret not shown in the mount");
+            }
+        }
+        self.state.connected = true;
+        self.state.last_sync = Some(SystemTime::now());
+        self.state.last_error = None;
+        self.install(snap);
+    }
+
+    fn failed(&mut self, err: SyncError) {
+        self.state.connected = false;
+        self.state.last_error = Some(err.to_string());
+        match err {
+            SyncError::Refused(message) => {
+                if self.state.refused.is_none() {
+                    tracing::error!(
+                        %message,
+                        "the server refused this client; removing every secret from the mount"
+                    );
+                }
+                self.state.refused = Some(message);
+                self.wipe();
+            }
+            other => {
+                if !self.in_outage {
+                    tracing::warn!(
+                        error = %other,
+                        secrets = self.snapshot.files().len(),
+                        "cannot sync; serving the secrets already held and retrying at each refresh"
+                    );
+                    self.in_outage = true;
+                }
+                self.publish_status();
+            }
+        }
+    }
+
+    fn install(&mut self, snap: Snapshot) {
+        let now = SystemTime::now();
+        let content = status::render(&self.state, &snap, now);
+        let mut inval = {
+            let mut tree = lock(&self.tree);
+            let mut inval = tree.apply(&snap, now);
+            inval.push(tree.set_status(content, now));
+            inval
+        };
+        // The old snapshot's bytes are freed (and wiped) here unless an
+        // inode the kernel still holds shares them.
+        self.snapshot = snap;
+        self.send(&mut inval);
+    }
+
+    /// Drops every secret, even ones the kernel still references.
+    pub fn wipe(&mut self) {
+        let now = SystemTime::now();
+        self.snapshot = Snapshot::empty();
+        let content = status::render(&self.state, &self.snapshot, now);
+        let mut inval = {
+            let mut tree = lock(&self.tree);
+            let mut inval = tree.wipe(now);
+            inval.push(tree.set_status(content, now));
+            inval
+        };
+        self.send(&mut inval);
+    }
+
+    /// Rewrites the status file (staleness changes every second).
+    pub fn publish_status(&mut self) {
+        let now = SystemTime::now();
+        let content = status::render(&self.state, &self.snapshot, now);
+        let mut inval = vec![lock(&self.tree).set_status(content, now)];
+        self.send(&mut inval);
+    }
+
+    fn send(&self, inval: &mut Vec<Invalidation>) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        let batch = std::mem::take(inval);
+        // A notification can wait on kernel locks; keep the async workers free.
+        tokio::task::block_in_place(|| notify(notifier, &batch));
+    }
+}
+
+/// Sends invalidations; the kernel answers ENOENT (ignored by fuser) for
+/// anything it does not have cached.
+pub fn notify(notifier: &Notifier, batch: &[Invalidation]) {
+    for inv in batch {
+        let res = match inv {
+            Invalidation::Entry { parent, name } => {
+                notifier.inval_entry(INodeNo(*parent), name.as_ref())
+            }
+            Invalidation::Delete {
+                parent,
+                child,
+                name,
+            } => notifier.delete(INodeNo(*parent), INodeNo(*child), name.as_ref()),
+            // Offset 0, length 0: attributes and every cached page.
+            Invalidation::Inode { ino } => notifier.inval_inode(INodeNo(*ino), 0, 0),
+        };
+        if let Err(e) = res {
+            // ENOTDIR/ENOTEMPTY etc. still invalidate the dentry; log only.
+            tracing::debug!(?inv, error = %e, "kernel declined an invalidation");
+        }
+    }
+}
