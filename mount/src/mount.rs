@@ -246,11 +246,20 @@ impl Mounted {
             Err(e) => tracing::debug!(error = %e, "detach at shutdown"),
         }
         let (tx, rx) = mpsc::channel();
-        let session = self.session;
-        // `join` returns once the kernel ends the connection; the session's
-        // own unmount then sees it gone and does nothing.
+        let mut session = self.session;
+        // fuser 0.18's `Mount::drop` takes POLLERR on the device (connection
+        // gone) for "still mounted" and unmounts the *path*, which by then may
+        // hold a new mount (seen in tests: "FUSE device disconnected during
+        // handshake"). We detached already, so its unmount must never run:
+        // keep the thread handle and forget the rest (one fd, freed at exit).
+        let guard = std::mem::replace(&mut session.guard, std::thread::spawn(|| Ok(())));
+        std::mem::forget(session);
+        // The thread ends once the kernel ends the connection (when the last
+        // open file under the detached mount closes).
         std::thread::spawn(move || {
-            let res = session.join();
+            let res = guard
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the FUSE session thread panicked")));
             let _ = tx.send(res);
         });
         if wait(&rx, grace) {
