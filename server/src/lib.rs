@@ -7,6 +7,7 @@
 //! - `identity`: the identity inside a client certificate (SPIFFE id or CN).
 //! - `service`: the `Admin` and `Secrets` gRPC services, authentication and
 //!   access checks, audit of reads and denials.
+//! - `hub`: fan-out of change hints to `Secrets.Watch` streams.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`store`]: the storage trait and its SQLite implementation.
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
@@ -14,6 +15,7 @@
 
 pub mod envelope;
 mod error;
+mod hub;
 mod identity;
 pub mod names;
 pub mod pki;

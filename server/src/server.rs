@@ -105,6 +105,7 @@ impl Server {
                 ca,
                 trust_domain,
                 max_secret_size: opts.max_secret_size,
+                hub: crate::hub::Hub::new(),
             }),
             tls,
         })
@@ -128,6 +129,8 @@ impl Server {
         // gets the clear "over the limit" error, while memory stays bounded.
         let max = self.shared.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
         let incoming = tls::accept_loop(self.listener, self.tls, self.shared.trust_domain.clone());
+        let shared = self.shared.clone();
+        let hub = move || shared.hub.close();
         let admin = AdminServer::new(AdminService::new(self.shared.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX);
@@ -141,7 +144,12 @@ impl Server {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(admin)
             .add_service(secrets)
-            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
+                shutdown.await;
+                // Watch streams never end by themselves: end them, or the
+                // graceful shutdown would wait for them forever.
+                hub();
+            })
             .await
             .map_err(|e| Error::Config(format!("the server stopped: {e}")))?;
         tracing::info!("secretfs server stopped");

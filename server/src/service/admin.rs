@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{access_entries, blocking, client_info, secret_meta, Shared};
 use crate::envelope::{Binding, Plaintext};
 use crate::error::Error;
+use crate::hub::Change;
 use crate::names::{check_entity_name, check_secret_name};
 use crate::store::{AuditFilter, NewClient, NewSecret};
 
@@ -155,6 +156,7 @@ impl Admin for AdminService {
             )
         })
         .await?;
+        self.shared.hub.publish(Change::Secret { id: rec.id });
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rotated");
         Ok(Response::new(secret_meta(&rec)))
     }
@@ -227,6 +229,7 @@ impl Admin for AdminService {
                 .rollback_secret(&r.name, r.version, caller.name())
         })
         .await?;
+        self.shared.hub.publish(Change::Secret { id: rec.id });
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rolled back");
         Ok(Response::new(secret_meta(&rec)))
     }
@@ -244,6 +247,7 @@ impl Admin for AdminService {
         let shared = self.shared.clone();
         let shown = name.clone();
         blocking(move || shared.store.delete_secret(&name, caller.name())).await?;
+        self.shared.hub.publish(Change::Access);
         tracing::info!(secret = %shown, "secret deleted");
         Ok(Response::new(v1::Empty {}))
     }
@@ -339,6 +343,7 @@ impl Admin for AdminService {
         let shared = self.shared.clone();
         let shown = name.clone();
         blocking(move || shared.store.remove_client(&name, caller.name())).await?;
+        self.shared.hub.publish(Change::Access);
         tracing::info!(client = %shown, "client removed");
         Ok(Response::new(v1::Empty {}))
     }
@@ -381,6 +386,7 @@ impl Admin for AdminService {
         check_entity_name("group", &name)?;
         let shared = self.shared.clone();
         blocking(move || shared.store.remove_group(&name, caller.name())).await?;
+        self.shared.hub.publish(Change::Access);
         Ok(Response::new(v1::Empty {}))
     }
 
@@ -486,6 +492,7 @@ impl AdminService {
                 .set_group_client(&r.group, &r.client, member, caller.name())
         })
         .await?;
+        self.shared.hub.publish(Change::Access);
         Ok(Response::new(group_info(g)))
     }
 
@@ -510,6 +517,7 @@ impl AdminService {
                 .set_group_secret(&r.group, &r.secret, member, caller.name())
         })
         .await?;
+        self.shared.hub.publish(Change::Access);
         Ok(Response::new(group_info(g)))
     }
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod secrets;
+mod watch;
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ pub use secrets::SecretsService;
 
 use crate::envelope::MasterKey;
 use crate::error::Error;
+use crate::hub::Hub;
 use crate::pki::Ca;
 use crate::store::{AccessRecord, AuditEntry, ClientRecord, SecretRecord, Store};
 use crate::tls::PeerInfo;
@@ -25,6 +27,7 @@ pub struct Shared {
     pub ca: Ca,
     pub trust_domain: String,
     pub max_secret_size: usize,
+    pub hub: Hub,
 }
 
 /// An authenticated caller.

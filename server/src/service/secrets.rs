@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use secretfs_proto::v1::{self, secrets_server::Secrets};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{access_entries, blocking, secret_meta, Shared};
@@ -27,6 +28,19 @@ const MAX_NAMES: usize = 10_000;
 
 #[tonic::async_trait]
 impl Secrets for SecretsService {
+    type WatchStream = ReceiverStream<Result<v1::WatchEvent, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = self.shared.authenticate(&req).await?;
+        let held = super::watch::parse_known(req.into_inner().known)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(super::watch::run(self.shared.clone(), caller, held, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn who_am_i(
         &self,
         req: Request<v1::Empty>,

@@ -128,6 +128,9 @@ pub struct AuditFilter {
 pub type SealFn<'a> = &'a mut dyn FnMut(u64, u64) -> Result<Sealed, Error>;
 
 pub trait Store: Send + Sync + 'static {
+    /// The change counter: bumped by every change, never decreasing.
+    fn revision(&self) -> Result<u64, Error>;
+
     // -- server metadata (key check, trust domain)
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error>;

@@ -11,7 +11,8 @@ use super::*;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how
 /// many ran. Append only: never edit a released step.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -91,7 +92,17 @@ CREATE INDEX audit_by_time ON audit(at_ms);
 CREATE INDEX audit_by_secret ON audit(secret, at_ms);
 CREATE INDEX audit_by_actor ON audit(actor, at_ms);
 CREATE INDEX audit_by_client ON audit(client, at_ms);
-"#];
+"#,
+    r#"
+-- A server-wide change counter, bumped in the same transaction as every
+-- change, so Watch events can be ordered across restarts.
+CREATE TABLE revision (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value INTEGER NOT NULL
+);
+INSERT INTO revision (id, value) VALUES (1, 0);
+"#,
+];
 
 const SECRET_COLUMNS: &str = "s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, \
      s.expires_at, s.current_version, s.version_count, s.created_at, s.updated_at, v.size, v.created_at";
@@ -249,6 +260,13 @@ fn audit(tx: &Transaction<'_>, e: &AuditEntry) -> Result<(), Error> {
     Ok(())
 }
 
+/// Audits a change and bumps the revision, in the caller's transaction.
+fn record_change(tx: &Transaction<'_>, e: &AuditEntry) -> Result<(), Error> {
+    audit(tx, e)?;
+    tx.execute("UPDATE revision SET value = value + 1 WHERE id = 1", [])?;
+    Ok(())
+}
+
 fn change(actor: &str, action: &str) -> AuditEntry {
     AuditEntry {
         actor: actor.to_owned(),
@@ -357,6 +375,16 @@ fn client_record(tx: &Transaction<'_>, name: &str) -> Result<ClientRecord, Error
 }
 
 impl Store for SqliteStore {
+    fn revision(&self) -> Result<u64, Error> {
+        self.read(|tx| {
+            Ok(
+                tx.query_row("SELECT value FROM revision WHERE id = 1", [], |r| {
+                    r.get::<_, i64>(0)
+                })? as u64,
+            )
+        })
+    }
+
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
         self.read(|tx| {
             Ok(tx
@@ -410,7 +438,7 @@ impl Store for SqliteStore {
             let id = tx.last_insert_rowid();
             let sealed = seal(id as u64, 1)?;
             insert_version(tx, id, 1, new.size, actor, &sealed)?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     secret: Some(new.name.clone()),
@@ -438,7 +466,7 @@ impl Store for SqliteStore {
                 "UPDATE secrets SET current_version = ?2, version_count = ?2, updated_at = ?3 WHERE id = ?1",
                 params![current.id as i64, version as i64, now_s()],
             )?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     secret: Some(name.to_owned()),
@@ -473,7 +501,7 @@ impl Store for SqliteStore {
                 "UPDATE secrets SET current_version = ?2, updated_at = ?3 WHERE id = ?1",
                 params![current.id as i64, version as i64, now_s()],
             )?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     secret: Some(name.to_owned()),
@@ -490,7 +518,7 @@ impl Store for SqliteStore {
         self.write(|tx| {
             let id = id_by_name(tx, "secrets", "secret", name)?;
             tx.execute("DELETE FROM secrets WHERE id = ?1", [id])?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     secret: Some(name.to_owned()),
@@ -552,7 +580,7 @@ impl Store for SqliteStore {
                     params![id, serial, not_after, now],
                 )?;
             }
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     client: Some(new.name.clone()),
@@ -586,7 +614,7 @@ impl Store for SqliteStore {
         self.write(|tx| {
             let id = id_by_name(tx, "clients", "client", name)?;
             tx.execute("DELETE FROM clients WHERE id = ?1", [id])?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     client: Some(name.to_owned()),
@@ -621,7 +649,7 @@ impl Store for SqliteStore {
                 Err(e) if is_unique_violation(&e) => return Err(Error::exists("group", name)),
                 other => other?,
             };
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     group: Some(name.to_owned()),
@@ -651,7 +679,7 @@ impl Store for SqliteStore {
         self.write(|tx| {
             let id = id_by_name(tx, "groups", "group", name)?;
             tx.execute("DELETE FROM groups WHERE id = ?1", [id])?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     group: Some(name.to_owned()),
@@ -683,7 +711,7 @@ impl Store for SqliteStore {
                 )
             };
             let changed = tx.execute(sql, params![gid, cid])?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     group: Some(group.to_owned()),
@@ -722,7 +750,7 @@ impl Store for SqliteStore {
                 )
             };
             let changed = tx.execute(sql, params![gid, sid])?;
-            audit(
+            record_change(
                 tx,
                 &AuditEntry {
                     group: Some(group.to_owned()),

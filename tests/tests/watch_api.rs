@@ -1,0 +1,290 @@
+//! `Secrets.Watch` at the gRPC level, against the real server: what a
+//! watcher receives, and that watchers never hold up writers or shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use secretfs_proto::v1::{self, secrets_client::SecretsClient};
+use tonic::Code;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn client(s: &TestServer, who: &Identity) -> SecretsClient<tonic::transport::Channel> {
+    let config = secretfs_proto::ConnectConfig {
+        server: s.url(),
+        ca_pem: std::fs::read(s.state.join("ca.pem")).unwrap(),
+        cert_pem: std::fs::read(&who.cert).unwrap(),
+        key_pem: std::fs::read(&who.key).unwrap(),
+        connect_timeout: Duration::from_secs(10),
+    };
+    SecretsClient::new(secretfs_proto::connect(&config).await.unwrap())
+}
+
+type Events = tonic::Streaming<v1::WatchEvent>;
+
+async fn next(stream: &mut Events) -> Result<v1::WatchEvent, tonic::Status> {
+    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+        Ok(Ok(Some(e))) => Ok(e),
+        Ok(Ok(None)) => Err(tonic::Status::cancelled("stream ended")),
+        Ok(Err(status)) => Err(status),
+        Err(_) => panic!("no watch event within 10 s"),
+    }
+}
+
+fn upserted(e: &v1::WatchEvent) -> Vec<(String, u64, Vec<u8>)> {
+    e.upserts
+        .iter()
+        .map(|u| {
+            let m = u.meta.as_ref().unwrap();
+            (m.name.clone(), m.current_version, u.content.clone())
+        })
+        .collect()
+}
+
+fn setup() -> (TestServer, Identity) {
+    let s = TestServer::start();
+    s.add_secret("a", b"a1");
+    s.add_secret("b", b"b1");
+    s.add_secret("c", b"c1");
+    let app = s.add_client("app");
+    s.grant("g", &["app"], &["a", "b"]);
+    (s, app)
+}
+
+#[test]
+fn watch_sends_the_difference_from_what_the_client_holds() {
+    let (s, app) = setup();
+    rt().block_on(async {
+        let mut c = client(&s, &app).await;
+        // From nothing: everything readable.
+        let mut w = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let first = next(&mut w).await.unwrap();
+        assert!(first.initial);
+        assert_eq!(
+            upserted(&first),
+            [
+                ("a".into(), 1, b"a1".to_vec()),
+                ("b".into(), 1, b"b1".to_vec())
+            ]
+        );
+        let ids: Vec<(String, u64)> = first
+            .upserts
+            .iter()
+            .map(|u| {
+                (
+                    u.meta.as_ref().unwrap().name.clone(),
+                    u.meta.as_ref().unwrap().id,
+                )
+            })
+            .collect();
+
+        // Rotation: one upsert with the new content, a higher revision.
+        s.cli_in(&["secret", "rotate", "a"], b"a2").ok();
+        let e = next(&mut w).await.unwrap();
+        assert!(!e.initial);
+        assert_eq!(upserted(&e), [("a".into(), 2, b"a2".to_vec())]);
+        assert!(e.revision > first.revision);
+        // A secret outside the view changes: nothing is sent for it.
+        s.cli_in(&["secret", "rotate", "c"], b"c2").ok();
+        // Rollback, revoke and grant.
+        s.cli(&["secret", "rollback", "a", "--to", "1"]).ok();
+        let e = next(&mut w).await.unwrap();
+        assert_eq!(
+            upserted(&e),
+            [("a".into(), 1, b"a1".to_vec())],
+            "the c rotation must not show"
+        );
+        s.cli(&["group", "remove-secret", "g", "b"]).ok();
+        let e = next(&mut w).await.unwrap();
+        assert_eq!(
+            (upserted(&e), e.removals.clone()),
+            (vec![], vec!["b".to_string()])
+        );
+        s.cli(&["group", "add-secret", "g", "c"]).ok();
+        let e = next(&mut w).await.unwrap();
+        assert_eq!(upserted(&e), [("c".into(), 2, b"c2".to_vec())]);
+        s.cli(&["secret", "delete", "c"]).ok();
+        let e = next(&mut w).await.unwrap();
+        assert_eq!(e.removals, ["c"]);
+        let last = e.revision;
+
+        // Reconnect holding a=1 and a stale b: only the difference comes back.
+        let a_id = ids.iter().find(|(n, _)| n == "a").unwrap().1;
+        let b_id = ids.iter().find(|(n, _)| n == "b").unwrap().1;
+        let known = vec![
+            v1::KnownSecret {
+                name: "a".into(),
+                id: a_id,
+                version: 1,
+            },
+            v1::KnownSecret {
+                name: "b".into(),
+                id: b_id,
+                version: 1,
+            },
+        ];
+        let mut w2 = c
+            .watch(v1::WatchRequest {
+                known,
+                since_revision: last,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let e = next(&mut w2).await.unwrap();
+        assert!(e.initial);
+        assert!(e.upserts.is_empty(), "a is current and must not be resent");
+        assert_eq!(e.removals, ["b"]);
+        assert!(e.revision >= last);
+
+        // Every delivered content is audited as a read.
+        let audit = s
+            .cli(&["audit", "--client", "app", "--secret", "a", "-o", "json"])
+            .ok()
+            .json();
+        let reads = audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "secret.read")
+            .count();
+        assert_eq!(reads, 3, "{audit}");
+    });
+}
+
+#[test]
+fn removing_the_client_ends_its_watch_with_permission_denied() {
+    let (s, app) = setup();
+    rt().block_on(async {
+        let mut c = client(&s, &app).await;
+        let mut w = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut w).await.unwrap();
+        s.cli(&["client", "remove", "app"]).ok();
+        let end = next(&mut w).await.expect_err("the stream must end");
+        assert_eq!(end.code(), Code::PermissionDenied, "{end:?}");
+        assert!(end.message().contains("was removed"), "{end:?}");
+        // And a new Watch is refused at once.
+        let err = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .expect_err("removed client");
+        assert_eq!(err.code(), Code::Unauthenticated);
+    });
+}
+
+#[test]
+fn a_stalled_watcher_never_holds_up_rotations_or_other_watchers() {
+    let (s, app) = setup();
+    rt().block_on(async {
+        let mut c = client(&s, &app).await;
+        // This watcher never reads past its first event.
+        let _stalled = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut live = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut live).await.unwrap();
+        // Large values so the stalled stream's buffers fill up.
+        let big = |i: usize| format!("{i:06}-").repeat(100_000 / 7).into_bytes();
+        let admin = s.admin.clone();
+        let state = s.state.clone();
+        let url = s.url();
+        let rotations = 60;
+        tokio::task::spawn_blocking(move || {
+            for i in 0..rotations {
+                let mut cmd = std::process::Command::new(bin());
+                cmd.env("SECRETFS_SERVER", &url)
+                    .env("SECRETFS_CA", state.join("ca.pem"))
+                    .env("SECRETFS_CERT", &admin.cert)
+                    .env("SECRETFS_KEY", &admin.key)
+                    .args(["secret", "rotate", "a"]);
+                run_cmd(cmd, Some(&big(i))).ok();
+            }
+        })
+        .await
+        .unwrap();
+        // The live watcher converges on the last version.
+        let want = big(rotations - 1);
+        loop {
+            let e = next(&mut live).await.unwrap();
+            if e.upserts.iter().any(|u| u.content == want) {
+                break;
+            }
+        }
+    });
+}
+
+#[test]
+fn shutdown_is_not_held_up_by_open_watches() {
+    let (mut s, app) = setup();
+    rt().block_on(async {
+        let mut c = client(&s, &app).await;
+        let mut w = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut w).await.unwrap();
+        assert_eq!(s.stop(), 0, "graceful stop with a watch open");
+        let end = next(&mut w).await.expect_err("the stream must end");
+        assert!(
+            matches!(
+                end.code(),
+                Code::Unavailable | Code::Cancelled | Code::Unknown
+            ),
+            "{end:?}"
+        );
+    });
+}
+
+#[test]
+fn revisions_survive_a_restart() {
+    let (mut s, app) = setup();
+    let rt = rt();
+    let before = rt.block_on(async {
+        let mut c = client(&s, &app).await;
+        let mut w = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut w).await.unwrap().revision
+    });
+    assert_eq!(s.stop(), 0);
+    s.restart_on("127.0.0.1:0");
+    s.cli_in(&["secret", "rotate", "a"], b"a-after").ok();
+    rt.block_on(async {
+        let mut c = client(&s, &app).await;
+        let mut w = c
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let e = next(&mut w).await.unwrap();
+        assert!(
+            e.revision > before,
+            "revision went from {before} to {}",
+            e.revision
+        );
+    });
+}
