@@ -1070,6 +1070,37 @@ mod tests {
     }
 
     #[test]
+    fn every_change_bumps_the_revision_and_nothing_else_does() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        let r0 = s.revision().unwrap();
+        add(&s, "x");
+        let r1 = s.revision().unwrap();
+        assert_eq!(r1, r0 + 1);
+        s.rotate_secret("x", 1, "a", &mut |_, _| Ok(sealed(3)))
+            .unwrap();
+        let web = client(&s, "web");
+        s.create_group("g", "", "a").unwrap();
+        s.set_group_client("g", "web", true, "a").unwrap();
+        let r2 = s.revision().unwrap();
+        assert_eq!(r2, r1 + 4);
+        // Reads, audit of reads and failed changes leave it alone.
+        s.read_sealed(web.id, &[]).unwrap();
+        s.append_audit(&[AuditEntry {
+            actor: "web".into(),
+            action: "secret.read".into(),
+            ..Default::default()
+        }])
+        .unwrap();
+        assert!(s
+            .rotate_secret("missing", 1, "a", &mut |_, _| Ok(sealed(1)))
+            .is_err());
+        assert!(s
+            .rotate_secret("x", 1, "a", &mut |_, _| Err(Error::Crypto("boom")))
+            .is_err());
+        assert_eq!(s.revision().unwrap(), r2);
+    }
+
+    #[test]
     fn migrations_are_recorded_and_rerun_safely() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
