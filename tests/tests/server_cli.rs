@@ -605,3 +605,35 @@ fn sigterm_stops_the_server_gracefully() {
     assert_eq!(s.stop(), 0);
     assert!(s.log().contains("server stopped"), "{}", s.log());
 }
+
+#[test]
+fn an_unwritable_database_stops_the_server_with_a_clear_message() {
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root to make a read-only mount"
+    );
+    let mut s = TestServer::start();
+    s.add_secret("a", b"x");
+    assert_eq!(s.stop(), 0);
+    // The state directory on a read-only filesystem.
+    let ro = s.tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let sh = |script: &str| {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(script);
+        run_cmd(cmd, None).ok();
+    };
+    sh(&format!(
+        "mount -t tmpfs tmpfs {0} && cp -a {1} {0}/state && mount -o remount,ro {0}",
+        ro.display(),
+        s.state.display()
+    ));
+    let mut cmd = Command::new(bin());
+    cmd.args(["server", "run", "--state-dir"])
+        .arg(ro.join("state"))
+        .args(["--listen", "127.0.0.1:0"]);
+    let r = run_cmd(cmd, None);
+    sh(&format!("umount {}", ro.display()));
+    r.fails(1, "the database is not writable");
+}
