@@ -7,12 +7,15 @@
 //! - `identity`: the identity inside a client certificate (SPIFFE id or CN).
 //! - `service`: the `Admin` and `Secrets` gRPC services, authentication and
 //!   access checks, audit of reads and denials.
+//! - `audit_log`: group commit of audit entries (reads are audited before
+//!   content leaves the server).
 //! - `hub`: fan-out of change hints to `Secrets.Watch` streams.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`store`]: the storage trait and its SQLite implementation.
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
 //! - [`names`]: the rules for secret, client and group names.
 
+mod audit_log;
 pub mod envelope;
 mod error;
 mod hub;

@@ -37,6 +37,9 @@ pub struct RunOptions {
 /// A server that has checked its state and bound its port, ready to serve.
 pub struct Server {
     listener: TcpListener,
+    /// Ends once every handle to the shared state is gone; joined at
+    /// shutdown so the database is closed (and checkpointed) cleanly.
+    audit_thread: std::thread::JoinHandle<()>,
     shared: Arc<Shared>,
     tls: Arc<rustls::ServerConfig>,
 }
@@ -97,10 +100,15 @@ impl Server {
                 "running as root: the server needs no privilege; run it as a dedicated user"
             );
         }
+        let store: Arc<dyn Store> = Arc::new(store);
+        let (audit, audit_thread) = crate::audit_log::AuditLog::start(store.clone());
         Ok(Server {
             listener,
+            audit_thread,
             shared: Arc::new(Shared {
-                store: Arc::new(store),
+                audit,
+                recent: Default::default(),
+                store,
                 master,
                 ca,
                 trust_domain,
@@ -152,6 +160,14 @@ impl Server {
             })
             .await
             .map_err(|e| Error::Config(format!("the server stopped: {e}")))?;
+        drop(self.shared);
+        // Watch tasks still finishing hold the shared state for a moment;
+        // do not wait on them for long.
+        let audit_thread = self.audit_thread;
+        let joined = tokio::task::spawn_blocking(move || audit_thread.join());
+        if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+            tracing::warn!("the database was not closed within 5 s; it is consistent either way (WAL)");
+        }
         tracing::info!("secretfs server stopped");
         Ok(())
     }

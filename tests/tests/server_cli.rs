@@ -615,7 +615,9 @@ fn an_unwritable_database_stops_the_server_with_a_clear_message() {
     );
     let mut s = TestServer::start();
     s.add_secret("a", b"x");
-    assert_eq!(s.stop(), 0);
+    // Killed, so the WAL files stay: SQLite would then open read-only
+    // without a word if the server did not check.
+    s.kill9();
     // The state directory on a read-only filesystem.
     let ro = s.tmp.path().join("ro");
     std::fs::create_dir(&ro).unwrap();

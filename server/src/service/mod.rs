@@ -5,7 +5,8 @@ mod admin;
 mod secrets;
 mod watch;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use secretfs_proto::v1;
 use tonic::{Request, Status};
@@ -13,7 +14,8 @@ use tonic::{Request, Status};
 pub use admin::AdminService;
 pub use secrets::SecretsService;
 
-use crate::envelope::MasterKey;
+use crate::audit_log::AuditLog;
+use crate::envelope::{MasterKey, Plaintext};
 use crate::error::Error;
 use crate::hub::Hub;
 use crate::pki::Ca;
@@ -28,6 +30,10 @@ pub struct Shared {
     pub trust_domain: String,
     pub max_secret_size: usize,
     pub hub: Hub,
+    pub audit: AuditLog,
+    /// Recently decrypted versions, shared by Watch streams so a rotation
+    /// seen by many watchers is decrypted once.
+    pub recent: Mutex<HashMap<(u64, u64), Arc<Plaintext>>>,
 }
 
 /// An authenticated caller.

@@ -84,7 +84,7 @@ impl Secrets for SecretsService {
             check_secret_name(n)?;
         }
         let shared = self.shared.clone();
-        let secrets = blocking(move || {
+        let (secrets, audit) = blocking(move || {
             let actor = caller.client.name.clone();
             let (found, denied) = shared.store.read_sealed(caller.client.id, &names)?;
             if !denied.is_empty() {
@@ -146,10 +146,11 @@ impl Secrets for SecretsService {
                     content: plain.into_vec(),
                 });
             }
-            shared.store.append_audit(&audit)?;
-            Ok(out)
+            Ok((out, audit))
         })
         .await?;
+        // Audited (group commit) before the content leaves the server.
+        self.shared.audit.append(audit).await?;
         Ok(Response::new(v1::ReadSecretsResponse { secrets }))
     }
 }

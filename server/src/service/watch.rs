@@ -54,8 +54,15 @@ pub async fn run(
     let mut initial = true;
     let name = caller.client.name.clone();
     tracing::debug!(client = %name, "watch started");
+    // Secrets rotated or rolled back since the last event; `None` means
+    // "recompute the whole view".
+    let mut only: Option<Vec<u64>> = None;
     loop {
-        match delta(&shared, &caller, &mut held, initial).await {
+        let result = match only.take() {
+            Some(ids) => rotated(&shared, &caller, &mut held, &ids).await,
+            None => delta(&shared, &caller, &mut held, initial).await,
+        };
+        match result {
             Ok(Some(event)) => {
                 if tx.send(Ok(event)).await.is_err() {
                     break;
@@ -72,6 +79,7 @@ pub async fn run(
         // burst of changes costs one recomputation.
         let mut relevant = false;
         let mut access = false;
+        let mut ids = Vec::new();
         while !relevant {
             let first = tokio::select! {
                 r = changes.recv() => r,
@@ -81,20 +89,34 @@ pub async fn run(
                 }
                 _ = tx.closed() => return,
             };
-            let mut next = Some(first);
+            let mut next = Some(first.map_err(Lag::from));
             while let Some(r) = next {
                 match r {
                     Ok(Change::Secret { id }) => {
-                        relevant |= held.values().any(|(held_id, _)| *held_id == id)
+                        if held.values().any(|(held_id, _)| *held_id == id) {
+                            relevant = true;
+                            if !ids.contains(&id) {
+                                ids.push(id);
+                            }
+                        }
                     }
-                    Ok(Change::Access) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed changes: we cannot know which, recompute all.
+                    Ok(Change::Access) | Err(Lag::Lagged) => {
                         relevant = true;
                         access = true;
                     }
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    Err(Lag::Closed) => return,
                 }
-                next = changes.try_recv().ok().map(Ok);
+                next = match changes.try_recv() {
+                    Ok(c) => Some(Ok(c)),
+                    Err(broadcast::error::TryRecvError::Empty) => None,
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => Some(Err(Lag::Lagged)),
+                    Err(broadcast::error::TryRecvError::Closed) => Some(Err(Lag::Closed)),
+                };
             }
+        }
+        if !access {
+            only = Some(ids);
         }
         if access {
             if let Err(status) = still_allowed(&shared, &caller).await {
@@ -105,6 +127,20 @@ pub async fn run(
         }
     }
     tracing::debug!(client = %name, "watch ended");
+}
+
+enum Lag {
+    Lagged,
+    Closed,
+}
+
+impl From<broadcast::error::RecvError> for Lag {
+    fn from(e: broadcast::error::RecvError) -> Lag {
+        match e {
+            broadcast::error::RecvError::Lagged(_) => Lag::Lagged,
+            broadcast::error::RecvError::Closed => Lag::Closed,
+        }
+    }
 }
 
 /// A removed or disabled client's stream ends at once.
@@ -135,7 +171,8 @@ async fn delta(
     let client_id = caller.client.id;
     let actor = caller.client.name.clone();
     let snapshot: Held = held.clone();
-    let (event, now_held) = blocking(move || {
+    let audit_log = shared.audit.clone();
+    let (event, now_held, audit) = blocking(move || {
         // Read the revision first: the view read after it is at least as new.
         let revision = shared.store.revision()?;
         let view = shared.store.readable_secrets(client_id)?;
@@ -154,6 +191,7 @@ async fn delta(
             now_held.remove(r);
         }
         let mut upserts = Vec::with_capacity(changed.len());
+        let mut audit = Vec::with_capacity(changed.len());
         if !changed.is_empty() {
             let (found, gone) = shared.store.read_sealed(client_id, &changed)?;
             // Deleted or revoked between the two reads.
@@ -162,7 +200,6 @@ async fn delta(
                     removals.push(g);
                 }
             }
-            let mut audit = Vec::with_capacity(found.len());
             for s in found {
                 let binding = Binding {
                     secret_id: s.record.id,
@@ -172,22 +209,13 @@ async fn delta(
                 let plain = shared.master.open(binding, &s.sealed).inspect_err(|_| {
                     tracing::error!(secret = %s.record.name, version = s.record.current_version, "integrity check failed");
                 })?;
-                audit.push(AuditEntry {
-                    actor: actor.clone(),
-                    action: "secret.read".into(),
-                    secret: Some(s.record.name.clone()),
-                    version: Some(s.record.current_version),
-                    allowed: true,
-                    detail: "watch".into(),
-                    ..Default::default()
-                });
+                audit.push(read_entry(&actor, &s.record.name, s.record.current_version));
                 now_held.insert(s.record.name.clone(), (s.record.id, s.record.current_version));
                 upserts.push(v1::SecretContent {
                     meta: Some(secret_meta(&s.record)),
                     content: plain.into_vec(),
                 });
             }
-            shared.store.append_audit(&audit)?;
         }
         removals.sort();
         Ok((
@@ -198,12 +226,109 @@ async fn delta(
                 removals,
             },
             now_held,
+            audit,
         ))
     })
     .await?;
+    // Audited before the content leaves the server.
+    audit_log.append(audit).await?;
     *held = now_held;
     if !initial && event.upserts.is_empty() && event.removals.is_empty() {
         return Ok(None);
     }
     Ok(Some(event))
+}
+
+fn read_entry(actor: &str, name: &str, version: u64) -> AuditEntry {
+    AuditEntry {
+        actor: actor.to_owned(),
+        action: "secret.read".into(),
+        secret: Some(name.to_owned()),
+        version: Some(version),
+        allowed: true,
+        detail: "watch".into(),
+        ..Default::default()
+    }
+}
+
+/// The fast path after rotations or rollbacks (grants unchanged): fetch just
+/// those secrets, re-checking in the same read that the client may still
+/// read them, and decrypt each version once for all watchers.
+async fn rotated(
+    shared: &Arc<Shared>,
+    caller: &Caller,
+    held: &mut Held,
+    ids: &[u64],
+) -> Result<Option<v1::WatchEvent>, Status> {
+    let shared2 = shared.clone();
+    let client_id = caller.client.id;
+    let actor = caller.client.name.clone();
+    let ids = ids.to_vec();
+    let snapshot = held.clone();
+    let (event, updates, audit) = blocking(move || {
+        let revision = shared2.store.revision()?;
+        let mut upserts = Vec::new();
+        let mut updates = Vec::new();
+        let mut audit = Vec::new();
+        for id in ids {
+            let Some(s) = shared2.store.read_one_for_client(client_id, id)? else {
+                // Lost access in between: the Access hint that follows
+                // recomputes the whole view and removes it.
+                continue;
+            };
+            let version = s.record.current_version;
+            if snapshot.get(&s.record.name) == Some(&(s.record.id, version)) {
+                continue;
+            }
+            let plain = decrypt_shared(&shared2, &s)?;
+            audit.push(read_entry(&actor, &s.record.name, version));
+            updates.push((s.record.name.clone(), (s.record.id, version)));
+            upserts.push(v1::SecretContent {
+                meta: Some(secret_meta(&s.record)),
+                content: plain.as_bytes().to_vec(),
+            });
+        }
+        Ok((
+            v1::WatchEvent {
+                revision,
+                initial: false,
+                upserts,
+                removals: Vec::new(),
+            },
+            updates,
+            audit,
+        ))
+    })
+    .await?;
+    if event.upserts.is_empty() {
+        return Ok(None);
+    }
+    shared.audit.append(audit).await?;
+    held.extend(updates);
+    Ok(Some(event))
+}
+
+/// How many decrypted versions the shared cache keeps.
+const RECENT_MAX: usize = 64;
+
+fn decrypt_shared(shared: &Shared, s: &crate::store::SealedSecret) -> Result<Arc<crate::envelope::Plaintext>, Error> {
+    let key = (s.record.id, s.record.current_version);
+    if let Some(p) = shared.recent.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(p.clone());
+    }
+    let binding = Binding {
+        secret_id: s.record.id,
+        name: &s.record.name,
+        version: s.record.current_version,
+    };
+    let plain = Arc::new(shared.master.open(binding, &s.sealed).inspect_err(|_| {
+        tracing::error!(secret = %s.record.name, version = s.record.current_version, "integrity check failed");
+    })?);
+    let mut recent = shared.recent.lock().unwrap_or_else(|e| e.into_inner());
+    if recent.len() >= RECENT_MAX {
+        // Dropping wipes them (Plaintext zeroizes).
+        recent.clear();
+    }
+    recent.insert(key, plain.clone());
+    Ok(plain)
 }

@@ -203,6 +203,10 @@ pub trait Store: Send + Sync + 'static {
         names: &[String],
     ) -> Result<(Vec<SealedSecret>, Vec<String>), Error>;
 
+    /// The secret's current sealed content, if the client can read it (one
+    /// read transaction; the Watch fast path after a rotation).
+    fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>, Error>;
+
     // -- audit
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), Error>;
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, Error>;

@@ -144,6 +144,12 @@ impl SqliteStore {
     }
 
     fn setup(mut conn: Connection) -> Result<Self, Error> {
+        // SQLite falls back to read-only without a word when it cannot
+        // write (read-only filesystem, permissions): refuse at start rather
+        // than fail on the first change.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Err(Error::ReadOnly("SQLite could open it only read-only".into()));
+        }
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL + FULL: a commit that returned is on disk, and readers never
         // block the writer. secure_delete overwrites freed pages (they only
@@ -832,6 +838,28 @@ impl Store for SqliteStore {
                 out.push(SealedSecret { record, sealed });
             }
             Ok((out, denied))
+        })
+    }
+
+    fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>, Error> {
+        self.read(|tx| {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
+                  WHERE s.id = ?2 AND EXISTS (
+                        SELECT 1 FROM group_clients gc JOIN group_secrets gs ON gs.group_id = gc.group_id
+                         WHERE gc.client_id = ?1 AND gs.secret_id = ?2)"
+            ))?;
+            Ok(stmt
+                .query_row(params![client_id as i64, secret_id as i64], |r| {
+                    Ok(SealedSecret {
+                        record: secret_from_row(r)?,
+                        sealed: Sealed {
+                            wrapped_key: r.get(14)?,
+                            ciphertext: r.get(15)?,
+                        },
+                    })
+                })
+                .optional()?)
         })
     }
 
