@@ -89,7 +89,12 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
-        let all = store.query_audit(&AuditFilter { limit: 1000, ..Default::default() }).unwrap();
+        let all = store
+            .query_audit(&AuditFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(all.len(), 200);
     }
 }

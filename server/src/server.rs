@@ -108,6 +108,7 @@ impl Server {
             shared: Arc::new(Shared {
                 audit,
                 recent: Default::default(),
+                auth_cache: Default::default(),
                 store,
                 master,
                 ca,
@@ -165,8 +166,13 @@ impl Server {
         // do not wait on them for long.
         let audit_thread = self.audit_thread;
         let joined = tokio::task::spawn_blocking(move || audit_thread.join());
-        if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
-            tracing::warn!("the database was not closed within 5 s; it is consistent either way (WAL)");
+        if tokio::time::timeout(Duration::from_secs(5), joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the database was not closed within 5 s; it is consistent either way (WAL)"
+            );
         }
         tracing::info!("secretfs server stopped");
         Ok(())

@@ -290,6 +290,7 @@ impl Admin for AdminService {
             Ok((client, issued.map(|i| i.cert_pem).unwrap_or_default()))
         })
         .await?;
+        self.shared.clients_changed();
         tracing::info!(client = %client.name, admin = client.admin, "client created");
         Ok(Response::new(v1::CreateClientResponse {
             client: Some(client_info(&client)),
@@ -343,6 +344,7 @@ impl Admin for AdminService {
         let shared = self.shared.clone();
         let shown = name.clone();
         blocking(move || shared.store.remove_client(&name, caller.name())).await?;
+        self.shared.clients_changed();
         self.shared.hub.publish(Change::Access);
         tracing::info!(client = %shown, "client removed");
         Ok(Response::new(v1::Empty {}))

@@ -34,7 +34,13 @@ pub struct Shared {
     /// Recently decrypted versions, shared by Watch streams so a rotation
     /// seen by many watchers is decrypted once.
     pub recent: Mutex<HashMap<(u64, u64), Arc<Plaintext>>>,
+    /// Authenticated (client name, certificate serial) pairs. Only this
+    /// server adds or removes clients, and it clears the cache when it does
+    /// (`clients_changed`), so a removal still takes effect at once.
+    pub auth_cache: Mutex<HashMap<(String, String), ClientRecord>>,
 }
+
+const AUTH_CACHE_MAX: usize = 10_000;
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
@@ -75,9 +81,20 @@ impl Shared {
             Ok(p) => p.clone(),
             Err(why) => return Err(Status::unauthenticated(why.clone())),
         };
+        let key = (peer.name.clone(), peer.serial.clone());
+        if let Some(client) = self
+            .auth_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(Caller {
+                client: client.clone(),
+            });
+        }
         let this = self.clone();
         let remote = info.remote.map(|r| r.to_string()).unwrap_or_default();
-        blocking(move || {
+        let caller = blocking(move || {
             let deny = |detail: String, err: Error| -> Result<Caller, Error> {
                 this.store.append_audit(&[AuditEntry {
                     actor: peer.name.clone(),
@@ -120,7 +137,22 @@ impl Shared {
             }
             Ok(Caller { client })
         })
-        .await
+        .await?;
+        let mut cache = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= AUTH_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, caller.client.clone());
+        Ok(caller)
+    }
+
+    /// Clients were added or removed: forget every cached authentication,
+    /// so a removed client is refused on its very next call.
+    pub fn clients_changed(&self) {
+        self.auth_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// As `authenticate`, and the caller must hold the admin role.

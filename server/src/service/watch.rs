@@ -311,9 +311,17 @@ async fn rotated(
 /// How many decrypted versions the shared cache keeps.
 const RECENT_MAX: usize = 64;
 
-fn decrypt_shared(shared: &Shared, s: &crate::store::SealedSecret) -> Result<Arc<crate::envelope::Plaintext>, Error> {
+fn decrypt_shared(
+    shared: &Shared,
+    s: &crate::store::SealedSecret,
+) -> Result<Arc<crate::envelope::Plaintext>, Error> {
     let key = (s.record.id, s.record.current_version);
-    if let Some(p) = shared.recent.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+    if let Some(p) = shared
+        .recent
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+    {
         return Ok(p.clone());
     }
     let binding = Binding {

@@ -205,7 +205,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The secret's current sealed content, if the client can read it (one
     /// read transaction; the Watch fast path after a rotation).
-    fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>, Error>;
+    fn read_one_for_client(
+        &self,
+        client_id: u64,
+        secret_id: u64,
+    ) -> Result<Option<SealedSecret>, Error>;
 
     // -- audit
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), Error>;

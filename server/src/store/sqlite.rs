@@ -148,7 +148,9 @@ impl SqliteStore {
         // write (read-only filesystem, permissions): refuse at start rather
         // than fail on the first change.
         if conn.is_readonly(rusqlite::MAIN_DB)? {
-            return Err(Error::ReadOnly("SQLite could open it only read-only".into()));
+            return Err(Error::ReadOnly(
+                "SQLite could open it only read-only".into(),
+            ));
         }
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL + FULL: a commit that returned is on disk, and readers never
@@ -841,7 +843,11 @@ impl Store for SqliteStore {
         })
     }
 
-    fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>, Error> {
+    fn read_one_for_client(
+        &self,
+        client_id: u64,
+        secret_id: u64,
+    ) -> Result<Option<SealedSecret>, Error> {
         self.read(|tx| {
             let mut stmt = tx.prepare_cached(&format!(
                 "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
