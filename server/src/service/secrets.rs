@@ -23,6 +23,9 @@ impl SecretsService {
     }
 }
 
+/// The most refusals one report may carry.
+const MAX_REFUSALS: usize = 1000;
+
 /// The most names one ReadSecrets call may list.
 const MAX_NAMES: usize = 10_000;
 
@@ -39,6 +42,54 @@ impl Secrets for SecretsService {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(super::watch::run(self.shared.clone(), caller, held, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn report_refusals(
+        &self,
+        req: Request<v1::ReportRefusalsRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        let caller = self.shared.authenticate(&req).await?;
+        let refusals = req.into_inner().refusals;
+        if refusals.len() > MAX_REFUSALS {
+            return Err(Error::InvalidArgument(format!(
+                "at most {MAX_REFUSALS} refusals per report"
+            ))
+            .into());
+        }
+        let clip = |s: &str, n: usize| {
+            s.chars()
+                .take(n)
+                .collect::<String>()
+                .escape_debug()
+                .to_string()
+        };
+        let entries = refusals
+            .iter()
+            .map(|r| AuditEntry {
+                at_ms: if r.at_ms > 0 { r.at_ms } else { 0 },
+                actor: caller.client.name.clone(),
+                action: "mount.refused".into(),
+                // Only a valid secret name goes in the secret column, so
+                // `audit --secret` stays meaningful.
+                secret: check_secret_name(&r.path).ok().map(|_| r.path.clone()),
+                allowed: false,
+                detail: format!(
+                    "pid {} uid {} cgroup {}{}: {}",
+                    r.pid,
+                    r.uid,
+                    clip(&r.cgroup, 512),
+                    if check_secret_name(&r.path).is_ok() {
+                        String::new()
+                    } else {
+                        format!(" path {}", clip(&r.path, 256))
+                    },
+                    clip(&r.reason, 256)
+                ),
+                ..Default::default()
+            })
+            .collect();
+        self.shared.audit.append(entries).await?;
+        Ok(Response::new(v1::Empty {}))
     }
 
     async fn who_am_i(
