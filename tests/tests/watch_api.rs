@@ -288,3 +288,34 @@ fn revisions_survive_a_restart() {
         );
     });
 }
+
+#[test]
+fn refusals_reported_by_a_mount_reach_the_audit_log() {
+    let (s, app) = setup();
+    rt().block_on(async {
+        let mut c = client(&s, &app).await;
+        let refusal = |pid: u32, path: &str| v1::Refusal {
+            at_ms: 0,
+            pid,
+            uid: 1000,
+            cgroup: "0::/user.slice/other".into(),
+            path: path.into(),
+            reason: "not in container web".into(),
+        };
+        c.report_refusals(v1::ReportRefusalsRequest {
+            refusals: vec![refusal(4242, "a"), refusal(4243, ".secretfs/status")],
+        })
+        .await
+        .unwrap();
+        let too_many = v1::ReportRefusalsRequest { refusals: (0..1001).map(|i| refusal(i, "a")).collect() };
+        let err = c.report_refusals(too_many).await.expect_err("over the limit");
+        assert_eq!(err.code(), Code::InvalidArgument);
+    });
+    let audit = s.cli(&["audit", "--client", "app", "-o", "json"]).ok().json();
+    let refused: Vec<_> = audit.as_array().unwrap().iter().filter(|e| e["action"] == "mount.refused").collect();
+    assert_eq!(refused.len(), 2, "{audit}");
+    assert_eq!(refused[0]["secret"], "a");
+    assert_eq!(refused[0]["allowed"], false);
+    assert!(refused[0]["detail"].as_str().unwrap().contains("pid 4242 uid 1000"), "{audit}");
+    assert!(refused[1]["detail"].as_str().unwrap().contains("path .secretfs/status"), "{audit}");
+}
