@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of secretfs on a fresh machine: installs what the
-# end-to-end tests need (runc and busybox-static for real containers, fuse3)
+# end-to-end tests need (runc and busybox-static for real containers, fuse3,
+# systemd for `systemd-analyze verify` of the shipped units)
 # when it is missing, then runs the whole workspace's tests.
 # FUSE and container tests need root and /dev/fuse; they fail (never skip)
 # without them.
@@ -11,6 +12,7 @@ need=()
 command -v runc >/dev/null || need+=(runc)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "missing packages: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2

@@ -143,12 +143,15 @@ pub struct MountArgs {
     /// Mode of files whose secret sets none (octal).
     #[arg(long, default_value = "0400", value_parser = parse_mode)]
     pub mode: u32,
-    /// Re-sync interval.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    /// Full resync interval, a safety net: changes arrive as they commit over a Watch stream.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub refresh: Duration,
     /// Give up if the first sync has not succeeded by then.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub start_timeout: Duration,
+    /// Fail closed: once cut off from the server longer than this, reads fail with EIO (off by default).
+    #[arg(long, value_parser = parse_duration)]
+    pub max_stale: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

@@ -67,6 +67,8 @@ fn errno(e: FsError) -> Errno {
         FsError::IsDir => Errno::EISDIR,
         FsError::ReadOnly => Errno::EROFS,
         FsError::Stale => Errno::ESTALE,
+        // What a disk that stopped answering gives: readers fail, loudly.
+        FsError::Unavailable => Errno::EIO,
     }
 }
 

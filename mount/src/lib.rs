@@ -12,16 +12,22 @@
 //! - `status`: the JSON at `.secretfs/status`.
 //! - `fuse`: the thin `fuser::Filesystem` adapter over the tree; the only
 //!   place that calls `reply.*`.
-//! - `sync`: the gRPC side (`ListMySecrets`, `ReadSecrets` of changed names).
+//! - `watch`: the pure core of live sync: the mirror of the server's view,
+//!   and the checks every `Watch` event passes before it is applied whole.
+//! - `sync`: the gRPC side: one `Secrets.Watch` stream kept open, with
+//!   backoff, reconnects, the periodic full resync and certificate reload
+//!   (`backoff`, `credentials`).
 //! - `updater`: applies a snapshot or error to the tree, then notifies the
-//!   kernel (outside the tree lock).
+//!   kernel (outside the tree lock); fails closed after `--max-stale`.
 //! - `mount`: mountpoint checks, stale-mount clearing, mount and unmount.
 //! - `static_mount`: [`StaticMount`], a fixed set of secrets mounted through
 //!   the same adapter without a server (end-to-end tests, benchmarks).
 //!
-//! [`run`] ties them together: sync first, mount, refresh until shutdown,
-//! unmount.
+//! [`run`] ties them together: first sync (the Watch's initial event),
+//! mount, apply events until shutdown, unmount.
 
+mod backoff;
+mod credentials;
 mod error;
 mod fuse;
 mod mount;
@@ -32,6 +38,10 @@ mod status;
 mod sync;
 mod tree;
 mod updater;
+mod watch;
+
+mod caller;
+mod privileges;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -42,14 +52,17 @@ use secretfs_proto::channel::ChannelError;
 use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
 
+pub use credentials::CredentialFiles;
 pub use error::MountError;
 pub use static_mount::{StaticMount, StaticSecret};
 
+use crate::credentials::CredentialWatch;
 use crate::snapshot::Snapshot;
 use crate::status::SyncState;
-use crate::sync::{SecretsSource, SyncError};
+use crate::sync::{Live, SecretsSource, SyncError};
 use crate::tree::{Defaults, Tree};
 use crate::updater::Updater;
+use crate::watch::Mirror;
 
 /// How long shutdown waits for open files to close before aborting.
 const UNMOUNT_GRACE: Duration = Duration::from_secs(2);
@@ -66,14 +79,22 @@ pub struct MountOptions {
     pub default_uid: u32,
     pub default_gid: u32,
     pub default_mode: u32,
-    /// Re-sync interval.
+    /// Interval of the full resync, a safety net: changes arrive over the
+    /// Watch stream as they commit.
     pub refresh: Duration,
     /// How long to try for the first sync before giving up.
     pub start_timeout: Duration,
+    /// Once cut off from the server longer than this, secret reads fail
+    /// with EIO until it is back. `None`: serve what is held indefinitely.
+    pub max_stale: Option<Duration>,
+    /// The files `connect`'s certificate and key came from: read again
+    /// when they change, so a renewed certificate needs no remount.
+    pub credentials: Option<CredentialFiles>,
 }
 
 impl MountOptions {
-    /// Defaults: files 0400 owned by root, refresh and start timeout 30 s.
+    /// Defaults: files 0400 owned by root, full resync every 10 min, start
+    /// timeout 30 s, no `max_stale`, no certificate reload.
     pub fn new(mountpoint: impl Into<PathBuf>, connect: ConnectConfig) -> MountOptions {
         MountOptions {
             mountpoint: mountpoint.into(),
@@ -81,8 +102,10 @@ impl MountOptions {
             default_uid: 0,
             default_gid: 0,
             default_mode: 0o400,
-            refresh: Duration::from_secs(30),
+            refresh: Duration::from_secs(600),
             start_timeout: Duration::from_secs(30),
+            max_stale: None,
+            credentials: None,
         }
     }
 }
@@ -111,6 +134,8 @@ pub async fn run(
     };
     let FirstSync {
         source,
+        mirror,
+        stream,
         snapshot,
         identity,
     } = first;
@@ -126,9 +151,11 @@ pub async fn run(
         SyncState {
             identity,
             server: server.clone(),
+            revision: Some(mirror.revision()),
             ..SyncState::default()
         },
     );
+    updater.set_max_stale(opts.max_stale);
     updater.synced(snapshot.clone());
 
     // The first sync may have taken a while: check again right before mounting.
@@ -148,20 +175,41 @@ pub async fn run(
         "mounted"
     );
 
+    let credentials = opts
+        .credentials
+        .clone()
+        .map(|files| CredentialWatch::new(files, &opts.connect.cert_pem, &opts.connect.key_pem));
+    let live = Live {
+        source,
+        mirror,
+        stream: Some(stream),
+        connect: opts.connect.clone(),
+        credentials,
+        refresh: opts.refresh,
+    };
     let (tx, mut rx) = mpsc::channel(4);
-    let poller = tokio::spawn(sync::poll_loop(source, snapshot, opts.refresh, tx));
+    let syncer = tokio::spawn(sync::live_loop(live, tx));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Precise, not at the next tick: `--max-stale` is a promise.
+        let stale_at = updater.stale_deadline();
+        let stale = async {
+            match stale_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             Some(event) = rx.recv() => updater.on_event(event),
+            () = stale => updater.check_stale(),
             _ = tick.tick() => updater.publish_status(),
         }
     }
 
-    poller.abort();
+    syncer.abort();
     tracing::info!(path = %path.display(), "shutting down");
     tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
         .await
@@ -173,6 +221,8 @@ pub async fn run(
 
 struct FirstSync {
     source: SecretsSource,
+    mirror: Mirror,
+    stream: tonic::Streaming<secretfs_proto::v1::WatchEvent>,
     snapshot: Snapshot,
     identity: Option<String>,
 }
@@ -224,7 +274,8 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
         Err(e) => return Err(Attempt::Fatal(MountError::Connect(e.to_string()))),
     };
     let mut source = SecretsSource::new(channel);
-    let snapshot = match source.fetch(&Snapshot::empty()).await {
+    let mut mirror = Mirror::new();
+    let (stream, snapshot) = match source.first_sync(&mut mirror).await {
         Ok(s) => s,
         Err(SyncError::Refused(message)) => {
             return Err(Attempt::Fatal(MountError::ClientRefused {
@@ -247,6 +298,8 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     };
     Ok(FirstSync {
         source,
+        mirror,
+        stream,
         snapshot,
         identity,
     })

@@ -81,17 +81,6 @@ impl Snapshot {
         Snapshot { files, skipped }
     }
 
-    /// Like [`build`](Self::build), but also reports names that were screened
-    /// out earlier (before their content was fetched).
-    pub fn build_with_skipped(candidates: Vec<SecretFile>, earlier: Vec<Skipped>) -> Snapshot {
-        let mut snap = Snapshot::build(candidates);
-        let mut all = earlier;
-        all.append(&mut snap.skipped);
-        all.sort_by(|a, b| a.name.cmp(&b.name));
-        snap.skipped = all;
-        snap
-    }
-
     pub fn files(&self) -> &[SecretFile] {
         &self.files
     }
@@ -100,6 +89,7 @@ impl Snapshot {
         &self.skipped
     }
 
+    #[cfg(test)]
     pub fn get(&self, name: &str) -> Option<&SecretFile> {
         self.files
             .binary_search_by(|f| f.name.as_str().cmp(name))
@@ -252,18 +242,5 @@ pub(crate) mod tests {
         assert_eq!(s.get("n").unwrap().content.as_bytes(), b"first");
         assert!(s.get("m").is_none());
         assert_eq!(s.skipped().len(), 1);
-    }
-
-    #[test]
-    fn earlier_skips_are_merged() {
-        let s = Snapshot::build_with_skipped(
-            vec![file(1, 1, "z", b"")],
-            vec![Skipped {
-                name: ".x".into(),
-                reason: "r".into(),
-            }],
-        );
-        assert_eq!(s.skipped().len(), 1);
-        assert_eq!(s.get("z").unwrap().fingerprint().size, 0);
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! It names secrets and versions, never their content.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -16,8 +16,20 @@ pub struct SyncState {
     /// Client name from `WhoAmI`, if the server told us.
     pub identity: Option<String>,
     pub server: String,
+    /// A Watch stream is open and its events are applied as they come:
+    /// what is shown is current.
     pub connected: bool,
+    /// When the last event (or first sync) was applied.
     pub last_sync: Option<SystemTime>,
+    /// The server's revision of the last applied event.
+    pub revision: Option<u64>,
+    /// When the connection was lost: the last moment we knew we were
+    /// current. `None` while connected.
+    pub disconnected_since: Option<SystemTime>,
+    /// `--max-stale`, if set.
+    pub max_stale: Option<Duration>,
+    /// Cut off longer than `max_stale`: secrets answer EIO.
+    pub fail_closed: bool,
     /// Why the last attempt failed, while it keeps failing.
     pub last_error: Option<String>,
     /// Set when the server refused this client; the mount is then empty.
@@ -30,7 +42,15 @@ struct StatusJson<'a> {
     server: &'a str,
     connected: bool,
     last_sync: Option<String>,
+    /// 0 while connected (changes arrive as they commit); otherwise the
+    /// seconds since the connection was lost.
     seconds_stale: Option<u64>,
+    revision: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disconnected_since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_stale_seconds: Option<u64>,
+    fail_closed: bool,
     secrets: Vec<SecretJson<'a>>,
     skipped: Vec<SkippedJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,7 +73,13 @@ struct SkippedJson<'a> {
 
 /// Renders the status file (pretty JSON and a trailing newline, for `cat`).
 pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
-    let note = if let Some(why) = &state.refused {
+    let note = if state.fail_closed {
+        Some(format!(
+            "cut off from the server for more than {} s (--max-stale): every secret read fails \
+             with EIO until the connection is back",
+            state.max_stale.map_or(0, |d| d.as_secs())
+        ))
+    } else if let Some(why) = &state.refused {
         Some(format!(
             "the server refused this client ({why}); every secret was removed from the mount. \
              Ask an operator whether the client was removed or disabled, or issue it a new certificate"
@@ -73,9 +99,20 @@ pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
         last_sync: state
             .last_sync
             .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
-        seconds_stale: state
-            .last_sync
-            .map(|t| now.duration_since(t).map_or(0, |d| d.as_secs())),
+        seconds_stale: if state.connected {
+            state.last_sync.map(|_| 0)
+        } else {
+            state
+                .disconnected_since
+                .or(state.last_sync)
+                .map(|t| now.duration_since(t).map_or(0, |d| d.as_secs()))
+        },
+        revision: state.revision,
+        disconnected_since: state
+            .disconnected_since
+            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        max_stale_seconds: state.max_stale.map(|d| d.as_secs()),
+        fail_closed: state.fail_closed,
         secrets: snap
             .files()
             .iter()
@@ -135,7 +172,8 @@ mod tests {
         assert_eq!(v["server"], "https://s:7443");
         assert_eq!(v["connected"], true);
         assert_eq!(v["last_sync"], "2023-11-14T22:13:20Z");
-        assert_eq!(v["seconds_stale"], 12);
+        assert_eq!(v["seconds_stale"], 0, "connected: current");
+        assert_eq!(v["fail_closed"], false);
         assert_eq!(v["secrets"][0]["name"], "db/password");
         assert_eq!(v["secrets"][0]["version"], 4);
         assert_eq!(v["skipped"][0]["name"], ".env");
@@ -162,6 +200,8 @@ mod tests {
             server: "s".into(),
             connected: false,
             last_sync: Some(UNIX_EPOCH),
+            disconnected_since: Some(UNIX_EPOCH + Duration::from_secs(30)),
+            revision: Some(41),
             last_error: Some("connection refused".into()),
             refused: Some("client web-1 was removed".into()),
             ..Default::default()
@@ -172,11 +212,28 @@ mod tests {
             UNIX_EPOCH + Duration::from_secs(90),
         ));
         assert_eq!(v["connected"], false);
-        assert_eq!(v["seconds_stale"], 90);
+        assert_eq!(v["seconds_stale"], 60, "since the connection was lost");
+        assert_eq!(v["revision"], 41);
+        assert_eq!(v["disconnected_since"], "1970-01-01T00:00:30Z");
         assert_eq!(v["last_error"], "connection refused");
         assert!(v["note"]
             .as_str()
             .unwrap()
             .contains("client web-1 was removed"));
+    }
+
+    #[test]
+    fn fail_closed_says_why() {
+        let state = SyncState {
+            last_sync: Some(UNIX_EPOCH),
+            disconnected_since: Some(UNIX_EPOCH),
+            max_stale: Some(Duration::from_secs(5)),
+            fail_closed: true,
+            ..Default::default()
+        };
+        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
+        assert_eq!(v["fail_closed"], true);
+        assert_eq!(v["max_stale_seconds"], 5);
+        assert!(v["note"].as_str().unwrap().contains("EIO"));
     }
 }

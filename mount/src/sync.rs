@@ -1,26 +1,51 @@
-//! Talks to the server's `Secrets` service: lists what this client may read,
-//! fetches only what changed, and produces the next [`Snapshot`].
+//! The gRPC side: one `Secrets.Watch` stream kept open, its events checked
+//! and applied to the [`Mirror`], each result sent on as a [`SyncEvent`] for
+//! the updater.
 //!
-//! The refresh task sends [`SyncEvent`]s; whatever produces them (polling
-//! today, a server-streaming Watch later) feeds the same "apply" step.
+//! [`live_loop`] owns the connection after the first sync:
+//! - a broken stream or an unreachable server: report it, reconnect after a
+//!   jittered backoff (first retry 50-100 ms, doubling, capped at 3 s), and
+//!   resume from what is held (the server sends only what changed meanwhile);
+//! - a refused event (out of order, malformed): drop the stream and
+//!   reconnect the same way; nothing of the event was applied;
+//! - the server refuses the client (removed, disabled): report it (the mount
+//!   empties), forget everything, retry slowly;
+//! - every `refresh`: a from-scratch stream (the whole view again), the
+//!   safety net against any drift between what the server thinks we hold
+//!   and what we hold;
+//! - the certificate or key files change: a new channel, a new stream.
 
-use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use secretfs_proto::channel::error_chain;
 use secretfs_proto::v1::secrets_client::SecretsClient;
-use secretfs_proto::v1::{Empty, ReadSecretsRequest, SecretMeta};
+use secretfs_proto::v1::{Empty, WatchEvent, WatchRequest};
+use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval};
 use tonic::transport::Channel;
-use tonic::Code;
+use tonic::{Code, Streaming};
 use zeroize::Zeroize;
 
-use crate::secret_bytes::SecretBytes;
-use crate::snapshot::{screen, Fingerprint, SecretFile, Snapshot};
+use crate::backoff::Backoff;
+use crate::credentials::CredentialWatch;
+use crate::snapshot::Snapshot;
+use crate::watch::{EventError, Mirror};
 
-/// How long one RPC may take before we call the server unreachable.
+/// How long one RPC (or a stream's first event) may take before we call the
+/// server unreachable.
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+/// An initial event carries every secret at once.
+const MAX_REPLY: usize = 256 * 1024 * 1024;
+/// Reconnect delays while the server is unreachable.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_CAP: Duration = Duration::from_secs(3);
+/// Reconnect delays while the server refuses this client: it may be added
+/// back or get a new certificate, but not within milliseconds.
+const REFUSED_FIRST: Duration = Duration::from_secs(10);
+const REFUSED_CAP: Duration = Duration::from_secs(30);
+/// How often the certificate and key files are read for changes.
+const CREDENTIAL_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncError {
@@ -31,6 +56,9 @@ pub enum SyncError {
     Refused(String),
     /// Any other error the server reported.
     Failed(String),
+    /// The server sent an event we could not accept; nothing of it was
+    /// applied.
+    BadEvent(EventError),
 }
 
 impl std::fmt::Display for SyncError {
@@ -39,6 +67,9 @@ impl std::fmt::Display for SyncError {
             SyncError::Unreachable(r) => write!(f, "server unreachable: {r}"),
             SyncError::Refused(m) => write!(f, "server refused this client: {m}"),
             SyncError::Failed(m) => write!(f, "sync failed: {m}"),
+            SyncError::BadEvent(e) => {
+                write!(f, "refused an event from the server ({e}); resyncing")
+            }
         }
     }
 }
@@ -55,9 +86,13 @@ fn classify(status: tonic::Status) -> SyncError {
     }
 }
 
-/// What the refresh task reports.
+/// What the sync task reports.
 pub enum SyncEvent {
-    Synced(Snapshot),
+    /// An event was applied: show this snapshot.
+    Synced {
+        snapshot: Snapshot,
+        revision: u64,
+    },
     Error(SyncError),
 }
 
@@ -68,128 +103,245 @@ pub struct SecretsSource {
 impl SecretsSource {
     pub fn new(channel: Channel) -> SecretsSource {
         SecretsSource {
-            client: SecretsClient::new(channel),
+            client: SecretsClient::new(channel).max_decoding_message_size(MAX_REPLY),
         }
-    }
-
-    fn request<T>(msg: T) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(msg);
-        req.set_timeout(RPC_TIMEOUT);
-        req
     }
 
     /// The client's name as the server sees it.
     pub async fn whoami(&mut self) -> Result<String, SyncError> {
-        let resp = self
-            .client
-            .who_am_i(Self::request(Empty {}))
-            .await
-            .map_err(classify)?;
+        let mut req = tonic::Request::new(Empty {});
+        req.set_timeout(RPC_TIMEOUT);
+        let resp = self.client.who_am_i(req).await.map_err(classify)?;
         Ok(resp.into_inner().client)
     }
 
-    /// Lists, re-reads what differs from `current`, and returns the new
-    /// snapshot. Unchanged secrets share their bytes with `current`.
-    pub async fn fetch(&mut self, current: &Snapshot) -> Result<Snapshot, SyncError> {
-        let listed = self
-            .client
-            .list_my_secrets(Self::request(Empty {}))
+    /// Opens a Watch stream. No deadline on the request itself: it would
+    /// apply to the whole stream.
+    pub async fn watch(&mut self, req: WatchRequest) -> Result<Streaming<WatchEvent>, SyncError> {
+        match tokio::time::timeout(RPC_TIMEOUT, self.client.watch(req)).await {
+            Ok(r) => r.map(tonic::Response::into_inner).map_err(classify),
+            Err(_) => Err(SyncError::Unreachable("no answer to Watch in time".into())),
+        }
+    }
+
+    /// Opens a from-scratch stream and applies its initial event: the first
+    /// sync. Returns the open stream for [`live_loop`].
+    pub async fn first_sync(
+        &mut self,
+        mirror: &mut Mirror,
+    ) -> Result<(Streaming<WatchEvent>, Snapshot), SyncError> {
+        let mut stream = self.watch(mirror.request(true)).await?;
+        let msg = tokio::time::timeout(RPC_TIMEOUT, stream.message())
             .await
-            .map_err(classify)?
-            .into_inner()
-            .secrets;
-        // Screen on names before fetching content: skipped names are never read.
-        let (listed, skipped) = screen(listed, |m| &m.name, |m| m.id);
-        let (mut files, to_read) = reuse_unchanged(&listed, current);
-        if !to_read.is_empty() {
-            let wanted: HashSet<String> = to_read.iter().cloned().collect();
-            // Explicit names: an empty list would mean "everything".
-            let resp = self
-                .client
-                .read_secrets(Self::request(ReadSecretsRequest { names: to_read }))
-                .await
-                .map_err(classify)?
-                .into_inner();
-            for mut sc in resp.secrets {
-                let file = sc
-                    .meta
-                    .as_ref()
-                    .filter(|m| wanted.contains(&m.name))
-                    .map(|m| file_from(m, &sc.content));
-                sc.content.zeroize();
-                files.extend(file);
+            .map_err(|_| SyncError::Unreachable("no initial event in time".into()))?;
+        match step(mirror, msg) {
+            Step::Applied(snapshot, _) => Ok((stream, snapshot)),
+            Step::Stop(e) => {
+                mirror.closed();
+                Err(e)
             }
         }
-        Ok(Snapshot::build_with_skipped(files, skipped))
     }
 }
 
-fn fingerprint(m: &SecretMeta) -> Fingerprint {
-    Fingerprint {
-        id: m.id,
-        version: m.current_version,
-        mode: m.mode,
-        owner: m.owner,
-        group: m.group,
-        mtime: m.version_created_at,
-        size: m.size,
-    }
+/// The outcome of one message from the stream.
+enum Step {
+    Applied(Snapshot, u64),
+    Stop(SyncError),
 }
 
-fn file_from(m: &SecretMeta, content: &[u8]) -> SecretFile {
-    SecretFile {
-        id: m.id,
-        version: m.current_version,
-        name: m.name.clone(),
-        mode: m.mode,
-        owner: m.owner,
-        group: m.group,
-        mtime: m.version_created_at,
-        content: Arc::new(SecretBytes::copy_from(content)),
-    }
-}
-
-/// Splits the listing into files we already hold (same id, version and
-/// attributes) and names whose content must be read.
-pub fn reuse_unchanged(
-    listed: &[SecretMeta],
-    current: &Snapshot,
-) -> (Vec<SecretFile>, Vec<String>) {
-    let mut keep = Vec::new();
-    let mut read = Vec::new();
-    for m in listed {
-        match current.get(&m.name) {
-            Some(f) if f.fingerprint() == fingerprint(m) => keep.push(f.clone()),
-            _ => read.push(m.name.clone()),
-        }
-    }
-    (keep, read)
-}
-
-/// Polls every `every`, starting from `current`, until the receiver goes.
-pub async fn poll_loop(
-    mut source: SecretsSource,
-    mut current: Snapshot,
-    every: Duration,
-    events: mpsc::Sender<SyncEvent>,
-) {
-    loop {
-        tokio::time::sleep(every).await;
-        let event = match source.fetch(&current).await {
-            Ok(snap) => {
-                current = snap.clone();
-                SyncEvent::Synced(snap)
-            }
-            Err(e) => {
-                if matches!(e, SyncError::Refused(_)) {
-                    // The mount drops everything; start from nothing next time.
-                    current = Snapshot::empty();
+/// Applies one message to `mirror`: the whole event or nothing.
+fn step(mirror: &mut Mirror, msg: Result<Option<WatchEvent>, tonic::Status>) -> Step {
+    match msg {
+        Ok(Some(event)) => {
+            let revision = event.revision;
+            match mirror.apply(event) {
+                Ok((snapshot, applied)) => {
+                    tracing::debug!(
+                        revision,
+                        upserts = applied.upserts,
+                        removals = applied.removals,
+                        "applied a watch event"
+                    );
+                    Step::Applied(snapshot, mirror.revision())
                 }
-                SyncEvent::Error(e)
+                Err(e) => Step::Stop(SyncError::BadEvent(e)),
+            }
+        }
+        Ok(None) => Step::Stop(SyncError::Unreachable(
+            "the server ended the watch stream".into(),
+        )),
+        Err(status) => Step::Stop(classify(status)),
+    }
+}
+
+/// Everything the live loop owns.
+pub struct Live {
+    pub source: SecretsSource,
+    pub mirror: Mirror,
+    /// The stream the first sync opened.
+    pub stream: Option<Streaming<WatchEvent>>,
+    /// What the channel was built from; the certificate and key are swapped
+    /// when their files change.
+    pub connect: ConnectConfig,
+    pub credentials: Option<CredentialWatch>,
+    /// Interval of the from-scratch safety-net resync.
+    pub refresh: Duration,
+}
+
+/// Why a stream was left.
+enum Stop {
+    /// The updater is gone: shut down.
+    Gone,
+    /// Reconnect at once (safety-net resync, new credentials).
+    Now,
+    Failed(SyncError),
+}
+
+/// Keeps a Watch open until the receiver goes away (see the module docs).
+pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
+    let mut retry = Backoff::new(RETRY_FIRST, RETRY_CAP);
+    let mut refused = Backoff::new(REFUSED_FIRST, REFUSED_CAP);
+    let mut next_full = Instant::now() + live.refresh;
+    let mut creds = tokio::time::interval(CREDENTIAL_POLL);
+    creds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    creds.tick().await; // the first tick is immediate
+    loop {
+        let opened = match live.stream.take() {
+            Some(s) => Ok(s),
+            None => {
+                let full = Instant::now() >= next_full;
+                if full {
+                    tracing::debug!("periodic full resync");
+                    next_full = Instant::now() + live.refresh;
+                }
+                let req = live.mirror.request(full);
+                live.source.watch(req).await
             }
         };
-        if events.send(event).await.is_err() {
-            return;
+        let stop = match opened {
+            Ok(mut stream) => {
+                follow(
+                    &mut live,
+                    &mut stream,
+                    &events,
+                    next_full,
+                    &mut creds,
+                    || {
+                        retry.reset();
+                        refused.reset();
+                    },
+                )
+                .await
+            }
+            Err(e) => Stop::Failed(e),
+        };
+        live.mirror.closed();
+        let delay = match stop {
+            Stop::Gone => return,
+            Stop::Now => continue,
+            Stop::Failed(e) => {
+                let delay = if matches!(e, SyncError::Refused(_)) {
+                    // The mount empties; what we held no longer counts.
+                    live.mirror.clear();
+                    retry.reset();
+                    refused.next_delay()
+                } else {
+                    retry.next_delay()
+                };
+                tracing::debug!(error = %e, ?delay, "watch stream lost; reconnecting");
+                if events.send(SyncEvent::Error(e)).await.is_err() {
+                    return;
+                }
+                delay
+            }
+        };
+        pause(&mut live, delay, &mut creds).await;
+    }
+}
+
+/// Applies the stream's events until it ends or must be replaced.
+async fn follow(
+    live: &mut Live,
+    stream: &mut Streaming<WatchEvent>,
+    events: &mpsc::Sender<SyncEvent>,
+    next_full: Instant,
+    creds: &mut Interval,
+    mut on_success: impl FnMut(),
+) -> Stop {
+    let full = tokio::time::sleep_until(next_full);
+    tokio::pin!(full);
+    // A stream that opened but never brings its initial event is as good as
+    // a dead server.
+    let mut initial_by = Some(Instant::now() + RPC_TIMEOUT);
+    loop {
+        let initial_deadline = async {
+            match initial_by {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            msg = stream.message() => match step(&mut live.mirror, msg) {
+                Step::Applied(snapshot, revision) => {
+                    initial_by = None;
+                    on_success();
+                    if events.send(SyncEvent::Synced { snapshot, revision }).await.is_err() {
+                        return Stop::Gone;
+                    }
+                }
+                Step::Stop(e) => return Stop::Failed(e),
+            },
+            () = initial_deadline => {
+                return Stop::Failed(SyncError::Unreachable("no initial event in time".into()));
+            }
+            () = &mut full => return Stop::Now,
+            _ = creds.tick() => {
+                if renew(live) {
+                    return Stop::Now;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `delay`, cut short when new credentials arrive.
+async fn pause(live: &mut Live, delay: Duration, creds: &mut Interval) {
+    let until = tokio::time::sleep(delay);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            () = &mut until => return,
+            _ = creds.tick() => {
+                if renew(live) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Rebuilds the channel when the certificate or key files changed.
+fn renew(live: &mut Live) -> bool {
+    let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) else {
+        return false;
+    };
+    let mut cfg = live.connect.clone();
+    cfg.cert_pem = renewed.cert_pem;
+    cfg.key_pem = renewed.key_pem.to_vec();
+    match secretfs_proto::connect_lazy(&cfg) {
+        Ok(channel) => {
+            tracing::info!("the client certificate or key changed; reconnecting with the new one");
+            live.source = SecretsSource::new(channel);
+            live.connect.key_pem.zeroize();
+            live.connect = cfg;
+            true
+        }
+        Err(e) => {
+            cfg.key_pem.zeroize();
+            tracing::warn!(error = %e, "the new client certificate or key cannot be used; keeping the old one");
+            false
         }
     }
 }
@@ -197,39 +349,38 @@ pub async fn poll_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapshot::tests::file;
-
-    fn meta(id: u64, version: u64, name: &str, size: u64) -> SecretMeta {
-        SecretMeta {
-            id,
-            name: name.into(),
-            current_version: version,
-            version_created_at: 1_700_000_000 + version as i64,
-            size,
-            ..Default::default()
-        }
-    }
+    use crate::watch::tests::{ev, up};
 
     #[test]
-    fn only_changed_secrets_are_read() {
-        let current = Snapshot::build(vec![file(1, 1, "a", b"aa"), file(2, 1, "b", b"bb")]);
-        let listed = [
-            meta(1, 1, "a", 2), // unchanged
-            meta(2, 2, "b", 2), // rotated
-            meta(3, 1, "c", 1), // new
-        ];
-        let (keep, read) = reuse_unchanged(&listed, &current);
-        assert_eq!(keep.len(), 1);
-        assert!(Arc::ptr_eq(
-            &keep[0].content,
-            &current.get("a").unwrap().content
-        ));
-        assert_eq!(read, ["b", "c"]);
+    fn steps_apply_whole_events_or_stop() {
+        let mut m = Mirror::new();
+        m.request(true);
+        let Step::Applied(snap, rev) = step(
+            &mut m,
+            Ok(Some(ev(4, true, vec![up(1, 1, "a", b"x")], &[]))),
+        ) else {
+            panic!("initial event applies");
+        };
+        assert_eq!((snap.files().len(), rev), (1, 4));
 
-        let mut changed_mode = meta(1, 1, "a", 2);
-        changed_mode.mode = 0o440;
-        let (_, read) = reuse_unchanged(&[changed_mode], &current);
-        assert_eq!(read, ["a"]);
+        let bad = ev(5, false, vec![up(2, 1, "b", b"y")], &["b"]);
+        assert!(matches!(
+            step(&mut m, Ok(Some(bad))),
+            Step::Stop(SyncError::BadEvent(EventError::UpsertAndRemove { .. }))
+        ));
+        assert_eq!(m.snapshot().files().len(), 1, "nothing of it applied");
+
+        assert!(matches!(
+            step(&mut m, Ok(None)),
+            Step::Stop(SyncError::Unreachable(_))
+        ));
+        assert!(matches!(
+            step(
+                &mut m,
+                Err(tonic::Status::permission_denied("client was removed"))
+            ),
+            Step::Stop(SyncError::Refused(_))
+        ));
     }
 
     #[test]

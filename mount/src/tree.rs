@@ -57,6 +57,10 @@ pub enum FsError {
     /// The kernel asked about an inode we no longer have.
     #[error("stale inode")]
     Stale,
+    /// The mount has been cut off from the server for longer than
+    /// `--max-stale`: secrets fail closed.
+    #[error("secrets unavailable: cut off from the server for too long")]
+    Unavailable,
 }
 
 /// Owner, group and mode for secrets that do not set their own.
@@ -158,6 +162,8 @@ pub struct Tree {
     dirs: HashMap<String, u64>,
     next_ino: u64,
     status: Arc<[u8]>,
+    /// Cut off too long: every secret answers `Unavailable` (EIO).
+    fail_closed: bool,
 }
 
 /// What a path in the new layout should hold.
@@ -233,6 +239,7 @@ impl Tree {
             dirs: HashMap::from([(String::new(), ROOT_INO)]),
             next_ino: FIRST_DYNAMIC_INO,
             status: Arc::from(&b""[..]),
+            fail_closed: false,
         }
     }
 
@@ -241,6 +248,7 @@ impl Tree {
         let children = self.children(parent)?;
         let name = name.to_str().ok_or(FsError::NotFound)?;
         let ino = *children.get(name).ok_or(FsError::NotFound)?;
+        self.check_open(ino)?;
         let node = self.nodes.get_mut(&ino).ok_or(FsError::Stale)?;
         node.nlookup += 1;
         Ok(node.attr)
@@ -257,10 +265,12 @@ impl Tree {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        self.check_open(ino)?;
         self.nodes.get(&ino).map(|n| n.attr).ok_or(FsError::Stale)
     }
 
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadOut, FsError> {
+        self.check_open(ino)?;
         let node = self.nodes.get(&ino).ok_or(FsError::Stale)?;
         let data = match &node.body {
             Body::Dir { .. } => return Err(FsError::IsDir),
@@ -287,6 +297,7 @@ impl Tree {
         plus: bool,
         mut add: impl FnMut(&DirEntry) -> bool,
     ) -> Result<(), FsError> {
+        self.check_open(ino)?;
         let node = self.nodes.get(&ino).ok_or(FsError::Stale)?;
         let Body::Dir { children } = &node.body else {
             return Err(FsError::NotDir);
@@ -294,6 +305,9 @@ impl Tree {
         let parent_attr = self.nodes.get(&node.parent).map_or(node.attr, |p| p.attr);
         let mut entries = vec![(".".to_owned(), node.attr), ("..".to_owned(), parent_attr)];
         for (name, child) in children {
+            if self.check_open(*child).is_err() {
+                continue;
+            }
             if let Some(c) = self.nodes.get(child) {
                 entries.push((name.clone(), c.attr));
             }
@@ -320,6 +334,54 @@ impl Tree {
             }
         }
         Ok(())
+    }
+
+    /// Turns failing closed on or off, and returns what the kernel must
+    /// forget so that nothing is served from its caches meanwhile: every
+    /// name (cached dentries would skip our lookup) and every inode,
+    /// including old versions kept by open files (cached pages would skip
+    /// our read).
+    pub fn set_fail_closed(&mut self, on: bool) -> Vec<Invalidation> {
+        if self.fail_closed == on {
+            return Vec::new();
+        }
+        self.fail_closed = on;
+        let mut inval = Vec::new();
+        let mut dirs: Vec<u64> = self.dirs.values().copied().collect();
+        dirs.sort_unstable();
+        for &dir in &dirs {
+            let Ok(children) = self.children(dir) else {
+                continue;
+            };
+            for name in children.keys() {
+                if !(dir == ROOT_INO && name == CONTROL_DIR) {
+                    inval.push(Invalidation::Entry {
+                        parent: dir,
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        let mut inodes: Vec<u64> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&i| i >= FIRST_DYNAMIC_INO)
+            .collect();
+        inodes.sort_unstable();
+        inodes.push(ROOT_INO); // its listing changes
+        inval.extend(inodes.into_iter().map(|ino| Invalidation::Inode { ino }));
+        inval
+    }
+
+    /// Whether `ino` may be served now: the root and `.secretfs` always are
+    /// (the status says why the rest is not).
+    fn check_open(&self, ino: u64) -> Result<(), FsError> {
+        if self.fail_closed && ino >= FIRST_DYNAMIC_INO {
+            Err(FsError::Unavailable)
+        } else {
+            Ok(())
+        }
     }
 
     /// Replaces the status file's content.
@@ -393,6 +455,10 @@ impl Tree {
             for (name, &child) in old {
                 match new.get(name) {
                     Some(&n) if n == child => {}
+                    // A new version (or a directory now). Not `Delete`: on
+                    // Linux 6.18 it raises no inotify event either (see
+                    // docs/mount-live.md), and it would mark the old inode
+                    // unlinked under the open files still reading it.
                     Some(_) if !self.is_dir(child) => inval.push(Invalidation::Entry {
                         parent: dir,
                         name: name.clone(),
@@ -912,5 +978,55 @@ mod tests {
         );
         assert_eq!(list(&mut t, ROOT_INO), [".", "..", ".secretfs"]);
         assert_eq!(look(&mut t, ".secretfs/status").unwrap().ino, STATUS_INO);
+    }
+
+    #[test]
+    fn fail_closed_hides_every_secret_and_keeps_status() {
+        let mut t = tree(vec![file(1, 1, "db/pw", b"old"), file(2, 1, "top", b"t")]);
+        let db = look(&mut t, "db").unwrap().ino;
+        let old = look(&mut t, "db/pw").unwrap().ino; // an open file
+        t.apply(
+            &Snapshot::build(vec![file(1, 2, "db/pw", b"new"), file(2, 1, "top", b"t")]),
+            UNIX_EPOCH,
+        );
+        let top = look(&mut t, "top").unwrap().ino;
+
+        let inval = t.set_fail_closed(true);
+        for want in [
+            Invalidation::Entry {
+                parent: ROOT_INO,
+                name: "db".into(),
+            },
+            Invalidation::Entry {
+                parent: db,
+                name: "pw".into(),
+            },
+            Invalidation::Inode { ino: old },
+            Invalidation::Inode { ino: top },
+            Invalidation::Inode { ino: ROOT_INO },
+        ] {
+            assert!(inval.contains(&want), "{want:?} missing from {inval:?}");
+        }
+        assert!(!inval.contains(&Invalidation::Entry {
+            parent: ROOT_INO,
+            name: CONTROL_DIR.into()
+        }));
+        assert!(
+            t.set_fail_closed(true).is_empty(),
+            "no change, nothing to send"
+        );
+
+        assert_eq!(look(&mut t, "top"), Err(FsError::Unavailable));
+        assert_eq!(look(&mut t, "db/pw"), Err(FsError::Unavailable));
+        assert_eq!(t.getattr(top), Err(FsError::Unavailable));
+        assert_eq!(t.read(old, 0, 10).err(), Some(FsError::Unavailable));
+        assert_eq!(list(&mut t, ROOT_INO), [".", "..", ".secretfs"]);
+        assert_eq!(look(&mut t, ".secretfs/status").unwrap().ino, STATUS_INO);
+        assert!(t.getattr(ROOT_INO).is_ok());
+
+        assert!(!t.set_fail_closed(false).is_empty());
+        assert_eq!(read_all(&t, old), b"old", "open handle keeps its version");
+        let pw = look(&mut t, "db/pw").unwrap().ino;
+        assert_eq!(read_all(&t, pw), b"new");
     }
 }

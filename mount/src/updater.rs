@@ -7,7 +7,7 @@
 //! thread needs the tree's lock. Holding it here would deadlock.
 
 use std::collections::HashSet;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{INodeNo, Notifier};
 
@@ -26,6 +26,8 @@ pub struct Updater {
     logged_skips: HashSet<String>,
     /// Log an outage once, not on every failed attempt.
     in_outage: bool,
+    /// When the connection was lost (monotonic, for `--max-stale`).
+    lost_at: Option<Instant>,
 }
 
 impl Updater {
@@ -37,7 +39,13 @@ impl Updater {
             state,
             logged_skips: HashSet::new(),
             in_outage: false,
+            lost_at: None,
         }
+    }
+
+    /// Fail closed once cut off for longer than `max` (`None`: never).
+    pub fn set_max_stale(&mut self, max: Option<Duration>) {
+        self.state.max_stale = max;
     }
 
     /// From now on, changes are also sent to the kernel.
@@ -47,7 +55,10 @@ impl Updater {
 
     pub fn on_event(&mut self, event: SyncEvent) {
         match event {
-            SyncEvent::Synced(snap) => self.synced(snap),
+            SyncEvent::Synced { snapshot, revision } => {
+                self.state.revision = Some(revision);
+                self.synced(snapshot);
+            }
             SyncEvent::Error(e) => self.failed(e),
         }
     }
@@ -66,13 +77,22 @@ impl Updater {
                 tracing::warn!(name = %s.name, reason = %s.reason, "secret not shown in the mount");
             }
         }
+        if self.state.fail_closed {
+            tracing::info!("connected again: secrets are served again");
+        }
         self.state.connected = true;
         self.state.last_sync = Some(SystemTime::now());
         self.state.last_error = None;
+        self.state.disconnected_since = None;
+        self.lost_at = None;
         self.install(snap);
     }
 
     fn failed(&mut self, err: SyncError) {
+        if self.lost_at.is_none() {
+            self.lost_at = Some(Instant::now());
+            self.state.disconnected_since = Some(SystemTime::now());
+        }
         self.state.connected = false;
         self.state.last_error = Some(err.to_string());
         match err {
@@ -91,7 +111,7 @@ impl Updater {
                     tracing::warn!(
                         error = %other,
                         secrets = self.snapshot.files().len(),
-                        "cannot sync; serving the secrets already held and retrying at each refresh"
+                        "lost the server; serving the secrets already held and reconnecting"
                     );
                     self.in_outage = true;
                 }
@@ -100,12 +120,46 @@ impl Updater {
         }
     }
 
+    /// When the mount must start failing closed, if it is not already.
+    pub fn stale_deadline(&self) -> Option<Instant> {
+        match (self.state.fail_closed, self.state.max_stale, self.lost_at) {
+            (false, Some(max), Some(lost)) => Some(lost + max),
+            _ => None,
+        }
+    }
+
+    /// Starts failing closed once the deadline has passed: every secret
+    /// answers EIO, and the kernel forgets what it cached so that it asks.
+    pub fn check_stale(&mut self) {
+        if self.stale_deadline().is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        self.state.fail_closed = true;
+        tracing::error!(
+            max_stale = ?self.state.max_stale,
+            "cut off from the server for longer than --max-stale: secret reads now fail with EIO"
+        );
+        let now = SystemTime::now();
+        let content = status::render(&self.state, &self.snapshot, now);
+        let mut inval = {
+            let mut tree = lock(&self.tree);
+            let mut inval = tree.set_fail_closed(true);
+            inval.push(tree.set_status(content, now));
+            inval
+        };
+        self.send(&mut inval);
+    }
+
     fn install(&mut self, snap: Snapshot) {
         let now = SystemTime::now();
+        self.state.fail_closed = false;
         let content = status::render(&self.state, &snap, now);
         let mut inval = {
             let mut tree = lock(&self.tree);
-            let mut inval = tree.apply(&snap, now);
+            // In the same critical section as the new snapshot: nobody reads
+            // the old one in between.
+            let mut inval = tree.set_fail_closed(false);
+            inval.extend(tree.apply(&snap, now));
             inval.push(tree.set_status(content, now));
             inval
         };

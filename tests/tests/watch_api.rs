@@ -307,15 +307,40 @@ fn refusals_reported_by_a_mount_reach_the_audit_log() {
         })
         .await
         .unwrap();
-        let too_many = v1::ReportRefusalsRequest { refusals: (0..1001).map(|i| refusal(i, "a")).collect() };
-        let err = c.report_refusals(too_many).await.expect_err("over the limit");
+        let too_many = v1::ReportRefusalsRequest {
+            refusals: (0..1001).map(|i| refusal(i, "a")).collect(),
+        };
+        let err = c
+            .report_refusals(too_many)
+            .await
+            .expect_err("over the limit");
         assert_eq!(err.code(), Code::InvalidArgument);
     });
-    let audit = s.cli(&["audit", "--client", "app", "-o", "json"]).ok().json();
-    let refused: Vec<_> = audit.as_array().unwrap().iter().filter(|e| e["action"] == "mount.refused").collect();
+    let audit = s
+        .cli(&["audit", "--client", "app", "-o", "json"])
+        .ok()
+        .json();
+    let refused: Vec<_> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "mount.refused")
+        .collect();
     assert_eq!(refused.len(), 2, "{audit}");
     assert_eq!(refused[0]["secret"], "a");
     assert_eq!(refused[0]["allowed"], false);
-    assert!(refused[0]["detail"].as_str().unwrap().contains("pid 4242 uid 1000"), "{audit}");
-    assert!(refused[1]["detail"].as_str().unwrap().contains("path .secretfs/status"), "{audit}");
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("pid 4242 uid 1000"),
+        "{audit}"
+    );
+    assert!(
+        refused[1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("path .secretfs/status"),
+        "{audit}"
+    );
 }

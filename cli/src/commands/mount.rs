@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use secretfs_mount::MountOptions;
+use secretfs_mount::{CredentialFiles, MountOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -18,6 +18,14 @@ pub async fn run(conn: &ConnArgs, args: MountArgs) -> Result<()> {
     opts.default_mode = args.mode;
     opts.refresh = args.refresh;
     opts.start_timeout = args.start_timeout;
+    opts.max_stale = args.max_stale;
+    // connect::config read these paths already, so both are set.
+    if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+        opts.credentials = Some(CredentialFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
+    }
     secretfs_mount::run(opts, super::shutdown_signal()).await?;
     Ok(())
 }

@@ -503,3 +503,146 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Fails with a clear message where runc or busybox-static is missing.
+pub fn require_runc() {
+    for tool in ["runc", "/bin/busybox"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .unwrap();
+        assert!(
+            found.status.success(),
+            "{tool} is missing: the container tests need runc and busybox-static (scripts/test.sh installs them)"
+        );
+    }
+}
+
+/// An OCI bundle under `dir` with a busybox rootfs and `runc spec`'s
+/// config.json, not yet written back: change `config`, then `write()`.
+pub struct OciBundle {
+    pub path: PathBuf,
+    pub config: serde_json::Value,
+}
+
+impl OciBundle {
+    /// A bundle running `args` as root without a terminal.
+    pub fn new(dir: &Path, args: &[&str]) -> OciBundle {
+        require_runc();
+        let path = dir.join(format!("bundle-{}", marker("b")));
+        let rootfs = path.join("rootfs");
+        for d in ["bin", "proc", "sys", "dev", "tmp"] {
+            std::fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+        let spec = Command::new("runc")
+            .args(["spec", "--bundle"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            spec.status.success(),
+            "runc spec: {}",
+            String::from_utf8_lossy(&spec.stderr)
+        );
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path.join("config.json")).unwrap()).unwrap();
+        config["process"]["terminal"] = false.into();
+        config["process"]["args"] = args.iter().map(|a| serde_json::Value::from(*a)).collect();
+        OciBundle { path, config }
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.path.join("rootfs")
+    }
+
+    /// Adds a bind mount of `source` at `destination` with `options`
+    /// (besides "rbind").
+    pub fn bind(&mut self, source: &Path, destination: &str, options: &[&str]) -> &mut Self {
+        let mut opts = vec!["rbind"];
+        opts.extend_from_slice(options);
+        self.config["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "destination": destination,
+                "type": "bind",
+                "source": source,
+                "options": opts,
+            }));
+        self
+    }
+
+    /// Shares the host's network namespace (127.0.0.1 is the host's).
+    pub fn host_network(&mut self) -> &mut Self {
+        self.config["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|ns| ns["type"] != "network");
+        self
+    }
+
+    pub fn write(&self) {
+        std::fs::write(
+            self.path.join("config.json"),
+            serde_json::to_vec_pretty(&self.config).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+/// A runc container started in the background (`runc run` as a child);
+/// deleted (`runc delete -f`) on drop.
+pub struct RuncContainer {
+    pub id: String,
+    child: Option<Child>,
+}
+
+impl RuncContainer {
+    pub fn start(bundle: &OciBundle, tag: &str) -> RuncContainer {
+        bundle.write();
+        let id = format!("secretfs-{tag}-{}", marker("c"));
+        let child = Command::new("runc")
+            .args(["run", "--bundle"])
+            .arg(&bundle.path)
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn runc run");
+        RuncContainer {
+            id,
+            child: Some(child),
+        }
+    }
+
+    /// Sends `signal` (a name runc knows: TERM, KILL) to the container.
+    pub fn kill(&self, signal: &str) {
+        let _ = Command::new("runc")
+            .args(["kill", &self.id, signal])
+            .status();
+    }
+
+    /// Waits (at most `limit`) for the container's process to end.
+    pub fn wait(&mut self, limit: Duration) -> Run {
+        let child = self.child.take().expect("already waited");
+        Run::from(wait_bounded(child, limit))
+    }
+}
+
+impl Drop for RuncContainer {
+    fn drop(&mut self) {
+        let _ = Command::new("runc")
+            .args(["delete", "-f", &self.id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

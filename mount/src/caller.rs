@@ -1,0 +1,916 @@
+//! The caller check: does the process behind a FUSE request belong to the
+//! container this mount serves?
+//!
+//! FUSE tells us the caller's pid (as seen in our pid namespace). We read
+//! `/proc/PID/cgroup` and look for the container's id where the runtimes
+//! write it:
+//!
+//! | runtime | cgroup path (v1 per controller, v2 the `0::` line) |
+//! | --- | --- |
+//! | runc, cgroupfs driver (its default `cgroupsPath`) | `/<id>`, or under a parent (`/user.slice/…/<id>`) |
+//! | runc, systemd driver | `/system.slice/runc-<id>.scope` |
+//! | Docker | `/docker/<id>`, `/system.slice/docker-<id>.scope` |
+//! | containerd (CRI), CRI-O, podman | `…/cri-containerd-<id>.scope`, `…/crio-<id>.scope`, `…/libpod-<id>.scope` |
+//! | Kubernetes, cgroupfs driver | `/kubepods/burstable/pod<uid>/<id>` |
+//!
+//! A process may sit below its container's cgroup (a container running
+//! systemd makes `…/<id>/system.slice/x.service`), so the id may be any
+//! segment. Only the first segment, from the root, that names a container
+//! counts: a container allowed to write its own cgroup tree could otherwise
+//! make `/docker/<its id>/<our id>` and step into it.
+//!
+//! Which lines decide: the unified (`0::`) line when it places the process
+//! anywhere but the root (cgroup v2, and hybrid hosts where the runtime
+//! joined the unified tree, as runc, containerd and Docker do); otherwise
+//! every v1 line whose path is not `/`, each of which must pass. A process
+//! whose every line is `/` is in no container and is refused.
+//!
+//! Pid reuse: like SPIRE, the process's start time (field 22 of
+//! `/proc/PID/stat`) is read before and after the cgroup file, both through
+//! one directory handle on `/proc/PID`; if the process vanished or the start
+//! time changed, the answer is no.
+
+#![allow(dead_code)] // wired into the FUSE adapter by the lead
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// How long a Docker-style short id must be to match as a prefix.
+pub const MIN_ID_PREFIX: usize = 12;
+
+/// systemd scope prefixes the runtimes use: `<prefix>-<id>.scope`.
+const SCOPE_PREFIXES: &[&str] = &["docker", "cri-containerd", "crio", "libpod", "runc"];
+
+/// Who may use the mount.
+#[derive(Debug)]
+pub struct CallerPolicy {
+    container_ids: Vec<String>,
+    allow_cgroups: Vec<String>,
+    proc_root: PathBuf,
+    /// A cgroup line we cannot parse is logged once, not on every open.
+    warned_format: AtomicBool,
+}
+
+/// A caller that passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerInfo {
+    pub pid: u32,
+    /// The configured container id or `--allow-cgroup` path that matched.
+    pub matched: String,
+    /// The deciding cgroup path.
+    pub cgroup: String,
+}
+
+/// A refused caller, with what we learned about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub pid: u32,
+    pub reason: DenyReason,
+    /// The deciding cgroup path, when it was read.
+    pub cgroup: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// FUSE reports pid 0 for a caller outside our pid namespace.
+    OutsidePidNamespace,
+    /// `/proc/PID` is gone or unreadable.
+    ProcUnreadable(String),
+    /// The process exited, or its pid was reused, while we looked.
+    ProcessChanged,
+    /// A line of `/proc/PID/cgroup` (or `stat`) is not in the kernel's format.
+    UnexpectedFormat(String),
+    /// The process is in no container's cgroup.
+    NotInAContainer,
+    /// The process is in a cgroup no rule allows.
+    NotAllowed,
+}
+
+impl std::fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DenyReason::OutsidePidNamespace => {
+                f.write_str("caller is outside the mount's pid namespace (pid 0)")
+            }
+            DenyReason::ProcUnreadable(e) => write!(f, "cannot read the caller's /proc entry: {e}"),
+            DenyReason::ProcessChanged => {
+                f.write_str("the caller exited or its pid was reused during the check")
+            }
+            DenyReason::UnexpectedFormat(line) => {
+                write!(f, "unexpected line in the caller's cgroup file: {line:?}")
+            }
+            DenyReason::NotInAContainer => f.write_str("caller is in no container's cgroup"),
+            DenyReason::NotAllowed => f.write_str("caller is not in the mount's container"),
+        }
+    }
+}
+
+/// A `--container` or `--allow-cgroup` value that can never match safely.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PolicyError {
+    #[error("--container {0:?}: a container id is letters, digits, '.', '_', '+' and '-' (as runc, Docker and containerd write it)")]
+    BadContainerId(String),
+    #[error("--container {0:?}: a hex id prefix must have at least {MIN_ID_PREFIX} characters; give the full id")]
+    ShortPrefix(String),
+    #[error("--allow-cgroup {0:?}: give an absolute cgroup path such as /system.slice/app.service (no '.', '..' or empty segments, not '/')")]
+    BadCgroupPath(String),
+    #[error("the caller check needs at least one --container or --allow-cgroup")]
+    Empty,
+}
+
+impl CallerPolicy {
+    /// A policy over the real `/proc`.
+    pub fn new(
+        container_ids: Vec<String>,
+        allow_cgroups: Vec<String>,
+    ) -> Result<CallerPolicy, PolicyError> {
+        Self::with_proc_root(container_ids, allow_cgroups, "/proc")
+    }
+
+    /// As [`CallerPolicy::new`], reading `<proc_root>/PID/…` (tests use
+    /// fixture directories).
+    pub fn with_proc_root(
+        container_ids: Vec<String>,
+        allow_cgroups: Vec<String>,
+        proc_root: impl Into<PathBuf>,
+    ) -> Result<CallerPolicy, PolicyError> {
+        if container_ids.is_empty() && allow_cgroups.is_empty() {
+            return Err(PolicyError::Empty);
+        }
+        for id in &container_ids {
+            let valid = !id.is_empty()
+                && id.len() <= 1024
+                && !id.starts_with('.')
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+            if !valid {
+                return Err(PolicyError::BadContainerId(id.clone()));
+            }
+            // A short hex string is most likely a truncated Docker id meant
+            // as a prefix; too short to be unambiguous.
+            if is_hex(id) && id.len() < MIN_ID_PREFIX {
+                return Err(PolicyError::ShortPrefix(id.clone()));
+            }
+        }
+        let mut cgroups = Vec::with_capacity(allow_cgroups.len());
+        for path in allow_cgroups {
+            let trimmed = path.trim_end_matches('/');
+            let valid = trimmed.starts_with('/')
+                && trimmed[1..]
+                    .split('/')
+                    .all(|s| !s.is_empty() && s != "." && s != "..");
+            if !valid {
+                return Err(PolicyError::BadCgroupPath(path));
+            }
+            cgroups.push(trimmed.to_owned());
+        }
+        Ok(CallerPolicy {
+            container_ids,
+            allow_cgroups: cgroups,
+            proc_root: proc_root.into(),
+            warned_format: AtomicBool::new(false),
+        })
+    }
+
+    /// Checks the process `pid` (from the FUSE request).
+    pub fn check(&self, pid: u32) -> Result<CallerInfo, Denial> {
+        self.check_with(pid, || {})
+    }
+
+    /// The check, with a hook between reading the cgroup file and the
+    /// second start-time read (tests use it to fake pid reuse).
+    fn check_with(&self, pid: u32, between: impl FnOnce()) -> Result<CallerInfo, Denial> {
+        let deny = |reason, cgroup| Denial {
+            pid,
+            reason,
+            cgroup,
+        };
+        if pid == 0 {
+            return Err(deny(DenyReason::OutsidePidNamespace, None));
+        }
+        let dir = ProcDir::open(&self.proc_root.join(pid.to_string()))
+            .map_err(|e| deny(DenyReason::ProcUnreadable(e.to_string()), None))?;
+        let before = dir.start_time().map_err(|r| deny(r, None))?;
+        let cgroup_text = dir
+            .read("cgroup")
+            .map_err(|e| deny(vanished_or_unreadable(e), None))?;
+        between();
+        let after = dir
+            .start_time()
+            .map_err(|_| deny(DenyReason::ProcessChanged, None))?;
+        if before != after {
+            return Err(deny(DenyReason::ProcessChanged, None));
+        }
+        let lines = match parse_cgroup_file(&cgroup_text) {
+            Ok(lines) => lines,
+            Err(line) => {
+                if !self.warned_format.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(pid, line = %line, "unexpected format in /proc/PID/cgroup; refusing such callers (logged once)");
+                }
+                return Err(deny(DenyReason::UnexpectedFormat(line), None));
+            }
+        };
+        let deciding = deciding_paths(&lines);
+        let Some(first) = deciding.first() else {
+            return Err(deny(DenyReason::NotInAContainer, Some("/".into())));
+        };
+        let mut matched = None;
+        for path in &deciding {
+            match self.match_path(path) {
+                Some(m) => matched = matched.or(Some(m)),
+                None => {
+                    return Err(deny(DenyReason::NotAllowed, Some((*path).to_owned())));
+                }
+            }
+        }
+        Ok(CallerInfo {
+            pid,
+            matched: matched.expect("at least one deciding path matched"),
+            cgroup: (*first).to_owned(),
+        })
+    }
+
+    /// The rule (container id or allowed cgroup) that admits `path`.
+    fn match_path(&self, path: &str) -> Option<String> {
+        if let Some(id) = container_of(path, &self.container_ids) {
+            return Some(id);
+        }
+        self.allow_cgroups
+            .iter()
+            .find(|allowed| {
+                path.strip_prefix(allowed.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .cloned()
+    }
+
+    /// Whether some running process passes the check now: `--container`
+    /// with an id that matches nothing is allowed (the container may start
+    /// later), but worth a warning at start.
+    pub fn any_process_matches(&self) -> bool {
+        let Ok(entries) = std::fs::read_dir(&self.proc_root) else {
+            return false;
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .any(|pid| self.check(pid).is_ok())
+    }
+}
+
+fn vanished_or_unreadable(e: std::io::Error) -> DenyReason {
+    // ESRCH: the directory handle outlived the process.
+    if e.raw_os_error() == Some(libc::ESRCH) || e.kind() == std::io::ErrorKind::NotFound {
+        DenyReason::ProcessChanged
+    } else {
+        DenyReason::ProcUnreadable(e.to_string())
+    }
+}
+
+/// A handle on `/proc/PID`: files opened through it belong to that process
+/// even if the pid is reused meanwhile (reads then fail with ESRCH).
+struct ProcDir {
+    dir: File,
+}
+
+impl ProcDir {
+    fn open(path: &Path) -> std::io::Result<ProcDir> {
+        let c = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a valid C string; the fd is owned by the File below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is not owned elsewhere.
+        Ok(ProcDir {
+            dir: unsafe { File::from_raw_fd(fd) },
+        })
+    }
+
+    fn read(&self, name: &str) -> std::io::Result<String> {
+        let c = CString::new(name).expect("no NUL in a /proc file name");
+        // SAFETY: valid dirfd and C string; the fd is owned by the File below.
+        let fd = unsafe {
+            libc::openat(
+                self.dir.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened and is not owned elsewhere.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        Ok(text)
+    }
+
+    /// Field 22 of `stat`: the start time in clock ticks since boot.
+    fn start_time(&self) -> Result<u64, DenyReason> {
+        let stat = self.read("stat").map_err(vanished_or_unreadable)?;
+        parse_start_time(&stat).ok_or_else(|| DenyReason::UnexpectedFormat(stat.trim().into()))
+    }
+}
+
+/// `pid (comm) state ppid …`: comm may hold spaces and ')', so the fields
+/// are counted after the last ')'. State is field 3, start time field 22.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// One line of `/proc/PID/cgroup`.
+#[derive(Debug, PartialEq, Eq)]
+struct CgroupLine<'a> {
+    hierarchy: u32,
+    path: &'a str,
+}
+
+/// Parses the whole file; Err(the first line not in the kernel's format).
+/// v1: `ID:controller[,controller…]:/path` (or `ID:name=NAME:/path`);
+/// v2: `0::/path`. The path may itself contain ':'.
+fn parse_cgroup_file(text: &str) -> Result<Vec<CgroupLine<'_>>, String> {
+    let mut lines = Vec::new();
+    for line in text.lines() {
+        let bad = || line.to_owned();
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let hierarchy: u32 = if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+            id.parse().map_err(|_| bad())?
+        } else {
+            return Err(bad());
+        };
+        let controllers_ok = if hierarchy == 0 {
+            controllers.is_empty()
+        } else {
+            !controllers.is_empty()
+                && controllers.split(',').all(|c| {
+                    let name = c.strip_prefix("name=").unwrap_or(c);
+                    !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+                })
+        };
+        if !controllers_ok || !path.starts_with('/') || path.contains('\0') {
+            return Err(bad());
+        }
+        lines.push(CgroupLine { hierarchy, path });
+    }
+    if lines.is_empty() {
+        return Err(String::new());
+    }
+    Ok(lines)
+}
+
+/// The paths that decide (see the module comment).
+fn deciding_paths<'a>(lines: &[CgroupLine<'a>]) -> Vec<&'a str> {
+    if let Some(unified) = lines.iter().find(|l| l.hierarchy == 0 && l.path != "/") {
+        return vec![unified.path];
+    }
+    lines
+        .iter()
+        .filter(|l| l.hierarchy != 0 && l.path != "/")
+        .map(|l| l.path)
+        .collect()
+}
+
+/// The configured id that owns `path`: the first segment from the root that
+/// names a container decides, and it must be one of `ids`.
+fn container_of(path: &str, ids: &[String]) -> Option<String> {
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        let name = segment_container(segment);
+        let named = name.is_some();
+        let candidate = name.unwrap_or(segment);
+        if let Some(id) = ids.iter().find(|id| id_matches(id, candidate)) {
+            return Some(id.clone());
+        }
+        // The first container-like segment that is not ours: whatever
+        // follows is inside another container.
+        if named || is_full_id(segment) {
+            return None;
+        }
+    }
+    None
+}
+
+/// The id inside a runtime's systemd scope name, `<prefix>-<id>.scope`.
+/// The monitors' scopes (`libpod-conmon-<id>.scope`, `crio-conmon-…`) are
+/// not the container and give nothing.
+fn segment_container(segment: &str) -> Option<&str> {
+    let inner = segment.strip_suffix(".scope")?;
+    SCOPE_PREFIXES.iter().find_map(|prefix| {
+        let id = inner.strip_prefix(prefix)?.strip_prefix('-')?;
+        (!id.is_empty() && !id.starts_with("conmon-")).then_some(id)
+    })
+}
+
+/// `configured` names the container `candidate`: equal, or an unambiguous
+/// hex prefix of a full 64-hex id.
+fn id_matches(configured: &str, candidate: &str) -> bool {
+    configured == candidate
+        || (is_full_id(candidate)
+            && configured.len() >= MIN_ID_PREFIX
+            && is_hex(configured)
+            && candidate.starts_with(&configured.to_ascii_lowercase()))
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Docker, containerd and CRI-O ids: 64 lower-case hex digits.
+fn is_full_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Refusals, for `.secretfs/status`.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    inner: Mutex<RefusalCounts>,
+}
+
+/// What `.secretfs/status` shows under `"refused"`.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct RefusalCounts {
+    pub count: u64,
+    pub last: Option<LastRefusal>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LastRefusal {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub cgroup: Option<String>,
+    pub reason: String,
+}
+
+impl Refusals {
+    /// Counts a refusal; `uid` comes from the FUSE request.
+    pub fn record(&self, denial: &Denial, uid: u32) {
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut counts = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        counts.count += 1;
+        counts.last = Some(LastRefusal {
+            at,
+            pid: denial.pid,
+            uid,
+            cgroup: denial.cgroup.clone(),
+            reason: denial.reason.to_string(),
+        });
+    }
+
+    pub fn snapshot(&self) -> RefusalCounts {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "3f4e8a1b2c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+    const OTHER: &str = "9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9";
+
+    /// A fixture /proc with processes added by `proc_with`.
+    struct FakeProc {
+        dir: tempfile::TempDir,
+    }
+
+    fn stat_line(pid: u32, start: u64) -> String {
+        // Fields 1..=22 and a few more; comm with a space and a ')'.
+        format!("{pid} (my app) x) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 {start} 2387968 332 18446744073709551615\n")
+    }
+
+    impl FakeProc {
+        fn new() -> FakeProc {
+            FakeProc {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn add(&self, pid: u32, cgroup: &str) -> &Self {
+            let d = self.dir.path().join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("cgroup"), cgroup).unwrap();
+            std::fs::write(d.join("stat"), stat_line(pid, 4242)).unwrap();
+            self
+        }
+
+        fn policy(&self, ids: &[&str], cgroups: &[&str]) -> CallerPolicy {
+            CallerPolicy::with_proc_root(
+                ids.iter().map(|s| s.to_string()).collect(),
+                cgroups.iter().map(|s| s.to_string()).collect(),
+                self.dir.path(),
+            )
+            .unwrap()
+        }
+    }
+
+    fn v2(path: &str) -> String {
+        format!("0::{path}\n")
+    }
+
+    /// A hybrid host's file: every v1 controller and the unified line at `path`.
+    fn v1_all(path: &str) -> String {
+        format!(
+            "12:pids:{path}\n11:cpu,cpuacct:{path}\n4:memory:{path}\n1:name=systemd:{path}\n0::{path}\n"
+        )
+    }
+
+    /// Checks `cgroup` against a policy for `ids`.
+    fn check(cgroup: &str, ids: &[&str]) -> Result<CallerInfo, Denial> {
+        let p = FakeProc::new();
+        p.add(100, cgroup);
+        p.policy(ids, &[]).check(100)
+    }
+
+    fn admits(cgroup: &str, ids: &[&str]) -> bool {
+        check(cgroup, ids).is_ok()
+    }
+
+    #[test]
+    fn each_runtimes_cgroup_path_is_recognised_in_v2() {
+        let paths = [
+            format!("/{ID}"),                                          // runc default cgroupsPath
+            format!("/user.slice/user-1000.slice/session-3.scope/{ID}"), // runc under a parent
+            format!("/system.slice/runc-{ID}.scope"),                  // runc, systemd driver
+            format!("/docker/{ID}"),                                   // Docker, cgroupfs
+            format!("/system.slice/docker-{ID}.scope"),                // Docker, systemd
+            format!("/system.slice/containerd.service/kubepods-burstable-pod1234.slice:cri-containerd:{ID}"),
+            format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/cri-containerd-{ID}.scope"),
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/crio-{ID}.scope"),
+            format!("/kubepods/burstable/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/{ID}"), // k8s cgroupfs
+            format!("/machine.slice/libpod-{ID}.scope/container"),     // podman, nested
+            format!("/docker/{ID}/system.slice/nginx.service"),        // systemd inside
+            format!("/../../{ID}"), // seen from another cgroup namespace
+        ];
+        for path in &paths {
+            let r = check(&v2(path), &[ID]);
+            // The containerd path with ':' is a cgroupsPath spelling, not a
+            // real cgroup: it must not match by accident.
+            if path.contains(":cri-containerd:") {
+                assert!(r.is_err(), "{path}");
+                continue;
+            }
+            let info = r.unwrap_or_else(|d| panic!("{path}: {d:?}"));
+            assert_eq!(info.matched, ID);
+            assert_eq!(info.cgroup, *path);
+            assert_eq!(info.pid, 100);
+        }
+    }
+
+    #[test]
+    fn cgroup_v1_and_hybrid_files_are_recognised() {
+        // Pure v1 (no unified line): every controller places it in the container.
+        let v1 =
+            format!("12:pids:/docker/{ID}\n4:memory:/docker/{ID}\n1:name=systemd:/docker/{ID}\n");
+        assert!(admits(&v1, &[ID]));
+        // Hybrid: all lines.
+        assert!(admits(&v1_all(&format!("/docker/{ID}")), &[ID]));
+        // What runc wrote on this project's CI host: memory nested under
+        // the host's own cgroup (a 32-hex segment), the rest at /<id>.
+        let ci = format!(
+            "9:name=systemd:/{ID}\n4:memory:/process_api/1498266bca3f50b0a6d3d74760d66e98/{ID}\n1:cpu:/{ID}\n0::/{ID}\n"
+        );
+        assert!(admits(&ci, &[ID]));
+        // Hybrid with the unified line at the root: the v1 lines decide,
+        // and all of them must agree.
+        let split = format!("4:memory:/docker/{ID}\n1:name=systemd:/docker/{OTHER}\n0::/\n");
+        assert_eq!(
+            check(&split, &[ID]).unwrap_err().reason,
+            DenyReason::NotAllowed
+        );
+        let ok = format!("4:memory:/docker/{ID}\n3:rdma:/\n1:name=systemd:/docker/{ID}\n0::/\n");
+        assert!(admits(&ok, &[ID]));
+        // On a hybrid host the unified line decides when it is set.
+        let unified = format!("4:memory:/user.slice\n0::/system.slice/docker-{ID}.scope\n");
+        assert!(admits(&unified, &[ID]));
+    }
+
+    #[test]
+    fn the_hosts_processes_and_other_containers_are_refused() {
+        let host = v1_all("/");
+        assert_eq!(
+            check(&host, &[ID]).unwrap_err().reason,
+            DenyReason::NotInAContainer
+        );
+        let session = v2("/user.slice/user-0.slice/session-1.scope");
+        let d = check(&session, &[ID]).unwrap_err();
+        assert_eq!(d.reason, DenyReason::NotAllowed);
+        assert_eq!(
+            d.cgroup.as_deref(),
+            Some("/user.slice/user-0.slice/session-1.scope")
+        );
+        assert!(!admits(&v2(&format!("/docker/{OTHER}")), &[ID]));
+        assert!(!admits(
+            &v2(&format!("/system.slice/docker-{OTHER}.scope")),
+            &[ID]
+        ));
+        // The container monitor is not the container.
+        assert!(!admits(
+            &v2(&format!("/machine.slice/libpod-conmon-{ID}.scope")),
+            &[ID]
+        ));
+        assert!(!admits(
+            &v2(&format!("/system.slice/crio-conmon-{ID}.scope")),
+            &[ID]
+        ));
+    }
+
+    #[test]
+    fn a_container_cannot_nest_itself_under_our_id() {
+        // Another container that may write its cgroup tree makes a child
+        // named after ours: the first container segment is its own.
+        assert!(!admits(&v2(&format!("/docker/{OTHER}/{ID}")), &[ID]));
+        assert!(!admits(
+            &v2(&format!("/system.slice/docker-{OTHER}.scope/{ID}")),
+            &[ID]
+        ));
+        assert!(!admits(
+            &v2(&format!(
+                "/kubepods/besteffort/podx/{OTHER}/docker-{ID}.scope"
+            )),
+            &[ID]
+        ));
+    }
+
+    #[test]
+    fn lookalike_ids_are_refused() {
+        let lookalikes = [
+            format!("/docker/{ID}x"),
+            format!("/docker/x{ID}"),
+            format!("/docker/{ID}-evil"),
+            format!("/docker/{}", &ID[..63]),
+            format!("/system.slice/docker-{ID}-evil.scope"),
+            format!("/system.slice/docker-{ID}.scopex"),
+            format!("/system.slice/evil-{ID}.scope"),
+            format!("/docker/{}", ID.to_ascii_uppercase()),
+            format!("/{ID}.d"),
+            format!("/docker{ID}"),
+        ];
+        for path in &lookalikes {
+            assert!(!admits(&v2(path), &[ID]), "{path}");
+        }
+        // Plain runc names must match the whole segment.
+        assert!(admits(&v2("/app-1"), &["app-1"]));
+        assert!(!admits(&v2("/app-1x"), &["app-1"]));
+        assert!(!admits(&v2("/app-10"), &["app-1"]));
+        assert!(!admits(&v2("/xapp-1"), &["app-1"]));
+        assert!(!admits(&v2("/app"), &["app-1"]));
+    }
+
+    #[test]
+    fn id_prefixes_of_twelve_or_more_match_full_ids_only() {
+        let short = &ID[..12];
+        assert!(admits(&v2(&format!("/docker/{ID}")), &[short]));
+        assert!(admits(
+            &v2(&format!("/system.slice/docker-{ID}.scope")),
+            &[&ID[..20]]
+        ));
+        assert!(admits(
+            &v2(&format!("/docker/{ID}")),
+            &[&short.to_ascii_uppercase()]
+        ));
+        // A prefix of another id does not match ours.
+        assert!(!admits(&v2(&format!("/docker/{OTHER}")), &[short]));
+        // A prefix matches a 64-hex id, not a name that happens to start with it.
+        assert!(!admits(&v2(&format!("/{short}-something")), &[short]));
+        assert!(!admits(&v2(&format!("/{}", &ID[..40])), &[short]));
+        // Under twelve is refused at start.
+        let err = CallerPolicy::new(vec![ID[..11].into()], vec![]).unwrap_err();
+        assert_eq!(err, PolicyError::ShortPrefix(ID[..11].into()));
+        assert!(err.to_string().contains("at least 12"));
+    }
+
+    #[test]
+    fn allow_cgroup_matches_at_a_segment_boundary() {
+        let p = FakeProc::new();
+        p.add(1, &v2("/system.slice/app.service"))
+            .add(2, &v2("/system.slice/app.service/worker"))
+            .add(3, &v2("/system.slice/app.service2"))
+            .add(4, &v2("/system.slice"))
+            .add(5, &v2(&format!("/docker/{ID}")));
+        let policy = p.policy(&[], &["/system.slice/app.service/"]);
+        assert_eq!(
+            policy.check(1).unwrap().matched,
+            "/system.slice/app.service"
+        );
+        assert!(policy.check(2).is_ok());
+        assert!(policy.check(3).is_err());
+        assert!(policy.check(4).is_err());
+        assert!(policy.check(5).is_err());
+        // Either rule admits.
+        let both = p.policy(&[ID], &["/system.slice/app.service"]);
+        assert!(both.check(1).is_ok() && both.check(5).is_ok() && both.check(3).is_err());
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_the_rule() {
+        let bad = |ids: &[&str], cgroups: &[&str]| {
+            CallerPolicy::new(
+                ids.iter().map(|s| s.to_string()).collect(),
+                cgroups.iter().map(|s| s.to_string()).collect(),
+            )
+            .unwrap_err()
+        };
+        assert_eq!(bad(&[], &[]), PolicyError::Empty);
+        for id in ["", "a/b", "..", ".x", "a b", "a:b"] {
+            assert!(
+                matches!(bad(&[id], &[]), PolicyError::BadContainerId(_)),
+                "{id:?}"
+            );
+        }
+        for path in ["/", "", "relative", "/a/../b", "/a//b", "/a/./b"] {
+            assert!(
+                matches!(bad(&[], &[path]), PolicyError::BadCgroupPath(_)),
+                "{path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pid_zero_is_refused() {
+        let p = FakeProc::new();
+        p.add(0, &v2(&format!("/{ID}")));
+        let d = p.policy(&[ID], &[]).check(0).unwrap_err();
+        assert_eq!(d.reason, DenyReason::OutsidePidNamespace);
+    }
+
+    #[test]
+    fn missing_or_unreadable_proc_entries_are_refused() {
+        let p = FakeProc::new();
+        let policy = p.policy(&[ID], &[]);
+        assert!(matches!(
+            policy.check(77).unwrap_err().reason,
+            DenyReason::ProcUnreadable(_)
+        ));
+        // stat present, cgroup missing: the process is going away.
+        let d = p.dir.path().join("78");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("stat"), stat_line(78, 1)).unwrap();
+        assert_eq!(
+            policy.check(78).unwrap_err().reason,
+            DenyReason::ProcessChanged
+        );
+        // cgroup present, stat missing.
+        let d = p.dir.path().join("79");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::write(d.join("cgroup"), v2(&format!("/{ID}"))).unwrap();
+        assert!(policy.check(79).is_err());
+        // A /proc/PID that is not a directory.
+        std::fs::write(p.dir.path().join("80"), "x").unwrap();
+        assert!(matches!(
+            policy.check(80).unwrap_err().reason,
+            DenyReason::ProcUnreadable(_)
+        ));
+    }
+
+    #[test]
+    fn garbage_lines_are_refused() {
+        let good = format!("0::/docker/{ID}\n");
+        let garbage = [
+            String::new(),
+            "\n".into(),
+            format!("{good}garbage\n"),
+            format!("x::/docker/{ID}\n"),
+            format!("0:memory:/docker/{ID}\n"), // the unified line lists no controllers
+            format!("4::/docker/{ID}\n"),       // a v1 line must
+            format!("4:mem ory:/docker/{ID}\n"),
+            format!("0::docker/{ID}\n"), // relative path
+            format!("-1::/docker/{ID}\n"),
+            format!("0:/docker/{ID}\n"),
+        ];
+        for text in &garbage {
+            let r = check(text, &[ID]);
+            assert!(
+                matches!(
+                    r,
+                    Err(Denial {
+                        reason: DenyReason::UnexpectedFormat(_),
+                        ..
+                    })
+                ),
+                "{text:?}: {r:?}"
+            );
+        }
+        // A path may contain ':'; a cgroup named like ours after it is no match.
+        assert!(!admits(&v2(&format!("/a:{ID}")), &[ID]));
+        assert!(admits(&v2(&format!("/a:b/{ID}")), &[ID]));
+    }
+
+    #[test]
+    fn a_changed_start_time_means_the_pid_was_reused() {
+        let p = FakeProc::new();
+        p.add(55, &v2(&format!("/{ID}")));
+        let policy = p.policy(&[ID], &[]);
+        assert!(policy.check(55).is_ok());
+        let stat = p.dir.path().join("55/stat");
+        let d = policy
+            .check_with(55, || std::fs::write(&stat, stat_line(55, 9999)).unwrap())
+            .unwrap_err();
+        assert_eq!(d.reason, DenyReason::ProcessChanged);
+        // The process vanishing between the reads is refused too.
+        let p2 = FakeProc::new();
+        p2.add(56, &v2(&format!("/{ID}")));
+        let stat = p2.dir.path().join("56/stat");
+        let d = p2
+            .policy(&[ID], &[])
+            .check_with(56, || std::fs::remove_file(&stat).unwrap())
+            .unwrap_err();
+        assert_eq!(d.reason, DenyReason::ProcessChanged);
+    }
+
+    #[test]
+    fn stat_is_parsed_after_the_last_paren() {
+        assert_eq!(parse_start_time(&stat_line(1, 123456)), Some(123456));
+        assert_eq!(parse_start_time("1 (x) S 1"), None);
+        assert_eq!(parse_start_time("no parens at all"), None);
+        // This process's own stat has a start time.
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_start_time(&own).is_some());
+    }
+
+    #[test]
+    fn the_real_proc_is_read() {
+        // This test process: whatever its cgroup, a policy for an id it is
+        // surely not in refuses it for a reason other than an unreadable
+        // /proc or an unexpected format.
+        let policy = CallerPolicy::new(vec![OTHER.into()], vec![]).unwrap();
+        let d = policy.check(std::process::id()).unwrap_err();
+        assert!(
+            matches!(
+                d.reason,
+                DenyReason::NotAllowed | DenyReason::NotInAContainer
+            ),
+            "{d:?}"
+        );
+        // And a policy allowing exactly its own unified cgroup admits it.
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let lines = parse_cgroup_file(&own).unwrap();
+        let deciding = deciding_paths(&lines);
+        if deciding.iter().all(|p| *p == deciding[0]) && !deciding.is_empty() {
+            let policy = CallerPolicy::new(vec![], vec![deciding[0].to_owned()]).unwrap();
+            assert!(policy.check(std::process::id()).is_ok());
+        }
+    }
+
+    #[test]
+    fn any_process_matches_scans_proc() {
+        let p = FakeProc::new();
+        p.add(10, &v2("/user.slice"));
+        assert!(!p.policy(&[ID], &[]).any_process_matches());
+        p.add(11, &v2(&format!("/docker/{ID}")));
+        assert!(p.policy(&[ID], &[]).any_process_matches());
+    }
+
+    #[test]
+    fn refusals_are_counted_with_the_last_one() {
+        let r = Refusals::default();
+        assert_eq!(r.snapshot(), RefusalCounts::default());
+        let denial = |pid| Denial {
+            pid,
+            reason: DenyReason::NotAllowed,
+            cgroup: Some("/docker/x".into()),
+        };
+        r.record(&denial(5), 1000);
+        r.record(&denial(6), 0);
+        let s = r.snapshot();
+        assert_eq!(s.count, 2);
+        let last = s.last.unwrap();
+        assert_eq!((last.pid, last.uid), (6, 0));
+        assert_eq!(last.cgroup.as_deref(), Some("/docker/x"));
+        let json = serde_json::to_value(r.snapshot()).unwrap();
+        assert_eq!(json["count"], 2);
+        assert_eq!(
+            json["last"]["reason"],
+            "caller is not in the mount's container"
+        );
+    }
+}
