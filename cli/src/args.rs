@@ -152,6 +152,16 @@ pub struct MountArgs {
     /// Fail closed: once cut off from the server longer than this, reads fail with EIO (off by default).
     #[arg(long, value_parser = parse_duration)]
     pub max_stale: Option<Duration>,
+    /// Only processes of this container may use the mount (its id as runc,
+    /// Docker, containerd, CRI-O or Kubernetes write it; repeatable).
+    #[arg(long = "container", value_name = "ID")]
+    pub containers: Vec<String>,
+    /// Also allow processes in this cgroup (a path prefix; repeatable).
+    #[arg(long = "allow-cgroup", value_name = "PATH")]
+    pub allow_cgroups: Vec<String>,
+    /// With the caller check, guard .secretfs/status too (by default the host may read it).
+    #[arg(long)]
+    pub strict_status: bool,
 }
 
 #[derive(Debug, Args)]

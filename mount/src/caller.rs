@@ -30,8 +30,6 @@
 //! one directory handle on `/proc/PID`; if the process vanished or the start
 //! time changed, the answer is no.
 
-#![allow(dead_code)] // wired into the FUSE adapter by the lead
-
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;

@@ -66,6 +66,9 @@ pub enum MountError {
         reason: String,
     },
 
+    #[error("{0}")]
+    CallerRule(String),
+
     #[error("FUSE is not available: {0}")]
     FuseUnavailable(String),
 

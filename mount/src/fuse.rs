@@ -26,7 +26,8 @@ use fuser::{
     ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::tree::{Attr, FsError, Kind, Tree, STATUS_INO};
+use crate::guard::Guard;
+use crate::tree::{Attr, FsError, Kind, Tree, ROOT_INO, STATUS_INO};
 
 /// Names and attributes change only through explicit invalidation.
 pub const LONG_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -44,6 +45,8 @@ pub fn lock(tree: &SharedTree) -> MutexGuard<'_, Tree> {
 
 pub struct SecretFs {
     tree: SharedTree,
+    /// The caller check, when `--container`/`--allow-cgroup` is given.
+    guard: Option<Arc<Guard>>,
     /// The kernel accepted FUSE_NO_OPEN_SUPPORT: `open` may answer ENOSYS.
     no_open: bool,
     no_opendir: bool,
@@ -53,8 +56,35 @@ impl SecretFs {
     pub fn new(tree: SharedTree) -> SecretFs {
         SecretFs {
             tree,
+            guard: None,
             no_open: false,
             no_opendir: false,
+        }
+    }
+
+    /// With a caller check: every lookup, open and listing asks us.
+    pub fn with_guard(tree: SharedTree, guard: Option<Arc<Guard>>) -> SecretFs {
+        SecretFs {
+            guard,
+            ..SecretFs::new(tree)
+        }
+    }
+
+    /// Whether the caller of `req` may touch `ino`.
+    fn admit(&self, req: &Request, ino: u64, what: &str) -> bool {
+        match &self.guard {
+            None => true,
+            Some(g) => g.admit(ino, req.pid(), req.uid(), || format!("{what} inode {ino}")),
+        }
+    }
+
+    /// Entry and attribute lifetimes: long, unless the caller check needs
+    /// the kernel to ask us every time.
+    fn ttls(&self, ino: u64) -> (Duration, Duration) {
+        if self.guard.is_some() && ino != STATUS_INO {
+            (Duration::ZERO, Duration::ZERO)
+        } else {
+            (attr_ttl(ino), LONG_TTL)
         }
     }
 }
@@ -107,6 +137,20 @@ fn attr_ttl(ino: u64) -> Duration {
     }
 }
 
+impl SecretFs {
+    /// Listing a folder names secrets: checked, the root's listing too (the
+    /// root is exempt only for the attributes the kernel needs to enter it).
+    fn admit_listing(&self, req: &Request, ino: u64) -> bool {
+        match &self.guard {
+            None => true,
+            Some(g) if ino == ROOT_INO => {
+                g.admit(u64::MAX, req.pid(), req.uid(), || "readdir /".into())
+            }
+            Some(_) => self.admit(req, ino, "readdir"),
+        }
+    }
+}
+
 /// Asks for one capability; an old kernel simply goes without it.
 fn want(config: &mut KernelConfig, flag: InitFlags, name: &str) -> bool {
     match config.add_capabilities(flag) {
@@ -123,12 +167,15 @@ fn want(config: &mut KernelConfig, flag: InitFlags, name: &str) -> bool {
 
 impl Filesystem for SecretFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        self.no_open = want(config, InitFlags::FUSE_NO_OPEN_SUPPORT, "NO_OPEN_SUPPORT");
-        self.no_opendir = want(
-            config,
-            InitFlags::FUSE_NO_OPENDIR_SUPPORT,
-            "NO_OPENDIR_SUPPORT",
-        );
+        // The caller check must see every open: no no-open then.
+        if self.guard.is_none() {
+            self.no_open = want(config, InitFlags::FUSE_NO_OPEN_SUPPORT, "NO_OPEN_SUPPORT");
+            self.no_opendir = want(
+                config,
+                InitFlags::FUSE_NO_OPENDIR_SUPPORT,
+                "NO_OPENDIR_SUPPORT",
+            );
+        }
         // `ls -l` of a directory in one round trip instead of one lookup per
         // entry; the tree counts the lookups readdirplus implies.
         want(config, InitFlags::FUSE_DO_READDIRPLUS, "DO_READDIRPLUS");
@@ -138,10 +185,16 @@ impl Filesystem for SecretFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if let Some(g) = &self.guard {
+            if !g.admit_lookup(parent.0, &name.to_string_lossy(), req.pid(), req.uid()) {
+                return reply.error(Errno::EACCES);
+            }
+        }
         match lock(&self.tree).lookup(parent.0, name) {
             Ok(a) => {
-                reply.entry_with_ttls(&attr_ttl(a.ino), &LONG_TTL, &file_attr(&a), Generation(0))
+                let (attr_ttl, entry_ttl) = self.ttls(a.ino);
+                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &file_attr(&a), Generation(0))
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -151,15 +204,20 @@ impl Filesystem for SecretFs {
         lock(&self.tree).forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if !self.admit(req, ino.0, "getattr") {
+            return reply.error(Errno::EACCES);
+        }
         match lock(&self.tree).getattr(ino.0) {
-            Ok(a) => reply.attr(&attr_ttl(a.ino), &file_attr(&a)),
+            Ok(a) => reply.attr(&self.ttls(a.ino).0, &file_attr(&a)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_open {
+    fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if !self.admit(req, ino.0, "open") {
+            reply.error(Errno::EACCES);
+        } else if self.no_open {
             // The kernel takes ENOSYS as "open needs no daemon" from now on.
             reply.error(Errno::ENOSYS);
         } else {
@@ -167,8 +225,10 @@ impl Filesystem for SecretFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_opendir {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 != ROOT_INO && !self.admit(req, ino.0, "opendir") {
+            reply.error(Errno::EACCES);
+        } else if self.no_opendir {
             reply.error(Errno::ENOSYS);
         } else {
             reply.opened(FileHandle(0), FopenFlags::empty());
@@ -196,12 +256,15 @@ impl Filesystem for SecretFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        if !self.admit_listing(req, ino.0) {
+            return reply.error(Errno::EACCES);
+        }
         let res = lock(&self.tree).readdir(ino.0, offset, false, |e| {
             reply.add(
                 INodeNo(e.attr.ino),
@@ -218,12 +281,15 @@ impl Filesystem for SecretFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        if !self.admit_listing(req, ino.0) {
+            return reply.error(Errno::EACCES);
+        }
         // The reply must be built under the lock: the lookups it implies
         // are counted there, and a forget must not slip in between.
         let res = lock(&self.tree).readdir(ino.0, offset, true, |e| {
@@ -231,7 +297,7 @@ impl Filesystem for SecretFs {
                 INodeNo(e.attr.ino),
                 e.offset,
                 &e.name,
-                &attr_ttl(e.attr.ino),
+                &self.ttls(e.attr.ino).0,
                 &file_attr(&e.attr),
                 Generation(0),
             )

@@ -23,6 +23,12 @@
 //! - `static_mount`: [`StaticMount`], a fixed set of secrets mounted through
 //!   the same adapter without a server (end-to-end tests, benchmarks).
 //!
+//! - `caller` + `guard`: the optional caller check (`--container`,
+//!   `--allow-cgroup`): the calling process's cgroup must place it in the
+//!   container; refusals are counted in the status and reported to the server.
+//! - `privileges`: after mounting, keep only CAP_SYS_ADMIN and CAP_IPC_LOCK
+//!   and set no_new_privs (per thread).
+//!
 //! [`run`] ties them together: first sync (the Watch's initial event),
 //! mount, apply events until shutdown, unmount.
 
@@ -41,6 +47,7 @@ mod updater;
 mod watch;
 
 mod caller;
+mod guard;
 mod privileges;
 
 use std::future::Future;
@@ -90,6 +97,22 @@ pub struct MountOptions {
     /// The files `connect`'s certificate and key came from: read again
     /// when they change, so a renewed certificate needs no remount.
     pub credentials: Option<CredentialFiles>,
+    /// The caller check (`--container`, `--allow-cgroup`): only processes
+    /// in these containers or cgroups may look up, open or list secrets.
+    pub callers: Option<CallerRules>,
+    /// After mounting, keep only the capabilities still needed
+    /// (CAP_SYS_ADMIN to unmount, CAP_IPC_LOCK for mlock) and set
+    /// no_new_privs. Off where the process also does other work (`dev`).
+    pub drop_privileges: bool,
+}
+
+/// Who may use the mount, as given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct CallerRules {
+    pub container_ids: Vec<String>,
+    pub allow_cgroups: Vec<String>,
+    /// Guard `.secretfs/status` too (by default the host may read it).
+    pub strict_status: bool,
 }
 
 impl MountOptions {
@@ -106,6 +129,8 @@ impl MountOptions {
             start_timeout: Duration::from_secs(30),
             max_stale: None,
             credentials: None,
+            callers: None,
+            drop_privileges: false,
         }
     }
 }
@@ -123,6 +148,22 @@ pub async fn run(
         _ => return Err(MountError::NoRuntime),
     }
     forbid_core_dumps();
+    let guard = match &opts.callers {
+        None => None,
+        Some(rules) => {
+            let policy =
+                caller::CallerPolicy::new(rules.container_ids.clone(), rules.allow_cgroups.clone())
+                    .map_err(|e| MountError::CallerRule(e.to_string()))?;
+            if !policy.any_process_matches() {
+                tracing::warn!(
+                    containers = ?rules.container_ids,
+                    cgroups = ?rules.allow_cgroups,
+                    "no running process matches the caller check yet; everyone is refused until one does"
+                );
+            }
+            Some(Arc::new(guard::Guard::new(policy, rules.strict_status)))
+        }
+    };
     mount::check_fuse()?;
     let path = mount::prepare_mountpoint(&opts.mountpoint)?;
     tokio::pin!(shutdown);
@@ -160,7 +201,7 @@ pub async fn run(
 
     // The first sync may have taken a while: check again right before mounting.
     mount::prepare_mountpoint(&path)?;
-    let fs = fuse::SecretFs::new(tree.clone());
+    let fs = fuse::SecretFs::with_guard(tree.clone(), guard.clone());
     let mount_path = path.clone();
     let mounted = tokio::task::spawn_blocking(move || mount::mount(fs, &mount_path))
         .await
@@ -172,8 +213,22 @@ pub async fn run(
     tracing::info!(
         path = %path.display(),
         secrets = snapshot.files().len(),
+        caller_check = guard.is_some(),
         "mounted"
     );
+    if opts.drop_privileges {
+        match privileges::drop_privileges(privileges::MOUNT_KEEPS) {
+            Ok(report) => {
+                tracing::info!(kept = ?report.kept, dropped = report.dropped.len(), "dropped privileges; no_new_privs set")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not drop privileges; carrying on with them")
+            }
+        }
+    }
+    let reporter = guard
+        .clone()
+        .map(|g| tokio::spawn(report_refusals(g, opts.connect.clone())));
 
     let credentials = opts
         .credentials
@@ -205,11 +260,19 @@ pub async fn run(
             () = &mut shutdown => break,
             Some(event) = rx.recv() => updater.on_event(event),
             () = stale => updater.check_stale(),
-            _ = tick.tick() => updater.publish_status(),
+            _ = tick.tick() => {
+                if let Some(g) = &guard {
+                    updater.set_refused_callers(g.counts());
+                }
+                updater.publish_status()
+            }
         }
     }
 
     syncer.abort();
+    if let Some(r) = reporter {
+        r.abort();
+    }
     tracing::info!(path = %path.display(), "shutting down");
     tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
         .await
@@ -217,6 +280,32 @@ pub async fn run(
     // Whatever the kernel still references, no secret outlives `run`.
     updater.wipe();
     Ok(())
+}
+
+/// Sends the caller check's refusals to the server's audit log, batched
+/// once a second; a failed report is logged and dropped (the counts stay in
+/// the status file). Never on the read path.
+async fn report_refusals(guard: Arc<guard::Guard>, connect: ConnectConfig) {
+    let mut client = match secretfs_proto::connect_lazy(&connect) {
+        Ok(ch) => secretfs_proto::v1::secrets_client::SecretsClient::new(ch),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot report refused callers to the server");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let refusals = guard.take_outbox();
+        if refusals.is_empty() {
+            continue;
+        }
+        let n = refusals.len();
+        let req = secretfs_proto::v1::ReportRefusalsRequest { refusals };
+        if let Err(e) = client.report_refusals(req).await {
+            tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
+        }
+    }
 }
 
 struct FirstSync {

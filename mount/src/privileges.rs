@@ -22,8 +22,6 @@
 //! it: a signal to each thread whose handler makes the same raw syscalls,
 //! then a check of every thread's `/proc/self/task/TID/status`.
 
-#![allow(dead_code)] // wired into the mount by the lead
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Mutex;

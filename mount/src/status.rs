@@ -34,6 +34,8 @@ pub struct SyncState {
     pub last_error: Option<String>,
     /// Set when the server refused this client; the mount is then empty.
     pub refused: Option<String>,
+    /// With the caller check on: the processes it refused.
+    pub refused_callers: Option<crate::caller::RefusalCounts>,
 }
 
 #[derive(Serialize)]
@@ -55,6 +57,10 @@ struct StatusJson<'a> {
     skipped: Vec<SkippedJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<&'a str>,
+    /// With `--container`/`--allow-cgroup`: how many requests the caller
+    /// check refused, and the last one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused_callers: Option<&'a crate::caller::RefusalCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     note: Option<String>,
 }
@@ -130,6 +136,7 @@ pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
             })
             .collect(),
         last_error: state.last_error.as_deref(),
+        refused_callers: state.refused_callers.as_ref(),
         note,
     };
     let mut out = serde_json::to_vec_pretty(&json).expect("status serialises");

@@ -207,6 +207,8 @@ pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
     creds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     creds.tick().await; // the first tick is immediate
     loop {
+        // The first sync's stream has delivered its initial event already.
+        let initial_done = live.stream.is_some();
         let opened = match live.stream.take() {
             Some(s) => Ok(s),
             None => {
@@ -226,6 +228,7 @@ pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
                     &mut stream,
                     &events,
                     next_full,
+                    initial_done,
                     &mut creds,
                     || {
                         retry.reset();
@@ -266,6 +269,7 @@ async fn follow(
     stream: &mut Streaming<WatchEvent>,
     events: &mpsc::Sender<SyncEvent>,
     next_full: Instant,
+    initial_done: bool,
     creds: &mut Interval,
     mut on_success: impl FnMut(),
 ) -> Stop {
@@ -273,7 +277,9 @@ async fn follow(
     tokio::pin!(full);
     // A stream that opened but never brings its initial event is as good as
     // a dead server.
-    let mut initial_by = Some(Instant::now() + RPC_TIMEOUT);
+    // (An idle stream after its initial event is fine: HTTP/2 keep-alive
+    // notices a dead connection.)
+    let mut initial_by = (!initial_done).then(|| Instant::now() + RPC_TIMEOUT);
     loop {
         let initial_deadline = async {
             match initial_by {

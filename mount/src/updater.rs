@@ -183,6 +183,11 @@ impl Updater {
         self.send(&mut inval);
     }
 
+    /// The caller check's counters, shown from the next status on.
+    pub fn set_refused_callers(&mut self, counts: crate::caller::RefusalCounts) {
+        self.state.refused_callers = Some(counts);
+    }
+
     /// Rewrites the status file (staleness changes every second).
     pub fn publish_status(&mut self) {
         let now = SystemTime::now();

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use secretfs_mount::{CredentialFiles, MountOptions};
+use secretfs_mount::{CallerRules, CredentialFiles, MountOptions};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -26,6 +26,21 @@ pub async fn run(conn: &ConnArgs, args: MountArgs) -> Result<()> {
             key: key.clone(),
         });
     }
+    if !args.containers.is_empty() || !args.allow_cgroups.is_empty() {
+        opts.callers = Some(CallerRules {
+            container_ids: args.containers,
+            allow_cgroups: args.allow_cgroups,
+            strict_status: args.strict_status,
+        });
+    } else if args.strict_status {
+        return Err(crate::fail::UsageError(
+            "--strict-status goes with the caller check: add --container ID or --allow-cgroup PATH"
+                .into(),
+        )
+        .into());
+    }
+    // This process does nothing but serve the mount: keep only what that needs.
+    opts.drop_privileges = true;
     secretfs_mount::run(opts, super::shutdown_signal()).await?;
     Ok(())
 }

@@ -1,0 +1,141 @@
+//! The caller check at the FUSE boundary: which requests it applies to,
+//! the refusal counters for `.secretfs/status`, and the outbox of refusals
+//! reported to the server's audit log.
+//!
+//! With a guard, the kernel must ask us on every lookup and open: the
+//! adapter turns off no-open and gives names and attributes a zero TTL (a
+//! cached entry would let any process resolve it without us). File pages
+//! stay cached: an inode's bytes never change, and reaching them takes an
+//! open, which is checked.
+
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use secretfs_proto::v1;
+
+use crate::caller::{CallerPolicy, RefusalCounts, Refusals};
+use crate::tree::{CONTROL_INO, ROOT_INO, STATUS_INO};
+
+/// Refusals kept for the next report; more are counted but not itemised.
+const OUTBOX_MAX: usize = 1000;
+
+pub struct Guard {
+    policy: CallerPolicy,
+    refusals: Refusals,
+    /// The status file is then guarded like the secrets.
+    strict_status: bool,
+    outbox: Mutex<Vec<v1::Refusal>>,
+}
+
+impl Guard {
+    pub fn new(policy: CallerPolicy, strict_status: bool) -> Guard {
+        Guard {
+            policy,
+            refusals: Refusals::default(),
+            strict_status,
+            outbox: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether a request on `ino` skips the check: the mount's root (the
+    /// kernel needs its attributes to walk into the mount at all) and,
+    /// unless `--strict-status`, the status folder and file, so operators
+    /// on the host can read them.
+    fn exempt(&self, ino: u64) -> bool {
+        ino == ROOT_INO || (!self.strict_status && (ino == CONTROL_INO || ino == STATUS_INO))
+    }
+
+    /// Checks the calling process for a request on `ino`. `what` describes
+    /// the request for the audit log (a name, never content).
+    pub fn admit(&self, ino: u64, pid: u32, uid: u32, what: impl FnOnce() -> String) -> bool {
+        if self.exempt(ino) {
+            return true;
+        }
+        match self.policy.check(pid) {
+            Ok(_) => true,
+            Err(denial) => {
+                self.refusals.record(&denial, uid);
+                let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+                if outbox.len() < OUTBOX_MAX {
+                    outbox.push(v1::Refusal {
+                        at_ms: SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map(|d| d.as_millis() as i64)
+                            .unwrap_or(0),
+                        pid,
+                        uid,
+                        cgroup: denial.cgroup.clone().unwrap_or_default(),
+                        path: what(),
+                        reason: denial.reason.to_string(),
+                    });
+                }
+                false
+            }
+        }
+    }
+
+    /// A lookup of `name` in `parent`: the name's own inode is not known
+    /// yet, so the status entries are recognised by their place.
+    pub fn admit_lookup(&self, parent: u64, name: &str, pid: u32, uid: u32) -> bool {
+        let target = match (parent, name) {
+            (ROOT_INO, crate::tree::CONTROL_DIR) => CONTROL_INO,
+            (CONTROL_INO, crate::tree::STATUS_FILE) => STATUS_INO,
+            // Any other name is checked (u64::MAX is never exempt).
+            _ => u64::MAX,
+        };
+        self.admit(target, pid, uid, || name.to_owned())
+    }
+
+    pub fn counts(&self) -> RefusalCounts {
+        self.refusals.snapshot()
+    }
+
+    /// Takes the refusals not yet reported.
+    pub fn take_outbox(&self) -> Vec<v1::Refusal> {
+        std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(strict: bool) -> Guard {
+        // A fixture /proc with no processes: every check fails.
+        let proc = tempfile::tempdir().unwrap();
+        let policy = CallerPolicy::with_proc_root(vec!["web".into()], vec![], proc.path()).unwrap();
+        std::mem::forget(proc);
+        Guard::new(policy, strict)
+    }
+
+    #[test]
+    fn root_and_status_are_exempt_unless_strict() {
+        let g = guard(false);
+        assert!(g.admit(ROOT_INO, 42, 0, String::new));
+        assert!(g.admit_lookup(ROOT_INO, ".secretfs", 42, 0));
+        assert!(g.admit_lookup(CONTROL_INO, "status", 42, 0));
+        assert!(g.admit(STATUS_INO, 42, 0, String::new));
+        assert!(!g.admit_lookup(ROOT_INO, "db", 42, 0));
+        assert!(!g.admit(10, 42, 1000, || "inode 10".into()));
+        assert_eq!(g.counts().count, 2);
+        let out = g.take_outbox();
+        assert_eq!(
+            out.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["db", "inode 10"]
+        );
+        assert_eq!(out[1].uid, 1000);
+        assert!(g.take_outbox().is_empty());
+
+        let strict = guard(true);
+        assert!(strict.admit(ROOT_INO, 42, 0, String::new));
+        assert!(!strict.admit_lookup(ROOT_INO, ".secretfs", 42, 0));
+        assert!(!strict.admit(STATUS_INO, 42, 0, String::new));
+    }
+
+    #[test]
+    fn pid_zero_is_refused() {
+        let g = guard(false);
+        assert!(!g.admit(10, 0, 0, String::new));
+        assert!(g.counts().last.unwrap().reason.contains("pid 0"));
+    }
+}
