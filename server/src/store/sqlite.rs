@@ -110,8 +110,17 @@ const SECRET_FROM: &str =
     "secrets s JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version";
 
 pub struct SqliteStore {
+    /// The one connection that writes (SQLite has one writer at a time).
     conn: Mutex<Connection>,
+    /// Connections for reads: in WAL mode readers never wait for the
+    /// writer, so a read is not queued behind a commit's fsync. Empty for an
+    /// in-memory store (one connection is the whole database).
+    readers: Vec<Mutex<Connection>>,
+    next_reader: std::sync::atomic::AtomicUsize,
 }
+
+/// Reader connections: a couple per core is plenty on this workload.
+const READERS: usize = 4;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -135,7 +144,18 @@ impl SqliteStore {
         }
         let conn = Connection::open_with_flags(path, flags)
             .map_err(|e| Error::ReadOnly(format!("cannot open {}: {e}", path.display())))?;
-        Self::setup(conn)
+        let mut store = Self::setup(conn)?;
+        for _ in 0..READERS {
+            let reader = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(Duration::from_secs(5))?;
+            // Belt and braces: these connections never write.
+            reader.pragma_update(None, "query_only", "ON")?;
+            store.readers.push(Mutex::new(reader));
+        }
+        Ok(store)
     }
 
     /// An in-memory store, for unit tests.
@@ -163,6 +183,8 @@ impl SqliteStore {
         migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            readers: Vec::new(),
+            next_reader: Default::default(),
         })
     }
 
@@ -181,9 +203,24 @@ impl SqliteStore {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, Error>) -> Result<T, Error> {
-        let mut conn = self.conn();
+        let mut conn = self.reader();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
         f(&tx)
+    }
+
+    /// A free reader connection if there is one, else the next in turn.
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        if self.readers.is_empty() {
+            return self.conn();
+        }
+        for r in &self.readers {
+            if let Ok(guard) = r.try_lock() {
+                return guard;
+            }
+        }
+        use std::sync::atomic::Ordering;
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        self.readers[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -1151,5 +1188,17 @@ mod tests {
             .unwrap();
         assert_eq!(mode, "wal");
         assert!(SqliteStore::open(&dir.path().join("missing"), false).is_err());
+        // Reads go to reader connections and see every committed write.
+        assert_eq!(s.readers.len(), READERS);
+        for i in 0..10 {
+            add(&s, &format!("s{i}"));
+            assert_eq!(s.get_secret(&format!("s{i}")).unwrap().current_version, 1);
+            assert_eq!(s.revision().unwrap(), i + 1);
+        }
+        let reader = s.reader();
+        let ro: bool = reader
+            .pragma_query_value(None, "query_only", |r| r.get(0))
+            .unwrap();
+        assert!(ro);
     }
 }
