@@ -1,0 +1,328 @@
+//! `secretfs-bench`: runs every benchmark against the real `secretfs` binary
+//! (server, mounts, CLI) and writes BENCHMARKS.md, each figure beside a
+//! baseline measured in the same run.
+//!
+//! - `harness`: starts the real server and mounts, CLI and gRPC helpers.
+//! - `readpath`: libc loops (open+read+close, readdir+stat).
+//! - `echo`: the bare tonic echo service with the server's TLS setup.
+//! - `rows`: one module per group of rows.
+//! - `report`, `stats`: the table and the percentiles.
+
+mod echo;
+mod harness;
+mod readpath;
+mod report;
+mod rows;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::harness::Env;
+use crate::report::{Header, Row};
+
+/// Runs every secretfs benchmark and writes BENCHMARKS.md.
+#[derive(Parser, Debug)]
+#[command(name = "secretfs-bench")]
+struct Cli {
+    /// Tiny sizes: checks every benchmark still works (CI); the figures
+    /// mean little.
+    #[arg(long)]
+    quick: bool,
+    /// The secretfs binary to measure (default: next to this executable).
+    #[arg(long)]
+    secretfs: Option<PathBuf>,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Run only these rows (repeatable): read, caller-check, first-read,
+    /// readdir, rpc, rotate, propagation, watch-fanout, mount-rss,
+    /// mount-start, scale.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Scratch space for state directories and mountpoints (on disk, not
+    /// tmpfs: the durable rows need a real fsync).
+    #[arg(long, default_value = "/var/tmp")]
+    work_dir: PathBuf,
+    #[command(subcommand)]
+    helper: Option<Helper>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Helper {
+    /// (internal) The echo baseline server.
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        payload: PathBuf,
+        #[arg(long, default_value = "secretfs.local")]
+        trust_domain: String,
+    },
+    /// (internal) The read loop, run in a child placed in a container's
+    /// cgroup for the caller-check row.
+    #[command(hide = true)]
+    ReadLoop {
+        #[arg(long)]
+        fuse: PathBuf,
+        #[arg(long)]
+        tmpfs: PathBuf,
+        #[arg(long)]
+        iterations: u32,
+        #[arg(long)]
+        rounds: u32,
+        #[arg(long)]
+        expect: usize,
+    },
+}
+
+pub const ALL_ROWS: &[&str] = &[
+    "read",
+    "caller-check",
+    "first-read",
+    "readdir",
+    "rpc",
+    "rotate",
+    "propagation",
+    "watch-fanout",
+    "mount-rss",
+    "mount-start",
+    "scale",
+];
+
+/// Sizes for a full or a quick run.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizes {
+    pub quick: bool,
+    pub read_iterations: u32,
+    pub read_rounds: u32,
+    pub readdir_iterations: u32,
+    pub rpc_seconds: f64,
+    pub rotations: usize,
+    pub propagation_rotations: usize,
+    pub propagation_mounts: usize,
+    pub watch_streams: usize,
+    pub rss_counts: [usize; 2],
+    pub start_runs: usize,
+    pub scale_big: (usize, usize, usize),
+    pub scale_small: (usize, usize, usize),
+    pub scale_calls: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                quick,
+                read_iterations: 2_000,
+                read_rounds: 2,
+                readdir_iterations: 200,
+                rpc_seconds: 0.5,
+                rotations: 50,
+                propagation_rotations: 10,
+                propagation_mounts: 3,
+                watch_streams: 20,
+                rss_counts: [10, 50],
+                start_runs: 2,
+                // (secrets, clients, groups)
+                scale_big: (500, 50, 5),
+                scale_small: (100, 10, 1),
+                scale_calls: 30,
+            }
+        } else {
+            Sizes {
+                quick,
+                read_iterations: 100_000,
+                read_rounds: 3,
+                readdir_iterations: 5_000,
+                rpc_seconds: 5.0,
+                rotations: 2_000,
+                propagation_rotations: 1_000,
+                propagation_mounts: 100,
+                watch_streams: 1_000,
+                rss_counts: [100, 1_000],
+                start_runs: 10,
+                scale_big: (100_000, 10_000, 1_000),
+                scale_small: (1_000, 100, 10),
+                scale_calls: 500,
+            }
+        }
+    }
+}
+
+/// What every row gets.
+pub struct Ctx {
+    pub env: Env,
+    pub sizes: Sizes,
+    pub rt: tokio::runtime::Runtime,
+    /// This executable, for helper subprocesses.
+    pub me: PathBuf,
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn raise_nofile() {
+    // 1,000 watchers and 100 mounts need more descriptors than the usual
+    // soft limit; children inherit it.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            let want = lim.rlim_max.min(65_536);
+            if lim.rlim_cur < want {
+                lim.rlim_cur = want;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.helper {
+        Some(Helper::EchoServer {
+            state,
+            payload,
+            trust_domain,
+        }) => return echo::run(&state, &payload, &trust_domain),
+        Some(Helper::ReadLoop {
+            fuse,
+            tmpfs,
+            iterations,
+            rounds,
+            expect,
+        }) => return rows::read::read_loop_child(&fuse, &tmpfs, iterations, rounds, expect),
+        None => {}
+    }
+    for o in &cli.only {
+        anyhow::ensure!(
+            ALL_ROWS.contains(&o.as_str()),
+            "unknown row {o:?}; rows: {}",
+            ALL_ROWS.join(", ")
+        );
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_nofile();
+    let me = std::env::current_exe()?;
+    let bin = match cli.secretfs {
+        Some(p) => p,
+        None => me.with_file_name("secretfs"),
+    };
+    anyhow::ensure!(
+        bin.exists(),
+        "no secretfs binary at {}: build it (`cargo build --release -p secretfs`) or pass --secretfs PATH",
+        bin.display()
+    );
+    let scratch = tempfile::Builder::new()
+        .prefix("secretfs-bench-")
+        .tempdir_in(&cli.work_dir)
+        .with_context(|| format!("scratch dir in {}", cli.work_dir.display()))?;
+    let sizes = Sizes::new(cli.quick);
+    let ctx = Ctx {
+        env: Env {
+            bin: bin.clone(),
+            work: scratch.path().to_owned(),
+        },
+        sizes,
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+        me,
+    };
+    let started = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
+    let load_before = sh("uptime");
+    let t0 = Instant::now();
+    let want = |id: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == id);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    for id in ALL_ROWS {
+        if !want(id) {
+            continue;
+        }
+        eprintln!("[secretfs-bench] {id} ...");
+        let t = Instant::now();
+        let produced = rows::run(id, &ctx).unwrap_or_else(|e| {
+            failed.push(format!("{id}: {e:#}"));
+            vec![Row::new(id, *id, "—").not_run(format!("error: {e:#}"))]
+        });
+        for r in &produced {
+            eprintln!(
+                "[secretfs-bench]   {}: {} | baseline {} | {} | floor {} ({:.1} s)",
+                r.what,
+                r.secretfs,
+                r.baseline,
+                r.ratio,
+                r.floor,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        rows.extend(produced);
+    }
+    let mut command = String::from(
+        "cargo build --release -p secretfs -p secretfs-bench\ntarget/release/secretfs-bench",
+    );
+    if cli.quick {
+        command.push_str(" --quick");
+    }
+    let header = Header {
+        mode: if cli.quick {
+            "--quick (tiny sizes: checks that every benchmark works; figures are not meaningful)"
+        } else {
+            "full"
+        },
+        started,
+        load_before,
+        load_after: sh("uptime"),
+        machine: format!(
+            "{} CPUs, {}, kernel {}",
+            sh("nproc"),
+            sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
+            sh("uname -r")
+        ),
+        commit: {
+            format!(
+                "{}{} (binary {})",
+                sh("git rev-parse --short HEAD 2>/dev/null"),
+                if sh("git status --porcelain 2>/dev/null | grep -v '^??' | head -1").is_empty() {
+                    ""
+                } else {
+                    " + uncommitted changes"
+                },
+                bin.display()
+            )
+        },
+        command,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    // The notes as they are in the source tree now (they are edited after
+    // a run), else as they were at build time.
+    let notes = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/NOTES.md"))
+        .unwrap_or_else(|_| include_str!("../NOTES.md").to_owned());
+    let text = report::render(&header, &rows, &notes);
+    std::fs::write(&cli.out, text).with_context(|| format!("write {}", cli.out.display()))?;
+    eprintln!("[secretfs-bench] wrote {}", cli.out.display());
+    // A benchmark that broke fails the run (CI runs --quick for this); a
+    // missed floor does not: it is a finding, written in the report.
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} benchmark(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    Ok(())
+}
