@@ -11,9 +11,10 @@ use tokio::sync::{broadcast, watch};
 /// What changed, as a hint for who needs to look.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// A secret's current version or existence changed (rotate, rollback,
-    /// delete): only views holding it are affected.
-    Secret { id: u64 },
+    /// A secret's current version changed (rotate, rollback): only views
+    /// holding it are affected. `revision` was read after the commit, so it
+    /// is at least this change's (read once here, not once per watcher).
+    Secret { id: u64, revision: u64 },
     /// Grants or clients changed: any view may be affected, and a watcher's
     /// client may be gone.
     Access,

@@ -19,6 +19,16 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// Tells watchers a secret's version changed.
+    async fn publish_secret(&self, id: u64) {
+        let shared = self.shared.clone();
+        match blocking(move || shared.store.revision()).await {
+            Ok(revision) => self.shared.hub.publish(Change::Secret { id, revision }),
+            // Without a revision, make every watcher recompute its view.
+            Err(_) => self.shared.hub.publish(Change::Access),
+        }
+    }
+
     pub fn new(shared: Arc<Shared>) -> Self {
         AdminService { shared }
     }
@@ -156,7 +166,7 @@ impl Admin for AdminService {
             )
         })
         .await?;
-        self.shared.hub.publish(Change::Secret { id: rec.id });
+        self.publish_secret(rec.id).await;
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rotated");
         Ok(Response::new(secret_meta(&rec)))
     }
@@ -229,7 +239,7 @@ impl Admin for AdminService {
                 .rollback_secret(&r.name, r.version, caller.name())
         })
         .await?;
-        self.shared.hub.publish(Change::Secret { id: rec.id });
+        self.publish_secret(rec.id).await;
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rolled back");
         Ok(Response::new(secret_meta(&rec)))
     }

@@ -56,10 +56,10 @@ pub async fn run(
     tracing::debug!(client = %name, "watch started");
     // Secrets rotated or rolled back since the last event; `None` means
     // "recompute the whole view".
-    let mut only: Option<Vec<u64>> = None;
+    let mut only: Option<(Vec<u64>, u64)> = None;
     loop {
         let result = match only.take() {
-            Some(ids) => rotated(&shared, &caller, &mut held, &ids).await,
+            Some((ids, revision)) => rotated(&shared, &caller, &mut held, &ids, revision).await,
             None => delta(&shared, &caller, &mut held, initial).await,
         };
         match result {
@@ -80,6 +80,7 @@ pub async fn run(
         let mut relevant = false;
         let mut access = false;
         let mut ids = Vec::new();
+        let mut revision = 0;
         while !relevant {
             let first = tokio::select! {
                 r = changes.recv() => r,
@@ -92,9 +93,10 @@ pub async fn run(
             let mut next = Some(first.map_err(Lag::from));
             while let Some(r) = next {
                 match r {
-                    Ok(Change::Secret { id }) => {
+                    Ok(Change::Secret { id, revision: r }) => {
                         if held.values().any(|(held_id, _)| *held_id == id) {
                             relevant = true;
+                            revision = revision.max(r);
                             if !ids.contains(&id) {
                                 ids.push(id);
                             }
@@ -116,7 +118,7 @@ pub async fn run(
             }
         }
         if !access {
-            only = Some(ids);
+            only = Some((ids, revision));
         }
         if access {
             if let Err(status) = still_allowed(&shared, &caller).await {
@@ -259,6 +261,7 @@ async fn rotated(
     caller: &Caller,
     held: &mut Held,
     ids: &[u64],
+    revision: u64,
 ) -> Result<Option<v1::WatchEvent>, Status> {
     let shared2 = shared.clone();
     let client_id = caller.client.id;
@@ -266,7 +269,6 @@ async fn rotated(
     let ids = ids.to_vec();
     let snapshot = held.clone();
     let (event, updates, audit) = blocking(move || {
-        let revision = shared2.store.revision()?;
         let mut upserts = Vec::new();
         let mut updates = Vec::new();
         let mut audit = Vec::new();

@@ -153,6 +153,10 @@ impl SqliteStore {
             reader.busy_timeout(Duration::from_secs(5))?;
             // Belt and braces: these connections never write.
             reader.pragma_update(None, "query_only", "ON")?;
+            // Reads of a large store should come from memory, not pread:
+            // map up to 1 GiB of the file and keep 32 MiB of pages cached.
+            reader.pragma_update(None, "mmap_size", 1i64 << 30)?;
+            reader.pragma_update(None, "cache_size", -32 * 1024)?;
             store.readers.push(Mutex::new(reader));
         }
         Ok(store)
