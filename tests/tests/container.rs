@@ -12,50 +12,15 @@ use common::*;
 /// An OCI bundle: a busybox rootfs and a config.json running `args` as
 /// `uid`, with `secrets` bind-mounted read-only at /run/secrets.
 fn bundle(dir: &Path, secrets: &Path, uid: u32, args: &[&str]) -> PathBuf {
-    for tool in ["runc", "/bin/busybox"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "{tool} is missing: the container tests need runc and busybox-static (scripts/test.sh installs them)"
-        );
-    }
-    let bundle = dir.join(format!("bundle-{}", marker("b")));
-    let rootfs = bundle.join("rootfs");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "run/secrets"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    let spec = Command::new("runc")
-        .args(["spec", "--bundle"])
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        spec.status.success(),
-        "runc spec: {}",
-        String::from_utf8_lossy(&spec.stderr)
+    let mut b = OciBundle::new(dir, args);
+    b.config["process"]["user"] = serde_json::json!({"uid": uid, "gid": uid});
+    b.bind(
+        secrets,
+        "/run/secrets",
+        &["ro", "nosuid", "nodev", "noexec"],
     );
-    let path = bundle.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    config["process"]["terminal"] = false.into();
-    config["process"]["args"] = args.iter().map(|a| serde_json::Value::from(*a)).collect();
-    config["process"]["user"] = serde_json::json!({"uid": uid, "gid": uid});
-    config["mounts"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "destination": "/run/secrets",
-            "type": "bind",
-            "source": secrets,
-            "options": ["rbind", "ro", "nosuid", "nodev", "noexec"],
-        }));
-    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-    bundle
+    b.write();
+    b.path
 }
 
 fn run_container(bundle: &Path) -> Run {

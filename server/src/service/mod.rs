@@ -60,6 +60,15 @@ where
     F: FnOnce() -> Result<T, Error> + Send + 'static,
     T: Send + 'static,
 {
+    // The store has one writer and a few reader connections: more threads
+    // than that only queue on their locks. Bounding them keeps a burst (a
+    // rotation seen by 1,000 watchers) from spawning hundreds of blocking
+    // threads that fight over two cores.
+    static STORE_CALLS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+    let _permit = STORE_CALLS
+        .acquire()
+        .await
+        .map_err(|_| Status::internal("the server is shutting down"))?;
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(Status::from),
         Err(e) => {

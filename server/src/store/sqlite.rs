@@ -377,6 +377,53 @@ fn group_record(tx: &Transaction<'_>, name: &str) -> Result<GroupRecord, Error> 
     })
 }
 
+/// What a group holds: clients or secrets.
+#[derive(Clone, Copy)]
+enum Member {
+    Client,
+    Secret,
+}
+
+/// Adds `name` to `group` (or takes it out), audited; adding twice or
+/// removing what is not there changes nothing and says so.
+fn set_membership(
+    tx: &Transaction<'_>,
+    kind: Member,
+    group: &str,
+    name: &str,
+    member: bool,
+    actor: &str,
+) -> Result<GroupRecord, Error> {
+    let (table, entity, link, column) = match kind {
+        Member::Client => ("clients", "client", "group_clients", "client_id"),
+        Member::Secret => ("secrets", "secret", "group_secrets", "secret_id"),
+    };
+    let gid = id_by_name(tx, "groups", "group", group)?;
+    let id = id_by_name(tx, table, entity, name)?;
+    let sql = if member {
+        format!("INSERT OR IGNORE INTO {link} (group_id, {column}) VALUES (?1, ?2)")
+    } else {
+        format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2")
+    };
+    let changed = tx.execute(&sql, params![gid, id])?;
+    let action = format!("group.{}-{entity}", if member { "add" } else { "remove" });
+    let mut entry = AuditEntry {
+        group: Some(group.to_owned()),
+        detail: if changed == 0 {
+            "no change".into()
+        } else {
+            String::new()
+        },
+        ..change(actor, &action)
+    };
+    match kind {
+        Member::Client => entry.client = Some(name.to_owned()),
+        Member::Secret => entry.secret = Some(name.to_owned()),
+    }
+    record_change(tx, &entry)?;
+    group_record(tx, group)
+}
+
 fn names(tx: &Transaction<'_>, sql: &str, id: i64) -> Result<Vec<String>, Error> {
     let mut stmt = tx.prepare_cached(sql)?;
     let rows = stmt.query_map([id], |r| r.get(0))?;
@@ -745,36 +792,7 @@ impl Store for SqliteStore {
         member: bool,
         actor: &str,
     ) -> Result<GroupRecord, Error> {
-        self.write(|tx| {
-            let gid = id_by_name(tx, "groups", "group", group)?;
-            let cid = id_by_name(tx, "clients", "client", client)?;
-            let (sql, action) = if member {
-                (
-                    "INSERT OR IGNORE INTO group_clients (group_id, client_id) VALUES (?1, ?2)",
-                    "group.add-client",
-                )
-            } else {
-                (
-                    "DELETE FROM group_clients WHERE group_id = ?1 AND client_id = ?2",
-                    "group.remove-client",
-                )
-            };
-            let changed = tx.execute(sql, params![gid, cid])?;
-            record_change(
-                tx,
-                &AuditEntry {
-                    group: Some(group.to_owned()),
-                    client: Some(client.to_owned()),
-                    detail: if changed == 0 {
-                        "no change".into()
-                    } else {
-                        String::new()
-                    },
-                    ..change(actor, action)
-                },
-            )?;
-            group_record(tx, group)
-        })
+        self.write(|tx| set_membership(tx, Member::Client, group, client, member, actor))
     }
 
     fn set_group_secret(
@@ -784,36 +802,7 @@ impl Store for SqliteStore {
         member: bool,
         actor: &str,
     ) -> Result<GroupRecord, Error> {
-        self.write(|tx| {
-            let gid = id_by_name(tx, "groups", "group", group)?;
-            let sid = id_by_name(tx, "secrets", "secret", secret)?;
-            let (sql, action) = if member {
-                (
-                    "INSERT OR IGNORE INTO group_secrets (group_id, secret_id) VALUES (?1, ?2)",
-                    "group.add-secret",
-                )
-            } else {
-                (
-                    "DELETE FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2",
-                    "group.remove-secret",
-                )
-            };
-            let changed = tx.execute(sql, params![gid, sid])?;
-            record_change(
-                tx,
-                &AuditEntry {
-                    group: Some(group.to_owned()),
-                    secret: Some(secret.to_owned()),
-                    detail: if changed == 0 {
-                        "no change".into()
-                    } else {
-                        String::new()
-                    },
-                    ..change(actor, action)
-                },
-            )?;
-            group_record(tx, group)
-        })
+        self.write(|tx| set_membership(tx, Member::Secret, group, secret, member, actor))
     }
 
     fn client_access(&self, client: &str) -> Result<Vec<AccessRecord>, Error> {
@@ -851,34 +840,51 @@ impl Store for SqliteStore {
         names: &[String],
     ) -> Result<(Vec<SealedSecret>, Vec<String>), Error> {
         self.read(|tx| {
-            let readable = readable(tx, client_id)?;
-            let (wanted, denied): (Vec<SecretRecord>, Vec<String>) = if names.is_empty() {
-                (readable, Vec::new())
-            } else {
-                let by_name: BTreeMap<&str, &SecretRecord> =
-                    readable.iter().map(|s| (s.name.as_str(), s)).collect();
-                let mut wanted = Vec::with_capacity(names.len());
-                let mut denied = Vec::new();
-                for n in names {
-                    match by_name.get(n.as_str()) {
-                        Some(s) => wanted.push((*s).clone()),
-                        None => denied.push(n.clone()),
-                    }
+            if names.is_empty() {
+                let readable = readable(tx, client_id)?;
+                let mut stmt = tx.prepare_cached(
+                    "SELECT wrapped_key, ciphertext FROM secret_versions WHERE secret_id = ?1 AND version = ?2",
+                )?;
+                let mut out = Vec::with_capacity(readable.len());
+                for record in readable {
+                    let sealed = stmt.query_row(
+                        params![record.id as i64, record.current_version as i64],
+                        |r| {
+                            Ok(Sealed {
+                                wrapped_key: r.get(0)?,
+                                ciphertext: r.get(1)?,
+                            })
+                        },
+                    )?;
+                    out.push(SealedSecret { record, sealed });
                 }
-                (wanted, denied)
-            };
-            let mut stmt = tx.prepare_cached(
-                "SELECT wrapped_key, ciphertext FROM secret_versions WHERE secret_id = ?1 AND version = ?2",
-            )?;
-            let mut out = Vec::with_capacity(wanted.len());
-            for record in wanted {
-                let sealed = stmt.query_row(params![record.id as i64, record.current_version as i64], |r| {
-                    Ok(Sealed {
-                        wrapped_key: r.get(0)?,
-                        ciphertext: r.get(1)?,
+                return Ok((out, Vec::new()));
+            }
+            // Named reads cost what they ask for, not the client's whole view.
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
+                  WHERE s.name = ?2 AND EXISTS (
+                        SELECT 1 FROM group_clients gc JOIN group_secrets gs ON gs.group_id = gc.group_id
+                         WHERE gc.client_id = ?1 AND gs.secret_id = s.id)"
+            ))?;
+            let mut out = Vec::with_capacity(names.len());
+            let mut denied = Vec::new();
+            for n in names {
+                let found = stmt
+                    .query_row(params![client_id as i64, n], |r| {
+                        Ok(SealedSecret {
+                            record: secret_from_row(r)?,
+                            sealed: Sealed {
+                                wrapped_key: r.get(14)?,
+                                ciphertext: r.get(15)?,
+                            },
+                        })
                     })
-                })?;
-                out.push(SealedSecret { record, sealed });
+                    .optional()?;
+                match found {
+                    Some(s) => out.push(s),
+                    None => denied.push(n.clone()),
+                }
             }
             Ok((out, denied))
         })
