@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use super::*;
 
@@ -117,6 +117,22 @@ pub struct SqliteStore {
     /// in-memory store (one connection is the whole database).
     readers: Vec<Mutex<Connection>>,
     next_reader: std::sync::atomic::AtomicUsize,
+    /// Group commit of writes (file stores only; see `write`).
+    group: Mutex<GroupCommit>,
+    committed: std::sync::Condvar,
+    /// Writers waiting for the connection: while there are any, a writer
+    /// leaves the transaction open for them instead of committing.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct GroupCommit {
+    /// A transaction is open on the writer connection.
+    open: bool,
+    /// Bumped by every commit; a writer waits for the one after its job.
+    epoch: u64,
+    /// Epochs whose commit failed, with why (rare; pruned).
+    failed: std::collections::BTreeMap<u64, String>,
 }
 
 /// Reader connections: a couple per core is plenty on this workload.
@@ -189,6 +205,9 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             readers: Vec::new(),
             next_reader: Default::default(),
+            group: Mutex::new(GroupCommit::default()),
+            committed: std::sync::Condvar::new(),
+            waiting: Default::default(),
         })
     }
 
@@ -198,15 +217,91 @@ impl SqliteStore {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, Error>) -> Result<T, Error> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    /// Runs `f` in a write transaction and returns once it is durable.
+    ///
+    /// Group commit: a durable commit (an fsync) costs far more than the
+    /// statements of one change, so writers that queue while one is working
+    /// share its transaction. Each job runs in its own savepoint (a failing
+    /// job rolls back alone); the last writer of a burst commits for all,
+    /// and every writer returns only after the commit that covers its job.
+    /// An in-memory store (tests) has one connection for reads and writes,
+    /// so there each write commits at once.
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.readers.is_empty() {
+            let mut conn = self.conn();
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            return Ok(out);
+        }
+        self.waiting.fetch_add(1, SeqCst);
+        let conn = self.conn();
+        self.waiting.fetch_sub(1, SeqCst);
+        let epoch = {
+            let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            if !g.open {
+                conn.execute_batch("BEGIN IMMEDIATE")?;
+                g.open = true;
+            }
+            g.epoch
+        };
+        conn.execute_batch("SAVEPOINT job")?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&conn)));
+        let keep = matches!(out, Ok(Ok(_)));
+        let closed = if keep {
+            conn.execute_batch("RELEASE job")
+        } else {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        if let Err(e) = closed {
+            // The transaction is in an unknown state: end it for everyone.
+            let _ = conn.execute_batch("ROLLBACK");
+            self.finish(epoch, Some(e.to_string()));
+            return Err(e.into());
+        }
+        if self.waiting.load(SeqCst) == 0 {
+            let committed = conn.execute_batch("COMMIT");
+            if committed.is_err() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            self.finish(epoch, committed.as_ref().err().map(|e| e.to_string()));
+            drop(conn);
+            committed?;
+        } else {
+            // Someone is waiting for the connection: it (or the last of the
+            // burst) commits our job too.
+            drop(conn);
+            let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+            while g.epoch == epoch {
+                g = self.committed.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            if let Some(why) = g.failed.get(&epoch) {
+                return Err(Error::Storage(format!("the commit failed: {why}")));
+            }
+        }
+        match out {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Transaction<'_>) -> Result<T, Error>) -> Result<T, Error> {
+    /// Marks `epoch` committed (or failed) and wakes the writers waiting on it.
+    fn finish(&self, epoch: u64, failure: Option<String>) {
+        let mut g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        g.open = false;
+        g.epoch = epoch + 1;
+        if let Some(why) = failure {
+            g.failed.insert(epoch, why);
+        }
+        while g.failed.len() > 64 {
+            g.failed.pop_first();
+        }
+        drop(g);
+        self.committed.notify_all();
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
         let mut conn = self.reader();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
         f(&tx)
@@ -265,7 +360,7 @@ fn secret_from_row(row: &Row<'_>) -> rusqlite::Result<SecretRecord> {
     })
 }
 
-fn secret_by_name(tx: &Transaction<'_>, name: &str) -> Result<SecretRecord, Error> {
+fn secret_by_name(tx: &Connection, name: &str) -> Result<SecretRecord, Error> {
     tx.query_row(
         &format!("SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} WHERE s.name = ?1"),
         [name],
@@ -275,12 +370,7 @@ fn secret_by_name(tx: &Transaction<'_>, name: &str) -> Result<SecretRecord, Erro
     .ok_or_else(|| Error::not_found("secret", name))
 }
 
-fn id_by_name(
-    tx: &Transaction<'_>,
-    table: &str,
-    kind: &'static str,
-    name: &str,
-) -> Result<i64, Error> {
+fn id_by_name(tx: &Connection, table: &str, kind: &'static str, name: &str) -> Result<i64, Error> {
     tx.query_row(
         &format!("SELECT id FROM {table} WHERE name = ?1"),
         [name],
@@ -290,7 +380,7 @@ fn id_by_name(
     .ok_or_else(|| Error::not_found(kind, name))
 }
 
-fn audit(tx: &Transaction<'_>, e: &AuditEntry) -> Result<(), Error> {
+fn audit(tx: &Connection, e: &AuditEntry) -> Result<(), Error> {
     tx.execute(
         "INSERT INTO audit (at_ms, actor, action, secret, client, grp, version, allowed, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -310,7 +400,7 @@ fn audit(tx: &Transaction<'_>, e: &AuditEntry) -> Result<(), Error> {
 }
 
 /// Audits a change and bumps the revision, in the caller's transaction.
-fn record_change(tx: &Transaction<'_>, e: &AuditEntry) -> Result<(), Error> {
+fn record_change(tx: &Connection, e: &AuditEntry) -> Result<(), Error> {
     audit(tx, e)?;
     tx.execute("UPDATE revision SET value = value + 1 WHERE id = 1", [])?;
     Ok(())
@@ -334,7 +424,7 @@ fn is_unique_violation(err: &rusqlite::Error) -> bool {
 }
 
 fn insert_version(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     id: i64,
     version: u64,
     size: u64,
@@ -349,7 +439,7 @@ fn insert_version(
     Ok(())
 }
 
-fn group_record(tx: &Transaction<'_>, name: &str) -> Result<GroupRecord, Error> {
+fn group_record(tx: &Connection, name: &str) -> Result<GroupRecord, Error> {
     let (id, description, created_at): (i64, String, i64) = tx
         .query_row(
             "SELECT id, description, created_at FROM groups WHERE name = ?1",
@@ -387,7 +477,7 @@ enum Member {
 /// Adds `name` to `group` (or takes it out), audited; adding twice or
 /// removing what is not there changes nothing and says so.
 fn set_membership(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     kind: Member,
     group: &str,
     name: &str,
@@ -424,13 +514,13 @@ fn set_membership(
     group_record(tx, group)
 }
 
-fn names(tx: &Transaction<'_>, sql: &str, id: i64) -> Result<Vec<String>, Error> {
+fn names(tx: &Connection, sql: &str, id: i64) -> Result<Vec<String>, Error> {
     let mut stmt = tx.prepare_cached(sql)?;
     let rows = stmt.query_map([id], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn client_record(tx: &Transaction<'_>, name: &str) -> Result<ClientRecord, Error> {
+fn client_record(tx: &Connection, name: &str) -> Result<ClientRecord, Error> {
     let mut client = tx
         .query_row(
             "SELECT id, name, admin, enabled, pinned, created_at FROM clients WHERE name = ?1",
@@ -955,7 +1045,7 @@ impl Store for SqliteStore {
     }
 }
 
-fn readable(tx: &Transaction<'_>, client_id: u64) -> Result<Vec<SecretRecord>, Error> {
+fn readable(tx: &Connection, client_id: u64) -> Result<Vec<SecretRecord>, Error> {
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM}
           WHERE s.id IN (SELECT gs.secret_id FROM group_clients gc
@@ -1179,6 +1269,54 @@ mod tests {
             .rotate_secret("x", 1, "a", &mut |_, _| Err(Error::Crypto("boom")))
             .is_err());
         assert_eq!(s.revision().unwrap(), r2);
+    }
+
+    #[test]
+    fn concurrent_writes_share_commits_and_a_failing_job_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(SqliteStore::open(&dir.path().join("db"), true).unwrap());
+        for t in 0..4 {
+            add(&s, &format!("t{t}"));
+        }
+        let start = s.revision().unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        s.rotate_secret(&format!("t{t}"), 1, "a", &mut |_, _| Ok(sealed(2)))
+                            .unwrap();
+                        // Failing jobs in the same bursts change nothing.
+                        assert!(s
+                            .rotate_secret("missing", 1, "a", &mut |_, _| Ok(sealed(1)))
+                            .is_err());
+                        let boom = s.rotate_secret(&format!("t{t}"), 1, "a", &mut |_, _| {
+                            Err(Error::Crypto("boom"))
+                        });
+                        assert!(boom.is_err(), "iteration {i}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        for t in 0..4 {
+            let rec = s.get_secret(&format!("t{t}")).unwrap();
+            assert_eq!((rec.current_version, rec.version_count), (51, 51));
+            assert_eq!(s.list_versions(&format!("t{t}")).unwrap().len(), 51);
+        }
+        assert_eq!(s.revision().unwrap(), start + 200);
+        // 600 writes (200 that commit work, 400 that fail) took fewer commits.
+        let commits = s.group.lock().unwrap().epoch;
+        assert!(
+            commits < 600,
+            "{commits} commits for 600 writes: no group commit happened"
+        );
+        // Nothing is left open: a fresh connection sees all of it.
+        drop(s);
+        let again = SqliteStore::open(&dir.path().join("db"), false).unwrap();
+        assert_eq!(again.get_secret("t3").unwrap().version_count, 51);
     }
 
     #[test]
