@@ -427,6 +427,13 @@ impl TestServer {
             }
             if start.elapsed() > Duration::from_secs(40) {
                 let _ = child.kill();
+                let _ = child.wait();
+                // Leave no dead mount behind for the next test run.
+                if is_mounted(path) {
+                    let c = std::ffi::CString::new(path.as_os_str().to_string_lossy().as_bytes())
+                        .unwrap();
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
                 panic!(
                     "mount did not come up at {}: {}",
                     path.display(),
