@@ -156,7 +156,7 @@ impl Server {
             server: self.url(),
             ca_pem: std::fs::read(self.state.join("ca.pem"))?,
             cert_pem: std::fs::read(&who.cert)?,
-            key_pem: std::fs::read(&who.key)?,
+            key_pem: std::fs::read(&who.key)?.into(),
             connect_timeout: Duration::from_secs(20),
         })
     }

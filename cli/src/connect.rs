@@ -42,7 +42,7 @@ pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
         server: server.clone(),
         ca_pem: read_file(ca, "CA certificate", "--ca/SECRETFS_CA")?,
         cert_pem: read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?,
-        key_pem: read_file(key, "client key", "--key/SECRETFS_KEY")?,
+        key_pem: zeroize::Zeroizing::new(read_file(key, "client key", "--key/SECRETFS_KEY")?),
         connect_timeout: Duration::from_secs(10),
     })
 }

@@ -25,7 +25,6 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
-use zeroize::Zeroize;
 
 use crate::backoff::Backoff;
 use crate::credentials::CredentialWatch;
@@ -335,17 +334,16 @@ fn renew(live: &mut Live) -> bool {
     };
     let mut cfg = live.connect.clone();
     cfg.cert_pem = renewed.cert_pem;
-    cfg.key_pem = renewed.key_pem.to_vec();
+    cfg.key_pem = renewed.key_pem;
     match secretfs_proto::connect_lazy(&cfg) {
         Ok(channel) => {
             tracing::info!("the client certificate or key changed; reconnecting with the new one");
             live.source = SecretsSource::new(channel);
-            live.connect.key_pem.zeroize();
+            // The old key is wiped as it is dropped.
             live.connect = cfg;
             true
         }
         Err(e) => {
-            cfg.key_pem.zeroize();
             tracing::warn!(error = %e, "the new client certificate or key cannot be used; keeping the old one");
             false
         }

@@ -211,7 +211,7 @@ fn unreachable_opts(dir: &Path) -> secretfs_mount::MountOptions {
         server: "127.0.0.1:1".into(),
         ca_pem: cert_pem.clone(),
         cert_pem,
-        key_pem: key.signing_key.serialize_pem().into_bytes(),
+        key_pem: key.signing_key.serialize_pem().into_bytes().into(),
         connect_timeout: Duration::from_secs(1),
     };
     let mut opts = secretfs_mount::MountOptions::new(dir, connect);
@@ -248,7 +248,7 @@ fn run_explains_an_unusable_key() {
     bounded(Duration::from_secs(30), || {
         let tmp = tempfile::tempdir().unwrap();
         let mut opts = unreachable_opts(tmp.path());
-        opts.connect.key_pem = b"not a key".to_vec();
+        opts.connect.key_pem = b"not a key".to_vec().into();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

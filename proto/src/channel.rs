@@ -16,7 +16,8 @@ pub struct ConnectConfig {
     pub server: String,
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
+    /// Wiped when the config is dropped (every clone too).
+    pub key_pem: zeroize::Zeroizing<Vec<u8>>,
     pub connect_timeout: Duration,
 }
 

@@ -21,7 +21,7 @@ async fn client(s: &TestServer, who: &Identity) -> SecretsClient<tonic::transpor
         server: s.url(),
         ca_pem: std::fs::read(s.state.join("ca.pem")).unwrap(),
         cert_pem: std::fs::read(&who.cert).unwrap(),
-        key_pem: std::fs::read(&who.key).unwrap(),
+        key_pem: std::fs::read(&who.key).unwrap().into(),
         connect_timeout: Duration::from_secs(10),
     };
     SecretsClient::new(secretfs_proto::connect(&config).await.unwrap())
