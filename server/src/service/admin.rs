@@ -21,8 +21,7 @@ pub struct AdminService {
 impl AdminService {
     /// Tells watchers a secret's version changed.
     async fn publish_secret(&self, id: u64) {
-        let shared = self.shared.clone();
-        match blocking(move || shared.store.revision()).await {
+        match self.shared.on_store(move |store| store.revision()).await {
             Ok(revision) => self.shared.hub.publish(Change::Secret { id, revision }),
             // Without a revision, make every watcher recompute its view.
             Err(_) => self.shared.hub.publish(Change::Access),
@@ -176,8 +175,10 @@ impl Admin for AdminService {
         req: Request<v1::ListSecretsRequest>,
     ) -> Result<Response<v1::ListSecretsResponse>, Status> {
         self.shared.authenticate_admin(&req, "secret.list").await?;
-        let shared = self.shared.clone();
-        let all = blocking(move || shared.store.list_secrets()).await?;
+        let all = self
+            .shared
+            .on_store(move |store| store.list_secrets())
+            .await?;
         Ok(Response::new(v1::ListSecretsResponse {
             secrets: all.iter().map(secret_meta).collect(),
         }))
@@ -192,8 +193,10 @@ impl Admin for AdminService {
             .await?;
         let name = req.into_inner().name;
         check_secret_name(&name)?;
-        let shared = self.shared.clone();
-        let rec = blocking(move || shared.store.get_secret(&name)).await?;
+        let rec = self
+            .shared
+            .on_store(move |store| store.get_secret(&name))
+            .await?;
         Ok(Response::new(secret_meta(&rec)))
     }
 
@@ -206,8 +209,10 @@ impl Admin for AdminService {
             .await?;
         let name = req.into_inner().name;
         check_secret_name(&name)?;
-        let shared = self.shared.clone();
-        let versions = blocking(move || shared.store.list_versions(&name)).await?;
+        let versions = self
+            .shared
+            .on_store(move |store| store.list_versions(&name))
+            .await?;
         Ok(Response::new(v1::ListVersionsResponse {
             versions: versions
                 .into_iter()
@@ -232,13 +237,10 @@ impl Admin for AdminService {
             .await?;
         let r = req.into_inner();
         check_secret_name(&r.name)?;
-        let shared = self.shared.clone();
-        let rec = blocking(move || {
-            shared
-                .store
-                .rollback_secret(&r.name, r.version, caller.name())
-        })
-        .await?;
+        let rec = self
+            .shared
+            .on_store(move |store| store.rollback_secret(&r.name, r.version, caller.name()))
+            .await?;
         self.publish_secret(rec.id).await;
         tracing::info!(secret = %rec.name, version = rec.current_version, "secret rolled back");
         Ok(Response::new(secret_meta(&rec)))
@@ -254,9 +256,10 @@ impl Admin for AdminService {
             .await?;
         let name = req.into_inner().name;
         check_secret_name(&name)?;
-        let shared = self.shared.clone();
         let shown = name.clone();
-        blocking(move || shared.store.delete_secret(&name, caller.name())).await?;
+        self.shared
+            .on_store(move |store| store.delete_secret(&name, caller.name()))
+            .await?;
         self.shared.hub.publish(Change::Access);
         tracing::info!(secret = %shown, "secret deleted");
         Ok(Response::new(v1::Empty {}))
@@ -314,8 +317,10 @@ impl Admin for AdminService {
         req: Request<v1::Empty>,
     ) -> Result<Response<v1::ListClientsResponse>, Status> {
         self.shared.authenticate_admin(&req, "client.list").await?;
-        let shared = self.shared.clone();
-        let all = blocking(move || shared.store.list_clients()).await?;
+        let all = self
+            .shared
+            .on_store(move |store| store.list_clients())
+            .await?;
         Ok(Response::new(v1::ListClientsResponse {
             clients: all.iter().map(client_info).collect(),
         }))
@@ -330,8 +335,10 @@ impl Admin for AdminService {
             .await?;
         let name = req.into_inner().name;
         check_entity_name("client", &name)?;
-        let shared = self.shared.clone();
-        let c = blocking(move || shared.store.get_client(&name)).await?;
+        let c = self
+            .shared
+            .on_store(move |store| store.get_client(&name))
+            .await?;
         Ok(Response::new(client_info(&c)))
     }
 
@@ -351,9 +358,10 @@ impl Admin for AdminService {
             ))
             .into());
         }
-        let shared = self.shared.clone();
         let shown = name.clone();
-        blocking(move || shared.store.remove_client(&name, caller.name())).await?;
+        self.shared
+            .on_store(move |store| store.remove_client(&name, caller.name()))
+            .await?;
         self.shared.clients_changed();
         self.shared.hub.publish(Change::Access);
         tracing::info!(client = %shown, "client removed");
@@ -367,13 +375,10 @@ impl Admin for AdminService {
         let caller = self.shared.authenticate_admin(&req, "group.create").await?;
         let r = req.into_inner();
         check_entity_name("group", &r.name)?;
-        let shared = self.shared.clone();
-        let g = blocking(move || {
-            shared
-                .store
-                .create_group(&r.name, &r.description, caller.name())
-        })
-        .await?;
+        let g = self
+            .shared
+            .on_store(move |store| store.create_group(&r.name, &r.description, caller.name()))
+            .await?;
         Ok(Response::new(group_info(g)))
     }
 
@@ -382,8 +387,10 @@ impl Admin for AdminService {
         req: Request<v1::Empty>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         self.shared.authenticate_admin(&req, "group.list").await?;
-        let shared = self.shared.clone();
-        let all = blocking(move || shared.store.list_groups()).await?;
+        let all = self
+            .shared
+            .on_store(move |store| store.list_groups())
+            .await?;
         Ok(Response::new(v1::ListGroupsResponse {
             groups: all.into_iter().map(group_info).collect(),
         }))
@@ -396,8 +403,9 @@ impl Admin for AdminService {
         let caller = self.shared.authenticate_admin(&req, "group.remove").await?;
         let name = req.into_inner().name;
         check_entity_name("group", &name)?;
-        let shared = self.shared.clone();
-        blocking(move || shared.store.remove_group(&name, caller.name())).await?;
+        self.shared
+            .on_store(move |store| store.remove_group(&name, caller.name()))
+            .await?;
         self.shared.hub.publish(Change::Access);
         Ok(Response::new(v1::Empty {}))
     }
@@ -439,9 +447,11 @@ impl Admin for AdminService {
             .await?;
         let name = req.into_inner().name;
         check_entity_name("client", &name)?;
-        let shared = self.shared.clone();
         let client = name.clone();
-        let access = blocking(move || shared.store.client_access(&name)).await?;
+        let access = self
+            .shared
+            .on_store(move |store| store.client_access(&name))
+            .await?;
         Ok(Response::new(v1::AccessResponse {
             client,
             entries: access_entries(access),
@@ -460,8 +470,10 @@ impl Admin for AdminService {
             since_ms: (q.since > 0).then(|| q.since.saturating_mul(1000)),
             limit: q.limit,
         };
-        let shared = self.shared.clone();
-        let events = blocking(move || shared.store.query_audit(&filter)).await?;
+        let events = self
+            .shared
+            .on_store(move |store| store.query_audit(&filter))
+            .await?;
         Ok(Response::new(v1::AuditResponse {
             events: events
                 .into_iter()
@@ -497,13 +509,12 @@ impl AdminService {
         let r = req.into_inner();
         check_entity_name("group", &r.group)?;
         check_entity_name("client", &r.client)?;
-        let shared = self.shared.clone();
-        let g = blocking(move || {
-            shared
-                .store
-                .set_group_client(&r.group, &r.client, member, caller.name())
-        })
-        .await?;
+        let g = self
+            .shared
+            .on_store(move |store| {
+                store.set_group_client(&r.group, &r.client, member, caller.name())
+            })
+            .await?;
         self.shared.hub.publish(Change::Access);
         Ok(Response::new(group_info(g)))
     }
@@ -522,13 +533,12 @@ impl AdminService {
         let r = req.into_inner();
         check_entity_name("group", &r.group)?;
         check_secret_name(&r.secret)?;
-        let shared = self.shared.clone();
-        let g = blocking(move || {
-            shared
-                .store
-                .set_group_secret(&r.group, &r.secret, member, caller.name())
-        })
-        .await?;
+        let g = self
+            .shared
+            .on_store(move |store| {
+                store.set_group_secret(&r.group, &r.secret, member, caller.name())
+            })
+            .await?;
         self.shared.hub.publish(Change::Access);
         Ok(Response::new(group_info(g)))
     }

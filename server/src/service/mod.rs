@@ -79,6 +79,16 @@ where
 }
 
 impl Shared {
+    /// Runs a store call off the async threads.
+    pub async fn on_store<T, F>(self: &Arc<Self>, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(&dyn Store) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        let this = self.clone();
+        blocking(move || f(this.store.as_ref())).await
+    }
+
     /// Who is calling: the certificate's identity, which must name a
     /// registered, enabled client, presenting a certificate issued to it.
     pub async fn authenticate<T>(self: &Arc<Self>, req: &Request<T>) -> Result<Caller, Status> {

@@ -97,9 +97,11 @@ impl Secrets for SecretsService {
         req: Request<v1::Empty>,
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let caller = self.shared.authenticate(&req).await?;
-        let shared = self.shared.clone();
         let name = caller.client.name.clone();
-        let access = blocking(move || shared.store.client_access(&name)).await?;
+        let access = self
+            .shared
+            .on_store(move |store| store.client_access(&name))
+            .await?;
         Ok(Response::new(v1::WhoAmIResponse {
             client: caller.client.name,
             admin: caller.client.admin,
@@ -113,8 +115,11 @@ impl Secrets for SecretsService {
         req: Request<v1::Empty>,
     ) -> Result<Response<v1::MySecretsResponse>, Status> {
         let caller = self.shared.authenticate(&req).await?;
-        let shared = self.shared.clone();
-        let all = blocking(move || shared.store.readable_secrets(caller.client.id)).await?;
+        let id = caller.client.id;
+        let all = self
+            .shared
+            .on_store(move |store| store.readable_secrets(id))
+            .await?;
         Ok(Response::new(v1::MySecretsResponse {
             secrets: all.iter().map(secret_meta).collect(),
         }))
