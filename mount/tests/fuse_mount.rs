@@ -7,31 +7,14 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use secretfs_mount::{StaticMount, StaticSecret};
 
-const GRACE: Duration = Duration::from_secs(2);
+mod common;
+use common::bounded;
 
-/// Runs `f` on a thread and fails the test if it takes longer than `limit`
-/// (a wedged FUSE call must not hang CI).
-fn bounded(limit: Duration, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    let t = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(()) => t.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(p) = t.join() {
-                std::panic::resume_unwind(p)
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("FUSE test took longer than {limit:?}"),
-    }
-}
+const GRACE: Duration = Duration::from_secs(2);
 
 fn mount(dir: &Path, secrets: Vec<StaticSecret>) -> StaticMount {
     StaticMount::mount(dir, 1000, 1000, 0o400, secrets)
