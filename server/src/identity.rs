@@ -16,17 +16,34 @@ pub enum IdentitySource {
     CommonName,
 }
 
+/// Which CA vouched for a client certificate. A serial means something
+/// only together with its issuer: serials are public (in every certificate,
+/// in `client describe`), and any CA can write any serial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Issuer {
+    /// The server's built-in CA (checked by verifying the certificate
+    /// against that CA alone, not by comparing names).
+    BuiltIn,
+    /// One of the operator's CAs (`server run --client-ca`).
+    External,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
     pub name: String,
     /// Lowercase hex of the certificate's serial.
     pub serial: String,
     pub source: IdentitySource,
+    pub issuer: Issuer,
 }
 
-/// Reads the client identity from a DER certificate (already verified by
-/// the TLS layer against the trusted CA).
-pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity, Error> {
+/// Reads the client identity from a DER certificate, already verified by
+/// the TLS layer, which also found which CA issued it.
+pub fn identity_from_der(
+    der: &[u8],
+    trust_domain: &str,
+    issuer: Issuer,
+) -> Result<PeerIdentity, Error> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
         Error::Unauthenticated(format!("the client certificate cannot be parsed: {e}"))
     })?;
@@ -67,6 +84,7 @@ pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity,
             name: name.to_owned(),
             serial,
             source: IdentitySource::Spiffe,
+            issuer,
         });
     }
 
@@ -86,6 +104,7 @@ pub fn identity_from_der(der: &[u8], trust_domain: &str) -> Result<PeerIdentity,
         name: cn.to_owned(),
         serial,
         source: IdentitySource::CommonName,
+        issuer,
     })
 }
 
@@ -111,8 +130,12 @@ mod tests {
 
     #[test]
     fn spiffe_id_wins_over_cn() {
-        let id =
-            identity_from_der(&cert(Some("other"), &["spiffe://td/client/web"]), "td").unwrap();
+        let id = identity_from_der(
+            &cert(Some("other"), &["spiffe://td/client/web"]),
+            "td",
+            Issuer::BuiltIn,
+        )
+        .unwrap();
         assert_eq!(
             (id.name.as_str(), id.source),
             ("web", IdentitySource::Spiffe)
@@ -121,7 +144,7 @@ mod tests {
 
     #[test]
     fn cn_when_no_uri_san() {
-        let id = identity_from_der(&cert(Some("legacy-app"), &[]), "td").unwrap();
+        let id = identity_from_der(&cert(Some("legacy-app"), &[]), "td", Issuer::BuiltIn).unwrap();
         assert_eq!(
             (id.name.as_str(), id.source),
             ("legacy-app", IdentitySource::CommonName)
@@ -141,9 +164,11 @@ mod tests {
             (cert(None, &[]), "neither"),
             (cert(Some("bad name"), &[]), "CN"),
         ] {
-            let err = identity_from_der(&c, "td").unwrap_err().to_string();
+            let err = identity_from_der(&c, "td", Issuer::BuiltIn)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(why), "{why}: {err}");
         }
-        assert!(identity_from_der(b"garbage", "td").is_err());
+        assert!(identity_from_der(b"garbage", "td", Issuer::BuiltIn).is_err());
     }
 }

@@ -9,6 +9,7 @@
 //!   access checks, audit of reads and denials.
 //! - `audit_log`: group commit of audit entries (reads are audited before
 //!   content leaves the server).
+//! - `auth_cache`: authenticated certificates, dropped when clients change.
 //! - `hub`: fan-out of change hints to `Secrets.Watch` streams.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`store`]: the storage trait and its SQLite implementation.
@@ -16,6 +17,7 @@
 //! - [`names`]: the rules for secret, client and group names.
 
 mod audit_log;
+mod auth_cache;
 pub mod envelope;
 mod error;
 mod hub;
@@ -29,6 +31,6 @@ pub mod store;
 mod tls;
 
 pub use error::Error;
-pub use identity::{identity_from_der, IdentitySource, PeerIdentity};
+pub use identity::{identity_from_der, IdentitySource, Issuer, PeerIdentity};
 pub use server::{RunOptions, Server, DEFAULT_LISTEN, DEFAULT_MAX_SECRET_SIZE};
 pub use state_dir::{init, InitOptions, StateDir};

@@ -250,7 +250,7 @@ pub fn new_csr(name: &str) -> Result<(Zeroizing<String>, String), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{identity_from_der, IdentitySource};
+    use crate::identity::{identity_from_der, IdentitySource, Issuer};
 
     fn der(pem: &str) -> Vec<u8> {
         use rustls_pki_types::{pem::PemObject, CertificateDer};
@@ -264,7 +264,7 @@ mod tests {
         let (ca, _key) = Ca::generate("example.org").unwrap();
         let (_k, csr) = new_csr("evil-admin").unwrap();
         let issued = ca.sign_csr("example.org", "web-1", &csr, 30).unwrap();
-        let id = identity_from_der(&der(&issued.cert_pem), "example.org").unwrap();
+        let id = identity_from_der(&der(&issued.cert_pem), "example.org", Issuer::BuiltIn).unwrap();
         assert_eq!(id.name, "web-1");
         assert_eq!(id.source, IdentitySource::Spiffe);
         assert_eq!(id.serial, issued.serial);

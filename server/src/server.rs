@@ -41,7 +41,7 @@ pub struct Server {
     /// shutdown so the database is closed (and checkpointed) cleanly.
     audit_thread: std::thread::JoinHandle<()>,
     shared: Arc<Shared>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: tls::ClientTrust,
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
@@ -85,9 +85,8 @@ impl Server {
             .iter()
             .map(|p| read(p))
             .collect::<Result<_, _>>()?;
-        let mut roots: Vec<&[u8]> = vec![&ca_cert];
-        roots.extend(extra.iter().map(|v| v.as_slice()));
-        let tls = tls::server_config(&server_cert, &server_key, &roots)?;
+        let extra: Vec<&[u8]> = extra.iter().map(|v| v.as_slice()).collect();
+        let tls = tls::server_config(&server_cert, &server_key, &ca_cert, &extra)?;
 
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             Error::io(

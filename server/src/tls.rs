@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -26,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
 use crate::error::Error;
-use crate::identity::{identity_from_der, PeerIdentity};
+use crate::identity::{identity_from_der, Issuer, PeerIdentity};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,33 +97,73 @@ fn read_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Er
     Ok(certs)
 }
 
-/// Builds the rustls configuration: TLS 1.3, client certificates required
-/// and verified against `client_roots_pem` (our CA plus any the operator
-/// brings).
-pub fn server_config(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-    client_roots_pem: &[&[u8]],
-) -> Result<Arc<ServerConfig>, Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// What the listener trusts: the TLS configuration (our CA plus any the
+/// operator brings), and a verifier for our CA alone, which tells which CA
+/// issued a connection's certificate.
+#[derive(Clone)]
+pub struct ClientTrust {
+    pub config: Arc<ServerConfig>,
+    built_in: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientTrust {
+    /// Which CA issued `chain` (already verified against all trusted CAs by
+    /// the handshake). Verifying against the built-in CA alone, rather than
+    /// comparing issuer names, is what makes an operator CA unable to pass
+    /// for ours: names and serials can be copied, our CA's signature cannot.
+    fn issuer(&self, chain: &[CertificateDer<'static>]) -> Issuer {
+        match chain.split_first() {
+            Some((leaf, intermediates))
+                if self
+                    .built_in
+                    .verify_client_cert(leaf, intermediates, UnixTime::now())
+                    .is_ok() =>
+            {
+                Issuer::BuiltIn
+            }
+            _ => Issuer::External,
+        }
+    }
+}
+
+fn verifier(
+    pems: &[&[u8]],
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, Error> {
     let mut roots = RootCertStore::empty();
-    for pem in client_roots_pem {
+    for pem in pems {
         for cert in read_certs(pem, "the client CA bundle")? {
             roots.add(cert).map_err(|e| {
                 Error::Config(format!("a client CA certificate is not usable: {e}"))
             })?;
         }
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| Error::Config(format!("cannot set up client certificate checks: {e}")))?;
+        .map_err(|e| Error::Config(format!("cannot set up client certificate checks: {e}")))
+}
+
+/// Builds the rustls configuration: TLS 1.3, client certificates required
+/// and verified against our CA (`built_in_ca_pem`) and the operator's
+/// (`external_ca_pems`).
+pub fn server_config(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    built_in_ca_pem: &[u8],
+    external_ca_pems: &[&[u8]],
+) -> Result<ClientTrust, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut all = vec![built_in_ca_pem];
+    all.extend_from_slice(external_ca_pems);
+    let any_trusted = verifier(&all, &provider)?;
+    let built_in = verifier(&[built_in_ca_pem], &provider)?;
     let certs = read_certs(cert_pem, "the server certificate")?;
     let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| Error::Config(format!("cannot read the server key: {e}")))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Config(format!("TLS 1.3 is not available: {e}")))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(any_trusted)
         .with_single_cert(certs, key)
         .map_err(|e| {
             Error::Config(format!(
@@ -130,18 +171,22 @@ pub fn server_config(
             ))
         })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Ok(ClientTrust {
+        config: Arc::new(config),
+        built_in,
+    })
 }
 
 /// Accepts connections until the returned receiver is dropped; yields
 /// streams whose handshake finished.
 pub fn accept_loop(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    trust: ClientTrust,
     trust_domain: String,
 ) -> mpsc::Receiver<Result<PeerStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
+    let acceptor = TlsAcceptor::from(trust.config.clone());
+    let trust = Arc::new(trust);
     let trust_domain: Arc<str> = trust_domain.into();
     tokio::spawn(async move {
         loop {
@@ -161,6 +206,7 @@ pub fn accept_loop(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
+            let trust = trust.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
@@ -174,9 +220,12 @@ pub fn accept_loop(
                         return;
                     }
                 };
-                let identity = match tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                    Some(cert) => identity_from_der(cert, &trust_domain).map_err(|e| e.to_string()),
-                    None => Err("no client certificate was presented".to_owned()),
+                let identity = match tls.get_ref().1.peer_certificates() {
+                    Some(chain) if !chain.is_empty() => {
+                        identity_from_der(&chain[0], &trust_domain, trust.issuer(chain))
+                            .map_err(|e| e.to_string())
+                    }
+                    _ => Err("no client certificate was presented".to_owned()),
                 };
                 let info = PeerInfo {
                     remote: Some(remote),

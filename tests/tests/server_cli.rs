@@ -159,7 +159,7 @@ fn grants_decide_who_reads_and_removal_locks_out_at_once() {
     // not revive the old certificate.
     s.cli(&["client", "remove", "batch"]).ok();
     s.cli_as(&batch, &["whoami"], None)
-        .fails(1, "not registered");
+        .fails(1, "that was removed");
     let again_dir = s.tmp.path().join("again");
     s.cli(&[
         "client",
@@ -170,7 +170,7 @@ fn grants_decide_who_reads_and_removal_locks_out_at_once() {
     ])
     .ok();
     s.cli_as(&batch, &["whoami"], None)
-        .fails(1, "not issued to the current client");
+        .fails(1, "refused for good");
     let fresh = Identity {
         name: "batch".into(),
         cert: again_dir.join("batch.pem"),

@@ -15,9 +15,11 @@ pub use admin::AdminService;
 pub use secrets::SecretsService;
 
 use crate::audit_log::AuditLog;
+use crate::auth_cache::{AuthCache, CertKey};
 use crate::envelope::{MasterKey, Plaintext};
 use crate::error::Error;
 use crate::hub::Hub;
+use crate::identity::Issuer;
 use crate::pki::Ca;
 use crate::store::{AccessRecord, AuditEntry, ClientRecord, SecretRecord, Store};
 use crate::tls::PeerInfo;
@@ -34,13 +36,11 @@ pub struct Shared {
     /// Recently decrypted versions, shared by Watch streams so a rotation
     /// seen by many watchers is decrypted once.
     pub recent: Mutex<HashMap<(u64, u64), Arc<Plaintext>>>,
-    /// Authenticated (client name, certificate serial) pairs. Only this
-    /// server adds or removes clients, and it clears the cache when it does
+    /// Authenticated certificates. Only this server adds or removes
+    /// clients, and it invalidates the cache when it does
     /// (`clients_changed`), so a removal still takes effect at once.
-    pub auth_cache: Mutex<HashMap<(String, String), ClientRecord>>,
+    pub auth_cache: AuthCache,
 }
-
-const AUTH_CACHE_MAX: usize = 10_000;
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
@@ -100,36 +100,53 @@ impl Shared {
             Ok(p) => p.clone(),
             Err(why) => return Err(Status::unauthenticated(why.clone())),
         };
-        let key = (peer.name.clone(), peer.serial.clone());
-        if let Some(client) = self
-            .auth_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
-            return Ok(Caller {
-                client: client.clone(),
-            });
+        let key = CertKey {
+            name: peer.name.clone(),
+            serial: peer.serial.clone(),
+            issuer: peer.issuer,
+        };
+        if let Some(client) = self.auth_cache.get(&key) {
+            return Ok(Caller { client });
         }
+        let generation = self.auth_cache.generation();
         let this = self.clone();
         let remote = info.remote.map(|r| r.to_string()).unwrap_or_default();
         let caller = blocking(move || {
-            let deny = |detail: String, err: Error| -> Result<Caller, Error> {
+            let deny = |detail: &str, err: Error| -> Result<Caller, Error> {
                 this.store.append_audit(&[AuditEntry {
                     actor: peer.name.clone(),
                     action: "auth".into(),
                     client: Some(peer.name.clone()),
                     allowed: false,
-                    detail: format!("{detail} (from {remote}, certificate {})", peer.serial),
+                    detail: format!(
+                        "{detail} (from {remote}, {} certificate {})",
+                        match peer.issuer {
+                            Issuer::BuiltIn => "built-in CA",
+                            Issuer::External => "operator CA",
+                        },
+                        peer.serial
+                    ),
                     ..Default::default()
                 }])?;
                 Err(err)
             };
+            // A removed client's certificates stay refused forever, whatever
+            // client of that name exists now.
+            if peer.issuer == Issuer::BuiltIn && this.store.serial_revoked(&peer.serial)? {
+                return deny(
+                    "certificate of a removed client",
+                    Error::Unauthenticated(format!(
+                        "this certificate was issued to a client \"{}\" that was removed; it is refused for good. \
+                         Use the certificate from the latest `secretfs client add {}`",
+                        peer.name, peer.name
+                    )),
+                );
+            }
             let client = match this.store.get_client(&peer.name) {
                 Ok(c) => c,
                 Err(Error::NotFound { .. }) => {
                     return deny(
-                        "unknown client".into(),
+                        "unknown client",
                         Error::Unauthenticated(format!(
                             "client \"{}\" is not registered (or was removed); an operator can add it with `secretfs client add {}`",
                             peer.name, peer.name
@@ -140,38 +157,62 @@ impl Shared {
             };
             if !client.enabled {
                 return deny(
-                    "client disabled".into(),
+                    "client disabled",
                     Error::PermissionDenied(format!("client \"{}\" is disabled", client.name)),
                 );
             }
-            if client.pinned && !this.store.client_has_cert(client.id, &peer.serial)? {
-                return deny(
-                    "certificate not issued to this client".into(),
-                    Error::Unauthenticated(format!(
-                        "this certificate was not issued to the current client \"{}\" (it may belong to a removed client of the same name); \
-                         use the certificate from `secretfs client add`",
-                        client.name
-                    )),
-                );
+            // A serial identifies a certificate only together with its
+            // issuer: a client made by the built-in CA is authenticated by
+            // a built-in-CA certificate recorded for it, and nothing else; an
+            // external client only by the operator's CAs.
+            match (client.pinned, peer.issuer) {
+                (true, Issuer::BuiltIn) => {
+                    if !this.store.client_has_cert(client.id, &peer.serial)? {
+                        return deny(
+                            "certificate not issued to this client",
+                            Error::Unauthenticated(format!(
+                                "this certificate was not issued to the current client \"{}\" (it may belong to a removed client of the same name); \
+                                 use the certificate from `secretfs client add`",
+                                client.name
+                            )),
+                        );
+                    }
+                }
+                (true, Issuer::External) => {
+                    return deny(
+                        "operator-CA certificate for a built-in-CA client",
+                        Error::Unauthenticated(format!(
+                            "this certificate was not issued to client \"{}\" by this server's CA: it comes from another trusted CA (--client-ca), \
+                             and \"{}\" was made by the built-in CA; use the certificate from `secretfs client add`, \
+                             or re-add the client with `--external` to identify it by your CA",
+                            client.name, client.name
+                        )),
+                    );
+                }
+                (false, Issuer::BuiltIn) => {
+                    return deny(
+                        "built-in-CA certificate for an external client",
+                        Error::Unauthenticated(format!(
+                            "client \"{}\" is registered as external: only certificates from your own CA (--client-ca) identify it, \
+                             and this one was not issued by your CA (it may belong to a removed client of the same name)",
+                            client.name
+                        )),
+                    );
+                }
+                (false, Issuer::External) => {}
             }
             Ok(Caller { client })
         })
         .await?;
-        let mut cache = self.auth_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= AUTH_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(key, caller.client.clone());
+        self.auth_cache
+            .insert(generation, key, caller.client.clone());
         Ok(caller)
     }
 
     /// Clients were added or removed: forget every cached authentication,
     /// so a removed client is refused on its very next call.
     pub fn clients_changed(&self) {
-        self.auth_cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.auth_cache.invalidate();
     }
 
     /// As `authenticate`, and the caller must hold the admin role.

@@ -163,6 +163,9 @@ pub trait Store: Send + Sync + 'static {
     fn remove_client(&self, name: &str, actor: &str) -> Result<(), Error>;
     /// Whether `serial` was issued to the client (for pinned clients).
     fn client_has_cert(&self, client_id: u64, serial: &str) -> Result<bool, Error>;
+    /// Whether `serial` belonged to a removed client (built-in CA only);
+    /// such a certificate is refused forever.
+    fn serial_revoked(&self, serial: &str) -> Result<bool, Error>;
 
     // -- groups
     fn create_group(

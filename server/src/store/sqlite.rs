@@ -102,6 +102,15 @@ CREATE TABLE revision (
 );
 INSERT INTO revision (id, value) VALUES (1, 0);
 "#,
+    r#"
+-- Serials of built-in-CA certificates whose client was removed: refused
+-- forever, whatever client of that name exists later.
+CREATE TABLE revoked_certs (
+    serial     TEXT PRIMARY KEY,
+    client     TEXT NOT NULL,
+    revoked_at INTEGER NOT NULL
+);
+"#,
 ];
 
 const SECRET_COLUMNS: &str = "s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, \
@@ -799,6 +808,11 @@ impl Store for SqliteStore {
     fn remove_client(&self, name: &str, actor: &str) -> Result<(), Error> {
         self.write(|tx| {
             let id = id_by_name(tx, "clients", "client", name)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO revoked_certs (serial, client, revoked_at) \
+                 SELECT serial, ?2, ?3 FROM client_certs WHERE client_id = ?1",
+                params![id, name, now_s()],
+            )?;
             tx.execute("DELETE FROM clients WHERE id = ?1", [id])?;
             record_change(
                 tx,
@@ -815,6 +829,16 @@ impl Store for SqliteStore {
             Ok(tx.query_row(
                 "SELECT EXISTS (SELECT 1 FROM client_certs WHERE client_id = ?1 AND serial = ?2)",
                 params![client_id as i64, serial],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    fn serial_revoked(&self, serial: &str) -> Result<bool, Error> {
+        self.read(|tx| {
+            Ok(tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM revoked_certs WHERE serial = ?1)",
+                [serial],
                 |r| r.get(0),
             )?)
         })
