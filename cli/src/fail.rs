@@ -23,7 +23,10 @@ pub fn report(err: &anyhow::Error) -> ExitCode {
         return ExitCode::from(crate::EXIT_USAGE);
     }
     if let Some(status) = err.downcast_ref::<tonic::Status>() {
-        eprintln!("error: {}", explain_status(status));
+        eprintln!(
+            "error: {}",
+            crate::output::printable(&explain_status(status))
+        );
         return ExitCode::FAILURE;
     }
     eprintln!("error: {}", chain(err));

@@ -10,6 +10,7 @@
 //! - `audit_log`: group commit of audit entries (reads are audited before
 //!   content leaves the server).
 //! - `auth_cache`: authenticated certificates, dropped when clients change.
+//! - `report_budget`: how much a client may add to the audit log by itself.
 //! - `hub`: fan-out of change hints to `Secrets.Watch` streams.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`store`]: the storage trait and its SQLite implementation.
@@ -24,6 +25,7 @@ mod hub;
 mod identity;
 pub mod names;
 pub mod pki;
+mod report_budget;
 pub mod server;
 mod service;
 pub mod state_dir;

@@ -59,6 +59,43 @@ pub fn check_secret_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The longest description a secret or group may carry.
+pub const MAX_DESCRIPTION: usize = 1024;
+
+/// Checks a description: printable text (no control characters, so a
+/// description cannot drive the terminal of whoever runs `describe`), at
+/// most [`MAX_DESCRIPTION`] bytes.
+pub fn check_description(description: &str) -> Result<(), Error> {
+    if description.len() > MAX_DESCRIPTION {
+        return Err(Error::InvalidArgument(format!(
+            "the description is {} bytes long, over the limit of {MAX_DESCRIPTION}; shorten it",
+            description.len()
+        )));
+    }
+    if let Some(c) = description.chars().find(|c| c.is_control()) {
+        return Err(Error::InvalidArgument(format!(
+            "the description holds the control character {:?}; descriptions are one line of printable text",
+            c
+        )));
+    }
+    Ok(())
+}
+
+/// The latest time accepted anywhere (9999-12-31T23:59:59Z, unix
+/// seconds): every client formats it as a date.
+pub const MAX_TIME: i64 = 253_402_300_799;
+
+/// Checks a time a caller gave (unix seconds): from 1970 to the end of
+/// year 9999.
+pub fn check_time(what: &str, secs: i64) -> Result<(), Error> {
+    if !(0..=MAX_TIME).contains(&secs) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {secs} is not a time secretfs accepts: give unix seconds from 0 (1970) to {MAX_TIME} (year 9999)"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a client or group name.
 pub fn check_entity_name(kind: &'static str, name: &str) -> Result<(), Error> {
     let bad = |why: &str| Error::InvalidName {

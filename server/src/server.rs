@@ -108,6 +108,7 @@ impl Server {
                 audit,
                 recent: Default::default(),
                 auth_cache: Default::default(),
+                report_budget: Default::default(),
                 store,
                 master,
                 ca,

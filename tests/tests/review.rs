@@ -6,6 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{run_cmd, Identity, TestServer};
+use secretfs_proto::v1::{self, admin_client::AdminClient, secrets_client::SecretsClient};
+use tonic::transport::Channel;
 
 /// A CA of the operator's own (bring-your-own PKI), made in the test.
 struct ExternalCa {
@@ -157,4 +159,235 @@ fn a_removed_built_in_client_stays_refused_when_re_added() {
     let mut cmd = s.cmd_as(&old);
     cmd.arg("whoami");
     assert_ne!(run_cmd(cmd, None).code, 0);
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn connect_config(s: &TestServer, who: &Identity) -> secretfs_proto::ConnectConfig {
+    secretfs_proto::ConnectConfig {
+        server: s.url(),
+        ca_pem: std::fs::read(s.state.join("ca.pem")).unwrap(),
+        cert_pem: std::fs::read(&who.cert).unwrap(),
+        key_pem: std::fs::read(&who.key).unwrap().into(),
+        connect_timeout: std::time::Duration::from_secs(10),
+    }
+}
+
+async fn secrets_client(s: &TestServer, who: &Identity) -> SecretsClient<Channel> {
+    SecretsClient::new(
+        secretfs_proto::connect(&connect_config(s, who))
+            .await
+            .unwrap(),
+    )
+}
+
+async fn admin_client(s: &TestServer) -> AdminClient<Channel> {
+    AdminClient::new(
+        secretfs_proto::connect(&connect_config(s, &s.admin))
+            .await
+            .unwrap(),
+    )
+}
+
+fn audit_rows(s: &TestServer, action: &str) -> Vec<serde_json::Value> {
+    let audit = s
+        .cli(&["audit", "--limit", "100000", "-o", "json"])
+        .ok()
+        .json();
+    audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == action)
+        .cloned()
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn refusal_reports_get_the_servers_time_and_a_bounded_budget() {
+    let s = TestServer::start();
+    let app = s.add_client("app");
+    let before = std::fs::metadata(s.db()).unwrap().len();
+    let refusal = |at_ms: i64| v1::Refusal {
+        at_ms,
+        pid: 4242,
+        uid: 1000,
+        // Long fields are cut, not stored whole.
+        cgroup: "0::/user.slice/".to_owned() + &"\u{1b}x".repeat(1_000),
+        path: "a".into(),
+        reason: "not in container web".into(),
+    };
+    let start = now_ms();
+    let (first, flood) = rt().block_on(async {
+        let mut c = secrets_client(&s, &app).await;
+        let first = c
+            .report_refusals(v1::ReportRefusalsRequest {
+                refusals: vec![
+                    refusal(0),
+                    refusal(1),
+                    refusal(32503680000000),
+                    refusal(i64::MAX),
+                ],
+            })
+            .await;
+        let mut flood = Vec::new();
+        for _ in 0..10 {
+            let r = c
+                .report_refusals(v1::ReportRefusalsRequest {
+                    refusals: (0..1000).map(|_| refusal(0)).collect(),
+                })
+                .await;
+            flood.push(r.err().map(|e| e.code()));
+        }
+        (first, flood)
+    });
+    first.unwrap();
+    assert!(
+        flood
+            .iter()
+            .all(|c| *c == Some(tonic::Code::ResourceExhausted)),
+        "a flood is told it is over budget: {flood:?}"
+    );
+    let rows = audit_rows(&s, "mount.refused");
+    assert!(
+        rows.len() <= 200,
+        "10 x 1000 reports recorded {} rows",
+        rows.len()
+    );
+    for r in &rows {
+        let at = r["at_ms"].as_i64().unwrap();
+        assert!(
+            at >= start - 60_000 && at <= now_ms() + 60_000,
+            "the server stamps the time: {r}"
+        );
+        assert_eq!(r["actor"], "app");
+        assert!(r["detail"].as_str().unwrap().len() <= 1024, "{r}");
+    }
+    let after = std::fs::metadata(s.db()).unwrap().len()
+        + std::fs::metadata(s.state.join("secretfs.db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    assert!(
+        after - before < 4 << 20,
+        "the database grew by {} bytes",
+        after - before
+    );
+}
+
+#[test]
+fn times_the_cli_cannot_format_are_refused_and_never_crash_the_cli() {
+    let s = TestServer::start();
+    s.add_secret("db/password", b"x");
+    let refused = rt().block_on(async {
+        let mut admin = admin_client(&s).await;
+        admin
+            .create_secret(v1::CreateSecretRequest {
+                name: "far".into(),
+                content: b"x".to_vec(),
+                expires_at: Some(1 << 62),
+                ..Default::default()
+            })
+            .await
+            .expect_err("an expiry beyond year 9999")
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("year 9999"), "{refused:?}");
+    // Whatever the server returns (an older server, an edited database),
+    // the CLI prints it.
+    let db = rusqlite::Connection::open(s.db()).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute("UPDATE secrets SET expires_at = ?1", [1i64 << 62])
+        .unwrap();
+    db.execute("UPDATE audit SET at_ms = ?1", [i64::MAX])
+        .unwrap();
+    drop(db);
+    for args in [
+        &["secret", "list"][..],
+        &["secret", "describe", "db/password"],
+        &["audit"],
+        &["secret", "list", "-o", "json"],
+        &["audit", "-o", "json"],
+    ] {
+        let r = s.cli(args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn descriptions_cannot_carry_terminal_escapes() {
+    let s = TestServer::start();
+    s.cli_in(
+        &[
+            "secret",
+            "add",
+            "x",
+            "--description",
+            "\u{1b}[2J\u{1b}[31mred",
+        ],
+        b"v",
+    )
+    .fails(1, "control character");
+    s.cli(&["group", "add", "g", "--description", "a\rb"])
+        .fails(1, "control character");
+    // One stored by other means is printed escaped.
+    s.add_secret("y", b"v");
+    let db = rusqlite::Connection::open(s.db()).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute(
+        "UPDATE secrets SET description = ?1",
+        ["\u{1b}]0;pwned\u{7}\u{1b}[31mred"],
+    )
+    .unwrap();
+    drop(db);
+    for args in [&["secret", "describe", "y"][..], &["secret", "list"]] {
+        let out = s.cli(args).ok();
+        assert!(
+            !out.stdout.contains('\u{1b}') && !out.stdout.contains('\u{7}'),
+            "{args:?} printed a raw escape: {:?}",
+            out.stdout
+        );
+    }
+}
+
+#[test]
+fn the_database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = TestServer::start();
+    s.add_secret("x", b"v");
+    let state = s.state.clone();
+    let mode = |name: &str| {
+        std::fs::metadata(state.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    for f in ["secretfs.db", "secretfs.db-wal", "secretfs.db-shm"] {
+        assert_eq!(mode(f), 0o600, "{f}");
+    }
+    // A state directory made by an older version is fixed at start.
+    s.stop();
+    for f in ["secretfs.db", "secretfs.db-wal", "secretfs.db-shm"] {
+        let p = s.state.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    s.restart_on("127.0.0.1:0");
+    s.add_secret("y", b"v");
+    for f in ["secretfs.db", "secretfs.db-wal", "secretfs.db-shm"] {
+        assert_eq!(mode(f), 0o600, "{f} after a restart");
+    }
 }

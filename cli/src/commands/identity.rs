@@ -74,6 +74,7 @@ pub async fn read(conn: &ConnArgs, name: &str) -> Result<()> {
     let reply = c
         .read_secrets(v1::ReadSecretsRequest {
             names: vec![name.to_owned()],
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -109,7 +110,7 @@ pub async fn audit(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> 
             .iter()
             .map(|e| {
                 json!({
-                    "id": e.id, "at": time_ms(e.at_ms), "actor": e.actor, "action": e.action,
+                    "id": e.id, "at": time_ms(e.at_ms), "at_ms": e.at_ms, "actor": e.actor, "action": e.action,
                     "secret": none_if_empty(&e.secret), "client": none_if_empty(&e.client),
                     "group": none_if_empty(&e.group),
                     "version": if e.version == 0 { Value::Null } else { json!(e.version) },

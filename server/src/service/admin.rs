@@ -11,7 +11,7 @@ use super::{access_entries, blocking, client_info, secret_meta, Shared};
 use crate::envelope::{Binding, Plaintext};
 use crate::error::Error;
 use crate::hub::Change;
-use crate::names::{check_entity_name, check_secret_name};
+use crate::names::{check_description, check_entity_name, check_secret_name, check_time};
 use crate::store::{AuditFilter, NewClient, NewSecret};
 
 pub struct AdminService {
@@ -102,6 +102,10 @@ impl Admin for AdminService {
         let labels: BTreeMap<String, String> = r.labels.into_iter().collect();
         check_labels(&labels)?;
         check_mode(r.mode)?;
+        check_description(&r.description)?;
+        if let Some(t) = r.expires_at {
+            check_time("expiry", t)?;
+        }
         let new = NewSecret {
             name: r.name,
             description: r.description,
@@ -375,6 +379,7 @@ impl Admin for AdminService {
         let caller = self.shared.authenticate_admin(&req, "group.create").await?;
         let r = req.into_inner();
         check_entity_name("group", &r.name)?;
+        check_description(&r.description)?;
         let g = self
             .shared
             .on_store(move |store| store.create_group(&r.name, &r.description, caller.name()))
@@ -464,6 +469,7 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::AuditResponse>, Status> {
         self.shared.authenticate_admin(&req, "audit.query").await?;
         let q = req.into_inner();
+        check_time("--since", q.since)?;
         let filter = AuditFilter {
             client: (!q.client.is_empty()).then_some(q.client),
             secret: (!q.secret.is_empty()).then_some(q.secret),

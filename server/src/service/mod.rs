@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::hub::Hub;
 use crate::identity::Issuer;
 use crate::pki::Ca;
+use crate::report_budget::ReportBudget;
 use crate::store::{AccessRecord, AuditEntry, ClientRecord, SecretRecord, Store};
 use crate::tls::PeerInfo;
 
@@ -40,6 +41,8 @@ pub struct Shared {
     /// clients, and it invalidates the cache when it does
     /// (`clients_changed`), so a removal still takes effect at once.
     pub auth_cache: AuthCache,
+    /// What each client may add to the audit log by reporting refusals.
+    pub report_budget: ReportBudget,
 }
 
 /// An authenticated caller.

@@ -26,6 +26,20 @@ impl SecretsService {
 /// The most refusals one report may carry.
 const MAX_REFUSALS: usize = 1000;
 
+/// `s` with control characters escaped, cut to at most `max` bytes (at a
+/// character boundary, after escaping), for a field a client wrote.
+fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in s.chars().flat_map(char::escape_debug) {
+        if out.len() + c.len_utf8() > max {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The most names one ReadSecrets call may list.
 const MAX_NAMES: usize = 10_000;
 
@@ -56,39 +70,59 @@ impl Secrets for SecretsService {
             ))
             .into());
         }
-        let clip = |s: &str, n: usize| {
-            s.chars()
-                .take(n)
-                .collect::<String>()
-                .escape_debug()
-                .to_string()
+        let name = caller.client.name.clone();
+        let grant = self.shared.report_budget.take(&name, refusals.len());
+        // The entries are the caller's own: actor and client are its
+        // identity, and the time is ours (a client-chosen time could bury
+        // entries in 1970 or hold the log's tail in the year 3000).
+        let entry = |secret: Option<String>, detail: String| AuditEntry {
+            actor: name.clone(),
+            action: "mount.refused".into(),
+            client: Some(name.clone()),
+            secret,
+            allowed: false,
+            detail,
+            ..Default::default()
         };
-        let entries = refusals
-            .iter()
-            .map(|r| AuditEntry {
-                at_ms: if r.at_ms > 0 { r.at_ms } else { 0 },
-                actor: caller.client.name.clone(),
-                action: "mount.refused".into(),
-                // Only a valid secret name goes in the secret column, so
-                // `audit --secret` stays meaningful.
-                secret: check_secret_name(&r.path).ok().map(|_| r.path.clone()),
-                allowed: false,
-                detail: format!(
-                    "pid {} uid {} cgroup {}{}: {}",
-                    r.pid,
-                    r.uid,
-                    clip(&r.cgroup, 512),
-                    if check_secret_name(&r.path).is_ok() {
-                        String::new()
-                    } else {
-                        format!(" path {}", clip(&r.path, 256))
-                    },
-                    clip(&r.reason, 256)
+        let mut entries: Vec<AuditEntry> = Vec::with_capacity(grant.accept + 1);
+        if grant.dropped_before > 0 {
+            entries.push(entry(
+                None,
+                format!(
+                    "{} earlier refusal reports of this mount were over its audit budget and not recorded",
+                    grant.dropped_before
                 ),
-                ..Default::default()
-            })
-            .collect();
+            ));
+        }
+        entries.extend(refusals.iter().take(grant.accept).map(|r| {
+            // Only a valid secret name goes in the secret column, so
+            // `audit --secret` stays meaningful.
+            let named = check_secret_name(&r.path).is_ok();
+            let mut detail = format!(
+                "pid {} uid {} cgroup {}",
+                r.pid,
+                r.uid,
+                printable(&r.cgroup, 384)
+            );
+            if !named {
+                detail.push_str(" path ");
+                detail.push_str(&printable(&r.path, 256));
+            }
+            detail.push_str(": ");
+            detail.push_str(&printable(&r.reason, 256));
+            entry(named.then(|| r.path.clone()), detail)
+        }));
         self.shared.audit.append(entries).await?;
+        if grant.accept < refusals.len() {
+            return Err(Status::resource_exhausted(format!(
+                "{} of {} refusals recorded: client \"{name}\" is over its audit budget for refusal reports \
+                 ({} a minute, {} an hour); the rest are counted and the count is recorded later",
+                grant.accept,
+                refusals.len(),
+                crate::report_budget::PER_MINUTE,
+                crate::report_budget::PER_HOUR,
+            )));
+        }
         Ok(Response::new(v1::Empty {}))
     }
 
@@ -207,6 +241,9 @@ impl Secrets for SecretsService {
         .await?;
         // Audited (group commit) before the content leaves the server.
         self.shared.audit.append(audit).await?;
-        Ok(Response::new(v1::ReadSecretsResponse { secrets }))
+        Ok(Response::new(v1::ReadSecretsResponse {
+            secrets,
+            next_page_token: String::new(),
+        }))
     }
 }

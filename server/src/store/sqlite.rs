@@ -167,6 +167,7 @@ impl SqliteStore {
                 path.display()
             )));
         }
+        make_private(path, create)?;
         let conn = Connection::open_with_flags(path, flags)
             .map_err(|e| Error::ReadOnly(format!("cannot open {}: {e}", path.display())))?;
         let mut store = Self::setup(conn)?;
@@ -330,6 +331,45 @@ impl SqliteStore {
         let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
         self.readers[i].lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The database and its `-wal`/`-shm` files are readable by the server's
+/// user only. SQLite gives `-wal` and `-shm` the mode of the database file,
+/// so creating that file 0600 (and fixing one an older version made 0644)
+/// covers all three; existing `-wal`/`-shm` files are fixed too.
+fn make_private(path: &Path, create: bool) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if create && !path.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot create {}", path.display()), e))?;
+    }
+    let sidecar = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    let (wal, shm) = (sidecar("-wal"), sidecar("-shm"));
+    for file in [path, wal.as_path(), shm.as_path()] {
+        let Ok(meta) = std::fs::metadata(file) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+                Error::io(
+                    format!(
+                        "{} is readable by other users and cannot be made private (chmod 600 it as its owner)",
+                        file.display()
+                    ),
+                    e,
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), Error> {

@@ -1,0 +1,166 @@
+//! How much a client may write into the audit log of its own accord.
+//!
+//! `Secrets.ReportRefusals` lets any workload identity add audit entries (a
+//! mount reports the callers its check refused). Unbounded, that is a way to
+//! flood the log and the disk. Each client gets a budget per minute and per
+//! hour, and all clients together one per hour; what goes over is counted,
+//! and the count is recorded once the client is back within its budget, so
+//! the log still says that something was dropped.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One client's entries per minute and per hour; all clients' per hour.
+pub const PER_MINUTE: u32 = 120;
+pub const PER_HOUR: u32 = 1_200;
+pub const ALL_PER_HOUR: u32 = 20_000;
+
+/// A fixed window: `used` of `limit` since `start`.
+#[derive(Clone, Copy)]
+struct Window {
+    length: Duration,
+    limit: u32,
+    start: Instant,
+    used: u32,
+}
+
+impl Window {
+    fn new(length: Duration, limit: u32, now: Instant) -> Window {
+        Window {
+            length,
+            limit,
+            start: now,
+            used: 0,
+        }
+    }
+
+    fn left(&mut self, now: Instant) -> u32 {
+        if now.duration_since(self.start) >= self.length {
+            self.start = now;
+            self.used = 0;
+        }
+        self.limit - self.used
+    }
+}
+
+struct ClientBudget {
+    minute: Window,
+    hour: Window,
+    /// Entries refused since the last accepted report.
+    dropped: u64,
+}
+
+/// What a report may record.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// How many of the report's entries to record (the first ones).
+    pub accept: usize,
+    /// Entries dropped earlier for this client and not yet mentioned in
+    /// the log (recorded now, as one entry, when `accept > 0`).
+    pub dropped_before: u64,
+}
+
+pub struct ReportBudget {
+    inner: Mutex<(HashMap<String, ClientBudget>, Window)>,
+}
+
+impl Default for ReportBudget {
+    fn default() -> Self {
+        ReportBudget {
+            inner: Mutex::new((
+                HashMap::new(),
+                Window::new(Duration::from_secs(3600), ALL_PER_HOUR, Instant::now()),
+            )),
+        }
+    }
+}
+
+impl ReportBudget {
+    /// Takes up to `wanted` entries from `client`'s budget.
+    pub fn take(&self, client: &str, wanted: usize) -> Grant {
+        self.take_at(client, wanted, Instant::now())
+    }
+
+    fn take_at(&self, client: &str, wanted: usize, now: Instant) -> Grant {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (clients, all) = &mut *guard;
+        // A client that has not reported for an hour starts afresh; this
+        // also keeps the map from growing with every client ever seen.
+        clients.retain(|_, b| now.duration_since(b.hour.start) < b.hour.length || b.dropped > 0);
+        let b = clients
+            .entry(client.to_owned())
+            .or_insert_with(|| ClientBudget {
+                minute: Window::new(Duration::from_secs(60), PER_MINUTE, now),
+                hour: Window::new(Duration::from_secs(3600), PER_HOUR, now),
+                dropped: 0,
+            });
+        let room = b.minute.left(now).min(b.hour.left(now)).min(all.left(now)) as usize;
+        let accept = wanted.min(room);
+        b.minute.used += accept as u32;
+        b.hour.used += accept as u32;
+        all.used += accept as u32;
+        let dropped_before = if accept > 0 {
+            std::mem::take(&mut b.dropped)
+        } else {
+            0
+        };
+        b.dropped += (wanted - accept) as u64;
+        Grant {
+            accept,
+            dropped_before,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_its_minute_then_is_counted_not_recorded() {
+        let budget = ReportBudget::default();
+        let t0 = Instant::now();
+        let g = budget.take_at("web", 100, t0);
+        assert_eq!(g.accept, 100);
+        let g = budget.take_at("web", 100, t0);
+        assert_eq!(g.accept, (PER_MINUTE - 100) as usize);
+        assert_eq!(budget.take_at("web", 10, t0).accept, 0);
+        // Another client has its own budget.
+        assert_eq!(budget.take_at("api", 5, t0).accept, 5);
+        // A minute later: room again, and the drops are owned up to once.
+        let t1 = t0 + Duration::from_secs(61);
+        let g = budget.take_at("web", 1, t1);
+        assert_eq!(
+            g,
+            Grant {
+                accept: 1,
+                dropped_before: 100 - (PER_MINUTE as u64 - 100) + 10
+            }
+        );
+        assert_eq!(budget.take_at("web", 1, t1).dropped_before, 0);
+    }
+
+    #[test]
+    fn the_hour_bounds_a_client_that_keeps_to_its_minutes() {
+        let budget = ReportBudget::default();
+        let t0 = Instant::now();
+        let mut total = 0;
+        for minute in 0..60 {
+            let at = t0 + Duration::from_secs(60 * minute + 1);
+            total += budget.take_at("web", 1_000, at).accept;
+        }
+        assert_eq!(total, PER_HOUR as usize);
+    }
+
+    #[test]
+    fn all_clients_together_are_bounded() {
+        let budget = ReportBudget::default();
+        let t0 = Instant::now();
+        let mut total = 0;
+        for c in 0..1_000 {
+            total += budget.take_at(&format!("c{c}"), 1_000, t0).accept;
+        }
+        assert_eq!(total, ALL_PER_HOUR as usize);
+    }
+}
