@@ -40,6 +40,7 @@ async fn load(cfg: &ConnectConfig, name: &str, seconds: f64, list: bool) -> Resu
     }
     let request = ReadSecretsRequest {
         names: vec![name.to_owned()],
+        ..Default::default()
     };
     // Warm-up: connections, server caches.
     for c in &mut clients {
@@ -138,6 +139,7 @@ pub fn read_secrets(ctx: &Ctx) -> Result<Vec<Row>> {
         let r = c
             .read_secrets(ReadSecretsRequest {
                 names: vec![name.to_owned()],
+                ..Default::default()
             })
             .await?;
         anyhow::Ok(r.into_inner())
