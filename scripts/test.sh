@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of secretfs on a fresh machine: installs what the
 # end-to-end tests need (runc and busybox-static for real containers, fuse3,
-# systemd for `systemd-analyze verify` of the shipped units)
-# when it is missing, then runs the whole workspace's tests.
+# systemd for `systemd-analyze verify` of the shipped units, Python grpcio
+# for the gRPC conventions test) when it is missing, then runs the whole
+# workspace's tests.
 # FUSE and container tests need root and /dev/fuse; they fail (never skip)
 # without them.
 set -euo pipefail
@@ -13,6 +14,7 @@ command -v runc >/dev/null || need+=(runc)
 [ -x /bin/busybox ] || need+=(busybox-static)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3 python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "missing packages: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
@@ -25,6 +27,23 @@ fi
 if [ ! -e /dev/fuse ]; then
     echo "/dev/fuse is missing: the mount tests need FUSE (modprobe fuse, or run the container with --device /dev/fuse)" >&2
     exit 1
+fi
+
+# tests/tests/grpc_conventions.rs checks the server against a client that is
+# not ours: Python grpcio, stubs generated from proto/ at run time. Installed
+# with --target into target/python-deps (the test puts it on PYTHONPATH):
+# that needs no venv package and Debian's externally managed Python
+# (PEP 668) allows it. Reinstalled only when the pins or the Python change.
+python_deps=(grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1
+    grpcio-reflection==1.85.1 protobuf==7.36.2)
+python_target=target/python-deps
+python_stamp="$(python3 -c 'import sys; print(sys.implementation.cache_tag)') ${python_deps[*]}"
+if [ "$(cat "$python_target/.installed" 2>/dev/null)" != "$python_stamp" ]; then
+    echo "installing ${python_deps[*]} into $python_target" >&2
+    rm -rf "$python_target"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --target "$python_target" "${python_deps[@]}"
+    echo "$python_stamp" >"$python_target/.installed"
 fi
 
 cargo test --workspace "$@"

@@ -128,6 +128,11 @@ pub struct RunArgs {
     /// Also accept client certificates from this CA bundle (bring your own PKI; repeatable).
     #[arg(long)]
     pub client_ca: Vec<PathBuf>,
+    /// Also serve the standard gRPC health service, and nothing else, in
+    /// plain text on this address (for Kubernetes gRPC probes, which speak
+    /// no TLS). Off by default.
+    #[arg(long, env = "SECRETFS_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -159,8 +164,11 @@ pub struct MountArgs {
     /// Also allow processes in this cgroup (a path prefix; repeatable).
     #[arg(long = "allow-cgroup", value_name = "PATH")]
     pub allow_cgroups: Vec<String>,
-    /// With the caller check, guard .secretfs/status too (by default the host may read it).
-    #[arg(long)]
+    /// With the caller check, let anyone read .secretfs/status (it names the secrets; by default it is checked too).
+    #[arg(long, conflicts_with = "strict_status")]
+    pub public_status: bool,
+    /// The default with the caller check (kept for old command lines): .secretfs/status is checked too.
+    #[arg(long, hide = true)]
     pub strict_status: bool,
 }
 

@@ -1,10 +1,14 @@
 //! The secretfs wire protocol (`secretfs.v1`), generated from `secretfs.proto`.
 //!
 //! - [`v1`]: messages, the `Admin` and `Secrets` clients and servers.
+//! - [`codec`]: the codec of every RPC (wipes content once encoded; bad
+//!   bytes are INVALID_ARGUMENT).
+//! - [`FILE_DESCRIPTOR_SET`]: the compiled proto, for server reflection.
 //! - [`channel`]: a mutual-TLS [`tonic::transport::Channel`] from PEM files,
 //!   shared by the CLI and the mount so both connect the same way.
 
 pub mod channel;
+pub mod codec;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -13,3 +17,7 @@ pub mod v1 {
 }
 
 pub use channel::{connect, connect_lazy, ChannelError, ConnectConfig};
+
+/// `secretfs.proto` compiled (a `FileDescriptorSet`), for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/secretfs_descriptor.bin"));

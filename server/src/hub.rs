@@ -50,6 +50,11 @@ impl Hub {
 
     /// Ends every Watch stream (server shutdown), so graceful shutdown does
     /// not wait for streams that never end by themselves.
+    /// Changes to `true` when the server shuts down.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
     pub fn close(&self) {
         let _ = self.closing.send(true);
     }

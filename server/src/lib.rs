@@ -4,6 +4,7 @@
 //!   database) and the checks `server run` makes on it.
 //! - [`server`]: binding, TLS and serving ([`Server`]).
 //! - `tls`: the TLS 1.3 mutual-TLS listener that reads each client's identity.
+//! - `limits`: request size and metadata limits answered with a gRPC status.
 //! - `identity`: the identity inside a client certificate (SPIFFE id or CN).
 //! - `service`: the `Admin` and `Secrets` gRPC services, authentication and
 //!   access checks, audit of reads and denials.
@@ -23,6 +24,7 @@ pub mod envelope;
 mod error;
 mod hub;
 mod identity;
+mod limits;
 pub mod names;
 pub mod pki;
 mod report_budget;

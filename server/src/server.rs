@@ -11,6 +11,9 @@ use secretfs_proto::v1::admin_server::AdminServer;
 use secretfs_proto::v1::secrets_server::SecretsServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::CompressionEncoding;
+
+use crate::limits::LimitLayer;
 
 use crate::error::Error;
 use crate::pki::Ca;
@@ -21,8 +24,13 @@ use crate::tls;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_MAX_SECRET_SIZE: usize = 1024 * 1024;
+/// The largest `--max-secret-size`: one secret must fit in one reply.
+pub const MAX_SECRET_SIZE_LIMIT: usize = crate::service::MAX_REPLY_CONTENT;
 /// Room for the protobuf framing around the largest allowed secret.
 const MESSAGE_SLACK: usize = 64 * 1024;
+/// Calls in flight on one connection (a mount holds one Watch and makes a
+/// few unary calls; the CLI one call at a time).
+const MAX_CONCURRENT_STREAMS: u32 = 256;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -32,11 +40,15 @@ pub struct RunOptions {
     /// Extra CA bundles whose client certificates are accepted (bring your
     /// own PKI). Our own CA is always trusted.
     pub client_ca: Vec<PathBuf>,
+    /// A plain-text listener serving only `grpc.health.v1.Health` (for
+    /// probes that speak no TLS, such as Kubernetes' gRPC probe).
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
 pub struct Server {
     listener: TcpListener,
+    health_listener: Option<TcpListener>,
     /// Ends once every handle to the shared state is gone; joined at
     /// shutdown so the database is closed (and checkpointed) cleanly.
     audit_thread: std::thread::JoinHandle<()>,
@@ -53,6 +65,13 @@ impl Server {
     /// database, and binds. Fails before serving anything if any of that is
     /// wrong.
     pub async fn open(opts: RunOptions) -> Result<Server, Error> {
+        if opts.max_secret_size > MAX_SECRET_SIZE_LIMIT {
+            return Err(Error::Config(format!(
+                "--max-secret-size {} is over {MAX_SECRET_SIZE_LIMIT} bytes (3 MiB), the most one reply carries \
+                 so that clients with gRPC's default 4 MiB message limit can read every secret; pick a smaller value",
+                opts.max_secret_size
+            )));
+        }
         let dir = StateDir::new(&opts.state_dir);
         if !dir.path.is_dir() {
             return Err(Error::Config(format!(
@@ -94,6 +113,15 @@ impl Server {
                 e,
             )
         })?;
+        let health_listener = match opts.health_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::io(
+                    format!("cannot listen on {addr} for health checks (--health-listen)"),
+                    e,
+                )
+            })?),
+            None => None,
+        };
         if unsafe { libc::geteuid() } == 0 {
             tracing::warn!(
                 "running as root: the server needs no privilege; run it as a dedicated user"
@@ -103,6 +131,7 @@ impl Server {
         let (audit, audit_thread) = crate::audit_log::AuditLog::start(store.clone());
         Ok(Server {
             listener,
+            health_listener,
             audit_thread,
             shared: Arc::new(Shared {
                 audit,
@@ -141,20 +170,73 @@ impl Server {
         let shared = self.shared.clone();
         let hub = move || shared.hub.close();
         let admin = AdminServer::new(AdminService::new(self.shared.clone()))
-            .max_decoding_message_size(max)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max + 1)
             .max_encoding_message_size(usize::MAX);
         let secrets = SecretsServer::new(SecretsService::new(self.shared.clone()))
-            .max_decoding_message_size(max)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max + 1)
             .max_encoding_message_size(usize::MAX);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AdminServer<AdminService>>().await;
+        health.set_serving::<SecretsServer<SecretsService>>().await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(secretfs_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection()
+            .build_v1()
+            .map_err(|e| Error::Config(format!("cannot set up server reflection: {e}")))?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| Error::Config(format!("cannot set up server reflection: {e}")))?;
+        if let Some(listener) = self.health_listener {
+            let addr = listener.local_addr().ok();
+            let service = health_service.clone();
+            let mut closing = self.shared.hub.closing();
+            tokio::spawn(async move {
+                let served = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async move {
+                            let _ = closing.changed().await;
+                        },
+                    )
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the health listener stopped");
+                }
+            });
+            if let Some(addr) = addr {
+                tracing::info!("gRPC health service listening on {addr} (plain text, health only)");
+            }
+        }
         tracing::info!(%addr, trust_domain = %self.shared.trust_domain, "secretfs server listening (mutual TLS 1.3)");
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            // h2 answers headers over its limit with a 431 or a GOAWAY that
+            // ends every call on the connection: give it room, and refuse
+            // big metadata ourselves with a gRPC status (limits.rs).
+            .http2_max_header_list_size(1 << 20)
+            .layer(LimitLayer { max_message: max })
             .add_service(admin)
             .add_service(secrets)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async move {
                 shutdown.await;
+                health
+                    .set_not_serving::<SecretsServer<SecretsService>>()
+                    .await;
+                health.set_not_serving::<AdminServer<AdminService>>().await;
                 // Watch streams never end by themselves: end them, or the
                 // graceful shutdown would wait for them forever.
                 hub();

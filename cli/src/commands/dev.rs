@@ -143,6 +143,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         state_dir: state.path.clone(),
         listen: args.listen,
         max_secret_size: secretfs_server::DEFAULT_MAX_SECRET_SIZE,
+        health_listen: None,
         client_ca: Vec::new(),
     })
     .await

@@ -30,13 +30,17 @@ pub async fn run(conn: &ConnArgs, args: MountArgs) -> Result<()> {
         opts.callers = Some(CallerRules {
             container_ids: args.containers,
             allow_cgroups: args.allow_cgroups,
-            strict_status: args.strict_status,
+            public_status: args.public_status,
         });
-    } else if args.strict_status {
-        return Err(crate::fail::UsageError(
-            "--strict-status goes with the caller check: add --container ID or --allow-cgroup PATH"
-                .into(),
-        )
+    } else if args.strict_status || args.public_status {
+        let flag = if args.public_status {
+            "--public-status"
+        } else {
+            "--strict-status"
+        };
+        return Err(crate::fail::UsageError(format!(
+            "{flag} goes with the caller check: add --container ID or --allow-cgroup PATH"
+        ))
         .into());
     }
     // This process does nothing but serve the mount: keep only what that needs.

@@ -69,6 +69,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                 listen: a.listen,
                 max_secret_size: a.max_secret_size,
                 client_ca: a.client_ca,
+                health_listen: a.health_listen,
             })
             .await
             .context("the server did not start")?;

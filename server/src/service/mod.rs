@@ -12,7 +12,7 @@ use secretfs_proto::v1;
 use tonic::{Request, Status};
 
 pub use admin::AdminService;
-pub use secrets::SecretsService;
+pub use secrets::{SecretsService, MAX_REPLY_CONTENT};
 
 use crate::audit_log::AuditLog;
 use crate::auth_cache::{AuthCache, CertKey};

@@ -14,6 +14,7 @@ use secretfs_proto::v1;
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
+use super::secrets::MAX_REPLY_CONTENT;
 use super::{blocking, secret_meta, Caller, Shared};
 use crate::envelope::Binding;
 use crate::error::Error;
@@ -64,7 +65,14 @@ pub async fn run(
         };
         match result {
             Ok(Some(event)) => {
-                if tx.send(Ok(event)).await.is_err() {
+                let mut closed = false;
+                for part in split(event) {
+                    if tx.send(Ok(part)).await.is_err() {
+                        closed = true;
+                        break;
+                    }
+                }
+                if closed {
                     break;
                 }
             }
@@ -129,6 +137,45 @@ pub async fn run(
         }
     }
     tracing::debug!(client = %name, "watch ended");
+}
+
+/// Splits an event into messages of at most [`MAX_REPLY_CONTENT`] of
+/// content each (one secret is never split), marked `continued` but the
+/// last, so a client with gRPC's default 4 MiB receive limit gets any
+/// change. Removals ride in the first part; `initial` only on the first.
+fn split(event: v1::WatchEvent) -> Vec<v1::WatchEvent> {
+    let v1::WatchEvent {
+        revision,
+        initial,
+        upserts,
+        removals,
+        ..
+    } = event;
+    let mut parts = vec![v1::WatchEvent {
+        revision,
+        initial,
+        upserts: Vec::new(),
+        removals,
+        continued: false,
+    }];
+    let mut size = 0;
+    for u in upserts {
+        let last = parts.last_mut().expect("one part at least");
+        if !last.upserts.is_empty() && size + u.content.len() > MAX_REPLY_CONTENT {
+            last.continued = true;
+            size = 0;
+            parts.push(v1::WatchEvent {
+                revision,
+                initial: false,
+                upserts: Vec::new(),
+                removals: Vec::new(),
+                continued: false,
+            });
+        }
+        size += u.content.len();
+        parts.last_mut().expect("one part at least").upserts.push(u);
+    }
+    parts
 }
 
 enum Lag {
@@ -343,4 +390,63 @@ fn decrypt_shared(
     }
     recent.insert(key, plain.clone());
     Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(name: &str, len: usize) -> v1::SecretContent {
+        v1::SecretContent {
+            meta: Some(v1::SecretMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            content: vec![7; len],
+        }
+    }
+
+    #[test]
+    fn a_large_event_is_split_into_bounded_parts() {
+        let mib = 1 << 20;
+        let event = v1::WatchEvent {
+            revision: 9,
+            initial: true,
+            upserts: (0..7).map(|i| upsert(&format!("s{i}"), mib)).collect(),
+            removals: vec!["gone".into()],
+            continued: false,
+        };
+        let parts = split(event);
+        assert_eq!(parts.len(), 3);
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p.revision, 9);
+            assert_eq!(p.initial, i == 0);
+            assert_eq!(p.continued, i + 1 < parts.len());
+            let size: usize = p.upserts.iter().map(|u| u.content.len()).sum();
+            assert!(size <= MAX_REPLY_CONTENT, "part {i}: {size}");
+        }
+        assert_eq!(parts[0].removals, ["gone"]);
+        let names: Vec<_> = parts
+            .iter()
+            .flat_map(|p| &p.upserts)
+            .map(|u| u.meta.as_ref().unwrap().name.clone())
+            .collect();
+        assert_eq!(names, (0..7).map(|i| format!("s{i}")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_small_event_is_one_message_and_a_big_secret_is_never_cut() {
+        let one = split(v1::WatchEvent {
+            upserts: vec![upsert("a", 10), upsert("b", 10)],
+            ..Default::default()
+        });
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].continued);
+        let big = split(v1::WatchEvent {
+            upserts: vec![upsert("a", MAX_REPLY_CONTENT + 1)],
+            ..Default::default()
+        });
+        assert_eq!(big.len(), 1);
+        assert_eq!(big[0].upserts[0].content.len(), MAX_REPLY_CONTENT + 1);
+    }
 }
