@@ -53,7 +53,15 @@ impl fmt::Debug for Plaintext {
 }
 
 /// The 256-bit master key that wraps every data key.
-pub struct MasterKey(Zeroizing<[u8; KEY_LEN]>);
+///
+/// Its AES key schedule is built once and kept: ring does not wipe a key
+/// schedule when it is dropped, and each schedule holds the key's bytes,
+/// so building one per call left a copy of the master key in freed memory
+/// after every read.
+pub struct MasterKey {
+    raw: Zeroizing<[u8; KEY_LEN]>,
+    aead: LessSafeKey,
+}
 
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -88,31 +96,49 @@ impl Binding<'_> {
     }
 }
 
+fn aead_key(key: &[u8]) -> Result<LessSafeKey, Error> {
+    Ok(LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::Crypto("bad AES-256 key length"))?,
+    ))
+}
+
 impl MasterKey {
+    fn new(raw: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        let aead = aead_key(&raw[..]).expect("32 bytes are an AES-256 key");
+        MasterKey { raw, aead }
+    }
+
     pub fn generate() -> Result<Self, Error> {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         SystemRandom::new()
             .fill(&mut key[..])
             .map_err(|_| Error::Crypto("the system random generator failed"))?;
-        Ok(MasterKey(key))
+        Ok(MasterKey::new(key))
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
-        Some(MasterKey(Zeroizing::new(arr)))
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        key.copy_from_slice(bytes);
+        Some(MasterKey::new(key))
     }
 
     /// The key file's text: 64 hex digits and a newline.
     pub fn to_hex(&self) -> Zeroizing<String> {
-        let mut s = hex::encode(&self.0[..]);
+        let mut digits = Zeroizing::new([0u8; 2 * KEY_LEN]);
+        hex::encode_to_slice(&self.raw[..], &mut digits[..]).expect("the buffer fits the key");
+        let mut s = Zeroizing::new(String::with_capacity(2 * KEY_LEN + 1));
+        s.push_str(std::str::from_utf8(&digits[..]).unwrap_or_default());
         s.push('\n');
-        Zeroizing::new(s)
+        s
     }
 
     pub fn from_hex(text: &str) -> Option<Self> {
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
         hex::decode_to_slice(text.trim(), &mut bytes[..]).ok()?;
-        Some(MasterKey(bytes))
+        Some(MasterKey::new(bytes))
     }
 
     /// Seals `plaintext` for one secret version under a fresh data key.
@@ -121,8 +147,13 @@ impl MasterKey {
         let mut data_key = Zeroizing::new([0u8; KEY_LEN]);
         rng.fill(&mut data_key[..])
             .map_err(|_| Error::Crypto("the system random generator failed"))?;
-        let ciphertext = seal_with(&rng, &data_key[..], &binding.aad(CONTEXT_TAG), plaintext)?;
-        let wrapped_key = seal_with(&rng, &self.0[..], &binding.aad(WRAP_TAG), &data_key[..])?;
+        let ciphertext = seal_with(
+            &rng,
+            &aead_key(&data_key[..])?,
+            &binding.aad(CONTEXT_TAG),
+            plaintext,
+        )?;
+        let wrapped_key = seal_with(&rng, &self.aead, &binding.aad(WRAP_TAG), &data_key[..])?;
         Ok(Sealed {
             wrapped_key,
             ciphertext,
@@ -136,11 +167,12 @@ impl MasterKey {
             name: binding.name.to_owned(),
             version: binding.version,
         };
-        let data_key = open_with(&self.0[..], &binding.aad(WRAP_TAG), &sealed.wrapped_key)
+        let data_key = open_with(&self.aead, &binding.aad(WRAP_TAG), &sealed.wrapped_key)
             .ok_or_else(integrity)?;
         if data_key.len() != KEY_LEN {
             return Err(integrity());
         }
+        let data_key = aead_key(&data_key).map_err(|_| integrity())?;
         let plain = open_with(&data_key, &binding.aad(CONTEXT_TAG), &sealed.ciphertext)
             .ok_or_else(integrity)?;
         Ok(Plaintext(plain))
@@ -149,13 +181,10 @@ impl MasterKey {
 
 fn seal_with(
     rng: &SystemRandom,
-    key: &[u8],
+    key: &LessSafeKey,
     aad: &[u8],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, key).map_err(|_| Error::Crypto("bad AES-256 key length"))?,
-    );
     let mut nonce = [0u8; NONCE_LEN];
     rng.fill(&mut nonce)
         .map_err(|_| Error::Crypto("the system random generator failed"))?;
@@ -173,11 +202,10 @@ fn seal_with(
     Ok(out)
 }
 
-fn open_with(key: &[u8], aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+fn open_with(key: &LessSafeKey, aad: &[u8], sealed: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     if sealed.len() < NONCE_LEN + TAG_LEN {
         return None;
     }
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?);
     let nonce = Nonce::try_assume_unique_for_key(&sealed[..NONCE_LEN]).ok()?;
     let mut buf = Zeroizing::new(sealed[NONCE_LEN..].to_vec());
     let len = match key.open_in_place(nonce, Aad::from(aad), &mut buf) {

@@ -12,6 +12,7 @@
 //!   content leaves the server).
 //! - `auth_cache`: authenticated certificates, dropped when clients change.
 //! - `report_budget`: how much a client may add to the audit log by itself.
+//! - `harden`: non-dumpable, memory locked against swap.
 //! - `hub`: fan-out of change hints to `Secrets.Watch` streams.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`store`]: the storage trait and its SQLite implementation.
@@ -22,6 +23,7 @@ mod audit_log;
 mod auth_cache;
 pub mod envelope;
 mod error;
+mod harden;
 mod hub;
 mod identity;
 mod limits;

@@ -80,6 +80,7 @@ impl Server {
                 dir.path.display()
             )));
         }
+        crate::harden::protect_process();
         let master = load_master_key(&dir.master_key())?;
         let db = dir.database();
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db, false))

@@ -391,3 +391,17 @@ fn the_database_files_are_private() {
         assert_eq!(mode(f), 0o600, "{f} after a restart");
     }
 }
+
+#[test]
+fn the_servers_memory_is_locked_against_swap() {
+    // The tests run as root (CAP_IPC_LOCK), where the server must lock.
+    let s = TestServer::start();
+    s.add_secret("x", b"v");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmLck in /proc/PID/status");
+    assert!(locked_kb > 0, "nothing locked: {status}");
+}

@@ -264,6 +264,12 @@ impl Admin for AdminService {
         self.shared
             .on_store(move |store| store.delete_secret(&name, caller.name()))
             .await?;
+        // Decrypted versions of it must not outlive it.
+        self.shared
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         self.shared.hub.publish(Change::Access);
         tracing::info!(secret = %shown, "secret deleted");
         Ok(Response::new(v1::Empty {}))

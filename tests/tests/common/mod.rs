@@ -231,6 +231,11 @@ impl TestServer {
         self.log.lock().unwrap().clone()
     }
 
+    /// The server process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> i32 {
         let Some(child) = self.child.take() else {
