@@ -133,6 +133,11 @@ pub struct RunArgs {
     /// no TLS). Off by default.
     #[arg(long, env = "SECRETFS_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Open client connections at most (default: what the file descriptor
+    /// limit allows). At the cap, the oldest connection still in its TLS
+    /// handshake is dropped for the newcomer.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Args)]

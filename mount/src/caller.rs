@@ -2,22 +2,38 @@
 //! container this mount serves?
 //!
 //! FUSE tells us the caller's pid (as seen in our pid namespace). We read
-//! `/proc/PID/cgroup` and look for the container's id where the runtimes
-//! write it:
+//! `/proc/PID/cgroup` and look for the container's cgroup where the runtimes
+//! make it, as an anchored path, never "the id somewhere in the path":
 //!
-//! | runtime | cgroup path (v1 per controller, v2 the `0::` line) |
+//! | runtime | the container's cgroup (v1 per controller, v2 the `0::` line) |
 //! | --- | --- |
-//! | runc, cgroupfs driver (its default `cgroupsPath`) | `/<id>`, or under a parent (`/user.slice/…/<id>`) |
-//! | runc, systemd driver | `/system.slice/runc-<id>.scope` |
-//! | Docker | `/docker/<id>`, `/system.slice/docker-<id>.scope` |
-//! | containerd (CRI), CRI-O, podman | `…/cri-containerd-<id>.scope`, `…/crio-<id>.scope`, `…/libpod-<id>.scope` |
-//! | Kubernetes, cgroupfs driver | `/kubepods/burstable/pod<uid>/<id>` |
+//! | runc, cgroupfs driver | `/<id>`, or `/<parent…>/<id>` under the parent its `cgroupsPath` names |
+//! | Docker, cgroupfs | `/docker/<id>` |
+//! | Kubernetes, cgroupfs driver | `/kubepods[/<qos>]/pod<uid>/<id>` |
+//! | systemd driver (runc, Docker, podman, containerd, CRI-O) | `/<name>.slice/…/<prefix>-<id>.scope` |
+//! | Kubernetes, systemd driver | `/kubepods.slice/[kubepods-<qos>.slice/]kubepods-[<qos>-]pod<uid>.slice/<prefix>-<id>.scope` |
+//! | containerd, cgroupfs driver given a systemd-style path | `/system.slice/containerd.service/kubepods-…-pod<uid>.slice:cri-containerd:<id>` |
 //!
 //! A process may sit below its container's cgroup (a container running
-//! systemd makes `…/<id>/system.slice/x.service`), so the id may be any
-//! segment. Only the first segment, from the root, that names a container
-//! counts: a container allowed to write its own cgroup tree could otherwise
-//! make `/docker/<its id>/<our id>` and step into it.
+//! systemd makes `…/<id>/system.slice/x.service`): whatever follows the
+//! container's cgroup is the container's own. Above it, nothing may name
+//! another container: the first container-like segment from the root
+//! decides, so a container allowed to write its own cgroup tree cannot make
+//! `/docker/<its id>/<our id>` and step into it.
+//!
+//! Delegated subtrees. An unprivileged user can create cgroups only where
+//! it was handed a subtree (systemd's `user@UID.service`, or a userns
+//! container's own cgroup): there it may make `…/<our id>` and move itself
+//! in. So a container match is refused anywhere under `/user.slice`, and,
+//! as the mechanism that catches every other place, when any directory
+//! above the container's cgroup (looked up in the cgroup filesystem, per
+//! hierarchy) is owned by a uid other than root or is writable by group or
+//! others: whoever could create the container's cgroup there was not
+//! necessarily the runtime. The container's own directory is not checked:
+//! runtimes hand it to the container's user namespace, and creating it
+//! needed write access to its parent, which is checked. A cgroup we cannot
+//! look at (gone, or outside our cgroup namespace) is refused.
+//! `--allow-cgroup` paths are the operator's explicit choice and skip this.
 //!
 //! Which lines decide: the unified (`0::`) line when it places the process
 //! anywhere but the root (cgroup v2, and hybrid hosts where the runtime
@@ -34,6 +50,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -47,12 +64,22 @@ pub const MIN_ID_PREFIX: usize = 12;
 /// systemd scope prefixes the runtimes use: `<prefix>-<id>.scope`.
 const SCOPE_PREFIXES: &[&str] = &["docker", "cri-containerd", "crio", "libpod", "runc"];
 
+/// Where the kernel's cgroup filesystems are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroups systemd delegates to each logged-in user.
+const USER_SLICE: &str = "user.slice";
+
 /// Who may use the mount.
 #[derive(Debug)]
 pub struct CallerPolicy {
     container_ids: Vec<String>,
     allow_cgroups: Vec<String>,
     proc_root: PathBuf,
+    cgroup_root: PathBuf,
+    /// The only owner a cgroup directory above a container may have: root
+    /// (tests build their fixture as whoever runs them).
+    trusted_uid: u32,
     /// A cgroup line we cannot parse is logged once, not on every open.
     warned_format: AtomicBool,
 }
@@ -91,6 +118,11 @@ pub enum DenyReason {
     NotInAContainer,
     /// The process is in a cgroup no rule allows.
     NotAllowed,
+    /// The container's cgroup lies in a subtree an unprivileged user can
+    /// write (see the module comment): anyone there could have named it.
+    DelegatedCgroup(String),
+    /// The cgroup directories could not be checked for their owner.
+    CgroupUnverifiable(String),
 }
 
 impl std::fmt::Display for DenyReason {
@@ -108,6 +140,13 @@ impl std::fmt::Display for DenyReason {
             }
             DenyReason::NotInAContainer => f.write_str("caller is in no container's cgroup"),
             DenyReason::NotAllowed => f.write_str("caller is not in the mount's container"),
+            DenyReason::DelegatedCgroup(why) => write!(
+                f,
+                "caller's cgroup is named like the container but lies in a subtree an unprivileged user controls ({why})"
+            ),
+            DenyReason::CgroupUnverifiable(why) => {
+                write!(f, "cannot check who owns the caller's cgroup: {why}")
+            }
         }
     }
 }
@@ -132,15 +171,16 @@ impl CallerPolicy {
         container_ids: Vec<String>,
         allow_cgroups: Vec<String>,
     ) -> Result<CallerPolicy, PolicyError> {
-        Self::with_proc_root(container_ids, allow_cgroups, "/proc")
+        Self::with_roots(container_ids, allow_cgroups, "/proc", CGROUP_ROOT)
     }
 
-    /// As [`CallerPolicy::new`], reading `<proc_root>/PID/…` (tests use
-    /// fixture directories).
-    pub fn with_proc_root(
+    /// As [`CallerPolicy::new`], reading `<proc_root>/PID/…` and the cgroup
+    /// directories under `cgroup_root` (tests use fixture directories).
+    pub fn with_roots(
         container_ids: Vec<String>,
         allow_cgroups: Vec<String>,
         proc_root: impl Into<PathBuf>,
+        cgroup_root: impl Into<PathBuf>,
     ) -> Result<CallerPolicy, PolicyError> {
         if container_ids.is_empty() && allow_cgroups.is_empty() {
             return Err(PolicyError::Empty);
@@ -177,6 +217,8 @@ impl CallerPolicy {
             container_ids,
             allow_cgroups: cgroups,
             proc_root: proc_root.into(),
+            cgroup_root: cgroup_root.into(),
+            trusted_uid: 0,
             warned_format: AtomicBool::new(false),
         })
     }
@@ -219,30 +261,33 @@ impl CallerPolicy {
                 return Err(deny(DenyReason::UnexpectedFormat(line), None));
             }
         };
-        let deciding = deciding_paths(&lines);
+        let deciding = deciding_lines(&lines);
         let Some(first) = deciding.first() else {
             return Err(deny(DenyReason::NotInAContainer, Some("/".into())));
         };
         let mut matched = None;
-        for path in &deciding {
-            match self.match_path(path) {
-                Some(m) => matched = matched.or(Some(m)),
-                None => {
-                    return Err(deny(DenyReason::NotAllowed, Some((*path).to_owned())));
+        for line in &deciding {
+            let denied = |reason| deny(reason, Some(line.path.to_owned()));
+            match self.match_path(line.path) {
+                Some(Match::Cgroup(rule)) => matched = matched.or(Some(rule)),
+                Some(Match::Container { id, cgroup }) => {
+                    self.check_not_delegated(line, cgroup).map_err(denied)?;
+                    matched = matched.or(Some(id));
                 }
+                None => return Err(denied(DenyReason::NotAllowed)),
             }
         }
         Ok(CallerInfo {
             pid,
             matched: matched.expect("at least one deciding path matched"),
-            cgroup: (*first).to_owned(),
+            cgroup: first.path.to_owned(),
         })
     }
 
     /// The rule (container id or allowed cgroup) that admits `path`.
-    fn match_path(&self, path: &str) -> Option<String> {
-        if let Some(id) = container_of(path, &self.container_ids) {
-            return Some(id);
+    fn match_path<'p>(&self, path: &'p str) -> Option<Match<'p>> {
+        if let Some((id, cgroup)) = container_of(path, &self.container_ids) {
+            return Some(Match::Container { id, cgroup });
         }
         self.allow_cgroups
             .iter()
@@ -251,6 +296,77 @@ impl CallerPolicy {
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             })
             .cloned()
+            .map(Match::Cgroup)
+    }
+
+    /// Refuses a container's cgroup (`cgroup`, a prefix of `line.path`)
+    /// that an unprivileged user could have made (see the module comment).
+    fn check_not_delegated(&self, line: &CgroupLine<'_>, cgroup: &str) -> Result<(), DenyReason> {
+        let segments: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
+        if segments.first() == Some(&USER_SLICE) {
+            return Err(DenyReason::DelegatedCgroup(format!(
+                "/{USER_SLICE} holds the users' own cgroups"
+            )));
+        }
+        let dir = self.hierarchy_dir(line).ok_or_else(|| {
+            DenyReason::CgroupUnverifiable(format!(
+                "no cgroup filesystem for hierarchy {} ({:?}) under {}",
+                line.hierarchy,
+                line.controllers,
+                self.cgroup_root.display()
+            ))
+        })?;
+        // The root, then every ancestor down to the container's parent.
+        for depth in 0..segments.len() {
+            let ancestor = &segments[..depth];
+            let shown = format!("/{}", ancestor.join("/"));
+            let meta = std::fs::symlink_metadata(dir.join(ancestor.join("/")))
+                .map_err(|e| DenyReason::CgroupUnverifiable(format!("{shown}: {e}")))?;
+            if !meta.is_dir() {
+                return Err(DenyReason::CgroupUnverifiable(format!(
+                    "{shown} is not a cgroup directory"
+                )));
+            }
+            if meta.uid() != self.trusted_uid {
+                return Err(DenyReason::DelegatedCgroup(format!(
+                    "{shown} is owned by uid {}",
+                    meta.uid()
+                )));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(DenyReason::DelegatedCgroup(format!(
+                    "{shown} is writable by group or others (mode {:o})",
+                    meta.mode() & 0o7777
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `line`'s hierarchy is mounted: the unified one at the root on
+    /// a cgroup v2 host and at `unified/` on a hybrid one; a v1 hierarchy
+    /// under its controllers' names (`cpu,cpuacct`, `memory`) or its
+    /// `name=` (`systemd`), as systemd lays them out.
+    fn hierarchy_dir(&self, line: &CgroupLine<'_>) -> Option<PathBuf> {
+        let root = &self.cgroup_root;
+        if line.hierarchy == 0 {
+            // A cgroup may itself be called `unified`: go by the root's own
+            // cgroup v2 file instead.
+            return if root.join("cgroup.controllers").is_file() {
+                Some(root.clone())
+            } else {
+                Some(root.join("unified")).filter(|d| d.join("cgroup.procs").is_file())
+            };
+        }
+        let names: Vec<&str> = line
+            .controllers
+            .split(',')
+            .map(|c| c.strip_prefix("name=").unwrap_or(c))
+            .collect();
+        std::iter::once(names.join(","))
+            .chain(names.iter().map(|n| (*n).to_owned()))
+            .map(|n| root.join(n))
+            .find(|d| d.join("cgroup.procs").is_file())
     }
 
     /// Whether some running process passes the check now: `--container`
@@ -336,9 +452,11 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 }
 
 /// One line of `/proc/PID/cgroup`.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CgroupLine<'a> {
     hierarchy: u32,
+    /// Empty on the unified line.
+    controllers: &'a str,
     path: &'a str,
 }
 
@@ -374,7 +492,11 @@ fn parse_cgroup_file(text: &str) -> Result<Vec<CgroupLine<'_>>, String> {
         if !controllers_ok || !path.starts_with('/') || path.contains('\0') {
             return Err(bad());
         }
-        lines.push(CgroupLine { hierarchy, path });
+        lines.push(CgroupLine {
+            hierarchy,
+            controllers,
+            path,
+        });
     }
     if lines.is_empty() {
         return Err(String::new());
@@ -382,35 +504,115 @@ fn parse_cgroup_file(text: &str) -> Result<Vec<CgroupLine<'_>>, String> {
     Ok(lines)
 }
 
-/// The paths that decide (see the module comment).
-fn deciding_paths<'a>(lines: &[CgroupLine<'a>]) -> Vec<&'a str> {
+/// The lines that decide (see the module comment).
+fn deciding_lines<'a>(lines: &[CgroupLine<'a>]) -> Vec<CgroupLine<'a>> {
     if let Some(unified) = lines.iter().find(|l| l.hierarchy == 0 && l.path != "/") {
-        return vec![unified.path];
+        return vec![*unified];
     }
     lines
         .iter()
         .filter(|l| l.hierarchy != 0 && l.path != "/")
-        .map(|l| l.path)
+        .copied()
         .collect()
 }
 
-/// The configured id that owns `path`: the first segment from the root that
-/// names a container decides, and it must be one of `ids`.
-fn container_of(path: &str, ids: &[String]) -> Option<String> {
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        let name = segment_container(segment);
-        let named = name.is_some();
-        let candidate = name.unwrap_or(segment);
+/// What admitted a cgroup path.
+#[derive(Debug, PartialEq, Eq)]
+enum Match<'p> {
+    /// A `--container` id. `cgroup` is the container's own cgroup: the
+    /// prefix of the path that the runtime made.
+    Container { id: String, cgroup: &'p str },
+    /// An `--allow-cgroup` path.
+    Cgroup(String),
+}
+
+/// How a segment names a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named<'s> {
+    /// `<prefix>-<id>.scope`, made by a runtime's systemd driver.
+    Scope,
+    /// `<pod slice>:cri-containerd:<id>`: containerd's cgroupfs driver
+    /// taking kubelet's systemd-style cgroupsPath literally.
+    CriContainerd { pod_slice: &'s str },
+    /// The bare id (runc's cgroupfs driver, Docker's `/docker/<id>`,
+    /// Kubernetes' cgroupfs pods).
+    Plain,
+}
+
+/// The configured id whose container `path` is in, and that container's
+/// cgroup (a prefix of `path`): the first segment from the root that names
+/// a container decides; it must be one of `ids` and sit where its runtime
+/// puts it (see the module's table).
+fn container_of<'p>(path: &'p str, ids: &[String]) -> Option<(String, &'p str)> {
+    let segments: Vec<&str> = path.strip_prefix('/')?.split('/').collect();
+    // `..` is how a cgroup outside our cgroup namespace shows: nothing to
+    // anchor to. (The kernel never writes empty or `.` segments.)
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return None;
+    }
+    let mut end = 0;
+    for (k, &segment) in segments.iter().enumerate() {
+        end += 1 + segment.len();
+        let (named, candidate) = match container_name(segment) {
+            Some((named, id)) => (Some(named), id),
+            None => (None, segment),
+        };
         if let Some(id) = ids.iter().find(|id| id_matches(id, candidate)) {
-            return Some(id.clone());
+            let parent = &segments[..k];
+            return anchored(parent, named.unwrap_or(Named::Plain))
+                .then(|| (id.clone(), &path[..end]));
         }
         // The first container-like segment that is not ours: whatever
         // follows is inside another container.
-        if named || is_full_id(segment) {
+        if named.is_some() || is_full_id(segment) {
             return None;
         }
     }
     None
+}
+
+/// The id a segment names in one of the runtimes' decorated forms.
+fn container_name(segment: &str) -> Option<(Named<'_>, &str)> {
+    if let Some(id) = segment_container(segment) {
+        return Some((Named::Scope, id));
+    }
+    let (pod_slice, id) = segment.split_once(":cri-containerd:")?;
+    (!id.is_empty()).then_some((Named::CriContainerd { pod_slice }, id))
+}
+
+/// Whether a container named as `named` may sit under `parent` (the
+/// segments above it): where its runtime would have made it.
+fn anchored(parent: &[&str], named: Named<'_>) -> bool {
+    match named {
+        // runc puts `/<id>` under whatever parent its cgroupsPath names (on
+        // cgroup v1, under its own cgroup per controller); nothing above it
+        // names a container (checked by the caller), and the owners of the
+        // directories above it are checked in the cgroup filesystem.
+        Named::Plain => true,
+        // systemd makes scopes in slices only; kubelet's pod slices sit in
+        // `kubepods.slice` and end in `-pod<uid>.slice`.
+        Named::Scope => {
+            !parent.is_empty()
+                && parent.iter().all(|s| s.ends_with(".slice"))
+                && (parent[0] != "kubepods.slice" || parent.last().is_some_and(|s| is_pod_slice(s)))
+        }
+        Named::CriContainerd { pod_slice } => {
+            is_pod_slice(pod_slice)
+                && (parent.is_empty() || parent == ["system.slice", "containerd.service"])
+        }
+    }
+}
+
+/// `kubepods-[<qos>-]pod<uid>.slice`, the slice kubelet makes for a pod.
+fn is_pod_slice(segment: &str) -> bool {
+    segment
+        .strip_prefix("kubepods-")
+        .and_then(|s| s.strip_suffix(".slice"))
+        .and_then(|s| s.rsplit('-').next())
+        .is_some_and(|last| last.len() > 3 && last.starts_with("pod"))
 }
 
 /// The id inside a runtime's systemd scope name, `<prefix>-<id>.scope`.
@@ -496,9 +698,11 @@ mod tests {
     const ID: &str = "3f4e8a1b2c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
     const OTHER: &str = "9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9";
 
-    /// A fixture /proc with processes added by `proc_with`.
+    /// A fixture /proc with processes added by `add`, and a fixture cgroup
+    /// filesystem (hybrid layout) holding their cgroups.
     struct FakeProc {
         dir: tempfile::TempDir,
+        cg: tempfile::TempDir,
     }
 
     fn stat_line(pid: u32, start: u64) -> String {
@@ -506,10 +710,25 @@ mod tests {
         format!("{pid} (my app) x) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 {start} 2387968 332 18446744073709551615\n")
     }
 
+    /// `mkdir -p` with mode 0755 whatever the umask: a group-writable
+    /// fixture would look delegated.
+    fn mkdirs(root: &Path, rel: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut dir = root.to_path_buf();
+        for seg in rel.split('/').filter(|s| !s.is_empty()) {
+            dir.push(seg);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).unwrap();
+            }
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+
     impl FakeProc {
         fn new() -> FakeProc {
             FakeProc {
                 dir: tempfile::tempdir().unwrap(),
+                cg: tempfile::tempdir().unwrap(),
             }
         }
 
@@ -518,16 +737,46 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("cgroup"), cgroup).unwrap();
             std::fs::write(d.join("stat"), stat_line(pid, 4242)).unwrap();
+            for line in cgroup.lines() {
+                let mut parts = line.splitn(3, ':');
+                let (Some(h), Some(controllers), Some(path)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                if path.split('/').any(|s| s == "..") {
+                    continue; // outside the fixture: unverifiable, as in life
+                }
+                let hierarchy = if h == "0" {
+                    "unified".to_owned()
+                } else {
+                    controllers.replace("name=", "")
+                };
+                self.mkcgroup(&hierarchy, path);
+            }
             self
         }
 
+        /// Makes `path` in the fixture hierarchy `hierarchy`.
+        fn mkcgroup(&self, hierarchy: &str, path: &str) -> PathBuf {
+            mkdirs(self.cg.path(), hierarchy);
+            let root = self.cg.path().join(hierarchy);
+            std::fs::write(root.join("cgroup.procs"), "").unwrap();
+            mkdirs(&root, path);
+            root.join(path.trim_start_matches('/'))
+        }
+
         fn policy(&self, ids: &[&str], cgroups: &[&str]) -> CallerPolicy {
-            CallerPolicy::with_proc_root(
+            let mut policy = CallerPolicy::with_roots(
                 ids.iter().map(|s| s.to_string()).collect(),
                 cgroups.iter().map(|s| s.to_string()).collect(),
                 self.dir.path(),
+                self.cg.path(),
             )
-            .unwrap()
+            .unwrap();
+            // SAFETY: geteuid has no preconditions.
+            policy.trusted_uid = unsafe { libc::geteuid() };
+            policy
         }
     }
 
@@ -557,31 +806,181 @@ mod tests {
     fn each_runtimes_cgroup_path_is_recognised_in_v2() {
         let paths = [
             format!("/{ID}"),                                          // runc default cgroupsPath
-            format!("/user.slice/user-1000.slice/session-3.scope/{ID}"), // runc under a parent
+            format!("/mygroup/{ID}"),                                  // runc, cgroupsPath under a parent
             format!("/system.slice/runc-{ID}.scope"),                  // runc, systemd driver
             format!("/docker/{ID}"),                                   // Docker, cgroupfs
             format!("/system.slice/docker-{ID}.scope"),                // Docker, systemd
             format!("/system.slice/containerd.service/kubepods-burstable-pod1234.slice:cri-containerd:{ID}"),
             format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/cri-containerd-{ID}.scope"),
             format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/crio-{ID}.scope"),
+            format!("/kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/cri-containerd-{ID}.scope"), // guaranteed QoS
             format!("/kubepods/burstable/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/{ID}"), // k8s cgroupfs
+            format!("/kubepods/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/{ID}"), // k8s cgroupfs, guaranteed
             format!("/machine.slice/libpod-{ID}.scope/container"),     // podman, nested
             format!("/docker/{ID}/system.slice/nginx.service"),        // systemd inside
-            format!("/../../{ID}"), // seen from another cgroup namespace
         ];
         for path in &paths {
-            let r = check(&v2(path), &[ID]);
-            // The containerd path with ':' is a cgroupsPath spelling, not a
-            // real cgroup: it must not match by accident.
-            if path.contains(":cri-containerd:") {
-                assert!(r.is_err(), "{path}");
-                continue;
-            }
-            let info = r.unwrap_or_else(|d| panic!("{path}: {d:?}"));
+            let info = check(&v2(path), &[ID]).unwrap_or_else(|d| panic!("{path}: {d:?}"));
             assert_eq!(info.matched, ID);
             assert_eq!(info.cgroup, *path);
             assert_eq!(info.pid, 100);
         }
+    }
+
+    #[test]
+    fn container_scopes_are_anchored_where_the_runtimes_make_them() {
+        // Review finding 2: the id anywhere in the path was enough. Each of
+        // these names the container, but not where a runtime puts it.
+        let misplaced = [
+            format!("/docker-{ID}.scope"),         // a scope outside any slice
+            format!("/srv/app/docker-{ID}.scope"), // a scope under plain directories
+            format!("/system.slice/x.service/crio-{ID}.scope"),
+            format!("/kubepods.slice/cri-containerd-{ID}.scope"), // not in a pod's slice
+            format!("/kubepods.slice/kubepods-burstable.slice/cri-containerd-{ID}.scope"),
+            format!("/srv/kubepods-burstable-pod1234.slice:cri-containerd:{ID}"),
+            format!("/system.slice/containerd.service/evil.slice:cri-containerd:{ID}"),
+            format!("/../../{ID}"), // outside our cgroup namespace: nothing to anchor to
+        ];
+        for path in &misplaced {
+            assert_eq!(
+                check(&v2(path), &[ID]).map_err(|d| d.reason),
+                Err(DenyReason::NotAllowed),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_users_own_cgroups_are_refused_however_named() {
+        // systemd delegates these to the user: it may create any name there.
+        for path in [
+            format!("/user.slice/user-1000.slice/user@1000.service/app.slice/{ID}"),
+            format!("/user.slice/user-1000.slice/session-3.scope/{ID}"),
+            format!("/user.slice/{ID}"),
+        ] {
+            let d = check(&v2(&path), &[ID]).unwrap_err();
+            assert!(
+                matches!(&d.reason, DenyReason::DelegatedCgroup(why) if why.contains("/user.slice")),
+                "{path}: {d:?}"
+            );
+            assert_eq!(d.cgroup.as_deref(), Some(path.as_str()));
+        }
+        // A scope outside a slice is not where a runtime puts it anyway.
+        assert!(!admits(
+            &v2(&format!(
+                "/user.slice/user-1000.slice/user@1000.service/app.slice/docker-{ID}.scope"
+            )),
+            &[ID]
+        ));
+        // An operator may still allow such a cgroup by its path, knowingly.
+        let p = FakeProc::new();
+        p.add(
+            7,
+            &v2("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service"),
+        );
+        assert!(p
+            .policy(
+                &[ID],
+                &["/user.slice/user-1000.slice/user@1000.service/app.slice"]
+            )
+            .check(7)
+            .is_ok());
+    }
+
+    #[test]
+    fn a_cgroup_below_a_directory_a_user_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        // The mechanism behind the user.slice rule: any directory above the
+        // container's cgroup that is not root's alone was delegated.
+        let p = FakeProc::new();
+        p.add(1, &v2(&format!("/shared/{ID}")));
+        let shared = p.cg.path().join("unified/shared");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let d = p.policy(&[ID], &[]).check(1).unwrap_err();
+        assert!(
+            matches!(&d.reason, DenyReason::DelegatedCgroup(why) if why.contains("/shared") && why.contains("775")),
+            "{d:?}"
+        );
+        assert!(d.reason.to_string().contains("unprivileged user"));
+
+        // Owned by an unprivileged uid, as `chown -R` delegation leaves it.
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test chowns fixture cgroup directories: run it as root (as CI does)"
+        );
+        let p = FakeProc::new();
+        p.add(2, &v2(&format!("/delegated/sub/{ID}")));
+        p.add(3, &v2(&format!("/ok/{ID}")));
+        let chown =
+            |path: &Path, uid| std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+        chown(&p.cg.path().join("unified/delegated"), 1000);
+        // The container's own directory handed to its user namespace's root.
+        chown(&p.cg.path().join(format!("unified/ok/{ID}")), 100_000);
+        let policy = p.policy(&[ID], &[]);
+        let d = policy.check(2).unwrap_err();
+        assert_eq!(
+            d.reason,
+            DenyReason::DelegatedCgroup("/delegated is owned by uid 1000".into())
+        );
+        assert!(
+            policy.check(3).is_ok(),
+            "the container's own cgroup may be delegated"
+        );
+
+        // In a v1 hierarchy (pure v1 host), the owner is checked there.
+        let p = FakeProc::new();
+        p.add(
+            4,
+            &format!("4:memory:/delegated/{ID}\n1:name=systemd:/{ID}\n"),
+        );
+        chown(&p.cg.path().join("memory/delegated"), 1000);
+        assert!(matches!(
+            p.policy(&[ID], &[]).check(4).unwrap_err().reason,
+            DenyReason::DelegatedCgroup(_)
+        ));
+    }
+
+    #[test]
+    fn a_cgroup_that_cannot_be_looked_at_is_refused() {
+        let p = FakeProc::new();
+        p.add(1, &v2(&format!("/gone/{ID}")));
+        std::fs::remove_dir_all(p.cg.path().join("unified/gone")).unwrap();
+        let d = p.policy(&[ID], &[]).check(1).unwrap_err();
+        assert!(
+            matches!(d.reason, DenyReason::CgroupUnverifiable(_)),
+            "{d:?}"
+        );
+        // No cgroup filesystem at all.
+        let p = FakeProc::new();
+        p.add(2, &v2(&format!("/{ID}")));
+        std::fs::remove_dir_all(p.cg.path().join("unified")).unwrap();
+        let d = p.policy(&[ID], &[]).check(2).unwrap_err();
+        assert!(
+            matches!(d.reason, DenyReason::CgroupUnverifiable(_)),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn a_pure_v2_host_has_the_unified_hierarchy_at_the_root() {
+        // The fixture makes both in `unified/`; only `/x` is also at the root.
+        let p = FakeProc::new();
+        p.add(1, &v2(&format!("/y/{ID}")));
+        p.add(2, &v2(&format!("/x/{ID}")));
+        // A cgroup v2 root, with a cgroup that happens to be called `unified`.
+        std::fs::write(p.cg.path().join("cgroup.controllers"), "").unwrap();
+        p.mkcgroup("", &format!("/x/{ID}"));
+        let policy = p.policy(&[ID], &[]);
+        assert!(
+            matches!(
+                policy.check(1).unwrap_err().reason,
+                DenyReason::CgroupUnverifiable(_)
+            ),
+            "/y is not in the v2 root"
+        );
+        assert!(policy.check(2).is_ok());
     }
 
     #[test]
@@ -872,7 +1271,7 @@ mod tests {
         // And a policy allowing exactly its own unified cgroup admits it.
         let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let lines = parse_cgroup_file(&own).unwrap();
-        let deciding = deciding_paths(&lines);
+        let deciding: Vec<&str> = deciding_lines(&lines).iter().map(|l| l.path).collect();
         if deciding.iter().all(|p| *p == deciding[0]) && !deciding.is_empty() {
             let policy = CallerPolicy::new(vec![], vec![deciding[0].to_owned()]).unwrap();
             assert!(policy.check(std::process::id()).is_ok());

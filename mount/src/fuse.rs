@@ -99,6 +99,9 @@ fn errno(e: FsError) -> Errno {
         FsError::Stale => Errno::ESTALE,
         // What a disk that stopped answering gives: readers fail, loudly.
         FsError::Unavailable => Errno::EIO,
+        // A descriptor opened before the secret left: it fails like one
+        // whose disk went away, never with the old bytes.
+        FsError::Revoked => Errno::EIO,
     }
 }
 

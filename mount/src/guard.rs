@@ -22,27 +22,28 @@ const OUTBOX_MAX: usize = 1000;
 pub struct Guard {
     policy: CallerPolicy,
     refusals: Refusals,
-    /// The status file is then guarded like the secrets.
-    strict_status: bool,
+    /// The status folder and file skip the check (`--public-status`).
+    public_status: bool,
     outbox: Mutex<Vec<v1::Refusal>>,
 }
 
 impl Guard {
-    pub fn new(policy: CallerPolicy, strict_status: bool) -> Guard {
+    pub fn new(policy: CallerPolicy, public_status: bool) -> Guard {
         Guard {
             policy,
             refusals: Refusals::default(),
-            strict_status,
+            public_status,
             outbox: Mutex::new(Vec::new()),
         }
     }
 
     /// Whether a request on `ino` skips the check: the mount's root (the
-    /// kernel needs its attributes to walk into the mount at all) and,
-    /// unless `--strict-status`, the status folder and file, so operators
-    /// on the host can read them.
+    /// kernel needs its attributes to walk into the mount at all) and, with
+    /// `--public-status`, the status folder and file. By default they are
+    /// checked: the status lists the secrets' names, which a refused host
+    /// user has no business reading.
     fn exempt(&self, ino: u64) -> bool {
-        ino == ROOT_INO || (!self.strict_status && (ino == CONTROL_INO || ino == STATUS_INO))
+        ino == ROOT_INO || (self.public_status && (ino == CONTROL_INO || ino == STATUS_INO))
     }
 
     /// Checks the calling process for a request on `ino`. `what` describes
@@ -100,17 +101,18 @@ impl Guard {
 mod tests {
     use super::*;
 
-    fn guard(strict: bool) -> Guard {
+    fn guard(public_status: bool) -> Guard {
         // A fixture /proc with no processes: every check fails.
         let proc = tempfile::tempdir().unwrap();
-        let policy = CallerPolicy::with_proc_root(vec!["web".into()], vec![], proc.path()).unwrap();
+        let policy =
+            CallerPolicy::with_roots(vec!["web".into()], vec![], proc.path(), proc.path()).unwrap();
         std::mem::forget(proc);
-        Guard::new(policy, strict)
+        Guard::new(policy, public_status)
     }
 
     #[test]
-    fn root_and_status_are_exempt_unless_strict() {
-        let g = guard(false);
+    fn root_is_exempt_and_status_only_when_public() {
+        let g = guard(true);
         assert!(g.admit(ROOT_INO, 42, 0, String::new));
         assert!(g.admit_lookup(ROOT_INO, ".secretfs", 42, 0));
         assert!(g.admit_lookup(CONTROL_INO, "status", 42, 0));
@@ -126,7 +128,8 @@ mod tests {
         assert_eq!(out[1].uid, 1000);
         assert!(g.take_outbox().is_empty());
 
-        let strict = guard(true);
+        // The default: the status names secrets, so it is checked too.
+        let strict = guard(false);
         assert!(strict.admit(ROOT_INO, 42, 0, String::new));
         assert!(!strict.admit_lookup(ROOT_INO, ".secretfs", 42, 0));
         assert!(!strict.admit(STATUS_INO, 42, 0, String::new));

@@ -111,8 +111,9 @@ pub struct MountOptions {
 pub struct CallerRules {
     pub container_ids: Vec<String>,
     pub allow_cgroups: Vec<String>,
-    /// Guard `.secretfs/status` too (by default the host may read it).
-    pub strict_status: bool,
+    /// Let anyone read `.secretfs/status` (`--public-status`). By default
+    /// the caller check guards it like the secrets: it names them.
+    pub public_status: bool,
 }
 
 impl MountOptions {
@@ -161,7 +162,7 @@ pub async fn run(
                     "no running process matches the caller check yet; everyone is refused until one does"
                 );
             }
-            Some(Arc::new(guard::Guard::new(policy, rules.strict_status)))
+            Some(Arc::new(guard::Guard::new(policy, rules.public_status)))
         }
     };
     mount::check_fuse()?;

@@ -35,6 +35,11 @@ impl SecretBytes {
     /// Copies `data` into a fresh locked buffer. The caller still owns (and
     /// should wipe) `data`.
     pub fn copy_from(data: &[u8]) -> SecretBytes {
+        SecretBytes::copy_with(data, lock)
+    }
+
+    /// As [`SecretBytes::copy_from`], locking with `lock` (tests make it fail).
+    fn copy_with(data: &[u8], lock: impl FnOnce(NonNull<u8>, usize) -> bool) -> SecretBytes {
         let page = page_size();
         // At least one page, so an empty secret still has a valid allocation.
         let size = data.len().max(1).div_ceil(page) * page;
@@ -44,10 +49,14 @@ impl SecretBytes {
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout);
         };
+        // Before the first secret byte lands: out of core dumps whether or
+        // not mlock is allowed, then locked, so no byte is ever in a page
+        // that could be swapped or dumped.
+        dont_dump(ptr, size);
+        let locked = lock(ptr, size);
         // SAFETY: `ptr` points to `size >= data.len()` writable bytes that
         // cannot overlap `data` (fresh allocation).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
-        let locked = lock(ptr, size);
         SecretBytes {
             ptr,
             len: data.len(),
@@ -103,10 +112,17 @@ fn lock(ptr: NonNull<u8>, size: usize) -> bool {
         }
         return false;
     }
-    // Keep secrets out of core dumps even if something re-enables dumping.
-    // SAFETY: page-aligned range we own; advice only.
-    unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP) };
     true
+}
+
+/// Keeps the range out of core dumps even if something re-enables dumping
+/// (the process is non-dumpable, see `forbid_core_dumps`).
+fn dont_dump(ptr: NonNull<u8>, size: usize) {
+    // SAFETY: page-aligned range we own; advice only.
+    let rc = unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_DONTDUMP) refused");
+    }
 }
 
 fn page_size() -> usize {
@@ -145,6 +161,53 @@ mod tests {
         let big = vec![7u8; 10_000];
         let b = SecretBytes::copy_from(&big);
         assert_eq!(b.as_bytes(), &big[..]);
+    }
+
+    /// The `VmFlags` of the mapping holding `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split(' ').next().unwrap_or("");
+            if let Some((lo, hi)) = range.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return flags.to_owned();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn out_of_core_dumps_even_when_mlock_fails() {
+        // Review finding 10: MADV_DONTDUMP was only applied after a
+        // successful mlock.
+        let s = SecretBytes::copy_with(&[7u8; 5000], |ptr, size| {
+            // And nothing is copied in before the lock is tried.
+            // SAFETY: the allocation being built, `size` bytes long.
+            let page = unsafe { std::slice::from_raw_parts(ptr.as_ptr(), size) };
+            assert!(page.iter().all(|&b| b == 0), "secret copied before locking");
+            false
+        });
+        assert!(!s.locked);
+        assert_eq!(s.as_bytes(), &[7u8; 5000][..]);
+        let flags = vm_flags(s.ptr.as_ptr() as usize);
+        assert!(
+            flags.split_ascii_whitespace().any(|f| f == "dd"),
+            "no `dd` (MADV_DONTDUMP) on the secret's mapping: {flags}"
+        );
+        // And on the ordinary path too.
+        let s = SecretBytes::copy_from(b"x");
+        let flags = vm_flags(s.ptr.as_ptr() as usize);
+        assert!(flags.split_ascii_whitespace().any(|f| f == "dd"), "{flags}");
     }
 
     #[test]

@@ -74,9 +74,16 @@ impl Snapshot {
         Snapshot::default()
     }
 
-    /// Screens `candidates` (see [`screen`]) and keeps the rest.
+    /// Screens `candidates` (see [`screen`]) and keeps the rest; nothing
+    /// is shown yet.
     pub fn build(candidates: Vec<SecretFile>) -> Snapshot {
-        let (mut files, skipped) = screen(candidates, |f| &f.name, |f| f.id);
+        Snapshot::build_over(candidates, |_| false)
+    }
+
+    /// As [`Snapshot::build`], replacing a snapshot that shows the names
+    /// for which `shown` is true: those keep their place in a conflict.
+    pub fn build_over(candidates: Vec<SecretFile>, shown: impl Fn(&str) -> bool) -> Snapshot {
+        let (mut files, skipped) = screen(candidates, |f| &f.name, |f| f.id, shown);
         files.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot { files, skipped }
     }
@@ -127,15 +134,18 @@ pub fn name_problem(name: &str) -> Option<String> {
 /// Splits `items` into the ones the mount can show and the skipped ones.
 ///
 /// Conflicts (`a` is a file, `a/b` needs `a` to be a directory; or the same
-/// name twice) are settled by secret id: the older secret keeps its path and
-/// the newer one is skipped. Ids never change, so a newly granted secret can
-/// never push out a file a container already uses.
+/// name twice) are settled first by what is shown now (`shown` names): a
+/// file a container may already use never disappears because another
+/// secret was granted (one older than it, say); the newcomer is skipped.
+/// Between names not shown yet, the older secret (lower id) keeps its path,
+/// so the outcome does not depend on the order they arrived in.
 pub fn screen<T>(
     mut items: Vec<T>,
     name_of: impl Fn(&T) -> &str,
     id_of: impl Fn(&T) -> u64,
+    shown: impl Fn(&str) -> bool,
 ) -> (Vec<T>, Vec<Skipped>) {
-    items.sort_by_key(|i| id_of(i));
+    items.sort_by_cached_key(|i| (!shown(name_of(i)), id_of(i)));
     let mut files: BTreeMap<String, u64> = BTreeMap::new();
     // Directory path -> id of the first secret that needed it.
     let mut dirs: HashMap<String, u64> = HashMap::new();
@@ -233,6 +243,40 @@ pub(crate) mod tests {
         assert_eq!(names(&s), ["x/y/z"]);
         assert_eq!(s.skipped()[0].name, "x/y");
         assert!(s.skipped()[0].reason.contains("already a directory"));
+    }
+
+    #[test]
+    fn a_new_grant_never_pushes_out_a_shown_file() {
+        // Review finding 9: secret `po` (older id) granted later took the
+        // place of the `po/x` a container was already reading.
+        let shown = |names: &'static [&'static str]| move |n: &str| names.contains(&n);
+        let s = Snapshot::build_over(
+            vec![file(5, 1, "po/x", b"x"), file(1, 1, "po", b"p")],
+            shown(&["po/x"]),
+        );
+        assert_eq!(names(&s), ["po/x"]);
+        assert_eq!(s.skipped()[0].name, "po");
+        assert!(
+            s.skipped()[0].reason.contains("already a directory"),
+            "{:?}",
+            s.skipped()
+        );
+
+        // The other way round: a shown file keeps its name from a newer
+        // secret that needs it to be a directory.
+        let s = Snapshot::build_over(
+            vec![file(1, 1, "po/x", b"x"), file(5, 1, "po", b"p")],
+            shown(&["po"]),
+        );
+        assert_eq!(names(&s), ["po"]);
+        assert_eq!(s.skipped()[0].name, "po/x");
+
+        // Between two new names the older secret wins, as before.
+        let s = Snapshot::build_over(
+            vec![file(5, 1, "po/x", b"x"), file(1, 1, "po", b"p")],
+            shown(&["other"]),
+        );
+        assert_eq!(names(&s), ["po"]);
     }
 
     #[test]

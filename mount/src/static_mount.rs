@@ -46,6 +46,13 @@ impl StaticSecret {
     }
 }
 
+/// A secret handed over but never shown (an error on the way) is wiped too.
+impl Drop for StaticSecret {
+    fn drop(&mut self) {
+        self.content.zeroize();
+    }
+}
+
 fn snapshot(secrets: Vec<StaticSecret>) -> Snapshot {
     let files = secrets
         .into_iter()

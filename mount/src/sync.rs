@@ -34,8 +34,10 @@ use crate::watch::{EventError, Mirror};
 /// How long one RPC (or a stream's first event) may take before we call the
 /// server unreachable.
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
-/// An initial event carries every secret at once.
-const MAX_REPLY: usize = 256 * 1024 * 1024;
+/// One message: a server that does not split changes sends a client's
+/// whole view in its initial event (the parts of a split one are bounded
+/// together by `MAX_CHANGE`).
+const MAX_REPLY: usize = crate::watch::MAX_CHANGE;
 /// Reconnect delays while the server is unreachable.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_CAP: Duration = Duration::from_secs(3);
@@ -130,14 +132,20 @@ impl SecretsSource {
         mirror: &mut Mirror,
     ) -> Result<(Streaming<WatchEvent>, Snapshot), SyncError> {
         let mut stream = self.watch(mirror.request(true)).await?;
-        let msg = tokio::time::timeout(RPC_TIMEOUT, stream.message())
-            .await
-            .map_err(|_| SyncError::Unreachable("no initial event in time".into()))?;
-        match step(mirror, msg) {
-            Step::Applied(snapshot, _) => Ok((stream, snapshot)),
-            Step::Stop(e) => {
+        loop {
+            // Each part of a split initial event is progress: the timeout
+            // runs per message.
+            let Ok(msg) = tokio::time::timeout(RPC_TIMEOUT, stream.message()).await else {
                 mirror.closed();
-                Err(e)
+                return Err(SyncError::Unreachable("no initial event in time".into()));
+            };
+            match step(mirror, msg) {
+                Step::Applied(snapshot, _) => return Ok((stream, snapshot)),
+                Step::Part => continue,
+                Step::Stop(e) => {
+                    mirror.closed();
+                    return Err(e);
+                }
             }
         }
     }
@@ -146,16 +154,19 @@ impl SecretsSource {
 /// The outcome of one message from the stream.
 enum Step {
     Applied(Snapshot, u64),
+    /// A part of a change: more must come before anything is applied.
+    Part,
     Stop(SyncError),
 }
 
-/// Applies one message to `mirror`: the whole event or nothing.
+/// Gives one message to `mirror`: a whole change is applied or nothing.
 fn step(mirror: &mut Mirror, msg: Result<Option<WatchEvent>, tonic::Status>) -> Step {
     match msg {
         Ok(Some(event)) => {
             let revision = event.revision;
-            match mirror.apply(event) {
-                Ok((snapshot, applied)) => {
+            match mirror.receive(event) {
+                Ok(None) => Step::Part,
+                Ok(Some((snapshot, applied))) => {
                     tracing::debug!(
                         revision,
                         upserts = applied.upserts,
@@ -296,6 +307,10 @@ async fn follow(
                         return Stop::Gone;
                     }
                 }
+                Step::Part => {
+                    // Progress on a split initial event.
+                    initial_by = initial_by.map(|_| Instant::now() + RPC_TIMEOUT);
+                }
                 Step::Stop(e) => return Stop::Failed(e),
             },
             () = initial_deadline => {
@@ -374,10 +389,24 @@ mod tests {
         ));
         assert_eq!(m.snapshot().files().len(), 1, "nothing of it applied");
 
+        // A part waits for the rest; the stream ending then applies nothing.
+        let part = WatchEvent {
+            continued: true,
+            ..ev(5, false, vec![up(2, 1, "b", b"y")], &[])
+        };
+        assert!(matches!(step(&mut m, Ok(Some(part))), Step::Part));
+        assert_eq!(m.snapshot().files().len(), 1);
+
         assert!(matches!(
             step(&mut m, Ok(None)),
             Step::Stop(SyncError::Unreachable(_))
         ));
+        m.closed();
+        assert_eq!(
+            m.snapshot().files().len(),
+            1,
+            "the cut-off change applied nothing"
+        );
         assert!(matches!(
             step(
                 &mut m,

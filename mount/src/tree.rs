@@ -12,6 +12,12 @@
 //!   which it tells us through lookup counts (`lookup`, readdirplus) and
 //!   `forget`. A node that is neither current nor referenced is dropped at
 //!   once, which wipes its bytes (`SecretBytes` zeroizes on drop).
+//! - A secret that leaves the view (deleted, access revoked, client
+//!   removed) is different from a rotation: its old inodes lose their bytes
+//!   at once and answer reads with `Revoked` (EIO), and the kernel is told
+//!   to drop their cached pages, so a descriptor opened before cannot go on
+//!   reading it. A rotated secret's old inode keeps its version instead (a
+//!   file handle keeps the version it opened).
 //! - Directories keep their inode while their path exists. A path that
 //!   vanishes and comes back gets a fresh inode, because the kernel marked
 //!   the old one dead when we told it the name was deleted.
@@ -61,6 +67,9 @@ pub enum FsError {
     /// `--max-stale`: secrets fail closed.
     #[error("secrets unavailable: cut off from the server for too long")]
     Unavailable,
+    /// An inode of a secret that has left the view, still open somewhere.
+    #[error("secret no longer readable: deleted or access revoked")]
+    Revoked,
 }
 
 /// Owner, group and mode for secrets that do not set their own.
@@ -138,8 +147,16 @@ impl ReadOut {
 }
 
 enum Body {
-    Dir { children: BTreeMap<String, u64> },
-    Secret { content: Arc<SecretBytes> },
+    Dir {
+        children: BTreeMap<String, u64>,
+    },
+    Secret {
+        /// The secret's id: what survives a rotation.
+        id: u64,
+        content: Arc<SecretBytes>,
+    },
+    /// A secret inode whose secret left the view; its bytes are gone.
+    Revoked,
     Status,
 }
 
@@ -274,7 +291,8 @@ impl Tree {
         let node = self.nodes.get(&ino).ok_or(FsError::Stale)?;
         let data = match &node.body {
             Body::Dir { .. } => return Err(FsError::IsDir),
-            Body::Secret { content } => Data::Secret(content.clone()),
+            Body::Secret { content, .. } => Data::Secret(content.clone()),
+            Body::Revoked => return Err(FsError::Revoked),
             Body::Status => Data::Plain(self.status.clone()),
         };
         let len = match &data {
@@ -501,6 +519,23 @@ impl Tree {
                 self.nodes.remove(&ino);
             }
         }
+        // Every inode of a secret that left (its last version and older ones
+        // that open files still hold): wipe the bytes now, not when the
+        // kernel forgets them, and make the kernel drop its cached copy.
+        let shown_ids: HashSet<u64> = snap.files().iter().map(|f| f.id).collect();
+        let mut revoked = Vec::new();
+        for (&ino, node) in self.nodes.iter_mut() {
+            if let Body::Secret { id, .. } = node.body {
+                if !node.current && !shown_ids.contains(&id) {
+                    node.body = Body::Revoked;
+                    // As a deleted file shows to an open handle's fstat.
+                    node.attr.nlink = 0;
+                    revoked.push(ino);
+                }
+            }
+        }
+        revoked.sort_unstable();
+        inval.extend(revoked.into_iter().map(|ino| Invalidation::Inode { ino }));
 
         // Install the new layout.
         for (i, f) in snap.files().iter().enumerate() {
@@ -529,6 +564,7 @@ impl Tree {
                     attr,
                     parent: ROOT_INO, // fixed up below
                     body: Body::Secret {
+                        id: f.id,
                         content: f.content.clone(),
                     },
                     nlookup: 0,
@@ -585,6 +621,7 @@ impl Tree {
     /// Drops every secret, referenced or not (shutdown, or the server
     /// disowned this client and the kernel must not keep any bytes either).
     pub fn wipe(&mut self, now: SystemTime) -> Vec<Invalidation> {
+        // `apply` has already revoked every secret inode the kernel holds.
         let inval = self.apply(&Snapshot::empty(), now);
         self.nodes
             .retain(|_, n| !matches!(n.body, Body::Secret { .. }) && (n.current || n.nlookup > 0));
@@ -840,6 +877,60 @@ mod tests {
     }
 
     #[test]
+    fn a_secret_leaving_the_view_cuts_its_open_handles() {
+        // Review finding 3: the kernel kept serving a revoked secret's pages
+        // to descriptors opened before.
+        let mut t = tree(vec![file(1, 1, "db/pw", b"v1"), file(2, 1, "tok", b"t")]);
+        let v1 = look(&mut t, "db/pw").unwrap().ino; // open, then rotated
+        t.apply(
+            &Snapshot::build(vec![file(1, 2, "db/pw", b"v2"), file(2, 1, "tok", b"t")]),
+            UNIX_EPOCH,
+        );
+        let v2 = look(&mut t, "db/pw").unwrap().ino; // open too
+        let tok = look(&mut t, "tok").unwrap().ino;
+        assert_eq!(
+            read_all(&t, v1),
+            b"v1",
+            "a rotation keeps the old handle's version"
+        );
+
+        // Secret 1 revoked: both of its inodes are cut, in the kernel too.
+        let inval = t.apply(&Snapshot::build(vec![file(2, 1, "tok", b"t")]), UNIX_EPOCH);
+        assert!(
+            inval.contains(&Invalidation::Inode { ino: v1 }),
+            "{inval:?}"
+        );
+        assert!(
+            inval.contains(&Invalidation::Inode { ino: v2 }),
+            "{inval:?}"
+        );
+        assert!(
+            !inval.contains(&Invalidation::Inode { ino: tok }),
+            "{inval:?}"
+        );
+        assert_eq!(t.read(v1, 0, 10).err(), Some(FsError::Revoked));
+        assert_eq!(t.read(v2, 0, 10).err(), Some(FsError::Revoked));
+        assert_eq!(t.getattr(v2).unwrap().nlink, 0);
+        assert_eq!(read_all(&t, tok), b"t");
+        // Nothing more to say on the next change; forgetting drops them.
+        let again = t.apply(&Snapshot::build(vec![file(2, 1, "tok", b"t")]), UNIX_EPOCH);
+        assert!(again.is_empty(), "{again:?}");
+        let before = t.inode_count();
+        t.forget(v1, 1);
+        t.forget(v2, 1);
+        assert_eq!(t.inode_count(), before - 2);
+
+        // Granted again: a fresh inode with the bytes, never the cut one.
+        t.apply(
+            &Snapshot::build(vec![file(1, 2, "db/pw", b"v2"), file(2, 1, "tok", b"t")]),
+            UNIX_EPOCH,
+        );
+        let back = look(&mut t, "db/pw").unwrap().ino;
+        assert!(back != v1 && back != v2);
+        assert_eq!(read_all(&t, back), b"v2");
+    }
+
+    #[test]
     fn unchanged_secrets_keep_inodes_and_send_nothing() {
         let mut t = tree(vec![file(1, 1, "a", b"1"), file(2, 1, "d/b", b"2")]);
         let a = look(&mut t, "a").unwrap().ino;
@@ -892,14 +983,17 @@ mod tests {
                     name: "x".into()
                 },
                 Invalidation::Inode { ino: ROOT_INO },
+                // z is open somewhere: its cached pages must go too.
+                Invalidation::Inode { ino: z },
             ]
         );
         assert_eq!(look(&mut t, "x"), Err(FsError::NotFound));
         assert_eq!(list(&mut t, ROOT_INO), [".", "..", ".secretfs", "keep"]);
-        // Still referenced by the kernel: kept until forgotten, but empty.
+        // Still referenced by the kernel: kept until forgotten, but empty,
+        // and the deleted secret's bytes are gone.
         assert_eq!(t.inode_count(), count);
         assert_eq!(t.lookup(x, OsStr::new("y")), Err(FsError::NotFound));
-        assert_eq!(read_all(&t, z), b"z");
+        assert_eq!(t.read(z, 0, 10).err(), Some(FsError::Revoked));
         // `look` walks the path, so x was looked up 3 times and y twice.
         t.forget(z, 1);
         t.forget(y, 2);
@@ -951,7 +1045,9 @@ mod tests {
             name: "a".into()
         }));
         assert_eq!(look(&mut t, "a/b").unwrap().size, 1);
-        assert_eq!(read_all(&t, a), b"1");
+        // Secret 1 left the view: its open handle reads nothing more.
+        assert!(inval.contains(&Invalidation::Inode { ino: a }));
+        assert_eq!(t.read(a, 0, 10).err(), Some(FsError::Revoked));
     }
 
     #[test]
@@ -971,9 +1067,10 @@ mod tests {
             child: a,
             name: "a".into()
         }));
+        assert!(inval.contains(&Invalidation::Inode { ino: a }));
         assert_eq!(
-            t.getattr(a),
-            Err(FsError::Stale),
+            t.read(a, 0, 10).err(),
+            Some(FsError::Revoked),
             "wiped even while referenced"
         );
         assert_eq!(list(&mut t, ROOT_INO), [".", "..", ".secretfs"]);

@@ -16,6 +16,12 @@
 //!   applied is out of order. An `initial` event of a from-scratch stream is
 //!   accepted whatever its revision: it depends on nothing we held, and a
 //!   server restored from a backup must not lock the mount out for good.
+//! - A change may come in parts (`continued`): each part is checked on its
+//!   own and its content copied into locked memory at once, then the parts
+//!   are applied together when the last one arrives. The parts must carry
+//!   the change's revision, only the first may be `initial`, and all of them
+//!   together stay under [`MAX_CHANGE`]. A stream that ends (or errs)
+//!   between parts applies none of them.
 //! - Content is copied into locked memory and the event's buffers are wiped.
 
 use std::collections::{BTreeMap, HashSet};
@@ -31,6 +37,9 @@ use crate::snapshot::{SecretFile, Snapshot};
 const MAX_NAME: usize = 1024;
 /// Longest segment of a name (bytes).
 const MAX_SEGMENT: usize = 255;
+/// Most content and name bytes one change may carry, all its parts
+/// together: the whole view of a client at its first sync.
+pub const MAX_CHANGE: usize = 256 * 1024 * 1024;
 
 /// Why an event was refused. Each one means the stream cannot be trusted
 /// from here on: drop it and resync.
@@ -55,6 +64,12 @@ pub enum EventError {
     SizeMismatch { name: String, len: u64, size: u64 },
     #[error("{name:?} has id 0 or version 0")]
     ZeroId { name: String },
+    #[error("a part of the change at revision {first} came with revision {got}")]
+    PartRevision { first: u64, got: u64 },
+    #[error("a continuing part of a change is marked initial (only the first part may be)")]
+    InitialPart,
+    #[error("one change carries more than {limit} bytes")]
+    TooLarge { limit: usize },
 }
 
 /// Where the current stream stands.
@@ -85,6 +100,24 @@ pub struct Mirror {
     /// Highest revision applied; 0 = none yet.
     revision: u64,
     stream: Stream,
+    /// The parts of a change received so far (`continued`).
+    pending: Option<Change>,
+    /// [`MAX_CHANGE`]; smaller in tests.
+    max_change: usize,
+    /// The names the last snapshot showed: they keep their place when a
+    /// newcomer conflicts with them (only names: no content kept alive).
+    shown: HashSet<String>,
+}
+
+/// One change, possibly gathered from several messages; its content is in
+/// locked memory already.
+struct Change {
+    revision: u64,
+    initial: bool,
+    upserts: Vec<SecretFile>,
+    removals: Vec<String>,
+    /// Content and name bytes so far, against [`MAX_CHANGE`].
+    size: usize,
 }
 
 impl Default for Mirror {
@@ -99,6 +132,9 @@ impl Mirror {
             held: BTreeMap::new(),
             revision: 0,
             stream: Stream::Closed,
+            pending: None,
+            max_change: MAX_CHANGE,
+            shown: HashSet::new(),
         }
     }
 
@@ -112,6 +148,7 @@ impl Mirror {
     pub fn request(&mut self, from_scratch: bool) -> WatchRequest {
         let from_scratch = from_scratch || self.held.is_empty();
         self.stream = Stream::AwaitingInitial { from_scratch };
+        self.pending = None;
         let known = if from_scratch {
             Vec::new()
         } else {
@@ -133,23 +170,98 @@ impl Mirror {
     /// The stream is gone; the next one starts with a request.
     pub fn closed(&mut self) {
         self.stream = Stream::Closed;
+        // A change cut off between its parts: none of it (wiped on drop).
+        self.pending = None;
     }
 
     /// The server disowned this client: forget everything (the bytes are
     /// wiped once the tree lets go of them too).
     pub fn clear(&mut self) {
         self.held.clear();
+        self.shown.clear();
         self.stream = Stream::Closed;
+        self.pending = None;
     }
 
-    /// Checks `event` whole, then applies it and returns the new snapshot.
-    /// On error nothing changed, and the event's content is wiped anyway.
-    pub fn apply(&mut self, mut event: WatchEvent) -> Result<(Snapshot, Applied), EventError> {
-        let checked = self.check(&event);
-        if let Err(e) = checked {
-            wipe(&mut event);
-            return Err(e);
+    /// Takes one message of the stream. A part of a change (`continued`)
+    /// is checked, copied into locked memory and held: `Ok(None)`. With the
+    /// last part the whole change is checked, then applied, and the new
+    /// snapshot returned. On error nothing changed, the parts held are
+    /// dropped, and the message's content is wiped anyway.
+    pub fn receive(
+        &mut self,
+        mut msg: WatchEvent,
+    ) -> Result<Option<(Snapshot, Applied)>, EventError> {
+        let gathered = self.gather(&mut msg);
+        wipe(&mut msg);
+        let change = match gathered {
+            Ok(Some(change)) => change,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                self.pending = None;
+                return Err(e);
+            }
+        };
+        self.check(&change)?;
+        Ok(Some(self.commit(change)))
+    }
+
+    /// A whole (not `continued`) event, for tests.
+    #[cfg(test)]
+    pub fn apply(&mut self, event: WatchEvent) -> Result<(Snapshot, Applied), EventError> {
+        assert!(!event.continued, "apply takes whole events");
+        self.receive(event)
+            .map(|applied| applied.expect("a whole event is applied"))
+    }
+
+    /// Adds `msg` to the change being gathered; the change once complete.
+    fn gather(&mut self, msg: &mut WatchEvent) -> Result<Option<Change>, EventError> {
+        let mut change = match self.pending.take() {
+            None => Change {
+                revision: msg.revision,
+                initial: msg.initial,
+                upserts: Vec::new(),
+                removals: Vec::new(),
+                size: 0,
+            },
+            Some(change) if msg.revision != change.revision => {
+                return Err(EventError::PartRevision {
+                    first: change.revision,
+                    got: msg.revision,
+                })
+            }
+            Some(_) if msg.initial => return Err(EventError::InitialPart),
+            Some(change) => change,
+        };
+        for sc in &msg.upserts {
+            check_upsert(sc)?;
         }
+        for name in &msg.removals {
+            check_name(name)?;
+        }
+        // Counted before anything is copied.
+        change.size = msg
+            .upserts
+            .iter()
+            .map(|sc| sc.content.len() + sc.meta.as_ref().map_or(0, |m| m.name.len()))
+            .chain(msg.removals.iter().map(String::len))
+            .fold(change.size, usize::saturating_add);
+        if change.size > self.max_change {
+            return Err(EventError::TooLarge {
+                limit: self.max_change,
+            });
+        }
+        change.upserts.extend(msg.upserts.iter_mut().map(file_from));
+        change.removals.append(&mut msg.removals);
+        if msg.continued {
+            self.pending = Some(change);
+            return Ok(None);
+        }
+        Ok(Some(change))
+    }
+
+    /// Applies a checked change.
+    fn commit(&mut self, change: Change) -> (Snapshot, Applied) {
         let from_scratch = matches!(self.stream, Stream::AwaitingInitial { from_scratch: true });
         let mut held = if from_scratch {
             BTreeMap::new()
@@ -157,31 +269,35 @@ impl Mirror {
             self.held.clone()
         };
         let applied = Applied {
-            upserts: event.upserts.len(),
-            removals: event.removals.len(),
+            upserts: change.upserts.len(),
+            removals: change.removals.len(),
         };
-        for name in &event.removals {
+        for name in &change.removals {
             // A name we never held: the server's view and ours already agree.
             held.remove(name);
         }
-        for sc in &mut event.upserts {
-            let file = file_from(sc);
+        for file in change.upserts {
             held.insert(file.name.clone(), file);
         }
-        wipe(&mut event);
         self.held = held;
-        self.revision = self.revision.max(event.revision);
+        self.revision = self.revision.max(change.revision);
         self.stream = Stream::Live;
-        Ok((self.snapshot(), applied))
+        (self.snapshot(), applied)
     }
 
-    /// What the mount shows: the held secrets, screened.
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot::build(self.held.values().cloned().collect())
+    /// What the mount shows from now on: the held secrets, screened
+    /// against what it showed so far.
+    pub fn snapshot(&mut self) -> Snapshot {
+        let snap = Snapshot::build_over(self.held.values().cloned().collect(), |name| {
+            self.shown.contains(name)
+        });
+        self.shown = snap.files().iter().map(|f| f.name.clone()).collect();
+        snap
     }
 
-    fn check(&self, event: &WatchEvent) -> Result<(), EventError> {
-        match (self.stream, event.initial) {
+    /// The checks that need the whole change and the stream's state.
+    fn check(&self, change: &Change) -> Result<(), EventError> {
+        match (self.stream, change.initial) {
             (Stream::Live, true) => return Err(EventError::RepeatedInitial),
             (Stream::Live, false) | (Stream::AwaitingInitial { .. }, true) => {}
             // `Closed` means the caller forgot `request`; treat as a fresh
@@ -190,38 +306,22 @@ impl Mirror {
             (Stream::Closed, true) => {}
         }
         let from_scratch = matches!(self.stream, Stream::AwaitingInitial { from_scratch: true });
-        if event.revision < self.revision && !from_scratch {
+        if change.revision < self.revision && !from_scratch {
             return Err(EventError::OutOfOrder {
-                got: event.revision,
+                got: change.revision,
                 applied: self.revision,
             });
         }
-        let mut upserted = HashSet::with_capacity(event.upserts.len());
-        for sc in &event.upserts {
-            let meta = sc.meta.as_ref().ok_or(EventError::NoMeta)?;
-            check_name(&meta.name)?;
-            if !upserted.insert(meta.name.as_str()) {
+        let mut upserted = HashSet::with_capacity(change.upserts.len());
+        for f in &change.upserts {
+            if !upserted.insert(f.name.as_str()) {
                 return Err(EventError::Duplicate {
-                    name: meta.name.clone(),
-                });
-            }
-            if meta.id == 0 || meta.current_version == 0 {
-                return Err(EventError::ZeroId {
-                    name: meta.name.clone(),
-                });
-            }
-            let len = sc.content.len() as u64;
-            if len != meta.size {
-                return Err(EventError::SizeMismatch {
-                    name: meta.name.clone(),
-                    len,
-                    size: meta.size,
+                    name: f.name.clone(),
                 });
             }
         }
-        let mut removed = HashSet::with_capacity(event.removals.len());
-        for name in &event.removals {
-            check_name(name)?;
+        let mut removed = HashSet::with_capacity(change.removals.len());
+        for name in &change.removals {
             if upserted.contains(name.as_str()) {
                 return Err(EventError::UpsertAndRemove { name: name.clone() });
             }
@@ -231,6 +331,26 @@ impl Mirror {
         }
         Ok(())
     }
+}
+
+/// The checks one upsert passes on its own.
+fn check_upsert(sc: &SecretContent) -> Result<(), EventError> {
+    let meta = sc.meta.as_ref().ok_or(EventError::NoMeta)?;
+    check_name(&meta.name)?;
+    if meta.id == 0 || meta.current_version == 0 {
+        return Err(EventError::ZeroId {
+            name: meta.name.clone(),
+        });
+    }
+    let len = sc.content.len() as u64;
+    if len != meta.size {
+        return Err(EventError::SizeMismatch {
+            name: meta.name.clone(),
+            len,
+            size: meta.size,
+        });
+    }
+    Ok(())
 }
 
 /// The server's name rules (DESIGN.md): segments of `[A-Za-z0-9._-]` joined
@@ -268,8 +388,9 @@ pub fn check_name(name: &str) -> Result<(), EventError> {
     Ok(())
 }
 
-/// Copies one checked upsert into locked memory.
-fn file_from(sc: &SecretContent) -> SecretFile {
+/// Moves one checked upsert's content into locked memory: the decoded
+/// buffer is wiped right after the copy.
+fn file_from(sc: &mut SecretContent) -> SecretFile {
     let m = sc.meta.as_ref().expect("checked: upserts carry metadata");
     SecretFile {
         id: m.id,
@@ -279,7 +400,11 @@ fn file_from(sc: &SecretContent) -> SecretFile {
         owner: m.owner,
         group: m.group,
         mtime: m.version_created_at,
-        content: Arc::new(SecretBytes::copy_from(&sc.content)),
+        content: {
+            let locked = Arc::new(SecretBytes::copy_from(&sc.content));
+            sc.content.zeroize();
+            locked
+        },
     }
 }
 
@@ -320,6 +445,7 @@ pub(crate) mod tests {
             initial,
             upserts,
             removals: removals.iter().map(|s| s.to_string()).collect(),
+            continued: false,
         }
     }
 
@@ -485,6 +611,14 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn content_is_wiped_from_the_message_as_it_is_copied() {
+        let mut sc = up(1, 1, "a", b"hunter2");
+        let f = file_from(&mut sc);
+        assert_eq!(f.content.as_bytes(), b"hunter2");
+        assert!(sc.content.is_empty(), "the decoded copy is left behind");
+    }
+
+    #[test]
     fn name_rules() {
         for ok in ["a", "db/pass.word_1-x", &"s".repeat(255)] {
             assert_eq!(check_name(ok), Ok(()), "{ok}");
@@ -519,6 +653,154 @@ pub(crate) mod tests {
         assert_eq!(snap.files().len(), 1);
         assert_eq!(snap.skipped()[0].name, "a/b");
         assert_eq!(names(&m).len(), 2);
+    }
+
+    fn part(
+        revision: u64,
+        initial: bool,
+        upserts: Vec<SecretContent>,
+        removals: &[&str],
+    ) -> WatchEvent {
+        WatchEvent {
+            continued: true,
+            ..ev(revision, initial, upserts, removals)
+        }
+    }
+
+    #[test]
+    fn a_split_initial_event_is_applied_whole() {
+        let mut m = Mirror::new();
+        m.request(true);
+        let parts = [
+            part(9, true, vec![up(1, 1, "a", b"a1")], &[]),
+            part(9, false, vec![up(2, 1, "d/b", b"b1")], &[]),
+            part(9, false, vec![], &[]),
+        ];
+        for p in parts {
+            assert!(m.receive(p).unwrap().is_none(), "a part applies nothing");
+            assert!(m.snapshot().files().is_empty());
+            assert_eq!(m.revision(), 0);
+        }
+        let (snap, applied) = m
+            .receive(ev(9, false, vec![up(3, 1, "c", b"c1")], &[]))
+            .unwrap()
+            .expect("the last part applies the change");
+        assert_eq!(applied.upserts, 3);
+        assert_eq!(content(&snap, "a").unwrap(), b"a1");
+        assert_eq!(content(&snap, "d/b").unwrap(), b"b1");
+        assert_eq!(content(&snap, "c").unwrap(), b"c1");
+        assert_eq!(m.revision(), 9);
+        // Live now: a later split change applies the same way.
+        assert!(m
+            .receive(part(10, false, vec![], &["a"]))
+            .unwrap()
+            .is_none());
+        let (snap, _) = m
+            .receive(ev(10, false, vec![up(1, 2, "a2", b"x")], &[]))
+            .unwrap()
+            .unwrap();
+        assert!(snap.get("a").is_none() && snap.get("a2").is_some());
+    }
+
+    #[test]
+    fn parts_of_one_change_must_agree() {
+        // A revision that changes between parts.
+        let mut m = live();
+        let before = names(&m);
+        assert!(m
+            .receive(part(6, false, vec![up(1, 9, "a", b"x")], &[]))
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            m.receive(ev(7, false, vec![], &[])).err(),
+            Some(EventError::PartRevision { first: 6, got: 7 })
+        );
+        assert_eq!((names(&m), m.revision()), (before.clone(), 5));
+
+        // `initial` on a part after the first.
+        let mut m = Mirror::new();
+        m.request(true);
+        m.receive(part(3, true, vec![], &[])).unwrap();
+        assert_eq!(
+            m.receive(ev(3, true, vec![], &[])).err(),
+            Some(EventError::InitialPart)
+        );
+        assert!(m.snapshot().files().is_empty());
+
+        // Checks spanning parts: the same name in two of them.
+        let mut m = live();
+        m.receive(part(6, false, vec![up(3, 1, "c", b"1")], &[]))
+            .unwrap();
+        assert_eq!(
+            m.receive(ev(6, false, vec![], &["c"])).err(),
+            Some(EventError::UpsertAndRemove { name: "c".into() })
+        );
+        assert_eq!(names(&m), before);
+
+        // All parts together stay under the limit.
+        let mut m = live();
+        m.max_change = 10;
+        m.receive(part(6, false, vec![up(3, 1, "c", b"12345")], &[]))
+            .unwrap();
+        assert_eq!(
+            m.receive(ev(6, false, vec![up(4, 1, "e", b"12345")], &[]))
+                .err(),
+            Some(EventError::TooLarge { limit: 10 })
+        );
+        assert_eq!(names(&m), before);
+    }
+
+    #[test]
+    fn a_stream_ending_between_parts_applies_nothing() {
+        let mut m = live();
+        let before = names(&m);
+        assert!(m
+            .receive(part(6, false, vec![up(1, 2, "a", b"a2")], &["d/b"]))
+            .unwrap()
+            .is_none());
+        m.closed();
+        assert_eq!(names(&m), before);
+        assert_eq!(m.revision(), 5);
+        // The next stream starts clean: its initial event is not taken for
+        // the rest of the cut-off change.
+        let req = m.request(false);
+        assert_eq!(req.since_revision, 5);
+        let (snap, _) = m.receive(ev(5, true, vec![], &[])).unwrap().unwrap();
+        assert_eq!(content(&snap, "a").unwrap(), b"a1");
+        assert!(snap.get("d/b").is_some());
+    }
+
+    #[test]
+    fn a_shown_file_keeps_its_place_when_a_conflicting_secret_is_granted() {
+        let mut m = Mirror::new();
+        m.request(true);
+        m.apply(ev(1, true, vec![up(5, 1, "po/x", b"x")], &[]))
+            .unwrap();
+        // Secret 1 (older) is granted now as `po`: it waits, po/x stays.
+        let (snap, _) = m
+            .apply(ev(2, false, vec![up(1, 1, "po", b"p")], &[]))
+            .unwrap();
+        assert_eq!(content(&snap, "po/x").unwrap(), b"x");
+        assert_eq!(snap.skipped()[0].name, "po");
+        // Still so at the next change and at a from-scratch resync.
+        let (snap, _) = m
+            .apply(ev(3, false, vec![up(6, 1, "q", b"q")], &[]))
+            .unwrap();
+        assert!(snap.get("po/x").is_some() && snap.get("po").is_none());
+        m.closed();
+        m.request(true);
+        let (snap, _) = m
+            .apply(ev(
+                3,
+                true,
+                vec![up(1, 1, "po", b"p"), up(5, 1, "po/x", b"x")],
+                &[],
+            ))
+            .unwrap();
+        assert!(snap.get("po/x").is_some() && snap.get("po").is_none());
+        // Once po/x is gone, po takes its place.
+        let (snap, _) = m.apply(ev(4, false, vec![], &["po/x"])).unwrap();
+        assert_eq!(content(&snap, "po").unwrap(), b"p");
     }
 
     #[test]

@@ -43,12 +43,16 @@ pub struct RunOptions {
     /// A plain-text listener serving only `grpc.health.v1.Health` (for
     /// probes that speak no TLS, such as Kubernetes' gRPC probe).
     pub health_listen: Option<SocketAddr>,
+    /// Open connections at most; `None` = as many as the file descriptor
+    /// limit allows (less a reserve for the database and logs).
+    pub max_connections: Option<usize>,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
 pub struct Server {
     listener: TcpListener,
     health_listener: Option<TcpListener>,
+    max_connections: usize,
     /// Ends once every handle to the shared state is gone; joined at
     /// shutdown so the database is closed (and checkpointed) cleanly.
     audit_thread: std::thread::JoinHandle<()>,
@@ -58,6 +62,48 @@ pub struct Server {
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
+}
+
+/// Descriptors kept for everything but client connections (database,
+/// WAL, logs, blocking threads).
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft descriptor limit to the hard one (systemd starts
+/// services at a soft 1,024) and fits the connection cap under it.
+fn connection_limit(wanted: Option<usize>) -> Result<usize, Error> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let room = limit.rlim_cur.saturating_sub(FD_RESERVE).min(1 << 20) as usize;
+    match wanted {
+        Some(0) => Err(Error::Config(
+            "--max-connections 0 would refuse every client; give at least 1".into(),
+        )),
+        Some(n) if n > room => Err(Error::Config(format!(
+            "--max-connections {n} is over what the file descriptor limit allows ({room}); \
+             raise the limit (LimitNOFILE= in the systemd unit, ulimit -n) or lower --max-connections"
+        ))),
+        Some(n) => Ok(n),
+        None if room == 0 => Err(Error::Config(format!(
+            "the file descriptor limit ({}) leaves no room for client connections; raise it (ulimit -n, LimitNOFILE=)",
+            limit.rlim_cur
+        ))),
+        None => Ok(room),
+    }
 }
 
 impl Server {
@@ -130,9 +176,11 @@ impl Server {
         }
         let store: Arc<dyn Store> = Arc::new(store);
         let (audit, audit_thread) = crate::audit_log::AuditLog::start(store.clone());
+        let max_connections = connection_limit(opts.max_connections)?;
         Ok(Server {
             listener,
             health_listener,
+            max_connections,
             audit_thread,
             shared: Arc::new(Shared {
                 audit,
@@ -167,7 +215,12 @@ impl Server {
         // Twice the limit, so a value somewhat over it reaches the handler and
         // gets the clear "over the limit" error, while memory stays bounded.
         let max = self.shared.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
-        let incoming = tls::accept_loop(self.listener, self.tls, self.shared.trust_domain.clone());
+        let incoming = tls::accept_loop(
+            self.listener,
+            self.tls,
+            self.shared.trust_domain.clone(),
+            self.max_connections,
+        );
         let shared = self.shared.clone();
         let hub = move || shared.hub.close();
         let admin = AdminServer::new(AdminService::new(self.shared.clone()))

@@ -31,6 +31,37 @@ use crate::identity::{identity_from_der, Issuer, PeerIdentity};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections still in their TLS handshake (not yet authenticated) at
+/// once; beyond it, the oldest is dropped to make room.
+const MAX_HANDSHAKES: usize = 128;
+
+/// Handshakes in progress, oldest first, each with the means to end it.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    pending: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Handshakes {
+    fn start(&mut self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.next += 1;
+        self.pending.insert(self.next, tx);
+        (self.next, rx)
+    }
+
+    /// Ends the oldest handshake still in progress; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        match self.pending.pop_first() {
+            Some((_, stop)) => {
+                let _ = stop.send(());
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// What a request knows about its connection; found in its extensions.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -42,6 +73,9 @@ pub struct PeerInfo {
 pub struct PeerStream {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// This connection's place under the connection cap, given back when
+    /// the connection ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for PeerStream {
@@ -179,15 +213,27 @@ pub fn server_config(
 
 /// Accepts connections until the returned receiver is dropped; yields
 /// streams whose handshake finished.
+///
+/// At most `max_connections` are open at once (authenticated or not). When
+/// the cap is reached, or too many handshakes are in progress, the oldest
+/// connection still in its handshake is dropped for the newcomer: idle or
+/// slow unauthenticated connections cannot crowd out real clients. With no
+/// handshake to drop, the newcomer is refused.
 pub fn accept_loop(
     listener: TcpListener,
     trust: ClientTrust,
     trust_domain: String,
+    max_connections: usize,
 ) -> mpsc::Receiver<Result<PeerStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(trust.config.clone());
     let trust = Arc::new(trust);
     let trust_domain: Arc<str> = trust_domain.into();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let handshakes = Arc::new(std::sync::Mutex::new(Handshakes::default()));
+    let evict_oldest = |h: &std::sync::Mutex<Handshakes>| {
+        h.lock().unwrap_or_else(|e| e.into_inner()).evict_oldest()
+    };
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -202,21 +248,63 @@ pub fn accept_loop(
                 },
                 _ = tx.closed() => return,
             };
+            let too_many_handshakes = handshakes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pending
+                .len()
+                >= MAX_HANDSHAKES;
+            if too_many_handshakes {
+                evict_oldest(&handshakes);
+            }
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) if evict_oldest(&handshakes) => {
+                    // The evicted handshake gives its slot back as it ends.
+                    match tokio::time::timeout(
+                        Duration::from_millis(500),
+                        slots.clone().acquire_owned(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(slot)) => slot,
+                        _ => continue,
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, max_connections, "connection refused: the server is at its connection limit (--max-connections)");
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let trust_domain = trust_domain.clone();
             let trust = trust.clone();
+            let handshakes = handshakes.clone();
+            let (id, evicted) = handshakes.lock().unwrap_or_else(|e| e.into_inner()).start();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
+                let done = tokio::select! {
+                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => Some(r),
+                    _ = evicted => None,
+                };
+                handshakes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .pending
+                    .remove(&id);
+                let tls = match done {
+                    Some(Ok(Ok(tls))) => tls,
+                    Some(Ok(Err(e))) => {
                         tracing::info!(%remote, error = %e, "TLS handshake refused");
                         return;
                     }
-                    Err(_) => {
+                    Some(Err(_)) => {
                         tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                    None => {
+                        tracing::info!(%remote, "TLS handshake dropped to make room for a new connection");
                         return;
                     }
                 };
@@ -231,9 +319,32 @@ pub fn accept_loop(
                     remote: Some(remote),
                     identity: Arc::new(identity),
                 };
-                let _ = tx.send(Ok(PeerStream { inner: tls, info })).await;
+                let _ = tx
+                    .send(Ok(PeerStream {
+                        inner: tls,
+                        info,
+                        _slot: slot,
+                    }))
+                    .await;
             });
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oldest_handshake_is_evicted_first() {
+        let mut h = Handshakes::default();
+        let (_, mut first) = h.start();
+        let (_, mut second) = h.start();
+        assert!(h.evict_oldest());
+        assert!(first.try_recv().is_ok(), "the oldest is told to stop");
+        assert!(second.try_recv().is_err(), "the newer one goes on");
+        assert!(h.evict_oldest());
+        assert!(!h.evict_oldest());
+    }
 }

@@ -385,7 +385,7 @@ fn bad_mountpoints_and_credentials_get_clear_errors() {
         .mount_at(&gone, &dir, &["--start-timeout", "2s"])
         .err()
         .expect("removed client must not mount");
-    assert!(r.stderr.contains("not registered"), "{}", r.stderr);
+    assert!(r.stderr.contains("was removed"), "{}", r.stderr);
 
     // Unreadable key file.
     let mut bad = app.clone();

@@ -405,3 +405,35 @@ fn the_servers_memory_is_locked_against_swap() {
         .expect("VmLck in /proc/PID/status");
     assert!(locked_kb > 0, "nothing locked: {status}");
 }
+
+#[test]
+fn idle_connections_cannot_crowd_out_a_real_client() {
+    // systemd's default: 1,024 descriptors. Here fewer, for a quick test.
+    let s = TestServer::start_wrapped(&["prlimit", "--nofile=300:300"], &[]);
+    let addr: std::net::SocketAddr = s.addr.parse().unwrap();
+    // Idle TCP connections that never start a TLS handshake.
+    let idle: Vec<_> = (0..400)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    assert!(idle.len() >= 300, "only {} connections opened", idle.len());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // A real client gets in well before the idle ones' handshakes time
+    // out (10 s): the oldest handshakes are dropped to make room.
+    let who = rt().block_on(async {
+        let mut config = connect_config(&s, &s.admin);
+        config.connect_timeout = std::time::Duration::from_secs(5);
+        let mut c = SecretsClient::new(secretfs_proto::connect(&config).await?);
+        let mut req = tonic::Request::new(v1::Empty {});
+        req.set_timeout(std::time::Duration::from_secs(5));
+        anyhow_like(c.who_am_i(req).await)
+    });
+    assert_eq!(who.expect("the real client was served").client, "admin");
+    drop(idle);
+}
+
+fn anyhow_like<T>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, secretfs_proto::ChannelError> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|e| secretfs_proto::ChannelError::Tls(e.to_string()))
+}

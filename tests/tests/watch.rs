@@ -444,3 +444,85 @@ fn sigkill_during_rotations_loses_no_acknowledged_rotation_and_the_mount_converg
         m.log()
     );
 }
+
+/// What a read through an already open descriptor gives: Ok(bytes) or the errno.
+fn pread(f: &std::fs::File) -> Result<Vec<u8>, i32> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 64];
+    f.read_at(&mut buf, 0)
+        .map(|n| buf[..n].to_vec())
+        .map_err(|e| e.raw_os_error().unwrap_or(0))
+}
+
+/// Opens `path` and reads it once, so its pages are in the kernel's cache.
+fn open_and_read(path: &Path, want: &[u8]) -> std::fs::File {
+    let f = std::fs::File::open(path).unwrap();
+    assert_eq!(pread(&f).as_deref(), Ok(want), "{}", path.display());
+    f
+}
+
+#[track_caller]
+fn assert_cut(f: &std::fs::File, what: &str) {
+    match pread(f) {
+        Err(libc::EIO) => {}
+        Ok(bytes) if bytes.is_empty() => {}
+        other => panic!(
+            "{what}: an open descriptor still reads after the secret left the view: {other:?}"
+        ),
+    }
+}
+
+#[test]
+fn an_open_descriptor_is_cut_when_its_secret_leaves_the_view() {
+    // Review finding 3: the kernel's page cache kept serving a revoked or
+    // deleted secret to descriptors opened before.
+    let (s, app) = setup();
+    s.add_secret("gone/soon", b"g");
+    s.grant("app", &[], &["gone/soon"]);
+    let m = s.mount_as(&app, NO_REFRESH);
+    let revoked = open_and_read(&m.file("api/token"), b"tok-1");
+    let deleted = open_and_read(&m.file("gone/soon"), b"g");
+    let rotated = open_and_read(&m.file("db/password"), b"pw-1");
+
+    s.cli(&["group", "remove-secret", "app", "api/token"]).ok();
+    s.cli(&["secret", "delete", "gone/soon"]).ok();
+    rotate(&s, "db/password", b"pw-2");
+    assert!(eventually(FIVE_S, || !m.file("api/token").exists()
+        && !m.file("gone/soon").exists()
+        && read(&m.file("db/password")).as_deref()
+            == Some(&b"pw-2"[..])));
+    assert_cut(&revoked, "revoked");
+    assert_cut(&deleted, "deleted");
+    // A rotation is not a removal: the old handle keeps its version.
+    assert_eq!(pread(&rotated).as_deref(), Ok(&b"pw-1"[..]));
+
+    // The client removed: the mount empties, and open files go dark too.
+    let current = open_and_read(&m.file("db/password"), b"pw-2");
+    s.cli(&["client", "remove", "app"]).ok();
+    assert!(eventually(FIVE_S, || !m.file("db/password").exists()));
+    assert_cut(&current, "client removed");
+    assert_cut(&rotated, "client removed (old version)");
+}
+
+#[test]
+fn a_new_grant_never_pushes_out_a_shown_file() {
+    // Review finding 9: `po`, an older secret than `po/x`, granted later,
+    // took the place of the `po/x` the container was reading.
+    let (s, app) = setup();
+    s.add_secret("po", b"older");
+    s.add_secret("po/x", b"shown");
+    s.grant("app", &[], &["po/x"]);
+    let m = s.mount_as(&app, NO_REFRESH);
+    let f = open_and_read(&m.file("po/x"), b"shown");
+
+    s.grant("app", &[], &["po"]);
+    assert!(
+        eventually(FIVE_S, || m.status()["skipped"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|e| e["name"] == "po"))),
+        "the newcomer is reported as skipped: {}",
+        m.status()
+    );
+    assert_eq!(read(&m.file("po/x")).as_deref(), Some(&b"shown"[..]));
+    assert_eq!(pread(&f).as_deref(), Ok(&b"shown"[..]));
+}

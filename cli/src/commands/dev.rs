@@ -144,6 +144,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         listen: args.listen,
         max_secret_size: secretfs_server::DEFAULT_MAX_SECRET_SIZE,
         health_listen: None,
+        max_connections: None,
         client_ca: Vec::new(),
     })
     .await

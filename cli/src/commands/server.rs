@@ -70,6 +70,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                 max_secret_size: a.max_secret_size,
                 client_ca: a.client_ca,
                 health_listen: a.health_listen,
+                max_connections: a.max_connections,
             })
             .await
             .context("the server did not start")?;

@@ -96,6 +96,8 @@ pub struct TestServer {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     extra_args: Vec<String>,
+    /// A command the server runs under (e.g. `prlimit --nofile=...`).
+    wrapper: Vec<String>,
 }
 
 pub fn run_cmd(mut cmd: Command, stdin: Option<&[u8]>) -> Run {
@@ -159,6 +161,12 @@ impl TestServer {
 
     /// `server init` in a fresh directory, then `server run` with `args`.
     pub fn start_with(args: &[&str]) -> TestServer {
+        Self::start_wrapped(&[], args)
+    }
+
+    /// As `start_with`, with the server run under `wrapper` (a command
+    /// that runs its arguments, such as `prlimit --nofile=300:300`).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> TestServer {
         let tmp = tempfile::tempdir().expect("tempdir");
         let state = tmp.path().join("state");
         let mut init = Command::new(bin());
@@ -177,6 +185,7 @@ impl TestServer {
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         server.restart_on("127.0.0.1:0");
         server
@@ -185,7 +194,14 @@ impl TestServer {
     /// Starts `server run` and waits until it listens.
     pub fn restart_on(&mut self, listen: &str) {
         assert!(self.child.is_none(), "server already running");
-        let mut cmd = Command::new(bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(["server", "run", "--state-dir"])
             .arg(&self.state)
             .args(["--listen", listen])
