@@ -117,7 +117,9 @@ impl LimitedBody {
                             as usize;
                         if len > self.max {
                             return Err(Status::resource_exhausted(format!(
-                                "the request message is {len} bytes, over the server's limit of {} bytes",
+                                "the request message is {len} bytes, over the server's limit of {} bytes; \
+                                 the largest requests carry a secret, limited by the server's --max-secret-size: \
+                                 store a smaller value or raise the limit (at most 3 MiB)",
                                 self.max
                             )));
                         }
