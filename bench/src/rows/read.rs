@@ -107,7 +107,12 @@ pub fn caller_check(ctx: &Ctx) -> Result<Vec<Row>> {
     let iterations = (s.read_iterations / 10).max(500);
     let (server, reader) = setup(ctx)?;
     let id = format!("secretfs-bench-{}", std::process::id());
-    let mount = Mount::start(&server, &reader, &["--container".into(), id.clone()])?;
+    // The harness waits on the status file: keep it readable by the host.
+    let mount = Mount::start(
+        &server,
+        &reader,
+        &["--container".into(), id.clone(), "--public-status".into()],
+    )?;
     let (_shm, shm_file) = tmpfs_copy()?;
     let cgroups = container_cgroups(&id);
     let procs: Vec<std::ffi::CString> = cgroups
