@@ -10,6 +10,8 @@
 use crate::error::Error;
 
 pub const MAX_NAME: usize = 1024;
+/// How much of a refused name an error quotes.
+const MAX_SHOWN_NAME: usize = 120;
 pub const MAX_SEGMENT: usize = 255;
 
 const SECRET_RULE: &str =
@@ -30,7 +32,7 @@ fn allowed(b: u8) -> bool {
 pub fn check_secret_name(name: &str) -> Result<(), Error> {
     let bad = |why: &str| Error::InvalidName {
         kind: "secret",
-        name: printable(name),
+        name: printable(name, MAX_SHOWN_NAME),
         why: format!("{why}; {SECRET_RULE}"),
     };
     if name.is_empty() {
@@ -100,7 +102,7 @@ pub fn check_time(what: &str, secs: i64) -> Result<(), Error> {
 pub fn check_entity_name(kind: &'static str, name: &str) -> Result<(), Error> {
     let bad = |why: &str| Error::InvalidName {
         kind,
-        name: printable(name),
+        name: printable(name, MAX_SHOWN_NAME),
         why: format!("{why}; a {kind} name is {ENTITY_RULE}"),
     };
     if name.is_empty() {
@@ -119,12 +121,19 @@ pub fn check_entity_name(kind: &'static str, name: &str) -> Result<(), Error> {
 }
 
 /// A bounded, escaped form of a rejected name for error messages.
-fn printable(name: &str) -> String {
-    let mut shown: String = name.chars().take(80).collect();
-    if name.chars().count() > 80 {
-        shown.push('…');
+/// `s` for a log line or an error: control characters escaped, cut to at
+/// most `max` bytes after escaping (so the result is bounded whatever `s`
+/// holds), with `…` where it was cut.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in s.chars().flat_map(char::escape_debug) {
+        if out.len() + c.len_utf8() > max {
+            out.push('…');
+            break;
+        }
+        out.push(c);
     }
-    shown.escape_debug().to_string()
+    out
 }
 
 #[cfg(test)]

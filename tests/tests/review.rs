@@ -194,20 +194,6 @@ async fn admin_client(s: &TestServer) -> AdminClient<Channel> {
     )
 }
 
-fn audit_rows(s: &TestServer, action: &str) -> Vec<serde_json::Value> {
-    let audit = s
-        .cli(&["audit", "--limit", "100000", "-o", "json"])
-        .ok()
-        .json();
-    audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == action)
-        .cloned()
-        .collect()
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -260,7 +246,7 @@ fn refusal_reports_get_the_servers_time_and_a_bounded_budget() {
             .all(|c| *c == Some(tonic::Code::ResourceExhausted)),
         "a flood is told it is over budget: {flood:?}"
     );
-    let rows = audit_rows(&s, "mount.refused");
+    let rows = s.audit_events("mount.refused", &[]);
     assert!(
         rows.len() <= 200,
         "10 x 1000 reports recorded {} rows",
@@ -422,18 +408,17 @@ fn idle_connections_cannot_crowd_out_a_real_client() {
     let who = rt().block_on(async {
         let mut config = connect_config(&s, &s.admin);
         config.connect_timeout = std::time::Duration::from_secs(5);
-        let mut c = SecretsClient::new(secretfs_proto::connect(&config).await?);
+        let channel = secretfs_proto::connect(&config)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut req = tonic::Request::new(v1::Empty {});
         req.set_timeout(std::time::Duration::from_secs(5));
-        anyhow_like(c.who_am_i(req).await)
+        SecretsClient::new(channel)
+            .who_am_i(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| e.to_string())
     });
     assert_eq!(who.expect("the real client was served").client, "admin");
     drop(idle);
-}
-
-fn anyhow_like<T>(
-    r: Result<tonic::Response<T>, tonic::Status>,
-) -> Result<T, secretfs_proto::ChannelError> {
-    r.map(tonic::Response::into_inner)
-        .map_err(|e| secretfs_proto::ChannelError::Tls(e.to_string()))
 }

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::{access_entries, blocking, secret_meta, Shared};
 use crate::envelope::Binding;
 use crate::error::Error;
-use crate::names::check_secret_name;
+use crate::names::{check_secret_name, printable};
 use crate::store::AuditEntry;
 
 pub struct SecretsService {
@@ -26,20 +26,6 @@ impl SecretsService {
 
 /// The most refusals one report may carry.
 const MAX_REFUSALS: usize = 1000;
-
-/// `s` with control characters escaped, cut to at most `max` bytes (at a
-/// character boundary, after escaping), for a field a client wrote.
-fn printable(s: &str, max: usize) -> String {
-    let mut out = String::new();
-    for c in s.chars().flat_map(char::escape_debug) {
-        if out.len() + c.len_utf8() > max {
-            out.push('…');
-            break;
-        }
-        out.push(c);
-    }
-    out
-}
 
 /// The most names one ReadSecrets call may list.
 const MAX_NAMES: usize = 1_000;

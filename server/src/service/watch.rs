@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use secretfs_proto::codec::Wipe;
 use secretfs_proto::v1;
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
@@ -65,14 +66,7 @@ pub async fn run(
         };
         match result {
             Ok(Some(event)) => {
-                let mut closed = false;
-                for part in split(event) {
-                    if tx.send(Ok(part)).await.is_err() {
-                        closed = true;
-                        break;
-                    }
-                }
-                if closed {
+                if !send_parts(&tx, event).await {
                     break;
                 }
             }
@@ -139,42 +133,52 @@ pub async fn run(
     tracing::debug!(client = %name, "watch ended");
 }
 
+/// Sends `event` in parts (see [`split`]); false when the client is gone.
+/// Parts that can no longer be sent are wiped, not just dropped.
+async fn send_parts(
+    tx: &mpsc::Sender<Result<v1::WatchEvent, Status>>,
+    event: v1::WatchEvent,
+) -> bool {
+    let mut parts = split(event).into_iter();
+    for part in parts.by_ref() {
+        if let Err(mpsc::error::SendError(unsent)) = tx.send(Ok(part)).await {
+            if let Ok(mut unsent) = unsent {
+                unsent.wipe();
+            }
+            parts.for_each(|mut rest| rest.wipe());
+            return false;
+        }
+    }
+    true
+}
+
 /// Splits an event into messages of at most [`MAX_REPLY_CONTENT`] of
 /// content each (one secret is never split), marked `continued` but the
 /// last, so a client with gRPC's default 4 MiB receive limit gets any
 /// change. Removals ride in the first part; `initial` only on the first.
 fn split(event: v1::WatchEvent) -> Vec<v1::WatchEvent> {
-    let v1::WatchEvent {
-        revision,
-        initial,
-        upserts,
-        removals,
-        ..
-    } = event;
-    let mut parts = vec![v1::WatchEvent {
-        revision,
+    let part = |initial, removals| v1::WatchEvent {
+        revision: event.revision,
         initial,
         upserts: Vec::new(),
         removals,
         continued: false,
-    }];
+    };
+    let mut parts = Vec::new();
+    let mut current = part(event.initial, event.removals);
     let mut size = 0;
-    for u in upserts {
-        let last = parts.last_mut().expect("one part at least");
-        if !last.upserts.is_empty() && size + u.content.len() > MAX_REPLY_CONTENT {
-            last.continued = true;
+    for u in event.upserts {
+        if !current.upserts.is_empty() && size + u.content.len() > MAX_REPLY_CONTENT {
+            let next = part(false, Vec::new());
+            let mut full = std::mem::replace(&mut current, next);
+            full.continued = true;
+            parts.push(full);
             size = 0;
-            parts.push(v1::WatchEvent {
-                revision,
-                initial: false,
-                upserts: Vec::new(),
-                removals: Vec::new(),
-                continued: false,
-            });
         }
         size += u.content.len();
-        parts.last_mut().expect("one part at least").upserts.push(u);
+        current.upserts.push(u);
     }
+    parts.push(current);
     parts
 }
 

@@ -333,6 +333,21 @@ impl TestServer {
         }
     }
 
+    /// Audit events with `action`, oldest first; `filter` adds CLI flags
+    /// (e.g. `["--client", "app"]`).
+    pub fn audit_events(&self, action: &str, filter: &[&str]) -> Vec<serde_json::Value> {
+        let mut args = vec!["audit", "--limit", "100000", "-o", "json"];
+        args.extend_from_slice(filter);
+        let audit = self.cli(&args).ok().json();
+        audit
+            .as_array()
+            .expect("audit -o json is an array")
+            .iter()
+            .filter(|e| e["action"] == action)
+            .cloned()
+            .collect()
+    }
+
     pub fn db(&self) -> PathBuf {
         self.state.join("secretfs.db")
     }
