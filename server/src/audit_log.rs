@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
-use crate::store::{AuditEntry, Store};
+use crate::store::{AuditEntry, Store, StoreError};
 
 type Job = (Vec<AuditEntry>, oneshot::Sender<Result<(), String>>);
 
@@ -55,11 +55,13 @@ impl AuditLog {
         let (ack, done) = oneshot::channel();
         self.jobs
             .send((entries, ack))
-            .map_err(|_| Error::Storage("the audit writer has stopped".into()))?;
+            .map_err(|_| Error::Stopped("the audit writer has stopped"))?;
         match done.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::Storage(format!("audit log: {e}"))),
-            Err(_) => Err(Error::Storage("the audit writer has stopped".into())),
+            Ok(Err(e)) => Err(Error::Store(StoreError::CommitFailed(format!(
+                "audit log: {e}"
+            )))),
+            Err(_) => Err(Error::Stopped("the audit writer has stopped")),
         }
     }
 }

@@ -5,6 +5,8 @@
 
 use tonic::{Code, Status};
 
+use crate::store::StoreError;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -42,10 +44,16 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
-    #[error("the database is not writable ({0}); check the state directory's permissions and free space")]
-    ReadOnly(String),
-    #[error("storage error: {0}")]
-    Storage(String),
+    /// The store failed (not a missing or duplicate name: those become
+    /// `NotFound` and `AlreadyExists`).
+    #[error(transparent)]
+    Store(StoreError),
+    /// Over a budget the server keeps (e.g. refusal reports).
+    #[error("{0}")]
+    OverBudget(String),
+    /// The server could not run the call (shutting down, a task failed).
+    #[error("{0}")]
+    Stopped(&'static str),
     #[error("{0}")]
     Pki(String),
     #[error("{0}")]
@@ -102,9 +110,11 @@ impl Error {
             Error::Integrity { .. } => Code::DataLoss,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::ReadOnly(_) => Code::Unavailable,
+            Error::Store(StoreError::Unwritable(_)) => Code::Unavailable,
+            Error::OverBudget(_) => Code::ResourceExhausted,
             Error::Crypto(_)
-            | Error::Storage(_)
+            | Error::Store(_)
+            | Error::Stopped(_)
             | Error::Pki(_)
             | Error::Config(_)
             | Error::Io { .. } => Code::Internal,
@@ -118,17 +128,18 @@ impl From<Error> for Status {
     }
 }
 
-impl From<rusqlite::Error> for Error {
-    fn from(err: rusqlite::Error) -> Error {
-        use rusqlite::ffi::ErrorCode;
-        match err.sqlite_error_code() {
-            Some(
-                ErrorCode::ReadOnly
-                | ErrorCode::CannotOpen
-                | ErrorCode::DiskFull
-                | ErrorCode::PermissionDenied,
-            ) => Error::ReadOnly(err.to_string()),
-            _ => Error::Storage(err.to_string()),
+impl From<StoreError> for Error {
+    fn from(err: StoreError) -> Error {
+        match err {
+            StoreError::NotFound { kind, name } => Error::not_found(kind.as_str(), &name),
+            StoreError::AlreadyExists { kind, name } => Error::exists(kind.as_str(), &name),
+            StoreError::NoSuchVersion { name, version } => Error::NoSuchVersion { name, version },
+            // The seal function is ours: hand its error back as it was.
+            StoreError::Seal(source) => match source.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(other) => Error::Store(StoreError::Seal(other)),
+            },
+            other => Error::Store(other),
         }
     }
 }

@@ -1,30 +1,45 @@
 //! The secretfs server.
 //!
+//! Read this map first. A request flows through three layers:
+//!
+//! 1. [`service`](crate::service) (private): the gRPC handlers. Each reads the caller's TLS
+//!    identity, turns the protobuf request into domain types, calls the
+//!    domain, and turns the answer back (`service/convert.rs` holds every
+//!    conversion). No decision is made there.
+//! 2. [`domain`]: one [`domain::Domain`] owns the store, master key, CA,
+//!    change feed, audit log and caches, and offers every operation:
+//!    authentication ([`domain::auth`]), operator changes
+//!    ([`domain::admin`]), reads ([`domain::reads`]) and view sync
+//!    ([`domain::watch`]). Decrypt-and-audit, cache invalidation and change
+//!    publication each happen in one place there. Audit actions are the
+//!    [`domain::Action`] enum.
+//! 3. [`store`]: the [`store::Store`] trait every backend implements (its
+//!    own [`store::StoreError`], audit entries passed in, writes that return
+//!    the revision they committed at, a [`store::ChangeFeed`]), the SQLite
+//!    backend, and a conformance suite any backend must pass.
+//!
+//! Around them:
 //! - [`state_dir`]: what `server init` creates (master key, CA, certificates,
 //!   database) and the checks `server run` makes on it.
 //! - [`server`]: binding, TLS and serving ([`Server`]).
 //! - `tls`: the TLS 1.3 mutual-TLS listener that reads each client's identity.
 //! - `limits`: request size and metadata limits answered with a gRPC status.
 //! - `identity`: the identity inside a client certificate (SPIFFE id or CN).
-//! - `service`: the `Admin` and `Secrets` gRPC services, authentication and
-//!   access checks, audit of reads and denials.
 //! - `audit_log`: group commit of audit entries (reads are audited before
 //!   content leaves the server).
 //! - `auth_cache`: authenticated certificates, dropped when clients change.
 //! - `report_budget`: how much a client may add to the audit log by itself.
 //! - `harden`: non-dumpable, memory locked against swap.
-//! - `hub`: fan-out of change hints to `Secrets.Watch` streams.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
-//! - [`store`]: the storage trait and its SQLite implementation.
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
-//! - [`names`]: the rules for secret, client and group names.
+//! - [`names`]: the rules for names and every other client-given field.
 
 mod audit_log;
 mod auth_cache;
+pub mod domain;
 pub mod envelope;
 mod error;
 mod harden;
-mod hub;
 mod identity;
 mod limits;
 pub mod names;

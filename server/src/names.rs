@@ -7,6 +7,8 @@
 //! segments of the same alphabet, because a client name is also part of a
 //! SPIFFE id and a file name (`NAME.pem`).
 
+use std::collections::BTreeMap;
+
 use crate::error::Error;
 
 pub const MAX_NAME: usize = 1024;
@@ -93,6 +95,46 @@ pub fn check_time(what: &str, secs: i64) -> Result<(), Error> {
     if !(0..=MAX_TIME).contains(&secs) {
         return Err(Error::InvalidArgument(format!(
             "{what} {secs} is not a time secretfs accepts: give unix seconds from 0 (1970) to {MAX_TIME} (year 9999)"
+        )));
+    }
+    Ok(())
+}
+
+pub const MAX_LABELS: usize = 64;
+
+/// Checks a secret's labels: keys like Kubernetes label keys, short values
+/// without control characters.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
+    if labels.len() > MAX_LABELS {
+        return Err(Error::InvalidArgument(format!(
+            "at most {MAX_LABELS} labels per secret"
+        )));
+    }
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+        if !key_ok {
+            return Err(Error::InvalidArgument(format!(
+                "label key {:?} is not valid; use 1-63 letters, digits, '.', '_', '-' or '/'",
+                k.escape_debug().to_string()
+            )));
+        }
+        if v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(Error::InvalidArgument(format!(
+                "the value of label {k:?} is over 256 bytes or holds control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a file mode: permission bits only.
+pub fn check_mode(mode: u32) -> Result<(), Error> {
+    if mode > 0o777 {
+        return Err(Error::InvalidArgument(format!(
+            "file mode {mode:#o} is not allowed; give permission bits only, 0 to 0777 (e.g. 0400)"
         )));
     }
     Ok(())

@@ -15,9 +15,10 @@ use tonic::codec::CompressionEncoding;
 
 use crate::limits::LimitLayer;
 
+use crate::domain::{Domain, Settings};
 use crate::error::Error;
 use crate::pki::Ca;
-use crate::service::{AdminService, SecretsService, Shared};
+use crate::service::{AdminService, SecretsService};
 use crate::state_dir::{load_master_key, verify_master_key, StateDir, META_TRUST_DOMAIN};
 use crate::store::{SqliteStore, Store};
 use crate::tls;
@@ -25,7 +26,7 @@ use crate::tls;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 pub const DEFAULT_MAX_SECRET_SIZE: usize = 1024 * 1024;
 /// The largest `--max-secret-size`: one secret must fit in one reply.
-pub const MAX_SECRET_SIZE_LIMIT: usize = crate::service::MAX_REPLY_CONTENT;
+pub const MAX_SECRET_SIZE_LIMIT: usize = crate::domain::MAX_REPLY_CONTENT;
 /// Room for the protobuf framing around the largest allowed secret.
 const MESSAGE_SLACK: usize = 64 * 1024;
 /// Calls in flight on one connection (a mount holds one Watch and makes a
@@ -53,10 +54,11 @@ pub struct Server {
     listener: TcpListener,
     health_listener: Option<TcpListener>,
     max_connections: usize,
+    max_secret_size: usize,
     /// Ends once every handle to the shared state is gone; joined at
     /// shutdown so the database is closed (and checkpointed) cleanly.
     audit_thread: std::thread::JoinHandle<()>,
-    shared: Arc<Shared>,
+    domain: Arc<Domain>,
     tls: tls::ClientTrust,
 }
 
@@ -131,7 +133,7 @@ impl Server {
         let db = dir.database();
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db, false))
             .await
-            .map_err(|e| Error::Storage(e.to_string()))??;
+            .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
         verify_master_key(&store, &master, &dir.master_key())?;
         let trust_domain = store
             .get_meta(META_TRUST_DOMAIN)?
@@ -174,26 +176,20 @@ impl Server {
                 "running as root: the server needs no privilege; run it as a dedicated user"
             );
         }
-        let store: Arc<dyn Store> = Arc::new(store);
-        let (audit, audit_thread) = crate::audit_log::AuditLog::start(store.clone());
         let max_connections = connection_limit(opts.max_connections)?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let settings = Settings {
+            trust_domain,
+            max_secret_size: opts.max_secret_size,
+        };
+        let (domain, audit_thread) = Domain::start(store, master, ca, settings);
         Ok(Server {
             listener,
             health_listener,
             max_connections,
+            max_secret_size: opts.max_secret_size,
             audit_thread,
-            shared: Arc::new(Shared {
-                audit,
-                recent: Default::default(),
-                auth_cache: Default::default(),
-                report_budget: Default::default(),
-                store,
-                master,
-                ca,
-                trust_domain,
-                max_secret_size: opts.max_secret_size,
-                hub: crate::hub::Hub::new(),
-            }),
+            domain,
             tls,
         })
     }
@@ -205,7 +201,7 @@ impl Server {
     }
 
     pub fn trust_domain(&self) -> &str {
-        &self.shared.trust_domain
+        self.domain.trust_domain()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets calls in
@@ -214,21 +210,21 @@ impl Server {
         let addr = self.local_addr();
         // Twice the limit, so a value somewhat over it reaches the handler and
         // gets the clear "over the limit" error, while memory stays bounded.
-        let max = self.shared.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
+        let max = self.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
         let incoming = tls::accept_loop(
             self.listener,
             self.tls,
-            self.shared.trust_domain.clone(),
+            self.domain.trust_domain().to_owned(),
             self.max_connections,
         );
-        let shared = self.shared.clone();
-        let hub = move || shared.hub.close();
-        let admin = AdminServer::new(AdminService::new(self.shared.clone()))
+        let domain = self.domain.clone();
+        let close_watches = move || domain.close();
+        let admin = AdminServer::new(AdminService::new(self.domain.clone()))
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max + 1)
             .max_encoding_message_size(usize::MAX);
-        let secrets = SecretsServer::new(SecretsService::new(self.shared.clone()))
+        let secrets = SecretsServer::new(SecretsService::new(self.domain.clone()))
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max + 1)
@@ -250,7 +246,7 @@ impl Server {
         if let Some(listener) = self.health_listener {
             let addr = listener.local_addr().ok();
             let service = health_service.clone();
-            let mut closing = self.shared.hub.closing();
+            let mut closing = self.domain.closing();
             tokio::spawn(async move {
                 let served = tonic::transport::Server::builder()
                     .add_service(service)
@@ -269,7 +265,7 @@ impl Server {
                 tracing::info!("gRPC health service listening on {addr} (plain text, health only)");
             }
         }
-        tracing::info!(%addr, trust_domain = %self.shared.trust_domain, "secretfs server listening (mutual TLS 1.3)");
+        tracing::info!(%addr, trust_domain = %self.domain.trust_domain(), "secretfs server listening (mutual TLS 1.3)");
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -293,11 +289,11 @@ impl Server {
                 health.set_not_serving::<AdminServer<AdminService>>().await;
                 // Watch streams never end by themselves: end them, or the
                 // graceful shutdown would wait for them forever.
-                hub();
+                close_watches();
             })
             .await
             .map_err(|e| Error::Config(format!("the server stopped: {e}")))?;
-        drop(self.shared);
+        drop(self.domain);
         // Watch tasks still finishing hold the shared state for a moment;
         // do not wait on them for long.
         let audit_thread = self.audit_thread;

@@ -201,7 +201,11 @@ fn fill(dir: &StateDir, opts: &InitOptions) -> Result<(), Error> {
             admin: true,
             cert: Some((admin.serial.clone(), admin.not_after)),
         },
-        "server init",
+        &crate::store::AuditEntry {
+            client: Some(opts.admin_name.clone()),
+            detail: format!("certificate {}, admin", admin.serial),
+            ..crate::domain::Action::ClientCreate.by("server init")
+        },
     )?;
     Ok(())
 }

@@ -9,8 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, ReadSecretsRequest};
+use secretfs_server::domain::Action;
 use secretfs_server::envelope::{Binding, MasterKey};
-use secretfs_server::store::{NewClient, NewSecret, SqliteStore, Store};
+use secretfs_server::store::{NewClient, NewSecret, SqliteStore, Store, StoreError};
 use tonic::transport::Channel;
 
 use crate::harness::{filler, init_state, rss_kib, Identity, Server};
@@ -39,8 +40,9 @@ fn populate(ctx: &Ctx, (secrets, clients, groups): (usize, usize, usize)) -> Res
         let key_text = std::fs::read_to_string(state.join("master.key"))?;
         let master = MasterKey::from_hex(&key_text).context("master.key")?;
         let group = |i: usize| format!("g{:04}", i % groups);
+        let by_bench = |action: Action| action.by("bench");
         for g in 0..groups {
-            store.create_group(&group(g), "", "bench")?;
+            store.create_group(&group(g), "", &by_bench(Action::GroupCreate))?;
         }
         for i in 0..secrets {
             let name = format!("scale/s{i:06}");
@@ -50,17 +52,19 @@ fn populate(ctx: &Ctx, (secrets, clients, groups): (usize, usize, usize)) -> Res
                 size: SIZE as u64,
                 ..Default::default()
             };
-            store.create_secret(&new, "bench", &mut |id, version| {
-                master.seal(
-                    Binding {
-                        secret_id: id,
-                        name: &name,
-                        version,
-                    },
-                    &content,
-                )
+            store.create_secret(&new, &by_bench(Action::SecretCreate), &mut |id, version| {
+                master
+                    .seal(
+                        Binding {
+                            secret_id: id,
+                            name: &name,
+                            version,
+                        },
+                        &content,
+                    )
+                    .map_err(|e| StoreError::Seal(Box::new(e)))
             })?;
-            store.set_group_secret(&group(i), &name, true, "bench")?;
+            store.set_group_secret(&group(i), &name, true, &by_bench(Action::GroupAddSecret))?;
         }
         for c in 0..clients {
             let name = format!("c{c:05}");
@@ -70,9 +74,9 @@ fn populate(ctx: &Ctx, (secrets, clients, groups): (usize, usize, usize)) -> Res
                     admin: false,
                     cert: None,
                 },
-                "bench",
+                &by_bench(Action::ClientCreate),
             )?;
-            store.set_group_client(&group(c), &name, true, "bench")?;
+            store.set_group_client(&group(c), &name, true, &by_bench(Action::GroupAddClient))?;
         }
     }
     let dir = ctx.env.fresh_dir("scale")?;

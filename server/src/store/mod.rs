@@ -1,19 +1,38 @@
-//! Storage: every table behind one trait, so SQL stays in one place and a
-//! PostgreSQL implementation can sit beside SQLite later.
+//! Storage: every table behind one trait, so a second backend (PostgreSQL)
+//! can sit beside SQLite without the rest of the server knowing.
 //!
-//! The store only ever sees sealed content (see `envelope`). Methods that
-//! change state write their audit row in the same transaction, so the audit
-//! log and the data never disagree. Calls are blocking: async callers use
-//! `spawn_blocking`.
+//! The contract every backend keeps, and [`conformance`] checks:
+//! - The store only ever sees sealed content (see `envelope`).
+//! - Every change runs in one transaction with its audit entry, which the
+//!   caller builds and passes in (the store only stamps what it alone
+//!   knows: the version it allocated, whether a membership changed), and
+//!   bumps the revision; a write returns the revision it committed at
+//!   ([`Committed`]). A failed change writes nothing.
+//! - Reads a caller acts on come whole from one transaction: a client's
+//!   view with its revision ([`View`]), an authentication's facts
+//!   ([`AuthLookup`]).
+//! - Errors are [`StoreError`]s, never a driver's type.
+//! - Calls are blocking; async callers run at most [`Store::concurrency`]
+//!   of them at once, off the async threads.
+//! - Committed changes are announced on the store's [`ChangeFeed`].
 
+mod error;
+mod feed;
 mod sqlite;
 
-use std::collections::BTreeMap;
+#[cfg(test)]
+pub(crate) mod conformance;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use error::{Entity, StoreError};
+pub use feed::{Change, ChangeFeed, LocalFeed};
 pub use sqlite::SqliteStore;
 
 use crate::envelope::Sealed;
-use crate::error::Error;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretRecord {
@@ -101,9 +120,36 @@ pub struct SealedSecret {
     pub sealed: Sealed,
 }
 
+/// A client's whole view, read in one transaction: the secrets it can read
+/// (by name) and the revision the read saw.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub revision: u64,
+    pub secrets: Vec<SecretRecord>,
+}
+
+/// The facts an authentication decides on, read in one transaction.
+#[derive(Clone, Debug, Default)]
+pub struct AuthLookup {
+    /// The registered client of the certificate's name, if any.
+    pub client: Option<ClientRecord>,
+    /// The serial was recorded for that client (certificates we issued).
+    pub serial_issued: bool,
+    /// The serial belonged to a removed client (certificates we issued).
+    pub serial_revoked: bool,
+}
+
+/// A write's result and the revision it committed at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditEntry {
     pub id: u64,
+    /// 0 = stamped with the time it is written.
     pub at_ms: i64,
     pub actor: String,
     pub action: String,
@@ -125,78 +171,92 @@ pub struct AuditFilter {
 }
 
 /// Seals one version once the store knows the secret's id and version number.
-pub type SealFn<'a> = &'a mut dyn FnMut(u64, u64) -> Result<Sealed, Error>;
+pub type SealFn<'a> = &'a mut dyn FnMut(u64, u64) -> Result<Sealed>;
 
 pub trait Store: Send + Sync + 'static {
+    /// How many calls are worth running at once: more only queue on the
+    /// store's connections.
+    fn concurrency(&self) -> usize;
+    /// Where committed changes are announced.
+    fn feed(&self) -> Arc<dyn ChangeFeed>;
+
     /// The change counter: bumped by every change, never decreasing.
-    fn revision(&self) -> Result<u64, Error>;
+    fn revision(&self) -> Result<u64>;
 
     // -- server metadata (key check, trust domain)
-    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
-    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), Error>;
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
 
-    // -- secrets
+    // -- secrets. `audit` is the change's entry; the store stamps the
+    // version it wrote (and a rollback's previous version).
     fn create_secret(
         &self,
         new: &NewSecret,
-        actor: &str,
+        audit: &AuditEntry,
         seal: SealFn<'_>,
-    ) -> Result<SecretRecord, Error>;
+    ) -> Result<Committed<SecretRecord>>;
     fn rotate_secret(
         &self,
         name: &str,
         size: u64,
-        actor: &str,
+        audit: &AuditEntry,
         seal: SealFn<'_>,
-    ) -> Result<SecretRecord, Error>;
-    fn rollback_secret(&self, name: &str, version: u64, actor: &str)
-        -> Result<SecretRecord, Error>;
-    fn delete_secret(&self, name: &str, actor: &str) -> Result<(), Error>;
-    fn get_secret(&self, name: &str) -> Result<SecretRecord, Error>;
-    fn list_secrets(&self) -> Result<Vec<SecretRecord>, Error>;
-    fn list_versions(&self, name: &str) -> Result<Vec<VersionRecord>, Error>;
+    ) -> Result<Committed<SecretRecord>>;
+    fn rollback_secret(
+        &self,
+        name: &str,
+        version: u64,
+        audit: &AuditEntry,
+    ) -> Result<Committed<SecretRecord>>;
+    /// Returns the deleted secret's id.
+    fn delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>>;
+    fn get_secret(&self, name: &str) -> Result<SecretRecord>;
+    fn list_secrets(&self) -> Result<Vec<SecretRecord>>;
+    fn list_versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
 
     // -- clients
-    fn create_client(&self, new: &NewClient, actor: &str) -> Result<ClientRecord, Error>;
-    fn get_client(&self, name: &str) -> Result<ClientRecord, Error>;
-    fn list_clients(&self) -> Result<Vec<ClientRecord>, Error>;
-    fn remove_client(&self, name: &str, actor: &str) -> Result<(), Error>;
-    /// Whether `serial` was issued to the client (for pinned clients).
-    fn client_has_cert(&self, client_id: u64, serial: &str) -> Result<bool, Error>;
-    /// Whether `serial` belonged to a removed client (built-in CA only);
-    /// such a certificate is refused forever.
-    fn serial_revoked(&self, serial: &str) -> Result<bool, Error>;
+    fn create_client(&self, new: &NewClient, audit: &AuditEntry)
+        -> Result<Committed<ClientRecord>>;
+    fn get_client(&self, name: &str) -> Result<ClientRecord>;
+    fn list_clients(&self) -> Result<Vec<ClientRecord>>;
+    /// Removes the client; the serials issued to it are refused forever.
+    fn remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
+    /// What deciding whether certificate `serial` authenticates client
+    /// `name` needs.
+    fn authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup>;
 
-    // -- groups
+    // -- groups. Adding a member twice or removing one that is not there
+    // changes nothing, and the store says so in the entry's detail.
     fn create_group(
         &self,
         name: &str,
         description: &str,
-        actor: &str,
-    ) -> Result<GroupRecord, Error>;
-    fn get_group(&self, name: &str) -> Result<GroupRecord, Error>;
-    fn list_groups(&self) -> Result<Vec<GroupRecord>, Error>;
-    fn remove_group(&self, name: &str, actor: &str) -> Result<(), Error>;
+        audit: &AuditEntry,
+    ) -> Result<Committed<GroupRecord>>;
+    fn get_group(&self, name: &str) -> Result<GroupRecord>;
+    fn list_groups(&self) -> Result<Vec<GroupRecord>>;
+    fn remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
     fn set_group_client(
         &self,
         group: &str,
         client: &str,
         member: bool,
-        actor: &str,
-    ) -> Result<GroupRecord, Error>;
+        audit: &AuditEntry,
+    ) -> Result<Committed<GroupRecord>>;
     fn set_group_secret(
         &self,
         group: &str,
         secret: &str,
         member: bool,
-        actor: &str,
-    ) -> Result<GroupRecord, Error>;
+        audit: &AuditEntry,
+    ) -> Result<Committed<GroupRecord>>;
 
     // -- access
     /// What the client can read and through which groups.
-    fn client_access(&self, client: &str) -> Result<Vec<AccessRecord>, Error>;
-    /// Metadata of every secret the client can read, by name.
-    fn readable_secrets(&self, client_id: u64) -> Result<Vec<SecretRecord>, Error>;
+    fn client_access(&self, client: &str) -> Result<Vec<AccessRecord>>;
+    /// Metadata of every secret the client can read, by name, and the
+    /// revision, from one transaction.
+    fn client_view(&self, client_id: u64) -> Result<View>;
     /// Sealed current content of the named secrets the client can read (all
     /// of them when `names` is empty). Names it cannot read are returned in
     /// the second list, so the caller can refuse and audit.
@@ -204,19 +264,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         client_id: u64,
         names: &[String],
-    ) -> Result<(Vec<SealedSecret>, Vec<String>), Error>;
-
+    ) -> Result<(Vec<SealedSecret>, Vec<String>)>;
     /// The secret's current sealed content, if the client can read it (one
     /// read transaction; the Watch fast path after a rotation).
-    fn read_one_for_client(
-        &self,
-        client_id: u64,
-        secret_id: u64,
-    ) -> Result<Option<SealedSecret>, Error>;
+    fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>>;
 
     // -- audit
-    fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), Error>;
-    fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, Error>;
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
+    fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
 }
 
 pub fn now_ms() -> i64 {

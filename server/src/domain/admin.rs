@@ -1,0 +1,413 @@
+//! What operators do: secrets, clients, groups, the audit log. Every
+//! change is validated here, audited by the store in its transaction, and
+//! announced through `Domain::committed`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{Action, Caller, Domain};
+use crate::envelope::{Binding, Plaintext};
+use crate::error::Error;
+use crate::names::{
+    check_description, check_entity_name, check_labels, check_mode, check_secret_name, check_time,
+};
+use crate::store::{
+    AccessRecord, AuditEntry, AuditFilter, Change, ClientRecord, GroupRecord, NewClient, NewSecret,
+    SecretRecord, StoreError, VersionRecord,
+};
+
+/// A secret to create: its metadata and first version.
+pub struct CreateSecret {
+    pub name: String,
+    pub description: String,
+    pub labels: BTreeMap<String, String>,
+    pub mode: u32,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub expires_at: Option<i64>,
+    pub content: Plaintext,
+}
+
+/// A client to register, with the CSR to sign for it (none for a client
+/// whose certificates come from the operator's own CA).
+pub struct CreateClient {
+    pub name: String,
+    pub admin: bool,
+    pub csr_pem: Option<String>,
+    pub days: u32,
+}
+
+/// A group membership change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Membership {
+    Add,
+    Remove,
+}
+
+impl Domain {
+    fn check_size(&self, len: usize) -> Result<(), Error> {
+        if len > self.max_secret_size {
+            return Err(Error::TooLarge {
+                size: len,
+                max: self.max_secret_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Seals `content` as version `version` of secret `id` named `name`.
+    fn seal(
+        &self,
+        id: u64,
+        name: &str,
+        version: u64,
+        content: &Plaintext,
+    ) -> Result<crate::envelope::Sealed, StoreError> {
+        let binding = Binding {
+            secret_id: id,
+            name,
+            version,
+        };
+        self.master
+            .seal(binding, content.as_bytes())
+            .map_err(|e| StoreError::Seal(Box::new(e)))
+    }
+
+    pub async fn create_secret(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: CreateSecret,
+    ) -> Result<SecretRecord, Error> {
+        check_secret_name(&req.name)?;
+        self.check_size(req.content.len())?;
+        check_labels(&req.labels)?;
+        check_mode(req.mode)?;
+        check_description(&req.description)?;
+        if let Some(t) = req.expires_at {
+            check_time("expiry", t)?;
+        }
+        let audit = AuditEntry {
+            secret: Some(req.name.clone()),
+            ..Action::SecretCreate.by(caller.name())
+        };
+        let content = req.content;
+        let new = NewSecret {
+            name: req.name,
+            description: req.description,
+            labels: req.labels,
+            mode: req.mode,
+            owner: req.owner,
+            group: req.group,
+            expires_at: req.expires_at,
+            size: content.len() as u64,
+        };
+        let done = self
+            .run(move |d| {
+                Ok(d.store.create_secret(&new, &audit, &mut |id, version| {
+                    d.seal(id, &new.name, version, &content)
+                })?)
+            })
+            .await?;
+        // No view holds it yet (no grant names it): watchers look and pass.
+        self.committed(Change::Secret {
+            id: done.value.id,
+            revision: done.revision,
+        });
+        tracing::info!(secret = %done.value.name, "secret created");
+        Ok(done.value)
+    }
+
+    pub async fn rotate_secret(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+        content: Plaintext,
+    ) -> Result<SecretRecord, Error> {
+        check_secret_name(&name)?;
+        self.check_size(content.len())?;
+        let audit = AuditEntry {
+            secret: Some(name.clone()),
+            ..Action::SecretRotate.by(caller.name())
+        };
+        let done = self
+            .run(move |d| {
+                Ok(d.store.rotate_secret(
+                    &name,
+                    content.len() as u64,
+                    &audit,
+                    &mut |id, version| d.seal(id, &name, version, &content),
+                )?)
+            })
+            .await?;
+        self.committed(Change::Secret {
+            id: done.value.id,
+            revision: done.revision,
+        });
+        tracing::info!(secret = %done.value.name, version = done.value.current_version, "secret rotated");
+        Ok(done.value)
+    }
+
+    pub async fn rollback_secret(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+        version: u64,
+    ) -> Result<SecretRecord, Error> {
+        check_secret_name(&name)?;
+        let audit = AuditEntry {
+            secret: Some(name.clone()),
+            ..Action::SecretRollback.by(caller.name())
+        };
+        let done = self
+            .run(move |d| Ok(d.store.rollback_secret(&name, version, &audit)?))
+            .await?;
+        self.committed(Change::Secret {
+            id: done.value.id,
+            revision: done.revision,
+        });
+        tracing::info!(secret = %done.value.name, version = done.value.current_version, "secret rolled back");
+        Ok(done.value)
+    }
+
+    pub async fn delete_secret(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+    ) -> Result<(), Error> {
+        check_secret_name(&name)?;
+        let audit = AuditEntry {
+            secret: Some(name.clone()),
+            ..Action::SecretDelete.by(caller.name())
+        };
+        let shown = name.clone();
+        let done = self
+            .run(move |d| Ok(d.store.delete_secret(&name, &audit)?))
+            .await?;
+        self.committed(Change::SecretDeleted {
+            id: done.value,
+            revision: done.revision,
+        });
+        tracing::info!(secret = %shown, "secret deleted");
+        Ok(())
+    }
+
+    pub async fn list_secrets(self: &Arc<Self>) -> Result<Vec<SecretRecord>, Error> {
+        self.run(|d| Ok(d.store.list_secrets()?)).await
+    }
+
+    pub async fn describe_secret(self: &Arc<Self>, name: String) -> Result<SecretRecord, Error> {
+        check_secret_name(&name)?;
+        self.run(move |d| Ok(d.store.get_secret(&name)?)).await
+    }
+
+    pub async fn list_versions(
+        self: &Arc<Self>,
+        name: String,
+    ) -> Result<Vec<VersionRecord>, Error> {
+        check_secret_name(&name)?;
+        self.run(move |d| Ok(d.store.list_versions(&name)?)).await
+    }
+
+    /// Registers a client; returns it and the certificate signed for it (PEM,
+    /// empty for an external client).
+    pub async fn create_client(
+        self: &Arc<Self>,
+        caller: &Caller,
+        req: CreateClient,
+    ) -> Result<(ClientRecord, String), Error> {
+        check_entity_name("client", &req.name)?;
+        let actor = caller.name().to_owned();
+        let done = self
+            .run(move |d| {
+                // Refuse a taken name before signing anything.
+                match d.store.get_client(&req.name) {
+                    Ok(_) => return Err(Error::exists("client", &req.name)),
+                    Err(StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let issued = match &req.csr_pem {
+                    Some(csr) => Some(d.ca.sign_csr(&d.trust_domain, &req.name, csr, req.days)?),
+                    None => None,
+                };
+                let admin = if req.admin { ", admin" } else { "" };
+                let audit = AuditEntry {
+                    client: Some(req.name.clone()),
+                    detail: match &issued {
+                        Some(i) => format!("certificate {}{admin}", i.serial),
+                        None => format!("external certificate{admin}"),
+                    },
+                    ..Action::ClientCreate.by(&actor)
+                };
+                let new = NewClient {
+                    name: req.name.clone(),
+                    admin: req.admin,
+                    cert: issued.as_ref().map(|i| (i.serial.clone(), i.not_after)),
+                };
+                let done = d.store.create_client(&new, &audit)?;
+                Ok((done, issued.map(|i| i.cert_pem).unwrap_or_default()))
+            })
+            .await?;
+        let (client, cert_pem) = done;
+        self.committed(Change::ClientAdded {
+            revision: client.revision,
+        });
+        tracing::info!(client = %client.value.name, admin = client.value.admin, "client created");
+        Ok((client.value, cert_pem))
+    }
+
+    pub async fn list_clients(self: &Arc<Self>) -> Result<Vec<ClientRecord>, Error> {
+        self.run(|d| Ok(d.store.list_clients()?)).await
+    }
+
+    pub async fn describe_client(self: &Arc<Self>, name: String) -> Result<ClientRecord, Error> {
+        check_entity_name("client", &name)?;
+        self.run(move |d| Ok(d.store.get_client(&name)?)).await
+    }
+
+    pub async fn remove_client(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+    ) -> Result<(), Error> {
+        check_entity_name("client", &name)?;
+        if name == caller.name() {
+            return Err(Error::InvalidArgument(format!(
+                "client \"{name}\" is the identity making this call; remove it with another admin so you are not locked out"
+            )));
+        }
+        let audit = AuditEntry {
+            client: Some(name.clone()),
+            ..Action::ClientRemove.by(caller.name())
+        };
+        let shown = name.clone();
+        let done = self
+            .run(move |d| Ok(d.store.remove_client(&name, &audit)?))
+            .await?;
+        self.committed(Change::ClientRemoved {
+            revision: done.revision,
+        });
+        tracing::info!(client = %shown, "client removed");
+        Ok(())
+    }
+
+    pub async fn client_access(self: &Arc<Self>, name: String) -> Result<Vec<AccessRecord>, Error> {
+        check_entity_name("client", &name)?;
+        self.run(move |d| Ok(d.store.client_access(&name)?)).await
+    }
+
+    pub async fn create_group(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+        description: String,
+    ) -> Result<GroupRecord, Error> {
+        check_entity_name("group", &name)?;
+        check_description(&description)?;
+        let audit = AuditEntry {
+            group: Some(name.clone()),
+            ..Action::GroupCreate.by(caller.name())
+        };
+        let done = self
+            .run(move |d| Ok(d.store.create_group(&name, &description, &audit)?))
+            .await?;
+        // An empty group changes no view.
+        Ok(done.value)
+    }
+
+    pub async fn list_groups(self: &Arc<Self>) -> Result<Vec<GroupRecord>, Error> {
+        self.run(|d| Ok(d.store.list_groups()?)).await
+    }
+
+    pub async fn remove_group(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+    ) -> Result<(), Error> {
+        check_entity_name("group", &name)?;
+        let audit = AuditEntry {
+            group: Some(name.clone()),
+            ..Action::GroupRemove.by(caller.name())
+        };
+        let done = self
+            .run(move |d| Ok(d.store.remove_group(&name, &audit)?))
+            .await?;
+        self.committed(Change::Access {
+            revision: done.revision,
+        });
+        Ok(())
+    }
+
+    pub async fn group_client(
+        self: &Arc<Self>,
+        caller: &Caller,
+        group: String,
+        client: String,
+        change: Membership,
+    ) -> Result<GroupRecord, Error> {
+        check_entity_name("group", &group)?;
+        check_entity_name("client", &client)?;
+        let action = match change {
+            Membership::Add => Action::GroupAddClient,
+            Membership::Remove => Action::GroupRemoveClient,
+        };
+        let audit = AuditEntry {
+            group: Some(group.clone()),
+            client: Some(client.clone()),
+            ..action.by(caller.name())
+        };
+        let member = change == Membership::Add;
+        let done = self
+            .run(move |d| Ok(d.store.set_group_client(&group, &client, member, &audit)?))
+            .await?;
+        self.committed(Change::Access {
+            revision: done.revision,
+        });
+        Ok(done.value)
+    }
+
+    pub async fn group_secret(
+        self: &Arc<Self>,
+        caller: &Caller,
+        group: String,
+        secret: String,
+        change: Membership,
+    ) -> Result<GroupRecord, Error> {
+        check_entity_name("group", &group)?;
+        check_secret_name(&secret)?;
+        let action = match change {
+            Membership::Add => Action::GroupAddSecret,
+            Membership::Remove => Action::GroupRemoveSecret,
+        };
+        let audit = AuditEntry {
+            group: Some(group.clone()),
+            secret: Some(secret.clone()),
+            ..action.by(caller.name())
+        };
+        let member = change == Membership::Add;
+        let done = self
+            .run(move |d| Ok(d.store.set_group_secret(&group, &secret, member, &audit)?))
+            .await?;
+        self.committed(Change::Access {
+            revision: done.revision,
+        });
+        Ok(done.value)
+    }
+
+    /// Audit events, newest `limit` (oldest first); `since` in seconds.
+    pub async fn query_audit(
+        self: &Arc<Self>,
+        client: Option<String>,
+        secret: Option<String>,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, Error> {
+        check_time("--since", since)?;
+        let filter = AuditFilter {
+            client,
+            secret,
+            since_ms: (since > 0).then(|| since.saturating_mul(1000)),
+            limit,
+        };
+        self.run(move |d| Ok(d.store.query_audit(&filter)?)).await
+    }
+}

@@ -1,0 +1,159 @@
+//! The server's domain layer: one [`Domain`] owns the store, the master key,
+//! the CA, the change feed, the audit log and the caches, and offers every
+//! operation the services expose. The gRPC handlers in `service` only
+//! translate between protobuf and these types.
+//!
+//! Three things happen in exactly one place each:
+//! - decrypt and audit a read ([`reads`]: `Domain::open`);
+//! - after a committed change, invalidate caches and tell watchers
+//!   (`Domain::committed`);
+//! - decide who a certificate is ([`auth`]).
+//!
+//! Modules: [`audit`] (the audit actions), [`auth`] (authentication),
+//! [`admin`] (operator operations on secrets, clients, groups, the audit
+//! log), [`reads`] (what workloads read), [`watch`] (keeping a client's view
+//! in sync).
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod reads;
+pub mod watch;
+
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, watch as signal, Semaphore};
+
+pub use self::audit::Action;
+pub use self::auth::{Caller, Peer};
+pub use self::reads::{Content, Opened, ReadPage, MAX_REPLY_CONTENT};
+pub use self::watch::{Delta, Held, Next, Watcher};
+
+use crate::audit_log::AuditLog;
+use crate::auth_cache::AuthCache;
+use crate::envelope::MasterKey;
+use crate::error::Error;
+use crate::pki::Ca;
+use crate::report_budget::ReportBudget;
+use crate::store::{Change, ChangeFeed, Store};
+
+pub struct Domain {
+    store: Arc<dyn Store>,
+    master: MasterKey,
+    ca: Ca,
+    trust_domain: String,
+    max_secret_size: usize,
+    feed: Arc<dyn ChangeFeed>,
+    /// Changes to `true` when the server shuts down.
+    closing: signal::Sender<bool>,
+    audit: AuditLog,
+    /// Recently decrypted versions, shared by Watch streams so a rotation
+    /// seen by many watchers is decrypted once.
+    plain: reads::PlainCache,
+    /// Authenticated certificates, dropped by `committed` when clients
+    /// change, so a removal takes effect on the very next call.
+    auth_cache: AuthCache,
+    /// What each client may add to the audit log by reporting refusals.
+    report_budget: ReportBudget,
+    /// Store calls in flight, at most what the store says is useful.
+    calls: Semaphore,
+}
+
+/// What the server was configured with.
+pub struct Settings {
+    pub trust_domain: String,
+    pub max_secret_size: usize,
+}
+
+impl Domain {
+    /// Starts the domain and its audit writer thread; the thread ends once
+    /// every handle to the domain is gone (join it to close the store).
+    pub fn start(
+        store: Arc<dyn Store>,
+        master: MasterKey,
+        ca: Ca,
+        settings: Settings,
+    ) -> (Arc<Domain>, std::thread::JoinHandle<()>) {
+        let (audit, thread) = AuditLog::start(store.clone());
+        let (closing, _) = signal::channel(false);
+        let domain = Domain {
+            feed: store.feed(),
+            calls: Semaphore::new(store.concurrency().max(1)),
+            store,
+            master,
+            ca,
+            trust_domain: settings.trust_domain,
+            max_secret_size: settings.max_secret_size,
+            closing,
+            audit,
+            plain: Default::default(),
+            auth_cache: Default::default(),
+            report_budget: Default::default(),
+        };
+        (Arc::new(domain), thread)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca.cert_pem
+    }
+
+    /// Ends every Watch stream (server shutdown), so a graceful shutdown
+    /// does not wait for streams that never end by themselves.
+    pub fn close(&self) {
+        let _ = self.closing.send(true);
+    }
+
+    /// Resolves once the server starts shutting down.
+    pub fn closing(&self) -> signal::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    fn subscribe(&self) -> (broadcast::Receiver<Change>, signal::Receiver<bool>) {
+        (self.feed.subscribe(), self.closing.subscribe())
+    }
+
+    /// Runs blocking work (store calls, decryption) off the async threads,
+    /// at most as many at once as the store can use: a burst (a rotation
+    /// seen by 1,000 watchers) queues here instead of spawning hundreds of
+    /// threads that fight over the store's connections.
+    async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&Domain) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        let _permit = self
+            .calls
+            .acquire()
+            .await
+            .map_err(|_| Error::Stopped("the server is shutting down"))?;
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || f(&this)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "a store task failed");
+                Err(Error::Stopped("internal error; see the server log"))
+            }
+        }
+    }
+
+    /// After every committed change, and only here: caches that depend on
+    /// what changed are dropped, then watchers are told.
+    fn committed(&self, change: Change) {
+        match change {
+            Change::ClientAdded { .. } | Change::ClientRemoved { .. } => {
+                self.auth_cache.invalidate()
+            }
+            // Decrypted versions of it must not outlive it.
+            Change::SecretDeleted { .. } => self.plain.clear(),
+            Change::Secret { .. } | Change::Access { .. } => {}
+        }
+        self.feed.publish(change);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,463 @@
+//! The domain against an in-memory store: what each operation writes to
+//! the audit log, what it announces, and what a watcher sees.
+
+use std::sync::Arc;
+
+use super::admin::{CreateSecret, Membership};
+use super::*;
+use crate::envelope::Plaintext;
+use crate::identity::{IdentitySource, Issuer, PeerIdentity};
+use crate::store::*;
+
+/// A store that hands out ciphertext altered on its way out of the
+/// database (a mock: the real tampering tests run the real server).
+struct Tampering {
+    inner: SqliteStore,
+    tamper: std::sync::atomic::AtomicBool,
+}
+
+impl Tampering {
+    fn spoil(&self, mut s: SealedSecret) -> SealedSecret {
+        if self.tamper.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(b) = s.sealed.ciphertext.last_mut() {
+                *b ^= 1;
+            }
+        }
+        s
+    }
+}
+
+macro_rules! delegate {
+    ($($name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        $(fn $name(&self $(, $arg: $ty)*) -> $ret { self.inner.$name($($arg),*) })*
+    };
+}
+
+impl Store for Tampering {
+    delegate! {
+        concurrency(&self) -> usize;
+        feed(&self) -> Arc<dyn ChangeFeed>;
+        revision(&self) -> Result<u64>;
+        get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+        put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
+        create_secret(&self, new: &NewSecret, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
+        rotate_secret(&self, name: &str, size: u64, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
+        rollback_secret(&self, name: &str, version: u64, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;
+        delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>>;
+        get_secret(&self, name: &str) -> Result<SecretRecord>;
+        list_secrets(&self) -> Result<Vec<SecretRecord>>;
+        list_versions(&self, name: &str) -> Result<Vec<VersionRecord>>;
+        create_client(&self, new: &NewClient, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
+        get_client(&self, name: &str) -> Result<ClientRecord>;
+        list_clients(&self) -> Result<Vec<ClientRecord>>;
+        remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
+        authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup>;
+        create_group(&self, name: &str, description: &str, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
+        get_group(&self, name: &str) -> Result<GroupRecord>;
+        list_groups(&self) -> Result<Vec<GroupRecord>>;
+        remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
+        set_group_client(&self, group: &str, client: &str, member: bool, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
+        set_group_secret(&self, group: &str, secret: &str, member: bool, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
+        client_access(&self, client: &str) -> Result<Vec<AccessRecord>>;
+        client_view(&self, client_id: u64) -> Result<View>;
+        append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
+        query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+    }
+
+    fn read_sealed(
+        &self,
+        client_id: u64,
+        names: &[String],
+    ) -> Result<(Vec<SealedSecret>, Vec<String>)> {
+        let (found, denied) = self.inner.read_sealed(client_id, names)?;
+        Ok((found.into_iter().map(|s| self.spoil(s)).collect(), denied))
+    }
+
+    fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>> {
+        Ok(self
+            .inner
+            .read_one_for_client(client_id, secret_id)?
+            .map(|s| self.spoil(s)))
+    }
+}
+
+struct Fixture {
+    domain: Arc<Domain>,
+    store: Arc<Tampering>,
+    admin: Caller,
+    web: Caller,
+}
+
+fn peer(name: &str, serial: &str) -> Peer {
+    Peer {
+        identity: PeerIdentity {
+            name: name.into(),
+            serial: serial.into(),
+            source: IdentitySource::Spiffe,
+            issuer: Issuer::BuiltIn,
+        },
+        remote: "127.0.0.1:1".into(),
+    }
+}
+
+async fn fixture() -> Fixture {
+    let store = Arc::new(Tampering {
+        inner: SqliteStore::open_in_memory().unwrap(),
+        tamper: Default::default(),
+    });
+    let (ca, _) = crate::pki::Ca::generate("test.example").unwrap();
+    let settings = Settings {
+        trust_domain: "test.example".into(),
+        max_secret_size: 1024,
+    };
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let (domain, _thread) = Domain::start(
+        dyn_store,
+        crate::envelope::MasterKey::generate().unwrap(),
+        ca,
+        settings,
+    );
+    for (name, admin) in [("admin", true), ("web", false)] {
+        store
+            .create_client(
+                &NewClient {
+                    name: name.into(),
+                    admin,
+                    cert: Some((format!("serial-{name}"), i64::MAX)),
+                },
+                &Action::ClientCreate.by("test"),
+            )
+            .unwrap();
+    }
+    let admin = domain
+        .authenticate(peer("admin", "serial-admin"))
+        .await
+        .unwrap();
+    let web = domain
+        .authenticate(peer("web", "serial-web"))
+        .await
+        .unwrap();
+    Fixture {
+        domain,
+        store,
+        admin,
+        web,
+    }
+}
+
+fn secret(name: &str, content: &[u8]) -> CreateSecret {
+    CreateSecret {
+        name: name.into(),
+        description: String::new(),
+        labels: Default::default(),
+        mode: 0,
+        owner: None,
+        group: None,
+        expires_at: None,
+        content: Plaintext::new(content.to_vec()),
+    }
+}
+
+impl Fixture {
+    /// Creates secrets and grants them to `web` through group `g`.
+    async fn granted(&self, names: &[&str]) {
+        let d = &self.domain;
+        if d.list_groups().await.unwrap().is_empty() {
+            d.create_group(&self.admin, "g".into(), String::new())
+                .await
+                .unwrap();
+            d.group_client(&self.admin, "g".into(), "web".into(), Membership::Add)
+                .await
+                .unwrap();
+        }
+        for n in names {
+            d.create_secret(&self.admin, secret(n, n.as_bytes()))
+                .await
+                .unwrap();
+            d.group_secret(&self.admin, "g".into(), (*n).into(), Membership::Add)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn audit(&self, action: Action) -> Vec<AuditEntry> {
+        self.store
+            .query_audit(&AuditFilter::default())
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == action.as_str())
+            .collect()
+    }
+}
+
+fn event(next: Next) -> Delta {
+    match next {
+        Next::Event(d) => d,
+        Next::ShuttingDown => panic!("expected an event, got shutdown"),
+        Next::Closed => panic!("expected an event, got the end of the feed"),
+    }
+}
+
+fn names(d: &Delta) -> Vec<(String, Vec<u8>)> {
+    d.upserts
+        .iter()
+        .map(|o| {
+            let bytes = match &o.content {
+                Content::Owned(p) => p.as_bytes().to_vec(),
+                Content::Shared(p) => p.as_bytes().to_vec(),
+            };
+            (o.record.name.clone(), bytes)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rotation_is_announced_with_the_revision_it_committed_at() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut feed = f.store.feed().subscribe();
+    let rec = f
+        .domain
+        .rotate_secret(&f.admin, "a".into(), Plaintext::new(b"two".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(
+        feed.recv().await.unwrap(),
+        Change::Secret {
+            id: rec.id,
+            revision: f.store.revision().unwrap()
+        }
+    );
+    let rotations = f.audit(Action::SecretRotate);
+    assert_eq!(rotations.len(), 1);
+    assert_eq!(
+        (
+            rotations[0].actor.as_str(),
+            rotations[0].secret.as_deref(),
+            rotations[0].version
+        ),
+        ("admin", Some("a"), Some(2))
+    );
+}
+
+#[tokio::test]
+async fn reads_are_audited_and_refusals_do_not_say_which_names_exist() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    f.domain
+        .create_secret(&f.admin, secret("hidden", b"x"))
+        .await
+        .unwrap();
+    let page = f
+        .domain
+        .read_secrets(&f.web, vec!["b".into(), "a".into(), "a".into()], None)
+        .await
+        .unwrap();
+    let read: Vec<_> = page
+        .secrets
+        .iter()
+        .map(|o| o.record.name.as_str())
+        .collect();
+    assert_eq!(read, ["a", "b"]);
+    assert!(page.next_after.is_none());
+    assert_eq!(f.audit(Action::SecretRead).len(), 2);
+    let refused = f
+        .domain
+        .read_secrets(&f.web, vec!["hidden".into(), "missing".into()], None)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(refused, crate::error::Error::PermissionDenied(_)));
+    let text = refused.to_string();
+    assert!(
+        text.contains("no such secret, or no group grants it"),
+        "{text}"
+    );
+    let denied: Vec<_> = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| !e.allowed)
+        .map(|e| e.secret.unwrap())
+        .collect();
+    assert_eq!(denied, ["hidden", "missing"]);
+}
+
+#[tokio::test]
+async fn a_failed_integrity_check_is_audited_on_every_read_path() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    f.store
+        .tamper
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let read = f.domain.read_secrets(&f.web, vec![], None).await;
+    assert!(matches!(read, Err(crate::error::Error::Integrity { .. })));
+    let mut watcher = f.domain.watch(f.web.clone(), Held::new());
+    assert!(matches!(
+        watcher.next().await,
+        Err(crate::error::Error::Integrity { .. })
+    ));
+    let failures: Vec<_> = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| e.detail == "integrity check failed")
+        .map(|e| (e.allowed, e.version))
+        .collect();
+    assert_eq!(failures, [(false, Some(1)), (false, Some(1))]);
+}
+
+#[tokio::test]
+async fn a_watcher_gets_its_view_then_exactly_what_changes() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    let mut w = f.domain.watch(f.web.clone(), Held::new());
+    let first = event(w.next().await.unwrap());
+    assert!(first.initial);
+    assert_eq!(
+        names(&first),
+        [("a".into(), b"a".to_vec()), ("b".into(), b"b".to_vec())]
+    );
+    // A secret the watcher does not hold changes nothing for it; the next
+    // event is the rotation of one it holds.
+    f.domain
+        .create_secret(&f.admin, secret("other", b"o"))
+        .await
+        .unwrap();
+    f.domain
+        .rotate_secret(&f.admin, "other".into(), Plaintext::new(b"o2".to_vec()))
+        .await
+        .unwrap();
+    f.domain
+        .rotate_secret(&f.admin, "b".into(), Plaintext::new(b"b2".to_vec()))
+        .await
+        .unwrap();
+    let rotated = event(w.next().await.unwrap());
+    assert!(!rotated.initial);
+    assert_eq!(names(&rotated), [("b".into(), b"b2".to_vec())]);
+    assert_eq!(rotated.revision, f.store.revision().unwrap());
+    // Revoking and deleting remove.
+    f.domain
+        .group_secret(&f.admin, "g".into(), "a".into(), Membership::Remove)
+        .await
+        .unwrap();
+    let revoked = event(w.next().await.unwrap());
+    assert_eq!(
+        (revoked.upserts.len(), revoked.removals.clone()),
+        (0, vec!["a".to_owned()])
+    );
+    f.domain.delete_secret(&f.admin, "b".into()).await.unwrap();
+    let deleted = event(w.next().await.unwrap());
+    assert_eq!(deleted.removals, ["b"]);
+    // Each content handed out was audited as a watch read.
+    let reads: Vec<_> = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .map(|e| (e.secret.unwrap(), e.version.unwrap(), e.detail))
+        .collect();
+    assert_eq!(
+        reads,
+        [
+            ("a".into(), 1, "watch".into()),
+            ("b".into(), 1, "watch".into()),
+            ("b".into(), 2, "watch".into())
+        ]
+    );
+    // Shutting down ends the watch.
+    f.domain.close();
+    assert!(matches!(w.next().await.unwrap(), Next::ShuttingDown));
+}
+
+#[tokio::test]
+async fn a_removed_client_is_refused_at_once_and_its_watch_ends() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut w = f.domain.watch(f.web.clone(), Held::new());
+    event(w.next().await.unwrap());
+    // Cached now: the next authentication does not ask the store.
+    f.domain
+        .authenticate(peer("web", "serial-web"))
+        .await
+        .unwrap();
+    f.domain
+        .remove_client(&f.admin, "web".into())
+        .await
+        .unwrap();
+    let refused = f.domain.authenticate(peer("web", "serial-web")).await;
+    assert!(matches!(
+        refused,
+        Err(crate::error::Error::Unauthenticated(_))
+    ));
+    let ended = w.next().await.err().unwrap();
+    assert!(ended.to_string().contains("was removed"), "{ended}");
+    let auth = f.audit(Action::Auth);
+    assert_eq!(auth.len(), 1);
+    assert!(
+        auth[0]
+            .detail
+            .starts_with("certificate of a removed client"),
+        "{}",
+        auth[0].detail
+    );
+    // An admin cannot remove itself.
+    assert!(f
+        .domain
+        .remove_client(&f.admin, "admin".into())
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn operator_calls_need_the_admin_role_and_refusals_are_audited() {
+    let f = fixture().await;
+    let refused = f
+        .domain
+        .authenticate_admin(peer("web", "serial-web"), Action::SecretList)
+        .await;
+    assert!(matches!(
+        refused,
+        Err(crate::error::Error::PermissionDenied(_))
+    ));
+    let all = f.store.query_audit(&AuditFilter::default()).unwrap();
+    let last = all.last().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.actor.as_str(), last.allowed),
+        ("admin.secret.list", "web", false)
+    );
+    f.domain
+        .authenticate_admin(peer("admin", "serial-admin"), Action::SecretList)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_the_store_is_touched() {
+    let f = fixture().await;
+    let before = f.store.revision().unwrap();
+    let too_big = CreateSecret {
+        content: Plaintext::new(vec![0; 2048]),
+        ..secret("big", b"")
+    };
+    assert!(matches!(
+        f.domain.create_secret(&f.admin, too_big).await,
+        Err(crate::error::Error::TooLarge {
+            size: 2048,
+            max: 1024
+        })
+    ));
+    let bad_mode = CreateSecret {
+        mode: 0o4755,
+        ..secret("m", b"x")
+    };
+    assert!(f.domain.create_secret(&f.admin, bad_mode).await.is_err());
+    assert!(f
+        .domain
+        .create_secret(&f.admin, secret("../etc", b"x"))
+        .await
+        .is_err());
+    assert_eq!(f.store.revision().unwrap(), before);
+    // Store errors keep their user-facing text.
+    let missing = f.domain.describe_secret("nope".into()).await.err().unwrap();
+    assert!(
+        missing.to_string().contains("`secretfs secret list`"),
+        "{missing}"
+    );
+}

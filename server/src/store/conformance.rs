@@ -1,0 +1,522 @@
+//! What every [`Store`] must do, as tests that run against any backend:
+//! each backend's tests call [`run`] with a way to make an empty store.
+
+use std::sync::Arc;
+
+use super::*;
+
+/// Makes a fresh, empty store.
+pub type Make<'a> = &'a dyn Fn() -> Box<dyn Store>;
+
+pub fn run(make: Make<'_>) {
+    secret_lifecycle(make().as_ref());
+    access_through_groups(make().as_ref());
+    listing_clients_and_groups(make().as_ref());
+    authentication_facts(make().as_ref());
+    audit_is_written_with_changes_and_filtered(make().as_ref());
+    every_change_bumps_the_revision_and_returns_it(make().as_ref());
+    meta_round_trips(make().as_ref());
+}
+
+fn sealed(tag: u8) -> Sealed {
+    Sealed {
+        wrapped_key: vec![tag; 60],
+        ciphertext: vec![tag; 40],
+    }
+}
+
+fn entry(action: &str) -> AuditEntry {
+    AuditEntry {
+        actor: "admin".into(),
+        action: action.into(),
+        allowed: true,
+        ..Default::default()
+    }
+}
+
+fn add(store: &dyn Store, name: &str) -> SecretRecord {
+    let new = NewSecret {
+        name: name.into(),
+        size: 3,
+        ..NewSecret::default()
+    };
+    store
+        .create_secret(
+            &new,
+            &AuditEntry {
+                secret: Some(name.into()),
+                ..entry("secret.create")
+            },
+            &mut |_, _| Ok(sealed(1)),
+        )
+        .unwrap()
+        .value
+}
+
+fn client(store: &dyn Store, name: &str) -> ClientRecord {
+    store
+        .create_client(
+            &NewClient {
+                name: name.into(),
+                admin: false,
+                cert: Some((format!("serial-{name}"), 99)),
+            },
+            &entry("client.create"),
+        )
+        .unwrap()
+        .value
+}
+
+fn boom() -> StoreError {
+    StoreError::Seal("boom".into())
+}
+
+fn secret_lifecycle(s: &dyn Store) {
+    let entry = |action: &str| AuditEntry {
+        secret: Some("db/pw".into()),
+        ..entry(action)
+    };
+    let rec = add(s, "db/pw");
+    assert_eq!(
+        (rec.current_version, rec.version_count, rec.size),
+        (1, 1, 3)
+    );
+    assert!(matches!(
+        s.create_secret(
+            &NewSecret {
+                name: "db/pw".into(),
+                ..Default::default()
+            },
+            &entry("secret.create"),
+            &mut |_, _| Ok(sealed(1))
+        ),
+        Err(StoreError::AlreadyExists {
+            kind: Entity::Secret,
+            ..
+        })
+    ));
+    let mut seen = None;
+    let rot = s
+        .rotate_secret("db/pw", 5, &entry("secret.rotate"), &mut |id, v| {
+            seen = Some((id, v));
+            Ok(sealed(2))
+        })
+        .unwrap()
+        .value;
+    assert_eq!(seen, Some((rec.id, 2)));
+    assert_eq!((rot.current_version, rot.size), (2, 5));
+    let back = s
+        .rollback_secret("db/pw", 1, &entry("secret.rollback"))
+        .unwrap()
+        .value;
+    assert_eq!(
+        (back.current_version, back.version_count, back.size),
+        (1, 2, 3)
+    );
+    assert!(matches!(
+        s.rollback_secret("db/pw", 9, &entry("secret.rollback")),
+        Err(StoreError::NoSuchVersion { version: 9, .. })
+    ));
+    let versions = s.list_versions("db/pw").unwrap();
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| (v.version, v.current, v.created_by.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, true, "admin"), (2, false, "admin")]
+    );
+    // A failed seal writes nothing.
+    assert!(matches!(
+        s.rotate_secret("db/pw", 1, &entry("secret.rotate"), &mut |_, _| Err(boom())),
+        Err(StoreError::Seal(_))
+    ));
+    assert_eq!(s.get_secret("db/pw").unwrap().version_count, 2);
+    // The audit entries carry the versions the store allocated.
+    let audit = s
+        .query_audit(&AuditFilter {
+            secret: Some("db/pw".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .map(|e| (e.action.as_str(), e.version, e.detail.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("secret.create", Some(1), ""),
+            ("secret.rotate", Some(2), ""),
+            ("secret.rollback", Some(1), "from version 2"),
+        ]
+    );
+    let deleted = s.delete_secret("db/pw", &entry("secret.delete")).unwrap();
+    assert_eq!(deleted.value, rec.id);
+    assert!(matches!(
+        s.get_secret("db/pw"),
+        Err(StoreError::NotFound {
+            kind: Entity::Secret,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.delete_secret("db/pw", &entry("secret.delete")),
+        Err(StoreError::NotFound { .. })
+    ));
+    // Ids are not reused after a delete: the id is part of every
+    // ciphertext's associated data.
+    assert!(add(s, "db/pw").id > rec.id);
+}
+
+fn access_through_groups(s: &dyn Store) {
+    add(s, "a");
+    add(s, "b");
+    add(s, "c");
+    let web = client(s, "web");
+    let other = client(s, "other");
+    s.create_group("g1", "", &entry("group.create")).unwrap();
+    s.create_group("g2", "", &entry("group.create")).unwrap();
+    let e = entry("group.add-client");
+    s.set_group_client("g1", "web", true, &e).unwrap();
+    s.set_group_client("g2", "web", true, &e).unwrap();
+    let e = entry("group.add-secret");
+    s.set_group_secret("g1", "a", true, &e).unwrap();
+    s.set_group_secret("g2", "a", true, &e).unwrap();
+    let g2 = s.set_group_secret("g2", "b", true, &e).unwrap().value;
+    assert_eq!(
+        (g2.clients, g2.secrets),
+        (vec!["web".into()], vec!["a".into(), "b".into()])
+    );
+    let view = s.client_view(web.id).unwrap();
+    assert_eq!(view.revision, s.revision().unwrap());
+    let names: Vec<_> = view.secrets.into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert!(s.client_view(other.id).unwrap().secrets.is_empty());
+    let access = s.client_access("web").unwrap();
+    assert_eq!(
+        access[0],
+        AccessRecord {
+            secret: "a".into(),
+            groups: vec!["g1".into(), "g2".into()]
+        }
+    );
+    assert!(matches!(
+        s.client_access("nobody"),
+        Err(StoreError::NotFound {
+            kind: Entity::Client,
+            ..
+        })
+    ));
+    let (ok, denied) = s
+        .read_sealed(web.id, &["b".into(), "c".into(), "zz".into()])
+        .unwrap();
+    assert_eq!(ok.len(), 1);
+    assert_eq!(ok[0].sealed, sealed(1));
+    assert_eq!(denied, ["c", "zz"]);
+    let (all, none) = s.read_sealed(web.id, &[]).unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|s| s.record.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    assert!(none.is_empty());
+    let b = s.get_secret("b").unwrap();
+    assert!(s.read_one_for_client(web.id, b.id).unwrap().is_some());
+    assert!(s.read_one_for_client(other.id, b.id).unwrap().is_none());
+    s.set_group_secret("g2", "b", false, &entry("group.remove-secret"))
+        .unwrap();
+    assert_eq!(s.client_view(web.id).unwrap().secrets.len(), 1);
+    assert!(s.read_one_for_client(web.id, b.id).unwrap().is_none());
+    // Unknown members and groups are named.
+    assert!(matches!(
+        s.set_group_secret("g2", "zz", true, &e),
+        Err(StoreError::NotFound {
+            kind: Entity::Secret,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.set_group_client("nope", "web", true, &e),
+        Err(StoreError::NotFound {
+            kind: Entity::Group,
+            ..
+        })
+    ));
+    s.remove_group("g1", &entry("group.remove")).unwrap();
+    s.remove_client("web", &entry("client.remove")).unwrap();
+    assert!(matches!(
+        s.get_client("web"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(s.client_view(web.id).unwrap().secrets.is_empty());
+}
+
+fn listing_clients_and_groups(s: &dyn Store) {
+    add(s, "x");
+    add(s, "y");
+    for c in ["c3", "c1", "c2"] {
+        client(s, c);
+    }
+    s.create_client(
+        &NewClient {
+            name: "ext".into(),
+            admin: true,
+            cert: None,
+        },
+        &entry("client.create"),
+    )
+    .unwrap();
+    for g in ["gb", "ga", "empty"] {
+        s.create_group(g, &format!("about {g}"), &entry("group.create"))
+            .unwrap();
+    }
+    assert!(matches!(
+        s.create_group("ga", "", &entry("group.create")),
+        Err(StoreError::AlreadyExists {
+            kind: Entity::Group,
+            ..
+        })
+    ));
+    let e = entry("group.add-client");
+    s.set_group_client("ga", "c1", true, &e).unwrap();
+    s.set_group_client("gb", "c1", true, &e).unwrap();
+    s.set_group_client("ga", "c2", true, &e).unwrap();
+    s.set_group_secret("ga", "y", true, &e).unwrap();
+    s.set_group_secret("ga", "x", true, &e).unwrap();
+    // Adding twice changes nothing, and the entry says so.
+    s.set_group_client("ga", "c2", true, &e).unwrap();
+    let last = s
+        .query_audit(&AuditFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(last[0].detail, "no change");
+    let clients = s.list_clients().unwrap();
+    let summary: Vec<_> = clients
+        .iter()
+        .map(|c| (c.name.as_str(), c.groups.clone(), c.pinned, c.admin))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("c1", vec!["ga".to_owned(), "gb".to_owned()], true, false),
+            ("c2", vec!["ga".to_owned()], true, false),
+            ("c3", vec![], true, false),
+            ("ext", vec![], false, true),
+        ]
+    );
+    assert_eq!(clients[0].cert_serial.as_deref(), Some("serial-c1"));
+    assert_eq!(clients[0].cert_not_after, Some(99));
+    assert_eq!(clients[3].cert_serial, None);
+    // The list agrees with the single lookups.
+    for c in &clients {
+        assert_eq!(&s.get_client(&c.name).unwrap(), c);
+    }
+    let groups = s.list_groups().unwrap();
+    assert_eq!(
+        groups
+            .iter()
+            .map(|g| (g.name.as_str(), g.clients.len(), g.secrets.clone()))
+            .collect::<Vec<_>>(),
+        [
+            ("empty", 0, vec![]),
+            ("ga", 2, vec!["x".to_owned(), "y".to_owned()]),
+            ("gb", 1, vec![]),
+        ]
+    );
+    for g in &groups {
+        assert_eq!(&s.get_group(&g.name).unwrap(), g);
+    }
+}
+
+fn authentication_facts(s: &dyn Store) {
+    let web = client(s, "web");
+    let facts = s.authenticate("web", "serial-web").unwrap();
+    assert_eq!(facts.client.as_ref().map(|c| c.id), Some(web.id));
+    assert!(facts.serial_issued && !facts.serial_revoked);
+    let other = s.authenticate("web", "serial-other").unwrap();
+    assert!(!other.serial_issued && !other.serial_revoked);
+    let nobody = s.authenticate("nobody", "serial-web").unwrap();
+    assert!(nobody.client.is_none() && !nobody.serial_issued);
+    // A removed client's serials are refused forever, even once a client
+    // of the same name exists again.
+    s.remove_client("web", &entry("client.remove")).unwrap();
+    let gone = s.authenticate("web", "serial-web").unwrap();
+    assert!(gone.client.is_none() && gone.serial_revoked);
+    s.create_client(
+        &NewClient {
+            name: "web".into(),
+            admin: false,
+            cert: Some(("serial-web-2".into(), 99)),
+        },
+        &entry("client.create"),
+    )
+    .unwrap();
+    let again = s.authenticate("web", "serial-web").unwrap();
+    assert!(again.client.is_some() && !again.serial_issued && again.serial_revoked);
+    assert!(s.authenticate("web", "serial-web-2").unwrap().serial_issued);
+}
+
+fn audit_is_written_with_changes_and_filtered(s: &dyn Store) {
+    add(s, "x");
+    s.create_client(
+        &NewClient {
+            name: "web".into(),
+            admin: false,
+            cert: None,
+        },
+        &AuditEntry {
+            client: Some("web".into()),
+            ..entry("client.create")
+        },
+    )
+    .unwrap();
+    s.append_audit(&[AuditEntry {
+        actor: "web".into(),
+        action: "secret.read".into(),
+        secret: Some("x".into()),
+        allowed: false,
+        ..Default::default()
+    }])
+    .unwrap();
+    let all = s.query_audit(&AuditFilter::default()).unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["secret.create", "client.create", "secret.read"]
+    );
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(all.iter().all(|e| e.at_ms > 0));
+    let web = s
+        .query_audit(&AuditFilter {
+            client: Some("web".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(web.len(), 2);
+    let future = s
+        .query_audit(&AuditFilter {
+            since_ms: Some(now_ms() + 60_000),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(future.is_empty());
+    let last = s
+        .query_audit(&AuditFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(last[0].action, "secret.read");
+    // A time given by the caller is kept.
+    s.append_audit(&[AuditEntry {
+        at_ms: 1234,
+        ..entry("auth")
+    }])
+    .unwrap();
+    let mut kept = s
+        .query_audit(&AuditFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(kept.pop().map(|e| e.at_ms), Some(1234));
+}
+
+fn every_change_bumps_the_revision_and_returns_it(s: &dyn Store) {
+    let r0 = s.revision().unwrap();
+    let created = s
+        .create_secret(
+            &NewSecret {
+                name: "x".into(),
+                ..Default::default()
+            },
+            &entry("secret.create"),
+            &mut |_, _| Ok(sealed(1)),
+        )
+        .unwrap();
+    assert_eq!(created.revision, r0 + 1);
+    assert_eq!(s.revision().unwrap(), r0 + 1);
+    let rotated = s
+        .rotate_secret("x", 1, &entry("secret.rotate"), &mut |_, _| Ok(sealed(3)))
+        .unwrap();
+    assert_eq!(rotated.revision, r0 + 2);
+    let web = s
+        .create_client(
+            &NewClient {
+                name: "web".into(),
+                admin: false,
+                cert: None,
+            },
+            &entry("client.create"),
+        )
+        .unwrap();
+    assert_eq!(web.revision, r0 + 3);
+    assert_eq!(
+        s.create_group("g", "", &entry("group.create"))
+            .unwrap()
+            .revision,
+        r0 + 4
+    );
+    let joined = s
+        .set_group_client("g", "web", true, &entry("group.add-client"))
+        .unwrap();
+    assert_eq!(joined.revision, r0 + 5);
+    // Reads, audit of reads and failed changes leave it alone.
+    s.read_sealed(web.value.id, &[]).unwrap();
+    s.append_audit(&[entry("secret.read")]).unwrap();
+    assert!(s
+        .rotate_secret("missing", 1, &entry("secret.rotate"), &mut |_, _| Ok(
+            sealed(1)
+        ))
+        .is_err());
+    assert!(s
+        .rotate_secret("x", 1, &entry("secret.rotate"), &mut |_, _| Err(boom()))
+        .is_err());
+    assert_eq!(s.revision().unwrap(), r0 + 5);
+    assert_eq!(s.client_view(web.value.id).unwrap().revision, r0 + 5);
+}
+
+fn meta_round_trips(s: &dyn Store) {
+    assert_eq!(s.get_meta("k").unwrap(), None);
+    s.put_meta("k", b"one").unwrap();
+    s.put_meta("k", b"two").unwrap();
+    assert_eq!(s.get_meta("k").unwrap().as_deref(), Some(&b"two"[..]));
+    assert!(s.concurrency() >= 1);
+}
+
+/// Four threads rotate, and fail to rotate, at once: every rotation lands
+/// once, failures change nothing. For backends with real concurrency.
+pub fn concurrent_writes(s: Arc<dyn Store>) {
+    for t in 0..4 {
+        add(s.as_ref(), &format!("t{t}"));
+    }
+    let start = s.revision().unwrap();
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let e = entry("secret.rotate");
+                for i in 0..50 {
+                    s.rotate_secret(&format!("t{t}"), 1, &e, &mut |_, _| Ok(sealed(2)))
+                        .unwrap();
+                    // Failing jobs in the same bursts change nothing.
+                    assert!(s
+                        .rotate_secret("missing", 1, &e, &mut |_, _| Ok(sealed(1)))
+                        .is_err());
+                    let failed = s.rotate_secret(&format!("t{t}"), 1, &e, &mut |_, _| Err(boom()));
+                    assert!(failed.is_err(), "iteration {i}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for t in 0..4 {
+        let rec = s.get_secret(&format!("t{t}")).unwrap();
+        assert_eq!((rec.current_version, rec.version_count), (51, 51));
+        assert_eq!(s.list_versions(&format!("t{t}")).unwrap().len(), 51);
+    }
+    assert_eq!(s.revision().unwrap(), start + 200);
+}

@@ -1,0 +1,82 @@
+//! The store's own error: what any backend can report, in terms of the
+//! data model rather than of SQLite or PostgreSQL.
+
+use std::path::PathBuf;
+
+/// What a name refers to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entity {
+    Secret,
+    Client,
+    Group,
+}
+
+impl Entity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::Secret => "secret",
+            Entity::Client => "client",
+            Entity::Group => "group",
+        }
+    }
+}
+
+impl std::fmt::Display for Entity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+type Source = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{kind} \"{name}\" not found")]
+    NotFound { kind: Entity, name: String },
+    #[error("{kind} \"{name}\" already exists")]
+    AlreadyExists { kind: Entity, name: String },
+    #[error("secret \"{name}\" has no version {version}")]
+    NoSuchVersion { name: String, version: u64 },
+    /// The caller's seal function failed; nothing was written.
+    #[error("{0}")]
+    Seal(#[source] Source),
+    #[error("the database is not writable ({0}); check the state directory's permissions and free space")]
+    Unwritable(#[source] Source),
+    #[error("database {} does not exist; is this a state directory made by `secretfs server init`?", .path.display())]
+    Missing { path: PathBuf },
+    #[error("the database schema is version {found}, newer than this secretfs understands ({known}); run a newer secretfs")]
+    NewerSchema { found: u64, known: u64 },
+    /// A grouped commit this write was part of failed (the cause is shared
+    /// by every write in the group, so it is kept as text).
+    #[error("storage error: the commit failed: {0}")]
+    CommitFailed(String),
+    #[error("storage error: {0}")]
+    Backend(#[source] Source),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub fn not_found(kind: Entity, name: &str) -> Self {
+        StoreError::NotFound {
+            kind,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn exists(kind: Entity, name: &str) -> Self {
+        StoreError::AlreadyExists {
+            kind,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn backend(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Backend(Box::new(err))
+    }
+}

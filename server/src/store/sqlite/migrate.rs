@@ -1,0 +1,29 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` records how
+//! many ran. Append only: never edit a released step.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::store::{Result, StoreError};
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_schema.sql"),
+    include_str!("migrations/0002_revision.sql"),
+    include_str!("migrations/0003_revoked_certs.sql"),
+];
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    let current = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::NewerSchema {
+            found: current as u64,
+            known: MIGRATIONS.len() as u64,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Secrets, their versions, and what a client may read of them.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::audit::{record_change, revision};
+use super::rows::{self, insert_named, SECRET_COLUMNS, SECRET_FROM};
+use crate::envelope::Sealed;
+use crate::store::*;
+
+pub(super) fn by_name(tx: &Connection, name: &str) -> Result<SecretRecord> {
+    tx.prepare_cached(&format!(
+        "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} WHERE s.name = ?1"
+    ))?
+    .query_row([name], rows::secret)
+    .optional()?
+    .ok_or_else(|| StoreError::not_found(Entity::Secret, name))
+}
+
+fn insert_version(
+    tx: &Connection,
+    id: i64,
+    version: u64,
+    size: u64,
+    actor: &str,
+    sealed: &Sealed,
+) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO secret_versions (secret_id, version, wrapped_key, ciphertext, size, created_at, created_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![id, version as i64, sealed.wrapped_key, sealed.ciphertext, size as i64, now_s(), actor])?;
+    Ok(())
+}
+
+pub(super) fn create(
+    tx: &Connection,
+    new: &NewSecret,
+    audit: &AuditEntry,
+    seal: SealFn<'_>,
+) -> Result<Committed<SecretRecord>> {
+    let now = now_s();
+    let labels = serde_json::to_string(&new.labels).map_err(StoreError::backend)?;
+    let inserted = tx.execute(
+        "INSERT INTO secrets (name, description, labels, mode, owner, grp, expires_at,
+                              current_version, version_count, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, 1, ?8, ?8)",
+        params![
+            new.name,
+            new.description,
+            labels,
+            new.mode,
+            new.owner,
+            new.group,
+            new.expires_at,
+            now
+        ],
+    );
+    insert_named(inserted, Entity::Secret, &new.name)?;
+    let id = tx.last_insert_rowid();
+    let sealed = seal(id as u64, 1)?;
+    insert_version(tx, id, 1, new.size, &audit.actor, &sealed)?;
+    let revision = record_change(
+        tx,
+        &AuditEntry {
+            version: Some(1),
+            ..audit.clone()
+        },
+    )?;
+    Ok(Committed {
+        value: by_name(tx, &new.name)?,
+        revision,
+    })
+}
+
+pub(super) fn rotate(
+    tx: &Connection,
+    name: &str,
+    size: u64,
+    audit: &AuditEntry,
+    seal: SealFn<'_>,
+) -> Result<Committed<SecretRecord>> {
+    let current = by_name(tx, name)?;
+    let version = current.version_count + 1;
+    let sealed = seal(current.id, version)?;
+    insert_version(tx, current.id as i64, version, size, &audit.actor, &sealed)?;
+    tx.prepare_cached(
+        "UPDATE secrets SET current_version = ?2, version_count = ?2, updated_at = ?3 WHERE id = ?1",
+    )?
+    .execute(params![current.id as i64, version as i64, now_s()])?;
+    let revision = record_change(
+        tx,
+        &AuditEntry {
+            version: Some(version),
+            ..audit.clone()
+        },
+    )?;
+    Ok(Committed {
+        value: by_name(tx, name)?,
+        revision,
+    })
+}
+
+pub(super) fn rollback(
+    tx: &Connection,
+    name: &str,
+    version: u64,
+    audit: &AuditEntry,
+) -> Result<Committed<SecretRecord>> {
+    let current = by_name(tx, name)?;
+    let exists: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM secret_versions WHERE secret_id = ?1 AND version = ?2)",
+        params![current.id as i64, version as i64],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Err(StoreError::NoSuchVersion {
+            name: name.to_owned(),
+            version,
+        });
+    }
+    tx.execute(
+        "UPDATE secrets SET current_version = ?2, updated_at = ?3 WHERE id = ?1",
+        params![current.id as i64, version as i64, now_s()],
+    )?;
+    let revision = record_change(
+        tx,
+        &AuditEntry {
+            version: Some(version),
+            detail: format!("from version {}", current.current_version),
+            ..audit.clone()
+        },
+    )?;
+    Ok(Committed {
+        value: by_name(tx, name)?,
+        revision,
+    })
+}
+
+pub(super) fn delete(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<u64>> {
+    let id = rows::id_by_name(tx, Entity::Secret, name)?;
+    tx.execute("DELETE FROM secrets WHERE id = ?1", [id])?;
+    let revision = record_change(tx, audit)?;
+    Ok(Committed {
+        value: id as u64,
+        revision,
+    })
+}
+
+pub(super) fn list(tx: &Connection) -> Result<Vec<SecretRecord>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} ORDER BY s.name"
+    ))?;
+    let rows = stmt.query_map([], rows::secret)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub(super) fn versions(tx: &Connection, name: &str) -> Result<Vec<VersionRecord>> {
+    let secret = by_name(tx, name)?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT version, created_at, created_by, size FROM secret_versions WHERE secret_id = ?1 ORDER BY version",
+    )?;
+    let rows = stmt.query_map([secret.id as i64], |r| {
+        let version = r.get::<_, i64>(0)? as u64;
+        Ok(VersionRecord {
+            version,
+            created_at: r.get(1)?,
+            created_by: r.get(2)?,
+            size: r.get::<_, i64>(3)? as u64,
+            current: version == secret.current_version,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn readable(tx: &Connection, client_id: u64) -> Result<Vec<SecretRecord>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM}
+          WHERE s.id IN (SELECT gs.secret_id FROM group_clients gc
+                           JOIN group_secrets gs ON gs.group_id = gc.group_id
+                          WHERE gc.client_id = ?1)
+          ORDER BY s.name"
+    ))?;
+    let rows = stmt.query_map([client_id as i64], rows::secret)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub(super) fn client_view(tx: &Connection, client_id: u64) -> Result<View> {
+    Ok(View {
+        revision: revision(tx)?,
+        secrets: readable(tx, client_id)?,
+    })
+}
+
+pub(super) fn read_sealed(
+    tx: &Connection,
+    client_id: u64,
+    names: &[String],
+) -> Result<(Vec<SealedSecret>, Vec<String>)> {
+    if names.is_empty() {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
+              WHERE s.id IN (SELECT gs.secret_id FROM group_clients gc
+                               JOIN group_secrets gs ON gs.group_id = gc.group_id
+                              WHERE gc.client_id = ?1)
+              ORDER BY s.name"
+        ))?;
+        let rows = stmt.query_map([client_id as i64], rows::sealed_secret)?;
+        return Ok((rows.collect::<Result<_, _>>()?, Vec::new()));
+    }
+    // Named reads cost what they ask for, not the client's whole view.
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
+          WHERE s.name = ?2 AND EXISTS (
+                SELECT 1 FROM group_clients gc JOIN group_secrets gs ON gs.group_id = gc.group_id
+                 WHERE gc.client_id = ?1 AND gs.secret_id = s.id)"
+    ))?;
+    let mut out = Vec::with_capacity(names.len());
+    let mut denied = Vec::new();
+    for n in names {
+        match stmt
+            .query_row(params![client_id as i64, n], rows::sealed_secret)
+            .optional()?
+        {
+            Some(s) => out.push(s),
+            None => denied.push(n.clone()),
+        }
+    }
+    Ok((out, denied))
+}
+
+pub(super) fn read_one_for_client(
+    tx: &Connection,
+    client_id: u64,
+    secret_id: u64,
+) -> Result<Option<SealedSecret>> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
+          WHERE s.id = ?2 AND EXISTS (
+                SELECT 1 FROM group_clients gc JOIN group_secrets gs ON gs.group_id = gc.group_id
+                 WHERE gc.client_id = ?1 AND gs.secret_id = ?2)"
+    ))?;
+    Ok(stmt
+        .query_row(
+            params![client_id as i64, secret_id as i64],
+            rows::sealed_secret,
+        )
+        .optional()?)
+}
