@@ -54,8 +54,13 @@ pub enum Error {
     /// The server could not run the call (shutting down, a task failed).
     #[error("{0}")]
     Stopped(&'static str),
-    #[error("{0}")]
-    Pki(String),
+    /// Making or signing a certificate failed.
+    #[error("{what}: {source}")]
+    Pki {
+        what: String,
+        #[source]
+        source: rcgen::Error,
+    },
     #[error("{0}")]
     Config(String),
     #[error("{context}: {source}")]
@@ -115,7 +120,7 @@ impl Error {
             Error::Crypto(_)
             | Error::Store(_)
             | Error::Stopped(_)
-            | Error::Pki(_)
+            | Error::Pki { .. }
             | Error::Config(_)
             | Error::Io { .. } => Code::Internal,
         }

@@ -44,7 +44,10 @@ impl std::fmt::Debug for Ca {
 }
 
 fn pki(what: &str, e: rcgen::Error) -> Error {
-    Error::Pki(format!("{what}: {e}"))
+    Error::Pki {
+        what: what.to_owned(),
+        source: e,
+    }
 }
 
 fn random_serial() -> Result<SerialNumber, Error> {
