@@ -2,7 +2,6 @@
 //! change is validated here, audited by the store in its transaction, and
 //! announced through `Domain::committed`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{Action, Caller, Domain};
@@ -16,15 +15,10 @@ use crate::store::{
     SecretRecord, StoreError, VersionRecord,
 };
 
-/// A secret to create: its metadata and first version.
+/// A secret to create: its metadata (`size` is taken from the content)
+/// and first version.
 pub struct CreateSecret {
-    pub name: String,
-    pub description: String,
-    pub labels: BTreeMap<String, String>,
-    pub mode: u32,
-    pub owner: Option<u32>,
-    pub group: Option<u32>,
-    pub expires_at: Option<i64>,
+    pub meta: NewSecret,
     pub content: Plaintext,
 }
 
@@ -42,6 +36,25 @@ pub struct CreateClient {
 pub enum Membership {
     Add,
     Remove,
+}
+
+/// What a group holds, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Member {
+    Client(String),
+    Secret(String),
+}
+
+impl Member {
+    /// The audited action of adding or removing this member.
+    pub fn action(&self, change: Membership) -> Action {
+        match (self, change) {
+            (Member::Client(_), Membership::Add) => Action::GroupAddClient,
+            (Member::Client(_), Membership::Remove) => Action::GroupRemoveClient,
+            (Member::Secret(_), Membership::Add) => Action::GroupAddSecret,
+            (Member::Secret(_), Membership::Remove) => Action::GroupRemoveSecret,
+        }
+    }
 }
 
 impl Domain {
@@ -78,28 +91,22 @@ impl Domain {
         caller: &Caller,
         req: CreateSecret,
     ) -> Result<SecretRecord, Error> {
-        check_secret_name(&req.name)?;
-        self.check_size(req.content.len())?;
-        check_labels(&req.labels)?;
-        check_mode(req.mode)?;
-        check_description(&req.description)?;
-        if let Some(t) = req.expires_at {
+        let CreateSecret {
+            meta: mut new,
+            content,
+        } = req;
+        check_secret_name(&new.name)?;
+        self.check_size(content.len())?;
+        check_labels(&new.labels)?;
+        check_mode(new.mode)?;
+        check_description(&new.description)?;
+        if let Some(t) = new.expires_at {
             check_time("expiry", t)?;
         }
+        new.size = content.len() as u64;
         let audit = AuditEntry {
-            secret: Some(req.name.clone()),
+            secret: Some(new.name.clone()),
             ..Action::SecretCreate.by(caller.name())
-        };
-        let content = req.content;
-        let new = NewSecret {
-            name: req.name,
-            description: req.description,
-            labels: req.labels,
-            mode: req.mode,
-            owner: req.owner,
-            group: req.group,
-            expires_at: req.expires_at,
-            size: content.len() as u64,
         };
         let done = self
             .run(move |d| {
@@ -337,55 +344,37 @@ impl Domain {
         Ok(())
     }
 
-    pub async fn group_client(
+    /// Adds a client or a secret to a group, or takes it out.
+    pub async fn set_member(
         self: &Arc<Self>,
         caller: &Caller,
         group: String,
-        client: String,
+        member: Member,
         change: Membership,
     ) -> Result<GroupRecord, Error> {
         check_entity_name("group", &group)?;
-        check_entity_name("client", &client)?;
-        let action = match change {
-            Membership::Add => Action::GroupAddClient,
-            Membership::Remove => Action::GroupRemoveClient,
-        };
-        let audit = AuditEntry {
+        let mut audit = AuditEntry {
             group: Some(group.clone()),
-            client: Some(client.clone()),
-            ..action.by(caller.name())
+            ..member.action(change).by(caller.name())
         };
-        let member = change == Membership::Add;
+        match &member {
+            Member::Client(name) => {
+                check_entity_name("client", name)?;
+                audit.client = Some(name.clone());
+            }
+            Member::Secret(name) => {
+                check_secret_name(name)?;
+                audit.secret = Some(name.clone());
+            }
+        }
+        let add = change == Membership::Add;
         let done = self
-            .run(move |d| Ok(d.store.set_group_client(&group, &client, member, &audit)?))
-            .await?;
-        self.committed(Change::Access {
-            revision: done.revision,
-        });
-        Ok(done.value)
-    }
-
-    pub async fn group_secret(
-        self: &Arc<Self>,
-        caller: &Caller,
-        group: String,
-        secret: String,
-        change: Membership,
-    ) -> Result<GroupRecord, Error> {
-        check_entity_name("group", &group)?;
-        check_secret_name(&secret)?;
-        let action = match change {
-            Membership::Add => Action::GroupAddSecret,
-            Membership::Remove => Action::GroupRemoveSecret,
-        };
-        let audit = AuditEntry {
-            group: Some(group.clone()),
-            secret: Some(secret.clone()),
-            ..action.by(caller.name())
-        };
-        let member = change == Membership::Add;
-        let done = self
-            .run(move |d| Ok(d.store.set_group_secret(&group, &secret, member, &audit)?))
+            .run(move |d| {
+                Ok(match &member {
+                    Member::Client(name) => d.store.set_group_client(&group, name, add, &audit)?,
+                    Member::Secret(name) => d.store.set_group_secret(&group, name, add, &audit)?,
+                })
+            })
             .await?;
         self.committed(Change::Access {
             revision: done.revision,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::admin::{CreateSecret, Membership};
+use super::admin::{CreateSecret, Member, Membership};
 use super::*;
 use crate::envelope::Plaintext;
 use crate::identity::{IdentitySource, Issuer, PeerIdentity};
@@ -147,13 +147,10 @@ async fn fixture() -> Fixture {
 
 fn secret(name: &str, content: &[u8]) -> CreateSecret {
     CreateSecret {
-        name: name.into(),
-        description: String::new(),
-        labels: Default::default(),
-        mode: 0,
-        owner: None,
-        group: None,
-        expires_at: None,
+        meta: NewSecret {
+            name: name.into(),
+            ..Default::default()
+        },
         content: Plaintext::new(content.to_vec()),
     }
 }
@@ -166,17 +163,27 @@ impl Fixture {
             d.create_group(&self.admin, "g".into(), String::new())
                 .await
                 .unwrap();
-            d.group_client(&self.admin, "g".into(), "web".into(), Membership::Add)
-                .await
-                .unwrap();
+            d.set_member(
+                &self.admin,
+                "g".into(),
+                Member::Client("web".into()),
+                Membership::Add,
+            )
+            .await
+            .unwrap();
         }
         for n in names {
             d.create_secret(&self.admin, secret(n, n.as_bytes()))
                 .await
                 .unwrap();
-            d.group_secret(&self.admin, "g".into(), (*n).into(), Membership::Add)
-                .await
-                .unwrap();
+            d.set_member(
+                &self.admin,
+                "g".into(),
+                Member::Secret((*n).into()),
+                Membership::Add,
+            )
+            .await
+            .unwrap();
         }
     }
 
@@ -336,7 +343,12 @@ async fn a_watcher_gets_its_view_then_exactly_what_changes() {
     assert_eq!(rotated.revision, f.store.revision().unwrap());
     // Revoking and deleting remove.
     f.domain
-        .group_secret(&f.admin, "g".into(), "a".into(), Membership::Remove)
+        .set_member(
+            &f.admin,
+            "g".into(),
+            Member::Secret("a".into()),
+            Membership::Remove,
+        )
         .await
         .unwrap();
     let revoked = event(w.next().await.unwrap());
@@ -443,10 +455,8 @@ async fn bad_input_is_refused_before_the_store_is_touched() {
             max: 1024
         })
     ));
-    let bad_mode = CreateSecret {
-        mode: 0o4755,
-        ..secret("m", b"x")
-    };
+    let mut bad_mode = secret("m", b"x");
+    bad_mode.meta.mode = 0o4755;
     assert!(f.domain.create_secret(&f.admin, bad_mode).await.is_err());
     assert!(f
         .domain

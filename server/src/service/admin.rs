@@ -7,9 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert::all;
 use super::peer;
-use crate::domain::admin::{CreateClient, CreateSecret, Membership};
+use crate::domain::admin::{CreateClient, CreateSecret, Member, Membership};
 use crate::domain::{Action, Caller, Domain};
 use crate::envelope::Plaintext;
+use crate::store::NewSecret;
 
 pub struct AdminService {
     domain: Arc<Domain>,
@@ -48,13 +49,16 @@ impl Admin for AdminService {
         let mut r = req.into_inner();
         let content = take_content(&mut r.content);
         let new = CreateSecret {
-            name: r.name,
-            description: r.description,
-            labels: r.labels.into_iter().collect(),
-            mode: r.mode,
-            owner: r.owner,
-            group: r.group,
-            expires_at: r.expires_at,
+            meta: NewSecret {
+                name: r.name,
+                description: r.description,
+                labels: r.labels.into_iter().collect(),
+                mode: r.mode,
+                owner: r.owner,
+                group: r.group,
+                expires_at: r.expires_at,
+                size: 0,
+            },
             content,
         };
         let rec = self.domain.create_secret(&caller, new).await?;
@@ -281,17 +285,8 @@ impl AdminService {
         req: Request<v1::GroupClientRequest>,
         add: bool,
     ) -> Result<Response<v1::GroupInfo>, Status> {
-        let action = match membership(add) {
-            Membership::Add => Action::GroupAddClient,
-            Membership::Remove => Action::GroupRemoveClient,
-        };
-        let caller = self.admin(&req, action).await?;
-        let r = req.into_inner();
-        let g = self
-            .domain
-            .group_client(&caller, r.group, r.client, membership(add))
-            .await?;
-        Ok(Response::new(g.into()))
+        let member = Member::Client(req.get_ref().client.clone());
+        self.set_member(req, |r| r.group, member, add).await
     }
 
     async fn group_secret(
@@ -299,15 +294,22 @@ impl AdminService {
         req: Request<v1::GroupSecretRequest>,
         add: bool,
     ) -> Result<Response<v1::GroupInfo>, Status> {
-        let action = match membership(add) {
-            Membership::Add => Action::GroupAddSecret,
-            Membership::Remove => Action::GroupRemoveSecret,
-        };
-        let caller = self.admin(&req, action).await?;
-        let r = req.into_inner();
+        let member = Member::Secret(req.get_ref().secret.clone());
+        self.set_member(req, |r| r.group, member, add).await
+    }
+
+    async fn set_member<T>(
+        &self,
+        req: Request<T>,
+        group: impl FnOnce(T) -> String,
+        member: Member,
+        add: bool,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
+        let change = membership(add);
+        let caller = self.admin(&req, member.action(change)).await?;
         let g = self
             .domain
-            .group_secret(&caller, r.group, r.secret, membership(add))
+            .set_member(&caller, group(req.into_inner()), member, change)
             .await?;
         Ok(Response::new(g.into()))
     }
