@@ -26,8 +26,9 @@
 //! - `caller` + `guard`: the optional caller check (`--container`,
 //!   `--allow-cgroup`): the calling process's cgroup must place it in the
 //!   container; refusals are counted in the status and reported to the server.
-//! - `privileges`: after mounting, keep only CAP_SYS_ADMIN and CAP_IPC_LOCK
-//!   and set no_new_privs (per thread).
+//! - `privileges`: keep only CAP_SYS_ADMIN and CAP_IPC_LOCK and set
+//!   no_new_privs while the process has one thread ([`drop_privileges`]);
+//!   once mounted, check that every thread holds just that.
 //!
 //! [`run`] ties them together: first sync (the Watch's initial event),
 //! mount, apply events until shutdown, unmount.
@@ -61,6 +62,9 @@ use tokio::sync::mpsc;
 
 pub use credentials::CredentialFiles;
 pub use error::MountError;
+pub use privileges::{
+    drop_privileges, verify_every_thread, Capability, DroppedReport, PrivilegeError, MOUNT_KEEPS,
+};
 pub use static_mount::{StaticMount, StaticSecret};
 
 use crate::credentials::CredentialWatch;
@@ -100,10 +104,11 @@ pub struct MountOptions {
     /// The caller check (`--container`, `--allow-cgroup`): only processes
     /// in these containers or cgroups may look up, open or list secrets.
     pub callers: Option<CallerRules>,
-    /// After mounting, keep only the capabilities still needed
-    /// (CAP_SYS_ADMIN to unmount, CAP_IPC_LOCK for mlock) and set
-    /// no_new_privs. Off where the process also does other work (`dev`).
-    pub drop_privileges: bool,
+    /// What [`drop_privileges`] kept, when the caller dropped privileges
+    /// before starting any thread: once mounted, every thread must hold
+    /// exactly that, or the mount stops. `None` where the process also does
+    /// other work (`dev`) and keeps its privileges.
+    pub privileges: Option<DroppedReport>,
 }
 
 /// Who may use the mount, as given on the command line.
@@ -131,7 +136,7 @@ impl MountOptions {
             max_stale: None,
             credentials: None,
             callers: None,
-            drop_privileges: false,
+            privileges: None,
         }
     }
 }
@@ -217,13 +222,20 @@ pub async fn run(
         caller_check = guard.is_some(),
         "mounted"
     );
-    if opts.drop_privileges {
-        match privileges::drop_privileges(privileges::MOUNT_KEEPS) {
-            Ok(report) => {
-                tracing::info!(kept = ?report.kept, dropped = report.dropped.len(), "dropped privileges; no_new_privs set")
+    if let Some(report) = &opts.privileges {
+        // The runtime's and fuser's threads exist now: each must have
+        // inherited the dropped sets.
+        match privileges::verify_every_thread(report) {
+            Ok(threads) => {
+                tracing::debug!(threads, "every thread holds only the kept capabilities")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not drop privileges; carrying on with them")
+                tracing::error!(error = %e, "privilege check failed; unmounting");
+                tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
+                    .await
+                    .ok();
+                updater.wipe();
+                return Err(MountError::Privileges(e));
             }
         }
     }
