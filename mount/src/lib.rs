@@ -425,10 +425,9 @@ fn is_tls_failure(reason: &str) -> bool {
 
 /// Keeps secrets out of core dumps and away from ptrace by other users.
 fn forbid_core_dumps() {
-    // SAFETY: prctl with integer arguments has no memory effects.
-    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mark the process non-dumpable");
+    use rustix::process::{set_dumpable_behavior, DumpableBehavior};
+    if let Err(error) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(%error, "cannot mark the process non-dumpable");
     }
 }
 
