@@ -756,8 +756,7 @@ mod tests {
                 self.cg.path(),
             )
             .unwrap();
-            // SAFETY: geteuid has no preconditions.
-            policy.trusted_uid = unsafe { libc::geteuid() };
+            policy.trusted_uid = rustix::process::geteuid().as_raw();
             policy
         }
     }

@@ -25,11 +25,21 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::secret_bytes::SecretBytes;
 use crate::snapshot::{Fingerprint, Snapshot};
+
+/// The tree, shared by the FUSE threads and the sync loop.
+pub type SharedTree = Arc<Mutex<Tree>>;
+
+/// Locks the shared tree.
+pub fn lock(tree: &SharedTree) -> MutexGuard<'_, Tree> {
+    // A panic inside a FUSE callback must not take the whole mount down
+    // with poisoned-lock panics; the tree's invariants hold between calls.
+    tree.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 pub const ROOT_INO: u64 = 1;
 /// The hidden `.secretfs` folder.
@@ -58,8 +68,6 @@ pub enum FsError {
     NotDir,
     #[error("is a directory")]
     IsDir,
-    #[error("read-only file system")]
-    ReadOnly,
     /// The kernel asked about an inode we no longer have.
     #[error("stale inode")]
     Stale,
