@@ -67,6 +67,7 @@ pub use privileges::{
 };
 pub use static_mount::{StaticMount, StaticSecret};
 
+use crate::backoff::Backoff;
 use crate::credentials::CredentialWatch;
 use crate::snapshot::Snapshot;
 use crate::status::SyncState;
@@ -314,10 +315,26 @@ async fn report_refusals(guard: Arc<guard::Guard>, connect: ConnectConfig) {
             continue;
         }
         let n = refusals.len();
+        let refusals = refusals.into_iter().map(refusal_to_proto).collect();
         let req = secretfs_proto::v1::ReportRefusalsRequest { refusals };
         if let Err(e) = client.report_refusals(req).await {
             tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
         }
+    }
+}
+
+fn refusal_to_proto(r: guard::Refusal) -> secretfs_proto::v1::Refusal {
+    secretfs_proto::v1::Refusal {
+        at_ms: r
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+        pid: r.pid,
+        uid: r.uid,
+        cgroup: r.cgroup.unwrap_or_default(),
+        path: r.path,
+        reason: r.reason.to_string(),
     }
 }
 
@@ -334,7 +351,7 @@ struct FirstSync {
 async fn first_sync(opts: &MountOptions) -> Result<FirstSync, MountError> {
     let server = opts.connect.server.clone();
     let deadline = Instant::now() + opts.start_timeout;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let mut reason = String::from("no answer");
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -355,8 +372,7 @@ async fn first_sync(opts: &MountOptions) -> Result<FirstSync, MountError> {
             Err(_) => continue, // deadline hit mid-attempt: report on the next turn
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::sleep(backoff.min(left)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay().min(left)).await;
     }
 }
 
