@@ -25,6 +25,10 @@ pub const EXIT_USAGE: u8 = 2;
 pub fn main() -> ExitCode {
     let cli = args::Cli::parse();
     init_tracing(&cli);
+    let ready = match commands::prepare(cli) {
+        Ok(ready) => ready,
+        Err(err) => return fail::report(&err),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,7 +39,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(commands::run(ready)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail::report(&err),
     }

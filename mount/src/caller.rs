@@ -46,16 +46,15 @@
 //! one directory handle on `/proc/PID`; if the process vanished or the start
 //! time changed, the answer is no.
 
-use std::ffi::CString;
-use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+use procfs::process::Process;
+use procfs::ProcError;
 use serde::Serialize;
 
 /// How long a Docker-style short id must be to match as a prefix.
@@ -239,7 +238,7 @@ impl CallerPolicy {
         if pid == 0 {
             return Err(deny(DenyReason::OutsidePidNamespace, None));
         }
-        let dir = ProcDir::open(&self.proc_root.join(pid.to_string()))
+        let dir = ProcDir::open(self.proc_root.join(pid.to_string()))
             .map_err(|e| deny(DenyReason::ProcUnreadable(e.to_string()), None))?;
         let before = dir.start_time().map_err(|r| deny(r, None))?;
         let cgroup_text = dir
@@ -382,56 +381,38 @@ impl CallerPolicy {
     }
 }
 
-fn vanished_or_unreadable(e: std::io::Error) -> DenyReason {
-    // ESRCH: the directory handle outlived the process.
-    if e.raw_os_error() == Some(libc::ESRCH) || e.kind() == std::io::ErrorKind::NotFound {
-        DenyReason::ProcessChanged
-    } else {
-        DenyReason::ProcUnreadable(e.to_string())
+fn vanished_or_unreadable(e: ProcError) -> DenyReason {
+    match e {
+        // procfs reports ESRCH (the handle outlived the process) as NotFound.
+        ProcError::NotFound(_) => DenyReason::ProcessChanged,
+        ProcError::Io(io, _)
+            if io.raw_os_error() == Some(libc::ESRCH)
+                || io.kind() == std::io::ErrorKind::NotFound =>
+        {
+            DenyReason::ProcessChanged
+        }
+        e => DenyReason::ProcUnreadable(e.to_string()),
     }
 }
 
-/// A handle on `/proc/PID`: files opened through it belong to that process
-/// even if the pid is reused meanwhile (reads then fail with ESRCH).
+/// A handle on `/proc/PID` (procfs keeps a directory descriptor): files
+/// opened through it belong to that process even if the pid is reused
+/// meanwhile (they then fail with ESRCH).
 struct ProcDir {
-    dir: File,
+    process: Process,
 }
 
 impl ProcDir {
-    fn open(path: &Path) -> std::io::Result<ProcDir> {
-        let c = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: a valid C string; the fd is owned by the File below.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened and is not owned elsewhere.
+    fn open(path: PathBuf) -> Result<ProcDir, ProcError> {
         Ok(ProcDir {
-            dir: unsafe { File::from_raw_fd(fd) },
+            process: Process::new_with_root(path)?,
         })
     }
 
-    fn read(&self, name: &str) -> std::io::Result<String> {
-        let c = CString::new(name).expect("no NUL in a /proc file name");
-        // SAFETY: valid dirfd and C string; the fd is owned by the File below.
-        let fd = unsafe {
-            libc::openat(
-                self.dir.as_raw_fd(),
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd was just opened and is not owned elsewhere.
-        let mut file = unsafe { File::from_raw_fd(fd) };
+    /// The file's text as is: the checks below, not procfs's lenient
+    /// parsers, decide what a well-formed file is.
+    fn read(&self, name: &str) -> Result<String, ProcError> {
+        let mut file = self.process.open_relative(name)?;
         let mut text = String::new();
         file.read_to_string(&mut text)?;
         Ok(text)
@@ -694,6 +675,7 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     const ID: &str = "3f4e8a1b2c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
     const OTHER: &str = "9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9";
@@ -774,8 +756,7 @@ mod tests {
                 self.cg.path(),
             )
             .unwrap();
-            // SAFETY: geteuid has no preconditions.
-            policy.trusted_uid = unsafe { libc::geteuid() };
+            policy.trusted_uid = rustix::process::geteuid().as_raw();
             policy
         }
     }
@@ -904,10 +885,8 @@ mod tests {
         assert!(d.reason.to_string().contains("unprivileged user"));
 
         // Owned by an unprivileged uid, as `chown -R` delegation leaves it.
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+        assert!(
+            rustix::process::geteuid().is_root(),
             "this test chowns fixture cgroup directories: run it as root (as CI does)"
         );
         let p = FakeProc::new();

@@ -72,6 +72,9 @@ pub enum MountError {
     #[error("FUSE is not available: {0}")]
     FuseUnavailable(String),
 
+    #[error("{0}")]
+    Privileges(#[from] crate::privileges::PrivilegeError),
+
     #[error("cannot mount at {}: {source}", path.display())]
     Mount { path: PathBuf, source: io::Error },
 }

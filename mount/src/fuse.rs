@@ -15,33 +15,22 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 
 use crate::guard::Guard;
-use crate::tree::{Attr, FsError, Kind, Tree, ROOT_INO, STATUS_INO};
+use crate::tree::{lock, Attr, FsError, Kind, SharedTree, ROOT_INO, STATUS_INO};
 
 /// Names and attributes change only through explicit invalidation.
 pub const LONG_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// The status file's size changes every second.
 pub const STATUS_ATTR_TTL: Duration = Duration::from_secs(1);
-
-/// The tree, shared by the FUSE threads and the sync loop.
-pub type SharedTree = Arc<Mutex<Tree>>;
-
-pub fn lock(tree: &SharedTree) -> MutexGuard<'_, Tree> {
-    // A panic inside a callback must not take the whole mount down with
-    // poisoned-lock panics; the tree's invariants hold between calls.
-    tree.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 pub struct SecretFs {
     tree: SharedTree,
@@ -95,7 +84,6 @@ fn errno(e: FsError) -> Errno {
         FsError::NotFound => Errno::ENOENT,
         FsError::NotDir => Errno::ENOTDIR,
         FsError::IsDir => Errno::EISDIR,
-        FsError::ReadOnly => Errno::EROFS,
         FsError::Stale => Errno::ESTALE,
         // What a disk that stopped answering gives: readers fail, loudly.
         FsError::Unavailable => Errno::EIO,
@@ -316,173 +304,14 @@ impl Filesystem for SecretFs {
         reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
     }
 
-    // ---- everything that would change the tree: read-only filesystem ----
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(FsError::ReadOnly));
-    }
+    // Nothing that would change the tree is implemented: the mount is
+    // `ro`, so the kernel answers EROFS to writes, creates, renames,
+    // setattr and xattr changes before they reach us (tested in
+    // tests/fuse_mount.rs); were it ever remounted writable, fuser's
+    // defaults answer ENOSYS.
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Only reached without default_permissions; the kernel checks modes.
         reply.ok();
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        _ino_in: INodeNo,
-        _fh_in: FileHandle,
-        _offset_in: u64,
-        _ino_out: INodeNo,
-        _fh_out: FileHandle,
-        _offset_out: u64,
-        _len: u64,
-        _flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        reply.error(errno(FsError::ReadOnly));
     }
 }

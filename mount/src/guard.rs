@@ -9,11 +9,9 @@
 //! open, which is checked.
 
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use secretfs_proto::v1;
-
-use crate::caller::{CallerPolicy, RefusalCounts, Refusals};
+use crate::caller::{CallerPolicy, DenyReason, RefusalCounts, Refusals};
 use crate::tree::{CONTROL_INO, ROOT_INO, STATUS_INO};
 
 /// Refusals kept for the next report; more are counted but not itemised.
@@ -24,7 +22,20 @@ pub struct Guard {
     refusals: Refusals,
     /// The status folder and file skip the check (`--public-status`).
     public_status: bool,
-    outbox: Mutex<Vec<v1::Refusal>>,
+    outbox: Mutex<Vec<Refusal>>,
+}
+
+/// One refused request, waiting to be reported to the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub at: SystemTime,
+    pub pid: u32,
+    pub uid: u32,
+    /// The deciding cgroup path, when it was read.
+    pub cgroup: Option<String>,
+    /// What was asked for: a name or inode, never content.
+    pub path: String,
+    pub reason: DenyReason,
 }
 
 impl Guard {
@@ -58,16 +69,13 @@ impl Guard {
                 self.refusals.record(&denial, uid);
                 let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
                 if outbox.len() < OUTBOX_MAX {
-                    outbox.push(v1::Refusal {
-                        at_ms: SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .map(|d| d.as_millis() as i64)
-                            .unwrap_or(0),
+                    outbox.push(Refusal {
+                        at: SystemTime::now(),
                         pid,
                         uid,
-                        cgroup: denial.cgroup.clone().unwrap_or_default(),
+                        cgroup: denial.cgroup.clone(),
                         path: what(),
-                        reason: denial.reason.to_string(),
+                        reason: denial.reason.clone(),
                     });
                 }
                 false
@@ -92,7 +100,7 @@ impl Guard {
     }
 
     /// Takes the refusals not yet reported.
-    pub fn take_outbox(&self) -> Vec<v1::Refusal> {
+    pub fn take_outbox(&self) -> Vec<Refusal> {
         std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }

@@ -26,8 +26,9 @@
 //! - `caller` + `guard`: the optional caller check (`--container`,
 //!   `--allow-cgroup`): the calling process's cgroup must place it in the
 //!   container; refusals are counted in the status and reported to the server.
-//! - `privileges`: after mounting, keep only CAP_SYS_ADMIN and CAP_IPC_LOCK
-//!   and set no_new_privs (per thread).
+//! - `privileges`: keep only CAP_SYS_ADMIN and CAP_IPC_LOCK and set
+//!   no_new_privs while the process has one thread ([`drop_privileges`]);
+//!   once mounted, check that every thread holds just that.
 //!
 //! [`run`] ties them together: first sync (the Watch's initial event),
 //! mount, apply events until shutdown, unmount.
@@ -61,8 +62,12 @@ use tokio::sync::mpsc;
 
 pub use credentials::CredentialFiles;
 pub use error::MountError;
+pub use privileges::{
+    drop_privileges, verify_every_thread, Capability, DroppedReport, PrivilegeError, MOUNT_KEEPS,
+};
 pub use static_mount::{StaticMount, StaticSecret};
 
+use crate::backoff::Backoff;
 use crate::credentials::CredentialWatch;
 use crate::snapshot::Snapshot;
 use crate::status::SyncState;
@@ -100,10 +105,11 @@ pub struct MountOptions {
     /// The caller check (`--container`, `--allow-cgroup`): only processes
     /// in these containers or cgroups may look up, open or list secrets.
     pub callers: Option<CallerRules>,
-    /// After mounting, keep only the capabilities still needed
-    /// (CAP_SYS_ADMIN to unmount, CAP_IPC_LOCK for mlock) and set
-    /// no_new_privs. Off where the process also does other work (`dev`).
-    pub drop_privileges: bool,
+    /// What [`drop_privileges`] kept, when the caller dropped privileges
+    /// before starting any thread: once mounted, every thread must hold
+    /// exactly that, or the mount stops. `None` where the process also does
+    /// other work (`dev`) and keeps its privileges.
+    pub privileges: Option<DroppedReport>,
 }
 
 /// Who may use the mount, as given on the command line.
@@ -131,7 +137,7 @@ impl MountOptions {
             max_stale: None,
             credentials: None,
             callers: None,
-            drop_privileges: false,
+            privileges: None,
         }
     }
 }
@@ -217,13 +223,20 @@ pub async fn run(
         caller_check = guard.is_some(),
         "mounted"
     );
-    if opts.drop_privileges {
-        match privileges::drop_privileges(privileges::MOUNT_KEEPS) {
-            Ok(report) => {
-                tracing::info!(kept = ?report.kept, dropped = report.dropped.len(), "dropped privileges; no_new_privs set")
+    if let Some(report) = &opts.privileges {
+        // The runtime's and fuser's threads exist now: each must have
+        // inherited the dropped sets.
+        match privileges::verify_every_thread(report) {
+            Ok(threads) => {
+                tracing::debug!(threads, "every thread holds only the kept capabilities")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not drop privileges; carrying on with them")
+                tracing::error!(error = %e, "privilege check failed; unmounting");
+                tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
+                    .await
+                    .ok();
+                updater.wipe();
+                return Err(MountError::Privileges(e));
             }
         }
     }
@@ -302,10 +315,26 @@ async fn report_refusals(guard: Arc<guard::Guard>, connect: ConnectConfig) {
             continue;
         }
         let n = refusals.len();
+        let refusals = refusals.into_iter().map(refusal_to_proto).collect();
         let req = secretfs_proto::v1::ReportRefusalsRequest { refusals };
         if let Err(e) = client.report_refusals(req).await {
             tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
         }
+    }
+}
+
+fn refusal_to_proto(r: guard::Refusal) -> secretfs_proto::v1::Refusal {
+    secretfs_proto::v1::Refusal {
+        at_ms: r
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0),
+        pid: r.pid,
+        uid: r.uid,
+        cgroup: r.cgroup.unwrap_or_default(),
+        path: r.path,
+        reason: r.reason.to_string(),
     }
 }
 
@@ -322,7 +351,7 @@ struct FirstSync {
 async fn first_sync(opts: &MountOptions) -> Result<FirstSync, MountError> {
     let server = opts.connect.server.clone();
     let deadline = Instant::now() + opts.start_timeout;
-    let mut backoff = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let mut reason = String::from("no answer");
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -343,8 +372,7 @@ async fn first_sync(opts: &MountOptions) -> Result<FirstSync, MountError> {
             Err(_) => continue, // deadline hit mid-attempt: report on the next turn
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::sleep(backoff.min(left)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay().min(left)).await;
     }
 }
 
@@ -413,10 +441,9 @@ fn is_tls_failure(reason: &str) -> bool {
 
 /// Keeps secrets out of core dumps and away from ptrace by other users.
 fn forbid_core_dumps() {
-    // SAFETY: prctl with integer arguments has no memory effects.
-    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mark the process non-dumpable");
+    use rustix::process::{set_dumpable_behavior, DumpableBehavior};
+    if let Err(error) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(%error, "cannot mark the process non-dumpable");
     }
 }
 

@@ -9,7 +9,6 @@
 //! - `AutoUnmount` needs `fusermount3`; never used. As root fuser mounts with
 //!   mount(2) directly.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -47,8 +46,7 @@ pub fn check_fuse() -> Result<(), MountError> {
             )))
         }
     }
-    // SAFETY: no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !rustix::process::geteuid().is_root() {
         return Err(MountError::FuseUnavailable(
             "mounting needs root (CAP_SYS_ADMIN): run the mount as root; it serves the files \
              to other users itself (allow_other)"
@@ -116,28 +114,20 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
 
 /// The errno of statfs(2) on `path`, if it fails.
 fn statfs_errno(path: &Path) -> Option<i32> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: `c` is a valid C string and `buf` is large enough for statfs.
-    let rc = unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
-    (rc != 0).then(|| io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    rustix::fs::statfs(path).err().map(|e| e.raw_os_error())
 }
 
 /// Whether /proc/self/mountinfo lists a secretfs mount at `path`.
 fn is_secretfs_mount(path: &Path) -> bool {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(mounts) = procfs::process::Process::myself().and_then(|p| p.mountinfo()) else {
         return false;
     };
     let want = path.as_os_str().as_bytes();
-    info.lines().any(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            return false;
-        };
-        let mountpoint = fields.get(4).map(|m| unescape_mountinfo(m));
-        let fstype = fields.get(sep + 1).copied().unwrap_or("");
-        let source = fields.get(sep + 2).copied().unwrap_or("");
-        mountpoint.as_deref() == Some(want) && fstype.starts_with("fuse") && source == FS_NAME
+    mounts.into_iter().any(|m| {
+        // procfs 0.18 hands the mount point over with its escapes intact.
+        unescape_mountinfo(&m.mount_point.to_string_lossy()) == want
+            && m.fs_type.starts_with("fuse")
+            && m.mount_source.as_deref() == Some(FS_NAME)
     })
 }
 
@@ -163,11 +153,7 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 }
 
 fn detach(path: &Path) -> io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)?;
     Ok(())
 }
 

@@ -1,140 +1,56 @@
-//! Least privilege after mounting: keep only the capabilities the mount still
-//! needs, drop every other one (effective, permitted, inheritable, ambient
-//! and, when we may, the bounding set) and set no_new_privs.
+//! Least privilege for the mount process: keep only the capabilities the
+//! mount needs, drop every other one (effective, permitted, inheritable,
+//! ambient and, when we may, the bounding set) and set no_new_privs.
 //!
-//! What the mount needs once the FUSE session is up (measured on Linux 6.18,
-//! see docs/containers.md):
-//! - `CAP_SYS_ADMIN`: `umount2` of its own mount at shutdown.
-//! - `CAP_IPC_LOCK`: `mlock` of secrets that arrive later, beyond
-//!   `RLIMIT_MEMLOCK` (8 MiB by default).
+//! What the mount needs (measured on Linux 6.18, see docs/containers.md):
+//! - `CAP_SYS_ADMIN`: mount(2), and `umount2` of its own mount at shutdown.
+//! - `CAP_IPC_LOCK`: `mlock` of secrets beyond `RLIMIT_MEMLOCK` (8 MiB by
+//!   default).
 //! - Nothing for the caller check: `/proc/PID/cgroup` and `/proc/PID/stat`
 //!   are mode 0444 and readable for every process, other users' and
 //!   non-dumpable ones included. (`CAP_SYS_PTRACE` would only matter for
 //!   `/proc/PID/ns/*`, which we do not read, or a `/proc` mounted with
 //!   `hidepid=`; use its `gid=` option instead.)
-//! - Nothing for serving FUSE or the server connection: the `/dev/fuse`
-//!   descriptor is already open and the certificate and key were read at
-//!   start.
+//! - Nothing for serving FUSE or the server connection.
 //!
-//! Capabilities and no_new_privs belong to each thread, not the process, and
-//! the mount has tokio's and fuser's threads by the time it drops. Like
-//! glibc's `setuid` (and libpsx), [`drop_privileges`] makes every thread do
-//! it: a signal to each thread whose handler makes the same raw syscalls,
-//! then a check of every thread's `/proc/self/task/TID/status`.
+//! Capabilities and no_new_privs belong to each thread, and a new thread
+//! copies its creator's. So [`drop_privileges`] runs while the process has
+//! one thread (`secretfs mount` calls it before it builds its async
+//! runtime) and refuses otherwise; every later thread inherits the dropped
+//! sets. Once mounted, [`verify_every_thread`] reads each thread's
+//! `/proc/self/task/TID/status` and the mount stops if one holds anything
+//! else.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use caps::{CapSet, CapsHashSet};
+use procfs::process::Process;
 
-macro_rules! caps {
-    ($($variant:ident = $num:literal, $name:literal;)*) => {
-        /// A Linux capability.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        #[repr(u8)]
-        pub enum Cap {
-            $($variant = $num,)*
-        }
+pub use caps::Capability;
 
-        impl Cap {
-            /// Every capability this code knows, in number order.
-            pub const ALL: &'static [Cap] = &[$(Cap::$variant,)*];
-
-            /// The kernel's name, `CAP_SYS_ADMIN`.
-            pub fn name(self) -> &'static str {
-                match self {
-                    $(Cap::$variant => $name,)*
-                }
-            }
-        }
-    };
-}
-
-caps! {
-    Chown = 0, "CAP_CHOWN";
-    DacOverride = 1, "CAP_DAC_OVERRIDE";
-    DacReadSearch = 2, "CAP_DAC_READ_SEARCH";
-    Fowner = 3, "CAP_FOWNER";
-    Fsetid = 4, "CAP_FSETID";
-    Kill = 5, "CAP_KILL";
-    Setgid = 6, "CAP_SETGID";
-    Setuid = 7, "CAP_SETUID";
-    Setpcap = 8, "CAP_SETPCAP";
-    LinuxImmutable = 9, "CAP_LINUX_IMMUTABLE";
-    NetBindService = 10, "CAP_NET_BIND_SERVICE";
-    NetBroadcast = 11, "CAP_NET_BROADCAST";
-    NetAdmin = 12, "CAP_NET_ADMIN";
-    NetRaw = 13, "CAP_NET_RAW";
-    IpcLock = 14, "CAP_IPC_LOCK";
-    IpcOwner = 15, "CAP_IPC_OWNER";
-    SysModule = 16, "CAP_SYS_MODULE";
-    SysRawio = 17, "CAP_SYS_RAWIO";
-    SysChroot = 18, "CAP_SYS_CHROOT";
-    SysPtrace = 19, "CAP_SYS_PTRACE";
-    SysPacct = 20, "CAP_SYS_PACCT";
-    SysAdmin = 21, "CAP_SYS_ADMIN";
-    SysBoot = 22, "CAP_SYS_BOOT";
-    SysNice = 23, "CAP_SYS_NICE";
-    SysResource = 24, "CAP_SYS_RESOURCE";
-    SysTime = 25, "CAP_SYS_TIME";
-    SysTtyConfig = 26, "CAP_SYS_TTY_CONFIG";
-    Mknod = 27, "CAP_MKNOD";
-    Lease = 28, "CAP_LEASE";
-    AuditWrite = 29, "CAP_AUDIT_WRITE";
-    AuditControl = 30, "CAP_AUDIT_CONTROL";
-    Setfcap = 31, "CAP_SETFCAP";
-    MacOverride = 32, "CAP_MAC_OVERRIDE";
-    MacAdmin = 33, "CAP_MAC_ADMIN";
-    Syslog = 34, "CAP_SYSLOG";
-    WakeAlarm = 35, "CAP_WAKE_ALARM";
-    BlockSuspend = 36, "CAP_BLOCK_SUSPEND";
-    AuditRead = 37, "CAP_AUDIT_READ";
-    Perfmon = 38, "CAP_PERFMON";
-    Bpf = 39, "CAP_BPF";
-    CheckpointRestore = 40, "CAP_CHECKPOINT_RESTORE";
-}
-
-impl Cap {
-    fn bit(self) -> u64 {
-        1 << (self as u8)
-    }
-}
-
-/// What the mount keeps after mounting (see the module comment).
-pub const MOUNT_KEEPS: &[Cap] = &[Cap::SysAdmin, Cap::IpcLock];
+/// What the mount keeps (see the module comment).
+pub const MOUNT_KEEPS: &[Capability] = &[Capability::CAP_SYS_ADMIN, Capability::CAP_IPC_LOCK];
 
 /// What [`drop_privileges`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DroppedReport {
     /// Asked for and held: still permitted and effective.
-    pub kept: Vec<Cap>,
+    pub kept: Vec<Capability>,
     /// Asked for but not held to begin with (the service manager did not
     /// grant them); the mount carries on without.
-    pub not_held: Vec<Cap>,
+    pub not_held: Vec<Capability>,
     /// Held before, gone now.
-    pub dropped: Vec<Cap>,
+    pub dropped: Vec<Capability>,
     /// Whether the bounding set was cut to `kept` too (needs CAP_SETPCAP;
     /// without it no_new_privs alone stops an exec from regaining anything).
     pub bounding_set_dropped: bool,
-    /// How many threads were changed (all of the process's).
-    pub threads: usize,
 }
 
 impl std::fmt::Display for DroppedReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names = |caps: &[Cap]| {
-            if caps.is_empty() {
-                "none".to_owned()
-            } else {
-                caps.iter().map(|c| c.name()).collect::<Vec<_>>().join(",")
-            }
-        };
         write!(
             f,
-            "kept {}; dropped {} capabilities; no_new_privs set on {} threads{}",
+            "kept {}; dropped {} capabilities; no_new_privs set{}",
             names(&self.kept),
             self.dropped.len(),
-            self.threads,
             if self.bounding_set_dropped {
                 ""
             } else {
@@ -152,348 +68,132 @@ impl std::fmt::Display for DroppedReport {
 #[non_exhaustive]
 pub enum PrivilegeError {
     #[error("cannot read this process's capabilities: {0}")]
-    Read(std::io::Error),
-    #[error("cannot drop capabilities in thread {tid}: {error}")]
-    Drop { tid: i32, error: std::io::Error },
-    #[error("thread {0} did not drop its capabilities within 5 s (is signal {1} blocked?)")]
-    Unresponsive(i32, i32),
-    #[error("signal {0} already has a handler; cannot broadcast the capability drop")]
-    SignalInUse(i32),
-    #[error("thread {tid} still holds {what} after the drop")]
-    Incomplete { tid: i32, what: String },
+    Read(String),
+    #[error(
+        "capabilities must be dropped while the process has one thread, but it has {0}: \
+         drop them first thing in main, before any runtime or thread starts"
+    )]
+    Threads(usize),
+    #[error("cannot drop capabilities: {0}")]
+    Drop(String),
+    #[error(
+        "thread {tid} holds {what}, not just {kept}: a thread kept privileges it should \
+         have dropped; refusing to serve"
+    )]
+    Differs {
+        tid: i32,
+        what: String,
+        kept: String,
+    },
 }
 
-// Shared with the signal handler: what to do, and each thread's answer.
-const SLOTS: usize = 4096;
-static KEEP: AtomicU64 = AtomicU64::new(0);
-static DROP_BOUNDING: AtomicBool = AtomicBool::new(false);
-static TIDS: [AtomicI32; SLOTS] = [const { AtomicI32::new(0) }; SLOTS];
-/// 0: pending; 1: done; negative: -errno.
-static RESULTS: [AtomicI32; SLOTS] = [const { AtomicI32::new(0) }; SLOTS];
-/// One drop at a time.
-static BUSY: Mutex<()> = Mutex::new(());
+/// Keeps `keep` (those of them held now), drops every other capability
+/// and sets no_new_privs. Call it while the process has one thread.
+pub fn drop_privileges(keep: &[Capability]) -> Result<DroppedReport, PrivilegeError> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(PrivilegeError::Threads(threads));
+    }
+    let read = |set| caps::read(None, set).map_err(|e| PrivilegeError::Read(e.to_string()));
+    let failed = |e: caps::errors::CapsError| PrivilegeError::Drop(e.to_string());
+    let held = read(CapSet::Permitted)?;
+    let want: CapsHashSet = keep.iter().copied().collect();
+    let kept: CapsHashSet = held.intersection(&want).copied().collect();
+    let bounding = read(CapSet::Effective)?.contains(&Capability::CAP_SETPCAP);
+    if bounding {
+        for cap in read(CapSet::Bounding)?.difference(&kept) {
+            caps::drop(None, CapSet::Bounding, *cap).map_err(failed)?;
+        }
+    }
+    // Kernels before 4.3 have no ambient set: nothing to clear.
+    if caps::runtime::ambient_set_supported().is_ok() {
+        caps::clear(None, CapSet::Ambient).map_err(failed)?;
+    }
+    caps::clear(None, CapSet::Inheritable).map_err(failed)?;
+    // Effective first: it must stay within the permitted set.
+    caps::set(None, CapSet::Effective, &kept).map_err(failed)?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(failed)?;
+    rustix::thread::set_no_new_privs(true).map_err(|e| PrivilegeError::Drop(e.to_string()))?;
 
-fn broadcast_signal() -> i32 {
-    libc::SIGRTMAX() - 2
-}
-
-/// Keeps `keep` (those of them held now), drops every other capability in
-/// every thread of this process, and sets no_new_privs. Call it once the
-/// mount is up.
-pub fn drop_privileges(keep: &[Cap]) -> Result<DroppedReport, PrivilegeError> {
-    let _busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
-    let before = read_caps().map_err(PrivilegeError::Read)?;
-    let want: u64 = keep.iter().fold(0, |m, c| m | c.bit());
-    let bounding = before.effective & Cap::Setpcap.bit() != 0;
-    KEEP.store(want, Ordering::SeqCst);
-    DROP_BOUNDING.store(bounding, Ordering::SeqCst);
-
-    let threads = {
-        let _handler = HandlerGuard::install()?;
-        every_other_thread()?
-    } + 1;
-    // SAFETY: plain syscalls on this thread.
-    unsafe { apply_to_this_thread(want, bounding) }.map_err(|errno| PrivilegeError::Drop {
-        tid: gettid(),
-        error: std::io::Error::from_raw_os_error(errno),
-    })?;
-    verify_all_threads(want & before.permitted, bounding)?;
-
-    let held = before.permitted;
-    let collect =
-        |pred: &dyn Fn(Cap) -> bool| Cap::ALL.iter().copied().filter(|&c| pred(c)).collect();
-    Ok(DroppedReport {
-        kept: collect(&|c| want & c.bit() != 0 && held & c.bit() != 0),
-        not_held: collect(&|c| want & c.bit() != 0 && held & c.bit() == 0),
-        dropped: collect(&|c| want & c.bit() == 0 && held & c.bit() != 0),
+    let report = DroppedReport {
+        kept: sorted(kept.iter()),
+        not_held: sorted(want.difference(&held)),
+        dropped: sorted(held.difference(&kept)),
         bounding_set_dropped: bounding,
-        threads,
-    })
-}
-
-/// Signals every thread but this one until a pass over
-/// `/proc/self/task` finds none left: a thread made meanwhile by a thread
-/// not yet done shows up in the next pass; one made by a thread already
-/// done inherits the dropped set. Returns how many threads were changed.
-fn every_other_thread() -> Result<usize, PrivilegeError> {
-    let me = gettid();
-    let signal = broadcast_signal();
-    let mut done: HashSet<i32> = HashSet::from([me]);
-    loop {
-        let fresh: Vec<i32> = list_threads()
-            .map_err(PrivilegeError::Read)?
-            .into_iter()
-            .filter(|t| !done.contains(t))
-            .collect();
-        if fresh.is_empty() {
-            return Ok(done.len() - 1);
-        }
-        for chunk in fresh.chunks(SLOTS) {
-            for slot in TIDS.iter() {
-                slot.store(0, Ordering::SeqCst);
-            }
-            for (i, &tid) in chunk.iter().enumerate() {
-                RESULTS[i].store(0, Ordering::SeqCst);
-                TIDS[i].store(tid, Ordering::SeqCst);
-            }
-            for (i, &tid) in chunk.iter().enumerate() {
-                // SAFETY: tgkill with our own pid and a tid read from /proc.
-                let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, signal) };
-                if rc != 0 {
-                    // ESRCH: the thread ended; nothing left to change.
-                    RESULTS[i].store(1, Ordering::SeqCst);
-                }
-            }
-            let start = Instant::now();
-            for (i, &tid) in chunk.iter().enumerate() {
-                loop {
-                    match RESULTS[i].load(Ordering::SeqCst) {
-                        1 => break,
-                        0 => {}
-                        errno => {
-                            return Err(PrivilegeError::Drop {
-                                tid,
-                                error: std::io::Error::from_raw_os_error(-errno),
-                            })
-                        }
-                    }
-                    if !std::path::Path::new(&format!("/proc/self/task/{tid}")).exists() {
-                        break;
-                    }
-                    if start.elapsed() > Duration::from_secs(5) {
-                        return Err(PrivilegeError::Unresponsive(tid, signal));
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-            for slot in TIDS.iter().take(chunk.len()) {
-                slot.store(0, Ordering::SeqCst);
-            }
-            done.extend(chunk);
-        }
-    }
-}
-
-/// Our handler on the broadcast signal while the drop runs; the previous
-/// (default) disposition comes back on drop.
-struct HandlerGuard {
-    old: libc::sigaction,
-}
-
-impl HandlerGuard {
-    fn install() -> Result<HandlerGuard, PrivilegeError> {
-        let signal = broadcast_signal();
-        // SAFETY: sigaction with zeroed, then filled, structs; the handler
-        // only makes async-signal-safe raw syscalls and atomic stores.
-        unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(signal, std::ptr::null(), &mut old) != 0 {
-                return Err(PrivilegeError::Read(std::io::Error::last_os_error()));
-            }
-            if old.sa_sigaction != libc::SIG_DFL {
-                return Err(PrivilegeError::SignalInUse(signal));
-            }
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(signal, &action, std::ptr::null_mut()) != 0 {
-                return Err(PrivilegeError::Read(std::io::Error::last_os_error()));
-            }
-            Ok(HandlerGuard { old })
-        }
-    }
-}
-
-impl Drop for HandlerGuard {
-    fn drop(&mut self) {
-        // SAFETY: restores the disposition read in install().
-        unsafe { libc::sigaction(broadcast_signal(), &self.old, std::ptr::null_mut()) };
-    }
-}
-
-extern "C" fn on_signal(_signal: libc::c_int) {
-    // SAFETY: errno is thread-local; we put it back as we found it. The
-    // rest is raw syscalls and atomics, all async-signal-safe.
-    unsafe {
-        let errno = *libc::__errno_location();
-        let tid = gettid();
-        let result = match apply_to_this_thread(
-            KEEP.load(Ordering::SeqCst),
-            DROP_BOUNDING.load(Ordering::SeqCst),
-        ) {
-            Ok(()) => 1,
-            Err(e) => -e.max(1),
-        };
-        if let Some(i) = TIDS.iter().position(|t| t.load(Ordering::SeqCst) == tid) {
-            RESULTS[i].store(result, Ordering::SeqCst);
-        }
-        *libc::__errno_location() = errno;
-    }
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_VERSION_3: u32 = 0x2008_0522;
-
-/// This thread's sets, as 64-bit masks.
-#[derive(Debug, Clone, Copy)]
-struct CapSets {
-    effective: u64,
-    permitted: u64,
-}
-
-fn read_caps() -> std::io::Result<CapSets> {
-    let mut header = CapHeader {
-        version: CAP_VERSION_3,
-        pid: 0,
     };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: capget with a v3 header and room for two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let join = |lo: u32, hi: u32| u64::from(lo) | (u64::from(hi) << 32);
-    Ok(CapSets {
-        effective: join(data[0].effective, data[1].effective),
-        permitted: join(data[0].permitted, data[1].permitted),
-    })
+    verify_every_thread(&report)?;
+    Ok(report)
 }
 
-/// The drop, on the calling thread only. Raw syscalls only: this runs in a
-/// signal handler. Err(errno).
-unsafe fn apply_to_this_thread(keep: u64, drop_bounding: bool) -> Result<(), i32> {
-    let errno = || *libc::__errno_location();
-    if drop_bounding {
-        // Up to the kernel's last capability: CAPBSET_READ fails past it.
-        for cap in 0..64u64 {
-            let held = libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0);
-            if held < 0 {
-                break;
-            }
-            if held == 1
-                && keep & (1 << cap) == 0
-                && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
-            {
-                return Err(errno());
-            }
-        }
-    }
-    // Kernels before 4.3 have no ambient set (EINVAL): nothing to clear.
-    if libc::prctl(
-        libc::PR_CAP_AMBIENT,
-        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-        0,
-        0,
-        0,
-    ) != 0
-        && errno() != libc::EINVAL
-    {
-        return Err(errno());
-    }
-    let mut header = CapHeader {
-        version: CAP_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
-        return Err(errno());
-    }
-    for (i, d) in data.iter_mut().enumerate() {
-        let keep_half = (keep >> (32 * i)) as u32;
-        d.permitted &= keep_half;
-        d.effective = d.permitted;
-        d.inheritable = 0;
-    }
-    if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
-        return Err(errno());
-    }
-    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-        return Err(errno());
-    }
-    Ok(())
-}
-
-fn gettid() -> i32 {
-    // SAFETY: no arguments, cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
-}
-
-fn list_threads() -> std::io::Result<Vec<i32>> {
-    Ok(std::fs::read_dir("/proc/self/task")?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect())
-}
-
-/// The sets of one thread as `/proc/self/task/TID/status` shows them.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct ThreadStatus {
-    inheritable: u64,
-    permitted: u64,
-    effective: u64,
-    bounding: u64,
-    ambient: u64,
-    no_new_privs: bool,
-}
-
-fn thread_status(tid: i32) -> std::io::Result<ThreadStatus> {
-    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))?;
-    let mut s = ThreadStatus::default();
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else {
+/// Checks that every thread of this process holds exactly what `report`
+/// kept (no more in its bounding set when that was cut), nothing
+/// inheritable or ambient, and no_new_privs. Returns how many threads
+/// were checked.
+pub fn verify_every_thread(report: &DroppedReport) -> Result<usize, PrivilegeError> {
+    let kept = mask(&report.kept);
+    let tasks = Process::myself()
+        .and_then(|p| p.tasks())
+        .map_err(|e| PrivilegeError::Read(e.to_string()))?;
+    let mut checked = 0;
+    // A thread that ends meanwhile has nothing left to check.
+    for task in tasks.flatten() {
+        let Ok(s) = task.status() else {
             continue;
         };
-        let hex = || u64::from_str_radix(value.trim(), 16).unwrap_or(u64::MAX);
-        match key {
-            "CapInh" => s.inheritable = hex(),
-            "CapPrm" => s.permitted = hex(),
-            "CapEff" => s.effective = hex(),
-            "CapBnd" => s.bounding = hex(),
-            "CapAmb" => s.ambient = hex(),
-            "NoNewPrivs" => s.no_new_privs = value.trim() == "1",
-            _ => {}
+        let differs = |what: String| PrivilegeError::Differs {
+            tid: task.tid,
+            what,
+            kept: names(&report.kept),
+        };
+        if s.capeff != kept || s.capprm != kept {
+            return Err(differs(format!(
+                "permitted {:#x}, effective {:#x}",
+                s.capprm, s.capeff
+            )));
         }
+        if s.capinh != 0 || s.capamb.unwrap_or(0) != 0 {
+            return Err(differs("inheritable or ambient capabilities".into()));
+        }
+        if report.bounding_set_dropped && s.capbnd.unwrap_or(u64::MAX) & !kept != 0 {
+            return Err(differs(format!(
+                "bounding set {:#x}",
+                s.capbnd.unwrap_or(u64::MAX)
+            )));
+        }
+        if s.nonewprivs != Some(1) {
+            return Err(differs("no no_new_privs".into()));
+        }
+        checked += 1;
     }
-    Ok(s)
+    Ok(checked)
 }
 
-/// Every thread holds exactly `kept`, and has no_new_privs.
-fn verify_all_threads(kept: u64, bounding: bool) -> Result<(), PrivilegeError> {
-    for tid in list_threads().map_err(PrivilegeError::Read)? {
-        let Ok(s) = thread_status(tid) else {
-            continue; // ended meanwhile
-        };
-        let bad = |what: String| Err(PrivilegeError::Incomplete { tid, what });
-        if s.permitted & !kept != 0 || s.effective & !kept != 0 {
-            return bad(format!(
-                "permitted {:#x}, effective {:#x}",
-                s.permitted, s.effective
-            ));
-        }
-        if s.inheritable != 0 || s.ambient != 0 {
-            return bad("inheritable or ambient capabilities".into());
-        }
-        if bounding && s.bounding & !kept != 0 {
-            return bad(format!("bounding set {:#x}", s.bounding));
-        }
-        if !s.no_new_privs {
-            return bad("no no_new_privs".into());
-        }
+fn thread_count() -> Result<usize, PrivilegeError> {
+    Process::myself()
+        .and_then(|p| p.tasks())
+        .map(|tasks| tasks.count())
+        .map_err(|e| PrivilegeError::Read(e.to_string()))
+}
+
+fn sorted<'a>(caps: impl Iterator<Item = &'a Capability>) -> Vec<Capability> {
+    let mut v: Vec<Capability> = caps.copied().collect();
+    v.sort_by_key(|c| c.index());
+    v
+}
+
+fn mask(caps: &[Capability]) -> u64 {
+    caps.iter().fold(0, |m, c| m | c.bitmask())
+}
+
+fn names(caps: &[Capability]) -> String {
+    if caps.is_empty() {
+        "none".to_owned()
+    } else {
+        caps.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -501,21 +201,27 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::FromRawFd;
+    use std::time::Duration;
 
-    /// Runs `f` in a forked child so that this test process keeps its own
-    /// privileges; returns the child's verdict. Bounded to 30 s.
+    use procfs::process::Status;
+
+    /// Runs `f` in a forked child, which has one thread and leaves this
+    /// test process its own privileges; returns the child's verdict.
+    /// Bounded to 30 s.
     fn in_child(f: impl FnOnce() -> Result<String, String>) -> Result<String, String> {
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+        assert!(
+            rustix::process::geteuid().is_root(),
             "the privilege tests need root (they drop capabilities in a child)"
         );
         let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: the child only runs `f` and exits with _exit.
+        // SAFETY: the child only runs `f` and leaves with _exit, never
+        // returning into the test harness.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
+            // SAFETY: the read end is ours to close in the child.
             unsafe { libc::close(fds[0]) };
             let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
                 .unwrap_or_else(|_| Err("the child panicked".into()));
@@ -523,11 +229,14 @@ mod tests {
                 Ok(s) => format!("ok:{s}"),
                 Err(e) => format!("err:{e}"),
             };
+            // SAFETY: `text` is valid for its length; _exit ends the child
+            // without running the parent's destructors or atexit handlers.
             unsafe {
                 libc::write(fds[1], text.as_ptr().cast(), text.len());
                 libc::_exit(0);
             }
         }
+        // SAFETY: the write end belongs to the child now.
         unsafe { libc::close(fds[1]) };
         let mut pfd = libc::pollfd {
             fd: fds[0],
@@ -535,14 +244,18 @@ mod tests {
             revents: 0,
         };
         // Wait for the child's answer (EOF comes when it exits).
+        // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut pfd, 1, 30_000) };
         if ready <= 0 {
+            // SAFETY: our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         let mut text = String::new();
+        // SAFETY: the read end is open and owned by nothing else.
         let mut pipe = unsafe { std::fs::File::from_raw_fd(fds[0]) };
         let _ = pipe.read_to_string(&mut text);
         let mut status = 0;
+        // SAFETY: reaps our own child into a local.
         unsafe { libc::waitpid(pid, &mut status, 0) };
         match text.split_once(':') {
             Some(("ok", s)) => Ok(s.to_owned()),
@@ -562,12 +275,35 @@ mod tests {
         };
     }
 
-    fn all_threads() -> Vec<ThreadStatus> {
-        list_threads()
+    fn this_thread() -> Status {
+        Process::myself()
             .unwrap()
-            .into_iter()
-            .filter_map(|t| thread_status(t).ok())
+            .task_from_tid(rustix::thread::gettid().as_raw_nonzero().get())
+            .unwrap()
+            .status()
+            .unwrap()
+    }
+
+    fn all_threads() -> Vec<Status> {
+        Process::myself()
+            .unwrap()
+            .tasks()
+            .unwrap()
+            .flatten()
+            .filter_map(|t| t.status().ok())
             .collect()
+    }
+
+    /// The sets `/proc` shows, comparable across calls.
+    fn sets(s: &Status) -> (u64, u64, u64, Option<u64>, Option<u64>, Option<u64>) {
+        (
+            s.capinh,
+            s.capprm,
+            s.capeff,
+            s.capbnd,
+            s.capamb,
+            s.nonewprivs,
+        )
     }
 
     /// A fresh directory name for a tmpfs, chosen in the parent.
@@ -578,39 +314,36 @@ mod tests {
     /// Mounts a tmpfs at `dir` (needs CAP_SYS_ADMIN).
     fn tmpfs(dir: &std::path::Path) {
         std::fs::create_dir_all(dir).unwrap();
-        let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-        let rc = unsafe {
-            libc::mount(
-                c"none".as_ptr(),
-                c.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+        rustix::mount::mount(
+            "none",
+            dir,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .unwrap();
     }
 
-    fn umount(dir: &std::path::Path) -> std::io::Result<()> {
-        let c = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
+    fn umount(dir: &std::path::Path) -> rustix::io::Result<()> {
+        rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
     }
+
+    const KEPT: u64 = (1 << 21) | (1 << 14);
 
     #[test]
     fn every_thread_keeps_only_what_the_mount_needs() {
-        let before = thread_status(gettid()).unwrap();
+        let before = sets(&this_thread());
         let mnt = scratch("keep");
         let out = in_child(|| {
-            // Threads that exist before the drop, busy and asleep.
-            let stop = std::sync::Arc::new(AtomicBool::new(false));
+            tmpfs(&mnt);
+            let report = drop_privileges(MOUNT_KEEPS).map_err(|e| e.to_string())?;
+            // Threads started afterwards, busy and asleep, as the runtime's.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let workers: Vec<_> = (0..3)
                 .map(|i| {
                     let stop = stop.clone();
                     std::thread::spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                             if i == 0 {
                                 std::hint::spin_loop();
                             } else {
@@ -620,57 +353,39 @@ mod tests {
                     })
                 })
                 .collect();
-            tmpfs(&mnt);
-            let report = drop_privileges(MOUNT_KEEPS).map_err(|e| e.to_string())?;
-            let want = Cap::SysAdmin.bit() | Cap::IpcLock.bit();
+            let checked = verify_every_thread(&report).map_err(|e| e.to_string())?;
+            ensure!(checked == 4, "checked {checked} threads");
             let threads = all_threads();
-            ensure!(
-                threads.len() == 4,
-                "expected 4 threads, saw {}",
-                threads.len()
-            );
+            ensure!(threads.len() == 4, "saw {} threads", threads.len());
             for s in &threads {
-                ensure!(
-                    s.effective == want && s.permitted == want,
-                    "thread sets: {s:?}"
-                );
-                ensure!(s.bounding == want, "bounding set: {:#x}", s.bounding);
-                ensure!(s.inheritable == 0 && s.ambient == 0, "inh/amb: {s:?}");
-                ensure!(s.no_new_privs, "no_new_privs missing: {s:?}");
+                ensure!(s.capeff == KEPT && s.capprm == KEPT, "{:?}", sets(s));
+                ensure!(s.capbnd == Some(KEPT), "bounding set: {:?}", s.capbnd);
+                ensure!(s.capinh == 0 && s.capamb == Some(0), "{:?}", sets(s));
+                ensure!(s.nonewprivs == Some(1), "no_new_privs missing");
             }
-            ensure!(report.threads == 4, "report: {report:?}");
             ensure!(
-                report.kept == vec![Cap::IpcLock, Cap::SysAdmin],
+                report.kept == vec![Capability::CAP_IPC_LOCK, Capability::CAP_SYS_ADMIN],
                 "{report:?}"
             );
-            ensure!(report.dropped.contains(&Cap::Chown), "{report:?}");
-            ensure!(report.dropped.contains(&Cap::DacOverride), "{report:?}");
-            ensure!(report.bounding_set_dropped, "{report:?}");
-            // A thread started afterwards inherits the dropped sets.
-            let late = std::thread::spawn(|| thread_status(gettid()).unwrap())
-                .join()
-                .unwrap();
             ensure!(
-                late.effective == want && late.no_new_privs,
-                "late: {late:?}"
+                report.dropped.contains(&Capability::CAP_CHOWN),
+                "{report:?}"
             );
+            ensure!(report.bounding_set_dropped, "{report:?}");
             // What was kept works: unmount (CAP_SYS_ADMIN), mlock beyond
             // the 8 MiB limit (CAP_IPC_LOCK).
             umount(&mnt).map_err(|e| format!("umount with CAP_SYS_ADMIN kept: {e}"))?;
             let big = vec![1u8; 16 << 20];
-            let rc = unsafe { libc::mlock(big.as_ptr().cast(), big.len()) };
-            ensure!(
-                rc == 0,
-                "mlock 16 MiB with CAP_IPC_LOCK: {}",
-                std::io::Error::last_os_error()
-            );
+            // SAFETY: `big` is a live allocation of that length.
+            let locked = unsafe { rustix::mm::mlock(big.as_ptr() as *mut _, big.len()) };
+            ensure!(locked.is_ok(), "mlock 16 MiB with CAP_IPC_LOCK: {locked:?}");
             // What was dropped is gone: chown to another user.
             let f = std::env::temp_dir().join(format!("secretfs-priv-f-{}", std::process::id()));
             std::fs::write(&f, b"x").map_err(|e| e.to_string())?;
             let chown = std::os::unix::fs::chown(&f, Some(12345), None);
             let _ = std::fs::remove_file(&f);
             ensure!(chown.is_err(), "chown worked without CAP_CHOWN");
-            stop.store(true, Ordering::Relaxed);
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
             for w in workers {
                 let _ = w.join();
             }
@@ -683,7 +398,57 @@ mod tests {
             "{out}"
         );
         // The test process itself still holds what it held.
-        assert_eq!(thread_status(gettid()).unwrap(), before);
+        assert_eq!(sets(&this_thread()), before);
+    }
+
+    #[test]
+    fn dropping_refuses_once_other_threads_exist() {
+        let out = in_child(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let t = std::thread::spawn(move || {
+                let _ = rx.recv();
+            });
+            let err = drop_privileges(MOUNT_KEEPS).err();
+            drop(tx);
+            let _ = t.join();
+            let text = err.map(|e| e.to_string()).unwrap_or_default();
+            ensure!(text.contains("has 2") && text.contains("main"), "{text}");
+            let s = this_thread();
+            ensure!(s.capbnd != Some(KEPT), "dropped anyway: {:?}", sets(&s));
+            Ok(String::new())
+        });
+        out.unwrap();
+    }
+
+    #[test]
+    fn a_thread_that_differs_is_caught() {
+        let out = in_child(|| {
+            let keep = [
+                Capability::CAP_SYS_ADMIN,
+                Capability::CAP_IPC_LOCK,
+                Capability::CAP_CHOWN,
+            ];
+            let report = drop_privileges(&keep).map_err(|e| e.to_string())?;
+            // A thread that changes its own sets: the check must see it.
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+            let t = std::thread::spawn(move || {
+                let _ = caps::drop(None, CapSet::Effective, Capability::CAP_CHOWN);
+                let _ = ready_tx.send(());
+                let _ = rx.recv();
+            });
+            let _ = ready_rx.recv();
+            let verdict = verify_every_thread(&report);
+            drop(tx);
+            let _ = t.join();
+            let text = verdict.err().map(|e| e.to_string()).unwrap_or_default();
+            ensure!(
+                text.contains("effective") && text.contains("refusing to serve"),
+                "{text}"
+            );
+            Ok(String::new())
+        });
+        out.unwrap();
     }
 
     #[test]
@@ -694,9 +459,12 @@ mod tests {
             // Another user's non-dumpable process: a child that drops to
             // nobody and waits.
             let mut fds = [0; 2];
+            // SAFETY: `fds` has room for two descriptors.
             unsafe { libc::pipe(fds.as_mut_ptr()) };
+            // SAFETY: the grandchild makes raw syscalls only and _exits.
             let target = unsafe { libc::fork() };
             if target == 0 {
+                // SAFETY: plain syscalls on values we own; ends in _exit.
                 unsafe {
                     libc::setgid(65534);
                     libc::setuid(65534);
@@ -707,19 +475,22 @@ mod tests {
                     libc::_exit(0);
                 }
             }
+            // SAFETY: the read end is the grandchild's now.
             unsafe { libc::close(fds[0]) };
             std::thread::sleep(Duration::from_millis(100));
             let report = drop_privileges(&[]).map_err(|e| e.to_string())?;
-            let s = thread_status(gettid()).map_err(|e| e.to_string())?;
+            let s = this_thread();
             ensure!(
-                s.effective == 0 && s.permitted == 0 && s.bounding == 0,
-                "{s:?}"
+                s.capeff == 0 && s.capprm == 0 && s.capbnd == Some(0),
+                "{:?}",
+                sets(&s)
             );
             let cgroup = std::fs::read_to_string(format!("/proc/{target}/cgroup"));
             let stat = std::fs::read_to_string(format!("/proc/{target}/stat"));
             let status = std::fs::read_to_string(format!("/proc/{target}/status"));
             // Without CAP_SYS_ADMIN our own mount can no longer be removed.
             let umount_err = umount(&mnt).err();
+            // SAFETY: closes our write end and reaps our own child.
             unsafe {
                 libc::close(fds[1]);
                 libc::waitpid(target, std::ptr::null_mut(), 0);
@@ -731,11 +502,11 @@ mod tests {
                 "read its status"
             );
             ensure!(
-                umount_err.as_ref().and_then(|e| e.raw_os_error()) == Some(libc::EPERM),
+                umount_err == Some(rustix::io::Errno::PERM),
                 "umount without CAP_SYS_ADMIN: {umount_err:?}"
             );
             ensure!(
-                report.kept.is_empty() && report.dropped.contains(&Cap::SysAdmin),
+                report.kept.is_empty() && report.dropped.contains(&Capability::CAP_SYS_ADMIN),
                 "{report:?}"
             );
             Ok(String::new())
@@ -750,13 +521,24 @@ mod tests {
     fn capabilities_not_held_are_reported_not_invented() {
         let out = in_child(|| {
             // First give up CAP_IPC_LOCK, then ask to keep it.
-            drop_privileges(&[Cap::SysAdmin, Cap::Setpcap]).map_err(|e| e.to_string())?;
+            drop_privileges(&[Capability::CAP_SYS_ADMIN, Capability::CAP_SETPCAP])
+                .map_err(|e| e.to_string())?;
             let report = drop_privileges(MOUNT_KEEPS).map_err(|e| e.to_string())?;
-            ensure!(report.kept == vec![Cap::SysAdmin], "{report:?}");
-            ensure!(report.not_held == vec![Cap::IpcLock], "{report:?}");
-            ensure!(report.dropped == vec![Cap::Setpcap], "{report:?}");
-            let s = thread_status(gettid()).map_err(|e| e.to_string())?;
-            ensure!(s.effective == Cap::SysAdmin.bit(), "{s:?}");
+            ensure!(report.kept == vec![Capability::CAP_SYS_ADMIN], "{report:?}");
+            ensure!(
+                report.not_held == vec![Capability::CAP_IPC_LOCK],
+                "{report:?}"
+            );
+            ensure!(
+                report.dropped == vec![Capability::CAP_SETPCAP],
+                "{report:?}"
+            );
+            let s = this_thread();
+            ensure!(
+                s.capeff == Capability::CAP_SYS_ADMIN.bitmask(),
+                "{:?}",
+                sets(&s)
+            );
             Ok(report.to_string())
         })
         .unwrap();
@@ -767,18 +549,16 @@ mod tests {
     }
 
     #[test]
-    fn cap_numbers_match_the_kernel() {
-        assert_eq!(Cap::ALL.len(), 41);
-        for (i, c) in Cap::ALL.iter().enumerate() {
-            assert_eq!(*c as usize, i, "{}", c.name());
-        }
-        assert_eq!(Cap::SysAdmin.bit(), 1 << 21);
-        // The kernel's own last capability is one we know.
-        let last: usize = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+    fn every_capability_the_kernel_knows_is_known_here() {
+        // Otherwise one could stay in the bounding set unseen.
+        let last: u8 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .unwrap()
             .trim()
             .parse()
             .unwrap();
-        assert!(last < Cap::ALL.len(), "kernel knows capability {last}");
+        let known = caps::all().iter().map(|c| c.index()).max().unwrap();
+        assert!(last <= known, "kernel knows capability {last}");
+        assert_eq!(Capability::CAP_SYS_ADMIN.bitmask(), 1 << 21);
+        assert_eq!(mask(MOUNT_KEEPS), KEPT);
     }
 }

@@ -11,6 +11,7 @@ use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rustix::mm::Advice;
 use zeroize::Zeroize;
 
 /// Logged at most once per process: a refused `mlock` is a host setting, and
@@ -27,8 +28,10 @@ pub struct SecretBytes {
 }
 
 // SAFETY: the buffer is owned exclusively and never mutated after
-// construction (until drop), so sharing `&SecretBytes` across threads is sound.
+// construction (until drop), so moving a `SecretBytes` to another thread is sound.
 unsafe impl Send for SecretBytes {}
+// SAFETY: as above: after construction it is only read, so sharing
+// `&SecretBytes` across threads is sound.
 unsafe impl Sync for SecretBytes {}
 
 impl SecretBytes {
@@ -89,8 +92,9 @@ impl Drop for SecretBytes {
             unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) };
         whole.zeroize();
         if self.locked {
-            // SAFETY: same range that was locked.
-            unsafe { libc::munlock(self.ptr.as_ptr().cast(), self.layout.size()) };
+            // SAFETY: same range that was locked, still ours until the
+            // dealloc below.
+            let _ = unsafe { rustix::mm::munlock(self.ptr.as_ptr().cast(), self.layout.size()) };
         }
         // SAFETY: allocated in `copy_from` with this layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
@@ -98,10 +102,8 @@ impl Drop for SecretBytes {
 }
 
 fn lock(ptr: NonNull<u8>, size: usize) -> bool {
-    // SAFETY: the range is a live allocation we own.
-    let rc = unsafe { libc::mlock(ptr.as_ptr().cast(), size) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    // SAFETY: the range is a live allocation we own; mlock only pins it.
+    if let Err(err) = unsafe { rustix::mm::mlock(ptr.as_ptr().cast(), size) } {
         if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 error = %err,
@@ -118,21 +120,15 @@ fn lock(ptr: NonNull<u8>, size: usize) -> bool {
 /// Keeps the range out of core dumps even if something re-enables dumping
 /// (the process is non-dumpable, see `forbid_core_dumps`).
 fn dont_dump(ptr: NonNull<u8>, size: usize) {
-    // SAFETY: page-aligned range we own; advice only.
-    let rc = unsafe { libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP) };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_DONTDUMP) refused");
+    // SAFETY: page-aligned range we own; this advice changes no contents.
+    let advised = unsafe { rustix::mm::madvise(ptr.as_ptr().cast(), size, Advice::LinuxDontDump) };
+    if let Err(error) = advised {
+        tracing::debug!(%error, "madvise(MADV_DONTDUMP) refused");
     }
 }
 
 fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
+    rustix::param::page_size()
 }
 
 #[cfg(test)]
@@ -148,7 +144,7 @@ mod tests {
         assert_eq!(s.len(), 7);
         assert_ne!(s.len(), 0);
         // Root (these tests' usual user) is not bound by RLIMIT_MEMLOCK.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             assert!(s.locked);
         }
     }

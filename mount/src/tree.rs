@@ -25,11 +25,21 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::secret_bytes::SecretBytes;
 use crate::snapshot::{Fingerprint, Snapshot};
+
+/// The tree, shared by the FUSE threads and the sync loop.
+pub type SharedTree = Arc<Mutex<Tree>>;
+
+/// Locks the shared tree.
+pub fn lock(tree: &SharedTree) -> MutexGuard<'_, Tree> {
+    // A panic inside a FUSE callback must not take the whole mount down
+    // with poisoned-lock panics; the tree's invariants hold between calls.
+    tree.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 pub const ROOT_INO: u64 = 1;
 /// The hidden `.secretfs` folder.
@@ -58,8 +68,6 @@ pub enum FsError {
     NotDir,
     #[error("is a directory")]
     IsDir,
-    #[error("read-only file system")]
-    ReadOnly,
     /// The kernel asked about an inode we no longer have.
     #[error("stale inode")]
     Stale,
@@ -1125,5 +1133,241 @@ mod tests {
         assert_eq!(read_all(&t, old), b"old", "open handle keeps its version");
         let pw = look(&mut t, "db/pw").unwrap().ino;
         assert_eq!(read_all(&t, pw), b"new");
+    }
+}
+
+/// Random sequences of snapshots (renames, rotations, deletions, files
+/// turning into directories and back), with the kernel holding references
+/// to some inodes across them.
+#[cfg(test)]
+mod properties {
+    use std::collections::{BTreeSet, HashMap};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::snapshot::tests::file;
+    use crate::snapshot::SecretFile;
+
+    /// One secret as the server would send it: (id, version, mode, path).
+    type Candidate = (u64, u64, u32, String);
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..=3)
+            .prop_map(|segs| segs.join("/"))
+    }
+
+    fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::vec(
+            (
+                0u64..6,
+                1u64..4,
+                prop::sample::select(vec![0u32, 0o440]),
+                path(),
+            ),
+            0..7,
+        )
+    }
+
+    /// A version's bytes never change: content follows from id and version.
+    fn content(id: u64, version: u64) -> Vec<u8> {
+        format!("secret-{id}-v{version}").into_bytes()
+    }
+
+    fn secret_files(cands: &[Candidate]) -> Vec<SecretFile> {
+        // The server sends each secret once, under one name.
+        let mut seen_ids = HashSet::new();
+        let mut seen_names = HashSet::new();
+        cands
+            .iter()
+            .filter(|(id, _, _, name)| seen_ids.insert(*id) && seen_names.insert(name.clone()))
+            .map(|(id, version, mode, name)| {
+                let mut f = file(*id, *version, name, &content(*id, *version));
+                f.mode = *mode;
+                f
+            })
+            .collect()
+    }
+
+    /// What a walk from the root finds.
+    #[derive(Default)]
+    struct Seen {
+        /// File path -> (ino, parent ino).
+        files: HashMap<String, (u64, u64)>,
+        /// Directory path -> ino ("" is the root).
+        dirs: HashMap<String, u64>,
+    }
+
+    /// Walks every listing, checking each entry against a lookup; the
+    /// lookups count as kernel references, recorded in `held`.
+    fn walk(t: &mut Tree, held: &mut HashMap<u64, u64>) -> Result<Seen, TestCaseError> {
+        let mut seen = Seen::default();
+        seen.dirs.insert(String::new(), ROOT_INO);
+        let mut todo = vec![(String::new(), ROOT_INO)];
+        let mut inos = HashSet::new();
+        while let Some((path, dir)) = todo.pop() {
+            let mut entries = Vec::new();
+            t.readdir(dir, 0, false, |e| {
+                entries.push(e.clone());
+                false
+            })
+            .map_err(|e| TestCaseError::fail(format!("readdir {path:?}: {e}")))?;
+            prop_assert_eq!(&entries[0].name, ".");
+            prop_assert_eq!(&entries[1].name, "..");
+            for e in &entries[2..] {
+                if dir == ROOT_INO && e.name == CONTROL_DIR {
+                    continue;
+                }
+                let attr = t
+                    .lookup(dir, OsStr::new(&e.name))
+                    .map_err(|err| TestCaseError::fail(format!("lookup {}: {err}", e.name)))?;
+                *held.entry(attr.ino).or_default() += 1;
+                prop_assert_eq!(attr, e.attr, "lookup and listing disagree on {}", &e.name);
+                prop_assert!(inos.insert(attr.ino), "inode {} shown twice", attr.ino);
+                let full = if path.is_empty() {
+                    e.name.clone()
+                } else {
+                    format!("{path}/{}", e.name)
+                };
+                match attr.kind {
+                    Kind::Dir => {
+                        prop_assert_eq!(t.read(attr.ino, 0, 1).err(), Some(FsError::IsDir));
+                        seen.dirs.insert(full.clone(), attr.ino);
+                        todo.push((full, attr.ino));
+                    }
+                    Kind::File => {
+                        let listed = t.readdir(attr.ino, 0, false, |_| false);
+                        prop_assert_eq!(listed, Err(FsError::NotDir));
+                        seen.files.insert(full, (attr.ino, dir));
+                    }
+                }
+            }
+        }
+        Ok(seen)
+    }
+
+    fn check_step(
+        t: &mut Tree,
+        snap: &Snapshot,
+        before: &Seen,
+        before_snap: &Snapshot,
+        inval: &[Invalidation],
+        held: &mut HashMap<u64, u64>,
+    ) -> Result<Seen, TestCaseError> {
+        let old_held: Vec<u64> = held.keys().copied().collect();
+        let seen = walk(t, held)?;
+
+        // Exactly the snapshot's files, each with its own bytes and attributes.
+        let shown: BTreeSet<&str> = seen.files.keys().map(String::as_str).collect();
+        let want: BTreeSet<&str> = snap.files().iter().map(|f| f.name.as_str()).collect();
+        prop_assert_eq!(shown, want);
+        for f in snap.files() {
+            let (ino, _) = seen.files[&f.name];
+            let attr = t.getattr(ino).unwrap();
+            prop_assert_eq!(attr.size, f.content.len() as u64);
+            let mode = if f.mode == 0 { DEFAULTS_MODE } else { f.mode };
+            prop_assert_eq!(u32::from(attr.perm), mode);
+            let bytes = t.read(ino, 0, u32::MAX).unwrap().bytes().to_vec();
+            prop_assert_eq!(bytes, content(f.id, f.version));
+            // An unchanged secret keeps its inode (and the kernel its pages).
+            if let Some(old) = before_snap.files().iter().find(|o| o.name == f.name) {
+                if old.fingerprint() == f.fingerprint() {
+                    prop_assert_eq!(Some(ino), before.files.get(&f.name).map(|x| x.0));
+                }
+            }
+        }
+        // A directory keeps its inode while its path exists.
+        for (path, ino) in &seen.dirs {
+            if let Some(old) = before.dirs.get(path) {
+                prop_assert_eq!(old, ino, "directory {:?} changed inode", path);
+            }
+        }
+        // Whatever name now points elsewhere, or nowhere, the kernel hears of.
+        for (path, &(old_ino, parent)) in &before.files {
+            if seen.files.get(path).map(|x| x.0) == Some(old_ino) {
+                continue;
+            }
+            let name = path.rsplit('/').next().unwrap();
+            let told = inval.iter().any(|i| match i {
+                Invalidation::Entry { parent: p, name: n } => *p == parent && n == name,
+                Invalidation::Delete {
+                    parent: p,
+                    child,
+                    name: n,
+                } => *p == parent && *child == old_ino && n == name,
+                Invalidation::Inode { .. } => false,
+            });
+            prop_assert!(told, "{path} changed without an invalidation: {inval:?}");
+        }
+        // An inode the kernel still holds keeps its version after a
+        // rotation, and loses its bytes once its secret leaves the view.
+        let current: HashSet<u64> = seen
+            .files
+            .values()
+            .map(|x| x.0)
+            .chain(seen.dirs.values().copied())
+            .collect();
+        let ids: HashSet<u64> = snap.files().iter().map(|f| f.id).collect();
+        for ino in old_held {
+            if current.contains(&ino) {
+                continue;
+            }
+            let Some(old) = before_snap
+                .files()
+                .iter()
+                .find(|f| before.files.get(&f.name).map(|x| x.0) == Some(ino))
+            else {
+                continue; // a directory, or held from an earlier step
+            };
+            let read = t.read(ino, 0, u32::MAX).map(|r| r.bytes().to_vec());
+            if ids.contains(&old.id) {
+                prop_assert_eq!(read, Ok(content(old.id, old.version)));
+            } else {
+                prop_assert_eq!(read, Err(FsError::Revoked));
+            }
+        }
+        Ok(seen)
+    }
+
+    const DEFAULTS_MODE: u32 = 0o400;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn apply_keeps_the_tree_consistent(
+            steps in prop::collection::vec((candidates(), any::<bool>()), 1..8)
+        ) {
+            let defaults = Defaults { uid: 1000, gid: 2000, mode: DEFAULTS_MODE };
+            let mut t = Tree::new(defaults, UNIX_EPOCH);
+            let mut held: HashMap<u64, u64> = HashMap::new();
+            let mut before = Seen::default();
+            before.dirs.insert(String::new(), ROOT_INO);
+            let mut before_snap = Snapshot::empty();
+            for (cands, forget_first) in steps {
+                if forget_first {
+                    for (ino, n) in held.drain() {
+                        t.forget(ino, n);
+                    }
+                }
+                let shown: HashSet<String> =
+                    before_snap.files().iter().map(|f| f.name.clone()).collect();
+                let snap = Snapshot::build_over(secret_files(&cands), |n| shown.contains(n));
+                let inval = t.apply(&snap, UNIX_EPOCH);
+                let seen = check_step(&mut t, &snap, &before, &before_snap, &inval, &mut held)?;
+                before = seen;
+                before_snap = snap;
+            }
+            // Once the kernel forgets everything, only the current tree is
+            // left: nothing leaks.
+            for (ino, n) in held.drain() {
+                t.forget(ino, n);
+            }
+            let files = before_snap.files().len();
+            prop_assert_eq!(t.inode_count(), 2 + before.dirs.len() + files);
+            // And wiping leaves nothing of any secret.
+            t.wipe(UNIX_EPOCH);
+            prop_assert_eq!(t.inode_count(), 3);
+        }
     }
 }

@@ -11,11 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{INodeNo, Notifier};
 
-use crate::fuse::{lock, SharedTree};
 use crate::snapshot::Snapshot;
 use crate::status::{self, SyncState};
 use crate::sync::{SyncError, SyncEvent};
-use crate::tree::Invalidation;
+use crate::tree::{lock, Invalidation, SharedTree};
 
 pub struct Updater {
     tree: SharedTree,

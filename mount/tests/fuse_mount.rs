@@ -119,6 +119,49 @@ fn serves_rotates_deletes_and_unmounts() {
             errno(fs::set_permissions(dir.join("token"), perms).unwrap_err()),
             erofs
         );
+        // The filesystem implements none of these: the `ro` mount answers.
+        assert_eq!(errno(fs::remove_dir(dir.join("db")).unwrap_err()), erofs);
+        assert_eq!(
+            errno(std::os::unix::fs::symlink("x", dir.join("link")).unwrap_err()),
+            erofs
+        );
+        assert_eq!(
+            errno(fs::hard_link(dir.join("token"), dir.join("hard")).unwrap_err()),
+            erofs
+        );
+        assert_eq!(
+            errno(std::os::unix::fs::chown(dir.join("token"), Some(5), None).unwrap_err()),
+            erofs
+        );
+        let opened = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("db/password"));
+        assert_eq!(errno(opened.unwrap_err()), erofs);
+        let xattr = rustix::fs::setxattr(
+            dir.join("token").as_path(),
+            "user.x",
+            b"v",
+            rustix::fs::XattrFlags::empty(),
+        );
+        assert_eq!(xattr, Err(rustix::io::Errno::ROFS));
+        let times = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+        };
+        let utimes = rustix::fs::utimensat(
+            rustix::fs::CWD,
+            dir.join("token").as_path(),
+            &times,
+            rustix::fs::AtFlags::empty(),
+        );
+        assert_eq!(utimes, Err(rustix::io::Errno::ROFS));
+        assert_eq!(fs::read(dir.join("db/password")).unwrap(), b"old-password");
 
         // Rotation: new opens see the new version, an open handle keeps the old.
         let mut old = fs::File::open(dir.join("db/password")).unwrap();

@@ -1,11 +1,12 @@
 //! `secretfs client …`
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use secretfs_proto::v1;
+// One implementation of "create, never overwrite, with this mode, synced".
+use secretfs_server::state_dir::write_new;
 use serde_json::{json, Value};
 
 use crate::args::{ClientAddArgs, ClientCmd, ConnArgs, Format};
@@ -21,19 +22,6 @@ fn client_json(c: &v1::ClientInfo) -> Value {
         "cert_not_after": if c.cert_not_after == 0 { Value::Null } else { json!(time(c.cert_not_after)) },
         "groups": c.groups,
     })
-}
-
-/// Writes a file that must not exist yet, with `mode`.
-pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The files `client add` writes.

@@ -10,13 +10,36 @@ mod server;
 
 use anyhow::Result;
 
+use secretfs_mount::MountOptions;
+
 use crate::args::{Cli, Command};
 
-pub async fn run(cli: Cli) -> Result<()> {
+/// A command whose part that must run before any thread exists has run.
+pub enum Ready {
+    /// `secretfs mount`: files read, privileges dropped.
+    Mount(MountOptions),
+    Other(Cli),
+}
+
+/// Runs what must happen while the process has one thread, before the
+/// async runtime starts its own.
+pub fn prepare(cli: Cli) -> Result<Ready> {
+    match cli.command {
+        Command::Mount(args) => Ok(Ready::Mount(mount::prepare(&cli.conn, args)?)),
+        _ => Ok(Ready::Other(cli)),
+    }
+}
+
+pub async fn run(ready: Ready) -> Result<()> {
+    let cli = match ready {
+        Ready::Mount(opts) => return mount::run(opts).await,
+        Ready::Other(cli) => cli,
+    };
     let format = cli.output;
     match cli.command {
         Command::Server(cmd) => server::run(cmd, format).await,
-        Command::Mount(args) => mount::run(&cli.conn, args).await,
+        // Normally prepared already; this way only privileges stay put.
+        Command::Mount(args) => mount::run(mount::prepare(&cli.conn, args)?).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Secret(cmd) => secret::run(&cli.conn, cmd, format).await,
         Command::Client(cmd) => client::run(&cli.conn, cmd, format).await,

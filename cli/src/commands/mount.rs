@@ -4,14 +4,18 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use secretfs_mount::{CallerRules, CredentialFiles, MountOptions};
+use secretfs_mount::{CallerRules, CredentialFiles, MountOptions, MOUNT_KEEPS};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::args::{ConnArgs, MountArgs};
 use crate::connect;
 
-pub async fn run(conn: &ConnArgs, args: MountArgs) -> Result<()> {
+/// The part of `secretfs mount` that runs before the async runtime: read
+/// the certificate and key, then drop every capability but the mount's
+/// while this is the only thread (capabilities are per thread, and every
+/// thread made later copies its creator's).
+pub fn prepare(conn: &ConnArgs, args: MountArgs) -> Result<MountOptions> {
     let mut opts = MountOptions::new(&args.mountpoint, connect::config(conn)?);
     opts.default_uid = args.uid;
     opts.default_gid = args.gid;
@@ -44,7 +48,28 @@ pub async fn run(conn: &ConnArgs, args: MountArgs) -> Result<()> {
         .into());
     }
     // This process does nothing but serve the mount: keep only what that needs.
-    opts.drop_privileges = true;
+    opts.privileges = match secretfs_mount::drop_privileges(MOUNT_KEEPS) {
+        Ok(report) => {
+            tracing::info!(%report, "dropped privileges");
+            if !report.not_held.is_empty() {
+                tracing::warn!(
+                    missing = %report.not_held.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+                    "the mount runs without capabilities it uses: grant them to the mount's process \
+                     (AmbientCapabilities= in its systemd unit, or --cap-add for a container)"
+                );
+            }
+            Some(report)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not drop privileges; carrying on with them");
+            None
+        }
+    };
+    Ok(opts)
+}
+
+/// Serves the mount [`prepare`] set up until SIGINT or SIGTERM.
+pub async fn run(opts: MountOptions) -> Result<()> {
     secretfs_mount::run(opts, super::shutdown_signal()).await?;
     Ok(())
 }
