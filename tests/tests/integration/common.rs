@@ -1,7 +1,6 @@
 //! Starts the real `secretfs` binary: a server on a free loopback port in a
 //! fresh state directory, and CLI calls against it as the admin or as any
 //! client. Everything is killed and removed on drop.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -500,10 +499,6 @@ impl TestServer {
 }
 
 impl Mount {
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
@@ -612,10 +607,6 @@ impl OciBundle {
         config["process"]["terminal"] = false.into();
         config["process"]["args"] = args.iter().map(|a| serde_json::Value::from(*a)).collect();
         OciBundle { path, config }
-    }
-
-    pub fn rootfs(&self) -> PathBuf {
-        self.path.join("rootfs")
     }
 
     /// Adds a bind mount of `source` at `destination` with `options`

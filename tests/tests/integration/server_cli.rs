@@ -1,11 +1,9 @@
 //! The server and the operator CLI, end to end: the real binary, a real
 //! mutual-TLS server on loopback, a real SQLite database.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn secret_lifecycle_add_rotate_versions_rollback_delete() {

@@ -1,8 +1,6 @@
 //! The mount end to end: the real binary mounting a real FUSE filesystem
 //! against a real server, read through `std::fs`. Needs root and /dev/fuse.
 
-mod common;
-
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -10,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const FIVE_S: Duration = Duration::from_secs(5);
 

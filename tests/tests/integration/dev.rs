@@ -2,14 +2,12 @@
 //! secret readable through the CLI and through a mount, and Ctrl-C stops
 //! everything cleanly. Run twice: the second run reuses the state.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `secretfs dev` in `dir` until it is ready; returns its output so
 /// far and the child.

@@ -5,14 +5,12 @@
 //! propagation (rslave), reads the secrets through it. The host sees them
 //! too. Needs root, /dev/fuse, runc and busybox-static.
 
-mod common;
-
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A host directory made a shared mount point (the emptyDir of the pod);
 /// unmounted, with whatever propagated into it, on drop.
