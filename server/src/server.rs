@@ -204,6 +204,11 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
+    /// The plain-text health listener's address, when there is one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref()?.local_addr().ok()
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.shared.trust_domain
     }

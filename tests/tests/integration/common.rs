@@ -190,9 +190,12 @@ impl TestServer {
         server
     }
 
-    /// Starts `server run` and waits until it listens.
+    /// Starts `server run` and waits until it listens: the server writes
+    /// its bound address to `--address-file` once it does.
     pub fn restart_on(&mut self, listen: &str) {
         assert!(self.child.is_none(), "server already running");
+        let address_file = self.tmp.path().join("server-address.json");
+        let _ = std::fs::remove_file(&address_file);
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -204,6 +207,8 @@ impl TestServer {
         cmd.args(["server", "run", "--state-dir"])
             .arg(&self.state)
             .args(["--listen", listen])
+            .arg("--address-file")
+            .arg(&address_file)
             .args(&self.extra_args)
             .env("SECRETFS_LOG", "info")
             .stdin(Stdio::null())
@@ -211,34 +216,35 @@ impl TestServer {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn server");
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
         let log = self.log.clone();
+        // Keep draining, so a full pipe never stalls the server.
         std::thread::spawn(move || {
-            let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push_str(&line);
-                log.lock().unwrap().push('\n');
-                if !sent {
-                    if let Some(i) = line.find("addr=") {
-                        let addr = line[i + 5..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("")
-                            .to_owned();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
-                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
             }
         });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => self.addr = addr,
-            Err(_) => {
-                let _ = child.kill();
-                let out = child.wait_with_output();
-                panic!("server did not start: {out:?}\nlog: {}", self.log());
+        let start = Instant::now();
+        self.addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("address file is not JSON ({e}): {text}"));
+                break v["addr"]
+                    .as_str()
+                    .expect("addr in the address file")
+                    .to_owned();
             }
-        }
+            let exited = child.try_wait().expect("wait").is_some();
+            if exited || start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                // Let the log thread take the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("server did not start\nlog: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         self.child = Some(child);
     }
 
