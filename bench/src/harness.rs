@@ -299,7 +299,10 @@ impl Drop for Server {
 
 fn stop_child(mut child: Child, grace: Duration) {
     // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    );
     let start = Instant::now();
     while start.elapsed() < grace {
         if let Ok(Some(_)) = child.try_wait() {
@@ -387,10 +390,7 @@ impl Mount {
             stop_child(child, Duration::from_secs(10));
         }
         if is_mounted(&self.path) {
-            if let Ok(c) = std::ffi::CString::new(self.path.to_string_lossy().as_bytes()) {
-                // SAFETY: valid C string.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            let _ = rustix::mount::unmount(&self.path, rustix::mount::UnmountFlags::DETACH);
         }
     }
 }
@@ -448,8 +448,7 @@ pub fn cpu_ms(pid: u32) -> f64 {
         .iter()
         .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
     ticks * 1e3 / hz
 }
 

@@ -19,6 +19,8 @@
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
 //! - [`names`]: the rules for secret, client and group names.
 
+#![forbid(unsafe_code)]
+
 mod audit_log;
 mod auth_cache;
 pub mod envelope;

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub use rustix::process::Signal;
+
 /// The `secretfs` binary next to this test executable, built on demand.
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -262,7 +264,7 @@ impl TestServer {
         let Some(child) = self.child.take() else {
             return 0;
         };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        signal(&child, Signal::TERM);
         let out = wait_bounded(child, Duration::from_secs(20));
         out.status.code().unwrap_or(-1)
     }
@@ -403,11 +405,22 @@ pub fn require_fuse() {
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: the mount tests need FUSE (run as root with /dev/fuse; see scripts/test.sh)"
     );
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "the mount tests need root (CAP_SYS_ADMIN) to mount FUSE"
     );
+}
+
+/// Sends `sig` to a child that has not been waited for (so its pid is
+/// still its own).
+pub fn signal(child: &Child, sig: Signal) {
+    let pid = rustix::process::Pid::from_child(child);
+    let _ = rustix::process::kill_process(pid, sig);
+}
+
+/// Detaches whatever is mounted at `path` (umount2 with MNT_DETACH).
+pub fn detach(path: &Path) -> rustix::io::Result<()> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -489,9 +502,7 @@ impl TestServer {
                 let _ = child.wait();
                 // Leave no dead mount behind for the next test run.
                 if is_mounted(path) {
-                    let c = std::ffi::CString::new(path.as_os_str().to_string_lossy().as_bytes())
-                        .unwrap();
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                    let _ = detach(path);
                 }
                 panic!(
                     "mount did not come up at {}: {}",
@@ -505,6 +516,10 @@ impl TestServer {
 }
 
 impl Mount {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
@@ -523,19 +538,19 @@ impl Mount {
         let Some(child) = self.child.take() else {
             return 0;
         };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        signal(&child, Signal::TERM);
         let out = wait_bounded(child, Duration::from_secs(20));
         out.status.code().unwrap_or(-1)
     }
 
     pub fn kill9(&mut self) {
-        self.signal_and_wait(libc::SIGKILL);
+        self.signal_and_wait(Signal::KILL);
     }
 
-    /// Sends `signal` and returns how the process ended.
-    pub fn signal_and_wait(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
+    /// Sends `sig` and returns how the process ended.
+    pub fn signal_and_wait(&mut self, sig: Signal) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        unsafe { libc::kill(child.id() as i32, signal) };
+        signal(&child, sig);
         child.wait().ok()
     }
 }
@@ -546,9 +561,7 @@ impl Drop for Mount {
             self.stop();
         }
         if is_mounted(&self.path) {
-            let c =
-                std::ffi::CString::new(self.path.as_os_str().to_string_lossy().as_bytes()).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = detach(&self.path);
         }
     }
 }

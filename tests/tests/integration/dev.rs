@@ -44,7 +44,7 @@ fn start_dev(dir: &Path) -> (std::process::Child, String) {
 
 /// Ctrl-C, then the exit code.
 fn stop(child: std::process::Child) -> i32 {
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(&child, Signal::INT);
     let out = wait_bounded(child, Duration::from_secs(30));
     out.status.code().unwrap_or(-1)
 }

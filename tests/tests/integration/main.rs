@@ -3,6 +3,8 @@
 //! file. Each module is one area of the product, run against the real
 //! `secretfs` binary, a real TLS server and real mounts.
 
+#![deny(unsafe_code)]
+
 mod common;
 
 mod caller;

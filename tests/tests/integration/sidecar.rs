@@ -5,7 +5,6 @@
 //! propagation (rslave), reads the secrets through it. The host sees them
 //! too. Needs root, /dev/fuse, runc and busybox-static.
 
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -39,9 +38,8 @@ impl SharedDir {
 impl Drop for SharedDir {
     fn drop(&mut self) {
         for p in [self.path.join("secrets"), self.path.clone()] {
-            let c = CString::new(p.to_str().unwrap()).unwrap();
             while is_mounted(&p) {
-                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                if detach(&p).is_err() {
                     break;
                 }
             }
