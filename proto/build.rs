@@ -2,6 +2,8 @@
 //! also writes the descriptor set (for server reflection) and the list of
 //! messages that hold no secret content (for the wiping codec).
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 

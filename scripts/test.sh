@@ -29,7 +29,7 @@ if [ ! -e /dev/fuse ]; then
     exit 1
 fi
 
-# tests/tests/grpc_conventions.rs checks the server against a client that is
+# tests/tests/integration/grpc_conventions.rs checks the server against a client that is
 # not ours: Python grpcio, stubs generated from proto/ at run time. Installed
 # with --target into target/python-deps (the test puts it on PYTHONPATH):
 # that needs no venv package and Debian's externally managed Python

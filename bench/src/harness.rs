@@ -89,45 +89,51 @@ impl Server {
 
     /// A server on an existing state directory (made by `init_state`).
     pub fn start_on(env: &Env, dir: PathBuf, state: PathBuf) -> Result<Server> {
+        // The server writes its bound address here once it listens.
+        let address_file = dir.join("server-address.json");
+        let _ = std::fs::remove_file(&address_file);
         let mut child = Command::new(&env.bin)
             .args(["server", "run", "--state-dir"])
             .arg(&state)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--address-file"])
+            .arg(&address_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .context("spawn secretfs server run")?;
         let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = std::sync::mpsc::channel();
         let log_path = dir.join("server.log");
+        // Keep draining, so a full pipe never stalls the server.
         std::thread::spawn(move || {
             let mut log = File::create(log_path).ok();
-            let mut sent = false;
-            // Keep draining after the address, so a full pipe never stalls the server.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(f) = log.as_mut() {
                     let _ = writeln!(f, "{line}");
                 }
-                if !sent {
-                    if let Some(i) = line.find("addr=") {
-                        let addr = line[i + 5..].split_whitespace().next().unwrap_or("");
-                        let _ = tx.send(addr.to_owned());
-                        sent = true;
-                    }
-                }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
+        let start = Instant::now();
+        let addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("the server's address file is not JSON: {text}"))?;
+                match v["addr"].as_str() {
+                    Some(a) => break a.to_owned(),
+                    None => bail!("the server's address file has no addr: {text}"),
+                }
+            }
+            let exited = child.try_wait()?.is_some();
+            if exited || start.elapsed() > Duration::from_secs(60) {
                 let _ = child.kill();
                 let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(50));
                 bail!(
                     "the server did not start; log: {}",
                     std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
                 );
             }
+            std::thread::sleep(Duration::from_millis(10));
         };
         let admin = Identity {
             cert: state.join("admin.pem"),
@@ -293,7 +299,10 @@ impl Drop for Server {
 
 fn stop_child(mut child: Child, grace: Duration) {
     // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    );
     let start = Instant::now();
     while start.elapsed() < grace {
         if let Ok(Some(_)) = child.try_wait() {
@@ -381,10 +390,7 @@ impl Mount {
             stop_child(child, Duration::from_secs(10));
         }
         if is_mounted(&self.path) {
-            if let Ok(c) = std::ffi::CString::new(self.path.to_string_lossy().as_bytes()) {
-                // SAFETY: valid C string.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            let _ = rustix::mount::unmount(&self.path, rustix::mount::UnmountFlags::DETACH);
         }
     }
 }
@@ -442,8 +448,7 @@ pub fn cpu_ms(pid: u32) -> f64 {
         .iter()
         .filter_map(|&i| f.get(i)?.parse::<f64>().ok())
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
     ticks * 1e3 / hz
 }
 

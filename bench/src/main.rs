@@ -3,10 +3,12 @@
 //! baseline measured in the same run.
 //!
 //! - `harness`: starts the real server and mounts, CLI and gRPC helpers.
-//! - `readpath`: libc loops (open+read+close, readdir+stat).
+//! - `readpath`: raw system-call loops (open+read+close, readdir+stat).
 //! - `echo`: the bare tonic echo service with the server's TLS setup.
 //! - `rows`: one module per group of rows.
 //! - `report`, `stats`: the table and the percentiles.
+
+#![forbid(unsafe_code)]
 
 mod echo;
 mod harness;
@@ -78,6 +80,10 @@ enum Helper {
         rounds: u32,
         #[arg(long)]
         expect: usize,
+        /// Move this process into the cgroup of each `cgroup.procs` file
+        /// first (the caller-check row runs the loop as a container's process).
+        #[arg(long)]
+        join_cgroup: Vec<PathBuf>,
     },
 }
 
@@ -175,19 +181,18 @@ fn sh(cmd: &str) -> String {
 fn raise_nofile() {
     // 1,000 watchers and 100 mounts need more descriptors than the usual
     // soft limit; children inherit it.
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            let want = lim.rlim_max.min(65_536);
-            if lim.rlim_cur < want {
-                lim.rlim_cur = want;
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            }
-        }
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // rustix says `None` for RLIM_INFINITY.
+    let lim = getrlimit(Resource::Nofile);
+    let want = lim.maximum.unwrap_or(u64::MAX).min(65_536);
+    if lim.current.unwrap_or(u64::MAX) < want {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(want),
+                maximum: lim.maximum,
+            },
+        );
     }
 }
 
@@ -205,7 +210,15 @@ fn main() -> Result<()> {
             iterations,
             rounds,
             expect,
-        }) => return rows::read::read_loop_child(&fuse, &tmpfs, iterations, rounds, expect),
+            join_cgroup,
+        }) => {
+            // Writing 0 to cgroup.procs moves the writer; a hierarchy
+            // that refuses leaves the loop where it is, as before.
+            for procs in &join_cgroup {
+                let _ = std::fs::write(procs, b"0");
+            }
+            return rows::read::read_loop_child(&fuse, &tmpfs, iterations, rounds, expect);
+        }
         None => {}
     }
     for o in &cli.only {

@@ -1,11 +1,13 @@
-//! File-system loops with plain libc calls, as a C program would make them:
-//! the measurement is the filesystem, not std's wrappers.
+//! File-system loops with raw system calls (through rustix), as a C
+//! program would make them: one open, one read, one close per file, no
+//! buffering: the measurement is the filesystem, not std's wrappers.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use rustix::fs::{open, statat, AtFlags, Dir, Mode, OFlags};
 
 fn cpath(path: &Path) -> CString {
     CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in paths")
@@ -17,39 +19,26 @@ pub fn open_read_close(path: &Path, iterations: u32, expect: usize) -> Result<Du
     let mut buf = vec![0u8; expect + 4096];
     let start = Instant::now();
     for _ in 0..iterations {
-        // SAFETY: valid path and buffer.
-        let n = unsafe {
-            let fd = libc::open(c.as_ptr(), libc::O_RDONLY);
-            if fd < 0 {
-                bail!(
-                    "open {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
-            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
-            libc::close(fd);
-            n
+        let fd = match open(c.as_c_str(), OFlags::RDONLY, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => bail!("open {}: {}", path.display(), std::io::Error::from(e)),
         };
-        if n != expect as isize {
-            bail!("read {} returned {n}, expected {expect}", path.display());
+        let n = rustix::io::read(&fd, &mut buf);
+        drop(fd);
+        match n {
+            Ok(n) if n == expect => {}
+            Ok(n) => bail!("read {} returned {n}, expected {expect}", path.display()),
+            Err(e) => bail!("read {}: {}", path.display(), std::io::Error::from(e)),
         }
     }
     Ok(start.elapsed())
 }
 
-/// One open+read+close; the bytes read, or None when the open fails.
-pub fn read_once(c: &CString, buf: &mut [u8]) -> Option<usize> {
-    // SAFETY: valid path and buffer.
-    unsafe {
-        let fd = libc::open(c.as_ptr(), libc::O_RDONLY);
-        if fd < 0 {
-            return None;
-        }
-        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
-        libc::close(fd);
-        usize::try_from(n).ok()
-    }
+/// One open+read+close; the bytes read, or None when the open or the read
+/// fails.
+pub fn read_once(c: &CStr, buf: &mut [u8]) -> Option<usize> {
+    let fd = open(c, OFlags::RDONLY, Mode::empty()).ok()?;
+    rustix::io::read(&fd, buf).ok()
 }
 
 pub fn c_path(path: &Path) -> CString {
@@ -60,42 +49,27 @@ pub fn c_path(path: &Path) -> CString {
 /// closedir); every pass must see `expect` entries besides `.` and `..`.
 pub fn list_and_stat(dir: &Path, iterations: u32, expect: usize) -> Result<Duration> {
     let c = cpath(dir);
+    let io = |what: &str, e: rustix::io::Errno| {
+        anyhow::anyhow!("{what} {}: {}", dir.display(), std::io::Error::from(e))
+    };
     let start = Instant::now();
     for _ in 0..iterations {
         let mut seen = 0;
-        // SAFETY: valid path; the entry names are NUL-terminated by the kernel.
-        unsafe {
-            let d = libc::opendir(c.as_ptr());
-            if d.is_null() {
-                bail!(
-                    "opendir {}: {}",
-                    dir.display(),
-                    std::io::Error::last_os_error()
-                );
+        // The flags glibc's opendir uses.
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = open(c.as_c_str(), flags, Mode::empty()).map_err(|e| io("opendir", e))?;
+        let mut entries = Dir::new(fd).map_err(|e| io("opendir", e))?;
+        while let Some(entry) = entries.read() {
+            let entry = entry.map_err(|e| io("readdir", e))?;
+            let name = entry.file_name();
+            if name.to_bytes().first() == Some(&b'.') {
+                continue;
             }
-            let fd = libc::dirfd(d);
-            loop {
-                let e = libc::readdir(d);
-                if e.is_null() {
-                    break;
-                }
-                let name = (*e).d_name.as_ptr();
-                if *name == b'.' as libc::c_char {
-                    continue;
-                }
-                let mut st: libc::stat = std::mem::zeroed();
-                if libc::fstatat(fd, name, &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
-                    libc::closedir(d);
-                    bail!(
-                        "stat in {}: {}",
-                        dir.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-                seen += 1;
-            }
-            libc::closedir(d);
+            let dirfd = entries.fd().map_err(|e| io("dirfd", e))?;
+            statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io("stat in", e))?;
+            seen += 1;
         }
+        drop(entries);
         if seen != expect {
             bail!("{} listed {seen} entries, expected {expect}", dir.display());
         }

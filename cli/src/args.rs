@@ -138,6 +138,11 @@ pub struct RunArgs {
     /// handshake is dropped for the newcomer.
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// Once listening, write the bound addresses as JSON to this file,
+    /// {"addr":"HOST:PORT","health_addr":"HOST:PORT"|null} (for scripts and
+    /// supervisors that start the server on port 0). Replaced atomically.
+    #[arg(long, value_name = "PATH")]
+    pub address_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

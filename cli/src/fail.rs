@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use secretfs_proto::channel::ConnectFailure;
 use tonic::Code;
 
 /// A mistake in how the command was called (exit code 2).
@@ -60,25 +61,23 @@ pub fn explain_status(status: &tonic::Status) -> String {
                     .map(|s| format!(": {}", secretfs_proto::channel::error_chain(s)))
                     .unwrap_or_default()
             );
-            let lower = detail.to_ascii_lowercase();
-            if lower.contains("certificate") || lower.contains("handshake") || lower.contains("alert") {
-                format!(
+            match ConnectFailure::classify(status) {
+                ConnectFailure::CertificateRequired | ConnectFailure::BadCertificate => format!(
                     "the server refused this client's TLS certificate ({detail}); check --cert/--key (SECRETFS_CERT/SECRETFS_KEY) \
                      name a certificate issued by this server's CA"
-                )
-            } else if lower.contains("not ready")
-                || lower.contains("connection reset")
-                || lower.contains("connection closed")
-                || lower.contains("broken pipe")
-            {
-                format!(
+                ),
+                ConnectFailure::Closed => format!(
                     "the connection was closed during setup ({detail}); most often the server refused the client certificate: \
                      check --cert/--key name a certificate issued by this server's CA"
-                )
-            } else if status.code() == Code::Unavailable {
-                format!("the server is unavailable ({detail}); is `secretfs server run` up at the address in SECRETFS_SERVER?")
-            } else {
-                detail
+                ),
+                failure @ (ConnectFailure::UnknownIssuer
+                | ConnectFailure::NameMismatch
+                | ConnectFailure::ClientFiles
+                | ConnectFailure::Timeout) => failure.explain(&detail),
+                _ if status.code() == Code::Unavailable => {
+                    format!("the server is unavailable ({detail}); is `secretfs server run` up at the address in SECRETFS_SERVER?")
+                }
+                _ => detail,
             }
         }
         Code::OutOfRange | Code::ResourceExhausted if message.contains("message length too large") => format!(

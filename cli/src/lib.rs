@@ -8,6 +8,8 @@
 //! - `fail`: turning errors into messages that say what to do, and exit codes.
 //! - `commands::*`: one module per command family.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod commands;
 mod connect;

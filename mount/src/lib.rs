@@ -385,7 +385,9 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     let server = cfg.server.clone();
     let channel = match secretfs_proto::connect(cfg).await {
         Ok(c) => c,
-        Err(ChannelError::Connect { reason, .. }) if is_tls_failure(&reason) => {
+        Err(ChannelError::Connect {
+            reason, failure, ..
+        }) if failure.is_tls() => {
             return Err(Attempt::Fatal(MountError::TlsRefused { server, reason }))
         }
         Err(ChannelError::Connect { reason, .. }) => return Err(Attempt::Retry(reason)),
@@ -401,7 +403,7 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
                 message,
             }))
         }
-        Err(SyncError::Unreachable(r)) if is_tls_failure(&r) => {
+        Err(SyncError::TlsRefused(r)) => {
             return Err(Attempt::Fatal(MountError::TlsRefused { server, reason: r }))
         }
         Err(e) => return Err(Attempt::Retry(e.to_string())),
@@ -423,40 +425,10 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     })
 }
 
-/// Certificate trouble shows up as a connect error; waiting will not fix it.
-fn is_tls_failure(reason: &str) -> bool {
-    let r = reason.to_ascii_lowercase();
-    [
-        "certificate",
-        "unknownissuer",
-        "unknown issuer",
-        "unknown ca",
-        "handshake",
-        "alert",
-        "notvalidforname",
-    ]
-    .iter()
-    .any(|k| r.contains(k))
-}
-
 /// Keeps secrets out of core dumps and away from ptrace by other users.
 fn forbid_core_dumps() {
     use rustix::process::{set_dumpable_behavior, DumpableBehavior};
     if let Err(error) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(%error, "cannot mark the process non-dumpable");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tls_failures_are_recognised() {
-        assert!(is_tls_failure("invalid peer certificate: UnknownIssuer"));
-        assert!(is_tls_failure("received fatal alert: BadCertificate"));
-        assert!(!is_tls_failure(
-            "tcp connect error: Connection refused (os error 111)"
-        ));
     }
 }

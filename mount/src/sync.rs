@@ -17,7 +17,7 @@
 
 use std::time::Duration;
 
-use secretfs_proto::channel::error_chain;
+use secretfs_proto::channel::{error_chain, ConnectFailure};
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, WatchEvent, WatchRequest};
 use secretfs_proto::ConnectConfig;
@@ -52,6 +52,9 @@ const CREDENTIAL_POLL: Duration = Duration::from_secs(2);
 pub enum SyncError {
     /// No answer: network, TLS or server down. Keep serving; retry later.
     Unreachable(String),
+    /// As `Unreachable`, with certificate trouble as the cause: at start,
+    /// waiting will not fix it.
+    TlsRefused(String),
     /// The server answered that this client may not read (unknown,
     /// disabled or removed). Its message is passed through.
     Refused(String),
@@ -65,7 +68,9 @@ pub enum SyncError {
 impl std::fmt::Display for SyncError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SyncError::Unreachable(r) => write!(f, "server unreachable: {r}"),
+            SyncError::Unreachable(r) | SyncError::TlsRefused(r) => {
+                write!(f, "server unreachable: {r}")
+            }
             SyncError::Refused(m) => write!(f, "server refused this client: {m}"),
             SyncError::Failed(m) => write!(f, "sync failed: {m}"),
             SyncError::BadEvent(e) => {
@@ -81,7 +86,11 @@ fn classify(status: tonic::Status) -> SyncError {
             SyncError::Refused(status.message().to_owned())
         }
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-            SyncError::Unreachable(error_chain(&status))
+            if ConnectFailure::classify(&status).is_tls() {
+                SyncError::TlsRefused(error_chain(&status))
+            } else {
+                SyncError::Unreachable(error_chain(&status))
+            }
         }
         _ => SyncError::Failed(format!("{:?}: {}", status.code(), status.message())),
     }

@@ -40,7 +40,12 @@ pub enum ChannelError {
     #[error("cannot set up TLS: {0}")]
     Tls(String),
     #[error("cannot connect to {server}: {reason}")]
-    Connect { server: String, reason: String },
+    Connect {
+        server: String,
+        /// What went wrong, with the hint for `failure`.
+        reason: String,
+        failure: ConnectFailure,
+    },
 }
 
 /// Normalises `host:port` to `https://host:port`; refuses plain http.
@@ -69,7 +74,7 @@ fn endpoint(config: &ConnectConfig) -> Result<Endpoint, ChannelError> {
     Endpoint::from_shared(url)
         .map_err(|_| ChannelError::BadAddress(config.server.clone()))?
         .tls_config(tls)
-        .map_err(|e| ChannelError::Tls(error_chain(&e)))
+        .map_err(|e| ChannelError::Tls(ConnectFailure::classify(&e).explain(&error_chain(&e))))
         .map(|ep| {
             ep.connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
@@ -83,9 +88,13 @@ fn endpoint(config: &ConnectConfig) -> Result<Endpoint, ChannelError> {
 /// clear message rather than on the first call.
 pub async fn connect(config: &ConnectConfig) -> Result<Channel, ChannelError> {
     let ep = endpoint(config)?;
-    ep.connect().await.map_err(|e| ChannelError::Connect {
-        server: config.server.clone(),
-        reason: explain_connect_error(&error_chain(&e)),
+    ep.connect().await.map_err(|e| {
+        let failure = ConnectFailure::classify(&e);
+        ChannelError::Connect {
+            server: config.server.clone(),
+            reason: failure.explain(&error_chain(&e)),
+            failure,
+        }
     })
 }
 
@@ -110,39 +119,184 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Turns rustls/hyper wording into advice an operator can act on.
-pub fn explain_connect_error(chain: &str) -> String {
-    let lower = chain.to_ascii_lowercase();
-    let hint = if lower.contains("connection refused") {
-        "nothing listens there; is `secretfs server run` up, and is the address right?"
-    } else if lower.contains("unknownissuer")
-        || lower.contains("unknown issuer")
-        || lower.contains("badsignature")
-    {
-        "the server's certificate is not signed by the CA given with --ca/SECRETFS_CA"
-    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
-        "the server's certificate does not name this host; use the host it was issued for, or re-run `server init --san HOST`"
-    } else if lower.contains("certificate required") || lower.contains("certificaterequired") {
-        "the server wants a client certificate: give --cert/--key or SECRETFS_CERT/SECRETFS_KEY"
-    } else if lower.contains("bad certificate")
-        || lower.contains("badcertificate")
-        || lower.contains("unknown ca")
-    {
-        "the server refused the client certificate: is it issued by this server's CA?"
-    } else if lower.contains("timed out") || lower.contains("deadline") {
-        "no answer in time; check the address and any firewall"
-    } else if lower.contains("private key")
-        || lower.contains("no certificates")
-        || lower.contains("pem")
-    {
-        "the client certificate or key could not be read; check --cert/--key"
-    } else {
-        ""
-    };
-    if hint.is_empty() {
-        chain.to_owned()
-    } else {
-        format!("{chain} ({hint})")
+/// Why a connection (or a call on a new connection) failed, decided once
+/// from the types in the error's source chain. The CLI and the mount act on
+/// this; [`ConnectFailure::hint`] is the advice an operator reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectFailure {
+    /// Nothing listens at the address.
+    Refused,
+    /// The server's certificate is not signed by the CA we were given.
+    UnknownIssuer,
+    /// The server's certificate does not name the host we dialled.
+    NameMismatch,
+    /// The server wants a client certificate and got none.
+    CertificateRequired,
+    /// The server refused our client certificate.
+    BadCertificate,
+    /// No answer in time.
+    Timeout,
+    /// Our own certificate or key cannot be used.
+    ClientFiles,
+    /// The connection was closed or reset while being set up: with TLS
+    /// 1.3 that is most often the server refusing the client certificate
+    /// after the client already thought the handshake done.
+    Closed,
+    Other,
+}
+
+impl ConnectFailure {
+    /// Walks `err` and its sources and classifies by the first error whose
+    /// type says what went wrong.
+    pub fn classify(err: &(dyn std::error::Error + 'static)) -> ConnectFailure {
+        let mut closed = false;
+        let mut next = Some(err);
+        while let Some(e) = next {
+            next = e.source();
+            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+                return Self::from_rustls(tls);
+            }
+            if e.is::<tonic::TimeoutExpired>() {
+                return ConnectFailure::Timeout;
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_timeout() {
+                    return ConnectFailure::Timeout;
+                }
+                // "connection was not ready", "connection closed": the
+                // server hung up before answering.
+                closed |= h.is_canceled() || h.is_closed() || h.is_incomplete_message();
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return ConnectFailure::Refused,
+                    std::io::ErrorKind::TimedOut => return ConnectFailure::Timeout,
+                    std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof => closed = true,
+                    _ => {}
+                }
+                // io::Error::source() skips the error it wraps (a
+                // rustls::Error from tokio-rustls): look at that one next.
+                if let Some(inner) = io.get_ref() {
+                    next = Some(inner);
+                }
+            }
+        }
+        match Self::from_text(&error_chain(err)) {
+            ConnectFailure::Other if closed => ConnectFailure::Closed,
+            found => found,
+        }
+    }
+
+    fn from_rustls(err: &rustls::Error) -> ConnectFailure {
+        use rustls::{AlertDescription as Alert, CertificateError as Cert};
+        match err {
+            rustls::Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => {
+                ConnectFailure::UnknownIssuer
+            }
+            rustls::Error::InvalidCertificate(
+                Cert::NotValidForName | Cert::NotValidForNameContext { .. },
+            ) => ConnectFailure::NameMismatch,
+            rustls::Error::AlertReceived(Alert::CertificateRequired) => {
+                ConnectFailure::CertificateRequired
+            }
+            rustls::Error::AlertReceived(
+                Alert::BadCertificate
+                | Alert::UnknownCA
+                | Alert::DecryptError
+                | Alert::CertificateUnknown
+                | Alert::CertificateExpired
+                | Alert::CertificateRevoked
+                | Alert::UnsupportedCertificate
+                | Alert::AccessDenied,
+            ) => ConnectFailure::BadCertificate,
+            rustls::Error::InconsistentKeys(_) | rustls::Error::NoCertificatesPresented => {
+                ConnectFailure::ClientFiles
+            }
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    /// The fallback where the libraries keep no type: h2 stores an I/O
+    /// error as its kind and message only (so a TLS alert read after the
+    /// handshake reaches us as text), and tonic's TLS setup errors (PEM
+    /// parsing, handshake timeout) are a private type.
+    fn from_text(chain: &str) -> ConnectFailure {
+        let lower = chain.to_ascii_lowercase();
+        let alert = |names: &[&str]| {
+            names
+                .iter()
+                .any(|n| lower.contains(&format!("alert: {}", n.to_ascii_lowercase())))
+        };
+        if alert(&["CertificateRequired"]) {
+            ConnectFailure::CertificateRequired
+        } else if alert(&[
+            "BadCertificate",
+            "UnknownCA",
+            "DecryptError",
+            "CertificateUnknown",
+            "CertificateExpired",
+            "CertificateRevoked",
+            "UnsupportedCertificate",
+            "AccessDenied",
+        ]) {
+            ConnectFailure::BadCertificate
+        } else if lower.contains("timed out") {
+            ConnectFailure::Timeout
+        } else if lower.contains("parsing tls certificate") || lower.contains("private key") {
+            ConnectFailure::ClientFiles
+        } else {
+            ConnectFailure::Other
+        }
+    }
+
+    /// Certificate trouble: trying again will not help.
+    pub fn is_tls(self) -> bool {
+        matches!(
+            self,
+            ConnectFailure::UnknownIssuer
+                | ConnectFailure::NameMismatch
+                | ConnectFailure::CertificateRequired
+                | ConnectFailure::BadCertificate
+                | ConnectFailure::ClientFiles
+        )
+    }
+
+    /// What to check or do, for an operator.
+    pub fn hint(self) -> Option<&'static str> {
+        Some(match self {
+            ConnectFailure::Refused => {
+                "nothing listens there; is `secretfs server run` up, and is the address right?"
+            }
+            ConnectFailure::UnknownIssuer => {
+                "the server's certificate is not signed by the CA given with --ca/SECRETFS_CA"
+            }
+            ConnectFailure::NameMismatch => {
+                "the server's certificate does not name this host; use the host it was issued for, or re-run `server init --san HOST`"
+            }
+            ConnectFailure::CertificateRequired => {
+                "the server wants a client certificate: give --cert/--key or SECRETFS_CERT/SECRETFS_KEY"
+            }
+            ConnectFailure::BadCertificate => {
+                "the server refused the client certificate: is it issued by this server's CA?"
+            }
+            ConnectFailure::Timeout => "no answer in time; check the address and any firewall",
+            ConnectFailure::ClientFiles => {
+                "the client certificate or key could not be read, or they do not match; check --cert/--key"
+            }
+            ConnectFailure::Closed | ConnectFailure::Other => return None,
+        })
+    }
+
+    /// `chain` with the hint, if any, after it.
+    pub fn explain(self, chain: &str) -> String {
+        match self.hint() {
+            Some(hint) => format!("{chain} ({hint})"),
+            None => chain.to_owned(),
+        }
     }
 }
 
@@ -162,11 +316,138 @@ mod tests {
         assert!(server_url(":80").is_err());
     }
 
+    fn classify(err: &(dyn std::error::Error + 'static)) -> ConnectFailure {
+        ConnectFailure::classify(err)
+    }
+
+    /// An error that wraps another, as tonic's and hyper's do.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn tls_io(err: rustls::Error) -> Wrapped {
+        // How tokio-rustls reports a TLS failure.
+        Wrapped(std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+    }
+
+    fn closed_port() -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
+
     #[test]
     fn hints_name_the_fix() {
-        assert!(
-            explain_connect_error("tcp connect error: Connection refused").contains("server run")
+        let refused = std::net::TcpStream::connect(closed_port()).unwrap_err();
+        let failure = classify(&refused);
+        assert_eq!(failure, ConnectFailure::Refused);
+        assert!(failure.explain("x").contains("server run"));
+        let unknown = tls_io(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        let failure = classify(&unknown);
+        assert_eq!(failure, ConnectFailure::UnknownIssuer);
+        assert!(failure.explain("x").contains("--ca"));
+    }
+
+    #[test]
+    fn rustls_errors_inside_io_errors_are_classified_by_type() {
+        use rustls::{AlertDescription as Alert, CertificateError as Cert};
+        let cases = [
+            (
+                rustls::Error::InvalidCertificate(Cert::BadSignature),
+                ConnectFailure::UnknownIssuer,
+            ),
+            (
+                rustls::Error::InvalidCertificate(Cert::NotValidForName),
+                ConnectFailure::NameMismatch,
+            ),
+            (
+                rustls::Error::AlertReceived(Alert::CertificateRequired),
+                ConnectFailure::CertificateRequired,
+            ),
+            (
+                rustls::Error::AlertReceived(Alert::BadCertificate),
+                ConnectFailure::BadCertificate,
+            ),
+            (
+                rustls::Error::AlertReceived(Alert::UnknownCA),
+                ConnectFailure::BadCertificate,
+            ),
+            (
+                rustls::Error::InvalidCertificate(Cert::Expired),
+                ConnectFailure::Other,
+            ),
+        ];
+        for (err, want) in cases {
+            let text = err.to_string();
+            assert_eq!(classify(&tls_io(err)), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn timeouts_and_hang_ups_are_classified_by_type() {
+        let timed_out = Wrapped(std::io::ErrorKind::TimedOut.into());
+        assert_eq!(classify(&timed_out), ConnectFailure::Timeout);
+        assert_eq!(
+            classify(&tonic::TimeoutExpired(())),
+            ConnectFailure::Timeout
         );
-        assert!(explain_connect_error("invalid peer certificate: UnknownIssuer").contains("--ca"));
+        let reset = Wrapped(std::io::ErrorKind::ConnectionReset.into());
+        assert_eq!(classify(&reset), ConnectFailure::Closed);
+        assert!(!ConnectFailure::Closed.is_tls());
+        assert!(ConnectFailure::BadCertificate.is_tls());
+    }
+
+    /// h2 keeps an I/O error's kind and message only: a TLS alert read
+    /// after the handshake arrives as text (the one place text is read).
+    #[test]
+    fn an_alert_flattened_to_text_by_h2_is_still_recognised() {
+        let flat = Wrapped(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::DecryptError).to_string(),
+        ));
+        assert_eq!(classify(&flat), ConnectFailure::BadCertificate);
+        let flat = Wrapped(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired).to_string(),
+        ));
+        assert_eq!(classify(&flat), ConnectFailure::CertificateRequired);
+    }
+
+    /// The whole path: tonic's error for a port nobody listens on.
+    #[tokio::test]
+    async fn connecting_to_a_closed_port_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = ConnectConfig {
+            server: format!("https://{}", closed_port()),
+            ca_pem: cert.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem().into_bytes()),
+            connect_timeout: Duration::from_secs(5),
+        };
+        match connect(&config).await {
+            Err(ChannelError::Connect {
+                failure, reason, ..
+            }) => {
+                assert_eq!(failure, ConnectFailure::Refused, "{reason}");
+                assert!(reason.contains("server run"), "{reason}");
+            }
+            other => panic!("expected a refused connection, got {other:?}"),
+        }
     }
 }

@@ -7,6 +7,8 @@
 //! - [`channel`]: a mutual-TLS [`tonic::transport::Channel`] from PEM files,
 //!   shared by the CLI and the mount so both connect the same way.
 
+#![forbid(unsafe_code)]
+
 pub mod channel;
 pub mod codec;
 

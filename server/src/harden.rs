@@ -2,12 +2,14 @@
 //! not dumpable (no core file, no ptrace by same-uid processes), and, when
 //! the host allows it, all of its memory locked against swap.
 
+use rustix::mm::MlockAllFlags;
+use rustix::process as prctl;
+
 /// Makes the process non-dumpable and locks its memory. Called before the
 /// master key is read, so no copy of it is ever swappable.
 pub fn protect_process() {
-    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot make the server non-dumpable");
+    if let Err(e) = prctl::set_dumpable_behavior(prctl::DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %std::io::Error::from(e), "cannot make the server non-dumpable");
     }
     if !may_lock_unbounded() {
         tracing::warn!(
@@ -19,23 +21,17 @@ pub fn protect_process() {
     }
     // MCL_ONFAULT: lock pages as they are used, rather than faulting in
     // every thread stack and arena at once.
-    // SAFETY: mlockall takes flags only.
-    let rc = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
-    if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot lock the server's memory against swap; secrets may reach swap");
+    let flags = MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT;
+    if let Err(e) = rustix::mm::mlockall(flags) {
+        tracing::warn!(error = %std::io::Error::from(e), "cannot lock the server's memory against swap; secrets may reach swap");
     }
 }
 
 /// Locking all future memory is safe only when the lock limit cannot be
 /// hit (it would make allocations fail later): CAP_IPC_LOCK or no limit.
 fn may_lock_unbounded() -> bool {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    let unlimited = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } == 0
-        && limit.rlim_cur == libc::RLIM_INFINITY;
+    // `None` is RLIM_INFINITY.
+    let unlimited = prctl::getrlimit(prctl::Resource::Memlock).current.is_none();
     unlimited || has_ipc_lock()
 }
 
@@ -56,7 +52,9 @@ mod tests {
     #[test]
     fn the_process_is_not_dumpable_afterwards() {
         super::protect_process();
-        // SAFETY: PR_GET_DUMPABLE takes no pointer.
-        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) }, 0);
+        assert_eq!(
+            rustix::process::dumpable_behavior().unwrap(),
+            rustix::process::DumpableBehavior::NotDumpable
+        );
     }
 }

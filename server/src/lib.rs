@@ -34,6 +34,8 @@
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
 //! - [`names`]: the rules for names and every other client-given field.
 
+#![forbid(unsafe_code)]
+
 mod audit_log;
 mod auth_cache;
 pub mod domain;

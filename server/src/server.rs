@@ -73,24 +73,23 @@ const FD_RESERVE: u64 = 64;
 /// Raises the soft descriptor limit to the hard one (systemd starts
 /// services at a soft 1,024) and fits the connection cap under it.
 fn connection_limit(wanted: Option<usize>) -> Result<usize, Error> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // rustix says `None` for RLIM_INFINITY.
+    let limit = getrlimit(Resource::Nofile);
+    let (cur, max) = (
+        limit.current.unwrap_or(u64::MAX),
+        limit.maximum.unwrap_or(u64::MAX),
+    );
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
     };
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-    }
-    let room = limit.rlim_cur.saturating_sub(FD_RESERVE).min(1 << 20) as usize;
+    let cur = if cur < max && setrlimit(Resource::Nofile, raised).is_ok() {
+        max
+    } else {
+        cur
+    };
+    let room = cur.saturating_sub(FD_RESERVE).min(1 << 20) as usize;
     match wanted {
         Some(0) => Err(Error::Config(
             "--max-connections 0 would refuse every client; give at least 1".into(),
@@ -102,7 +101,7 @@ fn connection_limit(wanted: Option<usize>) -> Result<usize, Error> {
         Some(n) => Ok(n),
         None if room == 0 => Err(Error::Config(format!(
             "the file descriptor limit ({}) leaves no room for client connections; raise it (ulimit -n, LimitNOFILE=)",
-            limit.rlim_cur
+            cur
         ))),
         None => Ok(room),
     }
@@ -171,7 +170,7 @@ impl Server {
             })?),
             None => None,
         };
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             tracing::warn!(
                 "running as root: the server needs no privilege; run it as a dedicated user"
             );
@@ -198,6 +197,11 @@ impl Server {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The plain-text health listener's address, when there is one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener.as_ref()?.local_addr().ok()
     }
 
     pub fn trust_domain(&self) -> &str {

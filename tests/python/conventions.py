@@ -3,7 +3,7 @@
 
 The client is Python grpcio with stubs generated at run time from
 proto/secretfs.proto: nothing of ours on the client side, so what passes here
-passes for any stock gRPC client. Run by tests/tests/grpc_conventions.rs,
+passes for any stock gRPC client. Run by tests/tests/integration/grpc_conventions.rs,
 which starts the server and adds the data; scripts/test.sh installs grpcio.
 
 Usage:

@@ -2,7 +2,6 @@
 //! open+read+close of a 4 KiB secret, the same with the caller check on,
 //! and readdir+stat of a 100-secret folder; each against tmpfs.
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -60,7 +59,7 @@ pub fn cached_read(ctx: &Ctx) -> Result<Vec<Row>> {
     row.verdict = Verdict::check(f <= 1.5 * t);
     row.note = format!(
         "`secretfs mount` of client `reader` against `secretfs server run` (both the release binary); \
-         best of {} alternating runs of {} iterations each, after a warm-up; libc open/read/close.",
+         best of {} alternating runs of {} iterations each, after a warm-up; open/read/close system calls.",
         s.read_rounds, s.read_iterations
     );
     Ok(vec![row])
@@ -115,10 +114,6 @@ pub fn caller_check(ctx: &Ctx) -> Result<Vec<Row>> {
     )?;
     let (_shm, shm_file) = tmpfs_copy()?;
     let cgroups = container_cgroups(&id);
-    let procs: Vec<std::ffi::CString> = cgroups
-        .iter()
-        .map(|d| crate::readpath::c_path(&d.join("cgroup.procs")))
-        .collect();
     let mut cmd = Command::new(&ctx.me);
     cmd.arg("read-loop")
         .arg("--fuse")
@@ -129,18 +124,9 @@ pub fn caller_check(ctx: &Ctx) -> Result<Vec<Row>> {
         .args(["--rounds", &s.read_rounds.to_string()])
         .args(["--expect", &READ_SIZE.to_string()])
         .stdin(Stdio::null());
-    // SAFETY: only open/write/close between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for p in &procs {
-                let fd = libc::open(p.as_ptr(), libc::O_WRONLY);
-                if fd >= 0 {
-                    libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                }
-            }
-            Ok(())
-        });
+    // The loop joins the container's cgroups itself, before it reads.
+    for d in &cgroups {
+        cmd.arg("--join-cgroup").arg(d.join("cgroup.procs"));
     }
     let out = cmd.output().context("run the read loop")?;
     for d in &cgroups {

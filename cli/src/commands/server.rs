@@ -1,5 +1,6 @@
 //! `secretfs server init|run`
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -23,6 +24,29 @@ pub fn export_lines(dir: &StateDir, server: &str) -> String {
         absolute(&dir.admin_cert()).display(),
         absolute(&dir.admin_key()).display(),
     )
+}
+
+/// Writes `--address-file`: a temporary sibling renamed into place, so a
+/// reader sees the whole file or none. It holds no secret (mode 0644).
+fn write_address_file(path: &Path, addr: SocketAddr, health: Option<SocketAddr>) -> Result<()> {
+    let text = serde_json::to_string(&json!({
+        "addr": addr.to_string(),
+        "health_addr": health.map(|a| a.to_string()),
+    }))?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let written =
+        std::fs::write(&tmp, format!("{text}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| {
+        format!(
+            "cannot write the address file {} (--address-file); check that its directory exists and is writable",
+            path.display()
+        )
+    })
 }
 
 pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
@@ -74,6 +98,9 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             })
             .await
             .context("the server did not start")?;
+            if let Some(path) = &a.address_file {
+                write_address_file(path, server.local_addr(), server.health_addr())?;
+            }
             server.serve(super::shutdown_signal()).await?;
             Ok(())
         }

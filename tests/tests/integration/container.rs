@@ -2,12 +2,10 @@
 //! reads its secrets through a secretfs mount bind-mounted read-only.
 //! Needs root, /dev/fuse, runc and /bin/busybox (scripts/test.sh installs them).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// An OCI bundle: a busybox rootfs and a config.json running `args` as
 /// `uid`, with `secrets` bind-mounted read-only at /run/secrets.

@@ -3,11 +3,9 @@
 //! included, gets EACCES, and each refusal reaches the audit log. Real runc
 //! containers, real mount, real server.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn setup() -> (TestServer, Identity) {
     let s = TestServer::start();

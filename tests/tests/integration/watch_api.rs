@@ -1,11 +1,9 @@
 //! `Secrets.Watch` at the gRPC level, against the real server: what a
 //! watcher receives, and that watchers never hold up writers or shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use secretfs_proto::v1::{self, secrets_client::SecretsClient};
 use tonic::Code;
 

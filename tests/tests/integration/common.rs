@@ -1,13 +1,14 @@
 //! Starts the real `secretfs` binary: a server on a free loopback port in a
 //! fresh state directory, and CLI calls against it as the admin or as any
 //! client. Everything is killed and removed on drop.
-#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+pub use rustix::process::Signal;
 
 /// The `secretfs` binary next to this test executable, built on demand.
 pub fn bin() -> PathBuf {
@@ -191,9 +192,12 @@ impl TestServer {
         server
     }
 
-    /// Starts `server run` and waits until it listens.
+    /// Starts `server run` and waits until it listens: the server writes
+    /// its bound address to `--address-file` once it does.
     pub fn restart_on(&mut self, listen: &str) {
         assert!(self.child.is_none(), "server already running");
+        let address_file = self.tmp.path().join("server-address.json");
+        let _ = std::fs::remove_file(&address_file);
         let mut cmd = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
@@ -205,6 +209,8 @@ impl TestServer {
         cmd.args(["server", "run", "--state-dir"])
             .arg(&self.state)
             .args(["--listen", listen])
+            .arg("--address-file")
+            .arg(&address_file)
             .args(&self.extra_args)
             .env("SECRETFS_LOG", "info")
             .stdin(Stdio::null())
@@ -212,34 +218,35 @@ impl TestServer {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn server");
         let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
         let log = self.log.clone();
+        // Keep draining, so a full pipe never stalls the server.
         std::thread::spawn(move || {
-            let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push_str(&line);
-                log.lock().unwrap().push('\n');
-                if !sent {
-                    if let Some(i) = line.find("addr=") {
-                        let addr = line[i + 5..]
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("")
-                            .to_owned();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
-                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
             }
         });
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => self.addr = addr,
-            Err(_) => {
-                let _ = child.kill();
-                let out = child.wait_with_output();
-                panic!("server did not start: {out:?}\nlog: {}", self.log());
+        let start = Instant::now();
+        self.addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("address file is not JSON ({e}): {text}"));
+                break v["addr"]
+                    .as_str()
+                    .expect("addr in the address file")
+                    .to_owned();
             }
-        }
+            let exited = child.try_wait().expect("wait").is_some();
+            if exited || start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                // Let the log thread take the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("server did not start\nlog: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         self.child = Some(child);
     }
 
@@ -257,7 +264,7 @@ impl TestServer {
         let Some(child) = self.child.take() else {
             return 0;
         };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        signal(&child, Signal::TERM);
         let out = wait_bounded(child, Duration::from_secs(20));
         out.status.code().unwrap_or(-1)
     }
@@ -398,11 +405,22 @@ pub fn require_fuse() {
         Path::new("/dev/fuse").exists(),
         "/dev/fuse is missing: the mount tests need FUSE (run as root with /dev/fuse; see scripts/test.sh)"
     );
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "the mount tests need root (CAP_SYS_ADMIN) to mount FUSE"
     );
+}
+
+/// Sends `sig` to a child that has not been waited for (so its pid is
+/// still its own).
+pub fn signal(child: &Child, sig: Signal) {
+    let pid = rustix::process::Pid::from_child(child);
+    let _ = rustix::process::kill_process(pid, sig);
+}
+
+/// Detaches whatever is mounted at `path` (umount2 with MNT_DETACH).
+pub fn detach(path: &Path) -> rustix::io::Result<()> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH)
 }
 
 pub fn is_mounted(path: &Path) -> bool {
@@ -484,9 +502,7 @@ impl TestServer {
                 let _ = child.wait();
                 // Leave no dead mount behind for the next test run.
                 if is_mounted(path) {
-                    let c = std::ffi::CString::new(path.as_os_str().to_string_lossy().as_bytes())
-                        .unwrap();
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                    let _ = detach(path);
                 }
                 panic!(
                     "mount did not come up at {}: {}",
@@ -522,19 +538,19 @@ impl Mount {
         let Some(child) = self.child.take() else {
             return 0;
         };
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        signal(&child, Signal::TERM);
         let out = wait_bounded(child, Duration::from_secs(20));
         out.status.code().unwrap_or(-1)
     }
 
     pub fn kill9(&mut self) {
-        self.signal_and_wait(libc::SIGKILL);
+        self.signal_and_wait(Signal::KILL);
     }
 
-    /// Sends `signal` and returns how the process ended.
-    pub fn signal_and_wait(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
+    /// Sends `sig` and returns how the process ended.
+    pub fn signal_and_wait(&mut self, sig: Signal) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        unsafe { libc::kill(child.id() as i32, signal) };
+        signal(&child, sig);
         child.wait().ok()
     }
 }
@@ -545,9 +561,7 @@ impl Drop for Mount {
             self.stop();
         }
         if is_mounted(&self.path) {
-            let c =
-                std::ffi::CString::new(self.path.as_os_str().to_string_lossy().as_bytes()).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            let _ = detach(&self.path);
         }
     }
 }
@@ -612,10 +626,6 @@ impl OciBundle {
         config["process"]["terminal"] = false.into();
         config["process"]["args"] = args.iter().map(|a| serde_json::Value::from(*a)).collect();
         OciBundle { path, config }
-    }
-
-    pub fn rootfs(&self) -> PathBuf {
-        self.path.join("rootfs")
     }
 
     /// Adds a bind mount of `source` at `destination` with `options`

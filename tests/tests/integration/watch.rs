@@ -3,15 +3,13 @@
 //! the Watch stream can explain a change showing up. Needs root and
 //! /dev/fuse; fails (never skips) without them.
 
-mod common;
-
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const FIVE_S: Duration = Duration::from_secs(5);
 const NO_REFRESH: &[&str] = &["--refresh", "1h"];

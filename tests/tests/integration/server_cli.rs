@@ -1,11 +1,9 @@
 //! The server and the operator CLI, end to end: the real binary, a real
 //! mutual-TLS server on loopback, a real SQLite database.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 #[test]
 fn secret_lifecycle_add_rotate_versions_rollback_delete() {
@@ -608,9 +606,8 @@ fn sigterm_stops_the_server_gracefully() {
 
 #[test]
 fn an_unwritable_database_stops_the_server_with_a_clear_message() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+    assert!(
+        rustix::process::geteuid().is_root(),
         "this test needs root to make a read-only mount"
     );
     let mut s = TestServer::start();

@@ -2,14 +2,12 @@
 //! secret readable through the CLI and through a mount, and Ctrl-C stops
 //! everything cleanly. Run twice: the second run reuses the state.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Runs `secretfs dev` in `dir` until it is ready; returns its output so
 /// far and the child.
@@ -46,7 +44,7 @@ fn start_dev(dir: &Path) -> (std::process::Child, String) {
 
 /// Ctrl-C, then the exit code.
 fn stop(child: std::process::Child) -> i32 {
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(&child, Signal::INT);
     let out = wait_bounded(child, Duration::from_secs(30));
     out.status.code().unwrap_or(-1)
 }

@@ -4,12 +4,10 @@
 //! Needs systemd-analyze (Debian's `systemd` package; scripts/test.sh
 //! installs it).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")

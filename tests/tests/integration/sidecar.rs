@@ -5,14 +5,11 @@
 //! propagation (rslave), reads the secrets through it. The host sees them
 //! too. Needs root, /dev/fuse, runc and busybox-static.
 
-mod common;
-
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A host directory made a shared mount point (the emptyDir of the pod);
 /// unmounted, with whatever propagated into it, on drop.
@@ -41,9 +38,8 @@ impl SharedDir {
 impl Drop for SharedDir {
     fn drop(&mut self) {
         for p in [self.path.join("secrets"), self.path.clone()] {
-            let c = CString::new(p.to_str().unwrap()).unwrap();
             while is_mounted(&p) {
-                if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                if detach(&p).is_err() {
                     break;
                 }
             }

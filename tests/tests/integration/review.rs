@@ -1,11 +1,9 @@
 //! Regression tests for the outside review's findings on the server and
 //! CLI (issue 9): each reproduces an attack or misuse that worked before.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::{run_cmd, Identity, TestServer};
+use crate::common::{run_cmd, Identity, TestServer};
 use secretfs_proto::v1::{self, admin_client::AdminClient, secrets_client::SecretsClient};
 use tonic::transport::Channel;
 

@@ -6,8 +6,6 @@
 //! Needs python3 with grpcio in target/python-deps (scripts/test.sh installs
 //! it); without it these tests fail, never skip.
 
-mod common;
-
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
@@ -15,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const MIB: usize = 1 << 20;
 

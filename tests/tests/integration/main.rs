@@ -1,0 +1,20 @@
+//! The end-to-end tests, one binary (as ripgrep's `tests/integration.rs`):
+//! every module below compiles and links `common` once instead of once per
+//! file. Each module is one area of the product, run against the real
+//! `secretfs` binary, a real TLS server and real mounts.
+
+#![deny(unsafe_code)]
+
+mod common;
+
+mod caller;
+mod container;
+mod deploy;
+mod dev;
+mod grpc_conventions;
+mod mount;
+mod review;
+mod server_cli;
+mod sidecar;
+mod watch;
+mod watch_api;
