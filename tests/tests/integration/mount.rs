@@ -337,6 +337,43 @@ fn the_mount_process_is_not_dumpable() {
     );
 }
 
+/// One field of a `/proc/PID/task/TID/status` file, as hex.
+fn status_hex(status: &str, field: &str) -> u64 {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+#[test]
+fn every_thread_of_the_mount_keeps_only_what_mounting_needs() {
+    let (s, app) = setup();
+    let m = s.mount_as(&app, &[]);
+    // Serving a read starts the FUSE and runtime threads.
+    assert_eq!(std::fs::read(m.file("db/password")).unwrap(), b"pw-1");
+    // CAP_SYS_ADMIN (21) and CAP_IPC_LOCK (14), nothing else, anywhere.
+    let kept = (1u64 << 21) | (1u64 << 14);
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{}/task", m.pid())).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        for field in ["CapEff", "CapPrm"] {
+            assert_eq!(status_hex(&status, field), kept, "{field} in {status}");
+        }
+        for field in ["CapInh", "CapAmb"] {
+            assert_eq!(status_hex(&status, field), 0, "{field} in {status}");
+        }
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        threads += 1;
+    }
+    assert!(
+        threads >= 2,
+        "only {threads} thread(s): the check saw no runtime"
+    );
+}
+
 #[test]
 fn bad_mountpoints_and_credentials_get_clear_errors() {
     let (s, app) = setup();
