@@ -14,7 +14,7 @@ use crate::store::ClientRecord;
 pub struct Peer {
     pub identity: PeerIdentity,
     /// The remote address, for the audit log.
-    pub remote: String,
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// An authenticated caller.
@@ -79,7 +79,8 @@ impl Domain {
                     &id.name,
                     format!(
                         "{detail} (from {}, {issuer} certificate {})",
-                        peer.remote, id.serial
+                        peer.remote.map(|r| r.to_string()).unwrap_or_default(),
+                        id.serial
                     ),
                 )
             }])?;

@@ -191,9 +191,6 @@ impl Domain {
         for n in &names {
             check_secret_name(n)?;
         }
-        if let Some(a) = &after {
-            check_secret_name(a)?;
-        }
         let names: BTreeSet<String> = names.into_iter().collect();
         let caller = caller.clone();
         let (page, audit) = self

@@ -96,7 +96,7 @@ fn peer(name: &str, serial: &str) -> Peer {
             source: IdentitySource::Spiffe,
             issuer: Issuer::BuiltIn,
         },
-        remote: "127.0.0.1:1".into(),
+        remote: "127.0.0.1:1".parse().ok(),
     }
 }
 

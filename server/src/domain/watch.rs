@@ -243,55 +243,64 @@ impl Watcher {
     /// still read them, and decrypt each version once for all watchers.
     async fn rotated(&mut self, ids: Vec<u64>, revision: u64) -> Result<Option<Delta>, Error> {
         let caller = self.caller.clone();
-        let snapshot = self.held.clone();
-        let (delta, updates, gone, audit) = self
+        // What the client holds of just these secrets (not a copy of all
+        // it holds: this runs for every watcher of a rotated secret).
+        let known: Vec<(u64, Vec<(String, u64)>)> = ids
+            .into_iter()
+            .map(|id| {
+                let held = self
+                    .held
+                    .iter()
+                    .filter(|(_, (held_id, _))| *held_id == id)
+                    .map(|(name, (_, version))| (name.clone(), *version))
+                    .collect();
+                (id, held)
+            })
+            .collect();
+        let (delta, audit) = self
             .domain
             .run(move |d| {
                 let mut upserts = Vec::new();
-                let mut updates = Vec::new();
-                let mut gone = Vec::new();
+                let mut removals = Vec::new();
                 let mut audit = Vec::new();
-                for id in ids {
+                for (id, held) in known {
                     let Some(s) = d.store.read_one_for_client(caller.client.id, id)? else {
                         // Deleted, or access lost in between.
-                        gone.extend(
-                            snapshot
-                                .iter()
-                                .filter(|(_, (held_id, _))| *held_id == id)
-                                .map(|(name, _)| name.clone()),
-                        );
+                        removals.extend(held.into_iter().map(|(name, _)| name));
                         continue;
                     };
                     let version = s.record.current_version;
-                    if snapshot.get(&s.record.name) == Some(&(s.record.id, version)) {
+                    if held.contains(&(s.record.name.clone(), version)) {
                         continue;
                     }
                     let (content, entry) = d.open(caller.name(), &s, true, "watch")?;
                     audit.push(entry);
-                    updates.push((s.record.name.clone(), (s.record.id, version)));
                     upserts.push(Opened {
                         record: s.record,
                         content,
                     });
                 }
-                gone.sort();
+                removals.sort();
                 let delta = Delta {
                     revision,
                     initial: false,
                     upserts,
-                    removals: gone.clone(),
+                    removals,
                 };
-                Ok((delta, updates, gone, audit))
+                Ok((delta, audit))
             })
             .await?;
         if delta.upserts.is_empty() && delta.removals.is_empty() {
             return Ok(None);
         }
         self.domain.audit.append(audit).await?;
-        for g in &gone {
-            self.held.remove(g);
+        for gone in &delta.removals {
+            self.held.remove(gone);
         }
-        self.held.extend(updates);
+        for o in &delta.upserts {
+            let r = &o.record;
+            self.held.insert(r.name.clone(), (r.id, r.current_version));
+        }
         Ok(Some(delta))
     }
 }

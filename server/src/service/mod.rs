@@ -24,7 +24,7 @@ fn peer<T>(req: &Request<T>) -> Result<Peer, Status> {
     match info.identity.as_ref() {
         Ok(identity) => Ok(Peer {
             identity: identity.clone(),
-            remote: info.remote.map(|r| r.to_string()).unwrap_or_default(),
+            remote: info.remote,
         }),
         Err(why) => Err(Status::unauthenticated(why.clone())),
     }

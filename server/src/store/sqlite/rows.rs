@@ -5,12 +5,44 @@ use rusqlite::{Connection, OptionalExtension, Row};
 use crate::envelope::Sealed;
 use crate::store::{Entity, Result, SealedSecret, SecretRecord, StoreError};
 
-/// A secret with its current version's size and time: select
-/// [`SECRET_COLUMNS`] from [`SECRET_FROM`], map with [`secret`].
-pub(super) const SECRET_COLUMNS: &str = "s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, \
-     s.expires_at, s.current_version, s.version_count, s.created_at, s.updated_at, v.size, v.created_at";
-pub(super) const SECRET_FROM: &str =
-    "secrets s JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version";
+/// `SELECT` of secrets with their current version's size and time, as
+/// [`secret`] maps them; the rest of the query follows. Macros rather than
+/// consts so queries are `concat!`ed at compile time, not formatted per call.
+macro_rules! select_secrets {
+    ($($rest:tt)*) => {
+        concat!(
+            "SELECT s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, \
+             s.expires_at, s.current_version, s.version_count, s.created_at, s.updated_at, \
+             v.size, v.created_at FROM secrets s \
+             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version ",
+            $($rest)*
+        )
+    };
+}
+
+/// As [`select_secrets`], with the current version's sealed content, as
+/// [`sealed_secret`] maps it.
+macro_rules! select_sealed {
+    ($($rest:tt)*) => {
+        concat!(
+            "SELECT s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, \
+             s.expires_at, s.current_version, s.version_count, s.created_at, s.updated_at, \
+             v.size, v.created_at, v.wrapped_key, v.ciphertext FROM secrets s \
+             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version ",
+            $($rest)*
+        )
+    };
+}
+
+/// The ids of the secrets client `?1` may read, through any group.
+macro_rules! granted_to_client {
+    () => {
+        "(SELECT gs.secret_id FROM group_clients gc \
+           JOIN group_secrets gs ON gs.group_id = gc.group_id WHERE gc.client_id = ?1)"
+    };
+}
+
+pub(super) use {granted_to_client, select_sealed, select_secrets};
 
 pub(super) fn secret(row: &Row<'_>) -> rusqlite::Result<SecretRecord> {
     let labels: String = row.get(3)?;
@@ -32,7 +64,7 @@ pub(super) fn secret(row: &Row<'_>) -> rusqlite::Result<SecretRecord> {
     })
 }
 
-/// [`SECRET_COLUMNS`] followed by `v.wrapped_key, v.ciphertext`.
+/// A row of [`select_sealed`].
 pub(super) fn sealed_secret(row: &Row<'_>) -> rusqlite::Result<SealedSecret> {
     Ok(SealedSecret {
         record: secret(row)?,

@@ -3,17 +3,15 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::{record_change, revision};
-use super::rows::{self, insert_named, SECRET_COLUMNS, SECRET_FROM};
+use super::rows::{self, granted_to_client, insert_named, select_sealed, select_secrets};
 use crate::envelope::Sealed;
 use crate::store::*;
 
 pub(super) fn by_name(tx: &Connection, name: &str) -> Result<SecretRecord> {
-    tx.prepare_cached(&format!(
-        "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} WHERE s.name = ?1"
-    ))?
-    .query_row([name], rows::secret)
-    .optional()?
-    .ok_or_else(|| StoreError::not_found(Entity::Secret, name))
+    tx.prepare_cached(select_secrets!("WHERE s.name = ?1"))?
+        .query_row([name], rows::secret)
+        .optional()?
+        .ok_or_else(|| StoreError::not_found(Entity::Secret, name))
 }
 
 fn insert_version(
@@ -147,9 +145,7 @@ pub(super) fn delete(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
 }
 
 pub(super) fn list(tx: &Connection) -> Result<Vec<SecretRecord>> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM} ORDER BY s.name"
-    ))?;
+    let mut stmt = tx.prepare_cached(select_secrets!("ORDER BY s.name"))?;
     let rows = stmt.query_map([], rows::secret)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -173,12 +169,10 @@ pub(super) fn versions(tx: &Connection, name: &str) -> Result<Vec<VersionRecord>
 }
 
 fn readable(tx: &Connection, client_id: u64) -> Result<Vec<SecretRecord>> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {SECRET_COLUMNS} FROM {SECRET_FROM}
-          WHERE s.id IN (SELECT gs.secret_id FROM group_clients gc
-                           JOIN group_secrets gs ON gs.group_id = gc.group_id
-                          WHERE gc.client_id = ?1)
-          ORDER BY s.name"
+    let mut stmt = tx.prepare_cached(select_secrets!(
+        "WHERE s.id IN ",
+        granted_to_client!(),
+        " ORDER BY s.name"
     ))?;
     let rows = stmt.query_map([client_id as i64], rows::secret)?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -197,22 +191,18 @@ pub(super) fn read_sealed(
     names: &[String],
 ) -> Result<(Vec<SealedSecret>, Vec<String>)> {
     if names.is_empty() {
-        let mut stmt = tx.prepare_cached(&format!(
-            "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
-              WHERE s.id IN (SELECT gs.secret_id FROM group_clients gc
-                               JOIN group_secrets gs ON gs.group_id = gc.group_id
-                              WHERE gc.client_id = ?1)
-              ORDER BY s.name"
+        let mut stmt = tx.prepare_cached(select_sealed!(
+            "WHERE s.id IN ",
+            granted_to_client!(),
+            " ORDER BY s.name"
         ))?;
         let rows = stmt.query_map([client_id as i64], rows::sealed_secret)?;
         return Ok((rows.collect::<Result<_, _>>()?, Vec::new()));
     }
     // Named reads cost what they ask for, not the client's whole view.
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
-          WHERE s.name = ?2 AND EXISTS (
-                SELECT 1 FROM group_clients gc JOIN group_secrets gs ON gs.group_id = gc.group_id
-                 WHERE gc.client_id = ?1 AND gs.secret_id = s.id)"
+    let mut stmt = tx.prepare_cached(select_sealed!(
+        "WHERE s.name = ?2 AND s.id IN ",
+        granted_to_client!()
     ))?;
     let mut out = Vec::with_capacity(names.len());
     let mut denied = Vec::new();
@@ -233,11 +223,9 @@ pub(super) fn read_one_for_client(
     client_id: u64,
     secret_id: u64,
 ) -> Result<Option<SealedSecret>> {
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {SECRET_COLUMNS}, v.wrapped_key, v.ciphertext FROM {SECRET_FROM}
-          WHERE s.id = ?2 AND EXISTS (
-                SELECT 1 FROM group_clients gc JOIN group_secrets gs ON gs.group_id = gc.group_id
-                 WHERE gc.client_id = ?1 AND gs.secret_id = ?2)"
+    let mut stmt = tx.prepare_cached(select_sealed!(
+        "WHERE s.id = ?2 AND s.id IN ",
+        granted_to_client!()
     ))?;
     Ok(stmt
         .query_row(
