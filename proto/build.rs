@@ -1,6 +1,8 @@
 //! Compiles `secretfs.proto` with protox, so no system `protoc` is needed;
-//! also writes the descriptor set (for server reflection) and the list of
-//! messages that hold no secret content (for the wiping codec).
+//! also writes the descriptor set (for server reflection) and, from it, the
+//! `Wipe` impl of every message (for the wiping codec): each `bytes` field
+//! is zeroized and each message field wiped in turn, so a message that
+//! gains content is wiped without anyone remembering to list it.
 
 #![forbid(unsafe_code)]
 
@@ -9,15 +11,45 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-/// Messages that carry secret content; their `Wipe` is written by hand in
-/// src/codec.rs.
-const WITH_CONTENT: &[&str] = &[
-    "SecretContent",
-    "ReadSecretsResponse",
-    "WatchEvent",
-    "CreateSecretRequest",
-    "RotateSecretRequest",
-];
+/// The `Wipe` impl of one message, from its descriptor.
+fn wipe_impl(m: &prost_types::DescriptorProto, package: &str) -> String {
+    use prost_types::field_descriptor_proto::{Label, Type};
+    let maps: BTreeSet<String> = m
+        .nested_type
+        .iter()
+        .filter(|n| n.options.as_ref().is_some_and(|o| o.map_entry()))
+        .map(|n| format!(".{package}.{}.{}", m.name(), n.name()))
+        .collect();
+    let mut body = String::new();
+    for f in &m.field {
+        let name = match f.name() {
+            n @ ("type" | "match" | "ref" | "move" | "fn" | "impl" | "mod" | "use") => {
+                format!("r#{n}")
+            }
+            n => n.to_owned(),
+        };
+        let repeated = f.label() == Label::Repeated;
+        let optional = f.proto3_optional();
+        let each = match f.r#type() {
+            Type::Bytes => "zeroize()",
+            Type::Message if !maps.contains(f.type_name()) => "wipe()",
+            _ => continue,
+        };
+        body.push_str(&if repeated {
+            format!("        self.{name}.iter_mut().for_each(|x| x.{each});\n")
+        } else if optional || f.r#type() == Type::Message {
+            format!("        if let Some(x) = &mut self.{name} {{ x.{each}; }}\n")
+        } else {
+            format!("        self.{name}.{each};\n")
+        });
+    }
+    let name = m.name();
+    if body.is_empty() {
+        format!("impl Wipe for v1::{name} {{}}\n")
+    } else {
+        format!("impl Wipe for v1::{name} {{\n    fn wipe(&mut self) {{\n{body}    }}\n}}\n")
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=secretfs.proto");
@@ -27,24 +59,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("secretfs_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    let mut none = String::new();
-    let mut seen = BTreeSet::new();
+    let mut impls = String::new();
     for file in &descriptors.file {
         for m in &file.message_type {
-            let name = m.name();
-            seen.insert(name.to_owned());
-            if !WITH_CONTENT.contains(&name) {
-                none.push_str(&format!("impl Wipe for v1::{name} {{}}\n"));
-            }
+            impls.push_str(&wipe_impl(m, file.package()));
         }
     }
-    for name in WITH_CONTENT {
-        assert!(
-            seen.contains(*name),
-            "{name} is no longer in secretfs.proto"
-        );
-    }
-    std::fs::write(out.join("wipe_none.rs"), none)?;
+    std::fs::write(out.join("wipe.rs"), impls)?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
