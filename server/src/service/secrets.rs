@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use secretfs_proto::v1::{self, secrets_server::Secrets};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::convert::all;
@@ -29,7 +28,7 @@ impl SecretsService {
 
 #[tonic::async_trait]
 impl Secrets for SecretsService {
-    type WatchStream = ReceiverStream<Result<v1::WatchEvent, Status>>;
+    type WatchStream = super::watch::EventStream;
 
     async fn watch(
         &self,
@@ -38,9 +37,9 @@ impl Secrets for SecretsService {
         let caller = self.caller(&req).await?;
         let known = req.into_inner().known;
         let held = watch::held(known.into_iter().map(|k| (k.name, k.id, k.version)))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (tx, events) = super::watch::channel();
         tokio::spawn(super::watch::run(self.domain.watch(caller, held), tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(events))
     }
 
     async fn report_refusals(

@@ -2,6 +2,9 @@
 //! [`Watcher`] events and sends them, split into messages gRPC clients
 //! with default limits accept.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use secretfs_proto::codec::Wipe;
 use secretfs_proto::v1;
 use tokio::sync::mpsc;
@@ -10,6 +13,40 @@ use tonic::Status;
 use crate::domain::{Next, Watcher, MAX_REPLY_CONTENT};
 
 pub type Sender = mpsc::Sender<Result<v1::WatchEvent, Status>>;
+
+/// The events a stream has queued, as tonic polls them.
+pub type EventStream = Queue<v1::WatchEvent>;
+
+/// A queue of replies whose items are wiped if they are never taken: when
+/// the client goes away tonic drops the stream, and events still queued
+/// (up to 16, each up to 3 MiB of content) are wiped, not just freed (the
+/// codec wipes only what it encodes).
+pub struct Queue<T: Wipe>(mpsc::Receiver<Result<T, Status>>);
+
+/// A Watch stream's queue.
+pub fn channel<T: Wipe>() -> (mpsc::Sender<Result<T, Status>>, Queue<T>) {
+    let (tx, rx) = mpsc::channel(16);
+    (tx, Queue(rx))
+}
+
+impl<T: Wipe> tokio_stream::Stream for Queue<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+impl<T: Wipe> Drop for Queue<T> {
+    fn drop(&mut self) {
+        self.0.close();
+        while let Ok(item) = self.0.try_recv() {
+            if let Ok(mut event) = item {
+                event.wipe();
+            }
+        }
+    }
+}
 
 /// Runs one Watch stream until the client goes away, loses access, or the
 /// server shuts down.
@@ -91,6 +128,33 @@ fn split(event: v1::WatchEvent) -> Vec<v1::WatchEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts how often it is wiped.
+    struct Probe(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Wipe for Probe {
+        fn wipe(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn events_still_queued_when_the_client_goes_away_are_wiped() {
+        let wiped = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, mut queue) = channel::<Probe>();
+        for _ in 0..3 {
+            tx.send(Ok(Probe(wiped.clone()))).await.unwrap();
+        }
+        // One is taken (and encoded, which wipes it in the codec): the two
+        // left are wiped when the stream is dropped.
+        use tokio_stream::StreamExt;
+        let taken = queue.next().await;
+        assert_eq!(wiped.load(std::sync::atomic::Ordering::SeqCst), 0);
+        drop(queue);
+        assert_eq!(wiped.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(tx.is_closed());
+        drop(taken);
+    }
 
     fn upsert(name: &str, len: usize) -> v1::SecretContent {
         v1::SecretContent {
