@@ -62,22 +62,10 @@ pub fn explain_status(status: &tonic::Status) -> String {
                     .unwrap_or_default()
             );
             match ConnectFailure::classify(status) {
-                ConnectFailure::CertificateRequired | ConnectFailure::BadCertificate => format!(
-                    "the server refused this client's TLS certificate ({detail}); check --cert/--key (SECRETFS_CERT/SECRETFS_KEY) \
-                     name a certificate issued by this server's CA"
-                ),
-                ConnectFailure::Closed => format!(
-                    "the connection was closed during setup ({detail}); most often the server refused the client certificate: \
-                     check --cert/--key name a certificate issued by this server's CA"
-                ),
-                failure @ (ConnectFailure::UnknownIssuer
-                | ConnectFailure::NameMismatch
-                | ConnectFailure::ClientFiles
-                | ConnectFailure::Timeout) => failure.explain(&detail),
-                _ if status.code() == Code::Unavailable => {
+                ConnectFailure::Other if status.code() == Code::Unavailable => {
                     format!("the server is unavailable ({detail}); is `secretfs server run` up at the address in SECRETFS_SERVER?")
                 }
-                _ => detail,
+                failure => failure.explain(&detail),
             }
         }
         Code::OutOfRange | Code::ResourceExhausted if message.contains("message length too large") => format!(

@@ -281,13 +281,18 @@ impl ConnectFailure {
                 "the server wants a client certificate: give --cert/--key or SECRETFS_CERT/SECRETFS_KEY"
             }
             ConnectFailure::BadCertificate => {
-                "the server refused the client certificate: is it issued by this server's CA?"
+                "the server refused the client certificate: check that --cert/--key (SECRETFS_CERT/SECRETFS_KEY) \
+                 name a certificate issued by this server's CA"
             }
             ConnectFailure::Timeout => "no answer in time; check the address and any firewall",
             ConnectFailure::ClientFiles => {
                 "the client certificate or key could not be read, or they do not match; check --cert/--key"
             }
-            ConnectFailure::Closed | ConnectFailure::Other => return None,
+            ConnectFailure::Closed => {
+                "the connection was closed during setup; most often the server refused the client certificate: \
+                 check that --cert/--key name a certificate issued by this server's CA"
+            }
+            ConnectFailure::Other => return None,
         })
     }
 
