@@ -298,7 +298,7 @@ impl Drop for Server {
 }
 
 fn stop_child(mut child: Child, grace: Duration) {
-    // SAFETY: signalling our own child by pid.
+    // Our own child, not yet reaped: its pid cannot have been reused.
     let _ = rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
         rustix::process::Signal::TERM,

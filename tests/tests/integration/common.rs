@@ -93,6 +93,8 @@ pub struct TestServer {
     pub tmp: tempfile::TempDir,
     pub state: PathBuf,
     pub addr: String,
+    /// The plain-text health listener's address, with `--health-listen`.
+    pub health_addr: Option<String>,
     pub admin: Identity,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
@@ -182,6 +184,7 @@ impl TestServer {
             tmp,
             state,
             addr: String::new(),
+            health_addr: None,
             admin,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
@@ -228,14 +231,10 @@ impl TestServer {
             }
         });
         let start = Instant::now();
-        self.addr = loop {
+        let addresses: serde_json::Value = loop {
             if let Ok(text) = std::fs::read_to_string(&address_file) {
-                let v: serde_json::Value = serde_json::from_str(&text)
+                break serde_json::from_str(&text)
                     .unwrap_or_else(|e| panic!("address file is not JSON ({e}): {text}"));
-                break v["addr"]
-                    .as_str()
-                    .expect("addr in the address file")
-                    .to_owned();
             }
             let exited = child.try_wait().expect("wait").is_some();
             if exited || start.elapsed() > Duration::from_secs(30) {
@@ -247,6 +246,11 @@ impl TestServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
+        self.addr = addresses["addr"]
+            .as_str()
+            .expect("addr in the address file")
+            .to_owned();
+        self.health_addr = addresses["health_addr"].as_str().map(str::to_owned);
         self.child = Some(child);
     }
 
@@ -261,12 +265,7 @@ impl TestServer {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> i32 {
-        let Some(child) = self.child.take() else {
-            return 0;
-        };
-        signal(&child, Signal::TERM);
-        let out = wait_bounded(child, Duration::from_secs(20));
-        out.status.code().unwrap_or(-1)
+        terminate(self.child.take())
     }
 
     pub fn kill9(&mut self) {
@@ -358,6 +357,54 @@ impl TestServer {
     pub fn db(&self) -> PathBuf {
         self.state.join("secretfs.db")
     }
+}
+
+/// A multi-threaded runtime for tests that call the gRPC API directly.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+impl TestServer {
+    /// How `who` connects to this server.
+    pub fn connect_config(&self, who: &Identity) -> secretfs_proto::ConnectConfig {
+        secretfs_proto::ConnectConfig {
+            server: self.url(),
+            ca_pem: std::fs::read(self.state.join("ca.pem")).unwrap(),
+            cert_pem: std::fs::read(&who.cert).unwrap(),
+            key_pem: std::fs::read(&who.key).unwrap().into(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A `Secrets` client as `who`.
+    pub async fn secrets_client(
+        &self,
+        who: &Identity,
+    ) -> secretfs_proto::v1::secrets_client::SecretsClient<tonic::transport::Channel> {
+        let channel = secretfs_proto::connect(&self.connect_config(who)).await;
+        secretfs_proto::v1::secrets_client::SecretsClient::new(channel.unwrap())
+    }
+
+    /// An `Admin` client as the admin.
+    pub async fn admin_client(
+        &self,
+    ) -> secretfs_proto::v1::admin_client::AdminClient<tonic::transport::Channel> {
+        let channel = secretfs_proto::connect(&self.connect_config(&self.admin)).await;
+        secretfs_proto::v1::admin_client::AdminClient::new(channel.unwrap())
+    }
+}
+
+/// SIGTERM `child`, if any, and wait (bounded); returns the exit code.
+fn terminate(child: Option<Child>) -> i32 {
+    let Some(child) = child else {
+        return 0;
+    };
+    signal(&child, Signal::TERM);
+    let out = wait_bounded(child, Duration::from_secs(20));
+    out.status.code().unwrap_or(-1)
 }
 
 impl Drop for TestServer {
@@ -535,12 +582,7 @@ impl Mount {
 
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> i32 {
-        let Some(child) = self.child.take() else {
-            return 0;
-        };
-        signal(&child, Signal::TERM);
-        let out = wait_bounded(child, Duration::from_secs(20));
-        out.status.code().unwrap_or(-1)
+        terminate(self.child.take())
     }
 
     pub fn kill9(&mut self) {

@@ -53,13 +53,6 @@ fn require_grpcio() {
     );
 }
 
-/// A loopback address nothing listens on (for --health-listen, which
-/// must be told its port).
-fn free_loopback_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
 fn random_bytes(len: usize) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
     File::open("/dev/urandom")
@@ -78,17 +71,12 @@ struct Setup {
     health: Option<String>,
 }
 
-/// Starts the server with `args` (`health`: its --health-listen address)
-/// and adds the data; fails first if grpcio is missing.
-fn setup<N: AsRef<str>>(args: &[&str], health: Option<String>, secrets: &[(N, Vec<u8>)]) -> Setup {
+/// Starts the server with `args` and adds the data; fails first if
+/// grpcio is missing.
+fn setup<N: AsRef<str>>(args: &[&str], secrets: &[(N, Vec<u8>)]) -> Setup {
     require_grpcio();
     let server = TestServer::start_with(args);
-    if let Some(health) = &health {
-        assert_ne!(
-            &server.addr, health,
-            "the test helper took the health listener's address for the TLS one"
-        );
-    }
+    let health = server.health_addr.clone();
     let expect = server.tmp.path().join("expect");
     std::fs::create_dir(&expect).unwrap();
     for (name, content) in secrets {
@@ -161,11 +149,13 @@ fn run_checks(s: &Setup, checks: &[&str]) {
 
 #[test]
 fn health_and_reflection() {
-    let health = free_loopback_addr();
     let s = setup(
-        &["--health-listen", &health],
-        Some(health.clone()),
+        &["--health-listen", "127.0.0.1:0"],
         &[("hello", b"hello from secretfs".to_vec())],
+    );
+    assert!(
+        s.health.is_some(),
+        "the address file names the health listener"
     );
     run_checks(&s, &["whoami", "health", "reflection", "health-plaintext"]);
 }
@@ -174,7 +164,7 @@ fn health_and_reflection() {
 fn gzip() {
     // Compressible, so that a compressed reply is visibly smaller.
     let text = b"a line of text that gzip squeezes well\n".repeat(256 * 1024 / 39);
-    let s = setup(&[], None, &[("text", text)]);
+    let s = setup(&[], &[("text", text)]);
     run_checks(&s, &["whoami", "gzip"]);
 }
 
@@ -185,18 +175,18 @@ fn default_limits_paging() {
     let secrets: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| (format!("big-{i}"), random_bytes(MIB)))
         .collect();
-    let s = setup(&[], None, &secrets);
+    let s = setup(&[], &secrets);
     run_checks(&s, &["whoami", "read-paging", "watch-split"]);
 }
 
 #[test]
 fn dedup() {
-    let s = setup(&[], None, &[("one", random_bytes(100))]);
+    let s = setup(&[], &[("one", random_bytes(100))]);
     run_checks(&s, &["whoami", "dedup"]);
 }
 
 #[test]
 fn status_codes() {
-    let s = setup(&[], None, &[("one", random_bytes(100))]);
+    let s = setup(&[], &[("one", random_bytes(100))]);
     run_checks(&s, &["whoami", "too-large", "garbage", "big-metadata"]);
 }

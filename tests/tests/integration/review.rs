@@ -3,9 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{run_cmd, Identity, TestServer};
-use secretfs_proto::v1::{self, admin_client::AdminClient, secrets_client::SecretsClient};
-use tonic::transport::Channel;
+use crate::common::{rt, run_cmd, Identity, TestServer};
+use secretfs_proto::v1::{self, secrets_client::SecretsClient};
 
 /// A CA of the operator's own (bring-your-own PKI), made in the test.
 struct ExternalCa {
@@ -97,14 +96,9 @@ fn an_external_ca_certificate_with_the_admins_serial_is_not_the_admin() {
     assert_ne!(s.cli_as(&forged, &["whoami"], None).code, 0);
     // The real ones still work, and the refusals are audited.
     s.cli_as(&web, &["whoami"], None).ok();
-    let audit = s.cli(&["audit", "-o", "json"]).ok().json();
-    let refused = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "auth" && e["allowed"] == false)
-        .count();
-    assert!(refused >= 2, "{audit}");
+    let auth = s.audit_events("auth", &[]);
+    let refused = auth.iter().filter(|e| e["allowed"] == false).count();
+    assert!(refused >= 2, "{auth:?}");
 }
 
 #[test]
@@ -159,39 +153,6 @@ fn a_removed_built_in_client_stays_refused_when_re_added() {
     assert_ne!(run_cmd(cmd, None).code, 0);
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn connect_config(s: &TestServer, who: &Identity) -> secretfs_proto::ConnectConfig {
-    secretfs_proto::ConnectConfig {
-        server: s.url(),
-        ca_pem: std::fs::read(s.state.join("ca.pem")).unwrap(),
-        cert_pem: std::fs::read(&who.cert).unwrap(),
-        key_pem: std::fs::read(&who.key).unwrap().into(),
-        connect_timeout: std::time::Duration::from_secs(10),
-    }
-}
-
-async fn secrets_client(s: &TestServer, who: &Identity) -> SecretsClient<Channel> {
-    SecretsClient::new(
-        secretfs_proto::connect(&connect_config(s, who))
-            .await
-            .unwrap(),
-    )
-}
-
-async fn admin_client(s: &TestServer) -> AdminClient<Channel> {
-    AdminClient::new(
-        secretfs_proto::connect(&connect_config(s, &s.admin))
-            .await
-            .unwrap(),
-    )
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -215,7 +176,7 @@ fn refusal_reports_get_the_servers_time_and_a_bounded_budget() {
     };
     let start = now_ms();
     let (first, flood) = rt().block_on(async {
-        let mut c = secrets_client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         let first = c
             .report_refusals(v1::ReportRefusalsRequest {
                 refusals: vec![
@@ -275,7 +236,7 @@ fn times_the_cli_cannot_format_are_refused_and_never_crash_the_cli() {
     let s = TestServer::start();
     s.add_secret("db/password", b"x");
     let refused = rt().block_on(async {
-        let mut admin = admin_client(&s).await;
+        let mut admin = s.admin_client().await;
         admin
             .create_secret(v1::CreateSecretRequest {
                 name: "far".into(),
@@ -404,7 +365,7 @@ fn idle_connections_cannot_crowd_out_a_real_client() {
     // A real client gets in well before the idle ones' handshakes time
     // out (10 s): the oldest handshakes are dropped to make room.
     let who = rt().block_on(async {
-        let mut config = connect_config(&s, &s.admin);
+        let mut config = s.connect_config(&s.admin);
         config.connect_timeout = std::time::Duration::from_secs(5);
         let channel = secretfs_proto::connect(&config)
             .await

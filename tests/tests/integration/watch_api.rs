@@ -4,26 +4,8 @@
 use std::time::Duration;
 
 use crate::common::*;
-use secretfs_proto::v1::{self, secrets_client::SecretsClient};
+use secretfs_proto::v1;
 use tonic::Code;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn client(s: &TestServer, who: &Identity) -> SecretsClient<tonic::transport::Channel> {
-    let config = secretfs_proto::ConnectConfig {
-        server: s.url(),
-        ca_pem: std::fs::read(s.state.join("ca.pem")).unwrap(),
-        cert_pem: std::fs::read(&who.cert).unwrap(),
-        key_pem: std::fs::read(&who.key).unwrap().into(),
-        connect_timeout: Duration::from_secs(10),
-    };
-    SecretsClient::new(secretfs_proto::connect(&config).await.unwrap())
-}
 
 type Events = tonic::Streaming<v1::WatchEvent>;
 
@@ -60,7 +42,7 @@ fn setup() -> (TestServer, Identity) {
 fn watch_sends_the_difference_from_what_the_client_holds() {
     let (s, app) = setup();
     rt().block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         // From nothing: everything readable.
         let mut w = c
             .watch(v1::WatchRequest::default())
@@ -147,17 +129,8 @@ fn watch_sends_the_difference_from_what_the_client_holds() {
         assert!(e.revision >= last);
 
         // Every delivered content is audited as a read.
-        let audit = s
-            .cli(&["audit", "--client", "app", "--secret", "a", "-o", "json"])
-            .ok()
-            .json();
-        let reads = audit
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["action"] == "secret.read")
-            .count();
-        assert_eq!(reads, 3, "{audit}");
+        let reads = s.audit_events("secret.read", &["--client", "app", "--secret", "a"]);
+        assert_eq!(reads.len(), 3, "{reads:?}");
     });
 }
 
@@ -165,7 +138,7 @@ fn watch_sends_the_difference_from_what_the_client_holds() {
 fn removing_the_client_ends_its_watch_with_permission_denied() {
     let (s, app) = setup();
     rt().block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         let mut w = c
             .watch(v1::WatchRequest::default())
             .await
@@ -189,7 +162,7 @@ fn removing_the_client_ends_its_watch_with_permission_denied() {
 fn a_stalled_watcher_never_holds_up_rotations_or_other_watchers() {
     let (s, app) = setup();
     rt().block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         // This watcher never reads past its first event.
         let _stalled = c
             .watch(v1::WatchRequest::default())
@@ -236,7 +209,7 @@ fn a_stalled_watcher_never_holds_up_rotations_or_other_watchers() {
 fn shutdown_is_not_held_up_by_open_watches() {
     let (mut s, app) = setup();
     rt().block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         let mut w = c
             .watch(v1::WatchRequest::default())
             .await
@@ -260,7 +233,7 @@ fn revisions_survive_a_restart() {
     let (mut s, app) = setup();
     let rt = rt();
     let before = rt.block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         let mut w = c
             .watch(v1::WatchRequest::default())
             .await
@@ -272,7 +245,7 @@ fn revisions_survive_a_restart() {
     s.restart_on("127.0.0.1:0");
     s.cli_in(&["secret", "rotate", "a"], b"a-after").ok();
     rt.block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         let mut w = c
             .watch(v1::WatchRequest::default())
             .await
@@ -291,7 +264,7 @@ fn revisions_survive_a_restart() {
 fn refusals_reported_by_a_mount_reach_the_audit_log() {
     let (s, app) = setup();
     rt().block_on(async {
-        let mut c = client(&s, &app).await;
+        let mut c = s.secrets_client(&app).await;
         let refusal = |pid: u32, path: &str| v1::Refusal {
             at_ms: 0,
             pid,
@@ -314,17 +287,8 @@ fn refusals_reported_by_a_mount_reach_the_audit_log() {
             .expect_err("over the limit");
         assert_eq!(err.code(), Code::InvalidArgument);
     });
-    let audit = s
-        .cli(&["audit", "--client", "app", "-o", "json"])
-        .ok()
-        .json();
-    let refused: Vec<_> = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == "mount.refused")
-        .collect();
-    assert_eq!(refused.len(), 2, "{audit}");
+    let refused = s.audit_events("mount.refused", &["--client", "app"]);
+    assert_eq!(refused.len(), 2, "{refused:?}");
     assert_eq!(refused[0]["secret"], "a");
     assert_eq!(refused[0]["allowed"], false);
     assert!(
@@ -332,13 +296,13 @@ fn refusals_reported_by_a_mount_reach_the_audit_log() {
             .as_str()
             .unwrap()
             .contains("pid 4242 uid 1000"),
-        "{audit}"
+        "{refused:?}"
     );
     assert!(
         refused[1]["detail"]
             .as_str()
             .unwrap()
             .contains("path .secretfs/status"),
-        "{audit}"
+        "{refused:?}"
     );
 }
