@@ -67,14 +67,17 @@ impl std::fmt::Display for DroppedReport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PrivilegeError {
-    #[error("cannot read this process's capabilities: {0}")]
+    #[error("cannot read this process's capabilities or threads ({0}): /proc must be mounted and readable")]
     Read(String),
     #[error(
         "capabilities must be dropped while the process has one thread, but it has {0}: \
          drop them first thing in main, before any runtime or thread starts"
     )]
     Threads(usize),
-    #[error("cannot drop capabilities: {0}")]
+    #[error(
+        "cannot drop capabilities ({0}): allow capset(2) and prctl(2) to the mount's process \
+         (a seccomp profile or security module forbids them)"
+    )]
     Drop(String),
     #[error(
         "thread {tid} holds {what}, not just {kept}: a thread kept privileges it should \
