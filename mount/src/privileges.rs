@@ -23,6 +23,7 @@
 
 use caps::{CapSet, CapsHashSet};
 use procfs::process::Process;
+use procfs::ProcError;
 
 pub use caps::Capability;
 
@@ -134,17 +135,18 @@ pub fn drop_privileges(keep: &[Capability]) -> Result<DroppedReport, PrivilegeEr
 /// were checked.
 pub fn verify_every_thread(report: &DroppedReport) -> Result<usize, PrivilegeError> {
     let kept = mask(&report.kept);
-    let tasks = Process::myself()
-        .and_then(|p| p.tasks())
-        .map_err(|e| PrivilegeError::Read(e.to_string()))?;
+    let me = Process::myself().map_err(read_failed)?;
     let mut checked = 0;
-    // A thread that ends meanwhile has nothing left to check.
-    for task in tasks.flatten() {
-        let Ok(s) = task.status() else {
-            continue;
+    for tid in thread_ids()? {
+        // A thread that ended meanwhile has nothing left to check; one we
+        // cannot read might hold anything.
+        let s = match me.task_from_tid(tid).and_then(|t| t.status()) {
+            Ok(s) => s,
+            Err(e) if ended(&e) => continue,
+            Err(e) => return Err(read_failed(e)),
         };
         let differs = |what: String| PrivilegeError::Differs {
-            tid: task.tid,
+            tid,
             what,
             kept: names(&report.kept),
         };
@@ -171,11 +173,40 @@ pub fn verify_every_thread(report: &DroppedReport) -> Result<usize, PrivilegeErr
     Ok(checked)
 }
 
+/// This process's threads, from `/proc/self/task`. Read by hand: procfs's
+/// iterator leaves out a thread whose directory it cannot open, whatever
+/// the reason.
+fn thread_ids() -> Result<Vec<i32>, PrivilegeError> {
+    let failed = |e: std::io::Error| PrivilegeError::Read(format!("/proc/self/task: {e}"));
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").map_err(failed)? {
+        let name = entry.map_err(failed)?.file_name();
+        let tid = name.to_str().and_then(|n| n.parse().ok()).ok_or_else(|| {
+            PrivilegeError::Read(format!("/proc/self/task/{name:?}: not a thread id"))
+        })?;
+        tids.push(tid);
+    }
+    Ok(tids)
+}
+
+/// The thread ended: its `/proc` entry is gone (ENOENT) or outlived it
+/// (ESRCH; procfs reports both as `NotFound`).
+fn ended(e: &ProcError) -> bool {
+    match e {
+        ProcError::NotFound(_) => true,
+        ProcError::Io(io, _) => {
+            io.kind() == std::io::ErrorKind::NotFound || io.raw_os_error() == Some(libc::ESRCH)
+        }
+        _ => false,
+    }
+}
+
+fn read_failed(e: ProcError) -> PrivilegeError {
+    PrivilegeError::Read(e.to_string())
+}
+
 fn thread_count() -> Result<usize, PrivilegeError> {
-    Process::myself()
-        .and_then(|p| p.tasks())
-        .map(|tasks| tasks.count())
-        .map_err(|e| PrivilegeError::Read(e.to_string()))
+    thread_ids().map(|tids| tids.len())
 }
 
 fn sorted<'a>(caps: impl Iterator<Item = &'a Capability>) -> Vec<Capability> {
@@ -549,6 +580,25 @@ mod tests {
             out.contains("not held to begin with: CAP_IPC_LOCK"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn only_a_thread_that_ended_is_skipped() {
+        let io = |errno| ProcError::Io(std::io::Error::from_raw_os_error(errno), None);
+        assert!(ended(&ProcError::NotFound(None)));
+        assert!(ended(&io(libc::ESRCH)));
+        assert!(ended(&io(libc::ENOENT)));
+        for unreadable in [
+            ProcError::PermissionDenied(None),
+            ProcError::Incomplete(None),
+            io(libc::EIO),
+            io(libc::EACCES),
+        ] {
+            assert!(!ended(&unreadable), "{unreadable:?}");
+        }
+        // And the check reads every thread there is.
+        let tids = thread_ids().unwrap();
+        assert!(tids.contains(&rustix::thread::gettid().as_raw_nonzero().get()));
     }
 
     #[test]
