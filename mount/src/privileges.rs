@@ -17,9 +17,9 @@
 //! copies its creator's. So [`drop_privileges`] runs while the process has
 //! one thread (`secretfs mount` calls it before it builds its async
 //! runtime) and refuses otherwise; every later thread inherits the dropped
-//! sets. Once mounted, [`verify_every_thread`] reads each thread's
-//! `/proc/self/task/TID/status` and the mount stops if one holds anything
-//! else.
+//! sets. Right before mounting, [`verify_every_thread`] reads each
+//! thread's `/proc/self/task/TID/status`, and the mount does not start if
+//! one holds anything else.
 
 use caps::{CapSet, CapsHashSet};
 use procfs::process::Process;
