@@ -41,10 +41,10 @@
 //! every v1 line whose path is not `/`, each of which must pass. A process
 //! whose every line is `/` is in no container and is refused.
 //!
-//! Pid reuse: like SPIRE, the process's start time (field 22 of
-//! `/proc/PID/stat`) is read before and after the cgroup file, both through
-//! one directory handle on `/proc/PID`; if the process vanished or the start
-//! time changed, the answer is no.
+//! Pid reuse: the cgroup file is read through a directory handle on
+//! `/proc/PID` opened first. The handle stays bound to that process: once it
+//! exits, reads through the handle fail (ENOENT, ESRCH) even if a new process
+//! gets its pid, and the answer is no.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -111,7 +111,7 @@ pub enum DenyReason {
     ProcUnreadable(String),
     /// The process exited, or its pid was reused, while we looked.
     ProcessChanged,
-    /// A line of `/proc/PID/cgroup` (or `stat`) is not in the kernel's format.
+    /// A line of `/proc/PID/cgroup` is not in the kernel's format.
     UnexpectedFormat(String),
     /// The process is in no container's cgroup.
     NotInAContainer,
@@ -224,33 +224,33 @@ impl CallerPolicy {
 
     /// Checks the process `pid` (from the FUSE request).
     pub fn check(&self, pid: u32) -> Result<CallerInfo, Denial> {
-        self.check_with(pid, || {})
+        if pid == 0 {
+            return Err(Denial {
+                pid,
+                reason: DenyReason::OutsidePidNamespace,
+                cgroup: None,
+            });
+        }
+        // Not found here: no such process (any more), or not in our pid
+        // namespace's /proc.
+        let dir = ProcDir::open(self.proc_root.join(pid.to_string())).map_err(|e| Denial {
+            pid,
+            reason: DenyReason::ProcUnreadable(e.to_string()),
+            cgroup: None,
+        })?;
+        self.check_process(pid, &dir)
     }
 
-    /// The check, with a hook between reading the cgroup file and the
-    /// second start-time read (tests use it to fake pid reuse).
-    fn check_with(&self, pid: u32, between: impl FnOnce()) -> Result<CallerInfo, Denial> {
+    /// The check of the process `dir` holds.
+    fn check_process(&self, pid: u32, dir: &ProcDir) -> Result<CallerInfo, Denial> {
         let deny = |reason, cgroup| Denial {
             pid,
             reason,
             cgroup,
         };
-        if pid == 0 {
-            return Err(deny(DenyReason::OutsidePidNamespace, None));
-        }
-        let dir = ProcDir::open(self.proc_root.join(pid.to_string()))
-            .map_err(|e| deny(DenyReason::ProcUnreadable(e.to_string()), None))?;
-        let before = dir.start_time().map_err(|r| deny(r, None))?;
         let cgroup_text = dir
             .read("cgroup")
             .map_err(|e| deny(vanished_or_unreadable(e), None))?;
-        between();
-        let after = dir
-            .start_time()
-            .map_err(|_| deny(DenyReason::ProcessChanged, None))?;
-        if before != after {
-            return Err(deny(DenyReason::ProcessChanged, None));
-        }
         let lines = match parse_cgroup_file(&cgroup_text) {
             Ok(lines) => lines,
             Err(line) => {
@@ -381,6 +381,8 @@ impl CallerPolicy {
     }
 }
 
+/// A read through a [`ProcDir`] failed: the process is gone (its pid may
+/// be someone else's by now), or its entry could not be read.
 fn vanished_or_unreadable(e: ProcError) -> DenyReason {
     match e {
         // procfs reports ESRCH (the handle outlived the process) as NotFound.
@@ -395,9 +397,9 @@ fn vanished_or_unreadable(e: ProcError) -> DenyReason {
     }
 }
 
-/// A handle on `/proc/PID` (procfs keeps a directory descriptor): files
-/// opened through it belong to that process even if the pid is reused
-/// meanwhile (they then fail with ESRCH).
+/// A handle on `/proc/PID` (procfs keeps an O_PATH directory descriptor):
+/// files opened or read through it belong to that process even if the pid
+/// is reused meanwhile (they then fail with ENOENT or ESRCH).
 struct ProcDir {
     process: Process,
 }
@@ -417,19 +419,6 @@ impl ProcDir {
         file.read_to_string(&mut text)?;
         Ok(text)
     }
-
-    /// Field 22 of `stat`: the start time in clock ticks since boot.
-    fn start_time(&self) -> Result<u64, DenyReason> {
-        let stat = self.read("stat").map_err(vanished_or_unreadable)?;
-        parse_start_time(&stat).ok_or_else(|| DenyReason::UnexpectedFormat(stat.trim().into()))
-    }
-}
-
-/// `pid (comm) state ppid …`: comm may hold spaces and ')', so the fields
-/// are counted after the last ')'. State is field 3, start time field 22.
-fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// One line of `/proc/PID/cgroup`.
@@ -1155,7 +1144,8 @@ mod tests {
             policy.check(78).unwrap_err().reason,
             DenyReason::ProcessChanged
         );
-        // cgroup present, stat missing.
+        // cgroup present, stat missing: stat is no longer read; refused
+        // here because the fixture has no cgroup filesystem.
         let d = p.dir.path().join("79");
         std::fs::create_dir(&d).unwrap();
         std::fs::write(d.join("cgroup"), v2(&format!("/{ID}"))).unwrap();
@@ -1202,35 +1192,29 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_start_time_means_the_pid_was_reused() {
+    fn a_process_that_vanishes_during_the_check_is_refused() {
+        // Its /proc entry goes away after the handle was opened: whatever
+        // now has its pid, the handle reads nothing.
         let p = FakeProc::new();
         p.add(55, &v2(&format!("/{ID}")));
         let policy = p.policy(&[ID], &[]);
         assert!(policy.check(55).is_ok());
-        let stat = p.dir.path().join("55/stat");
-        let d = policy
-            .check_with(55, || std::fs::write(&stat, stat_line(55, 9999)).unwrap())
-            .unwrap_err();
+        let dir = ProcDir::open(p.dir.path().join("55")).unwrap();
+        std::fs::remove_dir_all(p.dir.path().join("55")).unwrap();
+        let d = policy.check_process(55, &dir).unwrap_err();
         assert_eq!(d.reason, DenyReason::ProcessChanged);
-        // The process vanishing between the reads is refused too.
-        let p2 = FakeProc::new();
-        p2.add(56, &v2(&format!("/{ID}")));
-        let stat = p2.dir.path().join("56/stat");
-        let d = p2
-            .policy(&[ID], &[])
-            .check_with(56, || std::fs::remove_file(&stat).unwrap())
-            .unwrap_err();
+        // The same with a real process that exits after the handle was opened.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let dir = ProcDir::open(PathBuf::from(format!("/proc/{pid}"))).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let policy = CallerPolicy::new(vec![], vec!["/x".into()]).unwrap();
+        let d = policy.check_process(pid, &dir).unwrap_err();
         assert_eq!(d.reason, DenyReason::ProcessChanged);
-    }
-
-    #[test]
-    fn stat_is_parsed_after_the_last_paren() {
-        assert_eq!(parse_start_time(&stat_line(1, 123456)), Some(123456));
-        assert_eq!(parse_start_time("1 (x) S 1"), None);
-        assert_eq!(parse_start_time("no parens at all"), None);
-        // This process's own stat has a start time.
-        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert!(parse_start_time(&own).is_some());
     }
 
     #[test]

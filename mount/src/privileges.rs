@@ -6,9 +6,9 @@
 //! - `CAP_SYS_ADMIN`: mount(2), and `umount2` of its own mount at shutdown.
 //! - `CAP_IPC_LOCK`: `mlock` of secrets beyond `RLIMIT_MEMLOCK` (8 MiB by
 //!   default).
-//! - Nothing for the caller check: `/proc/PID/cgroup` and `/proc/PID/stat`
-//!   are mode 0444 and readable for every process, other users' and
-//!   non-dumpable ones included. (`CAP_SYS_PTRACE` would only matter for
+//! - Nothing for the caller check: `/proc/PID/cgroup` is mode 0444 and
+//!   readable for every process, other users' and non-dumpable ones
+//!   included. (`CAP_SYS_PTRACE` would only matter for
 //!   `/proc/PID/ns/*`, which we do not read, or a `/proc` mounted with
 //!   `hidepid=`; use its `gid=` option instead.)
 //! - Nothing for serving FUSE or the server connection.
