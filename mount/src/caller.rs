@@ -46,9 +46,10 @@
 //! exits, reads through the handle fail (ENOENT, ESRCH) even if a new process
 //! gets its pid, and the answer is no.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -76,6 +77,7 @@ pub struct CallerPolicy {
     allow_cgroups: Vec<String>,
     proc_root: PathBuf,
     cgroup_root: PathBuf,
+    hierarchies: Hierarchies,
     /// The only owner a cgroup directory above a container may have: root
     /// (tests build their fixture as whoever runs them).
     trusted_uid: u32,
@@ -212,11 +214,13 @@ impl CallerPolicy {
             }
             cgroups.push(trimmed.to_owned());
         }
+        let cgroup_root = cgroup_root.into();
         Ok(CallerPolicy {
             container_ids,
             allow_cgroups: cgroups,
             proc_root: proc_root.into(),
-            cgroup_root: cgroup_root.into(),
+            hierarchies: Hierarchies::find(&cgroup_root),
+            cgroup_root,
             trusted_uid: 0,
             warned_format: AtomicBool::new(false),
         })
@@ -307,7 +311,7 @@ impl CallerPolicy {
                 "/{USER_SLICE} holds the users' own cgroups"
             )));
         }
-        let dir = self.hierarchy_dir(line).ok_or_else(|| {
+        let dir = self.hierarchies.dir(line).ok_or_else(|| {
             DenyReason::CgroupUnverifiable(format!(
                 "no cgroup filesystem for hierarchy {} ({:?}) under {}",
                 line.hierarchy,
@@ -342,32 +346,6 @@ impl CallerPolicy {
         Ok(())
     }
 
-    /// Where `line`'s hierarchy is mounted: the unified one at the root on
-    /// a cgroup v2 host and at `unified/` on a hybrid one; a v1 hierarchy
-    /// under its controllers' names (`cpu,cpuacct`, `memory`) or its
-    /// `name=` (`systemd`), as systemd lays them out.
-    fn hierarchy_dir(&self, line: &CgroupLine<'_>) -> Option<PathBuf> {
-        let root = &self.cgroup_root;
-        if line.hierarchy == 0 {
-            // A cgroup may itself be called `unified`: go by the root's own
-            // cgroup v2 file instead.
-            return if root.join("cgroup.controllers").is_file() {
-                Some(root.clone())
-            } else {
-                Some(root.join("unified")).filter(|d| d.join("cgroup.procs").is_file())
-            };
-        }
-        let names: Vec<&str> = line
-            .controllers
-            .split(',')
-            .map(|c| c.strip_prefix("name=").unwrap_or(c))
-            .collect();
-        std::iter::once(names.join(","))
-            .chain(names.iter().map(|n| (*n).to_owned()))
-            .map(|n| root.join(n))
-            .find(|d| d.join("cgroup.procs").is_file())
-    }
-
     /// Whether some running process passes the check now: `--container`
     /// with an id that matches nothing is allowed (the container may start
     /// later), but worth a warning at start.
@@ -383,6 +361,60 @@ impl CallerPolicy {
 
 /// A read through a [`ProcDir`] failed: the process is gone (its pid may
 /// be someone else's by now), or its entry could not be read.
+/// Where the cgroup hierarchies are mounted under the cgroup root, found
+/// once at start (the host's layout is set at boot): the unified one at
+/// the root on a cgroup v2 host and at `unified/` on a hybrid one; a v1
+/// hierarchy under its controllers' names (`cpu,cpuacct`, `memory`, and the
+/// `cpu` and `cpuacct` links to it) or its `name=` (`systemd`), as systemd
+/// lays them out.
+#[derive(Debug, Default)]
+struct Hierarchies {
+    unified: Option<PathBuf>,
+    /// Every directory under the root that is a cgroup, by name.
+    v1: HashMap<String, PathBuf>,
+}
+
+impl Hierarchies {
+    fn find(root: &Path) -> Hierarchies {
+        let is_cgroup = |dir: &Path| dir.join("cgroup.procs").is_file();
+        // A cgroup may itself be called `unified`: go by the root's own
+        // cgroup v2 file instead.
+        let unified = if root.join("cgroup.controllers").is_file() {
+            Some(root.to_path_buf())
+        } else {
+            Some(root.join("unified")).filter(|d| is_cgroup(d))
+        };
+        // Unreadable: no hierarchy is found, and every container match is
+        // refused as unverifiable.
+        let v1 = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let dir = entry.path();
+                is_cgroup(&dir).then_some((entry.file_name().into_string().ok()?, dir))
+            })
+            .collect();
+        Hierarchies { unified, v1 }
+    }
+
+    /// Where `line`'s hierarchy is mounted.
+    fn dir(&self, line: &CgroupLine<'_>) -> Option<&Path> {
+        if line.hierarchy == 0 {
+            return self.unified.as_deref();
+        }
+        let names: Vec<&str> = line
+            .controllers
+            .split(',')
+            .map(|c| c.strip_prefix("name=").unwrap_or(c))
+            .collect();
+        std::iter::once(names.join(","))
+            .chain(names.iter().map(|n| (*n).to_owned()))
+            .find_map(|n| self.v1.get(&n))
+            .map(PathBuf::as_path)
+    }
+}
+
 fn vanished_or_unreadable(e: ProcError) -> DenyReason {
     match e {
         // procfs reports ESRCH (the handle outlived the process) as NotFound.
