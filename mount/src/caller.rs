@@ -51,12 +51,9 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::time::SystemTime;
 
 use procfs::process::Process;
 use procfs::ProcError;
-use serde::Serialize;
 
 /// How long a Docker-style short id must be to match as a prefix.
 pub const MIN_ID_PREFIX: usize = 12;
@@ -647,52 +644,6 @@ fn is_full_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// Refusals, for `.secretfs/status`.
-#[derive(Debug, Default)]
-pub struct Refusals {
-    inner: Mutex<RefusalCounts>,
-}
-
-/// What `.secretfs/status` shows under `"refused"`.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
-pub struct RefusalCounts {
-    pub count: u64,
-    pub last: Option<LastRefusal>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct LastRefusal {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    pub pid: u32,
-    pub uid: u32,
-    pub cgroup: Option<String>,
-    pub reason: String,
-}
-
-impl Refusals {
-    /// Counts a refusal; `uid` comes from the FUSE request.
-    pub fn record(&self, denial: &Denial, uid: u32) {
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let mut counts = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        counts.count += 1;
-        counts.last = Some(LastRefusal {
-            at,
-            pid: denial.pid,
-            uid,
-            cgroup: denial.cgroup.clone(),
-            reason: denial.reason.to_string(),
-        });
-    }
-
-    pub fn snapshot(&self) -> RefusalCounts {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1280,29 +1231,5 @@ mod tests {
         assert!(!p.policy(&[ID], &[]).any_process_matches());
         p.add(11, &v2(&format!("/docker/{ID}")));
         assert!(p.policy(&[ID], &[]).any_process_matches());
-    }
-
-    #[test]
-    fn refusals_are_counted_with_the_last_one() {
-        let r = Refusals::default();
-        assert_eq!(r.snapshot(), RefusalCounts::default());
-        let denial = |pid| Denial {
-            pid,
-            reason: DenyReason::NotAllowed,
-            cgroup: Some("/docker/x".into()),
-        };
-        r.record(&denial(5), 1000);
-        r.record(&denial(6), 0);
-        let s = r.snapshot();
-        assert_eq!(s.count, 2);
-        let last = s.last.unwrap();
-        assert_eq!((last.pid, last.uid), (6, 0));
-        assert_eq!(last.cgroup.as_deref(), Some("/docker/x"));
-        let json = serde_json::to_value(r.snapshot()).unwrap();
-        assert_eq!(json["count"], 2);
-        assert_eq!(
-            json["last"]["reason"],
-            "caller is not in the mount's container"
-        );
     }
 }

@@ -324,7 +324,7 @@ fn refusal_to_proto(r: guard::Refusal) -> secretfs_proto::v1::Refusal {
         uid: r.uid,
         cgroup: r.cgroup.unwrap_or_default(),
         path: r.path,
-        reason: r.reason.to_string(),
+        reason: r.reason,
     }
 }
 
