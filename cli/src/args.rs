@@ -29,10 +29,12 @@ impl Cli {
     pub fn is_long_running(&self) -> bool {
         matches!(
             self.command,
-            Command::Server(ServerCmd {
-                command: ServerSub::Run(_)
-            }) | Command::Dev(_)
-                | Command::Mount(_)
+            Command::Mount(_)
+                | Command::Other(
+                    OtherCommand::Server(ServerCmd {
+                        command: ServerSub::Run(_)
+                    }) | OtherCommand::Dev(_)
+                )
         )
     }
 }
@@ -60,12 +62,25 @@ pub struct ConnArgs {
     pub key: Option<PathBuf>,
 }
 
+/// `mount` apart from the rest: it alone drops privileges before the
+/// async runtime starts (see `commands::prepare`), so the rest is a type
+/// of its own that cannot hold a mount.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or run the server.
-    Server(ServerCmd),
     /// Mount this identity's secrets as read-only in-memory files.
+    // Help lists `server` (0), then `mount`, then the rest in order.
+    #[command(display_order = 1)]
     Mount(MountArgs),
+    #[command(flatten)]
+    Other(OtherCommand),
+}
+
+/// Every command but `mount`.
+#[derive(Debug, Subcommand)]
+pub enum OtherCommand {
+    /// Create or run the server.
+    #[command(display_order = 0)]
+    Server(ServerCmd),
     /// One command to a working local system: server, demo client, secret and mount.
     Dev(DevArgs),
     /// Add, rotate, inspect and delete secrets.

@@ -41,21 +41,19 @@
 //! every v1 line whose path is not `/`, each of which must pass. A process
 //! whose every line is `/` is in no container and is refused.
 //!
-//! Pid reuse: like SPIRE, the process's start time (field 22 of
-//! `/proc/PID/stat`) is read before and after the cgroup file, both through
-//! one directory handle on `/proc/PID`; if the process vanished or the start
-//! time changed, the answer is no.
+//! Pid reuse: the cgroup file is read through a directory handle on
+//! `/proc/PID` opened first. The handle stays bound to that process: once it
+//! exits, reads through the handle fail (ENOENT, ESRCH) even if a new process
+//! gets its pid, and the answer is no.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::time::SystemTime;
 
 use procfs::process::Process;
 use procfs::ProcError;
-use serde::Serialize;
 
 /// How long a Docker-style short id must be to match as a prefix.
 pub const MIN_ID_PREFIX: usize = 12;
@@ -76,6 +74,7 @@ pub struct CallerPolicy {
     allow_cgroups: Vec<String>,
     proc_root: PathBuf,
     cgroup_root: PathBuf,
+    hierarchies: Hierarchies,
     /// The only owner a cgroup directory above a container may have: root
     /// (tests build their fixture as whoever runs them).
     trusted_uid: u32,
@@ -111,7 +110,7 @@ pub enum DenyReason {
     ProcUnreadable(String),
     /// The process exited, or its pid was reused, while we looked.
     ProcessChanged,
-    /// A line of `/proc/PID/cgroup` (or `stat`) is not in the kernel's format.
+    /// A line of `/proc/PID/cgroup` is not in the kernel's format.
     UnexpectedFormat(String),
     /// The process is in no container's cgroup.
     NotInAContainer,
@@ -212,11 +211,13 @@ impl CallerPolicy {
             }
             cgroups.push(trimmed.to_owned());
         }
+        let cgroup_root = cgroup_root.into();
         Ok(CallerPolicy {
             container_ids,
             allow_cgroups: cgroups,
             proc_root: proc_root.into(),
-            cgroup_root: cgroup_root.into(),
+            hierarchies: Hierarchies::find(&cgroup_root),
+            cgroup_root,
             trusted_uid: 0,
             warned_format: AtomicBool::new(false),
         })
@@ -224,33 +225,33 @@ impl CallerPolicy {
 
     /// Checks the process `pid` (from the FUSE request).
     pub fn check(&self, pid: u32) -> Result<CallerInfo, Denial> {
-        self.check_with(pid, || {})
+        if pid == 0 {
+            return Err(Denial {
+                pid,
+                reason: DenyReason::OutsidePidNamespace,
+                cgroup: None,
+            });
+        }
+        // Not found here: no such process (any more), or not in our pid
+        // namespace's /proc.
+        let dir = ProcDir::open(self.proc_root.join(pid.to_string())).map_err(|e| Denial {
+            pid,
+            reason: DenyReason::ProcUnreadable(e.to_string()),
+            cgroup: None,
+        })?;
+        self.check_process(pid, &dir)
     }
 
-    /// The check, with a hook between reading the cgroup file and the
-    /// second start-time read (tests use it to fake pid reuse).
-    fn check_with(&self, pid: u32, between: impl FnOnce()) -> Result<CallerInfo, Denial> {
+    /// The check of the process `dir` holds.
+    fn check_process(&self, pid: u32, dir: &ProcDir) -> Result<CallerInfo, Denial> {
         let deny = |reason, cgroup| Denial {
             pid,
             reason,
             cgroup,
         };
-        if pid == 0 {
-            return Err(deny(DenyReason::OutsidePidNamespace, None));
-        }
-        let dir = ProcDir::open(self.proc_root.join(pid.to_string()))
-            .map_err(|e| deny(DenyReason::ProcUnreadable(e.to_string()), None))?;
-        let before = dir.start_time().map_err(|r| deny(r, None))?;
         let cgroup_text = dir
             .read("cgroup")
             .map_err(|e| deny(vanished_or_unreadable(e), None))?;
-        between();
-        let after = dir
-            .start_time()
-            .map_err(|_| deny(DenyReason::ProcessChanged, None))?;
-        if before != after {
-            return Err(deny(DenyReason::ProcessChanged, None));
-        }
         let lines = match parse_cgroup_file(&cgroup_text) {
             Ok(lines) => lines,
             Err(line) => {
@@ -307,7 +308,7 @@ impl CallerPolicy {
                 "/{USER_SLICE} holds the users' own cgroups"
             )));
         }
-        let dir = self.hierarchy_dir(line).ok_or_else(|| {
+        let dir = self.hierarchies.dir(line).ok_or_else(|| {
             DenyReason::CgroupUnverifiable(format!(
                 "no cgroup filesystem for hierarchy {} ({:?}) under {}",
                 line.hierarchy,
@@ -342,32 +343,6 @@ impl CallerPolicy {
         Ok(())
     }
 
-    /// Where `line`'s hierarchy is mounted: the unified one at the root on
-    /// a cgroup v2 host and at `unified/` on a hybrid one; a v1 hierarchy
-    /// under its controllers' names (`cpu,cpuacct`, `memory`) or its
-    /// `name=` (`systemd`), as systemd lays them out.
-    fn hierarchy_dir(&self, line: &CgroupLine<'_>) -> Option<PathBuf> {
-        let root = &self.cgroup_root;
-        if line.hierarchy == 0 {
-            // A cgroup may itself be called `unified`: go by the root's own
-            // cgroup v2 file instead.
-            return if root.join("cgroup.controllers").is_file() {
-                Some(root.clone())
-            } else {
-                Some(root.join("unified")).filter(|d| d.join("cgroup.procs").is_file())
-            };
-        }
-        let names: Vec<&str> = line
-            .controllers
-            .split(',')
-            .map(|c| c.strip_prefix("name=").unwrap_or(c))
-            .collect();
-        std::iter::once(names.join(","))
-            .chain(names.iter().map(|n| (*n).to_owned()))
-            .map(|n| root.join(n))
-            .find(|d| d.join("cgroup.procs").is_file())
-    }
-
     /// Whether some running process passes the check now: `--container`
     /// with an id that matches nothing is allowed (the container may start
     /// later), but worth a warning at start.
@@ -378,6 +353,62 @@ impl CallerPolicy {
         entries
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
             .any(|pid| self.check(pid).is_ok())
+    }
+}
+
+/// A read through a [`ProcDir`] failed: the process is gone (its pid may
+/// be someone else's by now), or its entry could not be read.
+/// Where the cgroup hierarchies are mounted under the cgroup root, found
+/// once at start (the host's layout is set at boot): the unified one at
+/// the root on a cgroup v2 host and at `unified/` on a hybrid one; a v1
+/// hierarchy under its controllers' names (`cpu,cpuacct`, `memory`, and the
+/// `cpu` and `cpuacct` links to it) or its `name=` (`systemd`), as systemd
+/// lays them out.
+#[derive(Debug, Default)]
+struct Hierarchies {
+    unified: Option<PathBuf>,
+    /// Every directory under the root that is a cgroup, by name.
+    v1: HashMap<String, PathBuf>,
+}
+
+impl Hierarchies {
+    fn find(root: &Path) -> Hierarchies {
+        let is_cgroup = |dir: &Path| dir.join("cgroup.procs").is_file();
+        // A cgroup may itself be called `unified`: go by the root's own
+        // cgroup v2 file instead.
+        let unified = if root.join("cgroup.controllers").is_file() {
+            Some(root.to_path_buf())
+        } else {
+            Some(root.join("unified")).filter(|d| is_cgroup(d))
+        };
+        // Unreadable: no hierarchy is found, and every container match is
+        // refused as unverifiable.
+        let v1 = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let dir = entry.path();
+                is_cgroup(&dir).then_some((entry.file_name().into_string().ok()?, dir))
+            })
+            .collect();
+        Hierarchies { unified, v1 }
+    }
+
+    /// Where `line`'s hierarchy is mounted.
+    fn dir(&self, line: &CgroupLine<'_>) -> Option<&Path> {
+        if line.hierarchy == 0 {
+            return self.unified.as_deref();
+        }
+        let names: Vec<&str> = line
+            .controllers
+            .split(',')
+            .map(|c| c.strip_prefix("name=").unwrap_or(c))
+            .collect();
+        std::iter::once(names.join(","))
+            .chain(names.iter().map(|n| (*n).to_owned()))
+            .find_map(|n| self.v1.get(&n))
+            .map(PathBuf::as_path)
     }
 }
 
@@ -395,9 +426,9 @@ fn vanished_or_unreadable(e: ProcError) -> DenyReason {
     }
 }
 
-/// A handle on `/proc/PID` (procfs keeps a directory descriptor): files
-/// opened through it belong to that process even if the pid is reused
-/// meanwhile (they then fail with ESRCH).
+/// A handle on `/proc/PID` (procfs keeps an O_PATH directory descriptor):
+/// files opened or read through it belong to that process even if the pid
+/// is reused meanwhile (they then fail with ENOENT or ESRCH).
 struct ProcDir {
     process: Process,
 }
@@ -417,19 +448,6 @@ impl ProcDir {
         file.read_to_string(&mut text)?;
         Ok(text)
     }
-
-    /// Field 22 of `stat`: the start time in clock ticks since boot.
-    fn start_time(&self) -> Result<u64, DenyReason> {
-        let stat = self.read("stat").map_err(vanished_or_unreadable)?;
-        parse_start_time(&stat).ok_or_else(|| DenyReason::UnexpectedFormat(stat.trim().into()))
-    }
-}
-
-/// `pid (comm) state ppid …`: comm may hold spaces and ')', so the fields
-/// are counted after the last ')'. State is field 3, start time field 22.
-fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// One line of `/proc/PID/cgroup`.
@@ -624,52 +642,6 @@ fn is_hex(s: &str) -> bool {
 /// Docker, containerd and CRI-O ids: 64 lower-case hex digits.
 fn is_full_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// Refusals, for `.secretfs/status`.
-#[derive(Debug, Default)]
-pub struct Refusals {
-    inner: Mutex<RefusalCounts>,
-}
-
-/// What `.secretfs/status` shows under `"refused"`.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
-pub struct RefusalCounts {
-    pub count: u64,
-    pub last: Option<LastRefusal>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct LastRefusal {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    pub pid: u32,
-    pub uid: u32,
-    pub cgroup: Option<String>,
-    pub reason: String,
-}
-
-impl Refusals {
-    /// Counts a refusal; `uid` comes from the FUSE request.
-    pub fn record(&self, denial: &Denial, uid: u32) {
-        let at = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let mut counts = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        counts.count += 1;
-        counts.last = Some(LastRefusal {
-            at,
-            pid: denial.pid,
-            uid,
-            cgroup: denial.cgroup.clone(),
-            reason: denial.reason.to_string(),
-        });
-    }
-
-    pub fn snapshot(&self) -> RefusalCounts {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
 }
 
 #[cfg(test)]
@@ -1155,7 +1127,8 @@ mod tests {
             policy.check(78).unwrap_err().reason,
             DenyReason::ProcessChanged
         );
-        // cgroup present, stat missing.
+        // cgroup present, stat missing: stat is no longer read; refused
+        // here because the fixture has no cgroup filesystem.
         let d = p.dir.path().join("79");
         std::fs::create_dir(&d).unwrap();
         std::fs::write(d.join("cgroup"), v2(&format!("/{ID}"))).unwrap();
@@ -1202,35 +1175,29 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_start_time_means_the_pid_was_reused() {
+    fn a_process_that_vanishes_during_the_check_is_refused() {
+        // Its /proc entry goes away after the handle was opened: whatever
+        // now has its pid, the handle reads nothing.
         let p = FakeProc::new();
         p.add(55, &v2(&format!("/{ID}")));
         let policy = p.policy(&[ID], &[]);
         assert!(policy.check(55).is_ok());
-        let stat = p.dir.path().join("55/stat");
-        let d = policy
-            .check_with(55, || std::fs::write(&stat, stat_line(55, 9999)).unwrap())
-            .unwrap_err();
+        let dir = ProcDir::open(p.dir.path().join("55")).unwrap();
+        std::fs::remove_dir_all(p.dir.path().join("55")).unwrap();
+        let d = policy.check_process(55, &dir).unwrap_err();
         assert_eq!(d.reason, DenyReason::ProcessChanged);
-        // The process vanishing between the reads is refused too.
-        let p2 = FakeProc::new();
-        p2.add(56, &v2(&format!("/{ID}")));
-        let stat = p2.dir.path().join("56/stat");
-        let d = p2
-            .policy(&[ID], &[])
-            .check_with(56, || std::fs::remove_file(&stat).unwrap())
-            .unwrap_err();
+        // The same with a real process that exits after the handle was opened.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let dir = ProcDir::open(PathBuf::from(format!("/proc/{pid}"))).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let policy = CallerPolicy::new(vec![], vec!["/x".into()]).unwrap();
+        let d = policy.check_process(pid, &dir).unwrap_err();
         assert_eq!(d.reason, DenyReason::ProcessChanged);
-    }
-
-    #[test]
-    fn stat_is_parsed_after_the_last_paren() {
-        assert_eq!(parse_start_time(&stat_line(1, 123456)), Some(123456));
-        assert_eq!(parse_start_time("1 (x) S 1"), None);
-        assert_eq!(parse_start_time("no parens at all"), None);
-        // This process's own stat has a start time.
-        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert!(parse_start_time(&own).is_some());
     }
 
     #[test]
@@ -1264,29 +1231,5 @@ mod tests {
         assert!(!p.policy(&[ID], &[]).any_process_matches());
         p.add(11, &v2(&format!("/docker/{ID}")));
         assert!(p.policy(&[ID], &[]).any_process_matches());
-    }
-
-    #[test]
-    fn refusals_are_counted_with_the_last_one() {
-        let r = Refusals::default();
-        assert_eq!(r.snapshot(), RefusalCounts::default());
-        let denial = |pid| Denial {
-            pid,
-            reason: DenyReason::NotAllowed,
-            cgroup: Some("/docker/x".into()),
-        };
-        r.record(&denial(5), 1000);
-        r.record(&denial(6), 0);
-        let s = r.snapshot();
-        assert_eq!(s.count, 2);
-        let last = s.last.unwrap();
-        assert_eq!((last.pid, last.uid), (6, 0));
-        assert_eq!(last.cgroup.as_deref(), Some("/docker/x"));
-        let json = serde_json::to_value(r.snapshot()).unwrap();
-        assert_eq!(json["count"], 2);
-        assert_eq!(
-            json["last"]["reason"],
-            "caller is not in the mount's container"
-        );
     }
 }

@@ -11,7 +11,9 @@
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use crate::caller::{CallerPolicy, DenyReason, RefusalCounts, Refusals};
+use serde::{Serialize, Serializer};
+
+use crate::caller::{CallerPolicy, Denial};
 use crate::tree::{CONTROL_INO, ROOT_INO, STATUS_INO};
 
 /// Refusals kept for the next report; more are counted but not itemised.
@@ -25,17 +27,69 @@ pub struct Guard {
     outbox: Mutex<Vec<Refusal>>,
 }
 
-/// One refused request, waiting to be reported to the server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One refused request: the last one shows in `.secretfs/status`, each is
+/// reported to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Refusal {
+    /// Shown in the status as seconds since the Unix epoch.
+    #[serde(serialize_with = "unix_seconds")]
     pub at: SystemTime,
     pub pid: u32,
     pub uid: u32,
     /// The deciding cgroup path, when it was read.
     pub cgroup: Option<String>,
-    /// What was asked for: a name or inode, never content.
+    /// What was asked for: a name or inode, never content. For the audit
+    /// log only: the status says who was refused, not what they tried.
+    #[serde(skip)]
     pub path: String,
-    pub reason: DenyReason,
+    pub reason: String,
+}
+
+impl Refusal {
+    /// `denial` of a request by `uid` for `path`, now.
+    pub fn new(denial: &Denial, uid: u32, path: String) -> Refusal {
+        Refusal {
+            at: SystemTime::now(),
+            pid: denial.pid,
+            uid,
+            cgroup: denial.cgroup.clone(),
+            path,
+            reason: denial.reason.to_string(),
+        }
+    }
+}
+
+fn unix_seconds<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    s.serialize_u64(secs)
+}
+
+/// Refusals, for `.secretfs/status`.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    inner: Mutex<RefusalCounts>,
+}
+
+/// What `.secretfs/status` shows under `"refused"`.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct RefusalCounts {
+    pub count: u64,
+    pub last: Option<Refusal>,
+}
+
+impl Refusals {
+    pub fn record(&self, refusal: Refusal) {
+        let mut counts = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        counts.count += 1;
+        counts.last = Some(refusal);
+    }
+
+    pub fn snapshot(&self) -> RefusalCounts {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Guard {
@@ -66,18 +120,13 @@ impl Guard {
         match self.policy.check(pid) {
             Ok(_) => true,
             Err(denial) => {
-                self.refusals.record(&denial, uid);
+                let refusal = Refusal::new(&denial, uid, what());
                 let mut outbox = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
                 if outbox.len() < OUTBOX_MAX {
-                    outbox.push(Refusal {
-                        at: SystemTime::now(),
-                        pid,
-                        uid,
-                        cgroup: denial.cgroup.clone(),
-                        path: what(),
-                        reason: denial.reason.clone(),
-                    });
+                    outbox.push(refusal.clone());
                 }
+                drop(outbox);
+                self.refusals.record(refusal);
                 false
             }
         }
@@ -108,6 +157,7 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::caller::DenyReason;
 
     fn guard(public_status: bool) -> Guard {
         // A fixture /proc with no processes: every check fails.
@@ -148,5 +198,29 @@ mod tests {
         let g = guard(false);
         assert!(!g.admit(10, 0, 0, String::new));
         assert!(g.counts().last.unwrap().reason.contains("pid 0"));
+    }
+
+    #[test]
+    fn refusals_are_counted_with_the_last_one() {
+        let r = Refusals::default();
+        assert_eq!(r.snapshot(), RefusalCounts::default());
+        let denial = |pid| Denial {
+            pid,
+            reason: DenyReason::NotAllowed,
+            cgroup: Some("/docker/x".into()),
+        };
+        r.record(Refusal::new(&denial(5), 1000, "a".into()));
+        r.record(Refusal::new(&denial(6), 0, "b".into()));
+        let s = r.snapshot();
+        assert_eq!(s.count, 2);
+        let last = s.last.unwrap();
+        assert_eq!((last.pid, last.uid), (6, 0));
+        assert_eq!(last.cgroup.as_deref(), Some("/docker/x"));
+        let json = serde_json::to_value(r.snapshot()).unwrap();
+        assert_eq!(json["count"], 2);
+        assert_eq!(
+            json["last"]["reason"],
+            "caller is not in the mount's container"
+        );
     }
 }

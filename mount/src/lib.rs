@@ -28,7 +28,7 @@
 //!   container; refusals are counted in the status and reported to the server.
 //! - `privileges`: keep only CAP_SYS_ADMIN and CAP_IPC_LOCK and set
 //!   no_new_privs while the process has one thread ([`drop_privileges`]);
-//!   once mounted, check that every thread holds just that.
+//!   before mounting, check that every thread holds just that.
 //!
 //! [`run`] ties them together: first sync (the Watch's initial event),
 //! mount, apply events until shutdown, unmount.
@@ -106,8 +106,8 @@ pub struct MountOptions {
     /// in these containers or cgroups may look up, open or list secrets.
     pub callers: Option<CallerRules>,
     /// What [`drop_privileges`] kept, when the caller dropped privileges
-    /// before starting any thread: once mounted, every thread must hold
-    /// exactly that, or the mount stops. `None` where the process also does
+    /// before starting any thread: before mounting, every thread must hold
+    /// exactly that, or `run` fails without mounting. `None` where the process also does
     /// other work (`dev`) and keeps its privileges.
     pub privileges: Option<DroppedReport>,
 }
@@ -208,6 +208,13 @@ pub async fn run(
 
     // The first sync may have taken a while: check again right before mounting.
     mount::prepare_mountpoint(&path)?;
+    if let Some(report) = &opts.privileges {
+        // Nothing is served until every thread holds only what was kept.
+        // The runtime's threads exist now; every later one (the blocking
+        // pool's, fuser's) is made by one of these and copies its sets.
+        let threads = privileges::verify_every_thread(report)?;
+        tracing::debug!(threads, "every thread holds only the kept capabilities");
+    }
     let fs = fuse::SecretFs::with_guard(tree.clone(), guard.clone());
     let mount_path = path.clone();
     let mounted = tokio::task::spawn_blocking(move || mount::mount(fs, &mount_path))
@@ -223,23 +230,6 @@ pub async fn run(
         caller_check = guard.is_some(),
         "mounted"
     );
-    if let Some(report) = &opts.privileges {
-        // The runtime's and fuser's threads exist now: each must have
-        // inherited the dropped sets.
-        match privileges::verify_every_thread(report) {
-            Ok(threads) => {
-                tracing::debug!(threads, "every thread holds only the kept capabilities")
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "privilege check failed; unmounting");
-                tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
-                    .await
-                    .ok();
-                updater.wipe();
-                return Err(MountError::Privileges(e));
-            }
-        }
-    }
     let reporter = guard
         .clone()
         .map(|g| tokio::spawn(report_refusals(g, opts.connect.clone())));
@@ -334,7 +324,7 @@ fn refusal_to_proto(r: guard::Refusal) -> secretfs_proto::v1::Refusal {
         uid: r.uid,
         cgroup: r.cgroup.unwrap_or_default(),
         path: r.path,
-        reason: r.reason.to_string(),
+        reason: r.reason,
     }
 }
 

@@ -6,9 +6,9 @@
 //! - `CAP_SYS_ADMIN`: mount(2), and `umount2` of its own mount at shutdown.
 //! - `CAP_IPC_LOCK`: `mlock` of secrets beyond `RLIMIT_MEMLOCK` (8 MiB by
 //!   default).
-//! - Nothing for the caller check: `/proc/PID/cgroup` and `/proc/PID/stat`
-//!   are mode 0444 and readable for every process, other users' and
-//!   non-dumpable ones included. (`CAP_SYS_PTRACE` would only matter for
+//! - Nothing for the caller check: `/proc/PID/cgroup` is mode 0444 and
+//!   readable for every process, other users' and non-dumpable ones
+//!   included. (`CAP_SYS_PTRACE` would only matter for
 //!   `/proc/PID/ns/*`, which we do not read, or a `/proc` mounted with
 //!   `hidepid=`; use its `gid=` option instead.)
 //! - Nothing for serving FUSE or the server connection.
@@ -17,12 +17,13 @@
 //! copies its creator's. So [`drop_privileges`] runs while the process has
 //! one thread (`secretfs mount` calls it before it builds its async
 //! runtime) and refuses otherwise; every later thread inherits the dropped
-//! sets. Once mounted, [`verify_every_thread`] reads each thread's
-//! `/proc/self/task/TID/status` and the mount stops if one holds anything
-//! else.
+//! sets. Right before mounting, [`verify_every_thread`] reads each
+//! thread's `/proc/self/task/TID/status`, and the mount does not start if
+//! one holds anything else.
 
 use caps::{CapSet, CapsHashSet};
 use procfs::process::Process;
+use procfs::ProcError;
 
 pub use caps::Capability;
 
@@ -67,14 +68,17 @@ impl std::fmt::Display for DroppedReport {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PrivilegeError {
-    #[error("cannot read this process's capabilities: {0}")]
+    #[error("cannot read this process's capabilities or threads ({0}): /proc must be mounted and readable")]
     Read(String),
     #[error(
         "capabilities must be dropped while the process has one thread, but it has {0}: \
          drop them first thing in main, before any runtime or thread starts"
     )]
     Threads(usize),
-    #[error("cannot drop capabilities: {0}")]
+    #[error(
+        "cannot drop capabilities ({0}): allow capset(2) and prctl(2) to the mount's process \
+         (a seccomp profile or security module forbids them)"
+    )]
     Drop(String),
     #[error(
         "thread {tid} holds {what}, not just {kept}: a thread kept privileges it should \
@@ -131,17 +135,18 @@ pub fn drop_privileges(keep: &[Capability]) -> Result<DroppedReport, PrivilegeEr
 /// were checked.
 pub fn verify_every_thread(report: &DroppedReport) -> Result<usize, PrivilegeError> {
     let kept = mask(&report.kept);
-    let tasks = Process::myself()
-        .and_then(|p| p.tasks())
-        .map_err(|e| PrivilegeError::Read(e.to_string()))?;
+    let me = Process::myself().map_err(read_failed)?;
     let mut checked = 0;
-    // A thread that ends meanwhile has nothing left to check.
-    for task in tasks.flatten() {
-        let Ok(s) = task.status() else {
-            continue;
+    for tid in thread_ids()? {
+        // A thread that ended meanwhile has nothing left to check; one we
+        // cannot read might hold anything.
+        let s = match me.task_from_tid(tid).and_then(|t| t.status()) {
+            Ok(s) => s,
+            Err(e) if ended(&e) => continue,
+            Err(e) => return Err(read_failed(e)),
         };
         let differs = |what: String| PrivilegeError::Differs {
-            tid: task.tid,
+            tid,
             what,
             kept: names(&report.kept),
         };
@@ -168,11 +173,40 @@ pub fn verify_every_thread(report: &DroppedReport) -> Result<usize, PrivilegeErr
     Ok(checked)
 }
 
+/// This process's threads, from `/proc/self/task`. Read by hand: procfs's
+/// iterator leaves out a thread whose directory it cannot open, whatever
+/// the reason.
+fn thread_ids() -> Result<Vec<i32>, PrivilegeError> {
+    let failed = |e: std::io::Error| PrivilegeError::Read(format!("/proc/self/task: {e}"));
+    let mut tids = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").map_err(failed)? {
+        let name = entry.map_err(failed)?.file_name();
+        let tid = name.to_str().and_then(|n| n.parse().ok()).ok_or_else(|| {
+            PrivilegeError::Read(format!("/proc/self/task/{name:?}: not a thread id"))
+        })?;
+        tids.push(tid);
+    }
+    Ok(tids)
+}
+
+/// The thread ended: its `/proc` entry is gone (ENOENT) or outlived it
+/// (ESRCH; procfs reports both as `NotFound`).
+fn ended(e: &ProcError) -> bool {
+    match e {
+        ProcError::NotFound(_) => true,
+        ProcError::Io(io, _) => {
+            io.kind() == std::io::ErrorKind::NotFound || io.raw_os_error() == Some(libc::ESRCH)
+        }
+        _ => false,
+    }
+}
+
+fn read_failed(e: ProcError) -> PrivilegeError {
+    PrivilegeError::Read(e.to_string())
+}
+
 fn thread_count() -> Result<usize, PrivilegeError> {
-    Process::myself()
-        .and_then(|p| p.tasks())
-        .map(|tasks| tasks.count())
-        .map_err(|e| PrivilegeError::Read(e.to_string()))
+    thread_ids().map(|tids| tids.len())
 }
 
 fn sorted<'a>(caps: impl Iterator<Item = &'a Capability>) -> Vec<Capability> {
@@ -546,6 +580,25 @@ mod tests {
             out.contains("not held to begin with: CAP_IPC_LOCK"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn only_a_thread_that_ended_is_skipped() {
+        let io = |errno| ProcError::Io(std::io::Error::from_raw_os_error(errno), None);
+        assert!(ended(&ProcError::NotFound(None)));
+        assert!(ended(&io(libc::ESRCH)));
+        assert!(ended(&io(libc::ENOENT)));
+        for unreadable in [
+            ProcError::PermissionDenied(None),
+            ProcError::Incomplete(None),
+            io(libc::EIO),
+            io(libc::EACCES),
+        ] {
+            assert!(!ended(&unreadable), "{unreadable:?}");
+        }
+        // And the check reads every thread there is.
+        let tids = thread_ids().unwrap();
+        assert!(tids.contains(&rustix::thread::gettid().as_raw_nonzero().get()));
     }
 
     #[test]

@@ -57,8 +57,8 @@ fn snapshot(secrets: Vec<StaticSecret>) -> Snapshot {
     let files = secrets
         .into_iter()
         .map(|mut s| {
+            // `s` is dropped at the end of this closure, which wipes its copy.
             let content = Arc::new(SecretBytes::copy_from(&s.content));
-            s.content.zeroize();
             SecretFile {
                 id: s.id,
                 version: s.version,

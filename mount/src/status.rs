@@ -35,7 +35,7 @@ pub struct SyncState {
     /// Set when the server refused this client; the mount is then empty.
     pub refused: Option<String>,
     /// With the caller check on: the processes it refused.
-    pub refused_callers: Option<crate::caller::RefusalCounts>,
+    pub refused_callers: Option<crate::guard::RefusalCounts>,
 }
 
 #[derive(Serialize)]
@@ -60,7 +60,7 @@ struct StatusJson<'a> {
     /// With `--container`/`--allow-cgroup`: how many requests the caller
     /// check refused, and the last one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    refused_callers: Option<&'a crate::caller::RefusalCounts>,
+    refused_callers: Option<&'a crate::guard::RefusalCounts>,
     #[serde(skip_serializing_if = "Option::is_none")]
     note: Option<String>,
 }

@@ -141,21 +141,60 @@ impl SecretsSource {
         mirror: &mut Mirror,
     ) -> Result<(Streaming<WatchEvent>, Snapshot), SyncError> {
         let mut stream = self.watch(mirror.request(true)).await?;
+        let mut initial = InitialEvent::awaited();
         loop {
-            // Each part of a split initial event is progress: the timeout
-            // runs per message.
-            let Ok(msg) = tokio::time::timeout(RPC_TIMEOUT, stream.message()).await else {
-                mirror.closed();
-                return Err(SyncError::Unreachable("no initial event in time".into()));
+            let step = match initial.next(&mut stream).await {
+                Ok(msg) => step(mirror, msg),
+                Err(e) => Step::Stop(e),
             };
-            match step(mirror, msg) {
+            match step {
                 Step::Applied(snapshot, _) => return Ok((stream, snapshot)),
-                Step::Part => continue,
+                Step::Part => initial.progress(),
                 Step::Stop(e) => {
                     mirror.closed();
                     return Err(e);
                 }
             }
+        }
+    }
+}
+
+/// The deadline for a stream's initial event: a stream that opened but
+/// never brings it is as good as a dead server. It runs per message: each
+/// part of a split initial event is progress. (An idle stream after its
+/// initial event is fine: HTTP/2 keep-alive notices a dead connection.)
+struct InitialEvent {
+    by: Option<Instant>,
+}
+
+impl InitialEvent {
+    fn awaited() -> InitialEvent {
+        InitialEvent {
+            by: Some(Instant::now() + RPC_TIMEOUT),
+        }
+    }
+
+    fn received() -> InitialEvent {
+        InitialEvent { by: None }
+    }
+
+    /// The stream's next message, or `Unreachable` once the deadline passed.
+    async fn next(
+        &self,
+        stream: &mut Streaming<WatchEvent>,
+    ) -> Result<Result<Option<WatchEvent>, tonic::Status>, SyncError> {
+        match self.by {
+            Some(by) => tokio::time::timeout_at(by, stream.message())
+                .await
+                .map_err(|_| SyncError::Unreachable("no initial event in time".into())),
+            None => Ok(stream.message().await),
+        }
+    }
+
+    /// A part of the initial event came: the next one has time again.
+    fn progress(&mut self) {
+        if self.by.is_some() {
+            *self = InitialEvent::awaited();
         }
     }
 }
@@ -294,37 +333,25 @@ async fn follow(
 ) -> Stop {
     let full = tokio::time::sleep_until(next_full);
     tokio::pin!(full);
-    // A stream that opened but never brings its initial event is as good as
-    // a dead server.
-    // (An idle stream after its initial event is fine: HTTP/2 keep-alive
-    // notices a dead connection.)
-    let mut initial_by = (!initial_done).then(|| Instant::now() + RPC_TIMEOUT);
+    let mut initial = if initial_done {
+        InitialEvent::received()
+    } else {
+        InitialEvent::awaited()
+    };
     loop {
-        let initial_deadline = async {
-            match initial_by {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
-            msg = stream.message() => match step(&mut live.mirror, msg) {
-                Step::Applied(snapshot, revision) => {
-                    initial_by = None;
+            msg = initial.next(stream) => match msg.map(|msg| step(&mut live.mirror, msg)) {
+                Ok(Step::Applied(snapshot, revision)) => {
+                    initial = InitialEvent::received();
                     on_success();
                     if events.send(SyncEvent::Synced { snapshot, revision }).await.is_err() {
                         return Stop::Gone;
                     }
                 }
-                Step::Part => {
-                    // Progress on a split initial event.
-                    initial_by = initial_by.map(|_| Instant::now() + RPC_TIMEOUT);
-                }
-                Step::Stop(e) => return Stop::Failed(e),
+                Ok(Step::Part) => initial.progress(),
+                Ok(Step::Stop(e)) | Err(e) => return Stop::Failed(e),
             },
-            () = initial_deadline => {
-                return Stop::Failed(SyncError::Unreachable("no initial event in time".into()));
-            }
             () = &mut full => return Stop::Now,
             _ = creds.tick() => {
                 if renew(live) {

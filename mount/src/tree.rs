@@ -629,10 +629,10 @@ impl Tree {
     /// Drops every secret, referenced or not (shutdown, or the server
     /// disowned this client and the kernel must not keep any bytes either).
     pub fn wipe(&mut self, now: SystemTime) -> Vec<Invalidation> {
-        // `apply` has already revoked every secret inode the kernel holds.
+        // `apply` has already revoked every secret inode the kernel holds:
+        // no `Body::Secret` is left.
         let inval = self.apply(&Snapshot::empty(), now);
-        self.nodes
-            .retain(|_, n| !matches!(n.body, Body::Secret { .. }) && (n.current || n.nlookup > 0));
+        self.nodes.retain(|_, n| n.current || n.nlookup > 0);
         inval
     }
 

@@ -183,7 +183,7 @@ impl Updater {
     }
 
     /// The caller check's counters, shown from the next status on.
-    pub fn set_refused_callers(&mut self, counts: crate::caller::RefusalCounts) {
+    pub fn set_refused_callers(&mut self, counts: crate::guard::RefusalCounts) {
         self.state.refused_callers = Some(counts);
     }
 

@@ -282,17 +282,18 @@ impl Mirror {
         self.held = held;
         self.revision = self.revision.max(change.revision);
         self.stream = Stream::Live;
-        (self.snapshot(), applied)
+        let snap = self.snapshot();
+        // What the mount shows from now on.
+        self.shown = snap.files().iter().map(|f| f.name.clone()).collect();
+        (snap, applied)
     }
 
-    /// What the mount shows from now on: the held secrets, screened
-    /// against what it showed so far.
-    pub fn snapshot(&mut self) -> Snapshot {
-        let snap = Snapshot::build_over(self.held.values().cloned().collect(), |name| {
+    /// The held secrets as the mount would show them: screened against
+    /// what it showed so far.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::build_over(self.held.values().cloned().collect(), |name| {
             self.shown.contains(name)
-        });
-        self.shown = snap.files().iter().map(|f| f.name.clone()).collect();
-        snap
+        })
     }
 
     /// The checks that need the whole change and the stream's state.

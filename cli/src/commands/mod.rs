@@ -12,13 +12,18 @@ use anyhow::Result;
 
 use secretfs_mount::MountOptions;
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, ConnArgs, Format, OtherCommand};
 
 /// A command whose part that must run before any thread exists has run.
 pub enum Ready {
     /// `secretfs mount`: files read, privileges dropped.
     Mount(MountOptions),
-    Other(Cli),
+    /// Any other command: nothing to do before the runtime.
+    Other {
+        conn: ConnArgs,
+        output: Format,
+        command: OtherCommand,
+    },
 }
 
 /// Runs what must happen while the process has one thread, before the
@@ -26,28 +31,33 @@ pub enum Ready {
 pub fn prepare(cli: Cli) -> Result<Ready> {
     match cli.command {
         Command::Mount(args) => Ok(Ready::Mount(mount::prepare(&cli.conn, args)?)),
-        _ => Ok(Ready::Other(cli)),
+        Command::Other(command) => Ok(Ready::Other {
+            conn: cli.conn,
+            output: cli.output,
+            command,
+        }),
     }
 }
 
 pub async fn run(ready: Ready) -> Result<()> {
-    let cli = match ready {
+    let (conn, format, command) = match ready {
         Ready::Mount(opts) => return mount::run(opts).await,
-        Ready::Other(cli) => cli,
+        Ready::Other {
+            conn,
+            output,
+            command,
+        } => (conn, output, command),
     };
-    let format = cli.output;
-    match cli.command {
-        Command::Server(cmd) => server::run(cmd, format).await,
-        // Normally prepared already; this way only privileges stay put.
-        Command::Mount(args) => mount::run(mount::prepare(&cli.conn, args)?).await,
-        Command::Dev(args) => dev::run(args).await,
-        Command::Secret(cmd) => secret::run(&cli.conn, cmd, format).await,
-        Command::Client(cmd) => client::run(&cli.conn, cmd, format).await,
-        Command::Group(cmd) => group::run(&cli.conn, cmd, format).await,
-        Command::Access { client } => identity::access(&cli.conn, &client, format).await,
-        Command::Whoami => identity::whoami(&cli.conn, format).await,
-        Command::Read { name } => identity::read(&cli.conn, &name).await,
-        Command::Audit(args) => identity::audit(&cli.conn, args, format).await,
+    match command {
+        OtherCommand::Server(cmd) => server::run(cmd, format).await,
+        OtherCommand::Dev(args) => dev::run(args).await,
+        OtherCommand::Secret(cmd) => secret::run(&conn, cmd, format).await,
+        OtherCommand::Client(cmd) => client::run(&conn, cmd, format).await,
+        OtherCommand::Group(cmd) => group::run(&conn, cmd, format).await,
+        OtherCommand::Access { client } => identity::access(&conn, &client, format).await,
+        OtherCommand::Whoami => identity::whoami(&conn, format).await,
+        OtherCommand::Read { name } => identity::read(&conn, &name).await,
+        OtherCommand::Audit(args) => identity::audit(&conn, args, format).await,
     }
 }
 

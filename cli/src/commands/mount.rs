@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use secretfs_mount::{CallerRules, CredentialFiles, MountOptions, MOUNT_KEEPS};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -47,24 +47,20 @@ pub fn prepare(conn: &ConnArgs, args: MountArgs) -> Result<MountOptions> {
         ))
         .into());
     }
-    // This process does nothing but serve the mount: keep only what that needs.
-    opts.privileges = match secretfs_mount::drop_privileges(MOUNT_KEEPS) {
-        Ok(report) => {
-            tracing::info!(%report, "dropped privileges");
-            if !report.not_held.is_empty() {
-                tracing::warn!(
-                    missing = %report.not_held.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
-                    "the mount runs without capabilities it uses: grant them to the mount's process \
-                     (AmbientCapabilities= in its systemd unit, or --cap-add for a container)"
-                );
-            }
-            Some(report)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "could not drop privileges; carrying on with them");
-            None
-        }
-    };
+    // This process does nothing but serve the mount: keep only what that
+    // needs. A mount that cannot drop the rest does not run.
+    let report = secretfs_mount::drop_privileges(MOUNT_KEEPS)
+        .context("not mounting: the mount must drop every capability but CAP_SYS_ADMIN and CAP_IPC_LOCK first")?;
+    if report.not_held.is_empty() {
+        tracing::info!(%report, "dropped privileges");
+    } else {
+        tracing::warn!(
+            %report,
+            "the mount runs without capabilities it uses: grant them to the mount's process \
+             (AmbientCapabilities= in its systemd unit, or --cap-add for a container)"
+        );
+    }
+    opts.privileges = Some(report);
     Ok(opts)
 }
 
@@ -120,5 +116,56 @@ pub async fn start_dev_mount(conn: &ConnArgs, mountpoint: &Path) -> Result<DevMo
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::args::{Cli, Command};
+
+    #[test]
+    fn a_failed_privilege_drop_stops_the_mount() {
+        // A second thread makes the drop refuse: `prepare` must fail
+        // rather than carry on with every privilege.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let _ = held.recv();
+        });
+        let dir = std::env::temp_dir().join(format!("secretfs-prepare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, "x").unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+        let mountpoint = dir.join("mnt");
+        let cli = Cli::parse_from([
+            "secretfs",
+            "--server",
+            "https://127.0.0.1:1",
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "mount",
+            mountpoint.to_str().unwrap(),
+        ]);
+        let Command::Mount(args) = cli.command else {
+            panic!("parsed as another command");
+        };
+        let err = super::prepare(&cli.conn, args).unwrap_err();
+        drop(hold);
+        let _ = other.join();
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("not mounting") && text.contains("one thread"),
+            "{text}"
+        );
     }
 }
