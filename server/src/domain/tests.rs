@@ -41,7 +41,8 @@ impl Store for Tampering {
         get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
         put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
         create_secret(&self, new: &NewSecret, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
-        rotate_secret(&self, name: &str, size: u64, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
+        rotate_secret(&self, name: &str, size: u64, expires: Option<Option<i64>>, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
+        update_secret(&self, name: &str, update: &SecretUpdate, check: CheckFn<'_>, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;
         rollback_secret(&self, name: &str, version: u64, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;
         delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>>;
         get_secret(&self, name: &str) -> Result<SecretRecord>;
@@ -152,6 +153,7 @@ fn secret(name: &str, content: &[u8]) -> CreateSecret {
             ..Default::default()
         },
         content: Plaintext::new(content.to_vec()),
+        allow_past_expiry: false,
     }
 }
 
@@ -225,7 +227,7 @@ async fn a_rotation_is_announced_with_the_revision_it_committed_at() {
     let mut feed = f.store.feed().subscribe();
     let rec = f
         .domain
-        .rotate_secret(&f.admin, "a".into(), Plaintext::new(b"two".to_vec()))
+        .rotate_secret(&f.admin, "a".into(), Plaintext::new(b"two".to_vec()), None, false)
         .await
         .unwrap();
     assert_eq!(
@@ -330,11 +332,11 @@ async fn a_watcher_gets_its_view_then_exactly_what_changes() {
         .await
         .unwrap();
     f.domain
-        .rotate_secret(&f.admin, "other".into(), Plaintext::new(b"o2".to_vec()))
+        .rotate_secret(&f.admin, "other".into(), Plaintext::new(b"o2".to_vec()), None, false)
         .await
         .unwrap();
     f.domain
-        .rotate_secret(&f.admin, "b".into(), Plaintext::new(b"b2".to_vec()))
+        .rotate_secret(&f.admin, "b".into(), Plaintext::new(b"b2".to_vec()), None, false)
         .await
         .unwrap();
     let rotated = event(w.next().await.unwrap());

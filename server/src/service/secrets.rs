@@ -36,7 +36,9 @@ impl Secrets for SecretsService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.caller(&req).await?;
         let known = req.into_inner().known;
-        let held = watch::held(known.into_iter().map(|k| (k.name, k.id, k.version)))?;
+        let held = watch::held(known
+                .into_iter()
+                .map(|k| (k.name, k.id, k.version, k.meta_digest)))?;
         let (tx, events) = super::watch::channel();
         tokio::spawn(super::watch::run(self.domain.watch(caller, held), tx));
         Ok(Response::new(events))
