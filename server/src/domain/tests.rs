@@ -227,7 +227,13 @@ async fn a_rotation_is_announced_with_the_revision_it_committed_at() {
     let mut feed = f.store.feed().subscribe();
     let rec = f
         .domain
-        .rotate_secret(&f.admin, "a".into(), Plaintext::new(b"two".to_vec()), None, false)
+        .rotate_secret(
+            &f.admin,
+            "a".into(),
+            Plaintext::new(b"two".to_vec()),
+            None,
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -331,7 +337,10 @@ async fn a_metadata_update_reaches_watchers_without_content() {
         .await
         .unwrap();
     let changed = event(w.next().await.unwrap());
-    assert!(changed.upserts.is_empty(), "no content for a metadata change");
+    assert!(
+        changed.upserts.is_empty(),
+        "no content for a metadata change"
+    );
     assert!(changed.removals.is_empty());
     let metas: Vec<_> = changed
         .meta_updates
@@ -365,7 +374,10 @@ async fn a_metadata_update_reaches_watchers_without_content() {
     assert_eq!(f.audit(Action::SecretRead).len(), 2);
     let updates = f.audit(Action::SecretUpdate);
     assert_eq!(updates.len(), 1);
-    assert_eq!(updates[0].detail, "mode default -> 0440, owner default -> 1234");
+    assert_eq!(
+        updates[0].detail,
+        "mode default -> 0440, owner default -> 1234"
+    );
     // Nothing to change is refused before the store is asked.
     let empty = f
         .domain
@@ -385,7 +397,10 @@ async fn past_expiries_are_refused_unless_allowed() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("in the past") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("in the past") && err.contains("--force"),
+        "{err}"
+    );
     let mut forced = secret("old", b"x");
     forced.meta.expires_at = Some(1_000_000);
     forced.allow_past_expiry = true;
@@ -401,7 +416,10 @@ async fn past_expiries_are_refused_unless_allowed() {
     };
     assert!(rotate(Some(Some(2_000_000)), false).await.is_err());
     assert_eq!(
-        rotate(Some(Some(2_000_000)), true).await.unwrap().expires_at,
+        rotate(Some(Some(2_000_000)), true)
+            .await
+            .unwrap()
+            .expires_at,
         Some(2_000_000)
     );
     let update = |t| SecretUpdate {
@@ -440,11 +458,23 @@ async fn a_watcher_gets_its_view_then_exactly_what_changes() {
         .await
         .unwrap();
     f.domain
-        .rotate_secret(&f.admin, "other".into(), Plaintext::new(b"o2".to_vec()), None, false)
+        .rotate_secret(
+            &f.admin,
+            "other".into(),
+            Plaintext::new(b"o2".to_vec()),
+            None,
+            false,
+        )
         .await
         .unwrap();
     f.domain
-        .rotate_secret(&f.admin, "b".into(), Plaintext::new(b"b2".to_vec()), None, false)
+        .rotate_secret(
+            &f.admin,
+            "b".into(),
+            Plaintext::new(b"b2".to_vec()),
+            None,
+            false,
+        )
         .await
         .unwrap();
     let rotated = event(w.next().await.unwrap());

@@ -201,7 +201,9 @@ impl Watcher {
                 for s in &view.secrets {
                     let digest = s.meta_digest();
                     match snapshot.get(&s.name) {
-                        Some(&(id, version, held)) if (id, version) == (s.id, s.current_version) => {
+                        Some(&(id, version, held))
+                            if (id, version) == (s.id, s.current_version) =>
+                        {
                             if held != digest {
                                 meta_updates.push(s.clone());
                             }
@@ -214,10 +216,7 @@ impl Watcher {
                     now_held.remove(r);
                 }
                 for s in &meta_updates {
-                    now_held.insert(
-                        s.name.clone(),
-                        (s.id, s.current_version, s.meta_digest()),
-                    );
+                    now_held.insert(s.name.clone(), (s.id, s.current_version, s.meta_digest()));
                 }
                 let mut upserts = Vec::with_capacity(changed.len());
                 let mut audit = Vec::with_capacity(changed.len());
@@ -325,8 +324,7 @@ impl Watcher {
                 Ok((delta, audit))
             })
             .await?;
-        if delta.upserts.is_empty() && delta.removals.is_empty() && delta.meta_updates.is_empty()
-        {
+        if delta.upserts.is_empty() && delta.removals.is_empty() && delta.meta_updates.is_empty() {
             return Ok(None);
         }
         self.domain.audit.append(audit).await?;

@@ -32,10 +32,7 @@ fn take_content(content: &mut Vec<u8>) -> Plaintext {
 }
 
 /// A request's expiry fields as a change: set, clear, or keep (`None`).
-fn expiry_change(
-    expires_at: Option<i64>,
-    clear: bool,
-) -> Result<Option<Option<i64>>, Status> {
+fn expiry_change(expires_at: Option<i64>, clear: bool) -> Result<Option<Option<i64>>, Status> {
     match (expires_at, clear) {
         (Some(_), true) => Err(Status::invalid_argument(
             "give either a new expiry or clear it (--expires or --no-expires), not both",

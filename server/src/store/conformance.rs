@@ -132,7 +132,9 @@ fn secret_lifecycle(s: &dyn Store) {
     );
     // A failed seal writes nothing.
     assert!(matches!(
-        s.rotate_secret("db/pw", 1, None, &entry("secret.rotate"), &mut |_, _| Err(boom())),
+        s.rotate_secret("db/pw", 1, None, &entry("secret.rotate"), &mut |_, _| Err(
+            boom()
+        )),
         Err(StoreError::Seal(_))
     ));
     assert_eq!(s.get_secret("db/pw").unwrap().version_count, 2);
@@ -443,7 +445,9 @@ fn every_change_bumps_the_revision_and_returns_it(s: &dyn Store) {
     assert_eq!(created.revision, r0 + 1);
     assert_eq!(s.revision().unwrap(), r0 + 1);
     let rotated = s
-        .rotate_secret("x", 1, None, &entry("secret.rotate"), &mut |_, _| Ok(sealed(3)))
+        .rotate_secret("x", 1, None, &entry("secret.rotate"), &mut |_, _| {
+            Ok(sealed(3))
+        })
         .unwrap();
     assert_eq!(rotated.revision, r0 + 2);
     let web = s
@@ -476,7 +480,9 @@ fn every_change_bumps_the_revision_and_returns_it(s: &dyn Store) {
         ))
         .is_err());
     assert!(s
-        .rotate_secret("x", 1, None, &entry("secret.rotate"), &mut |_, _| Err(boom()))
+        .rotate_secret("x", 1, None, &entry("secret.rotate"), &mut |_, _| Err(
+            boom()
+        ))
         .is_err());
     assert_eq!(s.revision().unwrap(), r0 + 5);
     assert_eq!(s.client_view(web.value.id).unwrap().revision, r0 + 5);
@@ -569,7 +575,10 @@ fn metadata_updates_without_a_version(s: &dyn Store) {
         )
         .unwrap()
         .value;
-    assert_eq!((r.mode, r.owner, r.group, r.expires_at), (0o440, None, Some(55), None));
+    assert_eq!(
+        (r.mode, r.owner, r.group, r.expires_at),
+        (0o440, None, Some(55), None)
+    );
     assert_eq!(r.labels.get("team").map(String::as_str), Some("b"));
     assert_eq!(r.labels.len(), 1);
     let detail = last_audit(s).detail;
@@ -645,9 +654,18 @@ fn rotation_sets_or_clears_the_expiry(s: &dyn Store) {
     // Kept when not given, unless it has passed: then it goes with the
     // content it described.
     assert_eq!(rotate(None).expires_at, None);
-    assert!(last_audit(s).detail.contains("expiry 1000 had passed: cleared"));
-    assert_eq!(rotate(Some(Some(5_000_000_000))).expires_at, Some(5_000_000_000));
-    assert_eq!(rotate(None).expires_at, Some(5_000_000_000), "a future expiry is kept");
+    assert!(last_audit(s)
+        .detail
+        .contains("expiry 1000 had passed: cleared"));
+    assert_eq!(
+        rotate(Some(Some(5_000_000_000))).expires_at,
+        Some(5_000_000_000)
+    );
+    assert_eq!(
+        rotate(None).expires_at,
+        Some(5_000_000_000),
+        "a future expiry is kept"
+    );
     assert_eq!(rotate(Some(None)).expires_at, None);
     assert_eq!(s.get_secret("tok").unwrap().current_version, 5);
 }
@@ -673,7 +691,10 @@ fn file_and_directory_names_conflict(s: &dyn Store) {
         ("app/db_1", "app/db_1/password"),
     ] {
         match create(name) {
-            Err(StoreError::NameConflict { name: n, existing: e }) => {
+            Err(StoreError::NameConflict {
+                name: n,
+                existing: e,
+            }) => {
                 assert_eq!((n.as_str(), e.as_str()), (name, existing))
             }
             other => panic!("{name}: expected a conflict, got {other:?}"),
@@ -723,7 +744,11 @@ fn audit_filters_by_action_outcome_and_cursor(s: &dyn Store) {
             action: Some("secret.*".into()),
             ..Default::default()
         }),
-        [r("secret.read", true), r("secret.read", false), r("secret.rotate", true)]
+        [
+            r("secret.read", true),
+            r("secret.read", false),
+            r("secret.rotate", true)
+        ]
     );
     assert_eq!(
         q(AuditFilter {
@@ -797,11 +822,20 @@ fn removals_record_what_was_removed(s: &dyn Store) {
     s.remove_client("c2", &entry("client.remove")).unwrap();
     assert_eq!(last_audit(s).detail, "was in no group");
     s.delete_secret("s1", &entry("secret.delete")).unwrap();
-    assert_eq!(last_audit(s).detail, "removed 2 versions; granted to groups h");
+    assert_eq!(
+        last_audit(s).detail,
+        "removed 2 versions; granted to groups h"
+    );
     s.delete_secret("s2", &entry("secret.delete")).unwrap();
-    assert_eq!(last_audit(s).detail, "removed 1 version; granted to no group");
+    assert_eq!(
+        last_audit(s).detail,
+        "removed 1 version; granted to no group"
+    );
     s.remove_group("h", &entry("group.remove")).unwrap();
-    assert_eq!(last_audit(s).detail, "removed with no clients and no secrets");
+    assert_eq!(
+        last_audit(s).detail,
+        "removed with no clients and no secrets"
+    );
 }
 
 /// Four threads rotate, and fail to rotate, at once: every rotation lands
@@ -823,7 +857,8 @@ pub fn concurrent_writes(s: Arc<dyn Store>) {
                     assert!(s
                         .rotate_secret("missing", 1, None, &e, &mut |_, _| Ok(sealed(1)))
                         .is_err());
-                    let failed = s.rotate_secret(&format!("t{t}"), 1, None, &e, &mut |_, _| Err(boom()));
+                    let failed =
+                        s.rotate_secret(&format!("t{t}"), 1, None, &e, &mut |_, _| Err(boom()));
                     assert!(failed.is_err(), "iteration {i}");
                 }
             })
