@@ -110,6 +110,17 @@ pub async fn run(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> {
         // After the cursor: everything new, oldest first, whatever
         // `--since` said (the cursor is later anyway).
         query.after_id = last;
-        batch = c.query_audit(query.clone()).await?.into_inner().events;
+        batch = match c.query_audit(query.clone()).await {
+            Ok(reply) => reply.into_inner().events,
+            // A server restarting is waited for; anything else ends it.
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                eprintln!(
+                    "warning: the server is unavailable ({}); still following",
+                    printable(status.message())
+                );
+                Vec::new()
+            }
+            Err(status) => return Err(status.into()),
+        };
     }
 }

@@ -269,7 +269,9 @@ impl Watcher {
         let caller = self.caller.clone();
         // What the client holds of just these secrets (not a copy of all
         // it holds: this runs for every watcher of a rotated secret).
-        let known: Vec<(u64, Vec<(String, u64, u64)>)> = ids
+        // Per id: the (name, version, digest) held of it.
+        type HeldOf = Vec<(String, u64, u64)>;
+        let known: Vec<(u64, HeldOf)> = ids
             .into_iter()
             .map(|id| {
                 let held = self
