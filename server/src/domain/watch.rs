@@ -92,7 +92,7 @@ impl Domain {
 
 /// What a burst of changes asks a watcher to do.
 enum Wanted {
-    /// These held secrets changed version (as of `revision`).
+    /// These held secrets changed version or metadata (as of `revision`).
     Rotated { ids: Vec<u64>, revision: u64 },
     /// Anything may have changed: recompute the whole view.
     Everything,
@@ -262,9 +262,10 @@ impl Watcher {
         Ok(delta)
     }
 
-    /// The fast path after rotations or rollbacks (grants unchanged): fetch
-    /// just those secrets, re-checking in the same read that the client may
-    /// still read them, and decrypt each version once for all watchers.
+    /// The fast path after rotations, rollbacks or updates (grants
+    /// unchanged): fetch just those secrets, re-checking in the same read
+    /// that the client may still read them, and decrypt each version once
+    /// for all watchers (a metadata-only change decrypts nothing).
     async fn rotated(&mut self, ids: Vec<u64>, revision: u64) -> Result<Option<Delta>, Error> {
         let caller = self.caller.clone();
         // What the client holds of just these secrets (not a copy of all
