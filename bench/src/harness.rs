@@ -277,6 +277,7 @@ impl Server {
             .rotate_secret(RotateSecretRequest {
                 name: name.into(),
                 content,
+                ..Default::default()
             })
             .await?
             .into_inner();

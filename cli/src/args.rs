@@ -221,7 +221,21 @@ pub enum SecretCmd {
         /// Accept empty content.
         #[arg(long)]
         allow_empty: bool,
+        /// The new version's expiry, RFC 3339. Without --expires or
+        /// --no-expires the expiry is kept, unless it has passed: then it
+        /// is cleared.
+        #[arg(long, value_parser = parse_rfc3339, conflicts_with = "no_expires")]
+        expires: Option<i64>,
+        /// The new version never expires.
+        #[arg(long)]
+        no_expires: bool,
+        /// Accept an --expires time in the past.
+        #[arg(long)]
+        force: bool,
     },
+    /// Change metadata (mode, owner, group, description, labels, expiry)
+    /// without a new version; live mounts apply it.
+    Update(SecretUpdateArgs),
     /// List all secrets (metadata only).
     List,
     /// Show one secret's metadata.
@@ -264,6 +278,44 @@ pub struct SecretAddArgs {
     /// Expiry time, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
     #[arg(long, value_parser = parse_rfc3339)]
     pub expires: Option<i64>,
+    /// Accept an --expires time in the past.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SecretUpdateArgs {
+    pub name: String,
+    /// File mode in the mount (octal); 0 = the mount's default.
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<u32>,
+    /// Owner uid of the mounted file, or "none" for the mount's default.
+    #[arg(long, value_parser = parse_id_or_none)]
+    pub owner: Option<IdOrNone>,
+    /// Group gid of the mounted file, or "none" for the mount's default.
+    #[arg(long, value_parser = parse_id_or_none)]
+    pub group: Option<IdOrNone>,
+    /// New description ("" clears it).
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Set a label, KEY=VALUE (repeatable); other labels are kept.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Remove a label by key (repeatable).
+    #[arg(long = "remove-label")]
+    pub remove_labels: Vec<String>,
+    /// Remove every label first (with --label: replace the set).
+    #[arg(long)]
+    pub clear_labels: bool,
+    /// Expiry time, RFC 3339 (e.g. 2027-01-31T00:00:00Z).
+    #[arg(long, value_parser = parse_rfc3339, conflicts_with = "no_expires")]
+    pub expires: Option<i64>,
+    /// Remove the expiry.
+    #[arg(long)]
+    pub no_expires: bool,
+    /// Accept an --expires time in the past.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -346,6 +398,21 @@ pub struct AuditArgs {
     /// At most this many (newest) events.
     #[arg(long, default_value_t = 1000)]
     pub limit: u32,
+    /// Only this action (e.g. secret.read), or a family (secret.*).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only allowed or only refused events.
+    #[arg(long, value_enum)]
+    pub outcome: Option<Outcome>,
+    /// Keep printing new events as they are written (Ctrl-C ends).
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Outcome {
+    Allowed,
+    Refused,
 }
 
 pub fn parse_mode(s: &str) -> Result<u32, String> {
@@ -361,6 +428,19 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
+}
+
+/// A uid/gid, or none (the mount's default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdOrNone(pub Option<u32>);
+
+fn parse_id_or_none(s: &str) -> Result<IdOrNone, String> {
+    if s == "none" {
+        return Ok(IdOrNone(None));
+    }
+    s.parse()
+        .map(|id| IdOrNone(Some(id)))
+        .map_err(|_| format!("{s:?} is neither a numeric id nor \"none\" (the mount's default)"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -410,6 +490,13 @@ mod tests {
         assert!((3599..=3601).contains(&(now - an_hour_ago)));
         assert_eq!(parse_since("1970-01-01T00:01:00Z"), Ok(60));
         assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn owner_and_group_take_an_id_or_none() {
+        assert_eq!(parse_id_or_none("1234"), Ok(IdOrNone(Some(1234))));
+        assert_eq!(parse_id_or_none("none"), Ok(IdOrNone(None)));
+        assert!(parse_id_or_none("root").unwrap_err().contains("none"));
     }
 
     #[test]

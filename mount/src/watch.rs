@@ -23,11 +23,15 @@
 //!   together stay under [`MAX_CHANGE`]. A stream that ends (or errs)
 //!   between parts applies none of them.
 //! - Content is copied into locked memory and the event's buffers are wiped.
+//! - A metadata update (`meta_updates`) changes the attributes of a secret
+//!   we hold at exactly its id and version; it carries no content, and one
+//!   for anything else is refused. Each held secret's metadata digest is
+//!   sent back in `known`, so the server knows which metadata we hold.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use secretfs_proto::v1::{KnownSecret, SecretContent, WatchEvent, WatchRequest};
+use secretfs_proto::v1::{KnownSecret, SecretContent, SecretMeta, WatchEvent, WatchRequest};
 use zeroize::Zeroize;
 
 use crate::secret_bytes::SecretBytes;
@@ -70,6 +74,8 @@ pub enum EventError {
     InitialPart,
     #[error("one change carries more than {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("a metadata update for {name:?} does not match the id and version held")]
+    MetaUpdateNotHeld { name: String },
 }
 
 /// Where the current stream stands.
@@ -107,6 +113,9 @@ pub struct Mirror {
     /// The names the last snapshot showed: they keep their place when a
     /// newcomer conflicts with them (only names: no content kept alive).
     shown: HashSet<String>,
+    /// The metadata digest the server sent with each held secret (see
+    /// `SecretMeta.meta_digest`), echoed in `known`.
+    digests: HashMap<String, u64>,
 }
 
 /// One change, possibly gathered from several messages; its content is in
@@ -115,7 +124,11 @@ struct Change {
     revision: u64,
     initial: bool,
     upserts: Vec<SecretFile>,
+    /// The metadata digest of each upsert, in the same order.
+    upsert_digests: Vec<u64>,
     removals: Vec<String>,
+    /// Metadata without content, for secrets held at that version.
+    meta_updates: Vec<SecretMeta>,
     /// Content and name bytes so far, against [`MAX_CHANGE`].
     size: usize,
 }
@@ -135,6 +148,7 @@ impl Mirror {
             pending: None,
             max_change: MAX_CHANGE,
             shown: HashSet::new(),
+            digests: HashMap::new(),
         }
     }
 
@@ -158,6 +172,7 @@ impl Mirror {
                     name: f.name.clone(),
                     id: f.id,
                     version: f.version,
+                    meta_digest: self.digests.get(&f.name).copied().unwrap_or(0),
                 })
                 .collect()
         };
@@ -179,6 +194,7 @@ impl Mirror {
     pub fn clear(&mut self) {
         self.held.clear();
         self.shown.clear();
+        self.digests.clear();
         self.stream = Stream::Closed;
         self.pending = None;
     }
@@ -221,7 +237,9 @@ impl Mirror {
                 revision: msg.revision,
                 initial: msg.initial,
                 upserts: Vec::new(),
+                upsert_digests: Vec::new(),
                 removals: Vec::new(),
+                meta_updates: Vec::new(),
                 size: 0,
             },
             Some(change) if msg.revision != change.revision => {
@@ -239,20 +257,30 @@ impl Mirror {
         for name in &msg.removals {
             check_name(name)?;
         }
+        for meta in &msg.meta_updates {
+            check_meta(meta)?;
+        }
         // Counted before anything is copied.
         change.size = msg
             .upserts
             .iter()
             .map(|sc| sc.content.len() + sc.meta.as_ref().map_or(0, |m| m.name.len()))
             .chain(msg.removals.iter().map(String::len))
+            .chain(msg.meta_updates.iter().map(|m| m.name.len()))
             .fold(change.size, usize::saturating_add);
         if change.size > self.max_change {
             return Err(EventError::TooLarge {
                 limit: self.max_change,
             });
         }
+        change.upsert_digests.extend(
+            msg.upserts
+                .iter()
+                .map(|sc| sc.meta.as_ref().map_or(0, |m| m.meta_digest)),
+        );
         change.upserts.extend(msg.upserts.iter_mut().map(file_from));
         change.removals.append(&mut msg.removals);
+        change.meta_updates.append(&mut msg.meta_updates);
         if msg.continued {
             self.pending = Some(change);
             return Ok(None);
@@ -268,16 +296,32 @@ impl Mirror {
         } else {
             self.held.clone()
         };
+        if from_scratch {
+            self.digests.clear();
+        }
         let applied = Applied {
-            upserts: change.upserts.len(),
+            upserts: change.upserts.len() + change.meta_updates.len(),
             removals: change.removals.len(),
         };
         for name in &change.removals {
             // A name we never held: the server's view and ours already agree.
             held.remove(name);
+            self.digests.remove(name);
         }
-        for file in change.upserts {
+        for (file, digest) in change.upserts.into_iter().zip(change.upsert_digests) {
+            self.digests.insert(file.name.clone(), digest);
             held.insert(file.name.clone(), file);
+        }
+        for meta in &change.meta_updates {
+            // Checked: held at this id and version. Same bytes, new
+            // attributes: the tree gives the name a new inode (attributes
+            // are part of an inode's fingerprint) and invalidates the entry.
+            if let Some(file) = held.get_mut(&meta.name) {
+                file.mode = meta.mode;
+                file.owner = meta.owner;
+                file.group = meta.group;
+                self.digests.insert(meta.name.clone(), meta.meta_digest);
+            }
         }
         self.held = held;
         self.revision = self.revision.max(change.revision);
@@ -330,6 +374,27 @@ impl Mirror {
                 return Err(EventError::Duplicate { name: name.clone() });
             }
         }
+        let mut updated = HashSet::with_capacity(change.meta_updates.len());
+        for m in &change.meta_updates {
+            let name = m.name.as_str();
+            if upserted.contains(name) || removed.contains(name) || !updated.insert(name) {
+                return Err(EventError::Duplicate {
+                    name: m.name.clone(),
+                });
+            }
+            // From scratch, nothing held counts: a metadata update there
+            // has nothing to apply to.
+            let held = self
+                .held
+                .get(name)
+                .filter(|_| !from_scratch)
+                .is_some_and(|f| f.id == m.id && f.version == m.current_version);
+            if !held {
+                return Err(EventError::MetaUpdateNotHeld {
+                    name: m.name.clone(),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -349,6 +414,17 @@ fn check_upsert(sc: &SecretContent) -> Result<(), EventError> {
             name: meta.name.clone(),
             len,
             size: meta.size,
+        });
+    }
+    Ok(())
+}
+
+/// The checks one metadata update passes on its own.
+fn check_meta(meta: &SecretMeta) -> Result<(), EventError> {
+    check_name(&meta.name)?;
+    if meta.id == 0 || meta.current_version == 0 {
+        return Err(EventError::ZeroId {
+            name: meta.name.clone(),
         });
     }
     Ok(())
@@ -447,6 +523,7 @@ pub(crate) mod tests {
             upserts,
             removals: removals.iter().map(|s| s.to_string()).collect(),
             continued: false,
+            meta_updates: Vec::new(),
         }
     }
 
@@ -474,6 +551,74 @@ pub(crate) mod tests {
         ))
         .unwrap();
         m
+    }
+
+    /// The metadata of `name` held at `id`/`version`, with a new mode and
+    /// owner.
+    fn meta(id: u64, version: u64, name: &str, mode: u32, owner: u32) -> SecretMeta {
+        SecretMeta {
+            id,
+            name: name.into(),
+            current_version: version,
+            mode,
+            owner: Some(owner),
+            meta_digest: 77,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_metadata_update_changes_attributes_and_keeps_the_bytes() {
+        let mut m = live();
+        let bytes_before = m.held["a"].content.clone();
+        let event = WatchEvent {
+            meta_updates: vec![meta(1, 1, "a", 0o440, 1234)],
+            ..ev(6, false, vec![], &[])
+        };
+        let (snap, applied) = m.apply(event).unwrap();
+        assert_eq!(applied.upserts, 1);
+        let a = snap.get("a").unwrap();
+        assert_eq!((a.mode, a.owner, a.version), (0o440, Some(1234), 1));
+        assert!(Arc::ptr_eq(&a.content, &bytes_before), "no new content");
+        assert_eq!(content(&snap, "a").unwrap(), b"a1");
+        // The digest goes back to the server with what is held.
+        m.closed();
+        let req = m.request(false);
+        let known: HashMap<_, _> = req
+            .known
+            .iter()
+            .map(|k| (k.name.as_str(), k.meta_digest))
+            .collect();
+        assert_eq!(known["a"], 77);
+        assert_eq!(known["d/b"], 0, "the test server sent no digest for it");
+    }
+
+    #[test]
+    fn a_metadata_update_for_what_is_not_held_is_refused_whole() {
+        for bad in [
+            meta(1, 2, "a", 0o440, 1), // another version
+            meta(9, 1, "a", 0o440, 1), // another id
+            meta(3, 1, "c", 0o440, 1), // not held
+        ] {
+            let mut m = live();
+            let event = WatchEvent {
+                meta_updates: vec![bad],
+                ..ev(6, false, vec![up(3, 1, "e", b"e")], &[])
+            };
+            assert!(matches!(
+                m.apply(event),
+                Err(EventError::MetaUpdateNotHeld { .. })
+            ));
+            assert_eq!(m.revision(), 5, "nothing applied");
+            assert_eq!(m.snapshot().files().len(), 2);
+        }
+        // Named twice in one event (as an upsert too) is a duplicate.
+        let mut m = live();
+        let event = WatchEvent {
+            meta_updates: vec![meta(1, 1, "a", 0o440, 1)],
+            ..ev(6, false, vec![up(1, 2, "a", b"a2")], &[])
+        };
+        assert!(matches!(m.apply(event), Err(EventError::Duplicate { .. })));
     }
 
     #[test]

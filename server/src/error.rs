@@ -32,6 +32,8 @@ pub enum Error {
         name: String,
         hint: &'static str,
     },
+    #[error("secret \"{name}\" cannot be added: secret \"{existing}\" exists, and a name cannot be both a file and a directory in the mount (\"db\" beside \"db/password\"); choose another name or delete \"{existing}\" first")]
+    NameConflict { name: String, existing: String },
     #[error(
         "secret \"{name}\" has no version {version}; `secretfs secret versions {name}` lists them"
     )]
@@ -110,7 +112,7 @@ impl Error {
             Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::TooLarge { .. } => {
                 Code::InvalidArgument
             }
-            Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::AlreadyExists { .. } | Error::NameConflict { .. } => Code::AlreadyExists,
             Error::NotFound { .. } | Error::NoSuchVersion { .. } => Code::NotFound,
             Error::Integrity { .. } => Code::DataLoss,
             Error::Unauthenticated(_) => Code::Unauthenticated,
@@ -139,6 +141,11 @@ impl From<StoreError> for Error {
             StoreError::NotFound { kind, name } => Error::not_found(kind.as_str(), &name),
             StoreError::AlreadyExists { kind, name } => Error::exists(kind.as_str(), &name),
             StoreError::NoSuchVersion { name, version } => Error::NoSuchVersion { name, version },
+            StoreError::NameConflict { name, existing } => Error::NameConflict { name, existing },
+            StoreError::Check(source) => match source.downcast::<Error>() {
+                Ok(ours) => *ours,
+                Err(other) => Error::Store(StoreError::Check(other)),
+            },
             // The seal function is ours: hand its error back as it was.
             StoreError::Seal(source) => match source.downcast::<Error>() {
                 Ok(ours) => *ours,

@@ -163,17 +163,23 @@ pub fn check_entity_name(kind: &'static str, name: &str) -> Result<(), Error> {
 }
 
 /// A bounded, escaped form of a rejected name for error messages.
-/// `s` for a log line or an error: control characters escaped, cut to at
-/// most `max` bytes after escaping (so the result is bounded whatever `s`
-/// holds), with `…` where it was cut.
+/// `s` for a log line or an error: control characters escaped (`\n`,
+/// `\u{1b}`), everything else as it is (`mount's`, not Debug's
+/// `mount\'s`), cut to at most `max` bytes after escaping (so the result
+/// is bounded whatever `s` holds), with `…` where it was cut.
 pub fn printable(s: &str, max: usize) -> String {
     let mut out = String::new();
-    for c in s.chars().flat_map(char::escape_debug) {
-        if out.len() + c.len_utf8() > max {
+    for c in s.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_debug().collect()
+        } else {
+            c.into()
+        };
+        if out.len() + piece.len() > max {
             out.push('…');
             break;
         }
-        out.push(c);
+        out.push_str(&piece);
     }
     out
 }
@@ -212,6 +218,16 @@ mod tests {
         let err = check_secret_name("a\0b").unwrap_err().to_string();
         assert!(!err.contains('\0'));
         assert!(err.contains("\\0"));
+    }
+
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(
+            printable("not in the mount's \"container\"", 100),
+            "not in the mount's \"container\""
+        );
+        assert_eq!(printable("a\nb\u{1b}[2J", 100), "a\\nb\\u{1b}[2J");
+        assert_eq!(printable("abcdef", 4), "abcd…");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `secretfs access`, `whoami`, `read` and `audit`.
+//! `secretfs access`, `whoami` and `read`.
 
 use std::io::Write;
 
@@ -7,9 +7,9 @@ use secretfs_proto::v1;
 use serde_json::{json, Value};
 use zeroize::Zeroize;
 
-use crate::args::{AuditArgs, ConnArgs, Format};
+use crate::args::{ConnArgs, Format};
 use crate::connect;
-use crate::output::{print, time_ms, Table};
+use crate::output::{print, Table};
 
 fn access_table(entries: &[v1::AccessEntry]) -> (Value, Table) {
     let json = Value::Array(
@@ -90,67 +90,4 @@ pub async fn read(conn: &ConnArgs, name: &str) -> Result<()> {
     }
     result?;
     stdout.flush().context("cannot write to stdout")
-}
-
-pub async fn audit(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> {
-    let mut c = connect::admin(conn).await?;
-    let reply = c
-        .query_audit(v1::AuditQuery {
-            client: a.client.unwrap_or_default(),
-            secret: a.secret.unwrap_or_default(),
-            since: a.since.unwrap_or(0),
-            limit: a.limit,
-        })
-        .await?
-        .into_inner();
-    let none_if_empty = |s: &str| if s.is_empty() { Value::Null } else { json!(s) };
-    let json = Value::Array(
-        reply
-            .events
-            .iter()
-            .map(|e| {
-                json!({
-                    "id": e.id, "at": time_ms(e.at_ms), "at_ms": e.at_ms, "actor": e.actor, "action": e.action,
-                    "secret": none_if_empty(&e.secret), "client": none_if_empty(&e.client),
-                    "group": none_if_empty(&e.group),
-                    "version": if e.version == 0 { Value::Null } else { json!(e.version) },
-                    "allowed": e.allowed, "detail": e.detail,
-                })
-            })
-            .collect(),
-    );
-    let mut t = Table::new(&[
-        "TIME", "ACTOR", "ACTION", "RESULT", "TARGET", "VERSION", "DETAIL",
-    ])
-    .empty("no audit events");
-    for e in &reply.events {
-        let target = [
-            (!e.secret.is_empty()).then(|| format!("secret={}", e.secret)),
-            (!e.client.is_empty()).then(|| format!("client={}", e.client)),
-            (!e.group.is_empty()).then(|| format!("group={}", e.group)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(" ");
-        t.row(vec![
-            time_ms(e.at_ms),
-            e.actor.clone(),
-            e.action.clone(),
-            if e.allowed {
-                "allowed".into()
-            } else {
-                "DENIED".into()
-            },
-            target,
-            if e.version == 0 {
-                String::new()
-            } else {
-                e.version.to_string()
-            },
-            e.detail.clone(),
-        ]);
-    }
-    print(format, &json, t);
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! One module per command family; `run` dispatches.
 
+mod audit;
 mod client;
 mod dev;
 mod group;
@@ -57,7 +58,7 @@ pub async fn run(ready: Ready) -> Result<()> {
         OtherCommand::Access { client } => identity::access(&conn, &client, format).await,
         OtherCommand::Whoami => identity::whoami(&conn, format).await,
         OtherCommand::Read { name } => identity::read(&conn, &name).await,
-        OtherCommand::Audit(args) => identity::audit(&conn, args, format).await,
+        OtherCommand::Audit(args) => audit::run(&conn, args, format).await,
     }
 }
 

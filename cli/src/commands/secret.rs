@@ -4,7 +4,7 @@ use anyhow::Result;
 use secretfs_proto::v1;
 use serde_json::{json, Value};
 
-use crate::args::{ConnArgs, Format, SecretCmd};
+use crate::args::{ConnArgs, Format, IdOrNone, SecretCmd};
 use crate::connect;
 use crate::input::read_content;
 use crate::output::{print, time, Table};
@@ -121,6 +121,7 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
                 owner: a.owner,
                 group: a.group,
                 expires_at: a.expires,
+                allow_past_expiry: a.force,
             };
             let m = client.create_secret(req).await?.into_inner();
             report_change(format, &m, "added");
@@ -129,6 +130,9 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
             name,
             from_file,
             allow_empty,
+            expires,
+            no_expires,
+            force,
         } => {
             let mut content = read_content(from_file.as_deref(), allow_empty)?;
             let mut client = connect::admin(conn).await?;
@@ -136,10 +140,54 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
                 .rotate_secret(v1::RotateSecretRequest {
                     name,
                     content: std::mem::take(&mut *content),
+                    expires_at: expires,
+                    clear_expiry: no_expires,
+                    allow_past_expiry: force,
                 })
                 .await?
                 .into_inner();
             report_change(format, &m, "rotated");
+        }
+        SecretCmd::Update(a) => {
+            let mut client = connect::admin(conn).await?;
+            let (owner, clear_owner) = match a.owner {
+                Some(IdOrNone(None)) => (None, true),
+                Some(IdOrNone(id)) => (id, false),
+                None => (None, false),
+            };
+            let (group, clear_group) = match a.group {
+                Some(IdOrNone(None)) => (None, true),
+                Some(IdOrNone(id)) => (id, false),
+                None => (None, false),
+            };
+            let m = client
+                .update_secret(v1::UpdateSecretRequest {
+                    name: a.name,
+                    description: a.description,
+                    labels: a.labels.into_iter().collect(),
+                    remove_labels: a.remove_labels,
+                    clear_labels: a.clear_labels,
+                    mode: a.mode,
+                    owner,
+                    clear_owner,
+                    group,
+                    clear_group,
+                    expires_at: a.expires,
+                    clear_expiry: a.no_expires,
+                    allow_past_expiry: a.force,
+                })
+                .await?
+                .into_inner();
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&meta_json(&m)).unwrap_or_default()
+                ),
+                Format::Text => {
+                    println!("updated secret {} (no new version)", m.name);
+                    describe(&m).print();
+                }
+            }
         }
         SecretCmd::List => {
             let mut client = connect::admin(conn).await?;

@@ -11,8 +11,8 @@ use crate::names::{
     check_description, check_entity_name, check_labels, check_mode, check_secret_name, check_time,
 };
 use crate::store::{
-    AccessRecord, AuditEntry, AuditFilter, Change, ClientRecord, GroupRecord, NewClient, NewSecret,
-    SecretRecord, StoreError, VersionRecord,
+    now_s, AccessRecord, AuditEntry, AuditFilter, Change, ClientRecord, GroupRecord, NewClient,
+    NewSecret, SecretRecord, SecretUpdate, StoreError, VersionRecord,
 };
 
 /// A secret to create: its metadata (`size` is taken from the content)
@@ -20,6 +20,55 @@ use crate::store::{
 pub struct CreateSecret {
     pub meta: NewSecret,
     pub content: Plaintext,
+    /// Accept an expiry already past (see [`check_expiry`]).
+    pub allow_past_expiry: bool,
+}
+
+/// An audit query: which events, and how many.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    pub client: Option<String>,
+    pub secret: Option<String>,
+    /// Unix seconds; 0 = from the beginning.
+    pub since: i64,
+    /// An exact action, or `PREFIX.*`.
+    pub action: Option<String>,
+    pub allowed: Option<bool>,
+    /// Events after this id, oldest first.
+    pub after_id: Option<u64>,
+    pub limit: u32,
+}
+
+/// Checks an expiry an operator gives. One already past is refused unless
+/// `allow_past` (the CLI's `--force`): a wrong year would otherwise mark
+/// the secret expired from its first day, silently.
+pub fn check_expiry(t: i64, allow_past: bool) -> Result<(), Error> {
+    check_time("expiry", t)?;
+    if t <= now_s() && !allow_past {
+        let shown = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
+        return Err(Error::InvalidArgument(format!(
+            "the expiry {} is in the past; give a future time, or --force (allow_past_expiry) to record a past one",
+            humantime::format_rfc3339_seconds(shown)
+        )));
+    }
+    Ok(())
+}
+
+/// Checks an audit query's action filter: an action name, or `PREFIX.*`.
+fn check_action(action: &str) -> Result<(), Error> {
+    let body = action.strip_suffix(".*").unwrap_or(action);
+    let ok = !body.is_empty()
+        && action.len() <= 64
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || matches!(b, b'.' | b'-' | b'_'));
+    if !ok {
+        return Err(Error::InvalidArgument(format!(
+            "{:?} is not an audit action; give one like secret.read, or secret.* for every secret action",
+            crate::names::printable(action, 80)
+        )));
+    }
+    Ok(())
 }
 
 /// A client to register, with the CSR to sign for it (none for a client
@@ -94,6 +143,7 @@ impl Domain {
         let CreateSecret {
             meta: mut new,
             content,
+            allow_past_expiry,
         } = req;
         check_secret_name(&new.name)?;
         self.check_size(content.len())?;
@@ -101,7 +151,7 @@ impl Domain {
         check_mode(new.mode)?;
         check_description(&new.description)?;
         if let Some(t) = new.expires_at {
-            check_time("expiry", t)?;
+            check_expiry(t, allow_past_expiry)?;
         }
         new.size = content.len() as u64;
         let audit = AuditEntry {
@@ -124,14 +174,22 @@ impl Domain {
         Ok(done.value)
     }
 
+    /// A new version. `expires`: `Some` sets the new version's expiry
+    /// (`Some(None)`: none); `None` keeps it unless it has passed, then it
+    /// is cleared, so rotating an expired secret makes it current again.
     pub async fn rotate_secret(
         self: &Arc<Self>,
         caller: &Caller,
         name: String,
         content: Plaintext,
+        expires: Option<Option<i64>>,
+        allow_past_expiry: bool,
     ) -> Result<SecretRecord, Error> {
         check_secret_name(&name)?;
         self.check_size(content.len())?;
+        if let Some(Some(t)) = expires {
+            check_expiry(t, allow_past_expiry)?;
+        }
         let audit = AuditEntry {
             secret: Some(name.clone()),
             ..Action::SecretRotate.by(caller.name())
@@ -141,6 +199,7 @@ impl Domain {
                 Ok(d.store.rotate_secret(
                     &name,
                     content.len() as u64,
+                    expires,
                     &audit,
                     &mut |id, version| d.seal(id, &name, version, &content),
                 )?)
@@ -151,6 +210,52 @@ impl Domain {
             revision: done.revision,
         });
         tracing::info!(secret = %done.value.name, version = done.value.current_version, "secret rotated");
+        Ok(done.value)
+    }
+
+    /// Changes a secret's metadata without a new version; watchers that
+    /// hold it get the new metadata (no content).
+    pub async fn update_secret(
+        self: &Arc<Self>,
+        caller: &Caller,
+        name: String,
+        update: SecretUpdate,
+        allow_past_expiry: bool,
+    ) -> Result<SecretRecord, Error> {
+        check_secret_name(&name)?;
+        if update.is_empty() {
+            return Err(Error::InvalidArgument(
+                "nothing to update: give at least one of --mode, --owner, --group, --description, --label, --remove-label, --clear-labels, --expires, --no-expires".into(),
+            ));
+        }
+        if let Some(d) = &update.description {
+            check_description(d)?;
+        }
+        check_labels(&update.set_labels)?;
+        if let Some(m) = update.mode {
+            check_mode(m)?;
+        }
+        if let Some(Some(t)) = update.expires_at {
+            check_expiry(t, allow_past_expiry)?;
+        }
+        let audit = AuditEntry {
+            secret: Some(name.clone()),
+            ..Action::SecretUpdate.by(caller.name())
+        };
+        let done = self
+            .run(move |d| {
+                // The merged label set must keep the limits too.
+                let check = |r: &SecretRecord| {
+                    check_labels(&r.labels).map_err(|e| StoreError::Check(Box::new(e)))
+                };
+                Ok(d.store.update_secret(&name, &update, &check, &audit)?)
+            })
+            .await?;
+        self.committed(Change::Secret {
+            id: done.value.id,
+            revision: done.revision,
+        });
+        tracing::info!(secret = %done.value.name, "secret metadata updated");
         Ok(done.value)
     }
 
@@ -382,20 +487,21 @@ impl Domain {
         Ok(done.value)
     }
 
-    /// Audit events, newest `limit` (oldest first); `since` in seconds.
-    pub async fn query_audit(
-        self: &Arc<Self>,
-        client: Option<String>,
-        secret: Option<String>,
-        since: i64,
-        limit: u32,
-    ) -> Result<Vec<AuditEntry>, Error> {
-        check_time("--since", since)?;
+    /// Audit events, newest `limit` (oldest first), or the first `limit`
+    /// after a cursor; `since` in seconds.
+    pub async fn query_audit(self: &Arc<Self>, q: AuditQuery) -> Result<Vec<AuditEntry>, Error> {
+        check_time("--since", q.since)?;
+        if let Some(a) = &q.action {
+            check_action(a)?;
+        }
         let filter = AuditFilter {
-            client,
-            secret,
-            since_ms: (since > 0).then(|| since.saturating_mul(1000)),
-            limit,
+            client: q.client,
+            secret: q.secret,
+            since_ms: (q.since > 0).then(|| q.since.saturating_mul(1000)),
+            action: q.action,
+            allowed: q.allowed,
+            after_id: q.after_id,
+            limit: q.limit,
         };
         self.run(move |d| Ok(d.store.query_audit(&filter)?)).await
     }

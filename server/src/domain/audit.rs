@@ -8,6 +8,8 @@ pub enum Action {
     SecretCreate,
     SecretRotate,
     SecretRollback,
+    /// Metadata changed without a new version.
+    SecretUpdate,
     SecretDelete,
     SecretList,
     SecretDescribe,
@@ -39,6 +41,7 @@ impl Action {
             Action::SecretCreate => "secret.create",
             Action::SecretRotate => "secret.rotate",
             Action::SecretRollback => "secret.rollback",
+            Action::SecretUpdate => "secret.update",
             Action::SecretDelete => "secret.delete",
             Action::SecretList => "secret.list",
             Action::SecretDescribe => "secret.describe",

@@ -41,7 +41,8 @@ impl Store for Tampering {
         get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
         put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
         create_secret(&self, new: &NewSecret, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
-        rotate_secret(&self, name: &str, size: u64, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
+        rotate_secret(&self, name: &str, size: u64, expires: Option<Option<i64>>, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
+        update_secret(&self, name: &str, update: &SecretUpdate, check: CheckFn<'_>, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;
         rollback_secret(&self, name: &str, version: u64, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;
         delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>>;
         get_secret(&self, name: &str) -> Result<SecretRecord>;
@@ -152,6 +153,7 @@ fn secret(name: &str, content: &[u8]) -> CreateSecret {
             ..Default::default()
         },
         content: Plaintext::new(content.to_vec()),
+        allow_past_expiry: false,
     }
 }
 
@@ -225,7 +227,13 @@ async fn a_rotation_is_announced_with_the_revision_it_committed_at() {
     let mut feed = f.store.feed().subscribe();
     let rec = f
         .domain
-        .rotate_secret(&f.admin, "a".into(), Plaintext::new(b"two".to_vec()))
+        .rotate_secret(
+            &f.admin,
+            "a".into(),
+            Plaintext::new(b"two".to_vec()),
+            None,
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -313,6 +321,126 @@ async fn a_failed_integrity_check_is_audited_on_every_read_path() {
 }
 
 #[tokio::test]
+async fn a_metadata_update_reaches_watchers_without_content() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    let mut w = f.domain.watch(f.web.clone(), Held::new());
+    let first = event(w.next().await.unwrap());
+    assert_eq!(first.upserts.len(), 2);
+    let update = SecretUpdate {
+        mode: Some(0o440),
+        owner: Some(Some(1234)),
+        ..Default::default()
+    };
+    f.domain
+        .update_secret(&f.admin, "b".into(), update, false)
+        .await
+        .unwrap();
+    let changed = event(w.next().await.unwrap());
+    assert!(
+        changed.upserts.is_empty(),
+        "no content for a metadata change"
+    );
+    assert!(changed.removals.is_empty());
+    let metas: Vec<_> = changed
+        .meta_updates
+        .iter()
+        .map(|r| (r.name.as_str(), r.mode, r.owner, r.current_version))
+        .collect();
+    assert_eq!(metas, [("b", 0o440, Some(1234), 1)]);
+    // A reconnect that says it holds the old metadata gets it again; one
+    // that holds the new metadata gets nothing.
+    let a = f.store.get_secret("a").unwrap();
+    let b = f.store.get_secret("b").unwrap();
+    let held = |digest_b: u64| {
+        watch::held(
+            vec![
+                ("a".to_owned(), a.id, 1, a.meta_digest()),
+                ("b".to_owned(), b.id, 1, digest_b),
+            ]
+            .into_iter(),
+        )
+        .unwrap()
+    };
+    let mut stale = f.domain.watch(f.web.clone(), held(0));
+    let again = event(stale.next().await.unwrap());
+    assert!(again.upserts.is_empty());
+    assert_eq!(again.meta_updates.len(), 1);
+    assert_eq!(again.meta_updates[0].name, "b");
+    let mut fresh = f.domain.watch(f.web.clone(), held(b.meta_digest()));
+    let nothing = event(fresh.next().await.unwrap());
+    assert!(nothing.upserts.is_empty() && nothing.meta_updates.is_empty());
+    // Only the first sync's content was read.
+    assert_eq!(f.audit(Action::SecretRead).len(), 2);
+    let updates = f.audit(Action::SecretUpdate);
+    assert_eq!(updates.len(), 1);
+    assert_eq!(
+        updates[0].detail,
+        "mode default -> 0440, owner default -> 1234"
+    );
+    // Nothing to change is refused before the store is asked.
+    let empty = f
+        .domain
+        .update_secret(&f.admin, "b".into(), SecretUpdate::default(), false)
+        .await;
+    assert!(empty.unwrap_err().to_string().contains("nothing to update"));
+}
+
+#[tokio::test]
+async fn past_expiries_are_refused_unless_allowed() {
+    let f = fixture().await;
+    let mut past = secret("old", b"x");
+    past.meta.expires_at = Some(1_000_000);
+    let err = f
+        .domain
+        .create_secret(&f.admin, past)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("in the past") && err.contains("--force"),
+        "{err}"
+    );
+    let mut forced = secret("old", b"x");
+    forced.meta.expires_at = Some(1_000_000);
+    forced.allow_past_expiry = true;
+    f.domain.create_secret(&f.admin, forced).await.unwrap();
+    let rotate = |expires, allow| {
+        f.domain.rotate_secret(
+            &f.admin,
+            "old".into(),
+            Plaintext::new(b"y".to_vec()),
+            expires,
+            allow,
+        )
+    };
+    assert!(rotate(Some(Some(2_000_000)), false).await.is_err());
+    assert_eq!(
+        rotate(Some(Some(2_000_000)), true)
+            .await
+            .unwrap()
+            .expires_at,
+        Some(2_000_000)
+    );
+    let update = |t| SecretUpdate {
+        expires_at: Some(Some(t)),
+        ..Default::default()
+    };
+    assert!(f
+        .domain
+        .update_secret(&f.admin, "old".into(), update(5), false)
+        .await
+        .is_err());
+    let future = now_s() + 3600;
+    let r = f
+        .domain
+        .update_secret(&f.admin, "old".into(), update(future), false)
+        .await
+        .unwrap();
+    assert_eq!(r.expires_at, Some(future));
+}
+
+#[tokio::test]
 async fn a_watcher_gets_its_view_then_exactly_what_changes() {
     let f = fixture().await;
     f.granted(&["a", "b"]).await;
@@ -330,11 +458,23 @@ async fn a_watcher_gets_its_view_then_exactly_what_changes() {
         .await
         .unwrap();
     f.domain
-        .rotate_secret(&f.admin, "other".into(), Plaintext::new(b"o2".to_vec()))
+        .rotate_secret(
+            &f.admin,
+            "other".into(),
+            Plaintext::new(b"o2".to_vec()),
+            None,
+            false,
+        )
         .await
         .unwrap();
     f.domain
-        .rotate_secret(&f.admin, "b".into(), Plaintext::new(b"b2".to_vec()))
+        .rotate_secret(
+            &f.admin,
+            "b".into(),
+            Plaintext::new(b"b2".to_vec()),
+            None,
+            false,
+        )
         .await
         .unwrap();
     let rotated = event(w.next().await.unwrap());

@@ -1,9 +1,11 @@
 //! Keeping a client's view in sync (`Secrets.Watch`).
 //!
-//! A [`Watcher`] remembers what the client holds (name → id, version),
-//! starting from what the client says it holds. On every relevant change it
-//! reads the client's view from the store and yields exactly the
-//! difference: upserts (metadata and content) and removals. Because the
+//! A [`Watcher`] remembers what the client holds (name → id, version,
+//! metadata digest), starting from what the client says it holds. On every
+//! relevant change it reads the client's view from the store and yields
+//! exactly the difference: upserts (metadata and content), metadata
+//! updates (a held version whose metadata changed: no content, so no read
+//! is audited) and removals. Because the
 //! diff is against what the client holds, a reconnect transfers only what
 //! it missed, and an event is never applied twice. Every content yielded is
 //! audited as a read before it is handed out.
@@ -16,25 +18,26 @@ use tokio::sync::{broadcast, watch as signal};
 use super::{Caller, Domain, Opened};
 use crate::error::Error;
 use crate::names::check_secret_name;
-use crate::store::Change;
+use crate::store::{Change, SecretRecord};
 
 /// The most entries a client may say it holds.
 pub const MAX_KNOWN: usize = 100_000;
 
-/// What a client holds: name → (secret id, version).
-pub type Held = HashMap<String, (u64, u64)>;
+/// What a client holds: name → (secret id, version, metadata digest; 0 =
+/// unknown).
+pub type Held = HashMap<String, (u64, u64, u64)>;
 
-/// Checks what a client says it holds.
-pub fn held(known: impl ExactSizeIterator<Item = (String, u64, u64)>) -> Result<Held, Error> {
+/// Checks what a client says it holds: (name, id, version, digest).
+pub fn held(known: impl ExactSizeIterator<Item = (String, u64, u64, u64)>) -> Result<Held, Error> {
     if known.len() > MAX_KNOWN {
         return Err(Error::InvalidArgument(format!(
             "at most {MAX_KNOWN} known secrets per Watch"
         )));
     }
     let mut held = HashMap::with_capacity(known.len());
-    for (name, id, version) in known {
+    for (name, id, version, digest) in known {
         check_secret_name(&name)?;
-        held.insert(name, (id, version));
+        held.insert(name, (id, version, digest));
     }
     Ok(held)
 }
@@ -45,6 +48,8 @@ pub struct Delta {
     /// The first event of a stream (sent even when empty).
     pub initial: bool,
     pub upserts: Vec<Opened>,
+    /// Held versions whose metadata changed (no content).
+    pub meta_updates: Vec<SecretRecord>,
     /// Names the client must drop, sorted.
     pub removals: Vec<String>,
 }
@@ -87,7 +92,7 @@ impl Domain {
 
 /// What a burst of changes asks a watcher to do.
 enum Wanted {
-    /// These held secrets changed version (as of `revision`).
+    /// These held secrets changed version or metadata (as of `revision`).
     Rotated { ids: Vec<u64>, revision: u64 },
     /// Anything may have changed: recompute the whole view.
     Everything,
@@ -119,7 +124,9 @@ impl Watcher {
                     Some(self.delta(false).await?)
                 }
             };
-            if let Some(event) = event.filter(|e| !e.upserts.is_empty() || !e.removals.is_empty()) {
+            if let Some(event) = event.filter(|e| {
+                !e.upserts.is_empty() || !e.removals.is_empty() || !e.meta_updates.is_empty()
+            }) {
                 return Ok(Next::Event(event));
             }
         }
@@ -143,7 +150,7 @@ impl Watcher {
                         Change::Secret { id, revision: r }
                         | Change::SecretDeleted { id, revision: r },
                     ) => {
-                        if self.held.values().any(|(held_id, _)| *held_id == id) {
+                        if self.held.values().any(|(held_id, ..)| *held_id == id) {
                             revision = revision.max(r);
                             if !ids.contains(&id) {
                                 ids.push(id);
@@ -189,15 +196,27 @@ impl Watcher {
                     .filter(|n| !view.secrets.iter().any(|s| &s.name == *n))
                     .cloned()
                     .collect();
-                let changed: Vec<String> = view
-                    .secrets
-                    .iter()
-                    .filter(|s| snapshot.get(&s.name) != Some(&(s.id, s.current_version)))
-                    .map(|s| s.name.clone())
-                    .collect();
+                let mut changed = Vec::new();
+                let mut meta_updates = Vec::new();
+                for s in &view.secrets {
+                    let digest = s.meta_digest();
+                    match snapshot.get(&s.name) {
+                        Some(&(id, version, held))
+                            if (id, version) == (s.id, s.current_version) =>
+                        {
+                            if held != digest {
+                                meta_updates.push(s.clone());
+                            }
+                        }
+                        _ => changed.push(s.name.clone()),
+                    }
+                }
                 let mut now_held = snapshot;
                 for r in &removals {
                     now_held.remove(r);
+                }
+                for s in &meta_updates {
+                    now_held.insert(s.name.clone(), (s.id, s.current_version, s.meta_digest()));
                 }
                 let mut upserts = Vec::with_capacity(changed.len());
                 let mut audit = Vec::with_capacity(changed.len());
@@ -214,7 +233,11 @@ impl Watcher {
                         audit.push(entry);
                         now_held.insert(
                             s.record.name.clone(),
-                            (s.record.id, s.record.current_version),
+                            (
+                                s.record.id,
+                                s.record.current_version,
+                                s.record.meta_digest(),
+                            ),
                         );
                         upserts.push(Opened {
                             record: s.record,
@@ -227,6 +250,7 @@ impl Watcher {
                     revision: view.revision,
                     initial,
                     upserts,
+                    meta_updates,
                     removals,
                 };
                 Ok((delta, now_held, audit))
@@ -238,21 +262,24 @@ impl Watcher {
         Ok(delta)
     }
 
-    /// The fast path after rotations or rollbacks (grants unchanged): fetch
-    /// just those secrets, re-checking in the same read that the client may
-    /// still read them, and decrypt each version once for all watchers.
+    /// The fast path after rotations, rollbacks or updates (grants
+    /// unchanged): fetch just those secrets, re-checking in the same read
+    /// that the client may still read them, and decrypt each version once
+    /// for all watchers (a metadata-only change decrypts nothing).
     async fn rotated(&mut self, ids: Vec<u64>, revision: u64) -> Result<Option<Delta>, Error> {
         let caller = self.caller.clone();
         // What the client holds of just these secrets (not a copy of all
         // it holds: this runs for every watcher of a rotated secret).
-        let known: Vec<(u64, Vec<(String, u64)>)> = ids
+        // Per id: the (name, version, digest) held of it.
+        type HeldOf = Vec<(String, u64, u64)>;
+        let known: Vec<(u64, HeldOf)> = ids
             .into_iter()
             .map(|id| {
                 let held = self
                     .held
                     .iter()
-                    .filter(|(_, (held_id, _))| *held_id == id)
-                    .map(|(name, (_, version))| (name.clone(), *version))
+                    .filter(|(_, (held_id, ..))| *held_id == id)
+                    .map(|(name, (_, version, digest))| (name.clone(), *version, *digest))
                     .collect();
                 (id, held)
             })
@@ -261,16 +288,25 @@ impl Watcher {
             .domain
             .run(move |d| {
                 let mut upserts = Vec::new();
+                let mut meta_updates = Vec::new();
                 let mut removals = Vec::new();
                 let mut audit = Vec::new();
                 for (id, held) in known {
                     let Some(s) = d.store.read_one_for_client(caller.client.id, id)? else {
                         // Deleted, or access lost in between.
-                        removals.extend(held.into_iter().map(|(name, _)| name));
+                        removals.extend(held.into_iter().map(|(name, ..)| name));
                         continue;
                     };
                     let version = s.record.current_version;
-                    if held.contains(&(s.record.name.clone(), version)) {
+                    let held_now = held
+                        .iter()
+                        .find(|(name, v, _)| *name == s.record.name && *v == version);
+                    if let Some((_, _, digest)) = held_now {
+                        // The version it holds is current: at most the
+                        // metadata changed, and that needs no content.
+                        if *digest != s.record.meta_digest() {
+                            meta_updates.push(s.record);
+                        }
                         continue;
                     }
                     let (content, entry) = d.open(caller.name(), &s, true, "watch")?;
@@ -285,21 +321,27 @@ impl Watcher {
                     revision,
                     initial: false,
                     upserts,
+                    meta_updates,
                     removals,
                 };
                 Ok((delta, audit))
             })
             .await?;
-        if delta.upserts.is_empty() && delta.removals.is_empty() {
+        if delta.upserts.is_empty() && delta.removals.is_empty() && delta.meta_updates.is_empty() {
             return Ok(None);
         }
         self.domain.audit.append(audit).await?;
         for gone in &delta.removals {
             self.held.remove(gone);
         }
-        for o in &delta.upserts {
-            let r = &o.record;
-            self.held.insert(r.name.clone(), (r.id, r.current_version));
+        let records = delta
+            .upserts
+            .iter()
+            .map(|o| &o.record)
+            .chain(&delta.meta_updates);
+        for r in records {
+            self.held
+                .insert(r.name.clone(), (r.id, r.current_version, r.meta_digest()));
         }
         Ok(Some(delta))
     }

@@ -7,10 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::convert::all;
 use super::peer;
-use crate::domain::admin::{CreateClient, CreateSecret, Member, Membership};
+use crate::domain::admin::{AuditQuery, CreateClient, CreateSecret, Member, Membership};
 use crate::domain::{Action, Caller, Domain};
 use crate::envelope::Plaintext;
-use crate::store::NewSecret;
+use crate::store::{NewSecret, SecretUpdate};
 
 pub struct AdminService {
     domain: Arc<Domain>,
@@ -29,6 +29,18 @@ impl AdminService {
 /// Takes the content out of a request, leaving nothing behind in it.
 fn take_content(content: &mut Vec<u8>) -> Plaintext {
     Plaintext::new(std::mem::take(content))
+}
+
+/// A request's expiry fields as a change: set, clear, or keep (`None`).
+fn expiry_change(expires_at: Option<i64>, clear: bool) -> Result<Option<Option<i64>>, Status> {
+    match (expires_at, clear) {
+        (Some(_), true) => Err(Status::invalid_argument(
+            "give either a new expiry or clear it (--expires or --no-expires), not both",
+        )),
+        (Some(t), false) => Ok(Some(Some(t))),
+        (None, true) => Ok(Some(None)),
+        (None, false) => Ok(None),
+    }
 }
 
 fn membership(add: bool) -> Membership {
@@ -60,6 +72,7 @@ impl Admin for AdminService {
                 size: 0,
             },
             content,
+            allow_past_expiry: r.allow_past_expiry,
         };
         let rec = self.domain.create_secret(&caller, new).await?;
         Ok(Response::new((&rec).into()))
@@ -72,7 +85,42 @@ impl Admin for AdminService {
         let caller = self.admin(&req, Action::SecretRotate).await?;
         let mut r = req.into_inner();
         let content = take_content(&mut r.content);
-        let rec = self.domain.rotate_secret(&caller, r.name, content).await?;
+        let expires = expiry_change(r.expires_at, r.clear_expiry)?;
+        let rec = self
+            .domain
+            .rotate_secret(&caller, r.name, content, expires, r.allow_past_expiry)
+            .await?;
+        Ok(Response::new((&rec).into()))
+    }
+
+    async fn update_secret(
+        &self,
+        req: Request<v1::UpdateSecretRequest>,
+    ) -> Result<Response<v1::SecretMeta>, Status> {
+        let caller = self.admin(&req, Action::SecretUpdate).await?;
+        let r = req.into_inner();
+        let cleared = |value: Option<u32>, clear: bool, what: &str| match (value, clear) {
+            (Some(_), true) => Err(Status::invalid_argument(format!(
+                "give either a new {what} or clear it, not both"
+            ))),
+            (Some(v), false) => Ok(Some(Some(v))),
+            (None, true) => Ok(Some(None)),
+            (None, false) => Ok(None),
+        };
+        let update = SecretUpdate {
+            description: r.description,
+            clear_labels: r.clear_labels,
+            remove_labels: r.remove_labels,
+            set_labels: r.labels.into_iter().collect(),
+            mode: r.mode,
+            owner: cleared(r.owner, r.clear_owner, "owner")?,
+            group: cleared(r.group, r.clear_group, "group")?,
+            expires_at: expiry_change(r.expires_at, r.clear_expiry)?,
+        };
+        let rec = self
+            .domain
+            .update_secret(&caller, r.name, update, r.allow_past_expiry)
+            .await?;
         Ok(Response::new((&rec).into()))
     }
 
@@ -266,12 +314,15 @@ impl Admin for AdminService {
         let q = req.into_inner();
         let events = self
             .domain
-            .query_audit(
-                (!q.client.is_empty()).then_some(q.client),
-                (!q.secret.is_empty()).then_some(q.secret),
-                q.since,
-                q.limit,
-            )
+            .query_audit(AuditQuery {
+                client: (!q.client.is_empty()).then_some(q.client),
+                secret: (!q.secret.is_empty()).then_some(q.secret),
+                since: q.since,
+                action: (!q.action.is_empty()).then_some(q.action),
+                allowed: q.allowed,
+                after_id: (q.after_id > 0).then_some(q.after_id),
+                limit: q.limit,
+            })
             .await?;
         Ok(Response::new(v1::AuditResponse {
             events: events.into_iter().map(Into::into).collect(),

@@ -29,6 +29,7 @@ impl From<&SecretRecord> for v1::SecretMeta {
             updated_at: r.updated_at,
             size: r.size,
             version_created_at: r.version_created_at,
+            meta_digest: r.meta_digest(),
         }
     }
 }
@@ -114,6 +115,7 @@ impl From<Delta> for v1::WatchEvent {
             upserts: d.upserts.into_iter().map(Into::into).collect(),
             removals: d.removals,
             continued: false,
+            meta_updates: d.meta_updates.iter().map(Into::into).collect(),
         }
     }
 }

@@ -36,7 +36,11 @@ impl Secrets for SecretsService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.caller(&req).await?;
         let known = req.into_inner().known;
-        let held = watch::held(known.into_iter().map(|k| (k.name, k.id, k.version)))?;
+        let held = watch::held(
+            known
+                .into_iter()
+                .map(|k| (k.name, k.id, k.version, k.meta_digest)),
+        )?;
         let (tx, events) = super::watch::channel();
         tokio::spawn(super::watch::run(self.domain.watch(caller, held), tx));
         Ok(Response::new(events))
@@ -75,7 +79,9 @@ impl Secrets for SecretsService {
         req: Request<v1::RenewCertificateRequest>,
     ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
         let _caller = self.caller(&req).await?;
-        Err(Status::unimplemented("certificate renewal is not built yet"))
+        Err(Status::unimplemented(
+            "certificate renewal is not built yet",
+        ))
     }
 
     async fn list_my_secrets(

@@ -98,21 +98,23 @@ async fn send_parts(tx: &Sender, event: v1::WatchEvent) -> bool {
 /// Splits an event into messages of at most [`MAX_REPLY_CONTENT`] of
 /// content each (one secret is never split), marked `continued` but the
 /// last, so a client with gRPC's default 4 MiB receive limit gets any
-/// change. Removals ride in the first part; `initial` only on the first.
+/// change. Removals and metadata updates (no content) ride in the first
+/// part; `initial` only on the first.
 fn split(event: v1::WatchEvent) -> Vec<v1::WatchEvent> {
-    let part = |initial, removals| v1::WatchEvent {
+    let part = |initial, removals, meta_updates| v1::WatchEvent {
         revision: event.revision,
         initial,
         upserts: Vec::new(),
         removals,
         continued: false,
+        meta_updates,
     };
     let mut parts = Vec::new();
-    let mut current = part(event.initial, event.removals);
+    let mut current = part(event.initial, event.removals, event.meta_updates);
     let mut size = 0;
     for u in event.upserts {
         if !current.upserts.is_empty() && size + u.content.len() > MAX_REPLY_CONTENT {
-            let next = part(false, Vec::new());
+            let next = part(false, Vec::new(), Vec::new());
             let mut full = std::mem::replace(&mut current, next);
             full.continued = true;
             parts.push(full);
@@ -175,6 +177,7 @@ mod tests {
             upserts: (0..7).map(|i| upsert(&format!("s{i}"), mib)).collect(),
             removals: vec!["gone".into()],
             continued: false,
+            meta_updates: Vec::new(),
         };
         let parts = split(event);
         assert_eq!(parts.len(), 3);

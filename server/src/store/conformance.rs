@@ -16,6 +16,11 @@ pub fn run(make: Make<'_>) {
     audit_is_written_with_changes_and_filtered(make().as_ref());
     every_change_bumps_the_revision_and_returns_it(make().as_ref());
     meta_round_trips(make().as_ref());
+    metadata_updates_without_a_version(make().as_ref());
+    rotation_sets_or_clears_the_expiry(make().as_ref());
+    file_and_directory_names_conflict(make().as_ref());
+    audit_filters_by_action_outcome_and_cursor(make().as_ref());
+    removals_record_what_was_removed(make().as_ref());
 }
 
 fn sealed(tag: u8) -> Sealed {
@@ -97,7 +102,7 @@ fn secret_lifecycle(s: &dyn Store) {
     ));
     let mut seen = None;
     let rot = s
-        .rotate_secret("db/pw", 5, &entry("secret.rotate"), &mut |id, v| {
+        .rotate_secret("db/pw", 5, None, &entry("secret.rotate"), &mut |id, v| {
             seen = Some((id, v));
             Ok(sealed(2))
         })
@@ -127,7 +132,9 @@ fn secret_lifecycle(s: &dyn Store) {
     );
     // A failed seal writes nothing.
     assert!(matches!(
-        s.rotate_secret("db/pw", 1, &entry("secret.rotate"), &mut |_, _| Err(boom())),
+        s.rotate_secret("db/pw", 1, None, &entry("secret.rotate"), &mut |_, _| Err(
+            boom()
+        )),
         Err(StoreError::Seal(_))
     ));
     assert_eq!(s.get_secret("db/pw").unwrap().version_count, 2);
@@ -438,7 +445,9 @@ fn every_change_bumps_the_revision_and_returns_it(s: &dyn Store) {
     assert_eq!(created.revision, r0 + 1);
     assert_eq!(s.revision().unwrap(), r0 + 1);
     let rotated = s
-        .rotate_secret("x", 1, &entry("secret.rotate"), &mut |_, _| Ok(sealed(3)))
+        .rotate_secret("x", 1, None, &entry("secret.rotate"), &mut |_, _| {
+            Ok(sealed(3))
+        })
         .unwrap();
     assert_eq!(rotated.revision, r0 + 2);
     let web = s
@@ -466,12 +475,14 @@ fn every_change_bumps_the_revision_and_returns_it(s: &dyn Store) {
     s.read_sealed(web.value.id, &[]).unwrap();
     s.append_audit(&[entry("secret.read")]).unwrap();
     assert!(s
-        .rotate_secret("missing", 1, &entry("secret.rotate"), &mut |_, _| Ok(
+        .rotate_secret("missing", 1, None, &entry("secret.rotate"), &mut |_, _| Ok(
             sealed(1)
         ))
         .is_err());
     assert!(s
-        .rotate_secret("x", 1, &entry("secret.rotate"), &mut |_, _| Err(boom()))
+        .rotate_secret("x", 1, None, &entry("secret.rotate"), &mut |_, _| Err(
+            boom()
+        ))
         .is_err());
     assert_eq!(s.revision().unwrap(), r0 + 5);
     assert_eq!(s.client_view(web.value.id).unwrap().revision, r0 + 5);
@@ -483,6 +494,348 @@ fn meta_round_trips(s: &dyn Store) {
     s.put_meta("k", b"two").unwrap();
     assert_eq!(s.get_meta("k").unwrap().as_deref(), Some(&b"two"[..]));
     assert!(s.concurrency() >= 1);
+}
+
+fn no_check(_: &SecretRecord) -> Result<()> {
+    Ok(())
+}
+
+fn last_audit(s: &dyn Store) -> AuditEntry {
+    s.query_audit(&AuditFilter {
+        limit: 1,
+        ..Default::default()
+    })
+    .unwrap()
+    .pop()
+    .unwrap()
+}
+
+fn metadata_updates_without_a_version(s: &dyn Store) {
+    let before = add(s, "db/pw");
+    s.rotate_secret("db/pw", 4, None, &entry("secret.rotate"), &mut |_, _| {
+        Ok(sealed(2))
+    })
+    .unwrap();
+    let mut labels = BTreeMap::new();
+    labels.insert("env".to_owned(), "prod".to_owned());
+    labels.insert("team".to_owned(), "a".to_owned());
+    let update = SecretUpdate {
+        description: Some("the db".into()),
+        set_labels: labels,
+        mode: Some(0o440),
+        owner: Some(Some(1234)),
+        group: Some(Some(55)),
+        expires_at: Some(Some(4_000_000_000)),
+        ..Default::default()
+    };
+    let r0 = s.revision().unwrap();
+    let done = s
+        .update_secret("db/pw", &update, &no_check, &entry("secret.update"))
+        .unwrap();
+    assert_eq!(done.revision, r0 + 1, "an update is a change");
+    let r = done.value;
+    assert_eq!((r.current_version, r.version_count, r.size), (2, 2, 4));
+    assert_eq!(
+        (r.mode, r.owner, r.group, r.expires_at),
+        (0o440, Some(1234), Some(55), Some(4_000_000_000))
+    );
+    assert_eq!(r.description, "the db");
+    assert_eq!(r.labels.len(), 2);
+    assert_ne!(r.meta_digest(), before.meta_digest());
+    assert_eq!(s.get_secret("db/pw").unwrap(), r);
+    assert_eq!(s.list_versions("db/pw").unwrap().len(), 2, "no new version");
+    let audited = last_audit(s);
+    assert_eq!(audited.action, "secret.update");
+    assert_eq!(audited.version, Some(2));
+    for part in [
+        "description",
+        "labels +env +team",
+        "mode default -> 0440",
+        "owner default -> 1234",
+        "group default -> 55",
+        "expiry none -> 4000000000",
+    ] {
+        assert!(audited.detail.contains(part), "{part}: {}", audited.detail);
+    }
+    // Unset fields are kept; clearing goes back to the mount's default.
+    let mut set = BTreeMap::new();
+    set.insert("team".to_owned(), "b".to_owned());
+    let r = s
+        .update_secret(
+            "db/pw",
+            &SecretUpdate {
+                owner: Some(None),
+                remove_labels: vec!["env".into()],
+                set_labels: set,
+                expires_at: Some(None),
+                ..Default::default()
+            },
+            &no_check,
+            &entry("secret.update"),
+        )
+        .unwrap()
+        .value;
+    assert_eq!(
+        (r.mode, r.owner, r.group, r.expires_at),
+        (0o440, None, Some(55), None)
+    );
+    assert_eq!(r.labels.get("team").map(String::as_str), Some("b"));
+    assert_eq!(r.labels.len(), 1);
+    let detail = last_audit(s).detail;
+    assert!(detail.contains("labels -env ~team"), "{detail}");
+    assert!(detail.contains("owner 1234 -> default"), "{detail}");
+    // The same values again: audited as no change, digest unchanged.
+    let same = s
+        .update_secret(
+            "db/pw",
+            &SecretUpdate {
+                mode: Some(0o440),
+                ..Default::default()
+            },
+            &no_check,
+            &entry("secret.update"),
+        )
+        .unwrap()
+        .value;
+    assert_eq!(same.meta_digest(), r.meta_digest());
+    assert_eq!(last_audit(s).detail, "no change");
+    // A refused check writes nothing; a missing secret is NotFound.
+    let r1 = s.revision().unwrap();
+    let refuse = |_: &SecretRecord| Err(StoreError::Check("too many labels".into()));
+    assert!(matches!(
+        s.update_secret(
+            "db/pw",
+            &SecretUpdate {
+                clear_labels: true,
+                ..Default::default()
+            },
+            &refuse,
+            &entry("secret.update"),
+        ),
+        Err(StoreError::Check(_))
+    ));
+    assert_eq!(s.revision().unwrap(), r1);
+    assert_eq!(s.get_secret("db/pw").unwrap().labels.len(), 1);
+    assert!(matches!(
+        s.update_secret(
+            "nope",
+            &SecretUpdate {
+                mode: Some(0o400),
+                ..Default::default()
+            },
+            &no_check,
+            &entry("secret.update"),
+        ),
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+fn rotation_sets_or_clears_the_expiry(s: &dyn Store) {
+    let created = s
+        .create_secret(
+            &NewSecret {
+                name: "tok".into(),
+                expires_at: Some(1_000),
+                ..Default::default()
+            },
+            &entry("secret.create"),
+            &mut |_, _| Ok(sealed(1)),
+        )
+        .unwrap()
+        .value;
+    assert_eq!(created.expires_at, Some(1_000));
+    let rotate = |expires| {
+        s.rotate_secret("tok", 1, expires, &entry("secret.rotate"), &mut |_, _| {
+            Ok(sealed(2))
+        })
+        .unwrap()
+        .value
+    };
+    // Kept when not given, unless it has passed: then it goes with the
+    // content it described.
+    assert_eq!(rotate(None).expires_at, None);
+    assert!(last_audit(s)
+        .detail
+        .contains("expiry 1000 had passed: cleared"));
+    assert_eq!(
+        rotate(Some(Some(5_000_000_000))).expires_at,
+        Some(5_000_000_000)
+    );
+    assert_eq!(
+        rotate(None).expires_at,
+        Some(5_000_000_000),
+        "a future expiry is kept"
+    );
+    assert_eq!(rotate(Some(None)).expires_at, None);
+    assert_eq!(s.get_secret("tok").unwrap().current_version, 5);
+}
+
+fn file_and_directory_names_conflict(s: &dyn Store) {
+    let create = |name: &str| {
+        s.create_secret(
+            &NewSecret {
+                name: name.into(),
+                ..Default::default()
+            },
+            &entry("secret.create"),
+            &mut |_, _| Ok(sealed(1)),
+        )
+    };
+    create("db").unwrap();
+    create("app/db_1/password").unwrap();
+    let r0 = s.revision().unwrap();
+    for (name, existing) in [
+        ("db/password", "db"),
+        ("db/a/b", "db"),
+        ("app", "app/db_1/password"),
+        ("app/db_1", "app/db_1/password"),
+    ] {
+        match create(name) {
+            Err(StoreError::NameConflict {
+                name: n,
+                existing: e,
+            }) => {
+                assert_eq!((n.as_str(), e.as_str()), (name, existing))
+            }
+            other => panic!("{name}: expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(s.revision().unwrap(), r0, "a refused add writes nothing");
+    // Prefixes that are not whole segments do not conflict; '_' is no
+    // wildcard.
+    create("dbx/password").unwrap();
+    create("app/db/password").unwrap();
+    create("app/dbx1").unwrap();
+    create("d").unwrap();
+}
+
+fn audit_filters_by_action_outcome_and_cursor(s: &dyn Store) {
+    let e = |action: &str, allowed: bool| AuditEntry {
+        actor: "a".into(),
+        action: action.into(),
+        allowed,
+        ..Default::default()
+    };
+    s.append_audit(&[
+        e("secret.read", true),
+        e("secret.read", false),
+        e("auth", false),
+        e("secret.rotate", true),
+        e("secretx.read", true),
+    ])
+    .unwrap();
+    let q = |f: AuditFilter| {
+        s.query_audit(&f)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.action, e.allowed))
+            .collect::<Vec<_>>()
+    };
+    let r = |a: &str, ok: bool| (a.to_owned(), ok);
+    assert_eq!(
+        q(AuditFilter {
+            action: Some("secret.read".into()),
+            ..Default::default()
+        }),
+        [r("secret.read", true), r("secret.read", false)]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            action: Some("secret.*".into()),
+            ..Default::default()
+        }),
+        [
+            r("secret.read", true),
+            r("secret.read", false),
+            r("secret.rotate", true)
+        ]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            allowed: Some(false),
+            ..Default::default()
+        }),
+        [r("secret.read", false), r("auth", false)]
+    );
+    assert_eq!(
+        q(AuditFilter {
+            action: Some("secret.read".into()),
+            allowed: Some(true),
+            ..Default::default()
+        }),
+        [r("secret.read", true)]
+    );
+    // The cursor: the oldest `limit` after it, not the newest.
+    let all = s.query_audit(&AuditFilter::default()).unwrap();
+    let after = s
+        .query_audit(&AuditFilter {
+            after_id: Some(all[0].id),
+            limit: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        after.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [all[1].id, all[2].id]
+    );
+    let end = s
+        .query_audit(&AuditFilter {
+            after_id: Some(all.last().unwrap().id),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(end.is_empty());
+}
+
+fn removals_record_what_was_removed(s: &dyn Store) {
+    for c in ["c1", "c2"] {
+        client(s, c);
+    }
+    for n in ["s1", "s2", "s3"] {
+        add(s, n);
+    }
+    s.create_group("g", "", &entry("group.create")).unwrap();
+    s.create_group("h", "", &entry("group.create")).unwrap();
+    for c in ["c1", "c2"] {
+        s.set_group_client("g", c, true, &entry("group.add-client"))
+            .unwrap();
+    }
+    s.set_group_client("h", "c1", true, &entry("group.add-client"))
+        .unwrap();
+    for n in ["s1", "s2", "s3"] {
+        s.set_group_secret("g", n, true, &entry("group.add-secret"))
+            .unwrap();
+    }
+    s.set_group_secret("h", "s1", true, &entry("group.add-secret"))
+        .unwrap();
+    s.rotate_secret("s1", 1, None, &entry("secret.rotate"), &mut |_, _| {
+        Ok(sealed(2))
+    })
+    .unwrap();
+    s.remove_group("g", &entry("group.remove")).unwrap();
+    assert_eq!(
+        last_audit(s).detail,
+        "removed with 2 clients (c1, c2) and 3 secrets (s1, s2, s3)"
+    );
+    s.remove_client("c1", &entry("client.remove")).unwrap();
+    assert_eq!(last_audit(s).detail, "was in groups h");
+    s.remove_client("c2", &entry("client.remove")).unwrap();
+    assert_eq!(last_audit(s).detail, "was in no group");
+    s.delete_secret("s1", &entry("secret.delete")).unwrap();
+    assert_eq!(
+        last_audit(s).detail,
+        "removed 2 versions; granted to groups h"
+    );
+    s.delete_secret("s2", &entry("secret.delete")).unwrap();
+    assert_eq!(
+        last_audit(s).detail,
+        "removed 1 version; granted to no group"
+    );
+    s.remove_group("h", &entry("group.remove")).unwrap();
+    assert_eq!(
+        last_audit(s).detail,
+        "removed with no clients and no secrets"
+    );
 }
 
 /// Four threads rotate, and fail to rotate, at once: every rotation lands
@@ -498,13 +851,14 @@ pub fn concurrent_writes(s: Arc<dyn Store>) {
             std::thread::spawn(move || {
                 let e = entry("secret.rotate");
                 for i in 0..50 {
-                    s.rotate_secret(&format!("t{t}"), 1, &e, &mut |_, _| Ok(sealed(2)))
+                    s.rotate_secret(&format!("t{t}"), 1, None, &e, &mut |_, _| Ok(sealed(2)))
                         .unwrap();
                     // Failing jobs in the same bursts change nothing.
                     assert!(s
-                        .rotate_secret("missing", 1, &e, &mut |_, _| Ok(sealed(1)))
+                        .rotate_secret("missing", 1, None, &e, &mut |_, _| Ok(sealed(1)))
                         .is_err());
-                    let failed = s.rotate_secret(&format!("t{t}"), 1, &e, &mut |_, _| Err(boom()));
+                    let failed =
+                        s.rotate_secret(&format!("t{t}"), 1, None, &e, &mut |_, _| Err(boom()));
                     assert!(failed.is_err(), "iteration {i}");
                 }
             })

@@ -38,6 +38,14 @@ pub enum StoreError {
     AlreadyExists { kind: Entity, name: String },
     #[error("secret \"{name}\" has no version {version}")]
     NoSuchVersion { name: String, version: u64 },
+    /// A secret name would be both a file and a directory in a mount
+    /// (`db` beside `db/password`).
+    #[error("secret \"{name}\" conflicts with secret \"{existing}\": a name cannot be both a file and a directory in the mount")]
+    NameConflict { name: String, existing: String },
+    /// The caller's check of a change's result refused it; nothing was
+    /// written.
+    #[error("{0}")]
+    Check(#[source] Source),
     /// The caller's seal function failed; nothing was written.
     #[error("{0}")]
     Seal(#[source] Source),

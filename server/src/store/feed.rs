@@ -19,8 +19,8 @@ use tokio::sync::broadcast;
 /// revision its change committed at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// A secret's current version changed (rotate, rollback): only views
-    /// holding it are affected.
+    /// A secret's current version or its metadata changed (rotate,
+    /// rollback, update): only views holding it are affected.
     Secret { id: u64, revision: u64 },
     /// A secret was deleted: views holding it lose it, and decrypted copies
     /// of its versions must go.

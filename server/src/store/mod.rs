@@ -54,6 +54,155 @@ pub struct SecretRecord {
     pub version_created_at: i64,
 }
 
+impl SecretRecord {
+    /// A digest of the metadata [`SecretUpdate`] can change: what a
+    /// watcher holds is compared by it (with id and version), so a
+    /// metadata-only change reaches mounts. Stable across restarts and
+    /// backends; never 0 (0 is "unknown" on the wire).
+    pub fn meta_digest(&self) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        // Length-prefixed fields: no two metadata sets encode alike.
+        let mut field = |bytes: &[u8]| {
+            ctx.update(&(bytes.len() as u64).to_be_bytes());
+            ctx.update(bytes);
+        };
+        field(self.description.as_bytes());
+        field(&(self.labels.len() as u64).to_be_bytes());
+        for (k, v) in &self.labels {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        field(&self.mode.to_be_bytes());
+        let opt = |v: Option<i64>| match v {
+            Some(v) => [&[1u8][..], &v.to_be_bytes()].concat(),
+            None => vec![0u8],
+        };
+        field(&opt(self.owner.map(i64::from)));
+        field(&opt(self.group.map(i64::from)));
+        field(&opt(self.expires_at));
+        let d = ctx.finish();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d.as_ref()[..8]);
+        u64::from_be_bytes(first).max(1)
+    }
+}
+
+/// A metadata change (`secret update`): `None` keeps a field. Labels:
+/// `clear_labels` drops them all, then `remove_labels` go and
+/// `set_labels` are added or overwritten.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SecretUpdate {
+    pub description: Option<String>,
+    pub clear_labels: bool,
+    pub remove_labels: Vec<String>,
+    pub set_labels: BTreeMap<String, String>,
+    pub mode: Option<u32>,
+    pub owner: Option<Option<u32>>,
+    pub group: Option<Option<u32>>,
+    pub expires_at: Option<Option<i64>>,
+}
+
+impl SecretUpdate {
+    /// True when the update names no change at all.
+    pub fn is_empty(&self) -> bool {
+        *self == SecretUpdate::default()
+    }
+
+    /// Applies the update to `r` and says what changed, for the audit
+    /// entry (names and attributes, never a label's value or the
+    /// description's text: they may be long). Empty when nothing changed.
+    pub fn apply(&self, r: &mut SecretRecord) -> Vec<String> {
+        let mut changed = Vec::new();
+        if let Some(d) = &self.description {
+            if *d != r.description {
+                r.description = d.clone();
+                changed.push("description".to_owned());
+            }
+        }
+        let before = r.labels.clone();
+        if self.clear_labels {
+            r.labels.clear();
+        }
+        for k in &self.remove_labels {
+            r.labels.remove(k);
+        }
+        for (k, v) in &self.set_labels {
+            r.labels.insert(k.clone(), v.clone());
+        }
+        let mut label_changes = Vec::new();
+        for k in before.keys().filter(|k| !r.labels.contains_key(*k)) {
+            label_changes.push(format!("-{k}"));
+        }
+        for (k, v) in &r.labels {
+            match before.get(k) {
+                None => label_changes.push(format!("+{k}")),
+                Some(old) if old != v => label_changes.push(format!("~{k}")),
+                Some(_) => {}
+            }
+        }
+        if !label_changes.is_empty() {
+            changed.push(format!("labels {}", label_changes.join(" ")));
+        }
+        let shown_mode = |m: u32| {
+            if m == 0 {
+                "default".to_owned()
+            } else {
+                format!("{m:04o}")
+            }
+        };
+        if let Some(m) = self.mode {
+            if m != r.mode {
+                changed.push(format!("mode {} -> {}", shown_mode(r.mode), shown_mode(m)));
+                r.mode = m;
+            }
+        }
+        let shown_id = |v: Option<u32>| v.map_or("default".to_owned(), |v| v.to_string());
+        if let Some(o) = self.owner {
+            if o != r.owner {
+                changed.push(format!("owner {} -> {}", shown_id(r.owner), shown_id(o)));
+                r.owner = o;
+            }
+        }
+        if let Some(g) = self.group {
+            if g != r.group {
+                changed.push(format!("group {} -> {}", shown_id(r.group), shown_id(g)));
+                r.group = g;
+            }
+        }
+        if let Some(e) = self.expires_at {
+            if e != r.expires_at {
+                changed.push(format!(
+                    "expiry {} -> {}",
+                    shown_expiry(r.expires_at),
+                    shown_expiry(e)
+                ));
+                r.expires_at = e;
+            }
+        }
+        changed
+    }
+}
+
+/// An expiry in an audit detail: unix seconds, or "none".
+pub fn shown_expiry(t: Option<i64>) -> String {
+    t.map_or("none".to_owned(), |t| t.to_string())
+}
+
+/// At most `max` names joined with ", ", then how many more there were:
+/// removal details stay bounded whatever a group holds.
+pub fn some_names(names: &[String], max: usize) -> String {
+    let mut out = names
+        .iter()
+        .take(max)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > max {
+        out.push_str(&format!(" and {} more", names.len() - max));
+    }
+    out
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct NewSecret {
     pub name: String,
@@ -167,11 +316,22 @@ pub struct AuditFilter {
     pub client: Option<String>,
     pub secret: Option<String>,
     pub since_ms: Option<i64>,
+    /// An exact action, or `PREFIX.*` for every action starting `PREFIX.`.
+    pub action: Option<String>,
+    /// Only allowed (true) or only refused (false) events.
+    pub allowed: Option<bool>,
+    /// Only events after this id, oldest first (the first `limit` of them)
+    /// instead of the newest `limit`.
+    pub after_id: Option<u64>,
     pub limit: u32,
 }
 
 /// Seals one version once the store knows the secret's id and version number.
 pub type SealFn<'a> = &'a mut dyn FnMut(u64, u64) -> Result<Sealed>;
+
+/// Checks a changed record before it is written (e.g. the label limits on
+/// the merged set); an error (`StoreError::Check`) writes nothing.
+pub type CheckFn<'a> = &'a dyn Fn(&SecretRecord) -> Result<()>;
 
 pub trait Store: Send + Sync + 'static {
     /// How many calls are worth running at once: more only queue on the
@@ -189,18 +349,37 @@ pub trait Store: Send + Sync + 'static {
 
     // -- secrets. `audit` is the change's entry; the store stamps the
     // version it wrote (and a rollback's previous version).
+    //
+    // A name that would be a file and a directory at once in a mount
+    // (`db` beside `db/password`, either way round) is refused with
+    // `StoreError::NameConflict`, checked in the creating transaction so
+    // two concurrent creates cannot both pass.
     fn create_secret(
         &self,
         new: &NewSecret,
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>>;
+    /// A new version. `expires`: `Some` sets the expiry (`Some(None)`
+    /// clears it); `None` keeps it unless it has passed, which clears it
+    /// (it described the content being replaced). The store adds what it
+    /// did to the expiry to the entry's detail.
     fn rotate_secret(
         &self,
         name: &str,
         size: u64,
+        expires: Option<Option<i64>>,
         audit: &AuditEntry,
         seal: SealFn<'_>,
+    ) -> Result<Committed<SecretRecord>>;
+    /// Changes metadata without a new version; the store writes what
+    /// changed into the entry's detail ("no change" when nothing did).
+    fn update_secret(
+        &self,
+        name: &str,
+        update: &SecretUpdate,
+        check: CheckFn<'_>,
+        audit: &AuditEntry,
     ) -> Result<Committed<SecretRecord>>;
     fn rollback_secret(
         &self,
@@ -208,7 +387,8 @@ pub trait Store: Send + Sync + 'static {
         version: u64,
         audit: &AuditEntry,
     ) -> Result<Committed<SecretRecord>>;
-    /// Returns the deleted secret's id.
+    /// Returns the deleted secret's id. The entry's detail records what
+    /// went: how many versions, and the groups that held it.
     fn delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>>;
     fn get_secret(&self, name: &str) -> Result<SecretRecord>;
     fn list_secrets(&self) -> Result<Vec<SecretRecord>>;
@@ -220,6 +400,7 @@ pub trait Store: Send + Sync + 'static {
     fn get_client(&self, name: &str) -> Result<ClientRecord>;
     fn list_clients(&self) -> Result<Vec<ClientRecord>>;
     /// Removes the client; the serials issued to it are refused forever.
+    /// The entry's detail records the groups it was in.
     fn remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
     /// What deciding whether certificate `serial` authenticates client
     /// `name` needs.
@@ -235,6 +416,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Committed<GroupRecord>>;
     fn get_group(&self, name: &str) -> Result<GroupRecord>;
     fn list_groups(&self) -> Result<Vec<GroupRecord>>;
+    /// The entry's detail records the clients and secrets it held.
     fn remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
     fn set_group_client(
         &self,

@@ -7,11 +7,13 @@
 
 mod common;
 
+mod audit;
 mod caller;
 mod container;
 mod deploy;
 mod dev;
 mod grpc_conventions;
+mod metadata;
 mod mount;
 mod review;
 mod server_cli;

@@ -107,11 +107,13 @@ fn watch_sends_the_difference_from_what_the_client_holds() {
                 name: "a".into(),
                 id: a_id,
                 version: 1,
+                ..Default::default()
             },
             v1::KnownSecret {
                 name: "b".into(),
                 id: b_id,
                 version: 1,
+                ..Default::default()
             },
         ];
         let mut w2 = c

@@ -45,18 +45,50 @@ pub(super) fn query(tx: &Connection, filter: &AuditFilter) -> Result<Vec<AuditEn
     } else {
         filter.limit.min(100_000)
     };
-    // Newest `limit` events, returned oldest first.
-    let mut stmt = tx.prepare_cached(
-        "SELECT * FROM (
-            SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail FROM audit
-             WHERE (?1 IS NULL OR actor = ?1 OR client = ?1)
-               AND (?2 IS NULL OR secret = ?2)
-               AND (?3 IS NULL OR at_ms >= ?3)
-             ORDER BY id DESC LIMIT ?4)
-         ORDER BY id",
-    )?;
+    // Newest `limit` events, returned oldest first; after a cursor, the
+    // oldest `limit` after it. Two statements, so each walks the id index
+    // in its own direction instead of sorting the whole log.
+    macro_rules! events {
+        ($after:literal, $order:literal) => {
+            concat!(
+                "SELECT * FROM (
+                SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail FROM audit
+                 WHERE (?1 IS NULL OR actor = ?1 OR client = ?1)
+                   AND (?2 IS NULL OR secret = ?2)
+                   AND (?3 IS NULL OR at_ms >= ?3)
+                   AND (?5 IS NULL OR action = ?5
+                        OR (?6 IS NOT NULL AND substr(action, 1, length(?6)) = ?6))
+                   AND (?7 IS NULL OR allowed = ?7)
+                   AND ",
+                $after,
+                " ORDER BY id ",
+                $order,
+                " LIMIT ?4) ORDER BY id"
+            )
+        };
+    }
+    let mut stmt = if filter.after_id.is_some() {
+        tx.prepare_cached(events!("id > ?8", "ASC"))?
+    } else {
+        tx.prepare_cached(events!("?8 IS NULL", "DESC"))?
+    };
+    // `secret.*` matches every action starting `secret.`.
+    let prefix = filter
+        .action
+        .as_deref()
+        .and_then(|a| a.strip_suffix('*'))
+        .filter(|p| p.ends_with('.'));
     let rows = stmt.query_map(
-        params![filter.client, filter.secret, filter.since_ms, limit],
+        params![
+            filter.client,
+            filter.secret,
+            filter.since_ms,
+            limit,
+            filter.action,
+            prefix,
+            filter.allowed,
+            filter.after_id.map(|i| i as i64)
+        ],
         |r| {
             Ok(AuditEntry {
                 id: r.get::<_, i64>(0)? as u64,

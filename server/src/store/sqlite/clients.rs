@@ -88,15 +88,29 @@ pub(super) fn create(
 
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
     let id = rows::id_by_name(tx, Entity::Client, name)?;
+    let groups = by_name(tx, name)?.groups;
     tx.execute(
         "INSERT OR IGNORE INTO revoked_certs (serial, client, revoked_at) \
          SELECT serial, ?2, ?3 FROM client_certs WHERE client_id = ?1",
         params![id, name, now_s()],
     )?;
     tx.execute("DELETE FROM clients WHERE id = ?1", [id])?;
+    let what = if groups.is_empty() {
+        "was in no group".to_owned()
+    } else {
+        format!("was in groups {}", some_names(&groups, 20))
+    };
+    let entry = AuditEntry {
+        detail: if audit.detail.is_empty() {
+            what
+        } else {
+            format!("{}; {what}", audit.detail)
+        },
+        ..audit.clone()
+    };
     Ok(Committed {
         value: (),
-        revision: record_change(tx, audit)?,
+        revision: record_change(tx, &entry)?,
     })
 }
 

@@ -83,11 +83,30 @@ pub(super) fn create(
 }
 
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
+    let held = by_name(tx, name)?;
     let id = rows::id_by_name(tx, Entity::Group, name)?;
     tx.execute("DELETE FROM groups WHERE id = ?1", [id])?;
+    let list = |what: &str, names: &[String]| match names.len() {
+        0 => format!("no {what}s"),
+        1 => format!("1 {what} ({})", some_names(names, 20)),
+        n => format!("{n} {what}s ({})", some_names(names, 20)),
+    };
+    let what = format!(
+        "removed with {} and {}",
+        list("client", &held.clients),
+        list("secret", &held.secrets)
+    );
+    let entry = AuditEntry {
+        detail: if audit.detail.is_empty() {
+            what
+        } else {
+            format!("{}; {what}", audit.detail)
+        },
+        ..audit.clone()
+    };
     Ok(Committed {
         value: (),
-        revision: record_change(tx, audit)?,
+        revision: record_change(tx, &entry)?,
     })
 }
 

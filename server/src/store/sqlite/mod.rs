@@ -203,11 +203,23 @@ impl Store for SqliteStore {
         &self,
         name: &str,
         size: u64,
+        expires: Option<Option<i64>>,
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>> {
         self.db
-            .write(|tx| secrets::rotate(tx, name, size, audit, seal))
+            .write(|tx| secrets::rotate(tx, name, size, expires, audit, seal))
+    }
+
+    fn update_secret(
+        &self,
+        name: &str,
+        update: &SecretUpdate,
+        check: CheckFn<'_>,
+        audit: &AuditEntry,
+    ) -> Result<Committed<SecretRecord>> {
+        self.db
+            .write(|tx| secrets::update(tx, name, update, check, audit))
     }
 
     fn rollback_secret(

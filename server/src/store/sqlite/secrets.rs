@@ -30,12 +30,43 @@ fn insert_version(
     Ok(())
 }
 
+/// A secret that would share a path with `name` as file and directory:
+/// an ancestor (`db` for `db/password`) or a descendant (`db/password` for
+/// `db`). Run inside the creating transaction (the writer's), so no other
+/// create can slip in between the check and the insert.
+fn conflicting(tx: &Connection, name: &str) -> Result<Option<String>> {
+    let mut exact = tx.prepare_cached("SELECT name FROM secrets WHERE name = ?1")?;
+    for (i, _) in name.match_indices('/') {
+        let ancestor = &name[..i];
+        if let Some(found) = exact
+            .query_row([ancestor], |r| r.get::<_, String>(0))
+            .optional()?
+        {
+            return Ok(Some(found));
+        }
+    }
+    // substr, not LIKE: '_' in names is a LIKE wildcard.
+    Ok(tx
+        .prepare_cached(
+            "SELECT name FROM secrets WHERE substr(name, 1, length(?1) + 1) = ?1 || '/'
+              ORDER BY name LIMIT 1",
+        )?
+        .query_row([name], |r| r.get(0))
+        .optional()?)
+}
+
 pub(super) fn create(
     tx: &Connection,
     new: &NewSecret,
     audit: &AuditEntry,
     seal: SealFn<'_>,
 ) -> Result<Committed<SecretRecord>> {
+    if let Some(existing) = conflicting(tx, &new.name)? {
+        return Err(StoreError::NameConflict {
+            name: new.name.clone(),
+            existing,
+        });
+    }
     let now = now_s();
     let labels = serde_json::to_string(&new.labels).map_err(StoreError::backend)?;
     let inserted = tx.execute(
@@ -74,6 +105,7 @@ pub(super) fn rotate(
     tx: &Connection,
     name: &str,
     size: u64,
+    expires: Option<Option<i64>>,
     audit: &AuditEntry,
     seal: SealFn<'_>,
 ) -> Result<Committed<SecretRecord>> {
@@ -81,17 +113,32 @@ pub(super) fn rotate(
     let version = current.version_count + 1;
     let sealed = seal(current.id, version)?;
     insert_version(tx, current.id as i64, version, size, &audit.actor, &sealed)?;
+    let now = now_s();
+    let expires_at = match expires {
+        Some(set) => set,
+        None => current.expires_at.filter(|t| *t > now),
+    };
     tx.prepare_cached(
-        "UPDATE secrets SET current_version = ?2, version_count = ?2, updated_at = ?3 WHERE id = ?1",
+        "UPDATE secrets SET current_version = ?2, version_count = ?2, updated_at = ?3, expires_at = ?4
+          WHERE id = ?1",
     )?
-    .execute(params![current.id as i64, version as i64, now_s()])?;
-    let revision = record_change(
-        tx,
-        &AuditEntry {
-            version: Some(version),
-            ..audit.clone()
-        },
-    )?;
+    .execute(params![current.id as i64, version as i64, now, expires_at])?;
+    let mut entry = AuditEntry {
+        version: Some(version),
+        ..audit.clone()
+    };
+    if expires_at != current.expires_at {
+        let what = match (expires, current.expires_at) {
+            (None, Some(t)) => format!("expiry {t} had passed: cleared"),
+            _ => format!(
+                "expiry {} -> {}",
+                shown_expiry(current.expires_at),
+                shown_expiry(expires_at)
+            ),
+        };
+        entry.detail = join_detail(&entry.detail, &what);
+    }
+    let revision = record_change(tx, &entry)?;
     Ok(Committed {
         value: by_name(tx, name)?,
         revision,
@@ -134,10 +181,91 @@ pub(super) fn rollback(
     })
 }
 
+/// `detail` with `more` added after a "; ".
+fn join_detail(detail: &str, more: &str) -> String {
+    if detail.is_empty() {
+        more.to_owned()
+    } else {
+        format!("{detail}; {more}")
+    }
+}
+
+pub(super) fn update(
+    tx: &Connection,
+    name: &str,
+    update: &SecretUpdate,
+    check: CheckFn<'_>,
+    audit: &AuditEntry,
+) -> Result<Committed<SecretRecord>> {
+    let mut record = by_name(tx, name)?;
+    let changed = update.apply(&mut record);
+    check(&record)?;
+    if !changed.is_empty() {
+        let labels = serde_json::to_string(&record.labels).map_err(StoreError::backend)?;
+        tx.prepare_cached(
+            "UPDATE secrets SET description = ?2, labels = ?3, mode = ?4, owner = ?5, grp = ?6,
+                    expires_at = ?7, updated_at = ?8 WHERE id = ?1",
+        )?
+        .execute(params![
+            record.id as i64,
+            record.description,
+            labels,
+            record.mode,
+            record.owner,
+            record.group,
+            record.expires_at,
+            now_s()
+        ])?;
+    }
+    let detail = if changed.is_empty() {
+        "no change".to_owned()
+    } else {
+        changed.join(", ")
+    };
+    let revision = record_change(
+        tx,
+        &AuditEntry {
+            version: Some(record.current_version),
+            detail: join_detail(&audit.detail, &detail),
+            ..audit.clone()
+        },
+    )?;
+    Ok(Committed {
+        value: by_name(tx, name)?,
+        revision,
+    })
+}
+
 pub(super) fn delete(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<u64>> {
     let id = rows::id_by_name(tx, Entity::Secret, name)?;
+    let versions: i64 = tx.query_row(
+        "SELECT count(*) FROM secret_versions WHERE secret_id = ?1",
+        [id],
+        |r| r.get(0),
+    )?;
+    let groups = rows::names(
+        tx,
+        "SELECT g.name FROM group_secrets gs JOIN groups g ON g.id = gs.group_id
+          WHERE gs.secret_id = ?1 ORDER BY g.name",
+        id,
+    )?;
     tx.execute("DELETE FROM secrets WHERE id = ?1", [id])?;
-    let revision = record_change(tx, audit)?;
+    let what = format!(
+        "removed {versions} version{}; granted to {}",
+        if versions == 1 { "" } else { "s" },
+        if groups.is_empty() {
+            "no group".to_owned()
+        } else {
+            format!("groups {}", some_names(&groups, 20))
+        }
+    );
+    let revision = record_change(
+        tx,
+        &AuditEntry {
+            detail: join_detail(&audit.detail, &what),
+            ..audit.clone()
+        },
+    )?;
     Ok(Committed {
         value: id as u64,
         revision,
