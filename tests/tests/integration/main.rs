@@ -11,6 +11,7 @@ mod caller;
 mod container;
 mod deploy;
 mod dev;
+mod dockerfile;
 mod grpc_conventions;
 mod mount;
 mod review;
