@@ -13,6 +13,7 @@ mod deploy;
 mod dev;
 mod dockerfile;
 mod grpc_conventions;
+mod kubernetes;
 mod mount;
 mod review;
 mod server_cli;
