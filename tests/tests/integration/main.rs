@@ -12,6 +12,7 @@ mod container;
 mod deploy;
 mod dev;
 mod dockerfile;
+mod docs;
 mod grpc_conventions;
 mod kubernetes;
 mod mount;
