@@ -2,8 +2,8 @@
 # Runs every test of secretfs on a fresh machine: installs what the
 # end-to-end tests need (runc and busybox-static for real containers, fuse3,
 # systemd for `systemd-analyze verify` of the shipped units, Python grpcio
-# for the gRPC conventions test) when it is missing, then runs the whole
-# workspace's tests.
+# for the gRPC conventions test, kubernetes-validate for the Kubernetes
+# manifests) when it is missing, then runs the whole workspace's tests.
 # FUSE and container tests need root and /dev/fuse; they fail (never skip)
 # without them.
 set -euo pipefail
@@ -30,12 +30,19 @@ if [ ! -e /dev/fuse ]; then
 fi
 
 # tests/tests/integration/grpc_conventions.rs checks the server against a client that is
-# not ours: Python grpcio, stubs generated from proto/ at run time. Installed
-# with --target into target/python-deps (the test puts it on PYTHONPATH):
-# that needs no venv package and Debian's externally managed Python
-# (PEP 668) allows it. Reinstalled only when the pins or the Python change.
+# not ours: Python grpcio, stubs generated from proto/ at run time.
+# tests/tests/integration/kubernetes.rs validates deploy/kubernetes against
+# the Kubernetes API schemas that kubernetes-validate bundles (pinned with
+# its dependencies, so a new schema or jsonschema release cannot change the
+# verdict unannounced). Installed with --target into target/python-deps (the
+# tests put it on PYTHONPATH): that needs no venv package and Debian's
+# externally managed Python (PEP 668) allows it. Reinstalled only when the
+# pins or the Python change.
 python_deps=(grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1
-    grpcio-reflection==1.85.1 protobuf==7.36.2)
+    grpcio-reflection==1.85.1 protobuf==7.36.2
+    kubernetes-validate==1.37.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1
+    referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 pyyaml==6.0.4
+    importlib-resources==7.1.0 packaging==26.4 typing-extensions==4.16.0)
 python_target=target/python-deps
 python_stamp="$(python3 -c 'import sys; print(sys.implementation.cache_tag)') ${python_deps[*]}"
 if [ "$(cat "$python_target/.installed" 2>/dev/null)" != "$python_stamp" ]; then

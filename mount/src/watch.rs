@@ -430,7 +430,7 @@ fn check_meta(meta: &SecretMeta) -> Result<(), EventError> {
     Ok(())
 }
 
-/// The server's name rules (DESIGN.md): segments of `[A-Za-z0-9._-]` joined
+/// The server's name rules (server/src/names.rs): segments of `[A-Za-z0-9._-]` joined
 /// by `/`, no segment empty or starting with `.`, at most 255 bytes a
 /// segment and 1024 in all. The server refuses anything else, so a name
 /// that breaks them did not come from a correct server.

@@ -7,7 +7,7 @@
 //!   not a server fault (`INTERNAL`, which is what prost's codec says).
 //!
 //! The frame tonic encodes into is tonic's own buffer and is not wiped here;
-//! see docs/containers.md ("memory").
+//! see docs/decisions.md ("Memory hygiene").
 
 use std::marker::PhantomData;
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use secretfs_proto::v1;
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
+use tokio::signal::unix::{signal, SignalKind};
 use tonic::Code;
 
 use crate::args::{ClientAddArgs, ConnArgs, DevArgs};
@@ -178,6 +179,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
         Some(super::mount::start_dev_mount(&demo, &mountpoint).await)
     };
 
+    // Listen for Ctrl-C before saying it works: a signal that came between
+    // the message and the listener would kill the process and leave the
+    // mount behind.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     println!(
         "secretfs dev is running: server {server_url}, state in {}",
         state.path.display()
@@ -219,9 +225,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         None => {}
     }
     println!();
-    println!("Ctrl-C stops the server and unmounts.");
+    if matches!(mount, Some(Ok(_))) {
+        println!("Ctrl-C unmounts and stops the server.");
+    } else {
+        // --no-mount, or the mount did not start: there is nothing to unmount.
+        println!("Ctrl-C stops the server.");
+    }
 
-    super::shutdown_signal().await;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
     eprintln!("stopping");
     if let Some(Ok(m)) = mount {
         m.stop().await;

@@ -9,7 +9,7 @@ use zeroize::Zeroize;
 
 use crate::args::{ConnArgs, Format};
 use crate::connect;
-use crate::output::{print, Table};
+use crate::output::{print, printable, Table};
 
 fn access_table(entries: &[v1::AccessEntry]) -> (Value, Table) {
     let json = Value::Array(
@@ -69,7 +69,9 @@ pub async fn whoami(conn: &ConnArgs, format: Format) -> Result<()> {
     Ok(())
 }
 
-pub async fn read(conn: &ConnArgs, name: &str) -> Result<()> {
+/// `secretfs read NAME`: the content's bytes on stdout, exactly; with
+/// `-o json`, one JSON object with the name, version and content as text.
+pub async fn read(conn: &ConnArgs, name: &str, format: Format) -> Result<()> {
     let mut c = connect::secrets(conn).await?;
     let reply = c
         .read_secrets(v1::ReadSecretsRequest {
@@ -82,12 +84,51 @@ pub async fn read(conn: &ConnArgs, name: &str) -> Result<()> {
     let mut result = Ok(());
     for mut s in reply.secrets {
         if result.is_ok() {
-            result = stdout
-                .write_all(&s.content)
-                .context("cannot write to stdout");
+            result = match format {
+                Format::Text => stdout
+                    .write_all(&s.content)
+                    .context("cannot write to stdout"),
+                Format::Json => write_json(&mut stdout, &s),
+            };
         }
         s.content.zeroize();
     }
     result?;
     stdout.flush().context("cannot write to stdout")
 }
+
+#[derive(serde::Serialize)]
+struct ReadJson<'a> {
+    name: &'a str,
+    version: u64,
+    content: &'a str,
+}
+
+/// One secret as `{"name","version","content"}` and a newline. JSON has no
+/// bytes type, so content that is not UTF-8 is refused, not mangled. The
+/// buffer holds the content, so it is sized for the worst case up front
+/// (no reallocation leaves a copy behind) and wiped when dropped.
+fn write_json(out: &mut impl Write, s: &v1::SecretContent) -> Result<()> {
+    let meta = s.meta.clone().unwrap_or_default();
+    let content = std::str::from_utf8(&s.content).map_err(|_| {
+        anyhow::anyhow!(
+            "{} is not UTF-8 text, which JSON cannot carry; \
+             read it without -o json to get its bytes on stdout",
+            printable(&meta.name)
+        )
+    })?;
+    // serde_json escapes a byte as at most 6 (\u00XX).
+    let capacity = 6 * (content.len() + meta.name.len()) + 64;
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(capacity));
+    serde_json::to_writer(
+        &mut *buf,
+        &ReadJson {
+            name: &meta.name,
+            version: meta.current_version,
+            content,
+        },
+    )?;
+    buf.push(b'\n');
+    out.write_all(&buf).context("cannot write to stdout")
+}
+

@@ -57,7 +57,7 @@ pub async fn run(ready: Ready) -> Result<()> {
         OtherCommand::Group(cmd) => group::run(&conn, cmd, format).await,
         OtherCommand::Access { client } => identity::access(&conn, &client, format).await,
         OtherCommand::Whoami => identity::whoami(&conn, format).await,
-        OtherCommand::Read { name } => identity::read(&conn, &name).await,
+        OtherCommand::Read { name } => identity::read(&conn, &name, format).await,
         OtherCommand::Audit(args) => audit::run(&conn, args, format).await,
     }
 }
