@@ -16,6 +16,9 @@ pub enum Action {
     SecretRead,
     ClientCreate,
     ClientRemove,
+    /// A new certificate for an existing client (its own renewal, an
+    /// admin's, or `server admin-cert`).
+    ClientRenew,
     ClientList,
     ClientDescribe,
     ClientAccess,
@@ -31,6 +34,9 @@ pub enum Action {
     Auth,
     /// A mount refused a local process (reported by the mount).
     MountRefused,
+    /// A TLS handshake was refused (unknown CA, expired, wrong usage, no
+    /// certificate), with the peer's address.
+    TlsRefused,
 }
 
 impl Action {
@@ -46,6 +52,7 @@ impl Action {
             Action::SecretRead => "secret.read",
             Action::ClientCreate => "client.create",
             Action::ClientRemove => "client.remove",
+            Action::ClientRenew => "client.renew",
             Action::ClientList => "client.list",
             Action::ClientDescribe => "client.describe",
             Action::ClientAccess => "client.access",
@@ -59,6 +66,7 @@ impl Action {
             Action::AuditQuery => "audit.query",
             Action::Auth => "auth",
             Action::MountRefused => "mount.refused",
+            Action::TlsRefused => "tls.refused",
         }
     }
 
