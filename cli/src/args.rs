@@ -276,6 +276,28 @@ pub enum ClientCmd {
     Describe { name: String },
     /// Remove a client; it is locked out at once.
     Remove { name: String },
+    /// Issue a new certificate: without NAME for this identity (a new key is
+    /// made here and never sent; the files given by --cert/--key are replaced
+    /// in place), with NAME an admin issues one for that client. Same
+    /// identity and groups; the old certificate stays valid until it expires.
+    Renew(ClientRenewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClientRenewArgs {
+    /// The client to issue for (needs the admin role); default: this identity.
+    pub name: Option<String>,
+    /// Sign this CSR (PEM) instead of making a key here (no key is written).
+    #[arg(long)]
+    pub csr: Option<PathBuf>,
+    /// Certificate lifetime in days (default 365, at most 3650).
+    #[arg(long)]
+    pub days: Option<u32>,
+    /// Write NAME.pem, NAME.key and ca.pem here (replaced atomically).
+    /// Default: for this identity without --csr, the files of --cert and
+    /// --key themselves; otherwise the current directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
