@@ -114,6 +114,38 @@ pub enum ServerSub {
     Init(InitArgs),
     /// Serve gRPC over mutual TLS until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Break glass: mint an admin certificate on the server's host from the
+    /// CA key in the state directory (works while the server runs; audited).
+    AdminCert(AdminCertArgs),
+    /// Issue the server a new certificate and key for these names; a running
+    /// server takes them up within a second, without a restart.
+    ReissueCert(ReissueCertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminCertArgs {
+    /// The state directory `server run` uses.
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Where to write NAME.pem, NAME.key and ca.pem (replaced atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The admin client to issue for (created, with the admin role, if missing).
+    #[arg(long, default_value = "admin")]
+    pub name: String,
+    /// Certificate lifetime in days (default 365, at most 3650).
+    #[arg(long)]
+    pub days: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReissueCertArgs {
+    /// The state directory `server run` uses.
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// DNS name or IP address clients reach the server by (repeatable; give every one: the old names are replaced).
+    #[arg(long = "san", required = true)]
+    pub sans: Vec<String>,
 }
 
 #[derive(Debug, Args)]
