@@ -309,13 +309,6 @@ fn csr_key(csr_pem: &str) -> Result<CsrKey, Error> {
     use x509_parser::prelude::FromDer;
     use x509_parser::public_key::PublicKey;
 
-    // rcgen reads the PEM and verifies the CSR's self-signature.
-    CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
-        rcgen::Error::UnsupportedSignatureAlgorithm => {
-            bad_csr("its key or signature algorithm is not supported")
-        }
-        e => bad_csr(format!("it could not be read ({e})")),
-    })?;
     let der = rustls_pki_types::pem::PemObject::from_pem_slice(csr_pem.as_bytes())
         .map(|d: rustls_pki_types::CertificateSigningRequestDer<'static>| d)
         .map_err(|e| bad_csr(format!("it could not be read ({e})")))?;
@@ -351,6 +344,14 @@ fn csr_key(csr_pem: &str) -> Result<CsrKey, Error> {
     } else {
         return Err(bad_csr(format!("its key type ({oid}) is not supported")));
     };
+    // The key type is fine; the CSR's self-signature must prove its
+    // holder has the private key (rcgen verifies it).
+    CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+        rcgen::Error::UnsupportedSignatureAlgorithm => bad_csr(
+            "its signature algorithm is not supported (sign it with SHA-256, SHA-384 or SHA-512)",
+        ),
+        e => bad_csr(format!("its signature does not verify ({e})")),
+    })?;
     Ok(CsrKey { alg, raw })
 }
 

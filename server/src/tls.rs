@@ -240,7 +240,7 @@ pub fn refusal_cause(err: &io::Error) -> Option<String> {
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
                 format!("wrong usage: the certificate is not for client authentication ({c})")
             }
-            C::BadSignature => "client certificate with a bad signature".into(),
+            C::BadSignature => "client certificate from an unknown CA (its issuer is named like a trusted CA, but the signature does not verify: another CA of the same name?)".into(),
             other => format!("client certificate refused: {other}"),
         },
         rustls::Error::PeerIncompatible(why) => {

@@ -8,6 +8,7 @@
 mod common;
 
 mod caller;
+mod certs;
 mod container;
 mod deploy;
 mod dev;
