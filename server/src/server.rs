@@ -67,14 +67,32 @@ pub struct Server {
     state_dir: PathBuf,
 }
 
-/// Logs a warning when `not_after` is within the warning period (or past).
-fn warn_expiry(what: &str, not_after: i64, fix: &str) {
+/// What to say about a certificate expiring at `not_after`, seen at `now`:
+/// nothing until the warning period, then a warning, then an error.
+fn expiry_notice(what: &str, not_after: i64, now: i64) -> Option<(bool, String)> {
     use crate::pki::{rfc3339, EXPIRY_WARNING_DAYS};
-    let left = not_after - crate::store::now_s();
+    let left = not_after - now;
     if left < 0 {
-        tracing::error!(expired_at = %rfc3339(not_after), "{what} has expired; {fix}");
+        Some((true, format!("{what} expired at {}", rfc3339(not_after))))
     } else if left < EXPIRY_WARNING_DAYS * 86_400 {
-        tracing::warn!(expires_at = %rfc3339(not_after), days_left = left / 86_400, "{what} expires within {EXPIRY_WARNING_DAYS} days; {fix}");
+        Some((
+            false,
+            format!(
+                "{what} expires within {EXPIRY_WARNING_DAYS} days, at {} ({} days left)",
+                rfc3339(not_after),
+                left / 86_400
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+fn warn_expiry(what: &str, not_after: i64, fix: &str) {
+    match expiry_notice(what, not_after, crate::store::now_s()) {
+        Some((true, text)) => tracing::error!("{text}; {fix}"),
+        Some((false, text)) => tracing::warn!("{text}; {fix}"),
+        None => {}
     }
 }
 
@@ -380,5 +398,27 @@ impl Server {
         }
         tracing::info!("secretfs server stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiry_notice;
+
+    #[test]
+    fn expiry_is_told_within_30_days_and_after() {
+        let day = 86_400;
+        assert!(expiry_notice("x", 100 * day, 0).is_none());
+        assert!(expiry_notice("x", 31 * day, 0).is_none());
+        let (expired, text) = expiry_notice("the CA certificate", 29 * day + 5, 0).unwrap();
+        assert!(
+            !expired && text.contains("within 30 days") && text.contains("29 days left"),
+            "{text}"
+        );
+        let (expired, text) = expiry_notice("x", 0, 10).unwrap();
+        assert!(
+            expired && text.contains("expired at 1970-01-01T00:00:00Z"),
+            "{text}"
+        );
     }
 }

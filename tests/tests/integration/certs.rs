@@ -597,3 +597,55 @@ fn a_flood_of_refused_handshakes_is_bounded_in_the_audit_log() {
     let n = s.audit_events("tls.refused", &[]).len();
     assert_eq!(n, 10, "one peer records at most 10 refusals a minute");
 }
+
+#[test]
+fn the_server_warns_when_its_certificate_expires_within_30_days() {
+    let mut s = TestServer::start();
+    assert!(!s.log().contains("expires within 30 days"), "{}", s.log());
+    s.stop();
+    // A server certificate from the same CA that lasts 10 days.
+    let dir = s.tmp.path().join("short");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, csr) = key_and_csr(
+        &dir,
+        "server",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    );
+    let ext = dir.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n",
+    )
+    .unwrap();
+    let cert = dir.join("server.pem");
+    let state = |f: &str| s.state.join(f).to_str().unwrap().to_owned();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        &state("ca.pem"),
+        "-CAkey",
+        &state("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "10",
+        "-extfile",
+        ext.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+    ]);
+    std::fs::copy(&cert, s.state.join("server.pem")).unwrap();
+    std::fs::copy(&key, s.state.join("server.key")).unwrap();
+    s.restart_on("127.0.0.1:0");
+    s.cli(&["whoami"]).ok();
+    assert!(
+        eventually(Duration::from_secs(20), || s
+            .log()
+            .contains("the server certificate expires within 30 days")),
+        "{}",
+        s.log()
+    );
+    assert!(s.log().contains("server reissue-cert"), "{}", s.log());
+}
