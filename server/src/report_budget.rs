@@ -113,6 +113,38 @@ impl ReportBudget {
     }
 }
 
+/// Certificates a client may issue itself (`RenewCertificate`) per hour.
+/// Each renewal adds a pinned serial and an audit entry, so a client (or
+/// a stolen certificate) must not be able to renew in a loop; a mount
+/// renews about once per two thirds of a lifetime of at least a day.
+pub const RENEW_PER_HOUR: u32 = 10;
+
+#[derive(Default)]
+pub struct RenewBudget {
+    inner: Mutex<HashMap<String, Window>>,
+}
+
+impl RenewBudget {
+    /// Takes one renewal from `client`'s hour; false when it has none left.
+    pub fn take(&self, client: &str) -> bool {
+        self.take_at(client, Instant::now())
+    }
+
+    fn take_at(&self, client: &str, now: Instant) -> bool {
+        let mut clients = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Only clients that renewed within the hour are remembered.
+        clients.retain(|_, w| now.duration_since(w.start) < w.length);
+        let w = clients
+            .entry(client.to_owned())
+            .or_insert_with(|| Window::new(Duration::from_secs(3600), RENEW_PER_HOUR, now));
+        if w.left(now) == 0 {
+            return false;
+        }
+        w.used += 1;
+        true
+    }
+}
+
 /// Refused TLS handshakes recorded per peer address per minute, and from
 /// all peers per minute and per hour. A handshake refusal comes from
 /// anyone who can reach the port, so the budget is small and its memory
@@ -177,6 +209,18 @@ impl HandshakeBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewals_are_bounded_per_client_and_hour() {
+        let b = RenewBudget::default();
+        let t0 = Instant::now();
+        for _ in 0..RENEW_PER_HOUR {
+            assert!(b.take_at("web", t0));
+        }
+        assert!(!b.take_at("web", t0));
+        assert!(b.take_at("api", t0), "each client has its own");
+        assert!(b.take_at("web", t0 + Duration::from_secs(3601)));
+    }
 
     #[test]
     fn handshake_refusals_are_bounded_per_peer_and_in_all() {

@@ -276,6 +276,13 @@ impl Domain {
     ) -> Result<(ClientRecord, Issued), Error> {
         check_entity_name("client", &name)?;
         let actor = actor.name().to_owned();
+        if actor == name && !self.renew_budget.take(&name) {
+            return Err(Error::OverBudget(format!(
+                "client \"{name}\" has renewed its certificate {} times in the last hour, the most allowed; \
+                 its current certificate still works: try again later, or an admin can issue one with `secretfs client renew {name}`",
+                crate::report_budget::RENEW_PER_HOUR
+            )));
+        }
         let (client, issued) = self
             .run(move |d| {
                 let client = d.store.get_client(&name)?;

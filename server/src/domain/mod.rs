@@ -34,7 +34,7 @@ use crate::auth_cache::AuthCache;
 use crate::envelope::MasterKey;
 use crate::error::Error;
 use crate::pki::Ca;
-use crate::report_budget::{HandshakeBudget, ReportBudget};
+use crate::report_budget::{HandshakeBudget, RenewBudget, ReportBudget};
 use crate::store::{Change, ChangeFeed, Store};
 
 pub struct Domain {
@@ -57,6 +57,8 @@ pub struct Domain {
     report_budget: ReportBudget,
     /// What refused TLS handshakes may add to the audit log.
     handshake_budget: HandshakeBudget,
+    /// How often a client may renew its own certificate.
+    renew_budget: RenewBudget,
     /// Store calls in flight, at most what the store says is useful.
     calls: Semaphore,
 }
@@ -92,6 +94,7 @@ impl Domain {
             auth_cache: Default::default(),
             report_budget: Default::default(),
             handshake_budget: Default::default(),
+            renew_budget: Default::default(),
         };
         (Arc::new(domain), thread)
     }
