@@ -649,3 +649,55 @@ fn the_server_warns_when_its_certificate_expires_within_30_days() {
     );
     assert!(s.log().contains("server reissue-cert"), "{}", s.log());
 }
+
+#[test]
+fn a_client_renews_itself_at_most_10_times_an_hour() {
+    let s = TestServer::start();
+    let web = s.add_client("web");
+    let csr = || {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    };
+    rt().block_on(async {
+        let mut c = s.secrets_client(&web).await;
+        let mut serials = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            let r = c
+                .renew_certificate(secretfs_proto::v1::RenewCertificateRequest {
+                    csr_pem: csr(),
+                    days: 1,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(r.not_after - now_s() <= 86_400 + 60);
+            serials.insert(r.serial);
+        }
+        assert_eq!(serials.len(), 10, "each renewal is a new serial");
+        let err = c
+            .renew_certificate(secretfs_proto::v1::RenewCertificateRequest {
+                csr_pem: csr(),
+                days: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(
+            err.message().contains("10 times in the last hour"),
+            "{err:?}"
+        );
+    });
+    // An admin still can.
+    s.cli(&[
+        "client",
+        "renew",
+        "web",
+        "--out",
+        s.tmp.path().join("x").to_str().unwrap(),
+    ])
+    .ok();
+}
