@@ -21,11 +21,27 @@ use crate::store::{AuditEntry, NewClient, SqliteStore, Store, StoreError};
 /// Who the audit log names for changes made this way.
 pub const LOCAL_ADMIN_CERT: &str = "local:admin-cert";
 
+/// The state directory, which this process must own: files it writes
+/// there (a new server key, SQLite's `-wal` when the server is down) would
+/// otherwise belong to another user, and the server could not read them.
 fn existing(dir: &Path) -> Result<StateDir, Error> {
-    if !dir.is_dir() {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => m,
+        _ => {
+            return Err(Error::Config(format!(
+                "state directory {} does not exist; give the --state-dir that `secretfs server run` uses",
+                dir.display()
+            )))
+        }
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
         return Err(Error::Config(format!(
-            "state directory {} does not exist; give the --state-dir that `secretfs server run` uses",
-            dir.display()
+            "state directory {} belongs to uid {}, and this runs as uid {me}: the files written here would not be \
+             usable by the server; run it as the server's user (e.g. `sudo -u secretfs secretfs server ...`)",
+            dir.display(),
+            meta.uid()
         )));
     }
     Ok(StateDir::new(dir))

@@ -290,7 +290,8 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, RenewFil
                 })
                 .await?
                 .into_inner();
-            let not_after = r.client.as_ref().map(|c| c.cert_not_after).unwrap_or(0);
+            let not_after =
+                secretfs_server::pki::cert_not_after(r.cert_pem.as_bytes()).unwrap_or(0);
             (r.cert_pem, r.ca_pem, not_after)
         }
     };

@@ -224,6 +224,28 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
         .arg(&out)
         .args(["--name", "web"]);
     run_cmd(cmd, None).fails(1, "not an admin");
+
+    // Run as another user than the state directory's owner, the files it
+    // writes would not be readable by the server: refused up front.
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&s.state).unwrap());
+    std::os::unix::fs::chown(&s.state, Some(owner + 12_345), None).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["server", "admin-cert", "--state-dir", state, "--out"])
+        .arg(&out);
+    let refused = run_cmd(cmd, None);
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "server",
+        "reissue-cert",
+        "--san",
+        "localhost",
+        "--state-dir",
+        state,
+    ]);
+    let refused_too = run_cmd(cmd, None);
+    std::os::unix::fs::chown(&s.state, Some(owner), None).unwrap();
+    refused.fails(1, &format!("belongs to uid {}", owner + 12_345));
+    refused_too.fails(1, "run it as the server's user");
 }
 
 #[test]
