@@ -110,6 +110,17 @@ fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_remo
         .json();
     assert_eq!(d["cert_serial"], new_serial.as_str());
     assert_eq!(d["groups"], serde_json::json!(["g"]));
+    let list = s.cli(&["client", "list", "-o", "json"]).ok().json();
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "web")
+        .unwrap();
+    assert_eq!(listed["cert_not_after"], d["cert_not_after"]);
+    assert!(listed["cert_not_after"].is_string(), "{listed}");
+    let table = s.cli(&["client", "list"]).ok().stdout;
+    assert!(table.contains("CERT EXPIRES"), "{table}");
     let renewals = s.audit_events("client.renew", &["--client", "web"]);
     assert_eq!(renewals.len(), 1, "{renewals:?}");
     assert_eq!(renewals[0]["actor"], "web");
