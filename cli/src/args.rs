@@ -114,6 +114,38 @@ pub enum ServerSub {
     Init(InitArgs),
     /// Serve gRPC over mutual TLS until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Break glass: mint an admin certificate on the server's host from the
+    /// CA key in the state directory (works while the server runs; audited).
+    AdminCert(AdminCertArgs),
+    /// Issue the server a new certificate and key for these names; a running
+    /// server takes them up within a second, without a restart.
+    ReissueCert(ReissueCertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminCertArgs {
+    /// The state directory `server run` uses.
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Where to write NAME.pem, NAME.key and ca.pem (replaced atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The admin client to issue for (created, with the admin role, if missing).
+    #[arg(long, default_value = "admin")]
+    pub name: String,
+    /// Certificate lifetime in days (default 365, at most 3650).
+    #[arg(long)]
+    pub days: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReissueCertArgs {
+    /// The state directory `server run` uses.
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// DNS name or IP address clients reach the server by (repeatable; give every one: the old names are replaced).
+    #[arg(long = "san", required = true)]
+    pub sans: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +360,28 @@ pub enum ClientCmd {
     Describe { name: String },
     /// Remove a client; it is locked out at once.
     Remove { name: String },
+    /// Issue a new certificate: without NAME for this identity (a new key is
+    /// made here and never sent; the files given by --cert/--key are replaced
+    /// in place), with NAME an admin issues one for that client. Same
+    /// identity and groups; the old certificate stays valid until it expires.
+    Renew(ClientRenewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClientRenewArgs {
+    /// The client to issue for (needs the admin role); default: this identity.
+    pub name: Option<String>,
+    /// Sign this CSR (PEM) instead of making a key here (no key is written).
+    #[arg(long)]
+    pub csr: Option<PathBuf>,
+    /// Certificate lifetime in days (default 365, at most 3650).
+    #[arg(long)]
+    pub days: Option<u32>,
+    /// Write NAME.pem, NAME.key and ca.pem here (replaced atomically).
+    /// Default: for this identity without --csr, the files of --cert and
+    /// --key themselves; otherwise the current directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -38,13 +38,44 @@ pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
     let ca: &PathBuf = need(&args.ca, "--ca", "SECRETFS_CA")?;
     let cert: &PathBuf = need(&args.cert, "--cert", "SECRETFS_CERT")?;
     let key: &PathBuf = need(&args.key, "--key", "SECRETFS_KEY")?;
+    let cert_pem = read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?;
+    warn_if_expiring(cert, &cert_pem);
     Ok(ConnectConfig {
         server: server.clone(),
         ca_pem: read_file(ca, "CA certificate", "--ca/SECRETFS_CA")?,
-        cert_pem: read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?,
+        cert_pem,
         key_pem: zeroize::Zeroizing::new(read_file(key, "client key", "--key/SECRETFS_KEY")?),
         connect_timeout: Duration::from_secs(10),
     })
+}
+
+/// Says on stderr when the certificate in use expires within 30 days, so
+/// an operator hears of it while it can still renew itself.
+fn warn_if_expiring(path: &Path, pem: &[u8]) {
+    use secretfs_server::pki::{cert_not_after, rfc3339, EXPIRY_WARNING_DAYS};
+    let Some(not_after) = cert_not_after(pem) else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let left = not_after - now;
+    if left < 0 {
+        eprintln!(
+            "warning: the client certificate {} expired at {}; an admin can issue a new one with `secretfs client renew NAME` \
+             (or, on the server host, `secretfs server admin-cert`)",
+            path.display(),
+            rfc3339(not_after)
+        );
+    } else if left < EXPIRY_WARNING_DAYS * 86_400 {
+        eprintln!(
+            "warning: the client certificate {} expires at {} (in {} days); renew it with `secretfs client renew`",
+            path.display(),
+            rfc3339(not_after),
+            left / 86_400
+        );
+    }
 }
 
 pub async fn channel(args: &ConnArgs) -> Result<Channel> {

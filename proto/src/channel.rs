@@ -275,7 +275,7 @@ impl ConnectFailure {
                 "the server's certificate is not signed by the CA given with --ca/SECRETFS_CA"
             }
             ConnectFailure::NameMismatch => {
-                "the server's certificate does not name this host; use the host it was issued for, or re-run `server init --san HOST`"
+                "the server's certificate does not name this host; use a host it was issued for, or give it this name on the server's host with `secretfs server reissue-cert --state-dir DIR --san HOST ...` (list every name; the running server takes it up without a restart)"
             }
             ConnectFailure::CertificateRequired => {
                 "the server wants a client certificate: give --cert/--key or SECRETFS_CERT/SECRETFS_KEY"

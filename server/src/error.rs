@@ -46,6 +46,10 @@ pub enum Error {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    /// The call is not possible in the target's present state (e.g.
+    /// renewing a client whose certificates come from another CA).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The store failed (not a missing or duplicate name: those become
     /// `NotFound` and `AlreadyExists`).
     #[error(transparent)]
@@ -117,6 +121,7 @@ impl Error {
             Error::Integrity { .. } => Code::DataLoss,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Store(StoreError::Unwritable(_)) => Code::Unavailable,
             Error::OverBudget(_) => Code::ResourceExhausted,
             Error::Crypto(_)

@@ -35,6 +35,8 @@ pub struct PeerIdentity {
     pub serial: String,
     pub source: IdentitySource,
     pub issuer: Issuer,
+    /// The certificate's notAfter (unix seconds).
+    pub not_after: i64,
 }
 
 /// Reads the client identity from a DER certificate, already verified by
@@ -48,6 +50,7 @@ pub fn identity_from_der(
         Error::Unauthenticated(format!("the client certificate cannot be parsed: {e}"))
     })?;
     let serial = hex::encode(cert.tbs_certificate.raw_serial());
+    let not_after = cert.validity().not_after.timestamp();
 
     let mut uris = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -85,6 +88,7 @@ pub fn identity_from_der(
             serial,
             source: IdentitySource::Spiffe,
             issuer,
+            not_after,
         });
     }
 
@@ -105,6 +109,7 @@ pub fn identity_from_der(
         serial,
         source: IdentitySource::CommonName,
         issuer,
+        not_after,
     })
 }
 

@@ -23,6 +23,8 @@
 //!   database) and the checks `server run` makes on it.
 //! - [`server`]: binding, TLS and serving ([`Server`]).
 //! - `tls`: the TLS 1.3 mutual-TLS listener that reads each client's identity.
+//! - `cert_reload`: the server's certificate, taken up again when
+//!   `server reissue-cert` replaces its files.
 //! - `limits`: request size and metadata limits answered with a gRPC status.
 //! - `identity`: the identity inside a client certificate (SPIFFE id or CN).
 //! - `audit_log`: group commit of audit entries (reads are audited before
@@ -30,6 +32,8 @@
 //! - `auth_cache`: authenticated certificates, dropped when clients change.
 //! - `report_budget`: how much a client may add to the audit log by itself.
 //! - `harden`: non-dumpable, memory locked against swap.
+//! - [`host_certs`]: `server admin-cert` (break glass) and `server
+//!   reissue-cert`, made from the state directory's CA without the server.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
 //! - [`names`]: the rules for names and every other client-given field.
@@ -38,10 +42,12 @@
 
 mod audit_log;
 mod auth_cache;
+mod cert_reload;
 pub mod domain;
 pub mod envelope;
 mod error;
 mod harden;
+pub mod host_certs;
 mod identity;
 mod limits;
 pub mod names;

@@ -83,6 +83,38 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
+/// A PEM certificate's notAfter (unix seconds), or `None` when the text
+/// holds no readable certificate.
+pub fn cert_not_after(pem: &[u8]) -> Option<i64> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    use x509_parser::prelude::FromDer;
+    let der = CertificateDer::from_pem_slice(pem).ok()?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// A PEM certificate's serial as lowercase hex (as the store records it).
+pub fn cert_serial(pem: &[u8]) -> Option<String> {
+    use rustls_pki_types::{pem::PemObject, CertificateDer};
+    use x509_parser::prelude::FromDer;
+    let der = CertificateDer::from_pem_slice(pem).ok()?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).ok()?;
+    Some(hex::encode(cert.tbs_certificate.raw_serial()))
+}
+
+/// Warn this long before a certificate expires.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Unix seconds as an RFC 3339 UTC time, for messages and logs.
+pub fn rfc3339(secs: i64) -> String {
+    // humantime formats years up to 9999 only.
+    if secs > 253_402_300_799 {
+        return format!("{secs} (unix seconds)");
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 pub fn spiffe_id(trust_domain: &str, client: &str) -> String {
     format!("spiffe://{trust_domain}/client/{client}")
 }
@@ -217,15 +249,11 @@ impl Ca {
         csr_pem: &str,
         days: u32,
     ) -> Result<Issued, Error> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "the CSR could not be read ({e}); give a PEM 'CERTIFICATE REQUEST' with an ECDSA P-256/P-384 or Ed25519 key"
-            ))
-        })?;
+        let key = csr_key(csr_pem)?;
         let (params, serial) = Self::client_params(trust_domain, name, days)?;
         let not_after = params.not_after.unix_timestamp();
         let cert = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(&key, &self.issuer)
             .map_err(|e| pki("signing the client certificate", e))?;
         Ok(Issued {
             cert_pem: cert.pem(),
@@ -234,6 +262,106 @@ impl Ca {
             not_after,
         })
     }
+}
+
+/// The key types a client certificate may carry: the ones rustls (ring)
+/// verifies in a TLS 1.3 handshake. Anything else would be signed into a
+/// certificate no handshake accepts.
+pub const ACCEPTED_KEYS: &str = "ECDSA P-256, ECDSA P-384, Ed25519, or RSA of 2048 to 8192 bits";
+
+const MIN_RSA_BITS: usize = 2048;
+const MAX_RSA_BITS: usize = 8192;
+
+/// A CSR's public key with the algorithm its certificate must name.
+///
+/// rcgen takes the key's algorithm from the CSR's *signature* algorithm,
+/// so a P-384 key in a CSR signed with ecdsa-with-SHA256 came out as a
+/// P-256 key (the P-256 curve OID around a P-384 point), and a P-521 key
+/// was signed although no handshake can use it. The key type is read from
+/// the SubjectPublicKeyInfo itself instead.
+struct CsrKey {
+    alg: &'static rcgen::SignatureAlgorithm,
+    raw: Vec<u8>,
+}
+
+impl rcgen::PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+fn bad_csr(why: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!(
+        "the CSR cannot be signed: {why}. Give a PEM 'CERTIFICATE REQUEST' for a key of one of these types: {ACCEPTED_KEYS}"
+    ))
+}
+
+/// Reads and checks a CSR (its signature proves the requester holds the
+/// key) and returns its key, refusing key types a handshake cannot use.
+fn csr_key(csr_pem: &str) -> Result<CsrKey, Error> {
+    use x509_parser::oid_registry::{
+        OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
+        OID_SIG_ED25519,
+    };
+    use x509_parser::prelude::FromDer;
+    use x509_parser::public_key::PublicKey;
+
+    let der = rustls_pki_types::pem::PemObject::from_pem_slice(csr_pem.as_bytes())
+        .map(|d: rustls_pki_types::CertificateSigningRequestDer<'static>| d)
+        .map_err(|e| bad_csr(format!("it could not be read ({e})")))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(der.as_ref())
+            .map_err(|e| bad_csr(format!("it could not be parsed ({e})")))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let raw = spki.subject_public_key.data.to_vec();
+    let oid = &spki.algorithm.algorithm;
+    let alg: &'static rcgen::SignatureAlgorithm = if *oid == OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        match curve {
+            Some(c) if c == OID_EC_P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Some(c) if c == OID_NIST_EC_P384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            Some(c) => return Err(bad_csr(format!("its key is on elliptic curve {c}, which TLS clients here cannot use (P-521 and others are not verified by rustls)"))),
+            None => return Err(bad_csr("its elliptic-curve key names no named curve")),
+        }
+    } else if *oid == OID_SIG_ED25519 {
+        &rcgen::PKCS_ED25519
+    } else if *oid == OID_PKCS1_RSAENCRYPTION {
+        let bits = match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => rsa_bits(rsa.modulus),
+            _ => return Err(bad_csr("its RSA key cannot be read")),
+        };
+        if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
+            return Err(bad_csr(format!("its RSA key has {bits} bits")));
+        }
+        &rcgen::PKCS_RSA_SHA256
+    } else {
+        return Err(bad_csr(format!("its key type ({oid}) is not supported")));
+    };
+    // The key type is fine; the CSR's self-signature must prove its
+    // holder has the private key (rcgen verifies it).
+    CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| match e {
+        rcgen::Error::UnsupportedSignatureAlgorithm => bad_csr(
+            "its signature algorithm is not supported (sign it with SHA-256, SHA-384 or SHA-512)",
+        ),
+        e => bad_csr(format!("its signature does not verify ({e})")),
+    })?;
+    Ok(CsrKey { alg, raw })
+}
+
+/// The size of an RSA modulus in bits (DER integers may carry leading zeros).
+fn rsa_bits(modulus: &[u8]) -> usize {
+    let m = match modulus.iter().position(|&b| b != 0) {
+        Some(i) => &modulus[i..],
+        None => return 0,
+    };
+    m.len() * 8 - m[0].leading_zeros() as usize
 }
 
 /// Makes a key and a CSR for `name` (the CLI's side of `client add`).
@@ -275,6 +403,53 @@ mod tests {
         assert!(ca
             .sign_csr("example.org", "x", &csr, MAX_CLIENT_DAYS + 1)
             .is_err());
+    }
+
+    /// The SubjectPublicKeyInfo of a CSR or certificate, as DER.
+    fn spki_of_cert(pem: &str) -> Vec<u8> {
+        use x509_parser::prelude::FromDer;
+        let der = der(pem);
+        let (_, c) = x509_parser::certificate::X509Certificate::from_der(&der).unwrap();
+        c.tbs_certificate.subject_pki.raw.to_vec()
+    }
+
+    #[test]
+    fn every_accepted_key_type_keeps_its_key_exactly() {
+        let (ca, _) = Ca::generate("td").unwrap();
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let csr = CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap();
+            let issued = ca.sign_csr("td", "web", &csr, 1).unwrap();
+            assert_eq!(
+                spki_of_cert(&issued.cert_pem),
+                rcgen::PublicKeyData::subject_public_key_info(&key),
+                "{alg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rsa_sizes_are_counted_in_bits() {
+        assert_eq!(rsa_bits(&[0x00, 0x80, 0, 0]), 24);
+        assert_eq!(rsa_bits(&[0x01, 0, 0]), 17);
+        assert_eq!(rsa_bits(&[0; 3]), 0);
+        let Err(err) = Ca::generate("td")
+            .unwrap()
+            .0
+            .sign_csr("td", "x", "not a csr", 1)
+        else {
+            panic!("garbage was signed")
+        };
+        let err = err.to_string();
+        assert!(err.contains(ACCEPTED_KEYS), "{err}");
     }
 
     #[test]

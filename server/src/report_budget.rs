@@ -113,9 +113,145 @@ impl ReportBudget {
     }
 }
 
+/// Certificates a client may issue itself (`RenewCertificate`) per hour.
+/// Each renewal adds a pinned serial and an audit entry, so a client (or
+/// a stolen certificate) must not be able to renew in a loop; a mount
+/// renews about once per two thirds of a lifetime of at least a day.
+pub const RENEW_PER_HOUR: u32 = 10;
+
+#[derive(Default)]
+pub struct RenewBudget {
+    inner: Mutex<HashMap<String, Window>>,
+}
+
+impl RenewBudget {
+    /// Takes one renewal from `client`'s hour; false when it has none left.
+    pub fn take(&self, client: &str) -> bool {
+        self.take_at(client, Instant::now())
+    }
+
+    fn take_at(&self, client: &str, now: Instant) -> bool {
+        let mut clients = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Only clients that renewed within the hour are remembered.
+        clients.retain(|_, w| now.duration_since(w.start) < w.length);
+        let w = clients
+            .entry(client.to_owned())
+            .or_insert_with(|| Window::new(Duration::from_secs(3600), RENEW_PER_HOUR, now));
+        if w.left(now) == 0 {
+            return false;
+        }
+        w.used += 1;
+        true
+    }
+}
+
+/// Refused TLS handshakes recorded per peer address per minute, and from
+/// all peers per minute and per hour. A handshake refusal comes from
+/// anyone who can reach the port, so the budget is small and its memory
+/// bounded: the per-peer counts are forgotten every minute (at most
+/// `TLS_PER_MINUTE` peers are remembered), and what goes over is one
+/// counter, recorded as one entry once there is room again.
+pub const TLS_PER_PEER_MINUTE: u32 = 10;
+pub const TLS_PER_MINUTE: u32 = 60;
+pub const TLS_PER_HOUR: u32 = 600;
+
+pub struct HandshakeBudget {
+    inner: Mutex<HandshakeState>,
+}
+
+struct HandshakeState {
+    minute: Window,
+    hour: Window,
+    peers: HashMap<std::net::IpAddr, u32>,
+    dropped: u64,
+}
+
+impl Default for HandshakeBudget {
+    fn default() -> Self {
+        let now = Instant::now();
+        HandshakeBudget {
+            inner: Mutex::new(HandshakeState {
+                minute: Window::new(Duration::from_secs(60), TLS_PER_MINUTE, now),
+                hour: Window::new(Duration::from_secs(3600), TLS_PER_HOUR, now),
+                peers: HashMap::new(),
+                dropped: 0,
+            }),
+        }
+    }
+}
+
+impl HandshakeBudget {
+    /// Whether a refusal from `peer` may be recorded; when it may, also
+    /// how many earlier ones were not (to be recorded with it).
+    pub fn take(&self, peer: std::net::IpAddr) -> Option<u64> {
+        self.take_at(peer, Instant::now())
+    }
+
+    fn take_at(&self, peer: std::net::IpAddr, now: Instant) -> Option<u64> {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let minute_start = s.minute.start;
+        let room = s.minute.left(now).min(s.hour.left(now));
+        if s.minute.start != minute_start {
+            s.peers.clear();
+        }
+        let from_peer = s.peers.get(&peer).copied().unwrap_or(0);
+        if room == 0 || from_peer >= TLS_PER_PEER_MINUTE {
+            s.dropped += 1;
+            return None;
+        }
+        s.minute.used += 1;
+        s.hour.used += 1;
+        *s.peers.entry(peer).or_insert(0) += 1;
+        Some(std::mem::take(&mut s.dropped))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewals_are_bounded_per_client_and_hour() {
+        let b = RenewBudget::default();
+        let t0 = Instant::now();
+        for _ in 0..RENEW_PER_HOUR {
+            assert!(b.take_at("web", t0));
+        }
+        assert!(!b.take_at("web", t0));
+        assert!(b.take_at("api", t0), "each client has its own");
+        assert!(b.take_at("web", t0 + Duration::from_secs(3601)));
+    }
+
+    #[test]
+    fn handshake_refusals_are_bounded_per_peer_and_in_all() {
+        let b = HandshakeBudget::default();
+        let t0 = Instant::now();
+        let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
+        for _ in 0..TLS_PER_PEER_MINUTE {
+            assert_eq!(b.take_at(ip(1), t0), Some(0));
+        }
+        assert_eq!(b.take_at(ip(1), t0), None, "one peer's minute is spent");
+        // Another peer records, and owns up to the one dropped before.
+        assert_eq!(b.take_at(ip(2), t0), Some(1));
+        let mut recorded = TLS_PER_PEER_MINUTE + 1;
+        for n in 3..=250 {
+            recorded += b.take_at(ip(n), t0).is_some() as u32;
+        }
+        assert_eq!(recorded, TLS_PER_MINUTE, "all peers share one minute");
+        assert!(b.inner.lock().unwrap().peers.len() <= TLS_PER_MINUTE as usize);
+        // The next minute, the first peer may record again.
+        let t1 = t0 + Duration::from_secs(61);
+        assert!(b.take_at(ip(1), t1).unwrap() > 0);
+        let mut hour = 0;
+        for m in 1..60u64 {
+            for n in 0..=255 {
+                hour += b
+                    .take_at(ip(n), t0 + Duration::from_secs(60 * m + 1))
+                    .is_some() as u32;
+            }
+        }
+        assert!(hour < TLS_PER_HOUR, "the hour bounds them all: {hour}");
+    }
 
     #[test]
     fn a_client_gets_its_minute_then_is_counted_not_recorded() {

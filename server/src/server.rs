@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
 
+use crate::cert_reload::ReloadingCert;
 use crate::limits::LimitLayer;
 
 use crate::domain::{Domain, Settings};
@@ -60,6 +61,68 @@ pub struct Server {
     audit_thread: std::thread::JoinHandle<()>,
     domain: Arc<Domain>,
     tls: tls::ClientTrust,
+    /// The served certificate (for the expiry warnings).
+    server_cert: Arc<ReloadingCert>,
+    ca_not_after: i64,
+    state_dir: PathBuf,
+}
+
+/// What to say about a certificate expiring at `not_after`, seen at `now`:
+/// nothing until the warning period, then a warning, then an error.
+fn expiry_notice(what: &str, not_after: i64, now: i64) -> Option<(bool, String)> {
+    use crate::pki::{rfc3339, EXPIRY_WARNING_DAYS};
+    let left = not_after - now;
+    if left < 0 {
+        Some((true, format!("{what} expired at {}", rfc3339(not_after))))
+    } else if left < EXPIRY_WARNING_DAYS * 86_400 {
+        Some((
+            false,
+            format!(
+                "{what} expires within {EXPIRY_WARNING_DAYS} days, at {} ({} days left)",
+                rfc3339(not_after),
+                left / 86_400
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+fn warn_expiry(what: &str, not_after: i64, fix: &str) {
+    match expiry_notice(what, not_after, crate::store::now_s()) {
+        Some((true, text)) => tracing::error!("{text}; {fix}"),
+        Some((false, text)) => tracing::warn!("{text}; {fix}"),
+        None => {}
+    }
+}
+
+/// Warns about the server's certificate and the CA at start and then daily.
+async fn expiry_warnings(
+    cert: Arc<ReloadingCert>,
+    ca_not_after: i64,
+    state_dir: PathBuf,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        cert.check_now();
+        warn_expiry(
+            "the server certificate",
+            cert.not_after(),
+            &format!(
+                "issue a new one with `secretfs server reissue-cert --state-dir {} --san HOST ...` (taken up without a restart)",
+                state_dir.display()
+            ),
+        );
+        warn_expiry(
+            "the CA certificate",
+            ca_not_after,
+            "every certificate it signed stops working with it; plan a new state directory (`server init`) and move clients and secrets over",
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(86_400)) => {}
+            _ = closing.changed() => return,
+        }
+    }
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
@@ -145,15 +208,19 @@ impl Server {
             &String::from_utf8_lossy(&ca_cert),
             &String::from_utf8_lossy(&ca_key),
         )?;
-        let server_cert = read(&dir.server_cert())?;
-        let server_key = zeroize::Zeroizing::new(read(&dir.server_key())?);
+        let provider = tls::provider();
+        let server_cert = Arc::new(ReloadingCert::open(
+            dir.server_cert(),
+            dir.server_key(),
+            provider.clone(),
+        )?);
         let extra: Vec<Vec<u8>> = opts
             .client_ca
             .iter()
             .map(|p| read(p))
             .collect::<Result<_, _>>()?;
         let extra: Vec<&[u8]> = extra.iter().map(|v| v.as_slice()).collect();
-        let tls = tls::server_config(&server_cert, &server_key, &ca_cert, &extra)?;
+        let tls = tls::server_config(server_cert.clone(), &ca_cert, &extra, provider)?;
 
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             Error::io(
@@ -190,6 +257,9 @@ impl Server {
             audit_thread,
             domain,
             tls,
+            server_cert,
+            ca_not_after: crate::pki::cert_not_after(&ca_cert).unwrap_or(0),
+            state_dir: opts.state_dir.clone(),
         })
     }
 
@@ -220,7 +290,23 @@ impl Server {
             self.tls,
             self.domain.trust_domain().to_owned(),
             self.max_connections,
+            {
+                // Weak: the listener must not keep the domain (and so the
+                // database) open after shutdown.
+                let domain = Arc::downgrade(&self.domain);
+                Arc::new(move |remote, cause: &str| {
+                    if let Some(domain) = domain.upgrade() {
+                        domain.tls_refused(remote, cause)
+                    }
+                })
+            },
         );
+        tokio::spawn(expiry_warnings(
+            self.server_cert.clone(),
+            self.ca_not_after,
+            self.state_dir.clone(),
+            self.domain.closing(),
+        ));
         let domain = self.domain.clone();
         let close_watches = move || domain.close();
         let admin = AdminServer::new(AdminService::new(self.domain.clone()))
@@ -312,5 +398,27 @@ impl Server {
         }
         tracing::info!("secretfs server stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiry_notice;
+
+    #[test]
+    fn expiry_is_told_within_30_days_and_after() {
+        let day = 86_400;
+        assert!(expiry_notice("x", 100 * day, 0).is_none());
+        assert!(expiry_notice("x", 31 * day, 0).is_none());
+        let (expired, text) = expiry_notice("the CA certificate", 29 * day + 5, 0).unwrap();
+        assert!(
+            !expired && text.contains("within 30 days") && text.contains("29 days left"),
+            "{text}"
+        );
+        let (expired, text) = expiry_notice("x", 0, 10).unwrap();
+        assert!(
+            expired && text.contains("expired at 1970-01-01T00:00:00Z"),
+            "{text}"
+        );
     }
 }

@@ -102,6 +102,22 @@ pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 
+/// Replaces `path` atomically: the contents go to a new sibling file
+/// (created exclusively with `mode`, so a planted file or symlink is never
+/// followed), synced, then renamed over `path`. A reader sees the old file
+/// or the new one, never a part.
+pub fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(format!(".{}", name.to_string_lossy()));
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, mode)?;
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(format!("cannot replace {}", path.display()), e)
+    })
+}
+
 /// Creates a complete state directory, or nothing: everything is made in a
 /// sibling temporary directory and renamed into place at the end.
 pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {

@@ -18,7 +18,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -26,6 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tonic::transport::server::Connected;
 
+use crate::cert_reload::ReloadingCert;
 use crate::error::Error;
 use crate::identity::{identity_from_der, Issuer, PeerIdentity};
 
@@ -177,33 +178,30 @@ fn verifier(
         .map_err(|e| Error::Config(format!("cannot set up client certificate checks: {e}")))
 }
 
-/// Builds the rustls configuration: TLS 1.3, client certificates required
-/// and verified against our CA (`built_in_ca_pem`) and the operator's
-/// (`external_ca_pems`).
+/// The one crypto provider the server uses (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the rustls configuration: TLS 1.3, the server's certificate
+/// from `cert` (reloaded when its files change), client certificates
+/// required and verified against our CA (`built_in_ca_pem`) and the
+/// operator's (`external_ca_pems`).
 pub fn server_config(
-    cert_pem: &[u8],
-    key_pem: &[u8],
+    cert: Arc<ReloadingCert>,
     built_in_ca_pem: &[u8],
     external_ca_pems: &[&[u8]],
+    provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<ClientTrust, Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut all = vec![built_in_ca_pem];
     all.extend_from_slice(external_ca_pems);
     let any_trusted = verifier(&all, &provider)?;
     let built_in = verifier(&[built_in_ca_pem], &provider)?;
-    let certs = read_certs(cert_pem, "the server certificate")?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| Error::Config(format!("cannot read the server key: {e}")))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Config(format!("TLS 1.3 is not available: {e}")))?
         .with_client_cert_verifier(any_trusted)
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            Error::Config(format!(
-                "the server certificate and key do not fit together: {e}"
-            ))
-        })?;
+        .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(ClientTrust {
         config: Arc::new(config),
@@ -219,11 +217,45 @@ pub fn server_config(
 /// connection still in its handshake is dropped for the newcomer: idle or
 /// slow unauthenticated connections cannot crowd out real clients. With no
 /// handshake to drop, the newcomer is refused.
+/// Told of every handshake the TLS layer refused, with the peer and why.
+pub type OnRefused = Arc<dyn Fn(SocketAddr, &str) + Send + Sync>;
+
+/// Why a handshake failed, in an operator's words, when the TLS layer
+/// refused it; `None` for a peer that only went away (a port probe, a
+/// reset), which is not worth an audit entry.
+pub fn refusal_cause(err: &io::Error) -> Option<String> {
+    use rustls::CertificateError as C;
+    let tls = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(match tls {
+        rustls::Error::NoCertificatesPresented => "no client certificate was presented".into(),
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer => {
+                "client certificate from an unknown CA (not this server's CA or a --client-ca)"
+                    .into()
+            }
+            C::Expired | C::ExpiredContext { .. } => format!("client certificate expired ({c})"),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                format!("client certificate not valid yet ({c})")
+            }
+            C::InvalidPurpose | C::InvalidPurposeContext { .. } => {
+                format!("wrong usage: the certificate is not for client authentication ({c})")
+            }
+            C::BadSignature => "client certificate from an unknown CA (its issuer is named like a trusted CA, but the signature does not verify: another CA of the same name?)".into(),
+            other => format!("client certificate refused: {other}"),
+        },
+        rustls::Error::PeerIncompatible(why) => {
+            format!("incompatible TLS client (TLS 1.3 is required): {why:?}")
+        }
+        other => format!("handshake failed: {other}"),
+    })
+}
+
 pub fn accept_loop(
     listener: TcpListener,
     trust: ClientTrust,
     trust_domain: String,
     max_connections: usize,
+    on_refused: OnRefused,
 ) -> mpsc::Receiver<Result<PeerStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(trust.config.clone());
@@ -282,6 +314,7 @@ pub fn accept_loop(
             let trust_domain = trust_domain.clone();
             let trust = trust.clone();
             let handshakes = handshakes.clone();
+            let on_refused = on_refused.clone();
             let (id, evicted) = handshakes.lock().unwrap_or_else(|e| e.into_inner()).start();
             tokio::spawn(async move {
                 let done = tokio::select! {
@@ -297,6 +330,9 @@ pub fn accept_loop(
                     Some(Ok(Ok(tls))) => tls,
                     Some(Ok(Err(e))) => {
                         tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        if let Some(cause) = refusal_cause(&e) {
+                            on_refused(remote, &cause);
+                        }
                         return;
                     }
                     Some(Err(_)) => {

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use secretfs_proto::v1;
 // One implementation of "create, never overwrite, with this mode, synced".
-use secretfs_server::state_dir::write_new;
+use secretfs_server::state_dir::{replace_file, write_new};
 use serde_json::{json, Value};
 
-use crate::args::{ClientAddArgs, ClientCmd, ConnArgs, Format};
+use crate::args::{ClientAddArgs, ClientCmd, ClientRenewArgs, ConnArgs, Format};
 use crate::connect;
 use crate::fail::UsageError;
 use crate::output::{print, time, Table};
@@ -184,6 +184,7 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
             ]);
             print(format, &client_json(&c), t);
         }
+        ClientCmd::Renew(a) => renew_cmd(conn, a, format).await?,
         ClientCmd::Remove { name } => {
             let mut client = connect::admin(conn).await?;
             client
@@ -193,6 +194,165 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
                 Format::Json => println!("{}", json!({"removed": name})),
                 Format::Text => println!("removed client {name}; its certificate no longer works"),
             }
+        }
+    }
+    Ok(())
+}
+
+/// Where `client renew` writes, and whether it makes a key.
+struct RenewFiles {
+    cert: PathBuf,
+    /// `None` with `--csr`: the key stays wherever the CSR was made.
+    key: Option<PathBuf>,
+    /// `None` when renewing in place: the CA file in use already holds it.
+    ca: Option<PathBuf>,
+}
+
+/// `client renew [NAME]`: a new certificate for this identity or, as an
+/// admin, for NAME.
+async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, RenewFiles, i64, String)> {
+    if let Some(name) = &a.name {
+        secretfs_server::names::check_entity_name("client", name)
+            .map_err(|e| UsageError(e.to_string()))?;
+    }
+    let days = match a.days {
+        Some(0) => {
+            return Err(UsageError(
+                "--days 0 would issue a certificate that is already expired; give 1 or more (default 365)"
+                    .into(),
+            )
+            .into())
+        }
+        d => d.unwrap_or(0),
+    };
+    let csr_given = match &a.csr {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the CSR {}", p.display()))?,
+        ),
+        None => None,
+    };
+    // For oneself, the name is the one the server sees (also proves the
+    // current certificate still works before anything is made).
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => {
+            let mut s = connect::secrets(conn).await?;
+            s.who_am_i(v1::Empty {}).await?.into_inner().client
+        }
+    };
+    let files = match (&a.out, &a.name, &csr_given) {
+        (Some(out), _, _) => {
+            let f = ClientFiles::new(out, &name);
+            RenewFiles {
+                cert: f.cert,
+                key: csr_given.is_none().then_some(f.key),
+                ca: Some(f.ca),
+            }
+        }
+        (None, None, None) => RenewFiles {
+            cert: conn.cert.clone().context("no --cert to renew")?,
+            key: Some(conn.key.clone().context("no --key to renew")?),
+            ca: None,
+        },
+        (None, _, _) => {
+            let f = ClientFiles::new(Path::new("."), &name);
+            RenewFiles {
+                cert: f.cert,
+                key: csr_given.is_none().then_some(f.key),
+                ca: Some(f.ca),
+            }
+        }
+    };
+    let (key_pem, csr_pem) = match csr_given {
+        Some(csr) => (None, csr),
+        None => {
+            let (key, csr) = secretfs_server::pki::new_csr(&name)?;
+            (Some(key), csr)
+        }
+    };
+    let (cert_pem, ca_pem, not_after) = match &a.name {
+        None => {
+            let mut s = connect::secrets(conn).await?;
+            let r = s
+                .renew_certificate(v1::RenewCertificateRequest { csr_pem, days })
+                .await?
+                .into_inner();
+            (r.cert_pem, r.ca_pem, r.not_after)
+        }
+        Some(name) => {
+            let mut c = connect::admin(conn).await?;
+            let r = c
+                .renew_client_certificate(v1::RenewClientCertificateRequest {
+                    name: name.clone(),
+                    csr_pem,
+                    days,
+                })
+                .await?
+                .into_inner();
+            let not_after =
+                secretfs_server::pki::cert_not_after(r.cert_pem.as_bytes()).unwrap_or(0);
+            (r.cert_pem, r.ca_pem, not_after)
+        }
+    };
+    let lost = |what: &str| {
+        format!(
+            "the new certificate was issued but {what} could not be written; the old certificate still works: run `secretfs client renew` again"
+        )
+    };
+    if let Some(dir) = files.cert.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))
+                .with_context(|| lost("its files"))?;
+        }
+    }
+    // Key first: a reader that sees the new certificate finds its key.
+    if let (Some(path), Some(key)) = (&files.key, &key_pem) {
+        replace_file(path, key.as_bytes(), 0o600).with_context(|| lost("its key"))?;
+    }
+    replace_file(&files.cert, cert_pem.as_bytes(), 0o644).with_context(|| lost("it"))?;
+    if let Some(ca) = &files.ca {
+        if std::fs::read(ca).ok().as_deref() != Some(ca_pem.as_bytes()) {
+            replace_file(ca, ca_pem.as_bytes(), 0o644).with_context(|| lost("the CA"))?;
+        }
+    }
+    Ok((name, files, not_after, cert_serial(&cert_pem)))
+}
+
+fn cert_serial(pem: &str) -> String {
+    secretfs_server::pki::cert_serial(pem.as_bytes()).unwrap_or_default()
+}
+
+async fn renew_cmd(conn: &ConnArgs, a: ClientRenewArgs, format: Format) -> Result<()> {
+    let (name, files, not_after, serial) = renew(conn, &a).await?;
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "name": name, "cert_serial": serial, "cert_not_after": time(not_after),
+                "files": {"cert": files.cert, "key": files.key, "ca": files.ca},
+            }))?
+        ),
+        Format::Text => {
+            println!(
+                "issued client {name} a new certificate, valid until {}",
+                time(not_after)
+            );
+            println!("  certificate: {}", files.cert.display());
+            if let Some(k) = &files.key {
+                println!(
+                    "  key:         {} (0600; new, it never left this machine)",
+                    k.display()
+                );
+            }
+            if let Some(ca) = &files.ca {
+                println!("  CA:          {}", ca.display());
+            }
+            println!("  the previous certificate stays valid until it expires");
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use zeroize::Zeroize;
 
 use crate::args::{ConnArgs, Format};
 use crate::connect;
-use crate::output::{print, printable, Table};
+use crate::output::{print, printable, time, Table};
 
 fn access_table(entries: &[v1::AccessEntry]) -> (Value, Table) {
     let json = Value::Array(
@@ -52,6 +52,8 @@ pub async fn whoami(conn: &ConnArgs, format: Format) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "client": me.client, "admin": me.admin, "trust_domain": me.trust_domain,
                 "spiffe_id": format!("spiffe://{}/client/{}", me.trust_domain, me.client),
+                "cert_serial": me.cert_serial,
+                "cert_not_after": if me.cert_not_after == 0 { Value::Null } else { json!(time(me.cert_not_after)) },
                 "access": entries,
             }))?
         ),
@@ -63,6 +65,13 @@ pub async fn whoami(conn: &ConnArgs, format: Format) -> Result<()> {
                 me.client,
                 if me.admin { ", admin" } else { "" }
             );
+            if me.cert_not_after != 0 {
+                println!(
+                    "certificate {}, expires {}",
+                    me.cert_serial,
+                    time(me.cert_not_after)
+                );
+            }
             table.print();
         }
     }

@@ -91,6 +91,74 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             }
             Ok(())
         }
+        ServerSub::AdminCert(a) => {
+            let days = match a.days {
+                Some(0) => {
+                    return Err(crate::fail::UsageError(
+                        "--days 0 would mint a certificate that is already expired; give 1 or more (default 365)".into(),
+                    )
+                    .into())
+                }
+                d => d.unwrap_or(0),
+            };
+            let made = tokio::task::spawn_blocking(move || {
+                secretfs_server::host_certs::admin_cert(&a.state_dir, &a.out, &a.name, days)
+            })
+            .await??;
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "name": made.name, "created": made.created, "cert_serial": made.serial,
+                        "cert_not_after": secretfs_server::pki::rfc3339(made.not_after),
+                        "cert": absolute(&made.cert), "key": absolute(&made.key), "ca": absolute(&made.ca),
+                    }))?
+                ),
+                Format::Text => {
+                    eprintln!(
+                        "minted an admin certificate for {}{} (serial {}, valid until {}); audited as local:admin-cert",
+                        made.name,
+                        if made.created { " (client created)" } else { "" },
+                        made.serial,
+                        secretfs_server::pki::rfc3339(made.not_after)
+                    );
+                    eprintln!("to use the CLI as this admin:");
+                    println!(
+                        "export SECRETFS_CA={}\nexport SECRETFS_CERT={}\nexport SECRETFS_KEY={}",
+                        absolute(&made.ca).display(),
+                        absolute(&made.cert).display(),
+                        absolute(&made.key).display()
+                    );
+                }
+            }
+            Ok(())
+        }
+        ServerSub::ReissueCert(a) => {
+            let sans = a.sans.clone();
+            let state_dir = a.state_dir.clone();
+            let issued = tokio::task::spawn_blocking(move || {
+                secretfs_server::host_certs::reissue_server_cert(&state_dir, &sans)
+            })
+            .await??;
+            let dir = StateDir::new(&a.state_dir);
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "sans": a.sans, "serial": issued.serial,
+                        "not_after": secretfs_server::pki::rfc3339(issued.not_after),
+                        "cert": absolute(&dir.server_cert()), "key": absolute(&dir.server_key()),
+                    }))?
+                ),
+                Format::Text => println!(
+                    "issued a new server certificate for {} (valid until {}) in {}; a running server takes it up within a second",
+                    a.sans.join(", "),
+                    secretfs_server::pki::rfc3339(issued.not_after),
+                    absolute(&dir.server_cert()).display()
+                ),
+            }
+            Ok(())
+        }
         ServerSub::Run(a) => {
             let server = Server::open(RunOptions {
                 state_dir: a.state_dir,

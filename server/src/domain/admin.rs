@@ -10,6 +10,7 @@ use crate::error::Error;
 use crate::names::{
     check_description, check_entity_name, check_labels, check_mode, check_secret_name, check_time,
 };
+use crate::pki::Issued;
 use crate::store::{
     now_s, AccessRecord, AuditEntry, AuditFilter, Change, ClientRecord, GroupRecord, NewClient,
     NewSecret, SecretRecord, SecretUpdate, StoreError, VersionRecord,
@@ -365,6 +366,62 @@ impl Domain {
         });
         tracing::info!(client = %client.value.name, admin = client.value.admin, "client created");
         Ok((client.value, cert_pem))
+    }
+
+    /// Issues client `name` a new certificate for the key in `csr_pem`,
+    /// pinned beside its others (same identity, same groups); the old ones
+    /// stay valid until they expire or the client is removed. `actor` is
+    /// the client itself (renewal) or an admin.
+    pub async fn renew_client(
+        self: &Arc<Self>,
+        actor: &Caller,
+        name: String,
+        csr_pem: String,
+        days: u32,
+    ) -> Result<(ClientRecord, Issued), Error> {
+        check_entity_name("client", &name)?;
+        let actor = actor.name().to_owned();
+        if actor == name && !self.renew_budget.take(&name) {
+            return Err(Error::OverBudget(format!(
+                "client \"{name}\" has renewed its certificate {} times in the last hour, the most allowed; \
+                 its current certificate still works: try again later, or an admin can issue one with `secretfs client renew {name}`",
+                crate::report_budget::RENEW_PER_HOUR
+            )));
+        }
+        let (client, issued) = self
+            .run(move |d| {
+                let client = d.store.get_client(&name)?;
+                if !client.pinned {
+                    let why = format!(
+                        "client \"{name}\" is registered as external: its certificates come from your own CA \
+                         (`server run --client-ca`), which this server cannot sign for; renew it with that CA"
+                    );
+                    d.store.append_audit(&[AuditEntry {
+                        client: Some(name.clone()),
+                        ..Action::ClientRenew.refused(&actor, "external client")
+                    }])?;
+                    return Err(Error::FailedPrecondition(why));
+                }
+                let issued = d.ca.sign_csr(&d.trust_domain, &name, &csr_pem, days)?;
+                let by = if actor == name { "renewed by itself" } else { "issued by an admin" };
+                let audit = AuditEntry {
+                    client: Some(name.clone()),
+                    detail: format!("certificate {} ({by}), valid until {}", issued.serial, crate::pki::rfc3339(issued.not_after)),
+                    ..Action::ClientRenew.by(&actor)
+                };
+                let done = d
+                    .store
+                    .add_client_cert(&name, &issued.serial, issued.not_after, &audit)?;
+                Ok((done, issued))
+            })
+            .await?;
+        // No view changes; cached authentications are dropped all the same
+        // (cheap, and the revision is announced in order).
+        self.committed(Change::ClientAdded {
+            revision: client.revision,
+        });
+        tracing::info!(client = %client.value.name, serial = %issued.serial, "client certificate issued");
+        Ok((client.value, issued))
     }
 
     pub async fn list_clients(self: &Arc<Self>) -> Result<Vec<ClientRecord>, Error> {

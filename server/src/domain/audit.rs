@@ -18,6 +18,9 @@ pub enum Action {
     SecretRead,
     ClientCreate,
     ClientRemove,
+    /// A new certificate for an existing client (its own renewal, an
+    /// admin's, or `server admin-cert`).
+    ClientRenew,
     ClientList,
     ClientDescribe,
     ClientAccess,
@@ -33,6 +36,9 @@ pub enum Action {
     Auth,
     /// A mount refused a local process (reported by the mount).
     MountRefused,
+    /// A TLS handshake was refused (unknown CA, expired, wrong usage, no
+    /// certificate), with the peer's address.
+    TlsRefused,
 }
 
 impl Action {
@@ -49,6 +55,7 @@ impl Action {
             Action::SecretRead => "secret.read",
             Action::ClientCreate => "client.create",
             Action::ClientRemove => "client.remove",
+            Action::ClientRenew => "client.renew",
             Action::ClientList => "client.list",
             Action::ClientDescribe => "client.describe",
             Action::ClientAccess => "client.access",
@@ -62,6 +69,7 @@ impl Action {
             Action::AuditQuery => "audit.query",
             Action::Auth => "auth",
             Action::MountRefused => "mount.refused",
+            Action::TlsRefused => "tls.refused",
         }
     }
 

@@ -34,7 +34,7 @@ use crate::auth_cache::AuthCache;
 use crate::envelope::MasterKey;
 use crate::error::Error;
 use crate::pki::Ca;
-use crate::report_budget::ReportBudget;
+use crate::report_budget::{HandshakeBudget, RenewBudget, ReportBudget};
 use crate::store::{Change, ChangeFeed, Store};
 
 pub struct Domain {
@@ -55,6 +55,10 @@ pub struct Domain {
     auth_cache: AuthCache,
     /// What each client may add to the audit log by reporting refusals.
     report_budget: ReportBudget,
+    /// What refused TLS handshakes may add to the audit log.
+    handshake_budget: HandshakeBudget,
+    /// How often a client may renew its own certificate.
+    renew_budget: RenewBudget,
     /// Store calls in flight, at most what the store says is useful.
     calls: Semaphore,
 }
@@ -89,6 +93,8 @@ impl Domain {
             plain: Default::default(),
             auth_cache: Default::default(),
             report_budget: Default::default(),
+            handshake_budget: Default::default(),
+            renew_budget: Default::default(),
         };
         (Arc::new(domain), thread)
     }
@@ -99,6 +105,30 @@ impl Domain {
 
     pub fn ca_pem(&self) -> &str {
         &self.ca.cert_pem
+    }
+
+    /// Records a refused TLS handshake (action "tls.refused") with the
+    /// peer's address and the cause, within a budget: past it, refusals are
+    /// counted and the count recorded with the next one that fits.
+    pub fn tls_refused(&self, remote: std::net::SocketAddr, cause: &str) {
+        let Some(dropped_before) = self.handshake_budget.take(remote.ip()) else {
+            return;
+        };
+        let mut entries = Vec::with_capacity(2);
+        if dropped_before > 0 {
+            entries.push(Action::TlsRefused.refused(
+                "tls",
+                format!("{dropped_before} earlier refused handshakes were over the audit budget and not recorded"),
+            ));
+        }
+        entries.push(Action::TlsRefused.refused(
+            &remote.to_string(),
+            format!("from {remote}: {}", crate::names::printable(cause, 300)),
+        ));
+        let audit = self.audit.clone();
+        tokio::spawn(async move {
+            let _ = audit.append(entries).await;
+        });
     }
 
     /// Ends every Watch stream (server shutdown), so a graceful shutdown

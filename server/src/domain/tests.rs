@@ -51,6 +51,7 @@ impl Store for Tampering {
         create_client(&self, new: &NewClient, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
         get_client(&self, name: &str) -> Result<ClientRecord>;
         list_clients(&self) -> Result<Vec<ClientRecord>>;
+        add_client_cert(&self, name: &str, serial: &str, not_after: i64, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
         remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
         authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup>;
         create_group(&self, name: &str, description: &str, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
@@ -96,6 +97,7 @@ fn peer(name: &str, serial: &str) -> Peer {
             serial: serial.into(),
             source: IdentitySource::Spiffe,
             issuer: Issuer::BuiltIn,
+            not_after: i64::MAX,
         },
         remote: "127.0.0.1:1".parse().ok(),
     }

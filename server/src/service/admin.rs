@@ -230,6 +230,23 @@ impl Admin for AdminService {
         Ok(Response::new(v1::Empty {}))
     }
 
+    async fn renew_client_certificate(
+        &self,
+        req: Request<v1::RenewClientCertificateRequest>,
+    ) -> Result<Response<v1::CreateClientResponse>, Status> {
+        let caller = self.admin(&req, Action::ClientRenew).await?;
+        let r = req.into_inner();
+        let (client, issued) = self
+            .domain
+            .renew_client(&caller, r.name, r.csr_pem, r.days)
+            .await?;
+        Ok(Response::new(v1::CreateClientResponse {
+            client: Some((&client).into()),
+            cert_pem: issued.cert_pem,
+            ca_pem: self.domain.ca_pem().to_owned(),
+        }))
+    }
+
     async fn create_group(
         &self,
         req: Request<v1::CreateGroupRequest>,

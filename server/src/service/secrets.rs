@@ -62,15 +62,16 @@ impl Secrets for SecretsService {
         &self,
         req: Request<v1::Empty>,
     ) -> Result<Response<v1::WhoAmIResponse>, Status> {
-        let caller = self.caller(&req).await?;
+        let peer = peer(&req)?;
+        let caller = self.domain.authenticate(peer.clone()).await?;
         let access = self.domain.my_access(&caller).await?;
         Ok(Response::new(v1::WhoAmIResponse {
             client: caller.client.name,
             admin: caller.client.admin,
             trust_domain: self.domain.trust_domain().to_owned(),
             access: access.into_iter().map(Into::into).collect(),
-            cert_serial: String::new(),
-            cert_not_after: 0,
+            cert_serial: peer.identity.serial,
+            cert_not_after: peer.identity.not_after,
         }))
     }
 
@@ -78,10 +79,19 @@ impl Secrets for SecretsService {
         &self,
         req: Request<v1::RenewCertificateRequest>,
     ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
-        let _caller = self.caller(&req).await?;
-        Err(Status::unimplemented(
-            "certificate renewal is not built yet",
-        ))
+        let caller = self.caller(&req).await?;
+        let r = req.into_inner();
+        let name = caller.name().to_owned();
+        let (_, issued) = self
+            .domain
+            .renew_client(&caller, name, r.csr_pem, r.days)
+            .await?;
+        Ok(Response::new(v1::RenewCertificateResponse {
+            cert_pem: issued.cert_pem,
+            ca_pem: self.domain.ca_pem().to_owned(),
+            serial: issued.serial,
+            not_after: issued.not_after,
+        }))
     }
 
     async fn list_my_secrets(

@@ -362,7 +362,46 @@ fn authentication_facts(s: &dyn Store) {
     .unwrap();
     let again = s.authenticate("web", "serial-web").unwrap();
     assert!(again.client.is_some() && !again.serial_issued && again.serial_revoked);
+    // Renewal pins a second serial beside the first; both work, groups
+    // stay, and removal revokes both.
+    s.create_group("g", "", &entry("group.create")).unwrap();
+    s.set_group_client("g", "web", true, &entry("group.add-client"))
+        .unwrap();
+    let renewed = s
+        .add_client_cert("web", "serial-web-3", 100, &entry("client.renew"))
+        .unwrap();
+    assert_eq!(renewed.value.cert_serial.as_deref(), Some("serial-web-3"));
+    assert_eq!(renewed.value.cert_not_after, Some(100));
+    assert_eq!(renewed.value.groups, vec!["g".to_owned()]);
     assert!(s.authenticate("web", "serial-web-2").unwrap().serial_issued);
+    assert!(s.authenticate("web", "serial-web-3").unwrap().serial_issued);
+    assert!(matches!(
+        s.add_client_cert("nobody", "serial-x", 1, &entry("client.renew")),
+        Err(StoreError::NotFound { .. })
+    ));
+    s.remove_client("web", &entry("client.remove")).unwrap();
+    assert!(
+        s.authenticate("web", "serial-web-2")
+            .unwrap()
+            .serial_revoked
+    );
+    assert!(
+        s.authenticate("web", "serial-web-3")
+            .unwrap()
+            .serial_revoked
+    );
+    s.create_client(
+        &NewClient {
+            name: "web".into(),
+            admin: false,
+            cert: Some(("serial-web-4".into(), 99)),
+        },
+        &entry("client.create"),
+    )
+    .unwrap();
+    let again = s.authenticate("web", "serial-web").unwrap();
+    assert!(again.client.is_some() && !again.serial_issued && again.serial_revoked);
+    assert!(s.authenticate("web", "serial-web-4").unwrap().serial_issued);
 }
 
 fn audit_is_written_with_changes_and_filtered(s: &dyn Store) {

@@ -399,6 +399,16 @@ pub trait Store: Send + Sync + 'static {
         -> Result<Committed<ClientRecord>>;
     fn get_client(&self, name: &str) -> Result<ClientRecord>;
     fn list_clients(&self) -> Result<Vec<ClientRecord>>;
+    /// Pins one more certificate we issued (`serial`, valid until
+    /// `not_after`) to an existing client, beside those it already has
+    /// (renewal): the client's groups and other certificates are kept.
+    fn add_client_cert(
+        &self,
+        name: &str,
+        serial: &str,
+        not_after: i64,
+        audit: &AuditEntry,
+    ) -> Result<Committed<ClientRecord>>;
     /// Removes the client; the serials issued to it are refused forever.
     /// The entry's detail records the groups it was in.
     fn remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;

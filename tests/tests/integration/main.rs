@@ -9,6 +9,7 @@ mod common;
 
 mod audit;
 mod caller;
+mod certs;
 mod container;
 mod deploy;
 mod dev;

@@ -86,6 +86,25 @@ pub(super) fn create(
     })
 }
 
+pub(super) fn add_cert(
+    tx: &Connection,
+    name: &str,
+    serial: &str,
+    not_after: i64,
+    audit: &AuditEntry,
+) -> Result<Committed<ClientRecord>> {
+    let id = rows::id_by_name(tx, Entity::Client, name)?;
+    tx.execute(
+        "INSERT INTO client_certs (client_id, serial, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
+        params![id, serial, not_after, now_s()],
+    )?;
+    let revision = record_change(tx, audit)?;
+    Ok(Committed {
+        value: by_name(tx, name)?,
+        revision,
+    })
+}
+
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
     let id = rows::id_by_name(tx, Entity::Client, name)?;
     let groups = by_name(tx, name)?.groups;

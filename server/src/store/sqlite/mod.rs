@@ -256,6 +256,17 @@ impl Store for SqliteStore {
         self.db.write(|tx| clients::create(tx, new, audit))
     }
 
+    fn add_client_cert(
+        &self,
+        name: &str,
+        serial: &str,
+        not_after: i64,
+        audit: &AuditEntry,
+    ) -> Result<Committed<ClientRecord>> {
+        self.db
+            .write(|tx| clients::add_cert(tx, name, serial, not_after, audit))
+    }
+
     fn get_client(&self, name: &str) -> Result<ClientRecord> {
         self.db.read(|tx| clients::by_name(tx, name))
     }

@@ -1,0 +1,268 @@
+//! Certificates made on the server's host, from the CA key in the state
+//! directory, without calling the server: the break-glass admin
+//! certificate (`server admin-cert`) and a new server certificate
+//! (`server reissue-cert`).
+//!
+//! Both work while `server run` is up on the same state directory: the
+//! database is SQLite in WAL mode (a second writer waits its turn), the
+//! running server authenticates each new serial from the database, and it
+//! takes up a replaced server certificate by itself (`cert_reload`). Neither
+//! takes the lock `server run` holds on the state directory.
+
+use std::path::{Path, PathBuf};
+
+use crate::domain::Action;
+use crate::error::Error;
+use crate::names::check_entity_name;
+use crate::pki::{rfc3339, Ca, Issued};
+use crate::state_dir::{replace_file, StateDir, META_TRUST_DOMAIN};
+use crate::store::{AuditEntry, NewClient, SqliteStore, Store, StoreError};
+
+/// Who the audit log names for changes made this way.
+pub const LOCAL_ADMIN_CERT: &str = "local:admin-cert";
+
+/// The state directory, which this process must own: files it writes
+/// there (a new server key, SQLite's `-wal` when the server is down) would
+/// otherwise belong to another user, and the server could not read them.
+fn existing(dir: &Path) -> Result<StateDir, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => m,
+        _ => {
+            return Err(Error::Config(format!(
+                "state directory {} does not exist; give the --state-dir that `secretfs server run` uses",
+                dir.display()
+            )))
+        }
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(Error::Config(format!(
+            "state directory {} belongs to uid {}, and this runs as uid {me}: the files written here would not be \
+             usable by the server; run it as the server's user (e.g. `sudo -u secretfs secretfs server ...`)",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    Ok(StateDir::new(dir))
+}
+
+fn load_ca(dir: &StateDir) -> Result<Ca, Error> {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(&p).map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot read {} (run this as the server's user, on the server's host)",
+                    p.display()
+                ),
+                e,
+            )
+        })
+    };
+    let cert = read(dir.ca_cert())?;
+    let key = zeroize::Zeroizing::new(read(dir.ca_key())?);
+    Ca::load(&cert, &key)
+}
+
+/// What `server admin-cert` made.
+pub struct AdminCert {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub serial: String,
+    pub not_after: i64,
+    /// The admin client did not exist and was created.
+    pub created: bool,
+}
+
+/// Mints an admin certificate from the CA in `state_dir`, pins its serial
+/// in the store (creating the admin client `name` if it is missing), audits
+/// it, and writes NAME.pem, NAME.key and ca.pem into `out` (replaced
+/// atomically).
+pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result<AdminCert, Error> {
+    check_entity_name("client", name)?;
+    let dir = existing(state_dir)?;
+    let store = SqliteStore::open(&dir.database(), false)?;
+    let trust_domain = store
+        .get_meta(META_TRUST_DOMAIN)?
+        .and_then(|v| String::from_utf8(v).ok())
+        .ok_or_else(|| Error::Config("the database does not record its trust domain".into()))?;
+    let existing = match store.get_client(name) {
+        Ok(c) => Some(c),
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(c) = &existing {
+        if !c.admin || !c.pinned {
+            return Err(Error::FailedPrecondition(format!(
+                "client \"{name}\" exists but is {}; pick another --name (a new admin of that name is created)",
+                if !c.admin {
+                    "not an admin"
+                } else {
+                    "external (its certificates come from your own CA)"
+                }
+            )));
+        }
+    }
+    let ca = load_ca(&dir)?;
+    let issued = ca.issue_client(&trust_domain, name, days)?;
+    let audit = AuditEntry {
+        client: Some(name.to_owned()),
+        detail: format!(
+            "certificate {}, admin, valid until {}, minted on the server host from the state directory's CA key",
+            issued.serial,
+            rfc3339(issued.not_after)
+        ),
+        ..if existing.is_some() {
+            Action::ClientRenew
+        } else {
+            Action::ClientCreate
+        }
+        .by(LOCAL_ADMIN_CERT)
+    };
+    let created = existing.is_none();
+    match existing {
+        Some(_) => {
+            store.add_client_cert(name, &issued.serial, issued.not_after, &audit)?;
+        }
+        None => {
+            store.create_client(
+                &NewClient {
+                    name: name.to_owned(),
+                    admin: true,
+                    cert: Some((issued.serial.clone(), issued.not_after)),
+                },
+                &audit,
+            )?;
+        }
+    }
+    drop(store);
+    let (cert, key, ca) = write_client_files(out, name, &issued, &ca.cert_pem)?;
+    Ok(AdminCert {
+        name: name.to_owned(),
+        cert,
+        key,
+        ca,
+        serial: issued.serial,
+        not_after: issued.not_after,
+        created,
+    })
+}
+
+fn write_client_files(
+    out: &Path,
+    name: &str,
+    issued: &Issued,
+    ca_pem: &str,
+) -> Result<(PathBuf, PathBuf, PathBuf), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !out.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
+    }
+    let (cert, key, ca) = (
+        out.join(format!("{name}.pem")),
+        out.join(format!("{name}.key")),
+        out.join("ca.pem"),
+    );
+    let key_pem = issued
+        .key_pem
+        .as_ref()
+        .map(|k| k.as_bytes())
+        .unwrap_or_default();
+    replace_file(&key, key_pem, 0o600)?;
+    replace_file(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+    if std::fs::read(&ca).ok().as_deref() != Some(ca_pem.as_bytes()) {
+        replace_file(&ca, ca_pem.as_bytes(), 0o644)?;
+    }
+    Ok((cert, key, ca))
+}
+
+/// Issues the server a new certificate and key for `sans` and replaces
+/// server.pem and server.key atomically (key first); a running server
+/// takes them up within a second.
+pub fn reissue_server_cert(state_dir: &Path, sans: &[String]) -> Result<Issued, Error> {
+    if sans.is_empty() {
+        return Err(Error::InvalidArgument(
+            "give the names clients reach the server by: --san HOST (repeatable; DNS names or IP addresses, e.g. --san localhost --san 127.0.0.1)"
+                .into(),
+        ));
+    }
+    let dir = existing(state_dir)?;
+    let ca = load_ca(&dir)?;
+    let issued = ca.issue_server(sans)?;
+    let key_pem = issued
+        .key_pem
+        .as_ref()
+        .map(|k| k.as_bytes())
+        .unwrap_or_default();
+    replace_file(&dir.server_key(), key_pem, 0o600)?;
+    replace_file(&dir.server_cert(), issued.cert_pem.as_bytes(), 0o644)?;
+    Ok(issued)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state_dir::{init, InitOptions};
+
+    #[test]
+    fn admin_cert_pins_a_new_serial_and_creates_a_missing_admin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = init(&InitOptions {
+            state_dir: tmp.path().join("state"),
+            trust_domain: "td".into(),
+            sans: vec![],
+            admin_name: "admin".into(),
+        })
+        .unwrap();
+        let out = tmp.path().join("out");
+        let again = admin_cert(&sd.path, &out, "admin", 0).unwrap();
+        let fresh = admin_cert(&sd.path, &out, "root2", 7).unwrap();
+        let store = SqliteStore::open(&sd.database(), false).unwrap();
+        for (name, serial) in [("admin", &again.serial), ("root2", &fresh.serial)] {
+            let facts = store.authenticate(name, serial).unwrap();
+            assert!(facts.serial_issued, "{name}");
+            assert!(facts.client.unwrap().admin, "{name}");
+        }
+        assert_eq!(
+            crate::pki::cert_serial(&std::fs::read(&fresh.cert).unwrap()).as_deref(),
+            Some(fresh.serial.as_str())
+        );
+        let audit = store
+            .query_audit(&crate::store::AuditFilter::default())
+            .unwrap();
+        assert!(audit
+            .iter()
+            .any(|e| e.actor == LOCAL_ADMIN_CERT && e.action == "client.renew"));
+        assert!(audit
+            .iter()
+            .any(|e| e.actor == LOCAL_ADMIN_CERT && e.action == "client.create"));
+        // A non-admin of that name is not promoted.
+        store
+            .create_client(
+                &NewClient {
+                    name: "web".into(),
+                    admin: false,
+                    cert: Some(("s".into(), 1)),
+                },
+                &Action::ClientCreate.by("t"),
+            )
+            .unwrap();
+        drop(store);
+        let err = admin_cert(&sd.path, &out, "web", 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not an admin"), "{err}");
+        let err = reissue_server_cert(&sd.path, &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--san"), "{err}");
+    }
+}
