@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::pki::Ca;
 use crate::service::{AdminService, SecretsService};
 use crate::state_dir::{load_master_key, verify_master_key, StateDir, META_TRUST_DOMAIN};
+use crate::state_lock::StateLock;
 use crate::store::{SqliteStore, Store};
 use crate::tls;
 
@@ -60,6 +61,8 @@ pub struct Server {
     audit_thread: std::thread::JoinHandle<()>,
     domain: Arc<Domain>,
     tls: tls::ClientTrust,
+    /// Held until the server is dropped or `serve` returns.
+    _state_lock: StateLock,
 }
 
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
@@ -127,7 +130,14 @@ impl Server {
                 dir.path.display()
             )));
         }
+        // Before anything is read: a second server must not get further.
+        let state_lock = StateLock::acquire(&dir)?;
         crate::harden::protect_process();
+        for key in [dir.ca_key(), dir.server_key(), dir.admin_key()] {
+            if let Some(warning) = secretfs_proto::credentials::key_permissions(&key) {
+                tracing::warn!("{warning}");
+            }
+        }
         let master = load_master_key(&dir.master_key())?;
         let db = dir.database();
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db, false))
@@ -190,6 +200,7 @@ impl Server {
             audit_thread,
             domain,
             tls,
+            _state_lock: state_lock,
         })
     }
 
