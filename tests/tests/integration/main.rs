@@ -13,6 +13,7 @@ mod deploy;
 mod dev;
 mod grpc_conventions;
 mod mount;
+mod rails;
 mod review;
 mod server_cli;
 mod sidecar;
