@@ -382,3 +382,51 @@ fn zero_days_and_zero_limit_are_refused_with_the_range() {
     s.cli(&["audit", "--limit", "0"]).fails(2, "1..=100000");
     s.cli(&["client", "describe", "x"]).fails(1, "not found");
 }
+
+/// The server's flags as the systemd unit sets them: each `SECRETFS_*`
+/// form that `server init --help` and `server run --help` show is
+/// documented in the unit file.
+#[test]
+fn the_server_unit_documents_every_server_variable() {
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/secretfs-server.service"),
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    for sub in ["init", "run"] {
+        let mut cmd = Command::new(bin());
+        cmd.args(["server", sub, "--help"]);
+        let help = run_cmd(cmd, None).ok().stdout;
+        // Help wraps lines anywhere, "[env:" and its name included.
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        for part in help.split("[env: ").skip(1) {
+            let var = part.split(['=', ']']).next().unwrap().to_owned();
+            // The connection settings every command shares are the CLI's.
+            let client_side = [
+                "SECRETFS_SERVER",
+                "SECRETFS_CA",
+                "SECRETFS_CERT",
+                "SECRETFS_KEY",
+                "SECRETFS_TIMEOUT",
+            ];
+            if client_side.contains(&var.as_str()) {
+                continue;
+            }
+            assert!(
+                unit.contains(&format!("#   {var}=")),
+                "the server unit does not document {var} (from `server {sub} --help`)"
+            );
+            seen.push(var);
+        }
+    }
+    for var in [
+        "SECRETFS_STATE_DIR",
+        "SECRETFS_SAN",
+        "SECRETFS_MAX_CONNECTIONS",
+    ] {
+        assert!(
+            seen.iter().any(|v| v == var),
+            "{var} not in the help: {seen:?}"
+        );
+    }
+}
