@@ -130,6 +130,10 @@ pub enum FileError {
     NotYetValid { path: PathBuf, not_before: String },
     #[error("the certificate {} (given by --cert/SECRETFS_CERT) is not for client authentication: its extended key usage lacks clientAuth (is it a server certificate?)", .path.display())]
     NoClientAuth { path: PathBuf },
+    #[error("the certificate {} (given by --cert/SECRETFS_CERT) is a CA certificate, not a client's", .path.display())]
+    CaAsClient { path: PathBuf },
+    #[error("the CA certificate {} (given by --ca/SECRETFS_CA) holds no CA certificate: {subject} is a client's or a server's certificate", .path.display())]
+    NotACa { path: PathBuf, subject: String },
 }
 
 impl FileError {
@@ -172,6 +176,10 @@ impl FileError {
             FileError::NoClientAuth { .. } => {
                 "give a client certificate (NAME.pem from `secretfs client add`, admin.pem for the first admin), not server.pem".to_owned()
             }
+            FileError::CaAsClient { .. } => {
+                "give the client certificate as --cert (NAME.pem from `secretfs client add`, admin.pem for the first admin); ca.pem goes to --ca".to_owned()
+            }
+            FileError::NotACa { .. } => Role::Ca.pointer().to_owned(),
         }
     }
 
@@ -186,7 +194,9 @@ impl FileError {
             | FileError::UnusableKey { path, .. }
             | FileError::Expired { path, .. }
             | FileError::NotYetValid { path, .. }
-            | FileError::NoClientAuth { path } => path,
+            | FileError::NoClientAuth { path }
+            | FileError::CaAsClient { path }
+            | FileError::NotACa { path, .. } => path,
             FileError::KeyMismatch { key, .. } => key,
         }
     }
@@ -263,6 +273,12 @@ pub fn check_client_files(
     let cert = sections(files.cert, Role::Cert)?;
     let key = sections(files.key, Role::Key)?;
     let roots = certificates(&ca, files.ca.path, Role::Ca)?;
+    if let Some(subject) = no_ca_among(&roots) {
+        return Err(FileError::NotACa {
+            path: files.ca.path.to_path_buf(),
+            subject,
+        });
+    }
     let chain = certificates(&cert, files.cert.path, Role::Cert)?;
     let key = private_key(&key, files.key.path)?;
     let leaf = &chain[0];
@@ -305,6 +321,11 @@ pub fn check_client_files(
         return Err(FileError::NotYetValid {
             path: files.cert.path.to_path_buf(),
             not_before: rfc3339(validity.not_before.timestamp()),
+        });
+    }
+    if parsed.is_ca() {
+        return Err(FileError::CaAsClient {
+            path: files.cert.path.to_path_buf(),
         });
     }
     // No extension means any usage; present, it must allow client auth.
@@ -420,6 +441,30 @@ fn private_key(sections: &[Section], path: &Path) -> Result<PrivateKeyDer<'stati
     })
 }
 
+/// When every certificate of a CA bundle is plainly an end entity's
+/// (basicConstraints CA:false, or none but an extended key usage, as
+/// client and server certificates have), the first one's subject. A
+/// certificate without either could be an old v1 root: given the benefit
+/// of the doubt.
+fn no_ca_among(roots: &[CertificateDer<'static>]) -> Option<String> {
+    let mut first = None;
+    for der in roots {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+            return None;
+        };
+        let end_entity = match cert.basic_constraints() {
+            Ok(Some(bc)) => !bc.value.ca,
+            Ok(None) => matches!(cert.extended_key_usage(), Ok(Some(_))),
+            Err(_) => false,
+        };
+        if !end_entity {
+            return None;
+        }
+        first.get_or_insert_with(|| cert.subject().to_string());
+    }
+    first
+}
+
 /// Whether the client certificate chains to one of `roots`, as a server
 /// trusting those roots would check it. Only "not signed by these CAs"
 /// counts as no: anything else a handshake would find on its own.
@@ -487,6 +532,9 @@ mod tests {
     fn leaf(pki: &Pki, usage: ExtendedKeyUsagePurpose, from: i64, to: i64) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec!["app".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "app");
         params.extended_key_usages = vec![usage];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now + time::Duration::days(from);
@@ -576,6 +624,14 @@ mod tests {
             "{err}"
         );
         assert!(err.hint().contains("--csr"), "{}", err.hint());
+
+        // A client's certificate as --ca, the CA's as --cert.
+        let err = check(&cert, &cert, &key).unwrap_err();
+        assert!(matches!(err, FileError::NotACa { .. }), "{err}");
+        assert!(err.to_string().contains("CN=app"), "{err}");
+        let (ca_cert, ca_key) = (pki.ca_pem.clone(), pki.issuer.key().serialize_pem());
+        let err = check(&pki.ca_pem, &ca_cert, &ca_key).unwrap_err();
+        assert!(matches!(err, FileError::CaAsClient { .. }), "{err}");
 
         let err = check(&pki.ca_pem, &cert, "  \n").unwrap_err();
         assert!(

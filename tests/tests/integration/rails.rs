@@ -302,6 +302,7 @@ fn mistakes_in_the_clients_own_files_are_named_before_connecting() {
         )
         .fails(1, "keep keys out of --ca");
     with(&ca, &key, &cert).fails(1, "were --cert and --key swapped?");
+    with(&cert, &cert, &key).fails(1, "holds no CA certificate: CN=admin is a client's");
     let csr = dir.join("app.csr");
     let csr_pem = rcgen::CertificateParams::new(vec!["app".to_owned()])
         .unwrap()
