@@ -431,3 +431,76 @@ fn the_server_unit_documents_every_server_variable() {
         );
     }
 }
+
+/// Killed when dropped, so a failed assertion leaves no server running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `server init` and `server run` configured through the environment
+/// alone, as the systemd unit does it.
+#[test]
+fn the_server_takes_every_setting_from_the_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let mut init = Command::new(bin());
+    init.args(["server", "init"])
+        .env("SECRETFS_STATE_DIR", &state)
+        .env("SECRETFS_TRUST_DOMAIN", "example.org")
+        .env("SECRETFS_SAN", "secrets.internal,127.0.0.1")
+        .env("SECRETFS_ADVERTISE", "secrets.internal:7443");
+    let r = run_cmd(init, None).ok();
+    assert!(
+        r.stdout
+            .contains("export SECRETFS_SERVER=https://secrets.internal:7443"),
+        "{}",
+        r.stdout
+    );
+    let pem = std::fs::read(state.join("server.pem")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let sans = format!(
+        "{:?}",
+        cert.subject_alternative_name().unwrap().unwrap().value
+    );
+    assert!(
+        sans.contains("secrets.internal") && sans.contains("[127, 0, 0, 1]"),
+        "{sans}"
+    );
+
+    let address_file = tmp.path().join("address.json");
+    let server = Command::new(bin())
+        .args(["server", "run"])
+        .env("SECRETFS_STATE_DIR", &state)
+        .env("SECRETFS_LISTEN", "127.0.0.1:0")
+        .env("SECRETFS_ADDRESS_FILE", &address_file)
+        .env("SECRETFS_MAX_SECRET_SIZE", "1000")
+        .env("SECRETFS_MAX_CONNECTIONS", "50")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Killed(server);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            address_file.exists() || matches!(server.0.try_wait(), Ok(Some(_)))
+        }),
+        "the server neither started nor stopped"
+    );
+    let text = std::fs::read_to_string(&address_file).expect("the server started");
+    let addr: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut add = Command::new(bin());
+    add.env_clear()
+        .env("SECRETFS_SERVER", addr["addr"].as_str().unwrap())
+        .env("SECRETFS_CA", state.join("ca.pem"))
+        .env("SECRETFS_CERT", state.join("admin.pem"))
+        .env("SECRETFS_KEY", state.join("admin.key"))
+        .args(["secret", "add", "big"]);
+    run_cmd(add, Some(&[b'x'; 2000])).fails(1, "over the limit of 1000 bytes");
+}
