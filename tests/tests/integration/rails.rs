@@ -378,8 +378,18 @@ fn private_keys_others_can_read_are_warned_about() {
 #[test]
 fn zero_days_and_zero_limit_are_refused_with_the_range() {
     let s = TestServer::start();
-    s.cli(&["client", "add", "x", "--days", "0"])
-        .fails(2, "1..=3650");
+    let out = s.tmp.path().join("x");
+    s.cli(&[
+        "client",
+        "add",
+        "x",
+        "--days",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .fails(2, "1..=3650");
+    assert!(!out.exists(), "nothing written");
     s.cli(&["audit", "--limit", "0"]).fails(2, "1..=100000");
     s.cli(&["client", "describe", "x"]).fails(1, "not found");
 }
