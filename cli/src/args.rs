@@ -60,7 +60,15 @@ pub struct ConnArgs {
     /// This identity's private key (PEM).
     #[arg(long, global = true, env = "SECRETFS_KEY")]
     pub key: Option<PathBuf>,
+    /// Give up on an unanswering server after this long: connecting, and
+    /// each call (a mount's and a follow's open stream are not cut off).
+    #[arg(long, global = true, env = "SECRETFS_TIMEOUT", default_value = "10s",
+          value_parser = parse_timeout, value_name = "DURATION")]
+    pub timeout: Duration,
 }
+
+/// `--timeout`'s default.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `mount` apart from the rest: it alone drops privileges before the
 /// async runtime starts (see `commands::prepare`), so the rest is a type
@@ -93,11 +101,17 @@ pub enum OtherCommand {
     #[command(subcommand)]
     Group(GroupCmd),
     /// Which secrets a client can read, and through which groups.
-    Access { client: String },
+    Access {
+        /// The client's name.
+        client: String,
+    },
     /// Who the server sees this identity as, and what it may read.
     Whoami,
     /// Print a secret's content to stdout, read as this identity.
-    Read { name: String },
+    Read {
+        /// The secret's name (e.g. db/password).
+        name: String,
+    },
     /// Show the audit log.
     Audit(AuditArgs),
 }
@@ -133,8 +147,8 @@ pub struct AdminCertArgs {
     /// The admin client to issue for (created, with the admin role, if missing).
     #[arg(long, default_value = "admin")]
     pub name: String,
-    /// Certificate lifetime in days (default 365, at most 3650).
-    #[arg(long)]
+    /// Certificate lifetime in days, 1 to 3650 (default 365).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub days: Option<u32>,
 }
 
@@ -150,30 +164,37 @@ pub struct ReissueCertArgs {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
+    /// The state directory to create (new or empty); `server run` takes the same.
     #[arg(long, env = "SECRETFS_STATE_DIR")]
     pub state_dir: PathBuf,
     /// SPIFFE trust domain of the client identities.
-    #[arg(long, default_value = "secretfs.local")]
+    #[arg(long, default_value = "secretfs.local", env = "SECRETFS_TRUST_DOMAIN")]
     pub trust_domain: String,
-    /// DNS name or IP address for the server certificate (repeatable; default localhost, 127.0.0.1, ::1).
-    #[arg(long = "san")]
+    /// DNS name or IP address for the server certificate (repeatable, or
+    /// comma-separated in the variable; default localhost, 127.0.0.1, ::1).
+    #[arg(long = "san", env = "SECRETFS_SAN", value_delimiter = ',')]
     pub sans: Vec<String>,
     /// The address the printed SECRETFS_SERVER line points at.
-    #[arg(long, default_value = "127.0.0.1:7443")]
+    #[arg(long, default_value = "127.0.0.1:7443", env = "SECRETFS_ADVERTISE")]
     pub advertise: String,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// The state directory `server init` made; one server at a time uses it
+    /// (it holds the lock file DIR/lock while it runs).
     #[arg(long, env = "SECRETFS_STATE_DIR")]
     pub state_dir: PathBuf,
+    /// Address to serve mutual-TLS gRPC on, HOST:PORT (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:7443", env = "SECRETFS_LISTEN")]
     pub listen: SocketAddr,
     /// Largest secret accepted, in bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
+    #[arg(long, default_value_t = 1024 * 1024, env = "SECRETFS_MAX_SECRET_SIZE",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_secret_size: usize,
-    /// Also accept client certificates from this CA bundle (bring your own PKI; repeatable).
-    #[arg(long)]
+    /// Also accept client certificates from this CA bundle (bring your own
+    /// PKI; repeatable, or comma-separated in the variable).
+    #[arg(long, env = "SECRETFS_CLIENT_CA", value_delimiter = ',')]
     pub client_ca: Vec<PathBuf>,
     /// Also serve the standard gRPC health service, and nothing else, in
     /// plain text on this address (for Kubernetes gRPC probes, which speak
@@ -183,12 +204,12 @@ pub struct RunArgs {
     /// Open client connections at most (default: what the file descriptor
     /// limit allows). At the cap, the oldest connection still in its TLS
     /// handshake is dropped for the newcomer.
-    #[arg(long)]
+    #[arg(long, env = "SECRETFS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Once listening, write the bound addresses as JSON to this file,
     /// {"addr":"HOST:PORT","health_addr":"HOST:PORT"|null} (for scripts and
     /// supervisors that start the server on port 0). Replaced atomically.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", env = "SECRETFS_ADDRESS_FILE")]
     pub address_file: Option<PathBuf>,
 }
 
@@ -234,6 +255,7 @@ pub struct DevArgs {
     /// State, certificates and the mount live here (reused when it exists).
     #[arg(long, default_value = "secretfs-dev")]
     pub dir: PathBuf,
+    /// Address the dev server listens on.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
     /// Do not mount (for machines without FUSE).
@@ -247,7 +269,9 @@ pub enum SecretCmd {
     Add(SecretAddArgs),
     /// Add a new version; content from stdin or --from-file.
     Rotate {
+        /// The secret's name.
         name: String,
+        /// Read the content from this file instead of stdin.
         #[arg(long)]
         from_file: Option<PathBuf>,
         /// Accept empty content.
@@ -271,21 +295,37 @@ pub enum SecretCmd {
     /// List all secrets (metadata only).
     List,
     /// Show one secret's metadata.
-    Describe { name: String },
+    Describe {
+        /// The secret's name.
+        name: String,
+    },
     /// List a secret's versions.
-    Versions { name: String },
+    Versions {
+        /// The secret's name.
+        name: String,
+    },
     /// Make an earlier version current again.
     Rollback {
+        /// The secret's name.
         name: String,
+        /// The version to make current (`secret versions NAME` lists them).
         #[arg(long)]
         to: u64,
     },
     /// Delete a secret and all its versions; it leaves every mount.
-    Delete { name: String },
+    /// On a terminal, asks first.
+    Delete {
+        /// The secret's name.
+        name: String,
+        /// Do not ask for confirmation (for scripts; without a terminal on stdin nothing is asked anyway).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct SecretAddArgs {
+    /// The secret's name: segments of A-Z a-z 0-9 . _ - joined by / (a segment becomes a directory in the mount).
     pub name: String,
     /// Read the content from this file instead of stdin.
     #[arg(long)]
@@ -302,6 +342,7 @@ pub struct SecretAddArgs {
     /// Group gid of the mounted file.
     #[arg(long)]
     pub group: Option<u32>,
+    /// A description for operators (stored as plain text).
     #[arg(long, default_value = "")]
     pub description: String,
     /// KEY=VALUE (repeatable).
@@ -357,9 +398,18 @@ pub enum ClientCmd {
     /// List clients.
     List,
     /// Show one client.
-    Describe { name: String },
-    /// Remove a client; it is locked out at once.
-    Remove { name: String },
+    Describe {
+        /// The client's name.
+        name: String,
+    },
+    /// Remove a client; it is locked out at once. On a terminal, asks first.
+    Remove {
+        /// The client's name.
+        name: String,
+        /// Do not ask for confirmation (for scripts; without a terminal on stdin nothing is asked anyway).
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Issue a new certificate: without NAME for this identity (a new key is
     /// made here and never sent; the files given by --cert/--key are replaced
     /// in place), with NAME an admin issues one for that client. Same
@@ -374,8 +424,8 @@ pub struct ClientRenewArgs {
     /// Sign this CSR (PEM) instead of making a key here (no key is written).
     #[arg(long)]
     pub csr: Option<PathBuf>,
-    /// Certificate lifetime in days (default 365, at most 3650).
-    #[arg(long)]
+    /// Certificate lifetime in days, 1 to 3650 (default 365).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub days: Option<u32>,
     /// Write NAME.pem, NAME.key and ca.pem here (replaced atomically).
     /// Default: for this identity without --csr, the files of --cert and
@@ -386,6 +436,7 @@ pub struct ClientRenewArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientAddArgs {
+    /// The client's name (letters, digits, '.', '_', '-').
     pub name: String,
     /// Where to write NAME.pem, NAME.key and ca.pem.
     #[arg(long, default_value = ".")]
@@ -393,8 +444,8 @@ pub struct ClientAddArgs {
     /// Give the client the admin role.
     #[arg(long)]
     pub admin: bool,
-    /// Certificate lifetime in days (default 365).
-    #[arg(long)]
+    /// Certificate lifetime in days, 1 to 3650 (default 365).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub days: Option<u32>,
     /// Sign this CSR (PEM) instead of making a key here.
     #[arg(long, conflicts_with = "external")]
@@ -408,32 +459,48 @@ pub struct ClientAddArgs {
 pub enum GroupCmd {
     /// Create a group.
     Add {
+        /// The group's name.
         name: String,
+        /// A description for operators (stored as plain text).
         #[arg(long, default_value = "")]
         description: String,
     },
     /// List groups with their clients and secrets.
     List,
-    /// Remove a group (its grants go with it).
+    /// Remove a group (its grants go with it). On a terminal, asks first.
     Remove {
+        /// The group's name.
         name: String,
+        /// Do not ask for confirmation (for scripts; without a terminal on stdin nothing is asked anyway).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Let a client read the group's secrets.
     AddClient {
+        /// The group's name.
         group: String,
+        /// The client's name.
         client: String,
     },
+    /// Take a client out of the group; it loses the group's secrets.
     RemoveClient {
+        /// The group's name.
         group: String,
+        /// The client's name.
         client: String,
     },
     /// Grant the group's clients a secret.
     AddSecret {
+        /// The group's name.
         group: String,
+        /// The secret's name.
         secret: String,
     },
+    /// Take a secret out of the group; its clients lose it (unless another group grants it).
     RemoveSecret {
+        /// The group's name.
         group: String,
+        /// The secret's name.
         secret: String,
     },
 }
@@ -449,8 +516,8 @@ pub struct AuditArgs {
     /// From this time: RFC 3339, or a duration ago (e.g. 1h, 30m).
     #[arg(long, value_parser = parse_since)]
     pub since: Option<i64>,
-    /// At most this many (newest) events.
-    #[arg(long, default_value_t = 1000)]
+    /// At most this many (newest) events, 1 to 100000.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub limit: u32,
     /// Only this action (e.g. secret.read), or a family (secret.*).
     #[arg(long)]
@@ -477,6 +544,16 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
         return Err(format!("{s}: give permission bits only, 0 to 0777"));
     }
     Ok(mode)
+}
+
+/// A duration over zero: a zero timeout would fail every call.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "{s:?} would fail every call at once; give the longest wait that is acceptable, e.g. 10s"
+        )),
+        d => Ok(d),
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -557,5 +634,93 @@ mod tests {
     fn cli_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Every flag and positional of every command, by its path
+    /// (`secretfs secret delete --yes`), with what `f` says of it.
+    fn every_arg(f: impl Fn(&clap::Arg) -> bool) -> Vec<String> {
+        fn walk(
+            cmd: &clap::Command,
+            path: &str,
+            f: &dyn Fn(&clap::Arg) -> bool,
+            out: &mut Vec<String>,
+        ) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                // clap's own --help and --version.
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if !f(arg) {
+                    out.push(format!("{path} <{id}>"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), f, out);
+            }
+        }
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        walk(&cmd, "secretfs", &f, &mut out);
+        out
+    }
+
+    #[test]
+    fn every_flag_and_positional_has_help() {
+        let missing = every_arg(|a| a.get_help().is_some() || a.get_long_help().is_some());
+        assert!(
+            missing.is_empty(),
+            "arguments without help text: {missing:#?}"
+        );
+    }
+
+    /// The systemd unit sets the server's settings through the
+    /// environment: every `server init`/`server run` flag has a
+    /// `SECRETFS_*` form.
+    #[test]
+    fn every_server_flag_has_an_environment_form() {
+        let missing = every_arg(|a| {
+            a.is_global_set()
+                || a.get_env()
+                    .is_some_and(|e| e.to_string_lossy().starts_with("SECRETFS_"))
+        });
+        let missing: Vec<_> = missing
+            .into_iter()
+            .filter(|p| p.starts_with("secretfs server "))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "server flags without SECRETFS_*: {missing:#?}"
+        );
+    }
+
+    #[test]
+    fn zero_is_refused_where_it_would_mean_nothing_or_forever() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(args)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let err = parse(&["secretfs", "client", "add", "x", "--days", "0"]).unwrap_err();
+        assert!(err.contains("1..=3650"), "{err}");
+        parse(&["secretfs", "client", "add", "x", "--days", "1"]).unwrap();
+        let err = parse(&["secretfs", "audit", "--limit", "0"]).unwrap_err();
+        assert!(err.contains("1..=100000"), "{err}");
+        let err = parse(&["secretfs", "--timeout", "0s", "whoami"]).unwrap_err();
+        assert!(err.contains("every call"), "{err}");
+        let err = parse(&[
+            "secretfs",
+            "server",
+            "run",
+            "--state-dir",
+            "d",
+            "--max-secret-size",
+            "0",
+        ])
+        .unwrap_err();
+        assert!(err.contains("--max-secret-size"), "{err}");
     }
 }

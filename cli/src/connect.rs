@@ -1,9 +1,14 @@
-//! Connection settings (flags or `SECRETFS_*`) into clients.
+//! Connection settings (flags or `SECRETFS_*`) into clients: the files
+//! are read and checked here, before anything goes over the network, and
+//! every connection and call is bounded by `--timeout`.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
+use secretfs_proto::channel::{ChannelError, ConnectFailure};
+use secretfs_proto::credentials::{self, ClientFiles, FileContents};
 use secretfs_proto::v1::admin_client::AdminClient;
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::ConnectConfig;
@@ -14,6 +19,10 @@ use crate::fail::UsageError;
 
 /// Replies can carry many secrets at once (a mount's first sync).
 const MAX_REPLY: usize = 256 * 1024 * 1024;
+
+/// The server and `--timeout` of this process's connection, for the
+/// message when a call runs out of time (`fail` reads it).
+static BOUND: OnceLock<(String, Duration)> = OnceLock::new();
 
 fn need<'a, T>(value: &'a Option<T>, flag: &str, env: &str) -> Result<&'a T> {
     value.as_ref().ok_or_else(|| {
@@ -33,6 +42,8 @@ fn read_file(path: &Path, what: &str, flag: &str) -> Result<Vec<u8>> {
     })
 }
 
+/// Reads and checks the CA, certificate and key (the CLI's and the
+/// mount's), so a wrong file is named before connecting.
 pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
     let server = need(&args.server, "--server", "SECRETFS_SERVER")?;
     let ca: &PathBuf = need(&args.ca, "--ca", "SECRETFS_CA")?;
@@ -40,13 +51,36 @@ pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
     let key: &PathBuf = need(&args.key, "--key", "SECRETFS_KEY")?;
     let cert_pem = read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?;
     warn_if_expiring(cert, &cert_pem);
-    Ok(ConnectConfig {
+    let config = ConnectConfig {
         server: server.clone(),
         ca_pem: read_file(ca, "CA certificate", "--ca/SECRETFS_CA")?,
         cert_pem,
         key_pem: zeroize::Zeroizing::new(read_file(key, "client key", "--key/SECRETFS_KEY")?),
-        connect_timeout: Duration::from_secs(10),
-    })
+        connect_timeout: args.timeout,
+    };
+    if let Some(warning) = credentials::key_permissions(key) {
+        tracing::warn!("{warning}");
+    }
+    let files = ClientFiles {
+        ca: FileContents {
+            path: ca,
+            pem: &config.ca_pem,
+        },
+        cert: FileContents {
+            path: cert,
+            pem: &config.cert_pem,
+        },
+        key: FileContents {
+            path: key,
+            pem: &config.key_pem,
+        },
+    };
+    let warnings = credentials::check_client_files(&files, SystemTime::now())
+        .map_err(|e| anyhow::anyhow!(e.explain()))?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
 }
 
 /// Says on stderr when the certificate in use expires within 30 days, so
@@ -78,9 +112,37 @@ fn warn_if_expiring(path: &Path, pem: &[u8]) {
     }
 }
 
+/// Why a call or connection ran out of time, naming the bound and the fix;
+/// `None` before any connection was configured.
+pub fn timed_out(detail: Option<&str>) -> Option<String> {
+    let (server, limit) = BOUND.get()?;
+    Some(format!(
+        "no answer from {server} within {} (--timeout/SECRETFS_TIMEOUT){}: the server may be stopped, stuck or \
+         overloaded, or unreachable; check that `secretfs server run` is up and answering at that address, \
+         or allow longer with --timeout DURATION",
+        humantime::format_duration(*limit),
+        detail.map(|d| format!(" ({d})")).unwrap_or_default()
+    ))
+}
+
+/// Connects within `--timeout`; each call on the channel is bounded by it
+/// too (until the server begins its answer, so a stream may stay open).
 pub async fn channel(args: &ConnArgs) -> Result<Channel> {
     let config = config(args)?;
-    Ok(secretfs_proto::connect(&config).await?)
+    let limit = args.timeout;
+    let _ = BOUND.set((config.server.clone(), limit));
+    let attempt = secretfs_proto::connect_with_call_timeout(&config, limit);
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(ChannelError::Connect {
+            failure: ConnectFailure::Timeout,
+            ..
+        }))
+        | Err(_) => Err(anyhow::anyhow!(
+            timed_out(None).unwrap_or_else(|| "timed out".into())
+        )),
+        Ok(Err(e)) => Err(e.into()),
+    }
 }
 
 pub async fn admin(args: &ConnArgs) -> Result<AdminClient<Channel>> {

@@ -62,6 +62,8 @@ pub fn explain_status(status: &tonic::Status) -> String {
                     .unwrap_or_default()
             );
             match ConnectFailure::classify(status) {
+                ConnectFailure::Timeout => crate::connect::timed_out(Some(&detail))
+                    .unwrap_or_else(|| ConnectFailure::Timeout.explain(&detail)),
                 ConnectFailure::Other if status.code() == Code::Unavailable => {
                     format!("the server is unavailable ({detail}); is `secretfs server run` up at the address in SECRETFS_SERVER?")
                 }

@@ -2,7 +2,9 @@
 //! operator commands and the one-command dev setup.
 //!
 //! - `args`: the clap definitions (the whole command surface in one place).
-//! - `connect`: connection settings from flags/`SECRETFS_*` into a channel.
+//! - `connect`: connection settings from flags/`SECRETFS_*` into a channel;
+//!   the client's files are checked first, every call is bounded by `--timeout`.
+//! - `confirm`: asking on a terminal before a removal (`--yes` skips it).
 //! - `output`: text tables and `--output json`.
 //! - `input`: reading secret content from stdin or a file, never argv.
 //! - `fail`: turning errors into messages that say what to do, and exit codes.
@@ -12,6 +14,7 @@
 
 mod args;
 mod commands;
+mod confirm;
 mod connect;
 mod fail;
 mod input;

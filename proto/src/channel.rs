@@ -68,9 +68,13 @@ pub fn server_url(server: &str) -> Result<String, ChannelError> {
 
 fn endpoint(config: &ConnectConfig) -> Result<Endpoint, ChannelError> {
     let url = server_url(&config.server)?;
+    // The TCP connect timeout alone lets a server that accepts but never
+    // answers (stopped, overloaded) hold a client in the TLS handshake
+    // forever: bound that too.
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&config.ca_pem))
-        .identity(Identity::from_pem(&config.cert_pem, &config.key_pem));
+        .identity(Identity::from_pem(&config.cert_pem, &config.key_pem))
+        .timeout(config.connect_timeout);
     Endpoint::from_shared(url)
         .map_err(|_| ChannelError::BadAddress(config.server.clone()))?
         .tls_config(tls)
@@ -87,7 +91,21 @@ fn endpoint(config: &ConnectConfig) -> Result<Endpoint, ChannelError> {
 /// Connects now, so a bad address, CA or certificate shows up here with a
 /// clear message rather than on the first call.
 pub async fn connect(config: &ConnectConfig) -> Result<Channel, ChannelError> {
-    let ep = endpoint(config)?;
+    connect_endpoint(config, endpoint(config)?).await
+}
+
+/// As [`connect`], and every call on the channel fails with a timeout
+/// (`Cancelled`, classified [`ConnectFailure::Timeout`]) when the server
+/// has not begun its answer within `call_timeout`. A stream's messages
+/// after the first answer are not bounded: a Watch may stay open.
+pub async fn connect_with_call_timeout(
+    config: &ConnectConfig,
+    call_timeout: Duration,
+) -> Result<Channel, ChannelError> {
+    connect_endpoint(config, endpoint(config)?.timeout(call_timeout)).await
+}
+
+async fn connect_endpoint(config: &ConnectConfig, ep: Endpoint) -> Result<Channel, ChannelError> {
     ep.connect().await.map_err(|e| {
         let failure = ConnectFailure::classify(&e);
         ChannelError::Connect {
@@ -244,7 +262,7 @@ impl ConnectFailure {
             "AccessDenied",
         ]) {
             ConnectFailure::BadCertificate
-        } else if lower.contains("timed out") {
+        } else if lower.contains("timed out") || lower.contains("handshake timeout") {
             ConnectFailure::Timeout
         } else if lower.contains("parsing tls certificate") || lower.contains("private key") {
             ConnectFailure::ClientFiles
@@ -284,7 +302,10 @@ impl ConnectFailure {
                 "the server refused the client certificate: check that --cert/--key (SECRETFS_CERT/SECRETFS_KEY) \
                  name a certificate issued by this server's CA"
             }
-            ConnectFailure::Timeout => "no answer in time; check the address and any firewall",
+            ConnectFailure::Timeout => {
+                "no answer in time: the server may be stopped, stuck or overloaded, or a firewall drops the packets; \
+                 check that `secretfs server run` is up and answering at that address"
+            }
             ConnectFailure::ClientFiles => {
                 "the client certificate or key could not be read, or they do not match; check --cert/--key"
             }
@@ -428,6 +449,38 @@ mod tests {
             rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired).to_string(),
         ));
         assert_eq!(classify(&flat), ConnectFailure::CertificateRequired);
+    }
+
+    /// A server that accepts the TCP connection but never answers (a
+    /// stopped process: the kernel still completes the TCP handshake) is
+    /// a timeout, not a hang.
+    #[tokio::test]
+    async fn a_server_that_never_answers_the_tls_handshake_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = ConnectConfig {
+            server: format!("https://{}", listener.local_addr().unwrap()),
+            ca_pem: cert.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem().into_bytes()),
+            connect_timeout: Duration::from_millis(300),
+        };
+        let attempt = connect_with_call_timeout(&config, Duration::from_millis(300));
+        match tokio::time::timeout(Duration::from_secs(60), attempt).await {
+            Ok(Err(ChannelError::Connect {
+                failure, reason, ..
+            })) => {
+                assert_eq!(failure, ConnectFailure::Timeout, "{reason}");
+                assert!(reason.contains("server run"), "{reason}");
+            }
+            Ok(other) => panic!("expected a timeout, got {other:?}"),
+            Err(_) => panic!("connecting hung on a server that never answers"),
+        }
+        drop(listener);
     }
 
     /// The whole path: tonic's error for a port nobody listens on.

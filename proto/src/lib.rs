@@ -6,11 +6,14 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled proto, for server reflection.
 //! - [`channel`]: a mutual-TLS [`tonic::transport::Channel`] from PEM files,
 //!   shared by the CLI and the mount so both connect the same way.
+//! - [`credentials`]: checks of the client's own CA, certificate and key
+//!   files before connecting, naming the file at fault and the fix.
 
 #![forbid(unsafe_code)]
 
 pub mod channel;
 pub mod codec;
+pub mod credentials;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -18,7 +21,7 @@ pub mod v1 {
     tonic::include_proto!("secretfs.v1");
 }
 
-pub use channel::{connect, connect_lazy, ChannelError, ConnectConfig};
+pub use channel::{connect, connect_lazy, connect_with_call_timeout, ChannelError, ConnectConfig};
 
 /// `secretfs.proto` compiled (a `FileDescriptorSet`), for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -21,6 +21,7 @@
 //! Around them:
 //! - [`state_dir`]: what `server init` creates (master key, CA, certificates,
 //!   database) and the checks `server run` makes on it.
+//! - `state_lock`: one `server run` at a time per state directory.
 //! - [`server`]: binding, TLS and serving ([`Server`]).
 //! - `tls`: the TLS 1.3 mutual-TLS listener that reads each client's identity.
 //! - `cert_reload`: the server's certificate, taken up again when
@@ -56,6 +57,7 @@ mod report_budget;
 pub mod server;
 mod service;
 pub mod state_dir;
+mod state_lock;
 pub mod store;
 mod tls;
 

@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::pki::Ca;
 use crate::service::{AdminService, SecretsService};
 use crate::state_dir::{load_master_key, verify_master_key, StateDir, META_TRUST_DOMAIN};
+use crate::state_lock::StateLock;
 use crate::store::{SqliteStore, Store};
 use crate::tls;
 
@@ -65,6 +66,8 @@ pub struct Server {
     server_cert: Arc<ReloadingCert>,
     ca_not_after: i64,
     state_dir: PathBuf,
+    /// Held until the server is dropped or `serve` returns.
+    _state_lock: StateLock,
 }
 
 /// What to say about a certificate expiring at `not_after`, seen at `now`:
@@ -190,7 +193,14 @@ impl Server {
                 dir.path.display()
             )));
         }
+        // Before anything is read: a second server must not get further.
+        let state_lock = StateLock::acquire(&dir)?;
         crate::harden::protect_process();
+        for key in [dir.ca_key(), dir.server_key(), dir.admin_key()] {
+            if let Some(warning) = secretfs_proto::credentials::key_permissions(&key) {
+                tracing::warn!("{warning}");
+            }
+        }
         let master = load_master_key(&dir.master_key())?;
         let db = dir.database();
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db, false))
@@ -260,6 +270,7 @@ impl Server {
             server_cert,
             ca_not_after: crate::pki::cert_not_after(&ca_cert).unwrap_or(0),
             state_dir: opts.state_dir.clone(),
+            _state_lock: state_lock,
         })
     }
 

@@ -8,6 +8,7 @@
 //!   server.pem, server.key (0600)
 //!   admin.pem, admin.key (0600)   the first admin's client identity
 //!   secretfs.db (+ -wal, -shm)    SQLite: sealed secrets, clients, groups, audit
+//!   lock          0600  locked by the running server, holds its pid (made by `server run`)
 //! ```
 
 use std::fs;
@@ -58,6 +59,10 @@ impl StateDir {
     }
     pub fn database(&self) -> PathBuf {
         self.path.join("secretfs.db")
+    }
+    /// Held by the running server (see `state_lock`).
+    pub fn lock_file(&self) -> PathBuf {
+        self.path.join("lock")
     }
 }
 
@@ -124,6 +129,7 @@ pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
     check_trust_domain(&opts.trust_domain)?;
     check_entity_name("client", &opts.admin_name)?;
     let target = &opts.state_dir;
+    crate::state_lock::StateLock::check_unlocked(&StateDir::new(target))?;
     if let Ok(mut entries) = fs::read_dir(target) {
         if entries.next().is_some() {
             return Err(Error::Config(format!(

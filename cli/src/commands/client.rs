@@ -10,9 +10,9 @@ use secretfs_server::state_dir::{replace_file, write_new};
 use serde_json::{json, Value};
 
 use crate::args::{ClientAddArgs, ClientCmd, ClientRenewArgs, ConnArgs, Format};
-use crate::connect;
 use crate::fail::UsageError;
 use crate::output::{print, time, Table};
+use crate::{confirm, connect};
 
 fn client_json(c: &v1::ClientInfo) -> Value {
     json!({
@@ -185,8 +185,20 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
             print(format, &client_json(&c), t);
         }
         ClientCmd::Renew(a) => renew_cmd(conn, a, format).await?,
-        ClientCmd::Remove { name } => {
+        ClientCmd::Remove { name, yes } => {
             let mut client = connect::admin(conn).await?;
+            if confirm::wanted(yes) {
+                let c = client
+                    .describe_client(v1::ClientRef { name: name.clone() })
+                    .await?
+                    .into_inner();
+                confirm::ask(&format!(
+                    "Remove client {name}{}, in {}{}? Its certificate stops working at once.",
+                    if c.admin { " (an admin)" } else { "" },
+                    confirm::count(c.groups.len(), "group"),
+                    confirm::listed(&c.groups),
+                ))?;
+            }
             client
                 .remove_client(v1::ClientRef { name: name.clone() })
                 .await?;

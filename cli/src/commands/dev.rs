@@ -31,6 +31,7 @@ fn conn_for(server: &str, ca: PathBuf, cert: PathBuf, key: PathBuf) -> ConnArgs 
         ca: Some(ca),
         cert: Some(cert),
         key: Some(key),
+        timeout: crate::args::DEFAULT_TIMEOUT,
     }
 }
 

@@ -5,8 +5,8 @@ use secretfs_proto::v1;
 use serde_json::{json, Value};
 
 use crate::args::{ConnArgs, Format, GroupCmd};
-use crate::connect;
 use crate::output::{print, time, Table};
+use crate::{confirm, connect};
 
 fn group_json(g: &v1::GroupInfo) -> Value {
     json!({"name": g.name, "description": g.description, "created_at": time(g.created_at),
@@ -53,7 +53,20 @@ pub async fn run(conn: &ConnArgs, cmd: GroupCmd, format: Format) -> Result<()> {
             }
             print(format, &json, t);
         }
-        GroupCmd::Remove { name } => {
+        GroupCmd::Remove { name, yes } => {
+            if confirm::wanted(yes) {
+                let groups = c.list_groups(v1::Empty {}).await?.into_inner().groups;
+                // Not listed: let the server say "not found" with its hint.
+                if let Some(g) = groups.iter().find(|g| g.name == name) {
+                    confirm::ask(&format!(
+                        "Remove group {name}? Its {}{} lose the {}{} it grants, unless another group grants them.",
+                        confirm::count(g.clients.len(), "client"),
+                        confirm::listed(&g.clients),
+                        confirm::count(g.secrets.len(), "secret"),
+                        confirm::listed(&g.secrets),
+                    ))?;
+                }
+            }
             c.remove_group(v1::GroupRef { name: name.clone() }).await?;
             match format {
                 Format::Json => println!("{}", json!({"removed": name})),

@@ -135,12 +135,19 @@ mod tests {
         });
         let dir = std::env::temp_dir().join(format!("secretfs-prepare-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let file = |name: &str| {
+        let file = |name: &str, text: &str| {
             let path = dir.join(name);
-            std::fs::write(&path, "x").unwrap();
+            std::fs::write(&path, text).unwrap();
             path.to_str().unwrap().to_owned()
         };
-        let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+        // Files that pass the checks made before connecting.
+        let (issuer, _) = secretfs_server::pki::Ca::generate("test.local").unwrap();
+        let issued = issuer.issue_client("test.local", "app", 30).unwrap();
+        let (ca, cert, key) = (
+            file("ca.pem", &issuer.cert_pem),
+            file("cert.pem", &issued.cert_pem),
+            file("key.pem", issued.key_pem.as_deref().unwrap()),
+        );
         let mountpoint = dir.join("mnt");
         let cli = Cli::parse_from([
             "secretfs",

@@ -5,9 +5,9 @@ use secretfs_proto::v1;
 use serde_json::{json, Value};
 
 use crate::args::{ConnArgs, Format, IdOrNone, SecretCmd};
-use crate::connect;
 use crate::input::read_content;
 use crate::output::{print, time, Table};
+use crate::{confirm, connect};
 
 pub fn meta_json(m: &v1::SecretMeta) -> Value {
     json!({
@@ -240,8 +240,29 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
                 .into_inner();
             report_change(format, &m, "rolled back");
         }
-        SecretCmd::Delete { name } => {
+        SecretCmd::Delete { name, yes } => {
             let mut client = connect::admin(conn).await?;
+            if confirm::wanted(yes) {
+                let m = client
+                    .describe_secret(v1::SecretRef { name: name.clone() })
+                    .await?
+                    .into_inner();
+                let groups = client.list_groups(v1::Empty {}).await?.into_inner().groups;
+                let granted: Vec<String> = groups
+                    .into_iter()
+                    .filter(|g| g.secrets.contains(&name))
+                    .map(|g| g.name)
+                    .collect();
+                let groups = if granted.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and the groups that grant it{}", confirm::listed(&granted))
+                };
+                confirm::ask(&format!(
+                    "Delete secret {name} and its {}? It leaves every mount{groups}; no rollback brings it back.",
+                    confirm::count(m.version_count as usize, "version"),
+                ))?;
+            }
             client
                 .delete_secret(v1::SecretRef { name: name.clone() })
                 .await?;
