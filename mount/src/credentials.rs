@@ -60,7 +60,10 @@ impl CredentialWatch {
     /// The files now hold what the mount itself wrote (a renewal): not a
     /// change to react to.
     pub fn written(&mut self, cert_pem: &[u8], key_pem: &[u8]) {
-        self.seen = Some((self.hasher.hash_one(cert_pem), self.hasher.hash_one(key_pem)));
+        self.seen = Some((
+            self.hasher.hash_one(cert_pem),
+            self.hasher.hash_one(key_pem),
+        ));
     }
 
     /// Where the pair lives.

@@ -71,11 +71,11 @@ use tokio::sync::mpsc;
 pub use credentials::CredentialFiles;
 pub use error::MountError;
 pub use notify::Notify;
-pub use tree::Force;
 pub use privileges::{
     drop_privileges, verify_every_thread, Capability, DroppedReport, PrivilegeError, MOUNT_KEEPS,
 };
 pub use static_mount::{StaticMount, StaticSecret};
+pub use tree::Force;
 
 use crate::backoff::Backoff;
 use crate::certificate::{rfc3339, CertInfo};

@@ -52,11 +52,16 @@ impl Notify {
         }
     }
 
-    /// Sends `message` (`KEY=VALUE` lines). Failures are logged: a
-    /// supervisor that went away must not stop the mount.
-    pub fn send(&self, message: &str) {
+    /// Sends `message` (`KEY=VALUE` lines). Failures are logged, never
+    /// fatal: a supervisor that went away (the parent of `--background`
+    /// once the mount was ready) must not stop the mount.
+    fn send(&self, message: &str, important: bool) {
         if let Err(error) = self.try_send(message) {
-            tracing::warn!(%error, "cannot notify the supervisor (NOTIFY_SOCKET)");
+            if important {
+                tracing::warn!(%error, "cannot notify the supervisor (NOTIFY_SOCKET)");
+            } else {
+                tracing::debug!(%error, "cannot notify the supervisor (NOTIFY_SOCKET)");
+            }
         }
     }
 
@@ -75,23 +80,29 @@ impl Notify {
 
     /// `READY=1` with a one-line status.
     pub fn ready(&self, status: &str) {
-        self.send(&format!(
-            "READY=1\nSTATUS={}\nMAINPID={}\n",
-            one_line(status),
-            std::process::id()
-        ));
+        self.send(
+            &format!(
+                "READY=1\nSTATUS={}\nMAINPID={}\n",
+                one_line(status),
+                std::process::id()
+            ),
+            true,
+        );
     }
 
     /// `STOPPING=1`.
     pub fn stopping(&self) {
-        self.send("STOPPING=1\nSTATUS=unmounting\n");
+        self.send("STOPPING=1\nSTATUS=unmounting\n", false);
     }
 
     /// Why the mount is about to exit without having become ready (or
     /// after): systemd shows it in `systemctl status`, `--background`
     /// prints it.
     pub fn failed(&self, reason: &str) {
-        self.send(&format!("STATUS=failed: {}\nERRNO=1\n", one_line(reason)));
+        self.send(
+            &format!("STATUS=failed: {}\nERRNO=1\n", one_line(reason)),
+            true,
+        );
     }
 }
 
@@ -129,7 +140,10 @@ mod tests {
         let mut buf = [0u8; 512];
         let n = rx.recv(&mut buf).unwrap();
         let text = std::str::from_utf8(&buf[..n]).unwrap();
-        assert!(text.starts_with("READY=1\nSTATUS=mounted at /x with 2 secrets\nMAINPID="), "{text}");
+        assert!(
+            text.starts_with("READY=1\nSTATUS=mounted at /x with 2 secrets\nMAINPID="),
+            "{text}"
+        );
 
         use std::os::linux::net::SocketAddrExt;
         let name = format!("secretfs-test-{}", std::process::id());

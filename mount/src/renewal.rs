@@ -162,7 +162,12 @@ fn at(t: SystemTime) -> Instant {
 }
 
 /// Replaces `key` then `cert` (see the module docs for the order).
-pub fn replace_pair(cert: &Path, cert_pem: &[u8], key: &Path, key_pem: &[u8]) -> std::io::Result<()> {
+pub fn replace_pair(
+    cert: &Path,
+    cert_pem: &[u8],
+    key: &Path,
+    key_pem: &[u8],
+) -> std::io::Result<()> {
     // The certificate keeps its mode (it may be shared, 0644); the key is 0600.
     let cert_mode = std::fs::metadata(cert).map_or(0o644, |m| m.permissions().mode() & 0o777);
     replace_file(key, key_pem, 0o600)?;
@@ -219,7 +224,9 @@ mod tests {
     fn a_request_is_a_csr_for_a_new_key_of_the_same_kind() {
         let (_, key) = cert_and_key(30);
         let req = new_request(key.as_bytes(), "web-1").unwrap();
-        assert!(req.csr_pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        assert!(req
+            .csr_pem
+            .starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
         assert_ne!(&req.key_pem[..], key.as_bytes(), "a new key");
         let parsed = rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).unwrap();
         let new_key = rcgen::KeyPair::from_pem(std::str::from_utf8(&req.key_pem).unwrap()).unwrap();
@@ -271,6 +278,10 @@ mod tests {
 
         let gone = dir.path().join("missing/k.key");
         assert!(replace_pair(&cert, b"x", &gone, b"y").is_err());
-        assert_eq!(std::fs::read(&cert).unwrap(), b"new cert", "key first: nothing replaced");
+        assert_eq!(
+            std::fs::read(&cert).unwrap(),
+            b"new cert",
+            "key first: nothing replaced"
+        );
     }
 }

@@ -411,7 +411,9 @@ async fn pause(
 /// when a new certificate is in use: the stream must be reopened with it.
 async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
     if let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
-        tracing::info!("the client certificate or key files changed; reconnecting with the new ones");
+        tracing::info!(
+            "the client certificate or key files changed; reconnecting with the new ones"
+        );
         if use_credentials(live, renewed.cert_pem, renewed.key_pem, events).await {
             return true;
         }
@@ -439,10 +441,12 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
             .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
             .await
             .map_err(|status| match status.code() {
-                Code::Unimplemented => "the server does not offer certificate renewal (it is older \
+                Code::Unimplemented => {
+                    "the server does not offer certificate renewal (it is older \
                                         than this mount): upgrade it, or issue a new certificate \
                                         with `secretfs client renew`"
-                    .to_owned(),
+                        .to_owned()
+                }
                 _ => classify(status).to_string(),
             })?;
         let cert_pem = resp.cert_pem.into_bytes();
@@ -454,7 +458,11 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
     let (cert_pem, key_pem, new) = match attempt.await {
         Ok(r) => r,
         Err(error) => {
-            let retry = live.renewal.as_mut().map(Schedule::failed).unwrap_or_default();
+            let retry = live
+                .renewal
+                .as_mut()
+                .map(Schedule::failed)
+                .unwrap_or_default();
             tracing::warn!(
                 %error,
                 retry_in = %humantime::format_duration(Duration::from_secs(retry.as_secs())),
@@ -494,7 +502,13 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
             "renewed the client certificate (kept in memory: no files given)"
         );
     }
-    use_credentials(live, cert_pem, zeroize::Zeroizing::new(key_pem.to_vec()), events).await
+    use_credentials(
+        live,
+        cert_pem,
+        zeroize::Zeroizing::new(key_pem.to_vec()),
+        events,
+    )
+    .await
 }
 
 /// Rebuilds the channel with a new certificate and key.

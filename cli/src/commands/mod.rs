@@ -1,5 +1,6 @@
 //! One module per command family; `run` dispatches.
 
+mod background;
 mod client;
 mod dev;
 mod group;
@@ -18,6 +19,9 @@ use crate::args::{Cli, Command, ConnArgs, Format, OtherCommand};
 pub enum Ready {
     /// `secretfs mount`: files read, privileges dropped.
     Mount(MountOptions),
+    /// `secretfs mount --background`: start the mount as a child and wait
+    /// for it; this process keeps its privileges and mounts nothing.
+    Background(background::Launch),
     /// Any other command: nothing to do before the runtime.
     Other {
         conn: ConnArgs,
@@ -30,6 +34,9 @@ pub enum Ready {
 /// async runtime starts its own.
 pub fn prepare(cli: Cli) -> Result<Ready> {
     match cli.command {
+        Command::Mount(args) if args.background => {
+            Ok(Ready::Background(background::Launch::new(&args)))
+        }
         Command::Mount(args) => Ok(Ready::Mount(mount::prepare(&cli.conn, args)?)),
         Command::Other(command) => Ok(Ready::Other {
             conn: cli.conn,
@@ -42,6 +49,11 @@ pub fn prepare(cli: Cli) -> Result<Ready> {
 pub async fn run(ready: Ready) -> Result<()> {
     let (conn, format, command) = match ready {
         Ready::Mount(opts) => return mount::run(opts).await,
+        Ready::Background(launch) => {
+            return tokio::task::spawn_blocking(move || launch.run())
+                .await
+                .map_err(|e| anyhow::anyhow!("the background launcher failed: {e}"))?
+        }
         Ready::Other {
             conn,
             output,
