@@ -13,6 +13,7 @@ mod deploy;
 mod dev;
 mod grpc_conventions;
 mod mount;
+mod mount_lifecycle;
 mod review;
 mod server_cli;
 mod sidecar;
