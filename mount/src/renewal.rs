@@ -106,6 +106,7 @@ impl Schedule {
             next_warning: Instant::now(),
         };
         s.reset(info);
+        s.warn_if_expiring(info);
         s
     }
 

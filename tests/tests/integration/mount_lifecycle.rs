@@ -333,7 +333,11 @@ fn the_mount_renews_its_certificate_and_keeps_serving() {
     let pid = m.pid();
     assert_eq!(m.status()["cert_serial"], old_serial);
     // A one-day certificate: the 30-day warning is in the log.
-    assert!(m.log().contains("expires within 30 days"), "{}", m.log());
+    assert!(
+        eventually(LONG, || m.log().contains("expires within 30 days")),
+        "{}",
+        m.log()
+    );
 
     let renewed = eventually(LONG, || {
         m.status()["cert_serial"].as_str() != Some(old_serial.as_str())
