@@ -171,8 +171,22 @@ pub fn replace_pair(
 ) -> std::io::Result<()> {
     // The certificate keeps its mode (it may be shared, 0644); the key is 0600.
     let cert_mode = std::fs::metadata(cert).map_or(0o644, |m| m.permissions().mode() & 0o777);
+    let old_key = Zeroizing::new(std::fs::read(key)?);
     replace_file(key, key_pem, 0o600)?;
-    replace_file(cert, cert_pem, cert_mode)?;
+    if let Err(e) = replace_file(cert, cert_pem, cert_mode) {
+        // The certificate may live elsewhere: put the old key back, so the
+        // files stay a working pair.
+        if let Err(undo) = replace_file(key, &old_key, 0o600) {
+            tracing::error!(
+                key = %key.display(),
+                error = %undo,
+                "cannot put the old key back: the key file no longer matches the certificate \
+                 file; the mount keeps working from memory, but fix the files before a restart \
+                 (secretfs client renew)"
+            );
+        }
+        return Err(e);
+    }
     Ok(())
 }
 
@@ -284,5 +298,10 @@ mod tests {
             b"new cert",
             "key first: nothing replaced"
         );
+
+        // The certificate cannot be written: the old key comes back.
+        let elsewhere = dir.path().join("missing/c.pem");
+        assert!(replace_pair(&elsewhere, b"x", &key, b"newer key").is_err());
+        assert_eq!(std::fs::read(&key).unwrap(), b"new key");
     }
 }

@@ -435,29 +435,42 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
     };
     let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
     let attempt = async {
-        let req = renewal::new_request(&live.connect.key_pem, name)?;
+        let req = renewal::new_request(&live.connect.key_pem, name).map_err(Failure::Retry)?;
         let resp = live
             .source
             .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
             .await
             .map_err(|status| match status.code() {
-                Code::Unimplemented => {
-                    "the server does not offer certificate renewal (it is older \
-                                        than this mount): upgrade it, or issue a new certificate \
-                                        with `secretfs client renew`"
-                        .to_owned()
-                }
-                _ => classify(status).to_string(),
+                Code::Unimplemented => Failure::Retry(
+                    "the server does not offer certificate renewal (it is older than this \
+                     mount): upgrade it, or issue a new certificate with `secretfs client renew`"
+                        .to_owned(),
+                ),
+                // An external client (its own CA): this server never can.
+                Code::FailedPrecondition => Failure::Never(status.message().to_owned()),
+                _ => Failure::Retry(classify(status).to_string()),
             })?;
         let cert_pem = resp.cert_pem.into_bytes();
         let new = CertInfo::parse(&cert_pem)
             .and_then(|new| new.check_key(&req.key_pem).map(|()| new))
-            .map_err(|e| format!("the server's new certificate cannot be used: {e}"))?;
-        Ok::<_, String>((cert_pem, req.key_pem, new))
+            .map_err(|e| {
+                Failure::Retry(format!("the server's new certificate cannot be used: {e}"))
+            })?;
+        Ok((cert_pem, req.key_pem, new))
     };
     let (cert_pem, key_pem, new) = match attempt.await {
         Ok(r) => r,
-        Err(error) => {
+        Err(Failure::Never(error)) => {
+            live.renewal = None;
+            tracing::warn!(
+                %error,
+                not_after = %rfc3339(info.not_after),
+                "the server cannot renew this client's certificate; the mount will not try again: \
+                 renew it where it was issued and write it over the files (the mount picks it up)"
+            );
+            return false;
+        }
+        Err(Failure::Retry(error)) => {
             let retry = live
                 .renewal
                 .as_mut()
@@ -509,6 +522,14 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
         events,
     )
     .await
+}
+
+/// Why a renewal failed.
+enum Failure {
+    /// Maybe better later: retry after a backoff.
+    Retry(String),
+    /// Never for this client (its certificates come from another CA).
+    Never(String),
 }
 
 /// Rebuilds the channel with a new certificate and key.
