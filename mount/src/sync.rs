@@ -411,9 +411,7 @@ async fn pause(
 /// when a new certificate is in use: the stream must be reopened with it.
 async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
     if let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
-        tracing::info!(
-            "the client certificate or key files changed; reconnecting with the new ones"
-        );
+        tracing::info!("the client certificate or key changed; reconnecting with the new one");
         if use_credentials(live, renewed.cert_pem, renewed.key_pem, events).await {
             return true;
         }
