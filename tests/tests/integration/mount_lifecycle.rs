@@ -107,6 +107,26 @@ fn background_returns_once_the_mount_is_ready() {
     assert_eq!(std::fs::read(path.join("db/password")).unwrap(), b"pw-1");
     assert!(m.alive());
     assert_eq!(m.status()["connected"], true);
+    // The child dropped its privileges as a foreground mount does, and left
+    // the terminal's session.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid)).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
+    assert_eq!(cap_eff, Some((1u64 << 21) | (1u64 << 14)), "{status}");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields[3],
+        m.pid.to_string(),
+        "session id is its own pid: {stat}"
+    );
     assert!(
         std::fs::read_to_string(&log)
             .unwrap()
