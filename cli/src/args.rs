@@ -385,11 +385,6 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
-}
-
 /// The lower bound of `--refresh`: each full resync reads (and audits)
 /// every secret of the client; `0s` made ~1,750 audit rows a second.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
@@ -404,6 +399,11 @@ fn parse_refresh(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

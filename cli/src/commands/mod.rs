@@ -1,6 +1,5 @@
 //! One module per command family; `run` dispatches.
 
-mod background;
 mod client;
 mod dev;
 mod group;
@@ -21,7 +20,7 @@ pub enum Ready {
     Mount(MountOptions),
     /// `secretfs mount --background`: start the mount as a child and wait
     /// for it; this process keeps its privileges and mounts nothing.
-    Background(background::Launch),
+    Background(mount::Launch),
     /// Any other command: nothing to do before the runtime.
     Other {
         conn: ConnArgs,
@@ -34,9 +33,7 @@ pub enum Ready {
 /// async runtime starts its own.
 pub fn prepare(cli: Cli) -> Result<Ready> {
     match cli.command {
-        Command::Mount(args) if args.background => {
-            Ok(Ready::Background(background::Launch::new(&args)))
-        }
+        Command::Mount(args) if args.background => Ok(Ready::Background(mount::Launch::new(&args))),
         Command::Mount(args) => Ok(Ready::Mount(mount::prepare(&cli.conn, args)?)),
         Command::Other(command) => Ok(Ready::Other {
             conn: cli.conn,

@@ -1,4 +1,9 @@
-//! `secretfs mount MOUNTPOINT`, and the mount inside `secretfs dev`.
+//! `secretfs mount MOUNTPOINT`, and the mount inside `secretfs dev`;
+//! `--background` in `background`.
+
+mod background;
+
+pub use background::Launch;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
