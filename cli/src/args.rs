@@ -385,22 +385,6 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-/// The lower bound of `--refresh`: each full resync reads (and audits)
-/// every secret of the client; `0s` made ~1,750 audit rows a second.
-pub const MIN_REFRESH: Duration = Duration::from_secs(1);
-
-fn parse_refresh(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < MIN_REFRESH {
-        return Err(format!(
-            "{s} is too short: the full resync is only a safety net (changes arrive over the \
-             Watch stream as they commit) and each one reads and audits every secret; give 1s \
-             or more (default 10m)"
-        ));
-    }
-    Ok(d)
-}
-
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 500ms, 30s, 5m"))
@@ -432,6 +416,22 @@ fn parse_since(s: &str) -> Result<i64, String> {
     }
     parse_rfc3339(s)
         .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 1h"))
+}
+
+/// The lower bound of `--refresh`: each full resync reads (and audits)
+/// every secret of the client; `0s` made ~1,750 audit rows a second.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+fn parse_refresh(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_REFRESH {
+        return Err(format!(
+            "{s} is too short: the full resync is only a safety net (changes arrive over the \
+             Watch stream as they commit) and each one reads and audits every secret; give 1s \
+             or more (default 10m)"
+        ));
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
