@@ -226,8 +226,8 @@ pub struct MountArgs {
     /// Mode of files whose secret sets none (octal).
     #[arg(long, default_value = "0400", value_parser = parse_mode)]
     pub mode: u32,
-    /// Full resync interval, a safety net: changes arrive as they commit over a Watch stream.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    /// Full resync interval, a safety net: changes arrive as they commit over a Watch stream (at least 1s).
+    #[arg(long, default_value = "10m", value_parser = parse_refresh)]
     pub refresh: Duration,
     /// Give up if the first sync has not succeeded by then.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -248,6 +248,33 @@ pub struct MountArgs {
     /// The default with the caller check (kept for old command lines): .secretfs/status is checked too.
     #[arg(long, hide = true)]
     pub strict_status: bool,
+    /// Owner of every secret file, whatever the secret sets (for images that run as a fixed uid).
+    #[arg(long, value_name = "UID")]
+    pub force_uid: Option<u32>,
+    /// Group of every secret file, whatever the secret sets.
+    #[arg(long, value_name = "GID")]
+    pub force_gid: Option<u32>,
+    /// Mode of every secret file (octal), whatever the secret sets.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub force_mode: Option<u32>,
+    /// Create the mountpoint (mode 0755, with missing parents) when it does not exist.
+    #[arg(long)]
+    pub create_mountpoint: bool,
+    /// Return once the mount is ready (exit 0, printing its pid) or has failed (non-zero,
+    /// with the reason); the mount keeps running in the background.
+    #[arg(long)]
+    pub background: bool,
+    /// With --background: append the mount's log to this file (default: the terminal
+    /// when stderr is one, else nowhere).
+    #[arg(long, value_name = "PATH", requires = "background")]
+    pub log_file: Option<PathBuf>,
+    /// The first certificate renewal this long after start instead of at 2/3 of its
+    /// life (for tests).
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub renew_after: Option<Duration>,
+    /// Set by --background on the process it starts: detach from the terminal's session.
+    #[arg(long, hide = true, conflicts_with = "background")]
+    pub background_child: bool,
 }
 
 #[derive(Debug, Args)]
@@ -602,6 +629,22 @@ fn parse_since(s: &str) -> Result<i64, String> {
         .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 1h"))
 }
 
+/// The lower bound of `--refresh`: each full resync reads (and audits)
+/// every secret of the client; `0s` made ~1,750 audit rows a second.
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+fn parse_refresh(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_REFRESH {
+        return Err(format!(
+            "{s} is too short: the full resync is only a safety net (changes arrive over the \
+             Watch stream as they commit) and each one reads and audits every secret; give 1s \
+             or more (default 10m)"
+        ));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,6 +655,13 @@ mod tests {
         assert_eq!(parse_mode("640"), Ok(0o640));
         assert!(parse_mode("0999").is_err());
         assert!(parse_mode("4755").is_err());
+    }
+
+    #[test]
+    fn refresh_has_a_lower_bound() {
+        assert_eq!(parse_refresh("1s"), Ok(Duration::from_secs(1)));
+        assert!(parse_refresh("0s").unwrap_err().contains("give 1s or more"));
+        assert!(parse_refresh("999ms").is_err());
     }
 
     #[test]

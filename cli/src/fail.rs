@@ -19,19 +19,22 @@ impl std::fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 pub fn report(err: &anyhow::Error) -> ExitCode {
-    if let Some(usage) = err.downcast_ref::<UsageError>() {
-        eprintln!("error: {usage}");
+    eprintln!("error: {}", message(err));
+    if err.downcast_ref::<UsageError>().is_some() {
         return ExitCode::from(crate::EXIT_USAGE);
     }
-    if let Some(status) = err.downcast_ref::<tonic::Status>() {
-        eprintln!(
-            "error: {}",
-            crate::output::printable(&explain_status(status))
-        );
-        return ExitCode::FAILURE;
-    }
-    eprintln!("error: {}", chain(err));
     ExitCode::FAILURE
+}
+
+/// What `report` prints after "error: ".
+pub fn message(err: &anyhow::Error) -> String {
+    if let Some(usage) = err.downcast_ref::<UsageError>() {
+        return usage.to_string();
+    }
+    if let Some(status) = err.downcast_ref::<tonic::Status>() {
+        return crate::output::printable(&explain_status(status)).into_owned();
+    }
+    chain(err)
 }
 
 fn chain(err: &anyhow::Error) -> String {

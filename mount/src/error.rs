@@ -13,7 +13,10 @@ pub enum MountError {
     )]
     NoRuntime,
 
-    #[error("mountpoint {} does not exist: create it (mkdir -p {}) or choose another directory", .0.display(), .0.display())]
+    #[error(
+        "mountpoint {} does not exist: create it (mkdir -p {}, or pass --create-mountpoint) or choose another directory",
+        .0.display(), .0.display()
+    )]
     MountpointMissing(PathBuf),
 
     #[error("mountpoint {} is not a directory: give an empty directory", .0.display())]

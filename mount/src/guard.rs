@@ -31,8 +31,8 @@ pub struct Guard {
 /// reported to the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Refusal {
-    /// Shown in the status as seconds since the Unix epoch.
-    #[serde(serialize_with = "unix_seconds")]
+    /// Shown in the status in RFC 3339 UTC, like every time there.
+    #[serde(serialize_with = "rfc3339")]
     pub at: SystemTime,
     pub pid: u32,
     pub uid: u32,
@@ -59,12 +59,8 @@ impl Refusal {
     }
 }
 
-fn unix_seconds<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    let secs = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    s.serialize_u64(secs)
+fn rfc3339<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::certificate::rfc3339(*at))
 }
 
 /// Refusals, for `.secretfs/status`.

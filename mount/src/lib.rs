@@ -22,6 +22,11 @@
 //! - `mount`: mountpoint checks, stale-mount clearing, mount and unmount.
 //! - `static_mount`: [`StaticMount`], a fixed set of secrets mounted through
 //!   the same adapter without a server (end-to-end tests, benchmarks).
+//! - `certificate` + `renewal`: the client certificate's serial and expiry
+//!   (status, warnings) and its renewal at 2/3 of its life (new key, CSR,
+//!   files replaced, new connection; no remount).
+//! - `notify`: sd_notify (`READY=1` after the first sync and mount,
+//!   `STOPPING=1`, why it failed) for systemd and `mount --background`.
 //!
 //! - `caller` + `guard`: the optional caller check (`--container`,
 //!   `--allow-cgroup`): the calling process's cgroup must place it in the
@@ -34,10 +39,13 @@
 //! mount, apply events until shutdown, unmount.
 
 mod backoff;
+mod certificate;
 mod credentials;
 mod error;
 mod fuse;
 mod mount;
+mod notify;
+mod renewal;
 mod secret_bytes;
 mod snapshot;
 mod static_mount;
@@ -62,12 +70,15 @@ use tokio::sync::mpsc;
 
 pub use credentials::CredentialFiles;
 pub use error::MountError;
+pub use notify::Notify;
 pub use privileges::{
     drop_privileges, verify_every_thread, Capability, DroppedReport, PrivilegeError, MOUNT_KEEPS,
 };
 pub use static_mount::{StaticMount, StaticSecret};
+pub use tree::Force;
 
 use crate::backoff::Backoff;
+use crate::certificate::{rfc3339, CertInfo};
 use crate::credentials::CredentialWatch;
 use crate::snapshot::Snapshot;
 use crate::status::SyncState;
@@ -110,6 +121,16 @@ pub struct MountOptions {
     /// exactly that, or `run` fails without mounting. `None` where the process also does
     /// other work (`dev`) and keeps its privileges.
     pub privileges: Option<DroppedReport>,
+    /// Owner, group and mode every secret file gets, whatever the secret says.
+    pub force: Force,
+    /// Create the mountpoint (mode 0755, with its parents) when missing.
+    pub create_mountpoint: bool,
+    /// Renew the client certificate at 2/3 of its life. On by default.
+    pub renew: bool,
+    /// The first renewal this long after start instead (tests).
+    pub renew_after: Option<Duration>,
+    /// Tell a supervisor when the mount is ready and when it stops.
+    pub notify: Option<Notify>,
 }
 
 /// Who may use the mount, as given on the command line.
@@ -138,6 +159,11 @@ impl MountOptions {
             credentials: None,
             callers: None,
             privileges: None,
+            force: Force::NONE,
+            create_mountpoint: false,
+            renew: true,
+            renew_after: None,
+            notify: None,
         }
     }
 }
@@ -172,6 +198,9 @@ pub async fn run(
         }
     };
     mount::check_fuse()?;
+    if opts.create_mountpoint {
+        mount::create_mountpoint(&opts.mountpoint)?;
+    }
     let path = mount::prepare_mountpoint(&opts.mountpoint)?;
     tokio::pin!(shutdown);
 
@@ -192,6 +221,14 @@ pub async fn run(
         uid: opts.default_uid,
         gid: opts.default_gid,
         mode: opts.default_mode,
+        force: opts.force,
+    };
+    let cert = match CertInfo::parse(&opts.connect.cert_pem) {
+        Ok(info) => Some(info),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the client certificate's serial and expiry; it will not be renewed");
+            None
+        }
     };
     let tree = Arc::new(Mutex::new(Tree::new(defaults, SystemTime::now())));
     let mut updater = Updater::new(
@@ -200,6 +237,8 @@ pub async fn run(
             identity,
             server: server.clone(),
             revision: Some(mirror.revision()),
+            cert: cert.clone(),
+            force: opts.force,
             ..SyncState::default()
         },
     );
@@ -228,11 +267,20 @@ pub async fn run(
         path = %path.display(),
         secrets = snapshot.files().len(),
         caller_check = guard.is_some(),
+        cert_not_after = cert.as_ref().map(|c| rfc3339(c.not_after)),
         "mounted"
     );
+    if let Some(notify) = &opts.notify {
+        notify.ready(&format!(
+            "mounted at {} with {} secrets",
+            path.display(),
+            snapshot.files().len()
+        ));
+    }
+    let (identity, identity_rx) = tokio::sync::watch::channel(opts.connect.clone());
     let reporter = guard
         .clone()
-        .map(|g| tokio::spawn(report_refusals(g, opts.connect.clone())));
+        .map(|g| tokio::spawn(report_refusals(g, identity_rx)));
 
     let credentials = opts
         .credentials
@@ -245,6 +293,12 @@ pub async fn run(
         connect: opts.connect.clone(),
         credentials,
         refresh: opts.refresh,
+        renewal: cert
+            .as_ref()
+            .filter(|_| opts.renew)
+            .map(|c| renewal::Schedule::new(c, opts.renew_after)),
+        cert,
+        identity,
     };
     let (tx, mut rx) = mpsc::channel(4);
     let syncer = tokio::spawn(sync::live_loop(live, tx));
@@ -278,6 +332,9 @@ pub async fn run(
         r.abort();
     }
     tracing::info!(path = %path.display(), "shutting down");
+    if let Some(notify) = &opts.notify {
+        notify.stopping();
+    }
     tokio::task::spawn_blocking(move || mounted.unmount(UNMOUNT_GRACE))
         .await
         .ok();
@@ -289,17 +346,29 @@ pub async fn run(
 /// Sends the caller check's refusals to the server's audit log, batched
 /// once a second; a failed report is logged and dropped (the counts stay in
 /// the status file). Never on the read path.
-async fn report_refusals(guard: Arc<guard::Guard>, connect: ConnectConfig) {
-    let mut client = match secretfs_proto::connect_lazy(&connect) {
-        Ok(ch) => secretfs_proto::v1::secrets_client::SecretsClient::new(ch),
+/// It connects with the certificate in use (`identity` follows renewals).
+async fn report_refusals(
+    guard: Arc<guard::Guard>,
+    mut identity: tokio::sync::watch::Receiver<ConnectConfig>,
+) {
+    let connect = |cfg: &ConnectConfig| match secretfs_proto::connect_lazy(cfg) {
+        Ok(ch) => Some(secretfs_proto::v1::secrets_client::SecretsClient::new(ch)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot report refused callers to the server");
-            return;
+            None
         }
+    };
+    let Some(mut client) = connect(&identity.borrow_and_update()) else {
+        return;
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        if identity.has_changed().unwrap_or(false) {
+            if let Some(c) = connect(&identity.borrow_and_update()) {
+                client = c;
+            }
+        }
         let refusals = guard.take_outbox();
         if refusals.is_empty() {
             continue;

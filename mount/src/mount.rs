@@ -56,6 +56,40 @@ pub fn check_fuse() -> Result<(), MountError> {
     Ok(())
 }
 
+/// `--create-mountpoint`: creates `path` and any missing parents, each
+/// mode 0755 whatever the umask (a fresh Kubernetes emptyDir, /run after a
+/// reboot). An existing path is left as it is for the checks that follow.
+pub fn create_mountpoint(path: &Path) -> Result<(), MountError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |source| MountError::Mountpoint {
+        path: path.to_owned(),
+        source,
+    };
+    let abs = std::path::absolute(path).map_err(err)?;
+    // The missing ancestors, nearest to the root first.
+    let mut missing = Vec::new();
+    let mut at = abs.as_path();
+    while fs::symlink_metadata(at).is_err() {
+        missing.push(at.to_owned());
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    for dir in missing.iter().rev() {
+        match fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(err)?;
+                tracing::info!(path = %dir.display(), "created the mountpoint directory");
+            }
+            // Made by someone else meanwhile: fine, the checks follow.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `path` is an empty directory we may mount on, first
 /// detaching a dead FUSE mount left there by an earlier crash. Returns the
 /// absolute path.

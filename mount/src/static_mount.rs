@@ -14,7 +14,7 @@ use crate::mount::{self, Mounted};
 use crate::secret_bytes::SecretBytes;
 use crate::snapshot::{SecretFile, Snapshot};
 use crate::status::SyncState;
-use crate::tree::{Defaults, Tree};
+use crate::tree::{Defaults, Force, Tree};
 use crate::updater::Updater;
 
 /// One secret to show. `content` is wiped once copied into locked memory.
@@ -92,7 +92,12 @@ impl StaticMount {
     ) -> Result<StaticMount, MountError> {
         mount::check_fuse()?;
         let path = mount::prepare_mountpoint(path)?;
-        let defaults = Defaults { uid, gid, mode };
+        let defaults = Defaults {
+            uid,
+            gid,
+            mode,
+            force: Force::NONE,
+        };
         let tree = Arc::new(Mutex::new(Tree::new(defaults, SystemTime::now())));
         let mut updater = Updater::new(
             tree.clone(),

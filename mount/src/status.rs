@@ -1,12 +1,14 @@
 //! The JSON shown at `.secretfs/status`: who the mount is, where it syncs
 //! from, how fresh its copy is, and which names it could not show.
 //!
-//! It names secrets and versions, never their content.
+//! It names secrets and versions, never their content. Every time in it is
+//! RFC 3339 in UTC, to the second (`2026-11-29T15:53:10Z`).
 
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::certificate::rfc3339;
 use crate::snapshot::Snapshot;
 
 /// What the sync loop knows about its connection; the snapshot supplies
@@ -36,6 +38,10 @@ pub struct SyncState {
     pub refused: Option<String>,
     /// With the caller check on: the processes it refused.
     pub refused_callers: Option<crate::guard::RefusalCounts>,
+    /// The client certificate in use, when it could be read.
+    pub cert: Option<crate::certificate::CertInfo>,
+    /// `--force-uid`/`--force-gid`/`--force-mode`.
+    pub force: crate::tree::Force,
 }
 
 #[derive(Serialize)]
@@ -53,6 +59,18 @@ struct StatusJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     max_stale_seconds: Option<u64>,
     fail_closed: bool,
+    /// The client certificate in use: serial (hex) and expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_serial: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_not_after: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    force_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    force_gid: Option<u32>,
+    /// Octal, as given (`"0440"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    force_mode: Option<String>,
     secrets: Vec<SecretJson<'a>>,
     skipped: Vec<SkippedJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -102,9 +120,7 @@ pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
         identity: state.identity.as_deref(),
         server: &state.server,
         connected: state.connected,
-        last_sync: state
-            .last_sync
-            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        last_sync: state.last_sync.map(rfc3339),
         seconds_stale: if state.connected {
             state.last_sync.map(|_| 0)
         } else {
@@ -114,11 +130,14 @@ pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
                 .map(|t| now.duration_since(t).map_or(0, |d| d.as_secs()))
         },
         revision: state.revision,
-        disconnected_since: state
-            .disconnected_since
-            .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        disconnected_since: state.disconnected_since.map(rfc3339),
         max_stale_seconds: state.max_stale.map(|d| d.as_secs()),
         fail_closed: state.fail_closed,
+        cert_serial: state.cert.as_ref().map(|c| c.serial.as_str()),
+        cert_not_after: state.cert.as_ref().map(|c| rfc3339(c.not_after)),
+        force_uid: state.force.uid,
+        force_gid: state.force.gid,
+        force_mode: state.force.mode.map(|m| format!("{m:04o}")),
         secrets: snap
             .files()
             .iter()
@@ -187,6 +206,30 @@ mod tests {
         assert!(v["skipped"][0]["reason"].as_str().unwrap().contains("'.'"));
         assert!(v.get("note").is_none());
         assert!(v.get("last_error").is_none());
+        assert!(v.get("cert_serial").is_none(), "no certificate read");
+        assert!(v.get("force_mode").is_none());
+    }
+
+    #[test]
+    fn certificate_and_forced_attributes() {
+        let (cert, _) = crate::certificate::tests::cert_and_key(10);
+        let info = crate::certificate::CertInfo::parse(cert.as_bytes()).unwrap();
+        let state = SyncState {
+            cert: Some(info.clone()),
+            force: crate::tree::Force {
+                uid: Some(1000),
+                gid: None,
+                mode: Some(0o440),
+            },
+            ..Default::default()
+        };
+        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
+        assert_eq!(v["cert_serial"], "4a01ff");
+        assert_eq!(v["cert_not_after"], rfc3339(info.not_after));
+        assert!(v["cert_not_after"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(v["force_uid"], 1000);
+        assert!(v.get("force_gid").is_none());
+        assert_eq!(v["force_mode"], "0440");
     }
 
     #[test]

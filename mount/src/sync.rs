@@ -13,13 +13,15 @@
 //! - every `refresh`: a from-scratch stream (the whole view again), the
 //!   safety net against any drift between what the server thinks we hold
 //!   and what we hold;
-//! - the certificate or key files change: a new channel, a new stream.
+//! - the certificate or key files change: a new channel, a new stream;
+//! - the certificate is at 2/3 of its life: renew it ([`crate::renewal`]),
+//!   then a new channel and a new stream as above.
 
 use std::time::Duration;
 
 use secretfs_proto::channel::{error_chain, ConnectFailure};
 use secretfs_proto::v1::secrets_client::SecretsClient;
-use secretfs_proto::v1::{Empty, WatchEvent, WatchRequest};
+use secretfs_proto::v1::{Empty, RenewCertificateRequest, WatchEvent, WatchRequest};
 use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
@@ -27,7 +29,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::backoff::Backoff;
+use crate::certificate::{rfc3339, CertInfo};
 use crate::credentials::CredentialWatch;
+use crate::renewal::{self, Schedule};
 use crate::snapshot::Snapshot;
 use crate::watch::{EventError, Mirror};
 
@@ -104,6 +108,8 @@ pub enum SyncEvent {
         revision: u64,
     },
     Error(SyncError),
+    /// A new client certificate is in use (renewed, or new files).
+    Certificate(CertInfo),
 }
 
 pub struct SecretsSource {
@@ -123,6 +129,17 @@ impl SecretsSource {
         req.set_timeout(RPC_TIMEOUT);
         let resp = self.client.who_am_i(req).await.map_err(classify)?;
         Ok(resp.into_inner().client)
+    }
+
+    /// Asks for a new certificate for the key behind `csr_pem`.
+    pub async fn renew_certificate(
+        &mut self,
+        csr_pem: String,
+        days: u32,
+    ) -> Result<secretfs_proto::v1::RenewCertificateResponse, tonic::Status> {
+        let mut req = tonic::Request::new(RenewCertificateRequest { csr_pem, days });
+        req.set_timeout(RPC_TIMEOUT);
+        Ok(self.client.renew_certificate(req).await?.into_inner())
     }
 
     /// Opens a Watch stream. No deadline on the request itself: it would
@@ -245,6 +262,13 @@ pub struct Live {
     pub credentials: Option<CredentialWatch>,
     /// Interval of the from-scratch safety-net resync.
     pub refresh: Duration,
+    /// The certificate in use (`None`: unreadable, so never renewed).
+    pub cert: Option<CertInfo>,
+    /// When to renew it; `None`: never.
+    pub renewal: Option<Schedule>,
+    /// Others that connect as this client (the refusal reporter) follow
+    /// the certificate in use.
+    pub identity: tokio::sync::watch::Sender<ConnectConfig>,
 }
 
 /// Why a stream was left.
@@ -317,7 +341,7 @@ pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
                 delay
             }
         };
-        pause(&mut live, delay, &mut creds).await;
+        pause(&mut live, delay, &mut creds, &events).await;
     }
 }
 
@@ -354,7 +378,7 @@ async fn follow(
             },
             () = &mut full => return Stop::Now,
             _ = creds.tick() => {
-                if renew(live) {
+                if credentials_tick(live, events).await {
                     return Stop::Now;
                 }
             }
@@ -363,14 +387,19 @@ async fn follow(
 }
 
 /// Sleeps `delay`, cut short when new credentials arrive.
-async fn pause(live: &mut Live, delay: Duration, creds: &mut Interval) {
+async fn pause(
+    live: &mut Live,
+    delay: Duration,
+    creds: &mut Interval,
+    events: &mpsc::Sender<SyncEvent>,
+) {
     let until = tokio::time::sleep(delay);
     tokio::pin!(until);
     loop {
         tokio::select! {
             () = &mut until => return,
             _ = creds.tick() => {
-                if renew(live) {
+                if credentials_tick(live, events).await {
                     return;
                 }
             }
@@ -378,20 +407,152 @@ async fn pause(live: &mut Live, delay: Duration, creds: &mut Interval) {
     }
 }
 
-/// Rebuilds the channel when the certificate or key files changed.
-fn renew(live: &mut Live) -> bool {
-    let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) else {
+/// New certificate files, the expiry warning, a renewal when due. True
+/// when a new certificate is in use: the stream must be reopened with it.
+async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
+    if let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
+        tracing::info!("the client certificate or key changed; reconnecting with the new one");
+        if use_credentials(live, renewed.cert_pem, renewed.key_pem, events).await {
+            return true;
+        }
+    }
+    let (Some(info), Some(schedule)) = (&live.cert, &mut live.renewal) else {
         return false;
     };
+    schedule.warn_if_expiring(info);
+    if !schedule.due() {
+        return false;
+    }
+    renew_certificate(live, events).await
+}
+
+/// Renews the certificate in use (see [`crate::renewal`]).
+async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
+    let Some(info) = live.cert.clone() else {
+        return false;
+    };
+    let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
+    let attempt = async {
+        let req = renewal::new_request(&live.connect.key_pem, name).map_err(Failure::Retry)?;
+        let resp = live
+            .source
+            .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
+            .await
+            .map_err(|status| match status.code() {
+                Code::Unimplemented => Failure::Retry(
+                    "the server does not offer certificate renewal (it is older than this \
+                     mount): upgrade it, or issue a new certificate with `secretfs client renew`"
+                        .to_owned(),
+                ),
+                // An external client (its own CA): this server never can.
+                Code::FailedPrecondition => Failure::Never(status.message().to_owned()),
+                _ => Failure::Retry(classify(status).to_string()),
+            })?;
+        let cert_pem = resp.cert_pem.into_bytes();
+        let new = CertInfo::parse(&cert_pem)
+            .and_then(|new| new.check_key(&req.key_pem).map(|()| new))
+            .map_err(|e| {
+                Failure::Retry(format!("the server's new certificate cannot be used: {e}"))
+            })?;
+        Ok((cert_pem, req.key_pem, new))
+    };
+    let (cert_pem, key_pem, new) = match attempt.await {
+        Ok(r) => r,
+        Err(Failure::Never(error)) => {
+            live.renewal = None;
+            tracing::warn!(
+                %error,
+                not_after = %rfc3339(info.not_after),
+                "the server cannot renew this client's certificate; the mount will not try again: \
+                 renew it where it was issued and write it over the files (the mount picks it up)"
+            );
+            return false;
+        }
+        Err(Failure::Retry(error)) => {
+            let retry = live
+                .renewal
+                .as_mut()
+                .map(Schedule::failed)
+                .unwrap_or_default();
+            tracing::warn!(
+                %error,
+                retry_in = %humantime::format_duration(Duration::from_secs(retry.as_secs())),
+                not_after = %rfc3339(info.not_after),
+                "could not renew the client certificate; the mount keeps serving with the current one"
+            );
+            return false;
+        }
+    };
+    if let Some(watch) = &mut live.credentials {
+        let files = watch.files().clone();
+        match renewal::replace_pair(&files.cert, &cert_pem, &files.key, &key_pem) {
+            Ok(()) => {
+                watch.written(&cert_pem, &key_pem);
+                tracing::info!(
+                    serial = %new.serial,
+                    not_after = %rfc3339(new.not_after),
+                    cert = %files.cert.display(),
+                    key = %files.key.display(),
+                    "renewed the client certificate and replaced its files"
+                );
+            }
+            Err(error) => tracing::warn!(
+                serial = %new.serial,
+                not_after = %rfc3339(new.not_after),
+                cert = %files.cert.display(),
+                key = %files.key.display(),
+                %error,
+                "renewed the client certificate, but cannot write its files: using it from memory \
+                 only; after a restart the mount uses the old files again"
+            ),
+        }
+    } else {
+        tracing::info!(
+            serial = %new.serial,
+            not_after = %rfc3339(new.not_after),
+            "renewed the client certificate (kept in memory: no files given)"
+        );
+    }
+    use_credentials(
+        live,
+        cert_pem,
+        zeroize::Zeroizing::new(key_pem.to_vec()),
+        events,
+    )
+    .await
+}
+
+/// Why a renewal failed.
+enum Failure {
+    /// Maybe better later: retry after a backoff.
+    Retry(String),
+    /// Never for this client (its certificates come from another CA).
+    Never(String),
+}
+
+/// Rebuilds the channel with a new certificate and key.
+async fn use_credentials(
+    live: &mut Live,
+    cert_pem: Vec<u8>,
+    key_pem: zeroize::Zeroizing<Vec<u8>>,
+    events: &mpsc::Sender<SyncEvent>,
+) -> bool {
     let mut cfg = live.connect.clone();
-    cfg.cert_pem = renewed.cert_pem;
-    cfg.key_pem = renewed.key_pem;
+    cfg.cert_pem = cert_pem;
+    cfg.key_pem = key_pem;
     match secretfs_proto::connect_lazy(&cfg) {
         Ok(channel) => {
-            tracing::info!("the client certificate or key changed; reconnecting with the new one");
             live.source = SecretsSource::new(channel);
+            live.cert = CertInfo::parse(&cfg.cert_pem).ok();
+            if let (Some(info), Some(schedule)) = (&live.cert, &mut live.renewal) {
+                schedule.reset(info);
+            }
+            if let Some(info) = &live.cert {
+                let _ = events.send(SyncEvent::Certificate(info.clone())).await;
+            }
             // The old key is wiped as it is dropped.
             live.connect = cfg;
+            let _ = live.identity.send(live.connect.clone());
             true
         }
         Err(e) => {

@@ -86,6 +86,26 @@ pub struct Defaults {
     pub uid: u32,
     pub gid: u32,
     pub mode: u32,
+    /// What every secret file gets whatever its secret says.
+    pub force: Force,
+}
+
+/// `--force-uid`, `--force-gid`, `--force-mode`: for images that run as a
+/// fixed uid, whatever owner or mode the secrets were given. Directories
+/// and the status file keep `--uid`/`--gid`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Force {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
+}
+
+impl Force {
+    pub const NONE: Force = Force {
+        uid: None,
+        gid: None,
+        mode: None,
+    };
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -551,18 +571,19 @@ impl Tree {
             if self.nodes.contains_key(&ino) {
                 continue;
             }
-            let perm = if f.mode != 0 {
+            let force = self.defaults.force;
+            let perm = force.mode.unwrap_or(if f.mode != 0 {
                 f.mode
             } else {
                 self.defaults.mode
-            };
+            });
             let attr = Attr {
                 ino,
                 kind: Kind::File,
                 size: f.content.len() as u64,
                 perm: (perm & 0o777) as u16,
-                uid: f.owner.unwrap_or(self.defaults.uid),
-                gid: f.group.unwrap_or(self.defaults.gid),
+                uid: force.uid.or(f.owner).unwrap_or(self.defaults.uid),
+                gid: force.gid.or(f.group).unwrap_or(self.defaults.gid),
                 nlink: 1,
                 mtime: unix_time(f.mtime),
             };
@@ -732,6 +753,7 @@ mod tests {
         uid: 1000,
         gid: 2000,
         mode: 0o400,
+        force: Force::NONE,
     };
 
     fn tree(files: Vec<SecretFile>) -> Tree {
@@ -790,6 +812,33 @@ mod tests {
         assert_eq!(look(&mut t, "nope"), Err(FsError::NotFound));
         assert_eq!(look(&mut t, "token/x"), Err(FsError::NotDir));
         assert_eq!(t.getattr(ROOT_INO).unwrap().nlink, 4); // ., db, .secretfs
+    }
+
+    #[test]
+    fn forced_owner_and_mode_win_over_the_secrets() {
+        let mut f = file(7, 3, "db/password", b"s3cret");
+        f.mode = 0o640;
+        f.owner = Some(33);
+        f.group = Some(44);
+        let defaults = Defaults {
+            force: Force {
+                uid: Some(5000),
+                gid: None,
+                mode: Some(0o444),
+            },
+            ..DEFAULTS
+        };
+        let mut t = Tree::new(defaults, UNIX_EPOCH);
+        t.apply(
+            &Snapshot::build(vec![f, file(8, 1, "token", b"abc")]),
+            UNIX_EPOCH,
+        );
+        let pw = look(&mut t, "db/password").unwrap();
+        assert_eq!((pw.perm, pw.uid, pw.gid), (0o444, 5000, 44));
+        let tok = look(&mut t, "token").unwrap();
+        assert_eq!((tok.perm, tok.uid, tok.gid), (0o444, 5000, 2000));
+        let db = look(&mut t, "db").unwrap();
+        assert_eq!((db.perm, db.uid), (0o555, 1000), "directories keep --uid");
     }
 
     #[test]
@@ -1338,7 +1387,7 @@ mod properties {
         fn apply_keeps_the_tree_consistent(
             steps in prop::collection::vec((candidates(), any::<bool>()), 1..8)
         ) {
-            let defaults = Defaults { uid: 1000, gid: 2000, mode: DEFAULTS_MODE };
+            let defaults = Defaults { uid: 1000, gid: 2000, mode: DEFAULTS_MODE, force: Force::NONE };
             let mut t = Tree::new(defaults, UNIX_EPOCH);
             let mut held: HashMap<u64, u64> = HashMap::new();
             let mut before = Seen::default();

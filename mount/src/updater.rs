@@ -59,6 +59,10 @@ impl Updater {
                 self.synced(snapshot);
             }
             SyncEvent::Error(e) => self.failed(e),
+            SyncEvent::Certificate(info) => {
+                self.state.cert = Some(info);
+                self.publish_status();
+            }
         }
     }
 

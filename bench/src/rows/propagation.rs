@@ -43,8 +43,8 @@ fn mode(ctx: &Ctx) -> Mode {
     } else {
         Mode {
             watch: false,
-            args: vec!["--refresh".into(), "200ms".into()],
-            label: "POLLING: this build's mount has no Watch yet, so it re-syncs every --refresh 200ms; \
+            args: vec!["--refresh".into(), "1s".into()],
+            label: "POLLING: this build's mount has no Watch yet, so it re-syncs every --refresh 1s (its lower bound); \
                     rotations capped at 20; re-run when live rotation lands",
         }
     }

@@ -19,6 +19,9 @@ use crate::args::{Cli, Command, ConnArgs, Format, OtherCommand};
 pub enum Ready {
     /// `secretfs mount`: files read, privileges dropped.
     Mount(MountOptions),
+    /// `secretfs mount --background`: start the mount as a child and wait
+    /// for it; this process keeps its privileges and mounts nothing.
+    Background(mount::Launch),
     /// Any other command: nothing to do before the runtime.
     Other {
         conn: ConnArgs,
@@ -31,6 +34,7 @@ pub enum Ready {
 /// async runtime starts its own.
 pub fn prepare(cli: Cli) -> Result<Ready> {
     match cli.command {
+        Command::Mount(args) if args.background => Ok(Ready::Background(mount::Launch::new(&args))),
         Command::Mount(args) => Ok(Ready::Mount(mount::prepare(&cli.conn, args)?)),
         Command::Other(command) => Ok(Ready::Other {
             conn: cli.conn,
@@ -43,6 +47,11 @@ pub fn prepare(cli: Cli) -> Result<Ready> {
 pub async fn run(ready: Ready) -> Result<()> {
     let (conn, format, command) = match ready {
         Ready::Mount(opts) => return mount::run(opts).await,
+        Ready::Background(launch) => {
+            return tokio::task::spawn_blocking(move || launch.run())
+                .await
+                .map_err(|e| anyhow::anyhow!("the background launcher failed: {e}"))?
+        }
         Ready::Other {
             conn,
             output,

@@ -1,10 +1,15 @@
-//! `secretfs mount MOUNTPOINT`, and the mount inside `secretfs dev`.
+//! `secretfs mount MOUNTPOINT`, and the mount inside `secretfs dev`;
+//! `--background` in `background`.
+
+mod background;
+
+pub use background::Launch;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use secretfs_mount::{CallerRules, CredentialFiles, MountOptions, MOUNT_KEEPS};
+use secretfs_mount::{CallerRules, CredentialFiles, Force, MountOptions, Notify, MOUNT_KEEPS};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -15,7 +20,26 @@ use crate::connect;
 /// the certificate and key, then drop every capability but the mount's
 /// while this is the only thread (capabilities are per thread, and every
 /// thread made later copies its creator's).
+///
+/// Its errors are also sent to a supervisor (`NOTIFY_SOCKET`: systemd, or
+/// the parent of `--background`), which shows them.
 pub fn prepare(conn: &ConnArgs, args: MountArgs) -> Result<MountOptions> {
+    let notify = Notify::from_env();
+    prepare_mount(conn, args, notify.clone()).inspect_err(|err| {
+        if let Some(n) = &notify {
+            n.failed(&crate::fail::message(err));
+        }
+    })
+}
+
+fn prepare_mount(conn: &ConnArgs, args: MountArgs, notify: Option<Notify>) -> Result<MountOptions> {
+    if args.background_child {
+        // Started by `--background`: out of the terminal's session, so
+        // neither its hangup nor its Ctrl-C reaches the mount.
+        if let Err(e) = rustix::process::setsid() {
+            tracing::debug!(error = %e, "setsid failed; already a session leader");
+        }
+    }
     let mut opts = MountOptions::new(&args.mountpoint, connect::config(conn)?);
     opts.default_uid = args.uid;
     opts.default_gid = args.gid;
@@ -23,6 +47,14 @@ pub fn prepare(conn: &ConnArgs, args: MountArgs) -> Result<MountOptions> {
     opts.refresh = args.refresh;
     opts.start_timeout = args.start_timeout;
     opts.max_stale = args.max_stale;
+    opts.force = Force {
+        uid: args.force_uid,
+        gid: args.force_gid,
+        mode: args.force_mode,
+    };
+    opts.create_mountpoint = args.create_mountpoint;
+    opts.renew_after = args.renew_after;
+    opts.notify = notify;
     // connect::config read these paths already, so both are set.
     if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
         opts.credentials = Some(CredentialFiles {
@@ -66,8 +98,14 @@ pub fn prepare(conn: &ConnArgs, args: MountArgs) -> Result<MountOptions> {
 
 /// Serves the mount [`prepare`] set up until SIGINT or SIGTERM.
 pub async fn run(opts: MountOptions) -> Result<()> {
-    secretfs_mount::run(opts, super::shutdown_signal()).await?;
-    Ok(())
+    let notify = opts.notify.clone();
+    let result = secretfs_mount::run(opts, super::shutdown_signal())
+        .await
+        .map_err(anyhow::Error::from);
+    if let (Err(err), Some(n)) = (&result, &notify) {
+        n.failed(&crate::fail::message(err));
+    }
+    result
 }
 
 /// A mount running in the background of `secretfs dev`.

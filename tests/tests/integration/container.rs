@@ -48,7 +48,7 @@ fn a_runc_container_reads_its_secrets_through_a_read_only_bind_mount() {
     .ok();
     let app = s.add_client("app");
     s.grant("app", &["app"], &["db/password", "app/token"]);
-    let m = s.mount_as(&app, &["--refresh", "200ms"]);
+    let m = s.mount_as(&app, &["--refresh", "1s"]);
 
     // Root in the container reads the secret byte for byte.
     let b = bundle(

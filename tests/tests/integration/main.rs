@@ -19,6 +19,7 @@ mod grpc_conventions;
 mod kubernetes;
 mod metadata;
 mod mount;
+mod mount_lifecycle;
 mod rails;
 mod review;
 mod server_cli;

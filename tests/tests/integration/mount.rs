@@ -179,7 +179,7 @@ fn two_mounts_for_two_clients_each_see_only_their_own() {
 #[test]
 fn rotation_revocation_grant_and_delete_show_up_after_a_refresh() {
     let (s, app) = setup();
-    let m = s.mount_as(&app, &["--refresh", "200ms"]);
+    let m = s.mount_as(&app, &["--refresh", "1s"]);
     let f = m.file("db/password");
     s.cli_in(&["secret", "rotate", "db/password"], b"pw-2-longer")
         .ok();
@@ -230,7 +230,7 @@ fn rotation_revocation_grant_and_delete_show_up_after_a_refresh() {
 #[test]
 fn an_open_handle_keeps_the_version_it_opened() {
     let (s, app) = setup();
-    let m = s.mount_as(&app, &["--refresh", "200ms"]);
+    let m = s.mount_as(&app, &["--refresh", "1s"]);
     let f = m.file("db/password");
     let mut old = std::fs::File::open(&f).unwrap();
     let mut buf = String::new();
@@ -491,7 +491,7 @@ fn a_stale_mount_from_a_crash_is_cleared() {
 #[test]
 fn status_stays_current_under_caching() {
     let (s, app) = setup();
-    let m = s.mount_as(&app, &["--refresh", "200ms"]);
+    let m = s.mount_as(&app, &["--refresh", "1s"]);
     let v1 = m.status();
     assert_eq!(v1["secrets"][0]["version"], 1);
     s.cli_in(&["secret", "rotate", "db/password"], b"pw-2").ok();

@@ -74,7 +74,7 @@ fn sidecar(s: &TestServer, who: &Identity, shared: &Path) -> OciBundle {
             "mount",
             "/shared/secrets",
             "--refresh",
-            "200ms",
+            "1s",
         ],
     );
     let creds = s.tmp.path().join(format!("creds-{}", marker("k")));
