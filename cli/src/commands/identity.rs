@@ -140,4 +140,3 @@ fn write_json(out: &mut impl Write, s: &v1::SecretContent) -> Result<()> {
     buf.push(b'\n');
     out.write_all(&buf).context("cannot write to stdout")
 }
-
