@@ -176,11 +176,34 @@ fn an_admin_issues_for_another_client_and_external_clients_are_refused() {
     // A non-admin cannot issue for someone else.
     s.cli_as(&api, &["client", "renew", "admin", "--out", out_s], None)
         .fails(1, "not an admin");
-    // Lifetimes: 0 refused by the CLI, over the cap by the server.
+    // Lifetimes: 0 and over the cap refused by the CLI, and the cap by the
+    // server too for callers that skip the CLI.
     s.cli(&["client", "renew", "api", "--days", "0", "--out", out_s])
         .fails(2, "1..=3650");
     s.cli(&["client", "renew", "api", "--days", "5000", "--out", out_s])
-        .fails(1, "at most 3650 days");
+        .fails(2, "1..=3650");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr_pem = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let refused = rt().block_on(async {
+        s.admin_client()
+            .await
+            .renew_client_certificate(secretfs_proto::v1::RenewClientCertificateRequest {
+                name: "api".into(),
+                csr_pem,
+                days: 5000,
+            })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("at most 3650 days"),
+        "{refused:?}"
+    );
     // A client whose certificates come from the operator's own CA.
     s.cli(&["client", "add", "ext", "--external"]).ok();
     s.cli(&["client", "renew", "ext", "--out", out_s])

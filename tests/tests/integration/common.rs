@@ -11,6 +11,24 @@ use std::time::{Duration, Instant};
 pub use rustix::process::Signal;
 
 /// The `secretfs` binary next to this test executable, built on demand.
+/// The workspace's root (for files the tests read: deploy/, docs/, proto/).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// python3 with target/python-deps first on its path: scripts/test.sh
+/// installs the pinned Python packages there (grpcio, kubernetes-validate).
+pub fn python() -> Command {
+    let mut path = std::ffi::OsString::from(workspace().join("target/python-deps"));
+    if let Some(old) = std::env::var_os("PYTHONPATH") {
+        path.push(":");
+        path.push(old);
+    }
+    let mut cmd = Command::new("python3");
+    cmd.env("PYTHONPATH", path);
+    cmd
+}
+
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

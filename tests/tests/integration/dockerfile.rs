@@ -6,11 +6,9 @@
 //! must not drop any file of them. The builder's Rust must be at least the
 //! workspace's `rust-version`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use crate::common::workspace;
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(workspace().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))

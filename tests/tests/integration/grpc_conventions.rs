@@ -6,33 +6,15 @@
 //! Needs python3 with grpcio in target/python-deps (scripts/test.sh installs
 //! it); without it these tests fail, never skip.
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use crate::common::*;
 
 const MIB: usize = 1 << 20;
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// python3 with target/python-deps (where scripts/test.sh installs grpcio)
-/// first on its path.
-fn python() -> Command {
-    let mut path = OsString::from(workspace().join("target/python-deps"));
-    if let Some(old) = std::env::var_os("PYTHONPATH") {
-        path.push(":");
-        path.push(old);
-    }
-    let mut cmd = Command::new("python3");
-    cmd.env("PYTHONPATH", path);
-    cmd
-}
 
 /// Fails with a clear message where python3 or grpcio is missing.
 fn require_grpcio() {

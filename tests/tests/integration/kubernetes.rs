@@ -12,7 +12,6 @@
 //! Needs python3 with kubernetes-validate in target/python-deps
 //! (scripts/test.sh installs it); without it these tests fail, never skip.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -21,10 +20,6 @@ use crate::common::*;
 
 /// The versions validated against: the oldest the README promises, the newest pinned.
 const VERSIONS: [&str; 2] = ["1.29.0", "1.37.0"];
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn manifests() -> Vec<PathBuf> {
     let dir = workspace().join("deploy/kubernetes");
@@ -39,19 +34,6 @@ fn manifests() -> Vec<PathBuf> {
 
 fn read(name: &str) -> String {
     std::fs::read_to_string(workspace().join("deploy/kubernetes").join(name)).unwrap()
-}
-
-/// python3 with target/python-deps (where scripts/test.sh installs the
-/// pinned kubernetes-validate) first on its path.
-fn python() -> Command {
-    let mut path = OsString::from(workspace().join("target/python-deps"));
-    if let Some(old) = std::env::var_os("PYTHONPATH") {
-        path.push(":");
-        path.push(old);
-    }
-    let mut cmd = Command::new("python3");
-    cmd.env("PYTHONPATH", path);
-    cmd
 }
 
 /// `kubernetes-validate --strict` for every version in VERSIONS; fails

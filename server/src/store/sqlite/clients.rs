@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::audit::record_change;
-use super::rows::{self, insert_named};
+use super::rows::{self, insert_named, join_detail};
 use crate::store::*;
 
 const CLIENT_COLUMNS: &str = "c.id, c.name, c.admin, c.enabled, c.pinned, c.created_at, \
@@ -120,11 +120,7 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
         format!("was in groups {}", some_names(&groups, 20))
     };
     let entry = AuditEntry {
-        detail: if audit.detail.is_empty() {
-            what
-        } else {
-            format!("{}; {what}", audit.detail)
-        },
+        detail: join_detail(&audit.detail, &what),
         ..audit.clone()
     };
     Ok(Committed {

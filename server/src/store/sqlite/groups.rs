@@ -3,7 +3,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::record_change;
-use super::rows::{self, insert_named};
+use super::rows::{self, insert_named, join_detail};
 use crate::store::*;
 
 pub(super) fn by_name(tx: &Connection, name: &str) -> Result<GroupRecord> {
@@ -97,11 +97,7 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
         list("secret", &held.secrets)
     );
     let entry = AuditEntry {
-        detail: if audit.detail.is_empty() {
-            what
-        } else {
-            format!("{}; {what}", audit.detail)
-        },
+        detail: join_detail(&audit.detail, &what),
         ..audit.clone()
     };
     Ok(Committed {

@@ -3,7 +3,9 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::{record_change, revision};
-use super::rows::{self, granted_to_client, insert_named, select_sealed, select_secrets};
+use super::rows::{
+    self, granted_to_client, insert_named, join_detail, select_sealed, select_secrets,
+};
 use crate::envelope::Sealed;
 use crate::store::*;
 
@@ -179,15 +181,6 @@ pub(super) fn rollback(
         value: by_name(tx, name)?,
         revision,
     })
-}
-
-/// `detail` with `more` added after a "; ".
-fn join_detail(detail: &str, more: &str) -> String {
-    if detail.is_empty() {
-        more.to_owned()
-    } else {
-        format!("{detail}; {more}")
-    }
 }
 
 pub(super) fn update(
