@@ -380,6 +380,9 @@ impl Domain {
         days: u32,
     ) -> Result<(ClientRecord, Issued), Error> {
         check_entity_name("client", &name)?;
+        // A client renewing itself may renew only the client it
+        // authenticated as: that id, not merely that name.
+        let own_id = (actor.name() == name).then_some(actor.client.id);
         let actor = actor.name().to_owned();
         if actor == name && !self.renew_budget.take(&name) {
             return Err(Error::OverBudget(format!(
@@ -391,6 +394,12 @@ impl Domain {
         let (client, issued) = self
             .run(move |d| {
                 let client = d.store.get_client(&name)?;
+                if own_id.is_some_and(|id| id != client.id) {
+                    return Err(Error::Unauthenticated(format!(
+                        "client \"{name}\" was removed since this call was authenticated; \
+                         the certificate presented belongs to a client that no longer exists"
+                    )));
+                }
                 if !client.pinned {
                     let why = format!(
                         "client \"{name}\" is registered as external: its certificates come from your own CA \
@@ -411,7 +420,7 @@ impl Domain {
                 };
                 let done = d
                     .store
-                    .add_client_cert(&name, &issued.serial, issued.not_after, &audit)?;
+                    .add_client_cert(client.id, &name, &issued.serial, issued.not_after, &audit)?;
                 Ok((done, issued))
             })
             .await?;

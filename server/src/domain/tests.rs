@@ -51,7 +51,7 @@ impl Store for Tampering {
         create_client(&self, new: &NewClient, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
         get_client(&self, name: &str) -> Result<ClientRecord>;
         list_clients(&self) -> Result<Vec<ClientRecord>>;
-        add_client_cert(&self, name: &str, serial: &str, not_after: i64, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
+        add_client_cert(&self, client_id: u64, name: &str, serial: &str, not_after: i64, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
         remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
         authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup>;
         create_group(&self, name: &str, description: &str, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
@@ -611,5 +611,34 @@ async fn bad_input_is_refused_before_the_store_is_touched() {
     assert!(
         missing.to_string().contains("`secretfs secret list`"),
         "{missing}"
+    );
+}
+
+#[tokio::test]
+async fn a_renewal_does_not_pin_a_certificate_to_a_client_removed_and_re_added_since() {
+    let f = fixture().await;
+    let d = &f.domain;
+    // `web` authenticated (f.web); before its renewal runs, an admin
+    // removes it and adds a new client of the same name.
+    d.remove_client(&f.admin, "web".into()).await.unwrap();
+    let (_key, csr) = crate::pki::new_csr("web").unwrap();
+    let (added, _) = d
+        .create_client(
+            &f.admin,
+            super::admin::CreateClient {
+                name: "web".into(),
+                admin: false,
+                csr_pem: Some(csr.clone()),
+                days: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let renewed = d.renew_client(&f.web, "web".into(), csr, 0).await;
+    assert!(renewed.is_err(), "the old caller's renewal must be refused");
+    let new_web = f.store.get_client("web").unwrap();
+    assert_eq!(
+        new_web.cert_serial, added.cert_serial,
+        "no certificate pinned to the new client"
     );
 }

@@ -400,10 +400,15 @@ pub trait Store: Send + Sync + 'static {
     fn get_client(&self, name: &str) -> Result<ClientRecord>;
     fn list_clients(&self) -> Result<Vec<ClientRecord>>;
     /// Pins one more certificate we issued (`serial`, valid until
-    /// `not_after`) to an existing client, beside those it already has
-    /// (renewal): the client's groups and other certificates are kept.
+    /// `not_after`) to the client with id `client_id` (named `name`),
+    /// beside those it already has (renewal): the client's groups and
+    /// other certificates are kept. The client is looked up by id in the
+    /// write itself, so a client removed (and perhaps re-added under the
+    /// same name) since the caller looked is NotFound, and one registered
+    /// as external is `External`.
     fn add_client_cert(
         &self,
+        client_id: u64,
         name: &str,
         serial: &str,
         not_after: i64,
