@@ -97,6 +97,7 @@ fn peer(name: &str, serial: &str) -> Peer {
             serial: serial.into(),
             source: IdentitySource::Spiffe,
             issuer: Issuer::BuiltIn,
+            not_before: 0,
             not_after: i64::MAX,
         },
         remote: "127.0.0.1:1".parse().ok(),
@@ -641,4 +642,16 @@ async fn a_renewal_does_not_pin_a_certificate_to_a_client_removed_and_re_added_s
         new_web.cert_serial, added.cert_serial,
         "no certificate pinned to the new client"
     );
+}
+
+#[test]
+fn a_presented_lifetime_is_whole_days_rounded_up_without_the_issue_slack() {
+    use super::admin::presented_days;
+    let slack = crate::pki::NOT_BEFORE_SLACK_S;
+    // What pki issues for --days 30: valid from 5 minutes before issue.
+    assert_eq!(presented_days(1000 - slack, 1000 + 30 * 86_400), 30);
+    assert_eq!(presented_days(0, 30 * 86_400 + slack + 1), 31, "rounded up");
+    assert_eq!(presented_days(0, 60), 1, "at least a day");
+    assert_eq!(presented_days(100, 0), 1, "even backwards");
+    assert_eq!(presented_days(i64::MIN, i64::MAX), u32::MAX);
 }
