@@ -849,6 +849,17 @@ fn audit_filters_by_action_outcome_and_cursor(s: &dyn Store) {
         })
         .unwrap();
     assert!(end.is_empty());
+    // A cursor past any id (it comes from the wire) is past every entry,
+    // not wrapped round to a negative id before all of them.
+    for after in [i64::MAX as u64 + 1, u64::MAX] {
+        let past = s
+            .query_audit(&AuditFilter {
+                after_id: Some(after),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(past.is_empty(), "after {after}: {past:?}");
+    }
 }
 
 fn removals_record_what_was_removed(s: &dyn Store) {
