@@ -183,9 +183,10 @@ impl SecretUpdate {
     }
 }
 
-/// An expiry in an audit detail: unix seconds, or "none".
+/// An expiry in an audit detail: RFC 3339 UTC (as `client.renew` shows
+/// certificate expiry), or "none".
 pub fn shown_expiry(t: Option<i64>) -> String {
-    t.map_or("none".to_owned(), |t| t.to_string())
+    t.map_or("none".to_owned(), crate::pki::rfc3339)
 }
 
 /// At most `max` names joined with ", ", then how many more there were:

@@ -133,7 +133,9 @@ pub(super) fn rotate(
     };
     if expires_at != current.expires_at {
         let what = match (expires, current.expires_at) {
-            (None, Some(t)) => format!("expiry {t} had passed: cleared"),
+            (None, Some(t)) => {
+                format!("expiry {} had passed: cleared", shown_expiry(Some(t)))
+            }
             _ => format!(
                 "expiry {} -> {}",
                 shown_expiry(current.expires_at),
