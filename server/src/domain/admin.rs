@@ -514,7 +514,11 @@ impl Domain {
                 let issued = match d.ca.sign_csr(&d.trust_domain, &name, &csr_pem, days) {
                     Ok(i) => i,
                     Err(e @ Error::InvalidArgument(_)) => {
-                        return Err(audited(e, "bad certificate request"))
+                        // The reason without the advice that follows it.
+                        let text = e.to_string();
+                        let why = text.split(". ").next().unwrap_or_default();
+                        let why = crate::names::printable(why, 200);
+                        return Err(audited(e, &why));
                     }
                     Err(e) => return Err(e),
                 };

@@ -93,7 +93,7 @@ fn a_client_cannot_renew_itself_for_longer_than_the_certificate_it_presents() {
     assert!(
         details
             .iter()
-            .any(|d| d.contains("bad certificate request")),
+            .any(|d| d.contains("the CSR cannot be signed")),
         "{details:?}"
     );
     assert!(refused.iter().all(|e| e["actor"] == "web"), "{refused:?}");
