@@ -138,3 +138,32 @@ fn over_budget_renewals_are_audited_once_an_hour() {
         "{over:?}"
     );
 }
+
+#[test]
+fn bytes_that_are_not_tls_are_not_audited_as_refused_handshakes() {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let s = TestServer::start();
+    // An HTTP request to the gRPC port, as a scanner would send; the server
+    // closes the connection.
+    let mut tcp = std::net::TcpStream::connect(&s.addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let _ = tcp.read_to_end(&mut Vec::new());
+    // Then a real refusal, which is audited after the probe would be.
+    rt().block_on(crate::certs::handshake(&s, None));
+    let mut events = Vec::new();
+    let found = eventually(Duration::from_secs(20), || {
+        events = s.audit_events("tls.refused", &[]);
+        !events.is_empty()
+    });
+    assert!(found, "the refused handshake was not audited");
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(
+        events[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no client certificate"),
+        "{events:#?}"
+    );
+}
