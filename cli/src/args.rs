@@ -452,7 +452,7 @@ pub struct ClientRenewArgs {
     /// Sign this CSR (PEM) instead of making a key here (no key is written).
     #[arg(long)]
     pub csr: Option<PathBuf>,
-    /// Certificate lifetime in days, 1 to 3650 (default 365).
+    /// Certificate lifetime in days, 1 to 3650 (default 365). Renewing your own: at most, and by default, your current certificate's lifetime.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub days: Option<u32>,
     /// Write NAME.pem, NAME.key and ca.pem here (replaced atomically).

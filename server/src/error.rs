@@ -146,6 +146,7 @@ impl From<StoreError> for Error {
             StoreError::NotFound { kind, name } => Error::not_found(kind.as_str(), &name),
             StoreError::AlreadyExists { kind, name } => Error::exists(kind.as_str(), &name),
             StoreError::NoSuchVersion { name, version } => Error::NoSuchVersion { name, version },
+            e @ StoreError::External { .. } => Error::FailedPrecondition(e.to_string()),
             StoreError::NameConflict { name, existing } => Error::NameConflict { name, existing },
             StoreError::Check(source) => match source.downcast::<Error>() {
                 Ok(ours) => *ours,

@@ -123,8 +123,9 @@ pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result
     };
     let created = existing.is_none();
     match existing {
-        Some(_) => {
-            store.add_client_cert(name, &issued.serial, issued.not_after, &audit)?;
+        Some(c) => {
+            // By id: a client removed (or re-added) since the check is refused.
+            store.add_client_cert(c.id, name, &issued.serial, issued.not_after, &audit)?;
         }
         None => {
             store.create_client(

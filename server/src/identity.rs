@@ -35,6 +35,8 @@ pub struct PeerIdentity {
     pub serial: String,
     pub source: IdentitySource,
     pub issuer: Issuer,
+    /// The certificate's notBefore (unix seconds).
+    pub not_before: i64,
     /// The certificate's notAfter (unix seconds).
     pub not_after: i64,
 }
@@ -50,6 +52,7 @@ pub fn identity_from_der(
         Error::Unauthenticated(format!("the client certificate cannot be parsed: {e}"))
     })?;
     let serial = hex::encode(cert.tbs_certificate.raw_serial());
+    let not_before = cert.validity().not_before.timestamp();
     let not_after = cert.validity().not_after.timestamp();
 
     let mut uris = Vec::new();
@@ -88,6 +91,7 @@ pub fn identity_from_der(
             serial,
             source: IdentitySource::Spiffe,
             issuer,
+            not_before,
             not_after,
         });
     }
@@ -109,6 +113,7 @@ pub fn identity_from_der(
         serial,
         source: IdentitySource::CommonName,
         issuer,
+        not_before,
         not_after,
     })
 }

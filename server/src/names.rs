@@ -163,17 +163,20 @@ pub fn check_entity_name(kind: &'static str, name: &str) -> Result<(), Error> {
 }
 
 /// A bounded, escaped form of a rejected name for error messages.
-/// `s` for a log line or an error: control characters escaped (`\n`,
-/// `\u{1b}`), everything else as it is (`mount's`, not Debug's
-/// `mount\'s`), cut to at most `max` bytes after escaping (so the result
-/// is bounded whatever `s` holds), with `…` where it was cut.
+/// `s` for a log line or an error: escaped as Debug escapes it (control
+/// characters `\n` and `\u{1b}`, Unicode format characters such as the
+/// bidi override `\u{202e}` and zero-width ones, and the backslash, so
+/// no text can pass for an escape or reorder what an operator reads),
+/// except quotes and apostrophes (`mount's`, not Debug's `mount\'s`), cut
+/// to at most `max` bytes after escaping (so the result is bounded
+/// whatever `s` holds), with `…` where it was cut.
 pub fn printable(s: &str, max: usize) -> String {
     let mut out = String::new();
     for c in s.chars() {
-        let piece: String = if c.is_control() {
-            c.escape_debug().collect()
-        } else {
+        let piece: String = if c == '\'' || c == '"' {
             c.into()
+        } else {
+            c.escape_debug().collect()
         };
         if out.len() + piece.len() > max {
             out.push('…');
@@ -221,13 +224,24 @@ mod tests {
     }
 
     #[test]
-    fn printable_escapes_control_characters_only() {
+    fn printable_escapes_control_characters_and_keeps_quotes() {
         assert_eq!(
             printable("not in the mount's \"container\"", 100),
             "not in the mount's \"container\""
         );
         assert_eq!(printable("a\nb\u{1b}[2J", 100), "a\\nb\\u{1b}[2J");
         assert_eq!(printable("abcdef", 4), "abcd…");
+    }
+
+    #[test]
+    fn printable_escapes_what_could_spoof_the_audit_output() {
+        // A container controls refusal paths that land in audit details:
+        // a bidi override, a zero-width space or a backslash must not pass
+        // through as they are; apostrophes and quotes stay readable.
+        assert_eq!(
+            printable("a\u{202e}txt.exe\u{200b}\\n'\"", 100),
+            "a\\u{202e}txt.exe\\u{200b}\\\\n'\""
+        );
     }
 
     #[test]

@@ -61,10 +61,13 @@ fn random_serial() -> Result<SerialNumber, Error> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
+/// How far before its issue a certificate of ours is valid from: a little
+/// slack for clocks that are slightly behind ours.
+pub const NOT_BEFORE_SLACK_S: i64 = 300;
+
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = OffsetDateTime::now_utc();
-    // A little slack for clocks that are slightly behind ours.
-    params.not_before = now - Duration::minutes(5);
+    params.not_before = now - Duration::seconds(NOT_BEFORE_SLACK_S);
     params.not_after = now + Duration::days(days);
 }
 

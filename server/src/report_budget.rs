@@ -121,27 +121,45 @@ pub const RENEW_PER_HOUR: u32 = 10;
 
 #[derive(Default)]
 pub struct RenewBudget {
-    inner: Mutex<HashMap<String, Window>>,
+    /// Each client's hour, and whether a refusal in it was recorded.
+    inner: Mutex<HashMap<String, (Window, bool)>>,
+}
+
+/// What taking a renewal from a client's budget gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Take {
+    Granted,
+    /// None left, and the first refusal of this hour: record it.
+    RefusedFirst,
+    /// None left, and a refusal of this hour was already recorded.
+    Refused,
 }
 
 impl RenewBudget {
-    /// Takes one renewal from `client`'s hour; false when it has none left.
-    pub fn take(&self, client: &str) -> bool {
+    /// Takes one renewal from `client`'s hour.
+    pub fn take(&self, client: &str) -> Take {
         self.take_at(client, Instant::now())
     }
 
-    fn take_at(&self, client: &str, now: Instant) -> bool {
+    fn take_at(&self, client: &str, now: Instant) -> Take {
         let mut clients = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         // Only clients that renewed within the hour are remembered.
-        clients.retain(|_, w| now.duration_since(w.start) < w.length);
-        let w = clients
-            .entry(client.to_owned())
-            .or_insert_with(|| Window::new(Duration::from_secs(3600), RENEW_PER_HOUR, now));
+        clients.retain(|_, (w, _)| now.duration_since(w.start) < w.length);
+        let (w, noted) = clients.entry(client.to_owned()).or_insert_with(|| {
+            (
+                Window::new(Duration::from_secs(3600), RENEW_PER_HOUR, now),
+                false,
+            )
+        });
         if w.left(now) == 0 {
-            return false;
+            return if std::mem::replace(noted, true) {
+                Take::Refused
+            } else {
+                Take::RefusedFirst
+            };
         }
         w.used += 1;
-        true
+        Take::Granted
     }
 }
 
@@ -215,11 +233,19 @@ mod tests {
         let b = RenewBudget::default();
         let t0 = Instant::now();
         for _ in 0..RENEW_PER_HOUR {
-            assert!(b.take_at("web", t0));
+            assert_eq!(b.take_at("web", t0), Take::Granted);
         }
-        assert!(!b.take_at("web", t0));
-        assert!(b.take_at("api", t0), "each client has its own");
-        assert!(b.take_at("web", t0 + Duration::from_secs(3601)));
+        assert_eq!(b.take_at("web", t0), Take::RefusedFirst);
+        assert_eq!(b.take_at("web", t0), Take::Refused, "recorded once an hour");
+        assert_eq!(
+            b.take_at("api", t0),
+            Take::Granted,
+            "each client has its own"
+        );
+        assert_eq!(
+            b.take_at("web", t0 + Duration::from_secs(3601)),
+            Take::Granted
+        );
     }
 
     #[test]

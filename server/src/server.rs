@@ -58,16 +58,62 @@ pub struct Server {
     max_connections: usize,
     max_secret_size: usize,
     /// Ends once every handle to the shared state is gone; joined at
-    /// shutdown so the database is closed (and checkpointed) cleanly.
-    audit_thread: std::thread::JoinHandle<()>,
+    /// shutdown so the database is closed (and checkpointed) cleanly. It
+    /// holds the state lock until it has ended.
+    audit_thread: AuditThread,
     domain: Arc<Domain>,
     tls: tls::ClientTrust,
     /// The served certificate (for the expiry warnings).
     server_cert: Arc<ReloadingCert>,
     ca_not_after: i64,
     state_dir: PathBuf,
-    /// Held until the server is dropped or `serve` returns.
-    _state_lock: StateLock,
+}
+
+/// The audit writer thread and the state directory's lock, released only
+/// once the thread has ended (joined at shutdown, or, when the server is
+/// dropped without that or the join times out, by a thread that waits for
+/// it): a second server must not start while this one's writer still
+/// writes to the database. (When the process exits, the kernel releases
+/// the lock with the writer.)
+struct AuditThread {
+    handle: Option<std::thread::JoinHandle<()>>,
+    lock: Option<StateLock>,
+}
+
+impl AuditThread {
+    fn new(handle: std::thread::JoinHandle<()>, lock: StateLock) -> AuditThread {
+        AuditThread {
+            handle: Some(handle),
+            lock: Some(lock),
+        }
+    }
+
+    /// Waits for the thread, then releases the lock.
+    fn join(mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.lock.take();
+    }
+}
+
+impl Drop for AuditThread {
+    fn drop(&mut self) {
+        let (Some(handle), lock) = (self.handle.take(), self.lock.take()) else {
+            return;
+        };
+        // The writer ends once the shared state is dropped, which may be
+        // after this (a field dropped later): wait for it elsewhere.
+        let waited = std::thread::Builder::new()
+            .name("secretfs-unlock".into())
+            .spawn(move || {
+                let _ = handle.join();
+                drop(lock);
+            });
+        if let Err(e) = waited {
+            tracing::warn!(error = %e, "cannot wait for the audit writer; the state lock is released now");
+        }
+    }
 }
 
 /// What to say about a certificate expiring at `not_after`, seen at `now`:
@@ -264,13 +310,12 @@ impl Server {
             health_listener,
             max_connections,
             max_secret_size: opts.max_secret_size,
-            audit_thread,
+            audit_thread: AuditThread::new(audit_thread, state_lock),
             domain,
             tls,
             server_cert,
             ca_not_after: crate::pki::cert_not_after(&ca_cert).unwrap_or(0),
             state_dir: opts.state_dir.clone(),
-            _state_lock: state_lock,
         })
     }
 
@@ -397,6 +442,8 @@ impl Server {
         drop(self.domain);
         // Watch tasks still finishing hold the shared state for a moment;
         // do not wait on them for long.
+        // Waits for the writer and only then releases the state lock, even
+        // when the wait below gives up.
         let audit_thread = self.audit_thread;
         let joined = tokio::task::spawn_blocking(move || audit_thread.join());
         if tokio::time::timeout(Duration::from_secs(5), joined)
@@ -415,6 +462,39 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::expiry_notice;
+
+    #[test]
+    fn the_state_lock_is_held_until_the_audit_writer_ends() {
+        use super::{AuditThread, StateLock};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = crate::state_dir::StateDir::new(tmp.path());
+        let writer = |rx: std::sync::mpsc::Receiver<()>| {
+            std::thread::spawn(move || {
+                let _ = rx.recv();
+            })
+        };
+        // Dropped without a join (serve returned early, or never ran).
+        let (tx, rx) = std::sync::mpsc::channel();
+        let audit = AuditThread::new(writer(rx), StateLock::acquire(&dir).unwrap());
+        drop(audit);
+        assert!(
+            StateLock::check_unlocked(&dir).is_err(),
+            "released while the writer still runs"
+        );
+        drop(tx);
+        let mut waited = 0;
+        while StateLock::check_unlocked(&dir).is_err() {
+            waited += 1;
+            assert!(waited < 1000, "never released after the writer ended");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Joined: released once the writer is done.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let audit = AuditThread::new(writer(rx), StateLock::acquire(&dir).unwrap());
+        drop(tx);
+        audit.join();
+        StateLock::check_unlocked(&dir).unwrap();
+    }
 
     #[test]
     fn expiry_is_told_within_30_days_and_after() {

@@ -209,20 +209,15 @@ pub fn server_config(
     })
 }
 
-/// Accepts connections until the returned receiver is dropped; yields
-/// streams whose handshake finished.
-///
-/// At most `max_connections` are open at once (authenticated or not). When
-/// the cap is reached, or too many handshakes are in progress, the oldest
-/// connection still in its handshake is dropped for the newcomer: idle or
-/// slow unauthenticated connections cannot crowd out real clients. With no
-/// handshake to drop, the newcomer is refused.
-/// Told of every handshake the TLS layer refused, with the peer and why.
+/// Told of every handshake the TLS layer refused that is worth an audit
+/// entry (see [`refusal_cause`]), with the peer and why.
 pub type OnRefused = Arc<dyn Fn(SocketAddr, &str) + Send + Sync>;
 
 /// Why a handshake failed, in an operator's words, when the TLS layer
 /// refused it; `None` for a peer that only went away (a port probe, a
-/// reset), which is not worth an audit entry.
+/// reset) or that did not speak TLS at all (an HTTP request, a scanner):
+/// those are logged, not audited, and take nothing from the tls.refused
+/// budget.
 pub fn refusal_cause(err: &io::Error) -> Option<String> {
     use rustls::CertificateError as C;
     let tls = err.get_ref()?.downcast_ref::<rustls::Error>()?;
@@ -246,10 +241,27 @@ pub fn refusal_cause(err: &io::Error) -> Option<String> {
         rustls::Error::PeerIncompatible(why) => {
             format!("incompatible TLS client (TLS 1.3 is required): {why:?}")
         }
+        // Not TLS, or not a TLS handshake: a probe, not a client.
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => return None,
+        rustls::Error::AlertReceived(alert) => format!(
+            "the client refused the server's certificate ({alert:?} ALERT); check the server \
+             certificate's names (`secretfs server reissue-cert`)"
+        ),
         other => format!("handshake failed: {other}"),
     })
 }
 
+/// Accepts connections until the returned receiver is dropped; yields
+/// streams whose handshake finished. Refused handshakes are logged, and
+/// those with a [`refusal_cause`] are passed to `on_refused`.
+///
+/// At most `max_connections` are open at once (authenticated or not). When
+/// the cap is reached, or too many handshakes are in progress, the oldest
+/// connection still in its handshake is dropped for the newcomer: idle or
+/// slow unauthenticated connections cannot crowd out real clients. With no
+/// handshake to drop, the newcomer is refused.
 pub fn accept_loop(
     listener: TcpListener,
     trust: ClientTrust,
@@ -382,5 +394,49 @@ mod tests {
         assert!(second.try_recv().is_err(), "the newer one goes on");
         assert!(h.evict_oldest());
         assert!(!h.evict_oldest());
+    }
+
+    fn cause(e: rustls::Error) -> Option<String> {
+        refusal_cause(&io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    #[test]
+    fn bytes_that_are_not_tls_are_logged_not_audited() {
+        use rustls::{ContentType, HandshakeType, InvalidMessage};
+        // What an HTTP GET or a scanner yields.
+        assert_eq!(
+            cause(rustls::Error::InvalidMessage(
+                InvalidMessage::InvalidContentType
+            )),
+            None
+        );
+        assert_eq!(
+            cause(rustls::Error::InappropriateMessage {
+                expect_types: vec![ContentType::Handshake],
+                got_type: ContentType::ApplicationData,
+            }),
+            None
+        );
+        assert_eq!(
+            cause(rustls::Error::InappropriateHandshakeMessage {
+                expect_types: vec![HandshakeType::ClientHello],
+                got_type: HandshakeType::Finished,
+            }),
+            None
+        );
+        assert!(cause(rustls::Error::NoCertificatesPresented).is_some());
+    }
+
+    #[test]
+    fn an_alert_says_the_client_refused_the_server_certificate() {
+        let why = cause(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadCertificate,
+        ))
+        .unwrap();
+        assert!(
+            why.contains("the client refused the server's certificate"),
+            "{why}"
+        );
+        assert!(why.contains("secretfs server reissue-cert"), "{why}");
     }
 }

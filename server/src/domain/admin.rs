@@ -7,10 +7,12 @@ use std::sync::Arc;
 use super::{Action, Caller, Domain};
 use crate::envelope::{Binding, Plaintext};
 use crate::error::Error;
+use crate::identity::PeerIdentity;
 use crate::names::{
     check_description, check_entity_name, check_labels, check_mode, check_secret_name, check_time,
 };
 use crate::pki::Issued;
+use crate::report_budget::Take;
 use crate::store::{
     now_s, AccessRecord, AuditEntry, AuditFilter, Change, ClientRecord, GroupRecord, NewClient,
     NewSecret, SecretRecord, SecretUpdate, StoreError, VersionRecord,
@@ -43,6 +45,36 @@ pub struct AuditQuery {
 /// Checks an expiry an operator gives. One already past is refused unless
 /// `allow_past` (the CLI's `--force`): a wrong year would otherwise mark
 /// the secret expired from its first day, silently.
+/// A refused renewal of client `name` by `actor`, and why.
+fn renew_refused(actor: &str, name: &str, why: &str) -> AuditEntry {
+    AuditEntry {
+        client: Some(name.to_owned()),
+        ..Action::ClientRenew.refused(actor, why)
+    }
+}
+
+/// How long a renewed certificate may be asked to last.
+#[derive(Clone, Copy, Debug)]
+enum Lifetime {
+    /// By an admin: what was asked (0 = the default; pki caps it).
+    Asked(u32),
+    /// By the client itself: at most `most` days, 0 = `most`.
+    AtMost { asked: u32, most: u32 },
+}
+
+/// The lifetime of a certificate of ours, valid from `not_before` to
+/// `not_after` (unix seconds), in whole days rounded up, at least 1: the
+/// issue-time slack before `now` is not part of it, so renewing for the
+/// same lifetime over and over does not grow it.
+pub fn presented_days(not_before: i64, not_after: i64) -> u32 {
+    let secs = not_after
+        .saturating_sub(not_before)
+        .saturating_sub(crate::pki::NOT_BEFORE_SLACK_S)
+        .max(1);
+    let days = secs.saturating_add(86_399) / 86_400;
+    u32::try_from(days).unwrap_or(u32::MAX).max(1)
+}
+
 pub fn check_expiry(t: i64, allow_past: bool) -> Result<(), Error> {
     check_time("expiry", t)?;
     if t <= now_s() && !allow_past {
@@ -370,8 +402,9 @@ impl Domain {
 
     /// Issues client `name` a new certificate for the key in `csr_pem`,
     /// pinned beside its others (same identity, same groups); the old ones
-    /// stay valid until they expire or the client is removed. `actor` is
-    /// the client itself (renewal) or an admin.
+    /// stay valid until they expire or the client is removed. `actor` is an
+    /// admin (`days`: 1..=3650, 0 = the default); a client renewing itself
+    /// goes through [`Domain::renew_own`].
     pub async fn renew_client(
         self: &Arc<Self>,
         actor: &Caller,
@@ -379,31 +412,117 @@ impl Domain {
         csr_pem: String,
         days: u32,
     ) -> Result<(ClientRecord, Issued), Error> {
+        self.renew(actor, name, csr_pem, Lifetime::Asked(days))
+            .await
+    }
+
+    /// The caller renews its own certificate, `presented` being the one it
+    /// authenticated with. The new one lasts at most as long as that one
+    /// (`days` = 0: as long), so a client cannot stretch its own lifetime.
+    pub async fn renew_own(
+        self: &Arc<Self>,
+        caller: &Caller,
+        presented: &PeerIdentity,
+        csr_pem: String,
+        days: u32,
+    ) -> Result<(ClientRecord, Issued), Error> {
+        let most = presented_days(presented.not_before, presented.not_after);
+        let name = caller.name().to_owned();
+        self.renew(
+            caller,
+            name,
+            csr_pem,
+            Lifetime::AtMost { asked: days, most },
+        )
+        .await
+    }
+
+    async fn renew(
+        self: &Arc<Self>,
+        actor: &Caller,
+        name: String,
+        csr_pem: String,
+        lifetime: Lifetime,
+    ) -> Result<(ClientRecord, Issued), Error> {
         check_entity_name("client", &name)?;
+        // A client renewing itself may renew only the client it
+        // authenticated as: that id, not merely that name.
+        let own_id = (actor.name() == name).then_some(actor.client.id);
         let actor = actor.name().to_owned();
-        if actor == name && !self.renew_budget.take(&name) {
-            return Err(Error::OverBudget(format!(
-                "client \"{name}\" has renewed its certificate {} times in the last hour, the most allowed; \
-                 its current certificate still works: try again later, or an admin can issue one with `secretfs client renew {name}`",
-                crate::report_budget::RENEW_PER_HOUR
-            )));
+        // A refusal is audited once it has taken from the client's budget
+        // (and the first over-budget refusal of a window once), so a
+        // client cannot flood the log with them.
+        if own_id.is_some() {
+            match self.renew_budget.take(&name) {
+                Take::Granted => {}
+                over => {
+                    if over == Take::RefusedFirst {
+                        let entry = renew_refused(&actor, &name, "over the hourly renewal budget");
+                        self.run(move |d| Ok(d.store.append_audit(&[entry])?))
+                            .await?;
+                    }
+                    return Err(Error::OverBudget(format!(
+                        "client \"{name}\" has renewed its certificate {} times in the last hour, the most allowed; \
+                         its current certificate still works: try again later, or an admin can issue one with `secretfs client renew {name}`",
+                        crate::report_budget::RENEW_PER_HOUR
+                    )));
+                }
+            }
         }
+        let days = match lifetime {
+            Lifetime::Asked(days) => days,
+            Lifetime::AtMost { asked: 0, most } => most,
+            Lifetime::AtMost { asked, most } if asked <= most => asked,
+            Lifetime::AtMost { asked, most } => {
+                let entry = renew_refused(
+                    &actor,
+                    &name,
+                    &format!("asked for {asked} days, at most {most} allowed"),
+                );
+                self.run(move |d| Ok(d.store.append_audit(&[entry])?))
+                    .await?;
+                return Err(Error::InvalidArgument(format!(
+                    "a renewed certificate lasts at most as long as the one presented ({most} days); \
+                     ask for {most} or fewer (0 = the same), or an admin can issue a longer one with \
+                     `secretfs client renew {name} --days N`"
+                )));
+            }
+        };
         let (client, issued) = self
             .run(move |d| {
+                let audited = |e: Error, why: &str| -> Error {
+                    match d.store.append_audit(&[renew_refused(&actor, &name, why)]) {
+                        Ok(()) => e,
+                        Err(store) => store.into(),
+                    }
+                };
                 let client = d.store.get_client(&name)?;
+                if own_id.is_some_and(|id| id != client.id) {
+                    let e = Error::Unauthenticated(format!(
+                        "client \"{name}\" was removed since this call was authenticated; \
+                         the certificate presented belongs to a client that no longer exists"
+                    ));
+                    return Err(audited(e, "client removed since authenticated"));
+                }
                 if !client.pinned {
-                    let why = format!(
+                    let e = Error::FailedPrecondition(format!(
                         "client \"{name}\" is registered as external: its certificates come from your own CA \
                          (`server run --client-ca`), which this server cannot sign for; renew it with that CA"
-                    );
-                    d.store.append_audit(&[AuditEntry {
-                        client: Some(name.clone()),
-                        ..Action::ClientRenew.refused(&actor, "external client")
-                    }])?;
-                    return Err(Error::FailedPrecondition(why));
+                    ));
+                    return Err(audited(e, "external client"));
                 }
-                let issued = d.ca.sign_csr(&d.trust_domain, &name, &csr_pem, days)?;
-                let by = if actor == name { "renewed by itself" } else { "issued by an admin" };
+                let issued = match d.ca.sign_csr(&d.trust_domain, &name, &csr_pem, days) {
+                    Ok(i) => i,
+                    Err(e @ Error::InvalidArgument(_)) => {
+                        // The reason without the advice that follows it.
+                        let text = e.to_string();
+                        let why = text.split(". ").next().unwrap_or_default();
+                        let why = crate::names::printable(why, 200);
+                        return Err(audited(e, &why));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let by = if own_id.is_some() { "renewed by itself" } else { "issued by an admin" };
                 let audit = AuditEntry {
                     client: Some(name.clone()),
                     detail: format!("certificate {} ({by}), valid until {}", issued.serial, crate::pki::rfc3339(issued.not_after)),
@@ -411,7 +530,7 @@ impl Domain {
                 };
                 let done = d
                     .store
-                    .add_client_cert(&name, &issued.serial, issued.not_after, &audit)?;
+                    .add_client_cert(client.id, &name, &issued.serial, issued.not_after, &audit)?;
                 Ok((done, issued))
             })
             .await?;

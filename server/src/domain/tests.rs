@@ -51,7 +51,7 @@ impl Store for Tampering {
         create_client(&self, new: &NewClient, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
         get_client(&self, name: &str) -> Result<ClientRecord>;
         list_clients(&self) -> Result<Vec<ClientRecord>>;
-        add_client_cert(&self, name: &str, serial: &str, not_after: i64, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
+        add_client_cert(&self, client_id: u64, name: &str, serial: &str, not_after: i64, audit: &AuditEntry) -> Result<Committed<ClientRecord>>;
         remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
         authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup>;
         create_group(&self, name: &str, description: &str, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
@@ -97,6 +97,7 @@ fn peer(name: &str, serial: &str) -> Peer {
             serial: serial.into(),
             source: IdentitySource::Spiffe,
             issuer: Issuer::BuiltIn,
+            not_before: 0,
             not_after: i64::MAX,
         },
         remote: "127.0.0.1:1".parse().ok(),
@@ -612,4 +613,45 @@ async fn bad_input_is_refused_before_the_store_is_touched() {
         missing.to_string().contains("`secretfs secret list`"),
         "{missing}"
     );
+}
+
+#[tokio::test]
+async fn a_renewal_does_not_pin_a_certificate_to_a_client_removed_and_re_added_since() {
+    let f = fixture().await;
+    let d = &f.domain;
+    // `web` authenticated (f.web); before its renewal runs, an admin
+    // removes it and adds a new client of the same name.
+    d.remove_client(&f.admin, "web".into()).await.unwrap();
+    let (_key, csr) = crate::pki::new_csr("web").unwrap();
+    let (added, _) = d
+        .create_client(
+            &f.admin,
+            super::admin::CreateClient {
+                name: "web".into(),
+                admin: false,
+                csr_pem: Some(csr.clone()),
+                days: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let renewed = d.renew_client(&f.web, "web".into(), csr, 0).await;
+    assert!(renewed.is_err(), "the old caller's renewal must be refused");
+    let new_web = f.store.get_client("web").unwrap();
+    assert_eq!(
+        new_web.cert_serial, added.cert_serial,
+        "no certificate pinned to the new client"
+    );
+}
+
+#[test]
+fn a_presented_lifetime_is_whole_days_rounded_up_without_the_issue_slack() {
+    use super::admin::presented_days;
+    let slack = crate::pki::NOT_BEFORE_SLACK_S;
+    // What pki issues for --days 30: valid from 5 minutes before issue.
+    assert_eq!(presented_days(1000 - slack, 1000 + 30 * 86_400), 30);
+    assert_eq!(presented_days(0, 30 * 86_400 + slack + 1), 31, "rounded up");
+    assert_eq!(presented_days(0, 60), 1, "at least a day");
+    assert_eq!(presented_days(100, 0), 1, "even backwards");
+    assert_eq!(presented_days(i64::MIN, i64::MAX), u32::MAX);
 }

@@ -31,17 +31,21 @@ fn take_content(content: &mut Vec<u8>) -> Plaintext {
     Plaintext::new(std::mem::take(content))
 }
 
-/// A request's expiry fields as a change: set, clear, or keep (`None`).
-fn expiry_change(expires_at: Option<i64>, clear: bool) -> Result<Option<Option<i64>>, Status> {
-    match (expires_at, clear) {
-        (Some(_), true) => Err(Status::invalid_argument(
-            "give either a new expiry or clear it (--expires or --no-expires), not both",
-        )),
-        (Some(t), false) => Ok(Some(Some(t))),
+/// A request's value and clear flag for one field as a change: set,
+/// clear, or keep (`None`). `what` names the field and its flags
+/// (`expiry (--expires or --no-expires)`).
+fn change<T>(value: Option<T>, clear: bool, what: &str) -> Result<Option<Option<T>>, Status> {
+    match (value, clear) {
+        (Some(_), true) => Err(Status::invalid_argument(format!(
+            "give either a new {what} or clear it, not both"
+        ))),
+        (Some(v), false) => Ok(Some(Some(v))),
         (None, true) => Ok(Some(None)),
         (None, false) => Ok(None),
     }
 }
+
+const EXPIRY: &str = "expiry (--expires or --no-expires)";
 
 fn membership(add: bool) -> Membership {
     if add {
@@ -85,7 +89,7 @@ impl Admin for AdminService {
         let caller = self.admin(&req, Action::SecretRotate).await?;
         let mut r = req.into_inner();
         let content = take_content(&mut r.content);
-        let expires = expiry_change(r.expires_at, r.clear_expiry)?;
+        let expires = change(r.expires_at, r.clear_expiry, EXPIRY)?;
         let rec = self
             .domain
             .rotate_secret(&caller, r.name, content, expires, r.allow_past_expiry)
@@ -99,23 +103,15 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::SecretMeta>, Status> {
         let caller = self.admin(&req, Action::SecretUpdate).await?;
         let r = req.into_inner();
-        let cleared = |value: Option<u32>, clear: bool, what: &str| match (value, clear) {
-            (Some(_), true) => Err(Status::invalid_argument(format!(
-                "give either a new {what} or clear it, not both"
-            ))),
-            (Some(v), false) => Ok(Some(Some(v))),
-            (None, true) => Ok(Some(None)),
-            (None, false) => Ok(None),
-        };
         let update = SecretUpdate {
             description: r.description,
             clear_labels: r.clear_labels,
             remove_labels: r.remove_labels,
             set_labels: r.labels.into_iter().collect(),
             mode: r.mode,
-            owner: cleared(r.owner, r.clear_owner, "owner")?,
-            group: cleared(r.group, r.clear_group, "group")?,
-            expires_at: expiry_change(r.expires_at, r.clear_expiry)?,
+            owner: change(r.owner, r.clear_owner, "owner")?,
+            group: change(r.group, r.clear_group, "group")?,
+            expires_at: change(r.expires_at, r.clear_expiry, EXPIRY)?,
         };
         let rec = self
             .domain

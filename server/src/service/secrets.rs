@@ -79,12 +79,12 @@ impl Secrets for SecretsService {
         &self,
         req: Request<v1::RenewCertificateRequest>,
     ) -> Result<Response<v1::RenewCertificateResponse>, Status> {
-        let caller = self.caller(&req).await?;
+        let presented = peer(&req)?;
+        let caller = self.domain.authenticate(presented.clone()).await?;
         let r = req.into_inner();
-        let name = caller.name().to_owned();
         let (_, issued) = self
             .domain
-            .renew_client(&caller, name, r.csr_pem, r.days)
+            .renew_own(&caller, &presented.identity, r.csr_pem, r.days)
             .await?;
         Ok(Response::new(v1::RenewCertificateResponse {
             cert_pem: issued.cert_pem,

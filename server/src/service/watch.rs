@@ -95,32 +95,50 @@ async fn send_parts(tx: &Sender, event: v1::WatchEvent) -> bool {
     true
 }
 
-/// Splits an event into messages of at most [`MAX_REPLY_CONTENT`] of
-/// content each (one secret is never split), marked `continued` but the
-/// last, so a client with gRPC's default 4 MiB receive limit gets any
-/// change. Removals and metadata updates (no content) ride in the first
-/// part; `initial` only on the first.
+/// Splits an event into messages of at most [`MAX_REPLY_CONTENT`]
+/// encoded bytes of removals, metadata updates and secrets each (one item
+/// is never split, so a message holding a single secret of the largest
+/// size is that secret and its metadata), marked `continued` but the last,
+/// so a client with gRPC's default 4 MiB receive limit gets any change,
+/// however many metadata updates it holds (an old mount reconnecting gets
+/// one for every secret). Items keep their order: removals, then metadata
+/// updates, then secrets; `initial` only on the first part.
 fn split(event: v1::WatchEvent) -> Vec<v1::WatchEvent> {
-    let part = |initial, removals, meta_updates| v1::WatchEvent {
+    use prost::Message;
+    let part = |initial| v1::WatchEvent {
         revision: event.revision,
         initial,
-        upserts: Vec::new(),
-        removals,
-        continued: false,
-        meta_updates,
+        ..Default::default()
     };
     let mut parts = Vec::new();
-    let mut current = part(event.initial, event.removals, event.meta_updates);
+    let mut current = part(event.initial);
     let mut size = 0;
-    for u in event.upserts {
-        if !current.upserts.is_empty() && size + u.content.len() > MAX_REPLY_CONTENT {
-            let next = part(false, Vec::new(), Vec::new());
-            let mut full = std::mem::replace(&mut current, next);
+    // Starts a new part when `len` more bytes would not fit beside what
+    // the current one holds.
+    let mut room_for = |len: usize, current: &mut v1::WatchEvent| {
+        let empty = current.removals.is_empty()
+            && current.meta_updates.is_empty()
+            && current.upserts.is_empty();
+        if !empty && size + len > MAX_REPLY_CONTENT {
+            let mut full = std::mem::replace(current, part(false));
             full.continued = true;
             parts.push(full);
             size = 0;
         }
-        size += u.content.len();
+        size += len;
+    };
+    // Each item's size as a repeated field: its bytes, a tag and a length.
+    let framed = |len: usize| len + 1 + prost::length_delimiter_len(len);
+    for r in event.removals {
+        room_for(framed(r.len()), &mut current);
+        current.removals.push(r);
+    }
+    for m in event.meta_updates {
+        room_for(framed(m.encoded_len()), &mut current);
+        current.meta_updates.push(m);
+    }
+    for u in event.upserts {
+        room_for(framed(u.encoded_len()), &mut current);
         current.upserts.push(u);
     }
     parts.push(current);
@@ -168,33 +186,66 @@ mod tests {
         }
     }
 
+    /// Checks the parts of `event`: order kept, `initial` and `continued`
+    /// right, each message within the bound; returns them.
+    fn checked_split(event: v1::WatchEvent) -> Vec<v1::WatchEvent> {
+        use prost::Message;
+        let whole = event.clone();
+        let parts = split(event);
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p.revision, whole.revision);
+            assert_eq!(p.initial, whole.initial && i == 0);
+            assert_eq!(p.continued, i + 1 < parts.len());
+            let len = p.encoded_len();
+            assert!(len <= MAX_REPLY_CONTENT + 64, "part {i}: {len} bytes");
+        }
+        let all = |f: &dyn Fn(&v1::WatchEvent) -> Vec<String>| -> Vec<String> {
+            parts.iter().flat_map(f).collect()
+        };
+        assert_eq!(all(&|p| p.removals.clone()), whole.removals);
+        let metas = |v: &[v1::SecretMeta]| v.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        assert_eq!(all(&|p| metas(&p.meta_updates)), metas(&whole.meta_updates));
+        let ups = |v: &[v1::SecretContent]| {
+            v.iter()
+                .map(|u| u.meta.as_ref().unwrap().name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(all(&|p| ups(&p.upserts)), ups(&whole.upserts));
+        parts
+    }
+
     #[test]
     fn a_large_event_is_split_into_bounded_parts() {
         let mib = 1 << 20;
-        let event = v1::WatchEvent {
+        let parts = checked_split(v1::WatchEvent {
             revision: 9,
             initial: true,
             upserts: (0..7).map(|i| upsert(&format!("s{i}"), mib)).collect(),
             removals: vec!["gone".into()],
             continued: false,
             meta_updates: Vec::new(),
-        };
-        let parts = split(event);
-        assert_eq!(parts.len(), 3);
-        for (i, p) in parts.iter().enumerate() {
-            assert_eq!(p.revision, 9);
-            assert_eq!(p.initial, i == 0);
-            assert_eq!(p.continued, i + 1 < parts.len());
-            let size: usize = p.upserts.iter().map(|u| u.content.len()).sum();
-            assert!(size <= MAX_REPLY_CONTENT, "part {i}: {size}");
-        }
+        });
+        assert!(parts.len() >= 3, "{}", parts.len());
         assert_eq!(parts[0].removals, ["gone"]);
-        let names: Vec<_> = parts
-            .iter()
-            .flat_map(|p| &p.upserts)
-            .map(|u| u.meta.as_ref().unwrap().name.clone())
-            .collect();
-        assert_eq!(names, (0..7).map(|i| format!("s{i}")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn metadata_updates_count_toward_the_bound_and_are_spread_over_parts() {
+        // An old mount reconnecting: a metadata update for every secret
+        // (each up to ~21 KB), beside content near the bound.
+        let meta = |i: usize| v1::SecretMeta {
+            name: format!("m{i}"),
+            description: "d".repeat(20_000),
+            ..Default::default()
+        };
+        let parts = checked_split(v1::WatchEvent {
+            revision: 3,
+            upserts: vec![upsert("big", MAX_REPLY_CONTENT - 1000), upsert("small", 10)],
+            meta_updates: (0..400).map(meta).collect(),
+            removals: (0..1000).map(|i| format!("gone/{i}")).collect(),
+            ..Default::default()
+        });
+        assert!(parts.len() >= 4, "{}", parts.len());
     }
 
     #[test]

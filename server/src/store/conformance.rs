@@ -362,13 +362,14 @@ fn authentication_facts(s: &dyn Store) {
     .unwrap();
     let again = s.authenticate("web", "serial-web").unwrap();
     assert!(again.client.is_some() && !again.serial_issued && again.serial_revoked);
+    let again_id = again.client.as_ref().map(|c| c.id).unwrap();
     // Renewal pins a second serial beside the first; both work, groups
     // stay, and removal revokes both.
     s.create_group("g", "", &entry("group.create")).unwrap();
     s.set_group_client("g", "web", true, &entry("group.add-client"))
         .unwrap();
     let renewed = s
-        .add_client_cert("web", "serial-web-3", 100, &entry("client.renew"))
+        .add_client_cert(again_id, "web", "serial-web-3", 100, &entry("client.renew"))
         .unwrap();
     assert_eq!(renewed.value.cert_serial.as_deref(), Some("serial-web-3"));
     assert_eq!(renewed.value.cert_not_after, Some(100));
@@ -376,9 +377,33 @@ fn authentication_facts(s: &dyn Store) {
     assert!(s.authenticate("web", "serial-web-2").unwrap().serial_issued);
     assert!(s.authenticate("web", "serial-web-3").unwrap().serial_issued);
     assert!(matches!(
-        s.add_client_cert("nobody", "serial-x", 1, &entry("client.renew")),
+        s.add_client_cert(again_id, "nobody", "serial-x", 1, &entry("client.renew")),
         Err(StoreError::NotFound { .. })
     ));
+    // Removed and re-added between authenticate and renew: the old id
+    // pins nothing to the new client of the same name.
+    assert!(matches!(
+        s.add_client_cert(web.id, "web", "serial-x", 1, &entry("client.renew")),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(!s.authenticate("web", "serial-x").unwrap().serial_issued);
+    // A client registered as external gets no certificate of ours.
+    let ext = s
+        .create_client(
+            &NewClient {
+                name: "ext".into(),
+                admin: false,
+                cert: None,
+            },
+            &entry("client.create"),
+        )
+        .unwrap()
+        .value;
+    assert!(matches!(
+        s.add_client_cert(ext.id, "ext", "serial-y", 1, &entry("client.renew")),
+        Err(StoreError::External { .. })
+    ));
+    assert!(!s.authenticate("ext", "serial-y").unwrap().serial_issued);
     s.remove_client("web", &entry("client.remove")).unwrap();
     assert!(
         s.authenticate("web", "serial-web-2")
@@ -592,7 +617,7 @@ fn metadata_updates_without_a_version(s: &dyn Store) {
         "mode default -> 0440",
         "owner default -> 1234",
         "group default -> 55",
-        "expiry none -> 4000000000",
+        "expiry none -> 2096-10-02T07:06:40Z",
     ] {
         assert!(audited.detail.contains(part), "{part}: {}", audited.detail);
     }
@@ -695,7 +720,7 @@ fn rotation_sets_or_clears_the_expiry(s: &dyn Store) {
     assert_eq!(rotate(None).expires_at, None);
     assert!(last_audit(s)
         .detail
-        .contains("expiry 1000 had passed: cleared"));
+        .contains("expiry 1970-01-01T00:16:40Z had passed: cleared"));
     assert_eq!(
         rotate(Some(Some(5_000_000_000))).expires_at,
         Some(5_000_000_000)
@@ -824,6 +849,17 @@ fn audit_filters_by_action_outcome_and_cursor(s: &dyn Store) {
         })
         .unwrap();
     assert!(end.is_empty());
+    // A cursor past any id (it comes from the wire) is past every entry,
+    // not wrapped round to a negative id before all of them.
+    for after in [i64::MAX as u64 + 1, u64::MAX] {
+        let past = s
+            .query_audit(&AuditFilter {
+                after_id: Some(after),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(past.is_empty(), "after {after}: {past:?}");
+    }
 }
 
 fn removals_record_what_was_removed(s: &dyn Store) {

@@ -36,6 +36,10 @@ pub enum StoreError {
     NotFound { kind: Entity, name: String },
     #[error("{kind} \"{name}\" already exists")]
     AlreadyExists { kind: Entity, name: String },
+    /// A certificate was to be pinned to a client registered as external
+    /// (its certificates come from the operator's own CA).
+    #[error("client \"{name}\" is registered as external: its certificates come from your own CA (`server run --client-ca`), which this server cannot sign for")]
+    External { name: String },
     #[error("secret \"{name}\" has no version {version}")]
     NoSuchVersion { name: String, version: u64 },
     /// A secret name would be both a file and a directory in a mount

@@ -183,9 +183,10 @@ impl SecretUpdate {
     }
 }
 
-/// An expiry in an audit detail: unix seconds, or "none".
+/// An expiry in an audit detail: RFC 3339 UTC (as `client.renew` shows
+/// certificate expiry), or "none".
 pub fn shown_expiry(t: Option<i64>) -> String {
-    t.map_or("none".to_owned(), |t| t.to_string())
+    t.map_or("none".to_owned(), crate::pki::rfc3339)
 }
 
 /// At most `max` names joined with ", ", then how many more there were:
@@ -400,10 +401,15 @@ pub trait Store: Send + Sync + 'static {
     fn get_client(&self, name: &str) -> Result<ClientRecord>;
     fn list_clients(&self) -> Result<Vec<ClientRecord>>;
     /// Pins one more certificate we issued (`serial`, valid until
-    /// `not_after`) to an existing client, beside those it already has
-    /// (renewal): the client's groups and other certificates are kept.
+    /// `not_after`) to the client with id `client_id` (named `name`),
+    /// beside those it already has (renewal): the client's groups and
+    /// other certificates are kept. The client is looked up by id in the
+    /// write itself, so a client removed (and perhaps re-added under the
+    /// same name) since the caller looked is NotFound, and one registered
+    /// as external is `External`.
     fn add_client_cert(
         &self,
+        client_id: u64,
         name: &str,
         serial: &str,
         not_after: i64,

@@ -525,7 +525,7 @@ fn expired_identity(s: &TestServer, dir: &Path, name: &str) -> Identity {
 /// One TLS 1.3 handshake with the server, presenting `who`'s certificate
 /// (or none), with no check of our own first: what the server decides is
 /// what is tested. The outcome on this side does not matter.
-async fn handshake(s: &TestServer, who: Option<&Identity>) {
+pub(crate) async fn handshake(s: &TestServer, who: Option<&Identity>) {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use std::sync::Arc;

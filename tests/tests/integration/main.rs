@@ -23,6 +23,7 @@ mod mount_lifecycle;
 mod rails;
 mod review;
 mod server_cli;
+mod server_fixes;
 mod sidecar;
 mod watch;
 mod watch_api;

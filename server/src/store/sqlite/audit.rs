@@ -87,7 +87,9 @@ pub(super) fn query(tx: &Connection, filter: &AuditFilter) -> Result<Vec<AuditEn
             filter.action,
             prefix,
             filter.allowed,
-            filter.after_id.map(|i| i as i64)
+            filter
+                .after_id
+                .map(|i| i64::try_from(i).unwrap_or(i64::MAX))
         ],
         |r| {
             Ok(AuditEntry {

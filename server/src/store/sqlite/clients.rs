@@ -88,16 +88,35 @@ pub(super) fn create(
 
 pub(super) fn add_cert(
     tx: &Connection,
+    client_id: u64,
     name: &str,
     serial: &str,
     not_after: i64,
     audit: &AuditEntry,
 ) -> Result<Committed<ClientRecord>> {
-    let id = rows::id_by_name(tx, Entity::Client, name)?;
-    tx.execute(
-        "INSERT INTO client_certs (client_id, serial, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
-        params![id, serial, not_after, now_s()],
+    let id = i64::try_from(client_id).map_err(|_| StoreError::not_found(Entity::Client, name))?;
+    // The client is checked in the insert itself: the same id (not merely
+    // the same name) and still pinned.
+    let added = tx.execute(
+        "INSERT INTO client_certs (client_id, serial, not_after, issued_at) \
+         SELECT id, ?3, ?4, ?5 FROM clients WHERE id = ?1 AND name = ?2 AND pinned = 1",
+        params![id, name, serial, not_after, now_s()],
     )?;
+    if added == 0 {
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM clients WHERE id = ?1 AND name = ?2",
+                params![id, name],
+                |_| Ok(()),
+            )
+            .optional()?;
+        return Err(match exists {
+            Some(()) => StoreError::External {
+                name: name.to_owned(),
+            },
+            None => StoreError::not_found(Entity::Client, name),
+        });
+    }
     let revision = record_change(tx, audit)?;
     Ok(Committed {
         value: by_name(tx, name)?,

@@ -258,13 +258,14 @@ impl Store for SqliteStore {
 
     fn add_client_cert(
         &self,
+        client_id: u64,
         name: &str,
         serial: &str,
         not_after: i64,
         audit: &AuditEntry,
     ) -> Result<Committed<ClientRecord>> {
         self.db
-            .write(|tx| clients::add_cert(tx, name, serial, not_after, audit))
+            .write(|tx| clients::add_cert(tx, client_id, name, serial, not_after, audit))
     }
 
     fn get_client(&self, name: &str) -> Result<ClientRecord> {

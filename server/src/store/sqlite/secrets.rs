@@ -47,15 +47,17 @@ fn conflicting(tx: &Connection, name: &str) -> Result<Option<String>> {
             return Ok(Some(found));
         }
     }
-    // substr, not LIKE: '_' in names is a LIKE wildcard.
     Ok(tx
-        .prepare_cached(
-            "SELECT name FROM secrets WHERE substr(name, 1, length(?1) + 1) = ?1 || '/'
-              ORDER BY name LIMIT 1",
-        )?
+        .prepare_cached(DESCENDANT)?
         .query_row([name], |r| r.get(0))
         .optional()?)
 }
+
+/// The first secret under `?1/`: a range on the name's unique index (names
+/// compare bytewise, and '0' is the byte after '/'), not a scan of the
+/// table on every create (nor LIKE: '_' in names is a LIKE wildcard).
+const DESCENDANT: &str = "SELECT name FROM secrets WHERE name >= ?1 || '/' AND name < ?1 || '0'
+      ORDER BY name LIMIT 1";
 
 pub(super) fn create(
     tx: &Connection,
@@ -131,7 +133,9 @@ pub(super) fn rotate(
     };
     if expires_at != current.expires_at {
         let what = match (expires, current.expires_at) {
-            (None, Some(t)) => format!("expiry {t} had passed: cleared"),
+            (None, Some(t)) => {
+                format!("expiry {} had passed: cleared", shown_expiry(Some(t)))
+            }
             _ => format!(
                 "expiry {} -> {}",
                 shown_expiry(current.expires_at),
@@ -354,4 +358,28 @@ pub(super) fn read_one_for_client(
             rows::sealed_secret,
         )
         .optional()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descendant_check_uses_the_name_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::migrate::migrate(&mut conn).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {DESCENDANT}"))
+            .unwrap()
+            .query_map(["db"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("USING") && p.contains("INDEX"))
+                && !plan.iter().any(|p| p.starts_with("SCAN")),
+            "{plan:?}"
+        );
+    }
 }
