@@ -1,7 +1,7 @@
 //! What the mount knows about its own client certificate: serial and
 //! validity (for the status file, the expiry warning and the renewal
-//! schedule), and whether a key belongs to it (so a half-replaced pair of
-//! files is never used).
+//! schedule). Whether a key belongs to it is
+//! [`secretfs_proto::credentials::key_matches`] (every key format).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,9 +16,6 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// The subject's common name, if any (used in a renewal's CSR).
     pub common_name: Option<String>,
-    /// The certificate's public key (the BIT STRING of its
-    /// SubjectPublicKeyInfo), to compare with a private key.
-    public_key: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,10 +25,6 @@ pub enum CertError {
     NotPem(String),
     #[error("the certificate cannot be parsed: {0}")]
     Parse(String),
-    #[error("the private key cannot be read: {0}")]
-    Key(String),
-    #[error("the private key does not belong to the certificate")]
-    Mismatch,
 }
 
 fn unix(secs: i64) -> SystemTime {
@@ -61,7 +54,6 @@ impl CertInfo {
             not_before: unix(validity.not_before.timestamp()),
             not_after: unix(validity.not_after.timestamp()),
             common_name,
-            public_key: cert.public_key().subject_public_key.data.to_vec(),
         })
     }
 
@@ -80,18 +72,6 @@ impl CertInfo {
     /// The time left at `now` (zero once expired).
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.not_after.duration_since(now).unwrap_or_default()
-    }
-
-    /// Checks that `key_pem` is the private key of this certificate.
-    pub fn check_key(&self, key_pem: &[u8]) -> Result<(), CertError> {
-        let text = std::str::from_utf8(key_pem)
-            .map_err(|_| CertError::Key("not a PEM file (not text)".into()))?;
-        let key = rcgen::KeyPair::from_pem(text).map_err(|e| CertError::Key(e.to_string()))?;
-        if key.public_key_raw() == self.public_key.as_slice() {
-            Ok(())
-        } else {
-            Err(CertError::Mismatch)
-        }
     }
 }
 
@@ -125,7 +105,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn reads_serial_validity_and_matches_its_key() {
+    fn reads_serial_and_validity() {
         let (cert, key) = cert_and_key(29);
         let info = CertInfo::parse(cert.as_bytes()).unwrap();
         assert_eq!(info.serial, "4a01ff");
@@ -134,13 +114,6 @@ pub(crate) mod tests {
         assert_eq!(days, 30);
         let left = info.remaining(SystemTime::now()).as_secs() / 86_400;
         assert_eq!(left, 28, "29 days minus the seconds since");
-        info.check_key(key.as_bytes()).unwrap();
-        let (_, other) = cert_and_key(1);
-        assert_eq!(info.check_key(other.as_bytes()), Err(CertError::Mismatch));
-        assert!(matches!(
-            info.check_key(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
-            Err(CertError::Key(_))
-        ));
         assert!(matches!(
             CertInfo::parse(key.as_bytes()),
             Err(CertError::NotPem(_) | CertError::Parse(_))

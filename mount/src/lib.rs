@@ -282,10 +282,14 @@ pub async fn run(
         .clone()
         .map(|g| tokio::spawn(report_refusals(g, identity_rx)));
 
-    let credentials = opts
-        .credentials
-        .clone()
-        .map(|files| CredentialWatch::new(files, &opts.connect.cert_pem, &opts.connect.key_pem));
+    let credentials = opts.credentials.clone().map(|files| {
+        CredentialWatch::new(
+            files,
+            opts.connect.ca_pem.clone(),
+            &opts.connect.cert_pem,
+            &opts.connect.key_pem,
+        )
+    });
     let live = Live {
         source,
         mirror,

@@ -17,9 +17,11 @@
 //! - the certificate is at 2/3 of its life: renew it ([`crate::renewal`]),
 //!   then a new channel and a new stream as above.
 
+use std::path::Path;
 use std::time::Duration;
 
 use secretfs_proto::channel::{error_chain, ConnectFailure};
+use secretfs_proto::credentials::{key_matches, FileContents};
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, RenewCertificateRequest, WatchEvent, WatchRequest};
 use secretfs_proto::ConnectConfig;
@@ -449,11 +451,20 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
                 _ => Failure::Retry(classify(status).to_string()),
             })?;
         let cert_pem = resp.cert_pem.into_bytes();
-        let new = CertInfo::parse(&cert_pem)
-            .and_then(|new| new.check_key(&req.key_pem).map(|()| new))
-            .map_err(|e| {
-                Failure::Retry(format!("the server's new certificate cannot be used: {e}"))
-            })?;
+        let unusable =
+            |e: String| Failure::Retry(format!("the server's new certificate cannot be used: {e}"));
+        key_matches(
+            FileContents {
+                path: Path::new("the renewed certificate"),
+                pem: &cert_pem,
+            },
+            FileContents {
+                path: Path::new("the new key"),
+                pem: &req.key_pem,
+            },
+        )
+        .map_err(|e| unusable(e.to_string()))?;
+        let new = CertInfo::parse(&cert_pem).map_err(|e| unusable(e.to_string()))?;
         Ok((cert_pem, req.key_pem, new))
     };
     let (cert_pem, key_pem, new) = match attempt.await {

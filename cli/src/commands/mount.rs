@@ -55,11 +55,12 @@ fn prepare_mount(conn: &ConnArgs, args: MountArgs, notify: Option<Notify>) -> Re
     opts.create_mountpoint = args.create_mountpoint;
     opts.renew_after = args.renew_after;
     opts.notify = notify;
-    // connect::config read these paths already, so both are set.
-    if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+    // connect::config read these paths already, so all three are set.
+    if let (Some(cert), Some(key), Some(ca)) = (&conn.cert, &conn.key, &conn.ca) {
         opts.credentials = Some(CredentialFiles {
             cert: cert.clone(),
             key: key.clone(),
+            ca: ca.clone(),
         });
     }
     if !args.containers.is_empty() || !args.allow_cgroups.is_empty() {
