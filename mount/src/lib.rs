@@ -203,6 +203,15 @@ pub async fn run(
     }
     let path = mount::prepare_mountpoint(&opts.mountpoint)?;
     tokio::pin!(shutdown);
+    if let Some(files) = &opts.credentials {
+        // A renewal that crashed before its renames left key material in
+        // temporary files beside the key.
+        for file in [&files.key, &files.cert] {
+            for stale in secretfs_proto::files::remove_stale_temporaries(file) {
+                tracing::info!(file = %stale.display(), "removed a temporary file an interrupted renewal left");
+            }
+        }
+    }
 
     let server = opts.connect.server.clone();
     let first = tokio::select! {

@@ -9,23 +9,20 @@
 //!   make it, else ECDSA P-256), a CSR, `Secrets.RenewCertificate` over the
 //!   connection authenticated by the current certificate; the lifetime asked
 //!   for is the current one's, in whole days.
-//! - The files: replaced by write-to-temporary, fsync, rename, in the same
-//!   directory; the key first (0600), then the certificate, then the
-//!   directories are fsynced. Two renames are not one atomic step: between
-//!   them a reader sees the new key with the old certificate. Every reader
-//!   of ours checks that the key belongs to the certificate before using a
-//!   pair ([`crate::credentials`] waits for the next poll), so the window
-//!   (two renames) is never used. A crash exactly between them leaves a
-//!   mismatched pair: the next start refuses it with that message.
+//! - The files: replaced by [`secretfs_proto::files::replace_pair`] (both
+//!   written and fsynced first, then two renames back to back, the old key
+//!   put back if the second fails). Between the renames a reader sees the
+//!   new key with the old certificate: every reader of ours checks that the
+//!   key belongs to the certificate before using a pair
+//!   ([`crate::credentials`] waits for the next poll). A crash exactly
+//!   between them leaves a mismatched pair: the next start refuses it with
+//!   that message. Temporary files a crash left are removed at start.
 //! - Files that cannot be written (read-only volume, Kubernetes secret):
 //!   the new certificate is used from memory only, and the log says so;
 //!   a restart falls back to what the files hold.
 //! - 30 days before expiry (renewal failing, or a short-lived certificate)
 //!   a warning is logged, again every day.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -162,74 +159,8 @@ fn at(t: SystemTime) -> Instant {
     Instant::now() + t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
-/// Replaces `key` then `cert` (see the module docs for the order).
-pub fn replace_pair(
-    cert: &Path,
-    cert_pem: &[u8],
-    key: &Path,
-    key_pem: &[u8],
-) -> std::io::Result<()> {
-    // The certificate keeps its mode (it may be shared, 0644); the key is 0600.
-    let cert_mode = std::fs::metadata(cert).map_or(0o644, |m| m.permissions().mode() & 0o777);
-    let old_key = Zeroizing::new(std::fs::read(key)?);
-    replace_file(key, key_pem, 0o600)?;
-    if let Err(e) = replace_file(cert, cert_pem, cert_mode) {
-        // The certificate may live elsewhere: put the old key back, so the
-        // files stay a working pair.
-        if let Err(undo) = replace_file(key, &old_key, 0o600) {
-            tracing::error!(
-                key = %key.display(),
-                error = %undo,
-                "cannot put the old key back: the key file no longer matches the certificate \
-                 file; the mount keeps working from memory, but fix the files before a restart \
-                 (secretfs client renew)"
-            );
-        }
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Writes `path` whole or not at all: a temporary file beside it, fsynced,
-/// renamed over it, and the directory fsynced.
-fn replace_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("not a file path"))?;
-    let tmp = dir.join(format!(
-        ".{}.renew-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        // create_new: never follows or reuses whatever sits at that name.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have taken bits the old file had.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt;
-
     use rcgen::PublicKeyData;
 
     use super::*;
@@ -272,36 +203,5 @@ mod tests {
         assert!(s.due(), "--renew-after 0s: at once");
         s.reset(&info);
         assert!(!s.due(), "--renew-after applies to the first renewal only");
-    }
-
-    #[test]
-    fn files_are_replaced_whole_with_private_key_modes() {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("c.pem");
-        let key = dir.path().join("k.key");
-        std::fs::write(&cert, b"old cert").unwrap();
-        std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o640)).unwrap();
-        std::fs::write(&key, b"old key").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        replace_pair(&cert, b"new cert", &key, b"new key").unwrap();
-        assert_eq!(std::fs::read(&cert).unwrap(), b"new cert");
-        assert_eq!(std::fs::read(&key).unwrap(), b"new key");
-        assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(&cert).unwrap().mode() & 0o777, 0o640);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 2, "no temporary file left");
-
-        let gone = dir.path().join("missing/k.key");
-        assert!(replace_pair(&cert, b"x", &gone, b"y").is_err());
-        assert_eq!(
-            std::fs::read(&cert).unwrap(),
-            b"new cert",
-            "key first: nothing replaced"
-        );
-
-        // The certificate cannot be written: the old key comes back.
-        let elsewhere = dir.path().join("missing/c.pem");
-        assert!(replace_pair(&elsewhere, b"x", &key, b"newer key").is_err());
-        assert_eq!(std::fs::read(&key).unwrap(), b"new key");
     }
 }

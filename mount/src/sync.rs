@@ -496,7 +496,13 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
     };
     if let Some(watch) = &mut live.credentials {
         let files = watch.files().clone();
-        match renewal::replace_pair(&files.cert, &cert_pem, &files.key, &key_pem) {
+        match secretfs_proto::files::replace_pair(
+            &files.cert,
+            &cert_pem,
+            &files.key,
+            &key_pem,
+            || true,
+        ) {
             Ok(()) => {
                 watch.written(&cert_pem, &key_pem);
                 tracing::info!(

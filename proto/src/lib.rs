@@ -8,12 +8,15 @@
 //!   shared by the CLI and the mount so both connect the same way.
 //! - [`credentials`]: checks of the client's own CA, certificate and key
 //!   files before connecting, naming the file at fault and the fix.
+//! - [`files`]: replacing certificate and key files whole (one pair at a
+//!   time, the old key put back on failure), for every writer of them.
 
 #![forbid(unsafe_code)]
 
 pub mod channel;
 pub mod codec;
 pub mod credentials;
+pub mod files;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]
