@@ -84,6 +84,20 @@ impl CredentialWatch {
         ));
     }
 
+    /// Whether the files still hold what the watch last saw (or what the
+    /// mount last wrote). A renewal asks this right before it replaces
+    /// them: an operator's pair written since must not be overwritten (the
+    /// next poll takes it up instead).
+    pub fn unchanged_on_disk(&self) -> bool {
+        let Ok(cert) = std::fs::read(&self.files.cert) else {
+            return false;
+        };
+        let Ok(key) = std::fs::read(&self.files.key).map(Zeroizing::new) else {
+            return false;
+        };
+        self.seen == Some((self.hasher.hash_one(&cert), self.hasher.hash_one(&key[..])))
+    }
+
     /// Where the pair lives.
     pub fn files(&self) -> &CredentialFiles {
         &self.files
@@ -281,6 +295,14 @@ mod tests {
         assert!(w.poll().is_none(), "a missing file keeps the old identity");
         std::fs::write(&files.cert, &cert2).unwrap();
         assert!(w.poll().is_none(), "back as it was");
+
+        // An operator's write since the last poll is noticed before a
+        // renewal would overwrite it.
+        assert!(w.unchanged_on_disk());
+        std::fs::write(&files.key, &key1).unwrap();
+        assert!(!w.unchanged_on_disk());
+        std::fs::write(&files.key, &key2).unwrap();
+        assert!(w.unchanged_on_disk());
 
         // What the mount wrote itself is not news.
         std::fs::write(&files.cert, &cert1).unwrap();

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use secretfs_proto::channel::{error_chain, ConnectFailure};
 use secretfs_proto::credentials::{key_matches, FileContents};
+use secretfs_proto::files::ReplaceError;
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, RenewCertificateRequest, WatchEvent, WatchRequest};
 use secretfs_proto::ConnectConfig;
@@ -496,12 +497,14 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
     };
     if let Some(watch) = &mut live.credentials {
         let files = watch.files().clone();
+        // The RPC took a while: if an operator wrote a pair since the last
+        // poll, theirs wins (the next poll takes it up).
         match secretfs_proto::files::replace_pair(
             &files.cert,
             &cert_pem,
             &files.key,
             &key_pem,
-            || true,
+            || watch.unchanged_on_disk(),
         ) {
             Ok(()) => {
                 watch.written(&cert_pem, &key_pem);
@@ -513,6 +516,13 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
                     "renewed the client certificate and replaced its files"
                 );
             }
+            Err(ReplaceError::ChangedMeanwhile { .. }) => tracing::info!(
+                serial = %new.serial,
+                cert = %files.cert.display(),
+                key = %files.key.display(),
+                "renewed the client certificate, but its files changed meanwhile: left them as they \
+                 are; using the renewed one until the next check of the files takes up theirs"
+            ),
             Err(error) => tracing::warn!(
                 serial = %new.serial,
                 not_after = %rfc3339(new.not_after),
