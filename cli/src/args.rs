@@ -268,6 +268,10 @@ pub struct MountArgs {
     /// when stderr is one, else nowhere).
     #[arg(long, value_name = "PATH", requires = "background")]
     pub log_file: Option<PathBuf>,
+    /// Never renew the client certificate (by default the mount renews it at about
+    /// 2/3 of its life and replaces the --cert/--key files); renew it yourself then.
+    #[arg(long)]
+    pub no_renew: bool,
     /// The first certificate renewal this long after start instead of at 2/3 of its
     /// life (for tests).
     #[arg(long, hide = true, value_parser = parse_duration)]

@@ -125,7 +125,8 @@ pub struct MountOptions {
     pub force: Force,
     /// Create the mountpoint (mode 0755, with its parents) when missing.
     pub create_mountpoint: bool,
-    /// Renew the client certificate at 2/3 of its life. On by default.
+    /// Renew the client certificate at about 2/3 of its life. On by default
+    /// (`--no-renew`: off; the expiry warning stays).
     pub renew: bool,
     /// The first renewal this long after start instead (tests).
     pub renew_after: Option<Duration>,
@@ -308,8 +309,7 @@ pub async fn run(
         refresh: opts.refresh,
         renewal: cert
             .as_ref()
-            .filter(|_| opts.renew)
-            .map(|c| renewal::Schedule::new(c, opts.renew_after)),
+            .map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
         cert,
         identity,
     };

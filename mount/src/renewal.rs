@@ -2,7 +2,8 @@
 //! years never finds itself locked out by an expired certificate.
 //!
 //! - When: at 2/3 of the certificate's lifetime (not_before..not_after of
-//!   the certificate in use), then again for each new one. A failed attempt
+//!   the certificate in use) plus a random 0-10% of it, then again for each
+//!   new one (`--no-renew`: never). A failed attempt
 //!   is retried with a backoff (30 s doubling to 30 min); the mount keeps
 //!   serving with the certificate it has.
 //! - How: a new key made here (same algorithm as the old one where we can
@@ -31,8 +32,10 @@ use zeroize::Zeroizing;
 use crate::backoff::Backoff;
 use crate::certificate::{rfc3339, CertInfo};
 
-/// When in a certificate's life it is renewed.
+/// When in a certificate's life it is renewed ...
 pub const RENEW_AT: f64 = 2.0 / 3.0;
+/// ... plus up to this part of its life, at random.
+pub const JITTER: f64 = 0.1;
 /// Warn this long before expiry.
 pub const WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 const WARN_EVERY: Duration = Duration::from_secs(86_400);
@@ -92,15 +95,24 @@ pub struct Schedule {
     /// The hidden `--renew-after`: the first renewal this long after start.
     first_after: Option<Duration>,
     next_warning: Instant,
+    /// False with `--no-renew`: only the expiry warning.
+    enabled: bool,
 }
 
 impl Schedule {
+    #[cfg(test)]
     pub fn new(info: &CertInfo, first_after: Option<Duration>) -> Schedule {
+        Schedule::with_renewal(info, first_after, true)
+    }
+
+    /// `enabled` false (`--no-renew`): never due; the expiry warning stays.
+    pub fn with_renewal(info: &CertInfo, first_after: Option<Duration>, enabled: bool) -> Schedule {
         let mut s = Schedule {
             due: Instant::now(),
             retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
             first_after,
             next_warning: Instant::now(),
+            enabled,
         };
         s.reset(info);
         s.warn_if_expiring(info);
@@ -108,24 +120,42 @@ impl Schedule {
     }
 
     /// A new certificate is in use: its renewal is due at 2/3 of its life
-    /// (or after `--renew-after`, for the first one).
+    /// plus a random 0-10% of it (or after `--renew-after`, for the first
+    /// one). The jitter keeps replicas that share one client (and one
+    /// certificate) from all asking at the same moment; the server allows a
+    /// client only a few self-renewals an hour. When that time has passed
+    /// already (a restart late in the certificate's life), within a random
+    /// part of the same span, or of a quarter of the time left if shorter.
     pub fn reset(&mut self, info: &CertInfo) {
         self.retry.reset();
         self.due = match self.first_after.take() {
             Some(after) => Instant::now() + after,
-            None => at(info.point_in_life(RENEW_AT)),
+            None => {
+                let span = info.lifetime().mul_f64(JITTER);
+                let due = info.point_in_life(RENEW_AT) + span.mul_f64(random_fraction());
+                match due.duration_since(SystemTime::now()) {
+                    Ok(_) => at(due),
+                    Err(_) => {
+                        let span = span.min(info.remaining(SystemTime::now()) / 4);
+                        Instant::now() + span.mul_f64(random_fraction())
+                    }
+                }
+            }
         };
         self.next_warning = Instant::now();
+        let renew_at = self.enabled.then(|| {
+            rfc3339(SystemTime::now() + self.due.saturating_duration_since(Instant::now()))
+        });
         tracing::info!(
             serial = %info.serial,
             not_after = %rfc3339(info.not_after),
-            renew_at = %rfc3339(SystemTime::now() + self.due.saturating_duration_since(Instant::now())),
+            renew_at = renew_at.as_deref().unwrap_or("never (--no-renew)"),
             "client certificate in use"
         );
     }
 
     pub fn due(&self) -> bool {
-        Instant::now() >= self.due
+        self.enabled && Instant::now() >= self.due
     }
 
     /// An attempt failed: the next one after a backoff. Returns the delay.
@@ -152,6 +182,14 @@ impl Schedule {
             );
         }
     }
+}
+
+/// A number in 0..1 that differs between processes and calls (std's
+/// randomly keyed hasher: no need for a random number crate).
+fn random_fraction() -> f64 {
+    use std::hash::BuildHasher;
+    let n = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A wall-clock time as a monotonic instant (now, if it has passed).
@@ -189,16 +227,29 @@ mod tests {
         assert_eq!(days_like(&info), 30);
         let s = Schedule::new(&info, None);
         assert!(!s.due(), "day 1 of 30 is before 2/3");
+        // 2/3 of 30 days is day 20 (19 days from now), plus up to 3 days.
         let left = s.due.saturating_duration_since(Instant::now()).as_secs();
-        assert!((19 * 86_400 - 60..=19 * 86_400).contains(&left), "{left}");
+        assert!((19 * 86_400 - 60..=22 * 86_400).contains(&left), "{left}");
+        let dues: std::collections::BTreeSet<_> = (0..8)
+            .map(|_| {
+                Schedule::new(&info, None)
+                    .due
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    / 60
+            })
+            .collect();
+        assert!(dues.len() > 1, "jittered: {dues:?}");
 
         let (old, _) = cert_and_key(0); // a day old, expires now: past 2/3
         let mut s = Schedule::new(&CertInfo::parse(old.as_bytes()).unwrap(), None);
-        assert!(s.due());
+        assert!(s.due(), "past its end: at once");
         let d = s.failed();
         assert!(d >= RETRY_FIRST / 2 && d <= RETRY_FIRST, "{d:?}");
         assert!(!s.due(), "not again before the backoff");
 
+        let s = Schedule::with_renewal(&info, Some(Duration::ZERO), false);
+        assert!(!s.due(), "--no-renew: never");
         let mut s = Schedule::new(&info, Some(Duration::ZERO));
         assert!(s.due(), "--renew-after 0s: at once");
         s.reset(&info);

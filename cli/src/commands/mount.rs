@@ -53,6 +53,7 @@ fn prepare_mount(conn: &ConnArgs, args: MountArgs, notify: Option<Notify>) -> Re
         mode: args.force_mode,
     };
     opts.create_mountpoint = args.create_mountpoint;
+    opts.renew = !args.no_renew;
     opts.renew_after = args.renew_after;
     opts.notify = notify;
     // connect::config read these paths already, so all three are set.
