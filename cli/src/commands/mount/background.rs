@@ -113,8 +113,7 @@ impl Launch {
                 bail!("{reason}");
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop(&mut child);
                 bail!(
                     "the mount was not ready after {}: stopped it{}",
                     humantime::format_duration(self.start_timeout + GRACE),
@@ -179,6 +178,27 @@ fn open_log_file(path: &Path) -> Result<std::fs::File> {
     Ok(file)
 }
 
+/// How long a hung child gets to unmount and exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops a child that never became ready: SIGTERM first (the mount
+/// unmounts whatever it did and exits), SIGKILL if it is still there after
+/// [`STOP_GRACE`].
+fn stop(child: &mut std::process::Child) {
+    let pid = rustix::process::Pid::from_child(child);
+    if rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok() {
+        let until = Instant::now() + STOP_GRACE;
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Reads one sd_notify datagram: true on `READY=1`; keeps the last STATUS.
 fn read_message(datagram: &[u8], last_status: &mut Option<String>) -> bool {
     let text = String::from_utf8_lossy(datagram);
@@ -219,15 +239,25 @@ fn child_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     out
 }
 
+/// Where the private directory goes: `XDG_RUNTIME_DIR` when it is a
+/// directory of this user's that nobody else may write to (it is inherited
+/// through sudo and the environment), else the temporary directory.
+fn runtime_base(xdg: Option<PathBuf>) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let euid = rustix::process::geteuid().as_raw();
+    xdg.filter(|p| {
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0)
+    })
+    .unwrap_or_else(std::env::temp_dir)
+}
+
 /// A new directory only this user can enter, removed on drop.
 struct PrivateDir(PathBuf);
 
 impl PrivateDir {
     fn new() -> Result<PrivateDir> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
+        let base = runtime_base(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
         let mut last = None;
         for attempt in 0..16u32 {
             let nanos = SystemTime::now()
@@ -347,6 +377,39 @@ mod tests {
             b"old\n",
             "appended, not truncated"
         );
+    }
+
+    #[test]
+    fn the_runtime_dir_is_used_only_when_it_is_ours_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(runtime_base(Some(ours.clone())), ours);
+        assert_eq!(runtime_base(None), std::env::temp_dir());
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(runtime_base(Some(open)), std::env::temp_dir());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&ours, &link).unwrap();
+        assert_eq!(runtime_base(Some(link)), std::env::temp_dir());
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            assert_eq!(runtime_base(Some(theirs)), std::env::temp_dir());
+        }
+    }
+
+    #[test]
+    fn a_hung_child_gets_sigterm_first() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        stop(&mut child);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(15), "{status:?}");
     }
 
     #[test]
