@@ -219,16 +219,8 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
         secretfs_server::names::check_entity_name("client", name)
             .map_err(|e| UsageError(e.to_string()))?;
     }
-    let days = match a.days {
-        Some(0) => {
-            return Err(UsageError(
-                "--days 0 would issue a certificate that is already expired; give 1 or more (default 365)"
-                    .into(),
-            )
-            .into())
-        }
-        d => d.unwrap_or(0),
-    };
+    // clap refuses --days outside 1..=3650; 0 asks for the server's default.
+    let days = a.days.unwrap_or(0);
     let csr_given = match &a.csr {
         Some(p) => Some(
             std::fs::read_to_string(p)
