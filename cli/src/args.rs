@@ -254,8 +254,8 @@ pub struct MountArgs {
     /// Group of every secret file, whatever the secret sets.
     #[arg(long, value_name = "GID")]
     pub force_gid: Option<u32>,
-    /// Mode of every secret file (octal), whatever the secret sets.
-    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    /// Mode of every secret file (octal, 0001 to 0777), whatever the secret sets.
+    #[arg(long, value_name = "MODE", value_parser = parse_force_mode)]
     pub force_mode: Option<u32>,
     /// Create the mountpoint (mode 0755, with missing parents) when it does not exist.
     #[arg(long)]
@@ -578,6 +578,18 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// `--force-mode`: 0 would make every file unreadable (0000), while
+/// `--mode 0` and `secret update --mode 0` mean "the default": refused.
+fn parse_force_mode(s: &str) -> Result<u32, String> {
+    match parse_mode(s)? {
+        0 => Err(format!(
+            "{s:?} would make every secret file mode 0000, readable by nobody; give the mode the files \
+             must have (e.g. 0440), or leave --force-mode out to keep each secret's own"
+        )),
+        m => Ok(m),
+    }
+}
+
 /// A duration over zero: a zero timeout would fail every call.
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
@@ -769,6 +781,9 @@ mod tests {
         assert!(err.contains("1..=100000"), "{err}");
         let err = parse(&["secretfs", "--timeout", "0s", "whoami"]).unwrap_err();
         assert!(err.contains("every call"), "{err}");
+        let err = parse(&["secretfs", "mount", "/m", "--force-mode", "0"]).unwrap_err();
+        assert!(err.contains("readable by nobody"), "{err}");
+        parse(&["secretfs", "mount", "/m", "--force-mode", "0440"]).unwrap();
         let err = parse(&[
             "secretfs",
             "server",

@@ -64,6 +64,16 @@ fn prepare_mount(conn: &ConnArgs, args: MountArgs, notify: Option<Notify>) -> Re
             ca: ca.clone(),
         });
     }
+    if args.force_mode.is_some_and(|m| m & 0o004 != 0)
+        && args.containers.is_empty()
+        && args.allow_cgroups.is_empty()
+    {
+        tracing::warn!(
+            "--force-mode {:04o} lets every process on this host read every secret file, and no caller \
+             check (--container/--allow-cgroup) narrows it",
+            args.force_mode.unwrap_or_default()
+        );
+    }
     if !args.containers.is_empty() || !args.allow_cgroups.is_empty() {
         opts.callers = Some(CallerRules {
             container_ids: args.containers,
