@@ -60,8 +60,9 @@ pub struct ConnArgs {
     /// This identity's private key (PEM).
     #[arg(long, global = true, env = "SECRETFS_KEY")]
     pub key: Option<PathBuf>,
-    /// Give up on an unanswering server after this long: connecting, and
-    /// each call (a mount's and a follow's open stream are not cut off).
+    /// Give up on an unanswering server after this long: connecting, and each call
+    /// of a command (a mount uses it to connect, and waits 20 s for each of its own
+    /// calls; open streams such as a mount's or a follow's are not cut off).
     #[arg(long, global = true, env = "SECRETFS_TIMEOUT", default_value = "10s",
           value_parser = parse_timeout, value_name = "DURATION")]
     pub timeout: Duration,

@@ -388,7 +388,9 @@ async fn report_refusals(
         }
         let n = refusals.len();
         let refusals = refusals.into_iter().map(refusal_to_proto).collect();
-        let req = secretfs_proto::v1::ReportRefusalsRequest { refusals };
+        let mut req = tonic::Request::new(secretfs_proto::v1::ReportRefusalsRequest { refusals });
+        // A server that never answers must not stall the reports for good.
+        req.set_timeout(sync::RPC_TIMEOUT);
         if let Err(e) = client.report_refusals(req).await {
             tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
         }

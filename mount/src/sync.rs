@@ -40,7 +40,7 @@ use crate::watch::{EventError, Mirror};
 
 /// How long one RPC (or a stream's first event) may take before we call the
 /// server unreachable.
-const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 /// One message: a server that does not split changes sends a client's
 /// whole view in its initial event (the parts of a split one are bounded
 /// together by `MAX_CHANGE`).
