@@ -21,8 +21,10 @@
 //! - Files that cannot be written (read-only volume, Kubernetes secret):
 //!   the new certificate is used from memory only, and the log says so;
 //!   a restart falls back to what the files hold.
-//! - 30 days before expiry (renewal failing, or a short-lived certificate)
-//!   a warning is logged, again every day.
+//! - 30 days before expiry, once the planned renewal time has passed
+//!   (renewal failing or off), a warning is logged, again every day.
+//! - Due by either clock: the monotonic one stops while the machine is
+//!   suspended, the wall clock does not.
 
 use std::time::{Duration, SystemTime};
 
@@ -97,6 +99,13 @@ pub struct Schedule {
     next_warning: Instant,
     /// False with `--no-renew`: only the expiry warning.
     enabled: bool,
+    /// `due` on the wall clock as well: the monotonic clock stops while
+    /// the machine is suspended (or a VM paused), the wall clock does not.
+    due_wall: SystemTime,
+    /// When this certificate's renewal was planned (wall clock): the
+    /// expiry warning waits for it, so a short-lived certificate (always
+    /// within 30 days of its end) is not warned about while all is well.
+    planned: SystemTime,
 }
 
 impl Schedule {
@@ -113,6 +122,8 @@ impl Schedule {
             first_after,
             next_warning: Instant::now(),
             enabled,
+            due_wall: SystemTime::now(),
+            planned: SystemTime::now(),
         };
         s.reset(info);
         s.warn_if_expiring(info);
@@ -143,9 +154,9 @@ impl Schedule {
             }
         };
         self.next_warning = Instant::now();
-        let renew_at = self.enabled.then(|| {
-            rfc3339(SystemTime::now() + self.due.saturating_duration_since(Instant::now()))
-        });
+        self.due_wall = SystemTime::now() + self.due.saturating_duration_since(Instant::now());
+        self.planned = self.due_wall;
+        let renew_at = self.enabled.then(|| rfc3339(self.due_wall));
         tracing::info!(
             serial = %info.serial,
             not_after = %rfc3339(info.not_after),
@@ -154,25 +165,34 @@ impl Schedule {
         );
     }
 
+    /// Whether a renewal is due, by either clock.
     pub fn due(&self) -> bool {
-        self.enabled && Instant::now() >= self.due
+        self.enabled && (Instant::now() >= self.due || SystemTime::now() >= self.due_wall)
     }
 
     /// An attempt failed: the next one after a backoff. Returns the delay.
     pub fn failed(&mut self) -> Duration {
         let delay = self.retry.next_delay();
         self.due = Instant::now() + delay;
+        self.due_wall = SystemTime::now() + delay;
         delay
     }
 
-    /// Logs a warning when `info` expires within 30 days, once a day.
+    /// Whether to warn at `now`: within 30 days of the end, and past the
+    /// planned renewal (which has not happened, or this is a new schedule).
+    fn expiring(&self, info: &CertInfo, now: SystemTime) -> bool {
+        info.remaining(now) < WARN_BEFORE && now >= self.planned
+    }
+
+    /// Logs a warning when `info` expires within 30 days and was not
+    /// renewed when planned, once a day.
     pub fn warn_if_expiring(&mut self, info: &CertInfo) {
         if Instant::now() < self.next_warning {
             return;
         }
         self.next_warning = Instant::now() + WARN_EVERY;
         let left = info.remaining(SystemTime::now());
-        if left < WARN_BEFORE {
+        if self.expiring(info, SystemTime::now()) {
             tracing::warn!(
                 serial = %info.serial,
                 not_after = %rfc3339(info.not_after),
@@ -247,6 +267,19 @@ mod tests {
         let d = s.failed();
         assert!(d >= RETRY_FIRST / 2 && d <= RETRY_FIRST, "{d:?}");
         assert!(!s.due(), "not again before the backoff");
+
+        // Suspended or paused: the monotonic clock stood still.
+        let mut s = Schedule::new(&info, None);
+        s.due_wall = SystemTime::now() - Duration::from_secs(1);
+        assert!(s.due(), "the wall clock says it is time");
+
+        // A week-long certificate is always within 30 days of its end:
+        // warned about only once its renewal is overdue.
+        let (week, _) = cert_and_key(6);
+        let week = CertInfo::parse(week.as_bytes()).unwrap();
+        let s = Schedule::new(&week, None);
+        assert!(!s.expiring(&week, SystemTime::now()), "day 1 of 7");
+        assert!(s.expiring(&week, s.planned + Duration::from_secs(1)));
 
         let s = Schedule::with_renewal(&info, Some(Duration::ZERO), false);
         assert!(!s.due(), "--no-renew: never");
