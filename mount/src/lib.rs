@@ -310,6 +310,8 @@ pub async fn run(
         renewal: cert
             .as_ref()
             .map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
+        renew: opts.renew,
+        renewing: None,
         cert,
         identity,
     };
