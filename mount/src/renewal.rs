@@ -32,14 +32,14 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::backoff::Backoff;
+use secretfs_proto::cert::{expiry_notice, ExpiryNotice};
+
 use crate::certificate::{rfc3339, CertInfo};
 
 /// When in a certificate's life it is renewed ...
 pub const RENEW_AT: f64 = 2.0 / 3.0;
 /// ... plus up to this part of its life, at random.
 pub const JITTER: f64 = 0.1;
-/// Warn this long before expiry.
-pub const WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 const WARN_EVERY: Duration = Duration::from_secs(86_400);
 const RETRY_FIRST: Duration = Duration::from_secs(30);
 const RETRY_CAP: Duration = Duration::from_secs(30 * 60);
@@ -180,8 +180,8 @@ impl Schedule {
 
     /// Whether to warn at `now`: within 30 days of the end, and past the
     /// planned renewal (which has not happened, or this is a new schedule).
-    fn expiring(&self, info: &CertInfo, now: SystemTime) -> bool {
-        info.remaining(now) < WARN_BEFORE && now >= self.planned
+    fn expiring(&self, info: &CertInfo, now: SystemTime) -> Option<ExpiryNotice> {
+        expiry_notice(info.not_after, now).filter(|_| now >= self.planned)
     }
 
     /// Logs a warning when `info` expires within 30 days and was not
@@ -190,15 +190,12 @@ impl Schedule {
         if Instant::now() < self.next_warning {
             return;
         }
-        self.next_warning = Instant::now() + WARN_EVERY;
-        let left = info.remaining(SystemTime::now());
-        if self.expiring(info, SystemTime::now()) {
+        if let Some(notice) = self.expiring(info, SystemTime::now()) {
+            self.next_warning = Instant::now() + WARN_EVERY;
             tracing::warn!(
                 serial = %info.serial,
-                not_after = %rfc3339(info.not_after),
-                days_left = left.as_secs() / 86_400,
-                "the mount's client certificate expires within 30 days; it renews itself \
-                 (watch for renewal errors) or issue a new one with `secretfs client renew`"
+                "the mount's client certificate {notice}; it renews itself (watch for renewal \
+                 errors) or issue a new one with `secretfs client renew`"
             );
         }
     }
@@ -278,8 +275,14 @@ mod tests {
         let (week, _) = cert_and_key(6);
         let week = CertInfo::parse(week.as_bytes()).unwrap();
         let s = Schedule::new(&week, None);
-        assert!(!s.expiring(&week, SystemTime::now()), "day 1 of 7");
-        assert!(s.expiring(&week, s.planned + Duration::from_secs(1)));
+        assert_eq!(s.expiring(&week, SystemTime::now()), None, "day 1 of 7");
+        let notice = s
+            .expiring(&week, s.planned + Duration::from_secs(1))
+            .unwrap();
+        assert!(
+            notice.to_string().starts_with("expires within 30 days"),
+            "{notice}"
+        );
 
         let s = Schedule::with_renewal(&info, Some(Duration::ZERO), false);
         assert!(!s.due(), "--no-renew: never");

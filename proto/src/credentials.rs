@@ -528,13 +528,7 @@ fn chains_to(
 }
 
 fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{unix} (Unix time)"))
+    crate::cert::rfc3339_unix(unix)
 }
 
 #[cfg(test)]
