@@ -84,10 +84,11 @@ fn background(s: &TestServer, who: &Identity, path: &Path, args: &[&str]) -> Run
 }
 
 fn started(path: &Path, run: &Run) -> Background {
-    let line = run.stdout.trim();
-    let expected = format!("mounted at {}, pid ", path.display());
-    assert!(line.starts_with(&expected), "stdout: {line}");
-    let pid: i32 = line[expected.len()..].parse().expect("a pid");
+    // The pid alone on stdout (`pid=$(secretfs mount --background ...)`),
+    // the sentence on stderr.
+    let pid: i32 = run.stdout.trim().parse().expect("stdout is the pid alone");
+    let expected = format!("mounted at {}, pid {pid}", path.display());
+    assert!(run.stderr.contains(&expected), "stderr: {}", run.stderr);
     Background {
         pid,
         path: path.to_owned(),

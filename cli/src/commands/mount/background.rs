@@ -7,7 +7,8 @@
 //! session), `NOTIFY_SOCKET` pointing at the socket, stdin and stdout
 //! /dev/null, and waits:
 //! - `READY=1` (sent after the first sync and the mount, as to systemd):
-//!   print "mounted at PATH, pid N", exit 0; the child keeps serving.
+//!   print the child's pid on stdout (for `pid=$(...)`) and "mounted at
+//!   PATH, pid N" on stderr, exit 0; the child keeps serving.
 //! - the child exits first: print the reason it sent (`STATUS=failed: ...`)
 //!   or its exit status, exit non-zero. Nothing is left mounted: the child
 //!   mounts only after everything else worked.
@@ -79,7 +80,10 @@ impl Launch {
             match socket.recv(&mut buf) {
                 Ok(n) => {
                     if read_message(&buf[..n], &mut last_status) {
-                        println!(
+                        // The pid alone on stdout, for `pid=$(...)`; the
+                        // sentence for people on stderr.
+                        println!("{}", child.id());
+                        eprintln!(
                             "mounted at {}, pid {}",
                             self.mountpoint.display(),
                             child.id()
