@@ -261,4 +261,28 @@ mod tests {
             .to_string();
         assert!(err.contains("--san"), "{err}");
     }
+
+    #[test]
+    fn a_reissue_whose_certificate_cannot_be_written_keeps_the_old_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = init(&InitOptions {
+            state_dir: tmp.path().join("state"),
+            trust_domain: "td".into(),
+            sans: vec![],
+            admin_name: "admin".into(),
+        })
+        .unwrap();
+        let old_key = std::fs::read(sd.server_key()).unwrap();
+        // server.pem cannot be replaced: a non-empty directory in its place.
+        let old_cert = std::fs::read(sd.server_cert()).unwrap();
+        std::fs::remove_file(sd.server_cert()).unwrap();
+        std::fs::create_dir(sd.server_cert()).unwrap();
+        std::fs::write(sd.server_cert().join("x"), &old_cert).unwrap();
+        assert!(reissue_server_cert(&sd.path, &["localhost".into()]).is_err());
+        assert_eq!(
+            std::fs::read(sd.server_key()).unwrap(),
+            old_key,
+            "no new key beside the old certificate"
+        );
+    }
 }
