@@ -144,6 +144,7 @@ pub fn replace_pair(
     still_current: impl FnOnce() -> bool,
 ) -> Result<(), ReplaceError> {
     let cert_mode = fs::metadata(cert).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777);
+    let key_existed = fs::symlink_metadata(key).is_ok();
     let key_tmp = write_temp(key, key_pem, KEY_MODE).map_err(|source| ReplaceError::Unchanged {
         path: key.to_path_buf(),
         source,
@@ -194,7 +195,9 @@ pub fn replace_pair(
     if let Err(source) = fs::rename(&cert_tmp, cert) {
         let undo = match &old_key {
             Some(p) => fs::rename(p, key),
-            None => Err(io::Error::other("there was no old key to put back")),
+            // There was none: take the new one away again.
+            None if !key_existed => fs::remove_file(key),
+            None => Err(io::Error::other("the old key could not be kept aside")),
         };
         let _ = sync_dir(parent(key));
         return Err(match undo {
@@ -384,6 +387,13 @@ mod tests {
         assert!(err.to_string().contains("c.pem"), "{err}");
         assert_eq!(fs::read(&key).unwrap(), b"old key", "the old key is back");
         assert_eq!(names(dir.path()), ["c.key", "c.pem"], "no temporary left");
+
+        // No key before: none after.
+        fs::remove_file(&key).unwrap();
+        let err = replace_pair(&cert, b"new cert", &key, b"new key", || true).unwrap_err();
+        assert!(err.unchanged(), "{err}");
+        assert!(!key.exists());
+        assert_eq!(names(dir.path()), ["c.pem"], "no temporary left");
     }
 
     #[test]
