@@ -60,8 +60,9 @@ pub struct ConnArgs {
     /// This identity's private key (PEM).
     #[arg(long, global = true, env = "SECRETFS_KEY")]
     pub key: Option<PathBuf>,
-    /// Give up on an unanswering server after this long: connecting, and
-    /// each call (a mount's and a follow's open stream are not cut off).
+    /// Give up on an unanswering server after this long: connecting, and each call
+    /// of a command (a mount uses it to connect, and waits 20 s for each of its own
+    /// calls; open streams such as a mount's or a follow's are not cut off).
     #[arg(long, global = true, env = "SECRETFS_TIMEOUT", default_value = "10s",
           value_parser = parse_timeout, value_name = "DURATION")]
     pub timeout: Duration,
@@ -254,8 +255,8 @@ pub struct MountArgs {
     /// Group of every secret file, whatever the secret sets.
     #[arg(long, value_name = "GID")]
     pub force_gid: Option<u32>,
-    /// Mode of every secret file (octal), whatever the secret sets.
-    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    /// Mode of every secret file (octal, 0001 to 0777), whatever the secret sets.
+    #[arg(long, value_name = "MODE", value_parser = parse_force_mode)]
     pub force_mode: Option<u32>,
     /// Create the mountpoint (mode 0755, with missing parents) when it does not exist.
     #[arg(long)]
@@ -268,6 +269,10 @@ pub struct MountArgs {
     /// when stderr is one, else nowhere).
     #[arg(long, value_name = "PATH", requires = "background")]
     pub log_file: Option<PathBuf>,
+    /// Never renew the client certificate (by default the mount renews it at about
+    /// 2/3 of its life and replaces the --cert/--key files); renew it yourself then.
+    #[arg(long)]
+    pub no_renew: bool,
     /// The first certificate renewal this long after start instead of at 2/3 of its
     /// life (for tests).
     #[arg(long, hide = true, value_parser = parse_duration)]
@@ -574,6 +579,18 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
+/// `--force-mode`: 0 would make every file unreadable (0000), while
+/// `--mode 0` and `secret update --mode 0` mean "the default": refused.
+fn parse_force_mode(s: &str) -> Result<u32, String> {
+    match parse_mode(s)? {
+        0 => Err(format!(
+            "{s:?} would make every secret file mode 0000, readable by nobody; give the mode the files \
+             must have (e.g. 0440), or leave --force-mode out to keep each secret's own"
+        )),
+        m => Ok(m),
+    }
+}
+
 /// A duration over zero: a zero timeout would fail every call.
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
@@ -765,6 +782,9 @@ mod tests {
         assert!(err.contains("1..=100000"), "{err}");
         let err = parse(&["secretfs", "--timeout", "0s", "whoami"]).unwrap_err();
         assert!(err.contains("every call"), "{err}");
+        let err = parse(&["secretfs", "mount", "/m", "--force-mode", "0"]).unwrap_err();
+        assert!(err.contains("readable by nobody"), "{err}");
+        parse(&["secretfs", "mount", "/m", "--force-mode", "0440"]).unwrap();
         let err = parse(&[
             "secretfs",
             "server",

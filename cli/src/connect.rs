@@ -84,31 +84,19 @@ pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
 }
 
 /// Says on stderr when the certificate in use expires within 30 days, so
-/// an operator hears of it while it can still renew itself.
+/// an operator hears of it while it can still renew itself. Not when it
+/// has expired: the check of the files refuses it, with the fix.
 fn warn_if_expiring(path: &Path, pem: &[u8]) {
-    use secretfs_server::pki::{cert_not_after, rfc3339, EXPIRY_WARNING_DAYS};
-    let Some(not_after) = cert_not_after(pem) else {
+    use secretfs_proto::cert::{expiry_notice, CertInfo};
+    let Ok(info) = CertInfo::parse(pem) else {
         return;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let left = not_after - now;
-    if left < 0 {
-        eprintln!(
-            "warning: the client certificate {} expired at {}; an admin can issue a new one with `secretfs client renew NAME` \
-             (or, on the server host, `secretfs server admin-cert`)",
-            path.display(),
-            rfc3339(not_after)
-        );
-    } else if left < EXPIRY_WARNING_DAYS * 86_400 {
-        eprintln!(
-            "warning: the client certificate {} expires at {} (in {} days); renew it with `secretfs client renew`",
-            path.display(),
-            rfc3339(not_after),
-            left / 86_400
-        );
+    match expiry_notice(info.not_after, std::time::SystemTime::now()) {
+        Some(notice) if !notice.expired => eprintln!(
+            "warning: the client certificate {} {notice}; renew it with `secretfs client renew`",
+            path.display()
+        ),
+        _ => {}
     }
 }
 

@@ -8,13 +8,20 @@
 //! copy that keeps the mtime still counts, a touch that changes nothing
 //! does not.
 //!
-//! A pair is used only when the key belongs to the certificate: a renewal
-//! (ours or another tool's) replaces two files in two steps, and a poll in
-//! between sees half of it. That pair is left alone until the next poll.
+//! A pair is used only when it passes the check the mount ran on its files
+//! at start ([`secretfs_proto::credentials::check_client_files`]): the key
+//! belongs to the certificate (any key format: PKCS#8, SEC1, PKCS#1), the
+//! certificate is valid now and is a client's. A renewal (ours or another
+//! tool's) replaces two files in two steps, and a poll in between sees half
+//! of it: that pair is left alone until the next poll, and one warning says
+//! why once it has outlasted a poll. The pair in use is kept meanwhile.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::path::PathBuf;
+use std::time::SystemTime;
+
+use secretfs_proto::credentials::{check_client_files, ClientFiles, FileContents};
 
 use zeroize::Zeroizing;
 
@@ -23,6 +30,9 @@ use zeroize::Zeroizing;
 pub struct CredentialFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA file (`--ca`), named in messages; its contents are those the
+    /// mount connects with.
+    pub ca: PathBuf,
 }
 
 /// A new certificate and key, read from the files.
@@ -33,6 +43,8 @@ pub struct Renewed {
 
 pub struct CredentialWatch {
     files: CredentialFiles,
+    /// The CA the mount connects with, for the check of a new pair.
+    ca_pem: Vec<u8>,
     /// Keyed hashes of what was last seen (never the key itself): the
     /// hasher's random keys make the digest useless to anyone reading memory.
     hasher: RandomState,
@@ -45,11 +57,17 @@ pub struct CredentialWatch {
 
 impl CredentialWatch {
     /// `cert_pem`/`key_pem`: what the mount is using now.
-    pub fn new(files: CredentialFiles, cert_pem: &[u8], key_pem: &[u8]) -> CredentialWatch {
+    pub fn new(
+        files: CredentialFiles,
+        ca_pem: Vec<u8>,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> CredentialWatch {
         let hasher = RandomState::new();
         let seen = Some((hasher.hash_one(cert_pem), hasher.hash_one(key_pem)));
         CredentialWatch {
             files,
+            ca_pem,
             hasher,
             seen,
             unreadable: false,
@@ -64,6 +82,20 @@ impl CredentialWatch {
             self.hasher.hash_one(cert_pem),
             self.hasher.hash_one(key_pem),
         ));
+    }
+
+    /// Whether the files still hold what the watch last saw (or what the
+    /// mount last wrote). A renewal asks this right before it replaces
+    /// them: an operator's pair written since must not be overwritten (the
+    /// next poll takes it up instead).
+    pub fn unchanged_on_disk(&self) -> bool {
+        let Ok(cert) = std::fs::read(&self.files.cert) else {
+            return false;
+        };
+        let Ok(key) = std::fs::read(&self.files.key).map(Zeroizing::new) else {
+            return false;
+        };
+        self.seen == Some((self.hasher.hash_one(&cert), self.hasher.hash_one(&key[..])))
     }
 
     /// Where the pair lives.
@@ -98,17 +130,28 @@ impl CredentialWatch {
         if self.seen == Some(now) {
             return None;
         }
-        let pair = crate::certificate::CertInfo::parse(&cert_pem)
-            .and_then(|info| info.check_key(&key_pem));
-        if let Err(e) = pair {
+        let pair = ClientFiles {
+            ca: FileContents {
+                path: &self.files.ca,
+                pem: &self.ca_pem,
+            },
+            cert: FileContents {
+                path: &self.files.cert,
+                pem: &cert_pem,
+            },
+            key: FileContents {
+                path: &self.files.key,
+                pem: &key_pem,
+            },
+        };
+        if let Err(e) = check_client_files(&pair, SystemTime::now()) {
             // Half of a replacement, most likely: look again next time.
             self.mismatched += 1;
             if self.mismatched == 2 {
                 tracing::warn!(
-                    cert = %self.files.cert.display(),
-                    key = %self.files.key.display(),
-                    error = %e,
-                    "the client certificate or key files changed but cannot be used together;                      keeping the pair in use"
+                    error = %e.explain(),
+                    "the client certificate or key files changed but cannot be used; \
+                     keeping the pair in use until they can"
                 );
             }
             return None;
@@ -125,35 +168,146 @@ mod tests {
 
     use crate::certificate::tests::cert_and_key;
 
+    /// A client certificate and its key made by the openssl CLI, as
+    /// cert-manager or an operator's script would: `kind` "ec" writes a
+    /// SEC1 key (`EC PRIVATE KEY`), "rsa" a PKCS#1 one (`RSA PRIVATE KEY`).
+    pub(crate) fn openssl_pair(
+        dir: &std::path::Path,
+        kind: &str,
+        usage: &str,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let key = dir.join(format!("{kind}.key"));
+        let cert = dir.join(format!("{kind}.pem"));
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key_s = key.to_str().unwrap();
+        match kind {
+            "ec" => run(&[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                key_s,
+            ]),
+            _ => run(&["genrsa", "-traditional", "-out", key_s, "2048"]),
+        }
+        run(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            key_s,
+            "-out",
+            cert.to_str().unwrap(),
+            "-days",
+            "30",
+            "-subj",
+            "/CN=web-1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            &format!("extendedKeyUsage={usage}"),
+        ]);
+        (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+    }
+
+    fn watch_for(files: &CredentialFiles, cert: &[u8], key: &[u8]) -> CredentialWatch {
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        let (ca, _) = cert_and_key(30);
+        CredentialWatch::new(files.clone(), ca.into_bytes(), cert, key)
+    }
+
+    #[test]
+    fn sec1_and_pkcs1_keys_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CredentialFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        let (cert1, key1) = cert_and_key(30);
+        for kind in ["ec", "rsa"] {
+            let mut w = watch_for(&files, cert1.as_bytes(), key1.as_bytes());
+            let (cert, key) = openssl_pair(dir.path(), kind, "clientAuth");
+            let label = if kind == "ec" {
+                "EC PRIVATE KEY"
+            } else {
+                "RSA PRIVATE KEY"
+            };
+            assert!(String::from_utf8_lossy(&key).contains(label));
+            std::fs::write(&files.cert, &cert).unwrap();
+            std::fs::write(&files.key, &key).unwrap();
+            let r = w.poll().unwrap_or_else(|| panic!("a {label} pair is used"));
+            assert_eq!(r.cert_pem, cert);
+        }
+    }
+
+    #[test]
+    fn a_server_pair_is_not_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CredentialFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        let (cert1, key1) = cert_and_key(30);
+        let mut w = watch_for(&files, cert1.as_bytes(), key1.as_bytes());
+        // A server's certificate: a matching pair, but not for a client.
+        let (cert2, key2) = openssl_pair(dir.path(), "ec", "serverAuth");
+        std::fs::write(&files.cert, &cert2).unwrap();
+        std::fs::write(&files.key, &key2).unwrap();
+        assert!(w.poll().is_none(), "not a client certificate");
+        assert!(w.poll().is_none(), "still not");
+    }
+
     #[test]
     fn reports_changes_once_and_only_whole_pairs() {
         let dir = tempfile::tempdir().unwrap();
         let files = CredentialFiles {
             cert: dir.path().join("c.pem"),
             key: dir.path().join("k.pem"),
+            ca: dir.path().join("ca.pem"),
         };
-        let (cert1, key1) = cert_and_key(30);
-        let (cert2, key2) = cert_and_key(30);
-        std::fs::write(&files.cert, &cert1).unwrap();
-        std::fs::write(&files.key, &key1).unwrap();
-        let mut w = CredentialWatch::new(files.clone(), cert1.as_bytes(), key1.as_bytes());
+        let (cert1, key1) = openssl_pair(dir.path(), "ec", "clientAuth");
+        let (cert2, key2) = openssl_pair(dir.path(), "rsa", "clientAuth");
+        let mut w = watch_for(&files, &cert1, &key1);
         assert!(w.poll().is_none(), "unchanged");
         std::fs::write(&files.key, &key2).unwrap();
         assert!(w.poll().is_none(), "half a replacement is not used");
         std::fs::write(&files.cert, &cert2).unwrap();
         let r = w.poll().expect("both changed");
-        assert_eq!(r.cert_pem, cert2.as_bytes());
-        assert_eq!(&r.key_pem[..], key2.as_bytes());
+        assert_eq!(r.cert_pem, cert2);
+        assert_eq!(&r.key_pem[..], &key2[..]);
         assert!(w.poll().is_none(), "reported once");
         std::fs::remove_file(&files.cert).unwrap();
         assert!(w.poll().is_none(), "a missing file keeps the old identity");
         std::fs::write(&files.cert, &cert2).unwrap();
         assert!(w.poll().is_none(), "back as it was");
 
+        // An operator's write since the last poll is noticed before a
+        // renewal would overwrite it.
+        assert!(w.unchanged_on_disk());
+        std::fs::write(&files.key, &key1).unwrap();
+        assert!(!w.unchanged_on_disk());
+        std::fs::write(&files.key, &key2).unwrap();
+        assert!(w.unchanged_on_disk());
+
         // What the mount wrote itself is not news.
         std::fs::write(&files.cert, &cert1).unwrap();
         std::fs::write(&files.key, &key1).unwrap();
-        w.written(cert1.as_bytes(), key1.as_bytes());
+        w.written(&cert1, &key1);
         assert!(w.poll().is_none());
     }
 }

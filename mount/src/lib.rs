@@ -125,7 +125,8 @@ pub struct MountOptions {
     pub force: Force,
     /// Create the mountpoint (mode 0755, with its parents) when missing.
     pub create_mountpoint: bool,
-    /// Renew the client certificate at 2/3 of its life. On by default.
+    /// Renew the client certificate at about 2/3 of its life. On by default
+    /// (`--no-renew`: off; the expiry warning stays).
     pub renew: bool,
     /// The first renewal this long after start instead (tests).
     pub renew_after: Option<Duration>,
@@ -203,6 +204,15 @@ pub async fn run(
     }
     let path = mount::prepare_mountpoint(&opts.mountpoint)?;
     tokio::pin!(shutdown);
+    if let Some(files) = &opts.credentials {
+        // A renewal that crashed before its renames left key material in
+        // temporary files beside the key.
+        for file in [&files.key, &files.cert] {
+            for stale in secretfs_proto::files::remove_stale_temporaries(file) {
+                tracing::info!(file = %stale.display(), "removed a temporary file an interrupted renewal left");
+            }
+        }
+    }
 
     let server = opts.connect.server.clone();
     let first = tokio::select! {
@@ -282,10 +292,14 @@ pub async fn run(
         .clone()
         .map(|g| tokio::spawn(report_refusals(g, identity_rx)));
 
-    let credentials = opts
-        .credentials
-        .clone()
-        .map(|files| CredentialWatch::new(files, &opts.connect.cert_pem, &opts.connect.key_pem));
+    let credentials = opts.credentials.clone().map(|files| {
+        CredentialWatch::new(
+            files,
+            opts.connect.ca_pem.clone(),
+            &opts.connect.cert_pem,
+            &opts.connect.key_pem,
+        )
+    });
     let live = Live {
         source,
         mirror,
@@ -295,8 +309,9 @@ pub async fn run(
         refresh: opts.refresh,
         renewal: cert
             .as_ref()
-            .filter(|_| opts.renew)
-            .map(|c| renewal::Schedule::new(c, opts.renew_after)),
+            .map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
+        renew: opts.renew,
+        renewing: None,
         cert,
         identity,
     };
@@ -375,7 +390,9 @@ async fn report_refusals(
         }
         let n = refusals.len();
         let refusals = refusals.into_iter().map(refusal_to_proto).collect();
-        let req = secretfs_proto::v1::ReportRefusalsRequest { refusals };
+        let mut req = tonic::Request::new(secretfs_proto::v1::ReportRefusalsRequest { refusals });
+        // A server that never answers must not stall the reports for good.
+        req.set_timeout(sync::RPC_TIMEOUT);
         if let Err(e) = client.report_refusals(req).await {
             tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
         }

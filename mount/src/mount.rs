@@ -60,7 +60,7 @@ pub fn check_fuse() -> Result<(), MountError> {
 /// mode 0755 whatever the umask (a fresh Kubernetes emptyDir, /run after a
 /// reboot). An existing path is left as it is for the checks that follow.
 pub fn create_mountpoint(path: &Path) -> Result<(), MountError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let err = |source| MountError::Mountpoint {
         path: path.to_owned(),
         source,
@@ -79,7 +79,7 @@ pub fn create_mountpoint(path: &Path) -> Result<(), MountError> {
     for dir in missing.iter().rev() {
         match fs::DirBuilder::new().mode(0o755).create(dir) {
             Ok(()) => {
-                fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(err)?;
+                chmod_new_dir(dir).map_err(err)?;
                 tracing::info!(path = %dir.display(), "created the mountpoint directory");
             }
             // Made by someone else meanwhile: fine, the checks follow.
@@ -87,6 +87,20 @@ pub fn create_mountpoint(path: &Path) -> Result<(), MountError> {
             Err(e) => return Err(err(e)),
         }
     }
+    Ok(())
+}
+
+/// 0755 on a directory just made (the umask may have taken bits), through
+/// a descriptor: the mount runs as root, and a path swapped for a symlink
+/// between the mkdir and the chmod must not make root chmod its target.
+fn chmod_new_dir(dir: &Path) -> io::Result<()> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))?;
     Ok(())
 }
 
@@ -312,6 +326,23 @@ fn wait(rx: &mpsc::Receiver<io::Result<()>>, d: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_new_directory_swapped_for_a_symlink_is_not_chmod_ed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("shadow");
+        fs::write(&target, b"x").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        // Made, then swapped for a symlink before the chmod.
+        let dir = tmp.path().join("mnt");
+        fs::create_dir(&dir).unwrap();
+        fs::remove_dir(&dir).unwrap();
+        std::os::unix::fs::symlink(&target, &dir).unwrap();
+        assert!(chmod_new_dir(&dir).is_err());
+        let mode = fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the link's target keeps its mode");
+    }
     use super::*;
 
     #[test]

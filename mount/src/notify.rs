@@ -97,12 +97,10 @@ impl Notify {
 
     /// Why the mount is about to exit without having become ready (or
     /// after): systemd shows it in `systemctl status`, `--background`
-    /// prints it.
+    /// prints it. No `ERRNO=`: there is no errno behind most reasons, and
+    /// systemd would show `ERRNO=1` as "Operation not permitted".
     pub fn failed(&self, reason: &str) {
-        self.send(
-            &format!("STATUS=failed: {}\nERRNO=1\n", one_line(reason)),
-            true,
-        );
+        self.send(&format!("STATUS=failed: {}\n", one_line(reason)), true);
     }
 }
 

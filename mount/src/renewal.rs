@@ -2,42 +2,44 @@
 //! years never finds itself locked out by an expired certificate.
 //!
 //! - When: at 2/3 of the certificate's lifetime (not_before..not_after of
-//!   the certificate in use), then again for each new one. A failed attempt
+//!   the certificate in use) plus a random 0-10% of it, then again for each
+//!   new one (`--no-renew`: never). A failed attempt
 //!   is retried with a backoff (30 s doubling to 30 min); the mount keeps
 //!   serving with the certificate it has.
 //! - How: a new key made here (same algorithm as the old one where we can
 //!   make it, else ECDSA P-256), a CSR, `Secrets.RenewCertificate` over the
 //!   connection authenticated by the current certificate; the lifetime asked
 //!   for is the current one's, in whole days.
-//! - The files: replaced by write-to-temporary, fsync, rename, in the same
-//!   directory; the key first (0600), then the certificate, then the
-//!   directories are fsynced. Two renames are not one atomic step: between
-//!   them a reader sees the new key with the old certificate. Every reader
-//!   of ours checks that the key belongs to the certificate before using a
-//!   pair ([`crate::credentials`] waits for the next poll), so the window
-//!   (two renames) is never used. A crash exactly between them leaves a
-//!   mismatched pair: the next start refuses it with that message.
+//! - The files: replaced by [`secretfs_proto::files::replace_pair`] (both
+//!   written and fsynced first, then two renames back to back, the old key
+//!   put back if the second fails). Between the renames a reader sees the
+//!   new key with the old certificate: every reader of ours checks that the
+//!   key belongs to the certificate before using a pair
+//!   ([`crate::credentials`] waits for the next poll). A crash exactly
+//!   between them leaves a mismatched pair: the next start refuses it with
+//!   that message. Temporary files a crash left are removed at start.
 //! - Files that cannot be written (read-only volume, Kubernetes secret):
 //!   the new certificate is used from memory only, and the log says so;
 //!   a restart falls back to what the files hold.
-//! - 30 days before expiry (renewal failing, or a short-lived certificate)
-//!   a warning is logged, again every day.
+//! - 30 days before expiry, once the planned renewal time has passed
+//!   (renewal failing or off), a warning is logged, again every day.
+//! - Due by either clock: the monotonic one stops while the machine is
+//!   suspended, the wall clock does not.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::backoff::Backoff;
+use secretfs_proto::cert::{expiry_notice, ExpiryNotice};
+
 use crate::certificate::{rfc3339, CertInfo};
 
-/// When in a certificate's life it is renewed.
+/// When in a certificate's life it is renewed ...
 pub const RENEW_AT: f64 = 2.0 / 3.0;
-/// Warn this long before expiry.
-pub const WARN_BEFORE: Duration = Duration::from_secs(30 * 86_400);
+/// ... plus up to this part of its life, at random.
+pub const JITTER: f64 = 0.1;
 const WARN_EVERY: Duration = Duration::from_secs(86_400);
 const RETRY_FIRST: Duration = Duration::from_secs(30);
 const RETRY_CAP: Duration = Duration::from_secs(30 * 60);
@@ -95,15 +97,33 @@ pub struct Schedule {
     /// The hidden `--renew-after`: the first renewal this long after start.
     first_after: Option<Duration>,
     next_warning: Instant,
+    /// False with `--no-renew`: only the expiry warning.
+    enabled: bool,
+    /// `due` on the wall clock as well: the monotonic clock stops while
+    /// the machine is suspended (or a VM paused), the wall clock does not.
+    due_wall: SystemTime,
+    /// When this certificate's renewal was planned (wall clock): the
+    /// expiry warning waits for it, so a short-lived certificate (always
+    /// within 30 days of its end) is not warned about while all is well.
+    planned: SystemTime,
 }
 
 impl Schedule {
+    #[cfg(test)]
     pub fn new(info: &CertInfo, first_after: Option<Duration>) -> Schedule {
+        Schedule::with_renewal(info, first_after, true)
+    }
+
+    /// `enabled` false (`--no-renew`): never due; the expiry warning stays.
+    pub fn with_renewal(info: &CertInfo, first_after: Option<Duration>, enabled: bool) -> Schedule {
         let mut s = Schedule {
             due: Instant::now(),
             retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
             first_after,
             next_warning: Instant::now(),
+            enabled,
+            due_wall: SystemTime::now(),
+            planned: SystemTime::now(),
         };
         s.reset(info);
         s.warn_if_expiring(info);
@@ -111,50 +131,82 @@ impl Schedule {
     }
 
     /// A new certificate is in use: its renewal is due at 2/3 of its life
-    /// (or after `--renew-after`, for the first one).
+    /// plus a random 0-10% of it (or after `--renew-after`, for the first
+    /// one). The jitter keeps replicas that share one client (and one
+    /// certificate) from all asking at the same moment; the server allows a
+    /// client only a few self-renewals an hour. When that time has passed
+    /// already (a restart late in the certificate's life), within a random
+    /// part of the same span, or of a quarter of the time left if shorter.
     pub fn reset(&mut self, info: &CertInfo) {
         self.retry.reset();
         self.due = match self.first_after.take() {
             Some(after) => Instant::now() + after,
-            None => at(info.point_in_life(RENEW_AT)),
+            None => {
+                let span = info.lifetime().mul_f64(JITTER);
+                let due = info.point_in_life(RENEW_AT) + span.mul_f64(random_fraction());
+                match due.duration_since(SystemTime::now()) {
+                    Ok(_) => at(due),
+                    Err(_) => {
+                        let span = span.min(info.remaining(SystemTime::now()) / 4);
+                        Instant::now() + span.mul_f64(random_fraction())
+                    }
+                }
+            }
         };
         self.next_warning = Instant::now();
+        self.due_wall = SystemTime::now() + self.due.saturating_duration_since(Instant::now());
+        self.planned = self.due_wall;
+        let renew_at = self.enabled.then(|| rfc3339(self.due_wall));
         tracing::info!(
             serial = %info.serial,
             not_after = %rfc3339(info.not_after),
-            renew_at = %rfc3339(SystemTime::now() + self.due.saturating_duration_since(Instant::now())),
+            renew_at = renew_at.as_deref().unwrap_or("never (--no-renew)"),
             "client certificate in use"
         );
     }
 
+    /// Whether a renewal is due, by either clock.
     pub fn due(&self) -> bool {
-        Instant::now() >= self.due
+        self.enabled && (Instant::now() >= self.due || SystemTime::now() >= self.due_wall)
     }
 
     /// An attempt failed: the next one after a backoff. Returns the delay.
     pub fn failed(&mut self) -> Duration {
         let delay = self.retry.next_delay();
         self.due = Instant::now() + delay;
+        self.due_wall = SystemTime::now() + delay;
         delay
     }
 
-    /// Logs a warning when `info` expires within 30 days, once a day.
+    /// Whether to warn at `now`: within 30 days of the end, and past the
+    /// planned renewal (which has not happened, or this is a new schedule).
+    fn expiring(&self, info: &CertInfo, now: SystemTime) -> Option<ExpiryNotice> {
+        expiry_notice(info.not_after, now).filter(|_| now >= self.planned)
+    }
+
+    /// Logs a warning when `info` expires within 30 days and was not
+    /// renewed when planned, once a day.
     pub fn warn_if_expiring(&mut self, info: &CertInfo) {
         if Instant::now() < self.next_warning {
             return;
         }
-        self.next_warning = Instant::now() + WARN_EVERY;
-        let left = info.remaining(SystemTime::now());
-        if left < WARN_BEFORE {
+        if let Some(notice) = self.expiring(info, SystemTime::now()) {
+            self.next_warning = Instant::now() + WARN_EVERY;
             tracing::warn!(
                 serial = %info.serial,
-                not_after = %rfc3339(info.not_after),
-                days_left = left.as_secs() / 86_400,
-                "the mount's client certificate expires within 30 days; it renews itself \
-                 (watch for renewal errors) or issue a new one with `secretfs client renew`"
+                "the mount's client certificate {notice}; it renews itself (watch for renewal \
+                 errors) or issue a new one with `secretfs client renew`"
             );
         }
     }
+}
+
+/// A number in 0..1 that differs between processes and calls (std's
+/// randomly keyed hasher: no need for a random number crate).
+fn random_fraction() -> f64 {
+    use std::hash::BuildHasher;
+    let n = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
+    (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A wall-clock time as a monotonic instant (now, if it has passed).
@@ -162,74 +214,8 @@ fn at(t: SystemTime) -> Instant {
     Instant::now() + t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
-/// Replaces `key` then `cert` (see the module docs for the order).
-pub fn replace_pair(
-    cert: &Path,
-    cert_pem: &[u8],
-    key: &Path,
-    key_pem: &[u8],
-) -> std::io::Result<()> {
-    // The certificate keeps its mode (it may be shared, 0644); the key is 0600.
-    let cert_mode = std::fs::metadata(cert).map_or(0o644, |m| m.permissions().mode() & 0o777);
-    let old_key = Zeroizing::new(std::fs::read(key)?);
-    replace_file(key, key_pem, 0o600)?;
-    if let Err(e) = replace_file(cert, cert_pem, cert_mode) {
-        // The certificate may live elsewhere: put the old key back, so the
-        // files stay a working pair.
-        if let Err(undo) = replace_file(key, &old_key, 0o600) {
-            tracing::error!(
-                key = %key.display(),
-                error = %undo,
-                "cannot put the old key back: the key file no longer matches the certificate \
-                 file; the mount keeps working from memory, but fix the files before a restart \
-                 (secretfs client renew)"
-            );
-        }
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Writes `path` whole or not at all: a temporary file beside it, fsynced,
-/// renamed over it, and the directory fsynced.
-fn replace_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("not a file path"))?;
-    let tmp = dir.join(format!(
-        ".{}.renew-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        // create_new: never follows or reuses whatever sits at that name.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have taken bits the old file had.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(content)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::MetadataExt;
-
     use rcgen::PublicKeyData;
 
     use super::*;
@@ -258,50 +244,51 @@ mod tests {
         assert_eq!(days_like(&info), 30);
         let s = Schedule::new(&info, None);
         assert!(!s.due(), "day 1 of 30 is before 2/3");
+        // 2/3 of 30 days is day 20 (19 days from now), plus up to 3 days.
         let left = s.due.saturating_duration_since(Instant::now()).as_secs();
-        assert!((19 * 86_400 - 60..=19 * 86_400).contains(&left), "{left}");
+        assert!((19 * 86_400 - 60..=22 * 86_400).contains(&left), "{left}");
+        let dues: std::collections::BTreeSet<_> = (0..8)
+            .map(|_| {
+                Schedule::new(&info, None)
+                    .due
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    / 60
+            })
+            .collect();
+        assert!(dues.len() > 1, "jittered: {dues:?}");
 
         let (old, _) = cert_and_key(0); // a day old, expires now: past 2/3
         let mut s = Schedule::new(&CertInfo::parse(old.as_bytes()).unwrap(), None);
-        assert!(s.due());
+        assert!(s.due(), "past its end: at once");
         let d = s.failed();
         assert!(d >= RETRY_FIRST / 2 && d <= RETRY_FIRST, "{d:?}");
         assert!(!s.due(), "not again before the backoff");
 
+        // Suspended or paused: the monotonic clock stood still.
+        let mut s = Schedule::new(&info, None);
+        s.due_wall = SystemTime::now() - Duration::from_secs(1);
+        assert!(s.due(), "the wall clock says it is time");
+
+        // A week-long certificate is always within 30 days of its end:
+        // warned about only once its renewal is overdue.
+        let (week, _) = cert_and_key(6);
+        let week = CertInfo::parse(week.as_bytes()).unwrap();
+        let s = Schedule::new(&week, None);
+        assert_eq!(s.expiring(&week, SystemTime::now()), None, "day 1 of 7");
+        let notice = s
+            .expiring(&week, s.planned + Duration::from_secs(1))
+            .unwrap();
+        assert!(
+            notice.to_string().starts_with("expires within 30 days"),
+            "{notice}"
+        );
+
+        let s = Schedule::with_renewal(&info, Some(Duration::ZERO), false);
+        assert!(!s.due(), "--no-renew: never");
         let mut s = Schedule::new(&info, Some(Duration::ZERO));
         assert!(s.due(), "--renew-after 0s: at once");
         s.reset(&info);
         assert!(!s.due(), "--renew-after applies to the first renewal only");
-    }
-
-    #[test]
-    fn files_are_replaced_whole_with_private_key_modes() {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = dir.path().join("c.pem");
-        let key = dir.path().join("k.key");
-        std::fs::write(&cert, b"old cert").unwrap();
-        std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o640)).unwrap();
-        std::fs::write(&key, b"old key").unwrap();
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        replace_pair(&cert, b"new cert", &key, b"new key").unwrap();
-        assert_eq!(std::fs::read(&cert).unwrap(), b"new cert");
-        assert_eq!(std::fs::read(&key).unwrap(), b"new key");
-        assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(&cert).unwrap().mode() & 0o777, 0o640);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 2, "no temporary file left");
-
-        let gone = dir.path().join("missing/k.key");
-        assert!(replace_pair(&cert, b"x", &gone, b"y").is_err());
-        assert_eq!(
-            std::fs::read(&cert).unwrap(),
-            b"new cert",
-            "key first: nothing replaced"
-        );
-
-        // The certificate cannot be written: the old key comes back.
-        let elsewhere = dir.path().join("missing/c.pem");
-        assert!(replace_pair(&elsewhere, b"x", &key, b"newer key").is_err());
-        assert_eq!(std::fs::read(&key).unwrap(), b"new key");
     }
 }

@@ -17,9 +17,12 @@
 //! - the certificate is at 2/3 of its life: renew it ([`crate::renewal`]),
 //!   then a new channel and a new stream as above.
 
+use std::path::Path;
 use std::time::Duration;
 
 use secretfs_proto::channel::{error_chain, ConnectFailure};
+use secretfs_proto::credentials::{key_matches, FileContents};
+use secretfs_proto::files::ReplaceError;
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, RenewCertificateRequest, WatchEvent, WatchRequest};
 use secretfs_proto::ConnectConfig;
@@ -27,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
+use zeroize::Zeroizing;
 
 use crate::backoff::Backoff;
 use crate::certificate::{rfc3339, CertInfo};
@@ -37,7 +41,7 @@ use crate::watch::{EventError, Mirror};
 
 /// How long one RPC (or a stream's first event) may take before we call the
 /// server unreachable.
-const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 /// One message: a server that does not split changes sends a client's
 /// whole view in its initial event (the parts of a split one are bounded
 /// together by `MAX_CHANGE`).
@@ -112,6 +116,7 @@ pub enum SyncEvent {
     Certificate(CertInfo),
 }
 
+#[derive(Clone)]
 pub struct SecretsSource {
     client: SecretsClient<Channel>,
 }
@@ -264,8 +269,14 @@ pub struct Live {
     pub refresh: Duration,
     /// The certificate in use (`None`: unreadable, so never renewed).
     pub cert: Option<CertInfo>,
-    /// When to renew it; `None`: never.
+    /// When to renew it (and warn of its expiry); `None` while no
+    /// certificate could be read. Recomputed for every certificate put in use.
     pub renewal: Option<Schedule>,
+    /// `--no-renew` not given.
+    pub renew: bool,
+    /// A renewal in flight: a task of its own, so the Watch stream is read
+    /// (rotations applied) while the server answers.
+    pub renewing: Option<tokio::task::JoinHandle<Result<Renewal, Failure>>>,
     /// Others that connect as this client (the refusal reporter) follow
     /// the certificate in use.
     pub identity: tokio::sync::watch::Sender<ConnectConfig>,
@@ -382,6 +393,12 @@ async fn follow(
                     return Stop::Now;
                 }
             }
+            outcome = renewal_done(&mut live.renewing) => {
+                live.renewing = None;
+                if finish_renewal(live, outcome, events).await {
+                    return Stop::Now;
+                }
+            }
         }
     }
 }
@@ -403,15 +420,26 @@ async fn pause(
                     return;
                 }
             }
+            outcome = renewal_done(&mut live.renewing) => {
+                live.renewing = None;
+                if finish_renewal(live, outcome, events).await {
+                    return;
+                }
+            }
         }
     }
 }
 
-/// New certificate files, the expiry warning, a renewal when due. True
-/// when a new certificate is in use: the stream must be reopened with it.
+/// New certificate files, the expiry warning, a renewal started when due.
+/// True when a new certificate is in use: the stream must be reopened with
+/// it.
 async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
     if let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
         tracing::info!("the client certificate or key changed; reconnecting with the new one");
+        if let Some(task) = live.renewing.take() {
+            // For the pair just replaced: the new one wins.
+            task.abort();
+        }
         if use_credentials(live, renewed.cert_pem, renewed.key_pem, events).await {
             return true;
         }
@@ -420,49 +448,104 @@ async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> 
         return false;
     };
     schedule.warn_if_expiring(info);
-    if !schedule.due() {
-        return false;
+    if live.renewing.is_none() && schedule.due() {
+        live.renewing = Some(tokio::spawn(renewal_attempt(
+            live.source.clone(),
+            live.connect.key_pem.clone(),
+            info.clone(),
+        )));
     }
-    renew_certificate(live, events).await
+    false
 }
 
-/// Renews the certificate in use (see [`crate::renewal`]).
-async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
-    let Some(info) = live.cert.clone() else {
-        return false;
-    };
-    let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
-    let attempt = async {
-        let req = renewal::new_request(&live.connect.key_pem, name).map_err(Failure::Retry)?;
-        let resp = live
-            .source
-            .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
+/// A renewal's outcome, when one is in flight (else never).
+async fn renewal_done(
+    task: &mut Option<tokio::task::JoinHandle<Result<Renewal, Failure>>>,
+) -> Result<Renewal, Failure> {
+    match task {
+        Some(task) => task
             .await
-            .map_err(|status| match status.code() {
-                Code::Unimplemented => Failure::Retry(
-                    "the server does not offer certificate renewal (it is older than this \
-                     mount): upgrade it, or issue a new certificate with `secretfs client renew`"
-                        .to_owned(),
-                ),
-                // An external client (its own CA): this server never can.
-                Code::FailedPrecondition => Failure::Never(status.message().to_owned()),
-                _ => Failure::Retry(classify(status).to_string()),
-            })?;
-        let cert_pem = resp.cert_pem.into_bytes();
-        let new = CertInfo::parse(&cert_pem)
-            .and_then(|new| new.check_key(&req.key_pem).map(|()| new))
-            .map_err(|e| {
-                Failure::Retry(format!("the server's new certificate cannot be used: {e}"))
-            })?;
-        Ok((cert_pem, req.key_pem, new))
-    };
-    let (cert_pem, key_pem, new) = match attempt.await {
+            .unwrap_or_else(|e| Err(Failure::Retry(format!("the renewal stopped: {e}")))),
+        None => std::future::pending().await,
+    }
+}
+
+/// A new certificate from the server, checked against its new key.
+pub struct Renewal {
+    cert_pem: Vec<u8>,
+    key_pem: Zeroizing<Vec<u8>>,
+    new: CertInfo,
+}
+
+/// Asks the server to renew `info` (see [`crate::renewal`]): a new key
+/// like `key_pem`'s, a CSR, the RPC.
+async fn renewal_attempt(
+    mut source: SecretsSource,
+    key_pem: Zeroizing<Vec<u8>>,
+    info: CertInfo,
+) -> Result<Renewal, Failure> {
+    let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
+    let req = renewal::new_request(&key_pem, name).map_err(Failure::Retry)?;
+    drop(key_pem);
+    let resp = source
+        .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
+        .await
+        .map_err(|status| match status.code() {
+            Code::Unimplemented => Failure::Retry(
+                "the server does not offer certificate renewal (it is older than this \
+                 mount): upgrade it, or issue a new certificate with `secretfs client renew`"
+                    .to_owned(),
+            ),
+            // An external client (its own CA): this server never can.
+            Code::FailedPrecondition => Failure::Never(status.message().to_owned()),
+            _ => Failure::Retry(classify(status).to_string()),
+        })?;
+    let cert_pem = resp.cert_pem.into_bytes();
+    let unusable =
+        |e: String| Failure::Retry(format!("the server's new certificate cannot be used: {e}"));
+    key_matches(
+        FileContents {
+            path: Path::new("the renewed certificate"),
+            pem: &cert_pem,
+        },
+        FileContents {
+            path: Path::new("the new key"),
+            pem: &req.key_pem,
+        },
+    )
+    .map_err(|e| unusable(e.to_string()))?;
+    let new = CertInfo::parse(&cert_pem).map_err(|e| unusable(e.to_string()))?;
+    Ok(Renewal {
+        cert_pem,
+        key_pem: req.key_pem,
+        new,
+    })
+}
+
+/// Puts a renewal's outcome to use: the files replaced, the channel
+/// rebuilt; or the next attempt scheduled. True when a new certificate is
+/// in use.
+async fn finish_renewal(
+    live: &mut Live,
+    outcome: Result<Renewal, Failure>,
+    events: &mpsc::Sender<SyncEvent>,
+) -> bool {
+    let Renewal {
+        cert_pem,
+        key_pem,
+        new,
+    } = match outcome {
         Ok(r) => r,
         Err(Failure::Never(error)) => {
-            live.renewal = None;
+            // The expiry warning stays; a new pair written over the files
+            // brings a new schedule.
+            live.renewal = live
+                .cert
+                .as_ref()
+                .map(|c| Schedule::with_renewal(c, None, false));
             tracing::warn!(
                 %error,
-                not_after = %rfc3339(info.not_after),
+                not_after = live.cert.as_ref().map(|c| rfc3339(c.not_after)),
                 "the server cannot renew this client's certificate; the mount will not try again: \
                  renew it where it was issued and write it over the files (the mount picks it up)"
             );
@@ -477,7 +560,7 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
             tracing::warn!(
                 %error,
                 retry_in = %humantime::format_duration(Duration::from_secs(retry.as_secs())),
-                not_after = %rfc3339(info.not_after),
+                not_after = live.cert.as_ref().map(|c| rfc3339(c.not_after)),
                 "could not renew the client certificate; the mount keeps serving with the current one"
             );
             return false;
@@ -485,7 +568,15 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
     };
     if let Some(watch) = &mut live.credentials {
         let files = watch.files().clone();
-        match renewal::replace_pair(&files.cert, &cert_pem, &files.key, &key_pem) {
+        // The RPC took a while: if an operator wrote a pair since the last
+        // poll, theirs wins (the next poll takes it up).
+        match secretfs_proto::files::replace_pair(
+            &files.cert,
+            &cert_pem,
+            &files.key,
+            &key_pem,
+            || watch.unchanged_on_disk(),
+        ) {
             Ok(()) => {
                 watch.written(&cert_pem, &key_pem);
                 tracing::info!(
@@ -496,6 +587,13 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
                     "renewed the client certificate and replaced its files"
                 );
             }
+            Err(ReplaceError::ChangedMeanwhile { .. }) => tracing::info!(
+                serial = %new.serial,
+                cert = %files.cert.display(),
+                key = %files.key.display(),
+                "renewed the client certificate, but its files changed meanwhile: left them as they \
+                 are; using the renewed one until the next check of the files takes up theirs"
+            ),
             Err(error) => tracing::warn!(
                 serial = %new.serial,
                 not_after = %rfc3339(new.not_after),
@@ -513,17 +611,11 @@ async fn renew_certificate(live: &mut Live, events: &mpsc::Sender<SyncEvent>) ->
             "renewed the client certificate (kept in memory: no files given)"
         );
     }
-    use_credentials(
-        live,
-        cert_pem,
-        zeroize::Zeroizing::new(key_pem.to_vec()),
-        events,
-    )
-    .await
+    use_credentials(live, cert_pem, key_pem, events).await
 }
 
 /// Why a renewal failed.
-enum Failure {
+pub enum Failure {
     /// Maybe better later: retry after a backoff.
     Retry(String),
     /// Never for this client (its certificates come from another CA).
@@ -544,9 +636,13 @@ async fn use_credentials(
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
             live.cert = CertInfo::parse(&cfg.cert_pem).ok();
-            if let (Some(info), Some(schedule)) = (&live.cert, &mut live.renewal) {
-                schedule.reset(info);
-            }
+            // A new schedule for every certificate in use: one that was
+            // off (not readable at start, or refused by the server as an
+            // external client's) comes back with new files.
+            live.renewal = live
+                .cert
+                .as_ref()
+                .map(|info| Schedule::with_renewal(info, None, live.renew));
             if let Some(info) = &live.cert {
                 let _ = events.send(SyncEvent::Certificate(info.clone())).await;
             }

@@ -280,31 +280,9 @@ pub fn check_client_files(
         });
     }
     let chain = certificates(&cert, files.cert.path, Role::Cert)?;
-    let key = private_key(&key, files.key.path)?;
     let leaf = &chain[0];
-
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(leaf).map_err(|e| FileError::BadCertificate {
-            role: Role::Cert,
-            path: files.cert.path.to_path_buf(),
-            detail: e.to_string(),
-        })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
-        FileError::UnusableKey {
-            path: files.key.path.to_path_buf(),
-            detail: e.to_string(),
-        }
-    })?;
-    // rustls makes the same comparison when it loads the pair; here it
-    // names the files.
-    if let Some(spki) = signer.public_key() {
-        if spki.as_ref() != parsed.tbs_certificate.subject_pki.raw {
-            return Err(FileError::KeyMismatch {
-                cert: files.cert.path.to_path_buf(),
-                key: files.key.path.to_path_buf(),
-            });
-        }
-    }
+    let parsed = parse_leaf(leaf, files.cert.path)?;
+    pair_matches(&parsed, &key, files)?;
 
     let now_secs = now
         .duration_since(UNIX_EPOCH)
@@ -373,6 +351,60 @@ fn found(kind: SectionKind) -> Found {
         SectionKind::Crl => Found::RevocationList,
         _ => Found::Other,
     }
+}
+
+/// Whether the key file holds the private key of the (first) certificate
+/// of the certificate file, in any key format rustls reads (PKCS#8, SEC1,
+/// PKCS#1). An error names the file at fault.
+pub fn key_matches(cert: FileContents<'_>, key: FileContents<'_>) -> Result<(), FileError> {
+    let cert_sections = sections(cert, Role::Cert)?;
+    let key_sections = sections(key, Role::Key)?;
+    let chain = certificates(&cert_sections, cert.path, Role::Cert)?;
+    let parsed = parse_leaf(&chain[0], cert.path)?;
+    let files = ClientFiles {
+        ca: cert,
+        cert,
+        key,
+    };
+    pair_matches(&parsed, &key_sections, &files)
+}
+
+fn parse_leaf<'a>(
+    leaf: &'a CertificateDer<'static>,
+    path: &Path,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, FileError> {
+    x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, parsed)| parsed)
+        .map_err(|e| FileError::BadCertificate {
+            role: Role::Cert,
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
+}
+
+fn pair_matches(
+    parsed: &x509_parser::certificate::X509Certificate<'_>,
+    key: &[Section],
+    files: &ClientFiles<'_>,
+) -> Result<(), FileError> {
+    let key = private_key(key, files.key.path)?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+        FileError::UnusableKey {
+            path: files.key.path.to_path_buf(),
+            detail: e.to_string(),
+        }
+    })?;
+    // rustls makes the same comparison when it loads the pair; here it
+    // names the files.
+    if let Some(spki) = signer.public_key() {
+        if spki.as_ref() != parsed.tbs_certificate.subject_pki.raw {
+            return Err(FileError::KeyMismatch {
+                cert: files.cert.path.to_path_buf(),
+                key: files.key.path.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Every PEM section of a file; an error for an empty or non-PEM file.
@@ -496,13 +528,7 @@ fn chains_to(
 }
 
 fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{unix} (Unix time)"))
+    crate::cert::rfc3339_unix(unix)
 }
 
 #[cfg(test)]

@@ -6,14 +6,20 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled proto, for server reflection.
 //! - [`channel`]: a mutual-TLS [`tonic::transport::Channel`] from PEM files,
 //!   shared by the CLI and the mount so both connect the same way.
+//! - [`cert`]: a certificate's serial and validity, the one time format
+//!   (RFC 3339, UTC) and the one expiry warning, for server, CLI and mount.
 //! - [`credentials`]: checks of the client's own CA, certificate and key
 //!   files before connecting, naming the file at fault and the fix.
+//! - [`files`]: replacing certificate and key files whole (one pair at a
+//!   time, the old key put back on failure), for every writer of them.
 
 #![forbid(unsafe_code)]
 
+pub mod cert;
 pub mod channel;
 pub mod codec;
 pub mod credentials;
+pub mod files;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]

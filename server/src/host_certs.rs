@@ -15,7 +15,7 @@ use crate::domain::Action;
 use crate::error::Error;
 use crate::names::check_entity_name;
 use crate::pki::{rfc3339, Ca, Issued};
-use crate::state_dir::{replace_file, StateDir, META_TRUST_DOMAIN};
+use crate::state_dir::{replace_error, StateDir, META_TRUST_DOMAIN};
 use crate::store::{AuditEntry, NewClient, SqliteStore, Store, StoreError};
 
 /// Who the audit log names for changes made this way.
@@ -157,30 +157,17 @@ fn write_client_files(
     issued: &Issued,
     ca_pem: &str,
 ) -> Result<(PathBuf, PathBuf, PathBuf), Error> {
-    use std::os::unix::fs::DirBuilderExt;
-    if !out.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(out)
-            .map_err(|e| Error::io(format!("cannot create {}", out.display()), e))?;
-    }
-    let (cert, key, ca) = (
-        out.join(format!("{name}.pem")),
-        out.join(format!("{name}.key")),
-        out.join("ca.pem"),
-    );
-    let key_pem = issued
-        .key_pem
-        .as_ref()
-        .map(|k| k.as_bytes())
-        .unwrap_or_default();
-    replace_file(&key, key_pem, 0o600)?;
-    replace_file(&cert, issued.cert_pem.as_bytes(), 0o644)?;
-    if std::fs::read(&ca).ok().as_deref() != Some(ca_pem.as_bytes()) {
-        replace_file(&ca, ca_pem.as_bytes(), 0o644)?;
-    }
-    Ok((cert, key, ca))
+    let paths = secretfs_proto::files::ClientPaths::in_dir(out, name);
+    let key_pem = issued.key_pem.as_ref().map(|k| k.as_bytes());
+    secretfs_proto::files::write_client_files(
+        &paths,
+        issued.cert_pem.as_bytes(),
+        key_pem,
+        ca_pem.as_bytes(),
+    )
+    .map_err(replace_error)?;
+    let (key, ca) = (paths.key.unwrap_or_default(), paths.ca.unwrap_or_default());
+    Ok((paths.cert, key, ca))
 }
 
 /// Issues the server a new certificate and key for `sans` and replaces
@@ -201,8 +188,17 @@ pub fn reissue_server_cert(state_dir: &Path, sans: &[String]) -> Result<Issued, 
         .as_ref()
         .map(|k| k.as_bytes())
         .unwrap_or_default();
-    replace_file(&dir.server_key(), key_pem, 0o600)?;
-    replace_file(&dir.server_cert(), issued.cert_pem.as_bytes(), 0o644)?;
+    // Both files written first, then renamed back to back; the old key is
+    // put back if the certificate cannot be, so the server never finds a
+    // new key beside its old certificate.
+    secretfs_proto::files::replace_pair(
+        &dir.server_cert(),
+        issued.cert_pem.as_bytes(),
+        &dir.server_key(),
+        key_pem,
+        || true,
+    )
+    .map_err(replace_error)?;
     Ok(issued)
 }
 
@@ -265,5 +261,29 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("--san"), "{err}");
+    }
+
+    #[test]
+    fn a_reissue_whose_certificate_cannot_be_written_keeps_the_old_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sd = init(&InitOptions {
+            state_dir: tmp.path().join("state"),
+            trust_domain: "td".into(),
+            sans: vec![],
+            admin_name: "admin".into(),
+        })
+        .unwrap();
+        let old_key = std::fs::read(sd.server_key()).unwrap();
+        // server.pem cannot be replaced: a non-empty directory in its place.
+        let old_cert = std::fs::read(sd.server_cert()).unwrap();
+        std::fs::remove_file(sd.server_cert()).unwrap();
+        std::fs::create_dir(sd.server_cert()).unwrap();
+        std::fs::write(sd.server_cert().join("x"), &old_cert).unwrap();
+        assert!(reissue_server_cert(&sd.path, &["localhost".into()]).is_err());
+        assert_eq!(
+            std::fs::read(sd.server_key()).unwrap(),
+            old_key,
+            "no new key beside the old certificate"
+        );
     }
 }

@@ -89,33 +89,19 @@ fn is_dns_name(name: &str) -> bool {
 /// A PEM certificate's notAfter (unix seconds), or `None` when the text
 /// holds no readable certificate.
 pub fn cert_not_after(pem: &[u8]) -> Option<i64> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
-    use x509_parser::prelude::FromDer;
-    let der = CertificateDer::from_pem_slice(pem).ok()?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).ok()?;
-    Some(cert.validity().not_after.timestamp())
+    let info = secretfs_proto::cert::CertInfo::parse(pem).ok()?;
+    Some(secretfs_proto::cert::to_unix(info.not_after))
 }
 
 /// A PEM certificate's serial as lowercase hex (as the store records it).
 pub fn cert_serial(pem: &[u8]) -> Option<String> {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
-    use x509_parser::prelude::FromDer;
-    let der = CertificateDer::from_pem_slice(pem).ok()?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).ok()?;
-    Some(hex::encode(cert.tbs_certificate.raw_serial()))
+    Some(secretfs_proto::cert::CertInfo::parse(pem).ok()?.serial)
 }
 
-/// Warn this long before a certificate expires.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
-
-/// Unix seconds as an RFC 3339 UTC time, for messages and logs.
+/// Unix seconds as an RFC 3339 UTC time, for messages and logs
+/// ([`secretfs_proto::cert::rfc3339_unix`]: one format everywhere).
 pub fn rfc3339(secs: i64) -> String {
-    // humantime formats years up to 9999 only.
-    if secs > 253_402_300_799 {
-        return format!("{secs} (unix seconds)");
-    }
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    secretfs_proto::cert::rfc3339_unix(secs)
 }
 
 pub fn spiffe_id(trust_domain: &str, client: &str) -> String {

@@ -116,25 +116,11 @@ impl Drop for AuditThread {
     }
 }
 
-/// What to say about a certificate expiring at `not_after`, seen at `now`:
-/// nothing until the warning period, then a warning, then an error.
+/// What to say about a certificate expiring at `not_after` (Unix seconds),
+/// seen at `now`: [`secretfs_proto::cert::expiry_notice`], with `what`.
 fn expiry_notice(what: &str, not_after: i64, now: i64) -> Option<(bool, String)> {
-    use crate::pki::{rfc3339, EXPIRY_WARNING_DAYS};
-    let left = not_after - now;
-    if left < 0 {
-        Some((true, format!("{what} expired at {}", rfc3339(not_after))))
-    } else if left < EXPIRY_WARNING_DAYS * 86_400 {
-        Some((
-            false,
-            format!(
-                "{what} expires within {EXPIRY_WARNING_DAYS} days, at {} ({} days left)",
-                rfc3339(not_after),
-                left / 86_400
-            ),
-        ))
-    } else {
-        None
-    }
+    use secretfs_proto::cert::{expiry_notice, from_unix};
+    expiry_notice(from_unix(not_after), from_unix(now)).map(|n| (n.expired, format!("{what} {n}")))
 }
 
 fn warn_expiry(what: &str, not_after: i64, fix: &str) {

@@ -107,20 +107,21 @@ pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 
-/// Replaces `path` atomically: the contents go to a new sibling file
-/// (created exclusively with `mode`, so a planted file or symlink is never
-/// followed), synced, then renamed over `path`. A reader sees the old file
-/// or the new one, never a part.
+/// Replaces `path` whole or not at all
+/// ([`secretfs_proto::files::replace_file`]: a new exclusive sibling,
+/// fsynced, renamed over `path`, the directory fsynced).
 pub fn replace_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(format!(".{}", name.to_string_lossy()));
-    let _ = fs::remove_file(&tmp);
-    write_new(&tmp, contents, mode)?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(format!("cannot replace {}", path.display()), e)
-    })
+    secretfs_proto::files::replace_file(path, contents, mode).map_err(replace_error)
+}
+
+/// A [`secretfs_proto::files::ReplaceError`] as this crate's error.
+pub fn replace_error(e: secretfs_proto::files::ReplaceError) -> Error {
+    match e {
+        secretfs_proto::files::ReplaceError::Unchanged { path, source } => {
+            Error::io(format!("cannot write {}", path.display()), source)
+        }
+        other => Error::Config(other.to_string()),
+    }
 }
 
 /// Creates a complete state directory, or nothing: everything is made in a

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use secretfs_proto::v1;
 // One implementation of "create, never overwrite, with this mode, synced".
-use secretfs_server::state_dir::{replace_file, write_new};
+use secretfs_proto::files::ClientPaths;
+use secretfs_server::state_dir::write_new;
 use serde_json::{json, Value};
 
 use crate::args::{ClientAddArgs, ClientCmd, ClientRenewArgs, ConnArgs, Format};
@@ -211,32 +212,15 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
     Ok(())
 }
 
-/// Where `client renew` writes, and whether it makes a key.
-struct RenewFiles {
-    cert: PathBuf,
-    /// `None` with `--csr`: the key stays wherever the CSR was made.
-    key: Option<PathBuf>,
-    /// `None` when renewing in place: the CA file in use already holds it.
-    ca: Option<PathBuf>,
-}
-
 /// `client renew [NAME]`: a new certificate for this identity or, as an
 /// admin, for NAME.
-async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, RenewFiles, i64, String)> {
+async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPaths, i64, String)> {
     if let Some(name) = &a.name {
         secretfs_server::names::check_entity_name("client", name)
             .map_err(|e| UsageError(e.to_string()))?;
     }
-    let days = match a.days {
-        Some(0) => {
-            return Err(UsageError(
-                "--days 0 would issue a certificate that is already expired; give 1 or more (default 365)"
-                    .into(),
-            )
-            .into())
-        }
-        d => d.unwrap_or(0),
-    };
+    // clap refuses --days outside 1..=3650; 0 asks for the server's default.
+    let days = a.days.unwrap_or(0);
     let csr_given = match &a.csr {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -256,20 +240,20 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, RenewFil
     let files = match (&a.out, &a.name, &csr_given) {
         (Some(out), _, _) => {
             let f = ClientFiles::new(out, &name);
-            RenewFiles {
+            ClientPaths {
                 cert: f.cert,
                 key: csr_given.is_none().then_some(f.key),
                 ca: Some(f.ca),
             }
         }
-        (None, None, None) => RenewFiles {
+        (None, None, None) => ClientPaths {
             cert: conn.cert.clone().context("no --cert to renew")?,
             key: Some(conn.key.clone().context("no --key to renew")?),
             ca: None,
         },
         (None, _, _) => {
             let f = ClientFiles::new(Path::new("."), &name);
-            RenewFiles {
+            ClientPaths {
                 cert: f.cert,
                 key: csr_given.is_none().then_some(f.key),
                 ca: Some(f.ca),
@@ -307,30 +291,29 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, RenewFil
             (r.cert_pem, r.ca_pem, not_after)
         }
     };
-    let lost = |what: &str| {
-        format!(
-            "the new certificate was issued but {what} could not be written; the old certificate still works: run `secretfs client renew` again"
-        )
-    };
-    if let Some(dir) = files.cert.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))
-                .with_context(|| lost("its files"))?;
+    // The key and certificate are replaced together: both written first,
+    // then renamed back to back, the old key put back if the certificate
+    // cannot be (secretfs_proto::files).
+    let key = key_pem.as_ref().map(|k| k.as_bytes());
+    if let Err(e) = secretfs_proto::files::write_client_files(
+        &files,
+        cert_pem.as_bytes(),
+        key,
+        ca_pem.as_bytes(),
+    ) {
+        if e.unchanged() {
+            bail!(
+                "the new certificate was issued but could not be written: {e}; your files are as they were and the \
+                 old certificate still works: fix that and run `secretfs client renew` again"
+            );
         }
-    }
-    // Key first: a reader that sees the new certificate finds its key.
-    if let (Some(path), Some(key)) = (&files.key, &key_pem) {
-        replace_file(path, key.as_bytes(), 0o600).with_context(|| lost("its key"))?;
-    }
-    replace_file(&files.cert, cert_pem.as_bytes(), 0o644).with_context(|| lost("it"))?;
-    if let Some(ca) = &files.ca {
-        if std::fs::read(ca).ok().as_deref() != Some(ca_pem.as_bytes()) {
-            replace_file(ca, ca_pem.as_bytes(), 0o644).with_context(|| lost("the CA"))?;
-        }
+        bail!(
+            "the new certificate was issued but could not be written: {e}. Until the files are fixed they do not \
+             work together: move the new certificate over {} (or the old key back over {}); or have an admin \
+             run `secretfs client renew {name}`",
+            files.cert.display(),
+            files.key.as_deref().unwrap_or(Path::new("the key")).display()
+        );
     }
     Ok((name, files, not_after, cert_serial(&cert_pem)))
 }

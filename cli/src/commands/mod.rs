@@ -16,6 +16,8 @@ use secretfs_mount::MountOptions;
 use crate::args::{Cli, Command, ConnArgs, Format, OtherCommand};
 
 /// A command whose part that must run before any thread exists has run.
+// One value per process, moved once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Ready {
     /// `secretfs mount`: files read, privileges dropped.
     Mount(MountOptions),

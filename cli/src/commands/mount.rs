@@ -53,14 +53,26 @@ fn prepare_mount(conn: &ConnArgs, args: MountArgs, notify: Option<Notify>) -> Re
         mode: args.force_mode,
     };
     opts.create_mountpoint = args.create_mountpoint;
+    opts.renew = !args.no_renew;
     opts.renew_after = args.renew_after;
     opts.notify = notify;
-    // connect::config read these paths already, so both are set.
-    if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+    // connect::config read these paths already, so all three are set.
+    if let (Some(cert), Some(key), Some(ca)) = (&conn.cert, &conn.key, &conn.ca) {
         opts.credentials = Some(CredentialFiles {
             cert: cert.clone(),
             key: key.clone(),
+            ca: ca.clone(),
         });
+    }
+    if args.force_mode.is_some_and(|m| m & 0o004 != 0)
+        && args.containers.is_empty()
+        && args.allow_cgroups.is_empty()
+    {
+        tracing::warn!(
+            "--force-mode {:04o} lets every process on this host read every secret file, and no caller \
+             check (--container/--allow-cgroup) narrows it",
+            args.force_mode.unwrap_or_default()
+        );
     }
     if !args.containers.is_empty() || !args.allow_cgroups.is_empty() {
         opts.callers = Some(CallerRules {

@@ -84,10 +84,11 @@ fn background(s: &TestServer, who: &Identity, path: &Path, args: &[&str]) -> Run
 }
 
 fn started(path: &Path, run: &Run) -> Background {
-    let line = run.stdout.trim();
-    let expected = format!("mounted at {}, pid ", path.display());
-    assert!(line.starts_with(&expected), "stdout: {line}");
-    let pid: i32 = line[expected.len()..].parse().expect("a pid");
+    // The pid alone on stdout (`pid=$(secretfs mount --background ...)`),
+    // the sentence on stderr.
+    let pid: i32 = run.stdout.trim().parse().expect("stdout is the pid alone");
+    let expected = format!("mounted at {}, pid {pid}", path.display());
+    assert!(run.stderr.contains(&expected), "stderr: {}", run.stderr);
     Background {
         pid,
         path: path.to_owned(),
@@ -424,4 +425,85 @@ fn unwritable_credential_files_keep_the_renewed_certificate_in_memory() {
         .ok()
         == Some(b"pw-2".to_vec())));
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Runs openssl (key formats rcgen does not write).
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("these tests need the openssl CLI");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_sec1_or_pkcs1_pair_written_over_the_files_is_taken_up() {
+    let (s, app) = setup();
+    let m = s.mount_as(&app, &[]);
+    let dir = s.tmp.path().join("openssl");
+    std::fs::create_dir_all(&dir).unwrap();
+    // What cert-manager or an openssl script writes: EC PRIVATE KEY (SEC1)
+    // and RSA PRIVATE KEY (PKCS#1), not PKCS#8.
+    let kinds: &[(&str, &[&str], &str)] = &[
+        (
+            "sec1",
+            &["ecparam", "-name", "prime256v1", "-genkey", "-noout"],
+            "EC PRIVATE KEY",
+        ),
+        ("pkcs1", &["genrsa", "-traditional"], "RSA PRIVATE KEY"),
+    ];
+    for (kind, genkey, label) in kinds {
+        let key = dir.join(format!("{kind}.key"));
+        let csr = dir.join(format!("{kind}.csr"));
+        let mut args = genkey.to_vec();
+        args.extend_from_slice(&["-out", key.to_str().unwrap()]);
+        if *kind == "pkcs1" {
+            args.push("2048");
+        }
+        openssl(&args);
+        assert!(std::fs::read_to_string(&key).unwrap().contains(label));
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=app",
+            "-out",
+            csr.to_str().unwrap(),
+        ]);
+        let out = dir.join(kind);
+        s.cli(&[
+            "client",
+            "renew",
+            "app",
+            "--csr",
+            csr.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .ok();
+        let new_cert = out.join("app.pem");
+        let new_serial = serial_of(&new_cert);
+        // Key first, then the certificate, as a rotation would.
+        std::fs::copy(&key, &app.key).unwrap();
+        std::fs::copy(&new_cert, &app.cert).unwrap();
+        assert!(
+            eventually(LONG, || m.status()["cert_serial"] == new_serial.as_str()),
+            "the {label} pair was not taken up: {}",
+            m.log()
+        );
+        s.cli_in(&["secret", "rotate", "db/password"], kind.as_bytes())
+            .ok();
+        assert!(
+            eventually(LONG, || std::fs::read(m.file("db/password")).ok()
+                == Some(kind.as_bytes().to_vec())),
+            "no rotation over the {label} pair: {}",
+            m.log()
+        );
+    }
 }

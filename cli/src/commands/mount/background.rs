@@ -7,12 +7,14 @@
 //! session), `NOTIFY_SOCKET` pointing at the socket, stdin and stdout
 //! /dev/null, and waits:
 //! - `READY=1` (sent after the first sync and the mount, as to systemd):
-//!   print "mounted at PATH, pid N", exit 0; the child keeps serving.
+//!   print the child's pid on stdout (for `pid=$(...)`) and "mounted at
+//!   PATH, pid N" on stderr, exit 0; the child keeps serving.
 //! - the child exits first: print the reason it sent (`STATUS=failed: ...`)
 //!   or its exit status, exit non-zero. Nothing is left mounted: the child
 //!   mounts only after everything else worked.
 //!
-//! The child's log goes to `--log-file` (appended, created 0600), else to
+//! The child's log goes to `--log-file` (appended, created 0600; never
+//! through a symlink, never a file of another user's), else to
 //! this process's stderr when that is a terminal, else nowhere: a pipe
 //! held open by a daemon would make `$(secretfs mount --background ...)`
 //! or `| tee` wait for the mount to end.
@@ -58,16 +60,7 @@ impl Launch {
             .with_context(|| format!("cannot bind the notify socket {}", socket_path.display()))?;
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         let stderr = match &self.log_file {
-            Some(path) => Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(path)
-                    .with_context(|| {
-                        format!("cannot open the log file {} (--log-file)", path.display())
-                    })?,
-            ),
+            Some(path) => Stdio::from(open_log_file(path)?),
             None if std::io::stderr().is_terminal() => Stdio::inherit(),
             None => Stdio::null(),
         };
@@ -87,7 +80,10 @@ impl Launch {
             match socket.recv(&mut buf) {
                 Ok(n) => {
                     if read_message(&buf[..n], &mut last_status) {
-                        println!(
+                        // The pid alone on stdout, for `pid=$(...)`; the
+                        // sentence for people on stderr.
+                        println!("{}", child.id());
+                        eprintln!(
                             "mounted at {}, pid {}",
                             self.mountpoint.display(),
                             child.id()
@@ -121,8 +117,7 @@ impl Launch {
                 bail!("{reason}");
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop(&mut child);
                 bail!(
                     "the mount was not ready after {}: stopped it{}",
                     humantime::format_duration(self.start_timeout + GRACE),
@@ -138,6 +133,74 @@ impl Launch {
             None => "; run it again with --log-file PATH to keep its log".to_owned(),
         }
     }
+}
+
+/// Opens `--log-file` for appending (created 0600). The mount often runs
+/// as root, so the path is not trusted: a symlink is not followed
+/// (O_NOFOLLOW), a device or FIFO is refused (and never becomes a
+/// controlling terminal, O_NOCTTY), as is a file another user owns; an
+/// existing file others may read is made 0600 through the open descriptor.
+fn open_log_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let cannot = || format!("cannot open the log file {} (--log-file)", path.display());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(
+            (rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::NOCTTY
+                | rustix::fs::OFlags::NONBLOCK)
+                .bits() as i32,
+        )
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(n) if n == rustix::io::Errno::LOOP.raw_os_error() => anyhow::anyhow!(
+                "it is a symbolic link, which the mount does not follow: give the real path"
+            ),
+            _ => e.into(),
+        })
+        .with_context(cannot)?;
+    let meta = file.metadata().with_context(cannot)?;
+    if !meta.file_type().is_file() {
+        bail!("{}: it is not a regular file; give a file path", cannot());
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != euid {
+        bail!(
+            "{}: it is owned by uid {}, not by this user (uid {euid}); give a file of your own",
+            cannot(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(cannot)?;
+    }
+    // O_NONBLOCK only kept a FIFO from blocking the open.
+    rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::APPEND).with_context(cannot)?;
+    Ok(file)
+}
+
+/// How long a hung child gets to unmount and exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops a child that never became ready: SIGTERM first (the mount
+/// unmounts whatever it did and exits), SIGKILL if it is still there after
+/// [`STOP_GRACE`].
+fn stop(child: &mut std::process::Child) {
+    let pid = rustix::process::Pid::from_child(child);
+    if rustix::process::kill_process(pid, rustix::process::Signal::TERM).is_ok() {
+        let until = Instant::now() + STOP_GRACE;
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Reads one sd_notify datagram: true on `READY=1`; keeps the last STATUS.
@@ -180,15 +243,25 @@ fn child_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     out
 }
 
+/// Where the private directory goes: `XDG_RUNTIME_DIR` when it is a
+/// directory of this user's that nobody else may write to (it is inherited
+/// through sudo and the environment), else the temporary directory.
+fn runtime_base(xdg: Option<PathBuf>) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let euid = rustix::process::geteuid().as_raw();
+    xdg.filter(|p| {
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0)
+    })
+    .unwrap_or_else(std::env::temp_dir)
+}
+
 /// A new directory only this user can enter, removed on drop.
 struct PrivateDir(PathBuf);
 
 impl PrivateDir {
     fn new() -> Result<PrivateDir> {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
+        let base = runtime_base(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
         let mut last = None;
         for attempt in 0..16u32 {
             let nanos = SystemTime::now()
@@ -256,6 +329,91 @@ mod tests {
             child_args(given.into_iter()),
             args(&["mount", "--background-child", "--", "--background"])
         );
+    }
+
+    #[test]
+    fn the_log_file_is_never_a_planted_link_or_someone_elses() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("shadow");
+        std::fs::write(&target, "root:x:0:0\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = dir.path().join("m.log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = open_log_file(&link).unwrap_err();
+        assert!(format!("{err:#}").contains("m.log"), "{err:#}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"root:x:0:0\n");
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().mode() & 0o777,
+            0o644,
+            "the link's target is not touched"
+        );
+
+        // Not a regular file: a FIFO (which must not block the open either).
+        let fifo = dir.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let err = open_log_file(&fifo).unwrap_err();
+        assert!(format!("{err:#}").contains("fifo"), "{err:#}");
+        let err = open_log_file(Path::new("/dev/null")).unwrap_err();
+        assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
+
+        // Someone else's file (the tests run as root: give it away).
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs.log");
+            std::fs::write(&theirs, "").unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = open_log_file(&theirs).unwrap_err();
+            assert!(format!("{err:#}").contains("owned by"), "{err:#}");
+        }
+
+        // An existing file others can read is made private.
+        let mine = dir.path().join("mine.log");
+        std::fs::write(&mine, "old\n").unwrap();
+        std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(open_log_file(&mine).unwrap());
+        assert_eq!(std::fs::metadata(&mine).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read(&mine).unwrap(),
+            b"old\n",
+            "appended, not truncated"
+        );
+    }
+
+    #[test]
+    fn the_runtime_dir_is_used_only_when_it_is_ours_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(runtime_base(Some(ours.clone())), ours);
+        assert_eq!(runtime_base(None), std::env::temp_dir());
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(runtime_base(Some(open)), std::env::temp_dir());
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&ours, &link).unwrap();
+        assert_eq!(runtime_base(Some(link)), std::env::temp_dir());
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            assert_eq!(runtime_base(Some(theirs)), std::env::temp_dir());
+        }
+    }
+
+    #[test]
+    fn a_hung_child_gets_sigterm_first() {
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = Command::new("sleep").arg("600").spawn().unwrap();
+        stop(&mut child);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(15), "{status:?}");
     }
 
     #[test]
