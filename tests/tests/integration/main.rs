@@ -23,7 +23,6 @@ mod mount_lifecycle;
 mod rails;
 mod review;
 mod server_cli;
-mod server_fixes;
 mod sidecar;
 mod watch;
 mod watch_api;
