@@ -39,23 +39,10 @@ fn hex(bytes: &[u8]) -> String {
 
 fn copy_identity(who: &Identity, dir: &Path) -> Identity {
     std::fs::create_dir_all(dir).unwrap();
-    let cert = dir.join(format!("{}.pem", who.name));
-    let key = dir.join(format!("{}.key", who.name));
-    std::fs::copy(&who.cert, &cert).unwrap();
-    std::fs::copy(&who.key, &key).unwrap();
-    Identity {
-        name: who.name.clone(),
-        cert,
-        key,
-    }
-}
-
-fn identity_in(dir: &Path, name: &str) -> Identity {
-    Identity {
-        name: name.into(),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    }
+    let copy = Identity::in_dir(dir, &who.name);
+    std::fs::copy(&who.cert, &copy.cert).unwrap();
+    std::fs::copy(&who.key, &copy.key).unwrap();
+    copy
 }
 
 #[test]
@@ -146,7 +133,7 @@ fn an_admin_issues_for_another_client_and_external_clients_are_refused() {
     let out_s = out.to_str().unwrap();
     s.cli(&["client", "renew", "api", "--days", "7", "--out", out_s])
         .ok();
-    let api = identity_in(&out, "api");
+    let api = Identity::in_dir(&out, "api");
     let (serial, not_after) = cert_facts(&api.cert);
     let days = (not_after - now_s()) / 86_400;
     assert!((6..=7).contains(&days), "--days 7 gave {days} days");
@@ -223,7 +210,7 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
         .args(["--name", "root"]);
     let r = run_cmd(cmd, None).ok();
     assert!(r.stdout.contains("export SECRETFS_CERT="), "{}", r.stdout);
-    let root = identity_in(&out, "root");
+    let root = Identity::in_dir(&out, "root");
     let list = s
         .cli_as(&root, &["client", "list", "-o", "json"], None)
         .ok()
@@ -245,7 +232,7 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
         .args(["-o", "json"]);
     let j = run_cmd(cmd, None).ok().json();
     assert_eq!(j["created"], false);
-    let admin2 = identity_in(&out, "admin");
+    let admin2 = Identity::in_dir(&out, "admin");
     s.cli_as(&admin2, &["group", "add", "ops"], None).ok();
     s.cli(&["group", "list"]).ok();
     let renewed = s.audit_events("client.renew", &["--client", "admin"]);
@@ -516,7 +503,7 @@ fn expired_identity(s: &TestServer, dir: &Path, name: &str) -> Identity {
     params.not_after = rcgen::date_time_ymd(2021, 1, 1);
     let cert = params.signed_by(&key, &issuer).unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    let who = identity_in(dir, name);
+    let who = Identity::in_dir(dir, name);
     std::fs::write(&who.cert, cert.pem()).unwrap();
     std::fs::write(&who.key, key.serialize_pem()).unwrap();
     who
@@ -579,11 +566,7 @@ fn refused_tls_handshakes_are_audited_with_the_peer_address_and_the_cause() {
     ])
     .arg(&other);
     run_cmd(init, None).ok();
-    let stranger = Identity {
-        name: "admin".into(),
-        cert: other.join("admin.pem"),
-        key: other.join("admin.key"),
-    };
+    let stranger = Identity::in_dir(&other, "admin");
     let expired = expired_identity(&s, &dir, "old");
     // The server's own certificate is for server authentication only.
     let wrong_usage = Identity {

@@ -107,6 +107,17 @@ pub struct Identity {
     pub key: PathBuf,
 }
 
+impl Identity {
+    /// `DIR/NAME.pem` and `DIR/NAME.key`, as `client add --out DIR` writes them.
+    pub fn in_dir(dir: &Path, name: &str) -> Identity {
+        Identity {
+            name: name.into(),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}.key")),
+        }
+    }
+}
+
 pub struct TestServer {
     pub tmp: tempfile::TempDir,
     pub state: PathBuf,
@@ -193,11 +204,7 @@ impl TestServer {
         let mut init = Command::new(bin());
         init.args(["server", "init", "--state-dir"]).arg(&state);
         run_cmd(init, None).ok();
-        let admin = Identity {
-            name: "admin".into(),
-            cert: state.join("admin.pem"),
-            key: state.join("admin.key"),
-        };
+        let admin = Identity::in_dir(&state, "admin");
         let mut server = TestServer {
             tmp,
             state,
@@ -334,11 +341,7 @@ impl TestServer {
         let out = self.tmp.path().join("clients");
         self.cli(&["client", "add", name, "--out", out.to_str().unwrap()])
             .ok();
-        Identity {
-            name: name.into(),
-            cert: out.join(format!("{name}.pem")),
-            key: out.join(format!("{name}.key")),
-        }
+        Identity::in_dir(&out, name)
     }
 
     /// A group `group` holding `secrets`, with `clients` in it.

@@ -335,11 +335,7 @@ fn short_lived_client(s: &TestServer, name: &str) -> Identity {
         out.to_str().unwrap(),
     ])
     .ok();
-    Identity {
-        name: name.into(),
-        cert: out.join(format!("{name}.pem")),
-        key: out.join(format!("{name}.key")),
-    }
+    Identity::in_dir(&out, name)
 }
 
 #[test]
