@@ -311,6 +311,22 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+impl AuditEntry {
+    /// This entry with `more` added to its detail (after a "; "), for what
+    /// only the store knows: what a removal took with it, what an update
+    /// changed.
+    pub fn with_detail(&self, more: &str) -> AuditEntry {
+        AuditEntry {
+            detail: if self.detail.is_empty() {
+                more.to_owned()
+            } else {
+                format!("{}; {more}", self.detail)
+            },
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct AuditFilter {
     /// Events where this client acted or was acted upon.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::audit::record_change;
-use super::rows::{self, insert_named, join_detail};
+use super::rows::{self, insert_named};
 use crate::store::*;
 
 const CLIENT_COLUMNS: &str = "c.id, c.name, c.admin, c.enabled, c.pinned, c.created_at, \
@@ -138,13 +138,9 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
     } else {
         format!("was in groups {}", some_names(&groups, 20))
     };
-    let entry = AuditEntry {
-        detail: join_detail(&audit.detail, &what),
-        ..audit.clone()
-    };
     Ok(Committed {
         value: (),
-        revision: record_change(tx, &entry)?,
+        revision: record_change(tx, &audit.with_detail(&what))?,
     })
 }
 

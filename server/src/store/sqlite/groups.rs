@@ -3,7 +3,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::record_change;
-use super::rows::{self, insert_named, join_detail};
+use super::rows::{self, insert_named};
 use crate::store::*;
 
 pub(super) fn by_name(tx: &Connection, name: &str) -> Result<GroupRecord> {
@@ -96,13 +96,9 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
         list("client", &held.clients),
         list("secret", &held.secrets)
     );
-    let entry = AuditEntry {
-        detail: join_detail(&audit.detail, &what),
-        ..audit.clone()
-    };
     Ok(Committed {
         value: (),
-        revision: record_change(tx, &entry)?,
+        revision: record_change(tx, &audit.with_detail(&what))?,
     })
 }
 

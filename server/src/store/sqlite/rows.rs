@@ -132,12 +132,3 @@ pub(super) fn grouped(
     }
     Ok(out)
 }
-
-/// `detail` with `more` added after a "; ".
-pub(super) fn join_detail(detail: &str, more: &str) -> String {
-    if detail.is_empty() {
-        more.to_owned()
-    } else {
-        format!("{detail}; {more}")
-    }
-}

@@ -3,9 +3,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::{record_change, revision};
-use super::rows::{
-    self, granted_to_client, insert_named, join_detail, select_sealed, select_secrets,
-};
+use super::rows::{self, granted_to_client, insert_named, select_sealed, select_secrets};
 use crate::envelope::Sealed;
 use crate::store::*;
 
@@ -142,7 +140,7 @@ pub(super) fn rotate(
                 shown_expiry(expires_at)
             ),
         };
-        entry.detail = join_detail(&entry.detail, &what);
+        entry = entry.with_detail(&what);
     }
     let revision = record_change(tx, &entry)?;
     Ok(Committed {
@@ -223,8 +221,7 @@ pub(super) fn update(
         tx,
         &AuditEntry {
             version: Some(record.current_version),
-            detail: join_detail(&audit.detail, &detail),
-            ..audit.clone()
+            ..audit.with_detail(&detail)
         },
     )?;
     Ok(Committed {
@@ -256,13 +253,7 @@ pub(super) fn delete(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
             format!("groups {}", some_names(&groups, 20))
         }
     );
-    let revision = record_change(
-        tx,
-        &AuditEntry {
-            detail: join_detail(&audit.detail, &what),
-            ..audit.clone()
-        },
-    )?;
+    let revision = record_change(tx, &audit.with_detail(&what))?;
     Ok(Committed {
         value: id as u64,
         revision,
