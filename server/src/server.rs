@@ -55,7 +55,6 @@ pub struct Server {
     listener: TcpListener,
     health_listener: Option<TcpListener>,
     max_connections: usize,
-    max_secret_size: usize,
     /// Ends once every handle to the shared state is gone; joined at
     /// shutdown so the database is closed (and checkpointed) cleanly. It
     /// holds the state lock until it has ended.
@@ -291,7 +290,6 @@ impl Server {
             listener,
             health_listener,
             max_connections,
-            max_secret_size: opts.max_secret_size,
             audit_thread: AuditThread::new(audit_thread, state_lock),
             domain,
             tls,
@@ -322,7 +320,7 @@ impl Server {
         let addr = self.local_addr();
         // Twice the limit, so a value somewhat over it reaches the handler and
         // gets the clear "over the limit" error, while memory stays bounded.
-        let max = self.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
+        let max = self.domain.max_secret_size().saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
         let incoming = tls::accept_loop(
             self.listener,
             self.tls,
