@@ -54,7 +54,12 @@ impl CertInfo {
     pub fn parse(pem: &[u8]) -> Result<CertInfo, CertError> {
         let der =
             CertificateDer::from_pem_slice(pem).map_err(|e| CertError::NotPem(e.to_string()))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        CertInfo::from_der(der.as_ref())
+    }
+
+    /// Reads a DER certificate (one already taken out of its PEM).
+    pub fn from_der(der: &[u8]) -> Result<CertInfo, CertError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| CertError::Parse(e.to_string()))?;
         let validity = cert.validity();
         let common_name = cert

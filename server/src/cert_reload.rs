@@ -19,7 +19,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::PrivateKeyDer;
 
 use crate::error::Error;
 
@@ -77,20 +77,15 @@ fn load(
     };
     let cert_pem = read(cert_path)?;
     let key_pem = zeroize::Zeroizing::new(read(key_path)?);
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            Error::Config(format!(
-                "cannot read the server certificate {}: {e}",
-                cert_path.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(Error::Config(format!(
-            "the server certificate {} holds no PEM certificate",
-            cert_path.display()
-        )));
-    }
+    let certs = crate::tls::read_certs(
+        &cert_pem,
+        &format!("the server certificate {}", cert_path.display()),
+    )?;
+    // Taken before the chain moves into the key; a certificate x509-parser
+    // cannot read is still served, without expiry warnings.
+    let not_after = secretfs_proto::cert::CertInfo::from_der(certs[0].as_ref())
+        .map(|info| secretfs_proto::cert::to_unix(info.not_after))
+        .unwrap_or(0);
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         Error::Config(format!(
             "cannot read the server key {}: {e}",
@@ -102,7 +97,6 @@ fn load(
             "the server certificate and key do not fit together: {e}; reissue both with `secretfs server reissue-cert`"
         ))
     })?;
-    let not_after = crate::pki::cert_not_after(&cert_pem).unwrap_or(0);
     Ok((certified, not_after))
 }
 
@@ -186,6 +180,7 @@ mod tests {
     use super::*;
     use crate::pki::Ca;
     use crate::state_dir::replace_file;
+    use rustls_pki_types::CertificateDer;
 
     #[test]
     fn a_replaced_pair_is_taken_up_and_a_mismatched_one_is_not() {

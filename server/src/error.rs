@@ -148,16 +148,46 @@ impl From<StoreError> for Error {
             StoreError::NoSuchVersion { name, version } => Error::NoSuchVersion { name, version },
             e @ StoreError::External { .. } => Error::FailedPrecondition(e.to_string()),
             StoreError::NameConflict { name, existing } => Error::NameConflict { name, existing },
-            StoreError::Check(source) => match source.downcast::<Error>() {
-                Ok(ours) => *ours,
-                Err(other) => Error::Store(StoreError::Check(other)),
-            },
-            // The seal function is ours: hand its error back as it was.
-            StoreError::Seal(source) => match source.downcast::<Error>() {
-                Ok(ours) => *ours,
-                Err(other) => Error::Store(StoreError::Seal(other)),
-            },
+            StoreError::Check(source) => handed_back(source, StoreError::Check),
+            StoreError::Seal(source) => handed_back(source, StoreError::Seal),
             other => Error::Store(other),
         }
+    }
+}
+
+/// The check and seal functions the store calls are ours: their error is
+/// handed back as it was; anything else stays a store error (`rewrap`).
+fn handed_back(
+    source: Box<dyn std::error::Error + Send + Sync>,
+    rewrap: fn(Box<dyn std::error::Error + Send + Sync>) -> StoreError,
+) -> Error {
+    match source.downcast::<Error>() {
+        Ok(ours) => *ours,
+        Err(other) => Error::Store(rewrap(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_errors_come_back_from_the_store_as_they_were() {
+        let ours = || Box::new(Error::InvalidArgument("too many labels".into()));
+        for store in [StoreError::Check(ours()), StoreError::Seal(ours())] {
+            assert!(
+                matches!(Error::from(store), Error::InvalidArgument(m) if m == "too many labels")
+            );
+        }
+        let theirs = Error::from(StoreError::Seal("boom".into()));
+        assert!(
+            matches!(theirs, Error::Store(StoreError::Seal(_))),
+            "{theirs}"
+        );
+        let theirs = Error::from(StoreError::Check("boom".into()));
+        assert!(
+            matches!(theirs, Error::Store(StoreError::Check(_))),
+            "{theirs}"
+        );
     }
 }

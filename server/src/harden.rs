@@ -8,9 +8,20 @@ use rustix::process as prctl;
 /// Makes the process non-dumpable and locks its memory. Called before the
 /// master key is read, so no copy of it is ever swappable.
 pub fn protect_process() {
+    not_dumpable();
+    lock_memory();
+}
+
+/// No core file, no ptrace by same-uid processes.
+fn not_dumpable() {
     if let Err(e) = prctl::set_dumpable_behavior(prctl::DumpableBehavior::NotDumpable) {
         tracing::warn!(error = %std::io::Error::from(e), "cannot make the server non-dumpable");
     }
+}
+
+/// All memory, present and future, locked against swap, when the host
+/// allows it without a limit.
+fn lock_memory() {
     if !may_lock_unbounded() {
         tracing::warn!(
             "cannot lock the server's memory against swap: secrets and keys may reach swap. \
@@ -49,9 +60,11 @@ fn has_ipc_lock() -> bool {
 
 #[cfg(test)]
 mod tests {
+    // Only the dumpable flag: locking memory (as root, mlockall with
+    // FUTURE) would apply to the whole test binary.
     #[test]
     fn the_process_is_not_dumpable_afterwards() {
-        super::protect_process();
+        super::not_dumpable();
         assert_eq!(
             rustix::process::dumpable_behavior().unwrap(),
             rustix::process::DumpableBehavior::NotDumpable

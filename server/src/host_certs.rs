@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use crate::domain::Action;
 use crate::error::Error;
 use crate::names::check_entity_name;
-use crate::pki::{rfc3339, Ca, Issued};
-use crate::state_dir::{replace_error, StateDir, META_TRUST_DOMAIN};
+use crate::pki::{rfc3339, Issued};
+use crate::state_dir::{replace_error, trust_domain, StateDir};
 use crate::store::{AuditEntry, NewClient, SqliteStore, Store, StoreError};
 
 /// Who the audit log names for changes made this way.
@@ -47,23 +47,6 @@ fn existing(dir: &Path) -> Result<StateDir, Error> {
     Ok(StateDir::new(dir))
 }
 
-fn load_ca(dir: &StateDir) -> Result<Ca, Error> {
-    let read = |p: PathBuf| {
-        std::fs::read_to_string(&p).map_err(|e| {
-            Error::io(
-                format!(
-                    "cannot read {} (run this as the server's user, on the server's host)",
-                    p.display()
-                ),
-                e,
-            )
-        })
-    };
-    let cert = read(dir.ca_cert())?;
-    let key = zeroize::Zeroizing::new(read(dir.ca_key())?);
-    Ca::load(&cert, &key)
-}
-
 /// What `server admin-cert` made.
 pub struct AdminCert {
     pub name: String,
@@ -84,10 +67,7 @@ pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result
     check_entity_name("client", name)?;
     let dir = existing(state_dir)?;
     let store = SqliteStore::open(&dir.database(), false)?;
-    let trust_domain = store
-        .get_meta(META_TRUST_DOMAIN)?
-        .and_then(|v| String::from_utf8(v).ok())
-        .ok_or_else(|| Error::Config("the database does not record its trust domain".into()))?;
+    let trust_domain = trust_domain(&store)?;
     let existing = match store.get_client(name) {
         Ok(c) => Some(c),
         Err(StoreError::NotFound { .. }) => None,
@@ -105,7 +85,7 @@ pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result
             )));
         }
     }
-    let ca = load_ca(&dir)?;
+    let ca = dir.load_ca()?;
     let issued = ca.issue_client(&trust_domain, name, days)?;
     let audit = AuditEntry {
         client: Some(name.to_owned()),
@@ -181,7 +161,7 @@ pub fn reissue_server_cert(state_dir: &Path, sans: &[String]) -> Result<Issued, 
         ));
     }
     let dir = existing(state_dir)?;
-    let ca = load_ca(&dir)?;
+    let ca = dir.load_ca()?;
     let issued = ca.issue_server(sans)?;
     let key_pem = issued
         .key_pem

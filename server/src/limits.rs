@@ -77,7 +77,7 @@ where
             Body::new(LimitedBody {
                 inner: body,
                 max,
-                state: FrameState::Header(Vec::with_capacity(5)),
+                state: FrameState::header(),
             })
         });
         let fut = self.inner.call(req);
@@ -90,10 +90,17 @@ where
 
 /// Where a request body is in its stream of gRPC frames.
 enum FrameState {
-    /// Collecting the 5-byte frame header (flag, length).
-    Header(Vec<u8>),
+    /// Collecting the 5-byte frame header (flag, length): the bytes so
+    /// far, and how many there are.
+    Header([u8; 5], usize),
     /// Inside a frame's message; this many bytes remain.
     Message(usize),
+}
+
+impl FrameState {
+    fn header() -> FrameState {
+        FrameState::Header([0; 5], 0)
+    }
 }
 
 struct LimitedBody {
@@ -108,11 +115,12 @@ impl LimitedBody {
     fn check(&mut self, mut data: &[u8]) -> Result<(), Status> {
         while !data.is_empty() {
             match &mut self.state {
-                FrameState::Header(header) => {
-                    let take = (5 - header.len()).min(data.len());
-                    header.extend_from_slice(&data[..take]);
+                FrameState::Header(header, have) => {
+                    let take = (5 - *have).min(data.len());
+                    header[*have..*have + take].copy_from_slice(&data[..take]);
+                    *have += take;
                     data.advance(take);
-                    if header.len() == 5 {
+                    if *have == 5 {
                         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]])
                             as usize;
                         if len > self.max {
@@ -131,14 +139,14 @@ impl LimitedBody {
                     *left -= take;
                     data.advance(take);
                     if *left == 0 {
-                        self.state = FrameState::Header(Vec::with_capacity(5));
+                        self.state = FrameState::header();
                     }
                 }
             }
         }
-        if let FrameState::Message(0) = self.state {
-            self.state = FrameState::Header(Vec::with_capacity(5));
-        }
+        // A frame of length 0 leaves Message(0) behind: the next bytes
+        // pass through that arm, which takes none of them and expects the
+        // next header.
         Ok(())
     }
 }
@@ -180,7 +188,7 @@ mod tests {
         LimitedBody {
             inner: Body::empty(),
             max,
-            state: FrameState::Header(Vec::new()),
+            state: FrameState::header(),
         }
     }
 
@@ -212,5 +220,14 @@ mod tests {
         let err = b.check(&frame(101)[..5]).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(err.message().contains("101 bytes"), "{err:?}");
+    }
+
+    #[test]
+    fn a_header_after_an_empty_message_is_still_read() {
+        let mut b = body(100);
+        // The empty message's header ends the chunk.
+        b.check(&frame(0)).unwrap();
+        let err = b.check(&frame(101)[..5]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     }
 }

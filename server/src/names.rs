@@ -78,8 +78,8 @@ pub fn check_description(description: &str) -> Result<(), Error> {
     }
     if let Some(c) = description.chars().find(|c| c.is_control()) {
         return Err(Error::InvalidArgument(format!(
-            "the description holds the control character {:?}; descriptions are one line of printable text",
-            c
+            "the description holds the control character \"{}\"; descriptions are one line of printable text",
+            printable(c.encode_utf8(&mut [0; 4]), MAX_SHOWN_NAME)
         )));
     }
     Ok(())
@@ -117,13 +117,13 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
         if !key_ok {
             return Err(Error::InvalidArgument(format!(
-                "label key {:?} is not valid; use 1-63 letters, digits, '.', '_', '-' or '/'",
-                k.escape_debug().to_string()
+                "label key \"{}\" is not valid; use 1-63 letters, digits, '.', '_', '-' or '/'",
+                printable(k, MAX_SHOWN_NAME)
             )));
         }
         if v.len() > 256 || v.chars().any(char::is_control) {
             return Err(Error::InvalidArgument(format!(
-                "the value of label {k:?} is over 256 bytes or holds control characters"
+                "the value of label \"{k}\" is over 256 bytes or holds control characters"
             )));
         }
     }
@@ -242,6 +242,21 @@ mod tests {
             printable("a\u{202e}txt.exe\u{200b}\\n'\"", 100),
             "a\\u{202e}txt.exe\\u{200b}\\\\n'\""
         );
+    }
+
+    #[test]
+    fn a_bad_label_key_or_description_is_escaped_once() {
+        let labels = BTreeMap::from([("a\nb\\c".to_owned(), "v".to_owned())]);
+        let err = check_labels(&labels).unwrap_err().to_string();
+        assert!(
+            err.contains("label key \"a\\nb\\\\c\" is not valid"),
+            "{err}"
+        );
+        let err = check_description("x\u{1b}[2J").unwrap_err().to_string();
+        assert!(err.contains("the control character \"\\u{1b}\";"), "{err}");
+        // A long key is quoted in part.
+        let long = BTreeMap::from([("é".repeat(1000), "v".to_owned())]);
+        assert!(check_labels(&long).unwrap_err().to_string().len() < 400);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct Issued {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     pub cert_pem: String,
+    /// The CA certificate's notAfter (unix seconds): when everything it
+    /// signed stops working.
+    pub not_after: i64,
 }
 
 impl std::fmt::Debug for Ca {
@@ -135,12 +138,25 @@ impl Ca {
     }
 
     pub fn load(cert_pem: &str, key_pem: &str) -> Result<Ca, Error> {
+        use rustls_pki_types::{pem::PemObject, CertificateDer};
+        let unreadable = || {
+            pki(
+                "reading the CA certificate",
+                rcgen::Error::CouldNotParseCertificate,
+            )
+        };
         let key = KeyPair::from_pem(key_pem).map_err(|e| pki("reading the CA key", e))?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+        // The PEM is decoded once, for the issuer and for the expiry.
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| unreadable())?;
+        let not_after = secretfs_proto::cert::CertInfo::from_der(der.as_ref())
+            .map_err(|_| unreadable())?
+            .not_after;
+        let issuer = Issuer::from_ca_cert_der(&der, key)
             .map_err(|e| pki("reading the CA certificate", e))?;
         Ok(Ca {
             issuer,
             cert_pem: cert_pem.to_owned(),
+            not_after: secretfs_proto::cert::to_unix(not_after),
         })
     }
 
@@ -449,5 +465,18 @@ mod tests {
             .unwrap();
         assert!(issued.key_pem.is_some());
         assert!(ca.issue_server(&["bad name!".into()]).is_err());
+    }
+
+    #[test]
+    fn a_loaded_ca_knows_its_expiry() {
+        let (ca, key) = Ca::generate("td").unwrap();
+        let loaded = Ca::load(&ca.cert_pem, &key).unwrap();
+        assert_eq!(
+            Some(loaded.not_after),
+            cert_not_after(ca.cert_pem.as_bytes())
+        );
+        let days = (loaded.not_after - crate::store::now_s()) / 86_400;
+        assert!((CA_DAYS - 1..=CA_DAYS).contains(&days), "{days}");
+        assert!(Ca::load("not a certificate", &key).is_err());
     }
 }

@@ -35,12 +35,48 @@ impl Window {
         }
     }
 
-    fn left(&mut self, now: Instant) -> u32 {
-        if now.duration_since(self.start) >= self.length {
+    /// Starts a new window when this one is over; true when it did.
+    fn roll(&mut self, now: Instant) -> bool {
+        let over = self.is_over(now);
+        if over {
             self.start = now;
             self.used = 0;
         }
+        over
+    }
+
+    fn is_over(&self, now: Instant) -> bool {
+        now.duration_since(self.start) >= self.length
+    }
+
+    fn left(&mut self, now: Instant) -> u32 {
+        self.roll(now);
         self.limit - self.used
+    }
+}
+
+/// How often a map of per-client windows is swept for clients whose hour
+/// is over: a sweep walks every remembered client under the budget's one
+/// lock, so it is not done on every call.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// When a map was last swept.
+struct Sweep {
+    last: Instant,
+}
+
+impl Sweep {
+    fn new(now: Instant) -> Sweep {
+        Sweep { last: now }
+    }
+
+    /// Whether to sweep now (at most once a [`SWEEP_EVERY`]).
+    fn due(&mut self, now: Instant) -> bool {
+        let due = now.duration_since(self.last) >= SWEEP_EVERY;
+        if due {
+            self.last = now;
+        }
+        due
     }
 }
 
@@ -62,16 +98,24 @@ pub struct Grant {
 }
 
 pub struct ReportBudget {
-    inner: Mutex<(HashMap<String, ClientBudget>, Window)>,
+    inner: Mutex<ReportState>,
+}
+
+struct ReportState {
+    clients: HashMap<String, ClientBudget>,
+    all: Window,
+    sweep: Sweep,
 }
 
 impl Default for ReportBudget {
     fn default() -> Self {
+        let now = Instant::now();
         ReportBudget {
-            inner: Mutex::new((
-                HashMap::new(),
-                Window::new(Duration::from_secs(3600), ALL_PER_HOUR, Instant::now()),
-            )),
+            inner: Mutex::new(ReportState {
+                clients: HashMap::new(),
+                all: Window::new(Duration::from_secs(3600), ALL_PER_HOUR, now),
+                sweep: Sweep::new(now),
+            }),
         }
     }
 }
@@ -84,10 +128,17 @@ impl ReportBudget {
 
     fn take_at(&self, client: &str, wanted: usize, now: Instant) -> Grant {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (clients, all) = &mut *guard;
-        // A client that has not reported for an hour starts afresh; this
-        // also keeps the map from growing with every client ever seen.
-        clients.retain(|_, b| now.duration_since(b.hour.start) < b.hour.length || b.dropped > 0);
+        let ReportState {
+            clients,
+            all,
+            sweep,
+        } = &mut *guard;
+        // A client that has not reported for an hour starts afresh (its
+        // windows roll over when it next reports); forgetting it keeps the
+        // map from growing with every client ever seen.
+        if sweep.due(now) {
+            clients.retain(|_, b| !b.hour.is_over(now) || b.dropped > 0);
+        }
         let b = clients
             .entry(client.to_owned())
             .or_insert_with(|| ClientBudget {
@@ -119,10 +170,25 @@ impl ReportBudget {
 /// renews about once per two thirds of a lifetime of at least a day.
 pub const RENEW_PER_HOUR: u32 = 10;
 
-#[derive(Default)]
 pub struct RenewBudget {
+    inner: Mutex<RenewState>,
+}
+
+struct RenewState {
     /// Each client's hour, and whether a refusal in it was recorded.
-    inner: Mutex<HashMap<String, (Window, bool)>>,
+    clients: HashMap<String, (Window, bool)>,
+    sweep: Sweep,
+}
+
+impl Default for RenewBudget {
+    fn default() -> Self {
+        RenewBudget {
+            inner: Mutex::new(RenewState {
+                clients: HashMap::new(),
+                sweep: Sweep::new(Instant::now()),
+            }),
+        }
+    }
 }
 
 /// What taking a renewal from a client's budget gave.
@@ -142,15 +208,22 @@ impl RenewBudget {
     }
 
     fn take_at(&self, client: &str, now: Instant) -> Take {
-        let mut clients = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        // Only clients that renewed within the hour are remembered.
-        clients.retain(|_, (w, _)| now.duration_since(w.start) < w.length);
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let RenewState { clients, sweep } = &mut *guard;
+        // Only clients that renewed within the hour need remembering.
+        if sweep.due(now) {
+            clients.retain(|_, (w, _)| !w.is_over(now));
+        }
         let (w, noted) = clients.entry(client.to_owned()).or_insert_with(|| {
             (
                 Window::new(Duration::from_secs(3600), RENEW_PER_HOUR, now),
                 false,
             )
         });
+        if w.roll(now) {
+            // A new hour: its first refusal is recorded again.
+            *noted = false;
+        }
         if w.left(now) == 0 {
             return if std::mem::replace(noted, true) {
                 Take::Refused
@@ -246,6 +319,60 @@ mod tests {
             b.take_at("web", t0 + Duration::from_secs(3601)),
             Take::Granted
         );
+    }
+
+    #[test]
+    fn a_refusal_is_recorded_again_in_the_next_hour_between_sweeps() {
+        let b = RenewBudget::default();
+        let t0 = Instant::now();
+        for _ in 0..RENEW_PER_HOUR {
+            assert_eq!(b.take_at("web", t0), Take::Granted);
+        }
+        assert_eq!(b.take_at("web", t0), Take::RefusedFirst);
+        // A sweep just before web's hour ends keeps it; the next hour
+        // begins before the next sweep.
+        let swept = t0 + Duration::from_secs(3600) - SWEEP_EVERY / 2;
+        assert_eq!(b.take_at("api", swept), Take::Granted);
+        let t1 = t0 + Duration::from_secs(3601);
+        for _ in 0..RENEW_PER_HOUR {
+            assert_eq!(b.take_at("web", t1), Take::Granted);
+        }
+        assert_eq!(b.take_at("web", t1), Take::RefusedFirst);
+    }
+
+    #[test]
+    fn idle_clients_are_forgotten_by_a_sweep_not_on_every_call() {
+        let renew = RenewBudget::default();
+        let report = ReportBudget::default();
+        let t0 = Instant::now();
+        for c in 0..100 {
+            renew.take_at(&format!("c{c}"), t0);
+            report.take_at(&format!("c{c}"), 1, t0);
+        }
+        let sizes = || {
+            (
+                renew.inner.lock().unwrap().clients.len(),
+                report.inner.lock().unwrap().clients.len(),
+            )
+        };
+        let t1 = t0 + Duration::from_secs(3601);
+        renew.take_at("web", t1);
+        report.take_at("web", 1, t1);
+        assert_eq!(sizes(), (1, 1), "swept once their hour was over");
+        for c in 0..100 {
+            renew.take_at(&format!("d{c}"), t1);
+            report.take_at(&format!("d{c}"), 1, t1);
+        }
+        let t2 = t1 + Duration::from_secs(3601);
+        renew.take_at("web", t2);
+        report.take_at("web", 1, t2);
+        let t3 = t2 + SWEEP_EVERY / 2;
+        renew.take_at("web", t3);
+        report.take_at("web", 1, t3);
+        assert_eq!(sizes(), (1, 1));
+        renew.take_at("x", t3);
+        report.take_at("x", 1, t3);
+        assert_eq!(sizes(), (2, 2), "no sweep within a minute of the last");
     }
 
     #[test]

@@ -18,9 +18,8 @@ use crate::limits::LimitLayer;
 
 use crate::domain::{Domain, Settings};
 use crate::error::Error;
-use crate::pki::Ca;
 use crate::service::{AdminService, SecretsService};
-use crate::state_dir::{load_master_key, verify_master_key, StateDir, META_TRUST_DOMAIN};
+use crate::state_dir::{load_master_key, trust_domain, verify_master_key, StateDir};
 use crate::state_lock::StateLock;
 use crate::store::{SqliteStore, Store};
 use crate::tls;
@@ -56,7 +55,6 @@ pub struct Server {
     listener: TcpListener,
     health_listener: Option<TcpListener>,
     max_connections: usize,
-    max_secret_size: usize,
     /// Ends once every handle to the shared state is gone; joined at
     /// shutdown so the database is closed (and checkpointed) cleanly. It
     /// holds the state lock until it has ended.
@@ -239,17 +237,8 @@ impl Server {
             .await
             .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
         verify_master_key(&store, &master, &dir.master_key())?;
-        let trust_domain = store
-            .get_meta(META_TRUST_DOMAIN)?
-            .and_then(|v| String::from_utf8(v).ok())
-            .ok_or_else(|| Error::Config("the database does not record its trust domain".into()))?;
-
-        let ca_cert = read(&dir.ca_cert())?;
-        let ca_key = zeroize::Zeroizing::new(read(&dir.ca_key())?);
-        let ca = Ca::load(
-            &String::from_utf8_lossy(&ca_cert),
-            &String::from_utf8_lossy(&ca_key),
-        )?;
+        let trust_domain = trust_domain(&store)?;
+        let ca = dir.load_ca()?;
         let provider = tls::provider();
         let server_cert = Arc::new(ReloadingCert::open(
             dir.server_cert(),
@@ -262,7 +251,12 @@ impl Server {
             .map(|p| read(p))
             .collect::<Result<_, _>>()?;
         let extra: Vec<&[u8]> = extra.iter().map(|v| v.as_slice()).collect();
-        let tls = tls::server_config(server_cert.clone(), &ca_cert, &extra, provider)?;
+        let tls = tls::server_config(
+            server_cert.clone(),
+            ca.cert_pem.as_bytes(),
+            &extra,
+            provider,
+        )?;
 
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             Error::io(
@@ -290,17 +284,17 @@ impl Server {
             trust_domain,
             max_secret_size: opts.max_secret_size,
         };
+        let ca_not_after = ca.not_after;
         let (domain, audit_thread) = Domain::start(store, master, ca, settings);
         Ok(Server {
             listener,
             health_listener,
             max_connections,
-            max_secret_size: opts.max_secret_size,
             audit_thread: AuditThread::new(audit_thread, state_lock),
             domain,
             tls,
             server_cert,
-            ca_not_after: crate::pki::cert_not_after(&ca_cert).unwrap_or(0),
+            ca_not_after,
             state_dir: opts.state_dir.clone(),
         })
     }
@@ -326,7 +320,7 @@ impl Server {
         let addr = self.local_addr();
         // Twice the limit, so a value somewhat over it reaches the handler and
         // gets the clear "over the limit" error, while memory stays bounded.
-        let max = self.max_secret_size.saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
+        let max = self.domain.max_secret_size().saturating_mul(2).max(4 << 20) + MESSAGE_SLACK;
         let incoming = tls::accept_loop(
             self.listener,
             self.tls,

@@ -64,6 +64,32 @@ impl StateDir {
     pub fn lock_file(&self) -> PathBuf {
         self.path.join("lock")
     }
+
+    /// The CA, from ca.pem and ca.key (the key's text kept in `Zeroizing`).
+    pub fn load_ca(&self) -> Result<Ca, Error> {
+        let read = |p: PathBuf| {
+            fs::read_to_string(&p).map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read {} (run this as the server's user, on the server's host)",
+                        p.display()
+                    ),
+                    e,
+                )
+            })
+        };
+        let cert = read(self.ca_cert())?;
+        let key = Zeroizing::new(read(self.ca_key())?);
+        Ca::load(&cert, &key)
+    }
+}
+
+/// The trust domain the database was made for (`server init`).
+pub fn trust_domain(store: &dyn Store) -> Result<String, Error> {
+    store
+        .get_meta(META_TRUST_DOMAIN)?
+        .and_then(|v| String::from_utf8(v).ok())
+        .ok_or_else(|| Error::Config("the database does not record its trust domain".into()))
 }
 
 #[derive(Clone, Debug)]

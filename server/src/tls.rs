@@ -122,7 +122,9 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-fn read_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+/// The PEM certificates in `pem` (at least one); `what` names the file
+/// in errors.
+pub(crate) fn read_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<_, _>>()
         .map_err(|e| Error::Config(format!("cannot read {what}: {e}")))?;

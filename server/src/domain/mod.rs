@@ -103,6 +103,11 @@ impl Domain {
         &self.trust_domain
     }
 
+    /// The largest secret value accepted (`--max-secret-size`).
+    pub fn max_secret_size(&self) -> usize {
+        self.max_secret_size
+    }
+
     pub fn ca_pem(&self) -> &str {
         &self.ca.cert_pem
     }
