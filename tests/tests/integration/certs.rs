@@ -37,14 +37,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn copy_identity(who: &Identity, dir: &Path) -> Identity {
-    std::fs::create_dir_all(dir).unwrap();
-    let copy = Identity::in_dir(dir, &who.name);
-    std::fs::copy(&who.cert, &copy.cert).unwrap();
-    std::fs::copy(&who.key, &copy.key).unwrap();
-    copy
-}
-
 #[test]
 fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_removed() {
     let s = TestServer::start();
@@ -569,11 +561,7 @@ fn refused_tls_handshakes_are_audited_with_the_peer_address_and_the_cause() {
     let stranger = Identity::in_dir(&other, "admin");
     let expired = expired_identity(&s, &dir, "old");
     // The server's own certificate is for server authentication only.
-    let wrong_usage = Identity {
-        name: "server".into(),
-        cert: s.state.join("server.pem"),
-        key: s.state.join("server.key"),
-    };
+    let wrong_usage = Identity::in_dir(&s.state, "server");
     rt().block_on(async {
         for who in [Some(&stranger), Some(&expired), Some(&wrong_usage), None] {
             handshake(&s, who).await;
@@ -770,11 +758,7 @@ fn a_client_cannot_renew_itself_for_longer_than_the_certificate_it_presents() {
         out.to_str().unwrap(),
     ])
     .ok();
-    let web = Identity {
-        name: "web".into(),
-        cert: out.join("web.pem"),
-        key: out.join("web.key"),
-    };
+    let web = Identity::in_dir(&out, "web");
     rt().block_on(async {
         let mut c = s.secrets_client(&web).await;
         let err = c.renew_certificate(renew(3650, csr())).await.unwrap_err();

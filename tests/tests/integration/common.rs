@@ -118,6 +118,16 @@ impl Identity {
     }
 }
 
+/// A copy of `who`'s files in `dir` (made if missing), under the same name:
+/// credentials a test can keep, or replace, while the originals change.
+pub fn copy_identity(who: &Identity, dir: &Path) -> Identity {
+    std::fs::create_dir_all(dir).unwrap();
+    let copy = Identity::in_dir(dir, &who.name);
+    std::fs::copy(&who.cert, &copy.cert).unwrap();
+    std::fs::copy(&who.key, &copy.key).unwrap();
+    copy
+}
+
 pub struct TestServer {
     pub tmp: tempfile::TempDir,
     pub state: PathBuf,

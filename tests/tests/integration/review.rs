@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{rt, run_cmd, Identity, TestServer};
+use crate::common::{copy_identity, rt, run_cmd, Identity, TestServer};
 use secretfs_proto::v1::{self, secrets_client::SecretsClient};
 
 /// A CA of the operator's own (bring-your-own PKI), made in the test.
@@ -42,11 +42,7 @@ impl ExternalCa {
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(&s));
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let out = Identity {
-            name: tag.into(),
-            cert: dir.join(format!("{tag}.pem")),
-            key: dir.join(format!("{tag}.key")),
-        };
+        let out = Identity::in_dir(dir, tag);
         std::fs::write(&out.cert, cert.pem()).unwrap();
         std::fs::write(&out.key, key.serialize_pem()).unwrap();
         out
@@ -136,13 +132,7 @@ fn an_external_client_accepts_its_own_ca_but_not_the_built_in_one() {
 fn a_removed_built_in_client_stays_refused_when_re_added() {
     let s = TestServer::start();
     let web = s.add_client("web");
-    let old = Identity {
-        name: "web".into(),
-        cert: s.tmp.path().join("old-web.pem"),
-        key: s.tmp.path().join("old-web.key"),
-    };
-    std::fs::copy(&web.cert, &old.cert).unwrap();
-    std::fs::copy(&web.key, &old.key).unwrap();
+    let old = copy_identity(&web, &s.tmp.path().join("old"));
     s.cli(&["client", "remove", "web"]).ok();
     std::fs::remove_file(&web.cert).unwrap();
     std::fs::remove_file(&web.key).unwrap();

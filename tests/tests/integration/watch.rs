@@ -230,16 +230,7 @@ fn a_removed_clients_mount_empties_and_a_renewed_certificate_brings_it_back() {
     let (s, app) = setup();
     // The mount reads its identity from copies we can replace.
     let dir = s.tmp.path().join("app-creds");
-    std::fs::create_dir(&dir).unwrap();
-    let cert = dir.join("app.pem");
-    let key = dir.join("app.key");
-    std::fs::copy(&app.cert, &cert).unwrap();
-    std::fs::copy(&app.key, &key).unwrap();
-    let mounted_as = Identity {
-        name: "app".into(),
-        cert: cert.clone(),
-        key: key.clone(),
-    };
+    let mounted_as = copy_identity(&app, &dir);
     let m = s.mount_as(&mounted_as, NO_REFRESH);
     assert_eq!(read(&m.file("db/password")).unwrap(), b"pw-1");
 
@@ -260,8 +251,7 @@ fn a_removed_clients_mount_empties_and_a_renewed_certificate_brings_it_back() {
     s.cli(&["client", "add", "app", "--out", renewed.to_str().unwrap()])
         .ok();
     s.grant("app", &["app"], &[]);
-    std::fs::copy(renewed.join("app.pem"), &cert).unwrap();
-    std::fs::copy(renewed.join("app.key"), &key).unwrap();
+    copy_identity(&Identity::in_dir(&renewed, "app"), &dir);
     assert!(
         eventually(Duration::from_secs(10), || read(&m.file("db/password"))
             .as_deref()
