@@ -478,27 +478,14 @@ fn every_accepted_csr_key_type_connects_and_the_rest_are_refused_with_one_list()
     );
 }
 
-/// A certificate for `name` from this server's CA that expired yesterday.
+/// A certificate for `name` from this server's CA that expired years ago.
 fn expired_identity(s: &TestServer, dir: &Path, name: &str) -> Identity {
-    let ca_cert = std::fs::read_to_string(s.state.join("ca.pem")).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(s.state.join("ca.key")).unwrap())
-            .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let who = Identity::in_dir(dir, name);
-    std::fs::write(&who.cert, cert.pem()).unwrap();
-    std::fs::write(&who.key, key.serialize_pem()).unwrap();
-    who
+    s.cert_from_state_ca(
+        name,
+        dir,
+        rcgen::date_time_ymd(2020, 1, 1),
+        rcgen::date_time_ymd(2021, 1, 1),
+    )
 }
 
 /// One TLS 1.3 handshake with the server, presenting `who`'s certificate

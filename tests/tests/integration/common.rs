@@ -388,6 +388,46 @@ impl TestServer {
     pub fn db(&self) -> PathBuf {
         self.state.join("secretfs.db")
     }
+
+    /// A client certificate for `name`, valid from `not_before` to
+    /// `not_after`, signed with the state directory's CA key as the server
+    /// would sign it (client authentication, the client's SPIFFE id), but
+    /// with any validity: certificates the CLI cannot make, such as expired
+    /// ones. Written to `DIR/NAME.pem` and `DIR/NAME.key` (mode 0600).
+    pub fn cert_from_state_ca(
+        &self,
+        name: &str,
+        dir: &Path,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Identity {
+        use std::os::unix::fs::PermissionsExt;
+        let ca_pem = std::fs::read_to_string(self.state.join("ca.pem")).unwrap();
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(self.state.join("ca.key")).unwrap())
+                .unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://secretfs.local/client/{name}")
+                .try_into()
+                .unwrap(),
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let who = Identity::in_dir(dir, name);
+        std::fs::write(&who.cert, cert.pem()).unwrap();
+        std::fs::write(&who.key, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&who.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        who
+    }
 }
 
 /// A multi-threaded runtime for tests that call the gRPC API directly.
