@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use x509_parser::prelude::FromDer;
+use secretfs_proto::cert::{to_unix, CertInfo};
 
 use crate::common::*;
 
@@ -21,22 +21,6 @@ fn now_s() -> i64 {
         .as_secs() as i64
 }
 
-/// A PEM certificate's serial (hex) and notAfter (unix seconds).
-fn cert_facts(path: &Path) -> (String, i64) {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
-    let der =
-        CertificateDer::from_pem_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).unwrap();
-    (
-        hex(cert.tbs_certificate.raw_serial()),
-        cert.validity().not_after.timestamp(),
-    )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[test]
 fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_removed() {
     let s = TestServer::start();
@@ -44,13 +28,17 @@ fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_remo
     let web = s.add_client("web");
     s.grant("g", &["web"], &["db/password"]);
     let old = copy_identity(&web, &s.tmp.path().join("old"));
-    let (old_serial, _) = cert_facts(&web.cert);
+    let old_serial = cert_info(&web.cert).serial;
 
     // No --out: the files the environment points at are replaced in place.
     let r = s
         .cli_as(&web, &["client", "renew", "-o", "json"], None)
         .ok();
-    let (new_serial, not_after) = cert_facts(&web.cert);
+    let CertInfo {
+        serial: new_serial,
+        not_after,
+        ..
+    } = cert_info(&web.cert);
     assert_ne!(
         new_serial, old_serial,
         "the certificate file was not replaced"
@@ -61,7 +49,7 @@ fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_remo
         std::fs::read(&old.key).unwrap(),
         "a renewal makes a new key"
     );
-    let days = (not_after - now_s()) / 86_400;
+    let days = (to_unix(not_after) - now_s()) / 86_400;
     assert!((363..=365).contains(&days), "default lifetime: {days} days");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&web.key).unwrap().permissions(),
@@ -126,8 +114,10 @@ fn an_admin_issues_for_another_client_and_external_clients_are_refused() {
     s.cli(&["client", "renew", "api", "--days", "7", "--out", out_s])
         .ok();
     let api = Identity::in_dir(&out, "api");
-    let (serial, not_after) = cert_facts(&api.cert);
-    let days = (not_after - now_s()) / 86_400;
+    let CertInfo {
+        serial, not_after, ..
+    } = cert_info(&api.cert);
+    let days = (to_unix(not_after) - now_s()) / 86_400;
     assert!((6..=7).contains(&days), "--days 7 gave {days} days");
     assert_eq!(
         std::fs::read(out.join("ca.pem")).unwrap(),

@@ -118,6 +118,14 @@ impl Identity {
     }
 }
 
+/// The first certificate of a PEM file, read as the server, the CLI and the
+/// mount read it (serial in lower-case hex, as `whoami` shows it).
+pub fn cert_info(path: &Path) -> secretfs_proto::cert::CertInfo {
+    let pem = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    secretfs_proto::cert::CertInfo::parse(&pem)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// A copy of `who`'s files in `dir` (made if missing), under the same name:
 /// credentials a test can keep, or replace, while the originals change.
 pub fn copy_identity(who: &Identity, dir: &Path) -> Identity {

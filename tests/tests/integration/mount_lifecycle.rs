@@ -21,17 +21,6 @@ fn setup() -> (TestServer, Identity) {
     (s, app)
 }
 
-/// The serial (hex) of the first certificate in `path`.
-fn serial_of(path: &Path) -> String {
-    let pem = std::fs::read(path).unwrap();
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
-    let cert = pem.parse_x509().unwrap();
-    cert.raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn is_rfc3339_utc(v: &serde_json::Value) -> bool {
     // 2026-11-29T15:53:10Z
     let s = v.as_str().unwrap_or("");
@@ -309,7 +298,11 @@ fn status_shows_the_certificate_and_one_time_format() {
     let (s, app) = setup();
     let m = s.mount_as(&app, &[]);
     let status = m.status();
-    assert_eq!(status["cert_serial"], serial_of(&app.cert), "{status}");
+    assert_eq!(
+        status["cert_serial"],
+        cert_info(&app.cert).serial,
+        "{status}"
+    );
     assert!(is_rfc3339_utc(&status["cert_not_after"]), "{status}");
     assert!(is_rfc3339_utc(&status["last_sync"]), "{status}");
     // The certificate lasts 365 days: about a year from now.
@@ -344,7 +337,7 @@ fn the_mount_renews_its_certificate_and_keeps_serving() {
     s.add_secret("db/password", b"pw-1");
     let app = short_lived_client(&s, "app");
     s.grant("app", &["app"], &["db/password"]);
-    let old_serial = serial_of(&app.cert);
+    let old_serial = cert_info(&app.cert).serial;
     let old_key = std::fs::read(&app.key).unwrap();
     let m = s.mount_as(&app, &["--renew-after", "1s"]);
     let pid = m.pid();
@@ -363,7 +356,7 @@ fn the_mount_renews_its_certificate_and_keeps_serving() {
     let new_serial = m.status()["cert_serial"].as_str().unwrap().to_owned();
 
     // The files were replaced: a new key (0600) and its certificate.
-    assert!(eventually(LONG, || serial_of(&app.cert) == new_serial));
+    assert!(eventually(LONG, || cert_info(&app.cert).serial == new_serial));
     assert_ne!(std::fs::read(&app.key).unwrap(), old_key);
     assert_eq!(std::fs::metadata(&app.key).unwrap().mode() & 0o777, 0o600);
     assert!(
@@ -403,7 +396,7 @@ fn unwritable_credential_files_keep_the_renewed_certificate_in_memory() {
     s.add_secret("db/password", b"pw-1");
     let app = short_lived_client(&s, "ro");
     s.grant("ro", &["ro"], &["db/password"]);
-    let old_serial = serial_of(&app.cert);
+    let old_serial = cert_info(&app.cert).serial;
     let old_key = std::fs::read(&app.key).unwrap();
     // The mount keeps no CAP_DAC_OVERRIDE: root cannot write in a 0555 directory.
     let dir = app.cert.parent().unwrap().to_owned();
@@ -414,7 +407,11 @@ fn unwritable_credential_files_keep_the_renewed_certificate_in_memory() {
     });
     assert!(renewed, "no renewal: {}", m.log());
     assert!(m.log().contains("using it from memory only"), "{}", m.log());
-    assert_eq!(serial_of(&app.cert), old_serial, "the files are untouched");
+    assert_eq!(
+        cert_info(&app.cert).serial,
+        old_serial,
+        "the files are untouched"
+    );
     assert_eq!(std::fs::read(&app.key).unwrap(), old_key);
     s.cli_in(&["secret", "rotate", "db/password"], b"pw-2").ok();
     assert!(eventually(LONG, || std::fs::read(m.file("db/password"))
@@ -484,7 +481,7 @@ fn a_sec1_or_pkcs1_pair_written_over_the_files_is_taken_up() {
         ])
         .ok();
         let new_cert = out.join("app.pem");
-        let new_serial = serial_of(&new_cert);
+        let new_serial = cert_info(&new_cert).serial;
         // Key first, then the certificate, as a rotation would.
         std::fs::copy(&key, &app.key).unwrap();
         std::fs::copy(&new_cert, &app.cert).unwrap();

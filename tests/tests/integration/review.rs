@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{copy_identity, rt, run_cmd, Identity, TestServer};
+use crate::common::{cert_info, copy_identity, rt, run_cmd, Identity, TestServer};
 use secretfs_proto::v1::{self, secrets_client::SecretsClient};
 
 /// A CA of the operator's own (bring-your-own PKI), made in the test.
@@ -34,13 +34,20 @@ impl ExternalCa {
     }
 
     /// A client certificate from this CA carrying `uri` as its SAN and,
-    /// when given, a chosen serial.
-    fn issue(&self, dir: &Path, tag: &str, uri: &str, serial: Option<Vec<u8>>) -> Identity {
+    /// when given, a chosen serial (lower-case hex, as `client describe`
+    /// and `cert_info` show it).
+    fn issue(&self, dir: &Path, tag: &str, uri: &str, serial: Option<&str>) -> Identity {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
         params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = serial.map(|s| rcgen::SerialNumber::from_slice(&s));
+        params.serial_number = serial.map(|hex| {
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            rcgen::SerialNumber::from_slice(&bytes)
+        });
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let out = Identity::in_dir(dir, tag);
         std::fs::write(&out.cert, cert.pem()).unwrap();
@@ -49,14 +56,13 @@ impl ExternalCa {
     }
 }
 
-/// The serial and SPIFFE id of a certificate file.
-fn serial_and_uri(cert: &Path) -> (Vec<u8>, String) {
+/// The SPIFFE id (URI SAN) of a certificate file.
+fn spiffe_id(cert: &Path) -> String {
     use x509_parser::prelude::*;
     let pem = std::fs::read(cert).unwrap();
     let (_, pem) = parse_x509_pem(&pem).unwrap();
     let cert = pem.parse_x509().unwrap();
-    let uri = cert
-        .subject_alternative_name()
+    cert.subject_alternative_name()
         .unwrap()
         .expect("a SAN")
         .value
@@ -66,8 +72,7 @@ fn serial_and_uri(cert: &Path) -> (Vec<u8>, String) {
             GeneralName::URI(u) => Some(u.to_string()),
             _ => None,
         })
-        .expect("a URI SAN");
-    (cert.tbs_certificate.raw_serial().to_vec(), uri)
+        .expect("a URI SAN")
 }
 
 #[test]
@@ -75,9 +80,9 @@ fn an_external_ca_certificate_with_the_admins_serial_is_not_the_admin() {
     let tmp = tempfile::tempdir().unwrap();
     let ext = ExternalCa::new(tmp.path());
     let s = TestServer::start_with(&["--client-ca", ext.pem.to_str().unwrap()]);
-    let (serial, uri) = serial_and_uri(&s.admin.cert);
+    let (serial, uri) = (cert_info(&s.admin.cert).serial, spiffe_id(&s.admin.cert));
     // Serials are public (in every certificate, in `client describe`).
-    let forged = ext.issue(tmp.path(), "forged-admin", &uri, Some(serial));
+    let forged = ext.issue(tmp.path(), "forged-admin", &uri, Some(&serial));
     let r = s.cli_as(&forged, &["secret", "list"], None);
     assert_ne!(r.code, 0, "a forged admin certificate was accepted");
     assert!(
@@ -87,8 +92,8 @@ fn an_external_ca_certificate_with_the_admins_serial_is_not_the_admin() {
     );
     // The same for a workload client made by the built-in CA.
     let web = s.add_client("web");
-    let (serial, uri) = serial_and_uri(&web.cert);
-    let forged = ext.issue(tmp.path(), "forged-web", &uri, Some(serial));
+    let (serial, uri) = (cert_info(&web.cert).serial, spiffe_id(&web.cert));
+    let forged = ext.issue(tmp.path(), "forged-web", &uri, Some(&serial));
     assert_ne!(s.cli_as(&forged, &["whoami"], None).code, 0);
     // The real ones still work, and the refusals are audited.
     s.cli_as(&web, &["whoami"], None).ok();
