@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
 
-/// The `secretfs` binary next to this test executable, built on demand.
 /// The workspace's root (for files the tests read: deploy/, docs/, proto/).
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -29,6 +28,7 @@ pub fn python() -> Command {
     cmd
 }
 
+/// The `secretfs` binary next to this test executable, built on demand.
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
