@@ -15,6 +15,11 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A file of the repository, `rel` from the workspace's root, as text.
+pub fn repo_file(rel: &str) -> String {
+    std::fs::read_to_string(workspace().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
 /// python3 with target/python-deps first on its path: scripts/test.sh
 /// installs the pinned Python packages there (grpcio, kubernetes-validate).
 pub fn python() -> Command {

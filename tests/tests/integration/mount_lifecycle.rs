@@ -206,10 +206,7 @@ fn notify_socket_gets_ready_after_the_first_sync_and_stopping_at_the_end() {
 
 #[test]
 fn the_systemd_mount_unit_waits_for_ready() {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/secretfs-mount@.service"),
-    )
-    .unwrap();
+    let unit = repo_file("deploy/systemd/secretfs-mount@.service");
     assert!(unit.lines().any(|l| l == "Type=notify"), "{unit}");
     assert!(unit.lines().any(|l| l == "NotifyAccess=main"), "{unit}");
 }

@@ -372,10 +372,7 @@ fn zero_days_and_zero_limit_are_refused_with_the_range() {
 /// documented in the unit file.
 #[test]
 fn the_server_unit_documents_every_server_variable() {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/secretfs-server.service"),
-    )
-    .unwrap();
+    let unit = repo_file("deploy/systemd/secretfs-server.service");
     let mut seen = Vec::new();
     for sub in ["init", "run"] {
         let mut cmd = Command::new(bin());
