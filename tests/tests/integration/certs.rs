@@ -300,21 +300,6 @@ fn a_reissued_server_certificate_with_a_new_name_is_served_without_a_restart() {
     run_cmd(cmd, None).fails(2, "--san");
 }
 
-/// Runs openssl, which these tests need to make keys rcgen cannot.
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("these tests need the openssl CLI ({e}); install it (apt-get install openssl)")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A key of `kind` and a CSR for it (signed with openssl's default digest,
 /// SHA-256, also for P-384: the case that used to yield a P-256 certificate).
 fn key_and_csr(dir: &Path, name: &str, genpkey: &[&str]) -> (PathBuf, PathBuf) {

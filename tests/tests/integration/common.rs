@@ -692,6 +692,21 @@ impl Drop for Mount {
     }
 }
 
+/// Runs the openssl CLI, for keys and key formats rcgen cannot make.
+pub fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("these tests need the openssl CLI ({e}); install it (apt-get install openssl)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Polls `f` until it returns true or `limit` passes.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

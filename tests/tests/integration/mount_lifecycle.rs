@@ -417,19 +417,6 @@ fn unwritable_credential_files_keep_the_renewed_certificate_in_memory() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// Runs openssl (key formats rcgen does not write).
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("these tests need the openssl CLI");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn a_sec1_or_pkcs1_pair_written_over_the_files_is_taken_up() {
     let (s, app) = setup();
