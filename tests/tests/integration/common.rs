@@ -707,6 +707,16 @@ pub fn openssl(args: &[&str]) {
     );
 }
 
+/// One hex field (a capability set: `CapEff`, `CapPrm`...) of a
+/// `/proc/PID/status` or `/proc/PID/task/TID/status` text.
+pub fn status_hex(status: &str, field: &str) -> u64 {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
 /// Polls `f` until it returns true or `limit` passes.
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -100,11 +100,11 @@ fn background_returns_once_the_mount_is_ready() {
     // The child dropped its privileges as a foreground mount does, and left
     // the terminal's session.
     let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid)).unwrap();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
-    assert_eq!(cap_eff, Some((1u64 << 21) | (1u64 << 14)), "{status}");
+    assert_eq!(
+        status_hex(&status, "CapEff"),
+        (1u64 << 21) | (1u64 << 14),
+        "{status}"
+    );
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
