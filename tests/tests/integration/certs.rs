@@ -14,13 +14,6 @@ use secretfs_proto::cert::{to_unix, CertInfo};
 
 use crate::common::*;
 
-fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 #[test]
 fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_removed() {
     let s = TestServer::start();

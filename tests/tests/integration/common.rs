@@ -510,6 +510,19 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Now, in Unix milliseconds (as the server stamps audit rows).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Now, in Unix seconds (as certificates and the API state times).
+pub fn now_s() -> i64 {
+    now_ms() / 1000
+}
+
 /// A random marker that cannot appear by chance.
 pub fn marker(tag: &str) -> String {
     let mut bytes = [0u8; 12];

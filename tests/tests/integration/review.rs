@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::common::{cert_info, copy_identity, rt, run_cmd, Identity, TestServer};
+use crate::common::{cert_info, copy_identity, now_ms, rt, run_cmd, Identity, TestServer};
 use secretfs_proto::v1::{self, secrets_client::SecretsClient};
 
 /// A CA of the operator's own (bring-your-own PKI), made in the test.
@@ -146,13 +146,6 @@ fn a_removed_built_in_client_stays_refused_when_re_added() {
     let mut cmd = s.cmd_as(&old);
     cmd.arg("whoami");
     assert_ne!(run_cmd(cmd, None).code, 0);
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[test]
