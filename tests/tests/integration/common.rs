@@ -523,16 +523,24 @@ pub fn now_s() -> i64 {
     now_ms() / 1000
 }
 
-/// A random marker that cannot appear by chance.
-pub fn marker(tag: &str) -> String {
-    let mut bytes = [0u8; 12];
+/// `len` bytes from /dev/urandom.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
     std::fs::File::open("/dev/urandom")
         .unwrap()
         .read_exact(&mut bytes)
         .unwrap();
+    bytes
+}
+
+/// A random marker that cannot appear by chance.
+pub fn marker(tag: &str) -> String {
     format!(
         "{tag}-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        random_bytes(12)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
