@@ -214,6 +214,19 @@ impl TestServer {
         Self::start_with(&[])
     }
 
+    /// A started server with `secrets` (name, content) added and a client
+    /// `app` whose group `app` holds them all: the usual start of a mount test.
+    pub fn start_for_app(secrets: &[(&str, &str)]) -> (TestServer, Identity) {
+        let s = Self::start();
+        for (name, content) in secrets {
+            s.add_secret(name, content.as_bytes());
+        }
+        let app = s.add_client("app");
+        let names: Vec<&str> = secrets.iter().map(|(name, _)| *name).collect();
+        s.grant("app", &["app"], &names);
+        (s, app)
+    }
+
     /// `server init` in a fresh directory, then `server run` with `args`.
     pub fn start_with(args: &[&str]) -> TestServer {
         Self::start_wrapped(&[], args)

@@ -14,11 +14,7 @@ use crate::common::*;
 const LONG: Duration = Duration::from_secs(40);
 
 fn setup() -> (TestServer, Identity) {
-    let s = TestServer::start();
-    s.add_secret("db/password", b"pw-1");
-    let app = s.add_client("app");
-    s.grant("app", &["app"], &["db/password"]);
-    (s, app)
+    TestServer::start_for_app(&[("db/password", "pw-1")])
 }
 
 fn is_rfc3339_utc(v: &serde_json::Value) -> bool {

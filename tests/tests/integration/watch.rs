@@ -15,12 +15,7 @@ const FIVE_S: Duration = Duration::from_secs(5);
 const NO_REFRESH: &[&str] = &["--refresh", "1h"];
 
 fn setup() -> (TestServer, Identity) {
-    let s = TestServer::start();
-    s.add_secret("db/password", b"pw-1");
-    s.add_secret("api/token", b"tok-1");
-    let app = s.add_client("app");
-    s.grant("app", &["app"], &["db/password", "api/token"]);
-    (s, app)
+    TestServer::start_for_app(&[("db/password", "pw-1"), ("api/token", "tok-1")])
 }
 
 fn read(p: &Path) -> Option<Vec<u8>> {
