@@ -8,11 +8,7 @@ use std::time::Duration;
 use crate::common::*;
 
 fn setup() -> (TestServer, Identity) {
-    let s = TestServer::start();
-    s.add_secret("db/password", b"pw-in-container");
-    let app = s.add_client("app");
-    s.grant("app", &["app"], &["db/password"]);
-    (s, app)
+    TestServer::start_for_app(&[("db/password", "pw-in-container")])
 }
 
 fn reader(s: &TestServer, m: &Mount, script: &str) -> OciBundle {

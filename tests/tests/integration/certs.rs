@@ -10,40 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use x509_parser::prelude::FromDer;
+use secretfs_proto::cert::{to_unix, CertInfo};
 
 use crate::common::*;
-
-fn now_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A PEM certificate's serial (hex) and notAfter (unix seconds).
-fn cert_facts(path: &Path) -> (String, i64) {
-    use rustls_pki_types::{pem::PemObject, CertificateDer};
-    let der =
-        CertificateDer::from_pem_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref()).unwrap();
-    (
-        hex(cert.tbs_certificate.raw_serial()),
-        cert.validity().not_after.timestamp(),
-    )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn copy_identity(who: &Identity, dir: &Path) -> Identity {
-    std::fs::create_dir_all(dir).unwrap();
-    let copy = Identity::in_dir(dir, &who.name);
-    std::fs::copy(&who.cert, &copy.cert).unwrap();
-    std::fs::copy(&who.key, &copy.key).unwrap();
-    copy
-}
 
 #[test]
 fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_removed() {
@@ -52,13 +21,17 @@ fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_remo
     let web = s.add_client("web");
     s.grant("g", &["web"], &["db/password"]);
     let old = copy_identity(&web, &s.tmp.path().join("old"));
-    let (old_serial, _) = cert_facts(&web.cert);
+    let old_serial = cert_info(&web.cert).serial;
 
     // No --out: the files the environment points at are replaced in place.
     let r = s
         .cli_as(&web, &["client", "renew", "-o", "json"], None)
         .ok();
-    let (new_serial, not_after) = cert_facts(&web.cert);
+    let CertInfo {
+        serial: new_serial,
+        not_after,
+        ..
+    } = cert_info(&web.cert);
     assert_ne!(
         new_serial, old_serial,
         "the certificate file was not replaced"
@@ -69,7 +42,7 @@ fn a_client_renews_itself_keeps_its_groups_and_both_certificates_work_until_remo
         std::fs::read(&old.key).unwrap(),
         "a renewal makes a new key"
     );
-    let days = (not_after - now_s()) / 86_400;
+    let days = (to_unix(not_after) - now_s()) / 86_400;
     assert!((363..=365).contains(&days), "default lifetime: {days} days");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&web.key).unwrap().permissions(),
@@ -134,8 +107,10 @@ fn an_admin_issues_for_another_client_and_external_clients_are_refused() {
     s.cli(&["client", "renew", "api", "--days", "7", "--out", out_s])
         .ok();
     let api = Identity::in_dir(&out, "api");
-    let (serial, not_after) = cert_facts(&api.cert);
-    let days = (not_after - now_s()) / 86_400;
+    let CertInfo {
+        serial, not_after, ..
+    } = cert_info(&api.cert);
+    let days = (to_unix(not_after) - now_s()) / 86_400;
     assert!((6..=7).contains(&days), "--days 7 gave {days} days");
     assert_eq!(
         std::fs::read(out.join("ca.pem")).unwrap(),
@@ -318,21 +293,6 @@ fn a_reissued_server_certificate_with_a_new_name_is_served_without_a_restart() {
     run_cmd(cmd, None).fails(2, "--san");
 }
 
-/// Runs openssl, which these tests need to make keys rcgen cannot.
-fn openssl(args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("these tests need the openssl CLI ({e}); install it (apt-get install openssl)")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A key of `kind` and a CSR for it (signed with openssl's default digest,
 /// SHA-256, also for P-384: the case that used to yield a P-256 certificate).
 fn key_and_csr(dir: &Path, name: &str, genpkey: &[&str]) -> (PathBuf, PathBuf) {
@@ -486,27 +446,14 @@ fn every_accepted_csr_key_type_connects_and_the_rest_are_refused_with_one_list()
     );
 }
 
-/// A certificate for `name` from this server's CA that expired yesterday.
+/// A certificate for `name` from this server's CA that expired years ago.
 fn expired_identity(s: &TestServer, dir: &Path, name: &str) -> Identity {
-    let ca_cert = std::fs::read_to_string(s.state.join("ca.pem")).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(s.state.join("ca.key")).unwrap())
-            .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    std::fs::create_dir_all(dir).unwrap();
-    let who = Identity::in_dir(dir, name);
-    std::fs::write(&who.cert, cert.pem()).unwrap();
-    std::fs::write(&who.key, key.serialize_pem()).unwrap();
-    who
+    s.cert_from_state_ca(
+        name,
+        dir,
+        rcgen::date_time_ymd(2020, 1, 1),
+        rcgen::date_time_ymd(2021, 1, 1),
+    )
 }
 
 /// One TLS 1.3 handshake with the server, presenting `who`'s certificate
@@ -569,11 +516,7 @@ fn refused_tls_handshakes_are_audited_with_the_peer_address_and_the_cause() {
     let stranger = Identity::in_dir(&other, "admin");
     let expired = expired_identity(&s, &dir, "old");
     // The server's own certificate is for server authentication only.
-    let wrong_usage = Identity {
-        name: "server".into(),
-        cert: s.state.join("server.pem"),
-        key: s.state.join("server.key"),
-    };
+    let wrong_usage = Identity::in_dir(&s.state, "server");
     rt().block_on(async {
         for who in [Some(&stranger), Some(&expired), Some(&wrong_usage), None] {
             handshake(&s, who).await;
@@ -770,11 +713,7 @@ fn a_client_cannot_renew_itself_for_longer_than_the_certificate_it_presents() {
         out.to_str().unwrap(),
     ])
     .ok();
-    let web = Identity {
-        name: "web".into(),
-        cert: out.join("web.pem"),
-        key: out.join("web.key"),
-    };
+    let web = Identity::in_dir(&out, "web");
     rt().block_on(async {
         let mut c = s.secrets_client(&web).await;
         let err = c.renew_certificate(renew(3650, csr())).await.unwrap_err();

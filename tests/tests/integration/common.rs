@@ -10,10 +10,14 @@ use std::time::{Duration, Instant};
 
 pub use rustix::process::Signal;
 
-/// The `secretfs` binary next to this test executable, built on demand.
 /// The workspace's root (for files the tests read: deploy/, docs/, proto/).
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A file of the repository, `rel` from the workspace's root, as text.
+pub fn repo_file(rel: &str) -> String {
+    std::fs::read_to_string(workspace().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 /// python3 with target/python-deps first on its path: scripts/test.sh
@@ -29,6 +33,7 @@ pub fn python() -> Command {
     cmd
 }
 
+/// The `secretfs` binary next to this test executable, built on demand.
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -118,6 +123,24 @@ impl Identity {
     }
 }
 
+/// The first certificate of a PEM file, read as the server, the CLI and the
+/// mount read it (serial in lower-case hex, as `whoami` shows it).
+pub fn cert_info(path: &Path) -> secretfs_proto::cert::CertInfo {
+    let pem = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    secretfs_proto::cert::CertInfo::parse(&pem)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A copy of `who`'s files in `dir` (made if missing), under the same name:
+/// credentials a test can keep, or replace, while the originals change.
+pub fn copy_identity(who: &Identity, dir: &Path) -> Identity {
+    std::fs::create_dir_all(dir).unwrap();
+    let copy = Identity::in_dir(dir, &who.name);
+    std::fs::copy(&who.cert, &copy.cert).unwrap();
+    std::fs::copy(&who.key, &copy.key).unwrap();
+    copy
+}
+
 pub struct TestServer {
     pub tmp: tempfile::TempDir,
     pub state: PathBuf,
@@ -189,6 +212,19 @@ pub fn wait_bounded(mut child: Child, limit: Duration) -> Output {
 impl TestServer {
     pub fn start() -> TestServer {
         Self::start_with(&[])
+    }
+
+    /// A started server with `secrets` (name, content) added and a client
+    /// `app` whose group `app` holds them all: the usual start of a mount test.
+    pub fn start_for_app(secrets: &[(&str, &str)]) -> (TestServer, Identity) {
+        let s = Self::start();
+        for (name, content) in secrets {
+            s.add_secret(name, content.as_bytes());
+        }
+        let app = s.add_client("app");
+        let names: Vec<&str> = secrets.iter().map(|(name, _)| *name).collect();
+        s.grant("app", &["app"], &names);
+        (s, app)
     }
 
     /// `server init` in a fresh directory, then `server run` with `args`.
@@ -378,6 +414,46 @@ impl TestServer {
     pub fn db(&self) -> PathBuf {
         self.state.join("secretfs.db")
     }
+
+    /// A client certificate for `name`, valid from `not_before` to
+    /// `not_after`, signed with the state directory's CA key as the server
+    /// would sign it (client authentication, the client's SPIFFE id), but
+    /// with any validity: certificates the CLI cannot make, such as expired
+    /// ones. Written to `DIR/NAME.pem` and `DIR/NAME.key` (mode 0600).
+    pub fn cert_from_state_ca(
+        &self,
+        name: &str,
+        dir: &Path,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Identity {
+        use std::os::unix::fs::PermissionsExt;
+        let ca_pem = std::fs::read_to_string(self.state.join("ca.pem")).unwrap();
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(self.state.join("ca.key")).unwrap())
+                .unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://secretfs.local/client/{name}")
+                .try_into()
+                .unwrap(),
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let who = Identity::in_dir(dir, name);
+        std::fs::write(&who.cert, cert.pem()).unwrap();
+        std::fs::write(&who.key, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&who.key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        who
+    }
 }
 
 /// A multi-threaded runtime for tests that call the gRPC API directly.
@@ -447,16 +523,37 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A random marker that cannot appear by chance.
-pub fn marker(tag: &str) -> String {
-    let mut bytes = [0u8; 12];
+/// Now, in Unix milliseconds (as the server stamps audit rows).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Now, in Unix seconds (as certificates and the API state times).
+pub fn now_s() -> i64 {
+    now_ms() / 1000
+}
+
+/// `len` bytes from /dev/urandom.
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
     std::fs::File::open("/dev/urandom")
         .unwrap()
         .read_exact(&mut bytes)
         .unwrap();
+    bytes
+}
+
+/// A random marker that cannot appear by chance.
+pub fn marker(tag: &str) -> String {
     format!(
         "{tag}-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        random_bytes(12)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -627,6 +724,31 @@ impl Drop for Mount {
             let _ = detach(&self.path);
         }
     }
+}
+
+/// Runs the openssl CLI, for keys and key formats rcgen cannot make.
+pub fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("these tests need the openssl CLI ({e}); install it (apt-get install openssl)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One hex field (a capability set: `CapEff`, `CapPrm`...) of a
+/// `/proc/PID/status` or `/proc/PID/task/TID/status` text.
+pub fn status_hex(status: &str, field: &str) -> u64 {
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
 }
 
 /// Polls `f` until it returns true or `limit` passes.

@@ -9,10 +9,6 @@ use std::process::Command;
 
 use crate::common::*;
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
 fn systemd_analyze() -> Command {
     let found = Command::new("sh")
         .args(["-c", "command -v systemd-analyze"])
@@ -31,7 +27,7 @@ fn units(dir: &Path) -> Vec<PathBuf> {
     let bin = bin();
     let mut out = Vec::new();
     for name in ["secretfs-server.service", "secretfs-mount@.service"] {
-        let text = std::fs::read_to_string(deploy_dir().join("systemd").join(name)).unwrap();
+        let text = repo_file(&format!("deploy/systemd/{name}"));
         assert!(
             text.contains("/usr/local/bin/secretfs "),
             "{name} should run /usr/local/bin/secretfs"
@@ -179,7 +175,7 @@ fn the_units_are_hardened() {
 
 #[test]
 fn the_dockerfile_pins_its_base_images_and_runs_the_server_unprivileged() {
-    let text = std::fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let text = repo_file("deploy/Dockerfile");
     let froms: Vec<&str> = text
         .lines()
         .filter(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))

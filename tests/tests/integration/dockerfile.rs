@@ -8,11 +8,7 @@
 
 use std::path::Path;
 
-use crate::common::workspace;
-
-fn read(path: &str) -> String {
-    std::fs::read_to_string(workspace().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
+use crate::common::{repo_file, workspace};
 
 /// The quoted strings of the TOML array that follows `key =` (one level,
 /// as Cargo.toml writes `members`).
@@ -158,7 +154,7 @@ fn files_under(rel: &str, out: &mut Vec<String>) {
 
 /// What is wrong with this Dockerfile and .dockerignore for this workspace.
 fn problems(dockerfile: &str, dockerignore: &str) -> Vec<String> {
-    let root = read("Cargo.toml");
+    let root = repo_file("Cargo.toml");
     let members = toml_array(&root, "members");
     assert!(members.len() >= 5, "members parsed: {members:?}");
 
@@ -173,7 +169,7 @@ fn problems(dockerfile: &str, dockerignore: &str) -> Vec<String> {
     needed.extend(path_deps(".", &root));
     for member in &members {
         needed.push(member.clone());
-        let manifest = read(&format!("{member}/Cargo.toml"));
+        let manifest = repo_file(&format!("{member}/Cargo.toml"));
         needed.extend(path_deps(member, &manifest));
     }
     needed.sort();
@@ -225,14 +221,14 @@ fn problems(dockerfile: &str, dockerignore: &str) -> Vec<String> {
 
 #[test]
 fn the_dockerfile_copies_everything_the_build_reads() {
-    let found = problems(&read("deploy/Dockerfile"), &read(".dockerignore"));
+    let found = problems(&repo_file("deploy/Dockerfile"), &repo_file(".dockerignore"));
     assert!(found.is_empty(), "deploy/Dockerfile:\n{}", found.join("\n"));
 }
 
 #[test]
 fn the_check_catches_a_missing_member_an_ignored_file_and_an_old_rust() {
-    let dockerfile = read("deploy/Dockerfile");
-    let ignore = read(".dockerignore");
+    let dockerfile = repo_file("deploy/Dockerfile");
+    let ignore = repo_file(".dockerignore");
 
     let without_bench = dockerfile.replace("COPY bench bench\n", "");
     assert_ne!(without_bench, dockerfile, "the Dockerfile copies bench");

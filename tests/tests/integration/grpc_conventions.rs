@@ -7,7 +7,6 @@
 //! it); without it these tests fail, never skip.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -33,15 +32,6 @@ fn require_grpcio() {
          (run scripts/test.sh, which installs it)\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; len];
-    File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut bytes)
-        .unwrap();
-    bytes
 }
 
 /// A server whose client `app` may read exactly `secrets`; the script

@@ -32,10 +32,6 @@ fn manifests() -> Vec<PathBuf> {
     out
 }
 
-fn read(name: &str) -> String {
-    std::fs::read_to_string(workspace().join("deploy/kubernetes").join(name)).unwrap()
-}
-
 /// `kubernetes-validate --strict` for every version in VERSIONS; fails
 /// with a clear message where the package is missing.
 fn kubernetes_validate() -> Command {
@@ -104,8 +100,8 @@ fn every_manifest_passes_strict_schema_validation() {
 #[test]
 fn validation_fails_a_misspelt_field_a_missing_one_a_wrong_type_and_an_unknown_kind() {
     let tmp = tempfile::tempdir().unwrap();
-    let pod = read("pod.yaml");
-    let server = read("server.yaml");
+    let pod = repo_file("deploy/kubernetes/pod.yaml");
+    let server = repo_file("deploy/kubernetes/server.yaml");
     let broken = [
         (
             "misspelt field",
@@ -172,8 +168,8 @@ fn env_value<'a>(text: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn the_manifests_agree_with_each_other() {
-    let pod = read("pod.yaml");
-    let server = read("server.yaml");
+    let pod = repo_file("deploy/kubernetes/pod.yaml");
+    let server = repo_file("deploy/kubernetes/server.yaml");
 
     // The pod reaches the server by a name in its certificate, on the
     // Service's port, and the server listens there.
@@ -256,7 +252,7 @@ fn sans(pem: &str) -> Vec<String> {
 fn the_init_container_initialises_the_volume_once_and_the_server_runs_on_it() {
     use std::os::unix::fs::PermissionsExt;
 
-    let server_yaml = read("server.yaml");
+    let server_yaml = repo_file("deploy/kubernetes/server.yaml");
     let script = init_script(&server_yaml);
     assert!(script.contains("server init"), "{script}");
     let state_dir = env_value(&server_yaml, "SECRETFS_STATE_DIR");
@@ -315,7 +311,7 @@ fn the_init_container_initialises_the_volume_once_and_the_server_runs_on_it() {
     for want in flag_values(&script, "--san") {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
-    let pod_yaml = read("pod.yaml");
+    let pod_yaml = repo_file("deploy/kubernetes/pod.yaml");
     let pod_url = env_value(&pod_yaml, "SECRETFS_SERVER");
     let pod_host = pod_url[8..].rsplit_once(':').unwrap().0;
     assert!(

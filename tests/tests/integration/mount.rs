@@ -337,15 +337,6 @@ fn the_mount_process_is_not_dumpable() {
     );
 }
 
-/// One field of a `/proc/PID/task/TID/status` file, as hex.
-fn status_hex(status: &str, field: &str) -> u64 {
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in {status}"));
-    u64::from_str_radix(line.trim(), 16).unwrap()
-}
-
 #[test]
 fn every_thread_of_the_mount_keeps_only_what_mounting_needs() {
     let (s, app) = setup();

@@ -14,22 +14,7 @@ use crate::common::*;
 const LONG: Duration = Duration::from_secs(40);
 
 fn setup() -> (TestServer, Identity) {
-    let s = TestServer::start();
-    s.add_secret("db/password", b"pw-1");
-    let app = s.add_client("app");
-    s.grant("app", &["app"], &["db/password"]);
-    (s, app)
-}
-
-/// The serial (hex) of the first certificate in `path`.
-fn serial_of(path: &Path) -> String {
-    let pem = std::fs::read(path).unwrap();
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
-    let cert = pem.parse_x509().unwrap();
-    cert.raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    TestServer::start_for_app(&[("db/password", "pw-1")])
 }
 
 fn is_rfc3339_utc(v: &serde_json::Value) -> bool {
@@ -111,11 +96,11 @@ fn background_returns_once_the_mount_is_ready() {
     // The child dropped its privileges as a foreground mount does, and left
     // the terminal's session.
     let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid)).unwrap();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap());
-    assert_eq!(cap_eff, Some((1u64 << 21) | (1u64 << 14)), "{status}");
+    assert_eq!(
+        status_hex(&status, "CapEff"),
+        (1u64 << 21) | (1u64 << 14),
+        "{status}"
+    );
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", m.pid)).unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -217,10 +202,7 @@ fn notify_socket_gets_ready_after_the_first_sync_and_stopping_at_the_end() {
 
 #[test]
 fn the_systemd_mount_unit_waits_for_ready() {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/secretfs-mount@.service"),
-    )
-    .unwrap();
+    let unit = repo_file("deploy/systemd/secretfs-mount@.service");
     assert!(unit.lines().any(|l| l == "Type=notify"), "{unit}");
     assert!(unit.lines().any(|l| l == "NotifyAccess=main"), "{unit}");
 }
@@ -309,7 +291,11 @@ fn status_shows_the_certificate_and_one_time_format() {
     let (s, app) = setup();
     let m = s.mount_as(&app, &[]);
     let status = m.status();
-    assert_eq!(status["cert_serial"], serial_of(&app.cert), "{status}");
+    assert_eq!(
+        status["cert_serial"],
+        cert_info(&app.cert).serial,
+        "{status}"
+    );
     assert!(is_rfc3339_utc(&status["cert_not_after"]), "{status}");
     assert!(is_rfc3339_utc(&status["last_sync"]), "{status}");
     // The certificate lasts 365 days: about a year from now.
@@ -344,7 +330,7 @@ fn the_mount_renews_its_certificate_and_keeps_serving() {
     s.add_secret("db/password", b"pw-1");
     let app = short_lived_client(&s, "app");
     s.grant("app", &["app"], &["db/password"]);
-    let old_serial = serial_of(&app.cert);
+    let old_serial = cert_info(&app.cert).serial;
     let old_key = std::fs::read(&app.key).unwrap();
     let m = s.mount_as(&app, &["--renew-after", "1s"]);
     let pid = m.pid();
@@ -363,7 +349,7 @@ fn the_mount_renews_its_certificate_and_keeps_serving() {
     let new_serial = m.status()["cert_serial"].as_str().unwrap().to_owned();
 
     // The files were replaced: a new key (0600) and its certificate.
-    assert!(eventually(LONG, || serial_of(&app.cert) == new_serial));
+    assert!(eventually(LONG, || cert_info(&app.cert).serial == new_serial));
     assert_ne!(std::fs::read(&app.key).unwrap(), old_key);
     assert_eq!(std::fs::metadata(&app.key).unwrap().mode() & 0o777, 0o600);
     assert!(
@@ -403,7 +389,7 @@ fn unwritable_credential_files_keep_the_renewed_certificate_in_memory() {
     s.add_secret("db/password", b"pw-1");
     let app = short_lived_client(&s, "ro");
     s.grant("ro", &["ro"], &["db/password"]);
-    let old_serial = serial_of(&app.cert);
+    let old_serial = cert_info(&app.cert).serial;
     let old_key = std::fs::read(&app.key).unwrap();
     // The mount keeps no CAP_DAC_OVERRIDE: root cannot write in a 0555 directory.
     let dir = app.cert.parent().unwrap().to_owned();
@@ -414,26 +400,17 @@ fn unwritable_credential_files_keep_the_renewed_certificate_in_memory() {
     });
     assert!(renewed, "no renewal: {}", m.log());
     assert!(m.log().contains("using it from memory only"), "{}", m.log());
-    assert_eq!(serial_of(&app.cert), old_serial, "the files are untouched");
+    assert_eq!(
+        cert_info(&app.cert).serial,
+        old_serial,
+        "the files are untouched"
+    );
     assert_eq!(std::fs::read(&app.key).unwrap(), old_key);
     s.cli_in(&["secret", "rotate", "db/password"], b"pw-2").ok();
     assert!(eventually(LONG, || std::fs::read(m.file("db/password"))
         .ok()
         == Some(b"pw-2".to_vec())));
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Runs openssl (key formats rcgen does not write).
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("these tests need the openssl CLI");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -484,7 +461,7 @@ fn a_sec1_or_pkcs1_pair_written_over_the_files_is_taken_up() {
         ])
         .ok();
         let new_cert = out.join("app.pem");
-        let new_serial = serial_of(&new_cert);
+        let new_serial = cert_info(&new_cert).serial;
         // Key first, then the certificate, as a rotation would.
         std::fs::copy(&key, &app.key).unwrap();
         std::fs::copy(&new_cert, &app.cert).unwrap();

@@ -231,38 +231,6 @@ fn the_cli_gives_up_on_a_stopped_server_after_its_timeout() {
         .fails(2, "would fail every call");
 }
 
-/// A client certificate for `name` from the state directory's CA, valid
-/// only in the past.
-fn expired_cert(s: &TestServer, name: &str, dir: &Path) -> (PathBuf, PathBuf) {
-    let ca_pem = std::fs::read_to_string(s.state.join("ca.pem")).unwrap();
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(s.state.join("ca.key")).unwrap())
-            .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("spiffe://secretfs.local/client/{name}")
-            .try_into()
-            .unwrap(),
-    )];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let (cert_path, key_path) = (
-        dir.join(format!("{name}-old.pem")),
-        dir.join(format!("{name}-old.key")),
-    );
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    (cert_path, key_path)
-}
-
 #[test]
 fn mistakes_in_the_clients_own_files_are_named_before_connecting() {
     let s = TestServer::start();
@@ -284,8 +252,13 @@ fn mistakes_in_the_clients_own_files_are_named_before_connecting() {
     // Each mistake names the file and the fix.
     let r = with(&ca, &cert, &app.key).fails(1, "does not belong to the client certificate");
     assert!(r.stderr.contains(app.key.to_str().unwrap()), "{}", r.stderr);
-    let (old_cert, old_key) = expired_cert(&s, "admin", &dir);
-    with(&ca, &old_cert, &old_key)
+    let old = s.cert_from_state_ca(
+        "admin",
+        &dir.join("old"),
+        rcgen::date_time_ymd(2020, 1, 1),
+        rcgen::date_time_ymd(2021, 1, 1),
+    );
+    with(&ca, &old.cert, &old.key)
         .fails(1, "expired at 2021-01-01T00:00:00Z")
         .fails(1, "have an admin issue a new certificate");
     with(
@@ -399,10 +372,7 @@ fn zero_days_and_zero_limit_are_refused_with_the_range() {
 /// documented in the unit file.
 #[test]
 fn the_server_unit_documents_every_server_variable() {
-    let unit = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/secretfs-server.service"),
-    )
-    .unwrap();
+    let unit = repo_file("deploy/systemd/secretfs-server.service");
     let mut seen = Vec::new();
     for sub in ["init", "run"] {
         let mut cmd = Command::new(bin());

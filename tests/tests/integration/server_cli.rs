@@ -169,11 +169,7 @@ fn grants_decide_who_reads_and_removal_locks_out_at_once() {
     .ok();
     s.cli_as(&batch, &["whoami"], None)
         .fails(1, "refused for good");
-    let fresh = Identity {
-        name: "batch".into(),
-        cert: again_dir.join("batch.pem"),
-        key: again_dir.join("batch.key"),
-    };
+    let fresh = Identity::in_dir(&again_dir, "batch");
     s.cli_as(&fresh, &["whoami"], None).ok();
 }
 
@@ -210,11 +206,7 @@ fn client_add_from_a_csr_made_elsewhere_and_key_files() {
         "no key is made when a CSR is given"
     );
     std::fs::write(dir.join("sidecar.key"), key.serialize_pem()).unwrap();
-    let me = Identity {
-        name: "sidecar".into(),
-        cert: dir.join("sidecar.pem"),
-        key: dir.join("sidecar.key"),
-    };
+    let me = Identity::in_dir(&dir, "sidecar");
     let who = s.cli_as(&me, &["whoami", "-o", "json"], None).ok().json();
     assert_eq!(who["client"], "sidecar");
     assert_eq!(who["admin"], false);
@@ -248,11 +240,7 @@ fn client_add_from_a_csr_made_elsewhere_and_key_files() {
         ops_dir.to_str().unwrap(),
     ])
     .ok();
-    let ops = Identity {
-        name: "ops".into(),
-        cert: ops_dir.join("ops.pem"),
-        key: ops_dir.join("ops.key"),
-    };
+    let ops = Identity::in_dir(&ops_dir, "ops");
     s.cli_as(&ops, &["secret", "list"], None).ok();
     // An admin cannot remove itself.
     s.cli_as(&ops, &["client", "remove", "ops"], None)

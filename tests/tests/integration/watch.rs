@@ -15,12 +15,7 @@ const FIVE_S: Duration = Duration::from_secs(5);
 const NO_REFRESH: &[&str] = &["--refresh", "1h"];
 
 fn setup() -> (TestServer, Identity) {
-    let s = TestServer::start();
-    s.add_secret("db/password", b"pw-1");
-    s.add_secret("api/token", b"tok-1");
-    let app = s.add_client("app");
-    s.grant("app", &["app"], &["db/password", "api/token"]);
-    (s, app)
+    TestServer::start_for_app(&[("db/password", "pw-1"), ("api/token", "tok-1")])
 }
 
 fn read(p: &Path) -> Option<Vec<u8>> {
@@ -230,16 +225,7 @@ fn a_removed_clients_mount_empties_and_a_renewed_certificate_brings_it_back() {
     let (s, app) = setup();
     // The mount reads its identity from copies we can replace.
     let dir = s.tmp.path().join("app-creds");
-    std::fs::create_dir(&dir).unwrap();
-    let cert = dir.join("app.pem");
-    let key = dir.join("app.key");
-    std::fs::copy(&app.cert, &cert).unwrap();
-    std::fs::copy(&app.key, &key).unwrap();
-    let mounted_as = Identity {
-        name: "app".into(),
-        cert: cert.clone(),
-        key: key.clone(),
-    };
+    let mounted_as = copy_identity(&app, &dir);
     let m = s.mount_as(&mounted_as, NO_REFRESH);
     assert_eq!(read(&m.file("db/password")).unwrap(), b"pw-1");
 
@@ -260,8 +246,7 @@ fn a_removed_clients_mount_empties_and_a_renewed_certificate_brings_it_back() {
     s.cli(&["client", "add", "app", "--out", renewed.to_str().unwrap()])
         .ok();
     s.grant("app", &["app"], &[]);
-    std::fs::copy(renewed.join("app.pem"), &cert).unwrap();
-    std::fs::copy(renewed.join("app.key"), &key).unwrap();
+    copy_identity(&Identity::in_dir(&renewed, "app"), &dir);
     assert!(
         eventually(Duration::from_secs(10), || read(&m.file("db/password"))
             .as_deref()
