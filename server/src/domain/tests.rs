@@ -301,6 +301,22 @@ async fn reads_are_audited_and_refusals_do_not_say_which_names_exist() {
 }
 
 #[tokio::test]
+async fn a_page_past_the_last_name_is_empty_and_reads_nothing() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    for names in [vec![], vec!["a".to_string()]] {
+        let page = f
+            .domain
+            .read_secrets(&f.web, names, Some("b".into()))
+            .await
+            .unwrap();
+        assert!(page.secrets.is_empty(), "{:?}", page.next_after);
+        assert!(page.next_after.is_none());
+    }
+    assert!(f.audit(Action::SecretRead).is_empty());
+}
+
+#[tokio::test]
 async fn a_failed_integrity_check_is_audited_on_every_read_path() {
     let f = fixture().await;
     f.granted(&["a"]).await;

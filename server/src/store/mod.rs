@@ -471,9 +471,9 @@ pub trait Store: Send + Sync + 'static {
     /// Metadata of every secret the client can read, by name, and the
     /// revision, from one transaction.
     fn client_view(&self, client_id: u64) -> Result<View>;
-    /// Sealed current content of the named secrets the client can read (all
-    /// of them when `names` is empty). Names it cannot read are returned in
-    /// the second list, so the caller can refuse and audit.
+    /// Sealed current content of the named secrets the client can read.
+    /// Names it cannot read are returned in the second list, so the caller
+    /// can refuse and audit.
     fn read_sealed(
         &self,
         client_id: u64,
