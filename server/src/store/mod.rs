@@ -278,11 +278,24 @@ pub struct View {
     pub secrets: Vec<SecretRecord>,
 }
 
+/// What authentication decides on about a client, and all an
+/// authenticated caller carries: none of it changes without the auth
+/// cache being invalidated (unlike a client's groups or certificates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub id: u64,
+    pub name: String,
+    pub admin: bool,
+    pub enabled: bool,
+    /// As [`ClientRecord::pinned`].
+    pub pinned: bool,
+}
+
 /// The facts an authentication decides on, read in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct AuthLookup {
     /// The registered client of the certificate's name, if any.
-    pub client: Option<ClientRecord>,
+    pub client: Option<ClientAuth>,
     /// The serial was recorded for that client (certificates we issued).
     pub serial_issued: bool,
     /// The serial belonged to a removed client (certificates we issued).
