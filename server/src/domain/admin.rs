@@ -657,10 +657,14 @@ impl Domain {
                 })
             })
             .await?;
-        self.committed(Change::Access {
-            revision: done.revision,
-        });
-        Ok(done.value)
+        // Audited either way, but a change that changed nothing changes no
+        // view: watchers are not made to recompute theirs.
+        if done.value.changed {
+            self.committed(Change::Access {
+                revision: done.revision,
+            });
+        }
+        Ok(done.value.group)
     }
 
     /// Audit events, newest `limit` (oldest first), or the first `limit`

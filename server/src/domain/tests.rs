@@ -58,8 +58,8 @@ impl Store for Tampering {
         get_group(&self, name: &str) -> Result<GroupRecord>;
         list_groups(&self) -> Result<Vec<GroupRecord>>;
         remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
-        set_group_client(&self, group: &str, client: &str, member: bool, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
-        set_group_secret(&self, group: &str, secret: &str, member: bool, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
+        set_group_client(&self, group: &str, client: &str, member: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
+        set_group_secret(&self, group: &str, secret: &str, member: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
         client_access(&self, client: &str) -> Result<Vec<AccessRecord>>;
         client_view(&self, client_id: u64) -> Result<View>;
         append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
@@ -314,6 +314,37 @@ async fn a_page_past_the_last_name_is_empty_and_reads_nothing() {
         assert!(page.next_after.is_none());
     }
     assert!(f.audit(Action::SecretRead).is_empty());
+}
+
+#[tokio::test]
+async fn a_membership_change_that_changes_nothing_is_not_announced() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut feed = f.store.feed().subscribe();
+    for (member, change) in [
+        (Member::Client("web".into()), Membership::Add),
+        (Member::Secret("a".into()), Membership::Add),
+        (Member::Client("admin".into()), Membership::Remove),
+    ] {
+        f.domain
+            .set_member(&f.admin, "g".into(), member, change)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        feed.try_recv(),
+        Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+    );
+    f.domain
+        .set_member(
+            &f.admin,
+            "g".into(),
+            Member::Client("web".into()),
+            Membership::Remove,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(feed.try_recv(), Ok(Change::Access { .. })));
 }
 
 #[tokio::test]

@@ -188,7 +188,7 @@ fn access_through_groups(s: &dyn Store) {
     let e = entry("group.add-secret");
     s.set_group_secret("g1", "a", true, &e).unwrap();
     s.set_group_secret("g2", "a", true, &e).unwrap();
-    let g2 = s.set_group_secret("g2", "b", true, &e).unwrap().value;
+    let g2 = s.set_group_secret("g2", "b", true, &e).unwrap().value.group;
     assert_eq!(
         (g2.clients, g2.secrets),
         (vec!["web".into()], vec!["a".into(), "b".into()])
@@ -281,11 +281,21 @@ fn listing_clients_and_groups(s: &dyn Store) {
     let e = entry("group.add-client");
     s.set_group_client("ga", "c1", true, &e).unwrap();
     s.set_group_client("gb", "c1", true, &e).unwrap();
-    s.set_group_client("ga", "c2", true, &e).unwrap();
+    assert!(
+        s.set_group_client("ga", "c2", true, &e)
+            .unwrap()
+            .value
+            .changed
+    );
     s.set_group_secret("ga", "y", true, &e).unwrap();
     s.set_group_secret("ga", "x", true, &e).unwrap();
-    // Adding twice changes nothing, and the entry says so.
-    s.set_group_client("ga", "c2", true, &e).unwrap();
+    // Adding twice changes nothing, and the result and the entry say so.
+    assert!(
+        !s.set_group_client("ga", "c2", true, &e)
+            .unwrap()
+            .value
+            .changed
+    );
     let last = s
         .query_audit(&AuditFilter {
             limit: 1,

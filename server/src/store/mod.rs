@@ -302,6 +302,15 @@ pub struct AuthLookup {
     pub serial_revoked: bool,
 }
 
+/// A group after a membership change, and whether a member was actually
+/// added or taken out (adding twice or removing what is not there changes
+/// no view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberChange {
+    pub group: GroupRecord,
+    pub changed: bool,
+}
+
 /// A write's result and the revision it committed at.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed<T> {
@@ -469,14 +478,14 @@ pub trait Store: Send + Sync + 'static {
         client: &str,
         member: bool,
         audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>>;
+    ) -> Result<Committed<MemberChange>>;
     fn set_group_secret(
         &self,
         group: &str,
         secret: &str,
         member: bool,
         audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>>;
+    ) -> Result<Committed<MemberChange>>;
 
     // -- access
     /// What the client can read and through which groups.

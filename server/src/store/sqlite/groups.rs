@@ -119,7 +119,7 @@ pub(super) fn set_member(
     name: &str,
     member: bool,
     audit: &AuditEntry,
-) -> Result<Committed<GroupRecord>> {
+) -> Result<Committed<MemberChange>> {
     let (entity, link, column) = match kind {
         Member::Client => (Entity::Client, "group_clients", "client_id"),
         Member::Secret => (Entity::Secret, "group_secrets", "secret_id"),
@@ -131,14 +131,17 @@ pub(super) fn set_member(
     } else {
         format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2")
     };
-    let changed = tx.execute(&sql, params![gid, id])?;
+    let changed = tx.execute(&sql, params![gid, id])? > 0;
     let mut entry = audit.clone();
-    if changed == 0 {
+    if !changed {
         entry.detail = "no change".into();
     }
     let revision = record_change(tx, &entry)?;
     Ok(Committed {
-        value: by_name(tx, group)?,
+        value: MemberChange {
+            group: by_name(tx, group)?,
+            changed,
+        },
         revision,
     })
 }

@@ -312,7 +312,7 @@ impl Store for SqliteStore {
         client: &str,
         member: bool,
         audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>> {
+    ) -> Result<Committed<MemberChange>> {
         self.db
             .write(|tx| groups::set_member(tx, Member::Client, group, client, member, audit))
     }
@@ -323,7 +323,7 @@ impl Store for SqliteStore {
         secret: &str,
         member: bool,
         audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>> {
+    ) -> Result<Committed<MemberChange>> {
         self.db
             .write(|tx| groups::set_member(tx, Member::Secret, group, secret, member, audit))
     }
