@@ -458,8 +458,7 @@ impl Domain {
                 over => {
                     if over == Take::RefusedFirst {
                         let entry = renew_refused(&actor, &name, "over the hourly renewal budget");
-                        self.run(move |d| Ok(d.store.append_audit(&[entry])?))
-                            .await?;
+                        self.audit.append(vec![entry]).await?;
                     }
                     return Err(Error::OverBudget(format!(
                         "client \"{name}\" has renewed its certificate {} times in the last hour, the most allowed; \
@@ -479,8 +478,7 @@ impl Domain {
                     &name,
                     &format!("asked for {asked} days, at most {most} allowed"),
                 );
-                self.run(move |d| Ok(d.store.append_audit(&[entry])?))
-                    .await?;
+                self.audit.append(vec![entry]).await?;
                 return Err(Error::InvalidArgument(format!(
                     "a renewed certificate lasts at most as long as the one presented ({most} days); \
                      ask for {most} or fewer (0 = the same), or an admin can issue a longer one with \

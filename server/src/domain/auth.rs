@@ -60,8 +60,7 @@ impl Domain {
         }
         let name = caller.client.name.clone();
         let entry = action.refused_admin(&name);
-        self.run(move |d| Ok(d.store.append_audit(&[entry])?))
-            .await?;
+        self.audit.append(vec![entry]).await?;
         Err(Error::PermissionDenied(format!(
             "client \"{name}\" is not an admin; operator commands need a client made with `secretfs client add NAME --admin`"
         )))
