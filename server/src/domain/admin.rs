@@ -78,10 +78,9 @@ pub fn presented_days(not_before: i64, not_after: i64) -> u32 {
 pub fn check_expiry(t: i64, allow_past: bool) -> Result<(), Error> {
     check_time("expiry", t)?;
     if t <= now_s() && !allow_past {
-        let shown = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
         return Err(Error::InvalidArgument(format!(
             "the expiry {} is in the past; give a future time, or --force (allow_past_expiry) to record a past one",
-            humantime::format_rfc3339_seconds(shown)
+            crate::pki::rfc3339(t)
         )));
     }
     Ok(())
