@@ -510,14 +510,18 @@ impl Domain {
                 }
                 let issued = match d.ca.sign_csr(&d.trust_domain, &name, &csr_pem, days) {
                     Ok(i) => i,
-                    Err(e @ Error::InvalidArgument(_)) => {
-                        // The reason without the advice that follows it.
-                        let text = e.to_string();
-                        let why = text.split(". ").next().unwrap_or_default();
-                        let why = crate::names::printable(why, 200);
+                    Err(e) => {
+                        // A refusal of the request is audited (the reason
+                        // without the advice the message adds); a failure
+                        // of ours is not.
+                        let why = match &e {
+                            Error::BadCsr { why } => format!("the CSR cannot be signed: {why}"),
+                            Error::InvalidArgument(text) => text.clone(),
+                            _ => return Err(e),
+                        };
+                        let why = crate::names::printable(&why, 200);
                         return Err(audited(e, &why));
                     }
-                    Err(e) => return Err(e),
                 };
                 let by = if own_id.is_some() { "renewed by itself" } else { "issued by an admin" };
                 let audit = AuditEntry {
