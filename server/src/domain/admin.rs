@@ -42,9 +42,6 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
-/// Checks an expiry an operator gives. One already past is refused unless
-/// `allow_past` (the CLI's `--force`): a wrong year would otherwise mark
-/// the secret expired from its first day, silently.
 /// A refused renewal of client `name` by `actor`, and why.
 fn renew_refused(actor: &str, name: &str, why: &str) -> AuditEntry {
     AuditEntry {
@@ -75,6 +72,9 @@ pub fn presented_days(not_before: i64, not_after: i64) -> u32 {
     u32::try_from(days).unwrap_or(u32::MAX).max(1)
 }
 
+/// Checks an expiry an operator gives. One already past is refused unless
+/// `allow_past` (the CLI's `--force`): a wrong year would otherwise mark
+/// the secret expired from its first day, silently.
 pub fn check_expiry(t: i64, allow_past: bool) -> Result<(), Error> {
     check_time("expiry", t)?;
     if t <= now_s() && !allow_past {

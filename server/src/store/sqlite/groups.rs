@@ -102,9 +102,6 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
     })
 }
 
-/// Adds `name` (a client or a secret) to `group`, or takes it out;
-/// adding twice or removing what is not there changes nothing and the
-/// audit entry says so.
 /// What a group holds.
 #[derive(Clone, Copy)]
 pub(super) enum Member {
@@ -112,6 +109,9 @@ pub(super) enum Member {
     Secret,
 }
 
+/// Adds `name` (a client or a secret) to `group`, or takes it out;
+/// adding twice or removing what is not there changes nothing: the
+/// audit entry says so, and `changed` is false.
 pub(super) fn set_member(
     tx: &Connection,
     kind: Member,
