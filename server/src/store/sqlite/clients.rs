@@ -125,8 +125,8 @@ pub(super) fn add_cert(
 }
 
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-    let id = rows::id_by_name(tx, Entity::Client, name)?;
-    let groups = by_name(tx, name)?.groups;
+    let ClientRecord { id, groups, .. } = by_name(tx, name)?;
+    let id = id as i64;
     tx.execute(
         "INSERT OR IGNORE INTO revoked_certs (serial, client, revoked_at) \
          SELECT serial, ?2, ?3 FROM client_certs WHERE client_id = ?1",

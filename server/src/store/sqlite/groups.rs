@@ -84,8 +84,7 @@ pub(super) fn create(
 
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
     let held = by_name(tx, name)?;
-    let id = rows::id_by_name(tx, Entity::Group, name)?;
-    tx.execute("DELETE FROM groups WHERE id = ?1", [id])?;
+    tx.execute("DELETE FROM groups WHERE name = ?1", [name])?;
     let list = |what: &str, names: &[String]| match names.len() {
         0 => format!("no {what}s"),
         1 => format!("1 {what} ({})", some_names(names, 20)),
