@@ -200,32 +200,30 @@ impl Watcher {
             .run(move |d| {
                 let view = d.store.client_view(caller.client.id)?;
                 let in_view: HashSet<&str> = view.secrets.iter().map(|s| s.name.as_str()).collect();
-                let mut removals: Vec<String> = snapshot
+                let mut now_held = snapshot;
+                let mut removals: Vec<String> = now_held
                     .keys()
                     .filter(|n| !in_view.contains(n.as_str()))
                     .cloned()
                     .collect();
+                for r in &removals {
+                    now_held.remove(r);
+                }
                 let mut changed = Vec::new();
                 let mut meta_updates = Vec::new();
                 for s in &view.secrets {
                     let digest = s.meta_digest();
-                    match snapshot.get(&s.name) {
-                        Some(&(id, version, held))
-                            if (id, version) == (s.id, s.current_version) =>
+                    match now_held.get_mut(&s.name) {
+                        Some((id, version, held))
+                            if (*id, *version) == (s.id, s.current_version) =>
                         {
-                            if held != digest {
+                            if *held != digest {
+                                *held = digest;
                                 meta_updates.push(s.clone());
                             }
                         }
                         _ => changed.push(s.name.clone()),
                     }
-                }
-                let mut now_held = snapshot;
-                for r in &removals {
-                    now_held.remove(r);
-                }
-                for s in &meta_updates {
-                    now_held.insert(s.name.clone(), (s.id, s.current_version, s.meta_digest()));
                 }
                 let mut upserts = Vec::with_capacity(changed.len());
                 let mut audit = Vec::with_capacity(changed.len());
@@ -294,13 +292,15 @@ impl Watcher {
                 (id, held)
             })
             .collect();
-        let (delta, audit) = self
+        let (delta, audit, now_held) = self
             .domain
             .run(move |d| {
                 let mut upserts = Vec::new();
                 let mut meta_updates = Vec::new();
                 let mut removals = Vec::new();
                 let mut audit = Vec::new();
+                // What the client holds of these secrets after the delta.
+                let mut now_held = Vec::new();
                 for (id, held) in known {
                     let Some(s) = d.store.read_one_for_client(caller.client.id, id)? else {
                         // Deleted, or access lost in between.
@@ -308,19 +308,22 @@ impl Watcher {
                         continue;
                     };
                     let version = s.record.current_version;
+                    let digest = s.record.meta_digest();
                     let held_now = held
                         .iter()
                         .find(|(name, v, _)| *name == s.record.name && *v == version);
-                    if let Some((_, _, digest)) = held_now {
+                    if let Some((_, _, held_digest)) = held_now {
                         // The version it holds is current: at most the
                         // metadata changed, and that needs no content.
-                        if *digest != s.record.meta_digest() {
+                        if *held_digest != digest {
+                            now_held.push((s.record.name.clone(), (id, version, digest)));
                             meta_updates.push(s.record);
                         }
                         continue;
                     }
                     let (content, entry) = d.open(caller.name(), &s, true, "watch")?;
                     audit.push(entry);
+                    now_held.push((s.record.name.clone(), (s.record.id, version, digest)));
                     upserts.push(Opened {
                         record: s.record,
                         content,
@@ -334,7 +337,7 @@ impl Watcher {
                     meta_updates,
                     removals,
                 };
-                Ok((delta, audit))
+                Ok((delta, audit, now_held))
             })
             .await?;
         if delta.upserts.is_empty() && delta.removals.is_empty() && delta.meta_updates.is_empty() {
@@ -344,15 +347,7 @@ impl Watcher {
         for gone in &delta.removals {
             self.held.remove(gone);
         }
-        let records = delta
-            .upserts
-            .iter()
-            .map(|o| &o.record)
-            .chain(&delta.meta_updates);
-        for r in records {
-            self.held
-                .insert(r.name.clone(), (r.id, r.current_version, r.meta_digest()));
-        }
+        self.held.extend(now_held);
         self.held_ids = ids_of(&self.held);
         Ok(Some(delta))
     }
