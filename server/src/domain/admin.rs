@@ -119,12 +119,7 @@ pub enum Membership {
     Remove,
 }
 
-/// What a group holds, by name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Member {
-    Client(String),
-    Secret(String),
-}
+pub use crate::store::Member;
 
 impl Member {
     /// The audited action of adding or removing this member.
@@ -651,12 +646,7 @@ impl Domain {
         }
         let add = change == Membership::Add;
         let done = self
-            .run(move |d| {
-                Ok(match &member {
-                    Member::Client(name) => d.store.set_group_client(&group, name, add, &audit)?,
-                    Member::Secret(name) => d.store.set_group_secret(&group, name, add, &audit)?,
-                })
-            })
+            .run(move |d| Ok(d.store.set_group_member(&group, &member, add, &audit)?))
             .await?;
         // Audited either way, but a change that changed nothing changes no
         // view: watchers are not made to recompute theirs.

@@ -58,8 +58,7 @@ impl Store for Tampering {
         get_group(&self, name: &str) -> Result<GroupRecord>;
         list_groups(&self) -> Result<Vec<GroupRecord>>;
         remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
-        set_group_client(&self, group: &str, client: &str, member: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
-        set_group_secret(&self, group: &str, secret: &str, member: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
+        set_group_member(&self, group: &str, member: &Member, add: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
         client_access(&self, client: &str) -> Result<Vec<AccessRecord>>;
         client_view(&self, client_id: u64) -> Result<View>;
         append_audit(&self, entries: &[AuditEntry]) -> Result<()>;

@@ -302,6 +302,13 @@ pub struct AuthLookup {
     pub serial_revoked: bool,
 }
 
+/// What a group holds, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Member {
+    Client(String),
+    Secret(String),
+}
+
 /// A group after a membership change, and whether a member was actually
 /// added or taken out (adding twice or removing what is not there changes
 /// no view).
@@ -472,18 +479,12 @@ pub trait Store: Send + Sync + 'static {
     fn list_groups(&self) -> Result<Vec<GroupRecord>>;
     /// The entry's detail records the clients and secrets it held.
     fn remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
-    fn set_group_client(
+    /// Adds `member` to `group` (`add`), or takes it out.
+    fn set_group_member(
         &self,
         group: &str,
-        client: &str,
-        member: bool,
-        audit: &AuditEntry,
-    ) -> Result<Committed<MemberChange>>;
-    fn set_group_secret(
-        &self,
-        group: &str,
-        secret: &str,
-        member: bool,
+        member: &Member,
+        add: bool,
         audit: &AuditEntry,
     ) -> Result<Committed<MemberChange>>;
 

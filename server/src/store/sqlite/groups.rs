@@ -101,31 +101,23 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
     })
 }
 
-/// What a group holds.
-#[derive(Clone, Copy)]
-pub(super) enum Member {
-    Client,
-    Secret,
-}
-
 /// Adds `name` (a client or a secret) to `group`, or takes it out;
 /// adding twice or removing what is not there changes nothing: the
 /// audit entry says so, and `changed` is false.
 pub(super) fn set_member(
     tx: &Connection,
-    kind: Member,
     group: &str,
-    name: &str,
-    member: bool,
+    member: &Member,
+    add: bool,
     audit: &AuditEntry,
 ) -> Result<Committed<MemberChange>> {
-    let (entity, link, column) = match kind {
-        Member::Client => (Entity::Client, "group_clients", "client_id"),
-        Member::Secret => (Entity::Secret, "group_secrets", "secret_id"),
+    let (entity, link, column, name) = match member {
+        Member::Client(name) => (Entity::Client, "group_clients", "client_id", name),
+        Member::Secret(name) => (Entity::Secret, "group_secrets", "secret_id", name),
     };
     let gid = rows::id_by_name(tx, Entity::Group, group)?;
     let id = rows::id_by_name(tx, entity, name)?;
-    let sql = if member {
+    let sql = if add {
         format!("INSERT OR IGNORE INTO {link} (group_id, {column}) VALUES (?1, ?2)")
     } else {
         format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2")
