@@ -29,16 +29,17 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || {
                 while let Some(first) = rx.blocking_recv() {
-                    let mut batch = vec![first];
-                    while let Ok(more) = rx.try_recv() {
-                        batch.push(more);
+                    let (mut entries, first_ack) = first;
+                    let mut acks = vec![first_ack];
+                    while let Ok((more, ack)) = rx.try_recv() {
+                        entries.extend(more);
+                        acks.push(ack);
                     }
-                    let entries: Vec<AuditEntry> = batch.iter().flat_map(|(e, _)| e.iter().cloned()).collect();
                     let result = store.append_audit(&entries).map_err(|e| e.to_string());
                     if let Err(e) = &result {
                         tracing::error!(error = %e, entries = entries.len(), "writing the audit log failed");
                     }
-                    for (_, ack) in batch {
+                    for ack in acks {
                         let _ = ack.send(result.clone());
                     }
                 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::identity::Issuer;
-use crate::store::ClientRecord;
+use crate::store::ClientAuth;
 
 /// How many pairs are kept; beyond it the cache starts over (cheap, rare).
 const MAX_ENTRIES: usize = 10_000;
@@ -35,7 +35,7 @@ pub struct AuthCache {
 #[derive(Default)]
 struct Inner {
     generation: u64,
-    entries: HashMap<CertKey, ClientRecord>,
+    entries: HashMap<CertKey, ClientAuth>,
 }
 
 impl AuthCache {
@@ -43,7 +43,7 @@ impl AuthCache {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn get(&self, key: &CertKey) -> Option<ClientRecord> {
+    pub fn get(&self, key: &CertKey) -> Option<ClientAuth> {
         self.lock().entries.get(key).cloned()
     }
 
@@ -54,7 +54,7 @@ impl AuthCache {
 
     /// Caches a lookup's result, unless clients changed since `seen` was
     /// taken (then the result may already be stale, and is dropped).
-    pub fn insert(&self, seen: Generation, key: CertKey, client: ClientRecord) {
+    pub fn insert(&self, seen: Generation, key: CertKey, client: ClientAuth) {
         let mut inner = self.lock();
         if inner.generation != seen.0 {
             return;
@@ -85,17 +85,13 @@ mod tests {
         }
     }
 
-    fn record() -> ClientRecord {
-        ClientRecord {
+    fn record() -> ClientAuth {
+        ClientAuth {
             id: 1,
             name: "web".into(),
             admin: false,
             enabled: true,
-            created_at: 0,
             pinned: true,
-            cert_serial: None,
-            cert_not_after: None,
-            groups: vec![],
         }
     }
 

@@ -7,8 +7,9 @@
 //! to another secret or version, or edited, fails to open.
 //!
 //! ring does not wipe its expanded key schedule; we keep raw key bytes in
-//! `Zeroizing` and build the ring key only for the duration of one call, so
-//! the schedule lives on the stack briefly (documented limitation).
+//! `Zeroizing`. A data key's schedule is built only for the one call that
+//! seals or opens with it, so it lives on the stack briefly (documented
+//! limitation); the master key's is built once and kept (see [`MasterKey`]).
 
 use std::fmt;
 
@@ -116,15 +117,6 @@ impl MasterKey {
         Ok(MasterKey::new(key))
     }
 
-    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
-        if bytes.len() != KEY_LEN {
-            return None;
-        }
-        key.copy_from_slice(bytes);
-        Some(MasterKey::new(key))
-    }
-
     /// The key file's text: 64 hex digits and a newline.
     pub fn to_hex(&self) -> Zeroizing<String> {
         let mut digits = Zeroizing::new([0u8; 2 * KEY_LEN]);
@@ -169,9 +161,7 @@ impl MasterKey {
         };
         let data_key = open_with(&self.aead, &binding.aad(WRAP_TAG), &sealed.wrapped_key)
             .ok_or_else(integrity)?;
-        if data_key.len() != KEY_LEN {
-            return Err(integrity());
-        }
+        // A wrapped key of the wrong length fails here.
         let data_key = aead_key(&data_key).map_err(|_| integrity())?;
         let plain = open_with(&data_key, &binding.aad(CONTEXT_TAG), &sealed.ciphertext)
             .ok_or_else(integrity)?;

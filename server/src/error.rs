@@ -18,6 +18,12 @@ pub enum Error {
     },
     #[error("{0}")]
     InvalidArgument(String),
+    /// A CSR this server will not sign; `why` alone goes to the audit log.
+    #[error(
+        "the CSR cannot be signed: {why}. Give a PEM 'CERTIFICATE REQUEST' for a key of one of these types: {}",
+        crate::pki::ACCEPTED_KEYS
+    )]
+    BadCsr { why: String },
     #[error("secret content is {size} bytes, over the limit of {max} bytes; store a smaller value or start the server with a larger --max-secret-size")]
     TooLarge { size: usize, max: usize },
     #[error("{kind} \"{name}\" already exists{hint}")]
@@ -113,9 +119,10 @@ impl Error {
 
     fn code(&self) -> Code {
         match self {
-            Error::InvalidName { .. } | Error::InvalidArgument(_) | Error::TooLarge { .. } => {
-                Code::InvalidArgument
-            }
+            Error::InvalidName { .. }
+            | Error::InvalidArgument(_)
+            | Error::BadCsr { .. }
+            | Error::TooLarge { .. } => Code::InvalidArgument,
             Error::AlreadyExists { .. } | Error::NameConflict { .. } => Code::AlreadyExists,
             Error::NotFound { .. } | Error::NoSuchVersion { .. } => Code::NotFound,
             Error::Integrity { .. } => Code::DataLoss,

@@ -299,9 +299,9 @@ impl rcgen::PublicKeyData for CsrKey {
 }
 
 fn bad_csr(why: impl std::fmt::Display) -> Error {
-    Error::InvalidArgument(format!(
-        "the CSR cannot be signed: {why}. Give a PEM 'CERTIFICATE REQUEST' for a key of one of these types: {ACCEPTED_KEYS}"
-    ))
+    Error::BadCsr {
+        why: why.to_string(),
+    }
 }
 
 /// Reads and checks a CSR (its signature proves the requester holds the

@@ -11,7 +11,7 @@ use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, ReadSecretsRequest};
 use secretfs_server::domain::Action;
 use secretfs_server::envelope::{Binding, MasterKey};
-use secretfs_server::store::{NewClient, NewSecret, SqliteStore, Store, StoreError};
+use secretfs_server::store::{Member, NewClient, NewSecret, SqliteStore, Store, StoreError};
 use tonic::transport::Channel;
 
 use crate::harness::{filler, init_state, rss_kib, Identity, Server};
@@ -64,7 +64,12 @@ fn populate(ctx: &Ctx, (secrets, clients, groups): (usize, usize, usize)) -> Res
                     )
                     .map_err(|e| StoreError::Seal(Box::new(e)))
             })?;
-            store.set_group_secret(&group(i), &name, true, &by_bench(Action::GroupAddSecret))?;
+            store.set_group_member(
+                &group(i),
+                &Member::Secret(name),
+                true,
+                &by_bench(Action::GroupAddSecret),
+            )?;
         }
         for c in 0..clients {
             let name = format!("c{c:05}");
@@ -76,7 +81,12 @@ fn populate(ctx: &Ctx, (secrets, clients, groups): (usize, usize, usize)) -> Res
                 },
                 &by_bench(Action::ClientCreate),
             )?;
-            store.set_group_client(&group(c), &name, true, &by_bench(Action::GroupAddClient))?;
+            store.set_group_member(
+                &group(c),
+                &Member::Client(name),
+                true,
+                &by_bench(Action::GroupAddClient),
+            )?;
         }
     }
     let dir = ctx.env.fresh_dir("scale")?;

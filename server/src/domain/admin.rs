@@ -42,9 +42,6 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
-/// Checks an expiry an operator gives. One already past is refused unless
-/// `allow_past` (the CLI's `--force`): a wrong year would otherwise mark
-/// the secret expired from its first day, silently.
 /// A refused renewal of client `name` by `actor`, and why.
 fn renew_refused(actor: &str, name: &str, why: &str) -> AuditEntry {
     AuditEntry {
@@ -75,13 +72,15 @@ pub fn presented_days(not_before: i64, not_after: i64) -> u32 {
     u32::try_from(days).unwrap_or(u32::MAX).max(1)
 }
 
+/// Checks an expiry an operator gives. One already past is refused unless
+/// `allow_past` (the CLI's `--force`): a wrong year would otherwise mark
+/// the secret expired from its first day, silently.
 pub fn check_expiry(t: i64, allow_past: bool) -> Result<(), Error> {
     check_time("expiry", t)?;
     if t <= now_s() && !allow_past {
-        let shown = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
         return Err(Error::InvalidArgument(format!(
             "the expiry {} is in the past; give a future time, or --force (allow_past_expiry) to record a past one",
-            humantime::format_rfc3339_seconds(shown)
+            crate::pki::rfc3339(t)
         )));
     }
     Ok(())
@@ -120,12 +119,7 @@ pub enum Membership {
     Remove,
 }
 
-/// What a group holds, by name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Member {
-    Client(String),
-    Secret(String),
-}
+pub use crate::store::Member;
 
 impl Member {
     /// The audited action of adding or removing this member.
@@ -458,8 +452,7 @@ impl Domain {
                 over => {
                     if over == Take::RefusedFirst {
                         let entry = renew_refused(&actor, &name, "over the hourly renewal budget");
-                        self.run(move |d| Ok(d.store.append_audit(&[entry])?))
-                            .await?;
+                        self.audit.append(vec![entry]).await?;
                     }
                     return Err(Error::OverBudget(format!(
                         "client \"{name}\" has renewed its certificate {} times in the last hour, the most allowed; \
@@ -479,8 +472,7 @@ impl Domain {
                     &name,
                     &format!("asked for {asked} days, at most {most} allowed"),
                 );
-                self.run(move |d| Ok(d.store.append_audit(&[entry])?))
-                    .await?;
+                self.audit.append(vec![entry]).await?;
                 return Err(Error::InvalidArgument(format!(
                     "a renewed certificate lasts at most as long as the one presented ({most} days); \
                      ask for {most} or fewer (0 = the same), or an admin can issue a longer one with \
@@ -513,14 +505,18 @@ impl Domain {
                 }
                 let issued = match d.ca.sign_csr(&d.trust_domain, &name, &csr_pem, days) {
                     Ok(i) => i,
-                    Err(e @ Error::InvalidArgument(_)) => {
-                        // The reason without the advice that follows it.
-                        let text = e.to_string();
-                        let why = text.split(". ").next().unwrap_or_default();
-                        let why = crate::names::printable(why, 200);
+                    Err(e) => {
+                        // A refusal of the request is audited (the reason
+                        // without the advice the message adds); a failure
+                        // of ours is not.
+                        let why = match &e {
+                            Error::BadCsr { why } => format!("the CSR cannot be signed: {why}"),
+                            Error::InvalidArgument(text) => text.clone(),
+                            _ => return Err(e),
+                        };
+                        let why = crate::names::printable(&why, 200);
                         return Err(audited(e, &why));
                     }
-                    Err(e) => return Err(e),
                 };
                 let by = if own_id.is_some() { "renewed by itself" } else { "issued by an admin" };
                 let audit = AuditEntry {
@@ -650,17 +646,16 @@ impl Domain {
         }
         let add = change == Membership::Add;
         let done = self
-            .run(move |d| {
-                Ok(match &member {
-                    Member::Client(name) => d.store.set_group_client(&group, name, add, &audit)?,
-                    Member::Secret(name) => d.store.set_group_secret(&group, name, add, &audit)?,
-                })
-            })
+            .run(move |d| Ok(d.store.set_group_member(&group, &member, add, &audit)?))
             .await?;
-        self.committed(Change::Access {
-            revision: done.revision,
-        });
-        Ok(done.value)
+        // Audited either way, but a change that changed nothing changes no
+        // view: watchers are not made to recompute theirs.
+        if done.value.changed {
+            self.committed(Change::Access {
+                revision: done.revision,
+            });
+        }
+        Ok(done.value.group)
     }
 
     /// Audit events, newest `limit` (oldest first), or the first `limit`

@@ -7,7 +7,7 @@ use super::{Action, Domain};
 use crate::auth_cache::CertKey;
 use crate::error::Error;
 use crate::identity::{Issuer, PeerIdentity};
-use crate::store::ClientRecord;
+use crate::store::ClientAuth;
 
 /// The TLS peer as the listener saw it.
 #[derive(Clone, Debug)]
@@ -17,10 +17,11 @@ pub struct Peer {
     pub remote: Option<std::net::SocketAddr>,
 }
 
-/// An authenticated caller.
+/// An authenticated caller. It may be cached and reused across calls, so
+/// it holds only what a change to the client invalidates the cache for.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    pub client: ClientRecord,
+    pub client: ClientAuth,
 }
 
 impl Caller {
@@ -59,8 +60,7 @@ impl Domain {
         }
         let name = caller.client.name.clone();
         let entry = action.refused_admin(&name);
-        self.run(move |d| Ok(d.store.append_audit(&[entry])?))
-            .await?;
+        self.audit.append(vec![entry]).await?;
         Err(Error::PermissionDenied(format!(
             "client \"{name}\" is not an admin; operator commands need a client made with `secretfs client add NAME --admin`"
         )))

@@ -236,6 +236,14 @@ impl Domain {
             planned += s.size;
             page.push(s.name.clone());
         }
+        if page.is_empty() {
+            // Past the last name, or the rest deleted between pages.
+            let empty = ReadPage {
+                secrets: Vec::new(),
+                next_after: None,
+            };
+            return Ok((empty, Vec::new()));
+        }
         let mut more = page.len() < rest.len();
         let (mut found, gone) = self.store.read_sealed(caller.client.id, &page)?;
         if !gone.is_empty() {

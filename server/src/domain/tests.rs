@@ -58,8 +58,7 @@ impl Store for Tampering {
         get_group(&self, name: &str) -> Result<GroupRecord>;
         list_groups(&self) -> Result<Vec<GroupRecord>>;
         remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
-        set_group_client(&self, group: &str, client: &str, member: bool, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
-        set_group_secret(&self, group: &str, secret: &str, member: bool, audit: &AuditEntry) -> Result<Committed<GroupRecord>>;
+        set_group_member(&self, group: &str, member: &Member, add: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
         client_access(&self, client: &str) -> Result<Vec<AccessRecord>>;
         client_view(&self, client_id: u64) -> Result<View>;
         append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
@@ -298,6 +297,53 @@ async fn reads_are_audited_and_refusals_do_not_say_which_names_exist() {
         .map(|e| e.secret.unwrap())
         .collect();
     assert_eq!(denied, ["hidden", "missing"]);
+}
+
+#[tokio::test]
+async fn a_page_past_the_last_name_is_empty_and_reads_nothing() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    for names in [vec![], vec!["a".to_string()]] {
+        let page = f
+            .domain
+            .read_secrets(&f.web, names, Some("b".into()))
+            .await
+            .unwrap();
+        assert!(page.secrets.is_empty(), "{:?}", page.next_after);
+        assert!(page.next_after.is_none());
+    }
+    assert!(f.audit(Action::SecretRead).is_empty());
+}
+
+#[tokio::test]
+async fn a_membership_change_that_changes_nothing_is_not_announced() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut feed = f.store.feed().subscribe();
+    for (member, change) in [
+        (Member::Client("web".into()), Membership::Add),
+        (Member::Secret("a".into()), Membership::Add),
+        (Member::Client("admin".into()), Membership::Remove),
+    ] {
+        f.domain
+            .set_member(&f.admin, "g".into(), member, change)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        feed.try_recv(),
+        Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+    );
+    f.domain
+        .set_member(
+            &f.admin,
+            "g".into(),
+            Member::Client("web".into()),
+            Membership::Remove,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(feed.try_recv(), Ok(Change::Access { .. })));
 }
 
 #[tokio::test]

@@ -61,9 +61,14 @@ impl Admin for AdminService {
         &self,
         req: Request<v1::CreateSecretRequest>,
     ) -> Result<Response<v1::SecretMeta>, Status> {
-        let caller = self.admin(&req, Action::SecretCreate).await?;
+        // The content is taken (wiped on drop) before anything can refuse.
+        let peer = peer(&req);
         let mut r = req.into_inner();
         let content = take_content(&mut r.content);
+        let caller = self
+            .domain
+            .authenticate_admin(peer?, Action::SecretCreate)
+            .await?;
         let new = CreateSecret {
             meta: NewSecret {
                 name: r.name,
@@ -86,9 +91,14 @@ impl Admin for AdminService {
         &self,
         req: Request<v1::RotateSecretRequest>,
     ) -> Result<Response<v1::SecretMeta>, Status> {
-        let caller = self.admin(&req, Action::SecretRotate).await?;
+        // The content is taken (wiped on drop) before anything can refuse.
+        let peer = peer(&req);
         let mut r = req.into_inner();
         let content = take_content(&mut r.content);
+        let caller = self
+            .domain
+            .authenticate_admin(peer?, Action::SecretRotate)
+            .await?;
         let expires = change(r.expires_at, r.clear_expiry, EXPIRY)?;
         let rec = self
             .domain

@@ -183,12 +183,20 @@ fn access_through_groups(s: &dyn Store) {
     s.create_group("g1", "", &entry("group.create")).unwrap();
     s.create_group("g2", "", &entry("group.create")).unwrap();
     let e = entry("group.add-client");
-    s.set_group_client("g1", "web", true, &e).unwrap();
-    s.set_group_client("g2", "web", true, &e).unwrap();
+    s.set_group_member("g1", &Member::Client("web".to_owned()), true, &e)
+        .unwrap();
+    s.set_group_member("g2", &Member::Client("web".to_owned()), true, &e)
+        .unwrap();
     let e = entry("group.add-secret");
-    s.set_group_secret("g1", "a", true, &e).unwrap();
-    s.set_group_secret("g2", "a", true, &e).unwrap();
-    let g2 = s.set_group_secret("g2", "b", true, &e).unwrap().value;
+    s.set_group_member("g1", &Member::Secret("a".to_owned()), true, &e)
+        .unwrap();
+    s.set_group_member("g2", &Member::Secret("a".to_owned()), true, &e)
+        .unwrap();
+    let g2 = s
+        .set_group_member("g2", &Member::Secret("b".to_owned()), true, &e)
+        .unwrap()
+        .value
+        .group;
     assert_eq!(
         (g2.clients, g2.secrets),
         (vec!["web".into()], vec!["a".into(), "b".into()])
@@ -219,31 +227,30 @@ fn access_through_groups(s: &dyn Store) {
     assert_eq!(ok.len(), 1);
     assert_eq!(ok[0].sealed, sealed(1));
     assert_eq!(denied, ["c", "zz"]);
-    let (all, none) = s.read_sealed(web.id, &[]).unwrap();
-    assert_eq!(
-        all.iter()
-            .map(|s| s.record.name.as_str())
-            .collect::<Vec<_>>(),
-        ["a", "b"]
-    );
-    assert!(none.is_empty());
+    let (none, denied) = s.read_sealed(web.id, &[]).unwrap();
+    assert!(none.is_empty() && denied.is_empty());
     let b = s.get_secret("b").unwrap();
     assert!(s.read_one_for_client(web.id, b.id).unwrap().is_some());
     assert!(s.read_one_for_client(other.id, b.id).unwrap().is_none());
-    s.set_group_secret("g2", "b", false, &entry("group.remove-secret"))
-        .unwrap();
+    s.set_group_member(
+        "g2",
+        &Member::Secret("b".to_owned()),
+        false,
+        &entry("group.remove-secret"),
+    )
+    .unwrap();
     assert_eq!(s.client_view(web.id).unwrap().secrets.len(), 1);
     assert!(s.read_one_for_client(web.id, b.id).unwrap().is_none());
     // Unknown members and groups are named.
     assert!(matches!(
-        s.set_group_secret("g2", "zz", true, &e),
+        s.set_group_member("g2", &Member::Secret("zz".to_owned()), true, &e),
         Err(StoreError::NotFound {
             kind: Entity::Secret,
             ..
         })
     ));
     assert!(matches!(
-        s.set_group_client("nope", "web", true, &e),
+        s.set_group_member("nope", &Member::Client("web".to_owned()), true, &e),
         Err(StoreError::NotFound {
             kind: Entity::Group,
             ..
@@ -285,13 +292,27 @@ fn listing_clients_and_groups(s: &dyn Store) {
         })
     ));
     let e = entry("group.add-client");
-    s.set_group_client("ga", "c1", true, &e).unwrap();
-    s.set_group_client("gb", "c1", true, &e).unwrap();
-    s.set_group_client("ga", "c2", true, &e).unwrap();
-    s.set_group_secret("ga", "y", true, &e).unwrap();
-    s.set_group_secret("ga", "x", true, &e).unwrap();
-    // Adding twice changes nothing, and the entry says so.
-    s.set_group_client("ga", "c2", true, &e).unwrap();
+    s.set_group_member("ga", &Member::Client("c1".to_owned()), true, &e)
+        .unwrap();
+    s.set_group_member("gb", &Member::Client("c1".to_owned()), true, &e)
+        .unwrap();
+    assert!(
+        s.set_group_member("ga", &Member::Client("c2".to_owned()), true, &e)
+            .unwrap()
+            .value
+            .changed
+    );
+    s.set_group_member("ga", &Member::Secret("y".to_owned()), true, &e)
+        .unwrap();
+    s.set_group_member("ga", &Member::Secret("x".to_owned()), true, &e)
+        .unwrap();
+    // Adding twice changes nothing, and the result and the entry say so.
+    assert!(
+        !s.set_group_member("ga", &Member::Client("c2".to_owned()), true, &e)
+            .unwrap()
+            .value
+            .changed
+    );
     let last = s
         .query_audit(&AuditFilter {
             limit: 1,
@@ -366,8 +387,13 @@ fn authentication_facts(s: &dyn Store) {
     // Renewal pins a second serial beside the first; both work, groups
     // stay, and removal revokes both.
     s.create_group("g", "", &entry("group.create")).unwrap();
-    s.set_group_client("g", "web", true, &entry("group.add-client"))
-        .unwrap();
+    s.set_group_member(
+        "g",
+        &Member::Client("web".to_owned()),
+        true,
+        &entry("group.add-client"),
+    )
+    .unwrap();
     let renewed = s
         .add_client_cert(again_id, "web", "serial-web-3", 100, &entry("client.renew"))
         .unwrap();
@@ -532,11 +558,16 @@ fn every_change_bumps_the_revision_and_returns_it(s: &dyn Store) {
         r0 + 4
     );
     let joined = s
-        .set_group_client("g", "web", true, &entry("group.add-client"))
+        .set_group_member(
+            "g",
+            &Member::Client("web".to_owned()),
+            true,
+            &entry("group.add-client"),
+        )
         .unwrap();
     assert_eq!(joined.revision, r0 + 5);
     // Reads, audit of reads and failed changes leave it alone.
-    s.read_sealed(web.value.id, &[]).unwrap();
+    s.read_sealed(web.value.id, &["x".into()]).unwrap();
     s.append_audit(&[entry("secret.read")]).unwrap();
     assert!(s
         .rotate_secret("missing", 1, None, &entry("secret.rotate"), &mut |_, _| Ok(
@@ -872,17 +903,37 @@ fn removals_record_what_was_removed(s: &dyn Store) {
     s.create_group("g", "", &entry("group.create")).unwrap();
     s.create_group("h", "", &entry("group.create")).unwrap();
     for c in ["c1", "c2"] {
-        s.set_group_client("g", c, true, &entry("group.add-client"))
-            .unwrap();
-    }
-    s.set_group_client("h", "c1", true, &entry("group.add-client"))
+        s.set_group_member(
+            "g",
+            &Member::Client(c.to_owned()),
+            true,
+            &entry("group.add-client"),
+        )
         .unwrap();
+    }
+    s.set_group_member(
+        "h",
+        &Member::Client("c1".to_owned()),
+        true,
+        &entry("group.add-client"),
+    )
+    .unwrap();
     for n in ["s1", "s2", "s3"] {
-        s.set_group_secret("g", n, true, &entry("group.add-secret"))
-            .unwrap();
-    }
-    s.set_group_secret("h", "s1", true, &entry("group.add-secret"))
+        s.set_group_member(
+            "g",
+            &Member::Secret(n.to_owned()),
+            true,
+            &entry("group.add-secret"),
+        )
         .unwrap();
+    }
+    s.set_group_member(
+        "h",
+        &Member::Secret("s1".to_owned()),
+        true,
+        &entry("group.add-secret"),
+    )
+    .unwrap();
     s.rotate_secret("s1", 1, None, &entry("secret.rotate"), &mut |_, _| {
         Ok(sealed(2))
     })

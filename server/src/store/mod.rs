@@ -278,15 +278,44 @@ pub struct View {
     pub secrets: Vec<SecretRecord>,
 }
 
+/// What authentication decides on about a client, and all an
+/// authenticated caller carries: none of it changes without the auth
+/// cache being invalidated (unlike a client's groups or certificates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub id: u64,
+    pub name: String,
+    pub admin: bool,
+    pub enabled: bool,
+    /// As [`ClientRecord::pinned`].
+    pub pinned: bool,
+}
+
 /// The facts an authentication decides on, read in one transaction.
 #[derive(Clone, Debug, Default)]
 pub struct AuthLookup {
     /// The registered client of the certificate's name, if any.
-    pub client: Option<ClientRecord>,
+    pub client: Option<ClientAuth>,
     /// The serial was recorded for that client (certificates we issued).
     pub serial_issued: bool,
     /// The serial belonged to a removed client (certificates we issued).
     pub serial_revoked: bool,
+}
+
+/// What a group holds, by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Member {
+    Client(String),
+    Secret(String),
+}
+
+/// A group after a membership change, and whether a member was actually
+/// added or taken out (adding twice or removing what is not there changes
+/// no view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberChange {
+    pub group: GroupRecord,
+    pub changed: bool,
 }
 
 /// A write's result and the revision it committed at.
@@ -450,20 +479,14 @@ pub trait Store: Send + Sync + 'static {
     fn list_groups(&self) -> Result<Vec<GroupRecord>>;
     /// The entry's detail records the clients and secrets it held.
     fn remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
-    fn set_group_client(
+    /// Adds `member` to `group` (`add`), or takes it out.
+    fn set_group_member(
         &self,
         group: &str,
-        client: &str,
-        member: bool,
+        member: &Member,
+        add: bool,
         audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>>;
-    fn set_group_secret(
-        &self,
-        group: &str,
-        secret: &str,
-        member: bool,
-        audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>>;
+    ) -> Result<Committed<MemberChange>>;
 
     // -- access
     /// What the client can read and through which groups.
@@ -471,9 +494,9 @@ pub trait Store: Send + Sync + 'static {
     /// Metadata of every secret the client can read, by name, and the
     /// revision, from one transaction.
     fn client_view(&self, client_id: u64) -> Result<View>;
-    /// Sealed current content of the named secrets the client can read (all
-    /// of them when `names` is empty). Names it cannot read are returned in
-    /// the second list, so the caller can refuse and audit.
+    /// Sealed current content of the named secrets the client can read.
+    /// Names it cannot read are returned in the second list, so the caller
+    /// can refuse and audit.
     fn read_sealed(
         &self,
         client_id: u64,

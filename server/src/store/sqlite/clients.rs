@@ -125,8 +125,8 @@ pub(super) fn add_cert(
 }
 
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-    let id = rows::id_by_name(tx, Entity::Client, name)?;
-    let groups = by_name(tx, name)?.groups;
+    let ClientRecord { id, groups, .. } = by_name(tx, name)?;
+    let id = id as i64;
     tx.execute(
         "INSERT OR IGNORE INTO revoked_certs (serial, client, revoked_at) \
          SELECT serial, ?2, ?3 FROM client_certs WHERE client_id = ?1",
@@ -148,18 +148,31 @@ pub(super) fn authenticate(tx: &Connection, name: &str, serial: &str) -> Result<
     let serial_revoked = tx
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM revoked_certs WHERE serial = ?1)")?
         .query_row([serial], |r| r.get(0))?;
-    let client = match by_name(tx, name) {
-        Ok(c) => Some(c),
-        Err(StoreError::NotFound { .. }) => None,
-        Err(e) => return Err(e),
-    };
-    let serial_issued = match &client {
-        Some(c) => tx
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM client_certs WHERE client_id = ?1 AND serial = ?2)",
-            )?
-            .query_row(params![c.id as i64, serial], |r| r.get(0))?,
-        None => false,
+    // Runs on every auth cache miss: the client and whether it was issued
+    // this serial in one query, without the groups and certificates a
+    // ClientRecord carries.
+    let found = tx
+        .prepare_cached(
+            "SELECT c.id, c.name, c.admin, c.enabled, c.pinned, \
+             EXISTS (SELECT 1 FROM client_certs WHERE client_id = c.id AND serial = ?2) \
+             FROM clients c WHERE c.name = ?1",
+        )?
+        .query_row(params![name, serial], |r| {
+            Ok((
+                ClientAuth {
+                    id: r.get::<_, i64>(0)? as u64,
+                    name: r.get(1)?,
+                    admin: r.get(2)?,
+                    enabled: r.get(3)?,
+                    pinned: r.get(4)?,
+                },
+                r.get(5)?,
+            ))
+        })
+        .optional()?;
+    let (client, serial_issued) = match found {
+        Some((c, issued)) => (Some(c), issued),
+        None => (None, false),
     };
     Ok(AuthLookup {
         client,

@@ -84,8 +84,7 @@ pub(super) fn create(
 
 pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
     let held = by_name(tx, name)?;
-    let id = rows::id_by_name(tx, Entity::Group, name)?;
-    tx.execute("DELETE FROM groups WHERE id = ?1", [id])?;
+    tx.execute("DELETE FROM groups WHERE name = ?1", [name])?;
     let list = |what: &str, names: &[String]| match names.len() {
         0 => format!("no {what}s"),
         1 => format!("1 {what} ({})", some_names(names, 20)),
@@ -103,42 +102,37 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
 }
 
 /// Adds `name` (a client or a secret) to `group`, or takes it out;
-/// adding twice or removing what is not there changes nothing and the
-/// audit entry says so.
-/// What a group holds.
-#[derive(Clone, Copy)]
-pub(super) enum Member {
-    Client,
-    Secret,
-}
-
+/// adding twice or removing what is not there changes nothing: the
+/// audit entry says so, and `changed` is false.
 pub(super) fn set_member(
     tx: &Connection,
-    kind: Member,
     group: &str,
-    name: &str,
-    member: bool,
+    member: &Member,
+    add: bool,
     audit: &AuditEntry,
-) -> Result<Committed<GroupRecord>> {
-    let (entity, link, column) = match kind {
-        Member::Client => (Entity::Client, "group_clients", "client_id"),
-        Member::Secret => (Entity::Secret, "group_secrets", "secret_id"),
+) -> Result<Committed<MemberChange>> {
+    let (entity, link, column, name) = match member {
+        Member::Client(name) => (Entity::Client, "group_clients", "client_id", name),
+        Member::Secret(name) => (Entity::Secret, "group_secrets", "secret_id", name),
     };
     let gid = rows::id_by_name(tx, Entity::Group, group)?;
     let id = rows::id_by_name(tx, entity, name)?;
-    let sql = if member {
+    let sql = if add {
         format!("INSERT OR IGNORE INTO {link} (group_id, {column}) VALUES (?1, ?2)")
     } else {
         format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2")
     };
-    let changed = tx.execute(&sql, params![gid, id])?;
+    let changed = tx.execute(&sql, params![gid, id])? > 0;
     let mut entry = audit.clone();
-    if changed == 0 {
+    if !changed {
         entry.detail = "no change".into();
     }
     let revision = record_change(tx, &entry)?;
     Ok(Committed {
-        value: by_name(tx, group)?,
+        value: MemberChange {
+            group: by_name(tx, group)?,
+            changed,
+        },
         revision,
     })
 }

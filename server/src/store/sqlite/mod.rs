@@ -20,7 +20,6 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use self::commit::{Connections, READERS};
-use self::groups::Member;
 use super::*;
 
 pub struct SqliteStore {
@@ -306,26 +305,15 @@ impl Store for SqliteStore {
         self.db.write(|tx| groups::remove(tx, name, audit))
     }
 
-    fn set_group_client(
+    fn set_group_member(
         &self,
         group: &str,
-        client: &str,
-        member: bool,
+        member: &Member,
+        add: bool,
         audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>> {
+    ) -> Result<Committed<MemberChange>> {
         self.db
-            .write(|tx| groups::set_member(tx, Member::Client, group, client, member, audit))
-    }
-
-    fn set_group_secret(
-        &self,
-        group: &str,
-        secret: &str,
-        member: bool,
-        audit: &AuditEntry,
-    ) -> Result<Committed<GroupRecord>> {
-        self.db
-            .write(|tx| groups::set_member(tx, Member::Secret, group, secret, member, audit))
+            .write(|tx| groups::set_member(tx, group, member, add, audit))
     }
 
     fn client_access(&self, client: &str) -> Result<Vec<AccessRecord>> {
