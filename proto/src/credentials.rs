@@ -456,9 +456,11 @@ fn certificates(
     Ok(certs)
 }
 
-fn private_key(sections: &[Section], path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
+/// The first private key among `sections`, borrowed: an owned copy would be
+/// freed unwiped, as pki-types' key types do not zeroize on drop.
+fn private_key<'a>(sections: &'a [Section], path: &Path) -> Result<PrivateKeyDer<'a>, FileError> {
     let key = sections.iter().find_map(|s| {
-        let der = s.der.to_vec();
+        let der = &s.der[..];
         Some(match s.kind {
             SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der)),
             SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(der)),
@@ -721,6 +723,19 @@ mod tests {
         // A bundle holding both CAs is fine.
         let bundle = format!("{}{}", theirs.ca_pem, ours.ca_pem);
         assert_eq!(check(&bundle, &cert, &key).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn the_key_is_read_in_place_not_copied_out_of_its_wiped_section() {
+        let key_pem = KeyPair::generate().unwrap().serialize_pem();
+        let file = FileContents {
+            path: Path::new("app.key"),
+            pem: key_pem.as_bytes(),
+        };
+        let found = sections(file, Role::Key).unwrap();
+        let key = private_key(&found, file.path).unwrap();
+        // A copy would be freed unwiped: pki-types key types do not zeroize on drop.
+        assert_eq!(key.secret_der().as_ptr(), found[0].der.as_ptr());
     }
 
     #[test]
