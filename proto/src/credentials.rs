@@ -417,9 +417,11 @@ fn sections(file: FileContents<'_>, role: Role) -> Result<Vec<Section>, FileErro
         .filter_map(Result::ok)
         .collect();
     if found.is_empty() {
-        // pki-types skips labels it does not know, such as this one.
-        let text = String::from_utf8_lossy(file.pem);
-        if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        // pki-types skips labels it does not know, such as this one. The
+        // bytes are searched as they are: a lossy UTF-8 copy of a DER key
+        // would be freed unwiped.
+        const ENCRYPTED: &[u8] = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
+        if file.pem.windows(ENCRYPTED.len()).any(|w| w == ENCRYPTED) {
             return Err(match role {
                 Role::Key => FileError::EncryptedKey { path },
                 _ => FileError::WrongKind {
