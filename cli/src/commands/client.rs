@@ -229,11 +229,14 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
         None => None,
     };
     // For oneself, the name is the one the server sees (also proves the
-    // current certificate still works before anything is made).
+    // current certificate still works before anything is made). The same
+    // connection asks for the new certificate: one read and check of the
+    // files, one handshake, one expiry warning.
+    let mut own = None;
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
-            let mut s = connect::secrets(conn).await?;
+            let s = own.insert(connect::secrets(conn).await?);
             s.who_am_i(v1::Empty {}).await?.into_inner().client
         }
     };
@@ -267,16 +270,15 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
             (Some(key), csr)
         }
     };
-    let (cert_pem, ca_pem, not_after) = match &a.name {
-        None => {
-            let mut s = connect::secrets(conn).await?;
+    let (cert_pem, ca_pem, not_after) = match own {
+        Some(mut s) => {
             let r = s
                 .renew_certificate(v1::RenewCertificateRequest { csr_pem, days })
                 .await?
                 .into_inner();
             (r.cert_pem, r.ca_pem, r.not_after)
         }
-        Some(name) => {
+        None => {
             let mut c = connect::admin(conn).await?;
             let r = c
                 .renew_client_certificate(v1::RenewClientCertificateRequest {
