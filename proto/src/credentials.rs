@@ -27,6 +27,8 @@ use rustls::pki_types::{
 };
 use zeroize::Zeroizing;
 
+use crate::cert::{expiry_notice, from_unix, ExpiryNotice};
+
 /// Which of the three files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -215,6 +217,9 @@ pub enum FileWarning {
     KeyReadableByOthers { path: PathBuf, mode: u32 },
     /// The client certificate does not chain to the CA given as `--ca`.
     NotIssuedByCa { cert: PathBuf, ca: PathBuf },
+    /// The client certificate expires within 30 days. For an operator's
+    /// command; a mount renews itself and warns on its own schedule.
+    Expiring { cert: PathBuf, notice: ExpiryNotice },
 }
 
 impl fmt::Display for FileWarning {
@@ -233,6 +238,11 @@ impl fmt::Display for FileWarning {
                  server trusts your own CA (`server run --client-ca`), otherwise give the certificate this server issued",
                 cert.display(),
                 ca.display()
+            ),
+            FileWarning::Expiring { cert, notice } => write!(
+                f,
+                "the client certificate {} {notice}; renew it with `secretfs client renew`",
+                cert.display()
             ),
         }
     }
@@ -316,6 +326,12 @@ pub fn check_client_files(
     }
 
     let mut warnings = Vec::new();
+    if let Some(notice) = expiry_notice(from_unix(validity.not_after.timestamp()), now) {
+        warnings.push(FileWarning::Expiring {
+            cert: files.cert.path.to_path_buf(),
+            notice,
+        });
+    }
     if !chains_to(&roots, &chain, now) {
         warnings.push(FileWarning::NotIssuedByCa {
             cert: files.cert.path.to_path_buf(),
@@ -593,8 +609,9 @@ mod tests {
         )
     }
 
+    /// A client certificate far from its end (no expiry warning).
     fn client(pki: &Pki) -> (String, String) {
-        leaf(pki, ExtendedKeyUsagePurpose::ClientAuth, -1, 30)
+        leaf(pki, ExtendedKeyUsagePurpose::ClientAuth, -1, 90)
     }
 
     #[test]
@@ -710,6 +727,22 @@ mod tests {
         let err = check(&pki.ca_pem, &cert, &key).unwrap_err();
         assert!(matches!(err, FileError::NoClientAuth { .. }), "{err}");
         assert!(err.hint().contains("server.pem"), "{}", err.hint());
+    }
+
+    #[test]
+    fn a_certificate_near_its_end_is_a_warning() {
+        let pki = ca();
+        let (cert, key) = leaf(&pki, ExtendedKeyUsagePurpose::ClientAuth, -1, 10);
+        let warnings = check(&pki.ca_pem, &cert, &key).unwrap();
+        assert!(
+            matches!(warnings.as_slice(), [FileWarning::Expiring { notice, .. }] if notice.days_left == 9),
+            "{warnings:?}"
+        );
+        let text = warnings[0].to_string();
+        assert!(
+            text.contains("app.pem expires within 30 days") && text.contains("client renew"),
+            "{text}"
+        );
     }
 
     #[test]
