@@ -212,9 +212,18 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
     Ok(())
 }
 
+/// A certificate `client renew` issued and wrote.
+struct Renewed {
+    name: String,
+    files: ClientPaths,
+    serial: String,
+    /// Unix seconds.
+    not_after: i64,
+}
+
 /// `client renew [NAME]`: a new certificate for this identity or, as an
 /// admin, for NAME.
-async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPaths, i64, String)> {
+async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<Renewed> {
     if let Some(name) = &a.name {
         secretfs_server::names::check_entity_name("client", name)
             .map_err(|e| UsageError(e.to_string()))?;
@@ -270,13 +279,14 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
             (Some(key), csr)
         }
     };
-    let (cert_pem, ca_pem, not_after) = match own {
+    // The replies say the serial and end, so the new PEM is not parsed.
+    let (cert_pem, ca_pem, serial, not_after) = match own {
         Some(mut s) => {
             let r = s
                 .renew_certificate(v1::RenewCertificateRequest { csr_pem, days })
                 .await?
                 .into_inner();
-            (r.cert_pem, r.ca_pem, r.not_after)
+            (r.cert_pem, r.ca_pem, r.serial, r.not_after)
         }
         None => {
             let mut c = connect::admin(conn).await?;
@@ -288,9 +298,13 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
                 })
                 .await?
                 .into_inner();
-            let not_after =
-                secretfs_server::pki::cert_not_after(r.cert_pem.as_bytes()).unwrap_or(0);
-            (r.cert_pem, r.ca_pem, not_after)
+            let client = r.client.unwrap_or_default();
+            (
+                r.cert_pem,
+                r.ca_pem,
+                client.cert_serial,
+                client.cert_not_after,
+            )
         }
     };
     // The key and certificate are replaced together: both written first,
@@ -317,15 +331,21 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
             files.key.as_deref().unwrap_or(Path::new("the key")).display()
         );
     }
-    Ok((name, files, not_after, cert_serial(&cert_pem)))
-}
-
-fn cert_serial(pem: &str) -> String {
-    secretfs_server::pki::cert_serial(pem.as_bytes()).unwrap_or_default()
+    Ok(Renewed {
+        name,
+        files,
+        serial,
+        not_after,
+    })
 }
 
 async fn renew_cmd(conn: &ConnArgs, a: ClientRenewArgs, format: Format) -> Result<()> {
-    let (name, files, not_after, serial) = renew(conn, &a).await?;
+    let Renewed {
+        name,
+        files,
+        serial,
+        not_after,
+    } = renew(conn, &a).await?;
     match format {
         Format::Json => println!(
             "{}",
