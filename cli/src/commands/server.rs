@@ -26,31 +26,21 @@ pub fn export_lines(dir: &StateDir, server: &str) -> String {
     )
 }
 
-/// Writes `--address-file`: a new temporary sibling (created exclusively,
-/// so a planted file or symlink is never followed) renamed into place, so
-/// a reader sees the whole file or none. It holds no secret (mode 0644).
+/// Writes `--address-file` whole or not at all (a reader sees the whole
+/// file or none). It holds no secret (mode 0644).
 fn write_address_file(path: &Path, addr: SocketAddr, health: Option<SocketAddr>) -> Result<()> {
     let text = serde_json::to_string(&json!({
         "addr": addr.to_string(),
         "health_addr": health.map(|a| a.to_string()),
     }))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let created =
-        secretfs_server::state_dir::write_new(&tmp, format!("{text}\n").as_bytes(), 0o644);
-    let written = match created {
-        Ok(()) => std::fs::rename(&tmp, path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        }),
-        Err(e) => Err(std::io::Error::other(e)),
-    };
-    written.with_context(|| {
-        format!(
-            "cannot write the address file {} (--address-file); check that its directory exists and is writable",
-            path.display()
-        )
-    })
+    secretfs_proto::files::replace_file(path, format!("{text}\n").as_bytes(), 0o644).with_context(
+        || {
+            format!(
+                "cannot write the address file {} (--address-file); check that its directory exists and is writable",
+                path.display()
+            )
+        },
+    )
 }
 
 pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
