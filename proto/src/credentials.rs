@@ -27,7 +27,7 @@ use rustls::pki_types::{
 };
 use zeroize::Zeroizing;
 
-use crate::cert::{expiry_notice, from_unix, ExpiryNotice};
+use crate::cert::{expiry_notice, from_unix, rfc3339_unix, to_unix, ExpiryNotice};
 
 /// Which of the three files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,21 +294,18 @@ pub fn check_client_files(
     let parsed = parse_leaf(leaf, files.cert.path)?;
     pair_matches(&parsed, &key, files)?;
 
-    let now_secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now_secs = to_unix(now);
     let validity = parsed.validity();
     if now_secs > validity.not_after.timestamp() {
         return Err(FileError::Expired {
             path: files.cert.path.to_path_buf(),
-            not_after: rfc3339(validity.not_after.timestamp()),
+            not_after: rfc3339_unix(validity.not_after.timestamp()),
         });
     }
     if now_secs < validity.not_before.timestamp() {
         return Err(FileError::NotYetValid {
             path: files.cert.path.to_path_buf(),
-            not_before: rfc3339(validity.not_before.timestamp()),
+            not_before: rfc3339_unix(validity.not_before.timestamp()),
         });
     }
     if parsed.is_ca() {
@@ -545,10 +542,6 @@ fn chains_to(
         )) => false,
         Err(_) => true,
     }
-}
-
-fn rfc3339(unix: i64) -> String {
-    crate::cert::rfc3339_unix(unix)
 }
 
 #[cfg(test)]

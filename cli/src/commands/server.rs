@@ -93,7 +93,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "name": made.name, "created": made.created, "cert_serial": made.serial,
-                        "cert_not_after": secretfs_server::pki::rfc3339(made.not_after),
+                        "cert_not_after": crate::output::time(made.not_after),
                         "cert": absolute(&made.cert), "key": absolute(&made.key), "ca": absolute(&made.ca),
                     }))?
                 ),
@@ -103,7 +103,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                         made.name,
                         if made.created { " (client created)" } else { "" },
                         made.serial,
-                        secretfs_server::pki::rfc3339(made.not_after)
+                        crate::output::time(made.not_after)
                     );
                     eprintln!("to use the CLI as this admin:");
                     println!(
@@ -129,14 +129,14 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "sans": a.sans, "serial": issued.serial,
-                        "not_after": secretfs_server::pki::rfc3339(issued.not_after),
+                        "not_after": crate::output::time(issued.not_after),
                         "cert": absolute(&dir.server_cert()), "key": absolute(&dir.server_key()),
                     }))?
                 ),
                 Format::Text => println!(
                     "issued a new server certificate for {} (valid until {}) in {}; a running server takes it up within a second",
                     a.sans.join(", "),
-                    secretfs_server::pki::rfc3339(issued.not_after),
+                    crate::output::time(issued.not_after),
                     absolute(&dir.server_cert()).display()
                 ),
             }
