@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use secretfs_proto::files::ClientPaths;
 use secretfs_proto::v1;
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
-use tokio::signal::unix::{signal, SignalKind};
 use tonic::Code;
 
 use crate::args::{ClientAddArgs, ConnArgs, DevArgs};
@@ -186,8 +185,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     // Listen for Ctrl-C before saying it works: a signal that came between
     // the message and the listener would kill the process and leave the
     // mount behind.
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let stop = super::shutdown_signal()?;
     println!(
         "secretfs dev is running: server {server_url}, state in {}",
         state.path.display()
@@ -236,10 +234,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         println!("Ctrl-C stops the server.");
     }
 
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
+    stop.await;
     eprintln!("stopping");
     if let Some(Ok(m)) = mount {
         m.stop().await;

@@ -143,6 +143,8 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             Ok(())
         }
         ServerSub::Run(a) => {
+            // Listening before the address file says the server is up.
+            let stop = super::shutdown_signal()?;
             let server = Server::open(RunOptions {
                 state_dir: a.state_dir,
                 listen: a.listen,
@@ -156,7 +158,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             if let Some(path) = &a.address_file {
                 write_address_file(path, server.local_addr(), server.health_addr())?;
             }
-            server.serve(super::shutdown_signal()).await?;
+            server.serve(stop).await?;
             Ok(())
         }
     }
