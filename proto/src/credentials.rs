@@ -185,24 +185,6 @@ impl FileError {
         }
     }
 
-    /// The file at fault.
-    pub fn path(&self) -> &Path {
-        match self {
-            FileError::Empty { path, .. }
-            | FileError::NotPem { path, .. }
-            | FileError::WrongKind { path, .. }
-            | FileError::EncryptedKey { path }
-            | FileError::BadCertificate { path, .. }
-            | FileError::UnusableKey { path, .. }
-            | FileError::Expired { path, .. }
-            | FileError::NotYetValid { path, .. }
-            | FileError::NoClientAuth { path }
-            | FileError::CaAsClient { path }
-            | FileError::NotACa { path, .. } => path,
-            FileError::KeyMismatch { key, .. } => key,
-        }
-    }
-
     /// The problem and the fix, in one line.
     pub fn explain(&self) -> String {
         format!("{self}; {}", self.hint())
@@ -292,7 +274,7 @@ pub fn check_client_files(
     let chain = certificates(&cert, files.cert.path, Role::Cert)?;
     let leaf = &chain[0];
     let parsed = parse_leaf(leaf, files.cert.path)?;
-    pair_matches(&parsed, &key, files)?;
+    pair_matches(&parsed, &key, files.cert.path, files.key.path)?;
 
     let now_secs = to_unix(now);
     let validity = parsed.validity();
@@ -374,12 +356,7 @@ pub fn key_matches(cert: FileContents<'_>, key: FileContents<'_>) -> Result<(), 
     let key_sections = sections(key, Role::Key)?;
     let chain = certificates(&cert_sections, cert.path, Role::Cert)?;
     let parsed = parse_leaf(&chain[0], cert.path)?;
-    let files = ClientFiles {
-        ca: cert,
-        cert,
-        key,
-    };
-    pair_matches(&parsed, &key_sections, &files)
+    pair_matches(&parsed, &key_sections, cert.path, key.path)
 }
 
 fn parse_leaf<'a>(
@@ -395,15 +372,18 @@ fn parse_leaf<'a>(
         })
 }
 
+/// Whether `key` (read from `key_path`) is the private key of `parsed`
+/// (read from `cert_path`).
 fn pair_matches(
     parsed: &x509_parser::certificate::X509Certificate<'_>,
     key: &[Section],
-    files: &ClientFiles<'_>,
+    cert_path: &Path,
+    key_path: &Path,
 ) -> Result<(), FileError> {
-    let key = private_key(key, files.key.path)?;
+    let key = private_key(key, key_path)?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
         FileError::UnusableKey {
-            path: files.key.path.to_path_buf(),
+            path: key_path.to_path_buf(),
             detail: e.to_string(),
         }
     })?;
@@ -412,8 +392,8 @@ fn pair_matches(
     if let Some(spki) = signer.public_key() {
         if spki.as_ref() != parsed.tbs_certificate.subject_pki.raw {
             return Err(FileError::KeyMismatch {
-                cert: files.cert.path.to_path_buf(),
-                key: files.key.path.to_path_buf(),
+                cert: cert_path.to_path_buf(),
+                key: key_path.to_path_buf(),
             });
         }
     }
