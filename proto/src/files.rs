@@ -32,6 +32,12 @@ pub const CERT_MODE: u32 = 0o644;
 /// Mode of a key file, always.
 pub const KEY_MODE: u32 = 0o600;
 
+/// The mode a new certificate at `path` gets: that of the file it
+/// replaces, else [`CERT_MODE`].
+fn cert_mode(path: &Path) -> u32 {
+    fs::metadata(path).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777)
+}
+
 const TEMP_MARK: &str = ".renew-";
 
 /// A file that could not be replaced.
@@ -143,7 +149,7 @@ pub fn replace_pair(
     key_pem: &[u8],
     still_current: impl FnOnce() -> bool,
 ) -> Result<(), ReplaceError> {
-    let cert_mode = fs::metadata(cert).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777);
+    let cert_mode = cert_mode(cert);
     let key_existed = fs::symlink_metadata(key).is_ok();
     let key_tmp = write_temp(key, key_pem, KEY_MODE).map_err(|source| ReplaceError::Unchanged {
         path: key.to_path_buf(),
@@ -277,9 +283,7 @@ pub fn write_client_files(
     match (&paths.key, key_pem) {
         (Some(key), Some(key_pem)) => replace_pair(&paths.cert, cert_pem, key, key_pem, || true)?,
         _ => {
-            let mode =
-                fs::metadata(&paths.cert).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777);
-            replace_file(&paths.cert, cert_pem, mode)?;
+            replace_file(&paths.cert, cert_pem, cert_mode(&paths.cert))?;
         }
     }
     if let Some(ca) = &paths.ca {
