@@ -306,8 +306,7 @@ pub fn remove_stale_temporaries(path: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(parent(path)) else {
         return Vec::new();
     };
-    let me = fs::metadata(parent(path)).map(|m| m.uid()).ok();
-    let euid = effective_uid();
+    let euid = rustix::process::geteuid().as_raw();
     let mut removed = Vec::new();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
@@ -324,7 +323,7 @@ pub fn remove_stale_temporaries(path: &Path) -> Vec<PathBuf> {
         let Ok(meta) = entry.path().symlink_metadata() else {
             continue;
         };
-        if !meta.file_type().is_file() || Some(meta.uid()) != euid.or(me) {
+        if !meta.file_type().is_file() || meta.uid() != euid {
             continue;
         }
         if fs::remove_file(entry.path()).is_ok() {
@@ -332,14 +331,6 @@ pub fn remove_stale_temporaries(path: &Path) -> Vec<PathBuf> {
         }
     }
     removed
-}
-
-/// This process's effective uid, read from /proc (the crate forbids
-/// unsafe code and has no libc): None when /proc is not there.
-fn effective_uid() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 #[cfg(test)]
