@@ -610,6 +610,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdOrNone(pub Option<u32>);
 
+impl IdOrNone {
+    /// A flag as an update's (value, clear) pair: an id sets it, "none"
+    /// clears it, no flag leaves it.
+    pub fn update(given: Option<IdOrNone>) -> (Option<u32>, bool) {
+        match given {
+            Some(IdOrNone(None)) => (None, true),
+            Some(IdOrNone(id)) => (id, false),
+            None => (None, false),
+        }
+    }
+}
+
 fn parse_id_or_none(s: &str) -> Result<IdOrNone, String> {
     if s == "none" {
         return Ok(IdOrNone(None));
@@ -695,6 +707,9 @@ mod tests {
     fn owner_and_group_take_an_id_or_none() {
         assert_eq!(parse_id_or_none("1234"), Ok(IdOrNone(Some(1234))));
         assert_eq!(parse_id_or_none("none"), Ok(IdOrNone(None)));
+        assert_eq!(IdOrNone::update(Some(IdOrNone(Some(7)))), (Some(7), false));
+        assert_eq!(IdOrNone::update(Some(IdOrNone(None))), (None, true));
+        assert_eq!(IdOrNone::update(None), (None, false));
         assert!(parse_id_or_none("root").unwrap_err().contains("none"));
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use secretfs_proto::channel::{ChannelError, ConnectFailure};
-use secretfs_proto::credentials::{self, ClientFiles, FileContents};
+use secretfs_proto::credentials::{self, ClientFiles, FileContents, FileWarning};
 use secretfs_proto::v1::admin_client::AdminClient;
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::ConnectConfig;
@@ -42,25 +42,34 @@ fn read_file(path: &Path, what: &str, flag: &str) -> Result<Vec<u8>> {
     })
 }
 
-/// Reads and checks the CA, certificate and key (the CLI's and the
-/// mount's), so a wrong file is named before connecting.
+/// Reads and checks the CA, certificate and key of a mount, so a wrong file
+/// is named before it connects. Warnings are logged, but not that the
+/// certificate expires soon: the mount renews it itself and warns when its
+/// planned renewal has not happened.
 pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
+    let (config, warnings) = checked_config(args)?;
+    for warning in warnings {
+        if !matches!(warning, FileWarning::Expiring { .. }) {
+            tracing::warn!("{warning}");
+        }
+    }
+    Ok(config)
+}
+
+/// The CA, certificate and key, read and checked, with what is worth
+/// saying about them.
+fn checked_config(args: &ConnArgs) -> Result<(ConnectConfig, Vec<FileWarning>)> {
     let server = need(&args.server, "--server", "SECRETFS_SERVER")?;
     let ca: &PathBuf = need(&args.ca, "--ca", "SECRETFS_CA")?;
     let cert: &PathBuf = need(&args.cert, "--cert", "SECRETFS_CERT")?;
     let key: &PathBuf = need(&args.key, "--key", "SECRETFS_KEY")?;
-    let cert_pem = read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?;
-    warn_if_expiring(cert, &cert_pem);
     let config = ConnectConfig {
         server: server.clone(),
         ca_pem: read_file(ca, "CA certificate", "--ca/SECRETFS_CA")?,
-        cert_pem,
+        cert_pem: read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?,
         key_pem: zeroize::Zeroizing::new(read_file(key, "client key", "--key/SECRETFS_KEY")?),
         connect_timeout: args.timeout,
     };
-    if let Some(warning) = credentials::key_permissions(key) {
-        tracing::warn!("{warning}");
-    }
     let files = ClientFiles {
         ca: FileContents {
             path: ca,
@@ -75,29 +84,13 @@ pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
             pem: &config.key_pem,
         },
     };
-    let warnings = credentials::check_client_files(&files, SystemTime::now())
-        .map_err(|e| anyhow::anyhow!(e.explain()))?;
-    for warning in warnings {
+    // Said even when the check below refuses the files.
+    if let Some(warning) = credentials::key_permissions(key) {
         tracing::warn!("{warning}");
     }
-    Ok(config)
-}
-
-/// Says on stderr when the certificate in use expires within 30 days, so
-/// an operator hears of it while it can still renew itself. Not when it
-/// has expired: the check of the files refuses it, with the fix.
-fn warn_if_expiring(path: &Path, pem: &[u8]) {
-    use secretfs_proto::cert::{expiry_notice, CertInfo};
-    let Ok(info) = CertInfo::parse(pem) else {
-        return;
-    };
-    match expiry_notice(info.not_after, std::time::SystemTime::now()) {
-        Some(notice) if !notice.expired => eprintln!(
-            "warning: the client certificate {} {notice}; renew it with `secretfs client renew`",
-            path.display()
-        ),
-        _ => {}
-    }
+    let warnings = credentials::check_client_files(&files, SystemTime::now())
+        .map_err(|e| anyhow::anyhow!(e.explain()))?;
+    Ok((config, warnings))
 }
 
 /// Why a call or connection ran out of time, naming the bound and the fix;
@@ -116,7 +109,15 @@ pub fn timed_out(detail: Option<&str>) -> Option<String> {
 /// Connects within `--timeout`; each call on the channel is bounded by it
 /// too (until the server begins its answer, so a stream may stay open).
 pub async fn channel(args: &ConnArgs) -> Result<Channel> {
-    let config = config(args)?;
+    let (config, warnings) = checked_config(args)?;
+    for warning in warnings {
+        match warning {
+            // On stderr, so an operator hears of it while the certificate
+            // can still renew itself.
+            FileWarning::Expiring { .. } => eprintln!("warning: {warning}"),
+            _ => tracing::warn!("{warning}"),
+        }
+    }
     let limit = args.timeout;
     let _ = BOUND.set((config.server.clone(), limit));
     let attempt = secretfs_proto::connect_with_call_timeout(&config, limit);

@@ -6,11 +6,13 @@ use serde_json::Value;
 
 use crate::args::Format;
 
-/// The latest time humantime formats (9999-12-31T23:59:59Z, unix seconds).
+/// The latest time RFC 3339 can write (9999-12-31T23:59:59Z, unix seconds).
 /// The server refuses later ones, but whatever it returns (an old server,
 /// an edited database) must print, never panic.
 const MAX_SECS: i64 = 253_402_300_799;
 
+/// A time from the server in the one format of messages and logs
+/// ([`secretfs_proto::cert::rfc3339_unix`]); "-" for none (0).
 pub fn time(secs: i64) -> String {
     if secs <= 0 {
         return "-".into();
@@ -18,7 +20,7 @@ pub fn time(secs: i64) -> String {
     if secs > MAX_SECS {
         return format!("{secs} (unix seconds, beyond year 9999)");
     }
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs as u64)).to_string()
+    secretfs_proto::cert::rfc3339_unix(secs)
 }
 
 pub fn time_ms(ms: i64) -> String {

@@ -27,6 +27,8 @@ use rustls::pki_types::{
 };
 use zeroize::Zeroizing;
 
+use crate::cert::{expiry_notice, from_unix, rfc3339_unix, to_unix, ExpiryNotice};
+
 /// Which of the three files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -183,24 +185,6 @@ impl FileError {
         }
     }
 
-    /// The file at fault.
-    pub fn path(&self) -> &Path {
-        match self {
-            FileError::Empty { path, .. }
-            | FileError::NotPem { path, .. }
-            | FileError::WrongKind { path, .. }
-            | FileError::EncryptedKey { path }
-            | FileError::BadCertificate { path, .. }
-            | FileError::UnusableKey { path, .. }
-            | FileError::Expired { path, .. }
-            | FileError::NotYetValid { path, .. }
-            | FileError::NoClientAuth { path }
-            | FileError::CaAsClient { path }
-            | FileError::NotACa { path, .. } => path,
-            FileError::KeyMismatch { key, .. } => key,
-        }
-    }
-
     /// The problem and the fix, in one line.
     pub fn explain(&self) -> String {
         format!("{self}; {}", self.hint())
@@ -215,6 +199,9 @@ pub enum FileWarning {
     KeyReadableByOthers { path: PathBuf, mode: u32 },
     /// The client certificate does not chain to the CA given as `--ca`.
     NotIssuedByCa { cert: PathBuf, ca: PathBuf },
+    /// The client certificate expires within 30 days. For an operator's
+    /// command; a mount renews itself and warns on its own schedule.
+    Expiring { cert: PathBuf, notice: ExpiryNotice },
 }
 
 impl fmt::Display for FileWarning {
@@ -233,6 +220,11 @@ impl fmt::Display for FileWarning {
                  server trusts your own CA (`server run --client-ca`), otherwise give the certificate this server issued",
                 cert.display(),
                 ca.display()
+            ),
+            FileWarning::Expiring { cert, notice } => write!(
+                f,
+                "the client certificate {} {notice}; renew it with `secretfs client renew`",
+                cert.display()
             ),
         }
     }
@@ -282,23 +274,20 @@ pub fn check_client_files(
     let chain = certificates(&cert, files.cert.path, Role::Cert)?;
     let leaf = &chain[0];
     let parsed = parse_leaf(leaf, files.cert.path)?;
-    pair_matches(&parsed, &key, files)?;
+    pair_matches(&parsed, &key, files.cert.path, files.key.path)?;
 
-    let now_secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now_secs = to_unix(now);
     let validity = parsed.validity();
     if now_secs > validity.not_after.timestamp() {
         return Err(FileError::Expired {
             path: files.cert.path.to_path_buf(),
-            not_after: rfc3339(validity.not_after.timestamp()),
+            not_after: rfc3339_unix(validity.not_after.timestamp()),
         });
     }
     if now_secs < validity.not_before.timestamp() {
         return Err(FileError::NotYetValid {
             path: files.cert.path.to_path_buf(),
-            not_before: rfc3339(validity.not_before.timestamp()),
+            not_before: rfc3339_unix(validity.not_before.timestamp()),
         });
     }
     if parsed.is_ca() {
@@ -316,6 +305,12 @@ pub fn check_client_files(
     }
 
     let mut warnings = Vec::new();
+    if let Some(notice) = expiry_notice(from_unix(validity.not_after.timestamp()), now) {
+        warnings.push(FileWarning::Expiring {
+            cert: files.cert.path.to_path_buf(),
+            notice,
+        });
+    }
     if !chains_to(&roots, &chain, now) {
         warnings.push(FileWarning::NotIssuedByCa {
             cert: files.cert.path.to_path_buf(),
@@ -361,12 +356,7 @@ pub fn key_matches(cert: FileContents<'_>, key: FileContents<'_>) -> Result<(), 
     let key_sections = sections(key, Role::Key)?;
     let chain = certificates(&cert_sections, cert.path, Role::Cert)?;
     let parsed = parse_leaf(&chain[0], cert.path)?;
-    let files = ClientFiles {
-        ca: cert,
-        cert,
-        key,
-    };
-    pair_matches(&parsed, &key_sections, &files)
+    pair_matches(&parsed, &key_sections, cert.path, key.path)
 }
 
 fn parse_leaf<'a>(
@@ -382,15 +372,18 @@ fn parse_leaf<'a>(
         })
 }
 
+/// Whether `key` (read from `key_path`) is the private key of `parsed`
+/// (read from `cert_path`).
 fn pair_matches(
     parsed: &x509_parser::certificate::X509Certificate<'_>,
     key: &[Section],
-    files: &ClientFiles<'_>,
+    cert_path: &Path,
+    key_path: &Path,
 ) -> Result<(), FileError> {
-    let key = private_key(key, files.key.path)?;
+    let key = private_key(key, key_path)?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
         FileError::UnusableKey {
-            path: files.key.path.to_path_buf(),
+            path: key_path.to_path_buf(),
             detail: e.to_string(),
         }
     })?;
@@ -399,8 +392,8 @@ fn pair_matches(
     if let Some(spki) = signer.public_key() {
         if spki.as_ref() != parsed.tbs_certificate.subject_pki.raw {
             return Err(FileError::KeyMismatch {
-                cert: files.cert.path.to_path_buf(),
-                key: files.key.path.to_path_buf(),
+                cert: cert_path.to_path_buf(),
+                key: key_path.to_path_buf(),
             });
         }
     }
@@ -417,9 +410,11 @@ fn sections(file: FileContents<'_>, role: Role) -> Result<Vec<Section>, FileErro
         .filter_map(Result::ok)
         .collect();
     if found.is_empty() {
-        // pki-types skips labels it does not know, such as this one.
-        let text = String::from_utf8_lossy(file.pem);
-        if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        // pki-types skips labels it does not know, such as this one. The
+        // bytes are searched as they are: a lossy UTF-8 copy of a DER key
+        // would be freed unwiped.
+        const ENCRYPTED: &[u8] = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
+        if file.pem.windows(ENCRYPTED.len()).any(|w| w == ENCRYPTED) {
             return Err(match role {
                 Role::Key => FileError::EncryptedKey { path },
                 _ => FileError::WrongKind {
@@ -456,9 +451,11 @@ fn certificates(
     Ok(certs)
 }
 
-fn private_key(sections: &[Section], path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
+/// The first private key among `sections`, borrowed: an owned copy would be
+/// freed unwiped, as pki-types' key types do not zeroize on drop.
+fn private_key<'a>(sections: &'a [Section], path: &Path) -> Result<PrivateKeyDer<'a>, FileError> {
     let key = sections.iter().find_map(|s| {
-        let der = s.der.to_vec();
+        let der = &s.der[..];
         Some(match s.kind {
             SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der)),
             SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(der)),
@@ -527,10 +524,6 @@ fn chains_to(
     }
 }
 
-fn rfc3339(unix: i64) -> String {
-    crate::cert::rfc3339_unix(unix)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -589,8 +582,9 @@ mod tests {
         )
     }
 
+    /// A client certificate far from its end (no expiry warning).
     fn client(pki: &Pki) -> (String, String) {
-        leaf(pki, ExtendedKeyUsagePurpose::ClientAuth, -1, 30)
+        leaf(pki, ExtendedKeyUsagePurpose::ClientAuth, -1, 90)
     }
 
     #[test]
@@ -709,6 +703,22 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_near_its_end_is_a_warning() {
+        let pki = ca();
+        let (cert, key) = leaf(&pki, ExtendedKeyUsagePurpose::ClientAuth, -1, 10);
+        let warnings = check(&pki.ca_pem, &cert, &key).unwrap();
+        assert!(
+            matches!(warnings.as_slice(), [FileWarning::Expiring { notice, .. }] if notice.days_left == 9),
+            "{warnings:?}"
+        );
+        let text = warnings[0].to_string();
+        assert!(
+            text.contains("app.pem expires within 30 days") && text.contains("client renew"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn another_ca_is_a_hint_not_a_refusal() {
         let (ours, theirs) = (ca(), ca());
         let (cert, key) = client(&theirs);
@@ -721,6 +731,19 @@ mod tests {
         // A bundle holding both CAs is fine.
         let bundle = format!("{}{}", theirs.ca_pem, ours.ca_pem);
         assert_eq!(check(&bundle, &cert, &key).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn the_key_is_read_in_place_not_copied_out_of_its_wiped_section() {
+        let key_pem = KeyPair::generate().unwrap().serialize_pem();
+        let file = FileContents {
+            path: Path::new("app.key"),
+            pem: key_pem.as_bytes(),
+        };
+        let found = sections(file, Role::Key).unwrap();
+        let key = private_key(&found, file.path).unwrap();
+        // A copy would be freed unwiped: pki-types key types do not zeroize on drop.
+        assert_eq!(key.secret_der().as_ptr(), found[0].der.as_ptr());
     }
 
     #[test]

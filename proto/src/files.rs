@@ -32,6 +32,12 @@ pub const CERT_MODE: u32 = 0o644;
 /// Mode of a key file, always.
 pub const KEY_MODE: u32 = 0o600;
 
+/// The mode a new certificate at `path` gets: that of the file it
+/// replaces, else [`CERT_MODE`].
+fn cert_mode(path: &Path) -> u32 {
+    fs::metadata(path).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777)
+}
+
 const TEMP_MARK: &str = ".renew-";
 
 /// A file that could not be replaced.
@@ -143,7 +149,7 @@ pub fn replace_pair(
     key_pem: &[u8],
     still_current: impl FnOnce() -> bool,
 ) -> Result<(), ReplaceError> {
-    let cert_mode = fs::metadata(cert).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777);
+    let cert_mode = cert_mode(cert);
     let key_existed = fs::symlink_metadata(key).is_ok();
     let key_tmp = write_temp(key, key_pem, KEY_MODE).map_err(|source| ReplaceError::Unchanged {
         path: key.to_path_buf(),
@@ -277,9 +283,7 @@ pub fn write_client_files(
     match (&paths.key, key_pem) {
         (Some(key), Some(key_pem)) => replace_pair(&paths.cert, cert_pem, key, key_pem, || true)?,
         _ => {
-            let mode =
-                fs::metadata(&paths.cert).map_or(CERT_MODE, |m| m.permissions().mode() & 0o777);
-            replace_file(&paths.cert, cert_pem, mode)?;
+            replace_file(&paths.cert, cert_pem, cert_mode(&paths.cert))?;
         }
     }
     if let Some(ca) = &paths.ca {
@@ -302,8 +306,7 @@ pub fn remove_stale_temporaries(path: &Path) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(parent(path)) else {
         return Vec::new();
     };
-    let me = fs::metadata(parent(path)).map(|m| m.uid()).ok();
-    let euid = effective_uid();
+    let euid = rustix::process::geteuid().as_raw();
     let mut removed = Vec::new();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
@@ -320,7 +323,7 @@ pub fn remove_stale_temporaries(path: &Path) -> Vec<PathBuf> {
         let Ok(meta) = entry.path().symlink_metadata() else {
             continue;
         };
-        if !meta.file_type().is_file() || Some(meta.uid()) != euid.or(me) {
+        if !meta.file_type().is_file() || meta.uid() != euid {
             continue;
         }
         if fs::remove_file(entry.path()).is_ok() {
@@ -328,14 +331,6 @@ pub fn remove_stale_temporaries(path: &Path) -> Vec<PathBuf> {
         }
     }
     removed
-}
-
-/// This process's effective uid, read from /proc (the crate forbids
-/// unsafe code and has no libc): None when /proc is not there.
-fn effective_uid() -> Option<u32> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `secretfs client …`
 
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use secretfs_proto::v1;
@@ -25,31 +25,14 @@ fn client_json(c: &v1::ClientInfo) -> Value {
     })
 }
 
-/// The files `client add` writes.
-pub struct ClientFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
-
-impl ClientFiles {
-    pub fn new(dir: &Path, name: &str) -> Self {
-        ClientFiles {
-            cert: dir.join(format!("{name}.pem")),
-            key: dir.join(format!("{name}.key")),
-            ca: dir.join("ca.pem"),
-        }
-    }
-}
-
 /// Registers `name` with a key made here; writes its files into `out`.
 pub async fn add(
     conn: &ConnArgs,
     a: &ClientAddArgs,
-) -> Result<(v1::ClientInfo, Option<ClientFiles>)> {
+) -> Result<(v1::ClientInfo, Option<ClientPaths>)> {
     secretfs_server::names::check_entity_name("client", &a.name)
         .map_err(|e| UsageError(e.to_string()))?;
-    let files = ClientFiles::new(&a.out, &a.name);
+    let files = ClientPaths::in_dir(&a.out, &a.name);
     let (key_pem, csr_pem) = if a.external {
         (None, String::new())
     } else if let Some(csr) = &a.csr {
@@ -61,8 +44,10 @@ pub async fn add(
         (Some(key), csr)
     };
     if !a.external {
-        for p in [&files.cert, &files.key] {
-            if p.exists() && (key_pem.is_some() || p == &files.cert) {
+        // The key file matters only when a key is made here.
+        let key_file = files.key.as_ref().filter(|_| key_pem.is_some());
+        for p in std::iter::once(&files.cert).chain(key_file) {
+            if p.exists() {
                 bail!(
                     "{} already exists; refusing to overwrite it (pick another --out)",
                     p.display()
@@ -96,17 +81,19 @@ pub async fn add(
             .with_context(|| format!("cannot create {}", a.out.display()))
             .context(undo.clone())?;
     }
-    if let Some(key) = &key_pem {
-        write_new(&files.key, key.as_bytes(), 0o600).context(undo.clone())?;
+    if let (Some(key), Some(path)) = (&key_pem, &files.key) {
+        write_new(path, key.as_bytes(), 0o600).context(undo.clone())?;
     }
     write_new(&files.cert, reply.cert_pem.as_bytes(), 0o644).context(undo.clone())?;
-    match std::fs::read(&files.ca) {
-        Ok(existing) if existing == reply.ca_pem.as_bytes() => {}
-        Ok(_) => bail!(
-            "{} exists and holds another CA; the new client's CA was not written (it is in the server's state directory as ca.pem)",
-            files.ca.display()
-        ),
-        Err(_) => write_new(&files.ca, reply.ca_pem.as_bytes(), 0o644).context(undo)?,
+    if let Some(ca) = &files.ca {
+        match std::fs::read(ca) {
+            Ok(existing) if existing == reply.ca_pem.as_bytes() => {}
+            Ok(_) => bail!(
+                "{} exists and holds another CA; the new client's CA was not written (it is in the server's state directory as ca.pem)",
+                ca.display()
+            ),
+            Err(_) => write_new(ca, reply.ca_pem.as_bytes(), 0o644).context(undo)?,
+        }
     }
     Ok((info, Some(files)))
 }
@@ -117,8 +104,7 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
             let (info, files) = add(conn, &a).await?;
             let mut j = client_json(&info);
             if let Some(f) = &files {
-                j["files"] =
-                    json!({"cert": f.cert, "key": f.key.exists().then_some(&f.key), "ca": f.ca});
+                j["files"] = json!({"cert": f.cert, "key": f.key.as_ref().filter(|k| k.exists()), "ca": f.ca});
             }
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&j)?),
@@ -131,10 +117,12 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
                     match &files {
                         Some(f) => {
                             println!("  certificate: {}", f.cert.display());
-                            if f.key.exists() && a.csr.is_none() {
-                                println!("  key:         {} (0600; it never left this machine)", f.key.display());
+                            if let Some(key) = f.key.as_ref().filter(|k| k.exists() && a.csr.is_none()) {
+                                println!("  key:         {} (0600; it never left this machine)", key.display());
                             }
-                            println!("  CA:          {}", f.ca.display());
+                            if let Some(ca) = &f.ca {
+                                println!("  CA:          {}", ca.display());
+                            }
                         }
                         None => println!("  its certificate comes from your own CA (trusted with `server run --client-ca`)"),
                     }
@@ -212,9 +200,18 @@ pub async fn run(conn: &ConnArgs, cmd: ClientCmd, format: Format) -> Result<()> 
     Ok(())
 }
 
+/// A certificate `client renew` issued and wrote.
+struct Renewed {
+    name: String,
+    files: ClientPaths,
+    serial: String,
+    /// Unix seconds.
+    not_after: i64,
+}
+
 /// `client renew [NAME]`: a new certificate for this identity or, as an
 /// admin, for NAME.
-async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPaths, i64, String)> {
+async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<Renewed> {
     if let Some(name) = &a.name {
         secretfs_server::names::check_entity_name("client", name)
             .map_err(|e| UsageError(e.to_string()))?;
@@ -229,34 +226,29 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
         None => None,
     };
     // For oneself, the name is the one the server sees (also proves the
-    // current certificate still works before anything is made).
+    // current certificate still works before anything is made). The same
+    // connection asks for the new certificate: one read and check of the
+    // files, one handshake, one expiry warning.
+    let mut own = None;
     let name = match &a.name {
         Some(n) => n.clone(),
         None => {
-            let mut s = connect::secrets(conn).await?;
+            let s = own.insert(connect::secrets(conn).await?);
             s.who_am_i(v1::Empty {}).await?.into_inner().client
         }
     };
     let files = match (&a.out, &a.name, &csr_given) {
-        (Some(out), _, _) => {
-            let f = ClientFiles::new(out, &name);
-            ClientPaths {
-                cert: f.cert,
-                key: csr_given.is_none().then_some(f.key),
-                ca: Some(f.ca),
-            }
-        }
         (None, None, None) => ClientPaths {
             cert: conn.cert.clone().context("no --cert to renew")?,
             key: Some(conn.key.clone().context("no --key to renew")?),
             ca: None,
         },
-        (None, _, _) => {
-            let f = ClientFiles::new(Path::new("."), &name);
+        (out, _, _) => {
+            let dir = out.as_deref().unwrap_or(Path::new("."));
+            let f = ClientPaths::in_dir(dir, &name);
             ClientPaths {
-                cert: f.cert,
-                key: csr_given.is_none().then_some(f.key),
-                ca: Some(f.ca),
+                key: f.key.filter(|_| csr_given.is_none()),
+                ..f
             }
         }
     };
@@ -267,16 +259,16 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
             (Some(key), csr)
         }
     };
-    let (cert_pem, ca_pem, not_after) = match &a.name {
-        None => {
-            let mut s = connect::secrets(conn).await?;
+    // The replies say the serial and end, so the new PEM is not parsed.
+    let (cert_pem, ca_pem, serial, not_after) = match own {
+        Some(mut s) => {
             let r = s
                 .renew_certificate(v1::RenewCertificateRequest { csr_pem, days })
                 .await?
                 .into_inner();
-            (r.cert_pem, r.ca_pem, r.not_after)
+            (r.cert_pem, r.ca_pem, r.serial, r.not_after)
         }
-        Some(name) => {
+        None => {
             let mut c = connect::admin(conn).await?;
             let r = c
                 .renew_client_certificate(v1::RenewClientCertificateRequest {
@@ -286,9 +278,13 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
                 })
                 .await?
                 .into_inner();
-            let not_after =
-                secretfs_server::pki::cert_not_after(r.cert_pem.as_bytes()).unwrap_or(0);
-            (r.cert_pem, r.ca_pem, not_after)
+            let client = r.client.unwrap_or_default();
+            (
+                r.cert_pem,
+                r.ca_pem,
+                client.cert_serial,
+                client.cert_not_after,
+            )
         }
     };
     // The key and certificate are replaced together: both written first,
@@ -315,15 +311,21 @@ async fn renew(conn: &ConnArgs, a: &ClientRenewArgs) -> Result<(String, ClientPa
             files.key.as_deref().unwrap_or(Path::new("the key")).display()
         );
     }
-    Ok((name, files, not_after, cert_serial(&cert_pem)))
-}
-
-fn cert_serial(pem: &str) -> String {
-    secretfs_server::pki::cert_serial(pem.as_bytes()).unwrap_or_default()
+    Ok(Renewed {
+        name,
+        files,
+        serial,
+        not_after,
+    })
 }
 
 async fn renew_cmd(conn: &ConnArgs, a: ClientRenewArgs, format: Format) -> Result<()> {
-    let (name, files, not_after, serial) = renew(conn, &a).await?;
+    let Renewed {
+        name,
+        files,
+        serial,
+        not_after,
+    } = renew(conn, &a).await?;
     match format {
         Format::Json => println!(
             "{}",

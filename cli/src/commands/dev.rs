@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use secretfs_proto::files::ClientPaths;
 use secretfs_proto::v1;
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
-use tokio::signal::unix::{signal, SignalKind};
 use tonic::Code;
 
 use crate::args::{ClientAddArgs, ConnArgs, DevArgs};
@@ -44,8 +44,8 @@ fn random_password() -> String {
 
 async fn seed(admin: &ConnArgs, clients_dir: &Path) -> Result<ConnArgs> {
     let mut c = connect::admin(admin).await?;
-    let files = super::client::ClientFiles::new(clients_dir, DEMO_CLIENT);
-    let have_files = files.cert.exists() && files.key.exists();
+    let files = ClientPaths::in_dir(clients_dir, DEMO_CLIENT);
+    let have_files = files.cert.exists() && files.key.as_ref().is_some_and(|k| k.exists());
     let registered = match c
         .describe_client(v1::ClientRef {
             name: DEMO_CLIENT.into(),
@@ -63,8 +63,9 @@ async fn seed(admin: &ConnArgs, clients_dir: &Path) -> Result<ConnArgs> {
             })
             .await?;
         }
-        let _ = std::fs::remove_file(&files.cert);
-        let _ = std::fs::remove_file(&files.key);
+        for path in std::iter::once(&files.cert).chain(&files.key) {
+            let _ = std::fs::remove_file(path);
+        }
         super::client::add(
             admin,
             &ClientAddArgs {
@@ -118,12 +119,13 @@ async fn seed(admin: &ConnArgs, clients_dir: &Path) -> Result<ConnArgs> {
         client: DEMO_CLIENT.into(),
     })
     .await?;
-    Ok(conn_for(
-        admin.server.as_deref().unwrap_or_default(),
-        files.ca,
-        files.cert,
-        files.key,
-    ))
+    Ok(ConnArgs {
+        server: admin.server.clone(),
+        ca: files.ca,
+        cert: Some(files.cert),
+        key: files.key,
+        timeout: crate::args::DEFAULT_TIMEOUT,
+    })
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
@@ -183,8 +185,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     // Listen for Ctrl-C before saying it works: a signal that came between
     // the message and the listener would kill the process and leave the
     // mount behind.
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let stop = super::shutdown_signal()?;
     println!(
         "secretfs dev is running: server {server_url}, state in {}",
         state.path.display()
@@ -233,10 +234,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         println!("Ctrl-C stops the server.");
     }
 
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
-    }
+    stop.await;
     eprintln!("stopping");
     if let Some(Ok(m)) = mount {
         m.stop().await;

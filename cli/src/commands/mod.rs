@@ -73,18 +73,37 @@ pub async fn run(ready: Ready) -> Result<()> {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Listens for SIGINT and SIGTERM from this call on (an `async fn` would
+/// listen only once polled, and a signal before that would kill the
+/// process, leaving a mount or an address file behind); the future ends at
+/// the first of them. Needs the runtime.
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use anyhow::Context;
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rustix::process::{getpid, kill_process, Signal};
+
+    #[tokio::test]
+    async fn a_signal_before_the_first_poll_is_not_lost() {
+        let stop = super::shutdown_signal().unwrap();
+        // Before anything awaits `stop`, as when a signal comes while the
+        // server writes its address file or dev prints its lines.
+        kill_process(getpid(), Signal::TERM).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), stop)
+            .await
+            .expect("SIGTERM ends the wait");
     }
 }

@@ -111,9 +111,12 @@ fn prepare_mount(conn: &ConnArgs, args: MountArgs, notify: Option<Notify>) -> Re
 /// Serves the mount [`prepare`] set up until SIGINT or SIGTERM.
 pub async fn run(opts: MountOptions) -> Result<()> {
     let notify = opts.notify.clone();
-    let result = secretfs_mount::run(opts, super::shutdown_signal())
-        .await
-        .map_err(anyhow::Error::from);
+    let result = match super::shutdown_signal() {
+        Ok(stop) => secretfs_mount::run(opts, stop)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
     if let (Err(err), Some(n)) = (&result, &notify) {
         n.failed(&crate::fail::message(err));
     }

@@ -150,16 +150,8 @@ pub async fn run(conn: &ConnArgs, cmd: SecretCmd, format: Format) -> Result<()> 
         }
         SecretCmd::Update(a) => {
             let mut client = connect::admin(conn).await?;
-            let (owner, clear_owner) = match a.owner {
-                Some(IdOrNone(None)) => (None, true),
-                Some(IdOrNone(id)) => (id, false),
-                None => (None, false),
-            };
-            let (group, clear_group) = match a.group {
-                Some(IdOrNone(None)) => (None, true),
-                Some(IdOrNone(id)) => (id, false),
-                None => (None, false),
-            };
+            let (owner, clear_owner) = IdOrNone::update(a.owner);
+            let (group, clear_group) = IdOrNone::update(a.group);
             let m = client
                 .update_secret(v1::UpdateSecretRequest {
                     name: a.name,

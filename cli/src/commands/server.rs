@@ -26,31 +26,21 @@ pub fn export_lines(dir: &StateDir, server: &str) -> String {
     )
 }
 
-/// Writes `--address-file`: a new temporary sibling (created exclusively,
-/// so a planted file or symlink is never followed) renamed into place, so
-/// a reader sees the whole file or none. It holds no secret (mode 0644).
+/// Writes `--address-file` whole or not at all (a reader sees the whole
+/// file or none). It holds no secret (mode 0644).
 fn write_address_file(path: &Path, addr: SocketAddr, health: Option<SocketAddr>) -> Result<()> {
     let text = serde_json::to_string(&json!({
         "addr": addr.to_string(),
         "health_addr": health.map(|a| a.to_string()),
     }))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let created =
-        secretfs_server::state_dir::write_new(&tmp, format!("{text}\n").as_bytes(), 0o644);
-    let written = match created {
-        Ok(()) => std::fs::rename(&tmp, path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        }),
-        Err(e) => Err(std::io::Error::other(e)),
-    };
-    written.with_context(|| {
-        format!(
-            "cannot write the address file {} (--address-file); check that its directory exists and is writable",
-            path.display()
-        )
-    })
+    secretfs_proto::files::replace_file(path, format!("{text}\n").as_bytes(), 0o644).with_context(
+        || {
+            format!(
+                "cannot write the address file {} (--address-file); check that its directory exists and is writable",
+                path.display()
+            )
+        },
+    )
 }
 
 pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
@@ -103,7 +93,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "name": made.name, "created": made.created, "cert_serial": made.serial,
-                        "cert_not_after": secretfs_server::pki::rfc3339(made.not_after),
+                        "cert_not_after": crate::output::time(made.not_after),
                         "cert": absolute(&made.cert), "key": absolute(&made.key), "ca": absolute(&made.ca),
                     }))?
                 ),
@@ -113,7 +103,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                         made.name,
                         if made.created { " (client created)" } else { "" },
                         made.serial,
-                        secretfs_server::pki::rfc3339(made.not_after)
+                        crate::output::time(made.not_after)
                     );
                     eprintln!("to use the CLI as this admin:");
                     println!(
@@ -139,20 +129,22 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "sans": a.sans, "serial": issued.serial,
-                        "not_after": secretfs_server::pki::rfc3339(issued.not_after),
+                        "not_after": crate::output::time(issued.not_after),
                         "cert": absolute(&dir.server_cert()), "key": absolute(&dir.server_key()),
                     }))?
                 ),
                 Format::Text => println!(
                     "issued a new server certificate for {} (valid until {}) in {}; a running server takes it up within a second",
                     a.sans.join(", "),
-                    secretfs_server::pki::rfc3339(issued.not_after),
+                    crate::output::time(issued.not_after),
                     absolute(&dir.server_cert()).display()
                 ),
             }
             Ok(())
         }
         ServerSub::Run(a) => {
+            // Listening before the address file says the server is up.
+            let stop = super::shutdown_signal()?;
             let server = Server::open(RunOptions {
                 state_dir: a.state_dir,
                 listen: a.listen,
@@ -166,7 +158,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             if let Some(path) = &a.address_file {
                 write_address_file(path, server.local_addr(), server.health_addr())?;
             }
-            server.serve(super::shutdown_signal()).await?;
+            server.serve(stop).await?;
             Ok(())
         }
     }

@@ -21,11 +21,11 @@
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -54,8 +54,8 @@ impl Launch {
     }
 
     pub fn run(self) -> Result<()> {
-        let dir = PrivateDir::new()?;
-        let socket_path = dir.0.join("notify");
+        let dir = private_dir()?;
+        let socket_path = dir.path().join("notify");
         let socket = UnixDatagram::bind(&socket_path)
             .with_context(|| format!("cannot bind the notify socket {}", socket_path.display()))?;
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -256,40 +256,19 @@ fn runtime_base(xdg: Option<PathBuf>) -> PathBuf {
     .unwrap_or_else(std::env::temp_dir)
 }
 
-/// A new directory only this user can enter, removed on drop.
-struct PrivateDir(PathBuf);
-
-impl PrivateDir {
-    fn new() -> Result<PrivateDir> {
-        let base = runtime_base(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
-        let mut last = None;
-        for attempt in 0..16u32 {
-            let nanos = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos());
-            let path = base.join(format!(
-                "secretfs-mount-{}-{nanos:x}{attempt}",
-                std::process::id()
-            ));
-            // mkdir fails on anything already there, a planted symlink too.
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(PrivateDir(path)),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.expect("tried")).with_context(|| {
+/// A new directory only this user can enter (0700, a name nobody else
+/// picked), removed on drop.
+fn private_dir() -> Result<tempfile::TempDir> {
+    let base = runtime_base(std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from));
+    tempfile::Builder::new()
+        .prefix("secretfs-mount-")
+        .tempdir_in(&base)
+        .with_context(|| {
             format!(
                 "cannot create a private directory for the notify socket in {}",
                 base.display()
             )
         })
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(Path::new(&self.0));
-    }
 }
 
 #[cfg(test)]
