@@ -6,7 +6,7 @@
 //!   new one (`--no-renew`: never). A failed attempt
 //!   is retried with a backoff (30 s doubling to 30 min); the mount keeps
 //!   serving with the certificate it has.
-//! - How: a new key made here (same algorithm as the old one where we can
+//! - How: a new key made here (of the kind the certificate's key is, where we can
 //!   make it, else ECDSA P-256), a CSR, `Secrets.RenewCertificate` over the
 //!   connection authenticated by the current certificate; the lifetime asked
 //!   for is the current one's, in whole days.
@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use crate::backoff::Backoff;
-use secretfs_proto::cert::{expiry_notice, ExpiryNotice};
+use secretfs_proto::cert::{expiry_notice, ExpiryNotice, KeyKind};
 
 use crate::certificate::{rfc3339, CertInfo};
 
@@ -50,33 +50,28 @@ pub struct Request {
     pub csr_pem: String,
 }
 
-/// Makes a key like `current_key_pem`'s (where rcgen can make one) and a
-/// CSR for it.
-pub fn new_request(current_key_pem: &[u8], common_name: &str) -> Result<Request, String> {
+/// Makes a key of the kind the certificate in use has (where rcgen can
+/// make one, else ECDSA P-256) and a CSR for it. The private key in use is
+/// not read for this: each copy of it is one more to wipe.
+pub fn new_request(kind: KeyKind, common_name: &str) -> Result<Request, String> {
     use rcgen::{
         CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
         PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
     };
-    let alg = std::str::from_utf8(current_key_pem)
-        .ok()
-        .and_then(|pem| KeyPair::from_pem(pem).ok())
-        .map(|k| k.algorithm())
-        .filter(|a| {
-            [
-                &PKCS_ECDSA_P256_SHA256,
-                &PKCS_ECDSA_P384_SHA384,
-                &PKCS_ED25519,
-            ]
-            .contains(a)
-        })
-        .unwrap_or(&PKCS_ECDSA_P256_SHA256);
-    let key = KeyPair::generate_for(alg).map_err(|e| format!("cannot make a key: {e}"))?;
+    let alg = match kind {
+        KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
+        KeyKind::Ed25519 => &PKCS_ED25519,
+        KeyKind::EcdsaP256 | KeyKind::Other => &PKCS_ECDSA_P256_SHA256,
+    };
+    // rcgen's `zeroize` feature: its DER is wiped as the key is dropped.
+    let key =
+        Zeroizing::new(KeyPair::generate_for(alg).map_err(|e| format!("cannot make a key: {e}"))?);
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     let csr_pem = params
-        .serialize_request(&key)
+        .serialize_request(&*key)
         .and_then(|c| c.pem())
         .map_err(|e| format!("cannot make the CSR: {e}"))?;
     let key_pem = Zeroizing::new(Zeroizing::new(key.serialize_pem()).as_bytes().to_vec());
@@ -223,8 +218,9 @@ mod tests {
 
     #[test]
     fn a_request_is_a_csr_for_a_new_key_of_the_same_kind() {
-        let (_, key) = cert_and_key(30);
-        let req = new_request(key.as_bytes(), "web-1").unwrap();
+        let (cert, key) = cert_and_key(30);
+        let kind = CertInfo::parse(cert.as_bytes()).unwrap().key_kind;
+        let req = new_request(kind, "web-1").unwrap();
         assert!(req
             .csr_pem
             .starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
@@ -233,8 +229,18 @@ mod tests {
         let new_key = rcgen::KeyPair::from_pem(std::str::from_utf8(&req.key_pem).unwrap()).unwrap();
         assert_eq!(parsed.public_key.der_bytes(), new_key.public_key_raw());
         assert_eq!(new_key.algorithm(), &rcgen::PKCS_ECDSA_P256_SHA256);
-        // Unreadable old key: P-256.
-        assert!(new_request(b"junk", "web-1").is_ok());
+        let kind_of = |req: Request| {
+            rcgen::KeyPair::from_pem(std::str::from_utf8(&req.key_pem).unwrap())
+                .unwrap()
+                .algorithm()
+        };
+        let p384 = new_request(KeyKind::EcdsaP384, "web-1").unwrap();
+        assert_eq!(kind_of(p384), &rcgen::PKCS_ECDSA_P384_SHA384);
+        let ed = new_request(KeyKind::Ed25519, "web-1").unwrap();
+        assert_eq!(kind_of(ed), &rcgen::PKCS_ED25519);
+        // A kind rcgen cannot make (RSA): P-256.
+        let other = new_request(KeyKind::Other, "web-1").unwrap();
+        assert_eq!(kind_of(other), &rcgen::PKCS_ECDSA_P256_SHA256);
     }
 
     #[test]

@@ -451,7 +451,6 @@ async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> 
     if live.renewing.is_none() && schedule.due() {
         live.renewing = Some(tokio::spawn(renewal_attempt(
             live.source.clone(),
-            live.connect.key_pem.clone(),
             info.clone(),
         )));
     }
@@ -477,16 +476,11 @@ pub struct Renewal {
     new: CertInfo,
 }
 
-/// Asks the server to renew `info` (see [`crate::renewal`]): a new key
-/// like `key_pem`'s, a CSR, the RPC.
-async fn renewal_attempt(
-    mut source: SecretsSource,
-    key_pem: Zeroizing<Vec<u8>>,
-    info: CertInfo,
-) -> Result<Renewal, Failure> {
+/// Asks the server to renew `info` (see [`crate::renewal`]): a new key of
+/// its key's kind, a CSR, the RPC.
+async fn renewal_attempt(mut source: SecretsSource, info: CertInfo) -> Result<Renewal, Failure> {
     let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
-    let req = renewal::new_request(&key_pem, name).map_err(Failure::Retry)?;
-    drop(key_pem);
+    let req = renewal::new_request(info.key_kind, name).map_err(Failure::Retry)?;
     let resp = source
         .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
         .await

@@ -21,6 +21,39 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// The subject's common name, if any.
     pub common_name: Option<String>,
+    /// The kind of its public key: a renewal makes a new key of the same
+    /// kind without reading the private one.
+    pub key_kind: KeyKind,
+}
+
+/// The public key kinds secretfs can make a key of; `Other` for the rest
+/// (RSA, other curves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+    Other,
+}
+
+impl KeyKind {
+    fn of(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> KeyKind {
+        use x509_parser::oid_registry::{
+            OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_SIG_ED25519,
+        };
+        let alg = &spki.algorithm;
+        if alg.algorithm == OID_SIG_ED25519 {
+            return KeyKind::Ed25519;
+        }
+        if alg.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+            return KeyKind::Other;
+        }
+        match alg.parameters.as_ref().and_then(|p| p.as_oid().ok()) {
+            Some(curve) if curve == OID_EC_P256 => KeyKind::EcdsaP256,
+            Some(curve) if curve == OID_NIST_EC_P384 => KeyKind::EcdsaP384,
+            _ => KeyKind::Other,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,6 +105,7 @@ impl CertInfo {
             not_before: from_unix(validity.not_before.timestamp()),
             not_after: from_unix(validity.not_after.timestamp()),
             common_name,
+            key_kind: KeyKind::of(cert.public_key()),
         })
     }
 
@@ -175,6 +209,15 @@ mod tests {
         assert_eq!(info.serial, "4a01ff");
         assert_eq!(info.common_name.as_deref(), Some("web-1"));
         assert_eq!(info.lifetime().as_secs() / 86_400, 30);
+        assert_eq!(info.key_kind, KeyKind::EcdsaP256);
+        for (alg, kind) in [
+            (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcdsaP384),
+            (&rcgen::PKCS_ED25519, KeyKind::Ed25519),
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let pem = params.self_signed(&key).unwrap().pem();
+            assert_eq!(CertInfo::parse(pem.as_bytes()).unwrap().key_kind, kind);
+        }
         assert!(matches!(
             CertInfo::parse(key.serialize_pem().as_bytes()),
             Err(CertError::NotPem(_))
