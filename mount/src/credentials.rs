@@ -21,6 +21,7 @@ use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use secretfs_proto::cert::CertInfo;
 use secretfs_proto::credentials::{check_client_files, ClientFiles, FileContents};
 
 use zeroize::Zeroizing;
@@ -35,10 +36,13 @@ pub struct CredentialFiles {
     pub ca: PathBuf,
 }
 
-/// A new certificate and key, read from the files.
-pub struct Renewed {
+/// A checked certificate and key, and what the certificate says: read from
+/// the files ([`CredentialWatch::poll`]) or renewed
+/// ([`crate::sync`]'s renewal). Parsed once, where it is checked.
+pub struct Pair {
     pub cert_pem: Vec<u8>,
     pub key_pem: Zeroizing<Vec<u8>>,
+    pub info: CertInfo,
 }
 
 pub struct CredentialWatch {
@@ -104,7 +108,7 @@ impl CredentialWatch {
     }
 
     /// Reads both files; returns them when either differs from last time.
-    pub fn poll(&mut self) -> Option<Renewed> {
+    pub fn poll(&mut self) -> Option<Pair> {
         let read = std::fs::read(&self.files.cert)
             .and_then(|c| std::fs::read(&self.files.key).map(|k| (c, Zeroizing::new(k))));
         let (cert_pem, key_pem) = match read {
@@ -144,21 +148,31 @@ impl CredentialWatch {
                 pem: &key_pem,
             },
         };
-        if let Err(e) = check_client_files(&pair, SystemTime::now()) {
-            // Half of a replacement, most likely: look again next time.
-            self.mismatched += 1;
-            if self.mismatched == 2 {
-                tracing::warn!(
-                    error = %e.explain(),
-                    "the client certificate or key files changed but cannot be used; \
-                     keeping the pair in use until they can"
-                );
+        let checked = check_client_files(&pair, SystemTime::now())
+            .map_err(|e| e.explain())
+            .and_then(|_| CertInfo::parse(&cert_pem).map_err(|e| e.to_string()));
+        let info = match checked {
+            Ok(info) => info,
+            Err(e) => {
+                // Half of a replacement, most likely: look again next time.
+                self.mismatched += 1;
+                if self.mismatched == 2 {
+                    tracing::warn!(
+                        error = %e,
+                        "the client certificate or key files changed but cannot be used; \
+                         keeping the pair in use until they can"
+                    );
+                }
+                return None;
             }
-            return None;
-        }
+        };
         self.mismatched = 0;
         self.seen = Some(now);
-        Some(Renewed { cert_pem, key_pem })
+        Some(Pair {
+            cert_pem,
+            key_pem,
+            info,
+        })
     }
 }
 

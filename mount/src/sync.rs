@@ -30,11 +30,10 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
-use zeroize::Zeroizing;
 
 use crate::backoff::Backoff;
 use crate::certificate::{rfc3339, CertInfo};
-use crate::credentials::CredentialWatch;
+use crate::credentials::{CredentialWatch, Pair};
 use crate::renewal::{self, Schedule};
 use crate::snapshot::Snapshot;
 use crate::watch::{EventError, Mirror};
@@ -276,7 +275,7 @@ pub struct Live {
     pub renew: bool,
     /// A renewal in flight: a task of its own, so the Watch stream is read
     /// (rotations applied) while the server answers.
-    pub renewing: Option<tokio::task::JoinHandle<Result<Renewal, Failure>>>,
+    pub renewing: Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
     /// Others that connect as this client (the refusal reporter) follow
     /// the certificate in use.
     pub identity: tokio::sync::watch::Sender<ConnectConfig>,
@@ -434,13 +433,13 @@ async fn pause(
 /// True when a new certificate is in use: the stream must be reopened with
 /// it.
 async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
-    if let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
+    if let Some(pair) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
         tracing::info!("the client certificate or key changed; reconnecting with the new one");
         if let Some(task) = live.renewing.take() {
             // For the pair just replaced: the new one wins.
             task.abort();
         }
-        if use_credentials(live, renewed.cert_pem, renewed.key_pem, events).await {
+        if use_credentials(live, pair, events).await {
             return true;
         }
     }
@@ -459,8 +458,8 @@ async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> 
 
 /// A renewal's outcome, when one is in flight (else never).
 async fn renewal_done(
-    task: &mut Option<tokio::task::JoinHandle<Result<Renewal, Failure>>>,
-) -> Result<Renewal, Failure> {
+    task: &mut Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
+) -> Result<Pair, Failure> {
     match task {
         Some(task) => task
             .await
@@ -469,16 +468,9 @@ async fn renewal_done(
     }
 }
 
-/// A new certificate from the server, checked against its new key.
-pub struct Renewal {
-    cert_pem: Vec<u8>,
-    key_pem: Zeroizing<Vec<u8>>,
-    new: CertInfo,
-}
-
 /// Asks the server to renew `info` (see [`crate::renewal`]): a new key of
 /// its key's kind, a CSR, the RPC.
-async fn renewal_attempt(mut source: SecretsSource, info: CertInfo) -> Result<Renewal, Failure> {
+async fn renewal_attempt(mut source: SecretsSource, info: CertInfo) -> Result<Pair, Failure> {
     let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
     let req = renewal::new_request(info.key_kind, name).map_err(Failure::Retry)?;
     let resp = source
@@ -508,11 +500,11 @@ async fn renewal_attempt(mut source: SecretsSource, info: CertInfo) -> Result<Re
         },
     )
     .map_err(|e| unusable(e.to_string()))?;
-    let new = CertInfo::parse(&cert_pem).map_err(|e| unusable(e.to_string()))?;
-    Ok(Renewal {
+    let info = CertInfo::parse(&cert_pem).map_err(|e| unusable(e.to_string()))?;
+    Ok(Pair {
         cert_pem,
         key_pem: req.key_pem,
-        new,
+        info,
     })
 }
 
@@ -521,14 +513,10 @@ async fn renewal_attempt(mut source: SecretsSource, info: CertInfo) -> Result<Re
 /// in use.
 async fn finish_renewal(
     live: &mut Live,
-    outcome: Result<Renewal, Failure>,
+    outcome: Result<Pair, Failure>,
     events: &mpsc::Sender<SyncEvent>,
 ) -> bool {
-    let Renewal {
-        cert_pem,
-        key_pem,
-        new,
-    } = match outcome {
+    let pair = match outcome {
         Ok(r) => r,
         Err(Failure::Never(error)) => {
             // The expiry warning stays; a new pair written over the files
@@ -566,31 +554,31 @@ async fn finish_renewal(
         // poll, theirs wins (the next poll takes it up).
         match secretfs_proto::files::replace_pair(
             &files.cert,
-            &cert_pem,
+            &pair.cert_pem,
             &files.key,
-            &key_pem,
+            &pair.key_pem,
             || watch.unchanged_on_disk(),
         ) {
             Ok(()) => {
-                watch.written(&cert_pem, &key_pem);
+                watch.written(&pair.cert_pem, &pair.key_pem);
                 tracing::info!(
-                    serial = %new.serial,
-                    not_after = %rfc3339(new.not_after),
+                    serial = %pair.info.serial,
+                    not_after = %rfc3339(pair.info.not_after),
                     cert = %files.cert.display(),
                     key = %files.key.display(),
                     "renewed the client certificate and replaced its files"
                 );
             }
             Err(ReplaceError::ChangedMeanwhile { .. }) => tracing::info!(
-                serial = %new.serial,
+                serial = %pair.info.serial,
                 cert = %files.cert.display(),
                 key = %files.key.display(),
                 "renewed the client certificate, but its files changed meanwhile: left them as they \
                  are; using the renewed one until the next check of the files takes up theirs"
             ),
             Err(error) => tracing::warn!(
-                serial = %new.serial,
-                not_after = %rfc3339(new.not_after),
+                serial = %pair.info.serial,
+                not_after = %rfc3339(pair.info.not_after),
                 cert = %files.cert.display(),
                 key = %files.key.display(),
                 %error,
@@ -600,12 +588,12 @@ async fn finish_renewal(
         }
     } else {
         tracing::info!(
-            serial = %new.serial,
-            not_after = %rfc3339(new.not_after),
+            serial = %pair.info.serial,
+            not_after = %rfc3339(pair.info.not_after),
             "renewed the client certificate (kept in memory: no files given)"
         );
     }
-    use_credentials(live, cert_pem, key_pem, events).await
+    use_credentials(live, pair, events).await
 }
 
 /// Why a renewal failed.
@@ -616,20 +604,15 @@ pub enum Failure {
     Never(String),
 }
 
-/// Rebuilds the channel with a new certificate and key.
-async fn use_credentials(
-    live: &mut Live,
-    cert_pem: Vec<u8>,
-    key_pem: zeroize::Zeroizing<Vec<u8>>,
-    events: &mpsc::Sender<SyncEvent>,
-) -> bool {
+/// Rebuilds the channel with a new (checked) certificate and key.
+async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<SyncEvent>) -> bool {
     let mut cfg = live.connect.clone();
-    cfg.cert_pem = cert_pem;
-    cfg.key_pem = key_pem;
+    cfg.cert_pem = pair.cert_pem;
+    cfg.key_pem = pair.key_pem;
     match secretfs_proto::connect_lazy(&cfg) {
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
-            live.cert = CertInfo::parse(&cfg.cert_pem).ok();
+            live.cert = Some(pair.info);
             // A new schedule for every certificate in use: one that was
             // off (not readable at start, or refused by the server as an
             // external client's) comes back with new files.
