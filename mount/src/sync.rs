@@ -387,14 +387,8 @@ async fn follow(
                 Ok(Step::Stop(e)) | Err(e) => return Stop::Failed(e),
             },
             () = &mut full => return Stop::Now,
-            _ = creds.tick() => {
-                if credentials_tick(live, events).await {
-                    return Stop::Now;
-                }
-            }
-            outcome = renewal_done(&mut live.renewing) => {
-                live.renewing = None;
-                if finish_renewal(live, outcome, events).await {
+            chore = next_chore(creds, &mut live.renewing) => {
+                if chore.run(live, events).await {
                     return Stop::Now;
                 }
             }
@@ -414,17 +408,45 @@ async fn pause(
     loop {
         tokio::select! {
             () = &mut until => return,
-            _ = creds.tick() => {
-                if credentials_tick(live, events).await {
+            chore = next_chore(creds, &mut live.renewing) => {
+                if chore.run(live, events).await {
                     return;
                 }
             }
-            outcome = renewal_done(&mut live.renewing) => {
-                live.renewing = None;
-                if finish_renewal(live, outcome, events).await {
-                    return;
-                }
-            }
+        }
+    }
+}
+
+/// What the loop does beside the stream, followed or not.
+enum Chore {
+    /// Time to read the credential files.
+    Poll,
+    /// A renewal in flight ended.
+    Renewed(Result<Pair, Failure>),
+}
+
+/// The next chore. Only waits (cancel-safe): the chore itself runs in the
+/// select's handler, so a stream message cannot cut it short.
+async fn next_chore(
+    creds: &mut Interval,
+    renewing: &mut Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
+) -> Chore {
+    tokio::select! {
+        biased;
+        _ = creds.tick() => Chore::Poll,
+        outcome = renewal_done(renewing) => {
+            *renewing = None;
+            Chore::Renewed(outcome)
+        }
+    }
+}
+
+impl Chore {
+    /// True when a new certificate is in use.
+    async fn run(self, live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
+        match self {
+            Chore::Poll => credentials_tick(live, events).await,
+            Chore::Renewed(outcome) => finish_renewal(live, outcome, events).await,
         }
     }
 }
