@@ -307,12 +307,9 @@ pub async fn run(
         connect: opts.connect.clone(),
         credentials,
         refresh: opts.refresh,
-        renewal: cert
-            .as_ref()
-            .map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
+        renewal: cert.map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
         renew: opts.renew,
         renewing: None,
-        cert,
         identity,
     };
     let (tx, mut rx) = mpsc::channel(4);

@@ -85,12 +85,12 @@ pub fn days_like(info: &CertInfo) -> u32 {
     days.clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
-/// The renewal clock of the certificate in use.
+/// The renewal clock of the certificate in use, which it owns: every
+/// certificate put in use gets a new one.
 pub struct Schedule {
+    cert: CertInfo,
     due: Instant,
     retry: Backoff,
-    /// The hidden `--renew-after`: the first renewal this long after start.
-    first_after: Option<Duration>,
     next_warning: Instant,
     /// False with `--no-renew`: only the expiry warning.
     enabled: bool,
@@ -105,59 +105,64 @@ pub struct Schedule {
 
 impl Schedule {
     #[cfg(test)]
-    pub fn new(info: &CertInfo, first_after: Option<Duration>) -> Schedule {
-        Schedule::with_renewal(info, first_after, true)
+    pub fn new(cert: CertInfo, first_after: Option<Duration>) -> Schedule {
+        Schedule::with_renewal(cert, first_after, true)
     }
 
-    /// `enabled` false (`--no-renew`): never due; the expiry warning stays.
-    pub fn with_renewal(info: &CertInfo, first_after: Option<Duration>, enabled: bool) -> Schedule {
-        let mut s = Schedule {
-            due: Instant::now(),
-            retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
-            first_after,
-            next_warning: Instant::now(),
-            enabled,
-            due_wall: SystemTime::now(),
-            planned: SystemTime::now(),
-        };
-        s.reset(info);
-        s.warn_if_expiring(info);
-        s
-    }
-
-    /// A new certificate is in use: its renewal is due at 2/3 of its life
-    /// plus a random 0-10% of it (or after `--renew-after`, for the first
-    /// one). The jitter keeps replicas that share one client (and one
-    /// certificate) from all asking at the same moment; the server allows a
-    /// client only a few self-renewals an hour. When that time has passed
-    /// already (a restart late in the certificate's life), within a random
-    /// part of the same span, or of a quarter of the time left if shorter.
-    pub fn reset(&mut self, info: &CertInfo) {
-        self.retry.reset();
-        self.due = match self.first_after.take() {
+    /// The renewal of `cert` is due at 2/3 of its life plus a random 0-10%
+    /// of it, or after `first_after` (the hidden `--renew-after`, given for
+    /// the first certificate only). The jitter keeps replicas that share
+    /// one client (and one certificate) from all asking at the same moment;
+    /// the server allows a client only a few self-renewals an hour. When
+    /// that time has passed already (a restart late in the certificate's
+    /// life), within a random part of the same span, or of a quarter of the
+    /// time left if shorter. `enabled` false (`--no-renew`): never due; the
+    /// expiry warning stays.
+    pub fn with_renewal(cert: CertInfo, first_after: Option<Duration>, enabled: bool) -> Schedule {
+        let due = match first_after {
             Some(after) => Instant::now() + after,
             None => {
-                let span = info.lifetime().mul_f64(JITTER);
-                let due = info.point_in_life(RENEW_AT) + span.mul_f64(random_fraction());
+                let span = cert.lifetime().mul_f64(JITTER);
+                let due = cert.point_in_life(RENEW_AT) + span.mul_f64(random_fraction());
                 match due.duration_since(SystemTime::now()) {
                     Ok(_) => at(due),
                     Err(_) => {
-                        let span = span.min(info.remaining(SystemTime::now()) / 4);
+                        let span = span.min(cert.remaining(SystemTime::now()) / 4);
                         Instant::now() + span.mul_f64(random_fraction())
                     }
                 }
             }
         };
-        self.next_warning = Instant::now();
-        self.due_wall = SystemTime::now() + self.due.saturating_duration_since(Instant::now());
-        self.planned = self.due_wall;
-        let renew_at = self.enabled.then(|| rfc3339(self.due_wall));
+        let due_wall = SystemTime::now() + due.saturating_duration_since(Instant::now());
+        let renew_at = enabled.then(|| rfc3339(due_wall));
         tracing::info!(
-            serial = %info.serial,
-            not_after = %rfc3339(info.not_after),
+            serial = %cert.serial,
+            not_after = %rfc3339(cert.not_after),
             renew_at = renew_at.as_deref().unwrap_or("never (--no-renew)"),
             "client certificate in use"
         );
+        let mut s = Schedule {
+            cert,
+            due,
+            retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
+            next_warning: Instant::now(),
+            enabled,
+            due_wall,
+            planned: due_wall,
+        };
+        s.warn_if_expiring();
+        s
+    }
+
+    /// The certificate this schedule is for.
+    pub fn cert(&self) -> &CertInfo {
+        &self.cert
+    }
+
+    /// The same certificate, never renewed (the server cannot): only the
+    /// expiry warning.
+    pub fn never(self) -> Schedule {
+        Schedule::with_renewal(self.cert, None, false)
     }
 
     /// Whether a renewal is due, by either clock.
@@ -175,20 +180,20 @@ impl Schedule {
 
     /// Whether to warn at `now`: within 30 days of the end, and past the
     /// planned renewal (which has not happened, or this is a new schedule).
-    fn expiring(&self, info: &CertInfo, now: SystemTime) -> Option<ExpiryNotice> {
-        expiry_notice(info.not_after, now).filter(|_| now >= self.planned)
+    fn expiring(&self, now: SystemTime) -> Option<ExpiryNotice> {
+        expiry_notice(self.cert.not_after, now).filter(|_| now >= self.planned)
     }
 
-    /// Logs a warning when `info` expires within 30 days and was not
-    /// renewed when planned, once a day.
-    pub fn warn_if_expiring(&mut self, info: &CertInfo) {
+    /// Logs a warning when the certificate expires within 30 days and was
+    /// not renewed when planned, once a day.
+    pub fn warn_if_expiring(&mut self) {
         if Instant::now() < self.next_warning {
             return;
         }
-        if let Some(notice) = self.expiring(info, SystemTime::now()) {
+        if let Some(notice) = self.expiring(SystemTime::now()) {
             self.next_warning = Instant::now() + WARN_EVERY;
             tracing::warn!(
-                serial = %info.serial,
+                serial = %self.cert.serial,
                 "the mount's client certificate {notice}; it renews itself (watch for renewal \
                  errors) or issue a new one with `secretfs client renew`"
             );
@@ -248,14 +253,14 @@ mod tests {
         let (cert, _) = cert_and_key(29); // valid from a day ago, 30 days
         let info = CertInfo::parse(cert.as_bytes()).unwrap();
         assert_eq!(days_like(&info), 30);
-        let s = Schedule::new(&info, None);
+        let s = Schedule::new(info.clone(), None);
         assert!(!s.due(), "day 1 of 30 is before 2/3");
         // 2/3 of 30 days is day 20 (19 days from now), plus up to 3 days.
         let left = s.due.saturating_duration_since(Instant::now()).as_secs();
         assert!((19 * 86_400 - 60..=22 * 86_400).contains(&left), "{left}");
         let dues: std::collections::BTreeSet<_> = (0..8)
             .map(|_| {
-                Schedule::new(&info, None)
+                Schedule::new(info.clone(), None)
                     .due
                     .saturating_duration_since(Instant::now())
                     .as_secs()
@@ -265,14 +270,14 @@ mod tests {
         assert!(dues.len() > 1, "jittered: {dues:?}");
 
         let (old, _) = cert_and_key(0); // a day old, expires now: past 2/3
-        let mut s = Schedule::new(&CertInfo::parse(old.as_bytes()).unwrap(), None);
+        let mut s = Schedule::new(CertInfo::parse(old.as_bytes()).unwrap(), None);
         assert!(s.due(), "past its end: at once");
         let d = s.failed();
         assert!(d >= RETRY_FIRST / 2 && d <= RETRY_FIRST, "{d:?}");
         assert!(!s.due(), "not again before the backoff");
 
         // Suspended or paused: the monotonic clock stood still.
-        let mut s = Schedule::new(&info, None);
+        let mut s = Schedule::new(info.clone(), None);
         s.due_wall = SystemTime::now() - Duration::from_secs(1);
         assert!(s.due(), "the wall clock says it is time");
 
@@ -280,21 +285,21 @@ mod tests {
         // warned about only once its renewal is overdue.
         let (week, _) = cert_and_key(6);
         let week = CertInfo::parse(week.as_bytes()).unwrap();
-        let s = Schedule::new(&week, None);
-        assert_eq!(s.expiring(&week, SystemTime::now()), None, "day 1 of 7");
-        let notice = s
-            .expiring(&week, s.planned + Duration::from_secs(1))
-            .unwrap();
+        let s = Schedule::new(week, None);
+        assert_eq!(s.expiring(SystemTime::now()), None, "day 1 of 7");
+        let notice = s.expiring(s.planned + Duration::from_secs(1)).unwrap();
         assert!(
             notice.to_string().starts_with("expires within 30 days"),
             "{notice}"
         );
 
-        let s = Schedule::with_renewal(&info, Some(Duration::ZERO), false);
+        let s = Schedule::with_renewal(info.clone(), Some(Duration::ZERO), false);
         assert!(!s.due(), "--no-renew: never");
-        let mut s = Schedule::new(&info, Some(Duration::ZERO));
+        let s = Schedule::new(info.clone(), Some(Duration::ZERO));
         assert!(s.due(), "--renew-after 0s: at once");
-        s.reset(&info);
+        assert!(!s.never().due(), "the server cannot renew it: never");
+        // The next certificate's schedule is made without it.
+        let s = Schedule::new(info, None);
         assert!(!s.due(), "--renew-after applies to the first renewal only");
     }
 }

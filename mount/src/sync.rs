@@ -266,10 +266,9 @@ pub struct Live {
     pub credentials: Option<CredentialWatch>,
     /// Interval of the from-scratch safety-net resync.
     pub refresh: Duration,
-    /// The certificate in use (`None`: unreadable, so never renewed).
-    pub cert: Option<CertInfo>,
-    /// When to renew it (and warn of its expiry); `None` while no
-    /// certificate could be read. Recomputed for every certificate put in use.
+    /// The certificate in use and when to renew it (and warn of its
+    /// expiry); `None` while no certificate could be read (never renewed).
+    /// A new one for every certificate put in use.
     pub renewal: Option<Schedule>,
     /// `--no-renew` not given.
     pub renew: bool,
@@ -465,14 +464,14 @@ async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> 
             return true;
         }
     }
-    let (Some(info), Some(schedule)) = (&live.cert, &mut live.renewal) else {
+    let Some(schedule) = &mut live.renewal else {
         return false;
     };
-    schedule.warn_if_expiring(info);
+    schedule.warn_if_expiring();
     if live.renewing.is_none() && schedule.due() {
         live.renewing = Some(tokio::spawn(renewal_attempt(
             live.source.clone(),
-            info.clone(),
+            schedule.cert().clone(),
         )));
     }
     false
@@ -543,13 +542,10 @@ async fn finish_renewal(
         Err(Failure::Never(error)) => {
             // The expiry warning stays; a new pair written over the files
             // brings a new schedule.
-            live.renewal = live
-                .cert
-                .as_ref()
-                .map(|c| Schedule::with_renewal(c, None, false));
+            live.renewal = live.renewal.take().map(Schedule::never);
             tracing::warn!(
                 %error,
-                not_after = live.cert.as_ref().map(|c| rfc3339(c.not_after)),
+                not_after = live.renewal.as_ref().map(|s| rfc3339(s.cert().not_after)),
                 "the server cannot renew this client's certificate; the mount will not try again: \
                  renew it where it was issued and write it over the files (the mount picks it up)"
             );
@@ -564,7 +560,7 @@ async fn finish_renewal(
             tracing::warn!(
                 %error,
                 retry_in = %humantime::format_duration(Duration::from_secs(retry.as_secs())),
-                not_after = live.cert.as_ref().map(|c| rfc3339(c.not_after)),
+                not_after = live.renewal.as_ref().map(|s| rfc3339(s.cert().not_after)),
                 "could not renew the client certificate; the mount keeps serving with the current one"
             );
             return false;
@@ -634,17 +630,11 @@ async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<Sync
     match secretfs_proto::connect_lazy(&cfg) {
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
-            live.cert = Some(pair.info);
+            let _ = events.send(SyncEvent::Certificate(pair.info.clone())).await;
             // A new schedule for every certificate in use: one that was
             // off (not readable at start, or refused by the server as an
             // external client's) comes back with new files.
-            live.renewal = live
-                .cert
-                .as_ref()
-                .map(|info| Schedule::with_renewal(info, None, live.renew));
-            if let Some(info) = &live.cert {
-                let _ = events.send(SyncEvent::Certificate(info.clone())).await;
-            }
+            live.renewal = Some(Schedule::with_renewal(pair.info, None, live.renew));
             // The old key is wiped as it is dropped.
             live.connect = cfg;
             let _ = live.identity.send(live.connect.clone());
