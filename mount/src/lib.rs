@@ -287,10 +287,10 @@ pub async fn run(
             snapshot.files().len()
         ));
     }
-    let (identity, identity_rx) = tokio::sync::watch::channel(opts.connect.clone());
+    let (connection, connection_rx) = tokio::sync::watch::channel(source.clone());
     let reporter = guard
         .clone()
-        .map(|g| tokio::spawn(report_refusals(g, identity_rx)));
+        .map(|g| tokio::spawn(report_refusals(g, connection_rx)));
 
     let credentials = opts.credentials.clone().map(|files| {
         CredentialWatch::new(
@@ -310,7 +310,7 @@ pub async fn run(
         renewal: cert.map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
         renew: opts.renew,
         renewing: None,
-        identity,
+        connection,
     };
     let (tx, mut rx) = mpsc::channel(4);
     let syncer = tokio::spawn(sync::live_loop(live, tx));
@@ -358,39 +358,23 @@ pub async fn run(
 /// Sends the caller check's refusals to the server's audit log, batched
 /// once a second; a failed report is logged and dropped (the counts stay in
 /// the status file). Never on the read path.
-/// It connects with the certificate in use (`identity` follows renewals).
+/// It uses the Watch's connection (`connection` follows renewals and new
+/// credential files): one TLS connection, no copy of the key of its own.
 async fn report_refusals(
     guard: Arc<guard::Guard>,
-    mut identity: tokio::sync::watch::Receiver<ConnectConfig>,
+    connection: tokio::sync::watch::Receiver<SecretsSource>,
 ) {
-    let connect = |cfg: &ConnectConfig| match secretfs_proto::connect_lazy(cfg) {
-        Ok(ch) => Some(secretfs_proto::v1::secrets_client::SecretsClient::new(ch)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot report refused callers to the server");
-            None
-        }
-    };
-    let Some(mut client) = connect(&identity.borrow_and_update()) else {
-        return;
-    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if identity.has_changed().unwrap_or(false) {
-            if let Some(c) = connect(&identity.borrow_and_update()) {
-                client = c;
-            }
-        }
         let refusals = guard.take_outbox();
         if refusals.is_empty() {
             continue;
         }
         let n = refusals.len();
         let refusals = refusals.into_iter().map(refusal_to_proto).collect();
-        let mut req = tonic::Request::new(secretfs_proto::v1::ReportRefusalsRequest { refusals });
-        // A server that never answers must not stall the reports for good.
-        req.set_timeout(sync::RPC_TIMEOUT);
-        if let Err(e) = client.report_refusals(req).await {
+        let mut source = connection.borrow().clone();
+        if let Err(e) = source.report_refusals(refusals).await {
             tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
         }
     }

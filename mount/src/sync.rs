@@ -24,7 +24,9 @@ use secretfs_proto::channel::{error_chain, ConnectFailure};
 use secretfs_proto::credentials::{key_matches, FileContents};
 use secretfs_proto::files::ReplaceError;
 use secretfs_proto::v1::secrets_client::SecretsClient;
-use secretfs_proto::v1::{Empty, RenewCertificateRequest, WatchEvent, WatchRequest};
+use secretfs_proto::v1::{
+    Empty, RenewCertificateRequest, ReportRefusalsRequest, WatchEvent, WatchRequest,
+};
 use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
@@ -144,6 +146,17 @@ impl SecretsSource {
         let mut req = tonic::Request::new(RenewCertificateRequest { csr_pem, days });
         req.set_timeout(RPC_TIMEOUT);
         Ok(self.client.renew_certificate(req).await?.into_inner())
+    }
+
+    /// Sends the caller check's refusals to the server's audit log.
+    pub async fn report_refusals(
+        &mut self,
+        refusals: Vec<secretfs_proto::v1::Refusal>,
+    ) -> Result<(), tonic::Status> {
+        let mut req = tonic::Request::new(ReportRefusalsRequest { refusals });
+        // A server that never answers must not stall the reports for good.
+        req.set_timeout(RPC_TIMEOUT);
+        self.client.report_refusals(req).await.map(drop)
     }
 
     /// Opens a Watch stream. No deadline on the request itself: it would
@@ -275,9 +288,9 @@ pub struct Live {
     /// A renewal in flight: a task of its own, so the Watch stream is read
     /// (rotations applied) while the server answers.
     pub renewing: Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
-    /// Others that connect as this client (the refusal reporter) follow
-    /// the certificate in use.
-    pub identity: tokio::sync::watch::Sender<ConnectConfig>,
+    /// The connection in use, for others that call as this client (the
+    /// refusal reporter): a clone shares the channel.
+    pub connection: tokio::sync::watch::Sender<SecretsSource>,
 }
 
 /// Why a stream was left.
@@ -637,7 +650,7 @@ async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<Sync
             live.renewal = Some(Schedule::with_renewal(pair.info, None, live.renew));
             // The old key is wiped as it is dropped.
             live.connect = cfg;
-            let _ = live.identity.send(live.connect.clone());
+            let _ = live.connection.send(live.source.clone());
             true
         }
         Err(e) => {
