@@ -67,6 +67,7 @@ fn snapshot(secrets: Vec<StaticSecret>) -> Snapshot {
                 owner: s.owner,
                 group: s.group,
                 mtime: s.created_at,
+                meta_digest: 0,
                 content,
             }
         })
