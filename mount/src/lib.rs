@@ -440,7 +440,7 @@ enum Attempt {
 
 async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     let server = cfg.server.clone();
-    let channel = match secretfs_proto::connect(cfg).await {
+    let channel = match secretfs_proto::connect_with_call_timeout(cfg, sync::RPC_TIMEOUT).await {
         Ok(c) => c,
         Err(ChannelError::Connect {
             reason, failure, ..

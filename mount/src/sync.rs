@@ -41,7 +41,9 @@ use crate::snapshot::Snapshot;
 use crate::watch::{EventError, Mirror};
 
 /// How long one RPC (or a stream's first event) may take before we call the
-/// server unreachable.
+/// server unreachable: the channel's call timeout
+/// ([`secretfs_proto::connect_with_call_timeout`]), and the wait for a
+/// Watch's initial event.
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 /// One message: a server that does not split changes sends a client's
 /// whole view in its initial event (the parts of a split one are bounded
@@ -131,9 +133,7 @@ impl SecretsSource {
 
     /// The client's name as the server sees it.
     pub async fn whoami(&mut self) -> Result<String, SyncError> {
-        let mut req = tonic::Request::new(Empty {});
-        req.set_timeout(RPC_TIMEOUT);
-        let resp = self.client.who_am_i(req).await.map_err(classify)?;
+        let resp = self.client.who_am_i(Empty {}).await.map_err(classify)?;
         Ok(resp.into_inner().client)
     }
 
@@ -143,8 +143,7 @@ impl SecretsSource {
         csr_pem: String,
         days: u32,
     ) -> Result<secretfs_proto::v1::RenewCertificateResponse, tonic::Status> {
-        let mut req = tonic::Request::new(RenewCertificateRequest { csr_pem, days });
-        req.set_timeout(RPC_TIMEOUT);
+        let req = RenewCertificateRequest { csr_pem, days };
         Ok(self.client.renew_certificate(req).await?.into_inner())
     }
 
@@ -153,19 +152,18 @@ impl SecretsSource {
         &mut self,
         refusals: Vec<secretfs_proto::v1::Refusal>,
     ) -> Result<(), tonic::Status> {
-        let mut req = tonic::Request::new(ReportRefusalsRequest { refusals });
-        // A server that never answers must not stall the reports for good.
-        req.set_timeout(RPC_TIMEOUT);
+        let req = ReportRefusalsRequest { refusals };
         self.client.report_refusals(req).await.map(drop)
     }
 
-    /// Opens a Watch stream. No deadline on the request itself: it would
-    /// apply to the whole stream.
+    /// Opens a Watch stream. The channel's call timeout bounds the wait
+    /// for the answer, not the stream after it.
     pub async fn watch(&mut self, req: WatchRequest) -> Result<Streaming<WatchEvent>, SyncError> {
-        match tokio::time::timeout(RPC_TIMEOUT, self.client.watch(req)).await {
-            Ok(r) => r.map(tonic::Response::into_inner).map_err(classify),
-            Err(_) => Err(SyncError::Unreachable("no answer to Watch in time".into())),
-        }
+        self.client
+            .watch(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(classify)
     }
 
     /// Opens a from-scratch stream and applies its initial event: the first
@@ -640,7 +638,7 @@ async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<Sync
     let mut cfg = live.connect.clone();
     cfg.cert_pem = pair.cert_pem;
     cfg.key_pem = pair.key_pem;
-    match secretfs_proto::connect_lazy(&cfg) {
+    match secretfs_proto::connect_lazy(&cfg, RPC_TIMEOUT) {
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
             let _ = events.send(SyncEvent::Certificate(pair.info.clone())).await;
