@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::backoff::Backoff;
+use crate::backoff::{random_fraction, Backoff};
 use secretfs_proto::cert::{expiry_notice, ExpiryNotice, KeyKind};
 
 use crate::certificate::{rfc3339, CertInfo};
@@ -54,27 +54,9 @@ pub struct Request {
 /// make one, else ECDSA P-256) and a CSR for it. The private key in use is
 /// not read for this: each copy of it is one more to wipe.
 pub fn new_request(kind: KeyKind, common_name: &str) -> Result<Request, String> {
-    use rcgen::{
-        CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
-        PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
-    };
-    let alg = match kind {
-        KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
-        KeyKind::Ed25519 => &PKCS_ED25519,
-        KeyKind::EcdsaP256 | KeyKind::Other => &PKCS_ECDSA_P256_SHA256,
-    };
-    // rcgen's `zeroize` feature: its DER is wiped as the key is dropped.
-    let key =
-        Zeroizing::new(KeyPair::generate_for(alg).map_err(|e| format!("cannot make a key: {e}"))?);
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    let csr_pem = params
-        .serialize_request(&*key)
-        .and_then(|c| c.pem())
-        .map_err(|e| format!("cannot make the CSR: {e}"))?;
-    let key_pem = Zeroizing::new(Zeroizing::new(key.serialize_pem()).as_bytes().to_vec());
+    let (key, csr_pem) = secretfs_proto::cert::new_key_and_csr(common_name, kind)
+        .map_err(|e| format!("cannot make a key and its CSR: {e}"))?;
+    let key_pem = Zeroizing::new(key.as_bytes().to_vec());
     Ok(Request { key_pem, csr_pem })
 }
 
@@ -199,14 +181,6 @@ impl Schedule {
             );
         }
     }
-}
-
-/// A number in 0..1 that differs between processes and calls (std's
-/// randomly keyed hasher: no need for a random number crate).
-fn random_fraction() -> f64 {
-    use std::hash::BuildHasher;
-    let n = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
-    (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A wall-clock time as a monotonic instant (now, if it has passed).

@@ -1,13 +1,15 @@
 //! What every part of secretfs reads from a certificate, and says about
 //! its time: serial and validity ([`CertInfo`]), the one time format
 //! ([`rfc3339`]), and the expiry warning ([`expiry_notice`]). The server,
-//! the CLI and the mount all use these, so they say the same thing.
+//! the CLI and the mount all use these, so they say the same thing. Also
+//! the one way a client's new key and CSR are made ([`new_key_and_csr`]).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use zeroize::Zeroizing;
 
 /// Warn this long before a certificate expires.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
@@ -63,6 +65,32 @@ pub enum CertError {
     NotPem(String),
     #[error("the certificate cannot be parsed: {0}")]
     Parse(String),
+}
+
+/// A new key of `kind` (ECDSA P-256 for [`KeyKind::Other`]: rcgen makes no
+/// RSA keys) and a CSR for it naming `common_name`: the key's PEM, the
+/// CSR's PEM.
+pub fn new_key_and_csr(
+    common_name: &str,
+    kind: KeyKind,
+) -> Result<(Zeroizing<String>, String), rcgen::Error> {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
+        PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
+    };
+    let alg = match kind {
+        KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
+        KeyKind::Ed25519 => &PKCS_ED25519,
+        KeyKind::EcdsaP256 | KeyKind::Other => &PKCS_ECDSA_P256_SHA256,
+    };
+    // rcgen's `zeroize` feature: the key's DER is wiped as it is dropped.
+    let key = Zeroizing::new(KeyPair::generate_for(alg)?);
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    let csr_pem = params.serialize_request(&*key)?.pem()?;
+    Ok((Zeroizing::new(key.serialize_pem()), csr_pem))
 }
 
 /// Unix seconds as a time (before 1970 too).
