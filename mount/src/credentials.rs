@@ -202,7 +202,7 @@ impl CredentialWatch {
 mod tests {
     use super::*;
 
-    use crate::certificate::tests::cert_and_key;
+    use crate::renewal::tests::cert_and_key;
 
     /// A client certificate and its key made by the openssl CLI, as
     /// cert-manager or an operator's script would: `kind` "ec" writes a

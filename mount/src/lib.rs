@@ -22,9 +22,10 @@
 //! - `mount`: mountpoint checks, stale-mount clearing, mount and unmount.
 //! - `static_mount`: [`StaticMount`], a fixed set of secrets mounted through
 //!   the same adapter without a server (end-to-end tests, benchmarks).
-//! - `certificate` + `renewal`: the client certificate's serial and expiry
-//!   (status, warnings) and its renewal at 2/3 of its life (new key, CSR,
-//!   files replaced, new connection; no remount).
+//! - `renewal`: the client certificate's expiry warning and its renewal at
+//!   2/3 of its life (new key, CSR, files replaced, new connection; no
+//!   remount); its serial and expiry (status, warnings) are read by
+//!   [`secretfs_proto::cert`], as the server and the CLI read them.
 //! - `notify`: sd_notify (`READY=1` after the first sync and mount,
 //!   `STOPPING=1`, why it failed) for systemd and `mount --background`.
 //!
@@ -39,7 +40,6 @@
 //! mount, apply events until shutdown, unmount.
 
 mod backoff;
-mod certificate;
 mod credentials;
 mod error;
 mod fuse;
@@ -78,7 +78,6 @@ pub use static_mount::{StaticMount, StaticSecret};
 pub use tree::Force;
 
 use crate::backoff::Backoff;
-use crate::certificate::{rfc3339, CertInfo};
 use crate::credentials::CredentialWatch;
 use crate::snapshot::Snapshot;
 use crate::status::SyncState;
@@ -86,6 +85,7 @@ use crate::sync::{Live, SecretsSource, SyncError};
 use crate::tree::{Defaults, Tree};
 use crate::updater::Updater;
 use crate::watch::Mirror;
+use secretfs_proto::cert::{rfc3339, CertInfo};
 
 /// How long shutdown waits for open files to close before aborting.
 const UNMOUNT_GRACE: Duration = Duration::from_secs(2);

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::certificate::rfc3339;
 use crate::snapshot::Snapshot;
+use secretfs_proto::cert::{rfc3339, CertInfo};
 
 /// What the sync loop knows about its connection; the snapshot supplies
 /// the rest.
@@ -39,7 +39,7 @@ pub struct SyncState {
     /// With the caller check on: the processes it refused.
     pub refused_callers: Option<crate::guard::RefusalCounts>,
     /// The client certificate in use, when it could be read.
-    pub cert: Option<crate::certificate::CertInfo>,
+    pub cert: Option<CertInfo>,
     /// `--force-uid`/`--force-gid`/`--force-mode`.
     pub force: crate::tree::Force,
 }
@@ -212,8 +212,8 @@ mod tests {
 
     #[test]
     fn certificate_and_forced_attributes() {
-        let (cert, _) = crate::certificate::tests::cert_and_key(10);
-        let info = crate::certificate::CertInfo::parse(cert.as_bytes()).unwrap();
+        let (cert, _) = crate::renewal::tests::cert_and_key(10);
+        let info = CertInfo::parse(cert.as_bytes()).unwrap();
         let state = SyncState {
             cert: Some(info.clone()),
             force: crate::tree::Force {

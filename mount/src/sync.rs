@@ -34,11 +34,11 @@ use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::backoff::Backoff;
-use crate::certificate::{rfc3339, CertInfo};
 use crate::credentials::{CredentialWatch, Pair};
 use crate::renewal::{self, Schedule};
 use crate::snapshot::Snapshot;
 use crate::watch::{EventError, Mirror};
+use secretfs_proto::cert::{rfc3339, CertInfo};
 
 /// How long one RPC (or a stream's first event) may take before we call the
 /// server unreachable: the channel's call timeout
