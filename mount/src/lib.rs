@@ -160,7 +160,7 @@ impl MountOptions {
             credentials: None,
             callers: None,
             privileges: None,
-            force: Force::NONE,
+            force: Force::default(),
             create_mountpoint: false,
             renew: true,
             renew_after: None,
@@ -248,7 +248,6 @@ pub async fn run(
             server: server.clone(),
             revision: Some(mirror.revision()),
             cert: cert.clone(),
-            force: opts.force,
             ..SyncState::default()
         },
     );

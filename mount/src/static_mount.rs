@@ -97,7 +97,7 @@ impl StaticMount {
             uid,
             gid,
             mode,
-            force: Force::NONE,
+            force: Force::default(),
         };
         let tree = Arc::new(Mutex::new(Tree::new(defaults, SystemTime::now())));
         let mut updater = Updater::new(
