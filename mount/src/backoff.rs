@@ -10,16 +10,27 @@ pub struct Backoff {
     first: Duration,
     cap: Duration,
     next: Duration,
-    /// xorshift state: jitter needs spread, not secrecy.
+    /// xorshift state, seeded from [`random_u64`].
     seed: u64,
+}
+
+/// A number that differs between processes and calls (std's randomly
+/// keyed hasher: jitter needs spread, not secrecy, so no random number
+/// crate). The one random source of the mount.
+pub fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now())
+}
+
+/// A number in 0..1, from [`random_u64`].
+pub fn random_fraction() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 impl Backoff {
     pub fn new(first: Duration, cap: Duration) -> Backoff {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos() as u64);
-        let seed = (nanos ^ (u64::from(std::process::id()) << 32)) | 1;
+        // Never 0: xorshift would stay there.
+        let seed = random_u64() | 1;
         Backoff {
             first,
             cap,

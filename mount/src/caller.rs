@@ -356,8 +356,6 @@ impl CallerPolicy {
     }
 }
 
-/// A read through a [`ProcDir`] failed: the process is gone (its pid may
-/// be someone else's by now), or its entry could not be read.
 /// Where the cgroup hierarchies are mounted under the cgroup root, found
 /// once at start (the host's layout is set at boot): the unified one at
 /// the root on a cgroup v2 host and at `unified/` on a hybrid one; a v1
@@ -412,6 +410,8 @@ impl Hierarchies {
     }
 }
 
+/// A read through a [`ProcDir`] failed: the process is gone (its pid may
+/// be someone else's by now), or its entry could not be read.
 fn vanished_or_unreadable(e: ProcError) -> DenyReason {
     match e {
         // procfs reports ESRCH (the handle outlived the process) as NotFound.
@@ -659,11 +659,6 @@ mod tests {
         cg: tempfile::TempDir,
     }
 
-    fn stat_line(pid: u32, start: u64) -> String {
-        // Fields 1..=22 and a few more; comm with a space and a ')'.
-        format!("{pid} (my app) x) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 {start} 2387968 332 18446744073709551615\n")
-    }
-
     /// `mkdir -p` with mode 0755 whatever the umask: a group-writable
     /// fixture would look delegated.
     fn mkdirs(root: &Path, rel: &str) {
@@ -690,7 +685,6 @@ mod tests {
             let d = self.dir.path().join(pid.to_string());
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("cgroup"), cgroup).unwrap();
-            std::fs::write(d.join("stat"), stat_line(pid, 4242)).unwrap();
             for line in cgroup.lines() {
                 let mut parts = line.splitn(3, ':');
                 let (Some(h), Some(controllers), Some(path)) =
@@ -1119,10 +1113,10 @@ mod tests {
             policy.check(77).unwrap_err().reason,
             DenyReason::ProcUnreadable(_)
         ));
-        // stat present, cgroup missing: the process is going away.
+        // The process's directory present, cgroup missing: the process is
+        // going away.
         let d = p.dir.path().join("78");
         std::fs::create_dir(&d).unwrap();
-        std::fs::write(d.join("stat"), stat_line(78, 1)).unwrap();
         assert_eq!(
             policy.check(78).unwrap_err().reason,
             DenyReason::ProcessChanged

@@ -14,13 +14,16 @@
 //! certificate is valid now and is a client's. A renewal (ours or another
 //! tool's) replaces two files in two steps, and a poll in between sees half
 //! of it: that pair is left alone until the next poll, and one warning says
-//! why once it has outlasted a poll. The pair in use is kept meanwhile.
+//! why once it has outlasted a poll; a pair that failed is not checked
+//! again while the files hold it, and each new failing pair gets its own
+//! warning. The pair in use is kept meanwhile.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use secretfs_proto::cert::CertInfo;
 use secretfs_proto::credentials::{check_client_files, ClientFiles, FileContents};
 
 use zeroize::Zeroizing;
@@ -35,10 +38,13 @@ pub struct CredentialFiles {
     pub ca: PathBuf,
 }
 
-/// A new certificate and key, read from the files.
-pub struct Renewed {
+/// A checked certificate and key, and what the certificate says: read from
+/// the files ([`CredentialWatch::poll`]) or renewed
+/// ([`crate::sync`]'s renewal). Parsed once, where it is checked.
+pub struct Pair {
     pub cert_pem: Vec<u8>,
     pub key_pem: Zeroizing<Vec<u8>>,
+    pub info: CertInfo,
 }
 
 pub struct CredentialWatch {
@@ -51,8 +57,19 @@ pub struct CredentialWatch {
     seen: Option<(u64, u64)>,
     /// Log an unreadable file once, not every poll.
     unreadable: bool,
-    /// Log a mismatched pair once it has outlasted one poll.
-    mismatched: u32,
+    /// The last pair that failed the check: not checked again while the
+    /// files hold it.
+    rejected: Option<Rejected>,
+}
+
+/// A pair that failed the check, by its keyed hashes.
+struct Rejected {
+    seen: (u64, u64),
+    /// Why, for the warning.
+    error: String,
+    /// Warned once it outlasted one poll (before that it is most likely
+    /// half of a replacement).
+    warned: bool,
 }
 
 impl CredentialWatch {
@@ -71,7 +88,7 @@ impl CredentialWatch {
             hasher,
             seen,
             unreadable: false,
-            mismatched: 0,
+            rejected: None,
         }
     }
 
@@ -104,7 +121,7 @@ impl CredentialWatch {
     }
 
     /// Reads both files; returns them when either differs from last time.
-    pub fn poll(&mut self) -> Option<Renewed> {
+    pub fn poll(&mut self) -> Option<Pair> {
         let read = std::fs::read(&self.files.cert)
             .and_then(|c| std::fs::read(&self.files.key).map(|k| (c, Zeroizing::new(k))));
         let (cert_pem, key_pem) = match read {
@@ -130,6 +147,17 @@ impl CredentialWatch {
         if self.seen == Some(now) {
             return None;
         }
+        if let Some(r) = self.rejected.as_mut().filter(|r| r.seen == now) {
+            if !r.warned {
+                r.warned = true;
+                tracing::warn!(
+                    error = %r.error,
+                    "the client certificate or key files changed but cannot be used; \
+                     keeping the pair in use until they can"
+                );
+            }
+            return None;
+        }
         let pair = ClientFiles {
             ca: FileContents {
                 path: &self.files.ca,
@@ -144,21 +172,29 @@ impl CredentialWatch {
                 pem: &key_pem,
             },
         };
-        if let Err(e) = check_client_files(&pair, SystemTime::now()) {
-            // Half of a replacement, most likely: look again next time.
-            self.mismatched += 1;
-            if self.mismatched == 2 {
-                tracing::warn!(
-                    error = %e.explain(),
-                    "the client certificate or key files changed but cannot be used; \
-                     keeping the pair in use until they can"
-                );
+        let checked = check_client_files(&pair, SystemTime::now())
+            .map_err(|e| e.explain())
+            .and_then(|_| CertInfo::parse(&cert_pem).map_err(|e| e.to_string()));
+        let info = match checked {
+            Ok(info) => info,
+            Err(error) => {
+                // Half of a replacement, most likely: warned about if the
+                // next poll still finds it.
+                self.rejected = Some(Rejected {
+                    seen: now,
+                    error,
+                    warned: false,
+                });
+                return None;
             }
-            return None;
-        }
-        self.mismatched = 0;
+        };
+        self.rejected = None;
         self.seen = Some(now);
-        Some(Renewed { cert_pem, key_pem })
+        Some(Pair {
+            cert_pem,
+            key_pem,
+            info,
+        })
     }
 }
 
@@ -166,7 +202,7 @@ impl CredentialWatch {
 mod tests {
     use super::*;
 
-    use crate::certificate::tests::cert_and_key;
+    use crate::renewal::tests::cert_and_key;
 
     /// A client certificate and its key made by the openssl CLI, as
     /// cert-manager or an operator's script would: `kind` "ec" writes a
@@ -270,6 +306,46 @@ mod tests {
         std::fs::write(&files.key, &key2).unwrap();
         assert!(w.poll().is_none(), "not a client certificate");
         assert!(w.poll().is_none(), "still not");
+    }
+
+    #[test]
+    fn a_rejected_pair_is_checked_once_and_each_new_one_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = CredentialFiles {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+            ca: dir.path().join("ca.pem"),
+        };
+        let (cert1, key1) = cert_and_key(30);
+        let mut w = watch_for(&files, cert1.as_bytes(), key1.as_bytes());
+        let warned = |w: &CredentialWatch| w.rejected.as_ref().map(|r| r.warned);
+        let (cert2, _) = cert_and_key(30);
+        std::fs::write(&files.cert, &cert2).unwrap();
+        assert!(w.poll().is_none(), "key of another certificate");
+        assert_eq!(warned(&w), Some(false), "half a replacement: not yet");
+        // Made unreadable to any check: the same pair is not checked again.
+        let rejected = w.rejected.as_mut().unwrap();
+        rejected.error = "remembered".into();
+        assert!(w.poll().is_none());
+        assert_eq!(warned(&w), Some(true), "outlasted a poll: warned");
+        assert_eq!(w.rejected.as_ref().unwrap().error, "remembered");
+        assert!(w.poll().is_none());
+
+        // A different bad pair later: checked and warned about in turn.
+        let (cert3, _) = cert_and_key(20);
+        std::fs::write(&files.cert, &cert3).unwrap();
+        assert!(w.poll().is_none());
+        assert_eq!(warned(&w), Some(false), "a new pair, a new warning to come");
+        assert_ne!(w.rejected.as_ref().unwrap().error, "remembered");
+        assert!(w.poll().is_none());
+        assert_eq!(warned(&w), Some(true));
+
+        // A good pair clears it.
+        std::fs::write(&files.cert, &cert1).unwrap();
+        std::fs::write(&files.key, &key1).unwrap();
+        w.written(b"", b"");
+        assert!(w.poll().is_some());
+        assert_eq!(warned(&w), None);
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Refusal {
 }
 
 fn rfc3339<S: Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&crate::certificate::rfc3339(*at))
+    s.serialize_str(&secretfs_proto::cert::rfc3339(*at))
 }
 
 /// Refusals, for `.secretfs/status`.

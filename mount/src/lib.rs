@@ -22,9 +22,10 @@
 //! - `mount`: mountpoint checks, stale-mount clearing, mount and unmount.
 //! - `static_mount`: [`StaticMount`], a fixed set of secrets mounted through
 //!   the same adapter without a server (end-to-end tests, benchmarks).
-//! - `certificate` + `renewal`: the client certificate's serial and expiry
-//!   (status, warnings) and its renewal at 2/3 of its life (new key, CSR,
-//!   files replaced, new connection; no remount).
+//! - `renewal`: the client certificate's expiry warning and its renewal at
+//!   2/3 of its life (new key, CSR, files replaced, new connection; no
+//!   remount); its serial and expiry (status, warnings) are read by
+//!   [`secretfs_proto::cert`], as the server and the CLI read them.
 //! - `notify`: sd_notify (`READY=1` after the first sync and mount,
 //!   `STOPPING=1`, why it failed) for systemd and `mount --background`.
 //!
@@ -39,7 +40,6 @@
 //! mount, apply events until shutdown, unmount.
 
 mod backoff;
-mod certificate;
 mod credentials;
 mod error;
 mod fuse;
@@ -78,7 +78,6 @@ pub use static_mount::{StaticMount, StaticSecret};
 pub use tree::Force;
 
 use crate::backoff::Backoff;
-use crate::certificate::{rfc3339, CertInfo};
 use crate::credentials::CredentialWatch;
 use crate::snapshot::Snapshot;
 use crate::status::SyncState;
@@ -86,6 +85,7 @@ use crate::sync::{Live, SecretsSource, SyncError};
 use crate::tree::{Defaults, Tree};
 use crate::updater::Updater;
 use crate::watch::Mirror;
+use secretfs_proto::cert::{rfc3339, CertInfo};
 
 /// How long shutdown waits for open files to close before aborting.
 const UNMOUNT_GRACE: Duration = Duration::from_secs(2);
@@ -160,7 +160,7 @@ impl MountOptions {
             credentials: None,
             callers: None,
             privileges: None,
-            force: Force::NONE,
+            force: Force::default(),
             create_mountpoint: false,
             renew: true,
             renew_after: None,
@@ -248,7 +248,6 @@ pub async fn run(
             server: server.clone(),
             revision: Some(mirror.revision()),
             cert: cert.clone(),
-            force: opts.force,
             ..SyncState::default()
         },
     );
@@ -287,10 +286,10 @@ pub async fn run(
             snapshot.files().len()
         ));
     }
-    let (identity, identity_rx) = tokio::sync::watch::channel(opts.connect.clone());
+    let (connection, connection_rx) = tokio::sync::watch::channel(source.clone());
     let reporter = guard
         .clone()
-        .map(|g| tokio::spawn(report_refusals(g, identity_rx)));
+        .map(|g| tokio::spawn(report_refusals(g, connection_rx)));
 
     let credentials = opts.credentials.clone().map(|files| {
         CredentialWatch::new(
@@ -307,13 +306,10 @@ pub async fn run(
         connect: opts.connect.clone(),
         credentials,
         refresh: opts.refresh,
-        renewal: cert
-            .as_ref()
-            .map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
+        renewal: cert.map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
         renew: opts.renew,
         renewing: None,
-        cert,
-        identity,
+        connection,
     };
     let (tx, mut rx) = mpsc::channel(4);
     let syncer = tokio::spawn(sync::live_loop(live, tx));
@@ -361,39 +357,23 @@ pub async fn run(
 /// Sends the caller check's refusals to the server's audit log, batched
 /// once a second; a failed report is logged and dropped (the counts stay in
 /// the status file). Never on the read path.
-/// It connects with the certificate in use (`identity` follows renewals).
+/// It uses the Watch's connection (`connection` follows renewals and new
+/// credential files): one TLS connection, no copy of the key of its own.
 async fn report_refusals(
     guard: Arc<guard::Guard>,
-    mut identity: tokio::sync::watch::Receiver<ConnectConfig>,
+    connection: tokio::sync::watch::Receiver<SecretsSource>,
 ) {
-    let connect = |cfg: &ConnectConfig| match secretfs_proto::connect_lazy(cfg) {
-        Ok(ch) => Some(secretfs_proto::v1::secrets_client::SecretsClient::new(ch)),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot report refused callers to the server");
-            None
-        }
-    };
-    let Some(mut client) = connect(&identity.borrow_and_update()) else {
-        return;
-    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if identity.has_changed().unwrap_or(false) {
-            if let Some(c) = connect(&identity.borrow_and_update()) {
-                client = c;
-            }
-        }
         let refusals = guard.take_outbox();
         if refusals.is_empty() {
             continue;
         }
         let n = refusals.len();
         let refusals = refusals.into_iter().map(refusal_to_proto).collect();
-        let mut req = tonic::Request::new(secretfs_proto::v1::ReportRefusalsRequest { refusals });
-        // A server that never answers must not stall the reports for good.
-        req.set_timeout(sync::RPC_TIMEOUT);
-        if let Err(e) = client.report_refusals(req).await {
+        let mut source = connection.borrow().clone();
+        if let Err(e) = source.report_refusals(refusals).await {
             tracing::warn!(refusals = n, error = %e.message(), "could not report refused callers to the server");
         }
     }
@@ -459,7 +439,7 @@ enum Attempt {
 
 async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     let server = cfg.server.clone();
-    let channel = match secretfs_proto::connect(cfg).await {
+    let channel = match secretfs_proto::connect_with_call_timeout(cfg, sync::RPC_TIMEOUT).await {
         Ok(c) => c,
         Err(ChannelError::Connect {
             reason, failure, ..

@@ -6,7 +6,7 @@
 //!   new one (`--no-renew`: never). A failed attempt
 //!   is retried with a backoff (30 s doubling to 30 min); the mount keeps
 //!   serving with the certificate it has.
-//! - How: a new key made here (same algorithm as the old one where we can
+//! - How: a new key made here (of the kind the certificate's key is, where we can
 //!   make it, else ECDSA P-256), a CSR, `Secrets.RenewCertificate` over the
 //!   connection authenticated by the current certificate; the lifetime asked
 //!   for is the current one's, in whole days.
@@ -31,10 +31,8 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use crate::backoff::Backoff;
-use secretfs_proto::cert::{expiry_notice, ExpiryNotice};
-
-use crate::certificate::{rfc3339, CertInfo};
+use crate::backoff::{random_fraction, Backoff};
+use secretfs_proto::cert::{expiry_notice, rfc3339, CertInfo, ExpiryNotice, KeyKind};
 
 /// When in a certificate's life it is renewed ...
 pub const RENEW_AT: f64 = 2.0 / 3.0;
@@ -50,36 +48,13 @@ pub struct Request {
     pub csr_pem: String,
 }
 
-/// Makes a key like `current_key_pem`'s (where rcgen can make one) and a
-/// CSR for it.
-pub fn new_request(current_key_pem: &[u8], common_name: &str) -> Result<Request, String> {
-    use rcgen::{
-        CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
-        PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
-    };
-    let alg = std::str::from_utf8(current_key_pem)
-        .ok()
-        .and_then(|pem| KeyPair::from_pem(pem).ok())
-        .map(|k| k.algorithm())
-        .filter(|a| {
-            [
-                &PKCS_ECDSA_P256_SHA256,
-                &PKCS_ECDSA_P384_SHA384,
-                &PKCS_ED25519,
-            ]
-            .contains(a)
-        })
-        .unwrap_or(&PKCS_ECDSA_P256_SHA256);
-    let key = KeyPair::generate_for(alg).map_err(|e| format!("cannot make a key: {e}"))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
-    params.distinguished_name = dn;
-    let csr_pem = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| format!("cannot make the CSR: {e}"))?;
-    let key_pem = Zeroizing::new(Zeroizing::new(key.serialize_pem()).as_bytes().to_vec());
+/// Makes a key of the kind the certificate in use has (where rcgen can
+/// make one, else ECDSA P-256) and a CSR for it. The private key in use is
+/// not read for this: each copy of it is one more to wipe.
+pub fn new_request(kind: KeyKind, common_name: &str) -> Result<Request, String> {
+    let (key, csr_pem) = secretfs_proto::cert::new_key_and_csr(common_name, kind)
+        .map_err(|e| format!("cannot make a key and its CSR: {e}"))?;
+    let key_pem = Zeroizing::new(key.as_bytes().to_vec());
     Ok(Request { key_pem, csr_pem })
 }
 
@@ -90,12 +65,12 @@ pub fn days_like(info: &CertInfo) -> u32 {
     days.clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
-/// The renewal clock of the certificate in use.
+/// The renewal clock of the certificate in use, which it owns: every
+/// certificate put in use gets a new one.
 pub struct Schedule {
+    cert: CertInfo,
     due: Instant,
     retry: Backoff,
-    /// The hidden `--renew-after`: the first renewal this long after start.
-    first_after: Option<Duration>,
     next_warning: Instant,
     /// False with `--no-renew`: only the expiry warning.
     enabled: bool,
@@ -110,59 +85,64 @@ pub struct Schedule {
 
 impl Schedule {
     #[cfg(test)]
-    pub fn new(info: &CertInfo, first_after: Option<Duration>) -> Schedule {
-        Schedule::with_renewal(info, first_after, true)
+    pub fn new(cert: CertInfo, first_after: Option<Duration>) -> Schedule {
+        Schedule::with_renewal(cert, first_after, true)
     }
 
-    /// `enabled` false (`--no-renew`): never due; the expiry warning stays.
-    pub fn with_renewal(info: &CertInfo, first_after: Option<Duration>, enabled: bool) -> Schedule {
-        let mut s = Schedule {
-            due: Instant::now(),
-            retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
-            first_after,
-            next_warning: Instant::now(),
-            enabled,
-            due_wall: SystemTime::now(),
-            planned: SystemTime::now(),
-        };
-        s.reset(info);
-        s.warn_if_expiring(info);
-        s
-    }
-
-    /// A new certificate is in use: its renewal is due at 2/3 of its life
-    /// plus a random 0-10% of it (or after `--renew-after`, for the first
-    /// one). The jitter keeps replicas that share one client (and one
-    /// certificate) from all asking at the same moment; the server allows a
-    /// client only a few self-renewals an hour. When that time has passed
-    /// already (a restart late in the certificate's life), within a random
-    /// part of the same span, or of a quarter of the time left if shorter.
-    pub fn reset(&mut self, info: &CertInfo) {
-        self.retry.reset();
-        self.due = match self.first_after.take() {
+    /// The renewal of `cert` is due at 2/3 of its life plus a random 0-10%
+    /// of it, or after `first_after` (the hidden `--renew-after`, given for
+    /// the first certificate only). The jitter keeps replicas that share
+    /// one client (and one certificate) from all asking at the same moment;
+    /// the server allows a client only a few self-renewals an hour. When
+    /// that time has passed already (a restart late in the certificate's
+    /// life), within a random part of the same span, or of a quarter of the
+    /// time left if shorter. `enabled` false (`--no-renew`): never due; the
+    /// expiry warning stays.
+    pub fn with_renewal(cert: CertInfo, first_after: Option<Duration>, enabled: bool) -> Schedule {
+        let due = match first_after {
             Some(after) => Instant::now() + after,
             None => {
-                let span = info.lifetime().mul_f64(JITTER);
-                let due = info.point_in_life(RENEW_AT) + span.mul_f64(random_fraction());
+                let span = cert.lifetime().mul_f64(JITTER);
+                let due = cert.point_in_life(RENEW_AT) + span.mul_f64(random_fraction());
                 match due.duration_since(SystemTime::now()) {
                     Ok(_) => at(due),
                     Err(_) => {
-                        let span = span.min(info.remaining(SystemTime::now()) / 4);
+                        let span = span.min(cert.remaining(SystemTime::now()) / 4);
                         Instant::now() + span.mul_f64(random_fraction())
                     }
                 }
             }
         };
-        self.next_warning = Instant::now();
-        self.due_wall = SystemTime::now() + self.due.saturating_duration_since(Instant::now());
-        self.planned = self.due_wall;
-        let renew_at = self.enabled.then(|| rfc3339(self.due_wall));
+        let due_wall = SystemTime::now() + due.saturating_duration_since(Instant::now());
+        let renew_at = enabled.then(|| rfc3339(due_wall));
         tracing::info!(
-            serial = %info.serial,
-            not_after = %rfc3339(info.not_after),
+            serial = %cert.serial,
+            not_after = %rfc3339(cert.not_after),
             renew_at = renew_at.as_deref().unwrap_or("never (--no-renew)"),
             "client certificate in use"
         );
+        let mut s = Schedule {
+            cert,
+            due,
+            retry: Backoff::new(RETRY_FIRST, RETRY_CAP),
+            next_warning: Instant::now(),
+            enabled,
+            due_wall,
+            planned: due_wall,
+        };
+        s.warn_if_expiring();
+        s
+    }
+
+    /// The certificate this schedule is for.
+    pub fn cert(&self) -> &CertInfo {
+        &self.cert
+    }
+
+    /// The same certificate, never renewed (the server cannot): only the
+    /// expiry warning.
+    pub fn never(self) -> Schedule {
+        Schedule::with_renewal(self.cert, None, false)
     }
 
     /// Whether a renewal is due, by either clock.
@@ -180,33 +160,25 @@ impl Schedule {
 
     /// Whether to warn at `now`: within 30 days of the end, and past the
     /// planned renewal (which has not happened, or this is a new schedule).
-    fn expiring(&self, info: &CertInfo, now: SystemTime) -> Option<ExpiryNotice> {
-        expiry_notice(info.not_after, now).filter(|_| now >= self.planned)
+    fn expiring(&self, now: SystemTime) -> Option<ExpiryNotice> {
+        expiry_notice(self.cert.not_after, now).filter(|_| now >= self.planned)
     }
 
-    /// Logs a warning when `info` expires within 30 days and was not
-    /// renewed when planned, once a day.
-    pub fn warn_if_expiring(&mut self, info: &CertInfo) {
+    /// Logs a warning when the certificate expires within 30 days and was
+    /// not renewed when planned, once a day.
+    pub fn warn_if_expiring(&mut self) {
         if Instant::now() < self.next_warning {
             return;
         }
-        if let Some(notice) = self.expiring(info, SystemTime::now()) {
+        if let Some(notice) = self.expiring(SystemTime::now()) {
             self.next_warning = Instant::now() + WARN_EVERY;
             tracing::warn!(
-                serial = %info.serial,
+                serial = %self.cert.serial,
                 "the mount's client certificate {notice}; it renews itself (watch for renewal \
                  errors) or issue a new one with `secretfs client renew`"
             );
         }
     }
-}
-
-/// A number in 0..1 that differs between processes and calls (std's
-/// randomly keyed hasher: no need for a random number crate).
-fn random_fraction() -> f64 {
-    use std::hash::BuildHasher;
-    let n = std::collections::hash_map::RandomState::new().hash_one(std::time::Instant::now());
-    (n >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// A wall-clock time as a monotonic instant (now, if it has passed).
@@ -215,16 +187,47 @@ fn at(t: SystemTime) -> Instant {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rcgen::PublicKeyData;
 
     use super::*;
-    use crate::certificate::tests::cert_and_key;
+
+    /// A self-signed certificate valid `days` from now, and its key.
+    pub fn cert_and_key(days: i64) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["x.test".into()]).unwrap();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, "web-1");
+        params.distinguished_name = dn;
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x4a, 0x01, 0xff]));
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(days);
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn two_thirds_of_a_thirty_day_life() {
+        let (cert, _) = cert_and_key(29);
+        let info = CertInfo::parse(cert.as_bytes()).unwrap();
+        let left = info.remaining(SystemTime::now()).as_secs() / 86_400;
+        assert_eq!(left, 28, "29 days minus the seconds since");
+        let two_thirds = info.point_in_life(2.0 / 3.0);
+        assert_eq!(
+            two_thirds
+                .duration_since(info.not_before)
+                .unwrap()
+                .as_secs(),
+            20 * 86_400
+        );
+    }
 
     #[test]
     fn a_request_is_a_csr_for_a_new_key_of_the_same_kind() {
-        let (_, key) = cert_and_key(30);
-        let req = new_request(key.as_bytes(), "web-1").unwrap();
+        let (cert, key) = cert_and_key(30);
+        let kind = CertInfo::parse(cert.as_bytes()).unwrap().key_kind;
+        let req = new_request(kind, "web-1").unwrap();
         assert!(req
             .csr_pem
             .starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
@@ -233,8 +236,18 @@ mod tests {
         let new_key = rcgen::KeyPair::from_pem(std::str::from_utf8(&req.key_pem).unwrap()).unwrap();
         assert_eq!(parsed.public_key.der_bytes(), new_key.public_key_raw());
         assert_eq!(new_key.algorithm(), &rcgen::PKCS_ECDSA_P256_SHA256);
-        // Unreadable old key: P-256.
-        assert!(new_request(b"junk", "web-1").is_ok());
+        let kind_of = |req: Request| {
+            rcgen::KeyPair::from_pem(std::str::from_utf8(&req.key_pem).unwrap())
+                .unwrap()
+                .algorithm()
+        };
+        let p384 = new_request(KeyKind::EcdsaP384, "web-1").unwrap();
+        assert_eq!(kind_of(p384), &rcgen::PKCS_ECDSA_P384_SHA384);
+        let ed = new_request(KeyKind::Ed25519, "web-1").unwrap();
+        assert_eq!(kind_of(ed), &rcgen::PKCS_ED25519);
+        // A kind rcgen cannot make (RSA): P-256.
+        let other = new_request(KeyKind::Other, "web-1").unwrap();
+        assert_eq!(kind_of(other), &rcgen::PKCS_ECDSA_P256_SHA256);
     }
 
     #[test]
@@ -242,14 +255,14 @@ mod tests {
         let (cert, _) = cert_and_key(29); // valid from a day ago, 30 days
         let info = CertInfo::parse(cert.as_bytes()).unwrap();
         assert_eq!(days_like(&info), 30);
-        let s = Schedule::new(&info, None);
+        let s = Schedule::new(info.clone(), None);
         assert!(!s.due(), "day 1 of 30 is before 2/3");
         // 2/3 of 30 days is day 20 (19 days from now), plus up to 3 days.
         let left = s.due.saturating_duration_since(Instant::now()).as_secs();
         assert!((19 * 86_400 - 60..=22 * 86_400).contains(&left), "{left}");
         let dues: std::collections::BTreeSet<_> = (0..8)
             .map(|_| {
-                Schedule::new(&info, None)
+                Schedule::new(info.clone(), None)
                     .due
                     .saturating_duration_since(Instant::now())
                     .as_secs()
@@ -259,14 +272,14 @@ mod tests {
         assert!(dues.len() > 1, "jittered: {dues:?}");
 
         let (old, _) = cert_and_key(0); // a day old, expires now: past 2/3
-        let mut s = Schedule::new(&CertInfo::parse(old.as_bytes()).unwrap(), None);
+        let mut s = Schedule::new(CertInfo::parse(old.as_bytes()).unwrap(), None);
         assert!(s.due(), "past its end: at once");
         let d = s.failed();
         assert!(d >= RETRY_FIRST / 2 && d <= RETRY_FIRST, "{d:?}");
         assert!(!s.due(), "not again before the backoff");
 
         // Suspended or paused: the monotonic clock stood still.
-        let mut s = Schedule::new(&info, None);
+        let mut s = Schedule::new(info.clone(), None);
         s.due_wall = SystemTime::now() - Duration::from_secs(1);
         assert!(s.due(), "the wall clock says it is time");
 
@@ -274,21 +287,21 @@ mod tests {
         // warned about only once its renewal is overdue.
         let (week, _) = cert_and_key(6);
         let week = CertInfo::parse(week.as_bytes()).unwrap();
-        let s = Schedule::new(&week, None);
-        assert_eq!(s.expiring(&week, SystemTime::now()), None, "day 1 of 7");
-        let notice = s
-            .expiring(&week, s.planned + Duration::from_secs(1))
-            .unwrap();
+        let s = Schedule::new(week, None);
+        assert_eq!(s.expiring(SystemTime::now()), None, "day 1 of 7");
+        let notice = s.expiring(s.planned + Duration::from_secs(1)).unwrap();
         assert!(
             notice.to_string().starts_with("expires within 30 days"),
             "{notice}"
         );
 
-        let s = Schedule::with_renewal(&info, Some(Duration::ZERO), false);
+        let s = Schedule::with_renewal(info.clone(), Some(Duration::ZERO), false);
         assert!(!s.due(), "--no-renew: never");
-        let mut s = Schedule::new(&info, Some(Duration::ZERO));
+        let s = Schedule::new(info.clone(), Some(Duration::ZERO));
         assert!(s.due(), "--renew-after 0s: at once");
-        s.reset(&info);
+        assert!(!s.never().due(), "the server cannot renew it: never");
+        // The next certificate's schedule is made without it.
+        let s = Schedule::new(info, None);
         assert!(!s.due(), "--renew-after applies to the first renewal only");
     }
 }

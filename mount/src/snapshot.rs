@@ -25,6 +25,10 @@ pub struct SecretFile {
     pub group: Option<u32>,
     /// When this version was created (unix seconds): the file's mtime.
     pub mtime: i64,
+    /// The server's digest of the metadata sent (`SecretMeta.meta_digest`),
+    /// echoed in `KnownSecret` on reconnect; 0 where none came (a static
+    /// mount). Not part of the fingerprint: nothing shown depends on it.
+    pub meta_digest: u64,
     pub content: Arc<SecretBytes>,
 }
 
@@ -206,6 +210,7 @@ pub(crate) mod tests {
             owner: None,
             group: None,
             mtime: 1_700_000_000 + version as i64,
+            meta_digest: 0,
             content: Arc::new(SecretBytes::copy_from(content)),
         }
     }

@@ -67,6 +67,7 @@ fn snapshot(secrets: Vec<StaticSecret>) -> Snapshot {
                 owner: s.owner,
                 group: s.group,
                 mtime: s.created_at,
+                meta_digest: 0,
                 content,
             }
         })
@@ -96,7 +97,7 @@ impl StaticMount {
             uid,
             gid,
             mode,
-            force: Force::NONE,
+            force: Force::default(),
         };
         let tree = Arc::new(Mutex::new(Tree::new(defaults, SystemTime::now())));
         let mut updater = Updater::new(

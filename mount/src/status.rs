@@ -8,8 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::certificate::rfc3339;
 use crate::snapshot::Snapshot;
+use secretfs_proto::cert::{rfc3339, CertInfo};
+
+use crate::tree::Force;
 
 /// What the sync loop knows about its connection; the snapshot supplies
 /// the rest.
@@ -39,9 +41,7 @@ pub struct SyncState {
     /// With the caller check on: the processes it refused.
     pub refused_callers: Option<crate::guard::RefusalCounts>,
     /// The client certificate in use, when it could be read.
-    pub cert: Option<crate::certificate::CertInfo>,
-    /// `--force-uid`/`--force-gid`/`--force-mode`.
-    pub force: crate::tree::Force,
+    pub cert: Option<CertInfo>,
 }
 
 #[derive(Serialize)]
@@ -96,7 +96,9 @@ struct SkippedJson<'a> {
 }
 
 /// Renders the status file (pretty JSON and a trailing newline, for `cat`).
-pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
+/// `force`: `--force-uid`/`--force-gid`/`--force-mode`, as the tree applies
+/// them.
+pub fn render(state: &SyncState, force: Force, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
     let note = if state.fail_closed {
         Some(format!(
             "cut off from the server for more than {} s (--max-stale): every secret read fails \
@@ -135,9 +137,9 @@ pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
         fail_closed: state.fail_closed,
         cert_serial: state.cert.as_ref().map(|c| c.serial.as_str()),
         cert_not_after: state.cert.as_ref().map(|c| rfc3339(c.not_after)),
-        force_uid: state.force.uid,
-        force_gid: state.force.gid,
-        force_mode: state.force.mode.map(|m| format!("{m:04o}")),
+        force_uid: force.uid,
+        force_gid: force.gid,
+        force_mode: force.mode.map(|m| format!("{m:04o}")),
         secrets: snap
             .files()
             .iter()
@@ -191,7 +193,12 @@ mod tests {
             file(1, 4, "db/password", b"never shown"),
             file(2, 1, ".env", b"x"),
         ]);
-        let raw = render(&state, &snap, t0 + Duration::from_secs(12));
+        let raw = render(
+            &state,
+            Force::default(),
+            &snap,
+            t0 + Duration::from_secs(12),
+        );
         assert!(!String::from_utf8_lossy(&raw).contains("never shown"));
         let v = parse(&raw);
         assert_eq!(v["identity"], "web-1");
@@ -212,18 +219,18 @@ mod tests {
 
     #[test]
     fn certificate_and_forced_attributes() {
-        let (cert, _) = crate::certificate::tests::cert_and_key(10);
-        let info = crate::certificate::CertInfo::parse(cert.as_bytes()).unwrap();
+        let (cert, _) = crate::renewal::tests::cert_and_key(10);
+        let info = CertInfo::parse(cert.as_bytes()).unwrap();
         let state = SyncState {
             cert: Some(info.clone()),
-            force: crate::tree::Force {
-                uid: Some(1000),
-                gid: None,
-                mode: Some(0o440),
-            },
             ..Default::default()
         };
-        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
+        let force = Force {
+            uid: Some(1000),
+            gid: None,
+            mode: Some(0o440),
+        };
+        let v = parse(&render(&state, force, &Snapshot::empty(), UNIX_EPOCH));
         assert_eq!(v["cert_serial"], "4a01ff");
         assert_eq!(v["cert_not_after"], rfc3339(info.not_after));
         assert!(v["cert_not_after"].as_str().unwrap().ends_with('Z'));
@@ -239,7 +246,12 @@ mod tests {
             connected: true,
             ..Default::default()
         };
-        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
+        let v = parse(&render(
+            &state,
+            Force::default(),
+            &Snapshot::empty(),
+            UNIX_EPOCH,
+        ));
         assert!(v["note"].as_str().unwrap().contains("no secrets granted"));
         assert_eq!(v["identity"], Value::Null);
     }
@@ -258,6 +270,7 @@ mod tests {
         };
         let v = parse(&render(
             &state,
+            Force::default(),
             &Snapshot::empty(),
             UNIX_EPOCH + Duration::from_secs(90),
         ));
@@ -281,7 +294,12 @@ mod tests {
             fail_closed: true,
             ..Default::default()
         };
-        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
+        let v = parse(&render(
+            &state,
+            Force::default(),
+            &Snapshot::empty(),
+            UNIX_EPOCH,
+        ));
         assert_eq!(v["fail_closed"], true);
         assert_eq!(v["max_stale_seconds"], 5);
         assert!(v["note"].as_str().unwrap().contains("EIO"));

@@ -24,23 +24,26 @@ use secretfs_proto::channel::{error_chain, ConnectFailure};
 use secretfs_proto::credentials::{key_matches, FileContents};
 use secretfs_proto::files::ReplaceError;
 use secretfs_proto::v1::secrets_client::SecretsClient;
-use secretfs_proto::v1::{Empty, RenewCertificateRequest, WatchEvent, WatchRequest};
+use secretfs_proto::v1::{
+    Empty, RenewCertificateRequest, ReportRefusalsRequest, WatchEvent, WatchRequest,
+};
 use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
-use zeroize::Zeroizing;
 
 use crate::backoff::Backoff;
-use crate::certificate::{rfc3339, CertInfo};
-use crate::credentials::CredentialWatch;
+use crate::credentials::{CredentialWatch, Pair};
 use crate::renewal::{self, Schedule};
 use crate::snapshot::Snapshot;
 use crate::watch::{EventError, Mirror};
+use secretfs_proto::cert::{rfc3339, CertInfo};
 
 /// How long one RPC (or a stream's first event) may take before we call the
-/// server unreachable.
+/// server unreachable: the channel's call timeout
+/// ([`secretfs_proto::connect_with_call_timeout`]), and the wait for a
+/// Watch's initial event.
 pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(20);
 /// One message: a server that does not split changes sends a client's
 /// whole view in its initial event (the parts of a split one are bounded
@@ -130,9 +133,7 @@ impl SecretsSource {
 
     /// The client's name as the server sees it.
     pub async fn whoami(&mut self) -> Result<String, SyncError> {
-        let mut req = tonic::Request::new(Empty {});
-        req.set_timeout(RPC_TIMEOUT);
-        let resp = self.client.who_am_i(req).await.map_err(classify)?;
+        let resp = self.client.who_am_i(Empty {}).await.map_err(classify)?;
         Ok(resp.into_inner().client)
     }
 
@@ -142,18 +143,27 @@ impl SecretsSource {
         csr_pem: String,
         days: u32,
     ) -> Result<secretfs_proto::v1::RenewCertificateResponse, tonic::Status> {
-        let mut req = tonic::Request::new(RenewCertificateRequest { csr_pem, days });
-        req.set_timeout(RPC_TIMEOUT);
+        let req = RenewCertificateRequest { csr_pem, days };
         Ok(self.client.renew_certificate(req).await?.into_inner())
     }
 
-    /// Opens a Watch stream. No deadline on the request itself: it would
-    /// apply to the whole stream.
+    /// Sends the caller check's refusals to the server's audit log.
+    pub async fn report_refusals(
+        &mut self,
+        refusals: Vec<secretfs_proto::v1::Refusal>,
+    ) -> Result<(), tonic::Status> {
+        let req = ReportRefusalsRequest { refusals };
+        self.client.report_refusals(req).await.map(drop)
+    }
+
+    /// Opens a Watch stream. The channel's call timeout bounds the wait
+    /// for the answer, not the stream after it.
     pub async fn watch(&mut self, req: WatchRequest) -> Result<Streaming<WatchEvent>, SyncError> {
-        match tokio::time::timeout(RPC_TIMEOUT, self.client.watch(req)).await {
-            Ok(r) => r.map(tonic::Response::into_inner).map_err(classify),
-            Err(_) => Err(SyncError::Unreachable("no answer to Watch in time".into())),
-        }
+        self.client
+            .watch(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(classify)
     }
 
     /// Opens a from-scratch stream and applies its initial event: the first
@@ -267,19 +277,18 @@ pub struct Live {
     pub credentials: Option<CredentialWatch>,
     /// Interval of the from-scratch safety-net resync.
     pub refresh: Duration,
-    /// The certificate in use (`None`: unreadable, so never renewed).
-    pub cert: Option<CertInfo>,
-    /// When to renew it (and warn of its expiry); `None` while no
-    /// certificate could be read. Recomputed for every certificate put in use.
+    /// The certificate in use and when to renew it (and warn of its
+    /// expiry); `None` while no certificate could be read (never renewed).
+    /// A new one for every certificate put in use.
     pub renewal: Option<Schedule>,
     /// `--no-renew` not given.
     pub renew: bool,
     /// A renewal in flight: a task of its own, so the Watch stream is read
     /// (rotations applied) while the server answers.
-    pub renewing: Option<tokio::task::JoinHandle<Result<Renewal, Failure>>>,
-    /// Others that connect as this client (the refusal reporter) follow
-    /// the certificate in use.
-    pub identity: tokio::sync::watch::Sender<ConnectConfig>,
+    pub renewing: Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
+    /// The connection in use, for others that call as this client (the
+    /// refusal reporter): a clone shares the channel.
+    pub connection: tokio::sync::watch::Sender<SecretsSource>,
 }
 
 /// Why a stream was left.
@@ -388,14 +397,8 @@ async fn follow(
                 Ok(Step::Stop(e)) | Err(e) => return Stop::Failed(e),
             },
             () = &mut full => return Stop::Now,
-            _ = creds.tick() => {
-                if credentials_tick(live, events).await {
-                    return Stop::Now;
-                }
-            }
-            outcome = renewal_done(&mut live.renewing) => {
-                live.renewing = None;
-                if finish_renewal(live, outcome, events).await {
+            chore = next_chore(creds, &mut live.renewing) => {
+                if chore.run(live, events).await {
                     return Stop::Now;
                 }
             }
@@ -415,17 +418,45 @@ async fn pause(
     loop {
         tokio::select! {
             () = &mut until => return,
-            _ = creds.tick() => {
-                if credentials_tick(live, events).await {
+            chore = next_chore(creds, &mut live.renewing) => {
+                if chore.run(live, events).await {
                     return;
                 }
             }
-            outcome = renewal_done(&mut live.renewing) => {
-                live.renewing = None;
-                if finish_renewal(live, outcome, events).await {
-                    return;
-                }
-            }
+        }
+    }
+}
+
+/// What the loop does beside the stream, followed or not.
+enum Chore {
+    /// Time to read the credential files.
+    Poll,
+    /// A renewal in flight ended.
+    Renewed(Result<Pair, Failure>),
+}
+
+/// The next chore. Only waits (cancel-safe): the chore itself runs in the
+/// select's handler, so a stream message cannot cut it short.
+async fn next_chore(
+    creds: &mut Interval,
+    renewing: &mut Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
+) -> Chore {
+    tokio::select! {
+        biased;
+        _ = creds.tick() => Chore::Poll,
+        outcome = renewal_done(renewing) => {
+            *renewing = None;
+            Chore::Renewed(outcome)
+        }
+    }
+}
+
+impl Chore {
+    /// True when a new certificate is in use.
+    async fn run(self, live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
+        match self {
+            Chore::Poll => credentials_tick(live, events).await,
+            Chore::Renewed(outcome) => finish_renewal(live, outcome, events).await,
         }
     }
 }
@@ -434,25 +465,24 @@ async fn pause(
 /// True when a new certificate is in use: the stream must be reopened with
 /// it.
 async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> bool {
-    if let Some(renewed) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
+    if let Some(pair) = live.credentials.as_mut().and_then(CredentialWatch::poll) {
         tracing::info!("the client certificate or key changed; reconnecting with the new one");
         if let Some(task) = live.renewing.take() {
             // For the pair just replaced: the new one wins.
             task.abort();
         }
-        if use_credentials(live, renewed.cert_pem, renewed.key_pem, events).await {
+        if use_credentials(live, pair, events).await {
             return true;
         }
     }
-    let (Some(info), Some(schedule)) = (&live.cert, &mut live.renewal) else {
+    let Some(schedule) = &mut live.renewal else {
         return false;
     };
-    schedule.warn_if_expiring(info);
+    schedule.warn_if_expiring();
     if live.renewing.is_none() && schedule.due() {
         live.renewing = Some(tokio::spawn(renewal_attempt(
             live.source.clone(),
-            live.connect.key_pem.clone(),
-            info.clone(),
+            schedule.cert().clone(),
         )));
     }
     false
@@ -460,8 +490,8 @@ async fn credentials_tick(live: &mut Live, events: &mpsc::Sender<SyncEvent>) -> 
 
 /// A renewal's outcome, when one is in flight (else never).
 async fn renewal_done(
-    task: &mut Option<tokio::task::JoinHandle<Result<Renewal, Failure>>>,
-) -> Result<Renewal, Failure> {
+    task: &mut Option<tokio::task::JoinHandle<Result<Pair, Failure>>>,
+) -> Result<Pair, Failure> {
     match task {
         Some(task) => task
             .await
@@ -470,23 +500,11 @@ async fn renewal_done(
     }
 }
 
-/// A new certificate from the server, checked against its new key.
-pub struct Renewal {
-    cert_pem: Vec<u8>,
-    key_pem: Zeroizing<Vec<u8>>,
-    new: CertInfo,
-}
-
-/// Asks the server to renew `info` (see [`crate::renewal`]): a new key
-/// like `key_pem`'s, a CSR, the RPC.
-async fn renewal_attempt(
-    mut source: SecretsSource,
-    key_pem: Zeroizing<Vec<u8>>,
-    info: CertInfo,
-) -> Result<Renewal, Failure> {
+/// Asks the server to renew `info` (see [`crate::renewal`]): a new key of
+/// its key's kind, a CSR, the RPC.
+async fn renewal_attempt(mut source: SecretsSource, info: CertInfo) -> Result<Pair, Failure> {
     let name = info.common_name.as_deref().unwrap_or("secretfs-mount");
-    let req = renewal::new_request(&key_pem, name).map_err(Failure::Retry)?;
-    drop(key_pem);
+    let req = renewal::new_request(info.key_kind, name).map_err(Failure::Retry)?;
     let resp = source
         .renew_certificate(req.csr_pem.clone(), renewal::days_like(&info))
         .await
@@ -514,11 +532,11 @@ async fn renewal_attempt(
         },
     )
     .map_err(|e| unusable(e.to_string()))?;
-    let new = CertInfo::parse(&cert_pem).map_err(|e| unusable(e.to_string()))?;
-    Ok(Renewal {
+    let info = CertInfo::parse(&cert_pem).map_err(|e| unusable(e.to_string()))?;
+    Ok(Pair {
         cert_pem,
         key_pem: req.key_pem,
-        new,
+        info,
     })
 }
 
@@ -527,25 +545,18 @@ async fn renewal_attempt(
 /// in use.
 async fn finish_renewal(
     live: &mut Live,
-    outcome: Result<Renewal, Failure>,
+    outcome: Result<Pair, Failure>,
     events: &mpsc::Sender<SyncEvent>,
 ) -> bool {
-    let Renewal {
-        cert_pem,
-        key_pem,
-        new,
-    } = match outcome {
+    let pair = match outcome {
         Ok(r) => r,
         Err(Failure::Never(error)) => {
             // The expiry warning stays; a new pair written over the files
             // brings a new schedule.
-            live.renewal = live
-                .cert
-                .as_ref()
-                .map(|c| Schedule::with_renewal(c, None, false));
+            live.renewal = live.renewal.take().map(Schedule::never);
             tracing::warn!(
                 %error,
-                not_after = live.cert.as_ref().map(|c| rfc3339(c.not_after)),
+                not_after = live.renewal.as_ref().map(|s| rfc3339(s.cert().not_after)),
                 "the server cannot renew this client's certificate; the mount will not try again: \
                  renew it where it was issued and write it over the files (the mount picks it up)"
             );
@@ -560,7 +571,7 @@ async fn finish_renewal(
             tracing::warn!(
                 %error,
                 retry_in = %humantime::format_duration(Duration::from_secs(retry.as_secs())),
-                not_after = live.cert.as_ref().map(|c| rfc3339(c.not_after)),
+                not_after = live.renewal.as_ref().map(|s| rfc3339(s.cert().not_after)),
                 "could not renew the client certificate; the mount keeps serving with the current one"
             );
             return false;
@@ -572,31 +583,31 @@ async fn finish_renewal(
         // poll, theirs wins (the next poll takes it up).
         match secretfs_proto::files::replace_pair(
             &files.cert,
-            &cert_pem,
+            &pair.cert_pem,
             &files.key,
-            &key_pem,
+            &pair.key_pem,
             || watch.unchanged_on_disk(),
         ) {
             Ok(()) => {
-                watch.written(&cert_pem, &key_pem);
+                watch.written(&pair.cert_pem, &pair.key_pem);
                 tracing::info!(
-                    serial = %new.serial,
-                    not_after = %rfc3339(new.not_after),
+                    serial = %pair.info.serial,
+                    not_after = %rfc3339(pair.info.not_after),
                     cert = %files.cert.display(),
                     key = %files.key.display(),
                     "renewed the client certificate and replaced its files"
                 );
             }
             Err(ReplaceError::ChangedMeanwhile { .. }) => tracing::info!(
-                serial = %new.serial,
+                serial = %pair.info.serial,
                 cert = %files.cert.display(),
                 key = %files.key.display(),
                 "renewed the client certificate, but its files changed meanwhile: left them as they \
                  are; using the renewed one until the next check of the files takes up theirs"
             ),
             Err(error) => tracing::warn!(
-                serial = %new.serial,
-                not_after = %rfc3339(new.not_after),
+                serial = %pair.info.serial,
+                not_after = %rfc3339(pair.info.not_after),
                 cert = %files.cert.display(),
                 key = %files.key.display(),
                 %error,
@@ -606,12 +617,12 @@ async fn finish_renewal(
         }
     } else {
         tracing::info!(
-            serial = %new.serial,
-            not_after = %rfc3339(new.not_after),
+            serial = %pair.info.serial,
+            not_after = %rfc3339(pair.info.not_after),
             "renewed the client certificate (kept in memory: no files given)"
         );
     }
-    use_credentials(live, cert_pem, key_pem, events).await
+    use_credentials(live, pair, events).await
 }
 
 /// Why a renewal failed.
@@ -622,33 +633,22 @@ pub enum Failure {
     Never(String),
 }
 
-/// Rebuilds the channel with a new certificate and key.
-async fn use_credentials(
-    live: &mut Live,
-    cert_pem: Vec<u8>,
-    key_pem: zeroize::Zeroizing<Vec<u8>>,
-    events: &mpsc::Sender<SyncEvent>,
-) -> bool {
+/// Rebuilds the channel with a new (checked) certificate and key.
+async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<SyncEvent>) -> bool {
     let mut cfg = live.connect.clone();
-    cfg.cert_pem = cert_pem;
-    cfg.key_pem = key_pem;
-    match secretfs_proto::connect_lazy(&cfg) {
+    cfg.cert_pem = pair.cert_pem;
+    cfg.key_pem = pair.key_pem;
+    match secretfs_proto::connect_lazy(&cfg, RPC_TIMEOUT) {
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
-            live.cert = CertInfo::parse(&cfg.cert_pem).ok();
+            let _ = events.send(SyncEvent::Certificate(pair.info.clone())).await;
             // A new schedule for every certificate in use: one that was
             // off (not readable at start, or refused by the server as an
             // external client's) comes back with new files.
-            live.renewal = live
-                .cert
-                .as_ref()
-                .map(|info| Schedule::with_renewal(info, None, live.renew));
-            if let Some(info) = &live.cert {
-                let _ = events.send(SyncEvent::Certificate(info.clone())).await;
-            }
+            live.renewal = Some(Schedule::with_renewal(pair.info, None, live.renew));
             // The old key is wiped as it is dropped.
             live.connect = cfg;
-            let _ = live.identity.send(live.connect.clone());
+            let _ = live.connection.send(live.source.clone());
             true
         }
         Err(e) => {

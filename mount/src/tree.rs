@@ -100,14 +100,6 @@ pub struct Force {
     pub mode: Option<u32>,
 }
 
-impl Force {
-    pub const NONE: Force = Force {
-        uid: None,
-        gid: None,
-        mode: None,
-    };
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Dir,
@@ -218,6 +210,11 @@ enum Want {
 }
 
 impl Tree {
+    /// `--force-uid`/`--force-gid`/`--force-mode`.
+    pub fn force(&self) -> Force {
+        self.defaults.force
+    }
+
     /// An empty tree (only the root and `.secretfs/status`).
     pub fn new(defaults: Defaults, now: SystemTime) -> Tree {
         let dir_attr = |ino| Attr {
@@ -753,7 +750,11 @@ mod tests {
         uid: 1000,
         gid: 2000,
         mode: 0o400,
-        force: Force::NONE,
+        force: Force {
+            uid: None,
+            gid: None,
+            mode: None,
+        },
     };
 
     fn tree(files: Vec<SecretFile>) -> Tree {
@@ -1387,7 +1388,7 @@ mod properties {
         fn apply_keeps_the_tree_consistent(
             steps in prop::collection::vec((candidates(), any::<bool>()), 1..8)
         ) {
-            let defaults = Defaults { uid: 1000, gid: 2000, mode: DEFAULTS_MODE, force: Force::NONE };
+            let defaults = Defaults { uid: 1000, gid: 2000, mode: DEFAULTS_MODE, force: Force::default() };
             let mut t = Tree::new(defaults, UNIX_EPOCH);
             let mut held: HashMap<u64, u64> = HashMap::new();
             let mut before = Seen::default();

@@ -28,7 +28,7 @@
 //!   for anything else is refused. Each held secret's metadata digest is
 //!   sent back in `known`, so the server knows which metadata we hold.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use secretfs_proto::v1::{KnownSecret, SecretContent, SecretMeta, WatchEvent, WatchRequest};
@@ -113,9 +113,6 @@ pub struct Mirror {
     /// The names the last snapshot showed: they keep their place when a
     /// newcomer conflicts with them (only names: no content kept alive).
     shown: HashSet<String>,
-    /// The metadata digest the server sent with each held secret (see
-    /// `SecretMeta.meta_digest`), echoed in `known`.
-    digests: HashMap<String, u64>,
 }
 
 /// One change, possibly gathered from several messages; its content is in
@@ -124,8 +121,6 @@ struct Change {
     revision: u64,
     initial: bool,
     upserts: Vec<SecretFile>,
-    /// The metadata digest of each upsert, in the same order.
-    upsert_digests: Vec<u64>,
     removals: Vec<String>,
     /// Metadata without content, for secrets held at that version.
     meta_updates: Vec<SecretMeta>,
@@ -148,7 +143,6 @@ impl Mirror {
             pending: None,
             max_change: MAX_CHANGE,
             shown: HashSet::new(),
-            digests: HashMap::new(),
         }
     }
 
@@ -172,7 +166,7 @@ impl Mirror {
                     name: f.name.clone(),
                     id: f.id,
                     version: f.version,
-                    meta_digest: self.digests.get(&f.name).copied().unwrap_or(0),
+                    meta_digest: f.meta_digest,
                 })
                 .collect()
         };
@@ -194,7 +188,6 @@ impl Mirror {
     pub fn clear(&mut self) {
         self.held.clear();
         self.shown.clear();
-        self.digests.clear();
         self.stream = Stream::Closed;
         self.pending = None;
     }
@@ -237,7 +230,6 @@ impl Mirror {
                 revision: msg.revision,
                 initial: msg.initial,
                 upserts: Vec::new(),
-                upsert_digests: Vec::new(),
                 removals: Vec::new(),
                 meta_updates: Vec::new(),
                 size: 0,
@@ -273,11 +265,6 @@ impl Mirror {
                 limit: self.max_change,
             });
         }
-        change.upsert_digests.extend(
-            msg.upserts
-                .iter()
-                .map(|sc| sc.meta.as_ref().map_or(0, |m| m.meta_digest)),
-        );
         change.upserts.extend(msg.upserts.iter_mut().map(file_from));
         change.removals.append(&mut msg.removals);
         change.meta_updates.append(&mut msg.meta_updates);
@@ -296,9 +283,6 @@ impl Mirror {
         } else {
             self.held.clone()
         };
-        if from_scratch {
-            self.digests.clear();
-        }
         let applied = Applied {
             upserts: change.upserts.len() + change.meta_updates.len(),
             removals: change.removals.len(),
@@ -306,10 +290,8 @@ impl Mirror {
         for name in &change.removals {
             // A name we never held: the server's view and ours already agree.
             held.remove(name);
-            self.digests.remove(name);
         }
-        for (file, digest) in change.upserts.into_iter().zip(change.upsert_digests) {
-            self.digests.insert(file.name.clone(), digest);
+        for file in change.upserts {
             held.insert(file.name.clone(), file);
         }
         for meta in &change.meta_updates {
@@ -320,7 +302,7 @@ impl Mirror {
                 file.mode = meta.mode;
                 file.owner = meta.owner;
                 file.group = meta.group;
-                self.digests.insert(meta.name.clone(), meta.meta_digest);
+                file.meta_digest = meta.meta_digest;
             }
         }
         self.held = held;
@@ -477,6 +459,7 @@ fn file_from(sc: &mut SecretContent) -> SecretFile {
         owner: m.owner,
         group: m.group,
         mtime: m.version_created_at,
+        meta_digest: m.meta_digest,
         content: {
             let locked = Arc::new(SecretBytes::copy_from(&sc.content));
             sc.content.zeroize();
@@ -584,7 +567,7 @@ pub(crate) mod tests {
         // The digest goes back to the server with what is held.
         m.closed();
         let req = m.request(false);
-        let known: HashMap<_, _> = req
+        let known: std::collections::HashMap<_, _> = req
             .known
             .iter()
             .map(|k| (k.name.as_str(), k.meta_digest))

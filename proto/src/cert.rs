@@ -1,13 +1,15 @@
 //! What every part of secretfs reads from a certificate, and says about
 //! its time: serial and validity ([`CertInfo`]), the one time format
 //! ([`rfc3339`]), and the expiry warning ([`expiry_notice`]). The server,
-//! the CLI and the mount all use these, so they say the same thing.
+//! the CLI and the mount all use these, so they say the same thing. Also
+//! the one way a client's new key and CSR are made ([`new_key_and_csr`]).
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use zeroize::Zeroizing;
 
 /// Warn this long before a certificate expires.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
@@ -21,6 +23,39 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// The subject's common name, if any.
     pub common_name: Option<String>,
+    /// The kind of its public key: a renewal makes a new key of the same
+    /// kind without reading the private one.
+    pub key_kind: KeyKind,
+}
+
+/// The public key kinds secretfs can make a key of; `Other` for the rest
+/// (RSA, other curves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    EcdsaP256,
+    EcdsaP384,
+    Ed25519,
+    Other,
+}
+
+impl KeyKind {
+    fn of(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> KeyKind {
+        use x509_parser::oid_registry::{
+            OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_SIG_ED25519,
+        };
+        let alg = &spki.algorithm;
+        if alg.algorithm == OID_SIG_ED25519 {
+            return KeyKind::Ed25519;
+        }
+        if alg.algorithm != OID_KEY_TYPE_EC_PUBLIC_KEY {
+            return KeyKind::Other;
+        }
+        match alg.parameters.as_ref().and_then(|p| p.as_oid().ok()) {
+            Some(curve) if curve == OID_EC_P256 => KeyKind::EcdsaP256,
+            Some(curve) if curve == OID_NIST_EC_P384 => KeyKind::EcdsaP384,
+            _ => KeyKind::Other,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,6 +65,32 @@ pub enum CertError {
     NotPem(String),
     #[error("the certificate cannot be parsed: {0}")]
     Parse(String),
+}
+
+/// A new key of `kind` (ECDSA P-256 for [`KeyKind::Other`]: rcgen makes no
+/// RSA keys) and a CSR for it naming `common_name`: the key's PEM, the
+/// CSR's PEM.
+pub fn new_key_and_csr(
+    common_name: &str,
+    kind: KeyKind,
+) -> Result<(Zeroizing<String>, String), rcgen::Error> {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256,
+        PKCS_ECDSA_P384_SHA384, PKCS_ED25519,
+    };
+    let alg = match kind {
+        KeyKind::EcdsaP384 => &PKCS_ECDSA_P384_SHA384,
+        KeyKind::Ed25519 => &PKCS_ED25519,
+        KeyKind::EcdsaP256 | KeyKind::Other => &PKCS_ECDSA_P256_SHA256,
+    };
+    // rcgen's `zeroize` feature: the key's DER is wiped as it is dropped.
+    let key = Zeroizing::new(KeyPair::generate_for(alg)?);
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    let csr_pem = params.serialize_request(&*key)?.pem()?;
+    Ok((Zeroizing::new(key.serialize_pem()), csr_pem))
 }
 
 /// Unix seconds as a time (before 1970 too).
@@ -77,6 +138,7 @@ impl CertInfo {
             not_before: from_unix(validity.not_before.timestamp()),
             not_after: from_unix(validity.not_after.timestamp()),
             common_name,
+            key_kind: KeyKind::of(cert.public_key()),
         })
     }
 
@@ -180,6 +242,15 @@ mod tests {
         assert_eq!(info.serial, "4a01ff");
         assert_eq!(info.common_name.as_deref(), Some("web-1"));
         assert_eq!(info.lifetime().as_secs() / 86_400, 30);
+        assert_eq!(info.key_kind, KeyKind::EcdsaP256);
+        for (alg, kind) in [
+            (&rcgen::PKCS_ECDSA_P384_SHA384, KeyKind::EcdsaP384),
+            (&rcgen::PKCS_ED25519, KeyKind::Ed25519),
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            let pem = params.self_signed(&key).unwrap().pem();
+            assert_eq!(CertInfo::parse(pem.as_bytes()).unwrap().key_kind, kind);
+        }
         assert!(matches!(
             CertInfo::parse(key.serialize_pem().as_bytes()),
             Err(CertError::NotPem(_))

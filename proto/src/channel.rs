@@ -117,9 +117,13 @@ async fn connect_endpoint(config: &ConnectConfig, ep: Endpoint) -> Result<Channe
 }
 
 /// A channel that connects on first use and reconnects by itself: for
-/// long-running clients such as the mount.
-pub fn connect_lazy(config: &ConnectConfig) -> Result<Channel, ChannelError> {
-    Ok(endpoint(config)?.connect_lazy())
+/// long-running clients such as the mount. Calls time out as with
+/// [`connect_with_call_timeout`].
+pub fn connect_lazy(
+    config: &ConnectConfig,
+    call_timeout: Duration,
+) -> Result<Channel, ChannelError> {
+    Ok(endpoint(config)?.timeout(call_timeout).connect_lazy())
 }
 
 /// Joins an error and its sources into one line.

@@ -371,16 +371,8 @@ fn rsa_bits(modulus: &[u8]) -> usize {
 
 /// Makes a key and a CSR for `name` (the CLI's side of `client add`).
 pub fn new_csr(name: &str) -> Result<(Zeroizing<String>, String), Error> {
-    let key = KeyPair::generate().map_err(|e| pki("generating a key", e))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
-    params.distinguished_name = dn;
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| pki("making the CSR", e))?;
-    Ok((Zeroizing::new(key.serialize_pem()), csr))
+    secretfs_proto::cert::new_key_and_csr(name, secretfs_proto::cert::KeyKind::EcdsaP256)
+        .map_err(|e| pki("making a key and its CSR", e))
 }
 
 #[cfg(test)]
