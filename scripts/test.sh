@@ -53,4 +53,7 @@ if [ "$(cat "$python_target/.installed" 2>/dev/null)" != "$python_stamp" ]; then
     echo "$python_stamp" >"$python_target/.installed"
 fi
 
+# The end-to-end tests run target/debug/secretfs; `cargo test` alone does not
+# rebuild another package's binary, so a stale one would be tested silently.
+cargo build -p secretfs --bin secretfs
 cargo test --workspace "$@"
