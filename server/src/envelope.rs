@@ -109,6 +109,11 @@ impl MasterKey {
         MasterKey { raw, aead }
     }
 
+    /// The key's bytes, for deriving the keys of [`crate::keys`] only.
+    pub(crate) fn raw(&self) -> &[u8] {
+        &self.raw[..]
+    }
+
     pub fn generate() -> Result<Self, Error> {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
         SystemRandom::new()

@@ -15,8 +15,8 @@ use crate::domain::Action;
 use crate::error::Error;
 use crate::names::check_entity_name;
 use crate::pki::{rfc3339, Issued};
-use crate::state_dir::{replace_error, trust_domain, StateDir};
-use crate::store::{AuditEntry, NewClient, SqliteStore, Store, StoreError};
+use crate::state_dir::{open_store, replace_error, trust_domain, StateDir};
+use crate::store::{AuditEntry, NewClient, Store, StoreError};
 
 /// Who the audit log names for changes made this way.
 pub const LOCAL_ADMIN_CERT: &str = "local:admin-cert";
@@ -66,7 +66,7 @@ pub struct AdminCert {
 pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result<AdminCert, Error> {
     check_entity_name("client", name)?;
     let dir = existing(state_dir)?;
-    let store = SqliteStore::open(&dir.database(), false)?;
+    let (store, _keys) = open_store(&dir)?;
     let trust_domain = trust_domain(&store)?;
     let existing = match store.get_client(name) {
         Ok(c) => Some(c),
@@ -200,7 +200,7 @@ mod tests {
         let out = tmp.path().join("out");
         let again = admin_cert(&sd.path, &out, "admin", 0).unwrap();
         let fresh = admin_cert(&sd.path, &out, "root2", 7).unwrap();
-        let store = SqliteStore::open(&sd.database(), false).unwrap();
+        let (store, _keys) = open_store(&sd).unwrap();
         for (name, serial) in [("admin", &again.serial), ("root2", &fresh.serial)] {
             let facts = store.authenticate(name, serial).unwrap();
             assert!(facts.serial_issued, "{name}");

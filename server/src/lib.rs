@@ -36,6 +36,8 @@
 //! - [`host_certs`]: `server admin-cert` (break glass) and `server
 //!   reissue-cert`, made from the state directory's CA without the server.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
+//! - [`keys`]: the keys derived from the master key (row MACs, audit chain)
+//!   and the ring the server holds them in, old and new during a rekey.
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
 //! - [`names`]: the rules for names and every other client-given field.
 
@@ -50,6 +52,7 @@ mod error;
 mod harden;
 pub mod host_certs;
 mod identity;
+pub mod keys;
 mod limits;
 pub mod names;
 pub mod pki;

@@ -19,9 +19,9 @@ use crate::limits::LimitLayer;
 use crate::domain::{Domain, Settings};
 use crate::error::Error;
 use crate::service::{AdminService, SecretsService};
-use crate::state_dir::{load_master_key, trust_domain, verify_master_key, StateDir};
+use crate::state_dir::{open_store, trust_domain, StateDir};
 use crate::state_lock::StateLock;
-use crate::store::{SqliteStore, Store};
+use crate::store::Store;
 use crate::tls;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -231,12 +231,10 @@ impl Server {
                 tracing::warn!("{warning}");
             }
         }
-        let master = load_master_key(&dir.master_key())?;
-        let db = dir.database();
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db, false))
+        let opening = dir.clone();
+        let (store, keys) = tokio::task::spawn_blocking(move || open_store(&opening))
             .await
             .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
-        verify_master_key(&store, &master, &dir.master_key())?;
         let trust_domain = trust_domain(&store)?;
         let ca = dir.load_ca()?;
         let provider = tls::provider();
@@ -285,7 +283,7 @@ impl Server {
             max_secret_size: opts.max_secret_size,
         };
         let ca_not_after = ca.not_after;
-        let (domain, audit_thread) = Domain::start(store, master, ca, settings);
+        let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
         Ok(Server {
             listener,
             health_listener,

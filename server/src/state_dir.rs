@@ -15,11 +15,13 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
 use crate::envelope::{MasterKey, KEY_CHECK, KEY_CHECK_PLAINTEXT};
 use crate::error::Error;
+use crate::keys::KeyRing;
 use crate::names::check_entity_name;
 use crate::pki::Ca;
 use crate::store::{NewClient, SqliteStore, Store};
@@ -238,7 +240,10 @@ fn fill(dir: &StateDir, opts: &InitOptions) -> Result<(), Error> {
     write_new(&dir.admin_cert(), admin.cert_pem.as_bytes(), 0o644)?;
     write_new(&dir.admin_key(), key_bytes(&admin.key_pem), 0o600)?;
 
-    let store = SqliteStore::open(&dir.database(), true)?;
+    let keys = KeyRing::new(master);
+    let store = SqliteStore::open(&dir.database(), true, keys.clone())?;
+    let master = keys.get();
+    let master = master.current.master();
     store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
     let check = master.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?;
     let mut blob = check.wrapped_key.clone();
@@ -292,6 +297,16 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
             path.display()
         ))
     })
+}
+
+/// Loads the master key, opens the database under it and proves the two
+/// belong together: what `server run` and the commands that work on the
+/// state directory beside it (`admin-cert`, `verify`) start from.
+pub fn open_store(dir: &StateDir) -> Result<(SqliteStore, Arc<KeyRing>), Error> {
+    let keys = KeyRing::new(load_master_key(&dir.master_key())?);
+    let store = SqliteStore::open(&dir.database(), false, keys.clone())?;
+    verify_master_key(&store, keys.get().current.master(), &dir.master_key())?;
+    Ok((store, keys))
 }
 
 /// Proves the master key is the one this database was made with.
@@ -358,9 +373,8 @@ mod tests {
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
         );
-        let key = load_master_key(&sd.master_key()).unwrap();
-        let store = SqliteStore::open(&sd.database(), false).unwrap();
-        verify_master_key(&store, &key, &sd.master_key()).unwrap();
+        let (store, keys) = open_store(&sd).unwrap();
+        verify_master_key(&store, keys.get().current.master(), &sd.master_key()).unwrap();
         let err = verify_master_key(&store, &MasterKey::generate().unwrap(), &sd.master_key())
             .unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");

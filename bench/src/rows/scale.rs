@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, ReadSecretsRequest};
 use secretfs_server::domain::Action;
-use secretfs_server::envelope::{Binding, MasterKey};
-use secretfs_server::store::{Member, NewClient, NewSecret, SqliteStore, Store, StoreError};
+use secretfs_server::envelope::Binding;
+use secretfs_server::store::{Member, NewClient, NewSecret, Store, StoreError};
 use tonic::transport::Channel;
 
 use crate::harness::{filler, init_state, rss_kib, Identity, Server};
@@ -36,9 +36,10 @@ fn populate(ctx: &Ctx, (secrets, clients, groups): (usize, usize, usize)) -> Res
     let shm = tempfile::tempdir_in("/dev/shm")?;
     let state = init_state(&ctx.env, shm.path())?;
     {
-        let store = SqliteStore::open(&state.join("secretfs.db"), false)?;
-        let key_text = std::fs::read_to_string(state.join("master.key"))?;
-        let master = MasterKey::from_hex(&key_text).context("master.key")?;
+        let (store, keys) =
+            secretfs_server::state_dir::open_store(&secretfs_server::StateDir::new(&state))?;
+        let keys = keys.get();
+        let master = keys.current.master();
         let group = |i: usize| format!("g{:04}", i % groups);
         let by_bench = |action: Action| action.by("bench");
         for g in 0..groups {

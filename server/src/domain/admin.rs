@@ -157,7 +157,10 @@ impl Domain {
             name,
             version,
         };
-        self.master
+        self.keys
+            .get()
+            .current
+            .master()
             .seal(binding, content.as_bytes())
             .map_err(|e| StoreError::Seal(Box::new(e)))
     }

@@ -31,15 +31,16 @@ pub use self::watch::{Delta, Held, Next, Watcher};
 
 use crate::audit_log::AuditLog;
 use crate::auth_cache::AuthCache;
-use crate::envelope::MasterKey;
 use crate::error::Error;
+use crate::keys::KeyRing;
 use crate::pki::Ca;
 use crate::report_budget::{HandshakeBudget, RenewBudget, ReportBudget};
 use crate::store::{Change, ChangeFeed, Store};
 
 pub struct Domain {
     store: Arc<dyn Store>,
-    master: MasterKey,
+    /// The master key and what derives from it; old and new during a rekey.
+    keys: Arc<KeyRing>,
     ca: Ca,
     trust_domain: String,
     max_secret_size: usize,
@@ -74,7 +75,7 @@ impl Domain {
     /// every handle to the domain is gone (join it to close the store).
     pub fn start(
         store: Arc<dyn Store>,
-        master: MasterKey,
+        keys: Arc<KeyRing>,
         ca: Ca,
         settings: Settings,
     ) -> (Arc<Domain>, std::thread::JoinHandle<()>) {
@@ -84,7 +85,7 @@ impl Domain {
             feed: store.feed(),
             calls: Semaphore::new(store.concurrency().max(1)),
             store,
-            master,
+            keys,
             ca,
             trust_domain: settings.trust_domain,
             max_secret_size: settings.max_secret_size,

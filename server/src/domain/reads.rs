@@ -123,7 +123,7 @@ impl Domain {
             name: &s.record.name,
             version,
         };
-        let plain = match self.master.open(binding, &s.sealed) {
+        let plain = match self.keys.get().open(binding, &s.sealed) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(secret = %s.record.name, version, "integrity check failed");

@@ -116,7 +116,7 @@ async fn fixture() -> Fixture {
     let dyn_store: Arc<dyn Store> = store.clone();
     let (domain, _thread) = Domain::start(
         dyn_store,
-        crate::envelope::MasterKey::generate().unwrap(),
+        crate::keys::KeyRing::generate().unwrap(),
         ca,
         settings,
     );

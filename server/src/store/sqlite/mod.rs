@@ -21,10 +21,14 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use self::commit::{Connections, READERS};
 use super::*;
+use crate::keys::KeyRing;
 
 pub struct SqliteStore {
     db: Connections,
     feed: Arc<LocalFeed>,
+    /// Row MACs and the audit chain are made and checked with these.
+    #[allow(dead_code)]
+    keys: Arc<KeyRing>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -51,7 +55,7 @@ impl From<rusqlite::Error> for StoreError {
 impl SqliteStore {
     /// Opens (creating when `create`) the database and brings its schema up
     /// to date.
-    pub fn open(path: &Path, create: bool) -> Result<Self> {
+    pub fn open(path: &Path, create: bool, keys: Arc<KeyRing>) -> Result<Self> {
         let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         if create {
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
@@ -80,19 +84,26 @@ impl SqliteStore {
             reader.pragma_update(None, "cache_size", -32 * 1024)?;
             readers.push(reader);
         }
-        Ok(Self::with(Connections::new(writer, readers)))
+        Ok(Self::with(Connections::new(writer, readers), keys))
     }
 
-    /// An in-memory store, for unit tests.
+    /// An in-memory store under a random key, for unit tests.
     pub fn open_in_memory() -> Result<Self> {
-        let conn = Self::setup(Connection::open_in_memory()?)?;
-        Ok(Self::with(Connections::new(conn, Vec::new())))
+        let keys = KeyRing::generate().map_err(StoreError::backend)?;
+        Self::open_in_memory_with(keys)
     }
 
-    fn with(db: Connections) -> Self {
+    /// An in-memory store under `keys`, for unit tests.
+    pub fn open_in_memory_with(keys: Arc<KeyRing>) -> Result<Self> {
+        let conn = Self::setup(Connection::open_in_memory()?)?;
+        Ok(Self::with(Connections::new(conn, Vec::new()), keys))
+    }
+
+    fn with(db: Connections, keys: Arc<KeyRing>) -> Self {
         SqliteStore {
             db,
             feed: Arc::new(LocalFeed::default()),
+            keys,
         }
     }
 
@@ -367,14 +378,23 @@ mod tests {
         let n = std::sync::atomic::AtomicUsize::new(0);
         conformance::run(&|| {
             let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Box::new(SqliteStore::open(&dir.path().join(format!("db{i}")), true).unwrap())
+            Box::new(
+                SqliteStore::open(
+                    &dir.path().join(format!("db{i}")),
+                    true,
+                    KeyRing::generate().unwrap(),
+                )
+                .unwrap(),
+            )
         });
     }
 
     #[test]
     fn concurrent_writes_share_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(SqliteStore::open(&dir.path().join("db"), true).unwrap());
+        let s = Arc::new(
+            SqliteStore::open(&dir.path().join("db"), true, KeyRing::generate().unwrap()).unwrap(),
+        );
         conformance::concurrent_writes(s.clone());
         // 600 writes (200 that commit work, 400 that fail) took fewer commits.
         let commits = s.db.commits();
@@ -384,7 +404,8 @@ mod tests {
         );
         // Nothing is left open: a fresh connection sees all of it.
         drop(s);
-        let again = SqliteStore::open(&dir.path().join("db"), false).unwrap();
+        let again =
+            SqliteStore::open(&dir.path().join("db"), false, KeyRing::generate().unwrap()).unwrap();
         assert_eq!(again.get_secret("t3").unwrap().version_count, 51);
     }
 
@@ -392,8 +413,8 @@ mod tests {
     fn migrations_are_recorded_and_rerun_safely() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        drop(SqliteStore::open(&path, true).unwrap());
-        let s = SqliteStore::open(&path, false).unwrap();
+        drop(SqliteStore::open(&path, true, KeyRing::generate().unwrap()).unwrap());
+        let s = SqliteStore::open(&path, false, KeyRing::generate().unwrap()).unwrap();
         let v: i64 =
             s.db.writer()
                 .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -405,7 +426,11 @@ mod tests {
                 .unwrap();
         assert_eq!(mode, "wal");
         assert!(matches!(
-            SqliteStore::open(&dir.path().join("missing"), false),
+            SqliteStore::open(
+                &dir.path().join("missing"),
+                false,
+                KeyRing::generate().unwrap()
+            ),
             Err(StoreError::Missing { .. })
         ));
         // Reads go to reader connections and see every committed write.
@@ -421,7 +446,7 @@ mod tests {
             .pragma_update(None, "user_version", 99)
             .unwrap();
         drop(s);
-        match SqliteStore::open(&path, false) {
+        match SqliteStore::open(&path, false, KeyRing::generate().unwrap()) {
             Err(e @ StoreError::NewerSchema { found: 99, .. }) => {
                 assert!(e.to_string().contains("run a newer secretfs"))
             }

@@ -1,0 +1,289 @@
+//! The keys the server holds, all from the master key.
+//!
+//! - The master key itself wraps every data key (see [`envelope`]).
+//! - A row key (HKDF-SHA256, label [`ROW_LABEL`]) MACs every row that
+//!   decides access or what is served, so an edit of the database made
+//!   without the master key is detected.
+//! - An audit key (label [`AUDIT_LABEL`]) chains the audit log: each entry's
+//!   MAC covers the entry and the previous entry's MAC.
+//!
+//! The server holds them in a [`KeyRing`]: one current [`KeySet`] and,
+//! while a rekey runs, the previous one too. Everything written is signed
+//! or wrapped under the current set; a MAC or a wrapped key is accepted
+//! under either, so a rekey can move rows over one batch at a time and a
+//! crash part-way leaves a store that still reads.
+//!
+//! ring does not wipe an HMAC key's state; like the master key's AES key
+//! schedule (see [`envelope::MasterKey`]), each derived key is built once
+//! and kept for the life of its set.
+//!
+//! [`envelope`]: crate::envelope
+//! [`envelope::MasterKey`]: crate::envelope::MasterKey
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use ring::{hkdf, hmac};
+
+use crate::envelope::{Binding, MasterKey, Plaintext, Sealed};
+use crate::error::Error;
+
+/// HKDF info for the row MAC key.
+pub const ROW_LABEL: &[u8] = b"secretfs/v1 row mac";
+/// HKDF info for the audit chain key.
+pub const AUDIT_LABEL: &[u8] = b"secretfs/v1 audit chain";
+const HKDF_SALT: &[u8] = b"secretfs/v1 hkdf";
+
+/// Length of every MAC this module makes (HMAC-SHA256).
+pub const MAC_LEN: usize = 32;
+
+/// An HMAC-SHA256 key derived from the master key for one purpose.
+pub struct MacKey(hmac::Key);
+
+impl fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MacKey(..)")
+    }
+}
+
+impl MacKey {
+    fn derive(master: &MasterKey, label: &[u8]) -> MacKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.raw());
+        let info = [label];
+        let okm = prk
+            .expand(&info, hmac::HMAC_SHA256)
+            .expect("HKDF-SHA256 can make one SHA-256 block");
+        MacKey(hmac::Key::from(okm))
+    }
+
+    pub fn tag(&self, input: &MacInput) -> [u8; MAC_LEN] {
+        let mut out = [0u8; MAC_LEN];
+        out.copy_from_slice(hmac::sign(&self.0, &input.buf).as_ref());
+        out
+    }
+
+    /// Constant-time check of `tag` against `input`.
+    pub fn verify(&self, input: &MacInput, tag: &[u8]) -> bool {
+        hmac::verify(&self.0, &input.buf, tag).is_ok()
+    }
+}
+
+/// The canonical encoding of what a MAC covers: a kind (which table or
+/// record, so a tag of one kind never passes as another) and then each
+/// field with its length, so no two field lists encode alike. Every backend
+/// builds the same input from the same values.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MacInput {
+    buf: Vec<u8>,
+}
+
+impl fmt::Debug for MacInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MacInput({} bytes)", self.buf.len())
+    }
+}
+
+impl MacInput {
+    pub fn new(kind: &str) -> MacInput {
+        let mut input = MacInput {
+            buf: Vec::with_capacity(64),
+        };
+        input.field(kind.as_bytes());
+        input
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.buf
+            .extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+        self.buf.extend_from_slice(bytes);
+    }
+
+    pub fn bytes(mut self, v: &[u8]) -> Self {
+        self.field(v);
+        self
+    }
+    pub fn str(self, v: &str) -> Self {
+        self.bytes(v.as_bytes())
+    }
+    pub fn u64(self, v: u64) -> Self {
+        self.bytes(&v.to_be_bytes())
+    }
+    pub fn i64(self, v: i64) -> Self {
+        self.bytes(&v.to_be_bytes())
+    }
+    pub fn bool(self, v: bool) -> Self {
+        self.bytes(&[u8::from(v)])
+    }
+    /// `None` and every `Some` encode differently.
+    pub fn opt_i64(self, v: Option<i64>) -> Self {
+        match v {
+            Some(v) => self.bytes(&[&[1u8][..], &v.to_be_bytes()].concat()),
+            None => self.bytes(&[0u8]),
+        }
+    }
+}
+
+/// One master key and the keys derived from it.
+pub struct KeySet {
+    master: MasterKey,
+    rows: MacKey,
+    audit: MacKey,
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("KeySet(..)")
+    }
+}
+
+impl KeySet {
+    pub fn new(master: MasterKey) -> KeySet {
+        KeySet {
+            rows: MacKey::derive(&master, ROW_LABEL),
+            audit: MacKey::derive(&master, AUDIT_LABEL),
+            master,
+        }
+    }
+    pub fn master(&self) -> &MasterKey {
+        &self.master
+    }
+    pub fn rows(&self) -> &MacKey {
+        &self.rows
+    }
+    pub fn audit(&self) -> &MacKey {
+        &self.audit
+    }
+}
+
+/// What the server signs and checks with: the current key set, and the
+/// previous one while a rekey moves rows over.
+#[derive(Debug)]
+pub struct Keys {
+    pub current: KeySet,
+    pub previous: Option<KeySet>,
+}
+
+impl Keys {
+    pub fn new(master: MasterKey) -> Keys {
+        Keys {
+            current: KeySet::new(master),
+            previous: None,
+        }
+    }
+
+    fn sets(&self) -> impl Iterator<Item = &KeySet> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+
+    /// A row's MAC, under the current key.
+    pub fn row_tag(&self, input: &MacInput) -> [u8; MAC_LEN] {
+        self.current.rows.tag(input)
+    }
+
+    /// Whether a row's MAC is good under the current or the previous key.
+    pub fn row_ok(&self, input: &MacInput, tag: &[u8]) -> bool {
+        self.sets().any(|k| k.rows.verify(input, tag))
+    }
+
+    /// Opens a sealed version under the current or the previous master key.
+    pub fn open(&self, binding: Binding<'_>, sealed: &Sealed) -> Result<Plaintext, Error> {
+        match self.current.master.open(binding, sealed) {
+            Err(e) => match &self.previous {
+                Some(prev) => prev.master.open(binding, sealed).map_err(|_| e),
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+}
+
+/// The keys in use, replaced whole when a rekey starts or ends.
+#[derive(Debug)]
+pub struct KeyRing(RwLock<Arc<Keys>>);
+
+impl KeyRing {
+    pub fn new(master: MasterKey) -> Arc<KeyRing> {
+        Arc::new(KeyRing(RwLock::new(Arc::new(Keys::new(master)))))
+    }
+
+    /// A ring with a fresh random key (tests, benchmarks).
+    pub fn generate() -> Result<Arc<KeyRing>, Error> {
+        Ok(KeyRing::new(MasterKey::generate()?))
+    }
+
+    /// The keys as they are now; hold the `Arc` for one operation, so a
+    /// replacement mid-way cannot mix two sets in one write.
+    pub fn get(&self) -> Arc<Keys> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, keys: Keys) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_keys_differ_by_purpose_and_master() {
+        let a = Keys::new(MasterKey::generate().unwrap());
+        let b = Keys::new(MasterKey::generate().unwrap());
+        let input = MacInput::new("clients").u64(1).str("app").bool(false);
+        let tag = a.row_tag(&input);
+        assert!(a.row_ok(&input, &tag));
+        assert!(!b.row_ok(&input, &tag), "another master key");
+        assert_ne!(a.current.audit().tag(&input), tag, "another purpose");
+        let mut bad = tag;
+        bad[0] ^= 1;
+        assert!(!a.row_ok(&input, &bad));
+        assert!(!a.row_ok(&input, &tag[..16]), "a truncated tag");
+    }
+
+    #[test]
+    fn encoding_is_unambiguous() {
+        let t = |i: MacInput| Keys::new(MasterKey::from_hex(&"11".repeat(32)).unwrap()).row_tag(&i);
+        assert_ne!(
+            t(MacInput::new("k").str("ab").str("c")),
+            t(MacInput::new("k").str("a").str("bc"))
+        );
+        assert_ne!(
+            t(MacInput::new("k").opt_i64(None)),
+            t(MacInput::new("k").opt_i64(Some(0)))
+        );
+        assert_ne!(t(MacInput::new("a").u64(1)), t(MacInput::new("b").u64(1)));
+    }
+
+    #[test]
+    fn previous_keys_are_accepted_during_a_rekey() {
+        let old = MasterKey::from_hex(&"22".repeat(32)).unwrap();
+        let before = Keys::new(MasterKey::from_hex(&"22".repeat(32)).unwrap());
+        let input = MacInput::new("grant").u64(3).u64(4);
+        let old_tag = before.row_tag(&input);
+        let sealed = before
+            .current
+            .master()
+            .seal(crate::envelope::KEY_CHECK, b"x")
+            .unwrap();
+        let during = Keys {
+            current: KeySet::new(MasterKey::generate().unwrap()),
+            previous: Some(KeySet::new(old)),
+        };
+        assert!(during.row_ok(&input, &old_tag));
+        assert_ne!(
+            during.row_tag(&input),
+            old_tag,
+            "new writes use the new key"
+        );
+        assert_eq!(
+            during
+                .open(crate::envelope::KEY_CHECK, &sealed)
+                .unwrap()
+                .as_bytes(),
+            b"x"
+        );
+        let after = Keys::new(MasterKey::generate().unwrap());
+        assert!(!after.row_ok(&input, &old_tag));
+    }
+}
