@@ -123,8 +123,12 @@ impl MacInput {
     }
 }
 
-/// One master key and the keys derived from it.
+/// One master key and the keys derived from it. The epoch counts master
+/// keys: 1 for the key `server init` made, one more for each rekey. Audit
+/// entries record the epoch whose key chained them, so the chain stays
+/// verifiable across a rekey (see [`Keys::retired_audit`]).
 pub struct KeySet {
+    epoch: u32,
     master: MasterKey,
     rows: MacKey,
     audit: MacKey,
@@ -137,12 +141,16 @@ impl fmt::Debug for KeySet {
 }
 
 impl KeySet {
-    pub fn new(master: MasterKey) -> KeySet {
+    pub fn new(epoch: u32, master: MasterKey) -> KeySet {
         KeySet {
+            epoch,
             rows: MacKey::derive(&master, ROW_LABEL),
             audit: MacKey::derive(&master, AUDIT_LABEL),
             master,
         }
+    }
+    pub fn epoch(&self) -> u32 {
+        self.epoch
     }
     pub fn master(&self) -> &MasterKey {
         &self.master
@@ -155,20 +163,34 @@ impl KeySet {
     }
 }
 
-/// What the server signs and checks with: the current key set, and the
-/// previous one while a rekey moves rows over.
+/// What the server signs and checks with: the current key set, the
+/// previous one while a rekey moves rows over, and the audit keys of
+/// epochs before those (kept sealed in the store under the current master
+/// key, so old audit entries stay verifiable after their master key is
+/// gone).
 #[derive(Debug)]
 pub struct Keys {
     pub current: KeySet,
     pub previous: Option<KeySet>,
+    pub retired_audit: std::collections::BTreeMap<u32, MacKey>,
 }
 
 impl Keys {
+    /// Keys of epoch 1 (a store `server init` made, never rekeyed).
     pub fn new(master: MasterKey) -> Keys {
         Keys {
-            current: KeySet::new(master),
+            current: KeySet::new(1, master),
             previous: None,
+            retired_audit: Default::default(),
         }
+    }
+
+    /// The audit key of `epoch`, if this server holds it.
+    pub fn audit_for(&self, epoch: u32) -> Option<&MacKey> {
+        self.sets()
+            .find(|k| k.epoch == epoch)
+            .map(|k| &k.audit)
+            .or_else(|| self.retired_audit.get(&epoch))
     }
 
     fn sets(&self) -> impl Iterator<Item = &KeySet> {
@@ -267,9 +289,12 @@ mod tests {
             .seal(crate::envelope::KEY_CHECK, b"x")
             .unwrap();
         let during = Keys {
-            current: KeySet::new(MasterKey::generate().unwrap()),
-            previous: Some(KeySet::new(old)),
+            current: KeySet::new(2, MasterKey::generate().unwrap()),
+            previous: Some(KeySet::new(1, old)),
+            retired_audit: Default::default(),
         };
+        assert!(during.audit_for(1).is_some() && during.audit_for(2).is_some());
+        assert!(during.audit_for(3).is_none());
         assert!(during.row_ok(&input, &old_tag));
         assert_ne!(
             during.row_tag(&input),
