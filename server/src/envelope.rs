@@ -205,10 +205,11 @@ impl MasterKey {
         if open_with(&self.aead, &aad, wrapped_key).is_some() {
             return Ok(None);
         }
-        let data_key = open_with(&from.aead, &aad, wrapped_key).ok_or_else(|| Error::Integrity {
-            name: binding.name.to_owned(),
-            version: binding.version,
-        })?;
+        let data_key =
+            open_with(&from.aead, &aad, wrapped_key).ok_or_else(|| Error::Integrity {
+                name: binding.name.to_owned(),
+                version: binding.version,
+            })?;
         seal_with(&SystemRandom::new(), &self.aead, &aad, &data_key).map(Some)
     }
 }
@@ -346,7 +347,10 @@ mod tests {
         let old = MasterKey::generate().unwrap();
         let new = MasterKey::generate().unwrap();
         let sealed = old.seal(b("x", 1, 2), b"value").unwrap();
-        let moved = new.rewrap(&old, b("x", 1, 2), &sealed.wrapped_key).unwrap().unwrap();
+        let moved = new
+            .rewrap(&old, b("x", 1, 2), &sealed.wrapped_key)
+            .unwrap()
+            .unwrap();
         let after = Sealed {
             wrapped_key: moved.clone(),
             ciphertext: sealed.ciphertext.clone(),

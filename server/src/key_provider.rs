@@ -240,7 +240,10 @@ impl KeySource {
             KeySource::File => dir.master_key().display().to_string(),
             KeySource::Systemd { credential, .. } => format!("systemd credential {credential}"),
             KeySource::Pkcs11 { token, key, .. } => {
-                format!("PKCS#11 token {token:?} key {key:?} ({})", wrapped(dir).display())
+                format!(
+                    "PKCS#11 token {token:?} key {key:?} ({})",
+                    wrapped(dir).display()
+                )
             }
         }
     }
@@ -332,10 +335,7 @@ impl KeySource {
             }
             KeySource::Systemd {
                 next_credential, ..
-            } => next_credential
-                .as_deref()
-                .map(read_credential)
-                .transpose(),
+            } => next_credential.as_deref().map(read_credential).transpose(),
             KeySource::Pkcs11 { .. } => {
                 let p = wrapped_next(dir);
                 if p.exists() {
@@ -485,11 +485,16 @@ fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
     if let Some(p) = pin_file {
         let text = Zeroizing::new(fs::read_to_string(p).map_err(|e| {
             Error::io(
-                format!("cannot read the PKCS#11 PIN file {} (--pkcs11-pin-file)", p.display()),
+                format!(
+                    "cannot read the PKCS#11 PIN file {} (--pkcs11-pin-file)",
+                    p.display()
+                ),
                 e,
             )
         })?);
-        return Ok(Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned()));
+        return Ok(Zeroizing::new(
+            text.trim_end_matches(['\n', '\r']).to_owned(),
+        ));
     }
     match std::env::var(PIN_ENV) {
         Ok(v) => Ok(Zeroizing::new(v)),
@@ -698,5 +703,81 @@ impl Token {
         MasterKey::from_bytes(&plain).ok_or_else(|| {
             Error::Config("the unwrapped master key has the wrong length; restore master.key.wrapped from backup".into())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_picks_the_provider_the_flags_imply_and_run_keeps_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        assert_eq!(KeyOptions::default().for_init().unwrap(), KeySource::File);
+        assert_eq!(
+            KeySource::read(&dir).unwrap(),
+            KeySource::File,
+            "no descriptor"
+        );
+        let pkcs11 = KeyOptions {
+            pkcs11_module: Some("/m.so".into()),
+            pkcs11_token: Some("t".into()),
+            pkcs11_key: Some("k".into()),
+            ..Default::default()
+        };
+        let source = pkcs11.for_init().unwrap();
+        assert_eq!(source.kind(), ProviderKind::Pkcs11);
+        let err = KeyOptions {
+            pkcs11_key: None,
+            ..pkcs11.clone()
+        }
+        .for_init()
+        .unwrap_err();
+        assert!(err.to_string().contains("--pkcs11-key"), "{err}");
+        source.write(&dir).unwrap();
+        assert_eq!(KeySource::read(&dir).unwrap(), source);
+        // A flag overrides one field; another provider is refused.
+        let moved = KeyOptions {
+            pkcs11_module: Some("/elsewhere.so".into()),
+            ..Default::default()
+        }
+        .resolve(&dir)
+        .unwrap();
+        assert!(
+            matches!(moved, KeySource::Pkcs11 { ref module, ref token, .. }
+            if module == Path::new("/elsewhere.so") && token == "t")
+        );
+        let err = KeyOptions {
+            provider: Some(ProviderKind::File),
+            ..Default::default()
+        }
+        .resolve(&dir)
+        .unwrap_err();
+        assert!(err.to_string().contains("pkcs11 provider"), "{err}");
+        let systemd = KeyOptions {
+            credential: Some("c".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            systemd.for_init().unwrap(),
+            KeySource::Systemd {
+                credential: "c".into(),
+                next_credential: None
+            }
+        );
+        fs::write(dir.path.join(DESCRIPTOR), "{\"provider\":\"tape\"}").unwrap();
+        assert!(KeySource::read(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("restore it from backup"));
+    }
+
+    #[test]
+    fn credential_names_cannot_leave_the_directory() {
+        for bad in ["", "../x", "a/b", ".."] {
+            let err = read_credential(bad).unwrap_err().to_string();
+            assert!(err.contains("not a credential name"), "{bad}: {err}");
+        }
     }
 }

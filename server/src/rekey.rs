@@ -191,7 +191,9 @@ fn open_retired(
         return Ok(None);
     };
     let sealed = unflat(&blob).ok_or_else(|| {
-        Error::Config(format!("the database's retired audit key of epoch {epoch} is damaged"))
+        Error::Config(format!(
+            "the database's retired audit key of epoch {epoch} is damaged"
+        ))
     })?;
     keys.open(audit_key_binding(epoch), &sealed)
         .map(Some)
@@ -269,7 +271,9 @@ impl Rekeyer {
 
     fn stopped(&self) -> Result<(), Error> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Error::Stopped("the server is shutting down; the rekey resumes at the next start"));
+            return Err(Error::Stopped(
+                "the server is shutting down; the rekey resumes at the next start",
+            ));
         }
         Ok(())
     }
@@ -324,10 +328,7 @@ impl Rekeyer {
             previous: Some(old),
             retired_audit: retired,
         });
-        self.audit(
-            actor,
-            format!("started: master key epoch {from} to {to}"),
-        );
+        self.audit(actor, format!("started: master key epoch {from} to {to}"));
         state.running = true;
         state.rewrapped = 0;
         state.error = None;

@@ -241,9 +241,10 @@ impl Server {
         }
         let opening = dir.clone();
         let key_options = opts.keys.clone();
-        let opened = tokio::task::spawn_blocking(move || open_store_with(&opening, &key_options, true))
-            .await
-            .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let opened =
+            tokio::task::spawn_blocking(move || open_store_with(&opening, &key_options, true))
+                .await
+                .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
         let crate::state_dir::Opened {
             store,
             keys,
@@ -370,11 +371,12 @@ impl Server {
         ));
         let domain = self.domain.clone();
         let close_watches = move || domain.close();
-        let admin = AdminServer::new(AdminService::new(self.domain.clone()).with_rekey(self.rekey.clone()))
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(max + 1)
-            .max_encoding_message_size(usize::MAX);
+        let admin =
+            AdminServer::new(AdminService::new(self.domain.clone()).with_rekey(self.rekey.clone()))
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(max + 1)
+                .max_encoding_message_size(usize::MAX);
         let secrets = SecretsServer::new(SecretsService::new(self.domain.clone()))
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 use crate::envelope::MasterKey;
-use crate::key_provider::{KeyOptions, KeySource};
 use crate::error::Error;
+use crate::key_provider::{KeyOptions, KeySource};
 use crate::keys::KeyRing;
 use crate::names::check_entity_name;
 use crate::pki::Ca;

@@ -114,8 +114,9 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
             };
             let source = a.keys.options().for_init()?;
             let is_file = source == secretfs_server::key_provider::KeySource::File;
-            let dir = tokio::task::spawn_blocking(move || secretfs_server::init_with(&opts, &source))
-                .await??;
+            let dir =
+                tokio::task::spawn_blocking(move || secretfs_server::init_with(&opts, &source))
+                    .await??;
             match format {
                 Format::Json => println!(
                     "{}",

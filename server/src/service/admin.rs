@@ -355,7 +355,10 @@ impl Admin for AdminService {
         let actor = caller.name().to_owned();
         tokio::task::spawn_blocking(move || {
             rekey
-                .start(&actor, (!credential.is_empty()).then_some(credential.as_str()))
+                .start(
+                    &actor,
+                    (!credential.is_empty()).then_some(credential.as_str()),
+                )
                 .map(|_| rekey.status())
         })
         .await

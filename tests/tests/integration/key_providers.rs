@@ -206,17 +206,12 @@ fn rekey_survives_kill_9_at_random_points_and_the_old_key_is_then_not_needed() {
             want,
             "run {run} (kill after {delay} ms): a secret reads wrong"
         );
-        for leftover in ["master.key.next"] {
-            assert!(
-                !s.state.join(leftover).exists(),
-                "run {run}: {leftover} left after the rekey completed"
-            );
-        }
+        assert!(
+            !s.state.join("master.key.next").exists(),
+            "run {run}: master.key.next left after the rekey completed"
+        );
     }
-    let resumed = s
-        .log()
-        .matches("resuming the master key rekey")
-        .count();
+    let resumed = s.log().matches("resuming the master key rekey").count();
     println!("{resumed} of 20 kills landed mid-rekey; now at epoch {epoch}");
     assert!(resumed > 0, "no kill landed during a rekey\n{}", s.log());
     // One more, not interrupted, so the old key is surely replaced.
@@ -283,11 +278,7 @@ fn systemd_credential_provider() {
     // Another key under the name: refused, nothing changed.
     let other = s.tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    std::fs::write(
-        other.join("secretfs-master-key"),
-        to_hex(&random_bytes(32)),
-    )
-    .unwrap();
+    std::fs::write(other.join("secretfs-master-key"), to_hex(&random_bytes(32))).unwrap();
     let err = run_fails(
         &s.state,
         &[],
@@ -308,8 +299,13 @@ fn systemd_credential_provider() {
     s.cli(&["server", "rekey"]).fails(1, "--new-credential");
     let next = random_bytes(32);
     std::fs::write(creds.join("secretfs-master-key-2"), &next).unwrap();
-    s.cli(&["server", "rekey", "--new-credential", "secretfs-master-key-2"])
-        .ok();
+    s.cli(&[
+        "server",
+        "rekey",
+        "--new-credential",
+        "secretfs-master-key-2",
+    ])
+    .ok();
     assert_eq!(wait_rekeyed(&s), 2);
     s.stop();
     std::fs::remove_file(creds.join("secretfs-master-key")).unwrap();
@@ -410,7 +406,10 @@ fn pkcs11_provider_with_softhsm2() {
     assert!(err.contains("no PKCS#11 token labelled \"nope\""), "{err}");
     assert!(err.contains("--pkcs11-token"), "{err}");
     let err = run_fails(&s.state, &["--pkcs11-key", "other"], &env);
-    assert!(err.contains("wrapping key is not in the PKCS#11 token"), "{err}");
+    assert!(
+        err.contains("wrapping key is not in the PKCS#11 token"),
+        "{err}"
+    );
     let err = run_fails(&s.state, &["--pkcs11-module", "/nonexistent.so"], &env);
     assert!(err.contains("cannot load the PKCS#11 module"), "{err}");
     // Another token's key cannot unwrap it.
@@ -429,7 +428,11 @@ fn pkcs11_provider_with_softhsm2() {
         &[("SOFTHSM2_CONF", other_conf.to_str().unwrap())],
     );
     assert!(err.contains("cannot unwrap"), "{err}");
-    assert_eq!(read_all(&s.db()), db_before, "a refused start changed the database");
+    assert_eq!(
+        read_all(&s.db()),
+        db_before,
+        "a refused start changed the database"
+    );
 
     s.restart_on("127.0.0.1:0");
     assert_eq!(read_everything(&s, &app), want);
@@ -450,5 +453,8 @@ fn provider_flags_are_checked() {
         .args(["--master-key-provider", "systemd"])
         .env_remove("CREDENTIALS_DIRECTORY");
     run_cmd(init, None).fails(1, "LoadCredentialEncrypted=");
-    assert!(!tmp.path().join("s").exists(), "a failed init leaves nothing");
+    assert!(
+        !tmp.path().join("s").exists(),
+        "a failed init leaves nothing"
+    );
 }

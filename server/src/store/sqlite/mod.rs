@@ -370,7 +370,8 @@ impl Store for SqliteStore {
         // The keys are taken inside the write: every seal of a write that
         // began before the ring was replaced has committed (one writer)
         // before the first batch runs, so no old-key version is missed.
-        self.db.write(|tx| rekey::rewrap(tx, &self.keys.get(), limit))
+        self.db
+            .write(|tx| rekey::rewrap(tx, &self.keys.get(), limit))
     }
 }
 

@@ -26,9 +26,11 @@ pub(super) fn put_metas(tx: &Connection, entries: &[(&str, Option<&[u8]>)]) -> R
 
 fn cursor(tx: &Connection) -> Result<(i64, i64)> {
     let blob: Option<Vec<u8>> = tx
-        .query_row("SELECT value FROM meta WHERE key = ?1", [META_CURSOR], |r| {
-            r.get(0)
-        })
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [META_CURSOR],
+            |r| r.get(0),
+        )
         .optional()?;
     Ok(match blob {
         Some(b) if b.len() == 16 => (
