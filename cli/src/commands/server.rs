@@ -114,6 +114,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
             };
             let source = a.keys.options().for_init()?;
             let is_file = source == secretfs_server::key_provider::KeySource::File;
+            let kept = source.clone();
             let dir =
                 tokio::task::spawn_blocking(move || secretfs_server::init_with(&opts, &source))
                     .await??;
@@ -138,8 +139,8 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                         );
                     } else {
                         eprintln!(
-                            "the master key is kept by {} (recorded in master-key.json): keep it backed up apart from the database",
-                            a.keys.master_key_provider.map_or("the provider", |_| "the chosen provider")
+                            "the master key is kept by {} (recorded in master-key.json); back it up apart from the database",
+                            kept.describe(&dir)
                         );
                     }
                     eprintln!(
