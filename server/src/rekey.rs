@@ -475,3 +475,77 @@ impl Rekeyer {
 fn reseal_rows(_store: &dyn Store, _limit: usize) -> Result<usize, Error> {
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[test]
+    fn start_repairs_what_an_interrupted_rekey_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let mut source = KeySource::File;
+        let k1 = source.create(&dir).unwrap();
+        let store = SqliteStore::open_in_memory().unwrap();
+        store
+            .put_meta(META_KEY_CHECK, &key_check(&k1).unwrap())
+            .unwrap();
+        let next_file = tmp.path().join("master.key.next");
+        let load = |s: &KeySource| s.load(&dir).unwrap();
+        let start = |source: &mut KeySource, repair: bool| {
+            let current = load(source);
+            keys_at_start(&dir, source, &store, current, repair)
+        };
+
+        // Killed before the store recorded the rekey: the next key is
+        // discarded, but only by the server (repair).
+        source.create_next(&dir, None).unwrap();
+        let (keys, going) = start(&mut source, false).unwrap();
+        assert!(!going && keys.previous.is_none() && next_file.exists());
+        let (keys, going) = start(&mut source, true).unwrap();
+        assert!(!going && keys.current.epoch() == 1 && !next_file.exists());
+
+        // Recorded: both keys, the new one current.
+        let k2 = source.create_next(&dir, None).unwrap();
+        let check2 = key_check(&k2).unwrap();
+        store
+            .put_metas(&[
+                (META_REKEY_TO, Some(&2u32.to_be_bytes())),
+                (META_REKEY_CHECK, Some(&check2)),
+            ])
+            .unwrap();
+        let (keys, going) = start(&mut source, true).unwrap();
+        assert!(going);
+        assert_eq!(keys.current.epoch(), 2);
+        assert_eq!(keys.previous.as_ref().map(|p| p.epoch()), Some(1));
+
+        // Finished in the store, killed before the rename: completed.
+        store
+            .put_metas(&[
+                (META_KEY_CHECK, Some(&check2)),
+                (META_EPOCH, Some(&2u32.to_be_bytes())),
+                (META_REKEY_TO, None),
+                (META_REKEY_CHECK, None),
+            ])
+            .unwrap();
+        let (keys, going) = start(&mut source, true).unwrap();
+        assert!(!going && keys.previous.is_none() && keys.current.epoch() == 2);
+        assert!(!next_file.exists());
+        assert!(
+            key_matches(&check2, &load(&source)),
+            "master.key is the new key"
+        );
+
+        // Any other key is refused.
+        let err = keys_at_start(
+            &dir,
+            &mut source,
+            &store,
+            MasterKey::generate().unwrap(),
+            true,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+}

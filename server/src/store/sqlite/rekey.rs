@@ -92,3 +92,114 @@ pub(super) fn rewrap(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize
     }
     Ok(rows.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{MasterKey, Sealed};
+    use crate::keys::{KeyRing, KeySet};
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{AuditEntry, NewSecret, Store};
+
+    fn add(store: &SqliteStore, ring: &KeyRing, name: &str, content: &[u8]) {
+        let new = NewSecret {
+            name: name.into(),
+            size: content.len() as u64,
+            ..NewSecret::default()
+        };
+        let audit = AuditEntry {
+            actor: "t".into(),
+            action: "secret.create".into(),
+            allowed: true,
+            ..Default::default()
+        };
+        store
+            .create_secret(&new, &audit, &mut |id, version| {
+                let binding = Binding {
+                    secret_id: id,
+                    name,
+                    version,
+                };
+                Ok(ring.get().current.master().seal(binding, content).unwrap())
+            })
+            .unwrap();
+    }
+
+    /// Every version's content, opened under `key` alone.
+    fn contents(store: &SqliteStore, key: &MasterKey) -> Vec<Option<Vec<u8>>> {
+        let rows: Vec<(i64, i64, String, Vec<u8>, Vec<u8>)> = store
+            .db
+            .read(|tx| {
+                Ok(tx
+                    .prepare(
+                        "SELECT v.secret_id, v.version, s.name, v.wrapped_key, v.ciphertext
+                         FROM secret_versions v JOIN secrets s ON s.id = v.secret_id ORDER BY 1, 2",
+                    )?
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .unwrap();
+        rows.into_iter()
+            .map(|(id, version, name, wrapped_key, ciphertext)| {
+                let binding = Binding {
+                    secret_id: id as u64,
+                    name: &name,
+                    version: version as u64,
+                };
+                key.open(
+                    binding,
+                    &Sealed {
+                        wrapped_key,
+                        ciphertext,
+                    },
+                )
+                .ok()
+                .map(|p| p.as_bytes().to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rewrap_moves_every_version_in_batches_from_its_cursor() {
+        let old = MasterKey::generate().unwrap();
+        let new = MasterKey::generate().unwrap();
+        let ring = KeyRing::new(old.clone_key());
+        let store = SqliteStore::open_in_memory_with(ring.clone()).unwrap();
+        for i in 0..6u8 {
+            add(&store, &ring, &format!("s{i}"), &[i; 5]);
+        }
+        assert_eq!(store.rewrap_keys(4).unwrap(), 0, "no rekey, nothing to do");
+        let want: Vec<_> = (0..6u8).map(|i| Some(vec![i; 5])).collect();
+        assert_eq!(contents(&store, &old), want);
+
+        ring.replace(Keys {
+            current: KeySet::new(2, new.clone_key()),
+            previous: Some(KeySet::new(1, old.clone_key())),
+            retired_audit: Default::default(),
+        });
+        // Written during the rekey: already under the new key.
+        add(&store, &ring, "during", b"late");
+        assert_eq!(store.rewrap_keys(4).unwrap(), 4);
+        let halfway = contents(&store, &new);
+        assert_eq!(halfway.iter().filter(|c| c.is_some()).count(), 5);
+        assert_eq!(store.rewrap_keys(4).unwrap(), 3);
+        assert_eq!(store.rewrap_keys(4).unwrap(), 0);
+        let mut want = want;
+        want.push(Some(b"late".to_vec()));
+        assert_eq!(contents(&store, &new), want);
+        assert!(contents(&store, &old).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn put_metas_sets_and_deletes_together() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        store
+            .put_metas(&[("a", Some(b"1")), ("b", Some(b"2"))])
+            .unwrap();
+        store.put_metas(&[("a", None), ("b", Some(b"3"))]).unwrap();
+        assert_eq!(store.get_meta("a").unwrap(), None);
+        assert_eq!(store.get_meta("b").unwrap(), Some(b"3".to_vec()));
+    }
+}
