@@ -125,9 +125,12 @@ mod tests {
             .unwrap();
     }
 
+    /// A version row: id, version, name, wrapped key, ciphertext.
+    type Row = (i64, i64, String, Vec<u8>, Vec<u8>);
+
     /// Every version's content, opened under `key` alone.
     fn contents(store: &SqliteStore, key: &MasterKey) -> Vec<Option<Vec<u8>>> {
-        let rows: Vec<(i64, i64, String, Vec<u8>, Vec<u8>)> = store
+        let rows: Vec<Row> = store
             .db
             .read(|tx| {
                 Ok(tx
