@@ -294,7 +294,8 @@ impl Rekeyer {
     }
 
     /// Starts a rekey to a new key and runs its batches on a thread of its
-    /// own; returns the new epoch. `actor` is audited.
+    /// own; returns the new epoch. `actor` is audited. A rekey left in
+    /// progress by a failed run is resumed instead.
     pub fn start(
         self: &Arc<Self>,
         actor: &str,
@@ -302,7 +303,15 @@ impl Rekeyer {
     ) -> Result<u32, Error> {
         let mut state = self.state();
         let keys = self.keys.get();
-        if state.running || keys.previous.is_some() {
+        if !state.running && keys.previous.is_some() {
+            // A run that stopped on an error: asking again resumes it.
+            state.running = true;
+            state.error = None;
+            drop(state);
+            self.spawn();
+            return Ok(keys.current.epoch());
+        }
+        if state.running {
             return Err(Error::FailedPrecondition(format!(
                 "a rekey to master key epoch {} is already in progress; wait for it (`secretfs server rekey --status`)",
                 keys.current.epoch()

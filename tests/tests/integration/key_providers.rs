@@ -294,8 +294,14 @@ fn systemd_credential_provider() {
     );
     assert!(err.contains("64 hex digits or 32 raw bytes"), "{err}");
 
-    // Rekey to a second credential the operator made (32 raw bytes).
+    // Rekey to a second credential the operator made (32 raw bytes); only
+    // an admin may ask.
     s.restart_on("127.0.0.1:0");
+    let r = s.cli_as(&app, &["server", "rekey", "--status"], None);
+    assert_ne!(
+        r.code, 0,
+        "a client that is not an admin saw the rekey status"
+    );
     s.cli(&["server", "rekey"]).fails(1, "--new-credential");
     let next = random_bytes(32);
     std::fs::write(creds.join("secretfs-master-key-2"), &next).unwrap();
