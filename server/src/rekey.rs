@@ -209,7 +209,8 @@ fn open_retired(
 pub struct RekeyStatus {
     /// The epoch of the key writes use now.
     pub epoch: u32,
-    /// Old and new keys are both in use: the batches have not finished.
+    /// Old and new keys are both in use, or the provider's last step (the
+    /// rename of the next key) has not happened yet.
     pub in_progress: bool,
     /// Versions looked at by this server's run of the batches.
     pub rewrapped: u64,
@@ -287,7 +288,8 @@ impl Rekeyer {
         let s = self.state();
         RekeyStatus {
             epoch: keys.current.epoch(),
-            in_progress: keys.previous.is_some(),
+            // Until the run has also made the provider's next key the key.
+            in_progress: keys.previous.is_some() || s.running,
             rewrapped: s.rewrapped,
             error: s.error.clone(),
         }
