@@ -135,6 +135,82 @@ pub enum ServerSub {
     /// Issue the server a new certificate and key for these names; a running
     /// server takes them up within a second, without a restart.
     ReissueCert(ReissueCertArgs),
+    /// Move the running server to a new master key, online: every data key
+    /// is re-wrapped (content is not re-encrypted); a restart resumes it.
+    /// Connects as an admin, like the other admin commands.
+    Rekey(RekeyArgs),
+}
+
+/// Which master key provider (see the operator guide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KeyProvider {
+    /// DIR/master.key, mode 0600.
+    File,
+    /// A systemd credential (LoadCredentialEncrypted=), read from $CREDENTIALS_DIRECTORY.
+    Systemd,
+    /// A PKCS#11 token's AES key wraps the master key (DIR/master.key.wrapped).
+    Pkcs11,
+}
+
+/// Where the master key lives: `server init` records it in the state
+/// directory (master-key.json); the other server commands read that, and
+/// these flags override its fields.
+#[derive(Clone, Debug, Default, Args)]
+pub struct KeyArgs {
+    /// Where the master key lives (init default: file, or what the other key
+    /// flags imply; later commands: what init recorded).
+    #[arg(long, value_enum, env = "SECRETFS_MASTER_KEY_PROVIDER")]
+    pub master_key_provider: Option<KeyProvider>,
+    /// systemd provider: the credential holding the key, 64 hex digits or 32
+    /// raw bytes, read from $CREDENTIALS_DIRECTORY (default secretfs-master-key).
+    #[arg(long, value_name = "NAME", env = "SECRETFS_MASTER_KEY_CREDENTIAL")]
+    pub master_key_credential: Option<String>,
+    /// pkcs11 provider: the module (e.g. /usr/lib/softhsm/libsofthsm2.so).
+    #[arg(long, value_name = "PATH", env = "SECRETFS_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// pkcs11 provider: the label of the token holding the wrapping key.
+    #[arg(long, value_name = "LABEL", env = "SECRETFS_PKCS11_TOKEN")]
+    pub pkcs11_token: Option<String>,
+    /// pkcs11 provider: the label of the token's AES wrapping key (`server
+    /// init` creates it, non-extractable, if the token has none).
+    #[arg(long, value_name = "LABEL", env = "SECRETFS_PKCS11_KEY")]
+    pub pkcs11_key: Option<String>,
+    /// pkcs11 provider: a file holding the token's user PIN (or set
+    /// SECRETFS_PKCS11_PIN; the PIN is never taken as a flag).
+    #[arg(long, value_name = "FILE", env = "SECRETFS_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    pub fn options(&self) -> secretfs_server::key_provider::KeyOptions {
+        use secretfs_server::key_provider::ProviderKind;
+        secretfs_server::key_provider::KeyOptions {
+            provider: self.master_key_provider.map(|p| match p {
+                KeyProvider::File => ProviderKind::File,
+                KeyProvider::Systemd => ProviderKind::Systemd,
+                KeyProvider::Pkcs11 => ProviderKind::Pkcs11,
+            }),
+            credential: self.master_key_credential.clone(),
+            pkcs11_module: self.pkcs11_module.clone(),
+            pkcs11_token: self.pkcs11_token.clone(),
+            pkcs11_key: self.pkcs11_key.clone(),
+            pkcs11_pin_file: self.pkcs11_pin_file.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// systemd provider only: the credential holding the new key (load it
+    /// with a second LoadCredentialEncrypted= line and restart first).
+    #[arg(long, value_name = "NAME")]
+    pub new_credential: Option<String>,
+    /// Only show where a rekey stands (epoch, in progress); start nothing.
+    #[arg(long)]
+    pub status: bool,
+    /// Start the rekey and return; do not wait for it to complete.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +227,8 @@ pub struct AdminCertArgs {
     /// Certificate lifetime in days, 1 to 3650 (default 365).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=3650))]
     pub days: Option<u32>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +256,8 @@ pub struct InitArgs {
     /// The address the printed SECRETFS_SERVER line points at.
     #[arg(long, default_value = "127.0.0.1:7443", env = "SECRETFS_ADVERTISE")]
     pub advertise: String,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +292,15 @@ pub struct RunArgs {
     /// supervisors that start the server on port 0). Replaced atomically.
     #[arg(long, value_name = "PATH", env = "SECRETFS_ADDRESS_FILE")]
     pub address_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// During a rekey: secret versions re-wrapped per transaction.
+    #[arg(long, default_value_t = 500, env = "SECRETFS_REKEY_BATCH",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub rekey_batch: usize,
+    /// During a rekey: pause between batches (e.g. 10ms, to spare a busy disk).
+    #[arg(long, default_value = "0s", env = "SECRETFS_REKEY_PAUSE", value_parser = parse_duration)]
+    pub rekey_pause: Duration,
 }
 
 #[derive(Debug, Args)]

@@ -122,6 +122,12 @@ impl MasterKey {
         Ok(MasterKey::new(key))
     }
 
+    /// A second handle on the same key (a key set is rebuilt around it
+    /// when a rekey starts or ends).
+    pub fn clone_key(&self) -> MasterKey {
+        MasterKey::new(self.raw.clone())
+    }
+
     /// The key file's text: 64 hex digits and a newline.
     pub fn to_hex(&self) -> Zeroizing<String> {
         let mut digits = Zeroizing::new([0u8; 2 * KEY_LEN]);
@@ -130,6 +136,17 @@ impl MasterKey {
         s.push_str(std::str::from_utf8(&digits[..]).unwrap_or_default());
         s.push('\n');
         s
+    }
+
+    /// A key from exactly 32 raw bytes (a systemd credential, a key the
+    /// HSM unwrapped).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let mut raw = Zeroizing::new([0u8; KEY_LEN]);
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        raw.copy_from_slice(bytes);
+        Some(MasterKey::new(raw))
     }
 
     pub fn from_hex(text: &str) -> Option<Self> {
@@ -171,6 +188,29 @@ impl MasterKey {
         let plain = open_with(&data_key, &binding.aad(CONTEXT_TAG), &sealed.ciphertext)
             .ok_or_else(integrity)?;
         Ok(Plaintext(plain))
+    }
+}
+
+impl MasterKey {
+    /// Moves a version's wrapped data key from `from` to this key (a
+    /// rekey): the content is not touched. `Ok(None)`: already wrapped
+    /// under this key. A key neither opens is `Error::Integrity`.
+    pub fn rewrap(
+        &self,
+        from: &MasterKey,
+        binding: Binding<'_>,
+        wrapped_key: &[u8],
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let aad = binding.aad(WRAP_TAG);
+        if open_with(&self.aead, &aad, wrapped_key).is_some() {
+            return Ok(None);
+        }
+        let data_key =
+            open_with(&from.aead, &aad, wrapped_key).ok_or_else(|| Error::Integrity {
+                name: binding.name.to_owned(),
+                version: binding.version,
+            })?;
+        seal_with(&SystemRandom::new(), &self.aead, &aad, &data_key).map(Some)
     }
 }
 
@@ -300,6 +340,25 @@ mod tests {
             ciphertext: sealed.ciphertext,
         };
         assert!(k.open(b("a", 1, 2), &mixed).is_err());
+    }
+
+    #[test]
+    fn rewrap_moves_the_data_key_and_keeps_the_content() {
+        let old = MasterKey::generate().unwrap();
+        let new = MasterKey::generate().unwrap();
+        let sealed = old.seal(b("x", 1, 2), b"value").unwrap();
+        let moved = new
+            .rewrap(&old, b("x", 1, 2), &sealed.wrapped_key)
+            .unwrap()
+            .unwrap();
+        let after = Sealed {
+            wrapped_key: moved.clone(),
+            ciphertext: sealed.ciphertext.clone(),
+        };
+        assert_eq!(new.open(b("x", 1, 2), &after).unwrap().as_bytes(), b"value");
+        assert!(old.open(b("x", 1, 2), &after).is_err());
+        assert_eq!(new.rewrap(&old, b("x", 1, 2), &moved).unwrap(), None);
+        assert!(new.rewrap(&old, b("x", 1, 3), &sealed.wrapped_key).is_err());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::domain::Action;
 use crate::error::Error;
 use crate::names::check_entity_name;
 use crate::pki::{rfc3339, Issued};
-use crate::state_dir::{open_store, replace_error, trust_domain, StateDir};
+use crate::state_dir::{replace_error, trust_domain, StateDir};
 use crate::store::{AuditEntry, NewClient, Store, StoreError};
 
 /// Who the audit log names for changes made this way.
@@ -64,9 +64,20 @@ pub struct AdminCert {
 /// it, and writes NAME.pem, NAME.key and ca.pem into `out` (replaced
 /// atomically).
 pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result<AdminCert, Error> {
+    admin_cert_with(state_dir, out, name, days, &Default::default())
+}
+
+/// [`admin_cert`] with the master key provider flags given.
+pub fn admin_cert_with(
+    state_dir: &Path,
+    out: &Path,
+    name: &str,
+    days: u32,
+    keys: &crate::key_provider::KeyOptions,
+) -> Result<AdminCert, Error> {
     check_entity_name("client", name)?;
     let dir = existing(state_dir)?;
-    let (store, _keys) = open_store(&dir)?;
+    let store = crate::state_dir::open_store_with(&dir, keys, false)?.store;
     let trust_domain = trust_domain(&store)?;
     let existing = match store.get_client(name) {
         Ok(c) => Some(c),
@@ -200,7 +211,7 @@ mod tests {
         let out = tmp.path().join("out");
         let again = admin_cert(&sd.path, &out, "admin", 0).unwrap();
         let fresh = admin_cert(&sd.path, &out, "root2", 7).unwrap();
-        let (store, _keys) = open_store(&sd).unwrap();
+        let (store, _keys) = crate::state_dir::open_store(&sd).unwrap();
         for (name, serial) in [("admin", &again.serial), ("root2", &fresh.serial)] {
             let facts = store.authenticate(name, serial).unwrap();
             assert!(facts.serial_issued, "{name}");

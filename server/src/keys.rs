@@ -56,6 +56,23 @@ impl MacKey {
         MacKey(hmac::Key::from(okm))
     }
 
+    /// The derived key's bytes (to keep a retired audit key, sealed).
+    fn derive_bytes(master: &MasterKey, label: &[u8]) -> zeroize::Zeroizing<[u8; MAC_LEN]> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.raw());
+        let info = [label];
+        let mut out = zeroize::Zeroizing::new([0u8; MAC_LEN]);
+        prk.expand(&info, hmac::HMAC_SHA256)
+            .and_then(|okm| okm.fill(&mut out[..]))
+            .expect("HKDF-SHA256 can make one SHA-256 block");
+        out
+    }
+
+    /// A key from the bytes [`KeySet::audit_bytes`] gave (a retired
+    /// epoch's audit key, loaded from the store).
+    pub fn from_bytes(bytes: &[u8]) -> MacKey {
+        MacKey(hmac::Key::new(hmac::HMAC_SHA256, bytes))
+    }
+
     pub fn tag(&self, input: &MacInput) -> [u8; MAC_LEN] {
         let mut out = [0u8; MAC_LEN];
         out.copy_from_slice(hmac::sign(&self.0, &input.buf).as_ref());
@@ -161,6 +178,11 @@ impl KeySet {
     pub fn audit(&self) -> &MacKey {
         &self.audit
     }
+    /// The audit key's bytes: kept, sealed under the next master key, when
+    /// a rekey retires this set (see [`Keys::retired_audit`]).
+    pub fn audit_bytes(&self) -> zeroize::Zeroizing<[u8; MAC_LEN]> {
+        MacKey::derive_bytes(&self.master, AUDIT_LABEL)
+    }
 }
 
 /// What the server signs and checks with: the current key set, the
@@ -180,6 +202,15 @@ impl Keys {
     pub fn new(master: MasterKey) -> Keys {
         Keys {
             current: KeySet::new(1, master),
+            previous: None,
+            retired_audit: Default::default(),
+        }
+    }
+
+    /// Keys of `epoch`, no rekey in progress.
+    pub fn new_at(epoch: u32, master: MasterKey) -> Keys {
+        Keys {
+            current: KeySet::new(epoch, master),
             previous: None,
             retired_audit: Default::default(),
         }
@@ -310,5 +341,10 @@ mod tests {
         );
         let after = Keys::new(MasterKey::generate().unwrap());
         assert!(!after.row_ok(&input, &old_tag));
+        // A retired audit key kept as bytes verifies what the live one made.
+        let old_set = KeySet::new(1, MasterKey::from_hex(&"22".repeat(32)).unwrap());
+        let kept = MacKey::from_bytes(&old_set.audit_bytes()[..]);
+        let tag = old_set.audit().tag(&input);
+        assert!(kept.verify(&input, &tag));
     }
 }

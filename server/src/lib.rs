@@ -38,6 +38,9 @@
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`keys`]: the keys derived from the master key (row MACs, audit chain)
 //!   and the ring the server holds them in, old and new during a rekey.
+//! - [`key_provider`]: where the master key lives (file, systemd
+//!   credential, PKCS#11 token), recorded in the state directory.
+//! - [`rekey`]: online, resumable `server rekey` to a new master key.
 //! - [`pki`]: the built-in CA; also makes CSRs for the CLI.
 //! - [`names`]: the rules for names and every other client-given field.
 
@@ -52,10 +55,12 @@ mod error;
 mod harden;
 pub mod host_certs;
 mod identity;
+pub mod key_provider;
 pub mod keys;
 mod limits;
 pub mod names;
 pub mod pki;
+pub mod rekey;
 mod report_budget;
 pub mod server;
 mod service;
@@ -67,4 +72,4 @@ mod tls;
 pub use error::Error;
 pub use identity::{identity_from_der, IdentitySource, Issuer, PeerIdentity};
 pub use server::{RunOptions, Server, DEFAULT_LISTEN, DEFAULT_MAX_SECRET_SIZE};
-pub use state_dir::{init, InitOptions, StateDir};
+pub use state_dir::{init, init_with, InitOptions, StateDir};

@@ -19,7 +19,7 @@ use crate::limits::LimitLayer;
 use crate::domain::{Domain, Settings};
 use crate::error::Error;
 use crate::service::{AdminService, SecretsService};
-use crate::state_dir::{open_store, trust_domain, StateDir};
+use crate::state_dir::{open_store_with, trust_domain, StateDir};
 use crate::state_lock::StateLock;
 use crate::store::Store;
 use crate::tls;
@@ -48,6 +48,13 @@ pub struct RunOptions {
     /// Open connections at most; `None` = as many as the file descriptor
     /// limit allows (less a reserve for the database and logs).
     pub max_connections: Option<usize>,
+    /// Where the master key lives: flags over the state directory's
+    /// descriptor (see [`crate::key_provider`]).
+    pub keys: crate::key_provider::KeyOptions,
+    /// Secret versions re-wrapped per transaction during a rekey.
+    pub rekey_batch: usize,
+    /// Pause between a rekey's batches (spares a busy server's disk).
+    pub rekey_pause: Duration,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
@@ -65,6 +72,7 @@ pub struct Server {
     server_cert: Arc<ReloadingCert>,
     ca_not_after: i64,
     state_dir: PathBuf,
+    rekey: Arc<crate::rekey::Rekeyer>,
 }
 
 /// The audit writer thread and the state directory's lock, released only
@@ -232,9 +240,17 @@ impl Server {
             }
         }
         let opening = dir.clone();
-        let (store, keys) = tokio::task::spawn_blocking(move || open_store(&opening))
-            .await
-            .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let key_options = opts.keys.clone();
+        let opened =
+            tokio::task::spawn_blocking(move || open_store_with(&opening, &key_options, true))
+                .await
+                .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let crate::state_dir::Opened {
+            store,
+            keys,
+            source,
+            rekey_in_progress,
+        } = opened;
         let trust_domain = trust_domain(&store)?;
         let ca = dir.load_ca()?;
         let provider = tls::provider();
@@ -283,7 +299,18 @@ impl Server {
             max_secret_size: opts.max_secret_size,
         };
         let ca_not_after = ca.not_after;
+        let rekey = crate::rekey::Rekeyer::new(
+            dir.clone(),
+            source,
+            store.clone(),
+            keys.clone(),
+            opts.rekey_batch,
+            opts.rekey_pause,
+        );
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
+        if rekey_in_progress {
+            rekey.resume();
+        }
         Ok(Server {
             listener,
             health_listener,
@@ -294,6 +321,7 @@ impl Server {
             server_cert,
             ca_not_after,
             state_dir: opts.state_dir.clone(),
+            rekey,
         })
     }
 
@@ -343,11 +371,12 @@ impl Server {
         ));
         let domain = self.domain.clone();
         let close_watches = move || domain.close();
-        let admin = AdminServer::new(AdminService::new(self.domain.clone()))
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(max + 1)
-            .max_encoding_message_size(usize::MAX);
+        let admin =
+            AdminServer::new(AdminService::new(self.domain.clone()).with_rekey(self.rekey.clone()))
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(max + 1)
+                .max_encoding_message_size(usize::MAX);
         let secrets = SecretsServer::new(SecretsService::new(self.domain.clone()))
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
@@ -418,6 +447,9 @@ impl Server {
             .await
             .map_err(|e| Error::Config(format!("the server stopped: {e}")))?;
         drop(self.domain);
+        // A rekey's batches stop at the next one (it resumes at start).
+        self.rekey.stop();
+        drop(self.rekey);
         // Watch tasks still finishing hold the shared state for a moment;
         // do not wait on them for long.
         // Waits for the writer and only then releases the state lock, even

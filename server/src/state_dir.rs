@@ -2,7 +2,11 @@
 //!
 //! ```text
 //! DIR/            0700
-//!   master.key    0600  256-bit master key, hex (back it up apart from the database)
+//!   master.key    0600  256-bit master key, hex (back it up apart from the database);
+//!                       the file provider's (see `key_provider`)
+//!   master-key.json     where the master key lives (provider; no secret)
+//!   master.key.wrapped  0600  the master key wrapped by a PKCS#11 token (pkcs11 provider)
+//!   master.key.next, master.key.wrapped.next   a rekey's new key until it completes
 //!   ca.pem              the CA certificate clients trust
 //!   ca.key        0600  the CA key (signs client certificates)
 //!   server.pem, server.key (0600)
@@ -19,8 +23,9 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use crate::envelope::{MasterKey, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+use crate::envelope::MasterKey;
 use crate::error::Error;
+use crate::key_provider::{KeyOptions, KeySource};
 use crate::keys::KeyRing;
 use crate::names::check_entity_name;
 use crate::pki::Ca;
@@ -155,6 +160,11 @@ pub fn replace_error(e: secretfs_proto::files::ReplaceError) -> Error {
 /// Creates a complete state directory, or nothing: everything is made in a
 /// sibling temporary directory and renamed into place at the end.
 pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
+    init_with(opts, &KeySource::File)
+}
+
+/// [`init`] with the master key kept by `source` (see [`crate::key_provider`]).
+pub fn init_with(opts: &InitOptions, source: &KeySource) -> Result<StateDir, Error> {
     check_trust_domain(&opts.trust_domain)?;
     check_entity_name("client", &opts.admin_name)?;
     let target = &opts.state_dir;
@@ -196,7 +206,7 @@ pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("cannot chmod {}", tmp.display()), e))?;
 
-    let result = fill(&StateDir::new(&tmp), opts).and_then(|()| {
+    let result = fill(&StateDir::new(&tmp), opts, source).and_then(|()| {
         if target.exists() {
             fs::remove_dir(target)
                 .map_err(|e| Error::io(format!("cannot replace empty {}", target.display()), e))?;
@@ -215,9 +225,8 @@ pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
     Ok(StateDir::new(target))
 }
 
-fn fill(dir: &StateDir, opts: &InitOptions) -> Result<(), Error> {
-    let master = MasterKey::generate()?;
-    write_new(&dir.master_key(), master.to_hex().as_bytes(), 0o600)?;
+fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Error> {
+    let master = source.create(dir)?;
 
     let (ca, ca_key) = Ca::generate(&opts.trust_domain)?;
     write_new(&dir.ca_cert(), ca.cert_pem.as_bytes(), 0o644)?;
@@ -245,10 +254,7 @@ fn fill(dir: &StateDir, opts: &InitOptions) -> Result<(), Error> {
     let master = keys.get();
     let master = master.current.master();
     store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
-    let check = master.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?;
-    let mut blob = check.wrapped_key.clone();
-    blob.extend_from_slice(&check.ciphertext);
-    store.put_meta(META_KEY_CHECK, &blob)?;
+    store.put_meta(META_KEY_CHECK, &crate::rekey::key_check(master)?)?;
     store.create_client(
         &NewClient {
             name: opts.admin_name.clone(),
@@ -303,10 +309,38 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
 /// belong together: what `server run` and the commands that work on the
 /// state directory beside it (`admin-cert`, `verify`) start from.
 pub fn open_store(dir: &StateDir) -> Result<(SqliteStore, Arc<KeyRing>), Error> {
-    let keys = KeyRing::new(load_master_key(&dir.master_key())?);
+    open_store_with(dir, &KeyOptions::default(), false).map(|o| (o.store, o.keys))
+}
+
+/// What [`open_store_with`] opened.
+pub struct Opened {
+    pub store: SqliteStore,
+    pub keys: Arc<KeyRing>,
+    /// Where the master key lives (the descriptor, flags applied).
+    pub source: KeySource,
+    /// A rekey was in progress when the store was last closed: resume it.
+    pub rekey_in_progress: bool,
+}
+
+/// [`open_store`] with the provider flags given: the key from its
+/// provider, both keys while a rekey is in progress (see [`crate::rekey`]).
+/// `repair`: the caller holds the state lock (`server run`), so it may
+/// finish or discard what an interrupted rekey left in the provider; a
+/// command beside a running server must not.
+pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Result<Opened, Error> {
+    let mut source = opts.resolve(dir)?;
+    let current = source.load(dir)?;
+    let keys = KeyRing::new(current.clone_key());
     let store = SqliteStore::open(&dir.database(), false, keys.clone())?;
-    verify_master_key(&store, keys.get().current.master(), &dir.master_key())?;
-    Ok((store, keys))
+    let (loaded, rekey_in_progress) =
+        crate::rekey::keys_at_start(dir, &mut source, &store, current, repair)?;
+    keys.replace(loaded);
+    Ok(Opened {
+        store,
+        keys,
+        source,
+        rekey_in_progress,
+    })
 }
 
 /// Proves the master key is the one this database was made with.
@@ -328,8 +362,8 @@ pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) ->
         wrapped_key: blob[..WRAPPED].to_vec(),
         ciphertext: blob[WRAPPED..].to_vec(),
     };
-    match key.open(KEY_CHECK, &sealed) {
-        Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT => Ok(()),
+    match key.open(crate::envelope::KEY_CHECK, &sealed) {
+        Ok(p) if p.as_bytes() == crate::envelope::KEY_CHECK_PLAINTEXT => Ok(()),
         _ => Err(Error::Config(format!(
             "the master key in {} does not match this database (it was made with another key); \
              put the right master.key back (from backup) and start again. Nothing was changed",

@@ -150,6 +150,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         health_listen: None,
         max_connections: None,
         client_ca: Vec::new(),
+        keys: Default::default(),
+        rekey_batch: secretfs_server::rekey::DEFAULT_BATCH,
+        rekey_pause: std::time::Duration::ZERO,
     })
     .await
     .context("the dev server did not start (is another `secretfs dev` running? try --listen 127.0.0.1:0)")?;

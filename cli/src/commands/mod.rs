@@ -61,7 +61,7 @@ pub async fn run(ready: Ready) -> Result<()> {
         } => (conn, output, command),
     };
     match command {
-        OtherCommand::Server(cmd) => server::run(cmd, format).await,
+        OtherCommand::Server(cmd) => server::run(&conn, cmd, format).await,
         OtherCommand::Dev(args) => dev::run(args).await,
         OtherCommand::Secret(cmd) => secret::run(&conn, cmd, format).await,
         OtherCommand::Client(cmd) => client::run(&conn, cmd, format).await,

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use crate::args::{Format, ServerCmd, ServerSub};
+use crate::args::{ConnArgs, Format, RekeyArgs, ServerCmd, ServerSub};
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -43,8 +43,68 @@ fn write_address_file(path: &Path, addr: SocketAddr, health: Option<SocketAddr>)
     )
 }
 
-pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
+fn rekey_json(s: &secretfs_proto::v1::RekeyStatus) -> serde_json::Value {
+    json!({
+        "epoch": s.epoch, "in_progress": s.in_progress, "rewrapped": s.rewrapped,
+        "error": (!s.error.is_empty()).then_some(&s.error),
+    })
+}
+
+/// `server rekey`: start (or only look at) a rekey, and wait for it.
+async fn rekey(conn: &ConnArgs, a: RekeyArgs, format: Format) -> Result<()> {
+    use secretfs_proto::v1;
+    let mut c = crate::connect::admin(conn).await?;
+    let mut status = if a.status {
+        c.get_rekey_status(v1::Empty {}).await?.into_inner()
+    } else {
+        let s = c
+            .rekey(v1::RekeyRequest {
+                new_credential: a.new_credential.unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        if format == Format::Text {
+            eprintln!(
+                "rekey to master key epoch {} started; every write now uses the new key",
+                s.epoch
+            );
+        }
+        if !a.no_wait {
+            let mut s = s;
+            while s.in_progress && s.error.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                s = c.get_rekey_status(v1::Empty {}).await?.into_inner();
+            }
+            s
+        } else {
+            s
+        }
+    };
+    if !status.error.is_empty() {
+        anyhow::bail!(
+            "the rekey to epoch {} stopped: {} (the server resumes it at its next start)",
+            status.epoch,
+            std::mem::take(&mut status.error)
+        );
+    }
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rekey_json(&status))?),
+        Format::Text => println!(
+            "master key epoch {}{}",
+            status.epoch,
+            if status.in_progress {
+                " (rekey in progress: old and new keys both in use)"
+            } else {
+                "; no rekey in progress (the old key is no longer needed)"
+            }
+        ),
+    }
+    Ok(())
+}
+
+pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> {
     match cmd.command {
+        ServerSub::Rekey(a) => rekey(conn, a, format).await,
         ServerSub::Init(a) => {
             let opts = InitOptions {
                 state_dir: a.state_dir.clone(),
@@ -52,7 +112,12 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                 sans: a.sans,
                 admin_name: "admin".into(),
             };
-            let dir = tokio::task::spawn_blocking(move || secretfs_server::init(&opts)).await??;
+            let source = a.keys.options().for_init()?;
+            let is_file = source == secretfs_server::key_provider::KeySource::File;
+            let kept = source.clone();
+            let dir =
+                tokio::task::spawn_blocking(move || secretfs_server::init_with(&opts, &source))
+                    .await??;
             match format {
                 Format::Json => println!(
                     "{}",
@@ -62,15 +127,22 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                         "ca": absolute(&dir.ca_cert()),
                         "cert": absolute(&dir.admin_cert()),
                         "key": absolute(&dir.admin_key()),
-                        "master_key": absolute(&dir.master_key()),
+                        "master_key": is_file.then(|| absolute(&dir.master_key())),
                     }))?
                 ),
                 Format::Text => {
                     eprintln!("created state directory {}", absolute(&dir.path).display());
-                    eprintln!(
-                        "back up {} apart from the database: without it no secret can be decrypted",
-                        absolute(&dir.master_key()).display()
-                    );
+                    if is_file {
+                        eprintln!(
+                            "back up {} apart from the database: without it no secret can be decrypted",
+                            absolute(&dir.master_key()).display()
+                        );
+                    } else {
+                        eprintln!(
+                            "the master key is kept by {} (recorded in master-key.json); back it up apart from the database",
+                            kept.describe(&dir)
+                        );
+                    }
                     eprintln!(
                         "start the server:  secretfs server run --state-dir {}",
                         absolute(&dir.path).display()
@@ -84,8 +156,15 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
         ServerSub::AdminCert(a) => {
             // clap refuses --days outside 1..=3650; 0 means the default.
             let days = a.days.unwrap_or(0);
+            let keys = a.keys.options();
             let made = tokio::task::spawn_blocking(move || {
-                secretfs_server::host_certs::admin_cert(&a.state_dir, &a.out, &a.name, days)
+                secretfs_server::host_certs::admin_cert_with(
+                    &a.state_dir,
+                    &a.out,
+                    &a.name,
+                    days,
+                    &keys,
+                )
             })
             .await??;
             match format {
@@ -152,6 +231,9 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                 client_ca: a.client_ca,
                 health_listen: a.health_listen,
                 max_connections: a.max_connections,
+                keys: a.keys.options(),
+                rekey_batch: a.rekey_batch,
+                rekey_pause: a.rekey_pause,
             })
             .await
             .context("the server did not start")?;

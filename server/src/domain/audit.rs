@@ -39,6 +39,8 @@ pub enum Action {
     /// A TLS handshake was refused (unknown CA, expired, wrong usage, no
     /// certificate), with the peer's address.
     TlsRefused,
+    /// A master key rekey started or completed (stream "keys").
+    ServerRekey,
 }
 
 impl Action {
@@ -70,6 +72,7 @@ impl Action {
             Action::Auth => "auth",
             Action::MountRefused => "mount.refused",
             Action::TlsRefused => "tls.refused",
+            Action::ServerRekey => "server.rekey",
         }
     }
 

@@ -40,6 +40,8 @@ impl Store for Tampering {
         revision(&self) -> Result<u64>;
         get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
         put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
+        put_metas(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()>;
+        rewrap_keys(&self, limit: usize) -> Result<usize>;
         create_secret(&self, new: &NewSecret, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
         rotate_secret(&self, name: &str, size: u64, expires: Option<Option<i64>>, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
         update_secret(&self, name: &str, update: &SecretUpdate, check: CheckFn<'_>, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;

@@ -14,11 +14,27 @@ use crate::store::{NewSecret, SecretUpdate};
 
 pub struct AdminService {
     domain: Arc<Domain>,
+    rekey: Option<Arc<crate::rekey::Rekeyer>>,
 }
 
 impl AdminService {
     pub fn new(domain: Arc<Domain>) -> Self {
-        AdminService { domain }
+        AdminService {
+            domain,
+            rekey: None,
+        }
+    }
+
+    /// Serves `Rekey` and `GetRekeyStatus` with this rekeyer.
+    pub fn with_rekey(mut self, rekey: Arc<crate::rekey::Rekeyer>) -> Self {
+        self.rekey = Some(rekey);
+        self
+    }
+
+    fn rekeyer(&self) -> Result<Arc<crate::rekey::Rekeyer>, Status> {
+        self.rekey
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this server cannot rekey"))
     }
 
     async fn admin<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
@@ -329,6 +345,36 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn rekey(
+        &self,
+        req: Request<v1::RekeyRequest>,
+    ) -> Result<Response<v1::RekeyStatus>, Status> {
+        let caller = self.admin(&req, Action::ServerRekey).await?;
+        let rekey = self.rekeyer()?;
+        let credential = req.into_inner().new_credential;
+        let actor = caller.name().to_owned();
+        tokio::task::spawn_blocking(move || {
+            rekey
+                .start(
+                    &actor,
+                    (!credential.is_empty()).then_some(credential.as_str()),
+                )
+                .map(|_| rekey.status())
+        })
+        .await
+        .map_err(|_| Status::internal("the rekey did not start"))?
+        .map(|s| Response::new(rekey_status(s)))
+        .map_err(Into::into)
+    }
+
+    async fn get_rekey_status(
+        &self,
+        req: Request<v1::Empty>,
+    ) -> Result<Response<v1::RekeyStatus>, Status> {
+        self.admin(&req, Action::ServerRekey).await?;
+        Ok(Response::new(rekey_status(self.rekeyer()?.status())))
+    }
+
     async fn query_audit(
         &self,
         req: Request<v1::AuditQuery>,
@@ -386,5 +432,14 @@ impl AdminService {
             .set_member(&caller, group(req.into_inner()), member, change)
             .await?;
         Ok(Response::new(g.into()))
+    }
+}
+
+fn rekey_status(s: crate::rekey::RekeyStatus) -> v1::RekeyStatus {
+    v1::RekeyStatus {
+        epoch: s.epoch,
+        in_progress: s.in_progress,
+        rewrapped: s.rewrapped,
+        error: s.error.unwrap_or_default(),
     }
 }

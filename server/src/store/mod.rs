@@ -509,6 +509,17 @@ pub trait Store: Send + Sync + 'static {
     // -- audit
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+
+    // -- rekey (stream "keys")
+    /// Sets (`Some`) or deletes (`None`) several metadata entries in one
+    /// transaction: a rekey's start and end each change several at once.
+    fn put_metas(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()>;
+    /// Moves up to `limit` secret versions' wrapped data keys from the
+    /// previous master key to the current one (content untouched), going on
+    /// from where the last call stopped (a cursor kept in the same
+    /// transaction, so a crash resumes there). Returns the versions looked
+    /// at; 0 when every one has been. Without a previous key, 0.
+    fn rewrap_keys(&self, limit: usize) -> Result<usize>;
 }
 
 pub fn now_ms() -> i64 {

@@ -235,10 +235,21 @@ impl TestServer {
     /// As `start_with`, with the server run under `wrapper` (a command
     /// that runs its arguments, such as `prlimit --nofile=300:300`).
     pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> TestServer {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        Self::start_custom(tempfile::tempdir().expect("tempdir"), |_| {}, wrapper, args)
+    }
+
+    /// As `start_wrapped`, in `tmp`, with `init` adding to the `server
+    /// init` command (flags, environment).
+    pub fn start_custom(
+        tmp: tempfile::TempDir,
+        init_with: impl FnOnce(&mut Command),
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> TestServer {
         let state = tmp.path().join("state");
         let mut init = Command::new(bin());
         init.args(["server", "init", "--state-dir"]).arg(&state);
+        init_with(&mut init);
         run_cmd(init, None).ok();
         let admin = Identity::in_dir(&state, "admin");
         let mut server = TestServer {

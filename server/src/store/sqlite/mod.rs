@@ -10,6 +10,7 @@ mod clients;
 mod commit;
 mod groups;
 mod migrate;
+mod rekey;
 mod rows;
 mod secrets;
 
@@ -359,6 +360,18 @@ impl Store for SqliteStore {
 
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
         self.db.read(|tx| audit::query(tx, filter))
+    }
+
+    fn put_metas(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
+        self.db.write(|tx| rekey::put_metas(tx, entries))
+    }
+
+    fn rewrap_keys(&self, limit: usize) -> Result<usize> {
+        // The keys are taken inside the write: every seal of a write that
+        // began before the ring was replaced has committed (one writer)
+        // before the first batch runs, so no old-key version is missed.
+        self.db
+            .write(|tx| rekey::rewrap(tx, &self.keys.get(), limit))
     }
 }
 

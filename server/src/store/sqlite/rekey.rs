@@ -1,0 +1,208 @@
+//! A rekey's store side: several metadata entries at once, and moving the
+//! wrapped data keys over to the new master key in batches.
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::envelope::Binding;
+use crate::keys::Keys;
+use crate::store::{Result, StoreError};
+
+/// Where the last batch stopped: `secret_id || version`, big-endian.
+pub(crate) const META_CURSOR: &str = "rekey_cursor";
+
+pub(super) fn put_metas(tx: &Connection, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
+    for (key, value) in entries {
+        match value {
+            Some(v) => tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, v],
+            )?,
+            None => tx.execute("DELETE FROM meta WHERE key = ?1", [key])?,
+        };
+    }
+    Ok(())
+}
+
+fn cursor(tx: &Connection) -> Result<(i64, i64)> {
+    let blob: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [META_CURSOR],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(match blob {
+        Some(b) if b.len() == 16 => (
+            i64::from_be_bytes(b[..8].try_into().unwrap_or_default()),
+            i64::from_be_bytes(b[8..].try_into().unwrap_or_default()),
+        ),
+        _ => (-1, -1),
+    })
+}
+
+/// One batch; see [`crate::store::Store::rewrap_keys`]. A version neither
+/// key opens (damaged before the rekey) is left as it is: it did not read
+/// before and does not now.
+pub(super) fn rewrap(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize> {
+    let Some(previous) = &keys.previous else {
+        return Ok(0);
+    };
+    let (after_id, after_version) = cursor(tx)?;
+    let rows: Vec<(i64, i64, String, Vec<u8>)> = tx
+        .prepare(
+            "SELECT v.secret_id, v.version, s.name, v.wrapped_key
+             FROM secret_versions v JOIN secrets s ON s.id = v.secret_id
+             WHERE (v.secret_id, v.version) > (?1, ?2)
+             ORDER BY v.secret_id, v.version LIMIT ?3",
+        )?
+        .query_map(
+            params![after_id, after_version, limit.min(i64::MAX as usize) as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?
+        .collect::<rusqlite::Result<_>>()?;
+    for (id, version, name, wrapped) in &rows {
+        let binding = Binding {
+            secret_id: *id as u64,
+            name,
+            version: *version as u64,
+        };
+        match keys
+            .current
+            .master()
+            .rewrap(previous.master(), binding, wrapped)
+        {
+            Ok(Some(new)) => {
+                tx.execute(
+                    "UPDATE secret_versions SET wrapped_key = ?3 WHERE secret_id = ?1 AND version = ?2",
+                    params![id, version, new],
+                )?;
+            }
+            Ok(None) => {}
+            Err(crate::error::Error::Integrity { .. }) => {
+                tracing::warn!(secret = %name, version, "rekey: this version's data key opens under neither master key; left as it was");
+            }
+            Err(e) => return Err(StoreError::Seal(Box::new(e))),
+        }
+    }
+    if let Some((id, version, _, _)) = rows.last() {
+        let mut c = id.to_be_bytes().to_vec();
+        c.extend_from_slice(&version.to_be_bytes());
+        put_metas(tx, &[(META_CURSOR, Some(&c))])?;
+    }
+    Ok(rows.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{MasterKey, Sealed};
+    use crate::keys::{KeyRing, KeySet};
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{AuditEntry, NewSecret, Store};
+
+    fn add(store: &SqliteStore, ring: &KeyRing, name: &str, content: &[u8]) {
+        let new = NewSecret {
+            name: name.into(),
+            size: content.len() as u64,
+            ..NewSecret::default()
+        };
+        let audit = AuditEntry {
+            actor: "t".into(),
+            action: "secret.create".into(),
+            allowed: true,
+            ..Default::default()
+        };
+        store
+            .create_secret(&new, &audit, &mut |id, version| {
+                let binding = Binding {
+                    secret_id: id,
+                    name,
+                    version,
+                };
+                Ok(ring.get().current.master().seal(binding, content).unwrap())
+            })
+            .unwrap();
+    }
+
+    /// A version row: id, version, name, wrapped key, ciphertext.
+    type Row = (i64, i64, String, Vec<u8>, Vec<u8>);
+
+    /// Every version's content, opened under `key` alone.
+    fn contents(store: &SqliteStore, key: &MasterKey) -> Vec<Option<Vec<u8>>> {
+        let rows: Vec<Row> = store
+            .db
+            .read(|tx| {
+                Ok(tx
+                    .prepare(
+                        "SELECT v.secret_id, v.version, s.name, v.wrapped_key, v.ciphertext
+                         FROM secret_versions v JOIN secrets s ON s.id = v.secret_id ORDER BY 1, 2",
+                    )?
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .unwrap();
+        rows.into_iter()
+            .map(|(id, version, name, wrapped_key, ciphertext)| {
+                let binding = Binding {
+                    secret_id: id as u64,
+                    name: &name,
+                    version: version as u64,
+                };
+                key.open(
+                    binding,
+                    &Sealed {
+                        wrapped_key,
+                        ciphertext,
+                    },
+                )
+                .ok()
+                .map(|p| p.as_bytes().to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rewrap_moves_every_version_in_batches_from_its_cursor() {
+        let old = MasterKey::generate().unwrap();
+        let new = MasterKey::generate().unwrap();
+        let ring = KeyRing::new(old.clone_key());
+        let store = SqliteStore::open_in_memory_with(ring.clone()).unwrap();
+        for i in 0..6u8 {
+            add(&store, &ring, &format!("s{i}"), &[i; 5]);
+        }
+        assert_eq!(store.rewrap_keys(4).unwrap(), 0, "no rekey, nothing to do");
+        let want: Vec<_> = (0..6u8).map(|i| Some(vec![i; 5])).collect();
+        assert_eq!(contents(&store, &old), want);
+
+        ring.replace(Keys {
+            current: KeySet::new(2, new.clone_key()),
+            previous: Some(KeySet::new(1, old.clone_key())),
+            retired_audit: Default::default(),
+        });
+        // Written during the rekey: already under the new key.
+        add(&store, &ring, "during", b"late");
+        assert_eq!(store.rewrap_keys(4).unwrap(), 4);
+        let halfway = contents(&store, &new);
+        assert_eq!(halfway.iter().filter(|c| c.is_some()).count(), 5);
+        assert_eq!(store.rewrap_keys(4).unwrap(), 3);
+        assert_eq!(store.rewrap_keys(4).unwrap(), 0);
+        let mut want = want;
+        want.push(Some(b"late".to_vec()));
+        assert_eq!(contents(&store, &new), want);
+        assert!(contents(&store, &old).iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn put_metas_sets_and_deletes_together() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        store
+            .put_metas(&[("a", Some(b"1")), ("b", Some(b"2"))])
+            .unwrap();
+        store.put_metas(&[("a", None), ("b", Some(b"3"))]).unwrap();
+        assert_eq!(store.get_meta("a").unwrap(), None);
+        assert_eq!(store.get_meta("b").unwrap(), Some(b"3".to_vec()));
+    }
+}
