@@ -56,6 +56,8 @@ pub mod keys;
 mod limits;
 pub mod names;
 pub mod pki;
+#[cfg(test)]
+mod prop_config;
 mod report_budget;
 pub mod server;
 mod service;
