@@ -57,7 +57,7 @@ mod limits;
 pub mod names;
 pub mod pki;
 #[cfg(test)]
-mod prop_config;
+mod prop_support;
 mod report_budget;
 pub mod server;
 mod service;

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::prop_config::config;
+use crate::prop_support::{config, deceptive, text as name_like};
 
 /// The secret name rule, written from DESIGN.md: segments of
 /// `[A-Za-z0-9._-]` joined by `/`, no segment empty, `.`, `..` or starting
@@ -34,36 +34,6 @@ fn entity_name_model(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
-}
-
-/// Characters that would let text pass for something else on a terminal
-/// or in a log: control characters, bidi controls, zero-width ones.
-fn deceptive(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-}
-
-/// Text built mostly of what names are made of, with the characters that
-/// break the rules mixed in: arbitrary strings alone would almost never
-/// produce a valid multi-segment name.
-fn name_like() -> impl Strategy<Value = String> {
-    let alphabet = prop::sample::select(vec![
-        'a', 'Z', '0', '9', '.', '_', '-', '/', '/', ' ', '\0', '\n', '\u{1b}', '\\', ':', '*',
-        'é', '\u{202e}', '\u{200b}',
-    ]);
-    let chars = prop::collection::vec(alphabet, 0..48).prop_map(String::from_iter);
-    // Names near the length limits: segments of 250-260 bytes.
-    let long = prop::collection::vec(
-        (250usize..=260, prop::sample::select(vec!["a", "b-", "c."])),
-        1..6,
-    )
-    .prop_map(|segs| {
-        segs.into_iter()
-            .map(|(n, s)| s.repeat(n).chars().take(n).collect::<String>())
-            .collect::<Vec<_>>()
-            .join("/")
-    });
-    prop_oneof![4 => chars, 1 => long, 2 => any::<String>()]
 }
 
 fn assert_clear(err: &Error) -> Result<(), TestCaseError> {
