@@ -29,7 +29,7 @@ use super::{AdminService, SecretsService};
 use crate::domain::{Action, Domain, Settings};
 use crate::identity::{IdentitySource, Issuer, PeerIdentity};
 use crate::names::{check_description, check_entity_name, check_labels, check_mode, check_secret_name};
-use crate::prop_support::{config, deceptive, text};
+use crate::prop_support::{config, deceptive, pem, text};
 use crate::store::{AuditFilter, NewClient, SqliteStore, Store};
 use crate::tls::PeerInfo;
 
@@ -219,12 +219,8 @@ fn csr_pem() -> impl Strategy<Value = String> {
     });
     let cut = any::<prop::sample::Index>()
         .prop_map(|at| good_csr()[..at.index(good_csr().len())].to_owned());
-    let wrapped = prop::collection::vec(any::<u8>(), 0..200).prop_map(|der| {
-        format!(
-            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
-            base64(&der)
-        )
-    });
+    let wrapped = prop::collection::vec(any::<u8>(), 0..200)
+        .prop_map(|der| pem("CERTIFICATE REQUEST", &der));
     prop_oneof![
         1 => Just(String::new()),
         2 => Just(good_csr().to_owned()),
@@ -233,24 +229,6 @@ fn csr_pem() -> impl Strategy<Value = String> {
         1 => wrapped,
         1 => text(),
     ]
-}
-
-/// Standard base64 with padding (test only; no crate for one function).
-pub(crate) fn base64(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 fn page_token() -> impl Strategy<Value = String> {
