@@ -20,6 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
+use prost::Message;
 use proptest::prelude::*;
 use secretfs_proto::v1::{self, admin_server::Admin, secrets_server::Secrets};
 use tokio_stream::StreamExt;
@@ -101,6 +102,37 @@ impl Call {
             Call::Watch(_) => "Watch",
             Call::ReportRefusals(_) => "ReportRefusals",
             Call::RenewCertificate(_) => "RenewCertificate",
+        }
+    }
+
+    /// Whether the request message decodes back to itself (prost's wire
+    /// format is the one format requests have).
+    fn round_trips(&self) -> bool {
+        fn same<T: Message + Default + PartialEq>(m: &T) -> bool {
+            T::decode(m.encode_to_vec().as_slice()).as_ref() == Ok(m)
+        }
+        match self {
+            Call::CreateSecret(m) => same(m),
+            Call::RotateSecret(m) => same(m),
+            Call::UpdateSecret(m) => same(m),
+            Call::ListSecrets(m) => same(m),
+            Call::DescribeSecret(m) | Call::ListVersions(m) | Call::DeleteSecret(m) => same(m),
+            Call::RollbackSecret(m) => same(m),
+            Call::CreateClient(m) => same(m),
+            Call::ListClients(m) | Call::ListGroups(m) | Call::WhoAmI(m) | Call::ListMySecrets(m) => {
+                same(m)
+            }
+            Call::DescribeClient(m) | Call::RemoveClient(m) | Call::ClientAccess(m) => same(m),
+            Call::RenewClientCertificate(m) => same(m),
+            Call::CreateGroup(m) => same(m),
+            Call::RemoveGroup(m) => same(m),
+            Call::AddClientToGroup(m) | Call::RemoveClientFromGroup(m) => same(m),
+            Call::AddSecretToGroup(m) | Call::RemoveSecretFromGroup(m) => same(m),
+            Call::QueryAudit(m) => same(m),
+            Call::ReadSecrets(m) => same(m),
+            Call::Watch(m) => same(m),
+            Call::ReportRefusals(m) => same(m),
+            Call::RenewCertificate(m) => same(m),
         }
     }
 
@@ -700,6 +732,70 @@ proptest! {
             f.check_state().await
         })?;
     }
+}
+
+/// Decodes `bytes` as every request message, as the server's codec does
+/// before any handler runs.
+fn decode_as_every_request(bytes: &[u8]) {
+    fn decode<T: Message + Default>(bytes: &[u8]) {
+        let _ = T::decode(bytes);
+    }
+    decode::<v1::CreateSecretRequest>(bytes);
+    decode::<v1::RotateSecretRequest>(bytes);
+    decode::<v1::UpdateSecretRequest>(bytes);
+    decode::<v1::ListSecretsRequest>(bytes);
+    decode::<v1::SecretRef>(bytes);
+    decode::<v1::RollbackSecretRequest>(bytes);
+    decode::<v1::CreateClientRequest>(bytes);
+    decode::<v1::Empty>(bytes);
+    decode::<v1::ClientRef>(bytes);
+    decode::<v1::RenewClientCertificateRequest>(bytes);
+    decode::<v1::CreateGroupRequest>(bytes);
+    decode::<v1::GroupRef>(bytes);
+    decode::<v1::GroupClientRequest>(bytes);
+    decode::<v1::GroupSecretRequest>(bytes);
+    decode::<v1::AuditQuery>(bytes);
+    decode::<v1::ReadSecretsRequest>(bytes);
+    decode::<v1::WatchRequest>(bytes);
+    decode::<v1::ReportRefusalsRequest>(bytes);
+    decode::<v1::RenewCertificateRequest>(bytes);
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn prop_request_messages_round_trip_and_any_bytes_decode_without_panic(
+        call in call(),
+        noise in prop::collection::vec(any::<u8>(), 0..256),
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+    ) {
+        prop_assert!(call.round_trips(), "{:?}", call);
+        decode_as_every_request(&noise);
+        // A real message with bytes changed: closer to a valid one than noise.
+        let Some(mut bytes) = encoded(&call) else { return Ok(()) };
+        for (at, b) in &flips {
+            if !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] = *b;
+            }
+        }
+        decode_as_every_request(&bytes);
+    }
+}
+
+/// The call's request message on the wire.
+fn encoded(call: &Call) -> Option<Vec<u8>> {
+    Some(match call {
+        Call::CreateSecret(m) => m.encode_to_vec(),
+        Call::UpdateSecret(m) => m.encode_to_vec(),
+        Call::ReadSecrets(m) => m.encode_to_vec(),
+        Call::Watch(m) => m.encode_to_vec(),
+        Call::ReportRefusals(m) => m.encode_to_vec(),
+        Call::QueryAudit(m) => m.encode_to_vec(),
+        Call::CreateClient(m) => m.encode_to_vec(),
+        _ => return None,
+    })
 }
 
 #[test]
