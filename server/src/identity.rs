@@ -197,7 +197,10 @@ mod tests {
         for (uri, shown) in [
             ("spiffe://td/client/\0", "spiffe://td/client/\\0"),
             ("spiffe://td/client/a\nb", "spiffe://td/client/a\\nb"),
-            ("spiffe://t\u{1b}[2J/client/a", "spiffe://t\\u{1b}[2J/client/a"),
+            (
+                "spiffe://t\u{1b}[2J/client/a",
+                "spiffe://t\\u{1b}[2J/client/a",
+            ),
             ("spiffe://td/x\r", "spiffe://td/x\\r"),
         ] {
             let err = identity_from_der(&cert(None, &[uri]), "td", Issuer::BuiltIn)

@@ -32,7 +32,10 @@ fn line_model(line: &str) -> Option<(u32, String, String)> {
     let hierarchy: u32 = id.parse().ok()?;
     let controller_ok = |c: &str| {
         let name = c.strip_prefix("name=").unwrap_or(c);
-        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
     };
     let controllers_ok = if hierarchy == 0 {
         controllers.is_empty()
@@ -74,7 +77,14 @@ fn path() -> impl Strategy<Value = String> {
 
 fn controllers() -> impl Strategy<Value = String> {
     prop::collection::vec(
-        prop::sample::select(vec!["cpu", "cpuacct", "memory", "pids", "name=systemd", "net_cls"]),
+        prop::sample::select(vec![
+            "cpu",
+            "cpuacct",
+            "memory",
+            "pids",
+            "name=systemd",
+            "net_cls",
+        ]),
         1..3,
     )
     .prop_map(|c| c.join(","))

@@ -40,7 +40,10 @@ fn held_of(f: &SecretFile) -> Held {
 }
 
 fn mirror_held(m: &Mirror) -> BTreeMap<String, Held> {
-    m.held.iter().map(|(n, f)| (n.clone(), held_of(f))).collect()
+    m.held
+        .iter()
+        .map(|(n, f)| (n.clone(), held_of(f)))
+        .collect()
 }
 
 /// The server's name rule, from DESIGN.md.
@@ -59,7 +62,12 @@ fn forbidden(name: &str) -> bool {
     name.is_empty()
         || name.len() > 1024
         || name.split('/').any(|s| {
-            s.is_empty() || s == "." || s == ".." || s == ".secretfs" || s.len() > 255 || s.contains('\0')
+            s.is_empty()
+                || s == "."
+                || s == ".."
+                || s == ".secretfs"
+                || s.len() > 255
+                || s.contains('\0')
         })
 }
 

@@ -38,7 +38,9 @@ fn model(cn: Option<&str>, uris: &[String]) -> Option<(String, IdentitySource)> 
     let spiffe: Vec<&String> = uris.iter().filter(|u| u.starts_with("spiffe://")).collect();
     let valid = |n: &str| check_entity_name("client", n).is_ok();
     match spiffe[..] {
-        [] => cn.filter(|n| valid(n)).map(|n| (n.to_owned(), IdentitySource::CommonName)),
+        [] => cn
+            .filter(|n| valid(n))
+            .map(|n| (n.to_owned(), IdentitySource::CommonName)),
         [uri] => uri
             .strip_prefix(&format!("spiffe://{TRUST}/client/"))
             .filter(|n| valid(n))
@@ -51,7 +53,11 @@ fn model(cn: Option<&str>, uris: &[String]) -> Option<(String, IdentitySource)> 
 fn uri() -> impl Strategy<Value = String> {
     let ascii = prop::collection::vec(0u8..0x80, 0..40)
         .prop_map(|b| b.into_iter().map(char::from).collect::<String>());
-    let domain = prop_oneof![Just(TRUST.to_owned()), Just("other.org".to_owned()), ascii.clone()];
+    let domain = prop_oneof![
+        Just(TRUST.to_owned()),
+        Just("other.org".to_owned()),
+        ascii.clone()
+    ];
     let name = prop_oneof![Just("web-1".to_owned()), ascii.clone()];
     let path = prop_oneof![
         name.clone().prop_map(|n| format!("client/{n}")),

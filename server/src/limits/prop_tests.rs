@@ -22,8 +22,12 @@ fn announced(stream: &[u8]) -> Vec<usize> {
     let mut lens = Vec::new();
     let mut at = 0;
     while at + 5 <= stream.len() {
-        let len = u32::from_be_bytes([stream[at + 1], stream[at + 2], stream[at + 3], stream[at + 4]])
-            as usize;
+        let len = u32::from_be_bytes([
+            stream[at + 1],
+            stream[at + 2],
+            stream[at + 3],
+            stream[at + 4],
+        ]) as usize;
         lens.push(len);
         at += 5 + len;
     }
@@ -45,7 +49,8 @@ fn stream(max: usize) -> impl Strategy<Value = Vec<u8>> {
         f.extend_from_slice(&len.to_be_bytes());
         f
     });
-    prop::collection::vec(prop_oneof![6 => frame, 1 => huge], 0..6).prop_map(|frames| frames.concat())
+    prop::collection::vec(prop_oneof![6 => frame, 1 => huge], 0..6)
+        .prop_map(|frames| frames.concat())
 }
 
 /// `data` cut at the given points.

@@ -128,7 +128,9 @@ fn the_models_agree_on_the_documented_examples() {
     for good in ["a", "db/password", "a.b_c-d/E9", "x/y/z", "v1.2"] {
         assert!(secret_name_model(good), "{good}");
     }
-    for bad in ["", "/a", "a/", "a//b", ".", "..", "a/../b", ".hidden", "a b", "é"] {
+    for bad in [
+        "", "/a", "a/", "a//b", ".", "..", "a/../b", ".hidden", "a b", "é",
+    ] {
         assert!(!secret_name_model(bad), "{bad}");
     }
     assert!(entity_name_model("web-1") && !entity_name_model("-a"));

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 use rustls_pki_types::pem::PemObject;
-use x509_parser::prelude::FromDer;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use x509_parser::prelude::FromDer;
 
 use super::*;
 use crate::identity::{identity_from_der, Issuer};

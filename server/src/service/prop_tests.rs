@@ -20,8 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
 
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use secretfs_proto::v1::{self, admin_server::Admin, secrets_server::Secrets};
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Status};
@@ -29,7 +29,9 @@ use tonic::{Code, Request, Status};
 use super::{AdminService, SecretsService};
 use crate::domain::{Action, Domain, Settings};
 use crate::identity::{IdentitySource, Issuer, PeerIdentity};
-use crate::names::{check_description, check_entity_name, check_labels, check_mode, check_secret_name};
+use crate::names::{
+    check_description, check_entity_name, check_labels, check_mode, check_secret_name,
+};
 use crate::prop_support::{config, deceptive, pem, text};
 use crate::store::{AuditFilter, NewClient, SqliteStore, Store};
 use crate::tls::PeerInfo;
@@ -119,9 +121,10 @@ impl Call {
             Call::DescribeSecret(m) | Call::ListVersions(m) | Call::DeleteSecret(m) => same(m),
             Call::RollbackSecret(m) => same(m),
             Call::CreateClient(m) => same(m),
-            Call::ListClients(m) | Call::ListGroups(m) | Call::WhoAmI(m) | Call::ListMySecrets(m) => {
-                same(m)
-            }
+            Call::ListClients(m)
+            | Call::ListGroups(m)
+            | Call::WhoAmI(m)
+            | Call::ListMySecrets(m) => same(m),
             Call::DescribeClient(m) | Call::RemoveClient(m) | Call::ClientAccess(m) => same(m),
             Call::RenewClientCertificate(m) => same(m),
             Call::CreateGroup(m) => same(m),
@@ -251,8 +254,8 @@ fn csr_pem() -> impl Strategy<Value = String> {
     });
     let cut = any::<prop::sample::Index>()
         .prop_map(|at| good_csr()[..at.index(good_csr().len())].to_owned());
-    let wrapped = prop::collection::vec(any::<u8>(), 0..200)
-        .prop_map(|der| pem("CERTIFICATE REQUEST", &der));
+    let wrapped =
+        prop::collection::vec(any::<u8>(), 0..200).prop_map(|der| pem("CERTIFICATE REQUEST", &der));
     prop_oneof![
         1 => Just(String::new()),
         2 => Just(good_csr().to_owned()),
@@ -354,29 +357,44 @@ fn call() -> impl Strategy<Value = Call> {
         Just(Call::ListSecrets(v1::ListSecretsRequest {})),
         secret_ref().prop_map(Call::DescribeSecret),
         secret_ref().prop_map(Call::ListVersions),
-        (secret_name(), prop_oneof![0u64..4, any::<u64>()])
-            .prop_map(|(name, version)| Call::RollbackSecret(v1::RollbackSecretRequest { name, version })),
-        secret_ref().prop_map(Call::DeleteSecret),
-        (entity_name(), csr_pem(), any::<bool>(), days()).prop_map(|(name, csr_pem, admin, days)| {
-            Call::CreateClient(v1::CreateClientRequest { name, csr_pem, admin, days })
+        (secret_name(), prop_oneof![0u64..4, any::<u64>()]).prop_map(|(name, version)| {
+            Call::RollbackSecret(v1::RollbackSecretRequest { name, version })
         }),
+        secret_ref().prop_map(Call::DeleteSecret),
+        (entity_name(), csr_pem(), any::<bool>(), days()).prop_map(
+            |(name, csr_pem, admin, days)| {
+                Call::CreateClient(v1::CreateClientRequest {
+                    name,
+                    csr_pem,
+                    admin,
+                    days,
+                })
+            }
+        ),
         Just(Call::ListClients(v1::Empty {})),
         client_ref().prop_map(Call::DescribeClient),
         client_ref().prop_map(Call::RemoveClient),
         (entity_name(), csr_pem(), days()).prop_map(|(name, csr_pem, days)| {
-            Call::RenewClientCertificate(v1::RenewClientCertificateRequest { name, csr_pem, days })
+            Call::RenewClientCertificate(v1::RenewClientCertificateRequest {
+                name,
+                csr_pem,
+                days,
+            })
         }),
-        (entity_name(), description())
-            .prop_map(|(name, description)| Call::CreateGroup(v1::CreateGroupRequest { name, description })),
+        (entity_name(), description()).prop_map(|(name, description)| Call::CreateGroup(
+            v1::CreateGroupRequest { name, description }
+        )),
         Just(Call::ListGroups(v1::Empty {})),
         entity_name().prop_map(|name| Call::RemoveGroup(v1::GroupRef { name })),
-        (entity_name(), entity_name())
-            .prop_map(|(group, client)| Call::AddClientToGroup(v1::GroupClientRequest { group, client })),
+        (entity_name(), entity_name()).prop_map(|(group, client)| Call::AddClientToGroup(
+            v1::GroupClientRequest { group, client }
+        )),
         (entity_name(), entity_name()).prop_map(|(group, client)| {
             Call::RemoveClientFromGroup(v1::GroupClientRequest { group, client })
         }),
-        (entity_name(), secret_name())
-            .prop_map(|(group, secret)| Call::AddSecretToGroup(v1::GroupSecretRequest { group, secret })),
+        (entity_name(), secret_name()).prop_map(|(group, secret)| Call::AddSecretToGroup(
+            v1::GroupSecretRequest { group, secret }
+        )),
         (entity_name(), secret_name()).prop_map(|(group, secret)| {
             Call::RemoveSecretFromGroup(v1::GroupSecretRequest { group, secret })
         }),
@@ -384,14 +402,20 @@ fn call() -> impl Strategy<Value = Call> {
         audit_query().prop_map(Call::QueryAudit),
         Just(Call::WhoAmI(v1::Empty {})),
         Just(Call::ListMySecrets(v1::Empty {})),
-        (prop::collection::vec(secret_name(), 0..3), page_token())
-            .prop_map(|(names, page_token)| Call::ReadSecrets(v1::ReadSecretsRequest { names, page_token })),
-        (prop::collection::vec(known(), 0..4), any::<u64>())
-            .prop_map(|(known, since_revision)| Call::Watch(v1::WatchRequest { known, since_revision })),
+        (prop::collection::vec(secret_name(), 0..3), page_token()).prop_map(
+            |(names, page_token)| Call::ReadSecrets(v1::ReadSecretsRequest { names, page_token })
+        ),
+        (prop::collection::vec(known(), 0..4), any::<u64>()).prop_map(|(known, since_revision)| {
+            Call::Watch(v1::WatchRequest {
+                known,
+                since_revision,
+            })
+        }),
         prop::collection::vec(refusal(), 0..4)
             .prop_map(|refusals| Call::ReportRefusals(v1::ReportRefusalsRequest { refusals })),
-        (csr_pem(), days())
-            .prop_map(|(csr_pem, days)| Call::RenewCertificate(v1::RenewCertificateRequest { csr_pem, days })),
+        (csr_pem(), days()).prop_map(|(csr_pem, days)| Call::RenewCertificate(
+            v1::RenewCertificateRequest { csr_pem, days }
+        )),
     ]
 }
 
@@ -466,12 +490,18 @@ async fn fixture() -> Fixture {
         group: "g".into(),
         client: "web".into(),
     };
-    f.admin.add_client_to_group(request(web, "admin")).await.unwrap();
+    f.admin
+        .add_client_to_group(request(web, "admin"))
+        .await
+        .unwrap();
     let db = v1::GroupSecretRequest {
         group: "g".into(),
         secret: "db/password".into(),
     };
-    f.admin.add_secret_to_group(request(db, "admin")).await.unwrap();
+    f.admin
+        .add_secret_to_group(request(db, "admin"))
+        .await
+        .unwrap();
     f
 }
 
@@ -480,7 +510,10 @@ enum Answer {
     Metas(Vec<v1::SecretMeta>),
     Groups(Vec<v1::GroupInfo>),
     Clients(Vec<v1::ClientInfo>),
-    Issued { client: Option<v1::ClientInfo>, cert_pem: String },
+    Issued {
+        client: Option<v1::ClientInfo>,
+        cert_pem: String,
+    },
     Read(v1::ReadSecretsResponse),
     Watching(Option<Result<v1::WatchEvent, Status>>),
     Other,
@@ -507,7 +540,10 @@ impl Fixture {
                 .await
                 .map(|r| Answer::Metas(r.into_inner().secrets)),
             Call::DescribeSecret(m) => meta(a.describe_secret(request(m, "admin")).await),
-            Call::ListVersions(m) => a.list_versions(request(m, "admin")).await.map(|_| Answer::Other),
+            Call::ListVersions(m) => a
+                .list_versions(request(m, "admin"))
+                .await
+                .map(|_| Answer::Other),
             Call::RollbackSecret(m) => meta(a.rollback_secret(request(m, "admin")).await),
             Call::DeleteSecret(m) => other(a.delete_secret(request(m, "admin")).await),
             Call::CreateClient(m) => a.create_client(request(m, "admin")).await.map(|r| {
@@ -526,13 +562,16 @@ impl Fixture {
                 .await
                 .map(|r| Answer::Clients(vec![r.into_inner()])),
             Call::RemoveClient(m) => other(a.remove_client(request(m, "admin")).await),
-            Call::RenewClientCertificate(m) => a.renew_client_certificate(request(m, "admin")).await.map(|r| {
-                let r = r.into_inner();
-                Answer::Issued {
-                    client: r.client,
-                    cert_pem: r.cert_pem,
-                }
-            }),
+            Call::RenewClientCertificate(m) => a
+                .renew_client_certificate(request(m, "admin"))
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    Answer::Issued {
+                        client: r.client,
+                        cert_pem: r.cert_pem,
+                    }
+                }),
             Call::CreateGroup(m) => group(a.create_group(request(m, "admin")).await),
             Call::ListGroups(m) => a
                 .list_groups(request(m, "admin"))
@@ -540,11 +579,21 @@ impl Fixture {
                 .map(|r| Answer::Groups(r.into_inner().groups)),
             Call::RemoveGroup(m) => other(a.remove_group(request(m, "admin")).await),
             Call::AddClientToGroup(m) => group(a.add_client_to_group(request(m, "admin")).await),
-            Call::RemoveClientFromGroup(m) => group(a.remove_client_from_group(request(m, "admin")).await),
+            Call::RemoveClientFromGroup(m) => {
+                group(a.remove_client_from_group(request(m, "admin")).await)
+            }
             Call::AddSecretToGroup(m) => group(a.add_secret_to_group(request(m, "admin")).await),
-            Call::RemoveSecretFromGroup(m) => group(a.remove_secret_from_group(request(m, "admin")).await),
-            Call::ClientAccess(m) => a.client_access(request(m, "admin")).await.map(|_| Answer::Other),
-            Call::QueryAudit(m) => a.query_audit(request(m, "admin")).await.map(|_| Answer::Other),
+            Call::RemoveSecretFromGroup(m) => {
+                group(a.remove_secret_from_group(request(m, "admin")).await)
+            }
+            Call::ClientAccess(m) => a
+                .client_access(request(m, "admin"))
+                .await
+                .map(|_| Answer::Other),
+            Call::QueryAudit(m) => a
+                .query_audit(request(m, "admin"))
+                .await
+                .map(|_| Answer::Other),
             Call::WhoAmI(m) => s.who_am_i(request(m, who)).await.map(|_| Answer::Other),
             Call::ListMySecrets(m) => s
                 .list_my_secrets(request(m, who))
@@ -588,7 +637,10 @@ fn check_refusal(call: &str, status: &Status) -> Result<(), TestCaseError> {
     prop_assert!(client_codes.contains(&status.code()), "{call}: {status:?}");
     let msg = status.message();
     prop_assert!(!msg.is_empty(), "{call}: empty message");
-    prop_assert!(!msg.chars().any(deceptive), "{call}: raw control text in {msg:?}");
+    prop_assert!(
+        !msg.chars().any(deceptive),
+        "{call}: raw control text in {msg:?}"
+    );
     prop_assert!(msg.len() < 4096, "{call}: a {}-byte message", msg.len());
     Ok(())
 }
@@ -596,7 +648,11 @@ fn check_refusal(call: &str, status: &Status) -> Result<(), TestCaseError> {
 fn check_meta(m: &v1::SecretMeta) -> Result<(), TestCaseError> {
     prop_assert!(check_secret_name(&m.name).is_ok(), "{:?}", m.name);
     prop_assert!(check_mode(m.mode).is_ok(), "{:o}", m.mode);
-    prop_assert!(check_description(&m.description).is_ok(), "{:?}", m.description);
+    prop_assert!(
+        check_description(&m.description).is_ok(),
+        "{:?}",
+        m.description
+    );
     let labels: BTreeMap<String, String> = m.labels.clone().into_iter().collect();
     prop_assert!(check_labels(&labels).is_ok(), "{:?}", labels);
     Ok(())
@@ -624,7 +680,12 @@ fn check_client(c: &v1::ClientInfo) -> Result<(), TestCaseError> {
 
 impl Fixture {
     /// Checks one answer; `call` as it was made, for a follow-up.
-    async fn check_answer(&self, call: &Call, who: &str, answer: Answer) -> Result<(), TestCaseError> {
+    async fn check_answer(
+        &self,
+        call: &Call,
+        who: &str,
+        answer: Answer,
+    ) -> Result<(), TestCaseError> {
         match answer {
             Answer::Metas(metas) => metas.iter().try_for_each(check_meta)?,
             Answer::Groups(groups) => groups.iter().try_for_each(check_group)?,
@@ -638,7 +699,8 @@ impl Fixture {
                     let der = rustls_pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
                         .map(|d: rustls_pki_types::CertificateDer<'static>| d)
                         .unwrap();
-                    let id = crate::identity::identity_from_der(der.as_ref(), TRUST, Issuer::BuiltIn);
+                    let id =
+                        crate::identity::identity_from_der(der.as_ref(), TRUST, Issuer::BuiltIn);
                     prop_assert_eq!(id.map(|i| i.name).ok(), Some(client.name));
                 }
             }
@@ -650,7 +712,9 @@ impl Fixture {
                 }
                 if !r.next_page_token.is_empty() {
                     // A page token this server handed out is accepted back.
-                    let Call::ReadSecrets(m) = call else { unreachable!() };
+                    let Call::ReadSecrets(m) = call else {
+                        unreachable!()
+                    };
                     let next = v1::ReadSecretsRequest {
                         names: m.names.clone(),
                         page_token: r.next_page_token.clone(),
@@ -694,9 +758,20 @@ impl Fixture {
             prop_assert!(check_entity_name("client", &c.name).is_ok(), "{:?}", c.name);
         }
         for e in self.store.query_audit(&AuditFilter::default()).unwrap() {
-            let fields = [Some(&e.actor), Some(&e.detail), e.secret.as_ref(), e.client.as_ref(), e.group.as_ref()];
+            let fields = [
+                Some(&e.actor),
+                Some(&e.detail),
+                e.secret.as_ref(),
+                e.client.as_ref(),
+                e.group.as_ref(),
+            ];
             for f in fields.into_iter().flatten() {
-                prop_assert!(!f.chars().any(deceptive), "audit {}: raw control text in {:?}", e.action, f);
+                prop_assert!(
+                    !f.chars().any(deceptive),
+                    "audit {}: raw control text in {:?}",
+                    e.action,
+                    f
+                );
             }
         }
         Ok(())
