@@ -109,3 +109,77 @@ proptest! {
         }
     }
 }
+
+/// The service behind the limit: answers with a marker, so a test sees
+/// whether the request got through.
+#[derive(Clone)]
+struct Behind;
+
+impl tower::Service<http::Request<Body>> for Behind {
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<http::Response<Body>, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+        let mut res = http::Response::new(Body::empty());
+        res.headers_mut()
+            .insert("x-behind", http::HeaderValue::from_static("1"));
+        std::future::ready(Ok(res))
+    }
+}
+
+fn header() -> impl Strategy<Value = (String, Vec<u8>)> {
+    (
+        "[a-z0-9-]{1,40}",
+        prop_oneof![
+            3 => prop::collection::vec(0x20u8..0x7f, 0..200),
+            1 => prop::collection::vec(0x20u8..0x7f, 2000..9000),
+        ],
+    )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn prop_metadata_is_refused_exactly_over_the_limit(
+        headers in prop::collection::vec(header(), 0..8),
+    ) {
+        use tower::{Layer, Service};
+        let mut req = http::Request::new(Body::empty());
+        for (name, value) in &headers {
+            req.headers_mut().append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let total: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+        let mut svc = LimitLayer { max_message: 1024 }.layer(Behind);
+        let res = futures_ready(svc.call(req));
+        let passed = res.headers().contains_key("x-behind");
+        prop_assert_eq!(passed, total <= MAX_METADATA, "{} bytes", total);
+        if !passed {
+            let status = Status::from_header_map(res.headers()).unwrap();
+            prop_assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+            let said = format!("{total} bytes");
+            prop_assert!(status.message().contains(&said), "{:?}", status);
+        }
+    }
+}
+
+/// The limit answers without waiting on anything: poll its future once.
+fn futures_ready<F: std::future::Future<Output = Result<T, std::convert::Infallible>>, T>(
+    fut: F,
+) -> T {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(res)) => res,
+        Poll::Ready(Err(never)) => match never {},
+        Poll::Pending => panic!("the limit layer waited"),
+    }
+}
