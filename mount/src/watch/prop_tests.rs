@@ -46,7 +46,7 @@ fn mirror_held(m: &Mirror) -> BTreeMap<String, Held> {
         .collect()
 }
 
-/// The server's name rule, from DESIGN.md.
+/// The server's name rule, as the README ("Secrets") gives it.
 fn name_model(name: &str) -> bool {
     (1..=1024).contains(&name.len())
         && name.split('/').all(|s| {

@@ -1,5 +1,5 @@
 //! Property tests of the name and field rules against simple reference
-//! models of the documented rules (DESIGN.md "Secrets"; the `names.rs`
+//! models of the documented rules (README.md "Secrets"; the `names.rs`
 //! module comment): arbitrary text never panics, is accepted exactly when
 //! the model accepts it, and a refusal quotes it without control
 //! characters.
@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::prop_support::{config, deceptive, text as name_like};
 
-/// The secret name rule, written from DESIGN.md: segments of
+/// The secret name rule, written from the README ("Secrets"): segments of
 /// `[A-Za-z0-9._-]` joined by `/`, no segment empty, `.`, `..` or starting
 /// with `.`, at most 255 bytes a segment and 1024 in all.
 fn secret_name_model(name: &str) -> bool {
