@@ -464,7 +464,10 @@ struct CgroupLine<'a> {
 /// v2: `0::/path`. The path may itself contain ':'.
 fn parse_cgroup_file(text: &str) -> Result<Vec<CgroupLine<'_>>, String> {
     let mut lines = Vec::new();
-    for line in text.lines() {
+    // Split where the kernel ends lines, at '\n' only: `str::lines` also
+    // drops a '\r' before it, and a cgroup named `<id>\r` would read as
+    // `<id>`.
+    for line in text.split_terminator('\n') {
         let bad = || line.to_owned();
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
@@ -1169,6 +1172,18 @@ mod tests {
     }
 
     #[test]
+    fn a_carriage_return_is_part_of_the_path() {
+        // Found by the property tests: lines were split with `str::lines`,
+        // which drops a '\r' before the '\n', so a cgroup named `<id>\r`
+        // (a name a delegated subtree may choose) was read as `<id>`.
+        let parsed = parse_cgroup_file("0::/a\r\n").unwrap();
+        assert_eq!(parsed[0].path, "/a\r");
+        assert!(!admits(&v2(&format!("/{ID}\r")), &[ID]));
+        assert!(!admits(&v2(&format!("/docker/{ID}\r")), &[ID]));
+        assert!(admits(&v2(&format!("/docker/{ID}")), &[ID]));
+    }
+
+    #[test]
     fn a_process_that_vanishes_during_the_check_is_refused() {
         // Its /proc entry goes away after the handle was opened: whatever
         // now has its pid, the handle reads nothing.
@@ -1227,3 +1242,6 @@ mod tests {
         assert!(p.policy(&[ID], &[]).any_process_matches());
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

@@ -45,6 +45,8 @@ mod error;
 mod fuse;
 mod mount;
 mod notify;
+#[cfg(test)]
+mod prop_support;
 mod renewal;
 mod secret_bytes;
 mod snapshot;

@@ -185,9 +185,11 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
+        // One byte in octal, so at most `\377`: the first digit is 0-3.
         if b[i] == b'\\'
             && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && (b'0'..=b'3').contains(&b[i + 1])
+            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
@@ -350,6 +352,10 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
         assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
         assert_eq!(unescape_mountinfo(r"/x\134"), b"/x\\");
+        // Found by the property tests: `\777` overflowed a byte (a panic);
+        // what is not a byte in octal is kept as it is.
+        assert_eq!(unescape_mountinfo(r"/a\777"), br"/a\777");
+        assert_eq!(unescape_mountinfo(r"/a\400\377"), b"/a\\400\xff");
     }
 
     #[test]
@@ -372,3 +378,6 @@ mod tests {
         assert!(err.to_string().contains("not empty"));
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

@@ -1421,3 +1421,6 @@ mod properties {
         }
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

@@ -940,3 +940,6 @@ pub(crate) mod tests {
         assert!(m.snapshot().files().is_empty());
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

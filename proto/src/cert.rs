@@ -282,3 +282,6 @@ mod tests {
         assert_eq!(n.to_string(), "expired at 1970-01-01T00:00:00Z");
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

@@ -20,6 +20,8 @@ pub mod channel;
 pub mod codec;
 pub mod credentials;
 pub mod files;
+#[cfg(test)]
+mod prop_support;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]

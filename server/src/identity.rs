@@ -5,7 +5,10 @@
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::error::Error;
-use crate::names::check_entity_name;
+use crate::names::{check_entity_name, printable};
+
+/// How much of a refused SPIFFE id an error quotes.
+const MAX_SHOWN_URI: usize = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdentitySource {
@@ -74,18 +77,22 @@ pub fn identity_from_der(
         }
         let rest = &uri["spiffe://".len()..];
         let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
+        // Quoted escaped and cut short: a CA may have signed any text into
+        // the URI, and the message reaches the client's terminal.
+        let shown = printable(uri, MAX_SHOWN_URI);
         if domain != trust_domain {
             return Err(Error::Unauthenticated(format!(
-                "the client certificate's SPIFFE id {uri} is for trust domain {domain:?}, this server serves {trust_domain:?}"
+                "the client certificate's SPIFFE id {shown} is for trust domain \"{}\", this server serves {trust_domain:?}",
+                printable(domain, MAX_SHOWN_URI)
             )));
         }
         let name = path.strip_prefix("client/").ok_or_else(|| {
             Error::Unauthenticated(format!(
-                "the client certificate's SPIFFE id {uri} is not of the form spiffe://{trust_domain}/client/NAME"
+                "the client certificate's SPIFFE id {shown} is not of the form spiffe://{trust_domain}/client/NAME"
             ))
         })?;
         check_entity_name("client", name)
-            .map_err(|e| Error::Unauthenticated(format!("SPIFFE id {uri}: {e}")))?;
+            .map_err(|e| Error::Unauthenticated(format!("SPIFFE id {shown}: {e}")))?;
         return Ok(PeerIdentity {
             name: name.to_owned(),
             serial,
@@ -181,4 +188,34 @@ mod tests {
         }
         assert!(identity_from_der(b"garbage", "td", Issuer::BuiltIn).is_err());
     }
+
+    #[test]
+    fn a_refused_spiffe_id_is_quoted_escaped() {
+        // Found by the property tests: the id was quoted raw, so a NUL, a
+        // newline or an escape sequence signed into it reached the
+        // client's terminal.
+        for (uri, shown) in [
+            ("spiffe://td/client/\0", "spiffe://td/client/\\0"),
+            ("spiffe://td/client/a\nb", "spiffe://td/client/a\\nb"),
+            (
+                "spiffe://t\u{1b}[2J/client/a",
+                "spiffe://t\\u{1b}[2J/client/a",
+            ),
+            ("spiffe://td/x\r", "spiffe://td/x\\r"),
+        ] {
+            let err = identity_from_der(&cert(None, &[uri]), "td", Issuer::BuiltIn)
+                .unwrap_err()
+                .to_string();
+            assert!(!err.chars().any(char::is_control), "{err:?}");
+            assert!(err.contains(shown), "{shown}: {err}");
+        }
+        let long = format!("spiffe://td/client/{}", "\n".repeat(1000));
+        let err = identity_from_der(&cert(None, &[&long]), "td", Issuer::BuiltIn)
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 1000, "{} bytes", err.len());
+    }
 }
+
+#[cfg(test)]
+mod prop_tests;

@@ -61,6 +61,8 @@ mod limits;
 pub mod names;
 pub mod pki;
 pub mod rekey;
+#[cfg(test)]
+mod prop_support;
 mod report_budget;
 pub mod server;
 mod service;

@@ -231,3 +231,6 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

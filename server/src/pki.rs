@@ -472,3 +472,6 @@ mod tests {
         assert!(Ca::load("not a certificate", &key).is_err());
     }
 }
+
+#[cfg(test)]
+mod prop_tests;

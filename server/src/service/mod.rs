@@ -4,6 +4,8 @@
 
 mod admin;
 mod convert;
+#[cfg(test)]
+mod prop_tests;
 mod secrets;
 mod watch;
 
