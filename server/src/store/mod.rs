@@ -16,6 +16,7 @@
 //!   of them at once, off the async threads.
 //! - Committed changes are announced on the store's [`ChangeFeed`].
 
+pub mod audit_chain;
 mod error;
 mod feed;
 mod sqlite;
@@ -509,6 +510,17 @@ pub trait Store: Send + Sync + 'static {
     // -- audit
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+
+    // ---- audit stream (issue 12): the audit hash chain. Every audit
+    // insert is chained (and the head row moved) in its own transaction.
+    /// Walks the whole chain (streaming, never the whole log in memory)
+    /// and reports the first break.
+    fn verify_audit(&self) -> Result<audit_chain::AuditVerdict>;
+    /// Up to `limit` entries after `after_id`, oldest first, with their
+    /// chain values (for the external sink).
+    fn audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<audit_chain::ChainedEntry>>;
+    /// The head row, if there is one.
+    fn audit_head(&self) -> Result<Option<audit_chain::AuditHead>>;
 }
 
 pub fn now_ms() -> i64 {
