@@ -12,6 +12,7 @@ use secretfs_proto::v1::secrets_server::SecretsServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::cert_reload::ReloadingCert;
 use crate::limits::LimitLayer;
@@ -48,6 +49,8 @@ pub struct RunOptions {
     /// Open connections at most; `None` = as many as the file descriptor
     /// limit allows (less a reserve for the database and logs).
     pub max_connections: Option<usize>,
+    /// The external JSON-lines audit sink (`--audit-log`), if any.
+    pub audit_log: Option<crate::audit_sink::SinkOptions>,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
@@ -65,6 +68,8 @@ pub struct Server {
     server_cert: Arc<ReloadingCert>,
     ca_not_after: i64,
     state_dir: PathBuf,
+    /// The external audit sink: requests are refused while it cannot write.
+    audit_sink: Option<Arc<crate::audit_sink::SinkStatus>>,
 }
 
 /// The audit writer thread and the state directory's lock, released only
@@ -126,6 +131,47 @@ fn warn_expiry(what: &str, not_after: i64, fix: &str) {
         Some((true, text)) => tracing::error!("{text}; {fix}"),
         Some((false, text)) => tracing::warn!("{text}; {fix}"),
         None => {}
+    }
+}
+
+/// Follows the audit sink: NOT_SERVING (overall and for both services)
+/// while it cannot write.
+async fn sink_health(
+    mut serving: tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    loop {
+        tokio::select! {
+            changed = serving.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = closing.changed() => return,
+        }
+        let status = if *serving.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if *closing.borrow() {
+            return;
+        }
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health
+            .set_service_status(
+                <SecretsServer<SecretsService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
     }
 }
 
@@ -283,7 +329,19 @@ impl Server {
             max_secret_size: opts.max_secret_size,
         };
         let ca_not_after = ca.not_after;
+        // Checked against the database before anything is served: a sink
+        // ahead of the database's audit log refuses the start.
+        let audit_sink = match opts.audit_log.clone() {
+            Some(sink) => {
+                let (status, _exporter) = crate::audit_sink::start(&store, sink)?;
+                Some(status)
+            }
+            None => None,
+        };
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
+        if let Some(sink) = &audit_sink {
+            domain.set_audit_sink(sink.clone());
+        }
         Ok(Server {
             listener,
             health_listener,
@@ -294,6 +352,7 @@ impl Server {
             server_cert,
             ca_not_after,
             state_dir: opts.state_dir.clone(),
+            audit_sink,
         })
     }
 
@@ -353,9 +412,26 @@ impl Server {
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max + 1)
             .max_encoding_message_size(usize::MAX);
+        // Vault's rule: while the audit sink cannot write, every call is
+        // refused, and the health service says NOT_SERVING.
+        let sink = self.audit_sink.clone();
+        let refuse_without_sink =
+            move |req: tonic::Request<()>| match sink.as_ref().and_then(|s| s.refusal()) {
+                Some(why) => Err(tonic::Status::unavailable(why)),
+                None => Ok(req),
+            };
+        let admin = InterceptedService::new(admin, refuse_without_sink.clone());
+        let secrets = InterceptedService::new(secrets, refuse_without_sink);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AdminServer<AdminService>>().await;
         health.set_serving::<SecretsServer<SecretsService>>().await;
+        if let Some(sink) = &self.audit_sink {
+            tokio::spawn(sink_health(
+                sink.serving(),
+                health.clone(),
+                self.domain.closing(),
+            ));
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(secretfs_proto::FILE_DESCRIPTOR_SET)

@@ -150,7 +150,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
         health_listen: None,
         max_connections: None,
         client_ca: Vec::new(),
-    })
+        audit_log: None,
+        })
     .await
     .context("the dev server did not start (is another `secretfs dev` running? try --listen 127.0.0.1:0)")?;
     let addr = server.local_addr();

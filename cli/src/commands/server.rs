@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
@@ -152,6 +153,15 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                 client_ca: a.client_ca,
                 health_listen: a.health_listen,
                 max_connections: a.max_connections,
+                audit_log: a.audit_log.map(|path| SinkOptions {
+                    target: if path.as_os_str() == "-" {
+                        SinkTarget::Stdout
+                    } else {
+                        SinkTarget::File(path)
+                    },
+                    max_size: a.audit_log_max_size,
+                    keep: a.audit_log_keep,
+                }),
             })
             .await
             .context("the server did not start")?;
