@@ -417,7 +417,14 @@ impl Server {
         let sink = self.audit_sink.clone();
         let refuse_without_sink =
             move |req: tonic::Request<()>| match sink.as_ref().and_then(|s| s.refusal()) {
-                Some(why) => Err(tonic::Status::unavailable(why)),
+                Some(why) => {
+                    let mut refused = tonic::Status::unavailable(why);
+                    // Tells the CLI this is no connection problem.
+                    refused
+                        .metadata_mut()
+                        .insert("secretfs-audit-sink", "failed".parse().expect("ASCII"));
+                    Err(refused)
+                }
                 None => Ok(req),
             };
         let admin = InterceptedService::new(admin, refuse_without_sink.clone());
