@@ -67,6 +67,8 @@ pub struct SinkStatus {
     exported: Mutex<Option<(u64, Vec<u8>)>>,
     /// `true` while it can write (for the health service).
     serving: tokio::sync::watch::Sender<bool>,
+    /// Set at shutdown: export what is committed, then end.
+    stop: std::sync::atomic::AtomicBool,
 }
 
 impl SinkStatus {
@@ -76,7 +78,17 @@ impl SinkStatus {
             failed: Mutex::new(None),
             exported: Mutex::new(None),
             serving: tokio::sync::watch::channel(true).0,
+            stop: Default::default(),
         }
+    }
+
+    /// Asks the exporter to write what is committed and end (at shutdown).
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// "the audit log /var/log/secretfs/audit.jsonl" or "... on stdout".
@@ -333,6 +345,14 @@ pub fn start(
                 Ok(m) => m.is_file(),
                 Err(_) => true,
             };
+            // Fails the start on a path that cannot be opened (a missing
+            // directory, no permission), rather than the first request.
+            open_append(path).map_err(|e| {
+                Error::io(
+                    format!("cannot open {name} (--audit-log); create its directory or give another path"),
+                    e,
+                )
+            })?;
             let mut last = None;
             if regular {
                 last = last_line(path)?;
@@ -408,6 +428,9 @@ fn export(
         drop(store);
         let batch = match batch {
             Ok(b) if b.is_empty() => {
+                if status.stopping() {
+                    return;
+                }
                 std::thread::sleep(POLL);
                 continue;
             }
@@ -428,6 +451,9 @@ fn export(
             Ok(()) => status.set_failed(None),
             Err(e) => {
                 status.set_failed(Some(e.to_string()));
+                if status.stopping() {
+                    return;
+                }
                 std::thread::sleep(RETRY);
             }
         }

@@ -70,6 +70,8 @@ pub struct Server {
     state_dir: PathBuf,
     /// The external audit sink: requests are refused while it cannot write.
     audit_sink: Option<Arc<crate::audit_sink::SinkStatus>>,
+    /// Its exporter thread, drained at shutdown.
+    audit_sink_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The audit writer thread and the state directory's lock, released only
@@ -331,12 +333,12 @@ impl Server {
         let ca_not_after = ca.not_after;
         // Checked against the database before anything is served: a sink
         // ahead of the database's audit log refuses the start.
-        let audit_sink = match opts.audit_log.clone() {
+        let (audit_sink, audit_sink_thread) = match opts.audit_log.clone() {
             Some(sink) => {
-                let (status, _exporter) = crate::audit_sink::start(&store, sink)?;
-                Some(status)
+                let (status, exporter) = crate::audit_sink::start(&store, sink)?;
+                (Some(status), Some(exporter))
             }
-            None => None,
+            None => (None, None),
         };
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
         if let Some(sink) = &audit_sink {
@@ -353,6 +355,7 @@ impl Server {
             ca_not_after,
             state_dir: opts.state_dir.clone(),
             audit_sink,
+            audit_sink_thread,
         })
     }
 
@@ -500,6 +503,19 @@ impl Server {
             })
             .await
             .map_err(|e| Error::Config(format!("the server stopped: {e}")))?;
+        // The sink writes what the last calls committed, then ends.
+        if let (Some(sink), Some(thread)) = (&self.audit_sink, self.audit_sink_thread) {
+            sink.stop();
+            let drained = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(Duration::from_secs(5), drained)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the audit sink did not finish within 5 s; it catches up at the next start"
+                );
+            }
+        }
         drop(self.domain);
         // Watch tasks still finishing hold the shared state for a moment;
         // do not wait on them for long.

@@ -274,6 +274,19 @@ fn the_sink_carries_the_chain_rotates_and_catches_a_rolled_back_database() {
         "{}",
         out.stderr
     );
+    // A path that cannot be opened stops the start with the fix.
+    let mut run = Command::new(bin());
+    run.args(["server", "run", "--state-dir"])
+        .arg(&s.state)
+        .args(["--listen", "127.0.0.1:0", "--audit-log"])
+        .arg(tmp.path().join("missing-dir/audit.jsonl"));
+    let out = run_cmd(run, None);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("cannot open the audit log") && out.stderr.contains("--audit-log"),
+        "{}",
+        out.stderr
+    );
     // The rolled-back database alone verifies whole (that is what the sink
     // is for): with the old sink files moved aside, as the error says, the
     // server starts and a new file gets the whole log.
