@@ -144,14 +144,19 @@ async fn sink_health(
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) {
     use tonic_health::ServingStatus;
+    let mut first = true;
     loop {
-        tokio::select! {
-            changed = serving.changed() => {
-                if changed.is_err() {
-                    return;
+        // The state as it is first (it may have failed before serving
+        // began), then each change.
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                changed = serving.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
                 }
+                _ = closing.changed() => return,
             }
-            _ = closing.changed() => return,
         }
         let status = if *serving.borrow_and_update() {
             ServingStatus::Serving

@@ -152,7 +152,7 @@ fn check_key(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
         )
         .optional()?;
     let refuse = |why: &str| {
-        Err(StoreError::Unwritable(
+        Err(StoreError::Check(
             format!("cannot chain the audit log at this upgrade: {why}; nothing was changed")
                 .into(),
         ))
