@@ -345,6 +345,7 @@ impl Server {
             }
             None => (None, None),
         };
+        crate::domain::audit::check_audit_head(store.as_ref(), &keys.get());
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
         if let Some(sink) = &audit_sink {
             domain.set_audit_sink(sink.clone());

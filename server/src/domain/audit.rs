@@ -19,6 +19,28 @@ pub struct AuditReport {
     pub sink: Option<(String, u64)>,
 }
 
+/// At start: a cheap look at the head row (its MAC, nothing after it).
+/// A broken head stops every audited write, so say why at once; the whole
+/// walk is `audit verify`'s.
+pub fn check_audit_head(store: &dyn crate::store::Store, keys: &crate::keys::Keys) {
+    let fix = "run `secretfs audit verify` to see what was edited, and restore the database from a backup";
+    match store.audit_head() {
+        Ok(None) => tracing::error!("the audit head row is missing: the database was edited; {fix}"),
+        Ok(Some(h)) if !h.is_authentic(keys) => {
+            tracing::error!("the audit head row's MAC does not match: the database was edited; {fix}")
+        }
+        Ok(Some(h)) => match store.audit_after(h.last_id, 1) {
+            Ok(after) if !after.is_empty() => tracing::error!(
+                "the audit log holds entries after its head (entry {}): the database was edited; {fix}",
+                h.last_id
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the audit log at start"),
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot read the audit head at start"),
+    }
+}
+
 impl Domain {
     /// Tells the domain about the external sink (once, at start).
     pub fn set_audit_sink(&self, sink: Arc<SinkStatus>) {

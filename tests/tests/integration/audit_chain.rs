@@ -158,6 +158,13 @@ fn every_kind_of_break_is_reported_at_its_entry() {
     s.stop();
     sql(&db, "UPDATE audit_head SET last_id = last_id - 1");
     s.restart_on("127.0.0.1:0");
+    assert!(
+        eventually(Duration::from_secs(10), || s
+            .log()
+            .contains("the audit head row's MAC does not match")),
+        "said at start: {}",
+        s.log()
+    );
     s.cli_in(&["secret", "add", "chain/after"], b"x")
         .fails(1, "audit head row");
 }
