@@ -301,6 +301,25 @@ pub struct RunArgs {
     /// During a rekey: pause between batches (e.g. 10ms, to spare a busy disk).
     #[arg(long, default_value = "0s", env = "SECRETFS_REKEY_PAUSE", value_parser = parse_duration)]
     pub rekey_pause: Duration,
+    /// Also write every audit entry, with its chain value, as JSON lines to
+    /// this file (created 0600, rotated by size), or `-` for stdout (for
+    /// journald and log shippers). While it cannot be written, every
+    /// request is refused and health says NOT_SERVING.
+    #[arg(long, value_name = "PATH|-", env = "SECRETFS_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Rotate the --audit-log file before it grows past this many bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 100 * 1024 * 1024,
+          env = "SECRETFS_AUDIT_LOG_MAX_SIZE",
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    pub audit_log_max_size: u64,
+    /// Rotated --audit-log files kept: PATH.1 (newest) to PATH.N; 0 keeps none.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        env = "SECRETFS_AUDIT_LOG_KEEP"
+    )]
+    pub audit_log_keep: u32,
 }
 
 #[derive(Debug, Args)]
@@ -628,7 +647,10 @@ pub enum GroupCmd {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: Option<AuditSub>,
     /// Events by or about this client.
     #[arg(long)]
     pub client: Option<String>,
@@ -650,6 +672,15 @@ pub struct AuditArgs {
     /// Keep printing new events as they are written (Ctrl-C ends).
     #[arg(long)]
     pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditSub {
+    /// Check the audit hash chain end to end: every entry's MAC, the links
+    /// between them, the head row and the external sink. Exit 0 when whole,
+    /// 1 naming the first break (edited, deleted, inserted, reordered,
+    /// truncated tail, head row edited).
+    Verify,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

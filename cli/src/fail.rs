@@ -56,6 +56,11 @@ fn chain(err: &anyhow::Error) -> String {
 /// needs translating.
 pub fn explain_status(status: &tonic::Status) -> String {
     let message = status.message();
+    if status.metadata().contains_key("secretfs-audit-sink") {
+        // The server refuses calls while its audit sink cannot write: its
+        // message names the sink and the fix.
+        return message.to_owned();
+    }
     match status.code() {
         Code::Unavailable | Code::Unknown | Code::Cancelled => {
             let detail = format!(

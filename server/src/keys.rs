@@ -138,6 +138,13 @@ impl MacInput {
             None => self.bytes(&[0u8]),
         }
     }
+    /// `None` and every `Some` (even `Some("")`) encode differently.
+    pub fn opt_str(self, v: Option<&str>) -> Self {
+        match v {
+            Some(v) => self.bytes(&[&[1u8][..], v.as_bytes()].concat()),
+            None => self.bytes(&[0u8]),
+        }
+    }
 }
 
 /// One master key and the keys derived from it. The epoch counts master

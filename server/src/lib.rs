@@ -30,6 +30,8 @@
 //! - `identity`: the identity inside a client certificate (SPIFFE id or CN).
 //! - `audit_log`: group commit of audit entries (reads are audited before
 //!   content leaves the server).
+//! - [`audit_sink`]: the external JSON-lines copy of the audit (file with
+//!   rotation, or stdout); requests are refused while it cannot write.
 //! - `auth_cache`: authenticated certificates, dropped when clients change.
 //! - `report_budget`: how much a client may add to the audit log by itself.
 //! - `harden`: non-dumpable, memory locked against swap.
@@ -47,6 +49,7 @@
 #![forbid(unsafe_code)]
 
 mod audit_log;
+pub mod audit_sink;
 mod auth_cache;
 mod cert_reload;
 pub mod domain;
@@ -60,9 +63,9 @@ pub mod keys;
 mod limits;
 pub mod names;
 pub mod pki;
-pub mod rekey;
 #[cfg(test)]
 mod prop_support;
+pub mod rekey;
 mod report_budget;
 pub mod server;
 mod service;

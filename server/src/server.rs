@@ -12,6 +12,7 @@ use secretfs_proto::v1::secrets_server::SecretsServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::cert_reload::ReloadingCert;
 use crate::limits::LimitLayer;
@@ -55,6 +56,8 @@ pub struct RunOptions {
     pub rekey_batch: usize,
     /// Pause between a rekey's batches (spares a busy server's disk).
     pub rekey_pause: Duration,
+    /// The external JSON-lines audit sink (`--audit-log`), if any.
+    pub audit_log: Option<crate::audit_sink::SinkOptions>,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
@@ -73,6 +76,10 @@ pub struct Server {
     ca_not_after: i64,
     state_dir: PathBuf,
     rekey: Arc<crate::rekey::Rekeyer>,
+    /// The external audit sink: requests are refused while it cannot write.
+    audit_sink: Option<Arc<crate::audit_sink::SinkStatus>>,
+    /// Its exporter thread, drained at shutdown.
+    audit_sink_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The audit writer thread and the state directory's lock, released only
@@ -134,6 +141,52 @@ fn warn_expiry(what: &str, not_after: i64, fix: &str) {
         Some((true, text)) => tracing::error!("{text}; {fix}"),
         Some((false, text)) => tracing::warn!("{text}; {fix}"),
         None => {}
+    }
+}
+
+/// Follows the audit sink: NOT_SERVING (overall and for both services)
+/// while it cannot write.
+async fn sink_health(
+    mut serving: tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let mut first = true;
+    loop {
+        // The state as it is first (it may have failed before serving
+        // began), then each change.
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                changed = serving.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = closing.changed() => return,
+            }
+        }
+        let status = if *serving.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if *closing.borrow() {
+            return;
+        }
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <AdminServer<AdminService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        health
+            .set_service_status(
+                <SecretsServer<SecretsService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
     }
 }
 
@@ -307,7 +360,20 @@ impl Server {
             opts.rekey_batch,
             opts.rekey_pause,
         );
+        // Checked against the database before anything is served: a sink
+        // ahead of the database's audit log refuses the start.
+        let (audit_sink, audit_sink_thread) = match opts.audit_log.clone() {
+            Some(sink) => {
+                let (status, exporter) = crate::audit_sink::start(&store, sink)?;
+                (Some(status), Some(exporter))
+            }
+            None => (None, None),
+        };
+        crate::domain::audit::check_audit_head(store.as_ref(), &keys.get());
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
+        if let Some(sink) = &audit_sink {
+            domain.set_audit_sink(sink.clone());
+        }
         if rekey_in_progress {
             rekey.resume();
         }
@@ -322,6 +388,8 @@ impl Server {
             ca_not_after,
             state_dir: opts.state_dir.clone(),
             rekey,
+            audit_sink,
+            audit_sink_thread,
         })
     }
 
@@ -382,9 +450,33 @@ impl Server {
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max + 1)
             .max_encoding_message_size(usize::MAX);
+        // Vault's rule: while the audit sink cannot write, every call is
+        // refused, and the health service says NOT_SERVING.
+        let sink = self.audit_sink.clone();
+        let refuse_without_sink =
+            move |req: tonic::Request<()>| match sink.as_ref().and_then(|s| s.refusal()) {
+                Some(why) => {
+                    let mut refused = tonic::Status::unavailable(why);
+                    // Tells the CLI this is no connection problem.
+                    refused
+                        .metadata_mut()
+                        .insert("secretfs-audit-sink", "failed".parse().expect("ASCII"));
+                    Err(refused)
+                }
+                None => Ok(req),
+            };
+        let admin = InterceptedService::new(admin, refuse_without_sink.clone());
+        let secrets = InterceptedService::new(secrets, refuse_without_sink);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AdminServer<AdminService>>().await;
         health.set_serving::<SecretsServer<SecretsService>>().await;
+        if let Some(sink) = &self.audit_sink {
+            tokio::spawn(sink_health(
+                sink.serving(),
+                health.clone(),
+                self.domain.closing(),
+            ));
+        }
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(secretfs_proto::FILE_DESCRIPTOR_SET)
@@ -446,6 +538,19 @@ impl Server {
             })
             .await
             .map_err(|e| Error::Config(format!("the server stopped: {e}")))?;
+        // The sink writes what the last calls committed, then ends.
+        if let (Some(sink), Some(thread)) = (&self.audit_sink, self.audit_sink_thread) {
+            sink.stop();
+            let drained = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout(Duration::from_secs(5), drained)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the audit sink did not finish within 5 s; it catches up at the next start"
+                );
+            }
+        }
         drop(self.domain);
         // A rekey's batches stop at the next one (it resumes at start).
         self.rekey.stop();

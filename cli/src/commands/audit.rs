@@ -6,7 +6,7 @@ use anyhow::Result;
 use secretfs_proto::v1;
 use serde_json::{json, Value};
 
-use crate::args::{AuditArgs, ConnArgs, Format, Outcome};
+use crate::args::{AuditArgs, AuditSub, ConnArgs, Format, Outcome};
 use crate::connect;
 use crate::output::{print, printable, time_ms, Table};
 
@@ -58,7 +58,60 @@ fn event_cells(e: &v1::AuditEvent) -> Vec<String> {
     ]
 }
 
+/// `audit verify`: the server walks the chain; exit 1 at a break.
+async fn verify(conn: &ConnArgs, format: Format) -> Result<()> {
+    let mut c = connect::admin(conn).await?;
+    let r = c
+        .verify_audit(v1::VerifyAuditRequest {})
+        .await?
+        .into_inner();
+    let brk = r.first_break.as_ref();
+    let json = json!({
+        "whole": brk.is_none(),
+        "checked": r.checked,
+        "last_id": r.last_id,
+        "head": {"id": r.head_id, "chain": r.head_chain},
+        "break": brk.map(|b| json!({"kind": b.kind, "id": b.id, "detail": b.detail})),
+        "sink": if r.sink.is_empty() { Value::Null } else { json!({"name": r.sink, "last_id": r.sink_last_id}) },
+    });
+    let mut rows = vec![
+        (
+            "chain",
+            match brk {
+                None => "whole".into(),
+                Some(b) => format!("BROKEN at entry {} ({})", b.id, b.kind),
+            },
+        ),
+        ("entries checked", r.checked.to_string()),
+        ("last entry", r.last_id.to_string()),
+        (
+            "head",
+            format!("entry {} chain {}", r.head_id, r.head_chain),
+        ),
+    ];
+    if !r.sink.is_empty() {
+        rows.push((
+            "sink",
+            format!("{} (last entry {})", r.sink, r.sink_last_id),
+        ));
+    }
+    let t = Table::vertical(rows);
+    print(format, &json, t);
+    match brk {
+        None => Ok(()),
+        Some(b) => Err(anyhow::anyhow!(
+            "the audit chain is broken at entry {} ({}): {}",
+            b.id,
+            b.kind,
+            printable(&b.detail)
+        )),
+    }
+}
+
 pub async fn run(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> {
+    if let Some(AuditSub::Verify) = a.command {
+        return verify(conn, format).await;
+    }
     let mut c = connect::admin(conn).await?;
     let mut query = v1::AuditQuery {
         client: a.client.unwrap_or_default(),

@@ -153,6 +153,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         keys: Default::default(),
         rekey_batch: secretfs_server::rekey::DEFAULT_BATCH,
         rekey_pause: std::time::Duration::ZERO,
+        audit_log: None,
     })
     .await
     .context("the dev server did not start (is another `secretfs dev` running? try --listen 127.0.0.1:0)")?;

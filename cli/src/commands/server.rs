@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
@@ -234,6 +235,15 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                 keys: a.keys.options(),
                 rekey_batch: a.rekey_batch,
                 rekey_pause: a.rekey_pause,
+                audit_log: a.audit_log.map(|path| SinkOptions {
+                    target: if path.as_os_str() == "-" {
+                        SinkTarget::Stdout
+                    } else {
+                        SinkTarget::File(path)
+                    },
+                    max_size: a.audit_log_max_size,
+                    keep: a.audit_log_keep,
+                }),
             })
             .await
             .context("the server did not start")?;

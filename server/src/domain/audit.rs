@@ -1,7 +1,101 @@
 //! What the audit log records: one [`Action`] per kind of event, so the
-//! names are written once.
+//! names are written once; and `audit verify`: the chain walked and the
+//! external sink compared with it.
 
+use std::sync::Arc;
+
+use super::Domain;
+use crate::audit_sink::SinkStatus;
+use crate::error::Error;
+use crate::store::audit_chain::{AuditVerdict, BreakKind, ChainBreak};
 use crate::store::AuditEntry;
+
+/// What `audit verify` found: the database's chain and, with a sink
+/// configured, the sink's last entry compared with it.
+#[derive(Clone, Debug)]
+pub struct AuditReport {
+    pub verdict: AuditVerdict,
+    /// The sink's name and the last id it holds.
+    pub sink: Option<(String, u64)>,
+}
+
+/// At start: a cheap look at the head row (its MAC, nothing after it).
+/// A broken head stops every audited write, so say why at once; the whole
+/// walk is `audit verify`'s.
+pub fn check_audit_head(store: &dyn crate::store::Store, keys: &crate::keys::Keys) {
+    let fix = "run `secretfs audit verify` to see what was edited, and restore the database from a backup";
+    match store.audit_head() {
+        Ok(None) => tracing::error!("the audit head row is missing: the database was edited; {fix}"),
+        Ok(Some(h)) if !h.is_authentic(keys) => {
+            tracing::error!("the audit head row's MAC does not match: the database was edited; {fix}")
+        }
+        Ok(Some(h)) => match store.audit_after(h.last_id, 1) {
+            Ok(after) if !after.is_empty() => tracing::error!(
+                "the audit log holds entries after its head (entry {}): the database was edited; {fix}",
+                h.last_id
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the audit log at start"),
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot read the audit head at start"),
+    }
+}
+
+impl Domain {
+    /// Tells the domain about the external sink (once, at start).
+    pub fn set_audit_sink(&self, sink: Arc<SinkStatus>) {
+        let _ = self.audit_sink.set(sink);
+    }
+
+    /// Walks the whole chain (off the async threads) and compares the
+    /// sink's last entry with the database's.
+    pub async fn verify_audit(self: &Arc<Self>) -> Result<AuditReport, Error> {
+        let sink = self.audit_sink.get().cloned();
+        self.run(move |d| {
+            // The sink's position first: everything it holds was committed
+            // before the walk's snapshot.
+            let exported = sink.as_ref().and_then(|s| s.exported());
+            let mut verdict = d.store.verify_audit()?;
+            let Some(sink) = sink else {
+                return Ok(AuditReport {
+                    verdict,
+                    sink: None,
+                });
+            };
+            let (id, chain) = exported.unwrap_or_default();
+            if verdict.broken.is_none() && id > 0 {
+                let name = sink.name();
+                if id > verdict.last_id {
+                    verdict.broken = Some(ChainBreak {
+                        kind: BreakKind::TruncatedTail,
+                        id: verdict.last_id + 1,
+                        detail: format!(
+                            "the tail was deleted: {name} holds entries up to {id}, the database ends at {} \
+                             (and its head row was rolled back to match)",
+                            verdict.last_id
+                        ),
+                    });
+                } else {
+                    let ours = d.store.audit_after(id - 1, 1)?.into_iter().next();
+                    if ours.and_then(|c| c.chain) != Some(chain) {
+                        verdict.broken = Some(ChainBreak {
+                            kind: BreakKind::Edited,
+                            id,
+                            detail: format!(
+                                "entry {id}'s chain value differs from the one {name} holds: the database's log was rewritten"
+                            ),
+                        });
+                    }
+                }
+            }
+            Ok(AuditReport {
+                verdict,
+                sink: Some((sink.name().to_owned(), id)),
+            })
+        })
+        .await
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -32,6 +126,8 @@ pub enum Action {
     GroupAddSecret,
     GroupRemoveSecret,
     AuditQuery,
+    /// `audit verify`: the chain walked.
+    AuditVerify,
     /// A certificate was refused.
     Auth,
     /// A mount refused a local process (reported by the mount).
@@ -69,6 +165,7 @@ impl Action {
             Action::GroupAddSecret => "group.add-secret",
             Action::GroupRemoveSecret => "group.remove-secret",
             Action::AuditQuery => "audit.query",
+            Action::AuditVerify => "audit.verify",
             Action::Auth => "auth",
             Action::MountRefused => "mount.refused",
             Action::TlsRefused => "tls.refused",

@@ -62,6 +62,9 @@ pub struct Domain {
     renew_budget: RenewBudget,
     /// Store calls in flight, at most what the store says is useful.
     calls: Semaphore,
+    /// The external audit sink, when one is configured (`audit verify`
+    /// compares it with the database).
+    audit_sink: std::sync::OnceLock<Arc<crate::audit_sink::SinkStatus>>,
 }
 
 /// What the server was configured with.
@@ -96,6 +99,7 @@ impl Domain {
             report_budget: Default::default(),
             handshake_budget: Default::default(),
             renew_budget: Default::default(),
+            audit_sink: Default::default(),
         };
         (Arc::new(domain), thread)
     }

@@ -65,6 +65,9 @@ impl Store for Tampering {
         client_view(&self, client_id: u64) -> Result<View>;
         append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
         query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+        verify_audit(&self) -> Result<crate::store::audit_chain::AuditVerdict>;
+        audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<crate::store::audit_chain::ChainedEntry>>;
+        audit_head(&self) -> Result<Option<crate::store::audit_chain::AuditHead>>;
     }
 
     fn read_sealed(

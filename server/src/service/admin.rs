@@ -397,6 +397,30 @@ impl Admin for AdminService {
             events: events.into_iter().map(Into::into).collect(),
         }))
     }
+
+    async fn verify_audit(
+        &self,
+        req: Request<v1::VerifyAuditRequest>,
+    ) -> Result<Response<v1::VerifyAuditResponse>, Status> {
+        self.admin(&req, Action::AuditVerify).await?;
+        let r = self.domain.verify_audit().await?;
+        let v = r.verdict;
+        let (head_id, head_chain) = v.head.unwrap_or_default();
+        let (sink, sink_last_id) = r.sink.unwrap_or_default();
+        Ok(Response::new(v1::VerifyAuditResponse {
+            checked: v.checked,
+            last_id: v.last_id,
+            head_id,
+            head_chain: hex::encode(head_chain),
+            first_break: v.broken.map(|b| v1::AuditChainBreak {
+                kind: b.kind.as_str().to_owned(),
+                id: b.id,
+                detail: b.detail,
+            }),
+            sink,
+            sink_last_id,
+        }))
+    }
 }
 
 impl AdminService {

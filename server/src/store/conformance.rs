@@ -21,6 +21,8 @@ pub fn run(make: Make<'_>) {
     file_and_directory_names_conflict(make().as_ref());
     audit_filters_by_action_outcome_and_cursor(make().as_ref());
     removals_record_what_was_removed(make().as_ref());
+    // audit stream (issue 12)
+    every_audit_entry_is_chained_and_the_head_follows(make().as_ref());
 }
 
 fn sealed(tag: u8) -> Sealed {
@@ -999,4 +1001,34 @@ pub fn concurrent_writes(s: Arc<dyn Store>) {
         assert_eq!(s.list_versions(&format!("t{t}")).unwrap().len(), 51);
     }
     assert_eq!(s.revision().unwrap(), start + 200);
+}
+
+/// Changes, failed changes and appended entries all land in one unbroken
+/// chain whose head is the last entry; the export gives each entry's chain
+/// and the one before it.
+fn every_audit_entry_is_chained_and_the_head_follows(s: &dyn Store) {
+    assert_eq!(s.verify_audit().unwrap().broken, None, "an empty log");
+    s.append_audit(&[entry("secret.read"), entry("secret.read")])
+        .unwrap();
+    s.create_group("g", "", &entry("group.create")).unwrap();
+    assert!(s.create_group("g", "", &entry("group.create")).is_err());
+    s.append_audit(&[entry("secret.read")]).unwrap();
+    let v = s.verify_audit().unwrap();
+    assert_eq!(v.broken, None);
+    assert_eq!((v.checked, v.last_id), (4, 4));
+    let head = s.audit_head().unwrap().unwrap();
+    let all = s.audit_after(0, 100).unwrap();
+    assert_eq!(all.len(), 4);
+    assert_eq!(Some(&head.chain), all[3].chain.as_ref());
+    assert_eq!(head.last_id, 4);
+    assert_eq!(all[0].prev, crate::store::audit_chain::GENESIS.to_vec());
+    for w in all.windows(2) {
+        assert_eq!(Some(&w[1].prev), w[0].chain.as_ref());
+        assert_eq!(w[1].entry.id, w[0].entry.id + 1);
+    }
+    assert_eq!(s.audit_after(2, 1).unwrap()[0].entry.id, 3);
+    assert_eq!(
+        s.audit_after(2, 1).unwrap()[0].prev,
+        all[1].chain.clone().unwrap()
+    );
 }

@@ -16,6 +16,7 @@
 //!   of them at once, off the async threads.
 //! - Committed changes are announced on the store's [`ChangeFeed`].
 
+pub mod audit_chain;
 mod error;
 mod feed;
 mod sqlite;
@@ -520,6 +521,16 @@ pub trait Store: Send + Sync + 'static {
     /// transaction, so a crash resumes there). Returns the versions looked
     /// at; 0 when every one has been. Without a previous key, 0.
     fn rewrap_keys(&self, limit: usize) -> Result<usize>;
+    // ---- audit stream (issue 12): the audit hash chain. Every audit
+    // insert is chained (and the head row moved) in its own transaction.
+    /// Walks the whole chain (streaming, never the whole log in memory)
+    /// and reports the first break.
+    fn verify_audit(&self) -> Result<audit_chain::AuditVerdict>;
+    /// Up to `limit` entries after `after_id`, oldest first, with their
+    /// chain values (for the external sink).
+    fn audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<audit_chain::ChainedEntry>>;
+    /// The head row, if there is one.
+    fn audit_head(&self) -> Result<Option<audit_chain::AuditHead>>;
 }
 
 pub fn now_ms() -> i64 {

@@ -8,6 +8,7 @@
 mod common;
 
 mod audit;
+mod audit_chain;
 mod caller;
 mod certs;
 mod container;

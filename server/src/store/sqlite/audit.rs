@@ -1,15 +1,35 @@
-//! The audit table and the revision counter every change bumps.
+//! The audit table, its hash chain, and the revision counter every change
+//! bumps.
+//!
+//! Chaining: `insert` writes an entry and notes its id in the writer
+//! connection's temporary table `audit_pending`; at the end of every write
+//! job, in the same transaction, `chain_pending` chains exactly those
+//! entries after the head row and moves the head (see
+//! [`crate::store::audit_chain`]). Entries are never chained because they
+//! merely lack a chain value: one found after the head that this server did
+//! not write fails the write instead of being adopted.
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::store::{now_ms, AuditEntry, AuditFilter, Result};
+use crate::keys::Keys;
+use crate::store::audit_chain::{
+    chain_value, AuditHead, AuditVerdict, ChainedEntry, Walker, GENESIS,
+};
+use crate::store::{now_ms, AuditEntry, AuditFilter, Result, StoreError};
+
+/// Makes the writer connection's list of entries to chain (per connection,
+/// never in the database file).
+pub(super) fn setup_writer(conn: &Connection) -> Result<()> {
+    conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS audit_pending (id INTEGER PRIMARY KEY)")?;
+    Ok(())
+}
 
 pub(super) fn insert(tx: &Connection, e: &AuditEntry) -> Result<()> {
-    tx.prepare_cached(
+    let id: i64 = tx.prepare_cached(
         "INSERT INTO audit (at_ms, actor, action, secret, client, grp, version, allowed, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
     )?
-    .execute(params![
+    .query_row(params![
         if e.at_ms == 0 { now_ms() } else { e.at_ms },
         e.actor,
         e.action,
@@ -19,8 +39,186 @@ pub(super) fn insert(tx: &Connection, e: &AuditEntry) -> Result<()> {
         e.version.map(|v| v as i64),
         e.allowed,
         e.detail
-    ])?;
+    ], |r| r.get(0))?;
+    tx.prepare_cached("INSERT INTO temp.audit_pending (id) VALUES (?1)")?
+        .execute([id])?;
     Ok(())
+}
+
+fn tampered(what: String) -> StoreError {
+    StoreError::CommitFailed(format!(
+        "{what}: the database was edited without the server; run `secretfs audit verify` \
+         and restore the database from a backup"
+    ))
+}
+
+/// Chains the entries this write job inserted, after the head, and moves
+/// the head; in the job's transaction.
+pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
+    let ids: Vec<i64> = tx
+        .prepare_cached("SELECT id FROM temp.audit_pending ORDER BY id")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tx.prepare_cached("DELETE FROM temp.audit_pending")?
+        .execute([])?;
+    let head = head(tx)?.ok_or_else(|| tampered("the audit head row is missing".into()))?;
+    if !head.is_authentic(keys) {
+        return Err(tampered("the audit head row's MAC does not match".into()));
+    }
+    let after: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM audit WHERE id > ?1")?
+        .query_row([head.last_id as i64], |r| r.get(0))?;
+    if after as usize != ids.len() || ids[0] <= head.last_id as i64 {
+        return Err(tampered(format!(
+            "the audit log holds entries after its head (entry {}) that this server did not write",
+            head.last_id
+        )));
+    }
+    let epoch = keys.current.epoch();
+    let mut prev = head.chain;
+    let mut load = tx.prepare_cached(&format!("{SELECT} WHERE id = ?1"))?;
+    let mut store = tx.prepare_cached("UPDATE audit SET epoch = ?1, chain = ?2 WHERE id = ?3")?;
+    for id in &ids {
+        let e = load.query_row([id], entry)?;
+        let chain = chain_value(keys, &e, &prev);
+        store.execute(params![epoch, chain, id])?;
+        prev = chain;
+    }
+    put_head(
+        tx,
+        &AuditHead::sign(keys, *ids.last().expect("not empty") as u64, prev),
+    )
+}
+
+/// Chains every entry of a database made before chaining, from the
+/// genesis, and writes the head. Run once, in the transaction of the
+/// migration that added the chain, under the verified master key.
+pub(super) fn adopt(tx: &Connection, keys: &Keys) -> Result<()> {
+    let epoch = keys.current.epoch();
+    let mut prev = GENESIS.to_vec();
+    let mut last = 0u64;
+    let mut update = tx.prepare("UPDATE audit SET epoch = ?1, chain = ?2 WHERE id = ?3")?;
+    let mut select = tx.prepare(&format!("{SELECT} ORDER BY id"))?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let e = entry(row)?;
+        let chain = chain_value(keys, &e, &prev);
+        update.execute(params![epoch, chain, e.id as i64])?;
+        last = e.id;
+        prev = chain;
+    }
+    put_head(tx, &AuditHead::sign(keys, last, prev))
+}
+
+const SELECT: &str =
+    "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail, epoch, chain FROM audit";
+
+fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    Ok(AuditEntry {
+        id: r.get::<_, i64>(0)? as u64,
+        at_ms: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        secret: r.get(4)?,
+        client: r.get(5)?,
+        group: r.get(6)?,
+        version: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+        allowed: r.get(8)?,
+        detail: r.get(9)?,
+    })
+}
+
+fn chained(r: &rusqlite::Row<'_>) -> rusqlite::Result<(AuditEntry, Option<u32>, Option<Vec<u8>>)> {
+    Ok((
+        entry(r)?,
+        r.get::<_, Option<i64>>(10)?
+            .map(|e| u32::try_from(e).unwrap_or(u32::MAX)),
+        r.get(11)?,
+    ))
+}
+
+pub(super) fn head(tx: &Connection) -> Result<Option<AuditHead>> {
+    Ok(tx
+        .prepare_cached("SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1")?
+        .query_row([], |r| {
+            Ok(AuditHead {
+                last_id: r.get::<_, i64>(0)? as u64,
+                chain: r.get(1)?,
+                epoch: u32::try_from(r.get::<_, i64>(2)?).unwrap_or(u32::MAX),
+                mac: r.get(3)?,
+            })
+        })
+        .optional()?)
+}
+
+fn put_head(tx: &Connection, h: &AuditHead) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit_head (id, last_id, chain, epoch, mac) VALUES (1, ?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET last_id = excluded.last_id, chain = excluded.chain,
+             epoch = excluded.epoch, mac = excluded.mac",
+    )?
+    .execute(params![h.last_id as i64, h.chain, h.epoch, h.mac])?;
+    Ok(())
+}
+
+/// Walks the whole log in one read transaction, a row at a time.
+pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<AuditVerdict> {
+    let mut walker = Walker::new(keys, head(tx)?);
+    let mut select = tx.prepare(&format!("{SELECT} ORDER BY id"))?;
+    let mut rows = select.query([])?;
+    let mut prev = GENESIS.to_vec();
+    while let Some(row) = rows.next()? {
+        let id = row.get::<_, i64>(0)? as u64;
+        let item = match chained(row) {
+            Ok((entry, epoch, chain)) => {
+                let next = chain.clone().unwrap_or_default();
+                let item = ChainedEntry {
+                    entry,
+                    epoch,
+                    chain,
+                    prev: std::mem::replace(&mut prev, next),
+                };
+                Ok(item)
+            }
+            Err(e) => Err((
+                id,
+                format!("a column holds a value of the wrong type ({e})"),
+            )),
+        };
+        walker.push(item);
+        if walker.done() {
+            break;
+        }
+    }
+    Ok(walker.finish())
+}
+
+/// Entries after `after_id`, with the chain value before each.
+pub(super) fn after(tx: &Connection, after_id: u64, limit: usize) -> Result<Vec<ChainedEntry>> {
+    let after_id = i64::try_from(after_id).unwrap_or(i64::MAX);
+    let mut prev: Vec<u8> = tx
+        .prepare_cached("SELECT chain FROM audit WHERE id <= ?1 ORDER BY id DESC LIMIT 1")?
+        .query_row([after_id], |r| r.get::<_, Option<Vec<u8>>>(0))
+        .optional()?
+        .flatten()
+        .unwrap_or_else(|| GENESIS.to_vec());
+    let mut stmt = tx.prepare_cached(&format!("{SELECT} WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+    let rows = stmt.query_map(params![after_id, limit as i64], chained)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (entry, epoch, chain) = row?;
+        let next = chain.clone().unwrap_or_default();
+        out.push(ChainedEntry {
+            entry,
+            epoch,
+            chain,
+            prev: std::mem::replace(&mut prev, next),
+        });
+    }
+    Ok(out)
 }
 
 /// Audits a change and bumps the revision, in the caller's transaction;
@@ -107,4 +305,140 @@ pub(super) fn query(tx: &Connection, filter: &AuditFilter) -> Result<Vec<AuditEn
         },
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::{migrate, SqliteStore};
+    use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
+    use crate::keys::KeyRing;
+    use crate::store::audit_chain::BreakKind;
+    use crate::store::{AuditEntry, Store};
+
+    fn entry(actor: &str) -> AuditEntry {
+        AuditEntry {
+            actor: actor.into(),
+            action: "secret.read".into(),
+            allowed: true,
+            ..Default::default()
+        }
+    }
+
+    fn kind(s: &SqliteStore) -> Option<(BreakKind, u64)> {
+        s.verify_audit().unwrap().broken.map(|b| (b.kind, b.id))
+    }
+
+    #[test]
+    fn every_insert_is_chained_and_the_head_follows() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        s.create_group("g", "", &entry("admin")).unwrap();
+        s.append_audit(&[entry("c")]).unwrap();
+        let v = s.verify_audit().unwrap();
+        assert_eq!((v.checked, v.last_id, v.broken), (4, 4, None));
+        assert_eq!(v.head.unwrap().0, 4);
+        let rows = s.audit_after(0, 10).unwrap();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[1].prev, rows[0].chain.clone().unwrap());
+        assert_eq!(
+            s.audit_after(2, 10).unwrap()[0].prev,
+            rows[1].chain.clone().unwrap()
+        );
+        // A failed write chains nothing and leaves the chain whole.
+        assert!(s.create_group("g", "", &entry("admin")).is_err());
+        assert_eq!(kind(&s), None);
+
+        // An edit is found, and so is a forged entry after the head; a
+        // write then refuses to adopt the forgery.
+        let w = || s.db.writer();
+        w().execute("UPDATE audit SET detail = 'x' WHERE id = 2", [])
+            .unwrap();
+        assert_eq!(kind(&s), Some((BreakKind::Edited, 2)));
+        w().execute("UPDATE audit SET detail = '' WHERE id = 2", [])
+            .unwrap();
+        w().execute(
+            "INSERT INTO audit (at_ms, actor, action, allowed) VALUES (1, 'mallory', 'x', 1)",
+            [],
+        )
+        .unwrap();
+        assert_eq!(kind(&s), Some((BreakKind::Inserted, 5)));
+        let err = s.append_audit(&[entry("d")]).unwrap_err().to_string();
+        assert!(
+            err.contains("did not write") && err.contains("audit verify"),
+            "{err}"
+        );
+        // NULLing a chain is a break, never an adoption.
+        w().execute("DELETE FROM audit WHERE id = 5", []).unwrap();
+        w().execute("UPDATE audit SET chain = NULL WHERE id = 3", [])
+            .unwrap();
+        assert_eq!(kind(&s), Some((BreakKind::Edited, 3)));
+        // A deleted head stops every audited write.
+        w().execute("DELETE FROM audit_head", []).unwrap();
+        let err = s.append_audit(&[entry("e")]).unwrap_err().to_string();
+        assert!(err.contains("head row is missing"), "{err}");
+    }
+
+    /// A database made before chaining: its entries are chained at the
+    /// first open, under the verified key, and never again.
+    #[test]
+    fn entries_made_before_chaining_are_adopted_once_under_the_right_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            let before = migrate::MIGRATIONS
+                .iter()
+                .position(|m| *m == migrate::AUDIT_CHAIN)
+                .unwrap();
+            for sql in &migrate::MIGRATIONS[..before] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", before as i64)
+                .unwrap();
+            let check = keys
+                .get()
+                .current
+                .master()
+                .seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)
+                .unwrap();
+            let blob = [check.wrapped_key, check.ciphertext].concat();
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                rusqlite::params![crate::state_dir::META_KEY_CHECK, blob],
+            )
+            .unwrap();
+            for i in 0..3 {
+                conn.execute(
+                    "INSERT INTO audit (at_ms, actor, action, allowed) VALUES (?1, 'old', 'secret.read', 1)",
+                    [i],
+                )
+                .unwrap();
+            }
+            let _ = &mut conn;
+        }
+        // The wrong key: refused, nothing changed.
+        let err = SqliteStore::open(&path, false, KeyRing::generate().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not match") && err.contains("nothing was changed"),
+            "{err}"
+        );
+        let s = SqliteStore::open(&path, false, keys.clone()).unwrap();
+        let v = s.verify_audit().unwrap();
+        assert_eq!((v.checked, v.broken), (3, None));
+        s.append_audit(&[entry("new")]).unwrap();
+        assert_eq!(s.verify_audit().unwrap().checked, 4);
+        // Stripped of its chain afterwards: reopening adopts nothing.
+        s.db.writer()
+            .execute_batch("UPDATE audit SET chain = NULL; DELETE FROM audit_head;")
+            .unwrap();
+        drop(s);
+        let s = Arc::new(SqliteStore::open(&path, false, keys).unwrap());
+        assert_eq!(kind(&s), Some((BreakKind::Edited, 1)));
+        assert!(s.append_audit(&[entry("x")]).is_err());
+    }
 }

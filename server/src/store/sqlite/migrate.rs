@@ -9,9 +9,24 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_schema.sql"),
     include_str!("migrations/0002_revision.sql"),
     include_str!("migrations/0003_revoked_certs.sql"),
+    AUDIT_CHAIN,
 ];
 
+/// The step that adds the audit chain (its entries are chained in the same
+/// transaction: see `sqlite::audit::adopt`).
+pub(super) const AUDIT_CHAIN: &str = include_str!("migrations/0005_audit_chain.sql");
+
+/// Runs the steps not yet run; `after_step` runs in each step's
+/// transaction, after its SQL (a step that needs the keys).
+#[cfg(test)]
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    migrate_with(conn, &mut |_, _| Ok(()))
+}
+
+pub(super) fn migrate_with(
+    conn: &mut Connection,
+    after_step: &mut dyn FnMut(&str, &Connection) -> Result<()>,
+) -> Result<()> {
     let current = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
         return Err(StoreError::NewerSchema {
@@ -22,6 +37,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
+        after_step(sql, &tx)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }

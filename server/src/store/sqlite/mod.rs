@@ -28,7 +28,6 @@ pub struct SqliteStore {
     db: Connections,
     feed: Arc<LocalFeed>,
     /// Row MACs and the audit chain are made and checked with these.
-    #[allow(dead_code)]
     keys: Arc<KeyRing>,
 }
 
@@ -69,7 +68,7 @@ impl SqliteStore {
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
             StoreError::Unwritable(format!("cannot open {}: {e}", path.display()).into())
         })?;
-        let writer = Self::setup(conn)?;
+        let writer = Self::setup(conn, &keys)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let reader = Connection::open_with_flags(
@@ -96,11 +95,14 @@ impl SqliteStore {
 
     /// An in-memory store under `keys`, for unit tests.
     pub fn open_in_memory_with(keys: Arc<KeyRing>) -> Result<Self> {
-        let conn = Self::setup(Connection::open_in_memory()?)?;
+        let conn = Self::setup(Connection::open_in_memory()?, &keys)?;
         Ok(Self::with(Connections::new(conn, Vec::new()), keys))
     }
 
-    fn with(db: Connections, keys: Arc<KeyRing>) -> Self {
+    fn with(mut db: Connections, keys: Arc<KeyRing>) -> Self {
+        // Every write job ends by chaining the audit entries it inserted.
+        let ring = keys.clone();
+        db.after_job(Box::new(move |tx| audit::chain_pending(tx, &ring.get())));
         SqliteStore {
             db,
             feed: Arc::new(LocalFeed::default()),
@@ -108,7 +110,7 @@ impl SqliteStore {
         }
     }
 
-    fn setup(mut conn: Connection) -> Result<Connection> {
+    fn setup(mut conn: Connection, keys: &KeyRing) -> Result<Connection> {
         // SQLite falls back to read-only without a word when it cannot
         // write (read-only filesystem, permissions): refuse at start rather
         // than fail on the first change.
@@ -125,8 +127,57 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
-        migrate::migrate(&mut conn)?;
+        migrate::migrate_with(&mut conn, &mut |sql, tx| {
+            if sql == migrate::AUDIT_CHAIN {
+                // Chain the entries made before chaining, once, under the
+                // verified key: a later open never adopts anything.
+                check_key(tx, &keys.get())?;
+                audit::adopt(tx, &keys.get())?;
+            }
+            Ok(())
+        })?;
+        audit::setup_writer(&conn)?;
         Ok(conn)
+    }
+}
+
+/// Before the audit log is chained under `keys`: the database's master key
+/// check must open under them (a store with entries and no check is refused).
+fn check_key(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
+    use crate::envelope::{Sealed, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+    let blob: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [crate::state_dir::META_KEY_CHECK],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let refuse = |why: &str| {
+        Err(StoreError::Check(
+            format!("cannot chain the audit log at this upgrade: {why}; nothing was changed")
+                .into(),
+        ))
+    };
+    let Some(blob) = blob else {
+        let entries: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
+        return if entries == 0 {
+            Ok(())
+        } else {
+            refuse("the database has no master key check")
+        };
+    };
+    // The wrapped data key is a fixed 12 + 32 + 16 bytes (see state_dir).
+    const WRAPPED: usize = 60;
+    if blob.len() < WRAPPED {
+        return refuse("the database's master key check is damaged");
+    }
+    let sealed = Sealed {
+        wrapped_key: blob[..WRAPPED].to_vec(),
+        ciphertext: blob[WRAPPED..].to_vec(),
+    };
+    match keys.open(KEY_CHECK, &sealed) {
+        Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => refuse("the master key does not match this database (put the right master.key back)"),
     }
 }
 
@@ -372,6 +423,19 @@ impl Store for SqliteStore {
         // before the first batch runs, so no old-key version is missed.
         self.db
             .write(|tx| rekey::rewrap(tx, &self.keys.get(), limit))
+    }
+
+    fn verify_audit(&self) -> Result<audit_chain::AuditVerdict> {
+        let keys = self.keys.get();
+        self.db.read(|tx| audit::verify(tx, &keys))
+    }
+
+    fn audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<audit_chain::ChainedEntry>> {
+        self.db.read(|tx| audit::after(tx, after_id, limit))
+    }
+
+    fn audit_head(&self) -> Result<Option<audit_chain::AuditHead>> {
+        self.db.read(audit::head)
     }
 }
 
