@@ -71,6 +71,9 @@ enum Call {
     Watch(v1::WatchRequest),
     ReportRefusals(v1::ReportRefusalsRequest),
     RenewCertificate(v1::RenewCertificateRequest),
+    Rekey(v1::RekeyRequest),
+    GetRekeyStatus(v1::Empty),
+    VerifyAudit(v1::VerifyAuditRequest),
 }
 
 impl Call {
@@ -104,6 +107,9 @@ impl Call {
             Call::Watch(_) => "Watch",
             Call::ReportRefusals(_) => "ReportRefusals",
             Call::RenewCertificate(_) => "RenewCertificate",
+            Call::Rekey(_) => "Rekey",
+            Call::GetRekeyStatus(_) => "GetRekeyStatus",
+            Call::VerifyAudit(_) => "VerifyAudit",
         }
     }
 
@@ -124,7 +130,8 @@ impl Call {
             Call::ListClients(m)
             | Call::ListGroups(m)
             | Call::WhoAmI(m)
-            | Call::ListMySecrets(m) => same(m),
+            | Call::ListMySecrets(m)
+            | Call::GetRekeyStatus(m) => same(m),
             Call::DescribeClient(m) | Call::RemoveClient(m) | Call::ClientAccess(m) => same(m),
             Call::RenewClientCertificate(m) => same(m),
             Call::CreateGroup(m) => same(m),
@@ -136,6 +143,8 @@ impl Call {
             Call::Watch(m) => same(m),
             Call::ReportRefusals(m) => same(m),
             Call::RenewCertificate(m) => same(m),
+            Call::Rekey(m) => same(m),
+            Call::VerifyAudit(m) => same(m),
         }
     }
 
@@ -170,6 +179,9 @@ impl Call {
             "Watch" => Call::Watch(Default::default()),
             "ReportRefusals" => Call::ReportRefusals(Default::default()),
             "RenewCertificate" => Call::RenewCertificate(Default::default()),
+            "Rekey" => Call::Rekey(Default::default()),
+            "GetRekeyStatus" => Call::GetRekeyStatus(Default::default()),
+            "VerifyAudit" => Call::VerifyAudit(Default::default()),
             _ => return None,
         })
     }
@@ -416,6 +428,12 @@ fn call() -> impl Strategy<Value = Call> {
         (csr_pem(), days()).prop_map(|(csr_pem, days)| Call::RenewCertificate(
             v1::RenewCertificateRequest { csr_pem, days }
         )),
+        // The fixture's server keeps its key in a file: a credential name
+        // is refused, an empty one starts a rekey.
+        prop_oneof![Just(String::new()), text()]
+            .prop_map(|new_credential| Call::Rekey(v1::RekeyRequest { new_credential })),
+        Just(Call::GetRekeyStatus(v1::Empty {})),
+        Just(Call::VerifyAudit(v1::VerifyAuditRequest {})),
     ]
 }
 
@@ -425,6 +443,8 @@ struct Fixture {
     admin: AdminService,
     secrets: SecretsService,
     store: Arc<SqliteStore>,
+    /// The state directory a rekey writes the next key into.
+    _dir: tempfile::TempDir,
 }
 
 /// A request as it arrives from `who`'s TLS connection.
@@ -455,6 +475,15 @@ async fn fixture() -> Fixture {
         max_secret_size: MAX_SECRET,
     };
     let dyn_store: Arc<dyn Store> = store.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let rekey = crate::rekey::Rekeyer::new(
+        crate::StateDir::new(dir.path()),
+        crate::key_provider::KeySource::File,
+        dyn_store.clone(),
+        keys.clone(),
+        crate::rekey::DEFAULT_BATCH,
+        std::time::Duration::ZERO,
+    );
     let (domain, _thread): (Arc<Domain>, _) = Domain::start(dyn_store, keys, ca, settings);
     for (name, admin) in [("admin", true), ("web", false)] {
         store
@@ -469,9 +498,10 @@ async fn fixture() -> Fixture {
             .unwrap();
     }
     let f = Fixture {
-        admin: AdminService::new(domain.clone()),
+        admin: AdminService::new(domain.clone()).with_rekey(rekey),
         secrets: SecretsService::new(domain),
         store,
+        _dir: dir,
     };
     for name in ["db/password", "tls/key"] {
         let msg = v1::CreateSecretRequest {
@@ -612,6 +642,15 @@ impl Fixture {
             Call::ReportRefusals(m) => other(s.report_refusals(request(m, who)).await),
             Call::RenewCertificate(m) => s
                 .renew_certificate(request(m, who))
+                .await
+                .map(|_| Answer::Other),
+            Call::Rekey(m) => a.rekey(request(m, "admin")).await.map(|_| Answer::Other),
+            Call::GetRekeyStatus(m) => a
+                .get_rekey_status(request(m, "admin"))
+                .await
+                .map(|_| Answer::Other),
+            Call::VerifyAudit(m) => a
+                .verify_audit(request(m, "admin"))
                 .await
                 .map(|_| Answer::Other),
         }
