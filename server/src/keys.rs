@@ -219,6 +219,24 @@ impl Keys {
     }
 }
 
+/// Whether `blob` (the database's master key check: the wrapped data key,
+/// then the ciphertext) opens under `master` to the expected plaintext.
+pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
+    use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
+    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
+    if blob.len() < KEY_CHECK_WRAPPED {
+        return false;
+    }
+    let sealed = Sealed {
+        wrapped_key: blob[..KEY_CHECK_WRAPPED].to_vec(),
+        ciphertext: blob[KEY_CHECK_WRAPPED..].to_vec(),
+    };
+    matches!(master.open(KEY_CHECK, &sealed), Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT)
+}
+
+/// Length of the wrapped data key at the head of the key check.
+pub const KEY_CHECK_WRAPPED: usize = 60;
+
 /// The keys in use, replaced whole when a rekey starts or ends.
 #[derive(Debug)]
 pub struct KeyRing(RwLock<Arc<Keys>>);

@@ -301,12 +301,25 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
 
 /// Loads the master key, opens the database under it and proves the two
 /// belong together: what `server run` and the commands that work on the
-/// state directory beside it (`admin-cert`, `verify`) start from.
+/// state directory beside it (`admin-cert`, `verify`) start from. An
+/// upgrade that adopts the rows of an older database (row MACs) checks the
+/// key itself before it signs anything.
 pub fn open_store(dir: &StateDir) -> Result<(SqliteStore, Arc<KeyRing>), Error> {
     let keys = KeyRing::new(load_master_key(&dir.master_key())?);
-    let store = SqliteStore::open(&dir.database(), false, keys.clone())?;
+    let store = SqliteStore::open(&dir.database(), false, keys.clone()).map_err(|e| match e {
+        crate::store::StoreError::KeyMismatch => key_mismatch(&dir.master_key()),
+        e => e.into(),
+    })?;
     verify_master_key(&store, keys.get().current.master(), &dir.master_key())?;
     Ok((store, keys))
+}
+
+fn key_mismatch(key_path: &Path) -> Error {
+    Error::Config(format!(
+        "the master key in {} does not match this database (it was made with another key); \
+         put the right master.key back (from backup) and start again. Nothing was changed",
+        key_path.display()
+    ))
 }
 
 /// Proves the master key is the one this database was made with.
@@ -317,24 +330,15 @@ pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) ->
                 .into(),
         )
     })?;
-    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
-    const WRAPPED: usize = 60;
-    if blob.len() < WRAPPED {
+    if blob.len() < crate::keys::KEY_CHECK_WRAPPED {
         return Err(Error::Config(
             "the database's master key check is damaged".into(),
         ));
     }
-    let sealed = crate::envelope::Sealed {
-        wrapped_key: blob[..WRAPPED].to_vec(),
-        ciphertext: blob[WRAPPED..].to_vec(),
-    };
-    match key.open(KEY_CHECK, &sealed) {
-        Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT => Ok(()),
-        _ => Err(Error::Config(format!(
-            "the master key in {} does not match this database (it was made with another key); \
-             put the right master.key back (from backup) and start again. Nothing was changed",
-            key_path.display()
-        ))),
+    if crate::keys::key_check_opens(key, &blob) {
+        Ok(())
+    } else {
+        Err(key_mismatch(key_path))
     }
 }
 

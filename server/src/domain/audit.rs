@@ -39,6 +39,9 @@ pub enum Action {
     /// A TLS handshake was refused (unknown CA, expired, wrong usage, no
     /// certificate), with the peer's address.
     TlsRefused,
+    /// A database row failed its MAC check (edited or added without the
+    /// master key) and was treated as absent; actor "store".
+    IntegrityBadRow,
 }
 
 impl Action {
@@ -70,6 +73,7 @@ impl Action {
             Action::Auth => "auth",
             Action::MountRefused => "mount.refused",
             Action::TlsRefused => "tls.refused",
+            Action::IntegrityBadRow => "integrity.bad_row",
         }
     }
 

@@ -167,12 +167,42 @@ impl Domain {
             .await
             .map_err(|_| Error::Stopped("the server is shutting down"))?;
         let this = self.clone();
-        match tokio::task::spawn_blocking(move || f(&this)).await {
+        let out = match tokio::task::spawn_blocking(move || f(&this)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "a store task failed");
                 Err(Error::Stopped("internal error; see the server log"))
             }
+        };
+        self.report_bad_rows().await;
+        out
+    }
+
+    /// Logs and audits the rows whose MAC failed that the store met (each
+    /// once per process): they were treated as absent.
+    async fn report_bad_rows(&self) {
+        let bad = self.store.take_bad_rows();
+        if bad.is_empty() {
+            return;
+        }
+        let entries = bad
+            .iter()
+            .map(|row| {
+                tracing::error!(
+                    table = row.table,
+                    key = %row.key,
+                    "a database row failed its MAC check and is treated as absent: {}; \
+                     restore the database from a backup (`secretfs server verify` lists every bad row)",
+                    row.what
+                );
+                Action::IntegrityBadRow.refused(
+                    "store",
+                    format!("{row}; not served. Restore the database from a backup (`secretfs server verify` lists every bad row)"),
+                )
+            })
+            .collect();
+        if let Err(e) = self.audit.append(entries).await {
+            tracing::error!(error = %e, "could not audit bad rows");
         }
     }
 

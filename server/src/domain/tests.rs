@@ -63,6 +63,9 @@ impl Store for Tampering {
         client_view(&self, client_id: u64) -> Result<View>;
         append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
         query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+        take_bad_rows(&self) -> Vec<BadRow>;
+        verify_rows(&self) -> Result<Vec<BadRow>>;
+        reseal_rows(&self, limit: usize) -> Result<usize>;
     }
 
     fn read_sealed(

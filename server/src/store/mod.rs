@@ -18,6 +18,7 @@
 
 mod error;
 mod feed;
+pub mod integrity;
 mod sqlite;
 
 #[cfg(test)]
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 pub use error::{Entity, StoreError};
 pub use feed::{Change, ChangeFeed, LocalFeed};
+pub use integrity::BadRow;
 pub use sqlite::SqliteStore;
 
 use crate::envelope::Sealed;
@@ -509,6 +511,20 @@ pub trait Store: Send + Sync + 'static {
     // -- audit
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+
+    // -- integrity (rows). Every row that decides access or what is served
+    // carries a MAC ([`integrity`]); reads treat a row whose MAC fails as
+    // absent and remember it here, once per row per process.
+    /// The bad rows reads met since the last call, for the caller to log
+    /// and audit.
+    fn take_bad_rows(&self) -> Vec<BadRow>;
+    /// Every bad row of every protected table (read only).
+    fn verify_rows(&self) -> Result<Vec<BadRow>>;
+    /// Re-signs under the current key up to `limit` rows whose MAC is good
+    /// only under the previous one (a rekey); returns how many (0: every
+    /// row is under the current key). Rows good under neither are left
+    /// alone (`verify_rows` lists them).
+    fn reseal_rows(&self, limit: usize) -> Result<usize>;
 }
 
 pub fn now_ms() -> i64 {

@@ -9,9 +9,18 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_schema.sql"),
     include_str!("migrations/0002_revision.sql"),
     include_str!("migrations/0003_revoked_certs.sql"),
+    include_str!("migrations/0004_row_macs.sql"),
 ];
 
-pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+/// The migration that adds row MACs: the rows already there are adopted
+/// (MAC'd) in its own transaction, and only there (see `macs::adopt`).
+const ROW_MACS: usize = 4;
+
+/// `adopt` runs in the transaction of migration [`ROW_MACS`], after its SQL.
+pub(super) fn migrate(
+    conn: &mut Connection,
+    adopt: &dyn Fn(&Connection) -> Result<()>,
+) -> Result<()> {
     let current = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
         return Err(StoreError::NewerSchema {
@@ -22,6 +31,9 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
+        if i + 1 == ROW_MACS {
+            adopt(&tx)?;
+        }
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }

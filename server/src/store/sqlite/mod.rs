@@ -4,11 +4,15 @@
 //! - `migrate` and `migrations/*.sql`: the schema, append only.
 //! - `rows`: row mapping shared by the queries.
 //! - `secrets`, `clients`, `groups`, `audit`: the queries of each entity.
+//! - `macs`: row MACs (`store::integrity`): signing, the table walks of
+//!   `verify_rows` and `reseal_rows`, and the adoption of an upgraded
+//!   database.
 
 mod audit;
 mod clients;
 mod commit;
 mod groups;
+mod macs;
 mod migrate;
 mod rows;
 mod secrets;
@@ -22,13 +26,15 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use self::commit::{Connections, READERS};
 use super::*;
 use crate::keys::KeyRing;
+use integrity::{BadRow, BadRowLog, Checker};
 
 pub struct SqliteStore {
     db: Connections,
     feed: Arc<LocalFeed>,
     /// Row MACs and the audit chain are made and checked with these.
-    #[allow(dead_code)]
     keys: Arc<KeyRing>,
+    /// Bad rows reads met, for the domain to log and audit.
+    bad_rows: BadRowLog,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -68,7 +74,7 @@ impl SqliteStore {
         let conn = Connection::open_with_flags(path, flags).map_err(|e| {
             StoreError::Unwritable(format!("cannot open {}: {e}", path.display()).into())
         })?;
-        let writer = Self::setup(conn)?;
+        let writer = Self::setup(conn, &keys)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let reader = Connection::open_with_flags(
@@ -95,7 +101,7 @@ impl SqliteStore {
 
     /// An in-memory store under `keys`, for unit tests.
     pub fn open_in_memory_with(keys: Arc<KeyRing>) -> Result<Self> {
-        let conn = Self::setup(Connection::open_in_memory()?)?;
+        let conn = Self::setup(Connection::open_in_memory()?, &keys)?;
         Ok(Self::with(Connections::new(conn, Vec::new()), keys))
     }
 
@@ -104,10 +110,20 @@ impl SqliteStore {
             db,
             feed: Arc::new(LocalFeed::default()),
             keys,
+            bad_rows: BadRowLog::default(),
         }
     }
 
-    fn setup(mut conn: Connection) -> Result<Connection> {
+    /// Runs `f` with this operation's keys (taken once) and the bad-row log.
+    fn checked<T>(&self, f: impl FnOnce(&Checker<'_>) -> T) -> T {
+        let keys = self.keys.get();
+        f(&Checker {
+            keys: &keys,
+            log: Some(&self.bad_rows),
+        })
+    }
+
+    fn setup(mut conn: Connection, keys: &KeyRing) -> Result<Connection> {
         // SQLite falls back to read-only without a word when it cannot
         // write (read-only filesystem, permissions): refuse at start rather
         // than fail on the first change.
@@ -124,7 +140,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
-        migrate::migrate(&mut conn)?;
+        migrate::migrate(&mut conn, &|tx| macs::adopt(tx, &keys.get()))?;
         Ok(conn)
     }
 }
@@ -182,19 +198,36 @@ impl Store for SqliteStore {
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.db.read(|tx| {
-            Ok(tx
-                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-                .optional()?)
+        self.checked(|ck| {
+            self.db.read(|tx| {
+                let found: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
+                    .query_row("SELECT value, mac FROM meta WHERE key = ?1", [key], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()?;
+                Ok(found.and_then(|(value, mac)| {
+                    let good = key == integrity::META_UNSIGNED
+                        || ck.ok(
+                            integrity::META,
+                            || format!("key={key}"),
+                            &integrity::meta(key, &value),
+                            mac.as_deref(),
+                        );
+                    good.then_some(value)
+                }))
+            })
         })
     }
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        let keys = self.keys.get();
+        let mac = (key != integrity::META_UNSIGNED)
+            .then(|| keys.row_tag(&integrity::meta(key, value)).to_vec());
         self.db.write(|tx| {
             tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![key, value],
+                "INSERT INTO meta (key, value, mac) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, mac = excluded.mac",
+                params![key, value, mac],
             )?;
             Ok(())
         })
@@ -206,7 +239,10 @@ impl Store for SqliteStore {
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>> {
-        self.db.write(|tx| secrets::create(tx, new, audit, seal))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| secrets::create(tx, ck, new, audit, seal))
+        })
     }
 
     fn rotate_secret(
@@ -217,8 +253,10 @@ impl Store for SqliteStore {
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>> {
-        self.db
-            .write(|tx| secrets::rotate(tx, name, size, expires, audit, seal))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| secrets::rotate(tx, ck, name, size, expires, audit, seal))
+        })
     }
 
     fn update_secret(
@@ -228,8 +266,10 @@ impl Store for SqliteStore {
         check: CheckFn<'_>,
         audit: &AuditEntry,
     ) -> Result<Committed<SecretRecord>> {
-        self.db
-            .write(|tx| secrets::update(tx, name, update, check, audit))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| secrets::update(tx, ck, name, update, check, audit))
+        })
     }
 
     fn rollback_secret(
@@ -238,8 +278,10 @@ impl Store for SqliteStore {
         version: u64,
         audit: &AuditEntry,
     ) -> Result<Committed<SecretRecord>> {
-        self.db
-            .write(|tx| secrets::rollback(tx, name, version, audit))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| secrets::rollback(tx, ck, name, version, audit))
+        })
     }
 
     fn delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>> {
@@ -247,15 +289,15 @@ impl Store for SqliteStore {
     }
 
     fn get_secret(&self, name: &str) -> Result<SecretRecord> {
-        self.db.read(|tx| secrets::by_name(tx, name))
+        self.checked(|ck| self.db.read(|tx| secrets::by_name(tx, ck, name)))
     }
 
     fn list_secrets(&self) -> Result<Vec<SecretRecord>> {
-        self.db.read(secrets::list)
+        self.checked(|ck| self.db.read(|tx| secrets::list(tx, ck)))
     }
 
     fn list_versions(&self, name: &str) -> Result<Vec<VersionRecord>> {
-        self.db.read(|tx| secrets::versions(tx, name))
+        self.checked(|ck| self.db.read(|tx| secrets::versions(tx, ck, name)))
     }
 
     fn create_client(
@@ -263,7 +305,7 @@ impl Store for SqliteStore {
         new: &NewClient,
         audit: &AuditEntry,
     ) -> Result<Committed<ClientRecord>> {
-        self.db.write(|tx| clients::create(tx, new, audit))
+        self.checked(|ck| self.db.write(|tx| clients::create(tx, ck, new, audit)))
     }
 
     fn add_client_cert(
@@ -274,24 +316,29 @@ impl Store for SqliteStore {
         not_after: i64,
         audit: &AuditEntry,
     ) -> Result<Committed<ClientRecord>> {
-        self.db
-            .write(|tx| clients::add_cert(tx, client_id, name, serial, not_after, audit))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| clients::add_cert(tx, ck, client_id, name, serial, not_after, audit))
+        })
     }
 
     fn get_client(&self, name: &str) -> Result<ClientRecord> {
-        self.db.read(|tx| clients::by_name(tx, name))
+        self.checked(|ck| self.db.read(|tx| clients::by_name(tx, ck, name)))
     }
 
     fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        self.db.read(clients::list)
+        self.checked(|ck| self.db.read(|tx| clients::list(tx, ck)))
     }
 
     fn remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-        self.db.write(|tx| clients::remove(tx, name, audit))
+        self.checked(|ck| self.db.write(|tx| clients::remove(tx, ck, name, audit)))
     }
 
     fn authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup> {
-        self.db.read(|tx| clients::authenticate(tx, name, serial))
+        self.checked(|ck| {
+            self.db
+                .read(|tx| clients::authenticate(tx, ck, name, serial))
+        })
     }
 
     fn create_group(
@@ -300,20 +347,22 @@ impl Store for SqliteStore {
         description: &str,
         audit: &AuditEntry,
     ) -> Result<Committed<GroupRecord>> {
-        self.db
-            .write(|tx| groups::create(tx, name, description, audit))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| groups::create(tx, ck, name, description, audit))
+        })
     }
 
     fn get_group(&self, name: &str) -> Result<GroupRecord> {
-        self.db.read(|tx| groups::by_name(tx, name))
+        self.checked(|ck| self.db.read(|tx| groups::by_name(tx, ck, name)))
     }
 
     fn list_groups(&self) -> Result<Vec<GroupRecord>> {
-        self.db.read(groups::list)
+        self.checked(|ck| self.db.read(|tx| groups::list(tx, ck)))
     }
 
     fn remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-        self.db.write(|tx| groups::remove(tx, name, audit))
+        self.checked(|ck| self.db.write(|tx| groups::remove(tx, ck, name, audit)))
     }
 
     fn set_group_member(
@@ -323,16 +372,18 @@ impl Store for SqliteStore {
         add: bool,
         audit: &AuditEntry,
     ) -> Result<Committed<MemberChange>> {
-        self.db
-            .write(|tx| groups::set_member(tx, group, member, add, audit))
+        self.checked(|ck| {
+            self.db
+                .write(|tx| groups::set_member(tx, ck, group, member, add, audit))
+        })
     }
 
     fn client_access(&self, client: &str) -> Result<Vec<AccessRecord>> {
-        self.db.read(|tx| clients::access(tx, client))
+        self.checked(|ck| self.db.read(|tx| clients::access(tx, ck, client)))
     }
 
     fn client_view(&self, client_id: u64) -> Result<View> {
-        self.db.read(|tx| secrets::client_view(tx, client_id))
+        self.checked(|ck| self.db.read(|tx| secrets::client_view(tx, ck, client_id)))
     }
 
     fn read_sealed(
@@ -340,13 +391,17 @@ impl Store for SqliteStore {
         client_id: u64,
         names: &[String],
     ) -> Result<(Vec<SealedSecret>, Vec<String>)> {
-        self.db
-            .read(|tx| secrets::read_sealed(tx, client_id, names))
+        self.checked(|ck| {
+            self.db
+                .read(|tx| secrets::read_sealed(tx, ck, client_id, names))
+        })
     }
 
     fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>> {
-        self.db
-            .read(|tx| secrets::read_one_for_client(tx, client_id, secret_id))
+        self.checked(|ck| {
+            self.db
+                .read(|tx| secrets::read_one_for_client(tx, ck, client_id, secret_id))
+        })
     }
 
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
@@ -359,6 +414,21 @@ impl Store for SqliteStore {
 
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
         self.db.read(|tx| audit::query(tx, filter))
+    }
+
+    // -- integrity (rows)
+    fn take_bad_rows(&self) -> Vec<BadRow> {
+        self.bad_rows.take()
+    }
+
+    fn verify_rows(&self) -> Result<Vec<BadRow>> {
+        let keys = self.keys.get();
+        self.db.read(|tx| macs::verify(tx, &keys))
+    }
+
+    fn reseal_rows(&self, limit: usize) -> Result<usize> {
+        let keys = self.keys.get();
+        self.db.write(|tx| macs::reseal(tx, &keys, limit))
     }
 }
 
@@ -392,9 +462,8 @@ mod tests {
     #[test]
     fn concurrent_writes_share_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(
-            SqliteStore::open(&dir.path().join("db"), true, KeyRing::generate().unwrap()).unwrap(),
-        );
+        let keys = KeyRing::generate().unwrap();
+        let s = Arc::new(SqliteStore::open(&dir.path().join("db"), true, keys.clone()).unwrap());
         conformance::concurrent_writes(s.clone());
         // 600 writes (200 that commit work, 400 that fail) took fewer commits.
         let commits = s.db.commits();
@@ -404,8 +473,7 @@ mod tests {
         );
         // Nothing is left open: a fresh connection sees all of it.
         drop(s);
-        let again =
-            SqliteStore::open(&dir.path().join("db"), false, KeyRing::generate().unwrap()).unwrap();
+        let again = SqliteStore::open(&dir.path().join("db"), false, keys).unwrap();
         assert_eq!(again.get_secret("t3").unwrap().version_count, 51);
     }
 
@@ -413,8 +481,9 @@ mod tests {
     fn migrations_are_recorded_and_rerun_safely() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        drop(SqliteStore::open(&path, true, KeyRing::generate().unwrap()).unwrap());
-        let s = SqliteStore::open(&path, false, KeyRing::generate().unwrap()).unwrap();
+        let keys = KeyRing::generate().unwrap();
+        drop(SqliteStore::open(&path, true, keys.clone()).unwrap());
+        let s = SqliteStore::open(&path, false, keys.clone()).unwrap();
         let v: i64 =
             s.db.writer()
                 .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -446,7 +515,7 @@ mod tests {
             .pragma_update(None, "user_version", 99)
             .unwrap();
         drop(s);
-        match SqliteStore::open(&path, false, KeyRing::generate().unwrap()) {
+        match SqliteStore::open(&path, false, keys) {
             Err(e @ StoreError::NewerSchema { found: 99, .. }) => {
                 assert!(e.to_string().contains("run a newer secretfs"))
             }
