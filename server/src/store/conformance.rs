@@ -1000,3 +1000,359 @@ pub fn concurrent_writes(s: Arc<dyn Store>) {
     }
     assert_eq!(s.revision().unwrap(), start + 200);
 }
+
+/// Runs one statement on the store's database behind its back, as someone
+/// who can write the database but has no master key. Plain SQL that
+/// SQLite and PostgreSQL both take.
+pub type RawSql<'a> = &'a dyn Fn(&str);
+
+/// Authenticated rows: every protected column edited and every grant row
+/// added without the key is detected (absent, reported once, listed by
+/// `verify_rows`); putting the value back makes the row good again;
+/// deleting a grant only takes access away; deleting a revocation admits
+/// nobody. `raw` edits the
+/// database of `s`.
+pub fn tampered_rows_are_absent(s: &dyn Store, raw: RawSql<'_>) {
+    let app = client(s, "app");
+    let other = client(s, "other");
+    for g in ["g", "h"] {
+        s.create_group(g, "", &entry("group.create")).unwrap();
+    }
+    let db = add(s, "db");
+    s.rotate_secret("db", 3, None, &entry("secret.rotate"), &mut |_, _| {
+        Ok(sealed(2))
+    })
+    .unwrap();
+    let hidden = add(s, "hidden");
+    for (g, m) in [
+        ("g", Member::Client("app".into())),
+        ("g", Member::Secret("db".into())),
+        ("h", Member::Client("other".into())),
+        ("h", Member::Secret("hidden".into())),
+    ] {
+        s.set_group_member(g, &m, true, &entry("group.add"))
+            .unwrap();
+    }
+    s.put_meta("trust_domain", b"example.org").unwrap();
+    assert_eq!(s.verify_rows().unwrap(), vec![], "a fresh store is clean");
+    assert!(s.take_bad_rows().is_empty());
+
+    let sees = |client: &ClientRecord, name: &str| {
+        s.client_view(client.id)
+            .unwrap()
+            .secrets
+            .iter()
+            .any(|r| r.name == name)
+    };
+    let reads = |client: &ClientRecord, name: &str| {
+        let (found, denied) = s.read_sealed(client.id, &[name.to_owned()]).unwrap();
+        assert_eq!(found.len() + denied.len(), 1);
+        found.len() == 1
+    };
+    assert!(sees(&app, "db") && reads(&app, "db") && !sees(&app, "hidden"));
+
+    let reported = std::cell::RefCell::new(std::collections::HashSet::new());
+    // Edits `sql`, checks what must hold while it stands, undoes it.
+    let tampered = |what: &str, table: &str, sql: &str, undo: &str, check: &dyn Fn()| {
+        raw(sql);
+        check();
+        let bad = s.verify_rows().unwrap();
+        assert!(
+            bad.iter().any(|b| b.table == table),
+            "{what}: verify_rows did not list a bad {table} row: {bad:?}"
+        );
+        // Reported by the reads above, or earlier (once per row).
+        let mut seen = reported.borrow_mut();
+        seen.extend(s.take_bad_rows().into_iter().map(|b| (b.table, b.key)));
+        for b in bad.iter().filter(|b| b.table == table) {
+            assert!(
+                seen.contains(&(b.table, b.key.clone())),
+                "{what}: the reads did not report {b}"
+            );
+        }
+        drop(seen);
+        raw(undo);
+        assert_eq!(s.verify_rows().unwrap(), vec![], "{what}: undone");
+    };
+
+    // clients: every column; a bad row is an unknown client.
+    let unknown = || {
+        let facts = s.authenticate("app", "serial-app").unwrap();
+        assert!(facts.client.is_none() && !facts.serial_issued);
+        assert!(s.get_client("app").is_err());
+        assert!(s.list_clients().unwrap().iter().all(|c| c.name != "app"));
+        assert!(s.get_group("g").unwrap().clients.is_empty());
+    };
+    for (col, edit, undo) in [
+        ("admin", "admin = 1", "admin = 0"),
+        ("enabled", "enabled = 0", "enabled = 1"),
+        ("pinned", "pinned = 0", "pinned = 1"),
+        (
+            "created_at",
+            "created_at = created_at + 1",
+            "created_at = created_at - 1",
+        ),
+    ] {
+        tampered(
+            &format!("clients.{col}"),
+            "clients",
+            &format!("UPDATE clients SET {edit} WHERE name = 'app'"),
+            &format!("UPDATE clients SET {undo} WHERE name = 'app'"),
+            &unknown,
+        );
+    }
+    tampered(
+        "clients.name",
+        "clients",
+        "UPDATE clients SET name = 'app2' WHERE name = 'app'",
+        "UPDATE clients SET name = 'app' WHERE name = 'app2'",
+        &|| {
+            let facts = s.authenticate("app2", "serial-app").unwrap();
+            assert!(facts.client.is_none(), "a renamed client is unknown");
+        },
+    );
+    // A client row added without the key is unknown too.
+    tampered(
+        "clients inserted",
+        "clients",
+        "INSERT INTO clients (name, admin, enabled, pinned, created_at) VALUES ('evil', 1, 1, 0, 0)",
+        "DELETE FROM clients WHERE name = 'evil'",
+        &|| assert!(s.authenticate("evil", "x").unwrap().client.is_none()),
+    );
+
+    // client_certs: a certificate bound without the key does not
+    // authenticate; nor does an edited one.
+    tampered(
+        "client_certs inserted",
+        "client_certs",
+        &format!(
+            "INSERT INTO client_certs (client_id, serial, not_after, issued_at) VALUES ({}, 'stolen', 99, 0)",
+            app.id
+        ),
+        "DELETE FROM client_certs WHERE serial = 'stolen'",
+        &|| {
+            let facts = s.authenticate("app", "stolen").unwrap();
+            assert!(facts.client.is_some() && !facts.serial_issued);
+        },
+    );
+    for (col, edit, undo) in [
+        ("not_after", "not_after = 12345", "not_after = 99"),
+        (
+            "issued_at",
+            "issued_at = issued_at + 1",
+            "issued_at = issued_at - 1",
+        ),
+    ] {
+        tampered(
+            &format!("client_certs.{col}"),
+            "client_certs",
+            &format!("UPDATE client_certs SET {edit} WHERE serial = 'serial-app'"),
+            &format!("UPDATE client_certs SET {undo} WHERE serial = 'serial-app'"),
+            &|| assert!(!s.authenticate("app", "serial-app").unwrap().serial_issued),
+        );
+    }
+    tampered(
+        "client_certs.client_id",
+        "client_certs",
+        &format!(
+            "UPDATE client_certs SET client_id = {} WHERE serial = 'serial-other'",
+            app.id
+        ),
+        &format!(
+            "UPDATE client_certs SET client_id = {} WHERE serial = 'serial-other'",
+            other.id
+        ),
+        &|| assert!(!s.authenticate("app", "serial-other").unwrap().serial_issued),
+    );
+
+    // group_clients / group_secrets: a membership or grant added without
+    // the key grants nothing.
+    let no_hidden = || {
+        assert!(!sees(&app, "hidden") && !reads(&app, "hidden"));
+        assert!(s.read_one_for_client(app.id, hidden.id).unwrap().is_none());
+        assert!(s
+            .client_access("app")
+            .unwrap()
+            .iter()
+            .all(|a| a.secret != "hidden"));
+    };
+    tampered(
+        "group_clients inserted",
+        "group_clients",
+        &format!(
+            "INSERT INTO group_clients (group_id, client_id) VALUES ((SELECT id FROM groups WHERE name = 'h'), {})",
+            app.id
+        ),
+        &format!("DELETE FROM group_clients WHERE client_id = {} AND group_id = (SELECT id FROM groups WHERE name = 'h')", app.id),
+        &|| {
+            no_hidden();
+            assert_eq!(s.get_group("h").unwrap().clients, vec!["other".to_owned()]);
+        },
+    );
+    tampered(
+        "group_secrets inserted",
+        "group_secrets",
+        &format!(
+            "INSERT INTO group_secrets (group_id, secret_id) VALUES ((SELECT id FROM groups WHERE name = 'g'), {})",
+            hidden.id
+        ),
+        &format!("DELETE FROM group_secrets WHERE secret_id = {} AND group_id = (SELECT id FROM groups WHERE name = 'g')", hidden.id),
+        &|| {
+            no_hidden();
+            assert_eq!(s.get_group("g").unwrap().secrets, vec!["db".to_owned()]);
+        },
+    );
+    tampered(
+        "group_clients moved",
+        "group_clients",
+        &format!(
+            "UPDATE group_clients SET group_id = (SELECT id FROM groups WHERE name = 'h') WHERE client_id = {}",
+            app.id
+        ),
+        &format!(
+            "UPDATE group_clients SET group_id = (SELECT id FROM groups WHERE name = 'g') WHERE client_id = {}",
+            app.id
+        ),
+        &no_hidden,
+    );
+
+    // secrets: every column; a bad row is neither served nor listed.
+    let db_gone = || {
+        assert!(!sees(&app, "db") && !reads(&app, "db"));
+        assert!(s.read_one_for_client(app.id, db.id).unwrap().is_none());
+        assert!(s.get_secret("db").is_err());
+        assert!(s.list_secrets().unwrap().iter().all(|r| r.id != db.id));
+        assert!(s.client_access("app").unwrap().is_empty());
+        assert!(s.get_group("g").unwrap().secrets.is_empty());
+    };
+    for (col, edit, undo) in [
+        (
+            "current_version",
+            "current_version = 1",
+            "current_version = 2",
+        ),
+        ("version_count", "version_count = 1", "version_count = 2"),
+        ("mode", "mode = 511", "mode = 0"),
+        ("owner", "owner = 0", "owner = NULL"),
+        ("grp", "grp = 0", "grp = NULL"),
+        ("expires_at", "expires_at = 1", "expires_at = NULL"),
+        ("description", "description = 'x'", "description = ''"),
+        ("labels", "labels = '{\"a\":\"b\"}'", "labels = '{}'"),
+        (
+            "created_at",
+            "created_at = created_at + 1",
+            "created_at = created_at - 1",
+        ),
+        (
+            "updated_at",
+            "updated_at = updated_at + 1",
+            "updated_at = updated_at - 1",
+        ),
+    ] {
+        tampered(
+            &format!("secrets.{col}"),
+            "secrets",
+            &format!("UPDATE secrets SET {edit} WHERE name = 'db'"),
+            &format!("UPDATE secrets SET {undo} WHERE name = 'db'"),
+            &db_gone,
+        );
+    }
+    tampered(
+        "secrets.name",
+        "secrets",
+        "UPDATE secrets SET name = 'db2' WHERE name = 'db'",
+        "UPDATE secrets SET name = 'db' WHERE name = 'db2'",
+        &|| {
+            assert!(!sees(&app, "db2") && !reads(&app, "db2"));
+            assert!(s.get_secret("db2").is_err());
+        },
+    );
+
+    // groups: a renamed group is gone (and so are the paths through it
+    // in what client_access reports).
+    tampered(
+        "groups.name",
+        "groups",
+        "UPDATE groups SET name = 'admins' WHERE name = 'g'",
+        "UPDATE groups SET name = 'g' WHERE name = 'admins'",
+        &|| {
+            assert!(s.get_group("admins").is_err());
+            assert!(s.list_groups().unwrap().iter().all(|g| g.name != "admins"));
+            assert!(s.client_access("app").unwrap().is_empty());
+            assert!(s.get_client("app").unwrap().groups.is_empty());
+        },
+    );
+
+    // meta: an edited trust domain is absent.
+    tampered(
+        "meta.trust_domain",
+        "meta",
+        "UPDATE meta SET value = X'6576696c' WHERE key = 'trust_domain'",
+        "UPDATE meta SET value = X'6578616d706c652e6f7267' WHERE key = 'trust_domain'",
+        &|| assert_eq!(s.get_meta("trust_domain").unwrap(), None),
+    );
+
+    // A bad row is reported once per process, however often it is met.
+    raw("UPDATE secrets SET mode = 511 WHERE name = 'hidden'");
+    assert!(s.get_secret("hidden").is_err());
+    assert_eq!(s.take_bad_rows().len(), 1);
+    assert!(s.get_secret("hidden").is_err());
+    assert!(s.take_bad_rows().is_empty(), "reported again");
+    raw("UPDATE secrets SET mode = 0 WHERE name = 'hidden'");
+
+    // An operator's re-add replaces a membership added without the key.
+    raw(
+        &format!(
+            "INSERT INTO group_clients (group_id, client_id) VALUES ((SELECT id FROM groups WHERE name = 'h'), {})",
+            app.id
+        ),
+    );
+    let added = s
+        .set_group_member(
+            "h",
+            &Member::Client("app".into()),
+            true,
+            &entry("group.add"),
+        )
+        .unwrap();
+    assert!(added.value.changed && sees(&app, "hidden"));
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    s.set_group_member(
+        "h",
+        &Member::Client("app".into()),
+        false,
+        &entry("group.remove"),
+    )
+    .unwrap();
+
+    // Deleting a grant row only takes access away, and leaves no bad row.
+    raw(&format!(
+        "DELETE FROM group_secrets WHERE secret_id = {}",
+        db.id
+    ));
+    assert!(!sees(&app, "db") && !reads(&app, "db"));
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+
+    // Deleting a revocation admits nobody: a new client of the removed
+    // one's name does not hold the old serial.
+    s.remove_client("other", &entry("client.remove")).unwrap();
+    assert!(
+        s.authenticate("other", "serial-other")
+            .unwrap()
+            .serial_revoked
+    );
+    raw("DELETE FROM revoked_certs");
+    s.create_client(
+        &NewClient {
+            name: "other".into(),
+            admin: false,
+            cert: Some(("serial-new".into(), 99)),
+        },
+        &entry("client.create"),
+    )
+    .unwrap();
+    let facts = s.authenticate("other", "serial-other").unwrap();
+    assert!(!facts.serial_revoked && !facts.serial_issued, "{facts:?}");
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    let _ = s.take_bad_rows();
+}
