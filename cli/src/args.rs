@@ -135,6 +135,16 @@ pub enum ServerSub {
     /// Issue the server a new certificate and key for these names; a running
     /// server takes them up within a second, without a restart.
     ReissueCert(ReissueCertArgs),
+    /// Check every authenticated row of the database against the master key
+    /// (read beside a running server); exit 1 and list them if any is bad.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The state directory `server run` uses.
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -91,7 +91,14 @@ pub fn trust_domain(store: &dyn Store) -> Result<String, Error> {
     store
         .get_meta(META_TRUST_DOMAIN)?
         .and_then(|v| String::from_utf8(v).ok())
-        .ok_or_else(|| Error::Config("the database does not record its trust domain".into()))
+        .ok_or_else(|| {
+            Error::Config(
+                "the database does not record its trust domain, or its record was edited without \
+                 the master key (`secretfs server verify --state-dir DIR` lists bad rows); \
+                 restore the database from a backup"
+                    .into(),
+            )
+        })
 }
 
 #[derive(Clone, Debug)]

@@ -1,13 +1,14 @@
-//! `secretfs server init|run`
+//! `secretfs server init|run|admin-cert|reissue-cert|verify`
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use secretfs_server::store::Store;
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use crate::args::{Format, ServerCmd, ServerSub};
+use crate::args::{Format, ServerCmd, ServerSub, VerifyArgs};
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -116,6 +117,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             }
             Ok(())
         }
+        ServerSub::Verify(a) => verify(a, format).await,
         ServerSub::ReissueCert(a) => {
             let sans = a.sans.clone();
             let state_dir = a.state_dir.clone();
@@ -162,4 +164,42 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `server verify`: every bad row, and exit 1 when there is any.
+async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
+    let dir = StateDir::new(&a.state_dir);
+    let database = absolute(&dir.database());
+    let bad = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (store, _keys) = secretfs_server::state_dir::open_store(&dir)?;
+        Ok(store.verify_rows()?)
+    })
+    .await??;
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "database": database, "clean": bad.is_empty(), "bad_rows": bad,
+            }))?
+        ),
+        Format::Text if bad.is_empty() => {
+            println!("every authenticated row of {} is good", database.display())
+        }
+        Format::Text => {
+            for row in &bad {
+                println!("{}", crate::output::printable(&row.to_string()));
+            }
+        }
+    }
+    if bad.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} bad row{} in {}: added or edited without the master key, so the server treats {} as absent (not served, no access granted). \
+         Restore the database from a backup taken before the edit, and find out who could write it",
+        bad.len(),
+        if bad.len() == 1 { "" } else { "s" },
+        database.display(),
+        if bad.len() == 1 { "it" } else { "them" }
+    )
 }

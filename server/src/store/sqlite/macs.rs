@@ -129,7 +129,7 @@ pub(super) const META: Table = Table {
         if key == integrity::META_UNSIGNED {
             return Ok(None);
         }
-        let value: Vec<u8> = r.get(1)?;
+        let value = meta_value(r, 1)?;
         Ok(Some((format!("key={key}"), integrity::meta(&key, &value))))
     },
 };
@@ -144,6 +144,20 @@ pub(super) const TABLES: [&Table; 7] = [
     &SECRETS,
 ];
 
+/// A meta value as bytes, whether stored as a blob or (edited by hand) as
+/// text.
+pub(super) fn meta_value(r: &Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(i)? {
+        ValueRef::Blob(b) | ValueRef::Text(b) => Ok(b.to_vec()),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            i,
+            "value".into(),
+            other.data_type(),
+        )),
+    }
+}
+
 /// Calls `f(key, input, mac, rowid)` for every signed row of `table` that
 /// `filter` (a `WHERE` clause with `?1`, or "") selects.
 fn scan(
@@ -153,15 +167,32 @@ fn scan(
     arg: Option<i64>,
     mut f: impl FnMut(String, MacInput, Option<Vec<u8>>, i64) -> Result<()>,
 ) -> Result<()> {
+    scan_all(tx, table, filter, arg, |row, mac, rowid| match row {
+        Ok(Some((key, input))) => f(key, input, mac, rowid),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// As [`scan`], handing on a row whose columns cannot be read (a value of
+/// the wrong type, put there by hand) as an error instead of stopping.
+fn scan_all(
+    tx: &Connection,
+    table: &Table,
+    filter: &str,
+    arg: Option<i64>,
+    mut f: impl FnMut(rusqlite::Result<Option<(String, MacInput)>>, Option<Vec<u8>>, i64) -> Result<()>,
+) -> Result<()> {
     let mut stmt = tx.prepare_cached(&format!("{} {filter}", table.select))?;
     let mut rows = match arg {
         Some(a) => stmt.query([a])?,
         None => stmt.query([])?,
     };
     while let Some(r) = rows.next()? {
-        if let Some((key, input)) = (table.input)(r)? {
-            f(key, input, r.get(table.at + 1)?, r.get(table.at)?)?;
-        }
+        let rowid: i64 = r.get(table.at)?;
+        // A mac that is not a blob is as good as none.
+        let mac = r.get::<_, Option<Vec<u8>>>(table.at + 1).unwrap_or(None);
+        f((table.input)(r), mac, rowid)?;
     }
     Ok(())
 }
@@ -201,13 +232,25 @@ pub(super) fn sign(tx: &Connection, keys: &Keys, table: &Table, rowid: i64) -> R
 pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<Vec<BadRow>> {
     let mut bad = Vec::new();
     for table in TABLES {
-        scan(tx, table, "", None, |key, input, mac, _| {
-            if !mac.as_deref().is_some_and(|m| keys.row_ok(&input, m)) {
-                bad.push(BadRow {
+        scan_all(tx, table, "", None, |row, mac, rowid| {
+            match row {
+                Ok(None) => {}
+                Ok(Some((key, input))) => {
+                    if !mac.as_deref().is_some_and(|m| keys.row_ok(&input, m)) {
+                        bad.push(BadRow {
+                            table: table.name,
+                            key,
+                            what: integrity::what(mac.as_deref()),
+                        });
+                    }
+                }
+                Err(_) => bad.push(BadRow {
                     table: table.name,
-                    key,
-                    what: integrity::what(mac.as_deref()),
-                });
+                    key: format!("rowid={rowid}"),
+                    what: "a column holds a value of the wrong type (the row was edited without \
+                           the master key)"
+                        .into(),
+                }),
             }
             Ok(())
         })?;

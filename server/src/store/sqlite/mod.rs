@@ -202,7 +202,7 @@ impl Store for SqliteStore {
             self.db.read(|tx| {
                 let found: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
                     .query_row("SELECT value, mac FROM meta WHERE key = ?1", [key], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
+                        Ok((macs::meta_value(r, 0)?, r.get(1).unwrap_or(None)))
                     })
                     .optional()?;
                 Ok(found.and_then(|(value, mac)| {
