@@ -16,6 +16,7 @@ mod dev;
 mod dockerfile;
 mod docs;
 mod grpc_conventions;
+mod integrity;
 mod kubernetes;
 mod metadata;
 mod mount;

@@ -1,0 +1,295 @@
+//! Authenticated rows: the database edited directly, without the master
+//! key (the server stopped, the file changed with python's sqlite3, the
+//! server started again). Every edit of a protected column or table must
+//! be detected: not served, logged, audited and listed by `secretfs server
+//! verify`. Deleting a grant only takes access away; a database made
+//! before row MACs is adopted and serves as before.
+
+use std::path::Path;
+
+use crate::common::*;
+
+/// Runs `sql` (statements separated by ';') on the database file.
+fn edit_db(db: &Path, sql: &str) {
+    let out = python()
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1])\n\
+             c.executescript(sys.argv[2])\n\
+             c.commit()\n",
+        ])
+        .arg(db)
+        .arg(sql)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "editing the database failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `server verify` beside the server, as JSON: (exit code, bad rows as
+/// "table key", stderr).
+fn verify(s: &TestServer) -> (i32, Vec<String>, String) {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "verify", "-o", "json"])
+        .env("SECRETFS_STATE_DIR", &s.state);
+    let run = run_cmd(cmd, None);
+    let json = run.json();
+    let rows = json["bad_rows"]
+        .as_array()
+        .expect("bad_rows")
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["table"].as_str().unwrap(),
+                r["key"].as_str().unwrap()
+            )
+        })
+        .collect();
+    (run.code, rows, run.stderr)
+}
+
+fn id_of(s: &TestServer, table: &str, name: &str) -> i64 {
+    let out = python()
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1])\n\
+             print(c.execute(f'SELECT id FROM {sys.argv[2]} WHERE name = ?', (sys.argv[3],)).fetchone()[0])\n",
+        ])
+        .arg(s.db())
+        .args([table, name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn every_protected_column_edited_without_the_key_is_detected() {
+    let mut s = TestServer::start();
+    // One secret per column to edit, all granted to `app` through `g`;
+    // `ok` is never touched (the control).
+    let edited = ["rolled", "mode", "owner", "grp", "expires", "named"];
+    for name in edited.iter().chain(&["ok"]) {
+        s.add_secret(name, format!("{name}-1").as_bytes());
+    }
+    s.cli_in(&["secret", "rotate", "rolled"], b"rolled-2").ok();
+    s.add_secret("hidden", b"hidden-1");
+    s.add_secret("hidden2", b"hidden2-1");
+    let app = s.add_client("app");
+    let escalate = s.add_client("escalate");
+    let toggled = s.add_client("toggled");
+    let mut names: Vec<&str> = edited.to_vec();
+    names.push("ok");
+    s.grant("g", &["app"], &names);
+    s.grant("h", &[], &["hidden"]);
+    s.grant("h2", &[], &["hidden2"]);
+    // `app` may not read hidden*, and may not act as an admin.
+    s.cli_as(&app, &["read", "hidden"], None).fails(1, "hidden");
+    s.cli_as(&escalate, &["secret", "list"], None)
+        .fails(1, "not an admin");
+    assert_eq!(verify(&s).0, 0);
+
+    // A certificate from the state's CA for `app` that the server never
+    // issued (as one with the CA key but not the master key could make).
+    let now = time::OffsetDateTime::now_utc();
+    let forged = s.cert_from_state_ca(
+        "app",
+        &s.tmp.path().join("forged"),
+        now - time::Duration::minutes(1),
+        now + time::Duration::days(1),
+    );
+    s.cli_as(&forged, &["whoami"], None).fails(1, "");
+    let forged_serial = cert_info(&forged.cert).serial;
+
+    let (app_id, g, h, h2, hidden2) = (
+        id_of(&s, "clients", "app"),
+        id_of(&s, "groups", "g"),
+        id_of(&s, "groups", "h"),
+        id_of(&s, "groups", "h2"),
+        id_of(&s, "secrets", "hidden2"),
+    );
+    s.stop();
+    edit_db(
+        &s.db(),
+        &format!(
+            "UPDATE clients SET admin = 1 WHERE name = 'escalate';
+             UPDATE clients SET enabled = 0 WHERE name = 'toggled';
+             INSERT INTO client_certs (client_id, serial, not_after, issued_at)
+                  VALUES ({app_id}, '{forged_serial}', 4102444800, 0);
+             INSERT INTO group_clients (group_id, client_id) VALUES ({h}, {app_id});
+             INSERT INTO group_secrets (group_id, secret_id) VALUES ({g}, {hidden2});
+             UPDATE secrets SET current_version = 1 WHERE name = 'rolled';
+             UPDATE secrets SET mode = 420 WHERE name = 'mode';
+             UPDATE secrets SET owner = 0 WHERE name = 'owner';
+             UPDATE secrets SET grp = 0 WHERE name = 'grp';
+             UPDATE secrets SET expires_at = 4102444800 WHERE name = 'expires';
+             UPDATE secrets SET name = 'renamed' WHERE name = 'named';"
+        ),
+    );
+    let _ = h2;
+    s.restart_on("127.0.0.1:0");
+
+    // clients.admin: the client is unknown, so certainly no admin.
+    s.cli_as(&escalate, &["secret", "list"], None)
+        .fails(1, "not registered");
+    // clients.enabled: unknown too.
+    s.cli_as(&toggled, &["whoami"], None)
+        .fails(1, "not registered");
+    // client_certs: a certificate bound without the key is not issued.
+    s.cli_as(&forged, &["whoami"], None).fails(1, "");
+    // group_clients / group_secrets: the added paths grant nothing.
+    s.cli_as(&app, &["read", "hidden"], None).fails(1, "hidden");
+    s.cli_as(&app, &["read", "hidden2"], None)
+        .fails(1, "hidden2");
+    // secrets: each edited row is not served; the old version is not
+    // served after a rollback of current_version.
+    for name in [
+        "rolled", "mode", "owner", "grp", "expires", "renamed", "named",
+    ] {
+        let r = s.cli_as(&app, &["read", name], None);
+        assert_ne!(r.code, 0, "{name} was served: {r:?}");
+        assert!(!r.stdout.contains("-1"), "{name}: {r:?}");
+    }
+    assert_eq!(s.cli_as(&app, &["read", "ok"], None).ok().stdout, "ok-1");
+    let mine = s.cli_as(&app, &["whoami", "-o", "json"], None).ok().json();
+    let access: Vec<&str> = mine["access"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["secret"].as_str().unwrap())
+        .collect();
+    assert_eq!(access, ["ok"], "{mine}");
+    let listed = s.cli(&["secret", "list", "-o", "json"]).ok().json();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["hidden", "hidden2", "ok"], "not listed either");
+
+    // Listed by `server verify` (beside the running server), exit 1.
+    let (code, bad, stderr) = verify(&s);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("Restore the database from a backup"),
+        "{stderr}"
+    );
+    let secret = |name: &str| format!("secrets id={}", id_of(&s, "secrets", name));
+    let mut expected = vec![
+        format!("clients id={}", id_of(&s, "clients", "escalate")),
+        format!("clients id={}", id_of(&s, "clients", "toggled")),
+        format!("client_certs client_id={app_id} serial={forged_serial}"),
+        format!("group_clients group_id={h} client_id={app_id}"),
+        format!("group_secrets group_id={g} secret_id={hidden2}"),
+    ];
+    for name in ["rolled", "mode", "owner", "grp", "expires", "renamed"] {
+        expected.push(secret(name));
+    }
+    for row in &expected {
+        assert!(bad.contains(row), "verify did not list {row}: {bad:?}");
+    }
+    assert_eq!(bad.len(), expected.len(), "{bad:?}");
+
+    // Logged (error level, no content) and audited once each.
+    let log = s.log();
+    let events = s.audit_events("integrity.bad_row", &[]);
+    for row in &expected {
+        let (table, key) = row.split_once(' ').unwrap();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("ERROR") && l.contains(table) && l.contains(key)),
+            "{row} not logged:\n{log}"
+        );
+        let audited: Vec<_> = events
+            .iter()
+            .filter(|e| {
+                e["detail"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{table} row {key}:"))
+            })
+            .collect();
+        assert_eq!(audited.len(), 1, "{row}: {events:#?}");
+        assert_eq!(audited[0]["actor"], "store");
+        assert_eq!(audited[0]["allowed"], false);
+    }
+    assert!(!log.contains("rolled-1") && !log.contains("rolled-2"));
+}
+
+#[test]
+fn deleting_a_grant_only_takes_access_away() {
+    let (mut s, app) = TestServer::start_for_app(&[("db", "one"), ("other", "two")]);
+    assert_eq!(s.cli_as(&app, &["read", "db"], None).ok().stdout, "one");
+    let db = id_of(&s, "secrets", "db");
+    s.stop();
+    edit_db(
+        &s.db(),
+        &format!("DELETE FROM group_secrets WHERE secret_id = {db}"),
+    );
+    s.restart_on("127.0.0.1:0");
+    s.cli_as(&app, &["read", "db"], None).fails(1, "db");
+    assert_eq!(s.cli_as(&app, &["read", "other"], None).ok().stdout, "two");
+    let (code, bad, stderr) = verify(&s);
+    assert_eq!((code, bad.len()), (0, 0), "{bad:?} {stderr}");
+    assert!(s.audit_events("integrity.bad_row", &[]).is_empty());
+}
+
+#[test]
+fn removing_a_revocation_readmits_nobody() {
+    let s = TestServer::start();
+    let first = s.add_client("app");
+    let old = copy_identity(&first, &s.tmp.path().join("old"));
+    std::fs::remove_file(&first.cert).unwrap();
+    std::fs::remove_file(&first.key).unwrap();
+    s.cli_as(&old, &["whoami"], None).ok();
+    s.cli(&["client", "remove", "app", "--yes"]).ok();
+    let new = s.add_client("app");
+    edit_db(&s.db(), "DELETE FROM revoked_certs");
+    // The removed client's certificate is still refused: the new `app`
+    // was never issued its serial.
+    s.cli_as(&old, &["whoami"], None).fails(1, "");
+    s.cli_as(&new, &["whoami"], None).ok();
+    assert_eq!(verify(&s).0, 0);
+}
+
+#[test]
+fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
+    let (mut s, app) = TestServer::start_for_app(&[("db", "one")]);
+    s.stop();
+    // What a database of schema 3 looks like: no mac columns, no
+    // adoption record.
+    edit_db(
+        &s.db(),
+        "DELETE FROM meta WHERE key = 'rows_authenticated';
+         ALTER TABLE clients DROP COLUMN mac;
+         ALTER TABLE client_certs DROP COLUMN mac;
+         ALTER TABLE groups DROP COLUMN mac;
+         ALTER TABLE group_clients DROP COLUMN mac;
+         ALTER TABLE group_secrets DROP COLUMN mac;
+         ALTER TABLE secrets DROP COLUMN mac;
+         ALTER TABLE meta DROP COLUMN mac;
+         PRAGMA user_version = 3;",
+    );
+    s.restart_on("127.0.0.1:0");
+    assert!(
+        s.log().contains("signed once under the master key"),
+        "{}",
+        s.log()
+    );
+    assert_eq!(s.cli_as(&app, &["read", "db"], None).ok().stdout, "one");
+    s.cli(&["secret", "list"]).ok();
+    assert_eq!(verify(&s).0, 0);
+    // Adopted once: a MAC NULLed afterwards is a bad row at the next
+    // start, not signed again.
+    s.stop();
+    edit_db(&s.db(), "UPDATE secrets SET mac = NULL");
+    s.restart_on("127.0.0.1:0");
+    s.cli_as(&app, &["read", "db"], None).fails(1, "db");
+    assert_eq!(verify(&s).0, 1);
+}
