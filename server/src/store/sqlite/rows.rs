@@ -152,18 +152,31 @@ pub(super) fn sealed_secret(
 
 /// Whether the path at `at` (group id, `group_secrets` MAC,
 /// `group_clients` MAC) really links `client_id` to the row's secret.
+/// `memberships` remembers each group's `group_clients` verdict for the
+/// rest of the query (one row per group, met once per secret).
 pub(super) fn path_ok(
     row: &Row<'_>,
     at: usize,
     client_id: u64,
     ck: &Checker<'_>,
+    memberships: &mut std::collections::HashMap<u64, bool>,
 ) -> rusqlite::Result<bool> {
     let secret_id = row.get::<_, i64>(0)? as u64;
     let group_id = row.get::<_, i64>(at)? as u64;
+    let member = match memberships.get(&group_id) {
+        Some(known) => *known,
+        None => {
+            let gc: Option<Vec<u8>> = row.get(at + 2)?;
+            let ok = group_client_ok(ck, group_id, client_id, gc.as_deref());
+            memberships.insert(group_id, ok);
+            ok
+        }
+    };
+    if !member {
+        return Ok(false);
+    }
     let gs: Option<Vec<u8>> = row.get(at + 1)?;
-    let gc: Option<Vec<u8>> = row.get(at + 2)?;
-    Ok(group_client_ok(ck, group_id, client_id, gc.as_deref())
-        && group_secret_ok(ck, group_id, secret_id, gs.as_deref()))
+    Ok(group_secret_ok(ck, group_id, secret_id, gs.as_deref()))
 }
 
 pub(super) fn group_client_ok(

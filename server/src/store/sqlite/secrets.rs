@@ -316,9 +316,10 @@ fn readable(tx: &Connection, ck: &Checker<'_>, client_id: u64) -> Result<Vec<Sec
     let mut out: Vec<SecretRecord> = Vec::new();
     // A secret held by several groups comes once per group, in a run.
     let mut settled: Option<u64> = None;
+    let mut memberships = Default::default();
     while let Some(r) = rows.next()? {
         let id = r.get::<_, i64>(0)? as u64;
-        if settled == Some(id) || !rows::path_ok(r, VIEW_PATH, client_id, ck)? {
+        if settled == Some(id) || !rows::path_ok(r, VIEW_PATH, client_id, ck, &mut memberships)? {
             continue;
         }
         settled = Some(id);
@@ -340,8 +341,9 @@ fn first_granted(
     client_id: u64,
     ck: &Checker<'_>,
 ) -> Result<Option<SealedSecret>> {
+    let mut memberships = Default::default();
     while let Some(r) = rows.next()? {
-        if rows::path_ok(r, SEALED_PATH, client_id, ck)? {
+        if rows::path_ok(r, SEALED_PATH, client_id, ck, &mut memberships)? {
             return Ok(rows::sealed_secret(r, ck)?);
         }
     }
