@@ -17,6 +17,8 @@
 //!    own [`store::StoreError`], audit entries passed in, writes that return
 //!    the revision they committed at, a [`store::ChangeFeed`]), the SQLite
 //!    backend, and a conformance suite any backend must pass.
+//!    [`store::integrity`] says what each row's MAC covers: a row edited
+//!    without the master key is absent, and the domain logs and audits it.
 //!
 //! Around them:
 //! - [`state_dir`]: what `server init` creates (master key, CA, certificates,

@@ -15,6 +15,10 @@
 //! - Calls are blocking; async callers run at most [`Store::concurrency`]
 //!   of them at once, off the async threads.
 //! - Committed changes are announced on the store's [`ChangeFeed`].
+//! - Every row that decides access or what is served carries a MAC under
+//!   the row key ([`integrity`]), written in the change's transaction; a
+//!   read treats a row whose MAC fails as absent (never a grant) and
+//!   reports it once ([`Store::take_bad_rows`]).
 
 mod error;
 mod feed;
