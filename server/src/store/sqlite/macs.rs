@@ -16,8 +16,11 @@ pub(super) struct Table {
     select: &'static str,
     /// Index of `rowid` in `select`; `mac` follows it.
     at: usize,
-    input: fn(&Row<'_>) -> rusqlite::Result<Option<(String, MacInput)>>,
+    input: fn(&Row<'_>) -> rusqlite::Result<Option<Keyed>>,
 }
+
+/// A row's key (for reports) and what its MAC covers.
+type Keyed = (String, MacInput);
 
 pub(super) const CLIENTS: Table = Table {
     name: integrity::CLIENTS,
