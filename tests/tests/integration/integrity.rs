@@ -53,6 +53,46 @@ fn verify(s: &TestServer) -> (i32, Vec<String>, String) {
     (run.code, rows, run.stderr)
 }
 
+/// Re-signs the `secrets` row `name` as the server would (HKDF-SHA256 row
+/// key from `master.key`, HMAC-SHA256 over the length-prefixed fields of
+/// `store/integrity.rs`): a row edited by someone who holds the master
+/// key, such as an older server. Written independently of the server's
+/// code, so it also pins the MAC's format.
+pub fn resign_secret(s: &TestServer, name: &str) {
+    let out = python()
+        .args([
+            "-c",
+            r#"
+import hashlib, hmac, sqlite3, struct, sys
+db, key_file, name = sys.argv[1:4]
+master = bytes.fromhex(open(key_file).read().strip())
+prk = hmac.new(b"secretfs/v1 hkdf", master, hashlib.sha256).digest()
+row_key = hmac.new(prk, b"secretfs/v1 row mac" + b"\x01", hashlib.sha256).digest()
+def field(b): return struct.pack(">Q", len(b)) + b
+def u64(v): return field(struct.pack(">Q", v))
+def i64(v): return field(struct.pack(">q", v))
+def opt(v): return field(b"\x00") if v is None else field(b"\x01" + struct.pack(">q", v))
+c = sqlite3.connect(db)
+r = c.execute("SELECT id, name, description, labels, mode, owner, grp, expires_at, current_version, "
+              "version_count, created_at, updated_at FROM secrets WHERE name = ?", (name,)).fetchone()
+msg = (field(b"secrets") + u64(r[0]) + field(r[1].encode()) + field(r[2].encode()) + field(r[3].encode())
+       + u64(r[4]) + opt(r[5]) + opt(r[6]) + opt(r[7]) + u64(r[8]) + u64(r[9]) + i64(r[10]) + i64(r[11]))
+c.execute("UPDATE secrets SET mac = ? WHERE id = ?", (hmac.new(row_key, msg, hashlib.sha256).digest(), r[0]))
+c.commit()
+"#,
+        ])
+        .arg(s.db())
+        .arg(s.state.join("master.key"))
+        .arg(name)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "re-signing failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn id_of(s: &TestServer, table: &str, name: &str) -> i64 {
     let out = python()
         .args([
@@ -172,6 +212,16 @@ fn every_protected_column_edited_without_the_key_is_detected() {
         .map(|r| r["name"].as_str().unwrap())
         .collect();
     assert_eq!(listed, ["hidden", "hidden2", "ok"], "not listed either");
+
+    // The same edit made with the master key (re-signed) is served: the
+    // MAC is what decides, and its format is the documented one.
+    s.cli_as(&app, &["read", "mode"], None).fails(1, "mode");
+    resign_secret(&s, "mode");
+    assert_eq!(
+        s.cli_as(&app, &["read", "mode"], None).ok().stdout,
+        "mode-1"
+    );
+    edit_db(&s.db(), "UPDATE secrets SET mode = 511 WHERE name = 'mode'");
 
     // Listed by `server verify` (beside the running server), exit 1.
     let (code, bad, stderr) = verify(&s);
