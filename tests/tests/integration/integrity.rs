@@ -196,6 +196,18 @@ fn every_protected_column_edited_without_the_key_is_detected() {
         assert!(!r.stdout.contains("-1"), "{name}: {r:?}");
     }
     assert_eq!(s.cli_as(&app, &["read", "ok"], None).ok().stdout, "ok-1");
+    // The mount shows the same: only the untouched secret.
+    require_fuse();
+    let m = s.mount_as(&app, &[]);
+    assert_eq!(std::fs::read(m.file("ok")).unwrap(), b"ok-1");
+    let mut shown: Vec<String> = std::fs::read_dir(m.file(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    shown.sort();
+    assert_eq!(shown, ["ok"], "the mount shows tampered secrets");
+    drop(m);
     let mine = s.cli_as(&app, &["whoami", "-o", "json"], None).ok().json();
     let access: Vec<&str> = mine["access"]
         .as_array()
