@@ -704,3 +704,40 @@ fn a_presented_lifetime_is_whole_days_rounded_up_without_the_issue_slack() {
     assert_eq!(presented_days(100, 0), 1, "even backwards");
     assert_eq!(presented_days(i64::MIN, i64::MAX), u32::MAX);
 }
+
+#[tokio::test]
+async fn a_bad_row_is_absent_logged_and_audited_once() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    f.store
+        .inner
+        .execute_raw("UPDATE secrets SET mode = 511 WHERE name = 'b'");
+    for _ in 0..3 {
+        let mine = f.domain.my_secrets(&f.web).await.unwrap();
+        assert_eq!(
+            mine.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+    }
+    let refused = f
+        .domain
+        .read_secrets(&f.web, vec!["b".into()], None)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(refused, crate::error::Error::PermissionDenied(_)));
+    let bad = f.audit(Action::IntegrityBadRow);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].actor, "store");
+    assert!(!bad[0].allowed);
+    assert!(
+        bad[0].detail.starts_with("secrets row id="),
+        "{}",
+        bad[0].detail
+    );
+    assert!(
+        bad[0].detail.contains("Restore the database"),
+        "{}",
+        bad[0].detail
+    );
+}

@@ -105,6 +105,13 @@ impl SqliteStore {
         Ok(Self::with(Connections::new(conn, Vec::new()), keys))
     }
 
+    /// Runs `sql` on the database behind the store's back (tests that
+    /// edit rows as someone without the master key would).
+    #[cfg(test)]
+    pub(crate) fn execute_raw(&self, sql: &str) {
+        self.db.writer().execute_batch(sql).unwrap()
+    }
+
     fn with(db: Connections, keys: Arc<KeyRing>) -> Self {
         SqliteStore {
             db,
