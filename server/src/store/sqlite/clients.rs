@@ -50,12 +50,28 @@ fn groups_of(
     ck: &Checker<'_>,
     client: Option<i64>,
 ) -> Result<HashMap<i64, Vec<String>>> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT g.id, g.name, g.mac, gc.client_id, gc.mac FROM group_clients gc
-           JOIN groups g ON g.id = gc.group_id
-          WHERE ?1 IS NULL OR gc.client_id = ?1 ORDER BY gc.client_id, g.name",
-    )?;
-    let mut rows = stmt.query([client])?;
+    macro_rules! memberships {
+        ($where:literal) => {
+            concat!(
+                "SELECT g.id, g.name, g.mac, gc.client_id, gc.mac FROM group_clients gc
+                   JOIN groups g ON g.id = gc.group_id ",
+                $where,
+                " ORDER BY gc.client_id, g.name"
+            )
+        };
+    }
+    // Two statements, so one client's lookup uses the index.
+    let mut stmt;
+    let mut rows = match client {
+        Some(id) => {
+            stmt = tx.prepare_cached(memberships!("WHERE gc.client_id = ?1"))?;
+            stmt.query([id])?
+        }
+        None => {
+            stmt = tx.prepare_cached(memberships!(""))?;
+            stmt.query([])?
+        }
+    };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     while let Some(r) = rows.next()? {
         let cid: i64 = r.get(3)?;

@@ -17,13 +17,29 @@ fn clients_of(
     ck: &Checker<'_>,
     group: Option<i64>,
 ) -> Result<HashMap<i64, Vec<String>>> {
-    let mut stmt = tx.prepare_cached(concat!(
-        "SELECT ",
-        client_cols!(),
-        ", gc.group_id, gc.mac FROM group_clients gc JOIN clients c ON c.id = gc.client_id
-          WHERE ?1 IS NULL OR gc.group_id = ?1 ORDER BY gc.group_id, c.name"
-    ))?;
-    let mut rows = stmt.query([group])?;
+    macro_rules! members {
+        ($where:literal) => {
+            concat!(
+                "SELECT ",
+                client_cols!(),
+                ", gc.group_id, gc.mac FROM group_clients gc JOIN clients c ON c.id = gc.client_id ",
+                $where,
+                " ORDER BY gc.group_id, c.name"
+            )
+        };
+    }
+    // Two statements, so one group's lookup uses the index.
+    let mut stmt;
+    let mut rows = match group {
+        Some(id) => {
+            stmt = tx.prepare_cached(members!("WHERE gc.group_id = ?1"))?;
+            stmt.query([id])?
+        }
+        None => {
+            stmt = tx.prepare_cached(members!(""))?;
+            stmt.query([])?
+        }
+    };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     while let Some(r) = rows.next()? {
         let gid: i64 = r.get(7)?;

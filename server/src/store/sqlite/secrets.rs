@@ -387,13 +387,29 @@ pub(super) fn of_group(
     ck: &Checker<'_>,
     group_id: Option<i64>,
 ) -> Result<Vec<(i64, String)>> {
-    let mut stmt = tx.prepare_cached(concat!(
-        "SELECT ",
-        secret_cols!(),
-        ", gs.group_id, gs.mac FROM group_secrets gs JOIN secrets s ON s.id = gs.secret_id \
-         WHERE ?1 IS NULL OR gs.group_id = ?1 ORDER BY gs.group_id, s.name"
-    ))?;
-    let mut rows = stmt.query([group_id])?;
+    macro_rules! held {
+        ($where:literal) => {
+            concat!(
+                "SELECT ",
+                secret_cols!(),
+                ", gs.group_id, gs.mac FROM group_secrets gs JOIN secrets s ON s.id = gs.secret_id ",
+                $where,
+                " ORDER BY gs.group_id, s.name"
+            )
+        };
+    }
+    // Two statements, so one group's lookup uses the index.
+    let mut stmt;
+    let mut rows = match group_id {
+        Some(id) => {
+            stmt = tx.prepare_cached(held!("WHERE gs.group_id = ?1"))?;
+            stmt.query([id])?
+        }
+        None => {
+            stmt = tx.prepare_cached(held!(""))?;
+            stmt.query([])?
+        }
+    };
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
         let gid: i64 = r.get(13)?;
