@@ -145,6 +145,14 @@ pub struct VerifyArgs {
     /// The state directory `server run` uses.
     #[arg(long, env = "SECRETFS_STATE_DIR")]
     pub state_dir: PathBuf,
+    /// After review, take the rows as they are now as the row set (when
+    /// rows were put back, deleted or added without the key); the server
+    /// must be stopped. Bad rows stay bad. Audited as integrity.accept.
+    #[arg(long)]
+    pub accept: bool,
+    /// With --accept: do not ask for confirmation (for scripts; without a terminal on stdin nothing is asked anyway).
+    #[arg(long, short = 'y', requires = "accept")]
+    pub yes: bool,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +230,11 @@ pub struct RunArgs {
     /// supervisors that start the server on port 0). Replaced atomically.
     #[arg(long, value_name = "PATH", env = "SECRETFS_ADDRESS_FILE")]
     pub address_file: Option<PathBuf>,
+    /// Seconds between checks of the row set while running (default one
+    /// hour); for tests.
+    #[arg(long, hide = true, default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub integrity_check_secs: u64,
 }
 
 #[derive(Debug, Args)]

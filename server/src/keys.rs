@@ -32,6 +32,9 @@ use crate::error::Error;
 pub const ROW_LABEL: &[u8] = b"secretfs/v1 row mac";
 /// HKDF info for the audit chain key.
 pub const AUDIT_LABEL: &[u8] = b"secretfs/v1 audit chain";
+/// HKDF info for the row set key: the digest over every protected row
+/// (`store::integrity::row_set_h`), a key apart from the row MAC key.
+pub const ROW_SET_LABEL: &[u8] = b"secretfs/v1 row set";
 const HKDF_SALT: &[u8] = b"secretfs/v1 hkdf";
 
 /// Length of every MAC this module makes (HMAC-SHA256).
@@ -132,6 +135,7 @@ pub struct KeySet {
     master: MasterKey,
     rows: MacKey,
     audit: MacKey,
+    row_set: MacKey,
 }
 
 impl fmt::Debug for KeySet {
@@ -146,8 +150,13 @@ impl KeySet {
             epoch,
             rows: MacKey::derive(&master, ROW_LABEL),
             audit: MacKey::derive(&master, AUDIT_LABEL),
+            row_set: MacKey::derive(&master, ROW_SET_LABEL),
             master,
         }
+    }
+    /// The key of the digest over every protected row (replay detection).
+    pub fn row_set(&self) -> &MacKey {
+        &self.row_set
     }
     pub fn epoch(&self) -> u32 {
         self.epoch
@@ -195,6 +204,12 @@ impl Keys {
 
     fn sets(&self) -> impl Iterator<Item = &KeySet> {
         std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+
+    /// The key set of `epoch`, if this server holds it (the current or
+    /// the previous one).
+    pub fn set_for(&self, epoch: u32) -> Option<&KeySet> {
+        self.sets().find(|k| k.epoch == epoch)
     }
 
     /// A row's MAC, under the current key.

@@ -48,6 +48,9 @@ pub struct RunOptions {
     /// Open connections at most; `None` = as many as the file descriptor
     /// limit allows (less a reserve for the database and logs).
     pub max_connections: Option<usize>,
+    /// How often the row set is checked while running (it is also checked
+    /// at start).
+    pub integrity_check: Duration,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
@@ -65,6 +68,7 @@ pub struct Server {
     server_cert: Arc<ReloadingCert>,
     ca_not_after: i64,
     state_dir: PathBuf,
+    integrity_check: Duration,
 }
 
 /// The audit writer thread and the state directory's lock, released only
@@ -158,6 +162,25 @@ async fn expiry_warnings(
     }
 }
 
+/// Checks the row set every `every` while serving (see
+/// [`Domain::check_row_set`]).
+async fn integrity_checks(
+    domain: std::sync::Weak<Domain>,
+    every: Duration,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = closing.changed() => return,
+        }
+        let Some(domain) = domain.upgrade() else {
+            return;
+        };
+        domain.check_row_set().await;
+    }
+}
+
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
 }
@@ -232,9 +255,23 @@ impl Server {
             }
         }
         let opening = dir.clone();
-        let (store, keys) = tokio::task::spawn_blocking(move || open_store(&opening))
-            .await
-            .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let (store, keys) = tokio::task::spawn_blocking(move || {
+            let (store, keys) = open_store(&opening)?;
+            // Rows put back, deleted or added without the key: refused
+            // before anything is served (O(rows), read only but for the
+            // revision it agreed at).
+            if let Some(finding) = store.check_row_set()? {
+                return Err(Error::Config(format!(
+                    "the database failed its row set check: {}. Nothing was changed; \
+                     `secretfs server verify --state-dir {}` lists what else is wrong",
+                    finding.what,
+                    opening.path.display()
+                )));
+            }
+            Ok((store, keys))
+        })
+        .await
+        .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
         let trust_domain = trust_domain(&store)?;
         let ca = dir.load_ca()?;
         let provider = tls::provider();
@@ -294,6 +331,7 @@ impl Server {
             server_cert,
             ca_not_after,
             state_dir: opts.state_dir.clone(),
+            integrity_check: opts.integrity_check,
         })
     }
 
@@ -335,6 +373,11 @@ impl Server {
                 })
             },
         );
+        tokio::spawn(integrity_checks(
+            Arc::downgrade(&self.domain),
+            self.integrity_check,
+            self.domain.closing(),
+        ));
         tokio::spawn(expiry_warnings(
             self.server_cert.clone(),
             self.ca_not_after,

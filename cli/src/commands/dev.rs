@@ -150,6 +150,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         health_listen: None,
         max_connections: None,
         client_ca: Vec::new(),
+        integrity_check: std::time::Duration::from_secs(3600),
     })
     .await
     .context("the dev server did not start (is another `secretfs dev` running? try --listen 127.0.0.1:0)")?;

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use secretfs_server::store::Store;
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
@@ -154,6 +153,7 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
                 client_ca: a.client_ca,
                 health_listen: a.health_listen,
                 max_connections: a.max_connections,
+                integrity_check: std::time::Duration::from_secs(a.integrity_check_secs),
             })
             .await
             .context("the server did not start")?;
@@ -166,30 +166,74 @@ pub async fn run(cmd: ServerCmd, format: Format) -> Result<()> {
     }
 }
 
-/// `server verify`: every bad row, and exit 1 when there is any.
+/// `server verify`: every bad row and the row set's finding, and exit 1
+/// when there is any; with `--accept`, the rows as they are taken as the
+/// row set (asked first on a terminal).
 async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
     let dir = StateDir::new(&a.state_dir);
     let database = absolute(&dir.database());
-    let bad = tokio::task::spawn_blocking(move || -> Result<_> {
-        let (store, _keys) = secretfs_server::state_dir::open_store(&dir)?;
-        Ok(store.verify_rows()?)
-    })
-    .await??;
+    let checking = dir.clone();
+    let found = tokio::task::spawn_blocking(move || secretfs_server::row_review::verify(&checking))
+        .await??;
+    let (set, bad): (Vec<_>, Vec<_>) = found
+        .into_iter()
+        .partition(|r| r.table == secretfs_server::store::integrity::ROW_SET);
+    let set = set.into_iter().next();
+    if a.accept {
+        if crate::confirm::wanted(a.yes) {
+            let what = match &set {
+                Some(f) => f.what.clone(),
+                None => "the row set agrees with the rows".to_owned(),
+            };
+            crate::confirm::ask(&format!(
+                "{what}. Take the rows of {} as they are now as the row set (bad rows stay bad)?",
+                database.display()
+            ))?;
+        }
+        let revision =
+            tokio::task::spawn_blocking(move || secretfs_server::row_review::accept(&dir))
+                .await??;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "database": database, "accepted": true, "revision": revision,
+                    "bad_rows": bad,
+                }))?
+            ),
+            Format::Text => println!(
+                "the rows of {} as they are at revision {revision} are now the row set (audited as integrity.accept)",
+                database.display()
+            ),
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "{} bad row{} remain (`secretfs server verify` lists them): accepting the row set does not make a row good",
+            bad.len(),
+            if bad.len() == 1 { "" } else { "s" }
+        );
+    }
     match format {
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&json!({
-                "database": database, "clean": bad.is_empty(), "bad_rows": bad,
+                "database": database, "clean": bad.is_empty() && set.is_none(),
+                "bad_rows": bad, "row_set": set.as_ref().map(|f| &f.what),
             }))?
         ),
-        Format::Text if bad.is_empty() => {
-            println!("every authenticated row of {} is good", database.display())
+        Format::Text if bad.is_empty() && set.is_none() => {
+            println!("every authenticated row of {} is good, and no row was put back, deleted or added without the key", database.display())
         }
         Format::Text => {
-            for row in &bad {
+            for row in bad.iter().chain(&set) {
                 println!("{}", crate::output::printable(&row.to_string()));
             }
         }
+    }
+    if let Some(f) = &set {
+        anyhow::bail!("{} ({})", f.what, database.display());
     }
     if bad.is_empty() {
         return Ok(());

@@ -42,6 +42,12 @@ pub enum Action {
     /// A database row failed its MAC check (edited or added without the
     /// master key) and was treated as absent; actor "store".
     IntegrityBadRow,
+    /// The row set did not agree with the rows (put back, deleted or added
+    /// without the master key) while the server ran; actor "store".
+    IntegritySetMismatch,
+    /// An operator took the rows as they are as the row set
+    /// (`server verify --accept`); actor "local:verify".
+    IntegrityAccept,
 }
 
 impl Action {
@@ -74,6 +80,8 @@ impl Action {
             Action::MountRefused => "mount.refused",
             Action::TlsRefused => "tls.refused",
             Action::IntegrityBadRow => "integrity.bad_row",
+            Action::IntegritySetMismatch => "integrity.set_mismatch",
+            Action::IntegrityAccept => "integrity.accept",
         }
     }
 

@@ -62,6 +62,8 @@ pub struct Domain {
     renew_budget: RenewBudget,
     /// Store calls in flight, at most what the store says is useful.
     calls: Semaphore,
+    /// The row set finding last reported, so one mismatch is audited once.
+    row_set_reported: std::sync::Mutex<Option<crate::store::BadRow>>,
 }
 
 /// What the server was configured with.
@@ -96,6 +98,7 @@ impl Domain {
             report_budget: Default::default(),
             handshake_budget: Default::default(),
             renew_budget: Default::default(),
+            row_set_reported: Default::default(),
         };
         (Arc::new(domain), thread)
     }
@@ -203,6 +206,38 @@ impl Domain {
             .collect();
         if let Err(e) = self.audit.append(entries).await {
             tracing::error!(error = %e, "could not audit bad rows");
+        }
+    }
+
+    /// Checks the row set against every protected row (O(rows), off the
+    /// async threads). A mismatch (rows put back, deleted or added without
+    /// the key) is logged at error level and audited as
+    /// `integrity.set_mismatch` once per finding; serving goes on, since
+    /// every row still answers for itself (its MAC).
+    pub async fn check_row_set(self: &Arc<Self>) {
+        let found = match self.run(|d| Ok(d.store.check_row_set()?)).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "could not check the row set");
+                return;
+            }
+        };
+        let new = {
+            let mut last = self
+                .row_set_reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let new = found.is_some() && *last != found;
+            *last = found.clone();
+            new
+        };
+        let Some(finding) = found.filter(|_| new) else {
+            return;
+        };
+        tracing::error!("the database failed its row set check: {}", finding.what);
+        let entry = Action::IntegritySetMismatch.refused("store", finding.what.clone());
+        if let Err(e) = self.audit.append(vec![entry]).await {
+            tracing::error!(error = %e, "could not audit the row set mismatch");
         }
     }
 

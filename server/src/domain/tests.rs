@@ -66,6 +66,8 @@ impl Store for Tampering {
         take_bad_rows(&self) -> Vec<BadRow>;
         verify_rows(&self) -> Result<Vec<BadRow>>;
         reseal_rows(&self, limit: usize) -> Result<usize>;
+        check_row_set(&self) -> Result<Option<BadRow>>;
+        accept_row_set(&self, audit: &AuditEntry) -> Result<u64>;
     }
 
     fn read_sealed(

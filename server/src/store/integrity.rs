@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::keys::{Keys, MacInput};
+use crate::keys::{Keys, MacInput, MacKey, MAC_LEN};
 
 pub const CLIENTS: &str = "clients";
 pub const CLIENT_CERTS: &str = "client_certs";
@@ -121,6 +121,126 @@ pub fn secret(r: &SecretRow<'_>) -> MacInput {
 
 pub fn meta(key: &str, value: &[u8]) -> MacInput {
     MacInput::new(META).str(key).bytes(value)
+}
+
+/// The finding's table name when the row set digest does not match
+/// (rows put back, deleted or added without the key): not one row.
+pub const ROW_SET: &str = "row_set";
+
+/// What the sealed row set record is bound to (secret ids start at 1).
+pub const ROW_SET_BINDING: crate::envelope::Binding<'static> = crate::envelope::Binding {
+    secret_id: 0,
+    name: "secretfs row set",
+    version: 0,
+};
+
+/// A `mac` column's value as stored, whatever its type: what a row
+/// contributes to the row set.
+#[derive(Clone, Copy, Debug)]
+pub enum StoredMac<'a> {
+    Null,
+    Blob(&'a [u8]),
+    Text(&'a [u8]),
+    Integer(i64),
+    Real(f64),
+}
+
+/// One row's share of the row set digest: HMAC under the row set key over
+/// the row's kind and its MAC as stored. A row's MAC covers its identity
+/// and columns, so two good rows never share one; the digest is the XOR
+/// of every share, so a write moves it by the shares of the rows it
+/// removes and adds.
+pub fn row_set_h(key: &MacKey, kind: &str, mac: StoredMac<'_>) -> [u8; MAC_LEN] {
+    let input = MacInput::new(ROW_SET).str(kind);
+    let input = match mac {
+        StoredMac::Null => input.u64(0),
+        StoredMac::Blob(b) => input.u64(1).bytes(b),
+        StoredMac::Text(b) => input.u64(2).bytes(b),
+        StoredMac::Integer(v) => input.u64(3).i64(v),
+        StoredMac::Real(v) => input.u64(4).u64(v.to_bits()),
+    };
+    key.tag(&input)
+}
+
+pub fn xor_into(acc: &mut [u8; MAC_LEN], h: &[u8; MAC_LEN]) {
+    for (a, b) in acc.iter_mut().zip(h) {
+        *a ^= b;
+    }
+}
+
+/// The sealed row set record: the digest over every protected row, the
+/// key epoch whose row set key made it, the revision it was last written
+/// at and the revision at which a full recomputation last agreed with it.
+/// Sealed (AES-GCM under the master key): whoever reads the database
+/// never sees the digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowSetRecord {
+    pub epoch: u32,
+    pub written_at: u64,
+    pub checked_at: u64,
+    pub digest: [u8; MAC_LEN],
+}
+
+const ROW_SET_FORMAT: u8 = 1;
+const ROW_SET_LEN: usize = 1 + 4 + 8 + 8 + MAC_LEN;
+
+impl RowSetRecord {
+    pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, crate::error::Error> {
+        let mut plain = Vec::with_capacity(ROW_SET_LEN);
+        plain.push(ROW_SET_FORMAT);
+        plain.extend_from_slice(&self.epoch.to_be_bytes());
+        plain.extend_from_slice(&self.written_at.to_be_bytes());
+        plain.extend_from_slice(&self.checked_at.to_be_bytes());
+        plain.extend_from_slice(&self.digest);
+        let sealed = keys.current.master().seal(ROW_SET_BINDING, &plain)?;
+        Ok([sealed.wrapped_key, sealed.ciphertext].concat())
+    }
+
+    /// The record, if it opens under a key this server holds.
+    pub fn open(keys: &Keys, blob: &[u8]) -> Option<RowSetRecord> {
+        let at = crate::keys::KEY_CHECK_WRAPPED;
+        if blob.len() < at {
+            return None;
+        }
+        let sealed = crate::envelope::Sealed {
+            wrapped_key: blob[..at].to_vec(),
+            ciphertext: blob[at..].to_vec(),
+        };
+        let plain = keys.open(ROW_SET_BINDING, &sealed).ok()?;
+        let p = plain.as_bytes();
+        if p.len() != ROW_SET_LEN || p[0] != ROW_SET_FORMAT {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_be_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+        Some(RowSetRecord {
+            epoch: u32::from_be_bytes(p[1..5].try_into().expect("4 bytes")),
+            written_at: u64_at(5),
+            checked_at: u64_at(13),
+            digest: p[21..].try_into().expect("32 bytes"),
+        })
+    }
+}
+
+/// The finding when the row set does not agree: rows were put back,
+/// deleted or added without the key; which ones cannot be told.
+pub fn row_set_mismatch(checked_at: Option<u64>, why: Option<&str>) -> BadRow {
+    let since = match checked_at {
+        Some(r) => format!("since revision {r}"),
+        None => "at some point".to_owned(),
+    };
+    let why = why.map(|w| format!(" ({w})")).unwrap_or_default();
+    BadRow {
+        table: ROW_SET,
+        key: match checked_at {
+            Some(r) => format!("checked_at={r}"),
+            None => "record".to_owned(),
+        },
+        what: format!(
+            "rows were put back, deleted or added without the key {since}{why}; which ones \
+             cannot be told: restore from a backup, or after review accept the current rows \
+             with `secretfs server verify --accept`"
+        ),
+    }
 }
 
 /// A row whose MAC failed (or is missing): named by table and key, never

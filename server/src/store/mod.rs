@@ -529,6 +529,19 @@ pub trait Store: Send + Sync + 'static {
     /// row is under the current key). Rows good under neither are left
     /// alone (`verify_rows` lists them).
     fn reseal_rows(&self, limit: usize) -> Result<usize>;
+    // The row set (stream "replay"): a sealed digest over every protected
+    // row, kept by every write in its transaction, so a row put back
+    // (replayed with its old MAC), deleted or added without the key is
+    // detected; `verify_rows` lists a mismatch as a row of table
+    // `integrity::ROW_SET`.
+    /// Recomputes the row set (O(rows)) and compares; when it agrees,
+    /// records the revision it was checked at. `Some`: the finding.
+    fn check_row_set(&self) -> Result<Option<BadRow>>;
+    /// Takes the rows as they are as the row set (an operator's decision
+    /// after reviewing a mismatch), with `audit` (the store adds the
+    /// revision to its detail) in the same transaction; returns the
+    /// revision.
+    fn accept_row_set(&self, audit: &AuditEntry) -> Result<u64>;
 }
 
 pub fn now_ms() -> i64 {

@@ -25,7 +25,12 @@ pub(super) struct Connections {
     /// Writers waiting for the connection: while there are any, a writer
     /// leaves the transaction open for them instead of committing.
     waiting: AtomicUsize,
+    /// Run at the end of every write job, in its transaction, in order
+    /// (the row set: see `row_set::flush`).
+    after_job: Vec<AfterJob>,
 }
+
+pub(super) type AfterJob = Box<dyn Fn(&Connection) -> Result<()> + Send + Sync>;
 
 #[derive(Default)]
 struct GroupCommit {
@@ -52,7 +57,22 @@ impl Connections {
             group: Mutex::new(GroupCommit::default()),
             committed: Condvar::new(),
             waiting: AtomicUsize::new(0),
+            after_job: Vec::new(),
         }
+    }
+
+    /// Adds a step every write job ends with, in the job's transaction.
+    pub(super) fn after_job(&mut self, f: AfterJob) {
+        self.after_job.push(f);
+    }
+
+    /// A job, then the after-job steps, on the writer connection.
+    fn job<T>(&self, conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let out = f(conn)?;
+        for after in &self.after_job {
+            after(conn)?;
+        }
+        Ok(out)
     }
 
     pub(super) fn writer(&self) -> MutexGuard<'_, Connection> {
@@ -83,7 +103,7 @@ impl Connections {
         if self.readers.is_empty() {
             let mut conn = self.writer();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let out = f(&tx)?;
+            let out = self.job(&tx, f)?;
             tx.commit()?;
             return Ok(out);
         }
@@ -99,7 +119,7 @@ impl Connections {
             g.epoch
         };
         conn.execute_batch("SAVEPOINT job")?;
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&conn)));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.job(&conn, f)));
         let keep = matches!(out, Ok(Ok(_)));
         let closed = if keep {
             conn.execute_batch("RELEASE job")

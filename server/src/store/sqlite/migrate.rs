@@ -9,17 +9,24 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_schema.sql"),
     include_str!("migrations/0002_revision.sql"),
     include_str!("migrations/0003_revoked_certs.sql"),
-    include_str!("migrations/0004_row_macs.sql"),
+    ROW_MACS,
+    ROW_SET,
 ];
 
-/// The migration that adds row MACs: the rows already there are adopted
+/// The step that adds row MACs: the rows already there are adopted
 /// (MAC'd) in its own transaction, and only there (see `macs::adopt`).
-const ROW_MACS: usize = 4;
+pub(super) const ROW_MACS: &str = include_str!("migrations/0004_row_macs.sql");
+/// The step that adds the row set: its digest is computed over the rows
+/// already there in its own transaction, and only there (see
+/// `row_set::start`).
+pub(super) const ROW_SET: &str = include_str!("migrations/0007_row_set.sql");
 
-/// `adopt` runs in the transaction of migration [`ROW_MACS`], after its SQL.
+/// Runs the steps not yet run; `after_step` runs in each step's
+/// transaction, after its SQL (a step that needs the keys), told which
+/// step by its SQL.
 pub(super) fn migrate(
     conn: &mut Connection,
-    adopt: &dyn Fn(&Connection) -> Result<()>,
+    after_step: &mut dyn FnMut(&str, &Connection) -> Result<()>,
 ) -> Result<()> {
     let current = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
     if current > MIGRATIONS.len() {
@@ -31,9 +38,7 @@ pub(super) fn migrate(
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql)?;
-        if i + 1 == ROW_MACS {
-            adopt(&tx)?;
-        }
+        after_step(sql, &tx)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }

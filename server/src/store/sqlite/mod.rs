@@ -7,6 +7,8 @@
 //! - `macs`: row MACs (`store::integrity`): signing, the table walks of
 //!   `verify_rows` and `reseal_rows`, and the adoption of an upgraded
 //!   database.
+//! - `row_set`: the sealed digest over every protected row (replayed,
+//!   deleted or added rows), kept by every write job and checked whole.
 
 mod audit;
 mod clients;
@@ -14,6 +16,7 @@ mod commit;
 mod groups;
 mod macs;
 mod migrate;
+mod row_set;
 mod rows;
 mod secrets;
 
@@ -109,10 +112,17 @@ impl SqliteStore {
     /// edit rows as someone without the master key would).
     #[cfg(test)]
     pub(crate) fn execute_raw(&self, sql: &str) {
-        self.db.writer().execute_batch(sql).unwrap()
+        let conn = self.db.writer();
+        conn.execute_batch(sql).unwrap();
+        // What the edit did is not the server's own change.
+        row_set::forget_pending(&conn);
     }
 
-    fn with(db: Connections, keys: Arc<KeyRing>) -> Self {
+    fn with(mut db: Connections, keys: Arc<KeyRing>) -> Self {
+        // Every write job ends by folding the rows it changed into the
+        // row set.
+        let ring = keys.clone();
+        db.after_job(Box::new(move |tx| row_set::flush(tx, &ring.get())));
         SqliteStore {
             db,
             feed: Arc::new(LocalFeed::default()),
@@ -147,7 +157,15 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
-        migrate::migrate(&mut conn, &|tx| macs::adopt(tx, &keys.get()))?;
+        migrate::migrate(&mut conn, &mut |sql, tx| {
+            if sql == migrate::ROW_MACS {
+                macs::adopt(tx, &keys.get())?;
+            } else if sql == migrate::ROW_SET {
+                row_set::start(tx, &keys.get())?;
+            }
+            Ok(())
+        })?;
+        row_set::setup_writer(&conn)?;
         Ok(conn)
     }
 }
@@ -430,12 +448,52 @@ impl Store for SqliteStore {
 
     fn verify_rows(&self) -> Result<Vec<BadRow>> {
         let keys = self.keys.get();
-        self.db.read(|tx| macs::verify(tx, &keys))
+        self.db.read(|tx| {
+            let mut bad = macs::verify(tx, &keys)?;
+            if let Err(finding) = row_set::check(tx, &keys)? {
+                bad.push(finding);
+            }
+            Ok(bad)
+        })
     }
 
     fn reseal_rows(&self, limit: usize) -> Result<usize> {
         let keys = self.keys.get();
-        self.db.write(|tx| macs::reseal(tx, &keys, limit))
+        self.db.write(|tx| {
+            let done = macs::reseal(tx, &keys, limit)?;
+            if done == 0 && keys.previous.is_some() {
+                row_set::move_to_current(tx, &keys)?;
+            }
+            Ok(done)
+        })
+    }
+
+    fn check_row_set(&self) -> Result<Option<BadRow>> {
+        let keys = self.keys.get();
+        let (found, at) = self
+            .db
+            .read(|tx| Ok((row_set::check(tx, &keys)?, audit::revision(tx)?)))?;
+        match found {
+            Ok(_) => {
+                self.db.write(|tx| row_set::stamp(tx, &keys, at))?;
+                Ok(None)
+            }
+            Err(finding) => Ok(Some(finding)),
+        }
+    }
+
+    fn accept_row_set(&self, audit: &AuditEntry) -> Result<u64> {
+        let keys = self.keys.get();
+        self.db.write(|tx| {
+            let at = row_set::sign_all(tx, &keys)?;
+            audit::insert(
+                tx,
+                &audit.with_detail(&format!(
+                    "the rows as they are at revision {at} accepted as the row set"
+                )),
+            )?;
+            Ok(at)
+        })
     }
 }
 
@@ -464,6 +522,16 @@ mod tests {
                 .unwrap(),
             )
         });
+    }
+
+    #[test]
+    fn replayed_rows_are_detected() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        conformance::replayed_rows_are_detected(&s, &|sql| s.execute_raw(sql));
+        let dir = tempfile::tempdir().unwrap();
+        let s =
+            SqliteStore::open(&dir.path().join("db"), true, KeyRing::generate().unwrap()).unwrap();
+        conformance::replayed_rows_are_detected(&s, &|sql| s.execute_raw(sql));
     }
 
     #[test]
@@ -533,16 +601,16 @@ mod tests {
         assert_eq!(s.get_meta("trust_domain").unwrap(), Some(b"t".to_vec()));
 
         // A MAC NULLed (or the marker deleted) is never signed again.
-        s.db.writer()
-            .execute_batch(
-                "UPDATE clients SET mac = NULL, admin = 1;
-                 DELETE FROM meta WHERE key = 'rows_authenticated';",
-            )
-            .unwrap();
+        s.execute_raw(
+            "UPDATE clients SET mac = NULL, admin = 1;
+             DELETE FROM meta WHERE key = 'rows_authenticated';",
+        );
         drop(s);
         let s = SqliteStore::open(&path, false, keys.clone()).unwrap();
         let bad = s.verify_rows().unwrap();
-        assert_eq!(bad.len(), 2, "{bad:?}");
+        // The two rows, and the row set (a MAC changed, a row deleted).
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert_eq!(bad[2].table, integrity::ROW_SET);
         assert!(s.authenticate("app", "ab").unwrap().client.is_none());
 
         // Nor is one whose schema was put back to before row MACs while
@@ -577,9 +645,7 @@ mod tests {
         let s = SqliteStore::open_in_memory_with(keys.clone()).unwrap();
         conformance::tampered_rows_are_absent(&s, &|sql| s.execute_raw(sql));
         // One row good under no key: left alone, and still listed.
-        s.db.writer()
-            .execute_batch("UPDATE clients SET admin = 1 WHERE name = 'app'")
-            .unwrap();
+        s.execute_raw("UPDATE clients SET admin = 1 WHERE name = 'app'");
         let bad = s.verify_rows().unwrap();
         assert_eq!(bad.len(), 1);
         assert_eq!(
@@ -608,10 +674,50 @@ mod tests {
             moved += n;
         }
         assert!(moved > 10, "{moved}");
-        // Only the new key now: every row but the bad one is good.
-        keys.replace(Keys::new(MasterKey::from_hex(&new).unwrap()));
+        // Only the new key now: every row but the bad one is good, and
+        // the row set moved to the new key's row set key.
+        keys.replace(Keys {
+            current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()),
+            previous: None,
+            retired_audit: Default::default(),
+        });
         assert_eq!(s.verify_rows().unwrap(), bad);
+        assert_eq!(s.check_row_set().unwrap(), None);
         assert!(s.authenticate("other", "serial-new").unwrap().serial_issued);
+    }
+
+    #[test]
+    fn a_rekey_does_not_move_a_row_set_that_disagrees() {
+        use crate::envelope::MasterKey;
+        use crate::keys::{KeySet, Keys};
+        let old = "66".repeat(32);
+        let keys = KeyRing::new(MasterKey::from_hex(&old).unwrap());
+        let s = SqliteStore::open_in_memory_with(keys.clone()).unwrap();
+        conformance::tampered_rows_are_absent(&s, &|sql| s.execute_raw(sql));
+        keys.replace(Keys {
+            current: KeySet::new(2, MasterKey::from_hex(&"77".repeat(32)).unwrap()),
+            previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap())),
+            retired_audit: Default::default(),
+        });
+        // Written during the rekey: under the old row set key still.
+        s.create_group("during", "", &conformance::entry("group.create"))
+            .unwrap();
+        s.execute_raw("DELETE FROM group_clients");
+        while s.reseal_rows(5).map(|n| n > 0).unwrap_or(false) {}
+        let err = s.reseal_rows(5).unwrap_err().to_string();
+        assert!(
+            err.contains("the rekey cannot finish") && err.contains("--accept"),
+            "{err}"
+        );
+        s.accept_row_set(&conformance::entry("integrity.accept"))
+            .unwrap();
+        assert_eq!(s.reseal_rows(5).unwrap(), 0);
+        keys.replace(Keys {
+            current: KeySet::new(2, MasterKey::from_hex(&"77".repeat(32)).unwrap()),
+            previous: None,
+            retired_audit: Default::default(),
+        });
+        assert_eq!(s.check_row_set().unwrap(), None);
     }
 
     #[test]

@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn the_descendant_check_uses_the_name_index() {
         let mut conn = Connection::open_in_memory().unwrap();
-        super::super::migrate::migrate(&mut conn, &|_| Ok(())).unwrap();
+        super::super::migrate::migrate(&mut conn, &mut |_, _| Ok(())).unwrap();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {DESCENDANT}"))
             .unwrap()
