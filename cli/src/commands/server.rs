@@ -210,9 +210,9 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
             return Ok(());
         }
         anyhow::bail!(
-            "{} bad row{} remain (`secretfs server verify` lists them): accepting the row set does not make a row good",
-            bad.len(),
-            if bad.len() == 1 { "" } else { "s" }
+            "the row set was accepted, but bad rows remain ({}; `secretfs server verify` lists them): \
+             accepting the row set does not make a row good; restore the database from a backup",
+            bad.len()
         );
     }
     match format {
@@ -232,18 +232,22 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
             }
         }
     }
-    if let Some(f) = &set {
-        anyhow::bail!("{} ({})", f.what, database.display());
-    }
+    let set_text = set
+        .as_ref()
+        .map(|f| format!("{} ({})", f.what, database.display()));
     if bad.is_empty() {
-        return Ok(());
+        return match set_text {
+            Some(text) => Err(anyhow::anyhow!(text)),
+            None => Ok(()),
+        };
     }
     anyhow::bail!(
         "{} bad row{} in {}: added or edited without the master key, so the server treats {} as absent (not served, no access granted). \
-         Restore the database from a backup taken before the edit, and find out who could write it",
+         Restore the database from a backup taken before the edit, and find out who could write it{}",
         bad.len(),
         if bad.len() == 1 { "" } else { "s" },
         database.display(),
-        if bad.len() == 1 { "it" } else { "them" }
+        if bad.len() == 1 { "it" } else { "them" },
+        set_text.map(|t| format!(". Also: {t}")).unwrap_or_default()
     )
 }

@@ -743,3 +743,31 @@ async fn a_bad_row_is_absent_logged_and_audited_once() {
         bad[0].detail
     );
 }
+
+#[tokio::test]
+async fn a_row_set_mismatch_is_audited_once_and_serving_goes_on() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    f.domain.check_row_set().await;
+    assert!(f.audit(Action::IntegritySetMismatch).is_empty(), "clean");
+    // A grant row deleted behind the server's back: no bad row, but the
+    // row set no longer agrees.
+    f.store.inner.execute_raw("DELETE FROM group_secrets");
+    for _ in 0..3 {
+        f.domain.check_row_set().await;
+    }
+    let found = f.audit(Action::IntegritySetMismatch);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].actor, "store");
+    assert!(!found[0].allowed);
+    assert!(
+        found[0]
+            .detail
+            .contains("put back, deleted or added without the key"),
+        "{}",
+        found[0].detail
+    );
+    // Still serving (every row answers for itself).
+    assert!(f.domain.my_secrets(&f.web).await.unwrap().is_empty());
+    assert!(f.audit(Action::IntegrityBadRow).is_empty());
+}

@@ -3,7 +3,9 @@
 //! server started again). Every edit of a protected column or table must
 //! be detected: not served, logged, audited and listed by `secretfs server
 //! verify`. Deleting a grant only takes access away; a database made
-//! before row MACs is adopted and serves as before.
+//! before row MACs is adopted and serves as before. A row put back with
+//! its old MAC (replay), deleted or added changes the row set: the server
+//! refuses to start until an operator accepts the rows after review.
 
 use std::path::Path;
 
@@ -28,6 +30,40 @@ fn edit_db(db: &Path, sql: &str) {
         "editing the database failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// What the server and `server verify` say when the row set does not agree.
+const PUT_BACK: &str = "rows were put back, deleted or added without the key";
+
+/// `server run` on the stopped server's state: must refuse to start,
+/// naming the row set.
+fn start_refused(s: &TestServer) -> Run {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "run", "--state-dir"])
+        .arg(&s.state)
+        .args(["--listen", "127.0.0.1:0"]);
+    let run = run_cmd(cmd, None).fails(1, PUT_BACK);
+    assert!(run.stderr.contains("Nothing was changed"), "{}", run.stderr);
+    assert!(run.stderr.contains("--accept"), "{}", run.stderr);
+    run
+}
+
+/// `server verify --accept --yes` (the server stopped).
+fn accept(s: &TestServer) -> Run {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "verify", "--accept", "--yes"])
+        .env("SECRETFS_STATE_DIR", &s.state);
+    run_cmd(cmd, None)
+}
+
+/// `server verify -o json`: (exit code, the row set's finding).
+fn verify_set(s: &TestServer) -> (i32, Option<String>) {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "verify", "-o", "json"])
+        .env("SECRETFS_STATE_DIR", &s.state);
+    let run = run_cmd(cmd, None);
+    let set = run.json()["row_set"].as_str().map(str::to_owned);
+    (run.code, set)
 }
 
 /// `server verify` beside the server, as JSON: (exit code, bad rows as
@@ -172,6 +208,11 @@ fn every_protected_column_edited_without_the_key_is_detected() {
         ),
     );
     let _ = h2;
+    // Rows were added: the row set no longer agrees, and the server will
+    // not start until the operator takes the rows as they are; the bad
+    // rows stay bad.
+    start_refused(&s);
+    accept(&s).fails(1, "bad rows remain");
     s.restart_on("127.0.0.1:0");
 
     // clients.admin: the client is unknown, so certainly no admin.
@@ -294,12 +335,131 @@ fn deleting_a_grant_only_takes_access_away() {
         &s.db(),
         &format!("DELETE FROM group_secrets WHERE secret_id = {db}"),
     );
+    // No bad row, but a change made without the key: the row set says so
+    // (a deletion cannot be told from a replay or an addition).
+    let (code, bad, stderr) = verify(&s);
+    assert_eq!((code, bad.len()), (1, 0), "{bad:?} {stderr}");
+    assert!(stderr.contains(PUT_BACK), "{stderr}");
+    start_refused(&s);
+    accept(&s).ok();
     s.restart_on("127.0.0.1:0");
     s.cli_as(&app, &["read", "db"], None).fails(1, "db");
     assert_eq!(s.cli_as(&app, &["read", "other"], None).ok().stdout, "two");
     let (code, bad, stderr) = verify(&s);
     assert_eq!((code, bad.len()), (0, 0), "{bad:?} {stderr}");
     assert!(s.audit_events("integrity.bad_row", &[]).is_empty());
+    assert_eq!(s.audit_events("integrity.accept", &[]).len(), 1);
+}
+
+/// Copies `table`'s rows matching `filter` into `copy` (an old copy of the
+/// database, kept by someone who can write it).
+fn keep_copy(s: &TestServer, table: &str, copy: &str, filter: &str) {
+    edit_db(
+        &s.db(),
+        &format!("CREATE TABLE {copy} AS SELECT * FROM {table} WHERE {filter}"),
+    );
+}
+
+#[test]
+fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
+    let (mut s, app) = TestServer::start_for_app(&[("db", "one")]);
+    keep_copy(&s, "secrets", "saved_s", "name = 'db'");
+    s.cli_in(&["secret", "rotate", "db"], b"two").ok();
+    let app_id = id_of(&s, "clients", "app");
+    keep_copy(
+        &s,
+        "group_clients",
+        "saved_gc",
+        &format!("client_id = {app_id}"),
+    );
+    // The client taken out of its group: it reads nothing.
+    s.cli(&["group", "remove-client", "app", "app"]).ok();
+    s.cli_as(&app, &["read", "db"], None).fails(1, "db");
+    s.stop();
+
+    // The old membership row put back, its old MAC and all: the row is
+    // good by itself, so only the row set tells.
+    edit_db(&s.db(), "INSERT INTO group_clients SELECT * FROM saved_gc");
+    let run = start_refused(&s);
+    assert!(run.stderr.contains("since revision"), "{}", run.stderr);
+    let (code, bad, stderr) = verify(&s);
+    assert_eq!((code, bad.len()), (1, 0), "{bad:?} {stderr}");
+    assert!(
+        stderr.contains(PUT_BACK) && stderr.contains("--accept"),
+        "{stderr}"
+    );
+    let (_, set) = verify_set(&s);
+    assert!(set.unwrap().contains(PUT_BACK));
+    // Accepted after review: the server starts (and, as accepted, the
+    // membership is the operator's now).
+    let accepted = accept(&s).ok();
+    assert!(accepted.stdout.contains("revision"), "{}", accepted.stdout);
+    s.restart_on("127.0.0.1:0");
+    assert_eq!(s.cli_as(&app, &["read", "db"], None).ok().stdout, "two");
+    assert_eq!(verify(&s).0, 0);
+    let events = s.audit_events("integrity.accept", &[]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["actor"], "local:verify");
+    assert!(
+        events[0]["detail"].as_str().unwrap().contains("revision"),
+        "{events:?}"
+    );
+
+    // An old `secrets` row put back over the rotation: version 1 would be
+    // current again.
+    s.stop();
+    edit_db(
+        &s.db(),
+        "UPDATE secrets SET current_version = (SELECT current_version FROM saved_s),
+                version_count = (SELECT version_count FROM saved_s),
+                updated_at = (SELECT updated_at FROM saved_s),
+                mac = (SELECT mac FROM saved_s) WHERE name = 'db'",
+    );
+    start_refused(&s);
+    let (code, bad, stderr) = verify(&s);
+    assert_eq!((code, bad.len()), (1, 0), "{bad:?} {stderr}");
+    accept(&s).ok();
+    s.restart_on("127.0.0.1:0");
+    assert_eq!(verify(&s).0, 0);
+    assert_eq!(s.audit_events("integrity.accept", &[]).len(), 2);
+    // What was accepted is what is served: the operator's decision.
+    assert_eq!(s.cli_as(&app, &["read", "db"], None).ok().stdout, "one");
+}
+
+#[test]
+fn a_running_server_reports_a_row_set_mismatch_once_and_keeps_serving() {
+    let mut s = TestServer::start_with(&["--integrity-check-secs", "1"]);
+    s.add_secret("db", b"one");
+    s.add_secret("other", b"two");
+    let app = s.add_client("app");
+    s.grant("g", &["app"], &["db", "other"]);
+    let db = id_of(&s, "secrets", "db");
+    edit_db(
+        &s.db(),
+        &format!("DELETE FROM group_secrets WHERE secret_id = {db}"),
+    );
+    let found = eventually(std::time::Duration::from_secs(30), || {
+        !s.audit_events("integrity.set_mismatch", &[]).is_empty()
+    });
+    assert!(found, "no integrity.set_mismatch audited\n{}", s.log());
+    // Checked again (every second here): still audited once.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let events = s.audit_events("integrity.set_mismatch", &[]);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["actor"], "store");
+    assert_eq!(events[0]["allowed"], false);
+    assert!(events[0]["detail"].as_str().unwrap().contains(PUT_BACK));
+    assert!(
+        s.log()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains(PUT_BACK)),
+        "{}",
+        s.log()
+    );
+    // Serving goes on.
+    assert_eq!(s.cli_as(&app, &["read", "other"], None).ok().stdout, "two");
+    s.stop();
+    start_refused(&s);
 }
 
 #[test]
@@ -336,6 +496,7 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
          ALTER TABLE group_secrets DROP COLUMN mac;
          ALTER TABLE secrets DROP COLUMN mac;
          ALTER TABLE meta DROP COLUMN mac;
+         DROP TABLE row_set;
          PRAGMA user_version = 3;",
     );
     s.restart_on("127.0.0.1:0");
@@ -351,6 +512,9 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
     // start, not signed again.
     s.stop();
     edit_db(&s.db(), "UPDATE secrets SET mac = NULL");
+    // A MAC changed: the row set no longer agrees either.
+    start_refused(&s);
+    accept(&s).fails(1, "bad rows remain");
     s.restart_on("127.0.0.1:0");
     s.cli_as(&app, &["read", "db"], None).fails(1, "db");
     assert_eq!(verify(&s).0, 1);
