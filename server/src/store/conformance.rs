@@ -8,8 +8,11 @@ use super::*;
 /// Makes a fresh, empty store.
 pub type Make<'a> = &'a dyn Fn() -> Box<dyn Store>;
 
+/// One conformance test, by name.
+type Test = (&'static str, fn(&dyn Store));
+
 pub fn run(make: Make<'_>) {
-    let tests: [(&str, fn(&dyn Store)); 12] = [
+    let tests: [Test; 12] = [
         ("secret_lifecycle", secret_lifecycle),
         ("access_through_groups", access_through_groups),
         ("listing_clients_and_groups", listing_clients_and_groups),

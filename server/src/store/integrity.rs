@@ -21,6 +21,13 @@
 //! nobody, since a pinned client's certificate must also be recorded under
 //! its own id), `revision` (a counter) and `audit` (its own chain).
 //! A future `token_bindings` table gets its own kind ([`TOKEN_BINDINGS`]).
+//!
+//! A MAC proves a row was written with the key, not that it is still
+//! current: an old copy put back passes. The row set ([`row_set_h`],
+//! [`RowSetRecord`]) closes that: a sealed digest over every protected
+//! row's MAC, moved by each write and compared whole with the rows, so a
+//! row put back, deleted or added without the key is a finding
+//! ([`ROW_SET`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};

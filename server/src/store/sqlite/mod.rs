@@ -720,6 +720,29 @@ mod tests {
         assert_eq!(s.check_row_set().unwrap(), None);
     }
 
+    /// What the start's check costs: `cargo test -p secretfs-server --lib
+    /// row_set_check_cost -- --ignored --nocapture` (a measurement, not a
+    /// test: nothing timed is asserted).
+    #[test]
+    #[ignore = "a measurement; run by hand"]
+    fn row_set_check_cost_on_100k_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let s =
+            SqliteStore::open(&dir.path().join("db"), true, KeyRing::generate().unwrap()).unwrap();
+        s.execute_raw(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000)
+             INSERT INTO clients (name, admin, enabled, pinned, created_at, mac)
+             SELECT 'c' || i, 0, 1, 0, 0, randomblob(32) FROM n",
+        );
+        s.accept_row_set(&conformance::entry("integrity.accept"))
+            .unwrap();
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            assert_eq!(s.check_row_set().unwrap(), None);
+            eprintln!("check_row_set over 100,000 rows: {:?}", started.elapsed());
+        }
+    }
+
     #[test]
     fn concurrent_writes_share_commits() {
         let dir = tempfile::tempdir().unwrap();
