@@ -232,7 +232,7 @@ pub struct RunArgs {
     pub address_file: Option<PathBuf>,
     /// Seconds between checks of the row set while running (default one
     /// hour); for tests.
-    #[arg(long, hide = true, default_value_t = 3600,
+    #[arg(long, hide = true, default_value_t = 3600, env = "SECRETFS_INTEGRITY_CHECK_SECS",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub integrity_check_secs: u64,
 }
