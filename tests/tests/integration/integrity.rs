@@ -501,7 +501,8 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
     );
     s.restart_on("127.0.0.1:0");
     assert!(
-        s.log().contains("signed once under the master key"),
+        s.log().contains("signed once under the master key")
+            && s.log().contains("taken as they are, once"),
         "{}",
         s.log()
     );

@@ -636,6 +636,44 @@ mod tests {
     }
 
     #[test]
+    fn a_database_made_before_the_row_set_gets_one_once_under_its_own_key() {
+        use crate::envelope::MasterKey;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let hex = "88".repeat(32);
+        pre_mac_database(&path, &MasterKey::from_hex(&hex).unwrap());
+        let keys = KeyRing::new(MasterKey::from_hex(&hex).unwrap());
+        drop(SqliteStore::open(&path, false, keys.clone()).unwrap());
+        // What a database of the schema before the row set looks like.
+        let before = (migrate::MIGRATIONS.iter())
+            .position(|m| *m == migrate::ROW_SET)
+            .unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "DROP TABLE row_set; PRAGMA user_version = {before};"
+        ))
+        .unwrap();
+        drop(conn);
+        // Under another key: refused, nothing changed.
+        let err = SqliteStore::open(&path, false, KeyRing::generate().unwrap()).unwrap_err();
+        assert!(matches!(err, StoreError::KeyMismatch), "{err:?}");
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, before);
+        // Under its key: the rows as they are, and from then on kept.
+        let s = SqliteStore::open(&path, false, keys.clone()).unwrap();
+        assert_eq!(s.verify_rows().unwrap(), vec![]);
+        s.execute_raw("DELETE FROM group_clients");
+        assert_eq!(s.verify_rows().unwrap()[0].table, integrity::ROW_SET);
+        drop(s);
+        // Never computed again: reopening keeps the finding.
+        let s = SqliteStore::open(&path, false, keys).unwrap();
+        assert!(s.check_row_set().unwrap().is_some());
+    }
+
+    #[test]
     fn reseal_moves_rows_to_the_new_key_in_batches() {
         use crate::envelope::MasterKey;
         use crate::keys::{KeySet, Keys};
