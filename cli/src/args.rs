@@ -86,6 +86,8 @@ pub enum Command {
 
 /// Every command but `mount`.
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum OtherCommand {
     /// Create or run the server.
     #[command(display_order = 0)]
@@ -139,6 +141,26 @@ pub enum ServerSub {
     /// is re-wrapped (content is not re-encrypted); a restart resumes it.
     /// Connects as an admin, like the other admin commands.
     Rekey(RekeyArgs),
+    /// Check every authenticated row of the database against the master key
+    /// (read beside a running server); exit 1 and list them if any is bad.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The state directory `server run` uses.
+    #[arg(long, env = "SECRETFS_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// After review, take the rows as they are now as the row set (when
+    /// rows were put back, deleted or added without the key); the server
+    /// must be stopped. Bad rows stay bad. Audited as integrity.accept.
+    #[arg(long)]
+    pub accept: bool,
+    /// With --accept: do not ask for confirmation (for scripts; without a terminal on stdin nothing is asked anyway).
+    #[arg(long, short = 'y', requires = "accept")]
+    pub yes: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 /// Which master key provider (see the operator guide).
@@ -320,6 +342,11 @@ pub struct RunArgs {
         env = "SECRETFS_AUDIT_LOG_KEEP"
     )]
     pub audit_log_keep: u32,
+    /// Seconds between checks of the row set while running (default one
+    /// hour); for tests.
+    #[arg(long, hide = true, default_value_t = 3600, env = "SECRETFS_INTEGRITY_CHECK_SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub integrity_check_secs: u64,
 }
 
 #[derive(Debug, Args)]

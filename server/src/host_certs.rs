@@ -119,14 +119,25 @@ pub fn admin_cert_with(
             store.add_client_cert(c.id, name, &issued.serial, issued.not_after, &audit)?;
         }
         None => {
-            store.create_client(
+            let created = store.create_client(
                 &NewClient {
                     name: name.to_owned(),
                     admin: true,
                     cert: Some((issued.serial.clone(), issued.not_after)),
                 },
                 &audit,
-            )?;
+            );
+            match created {
+                // Not found, yet there: its row failed its MAC check.
+                Err(StoreError::AlreadyExists { .. }) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the database's row for client \"{name}\" was edited without the master key \
+                         (`secretfs server verify` lists it); restore the database from a backup, \
+                         or pick another --name"
+                    )))
+                }
+                other => other?,
+            };
         }
     }
     drop(store);
@@ -247,6 +258,17 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("not an admin"), "{err}");
+        // An admin row edited without the key is neither renewed nor
+        // replaced.
+        let conn = rusqlite::Connection::open(sd.database()).unwrap();
+        conn.execute("UPDATE clients SET pinned = 0 WHERE name = 'admin'", [])
+            .unwrap();
+        drop(conn);
+        let err = admin_cert(&sd.path, &out, "admin", 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("server verify"), "{err}");
         let err = reissue_server_cert(&sd.path, &[])
             .err()
             .unwrap()

@@ -32,6 +32,9 @@ use crate::error::Error;
 pub const ROW_LABEL: &[u8] = b"secretfs/v1 row mac";
 /// HKDF info for the audit chain key.
 pub const AUDIT_LABEL: &[u8] = b"secretfs/v1 audit chain";
+/// HKDF info for the row set key: the digest over every protected row
+/// (`store::integrity::row_set_h`), a key apart from the row MAC key.
+pub const ROW_SET_LABEL: &[u8] = b"secretfs/v1 row set";
 const HKDF_SALT: &[u8] = b"secretfs/v1 hkdf";
 
 /// Length of every MAC this module makes (HMAC-SHA256).
@@ -156,6 +159,7 @@ pub struct KeySet {
     master: MasterKey,
     rows: MacKey,
     audit: MacKey,
+    row_set: MacKey,
 }
 
 impl fmt::Debug for KeySet {
@@ -170,8 +174,13 @@ impl KeySet {
             epoch,
             rows: MacKey::derive(&master, ROW_LABEL),
             audit: MacKey::derive(&master, AUDIT_LABEL),
+            row_set: MacKey::derive(&master, ROW_SET_LABEL),
             master,
         }
+    }
+    /// The key of the digest over every protected row (replay detection).
+    pub fn row_set(&self) -> &MacKey {
+        &self.row_set
     }
     pub fn epoch(&self) -> u32 {
         self.epoch
@@ -235,6 +244,12 @@ impl Keys {
         std::iter::once(&self.current).chain(self.previous.as_ref())
     }
 
+    /// The key set of `epoch`, if this server holds it (the current or
+    /// the previous one).
+    pub fn set_for(&self, epoch: u32) -> Option<&KeySet> {
+        self.sets().find(|k| k.epoch == epoch)
+    }
+
     /// A row's MAC, under the current key.
     pub fn row_tag(&self, input: &MacInput) -> [u8; MAC_LEN] {
         self.current.rows.tag(input)
@@ -256,6 +271,24 @@ impl Keys {
         }
     }
 }
+
+/// Whether `blob` (the database's master key check: the wrapped data key,
+/// then the ciphertext) opens under `master` to the expected plaintext.
+pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
+    use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
+    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
+    if blob.len() < KEY_CHECK_WRAPPED {
+        return false;
+    }
+    let sealed = Sealed {
+        wrapped_key: blob[..KEY_CHECK_WRAPPED].to_vec(),
+        ciphertext: blob[KEY_CHECK_WRAPPED..].to_vec(),
+    };
+    matches!(master.open(KEY_CHECK, &sealed), Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT)
+}
+
+/// Length of the wrapped data key at the head of the key check.
+pub const KEY_CHECK_WRAPPED: usize = 60;
 
 /// The keys in use, replaced whole when a rekey starts or ends.
 #[derive(Debug)]

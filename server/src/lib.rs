@@ -17,6 +17,9 @@
 //!    own [`store::StoreError`], audit entries passed in, writes that return
 //!    the revision they committed at, a [`store::ChangeFeed`]), the SQLite
 //!    backend, and a conformance suite any backend must pass.
+//!    [`store::integrity`] says what each row's MAC covers: a row edited
+//!    without the master key is absent, and the domain logs and audits it;
+//!    a sealed row set digest catches rows put back, deleted or added.
 //!
 //! Around them:
 //! - [`state_dir`]: what `server init` creates (master key, CA, certificates,
@@ -37,6 +40,7 @@
 //! - `harden`: non-dumpable, memory locked against swap.
 //! - [`host_certs`]: `server admin-cert` (break glass) and `server
 //!   reissue-cert`, made from the state directory's CA without the server.
+//! - [`row_review`]: `server verify` (and `--accept`) without the server.
 //! - [`envelope`]: per-version data keys under the master key (AES-256-GCM).
 //! - [`keys`]: the keys derived from the master key (row MACs, audit chain)
 //!   and the ring the server holds them in, old and new during a rekey.
@@ -67,6 +71,7 @@ pub mod pki;
 mod prop_support;
 pub mod rekey;
 mod report_budget;
+pub mod row_review;
 pub mod server;
 mod service;
 pub mod state_dir;

@@ -479,12 +479,10 @@ impl Rekeyer {
     }
 }
 
-/// HOOK (stream "rows", wired at merge): reseal up to `limit` rows' MACs
-/// under the current row key and return how many were looked at, 0 when
-/// done; i.e. `store.reseal_rows(limit)`. Until row MACs exist there is
-/// nothing to reseal.
-fn reseal_rows(_store: &dyn Store, _limit: usize) -> Result<usize, Error> {
-    Ok(0)
+/// Re-signs up to `limit` rows under the current row key; 0 when every
+/// row is (and then the row set has moved to the new key too).
+fn reseal_rows(store: &dyn Store, limit: usize) -> Result<usize, Error> {
+    Ok(store.reseal_rows(limit)?)
 }
 
 #[cfg(test)]

@@ -58,6 +58,9 @@ pub struct RunOptions {
     pub rekey_pause: Duration,
     /// The external JSON-lines audit sink (`--audit-log`), if any.
     pub audit_log: Option<crate::audit_sink::SinkOptions>,
+    /// How often the row set is checked while running (it is also checked
+    /// at start).
+    pub integrity_check: Duration,
 }
 
 /// A server that has checked its state and bound its port, ready to serve.
@@ -80,6 +83,7 @@ pub struct Server {
     audit_sink: Option<Arc<crate::audit_sink::SinkStatus>>,
     /// Its exporter thread, drained at shutdown.
     audit_sink_thread: Option<std::thread::JoinHandle<()>>,
+    integrity_check: Duration,
 }
 
 /// The audit writer thread and the state directory's lock, released only
@@ -219,6 +223,25 @@ async fn expiry_warnings(
     }
 }
 
+/// Checks the row set every `every` while serving (see
+/// [`Domain::check_row_set`]).
+async fn integrity_checks(
+    domain: std::sync::Weak<Domain>,
+    every: Duration,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = closing.changed() => return,
+        }
+        let Some(domain) = domain.upgrade() else {
+            return;
+        };
+        domain.check_row_set().await;
+    }
+}
+
 fn read(path: &std::path::Path) -> Result<Vec<u8>, Error> {
     std::fs::read(path).map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
 }
@@ -294,10 +317,23 @@ impl Server {
         }
         let opening = dir.clone();
         let key_options = opts.keys.clone();
-        let opened =
-            tokio::task::spawn_blocking(move || open_store_with(&opening, &key_options, true))
-                .await
-                .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let opened = tokio::task::spawn_blocking(move || {
+            let opened = open_store_with(&opening, &key_options, true)?;
+            // Rows put back, deleted or added without the key: refused
+            // before anything is served (O(rows), read only but for the
+            // revision it agreed at).
+            if let Some(finding) = opened.store.check_row_set()? {
+                return Err(Error::Config(format!(
+                    "the database failed its row set check: {}. Nothing was changed; \
+                     `secretfs server verify --state-dir {}` lists what else is wrong",
+                    finding.what,
+                    opening.path.display()
+                )));
+            }
+            Ok::<_, Error>(opened)
+        })
+        .await
+        .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
         let crate::state_dir::Opened {
             store,
             keys,
@@ -390,6 +426,7 @@ impl Server {
             rekey,
             audit_sink,
             audit_sink_thread,
+            integrity_check: opts.integrity_check,
         })
     }
 
@@ -431,6 +468,11 @@ impl Server {
                 })
             },
         );
+        tokio::spawn(integrity_checks(
+            Arc::downgrade(&self.domain),
+            self.integrity_check,
+            self.domain.closing(),
+        ));
         tokio::spawn(expiry_warnings(
             self.server_cert.clone(),
             self.ca_not_after,

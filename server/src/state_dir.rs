@@ -96,7 +96,14 @@ pub fn trust_domain(store: &dyn Store) -> Result<String, Error> {
     store
         .get_meta(META_TRUST_DOMAIN)?
         .and_then(|v| String::from_utf8(v).ok())
-        .ok_or_else(|| Error::Config("the database does not record its trust domain".into()))
+        .ok_or_else(|| {
+            Error::Config(
+                "the database does not record its trust domain, or its record was edited without \
+                 the master key (`secretfs server verify --state-dir DIR` lists bad rows); \
+                 restore the database from a backup"
+                    .into(),
+            )
+        })
 }
 
 #[derive(Clone, Debug)]
@@ -307,7 +314,9 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
 
 /// Loads the master key, opens the database under it and proves the two
 /// belong together: what `server run` and the commands that work on the
-/// state directory beside it (`admin-cert`, `verify`) start from.
+/// state directory beside it (`admin-cert`, `verify`) start from. An
+/// upgrade that adopts the rows of an older database (row MACs) checks the
+/// key itself before it signs anything.
 pub fn open_store(dir: &StateDir) -> Result<(SqliteStore, Arc<KeyRing>), Error> {
     open_store_with(dir, &KeyOptions::default(), false).map(|o| (o.store, o.keys))
 }
@@ -331,7 +340,23 @@ pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Resul
     let mut source = opts.resolve(dir)?;
     let current = source.load(dir)?;
     let keys = KeyRing::new(current.clone_key());
-    let store = SqliteStore::open(&dir.database(), false, keys.clone())?;
+    // Until the rekey state is read, rows a rekey signed under the key it
+    // moves to (its own meta entries among them) must read as good.
+    if let Some(next) = source.load_next(dir)? {
+        keys.replace(crate::keys::Keys {
+            current: crate::keys::KeySet::new(1, current.clone_key()),
+            previous: Some(crate::keys::KeySet::new(2, next)),
+            retired_audit: Default::default(),
+        });
+    }
+    let store = SqliteStore::open(&dir.database(), false, keys.clone()).map_err(|e| match e {
+        crate::store::StoreError::KeyMismatch => Error::Config(format!(
+            "the master key from {} does not match this database (it was made with another key); \
+             put the right key back (from backup) and start again. Nothing was changed",
+            source.describe(dir)
+        )),
+        e => e.into(),
+    })?;
     let (loaded, rekey_in_progress) =
         crate::rekey::keys_at_start(dir, &mut source, &store, current, repair)?;
     keys.replace(loaded);
@@ -343,6 +368,14 @@ pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Resul
     })
 }
 
+fn key_mismatch(key_path: &Path) -> Error {
+    Error::Config(format!(
+        "the master key in {} does not match this database (it was made with another key); \
+         put the right master.key back (from backup) and start again. Nothing was changed",
+        key_path.display()
+    ))
+}
+
 /// Proves the master key is the one this database was made with.
 pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) -> Result<(), Error> {
     let blob = store.get_meta(META_KEY_CHECK)?.ok_or_else(|| {
@@ -351,24 +384,15 @@ pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) ->
                 .into(),
         )
     })?;
-    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
-    const WRAPPED: usize = 60;
-    if blob.len() < WRAPPED {
+    if blob.len() < crate::keys::KEY_CHECK_WRAPPED {
         return Err(Error::Config(
             "the database's master key check is damaged".into(),
         ));
     }
-    let sealed = crate::envelope::Sealed {
-        wrapped_key: blob[..WRAPPED].to_vec(),
-        ciphertext: blob[WRAPPED..].to_vec(),
-    };
-    match key.open(crate::envelope::KEY_CHECK, &sealed) {
-        Ok(p) if p.as_bytes() == crate::envelope::KEY_CHECK_PLAINTEXT => Ok(()),
-        _ => Err(Error::Config(format!(
-            "the master key in {} does not match this database (it was made with another key); \
-             put the right master.key back (from backup) and start again. Nothing was changed",
-            key_path.display()
-        ))),
+    if crate::keys::key_check_opens(key, &blob) {
+        Ok(())
+    } else {
+        Err(key_mismatch(key_path))
     }
 }
 

@@ -154,6 +154,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         rekey_batch: secretfs_server::rekey::DEFAULT_BATCH,
         rekey_pause: std::time::Duration::ZERO,
         audit_log: None,
+        integrity_check: std::time::Duration::from_secs(3600),
     })
     .await
     .context("the dev server did not start (is another `secretfs dev` running? try --listen 127.0.0.1:0)")?;

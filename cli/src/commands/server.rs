@@ -1,4 +1,4 @@
-//! `secretfs server init|run`
+//! `secretfs server init|run|admin-cert|reissue-cert|verify`
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use crate::args::{ConnArgs, Format, RekeyArgs, ServerCmd, ServerSub};
+use crate::args::{ConnArgs, Format, RekeyArgs, ServerCmd, ServerSub, VerifyArgs};
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -196,6 +196,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
             }
             Ok(())
         }
+        ServerSub::Verify(a) => verify(a, format).await,
         ServerSub::ReissueCert(a) => {
             let sans = a.sans.clone();
             let state_dir = a.state_dir.clone();
@@ -244,6 +245,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                     max_size: a.audit_log_max_size,
                     keep: a.audit_log_keep,
                 }),
+                integrity_check: std::time::Duration::from_secs(a.integrity_check_secs),
             })
             .await
             .context("the server did not start")?;
@@ -254,4 +256,94 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
             Ok(())
         }
     }
+}
+
+/// `server verify`: every bad row and the row set's finding, and exit 1
+/// when there is any; with `--accept`, the rows as they are taken as the
+/// row set (asked first on a terminal).
+async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
+    let dir = StateDir::new(&a.state_dir);
+    let database = absolute(&dir.database());
+    let checking = dir.clone();
+    let keys = a.keys.options();
+    let key_options = keys.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        secretfs_server::row_review::verify(&checking, &key_options)
+    })
+    .await??;
+    let (set, bad): (Vec<_>, Vec<_>) = found
+        .into_iter()
+        .partition(|r| r.table == secretfs_server::store::integrity::ROW_SET);
+    let set = set.into_iter().next();
+    if a.accept {
+        if crate::confirm::wanted(a.yes) {
+            let what = match &set {
+                Some(f) => f.what.clone(),
+                None => "the row set agrees with the rows".to_owned(),
+            };
+            crate::confirm::ask(&format!(
+                "{what}. Take the rows of {} as they are now as the row set (bad rows stay bad)?",
+                database.display()
+            ))?;
+        }
+        let revision =
+            tokio::task::spawn_blocking(move || secretfs_server::row_review::accept(&dir, &keys))
+                .await??;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "database": database, "accepted": true, "revision": revision,
+                    "bad_rows": bad,
+                }))?
+            ),
+            Format::Text => println!(
+                "the rows of {} as they are at revision {revision} are now the row set (audited as integrity.accept)",
+                database.display()
+            ),
+        }
+        if bad.is_empty() {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "the row set was accepted, but bad rows remain ({}; `secretfs server verify` lists them): \
+             accepting the row set does not make a row good; restore the database from a backup",
+            bad.len()
+        );
+    }
+    match format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "database": database, "clean": bad.is_empty() && set.is_none(),
+                "bad_rows": bad, "row_set": set.as_ref().map(|f| &f.what),
+            }))?
+        ),
+        Format::Text if bad.is_empty() && set.is_none() => {
+            println!("every authenticated row of {} is good, and no row was put back, deleted or added without the key", database.display())
+        }
+        Format::Text => {
+            for row in bad.iter().chain(&set) {
+                println!("{}", crate::output::printable(&row.to_string()));
+            }
+        }
+    }
+    let set_text = set
+        .as_ref()
+        .map(|f| format!("{} ({})", f.what, database.display()));
+    if bad.is_empty() {
+        return match set_text {
+            Some(text) => Err(anyhow::anyhow!(text)),
+            None => Ok(()),
+        };
+    }
+    anyhow::bail!(
+        "{} bad row{} in {}: added or edited without the master key, so the server treats {} as absent (not served, no access granted). \
+         Restore the database from a backup taken before the edit, and find out who could write it{}",
+        bad.len(),
+        if bad.len() == 1 { "" } else { "s" },
+        database.display(),
+        if bad.len() == 1 { "it" } else { "them" },
+        set_text.map(|t| format!(". Also: {t}")).unwrap_or_default()
+    )
 }

@@ -137,6 +137,15 @@ pub enum Action {
     TlsRefused,
     /// A master key rekey started or completed (stream "keys").
     ServerRekey,
+    /// A database row failed its MAC check (edited or added without the
+    /// master key) and was treated as absent; actor "store".
+    IntegrityBadRow,
+    /// The row set did not agree with the rows (put back, deleted or added
+    /// without the master key) while the server ran; actor "store".
+    IntegritySetMismatch,
+    /// An operator took the rows as they are as the row set
+    /// (`server verify --accept`); actor "local:verify".
+    IntegrityAccept,
 }
 
 impl Action {
@@ -170,6 +179,9 @@ impl Action {
             Action::MountRefused => "mount.refused",
             Action::TlsRefused => "tls.refused",
             Action::ServerRekey => "server.rekey",
+            Action::IntegrityBadRow => "integrity.bad_row",
+            Action::IntegritySetMismatch => "integrity.set_mismatch",
+            Action::IntegrityAccept => "integrity.accept",
         }
     }
 

@@ -65,6 +65,8 @@ pub struct Domain {
     /// The external audit sink, when one is configured (`audit verify`
     /// compares it with the database).
     audit_sink: std::sync::OnceLock<Arc<crate::audit_sink::SinkStatus>>,
+    /// The row set finding last reported, so one mismatch is audited once.
+    row_set_reported: std::sync::Mutex<Option<crate::store::BadRow>>,
 }
 
 /// What the server was configured with.
@@ -100,6 +102,7 @@ impl Domain {
             handshake_budget: Default::default(),
             renew_budget: Default::default(),
             audit_sink: Default::default(),
+            row_set_reported: Default::default(),
         };
         (Arc::new(domain), thread)
     }
@@ -171,12 +174,74 @@ impl Domain {
             .await
             .map_err(|_| Error::Stopped("the server is shutting down"))?;
         let this = self.clone();
-        match tokio::task::spawn_blocking(move || f(&this)).await {
+        let out = match tokio::task::spawn_blocking(move || f(&this)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "a store task failed");
                 Err(Error::Stopped("internal error; see the server log"))
             }
+        };
+        self.report_bad_rows().await;
+        out
+    }
+
+    /// Logs and audits the rows whose MAC failed that the store met (each
+    /// once per process): they were treated as absent.
+    async fn report_bad_rows(&self) {
+        let bad = self.store.take_bad_rows();
+        if bad.is_empty() {
+            return;
+        }
+        let entries = bad
+            .iter()
+            .map(|row| {
+                tracing::error!(
+                    table = row.table,
+                    key = %row.key,
+                    "a database row failed its MAC check and is treated as absent: {}; \
+                     restore the database from a backup (`secretfs server verify` lists every bad row)",
+                    row.what
+                );
+                Action::IntegrityBadRow.refused(
+                    "store",
+                    format!("{row}; not served. Restore the database from a backup (`secretfs server verify` lists every bad row)"),
+                )
+            })
+            .collect();
+        if let Err(e) = self.audit.append(entries).await {
+            tracing::error!(error = %e, "could not audit bad rows");
+        }
+    }
+
+    /// Checks the row set against every protected row (O(rows), off the
+    /// async threads). A mismatch (rows put back, deleted or added without
+    /// the key) is logged at error level and audited as
+    /// `integrity.set_mismatch` once per finding; serving goes on, since
+    /// every row still answers for itself (its MAC).
+    pub async fn check_row_set(self: &Arc<Self>) {
+        let found = match self.run(|d| Ok(d.store.check_row_set()?)).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "could not check the row set");
+                return;
+            }
+        };
+        let new = {
+            let mut last = self
+                .row_set_reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let new = found.is_some() && *last != found;
+            *last = found.clone();
+            new
+        };
+        let Some(finding) = found.filter(|_| new) else {
+            return;
+        };
+        tracing::error!("the database failed its row set check: {}", finding.what);
+        let entry = Action::IntegritySetMismatch.refused("store", finding.what.clone());
+        if let Err(e) = self.audit.append(vec![entry]).await {
+            tracing::error!(error = %e, "could not audit the row set mismatch");
         }
     }
 

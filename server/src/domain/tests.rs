@@ -68,6 +68,11 @@ impl Store for Tampering {
         verify_audit(&self) -> Result<crate::store::audit_chain::AuditVerdict>;
         audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<crate::store::audit_chain::ChainedEntry>>;
         audit_head(&self) -> Result<Option<crate::store::audit_chain::AuditHead>>;
+        take_bad_rows(&self) -> Vec<BadRow>;
+        verify_rows(&self) -> Result<Vec<BadRow>>;
+        reseal_rows(&self, limit: usize) -> Result<usize>;
+        check_row_set(&self) -> Result<Option<BadRow>>;
+        accept_row_set(&self, audit: &AuditEntry) -> Result<u64>;
     }
 
     fn read_sealed(
@@ -705,4 +710,69 @@ fn a_presented_lifetime_is_whole_days_rounded_up_without_the_issue_slack() {
     assert_eq!(presented_days(0, 60), 1, "at least a day");
     assert_eq!(presented_days(100, 0), 1, "even backwards");
     assert_eq!(presented_days(i64::MIN, i64::MAX), u32::MAX);
+}
+
+#[tokio::test]
+async fn a_bad_row_is_absent_logged_and_audited_once() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    f.store
+        .inner
+        .execute_raw("UPDATE secrets SET mode = 511 WHERE name = 'b'");
+    for _ in 0..3 {
+        let mine = f.domain.my_secrets(&f.web).await.unwrap();
+        assert_eq!(
+            mine.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+    }
+    let refused = f
+        .domain
+        .read_secrets(&f.web, vec!["b".into()], None)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(refused, crate::error::Error::PermissionDenied(_)));
+    let bad = f.audit(Action::IntegrityBadRow);
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].actor, "store");
+    assert!(!bad[0].allowed);
+    assert!(
+        bad[0].detail.starts_with("secrets row id="),
+        "{}",
+        bad[0].detail
+    );
+    assert!(
+        bad[0].detail.contains("Restore the database"),
+        "{}",
+        bad[0].detail
+    );
+}
+
+#[tokio::test]
+async fn a_row_set_mismatch_is_audited_once_and_serving_goes_on() {
+    let f = fixture().await;
+    f.granted(&["a", "b"]).await;
+    f.domain.check_row_set().await;
+    assert!(f.audit(Action::IntegritySetMismatch).is_empty(), "clean");
+    // A grant row deleted behind the server's back: no bad row, but the
+    // row set no longer agrees.
+    f.store.inner.execute_raw("DELETE FROM group_secrets");
+    for _ in 0..3 {
+        f.domain.check_row_set().await;
+    }
+    let found = f.audit(Action::IntegritySetMismatch);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].actor, "store");
+    assert!(!found[0].allowed);
+    assert!(
+        found[0]
+            .detail
+            .contains("put back, deleted or added without the key"),
+        "{}",
+        found[0].detail
+    );
+    // Still serving (every row answers for itself).
+    assert!(f.domain.my_secrets(&f.web).await.unwrap().is_empty());
+    assert!(f.audit(Action::IntegrityBadRow).is_empty());
 }

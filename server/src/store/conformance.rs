@@ -8,21 +8,56 @@ use super::*;
 /// Makes a fresh, empty store.
 pub type Make<'a> = &'a dyn Fn() -> Box<dyn Store>;
 
+/// One conformance test, by name.
+type Test = (&'static str, fn(&dyn Store));
+
 pub fn run(make: Make<'_>) {
-    secret_lifecycle(make().as_ref());
-    access_through_groups(make().as_ref());
-    listing_clients_and_groups(make().as_ref());
-    authentication_facts(make().as_ref());
-    audit_is_written_with_changes_and_filtered(make().as_ref());
-    every_change_bumps_the_revision_and_returns_it(make().as_ref());
-    meta_round_trips(make().as_ref());
-    metadata_updates_without_a_version(make().as_ref());
-    rotation_sets_or_clears_the_expiry(make().as_ref());
-    file_and_directory_names_conflict(make().as_ref());
-    audit_filters_by_action_outcome_and_cursor(make().as_ref());
-    removals_record_what_was_removed(make().as_ref());
-    // audit stream (issue 12)
-    every_audit_entry_is_chained_and_the_head_follows(make().as_ref());
+    let tests: [Test; 13] = [
+        ("secret_lifecycle", secret_lifecycle),
+        ("access_through_groups", access_through_groups),
+        ("listing_clients_and_groups", listing_clients_and_groups),
+        ("authentication_facts", authentication_facts),
+        (
+            "audit_is_written_with_changes_and_filtered",
+            audit_is_written_with_changes_and_filtered,
+        ),
+        (
+            "every_change_bumps_the_revision_and_returns_it",
+            every_change_bumps_the_revision_and_returns_it,
+        ),
+        ("meta_round_trips", meta_round_trips),
+        (
+            "metadata_updates_without_a_version",
+            metadata_updates_without_a_version,
+        ),
+        (
+            "rotation_sets_or_clears_the_expiry",
+            rotation_sets_or_clears_the_expiry,
+        ),
+        (
+            "file_and_directory_names_conflict",
+            file_and_directory_names_conflict,
+        ),
+        (
+            "audit_filters_by_action_outcome_and_cursor",
+            audit_filters_by_action_outcome_and_cursor,
+        ),
+        (
+            "removals_record_what_was_removed",
+            removals_record_what_was_removed,
+        ),
+        (
+            "every_audit_entry_is_chained_and_the_head_follows",
+            every_audit_entry_is_chained_and_the_head_follows,
+        ),
+    ];
+    for (name, test) in tests {
+        let s = make();
+        test(s.as_ref());
+        // Every write path kept every row good and the row set right.
+        assert_eq!(s.verify_rows().unwrap(), vec![], "{name}: verify_rows");
+        assert_eq!(s.check_row_set().unwrap(), None, "{name}: check_row_set");
+    }
 }
 
 fn sealed(tag: u8) -> Sealed {
@@ -32,7 +67,7 @@ fn sealed(tag: u8) -> Sealed {
     }
 }
 
-fn entry(action: &str) -> AuditEntry {
+pub fn entry(action: &str) -> AuditEntry {
     AuditEntry {
         actor: "admin".into(),
         action: action.into(),
@@ -1001,6 +1036,571 @@ pub fn concurrent_writes(s: Arc<dyn Store>) {
         assert_eq!(s.list_versions(&format!("t{t}")).unwrap().len(), 51);
     }
     assert_eq!(s.revision().unwrap(), start + 200);
+    // The row set stayed right through shared commits and failed jobs.
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.check_row_set().unwrap(), None);
+}
+
+/// Runs one statement on the store's database behind its back, as someone
+/// who can write the database but has no master key. Plain SQL that
+/// SQLite and PostgreSQL both take.
+pub type RawSql<'a> = &'a dyn Fn(&str);
+
+/// Authenticated rows: every protected column edited and every grant row
+/// added without the key is detected (absent, reported once, listed by
+/// `verify_rows`); putting the value back makes the row good again;
+/// deleting a grant only takes access away; deleting a revocation admits
+/// nobody. `raw` edits the
+/// database of `s`.
+pub fn tampered_rows_are_absent(s: &dyn Store, raw: RawSql<'_>) {
+    let app = client(s, "app");
+    let other = client(s, "other");
+    for g in ["g", "h"] {
+        s.create_group(g, "", &entry("group.create")).unwrap();
+    }
+    let db = add(s, "db");
+    s.rotate_secret("db", 3, None, &entry("secret.rotate"), &mut |_, _| {
+        Ok(sealed(2))
+    })
+    .unwrap();
+    let hidden = add(s, "hidden");
+    for (g, m) in [
+        ("g", Member::Client("app".into())),
+        ("g", Member::Secret("db".into())),
+        ("h", Member::Client("other".into())),
+        ("h", Member::Secret("hidden".into())),
+    ] {
+        s.set_group_member(g, &m, true, &entry("group.add"))
+            .unwrap();
+    }
+    s.put_meta("trust_domain", b"example.org").unwrap();
+    assert_eq!(s.verify_rows().unwrap(), vec![], "a fresh store is clean");
+    assert!(s.take_bad_rows().is_empty());
+
+    let sees = |client: &ClientRecord, name: &str| {
+        s.client_view(client.id)
+            .unwrap()
+            .secrets
+            .iter()
+            .any(|r| r.name == name)
+    };
+    let reads = |client: &ClientRecord, name: &str| {
+        let (found, denied) = s.read_sealed(client.id, &[name.to_owned()]).unwrap();
+        assert_eq!(found.len() + denied.len(), 1);
+        found.len() == 1
+    };
+    assert!(sees(&app, "db") && reads(&app, "db") && !sees(&app, "hidden"));
+
+    let reported = std::cell::RefCell::new(std::collections::HashSet::new());
+    // Edits `sql`, checks what must hold while it stands, undoes it.
+    let tampered = |what: &str, table: &str, sql: &str, undo: &str, check: &dyn Fn()| {
+        raw(sql);
+        check();
+        let bad = s.verify_rows().unwrap();
+        assert!(
+            bad.iter().any(|b| b.table == table),
+            "{what}: verify_rows did not list a bad {table} row: {bad:?}"
+        );
+        // Reported by the reads above, or earlier (once per row).
+        let mut seen = reported.borrow_mut();
+        seen.extend(s.take_bad_rows().into_iter().map(|b| (b.table, b.key)));
+        for b in bad.iter().filter(|b| b.table == table) {
+            assert!(
+                seen.contains(&(b.table, b.key.clone())),
+                "{what}: the reads did not report {b}"
+            );
+        }
+        drop(seen);
+        raw(undo);
+        assert_eq!(s.verify_rows().unwrap(), vec![], "{what}: undone");
+    };
+
+    // clients: every column; a bad row is an unknown client.
+    let unknown = || {
+        let facts = s.authenticate("app", "serial-app").unwrap();
+        assert!(facts.client.is_none() && !facts.serial_issued);
+        assert!(s.get_client("app").is_err());
+        assert!(s.list_clients().unwrap().iter().all(|c| c.name != "app"));
+        assert!(s.get_group("g").unwrap().clients.is_empty());
+    };
+    for (col, edit, undo) in [
+        ("admin", "admin = 1", "admin = 0"),
+        ("enabled", "enabled = 0", "enabled = 1"),
+        ("pinned", "pinned = 0", "pinned = 1"),
+        (
+            "created_at",
+            "created_at = created_at + 1",
+            "created_at = created_at - 1",
+        ),
+    ] {
+        tampered(
+            &format!("clients.{col}"),
+            "clients",
+            &format!("UPDATE clients SET {edit} WHERE name = 'app'"),
+            &format!("UPDATE clients SET {undo} WHERE name = 'app'"),
+            &unknown,
+        );
+    }
+    tampered(
+        "clients.name",
+        "clients",
+        "UPDATE clients SET name = 'app2' WHERE name = 'app'",
+        "UPDATE clients SET name = 'app' WHERE name = 'app2'",
+        &|| {
+            let facts = s.authenticate("app2", "serial-app").unwrap();
+            assert!(facts.client.is_none(), "a renamed client is unknown");
+        },
+    );
+    // A client row added without the key is unknown too.
+    tampered(
+        "clients inserted",
+        "clients",
+        "INSERT INTO clients (name, admin, enabled, pinned, created_at) VALUES ('evil', 1, 1, 0, 0)",
+        "DELETE FROM clients WHERE name = 'evil'",
+        &|| assert!(s.authenticate("evil", "x").unwrap().client.is_none()),
+    );
+
+    // client_certs: a certificate bound without the key does not
+    // authenticate; nor does an edited one.
+    tampered(
+        "client_certs inserted",
+        "client_certs",
+        &format!(
+            "INSERT INTO client_certs (client_id, serial, not_after, issued_at) VALUES ({}, 'stolen', 99, 0)",
+            app.id
+        ),
+        "DELETE FROM client_certs WHERE serial = 'stolen'",
+        &|| {
+            let facts = s.authenticate("app", "stolen").unwrap();
+            assert!(facts.client.is_some() && !facts.serial_issued);
+        },
+    );
+    for (col, edit, undo) in [
+        ("not_after", "not_after = 12345", "not_after = 99"),
+        (
+            "issued_at",
+            "issued_at = issued_at + 1",
+            "issued_at = issued_at - 1",
+        ),
+    ] {
+        tampered(
+            &format!("client_certs.{col}"),
+            "client_certs",
+            &format!("UPDATE client_certs SET {edit} WHERE serial = 'serial-app'"),
+            &format!("UPDATE client_certs SET {undo} WHERE serial = 'serial-app'"),
+            &|| assert!(!s.authenticate("app", "serial-app").unwrap().serial_issued),
+        );
+    }
+    tampered(
+        "client_certs.client_id",
+        "client_certs",
+        &format!(
+            "UPDATE client_certs SET client_id = {} WHERE serial = 'serial-other'",
+            app.id
+        ),
+        &format!(
+            "UPDATE client_certs SET client_id = {} WHERE serial = 'serial-other'",
+            other.id
+        ),
+        &|| assert!(!s.authenticate("app", "serial-other").unwrap().serial_issued),
+    );
+
+    // group_clients / group_secrets: a membership or grant added without
+    // the key grants nothing.
+    let no_hidden = || {
+        assert!(!sees(&app, "hidden") && !reads(&app, "hidden"));
+        assert!(s.read_one_for_client(app.id, hidden.id).unwrap().is_none());
+        assert!(s
+            .client_access("app")
+            .unwrap()
+            .iter()
+            .all(|a| a.secret != "hidden"));
+    };
+    tampered(
+        "group_clients inserted",
+        "group_clients",
+        &format!(
+            "INSERT INTO group_clients (group_id, client_id) VALUES ((SELECT id FROM groups WHERE name = 'h'), {})",
+            app.id
+        ),
+        &format!("DELETE FROM group_clients WHERE client_id = {} AND group_id = (SELECT id FROM groups WHERE name = 'h')", app.id),
+        &|| {
+            no_hidden();
+            assert_eq!(s.get_group("h").unwrap().clients, vec!["other".to_owned()]);
+        },
+    );
+    tampered(
+        "group_secrets inserted",
+        "group_secrets",
+        &format!(
+            "INSERT INTO group_secrets (group_id, secret_id) VALUES ((SELECT id FROM groups WHERE name = 'g'), {})",
+            hidden.id
+        ),
+        &format!("DELETE FROM group_secrets WHERE secret_id = {} AND group_id = (SELECT id FROM groups WHERE name = 'g')", hidden.id),
+        &|| {
+            no_hidden();
+            assert_eq!(s.get_group("g").unwrap().secrets, vec!["db".to_owned()]);
+        },
+    );
+    tampered(
+        "group_clients moved",
+        "group_clients",
+        &format!(
+            "UPDATE group_clients SET group_id = (SELECT id FROM groups WHERE name = 'h') WHERE client_id = {}",
+            app.id
+        ),
+        &format!(
+            "UPDATE group_clients SET group_id = (SELECT id FROM groups WHERE name = 'g') WHERE client_id = {}",
+            app.id
+        ),
+        &no_hidden,
+    );
+
+    // secrets: every column; a bad row is neither served nor listed.
+    let db_gone = || {
+        assert!(!sees(&app, "db") && !reads(&app, "db"));
+        assert!(s.read_one_for_client(app.id, db.id).unwrap().is_none());
+        assert!(s.get_secret("db").is_err());
+        assert!(s.list_secrets().unwrap().iter().all(|r| r.id != db.id));
+        assert!(s.client_access("app").unwrap().is_empty());
+        assert!(s.get_group("g").unwrap().secrets.is_empty());
+    };
+    for (col, edit, undo) in [
+        (
+            "current_version",
+            "current_version = 1",
+            "current_version = 2",
+        ),
+        ("version_count", "version_count = 1", "version_count = 2"),
+        ("mode", "mode = 511", "mode = 0"),
+        ("owner", "owner = 0", "owner = NULL"),
+        ("grp", "grp = 0", "grp = NULL"),
+        ("expires_at", "expires_at = 1", "expires_at = NULL"),
+        ("description", "description = 'x'", "description = ''"),
+        ("labels", "labels = '{\"a\":\"b\"}'", "labels = '{}'"),
+        (
+            "created_at",
+            "created_at = created_at + 1",
+            "created_at = created_at - 1",
+        ),
+        (
+            "updated_at",
+            "updated_at = updated_at + 1",
+            "updated_at = updated_at - 1",
+        ),
+    ] {
+        tampered(
+            &format!("secrets.{col}"),
+            "secrets",
+            &format!("UPDATE secrets SET {edit} WHERE name = 'db'"),
+            &format!("UPDATE secrets SET {undo} WHERE name = 'db'"),
+            &db_gone,
+        );
+    }
+    tampered(
+        "secrets.name",
+        "secrets",
+        "UPDATE secrets SET name = 'db2' WHERE name = 'db'",
+        "UPDATE secrets SET name = 'db' WHERE name = 'db2'",
+        &|| {
+            assert!(!sees(&app, "db2") && !reads(&app, "db2"));
+            assert!(s.get_secret("db2").is_err());
+        },
+    );
+
+    // groups: a renamed group is gone (and so are the paths through it
+    // in what client_access reports).
+    tampered(
+        "groups.name",
+        "groups",
+        "UPDATE groups SET name = 'admins' WHERE name = 'g'",
+        "UPDATE groups SET name = 'g' WHERE name = 'admins'",
+        &|| {
+            assert!(s.get_group("admins").is_err());
+            assert!(s.list_groups().unwrap().iter().all(|g| g.name != "admins"));
+            assert!(s.client_access("app").unwrap().is_empty());
+            assert!(s.get_client("app").unwrap().groups.is_empty());
+        },
+    );
+
+    // meta: an edited trust domain is absent.
+    tampered(
+        "meta.trust_domain",
+        "meta",
+        "UPDATE meta SET value = X'6576696c' WHERE key = 'trust_domain'",
+        "UPDATE meta SET value = X'6578616d706c652e6f7267' WHERE key = 'trust_domain'",
+        &|| assert_eq!(s.get_meta("trust_domain").unwrap(), None),
+    );
+
+    // A bad row is reported once per process, however often it is met.
+    raw("UPDATE secrets SET mode = 511 WHERE name = 'hidden'");
+    assert!(s.get_secret("hidden").is_err());
+    assert_eq!(s.take_bad_rows().len(), 1);
+    assert!(s.get_secret("hidden").is_err());
+    assert!(s.take_bad_rows().is_empty(), "reported again");
+    raw("UPDATE secrets SET mode = 0 WHERE name = 'hidden'");
+
+    // An operator's re-add replaces a membership added without the key.
+    raw(
+        &format!(
+            "INSERT INTO group_clients (group_id, client_id) VALUES ((SELECT id FROM groups WHERE name = 'h'), {})",
+            app.id
+        ),
+    );
+    let added = s
+        .set_group_member(
+            "h",
+            &Member::Client("app".into()),
+            true,
+            &entry("group.add"),
+        )
+        .unwrap();
+    assert!(added.value.changed && sees(&app, "hidden"));
+    // No bad row, but the row added without the key stays a row set
+    // finding (its removal by the server does not make it the server's).
+    assert_eq!(only_row_set(s), 1);
+    s.set_group_member(
+        "h",
+        &Member::Client("app".into()),
+        false,
+        &entry("group.remove"),
+    )
+    .unwrap();
+
+    // Deleting a grant row only takes access away, and leaves no bad row.
+    raw(&format!(
+        "DELETE FROM group_secrets WHERE secret_id = {}",
+        db.id
+    ));
+    assert!(!sees(&app, "db") && !reads(&app, "db"));
+    assert_eq!(only_row_set(s), 1, "a deletion is a row set finding");
+
+    // Deleting a revocation admits nobody: a new client of the removed
+    // one's name does not hold the old serial.
+    s.remove_client("other", &entry("client.remove")).unwrap();
+    assert!(
+        s.authenticate("other", "serial-other")
+            .unwrap()
+            .serial_revoked
+    );
+    raw("DELETE FROM revoked_certs");
+    s.create_client(
+        &NewClient {
+            name: "other".into(),
+            admin: false,
+            cert: Some(("serial-new".into(), 99)),
+        },
+        &entry("client.create"),
+    )
+    .unwrap();
+    let facts = s.authenticate("other", "serial-other").unwrap();
+    assert!(!facts.serial_revoked && !facts.serial_issued, "{facts:?}");
+    assert_eq!(only_row_set(s), 1, "revocations are not in the row set");
+    // After review, the operator takes the rows as they are.
+    s.accept_row_set(&entry("integrity.accept")).unwrap();
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    let _ = s.take_bad_rows();
+}
+
+/// The findings of `verify_rows` when the only one expected is the row
+/// set's (no bad row): how many (0 or 1).
+fn only_row_set(s: &dyn Store) -> usize {
+    let found = s.verify_rows().unwrap();
+    assert!(
+        found.iter().all(|b| b.table == integrity::ROW_SET),
+        "{found:?}"
+    );
+    assert_eq!(s.check_row_set().unwrap(), found.first().cloned());
+    found.len()
+}
+
+/// Replay: an old copy of a row, good MAC and all, put back after the row
+/// was changed or removed (as someone who kept a copy of the database
+/// could) is reported by `verify_rows` as a row set finding, for every
+/// protected table; taking it away again makes the store clean; writes
+/// made meanwhile keep the finding; `accept_row_set` takes the rows as
+/// they are. `raw` edits the database of `s` (the copies are kept in
+/// tables of its own, outside the row set).
+pub fn replayed_rows_are_detected(s: &dyn Store, raw: RawSql<'_>) {
+    let app = client(s, "app");
+    s.create_group("g", "", &entry("group.create")).unwrap();
+    s.create_group("old", "", &entry("group.create")).unwrap();
+    let db = add(s, "db");
+    for m in [Member::Client("app".into()), Member::Secret("db".into())] {
+        s.set_group_member("g", &m, true, &entry("group.add"))
+            .unwrap();
+    }
+    s.put_meta("trust_domain", b"old.example").unwrap();
+    let clean = || {
+        assert_eq!(s.verify_rows().unwrap(), vec![]);
+        assert_eq!(s.check_row_set().unwrap(), None);
+    };
+    clean();
+    let since = s.revision().unwrap();
+    for (table, copy) in [
+        ("group_clients", "saved_gc"),
+        ("group_secrets", "saved_gs"),
+        ("secrets", "saved_s"),
+        ("clients", "saved_c"),
+        ("client_certs", "saved_cc"),
+        ("groups", "saved_g"),
+        ("meta", "saved_m"),
+    ] {
+        raw(&format!("CREATE TABLE {copy} AS SELECT * FROM {table}"));
+    }
+    let replayed = |what: &str| {
+        let found = s.verify_rows().unwrap();
+        assert_eq!(found.len(), 1, "{what}: {found:?}");
+        assert_eq!(found[0].table, integrity::ROW_SET, "{what}: {found:?}");
+        assert!(
+            found[0]
+                .what
+                .contains("put back, deleted or added without the key")
+                && found[0].what.contains("--accept"),
+            "{what}: {}",
+            found[0].what
+        );
+        assert_eq!(
+            s.check_row_set().unwrap().as_ref(),
+            Some(&found[0]),
+            "{what}"
+        );
+        found[0].clone()
+    };
+    let sees_db = || {
+        s.client_view(app.id)
+            .unwrap()
+            .secrets
+            .iter()
+            .any(|r| r.name == "db")
+    };
+
+    // A removed membership put back with its MAC: it would grant again.
+    s.set_group_member(
+        "g",
+        &Member::Client("app".into()),
+        false,
+        &entry("group.remove"),
+    )
+    .unwrap();
+    assert!(!sees_db());
+    raw("INSERT INTO group_clients SELECT * FROM saved_gc");
+    assert!(sees_db(), "the row's own MAC is good: only the set tells");
+    let finding = replayed("group_clients");
+    assert!(
+        finding.what.contains(&format!("since revision {since}")),
+        "{}",
+        finding.what
+    );
+    // Writes meanwhile keep the finding.
+    s.create_group("later", "", &entry("group.create")).unwrap();
+    replayed("group_clients, after a write");
+    raw("DELETE FROM group_clients");
+    s.remove_group("later", &entry("group.remove")).unwrap();
+    clean();
+
+    // A removed grant put back.
+    s.set_group_member(
+        "g",
+        &Member::Client("app".into()),
+        true,
+        &entry("group.add"),
+    )
+    .unwrap();
+    s.set_group_member(
+        "g",
+        &Member::Secret("db".into()),
+        false,
+        &entry("group.remove"),
+    )
+    .unwrap();
+    raw("INSERT INTO group_secrets SELECT * FROM saved_gs");
+    assert!(sees_db());
+    replayed("group_secrets");
+    raw("DELETE FROM group_secrets");
+    clean();
+    s.set_group_member("g", &Member::Secret("db".into()), true, &entry("group.add"))
+        .unwrap();
+
+    // An old `secrets` row put back over a rotation: the old
+    // current_version is served again.
+    s.rotate_secret("db", 3, None, &entry("secret.rotate"), &mut |_, _| {
+        Ok(sealed(2))
+    })
+    .unwrap();
+    raw("CREATE TABLE saved_s2 AS SELECT * FROM secrets");
+    let restore = |from: &str| {
+        raw(&format!(
+            "UPDATE secrets SET current_version = (SELECT current_version FROM {from}),
+                    version_count = (SELECT version_count FROM {from}),
+                    updated_at = (SELECT updated_at FROM {from}),
+                    mac = (SELECT mac FROM {from}) WHERE id = {}",
+            db.id
+        ))
+    };
+    restore("saved_s");
+    assert_eq!(
+        s.get_secret("db").unwrap().current_version,
+        1,
+        "rolled back"
+    );
+    replayed("secrets");
+    restore("saved_s2");
+    clean();
+
+    // A removed client put back with its certificate (and its
+    // revocation deleted): it would authenticate again.
+    s.remove_client("app", &entry("client.remove")).unwrap();
+    raw("DELETE FROM revoked_certs");
+    raw("INSERT INTO clients SELECT * FROM saved_c");
+    raw("INSERT INTO client_certs SELECT * FROM saved_cc");
+    assert!(s.authenticate("app", "serial-app").unwrap().serial_issued);
+    replayed("clients");
+    raw("DELETE FROM client_certs");
+    raw("DELETE FROM clients");
+    clean();
+
+    // A removed group put back.
+    s.remove_group("old", &entry("group.remove")).unwrap();
+    raw("INSERT INTO groups SELECT * FROM saved_g WHERE name = 'old'");
+    assert!(s.get_group("old").is_ok());
+    replayed("groups");
+    raw("DELETE FROM groups WHERE name = 'old'");
+    clean();
+
+    // An old meta value put back.
+    s.put_meta("trust_domain", b"new.example").unwrap();
+    raw("DELETE FROM meta WHERE key = 'trust_domain'");
+    raw("INSERT INTO meta SELECT * FROM saved_m WHERE key = 'trust_domain'");
+    assert_eq!(
+        s.get_meta("trust_domain").unwrap(),
+        Some(b"old.example".to_vec())
+    );
+    replayed("meta");
+
+    // Accepted after review: the rows as they are, audited with the
+    // revision.
+    let at = s.accept_row_set(&entry("integrity.accept")).unwrap();
+    assert_eq!(at, s.revision().unwrap());
+    clean();
+    let accepted = last_audit(s);
+    assert_eq!(accepted.action, "integrity.accept");
+    assert!(
+        accepted.detail.contains(&format!("revision {at}")),
+        "{accepted:?}"
+    );
+
+    // The record itself deleted: a finding, writes go on, accept makes a
+    // new one.
+    raw("DELETE FROM row_set");
+    assert!(replayed("record").what.contains("deleted"));
+    s.create_group("after", "", &entry("group.create")).unwrap();
+    replayed("record, after a write");
+    s.accept_row_set(&entry("integrity.accept")).unwrap();
+    clean();
+    // Edited: a finding too.
+    raw("UPDATE row_set SET sealed = X'00'");
+    assert!(replayed("record edited").what.contains("does not open"));
 }
 
 /// Changes, failed changes and appended entries all land in one unbroken

@@ -59,6 +59,11 @@ pub enum StoreError {
     Missing { path: PathBuf },
     #[error("the database schema is version {found}, newer than this secretfs understands ({known}); run a newer secretfs")]
     NewerSchema { found: u64, known: u64 },
+    /// The master key does not open the database's key check (found where
+    /// the store itself must know, e.g. before it signs an upgraded
+    /// database's rows).
+    #[error("the master key does not match this database (it was made with another key)")]
+    KeyMismatch,
     /// A grouped commit this write was part of failed (the cause is shared
     /// by every write in the group, so it is kept as text).
     #[error("storage error: the commit failed: {0}")]

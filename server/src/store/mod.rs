@@ -15,10 +15,15 @@
 //! - Calls are blocking; async callers run at most [`Store::concurrency`]
 //!   of them at once, off the async threads.
 //! - Committed changes are announced on the store's [`ChangeFeed`].
+//! - Every row that decides access or what is served carries a MAC under
+//!   the row key ([`integrity`]), written in the change's transaction; a
+//!   read treats a row whose MAC fails as absent (never a grant) and
+//!   reports it once ([`Store::take_bad_rows`]).
 
 pub mod audit_chain;
 mod error;
 mod feed;
+pub mod integrity;
 mod sqlite;
 
 #[cfg(test)]
@@ -29,6 +34,7 @@ use std::sync::Arc;
 
 pub use error::{Entity, StoreError};
 pub use feed::{Change, ChangeFeed, LocalFeed};
+pub use integrity::BadRow;
 pub use sqlite::SqliteStore;
 
 use crate::envelope::Sealed;
@@ -531,6 +537,32 @@ pub trait Store: Send + Sync + 'static {
     fn audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<audit_chain::ChainedEntry>>;
     /// The head row, if there is one.
     fn audit_head(&self) -> Result<Option<audit_chain::AuditHead>>;
+    // -- integrity (rows). Every row that decides access or what is served
+    // carries a MAC ([`integrity`]); reads treat a row whose MAC fails as
+    // absent and remember it here, once per row per process.
+    /// The bad rows reads met since the last call, for the caller to log
+    /// and audit.
+    fn take_bad_rows(&self) -> Vec<BadRow>;
+    /// Every bad row of every protected table (read only).
+    fn verify_rows(&self) -> Result<Vec<BadRow>>;
+    /// Re-signs under the current key up to `limit` rows whose MAC is good
+    /// only under the previous one (a rekey); returns how many (0: every
+    /// row is under the current key). Rows good under neither are left
+    /// alone (`verify_rows` lists them).
+    fn reseal_rows(&self, limit: usize) -> Result<usize>;
+    // The row set (stream "replay"): a sealed digest over every protected
+    // row, kept by every write in its transaction, so a row put back
+    // (replayed with its old MAC), deleted or added without the key is
+    // detected; `verify_rows` lists a mismatch as a row of table
+    // `integrity::ROW_SET`.
+    /// Recomputes the row set (O(rows)) and compares; when it agrees,
+    /// records the revision it was checked at. `Some`: the finding.
+    fn check_row_set(&self) -> Result<Option<BadRow>>;
+    /// Takes the rows as they are as the row set (an operator's decision
+    /// after reviewing a mismatch), with `audit` (the store adds the
+    /// revision to its detail) in the same transaction; returns the
+    /// revision.
+    fn accept_row_set(&self, audit: &AuditEntry) -> Result<u64>;
 }
 
 pub fn now_ms() -> i64 {

@@ -17,6 +17,7 @@ mod dev;
 mod dockerfile;
 mod docs;
 mod grpc_conventions;
+mod integrity;
 mod key_providers;
 mod kubernetes;
 mod metadata;

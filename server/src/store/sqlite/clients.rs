@@ -1,68 +1,202 @@
 //! Clients, their certificates, and what they can read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::record_change;
-use super::rows::{self, insert_named};
+use super::macs;
+use super::rows::{self, client_cols, insert_named, secret_cols};
+use crate::store::integrity::{self, Checker};
 use crate::store::*;
 
-const CLIENT_COLUMNS: &str = "c.id, c.name, c.admin, c.enabled, c.pinned, c.created_at, \
-     (SELECT serial FROM client_certs WHERE client_id = c.id ORDER BY issued_at DESC, rowid DESC LIMIT 1), \
-     (SELECT not_after FROM client_certs WHERE client_id = c.id ORDER BY issued_at DESC, rowid DESC LIMIT 1)";
-
-fn client(r: &Row<'_>) -> rusqlite::Result<ClientRecord> {
-    Ok(ClientRecord {
-        id: r.get::<_, i64>(0)? as u64,
-        name: r.get(1)?,
-        admin: r.get(2)?,
-        enabled: r.get(3)?,
-        pinned: r.get(4)?,
-        created_at: r.get(5)?,
-        cert_serial: r.get(6)?,
-        cert_not_after: r.get(7)?,
-        groups: Vec::new(),
-    })
+/// The client's newest good certificate (serial, not after).
+fn newest_cert(tx: &Connection, ck: &Checker<'_>, id: u64) -> Result<Option<(String, i64)>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT serial, not_after, issued_at, mac FROM client_certs WHERE client_id = ?1
+          ORDER BY issued_at DESC, rowid DESC",
+    )?;
+    let mut rows = stmt.query([id as i64])?;
+    while let Some(r) = rows.next()? {
+        let (serial, not_after, issued_at): (String, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let mac: Option<Vec<u8>> = r.get(3)?;
+        if cert_ok(ck, id, &serial, not_after, issued_at, mac.as_deref()) {
+            return Ok(Some((serial, not_after)));
+        }
+    }
+    Ok(None)
 }
 
-pub(super) fn by_name(tx: &Connection, name: &str) -> Result<ClientRecord> {
-    let mut found = tx
-        .prepare_cached(&format!(
-            "SELECT {CLIENT_COLUMNS} FROM clients c WHERE c.name = ?1"
+fn cert_ok(
+    ck: &Checker<'_>,
+    id: u64,
+    serial: &str,
+    not_after: i64,
+    issued_at: i64,
+    mac: Option<&[u8]>,
+) -> bool {
+    ck.ok(
+        integrity::CLIENT_CERTS,
+        || format!("client_id={id} serial={serial}"),
+        &integrity::client_cert(id, serial, not_after, issued_at),
+        mac,
+    )
+}
+
+/// `(client id, group name)` of every good membership of a good group, of
+/// one client or (None) all.
+fn groups_of(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    client: Option<i64>,
+) -> Result<HashMap<i64, Vec<String>>> {
+    macro_rules! memberships {
+        ($where:literal) => {
+            concat!(
+                "SELECT g.id, g.name, g.mac, gc.client_id, gc.mac FROM group_clients gc
+                   JOIN groups g ON g.id = gc.group_id ",
+                $where,
+                " ORDER BY gc.client_id, g.name"
+            )
+        };
+    }
+    // Two statements, so one client's lookup uses the index.
+    let mut stmt;
+    let mut rows = match client {
+        Some(id) => {
+            stmt = tx.prepare_cached(memberships!("WHERE gc.client_id = ?1"))?;
+            stmt.query([id])?
+        }
+        None => {
+            stmt = tx.prepare_cached(memberships!(""))?;
+            stmt.query([])?
+        }
+    };
+    let mut out: HashMap<i64, Vec<String>> = HashMap::new();
+    while let Some(r) = rows.next()? {
+        let cid: i64 = r.get(3)?;
+        let mac: Option<Vec<u8>> = r.get(4)?;
+        let gid = r.get::<_, i64>(0)? as u64;
+        if !rows::group_client_ok(ck, gid, cid as u64, mac.as_deref()) {
+            continue;
+        }
+        if let Some((_, name)) = rows::group_at(r, 0, ck)? {
+            out.entry(cid).or_default().push(name);
+        }
+    }
+    Ok(out)
+}
+
+fn record(c: ClientAuth, created_at: i64) -> ClientRecord {
+    ClientRecord {
+        id: c.id,
+        name: c.name,
+        admin: c.admin,
+        enabled: c.enabled,
+        created_at,
+        pinned: c.pinned,
+        cert_serial: None,
+        cert_not_after: None,
+        groups: Vec::new(),
+    }
+}
+
+/// The client, if its row's MAC is good (a bad row is NotFound), with its
+/// newest good certificate and its good memberships.
+pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
+    let (c, created_at) = tx
+        .prepare_cached(concat!(
+            "SELECT ",
+            client_cols!(),
+            " FROM clients c WHERE c.name = ?1"
         ))?
-        .query_row([name], client)
+        .query_row([name], |r| rows::client_at(r, 0, ck))
         .optional()?
+        .flatten()
         .ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
-    found.groups = rows::names(
-        tx,
-        "SELECT g.name FROM group_clients gc JOIN groups g ON g.id = gc.group_id WHERE gc.client_id = ?1 ORDER BY g.name",
-        found.id as i64,
-    )?;
+    let mut found = record(c, created_at);
+    if let Some((serial, not_after)) = newest_cert(tx, ck, found.id)? {
+        found.cert_serial = Some(serial);
+        found.cert_not_after = Some(not_after);
+    }
+    found.groups = groups_of(tx, ck, Some(found.id as i64))?
+        .remove(&(found.id as i64))
+        .unwrap_or_default();
     Ok(found)
 }
 
-/// Every client, with its groups, in two queries.
-pub(super) fn list(tx: &Connection) -> Result<Vec<ClientRecord>> {
-    let mut groups = rows::grouped(
-        tx,
-        "SELECT gc.client_id, g.name FROM group_clients gc JOIN groups g ON g.id = gc.group_id
-          ORDER BY gc.client_id, g.name",
-    )?;
-    let mut stmt = tx.prepare_cached(&format!(
-        "SELECT {CLIENT_COLUMNS} FROM clients c ORDER BY c.name"
+/// Every client whose row is good, with its groups, in a few queries.
+pub(super) fn list(tx: &Connection, ck: &Checker<'_>) -> Result<Vec<ClientRecord>> {
+    let mut groups = groups_of(tx, ck, None)?;
+    let mut certs: HashMap<i64, (String, i64)> = HashMap::new();
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT client_id, serial, not_after, issued_at, mac FROM client_certs
+              ORDER BY client_id, issued_at DESC, rowid DESC",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let cid: i64 = r.get(0)?;
+            if certs.contains_key(&cid) {
+                continue;
+            }
+            let (serial, not_after, issued_at): (String, i64, i64) =
+                (r.get(1)?, r.get(2)?, r.get(3)?);
+            let mac: Option<Vec<u8>> = r.get(4)?;
+            if cert_ok(
+                ck,
+                cid as u64,
+                &serial,
+                not_after,
+                issued_at,
+                mac.as_deref(),
+            ) {
+                certs.insert(cid, (serial, not_after));
+            }
+        }
+    }
+    let mut stmt = tx.prepare_cached(concat!(
+        "SELECT ",
+        client_cols!(),
+        " FROM clients c ORDER BY c.name"
     ))?;
-    let rows = stmt.query_map([], client)?;
-    rows.map(|r| {
-        let mut c = r?;
-        c.groups = groups.remove(&(c.id as i64)).unwrap_or_default();
-        Ok(c)
-    })
-    .collect()
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let Some((c, created_at)) = rows::client_at(r, 0, ck)? else {
+            continue;
+        };
+        let mut c = record(c, created_at);
+        let id = c.id as i64;
+        if let Some((serial, not_after)) = certs.remove(&id) {
+            c.cert_serial = Some(serial);
+            c.cert_not_after = Some(not_after);
+        }
+        c.groups = groups.remove(&id).unwrap_or_default();
+        out.push(c);
+    }
+    Ok(out)
+}
+
+/// Inserts and signs a certificate row for client `id`.
+fn insert_cert(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    id: i64,
+    serial: &str,
+    not_after: i64,
+    issued_at: i64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO client_certs (client_id, serial, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
+        params![id, serial, not_after, issued_at],
+    )?;
+    macs::sign(tx, ck.keys, &macs::CLIENT_CERTS, tx.last_insert_rowid())
 }
 
 pub(super) fn create(
     tx: &Connection,
+    ck: &Checker<'_>,
     new: &NewClient,
     audit: &AuditEntry,
 ) -> Result<Committed<ClientRecord>> {
@@ -73,21 +207,20 @@ pub(super) fn create(
     );
     insert_named(inserted, Entity::Client, &new.name)?;
     let id = tx.last_insert_rowid();
+    macs::sign(tx, ck.keys, &macs::CLIENTS, id)?;
     if let Some((serial, not_after)) = &new.cert {
-        tx.execute(
-            "INSERT INTO client_certs (client_id, serial, not_after, issued_at) VALUES (?1, ?2, ?3, ?4)",
-            params![id, serial, not_after, now],
-        )?;
+        insert_cert(tx, ck, id, serial, *not_after, now)?;
     }
     let revision = record_change(tx, audit)?;
     Ok(Committed {
-        value: by_name(tx, &new.name)?,
+        value: by_name(tx, ck, &new.name)?,
         revision,
     })
 }
 
 pub(super) fn add_cert(
     tx: &Connection,
+    ck: &Checker<'_>,
     client_id: u64,
     name: &str,
     serial: &str,
@@ -95,38 +228,44 @@ pub(super) fn add_cert(
     audit: &AuditEntry,
 ) -> Result<Committed<ClientRecord>> {
     let id = i64::try_from(client_id).map_err(|_| StoreError::not_found(Entity::Client, name))?;
-    // The client is checked in the insert itself: the same id (not merely
-    // the same name) and still pinned.
-    let added = tx.execute(
-        "INSERT INTO client_certs (client_id, serial, not_after, issued_at) \
-         SELECT id, ?3, ?4, ?5 FROM clients WHERE id = ?1 AND name = ?2 AND pinned = 1",
-        params![id, name, serial, not_after, now_s()],
-    )?;
-    if added == 0 {
-        let exists = tx
-            .query_row(
-                "SELECT 1 FROM clients WHERE id = ?1 AND name = ?2",
-                params![id, name],
-                |_| Ok(()),
-            )
-            .optional()?;
-        return Err(match exists {
-            Some(()) => StoreError::External {
+    // The client is checked in this transaction: the same id (not merely
+    // the same name), a good row, and pinned.
+    let found = tx
+        .prepare_cached(concat!(
+            "SELECT ",
+            client_cols!(),
+            " FROM clients c WHERE c.id = ?1 AND c.name = ?2"
+        ))?
+        .query_row(params![id, name], |r| rows::client_at(r, 0, ck))
+        .optional()?
+        .flatten();
+    match found {
+        None => return Err(StoreError::not_found(Entity::Client, name)),
+        Some((c, _)) if !c.pinned => {
+            return Err(StoreError::External {
                 name: name.to_owned(),
-            },
-            None => StoreError::not_found(Entity::Client, name),
-        });
+            })
+        }
+        Some(_) => {}
     }
+    insert_cert(tx, ck, id, serial, not_after, now_s())?;
     let revision = record_change(tx, audit)?;
     Ok(Committed {
-        value: by_name(tx, name)?,
+        value: by_name(tx, ck, name)?,
         revision,
     })
 }
 
-pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-    let ClientRecord { id, groups, .. } = by_name(tx, name)?;
-    let id = id as i64;
+/// Removes the client, even one whose row is bad (removing only takes
+/// access away); its groups in the detail are the good ones.
+pub(super) fn remove(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    name: &str,
+    audit: &AuditEntry,
+) -> Result<Committed<()>> {
+    let id = rows::id_by_name(tx, Entity::Client, name)?;
+    let groups = groups_of(tx, ck, Some(id))?.remove(&id).unwrap_or_default();
     tx.execute(
         "INSERT OR IGNORE INTO revoked_certs (serial, client, revoked_at) \
          SELECT serial, ?2, ?3 FROM client_certs WHERE client_id = ?1",
@@ -144,35 +283,40 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
     })
 }
 
-pub(super) fn authenticate(tx: &Connection, name: &str, serial: &str) -> Result<AuthLookup> {
+pub(super) fn authenticate(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    name: &str,
+    serial: &str,
+) -> Result<AuthLookup> {
     let serial_revoked = tx
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM revoked_certs WHERE serial = ?1)")?
         .query_row([serial], |r| r.get(0))?;
-    // Runs on every auth cache miss: the client and whether it was issued
-    // this serial in one query, without the groups and certificates a
-    // ClientRecord carries.
-    let found = tx
-        .prepare_cached(
-            "SELECT c.id, c.name, c.admin, c.enabled, c.pinned, \
-             EXISTS (SELECT 1 FROM client_certs WHERE client_id = c.id AND serial = ?2) \
-             FROM clients c WHERE c.name = ?1",
-        )?
-        .query_row(params![name, serial], |r| {
-            Ok((
-                ClientAuth {
-                    id: r.get::<_, i64>(0)? as u64,
-                    name: r.get(1)?,
-                    admin: r.get(2)?,
-                    enabled: r.get(3)?,
-                    pinned: r.get(4)?,
-                },
-                r.get(5)?,
-            ))
-        })
-        .optional()?;
-    let (client, serial_issued) = match found {
-        Some((c, issued)) => (Some(c), issued),
-        None => (None, false),
+    // Runs on every auth cache miss: the client and its certificate of
+    // this serial, each only if its row is good (a bad clients row is an
+    // unknown client; a bad certificate row was never issued).
+    let client = tx
+        .prepare_cached(concat!(
+            "SELECT ",
+            client_cols!(),
+            " FROM clients c WHERE c.name = ?1"
+        ))?
+        .query_row([name], |r| rows::client_at(r, 0, ck))
+        .optional()?
+        .flatten()
+        .map(|(c, _)| c);
+    let serial_issued = match &client {
+        None => false,
+        Some(c) => tx
+            .prepare_cached(
+                "SELECT not_after, issued_at, mac FROM client_certs WHERE client_id = ?1 AND serial = ?2",
+            )?
+            .query_row(params![c.id as i64, serial], |r| {
+                let mac: Option<Vec<u8>> = r.get(2)?;
+                Ok(cert_ok(ck, c.id, serial, r.get(0)?, r.get(1)?, mac.as_deref()))
+            })
+            .optional()?
+            .unwrap_or(false),
     };
     Ok(AuthLookup {
         client,
@@ -181,22 +325,38 @@ pub(super) fn authenticate(tx: &Connection, name: &str, serial: &str) -> Result<
     })
 }
 
-pub(super) fn access(tx: &Connection, client: &str) -> Result<Vec<AccessRecord>> {
-    let cid = rows::id_by_name(tx, Entity::Client, client)?;
-    let mut stmt = tx.prepare_cached(
-        "SELECT s.name, g.name FROM group_clients gc
+/// What the client can read and through which groups: only paths whose
+/// every row (membership, grant, group, secret) is good.
+pub(super) fn access(tx: &Connection, ck: &Checker<'_>, client: &str) -> Result<Vec<AccessRecord>> {
+    let cid = rows::checked_id(tx, ck, Entity::Client, client)?;
+    let mut stmt = tx.prepare_cached(concat!(
+        "SELECT ",
+        secret_cols!(),
+        ", g.id, g.name, g.mac, gs.mac, gc.mac FROM group_clients gc
            JOIN group_secrets gs ON gs.group_id = gc.group_id
            JOIN secrets s ON s.id = gs.secret_id
            JOIN groups g ON g.id = gc.group_id
-          WHERE gc.client_id = ?1 ORDER BY s.name, g.name",
-    )?;
+          WHERE gc.client_id = ?1 ORDER BY s.name, g.name"
+    ))?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let rows = stmt.query_map([cid], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-    })?;
-    for row in rows {
-        let (secret, group) = row?;
-        out.entry(secret).or_default().push(group);
+    let mut rows = stmt.query([cid])?;
+    while let Some(r) = rows.next()? {
+        let gid = r.get::<_, i64>(13)? as u64;
+        let sid = r.get::<_, i64>(0)? as u64;
+        let gs: Option<Vec<u8>> = r.get(16)?;
+        let gc: Option<Vec<u8>> = r.get(17)?;
+        if !rows::group_client_ok(ck, gid, cid as u64, gc.as_deref())
+            || !rows::group_secret_ok(ck, gid, sid, gs.as_deref())
+        {
+            continue;
+        }
+        let Some((_, group)) = rows::group_at(r, 13, ck)? else {
+            continue;
+        };
+        let Some(secret) = rows::secret_at(r, 0, ck)? else {
+            continue;
+        };
+        out.entry(secret.name).or_default().push(group);
     }
     Ok(out
         .into_iter()

@@ -1,71 +1,128 @@
 //! Groups and their members (clients and secrets).
 
+use std::collections::HashMap;
+
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::record_change;
-use super::rows::{self, insert_named};
+use super::rows::{self, client_cols, insert_named};
+use super::{macs, secrets};
+use crate::store::integrity::{self, Checker};
 use crate::store::*;
 
-pub(super) fn by_name(tx: &Connection, name: &str) -> Result<GroupRecord> {
+/// The client names of every good membership of a good client, by group
+/// id, of one group or (None) all.
+fn clients_of(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    group: Option<i64>,
+) -> Result<HashMap<i64, Vec<String>>> {
+    macro_rules! members {
+        ($where:literal) => {
+            concat!(
+                "SELECT ",
+                client_cols!(),
+                ", gc.group_id, gc.mac FROM group_clients gc JOIN clients c ON c.id = gc.client_id ",
+                $where,
+                " ORDER BY gc.group_id, c.name"
+            )
+        };
+    }
+    // Two statements, so one group's lookup uses the index.
+    let mut stmt;
+    let mut rows = match group {
+        Some(id) => {
+            stmt = tx.prepare_cached(members!("WHERE gc.group_id = ?1"))?;
+            stmt.query([id])?
+        }
+        None => {
+            stmt = tx.prepare_cached(members!(""))?;
+            stmt.query([])?
+        }
+    };
+    let mut out: HashMap<i64, Vec<String>> = HashMap::new();
+    while let Some(r) = rows.next()? {
+        let gid: i64 = r.get(7)?;
+        let mac: Option<Vec<u8>> = r.get(8)?;
+        let cid = r.get::<_, i64>(0)? as u64;
+        if !rows::group_client_ok(ck, gid as u64, cid, mac.as_deref()) {
+            continue;
+        }
+        if let Some((c, _)) = rows::client_at(r, 0, ck)? {
+            out.entry(gid).or_default().push(c.name);
+        }
+    }
+    Ok(out)
+}
+
+fn secrets_of(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    group: Option<i64>,
+) -> Result<HashMap<i64, Vec<String>>> {
+    let mut out: HashMap<i64, Vec<String>> = HashMap::new();
+    for (gid, name) in secrets::of_group(tx, ck, group)? {
+        out.entry(gid).or_default().push(name);
+    }
+    Ok(out)
+}
+
+/// The group, if its row's MAC is good (a bad row is NotFound), with its
+/// good members.
+pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<GroupRecord> {
     let (id, description, created_at): (i64, String, i64) = tx
-        .prepare_cached("SELECT id, description, created_at FROM groups WHERE name = ?1")?
-        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .prepare_cached(
+            "SELECT id, name, mac, description, created_at FROM groups WHERE name = ?1",
+        )?
+        .query_row([name], |r| {
+            Ok(rows::group_at(r, 0, ck)?
+                .map(|(id, _)| -> rusqlite::Result<_> { Ok((id as i64, r.get(3)?, r.get(4)?)) }))
+        })
         .optional()?
+        .flatten()
+        .transpose()?
         .ok_or_else(|| StoreError::not_found(Entity::Group, name))?;
     Ok(GroupRecord {
         name: name.to_owned(),
         description,
         created_at,
-        clients: rows::names(
-            tx,
-            "SELECT c.name FROM group_clients gc JOIN clients c ON c.id = gc.client_id WHERE gc.group_id = ?1 ORDER BY c.name",
-            id,
-        )?,
-        secrets: rows::names(
-            tx,
-            "SELECT s.name FROM group_secrets gs JOIN secrets s ON s.id = gs.secret_id WHERE gs.group_id = ?1 ORDER BY s.name",
-            id,
-        )?,
+        clients: clients_of(tx, ck, Some(id))?
+            .remove(&id)
+            .unwrap_or_default(),
+        secrets: secrets_of(tx, ck, Some(id))?
+            .remove(&id)
+            .unwrap_or_default(),
     })
 }
 
-/// Every group with its members, in three queries.
-pub(super) fn list(tx: &Connection) -> Result<Vec<GroupRecord>> {
-    let mut clients = rows::grouped(
-        tx,
-        "SELECT gc.group_id, c.name FROM group_clients gc JOIN clients c ON c.id = gc.client_id
-          ORDER BY gc.group_id, c.name",
+/// Every good group with its good members, in three queries.
+pub(super) fn list(tx: &Connection, ck: &Checker<'_>) -> Result<Vec<GroupRecord>> {
+    let mut clients = clients_of(tx, ck, None)?;
+    let mut secrets = secrets_of(tx, ck, None)?;
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, name, mac, description, created_at FROM groups ORDER BY name",
     )?;
-    let mut secrets = rows::grouped(
-        tx,
-        "SELECT gs.group_id, s.name FROM group_secrets gs JOIN secrets s ON s.id = gs.secret_id
-          ORDER BY gs.group_id, s.name",
-    )?;
-    let mut stmt =
-        tx.prepare_cached("SELECT id, name, description, created_at FROM groups ORDER BY name")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get(2)?,
-            r.get(3)?,
-        ))
-    })?;
-    rows.map(|r| {
-        let (id, name, description, created_at) = r?;
-        Ok(GroupRecord {
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let Some((id, name)) = rows::group_at(r, 0, ck)? else {
+            continue;
+        };
+        let id = id as i64;
+        out.push(GroupRecord {
             name,
-            description,
-            created_at,
+            description: r.get(3)?,
+            created_at: r.get(4)?,
             clients: clients.remove(&id).unwrap_or_default(),
             secrets: secrets.remove(&id).unwrap_or_default(),
-        })
-    })
-    .collect()
+        });
+    }
+    Ok(out)
 }
 
 pub(super) fn create(
     tx: &Connection,
+    ck: &Checker<'_>,
     name: &str,
     description: &str,
     audit: &AuditEntry,
@@ -75,16 +132,35 @@ pub(super) fn create(
         params![name, description, now_s()],
     );
     insert_named(inserted, Entity::Group, name)?;
+    macs::sign(tx, ck.keys, &macs::GROUPS, tx.last_insert_rowid())?;
     let revision = record_change(tx, audit)?;
     Ok(Committed {
-        value: by_name(tx, name)?,
+        value: by_name(tx, ck, name)?,
         revision,
     })
 }
 
-pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-    let held = by_name(tx, name)?;
-    tx.execute("DELETE FROM groups WHERE name = ?1", [name])?;
+/// Removes the group, even one whose row is bad (removing only takes
+/// access away); the detail names its good members.
+pub(super) fn remove(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    name: &str,
+    audit: &AuditEntry,
+) -> Result<Committed<()>> {
+    let id = rows::id_by_name(tx, Entity::Group, name)?;
+    let held = GroupRecord {
+        name: name.to_owned(),
+        description: String::new(),
+        created_at: 0,
+        clients: clients_of(tx, ck, Some(id))?
+            .remove(&id)
+            .unwrap_or_default(),
+        secrets: secrets_of(tx, ck, Some(id))?
+            .remove(&id)
+            .unwrap_or_default(),
+    };
+    tx.execute("DELETE FROM groups WHERE id = ?1", [id])?;
     let list = |what: &str, names: &[String]| match names.len() {
         0 => format!("no {what}s"),
         1 => format!("1 {what} ({})", some_names(names, 20)),
@@ -106,23 +182,63 @@ pub(super) fn remove(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
 /// audit entry says so, and `changed` is false.
 pub(super) fn set_member(
     tx: &Connection,
+    ck: &Checker<'_>,
     group: &str,
     member: &Member,
     add: bool,
     audit: &AuditEntry,
 ) -> Result<Committed<MemberChange>> {
-    let (entity, link, column, name) = match member {
-        Member::Client(name) => (Entity::Client, "group_clients", "client_id", name),
-        Member::Secret(name) => (Entity::Secret, "group_secrets", "secret_id", name),
+    let (entity, table, column, name) = match member {
+        Member::Client(name) => (Entity::Client, &macs::GROUP_CLIENTS, "client_id", name),
+        Member::Secret(name) => (Entity::Secret, &macs::GROUP_SECRETS, "secret_id", name),
     };
-    let gid = rows::id_by_name(tx, Entity::Group, group)?;
-    let id = rows::id_by_name(tx, entity, name)?;
-    let sql = if add {
-        format!("INSERT OR IGNORE INTO {link} (group_id, {column}) VALUES (?1, ?2)")
+    let link = table.name;
+    let changed = if add {
+        // Links are made only between good rows.
+        let gid = rows::checked_id(tx, ck, Entity::Group, group)?;
+        let id = rows::checked_id(tx, ck, entity, name)?;
+        // A row already there that is bad (added without the key) is
+        // replaced by the operator's own.
+        let existing: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                &format!("SELECT mac FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
+                params![gid, id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let input = match member {
+            Member::Client(_) => integrity::group_client(gid as u64, id as u64),
+            Member::Secret(_) => integrity::group_secret(gid as u64, id as u64),
+        };
+        let good = existing
+            .as_ref()
+            .map(|mac| mac.as_deref().is_some_and(|m| ck.keys.row_ok(&input, m)));
+        match good {
+            Some(true) => false,
+            bad_or_none => {
+                if bad_or_none.is_some() {
+                    tx.execute(
+                        &format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
+                        params![gid, id],
+                    )?;
+                }
+                tx.execute(
+                    &format!("INSERT INTO {link} (group_id, {column}, mac) VALUES (?1, ?2, ?3)"),
+                    params![gid, id, &ck.keys.row_tag(&input)[..]],
+                )?;
+                true
+            }
+        }
     } else {
-        format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2")
+        // Taking a member out only removes access: rows are found by name
+        // whatever their MACs.
+        let gid = rows::id_by_name(tx, Entity::Group, group)?;
+        let id = rows::id_by_name(tx, entity, name)?;
+        tx.execute(
+            &format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
+            params![gid, id],
+        )? > 0
     };
-    let changed = tx.execute(&sql, params![gid, id])? > 0;
     let mut entry = audit.clone();
     if !changed {
         entry.detail = "no change".into();
@@ -130,7 +246,7 @@ pub(super) fn set_member(
     let revision = record_change(tx, &entry)?;
     Ok(Committed {
         value: MemberChange {
-            group: by_name(tx, group)?,
+            group: by_name(tx, ck, group)?,
             changed,
         },
         revision,

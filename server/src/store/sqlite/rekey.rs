@@ -10,15 +10,16 @@ use crate::store::{Result, StoreError};
 /// Where the last batch stopped: `secret_id || version`, big-endian.
 pub(crate) const META_CURSOR: &str = "rekey_cursor";
 
-pub(super) fn put_metas(tx: &Connection, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
+/// Sets or deletes several metadata entries, each signed like `put_meta`'s.
+pub(super) fn put_metas(
+    tx: &Connection,
+    keys: &Keys,
+    entries: &[(&str, Option<&[u8]>)],
+) -> Result<()> {
     for (key, value) in entries {
         match value {
-            Some(v) => tx.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                params![key, v],
-            )?,
-            None => tx.execute("DELETE FROM meta WHERE key = ?1", [key])?,
+            Some(v) => super::macs::write_meta(tx, keys, key, v)?,
+            None => drop(tx.execute("DELETE FROM meta WHERE key = ?1", [key])?),
         };
     }
     Ok(())
@@ -88,7 +89,7 @@ pub(super) fn rewrap(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize
     if let Some((id, version, _, _)) = rows.last() {
         let mut c = id.to_be_bytes().to_vec();
         c.extend_from_slice(&version.to_be_bytes());
-        put_metas(tx, &[(META_CURSOR, Some(&c))])?;
+        put_metas(tx, keys, &[(META_CURSOR, Some(&c))])?;
     }
     Ok(rows.len())
 }

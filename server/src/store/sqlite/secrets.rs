@@ -3,14 +3,21 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::{record_change, revision};
-use super::rows::{self, granted_to_client, insert_named, select_sealed, select_secrets};
+use super::macs;
+use super::rows::{
+    self, insert_named, secret_cols, select_granted, select_granted_sealed, select_secrets,
+    SEALED_PATH, VIEW_PATH,
+};
 use crate::envelope::Sealed;
+use crate::store::integrity::Checker;
 use crate::store::*;
 
-pub(super) fn by_name(tx: &Connection, name: &str) -> Result<SecretRecord> {
+/// The secret, if its row's MAC is good (a bad row is NotFound).
+pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<SecretRecord> {
     tx.prepare_cached(select_secrets!("WHERE s.name = ?1"))?
-        .query_row([name], rows::secret)
+        .query_row([name], |r| rows::secret(r, ck))
         .optional()?
+        .flatten()
         .ok_or_else(|| StoreError::not_found(Entity::Secret, name))
 }
 
@@ -59,6 +66,7 @@ const DESCENDANT: &str = "SELECT name FROM secrets WHERE name >= ?1 || '/' AND n
 
 pub(super) fn create(
     tx: &Connection,
+    ck: &Checker<'_>,
     new: &NewSecret,
     audit: &AuditEntry,
     seal: SealFn<'_>,
@@ -88,6 +96,7 @@ pub(super) fn create(
     );
     insert_named(inserted, Entity::Secret, &new.name)?;
     let id = tx.last_insert_rowid();
+    macs::sign(tx, ck.keys, &macs::SECRETS, id)?;
     let sealed = seal(id as u64, 1)?;
     insert_version(tx, id, 1, new.size, &audit.actor, &sealed)?;
     let revision = record_change(
@@ -98,20 +107,21 @@ pub(super) fn create(
         },
     )?;
     Ok(Committed {
-        value: by_name(tx, &new.name)?,
+        value: by_name(tx, ck, &new.name)?,
         revision,
     })
 }
 
 pub(super) fn rotate(
     tx: &Connection,
+    ck: &Checker<'_>,
     name: &str,
     size: u64,
     expires: Option<Option<i64>>,
     audit: &AuditEntry,
     seal: SealFn<'_>,
 ) -> Result<Committed<SecretRecord>> {
-    let current = by_name(tx, name)?;
+    let current = by_name(tx, ck, name)?;
     let version = current.version_count + 1;
     let sealed = seal(current.id, version)?;
     insert_version(tx, current.id as i64, version, size, &audit.actor, &sealed)?;
@@ -125,6 +135,7 @@ pub(super) fn rotate(
           WHERE id = ?1",
     )?
     .execute(params![current.id as i64, version as i64, now, expires_at])?;
+    macs::sign(tx, ck.keys, &macs::SECRETS, current.id as i64)?;
     let mut entry = AuditEntry {
         version: Some(version),
         ..audit.clone()
@@ -144,18 +155,19 @@ pub(super) fn rotate(
     }
     let revision = record_change(tx, &entry)?;
     Ok(Committed {
-        value: by_name(tx, name)?,
+        value: by_name(tx, ck, name)?,
         revision,
     })
 }
 
 pub(super) fn rollback(
     tx: &Connection,
+    ck: &Checker<'_>,
     name: &str,
     version: u64,
     audit: &AuditEntry,
 ) -> Result<Committed<SecretRecord>> {
-    let current = by_name(tx, name)?;
+    let current = by_name(tx, ck, name)?;
     let exists: bool = tx.query_row(
         "SELECT EXISTS (SELECT 1 FROM secret_versions WHERE secret_id = ?1 AND version = ?2)",
         params![current.id as i64, version as i64],
@@ -171,6 +183,7 @@ pub(super) fn rollback(
         "UPDATE secrets SET current_version = ?2, updated_at = ?3 WHERE id = ?1",
         params![current.id as i64, version as i64, now_s()],
     )?;
+    macs::sign(tx, ck.keys, &macs::SECRETS, current.id as i64)?;
     let revision = record_change(
         tx,
         &AuditEntry {
@@ -180,19 +193,20 @@ pub(super) fn rollback(
         },
     )?;
     Ok(Committed {
-        value: by_name(tx, name)?,
+        value: by_name(tx, ck, name)?,
         revision,
     })
 }
 
 pub(super) fn update(
     tx: &Connection,
+    ck: &Checker<'_>,
     name: &str,
     update: &SecretUpdate,
     check: CheckFn<'_>,
     audit: &AuditEntry,
 ) -> Result<Committed<SecretRecord>> {
-    let mut record = by_name(tx, name)?;
+    let mut record = by_name(tx, ck, name)?;
     let changed = update.apply(&mut record);
     check(&record)?;
     if !changed.is_empty() {
@@ -211,6 +225,7 @@ pub(super) fn update(
             record.expires_at,
             now_s()
         ])?;
+        macs::sign(tx, ck.keys, &macs::SECRETS, record.id as i64)?;
     }
     let detail = if changed.is_empty() {
         "no change".to_owned()
@@ -225,7 +240,7 @@ pub(super) fn update(
         },
     )?;
     Ok(Committed {
-        value: by_name(tx, name)?,
+        value: by_name(tx, ck, name)?,
         revision,
     })
 }
@@ -260,14 +275,23 @@ pub(super) fn delete(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
     })
 }
 
-pub(super) fn list(tx: &Connection) -> Result<Vec<SecretRecord>> {
+/// Every secret whose row's MAC is good.
+pub(super) fn list(tx: &Connection, ck: &Checker<'_>) -> Result<Vec<SecretRecord>> {
     let mut stmt = tx.prepare_cached(select_secrets!("ORDER BY s.name"))?;
-    let rows = stmt.query_map([], rows::secret)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let rows = stmt.query_map([], |r| rows::secret(r, ck))?;
+    let mut out = Vec::new();
+    for r in rows {
+        out.extend(r?);
+    }
+    Ok(out)
 }
 
-pub(super) fn versions(tx: &Connection, name: &str) -> Result<Vec<VersionRecord>> {
-    let secret = by_name(tx, name)?;
+pub(super) fn versions(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    name: &str,
+) -> Result<Vec<VersionRecord>> {
+    let secret = by_name(tx, ck, name)?;
     let mut stmt = tx.prepare_cached(
         "SELECT version, created_at, created_by, size FROM secret_versions WHERE secret_id = ?1 ORDER BY version",
     )?;
@@ -284,40 +308,61 @@ pub(super) fn versions(tx: &Connection, name: &str) -> Result<Vec<VersionRecord>
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn readable(tx: &Connection, client_id: u64) -> Result<Vec<SecretRecord>> {
-    let mut stmt = tx.prepare_cached(select_secrets!(
-        "WHERE s.id IN ",
-        granted_to_client!(),
-        " ORDER BY s.name"
-    ))?;
-    let rows = stmt.query_map([client_id as i64], rows::secret)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+/// The secrets client `client_id` may read: each through a path whose
+/// membership rows are good, and only when the secret's own row is good.
+fn readable(tx: &Connection, ck: &Checker<'_>, client_id: u64) -> Result<Vec<SecretRecord>> {
+    let mut stmt = tx.prepare_cached(select_granted!("ORDER BY s.name, gs.group_id"))?;
+    let mut rows = stmt.query([client_id as i64])?;
+    let mut out: Vec<SecretRecord> = Vec::new();
+    // A secret held by several groups comes once per group, in a run.
+    let mut settled: Option<u64> = None;
+    let mut memberships = Default::default();
+    while let Some(r) = rows.next()? {
+        let id = r.get::<_, i64>(0)? as u64;
+        if settled == Some(id) || !rows::path_ok(r, VIEW_PATH, client_id, ck, &mut memberships)? {
+            continue;
+        }
+        settled = Some(id);
+        out.extend(rows::secret(r, ck)?);
+    }
+    Ok(out)
 }
 
-pub(super) fn client_view(tx: &Connection, client_id: u64) -> Result<View> {
+pub(super) fn client_view(tx: &Connection, ck: &Checker<'_>, client_id: u64) -> Result<View> {
     Ok(View {
         revision: revision(tx)?,
-        secrets: readable(tx, client_id)?,
+        secrets: readable(tx, ck, client_id)?,
     })
+}
+
+/// The first good path's sealed secret among `rows`.
+fn first_granted(
+    rows: &mut rusqlite::Rows<'_>,
+    client_id: u64,
+    ck: &Checker<'_>,
+) -> Result<Option<SealedSecret>> {
+    let mut memberships = Default::default();
+    while let Some(r) = rows.next()? {
+        if rows::path_ok(r, SEALED_PATH, client_id, ck, &mut memberships)? {
+            return Ok(rows::sealed_secret(r, ck)?);
+        }
+    }
+    Ok(None)
 }
 
 pub(super) fn read_sealed(
     tx: &Connection,
+    ck: &Checker<'_>,
     client_id: u64,
     names: &[String],
 ) -> Result<(Vec<SealedSecret>, Vec<String>)> {
     // Named reads cost what they ask for, not the client's whole view.
-    let mut stmt = tx.prepare_cached(select_sealed!(
-        "WHERE s.name = ?2 AND s.id IN ",
-        granted_to_client!()
-    ))?;
+    let mut stmt = tx.prepare_cached(select_granted_sealed!("WHERE s.name = ?2"))?;
     let mut out = Vec::with_capacity(names.len());
     let mut denied = Vec::new();
     for n in names {
-        match stmt
-            .query_row(params![client_id as i64, n], rows::sealed_secret)
-            .optional()?
-        {
+        let mut rows = stmt.query(params![client_id as i64, n])?;
+        match first_granted(&mut rows, client_id, ck)? {
             Some(s) => out.push(s),
             None => denied.push(n.clone()),
         }
@@ -327,19 +372,56 @@ pub(super) fn read_sealed(
 
 pub(super) fn read_one_for_client(
     tx: &Connection,
+    ck: &Checker<'_>,
     client_id: u64,
     secret_id: u64,
 ) -> Result<Option<SealedSecret>> {
-    let mut stmt = tx.prepare_cached(select_sealed!(
-        "WHERE s.id = ?2 AND s.id IN ",
-        granted_to_client!()
-    ))?;
-    Ok(stmt
-        .query_row(
-            params![client_id as i64, secret_id as i64],
-            rows::sealed_secret,
-        )
-        .optional()?)
+    let mut stmt = tx.prepare_cached(select_granted_sealed!("WHERE s.id = ?2"))?;
+    let mut rows = stmt.query(params![client_id as i64, secret_id as i64])?;
+    first_granted(&mut rows, client_id, ck)
+}
+
+/// The names of the secrets group `group_id` holds through good rows.
+pub(super) fn of_group(
+    tx: &Connection,
+    ck: &Checker<'_>,
+    group_id: Option<i64>,
+) -> Result<Vec<(i64, String)>> {
+    macro_rules! held {
+        ($where:literal) => {
+            concat!(
+                "SELECT ",
+                secret_cols!(),
+                ", gs.group_id, gs.mac FROM group_secrets gs JOIN secrets s ON s.id = gs.secret_id ",
+                $where,
+                " ORDER BY gs.group_id, s.name"
+            )
+        };
+    }
+    // Two statements, so one group's lookup uses the index.
+    let mut stmt;
+    let mut rows = match group_id {
+        Some(id) => {
+            stmt = tx.prepare_cached(held!("WHERE gs.group_id = ?1"))?;
+            stmt.query([id])?
+        }
+        None => {
+            stmt = tx.prepare_cached(held!(""))?;
+            stmt.query([])?
+        }
+    };
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let gid: i64 = r.get(13)?;
+        let mac: Option<Vec<u8>> = r.get(14)?;
+        let sid = r.get::<_, i64>(0)? as u64;
+        if rows::group_secret_ok(ck, gid as u64, sid, mac.as_deref()) {
+            if let Some(s) = rows::secret_at(r, 0, ck)? {
+                out.push((gid, s.name));
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -349,7 +431,7 @@ mod tests {
     #[test]
     fn the_descendant_check_uses_the_name_index() {
         let mut conn = Connection::open_in_memory().unwrap();
-        super::super::migrate::migrate(&mut conn).unwrap();
+        super::super::migrate::migrate(&mut conn, &mut |_, _| Ok(())).unwrap();
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {DESCENDANT}"))
             .unwrap()

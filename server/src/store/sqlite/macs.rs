@@ -1,0 +1,407 @@
+//! Row MACs in SQLite: signing a row a write just made, and the whole-table
+//! walks (`verify_rows`, `reseal_rows`, the adoption of an upgraded
+//! database). What each MAC covers is `store::integrity`'s.
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use crate::keys::{Keys, MacInput};
+use crate::store::integrity::{self, BadRow, SecretRow, META_ROWS_AUTHENTICATED};
+use crate::store::{Result, StoreError};
+
+/// One protected table: a SELECT of its MAC'd columns followed by `rowid`
+/// and `mac` (a `WHERE` may be appended), and how a row becomes its key
+/// and MAC input (`None`: a row that is not signed).
+pub(super) struct Table {
+    pub name: &'static str,
+    select: &'static str,
+    /// Index of `rowid` in `select`; `mac` follows it.
+    at: usize,
+    input: fn(&Row<'_>) -> rusqlite::Result<Option<Keyed>>,
+}
+
+/// A row's key (for reports) and what its MAC covers.
+type Keyed = (String, MacInput);
+
+pub(super) const CLIENTS: Table = Table {
+    name: integrity::CLIENTS,
+    select: "SELECT id, name, admin, enabled, pinned, created_at, rowid, mac FROM clients",
+    at: 6,
+    input: |r| {
+        let id = r.get::<_, i64>(0)? as u64;
+        Ok(Some((
+            format!("id={id}"),
+            integrity::client(
+                id,
+                &r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ),
+        )))
+    },
+};
+
+pub(super) const CLIENT_CERTS: Table = Table {
+    name: integrity::CLIENT_CERTS,
+    select: "SELECT client_id, serial, not_after, issued_at, rowid, mac FROM client_certs",
+    at: 4,
+    input: |r| {
+        let (client_id, serial) = (r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?);
+        Ok(Some((
+            format!("client_id={client_id} serial={serial}"),
+            integrity::client_cert(client_id, &serial, r.get(2)?, r.get(3)?),
+        )))
+    },
+};
+
+pub(super) const GROUPS: Table = Table {
+    name: integrity::GROUPS,
+    select: "SELECT id, name, rowid, mac FROM groups",
+    at: 2,
+    input: |r| {
+        let id = r.get::<_, i64>(0)? as u64;
+        Ok(Some((
+            format!("id={id}"),
+            integrity::group(id, &r.get::<_, String>(1)?),
+        )))
+    },
+};
+
+pub(super) const GROUP_CLIENTS: Table = Table {
+    name: integrity::GROUP_CLIENTS,
+    select: "SELECT group_id, client_id, rowid, mac FROM group_clients",
+    at: 2,
+    input: |r| {
+        let (g, c) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+        Ok(Some((
+            format!("group_id={g} client_id={c}"),
+            integrity::group_client(g, c),
+        )))
+    },
+};
+
+pub(super) const GROUP_SECRETS: Table = Table {
+    name: integrity::GROUP_SECRETS,
+    select: "SELECT group_id, secret_id, rowid, mac FROM group_secrets",
+    at: 2,
+    input: |r| {
+        let (g, s) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
+        Ok(Some((
+            format!("group_id={g} secret_id={s}"),
+            integrity::group_secret(g, s),
+        )))
+    },
+};
+
+pub(super) const SECRETS: Table = Table {
+    name: integrity::SECRETS,
+    select: "SELECT id, name, description, labels, mode, owner, grp, expires_at, \
+             current_version, version_count, created_at, updated_at, rowid, mac FROM secrets",
+    at: 12,
+    input: |r| {
+        let id = r.get::<_, i64>(0)? as u64;
+        let (name, description, labels): (String, String, String) =
+            (r.get(1)?, r.get(2)?, r.get(3)?);
+        Ok(Some((
+            format!("id={id}"),
+            integrity::secret(&SecretRow {
+                id,
+                name: &name,
+                description: &description,
+                labels: &labels,
+                mode: r.get(4)?,
+                owner: r.get(5)?,
+                grp: r.get(6)?,
+                expires_at: r.get(7)?,
+                current_version: r.get::<_, i64>(8)? as u64,
+                version_count: r.get::<_, i64>(9)? as u64,
+                created_at: r.get(10)?,
+                updated_at: r.get(11)?,
+            }),
+        )))
+    },
+};
+
+pub(super) const META: Table = Table {
+    name: integrity::META,
+    select: "SELECT key, value, rowid, mac FROM meta",
+    at: 2,
+    input: |r| {
+        let key: String = r.get(0)?;
+        if key == integrity::META_UNSIGNED {
+            return Ok(None);
+        }
+        let value = meta_value(r, 1)?;
+        Ok(Some((format!("key={key}"), integrity::meta(&key, &value))))
+    },
+};
+
+pub(super) const TABLES: [&Table; 7] = [
+    &META,
+    &CLIENTS,
+    &CLIENT_CERTS,
+    &GROUPS,
+    &GROUP_CLIENTS,
+    &GROUP_SECRETS,
+    &SECRETS,
+];
+
+/// Sets a metadata entry with its MAC (none for the one unsigned entry,
+/// the master key check): the one place a `meta` row is written.
+pub(super) fn write_meta(tx: &Connection, keys: &Keys, key: &str, value: &[u8]) -> Result<()> {
+    let mac = (key != integrity::META_UNSIGNED)
+        .then(|| keys.row_tag(&integrity::meta(key, value)).to_vec());
+    tx.execute(
+        "INSERT INTO meta (key, value, mac) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, mac = excluded.mac",
+        params![key, value, mac],
+    )?;
+    Ok(())
+}
+
+/// A meta value as bytes, whether stored as a blob or (edited by hand) as
+/// text.
+pub(super) fn meta_value(r: &Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
+    use rusqlite::types::ValueRef;
+    match r.get_ref(i)? {
+        ValueRef::Blob(b) | ValueRef::Text(b) => Ok(b.to_vec()),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            i,
+            "value".into(),
+            other.data_type(),
+        )),
+    }
+}
+
+/// Calls `f(key, input, mac, rowid)` for every signed row of `table` that
+/// `filter` (a `WHERE` clause with `?1`, or "") selects.
+fn scan(
+    tx: &Connection,
+    table: &Table,
+    filter: &str,
+    arg: Option<i64>,
+    mut f: impl FnMut(String, MacInput, Option<Vec<u8>>, i64) -> Result<()>,
+) -> Result<()> {
+    scan_all(tx, table, filter, arg, |row, mac, rowid| match row {
+        Ok(Some((key, input))) => f(key, input, mac, rowid),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// As [`scan`], handing on a row whose columns cannot be read (a value of
+/// the wrong type, put there by hand) as an error instead of stopping.
+fn scan_all(
+    tx: &Connection,
+    table: &Table,
+    filter: &str,
+    arg: Option<i64>,
+    mut f: impl FnMut(rusqlite::Result<Option<(String, MacInput)>>, Option<Vec<u8>>, i64) -> Result<()>,
+) -> Result<()> {
+    let mut stmt = tx.prepare_cached(&format!("{} {filter}", table.select))?;
+    let mut rows = match arg {
+        Some(a) => stmt.query([a])?,
+        None => stmt.query([])?,
+    };
+    while let Some(r) = rows.next()? {
+        let rowid: i64 = r.get(table.at)?;
+        // A mac that is not a blob is as good as none.
+        let mac = r.get::<_, Option<Vec<u8>>>(table.at + 1).unwrap_or(None);
+        f((table.input)(r), mac, rowid)?;
+    }
+    Ok(())
+}
+
+fn set_mac(tx: &Connection, table: &Table, rowid: i64, mac: &[u8]) -> Result<()> {
+    tx.prepare_cached(&format!(
+        "UPDATE {} SET mac = ?1 WHERE rowid = ?2",
+        table.name
+    ))?
+    .execute(params![mac, rowid])?;
+    Ok(())
+}
+
+/// Signs the row of `table` with this `rowid` (one a write of this
+/// transaction just made or checked) under the current key.
+pub(super) fn sign(tx: &Connection, keys: &Keys, table: &Table, rowid: i64) -> Result<()> {
+    let mut found = None;
+    scan(
+        tx,
+        table,
+        "WHERE rowid = ?1",
+        Some(rowid),
+        |_, input, _, _| {
+            found = Some(keys.row_tag(&input));
+            Ok(())
+        },
+    )?;
+    match found {
+        Some(tag) => set_mac(tx, table, rowid, &tag),
+        // The meta row that is not signed.
+        None => Ok(()),
+    }
+}
+
+/// Every row of every protected table whose MAC fails under the current
+/// and the previous key, and a missing adoption marker.
+pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<Vec<BadRow>> {
+    let mut bad = Vec::new();
+    for table in TABLES {
+        scan_all(tx, table, "", None, |row, mac, rowid| {
+            match row {
+                Ok(None) => {}
+                Ok(Some((key, input))) => {
+                    if !mac.as_deref().is_some_and(|m| keys.row_ok(&input, m)) {
+                        bad.push(BadRow {
+                            table: table.name,
+                            key,
+                            what: integrity::what(mac.as_deref()),
+                        });
+                    }
+                }
+                Err(_) => bad.push(BadRow {
+                    table: table.name,
+                    key: format!("rowid={rowid}"),
+                    what: "a column holds a value of the wrong type (the row was edited without \
+                           the master key)"
+                        .into(),
+                }),
+            }
+            Ok(())
+        })?;
+    }
+    let marker: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [META_ROWS_AUTHENTICATED],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if marker.is_none() {
+        bad.push(BadRow {
+            table: integrity::META,
+            key: format!("key={META_ROWS_AUTHENTICATED}"),
+            what: "missing: the record that this database's rows are authenticated was deleted"
+                .into(),
+        });
+    }
+    Ok(bad)
+}
+
+/// Re-signs under the current key up to `limit` rows whose MAC is good only
+/// under the previous key; returns how many.
+pub(super) fn reseal(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize> {
+    let Some(previous) = &keys.previous else {
+        return Ok(0);
+    };
+    let mut done = 0;
+    for table in TABLES {
+        let mut todo = Vec::new();
+        scan(tx, table, "", None, |_, input, mac, rowid| {
+            if done + todo.len() < limit {
+                if let Some(m) = mac.as_deref() {
+                    if !keys.current.rows().verify(&input, m) && previous.rows().verify(&input, m) {
+                        todo.push((rowid, keys.row_tag(&input)));
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for (rowid, tag) in todo {
+            set_mac(tx, table, rowid, &tag)?;
+            done += 1;
+        }
+        if done >= limit {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+/// The adoption: signs every row of a database that had no row MACs, once,
+/// in the transaction of the migration that added them.
+///
+/// Run only by that migration (a database at that schema or later never
+/// adopts again, whatever MACs are NULLed or rows deleted), and refused
+/// when the database already carries a good adoption marker (its schema
+/// was put back to an older version) or when the master key does not
+/// open the database's key check (rows are signed only under the key the
+/// database was made with).
+pub(super) fn adopt(tx: &Connection, keys: &Keys) -> Result<()> {
+    let marker: Option<(Vec<u8>, Option<Vec<u8>>)> = tx
+        .query_row(
+            "SELECT value, mac FROM meta WHERE key = ?1",
+            [META_ROWS_AUTHENTICATED],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((value, Some(mac))) = marker {
+        if keys.row_ok(&integrity::meta(META_ROWS_AUTHENTICATED, &value), &mac) {
+            return Err(StoreError::Backend(
+                "this database's rows were already authenticated, yet its schema is older: \
+                 it was tampered with; restore it from a backup"
+                    .into(),
+            ));
+        }
+    }
+    let mut rows = 0usize;
+    for table in TABLES {
+        scan(tx, table, "", None, |_, _, _, _| {
+            rows += 1;
+            Ok(())
+        })?;
+    }
+    if rows > 0 {
+        let check: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [integrity::META_UNSIGNED],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match check {
+            Some(blob) if crate::keys::key_check_opens(keys.current.master(), &blob) => {}
+            Some(_) => return Err(StoreError::KeyMismatch),
+            None => {
+                return Err(StoreError::Backend(
+                    "the database has rows but no master key check; it was not made by \
+                     `secretfs server init`"
+                        .into(),
+                ))
+            }
+        }
+    }
+    let mut signed = 0usize;
+    for table in TABLES {
+        let mut todo = Vec::new();
+        scan(tx, table, "", None, |_, input, _, rowid| {
+            todo.push((rowid, keys.row_tag(&input)));
+            Ok(())
+        })?;
+        for (rowid, tag) in todo {
+            set_mac(tx, table, rowid, &tag)?;
+            signed += 1;
+        }
+    }
+    put_marker(tx, keys)?;
+    if signed > 0 {
+        tracing::warn!(
+            rows = signed,
+            "authenticated rows: the rows of this database (made before row MACs) were signed \
+             once under the master key; from now on an edit made without the key is detected"
+        );
+    }
+    Ok(())
+}
+
+fn put_marker(tx: &Connection, keys: &Keys) -> Result<()> {
+    let value = b"1";
+    let tag = keys.row_tag(&integrity::meta(META_ROWS_AUTHENTICATED, value));
+    tx.execute(
+        "INSERT INTO meta (key, value, mac) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, mac = excluded.mac",
+        params![META_ROWS_AUTHENTICATED, &value[..], &tag[..]],
+    )?;
+    Ok(())
+}
