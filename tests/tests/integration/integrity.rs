@@ -499,6 +499,9 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
          ALTER TABLE secrets DROP COLUMN mac;
          ALTER TABLE meta DROP COLUMN mac;
          DROP TABLE row_set;
+         ALTER TABLE audit DROP COLUMN epoch;
+         ALTER TABLE audit DROP COLUMN chain;
+         DROP TABLE audit_head;
          PRAGMA user_version = 3;",
     );
     s.restart_on("127.0.0.1:0");
