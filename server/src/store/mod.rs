@@ -563,6 +563,11 @@ pub trait Store: Send + Sync + 'static {
     /// revision to its detail) in the same transaction; returns the
     /// revision.
     fn accept_row_set(&self, audit: &AuditEntry) -> Result<u64>;
+    // -- rekey fixes (stream "fixkeys")
+    /// Every secret version (name, version) whose wrapped data key does
+    /// not open under `key` (read only, O(versions)): what a rekey could
+    /// not move, or what still needs the old key.
+    fn versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>>;
 }
 
 pub fn now_ms() -> i64 {

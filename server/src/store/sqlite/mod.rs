@@ -535,6 +535,10 @@ impl Store for SqliteStore {
         })
     }
 
+    fn versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>> {
+        self.db.read(|tx| rekey::not_opening(tx, key))
+    }
+
     fn check_row_set(&self) -> Result<Option<BadRow>> {
         let keys = self.keys.get();
         let (found, at) = self
