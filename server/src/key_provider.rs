@@ -904,6 +904,80 @@ mod tests {
     }
 
     #[test]
+    fn a_module_named_by_the_descriptor_must_be_one_only_root_can_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let descriptor = Path::new("/state/master-key.json");
+        let why = |p: &Path| {
+            check_module_path(p, descriptor)
+                .map(|()| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        // Root's own files pass (the tests run as root; /bin/sh stands in
+        // for a module, this only checks where it lives).
+        assert_eq!(why(Path::new("/bin/sh")), "");
+        let err = why(Path::new("lib/softhsm2.so"));
+        assert!(
+            err.contains("not an absolute path") && err.contains("--pkcs11-module"),
+            "{err}"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let module = tmp.path().join("evil.so");
+        fs::write(&module, b"").unwrap();
+        fs::set_permissions(&module, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = why(&module);
+        assert!(err.contains("writable by group or others"), "{err}");
+        fs::set_permissions(&module, fs::Permissions::from_mode(0o644)).unwrap();
+        // /tmp above it is world-writable.
+        let err = why(&module);
+        assert!(
+            err.contains("writable by group or others") && err.contains("master-key.json"),
+            "{err}"
+        );
+        let err = why(Path::new("/nonexistent/x.so"));
+        assert!(err.contains("cannot be checked"), "{err}");
+        // Via the descriptor: refused; a flag still overrides.
+        let dir = StateDir::new(tmp.path());
+        KeySource::Pkcs11 {
+            module: module.clone(),
+            token: "t".into(),
+            key: "k".into(),
+            pin_file: None,
+        }
+        .write(&dir)
+        .unwrap();
+        let err = KeyOptions::default().resolve(&dir).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        KeyOptions {
+            pkcs11_module: Some(module),
+            ..Default::default()
+        }
+        .resolve(&dir)
+        .unwrap();
+    }
+
+    #[test]
+    fn a_credential_override_naming_another_than_the_descriptor_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        KeySource::Systemd {
+            credential: "key-2".into(),
+            next_credential: None,
+        }
+        .write(&dir)
+        .unwrap();
+        let with = |c: &str| KeyOptions {
+            credential: Some(c.into()),
+            ..Default::default()
+        };
+        let err = with("key-1").resolve(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("master-key.json") && err.contains("Drop the override"),
+            "{err}"
+        );
+        assert!(with("key-2").resolve(&dir).is_ok());
+    }
+
+    #[test]
     fn credential_names_cannot_leave_the_directory() {
         for bad in ["", "../x", "a/b", ".."] {
             let err = read_credential(bad).unwrap_err().to_string();
