@@ -208,6 +208,11 @@ pub fn repair_at_start(
                 "the database records no rekey, yet a new master key from one is in the state directory",
             )?;
             if let Some(aside) = source.set_aside_next(dir)? {
+                audit_or_log(
+                    store,
+                    "server",
+                    format!("set aside at start: a new master key no recorded rekey uses, kept as {aside}"),
+                );
                 tracing::warn!(
                     "a new master key no recorded rekey uses (a rekey stopped before it began) was put aside as {aside}; \
                      remove it once you are sure no backup of the database needs it"
@@ -227,6 +232,15 @@ pub fn repair_at_start(
             }
             row_set_agrees("the database says the last rekey finished")?;
             source.commit_next(dir)?;
+            audit_or_log(
+                store,
+                "server",
+                format!(
+                    "completed at start: the new master key (epoch {}) is now the key in {}",
+                    keys.current.epoch(),
+                    source.describe(dir)
+                ),
+            );
             tracing::info!(
                 "completed the last step of a finished rekey: the new master key is now the key"
             );
@@ -431,11 +445,14 @@ impl Rekeyer {
         };
         let check = key_check(&next)?;
         let to_bytes = to.to_be_bytes();
-        self.store.put_metas(&[
-            (META_REKEY_TO, Some(&to_bytes)),
-            (META_REKEY_CHECK, Some(&check)),
-            (META_CURSOR, None),
-        ])?;
+        self.store.put_metas_audited(
+            &[
+                (META_REKEY_TO, Some(&to_bytes)),
+                (META_REKEY_CHECK, Some(&check)),
+                (META_CURSOR, None),
+            ],
+            &rekey_entry(actor, format!("started: master key epoch {from} to {to}")),
+        )?;
         let old = KeySet::new(from, keys.current.master().clone_key());
         let retired = load_retired(self.store.as_ref(), &keys)?;
         self.keys.replace(Keys {
@@ -443,7 +460,6 @@ impl Rekeyer {
             previous: Some(old),
             retired_audit: retired,
         });
-        self.audit(actor, format!("started: master key epoch {from} to {to}"));
         state.running = true;
         state.rewrapped = 0;
         state.error = None;
@@ -561,7 +577,18 @@ impl Rekeyer {
             (META_CURSOR, None),
         ];
         entries.extend(sealed.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))));
-        self.store.put_metas(&entries)?;
+        let rewrapped = self.state().rewrapped;
+        self.store.put_metas_audited(
+            &entries,
+            &rekey_entry(
+                "server",
+                format!(
+                    "completed: master key epoch {} to {to} ({rewrapped} versions looked at by this run); \
+                     the old key is no longer needed",
+                    previous.epoch()
+                ),
+            ),
+        )?;
         // The provider's step before the ring lets the old key go: if it
         // fails, the rekey stays in progress (status says so, with the
         // error) and asking again retries this finish; a restart completes
@@ -580,26 +607,25 @@ impl Rekeyer {
             previous: None,
             retired_audit: retired,
         });
-        let rewrapped = self.state().rewrapped;
-        self.audit(
-            "server",
-            format!(
-                "completed: master key epoch {} to {to} ({rewrapped} versions looked at by this run); the old key is no longer needed",
-                previous.epoch()
-            ),
-        );
         tracing::info!(epoch = to, "master key rekey completed");
         Ok(())
     }
 
     fn audit(&self, actor: &str, detail: String) {
-        let entry = crate::store::AuditEntry {
-            detail,
-            ..crate::domain::Action::ServerRekey.by(actor)
-        };
-        if let Err(e) = self.store.append_audit(&[entry]) {
-            tracing::error!(error = %e, "cannot audit the rekey");
-        }
+        audit_or_log(self.store.as_ref(), actor, detail);
+    }
+}
+
+fn rekey_entry(actor: &str, detail: String) -> crate::store::AuditEntry {
+    crate::store::AuditEntry {
+        detail,
+        ..crate::domain::Action::ServerRekey.by(actor)
+    }
+}
+
+fn audit_or_log(store: &dyn Store, actor: &str, detail: String) {
+    if let Err(e) = store.append_audit(&[rekey_entry(actor, detail)]) {
+        tracing::error!(error = %e, "cannot audit the rekey");
     }
 }
 
@@ -755,6 +781,22 @@ mod tests {
             .unwrap()
             .is_empty());
 
+        let audited: Vec<String> = f
+            .store
+            .query_audit(&crate::store::AuditFilter {
+                action: Some("server.rekey".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| e.detail)
+            .collect();
+        assert!(
+            audited.iter().any(|d| d.starts_with("completed at start")),
+            "{audited:?}"
+        );
+
         // A stray next key is never overwritten by a new rekey.
         std::fs::write(&next_file, b"keep me").unwrap();
         let err = rekeyer(&f).start("admin", None).unwrap_err().to_string();
@@ -786,6 +828,26 @@ mod tests {
         );
         assert!(f.tmp.path().join("master.key.next").exists());
         assert!(f.ring.get().previous.is_some());
+        let audited: Vec<String> = f
+            .store
+            .query_audit(&crate::store::AuditFilter {
+                action: Some("server.rekey".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| e.detail)
+            .collect();
+        assert!(
+            audited
+                .iter()
+                .any(|d| d.starts_with("started: master key epoch 1 to 2"))
+                && audited
+                    .iter()
+                    .any(|d| d.starts_with("stopped: 1 secret version")),
+            "{audited:?}"
+        );
     }
 
     #[test]

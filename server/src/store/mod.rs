@@ -568,6 +568,13 @@ pub trait Store: Send + Sync + 'static {
     /// not open under `key` (read only, O(versions)): what a rekey could
     /// not move, or what still needs the old key.
     fn versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>>;
+    /// [`put_metas`](Store::put_metas) and `audit` in one transaction: a
+    /// rekey's start and end are audited exactly when they happen.
+    fn put_metas_audited(
+        &self,
+        entries: &[(&str, Option<&[u8]>)],
+        audit: &AuditEntry,
+    ) -> Result<()>;
 }
 
 pub fn now_ms() -> i64 {

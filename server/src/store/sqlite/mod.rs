@@ -539,6 +539,18 @@ impl Store for SqliteStore {
         self.db.read(|tx| rekey::not_opening(tx, key))
     }
 
+    fn put_metas_audited(
+        &self,
+        entries: &[(&str, Option<&[u8]>)],
+        audit: &AuditEntry,
+    ) -> Result<()> {
+        let keys = self.keys.get();
+        self.db.write(|tx| {
+            rekey::put_metas(tx, &keys, entries)?;
+            audit::insert(tx, audit)
+        })
+    }
+
     fn check_row_set(&self) -> Result<Option<BadRow>> {
         let keys = self.keys.get();
         let (found, at) = self
