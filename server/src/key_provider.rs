@@ -620,6 +620,27 @@ impl fmt::Debug for Token {
 
 fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
     if let Some(p) = pin_file {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(p)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read the PKCS#11 PIN file {} (--pkcs11-pin-file)",
+                        p.display()
+                    ),
+                    e,
+                )
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "the PKCS#11 PIN file {} is readable by others (mode {mode:04o}); run `chmod 600 {}`",
+                p.display(),
+                p.display()
+            )));
+        }
         let text = Zeroizing::new(fs::read_to_string(p).map_err(|e| {
             Error::io(
                 format!(
@@ -975,6 +996,22 @@ mod tests {
             "{err}"
         );
         assert!(with("key-2").resolve(&dir).is_ok());
+    }
+
+    #[test]
+    fn a_pin_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("pin");
+        fs::write(&p, "1234\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = pin(&Some(p.clone())).unwrap_err().to_string();
+        assert!(
+            err.contains("readable by others") && err.contains("chmod 600"),
+            "{err}"
+        );
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(pin(&Some(p)).unwrap().as_str(), "1234");
     }
 
     #[test]

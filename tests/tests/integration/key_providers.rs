@@ -148,6 +148,13 @@ fn run_fails(state: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A PIN file: the server refuses one others can read.
+fn write_0600(path: &Path, content: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -378,7 +385,7 @@ fn pkcs11_provider_with_softhsm2() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = softhsm_token(tmp.path(), "secretfs");
     let pin_file = tmp.path().join("pin");
-    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    write_0600(&pin_file, format!("{PIN}\n").as_bytes());
     let conf_env = format!("SOFTHSM2_CONF={}", conf.display());
     let pkcs11 = [
         "--pkcs11-module",
@@ -421,7 +428,7 @@ fn pkcs11_provider_with_softhsm2() {
     let env = [("SOFTHSM2_CONF", conf_s)];
     // The PIN file is recorded in master-key.json; override it.
     let bad_pin = s.tmp.path().join("bad-pin");
-    std::fs::write(&bad_pin, "0000").unwrap();
+    write_0600(&bad_pin, b"0000");
     let err = run_fails(
         &s.state,
         &["--pkcs11-pin-file", bad_pin.to_str().unwrap()],
@@ -497,7 +504,7 @@ fn pkcs11_with_the_module_preloaded() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = softhsm_token(tmp.path(), "secretfs");
     let pin_file = tmp.path().join("pin");
-    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    write_0600(&pin_file, format!("{PIN}\n").as_bytes());
     let conf_env = format!("SOFTHSM2_CONF={}", conf.display());
     let preload = format!("LD_PRELOAD={SOFTHSM}");
     let mut s = TestServer::start_custom(
