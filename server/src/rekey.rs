@@ -63,12 +63,7 @@ fn flat(s: &Sealed) -> Vec<u8> {
 }
 
 fn unflat(blob: &[u8]) -> Option<Sealed> {
-    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
-    const WRAPPED: usize = 60;
-    (blob.len() >= WRAPPED).then(|| Sealed {
-        wrapped_key: blob[..WRAPPED].to_vec(),
-        ciphertext: blob[WRAPPED..].to_vec(),
-    })
+    crate::keys::split_sealed(blob)
 }
 
 /// The key check blob for `key` (what `server init` stores).
@@ -78,9 +73,7 @@ pub fn key_check(key: &MasterKey) -> Result<Vec<u8>, Error> {
 
 /// Whether `blob` is `key`'s key check.
 pub fn key_matches(blob: &[u8], key: &MasterKey) -> bool {
-    unflat(blob)
-        .and_then(|s| key.open(KEY_CHECK, &s).ok())
-        .is_some_and(|p| p.as_bytes() == KEY_CHECK_PLAINTEXT)
+    crate::keys::key_check_opens(key, blob)
 }
 
 fn epoch_of(store: &dyn Store, key: &str) -> Result<Option<u32>, Error> {
