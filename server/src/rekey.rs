@@ -516,8 +516,8 @@ impl Rekeyer {
         if !stuck.is_empty() {
             let why = format!(
                 "{} secret version(s) could not be moved to the new master key (their data key opens under neither key: {}); \
-                 the rekey is not finished and the old key is kept. Run `secretfs server verify` and restore or delete those versions, \
-                 then ask again (`secretfs server rekey`)",
+                 the rekey is not finished and the old key is kept. Restore those versions from a backup of the database \
+                 (or delete those secrets), then ask again (`secretfs server rekey`)",
                 stuck.len(),
                 name_versions(&stuck)
             );
