@@ -192,6 +192,11 @@ impl MasterKey {
 }
 
 impl MasterKey {
+    /// Whether a version's wrapped data key opens under this key.
+    pub fn opens_wrapped(&self, binding: Binding<'_>, wrapped_key: &[u8]) -> bool {
+        open_with(&self.aead, &binding.aad(WRAP_TAG), wrapped_key).is_some()
+    }
+
     /// Moves a version's wrapped data key from `from` to this key (a
     /// rekey): the content is not touched. `Ok(None)`: already wrapped
     /// under this key. A key neither opens is `Error::Integrity`.

@@ -160,8 +160,16 @@ impl KeyOptions {
         match &mut source {
             KeySource::File => {}
             KeySource::Systemd { credential, .. } => {
-                if let Some(c) = &self.credential {
-                    credential.clone_from(c);
+                // The descriptor names the credential a rekey moved to; an
+                // override naming another (an old unit's environment) would
+                // load a retired key.
+                if let Some(c) = self.credential.as_ref().filter(|c| *c != credential) {
+                    return Err(Error::Config(format!(
+                        "this state directory's master key is the systemd credential {credential} ({}), \
+                         but --credential / SECRETFS_MASTER_KEY_CREDENTIAL asks for {c}; a rekey moves the key \
+                         to a new credential and records it there. Drop the override (and load {credential} in the unit)",
+                        dir.path.join(DESCRIPTOR).display()
+                    )));
                 }
             }
             KeySource::Pkcs11 {
@@ -170,8 +178,12 @@ impl KeyOptions {
                 key,
                 pin_file,
             } => {
-                if let Some(v) = &self.pkcs11_module {
-                    module.clone_from(v);
+                match &self.pkcs11_module {
+                    Some(v) => module.clone_from(v),
+                    // Whoever can write the descriptor must not be able
+                    // to load code into the server: only a module only
+                    // root can change is taken from it.
+                    None => check_module_path(module, &dir.path.join(DESCRIPTOR))?,
                 }
                 if let Some(v) = &self.pkcs11_token {
                     token.clone_from(v);
@@ -186,6 +198,41 @@ impl KeyOptions {
         }
         Ok(source)
     }
+}
+
+/// A PKCS#11 module path read from the descriptor: absolute, and it and
+/// every directory above it owned by root and not group/world-writable.
+fn check_module_path(module: &Path, descriptor: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| {
+        Err(Error::Config(format!(
+            "the PKCS#11 module {} named in {} {why}: a module is code the server loads, so it must be \
+             an absolute path only root can change. Install it so, or give --pkcs11-module PATH",
+            module.display(),
+            descriptor.display()
+        )))
+    };
+    if !module.is_absolute() {
+        return refuse("is not an absolute path".into());
+    }
+    for p in module.ancestors() {
+        let meta = match fs::metadata(p) {
+            Ok(m) => m,
+            Err(e) => return refuse(format!("cannot be checked ({}: {e})", p.display())),
+        };
+        if meta.uid() != 0 {
+            return refuse(format!("is not safe: {} is not owned by root", p.display()));
+        }
+        // A sticky directory (/tmp) still lets others rename and create.
+        if meta.mode() & 0o022 != 0 {
+            return refuse(format!(
+                "is not safe: {} is writable by group or others (mode {:04o})",
+                p.display(),
+                meta.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn descriptor(dir: &StateDir) -> PathBuf {
@@ -289,7 +336,7 @@ impl KeySource {
         match self {
             KeySource::File => {
                 let key = MasterKey::generate()?;
-                replace_file(&file_next(dir), key.to_hex().as_bytes(), 0o600)?;
+                create_only(&file_next(dir), key.to_hex().as_bytes())?;
                 Ok(key)
             }
             KeySource::Systemd {
@@ -316,7 +363,7 @@ impl KeySource {
             KeySource::Pkcs11 { .. } => {
                 let key = MasterKey::generate()?;
                 let blob = Token::open(self)?.wrap(&key, false)?;
-                replace_file(&wrapped_next(dir), &blob, 0o600)?;
+                create_only(&wrapped_next(dir), &blob)?;
                 Ok(key)
             }
         }
@@ -368,29 +415,84 @@ impl KeySource {
         }
     }
 
-    /// Forgets a next key no rekey uses (one that crashed before it began).
-    pub fn discard_next(&mut self, dir: &StateDir) -> Result<(), Error> {
+    /// Whether a next key is there (a rekey's, or one left behind).
+    pub fn has_next(&self, dir: &StateDir) -> bool {
         match self {
-            KeySource::File => remove(&file_next(dir)),
-            KeySource::Pkcs11 { .. } => remove(&wrapped_next(dir)),
+            KeySource::File => fs::symlink_metadata(file_next(dir)).is_ok(),
+            KeySource::Pkcs11 { .. } => fs::symlink_metadata(wrapped_next(dir)).is_ok(),
+            KeySource::Systemd {
+                next_credential, ..
+            } => next_credential.is_some(),
+        }
+    }
+
+    /// Puts aside a next key no recorded rekey uses (one that crashed
+    /// before it began). Key material is never deleted on the word of the
+    /// database: the file is renamed to `<name>.unused-<unix time>` (mode
+    /// kept, 0600) and the new name returned, for the operator to remove
+    /// once sure. systemd: the descriptor forgets the credential's name
+    /// (the credential itself is the operator's).
+    pub fn set_aside_next(&mut self, dir: &StateDir) -> Result<Option<String>, Error> {
+        let path = match self {
+            KeySource::File => file_next(dir),
+            KeySource::Pkcs11 { .. } => wrapped_next(dir),
             KeySource::Systemd {
                 next_credential, ..
             } => {
-                if next_credential.take().is_some() {
+                let name = next_credential.take();
+                if name.is_some() {
                     self.write(dir)?;
                 }
-                Ok(())
+                return Ok(name.map(|n| format!("systemd credential {n}")));
             }
+        };
+        if fs::symlink_metadata(&path).is_err() {
+            return Ok(None);
         }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut aside = path.clone().into_os_string();
+        aside.push(format!(".unused-{now}"));
+        let aside = PathBuf::from(aside);
+        if fs::symlink_metadata(&aside).is_ok() {
+            return Err(Error::Config(format!(
+                "cannot put {} aside: {} exists; move one of them away and start again",
+                path.display(),
+                aside.display()
+            )));
+        }
+        rename(&path, &aside)?;
+        Ok(Some(aside.display().to_string()))
     }
 }
 
-fn remove(path: &Path) -> Result<(), Error> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("cannot remove {}", path.display()), e)),
+/// Creates `path` with `contents` (0600) whole, and never over an existing
+/// file: written to a sibling first, then hard-linked into place (which
+/// fails when `path` exists).
+fn create_only(path: &Path, contents: &[u8]) -> Result<(), Error> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = fs::remove_file(&tmp);
+    crate::state_dir::write_new(&tmp, contents, 0o600)?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    linked.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Error::FailedPrecondition(format!(
+                "{} already exists (a new master key an earlier rekey made); nothing was overwritten. \
+                 Restart the server to finish or set aside that rekey, then ask again",
+                path.display()
+            ))
+        } else {
+            Error::io(format!("cannot create {}", path.display()), e)
+        }
+    })?;
+    if let Some(parent) = path.parent() {
+        let _ = fs::File::open(parent).and_then(|d| d.sync_all());
     }
+    Ok(())
 }
 
 /// Renames `from` over `to` and fsyncs the directory, so the rename
@@ -466,6 +568,41 @@ fn read_credential(name: &str) -> Result<MasterKey, Error> {
     })
 }
 
+/// The process's context for `module`: loaded and `C_Initialize`d once,
+/// never finalized (a module stays loaded once used, and a second
+/// `C_Initialize` of a module already loaded, as under `LD_PRELOAD`, fails).
+fn context(module: &Path) -> Result<cryptoki::context::Pkcs11, Error> {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::error::RvError;
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut contexts = CONTEXTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(ctx) = contexts.get(module) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(module).map_err(|e| {
+        Error::Config(format!(
+            "cannot load the PKCS#11 module {} ({e}); check --pkcs11-module (SoftHSM2's is /usr/lib/softhsm/libsofthsm2.so)",
+            module.display()
+        ))
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(Error::Config(format!(
+                "PKCS#11: cannot initialize the module {}: {e}",
+                module.display()
+            )))
+        }
+    }
+    contexts.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
 /// An open, logged-in session on the token that holds the wrapping key.
 struct Token {
     session: cryptoki::session::Session,
@@ -483,6 +620,27 @@ impl fmt::Debug for Token {
 
 fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
     if let Some(p) = pin_file {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(p)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "cannot read the PKCS#11 PIN file {} (--pkcs11-pin-file)",
+                        p.display()
+                    ),
+                    e,
+                )
+            })?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "the PKCS#11 PIN file {} is readable by others (mode {mode:04o}); run `chmod 600 {}`",
+                p.display(),
+                p.display()
+            )));
+        }
         let text = Zeroizing::new(fs::read_to_string(p).map_err(|e| {
             Error::io(
                 format!(
@@ -506,7 +664,6 @@ fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
 
 impl Token {
     fn open(source: &KeySource) -> Result<Token, Error> {
-        use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
         use cryptoki::error::RvError;
         use cryptoki::object::{Attribute, ObjectClass};
         use cryptoki::session::UserType;
@@ -524,14 +681,7 @@ impl Token {
             let what = what.to_owned();
             move |e: cryptoki::error::Error| Error::Config(format!("PKCS#11: {what}: {e}"))
         };
-        let ctx = Pkcs11::new(module).map_err(|e| {
-            Error::Config(format!(
-                "cannot load the PKCS#11 module {} ({e}); check --pkcs11-module (SoftHSM2's is /usr/lib/softhsm/libsofthsm2.so)",
-                module.display()
-            ))
-        })?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(p11("cannot initialize the module"))?;
+        let ctx = context(module)?;
         let mut labels = Vec::new();
         let mut found = None;
         for slot in ctx
@@ -564,7 +714,8 @@ impl Token {
             .map_err(p11("cannot open a session"))?;
         let auth = cryptoki::types::AuthPin::from(pin.as_str().to_owned());
         match session.login(UserType::User, Some(&auth)) {
-            Ok(()) => {}
+            // Another session of this process is logged in already.
+            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
             Err(cryptoki::error::Error::Pkcs11(RvError::PinIncorrect, _)) => {
                 return Err(Error::Config(format!(
                     "the PKCS#11 PIN is wrong for token {token:?}; check --pkcs11-pin-file or {PIN_ENV} \
@@ -771,6 +922,96 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("restore it from backup"));
+    }
+
+    #[test]
+    fn a_module_named_by_the_descriptor_must_be_one_only_root_can_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let descriptor = Path::new("/state/master-key.json");
+        let why = |p: &Path| {
+            check_module_path(p, descriptor)
+                .map(|()| String::new())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        // Root's own files pass (the tests run as root; /bin/sh stands in
+        // for a module, this only checks where it lives).
+        assert_eq!(why(Path::new("/bin/sh")), "");
+        let err = why(Path::new("lib/softhsm2.so"));
+        assert!(
+            err.contains("not an absolute path") && err.contains("--pkcs11-module"),
+            "{err}"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let module = tmp.path().join("evil.so");
+        fs::write(&module, b"").unwrap();
+        fs::set_permissions(&module, fs::Permissions::from_mode(0o666)).unwrap();
+        let err = why(&module);
+        assert!(err.contains("writable by group or others"), "{err}");
+        fs::set_permissions(&module, fs::Permissions::from_mode(0o644)).unwrap();
+        // /tmp above it is world-writable.
+        let err = why(&module);
+        assert!(
+            err.contains("writable by group or others") && err.contains("master-key.json"),
+            "{err}"
+        );
+        let err = why(Path::new("/nonexistent/x.so"));
+        assert!(err.contains("cannot be checked"), "{err}");
+        // Via the descriptor: refused; a flag still overrides.
+        let dir = StateDir::new(tmp.path());
+        KeySource::Pkcs11 {
+            module: module.clone(),
+            token: "t".into(),
+            key: "k".into(),
+            pin_file: None,
+        }
+        .write(&dir)
+        .unwrap();
+        let err = KeyOptions::default().resolve(&dir).unwrap_err().to_string();
+        assert!(err.contains("writable by group or others"), "{err}");
+        KeyOptions {
+            pkcs11_module: Some(module),
+            ..Default::default()
+        }
+        .resolve(&dir)
+        .unwrap();
+    }
+
+    #[test]
+    fn a_credential_override_naming_another_than_the_descriptor_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        KeySource::Systemd {
+            credential: "key-2".into(),
+            next_credential: None,
+        }
+        .write(&dir)
+        .unwrap();
+        let with = |c: &str| KeyOptions {
+            credential: Some(c.into()),
+            ..Default::default()
+        };
+        let err = with("key-1").resolve(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("master-key.json") && err.contains("Drop the override"),
+            "{err}"
+        );
+        assert!(with("key-2").resolve(&dir).is_ok());
+    }
+
+    #[test]
+    fn a_pin_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("pin");
+        fs::write(&p, "1234\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = pin(&Some(p.clone())).unwrap_err().to_string();
+        assert!(
+            err.contains("readable by others") && err.contains("chmod 600"),
+            "{err}"
+        );
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(pin(&Some(p)).unwrap().as_str(), "1234");
     }
 
     #[test]

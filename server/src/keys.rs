@@ -272,19 +272,24 @@ impl Keys {
     }
 }
 
-/// Whether `blob` (the database's master key check: the wrapped data key,
-/// then the ciphertext) opens under `master` to the expected plaintext.
-pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
-    use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
+/// A stored `wrapped key || ciphertext` blob (the master key check, a
+/// retired audit key) as sealed parts; `None` when too short.
+pub fn split_sealed(blob: &[u8]) -> Option<Sealed> {
     // The wrapped data key is a fixed 12 + 32 + 16 bytes.
-    if blob.len() < KEY_CHECK_WRAPPED {
-        return false;
-    }
-    let sealed = Sealed {
+    (blob.len() >= KEY_CHECK_WRAPPED).then(|| Sealed {
         wrapped_key: blob[..KEY_CHECK_WRAPPED].to_vec(),
         ciphertext: blob[KEY_CHECK_WRAPPED..].to_vec(),
-    };
-    matches!(master.open(KEY_CHECK, &sealed), Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT)
+    })
+}
+
+/// Whether `blob` (the database's master key check: the wrapped data key,
+/// then the ciphertext) opens under `master` to the expected plaintext.
+/// The one parse of the key check (state_dir, rekey, the store's upgrade).
+pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
+    use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
+    split_sealed(blob)
+        .and_then(|sealed| master.open(KEY_CHECK, &sealed).ok())
+        .is_some_and(|p| p.as_bytes() == KEY_CHECK_PLAINTEXT)
 }
 
 /// Length of the wrapped data key at the head of the key check.

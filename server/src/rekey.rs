@@ -15,9 +15,12 @@
 //!    directory fsynced). Audited `server.rekey`.
 //!
 //! A kill at any point leaves a store that starts: [`keys_at_start`] loads
-//! both keys while a rekey is recorded, and the server resumes it; a next
-//! key no rekey recorded is discarded; a finished rekey whose provider step
-//! did not happen is completed.
+//! both keys while a rekey is recorded, and the server resumes it;
+//! [`repair_at_start`] puts aside (never deletes) a next key no rekey
+//! recorded, and completes a finished rekey whose provider step did not
+//! happen only once every version opens under the new key. Neither repair
+//! is done unless the row set agrees. A version neither key opens stops
+//! the rekey before it finishes: the old key stays.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,12 +63,7 @@ fn flat(s: &Sealed) -> Vec<u8> {
 }
 
 fn unflat(blob: &[u8]) -> Option<Sealed> {
-    // The wrapped data key is a fixed 12 + 32 + 16 bytes.
-    const WRAPPED: usize = 60;
-    (blob.len() >= WRAPPED).then(|| Sealed {
-        wrapped_key: blob[..WRAPPED].to_vec(),
-        ciphertext: blob[WRAPPED..].to_vec(),
-    })
+    crate::keys::split_sealed(blob)
 }
 
 /// The key check blob for `key` (what `server init` stores).
@@ -75,9 +73,7 @@ pub fn key_check(key: &MasterKey) -> Result<Vec<u8>, Error> {
 
 /// Whether `blob` is `key`'s key check.
 pub fn key_matches(blob: &[u8], key: &MasterKey) -> bool {
-    unflat(blob)
-        .and_then(|s| key.open(KEY_CHECK, &s).ok())
-        .is_some_and(|p| p.as_bytes() == KEY_CHECK_PLAINTEXT)
+    crate::keys::key_check_opens(key, blob)
 }
 
 fn epoch_of(store: &dyn Store, key: &str) -> Result<Option<u32>, Error> {
@@ -89,16 +85,28 @@ fn epoch_of(store: &dyn Store, key: &str) -> Result<Option<u32>, Error> {
     }
 }
 
+/// What the provider needs after a crash between the store and the
+/// provider; [`repair_at_start`] does it, once the keys are in the ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repair {
+    None,
+    /// A next key no recorded rekey uses: put it aside (never deleted).
+    SetAsideNext,
+    /// The store finished a rekey the provider did not: the next key
+    /// becomes the key, once the store proves it no longer needs the old.
+    CommitNext,
+}
+
 /// The keys to start with, from the provider's current (and next) key and
-/// what the store records; `true` when a rekey is in progress (resume it).
-/// Repairs what a crash between the store and the provider left.
+/// what the store records; `true` when a rekey is in progress (resume it),
+/// and what a crash between the store and the provider left to repair.
+/// Changes nothing.
 pub fn keys_at_start(
     dir: &StateDir,
-    source: &mut KeySource,
+    source: &KeySource,
     store: &dyn Store,
     current: MasterKey,
-    repair: bool,
-) -> Result<(Keys, bool), Error> {
+) -> Result<(Keys, bool, Repair), Error> {
     let check = store.get_meta(META_KEY_CHECK)?.ok_or_else(|| {
         Error::Config(
             "the database has no master key check; it was not made by `secretfs server init`"
@@ -114,7 +122,7 @@ pub fn keys_at_start(
         ))
     };
     let next = source.load_next(dir)?;
-    let (keys, in_progress) = if let Some(to) = epoch_of(store, META_REKEY_TO)? {
+    let (mut keys, in_progress, repair) = if let Some(to) = epoch_of(store, META_REKEY_TO)? {
         if !key_matches(&check, &current) {
             return Err(mismatch());
         }
@@ -138,29 +146,113 @@ pub fn keys_at_start(
                 retired_audit: Default::default(),
             },
             true,
+            Repair::None,
         )
     } else if key_matches(&check, &current) {
-        if next.is_some() && repair {
-            // A rekey that stopped before the store recorded it.
-            source.discard_next(dir)?;
-        }
-        (Keys::new_at(epoch, current), false)
+        let repair = if next.is_some() {
+            Repair::SetAsideNext
+        } else {
+            Repair::None
+        };
+        (Keys::new_at(epoch, current), false, repair)
     } else {
         // A rekey that completed in the store but not in the provider.
         match next {
             Some(next) if key_matches(&check, &next) => {
-                if repair {
-                    source.commit_next(dir)?;
-                }
-                tracing::info!("completed the last step of a finished rekey: the new master key is now the key");
-                (Keys::new_at(epoch, next), false)
+                (Keys::new_at(epoch, next), false, Repair::CommitNext)
             }
             _ => return Err(mismatch()),
         }
     };
-    let mut keys = keys;
     keys.retired_audit = load_retired(store, &keys)?;
-    Ok((keys, in_progress))
+    Ok((keys, in_progress, repair))
+}
+
+/// Does `repair` ([`keys_at_start`]'s); the store's ring must hold the
+/// keys it returned. Only the server (holding the state lock) repairs.
+/// Nothing is done on the word of database rows alone: the row set must
+/// agree, a next key is put aside rather than deleted, and the old key is
+/// given up only when every version opens under the new one. Otherwise
+/// the start is refused with nothing changed.
+pub fn repair_at_start(
+    dir: &StateDir,
+    source: &mut KeySource,
+    store: &dyn Store,
+    keys: &Keys,
+    repair: Repair,
+) -> Result<(), Error> {
+    let verify = format!(
+        "Nothing was changed; run `secretfs server verify --state-dir {}` and undo the edit (or restore the database from backup), then start again",
+        dir.path.display()
+    );
+    let row_set_agrees = |doing: &str| -> Result<(), Error> {
+        match store.check_row_set()? {
+            None => Ok(()),
+            Some(finding) => Err(Error::Config(format!(
+                "{doing}, but the database failed its row set check ({}): its rekey entries may have been edited. {verify}",
+                finding.what
+            ))),
+        }
+    };
+    match repair {
+        Repair::None => Ok(()),
+        Repair::SetAsideNext => {
+            row_set_agrees(
+                "the database records no rekey, yet a new master key from one is in the state directory",
+            )?;
+            if let Some(aside) = source.set_aside_next(dir)? {
+                audit_or_log(
+                    store,
+                    "server",
+                    format!("set aside at start: a new master key no recorded rekey uses, kept as {aside}"),
+                );
+                tracing::warn!(
+                    "a new master key no recorded rekey uses (a rekey stopped before it began) was put aside as {aside}; \
+                     remove it once you are sure no backup of the database needs it"
+                );
+            }
+            Ok(())
+        }
+        Repair::CommitNext => {
+            let stuck = store.versions_not_opening(keys.current.master())?;
+            if !stuck.is_empty() {
+                return Err(Error::Config(format!(
+                    "the database says the last rekey finished (its key check is the new key's), but {} secret \
+                     version(s) ({}) do not open under the new key, so the old key is still needed and was kept. {verify}",
+                    stuck.len(),
+                    name_versions(&stuck)
+                )));
+            }
+            row_set_agrees("the database says the last rekey finished")?;
+            source.commit_next(dir)?;
+            audit_or_log(
+                store,
+                "server",
+                format!(
+                    "completed at start: the new master key (epoch {}) is now the key in {}",
+                    keys.current.epoch(),
+                    source.describe(dir)
+                ),
+            );
+            tracing::info!(
+                "completed the last step of a finished rekey: the new master key is now the key"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `a v1, b v3, ...` (at most ten), for messages.
+fn name_versions(list: &[(String, u64)]) -> String {
+    let mut out: Vec<String> = list
+        .iter()
+        .take(10)
+        .map(|(n, v)| format!("{n} v{v}"))
+        .collect();
+    if list.len() > 10 {
+        out.push(format!("and {} more", list.len() - 10));
+    }
+    out.join(", ")
 }
 
 /// Every earlier epoch's audit key the store keeps (sealed under the
@@ -323,15 +415,37 @@ impl Rekeyer {
         let to = from + 1;
         let next = {
             let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
+            // The provider's key must be the one the store names, and no
+            // next key may be there: an earlier rekey whose last step
+            // failed must be finished, never overwritten.
+            if source.has_next(&self.dir) {
+                return Err(Error::FailedPrecondition(format!(
+                    "a new master key from an earlier rekey is still kept beside {}; nothing was changed. \
+                     Restart the server: it finishes that rekey or puts the unused key aside",
+                    source.describe(&self.dir)
+                )));
+            }
+            if let Some(check) = self.store.get_meta(META_KEY_CHECK)? {
+                if !key_matches(&check, &source.load(&self.dir)?) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the master key in {} is not the one the database names (the last rekey's final step did not happen); \
+                         nothing was changed. Restart the server to complete it, then ask again",
+                        source.describe(&self.dir)
+                    )));
+                }
+            }
             source.create_next(&self.dir, new_credential)?
         };
         let check = key_check(&next)?;
         let to_bytes = to.to_be_bytes();
-        self.store.put_metas(&[
-            (META_REKEY_TO, Some(&to_bytes)),
-            (META_REKEY_CHECK, Some(&check)),
-            (META_CURSOR, None),
-        ])?;
+        self.store.put_metas_audited(
+            &[
+                (META_REKEY_TO, Some(&to_bytes)),
+                (META_REKEY_CHECK, Some(&check)),
+                (META_CURSOR, None),
+            ],
+            &rekey_entry(actor, format!("started: master key epoch {from} to {to}")),
+        )?;
         let old = KeySet::new(from, keys.current.master().clone_key());
         let retired = load_retired(self.store.as_ref(), &keys)?;
         self.keys.replace(Keys {
@@ -339,7 +453,6 @@ impl Rekeyer {
             previous: Some(old),
             retired_audit: retired,
         });
-        self.audit(actor, format!("started: master key epoch {from} to {to}"));
         state.running = true;
         state.rewrapped = 0;
         state.error = None;
@@ -395,6 +508,22 @@ impl Rekeyer {
                 std::thread::sleep(self.pause);
             }
         }
+        // A version neither key opened stays under the old key: finishing
+        // would lose it for good, so the rekey stops and keeps the old key.
+        let stuck = self
+            .store
+            .versions_not_opening(self.keys.get().current.master())?;
+        if !stuck.is_empty() {
+            let why = format!(
+                "{} secret version(s) could not be moved to the new master key (their data key opens under neither key: {}); \
+                 the rekey is not finished and the old key is kept. Restore those versions from a backup of the database \
+                 (or delete those secrets), then ask again (`secretfs server rekey`)",
+                stuck.len(),
+                name_versions(&stuck)
+            );
+            self.audit("server", format!("stopped: {why}"));
+            return Err(Error::FailedPrecondition(why));
+        }
         while {
             self.stopped()?;
             reseal_rows(self.store.as_ref(), self.batch)? > 0
@@ -441,7 +570,26 @@ impl Rekeyer {
             (META_CURSOR, None),
         ];
         entries.extend(sealed.iter().map(|(k, v)| (k.as_str(), Some(v.as_slice()))));
-        self.store.put_metas(&entries)?;
+        let rewrapped = self.state().rewrapped;
+        self.store.put_metas_audited(
+            &entries,
+            &rekey_entry(
+                "server",
+                format!(
+                    "completed: master key epoch {} to {to} ({rewrapped} versions looked at by this run); \
+                     the old key is no longer needed",
+                    previous.epoch()
+                ),
+            ),
+        )?;
+        // The provider's step before the ring lets the old key go: if it
+        // fails, the rekey stays in progress (status says so, with the
+        // error) and asking again retries this finish; a restart completes
+        // it ([`Repair::CommitNext`]).
+        {
+            let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
+            source.commit_next(&self.dir)?;
+        }
         let mut retired = load_retired(self.store.as_ref(), &keys)?;
         retired.insert(
             previous.epoch(),
@@ -452,30 +600,25 @@ impl Rekeyer {
             previous: None,
             retired_audit: retired,
         });
-        {
-            let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
-            source.commit_next(&self.dir)?;
-        }
-        let rewrapped = self.state().rewrapped;
-        self.audit(
-            "server",
-            format!(
-                "completed: master key epoch {} to {to} ({rewrapped} versions looked at by this run); the old key is no longer needed",
-                previous.epoch()
-            ),
-        );
         tracing::info!(epoch = to, "master key rekey completed");
         Ok(())
     }
 
     fn audit(&self, actor: &str, detail: String) {
-        let entry = crate::store::AuditEntry {
-            detail,
-            ..crate::domain::Action::ServerRekey.by(actor)
-        };
-        if let Err(e) = self.store.append_audit(&[entry]) {
-            tracing::error!(error = %e, "cannot audit the rekey");
-        }
+        audit_or_log(self.store.as_ref(), actor, detail);
+    }
+}
+
+fn rekey_entry(actor: &str, detail: String) -> crate::store::AuditEntry {
+    crate::store::AuditEntry {
+        detail,
+        ..crate::domain::Action::ServerRekey.by(actor)
+    }
+}
+
+fn audit_or_log(store: &dyn Store, actor: &str, detail: String) {
+    if let Err(e) = store.append_audit(&[rekey_entry(actor, detail)]) {
+        tracing::error!(error = %e, "cannot audit the rekey");
     }
 }
 
@@ -488,7 +631,217 @@ fn reseal_rows(store: &dyn Store, limit: usize) -> Result<usize, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SqliteStore;
+    use crate::store::{AuditEntry, NewSecret, SqliteStore};
+
+    fn add(store: &dyn Store, ring: &KeyRing, name: &str, under: Option<&MasterKey>) {
+        let new = NewSecret {
+            name: name.into(),
+            size: 2,
+            ..NewSecret::default()
+        };
+        let audit = AuditEntry {
+            actor: "t".into(),
+            action: "secret.create".into(),
+            allowed: true,
+            ..Default::default()
+        };
+        store
+            .create_secret(&new, &audit, &mut |id, version| {
+                let binding = Binding {
+                    secret_id: id,
+                    name,
+                    version,
+                };
+                let keys = ring.get();
+                Ok(under
+                    .unwrap_or(keys.current.master())
+                    .seal(binding, b"hi")
+                    .unwrap())
+            })
+            .unwrap();
+    }
+
+    /// A state directory with the file provider, its store and ring.
+    struct Fix {
+        tmp: tempfile::TempDir,
+        dir: StateDir,
+        ring: Arc<KeyRing>,
+        store: Arc<dyn Store>,
+    }
+
+    fn fix() -> Fix {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let k1 = KeySource::File.create(&dir).unwrap();
+        let ring = KeyRing::new(k1.clone_key());
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open_in_memory_with(ring.clone()).unwrap());
+        store
+            .put_meta(META_KEY_CHECK, &key_check(&k1).unwrap())
+            .unwrap();
+        Fix {
+            tmp,
+            dir,
+            ring,
+            store,
+        }
+    }
+
+    fn rekeyer(f: &Fix) -> Arc<Rekeyer> {
+        Rekeyer::new(
+            f.dir.clone(),
+            KeySource::File,
+            f.store.clone(),
+            f.ring.clone(),
+            1,
+            Duration::ZERO,
+        )
+    }
+
+    /// Waits (bounded) until the rekey thread has stopped.
+    fn settled(r: &Rekeyer) -> RekeyStatus {
+        for _ in 0..6000 {
+            if !r.state().running {
+                return r.status();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the rekey thread did not stop");
+    }
+
+    /// What a restart does: keys from the provider and the store, the
+    /// repair, the ring replaced.
+    fn restart(f: &Fix) -> Result<bool, Error> {
+        let mut source = KeySource::File;
+        let current = source.load(&f.dir)?;
+        let (keys, going, repair) = keys_at_start(&f.dir, &source, f.store.as_ref(), current)?;
+        f.ring.replace(keys);
+        repair_at_start(&f.dir, &mut source, f.store.as_ref(), &f.ring.get(), repair)?;
+        Ok(going)
+    }
+
+    #[test]
+    fn a_failed_final_rename_keeps_the_rekey_in_progress_and_asking_again_retries_it() {
+        let f = fix();
+        add(f.store.as_ref(), &f.ring, "a", None);
+        let key_file = f.dir.master_key();
+        let next_file = f.tmp.path().join("master.key.next");
+        let old_key = std::fs::read(&key_file).unwrap();
+        // A rekey as start() leaves it (the provider's next key, the
+        // store's record, both keys in the ring) ...
+        let mut source = KeySource::File;
+        let k2 = source.create_next(&f.dir, None).unwrap();
+        f.store
+            .put_metas(&[
+                (META_REKEY_TO, Some(&2u32.to_be_bytes())),
+                (META_REKEY_CHECK, Some(&key_check(&k2).unwrap())),
+            ])
+            .unwrap();
+        let k1 = f.ring.get().current.master().clone_key();
+        f.ring.replace(Keys {
+            current: KeySet::new(2, k2),
+            previous: Some(KeySet::new(1, k1)),
+            retired_audit: Default::default(),
+        });
+        // ... whose final rename cannot happen: a non-empty directory is
+        // in the way of master.key.next.
+        std::fs::remove_file(&key_file).unwrap();
+        std::fs::create_dir(&key_file).unwrap();
+        std::fs::write(key_file.join("x"), b"x").unwrap();
+        let r = rekeyer(&f);
+        r.resume();
+        let status = settled(&r);
+        assert!(status.in_progress, "{status:?}");
+        assert!(status.error.is_some(), "{status:?}");
+        let next = std::fs::read(&next_file).unwrap();
+        // Asking again retries the finish: the next key is not replaced.
+        assert_eq!(r.start("admin", None).unwrap(), 2);
+        let status = settled(&r);
+        assert!(status.in_progress && status.error.is_some(), "{status:?}");
+        assert_eq!(std::fs::read(&next_file).unwrap(), next);
+
+        // Killed now, the obstruction gone: the restart completes it.
+        std::fs::remove_dir_all(&key_file).unwrap();
+        crate::state_dir::write_new(&key_file, &old_key, 0o600).unwrap();
+        assert!(!restart(&f).unwrap());
+        assert!(!next_file.exists());
+        assert_eq!(std::fs::read(&key_file).unwrap(), next);
+        let keys = f.ring.get();
+        assert_eq!(keys.current.epoch(), 2);
+        assert!(f
+            .store
+            .versions_not_opening(keys.current.master())
+            .unwrap()
+            .is_empty());
+
+        let audited: Vec<String> = f
+            .store
+            .query_audit(&crate::store::AuditFilter {
+                action: Some("server.rekey".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| e.detail)
+            .collect();
+        assert!(
+            audited.iter().any(|d| d.starts_with("completed at start")),
+            "{audited:?}"
+        );
+
+        // A stray next key is never overwritten by a new rekey.
+        std::fs::write(&next_file, b"keep me").unwrap();
+        let err = rekeyer(&f).start("admin", None).unwrap_err().to_string();
+        assert!(err.contains("Restart the server"), "{err}");
+        assert_eq!(std::fs::read(&next_file).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn a_version_neither_key_opens_stops_the_rekey_before_it_finishes() {
+        let f = fix();
+        add(f.store.as_ref(), &f.ring, "good", None);
+        let stranger = MasterKey::generate().unwrap();
+        add(f.store.as_ref(), &f.ring, "damaged", Some(&stranger));
+        let key_file = f.dir.master_key();
+        let old_key = std::fs::read(&key_file).unwrap();
+        let r = rekeyer(&f);
+        r.start("admin", None).unwrap();
+        let status = settled(&r);
+        assert!(status.in_progress, "{status:?}");
+        let err = status.error.unwrap_or_default();
+        assert!(
+            err.contains("1 secret version") && err.contains("damaged v1"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&key_file).unwrap(),
+            old_key,
+            "the old key stays"
+        );
+        assert!(f.tmp.path().join("master.key.next").exists());
+        assert!(f.ring.get().previous.is_some());
+        let audited: Vec<String> = f
+            .store
+            .query_audit(&crate::store::AuditFilter {
+                action: Some("server.rekey".into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| e.detail)
+            .collect();
+        assert!(
+            audited
+                .iter()
+                .any(|d| d.starts_with("started: master key epoch 1 to 2"))
+                && audited
+                    .iter()
+                    .any(|d| d.starts_with("stopped: 1 secret version")),
+            "{audited:?}"
+        );
+    }
 
     #[test]
     fn start_repairs_what_an_interrupted_rekey_left() {
@@ -496,24 +849,59 @@ mod tests {
         let dir = StateDir::new(tmp.path());
         let mut source = KeySource::File;
         let k1 = source.create(&dir).unwrap();
-        let store = SqliteStore::open_in_memory().unwrap();
+        let ring = KeyRing::new(k1.clone_key());
+        let store = SqliteStore::open_in_memory_with(ring.clone()).unwrap();
         store
             .put_meta(META_KEY_CHECK, &key_check(&k1).unwrap())
             .unwrap();
         let next_file = tmp.path().join("master.key.next");
         let load = |s: &KeySource| s.load(&dir).unwrap();
-        let start = |source: &mut KeySource, repair: bool| {
+        let start = |source: &mut KeySource, repair: bool| -> Result<(Keys, bool), Error> {
             let current = load(source);
-            keys_at_start(&dir, source, &store, current, repair)
+            let (keys, going, fix) = keys_at_start(&dir, source, &store, current)?;
+            ring.replace(keys);
+            if repair {
+                repair_at_start(&dir, source, &store, &ring.get(), fix)?;
+            }
+            let keys = ring.get();
+            Ok((
+                Keys {
+                    current: KeySet::new(keys.current.epoch(), keys.current.master().clone_key()),
+                    previous: keys
+                        .previous
+                        .as_ref()
+                        .map(|p| KeySet::new(p.epoch(), p.master().clone_key())),
+                    retired_audit: Default::default(),
+                },
+                going,
+            ))
+        };
+        let set_aside = || {
+            std::fs::read_dir(tmp.path())
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("master.key.next.unused-")
+                })
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
         };
 
-        // Killed before the store recorded the rekey: the next key is
-        // discarded, but only by the server (repair).
-        source.create_next(&dir, None).unwrap();
+        // Killed before the store recorded the rekey: the next key is put
+        // aside (never deleted), but only by the server (repair).
+        let stray = source.create_next(&dir, None).unwrap();
         let (keys, going) = start(&mut source, false).unwrap();
         assert!(!going && keys.previous.is_none() && next_file.exists());
         let (keys, going) = start(&mut source, true).unwrap();
         assert!(!going && keys.current.epoch() == 1 && !next_file.exists());
+        let aside = set_aside();
+        assert_eq!(aside.len(), 1);
+        assert!(key_matches(
+            &key_check(&stray).unwrap(),
+            &crate::state_dir::load_master_key(&aside[0]).unwrap()
+        ));
 
         // Recorded: both keys, the new one current.
         let k2 = source.create_next(&dir, None).unwrap();
@@ -528,6 +916,7 @@ mod tests {
         assert!(going);
         assert_eq!(keys.current.epoch(), 2);
         assert_eq!(keys.previous.as_ref().map(|p| p.epoch()), Some(1));
+        while store.reseal_rows(100).unwrap() > 0 {}
 
         // Finished in the store, killed before the rename: completed.
         store
@@ -547,14 +936,40 @@ mod tests {
         );
 
         // Any other key is refused.
-        let err = keys_at_start(
-            &dir,
-            &mut source,
-            &store,
-            MasterKey::generate().unwrap(),
-            true,
-        )
-        .unwrap_err();
+        let err = keys_at_start(&dir, &source, &store, MasterKey::generate().unwrap()).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn a_finished_rekey_is_not_completed_while_versions_need_the_old_key() {
+        let f = fix();
+        add(f.store.as_ref(), &f.ring, "a", None);
+        let key_file = f.dir.master_key();
+        let old_key = std::fs::read(&key_file).unwrap();
+        // A rekey recorded, nothing re-wrapped yet; then the store's key
+        // check is made the new key's and the rekey rows deleted (the
+        // unsigned key check copied, as someone editing the database
+        // would).
+        let mut source = KeySource::File;
+        let k2 = source.create_next(&f.dir, None).unwrap();
+        let check2 = key_check(&k2).unwrap();
+        f.store
+            .put_metas(&[
+                (META_KEY_CHECK, Some(&check2)),
+                (META_REKEY_TO, None),
+                (META_REKEY_CHECK, None),
+            ])
+            .unwrap();
+        let err = restart(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("1 secret version") && err.contains("secretfs server verify"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&key_file).unwrap(),
+            old_key,
+            "nothing changed"
+        );
+        assert!(f.tmp.path().join("master.key.next").exists());
     }
 }

@@ -357,9 +357,12 @@ pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Resul
         )),
         e => e.into(),
     })?;
-    let (loaded, rekey_in_progress) =
-        crate::rekey::keys_at_start(dir, &mut source, &store, current, repair)?;
+    let (loaded, rekey_in_progress, fix) =
+        crate::rekey::keys_at_start(dir, &source, &store, current)?;
     keys.replace(loaded);
+    if repair {
+        crate::rekey::repair_at_start(dir, &mut source, &store, &keys.get(), fix)?;
+    }
     Ok(Opened {
         store,
         keys,

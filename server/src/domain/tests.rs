@@ -42,6 +42,8 @@ impl Store for Tampering {
         put_meta(&self, key: &str, value: &[u8]) -> Result<()>;
         put_metas(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()>;
         rewrap_keys(&self, limit: usize) -> Result<usize>;
+        versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>>;
+        put_metas_audited(&self, entries: &[(&str, Option<&[u8]>)], audit: &AuditEntry) -> Result<()>;
         create_secret(&self, new: &NewSecret, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
         rotate_secret(&self, name: &str, size: u64, expires: Option<Option<i64>>, audit: &AuditEntry, seal: SealFn<'_>) -> Result<Committed<SecretRecord>>;
         update_secret(&self, name: &str, update: &SecretUpdate, check: CheckFn<'_>, audit: &AuditEntry) -> Result<Committed<SecretRecord>>;

@@ -563,6 +563,18 @@ pub trait Store: Send + Sync + 'static {
     /// revision to its detail) in the same transaction; returns the
     /// revision.
     fn accept_row_set(&self, audit: &AuditEntry) -> Result<u64>;
+    // -- rekey fixes (stream "fixkeys")
+    /// Every secret version (name, version) whose wrapped data key does
+    /// not open under `key` (read only, O(versions)): what a rekey could
+    /// not move, or what still needs the old key.
+    fn versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>>;
+    /// [`put_metas`](Store::put_metas) and `audit` in one transaction: a
+    /// rekey's start and end are audited exactly when they happen.
+    fn put_metas_audited(
+        &self,
+        entries: &[(&str, Option<&[u8]>)],
+        audit: &AuditEntry,
+    ) -> Result<()>;
 }
 
 pub fn now_ms() -> i64 {

@@ -148,6 +148,13 @@ fn run_fails(state: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A PIN file: the server refuses one others can read.
+fn write_0600(path: &Path, content: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, content).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -319,6 +326,26 @@ fn systemd_credential_provider() {
     assert!(desc.contains("secretfs-master-key-2"), "{desc}");
     s.restart_on("127.0.0.1:0");
     assert_eq!(read_everything(&s, &app), want);
+
+    // The unit's override still naming the old credential (which the
+    // operator may still load) is refused, naming the descriptor.
+    s.stop();
+    std::fs::write(creds.join("secretfs-master-key"), format!("{key_hex}\n")).unwrap();
+    let creds_s = creds.to_str().unwrap();
+    let err = run_fails(
+        &s.state,
+        &[],
+        &[
+            ("CREDENTIALS_DIRECTORY", creds_s),
+            ("SECRETFS_MASTER_KEY_CREDENTIAL", "secretfs-master-key"),
+        ],
+    );
+    assert!(
+        err.contains("master-key.json") && err.contains("Drop the override"),
+        "{err}"
+    );
+    s.restart_on("127.0.0.1:0");
+    assert_eq!(read_everything(&s, &app), want);
 }
 
 /// A SoftHSM2 token of its own in `dir`; returns SOFTHSM2_CONF's value.
@@ -358,7 +385,7 @@ fn pkcs11_provider_with_softhsm2() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = softhsm_token(tmp.path(), "secretfs");
     let pin_file = tmp.path().join("pin");
-    std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
+    write_0600(&pin_file, format!("{PIN}\n").as_bytes());
     let conf_env = format!("SOFTHSM2_CONF={}", conf.display());
     let pkcs11 = [
         "--pkcs11-module",
@@ -401,7 +428,7 @@ fn pkcs11_provider_with_softhsm2() {
     let env = [("SOFTHSM2_CONF", conf_s)];
     // The PIN file is recorded in master-key.json; override it.
     let bad_pin = s.tmp.path().join("bad-pin");
-    std::fs::write(&bad_pin, "0000").unwrap();
+    write_0600(&bad_pin, b"0000");
     let err = run_fails(
         &s.state,
         &["--pkcs11-pin-file", bad_pin.to_str().unwrap()],
@@ -463,4 +490,148 @@ fn provider_flags_are_checked() {
         !tmp.path().join("s").exists(),
         "a failed init leaves nothing"
     );
+}
+
+/// A module that stays loaded in the process (here preloaded) answers a
+/// second C_Initialize with CKR_CRYPTOKI_ALREADY_INITIALIZED: the server
+/// initializes each module once, so start, rekey and restart all work.
+#[test]
+fn pkcs11_with_the_module_preloaded() {
+    assert!(
+        Path::new(SOFTHSM).exists(),
+        "SoftHSM2 is not installed (scripts/test.sh installs the softhsm2 package)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = softhsm_token(tmp.path(), "secretfs");
+    let pin_file = tmp.path().join("pin");
+    write_0600(&pin_file, format!("{PIN}\n").as_bytes());
+    let conf_env = format!("SOFTHSM2_CONF={}", conf.display());
+    let preload = format!("LD_PRELOAD={SOFTHSM}");
+    let mut s = TestServer::start_custom(
+        tmp,
+        |init| {
+            init.args([
+                "--pkcs11-module",
+                SOFTHSM,
+                "--pkcs11-token",
+                "secretfs",
+                "--pkcs11-key",
+                "master-wrap",
+            ])
+            .arg("--pkcs11-pin-file")
+            .arg(&pin_file)
+            .env("SOFTHSM2_CONF", &conf)
+            .env("LD_PRELOAD", SOFTHSM);
+        },
+        &["env", &conf_env, &preload],
+        &[],
+    );
+    let (app, want) = fill(&s, 3);
+    s.cli(&["server", "rekey"]).ok();
+    assert_eq!(wait_rekeyed(&s), 2);
+    s.stop();
+    s.restart_on("127.0.0.1:0");
+    assert_eq!(read_everything(&s, &app), want);
+}
+
+/// The meta rows `keys`, as they are (key, value, mac).
+type MetaRow = (String, Vec<u8>, Option<Vec<u8>>);
+
+fn meta_rows(db: &Path, keys: &[&str]) -> Vec<MetaRow> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    keys.iter()
+        .map(|k| {
+            conn.query_row(
+                "SELECT key, value, mac FROM meta WHERE key = ?1",
+                [k],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap_or_else(|e| panic!("meta row {k}: {e}"))
+        })
+        .collect()
+}
+
+fn put_back(db: &Path, rows: &[MetaRow]) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    for (k, v, m) in rows {
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value, mac) VALUES (?1, ?2, ?3)",
+            rusqlite::params![k, v, m],
+        )
+        .unwrap();
+    }
+}
+
+/// Start-up repairs act on the provider's key files only when the store
+/// proves them right: rows of a stopped rekey deleted or a key check
+/// copied (edits without the key) make the start refuse with nothing
+/// changed, key files intact; undone, the rekey resumes and every secret
+/// reads.
+#[test]
+fn edited_rekey_rows_never_cost_a_key_file() {
+    // Batches of one with a pause: the rekey is surely mid-way when killed.
+    let mut s = TestServer::start_with(&["--rekey-batch", "1", "--rekey-pause", "1s"]);
+    let (app, want) = fill(&s, 6);
+    s.cli(&["server", "rekey", "--no-wait"]).ok();
+    s.kill9();
+    let db = s.db();
+    let key = std::fs::read(s.state.join("master.key")).unwrap();
+    let next = std::fs::read(s.state.join("master.key.next")).unwrap();
+    let rows = meta_rows(&db, &["rekey_to", "rekey_key_check", "master_key_check"]);
+    let keys_intact = |when: &str| {
+        assert_eq!(
+            std::fs::read(s.state.join("master.key")).unwrap(),
+            key,
+            "{when}: master.key changed"
+        );
+        assert_eq!(
+            std::fs::read(s.state.join("master.key.next")).unwrap(),
+            next,
+            "{when}: master.key.next changed or went"
+        );
+        let names: Vec<String> = std::fs::read_dir(&s.state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".unused-"))
+            .collect();
+        assert!(names.is_empty(), "{when}: {names:?}");
+    };
+
+    // The rekey's record deleted: the next key looks like a stray.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("DELETE FROM meta WHERE key = 'rekey_to'", [])
+        .unwrap();
+    drop(conn);
+    let err = run_fails(&s.state, &[], &[]);
+    assert!(
+        err.contains("row set") && err.contains("secretfs server verify"),
+        "{err}"
+    );
+    keys_intact("rekey_to deleted");
+    put_back(&db, &rows);
+
+    // The new key's check copied over the (unsigned) key check and the
+    // rekey rows deleted: looks like a finished rekey, but most versions
+    // still need the old key.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'rekey_key_check')
+           WHERE key = 'master_key_check';
+         DELETE FROM meta WHERE key IN ('rekey_to', 'rekey_key_check');",
+    )
+    .unwrap();
+    drop(conn);
+    let err = run_fails(&s.state, &[], &[]);
+    assert!(
+        err.contains("do not open under the new key") && err.contains("secretfs server verify"),
+        "{err}"
+    );
+    keys_intact("key check copied");
+    put_back(&db, &rows);
+
+    // Undone: the rekey resumes and completes; everything reads.
+    s.restart_on("127.0.0.1:0");
+    assert_eq!(wait_rekeyed(&s), 2);
+    assert_eq!(read_everything(&s, &app), want);
+    assert_eq!(std::fs::read(s.state.join("master.key")).unwrap(), next);
 }

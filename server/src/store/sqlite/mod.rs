@@ -182,7 +182,6 @@ impl SqliteStore {
 /// Before the audit log is chained under `keys`: the database's master key
 /// check must open under them (a store with entries and no check is refused).
 fn check_key(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
-    use crate::envelope::{Sealed, KEY_CHECK, KEY_CHECK_PLAINTEXT};
     let blob: Option<Vec<u8>> = tx
         .query_row(
             "SELECT value FROM meta WHERE key = ?1",
@@ -204,18 +203,18 @@ fn check_key(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
             refuse("the database has no master key check")
         };
     };
-    // The wrapped data key is a fixed 12 + 32 + 16 bytes (see state_dir).
-    const WRAPPED: usize = 60;
-    if blob.len() < WRAPPED {
+    if blob.len() < crate::keys::KEY_CHECK_WRAPPED {
         return refuse("the database's master key check is damaged");
     }
-    let sealed = Sealed {
-        wrapped_key: blob[..WRAPPED].to_vec(),
-        ciphertext: blob[WRAPPED..].to_vec(),
-    };
-    match keys.open(KEY_CHECK, &sealed) {
-        Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT => Ok(()),
-        _ => refuse("the master key does not match this database (put the right master.key back)"),
+    let opens = crate::keys::key_check_opens(keys.current.master(), &blob)
+        || keys
+            .previous
+            .as_ref()
+            .is_some_and(|p| crate::keys::key_check_opens(p.master(), &blob));
+    if opens {
+        Ok(())
+    } else {
+        refuse("the master key does not match this database (put the right master.key back)")
     }
 }
 
@@ -532,6 +531,22 @@ impl Store for SqliteStore {
                 row_set::move_to_current(tx, &keys)?;
             }
             Ok(done)
+        })
+    }
+
+    fn versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>> {
+        self.db.read(|tx| rekey::not_opening(tx, key))
+    }
+
+    fn put_metas_audited(
+        &self,
+        entries: &[(&str, Option<&[u8]>)],
+        audit: &AuditEntry,
+    ) -> Result<()> {
+        let keys = self.keys.get();
+        self.db.write(|tx| {
+            rekey::put_metas(tx, &keys, entries)?;
+            audit::insert(tx, audit)
         })
     }
 

@@ -94,6 +94,33 @@ pub(super) fn rewrap(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize
     Ok(rows.len())
 }
 
+/// See [`crate::store::Store::versions_not_opening`].
+pub(super) fn not_opening(
+    tx: &Connection,
+    key: &crate::envelope::MasterKey,
+) -> Result<Vec<(String, u64)>> {
+    let mut stmt = tx.prepare(
+        "SELECT v.secret_id, v.version, s.name, v.wrapped_key
+         FROM secret_versions v JOIN secrets s ON s.id = v.secret_id
+         ORDER BY v.secret_id, v.version",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let (id, version, name): (i64, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        let wrapped: Vec<u8> = r.get(3)?;
+        let binding = Binding {
+            secret_id: id as u64,
+            name: &name,
+            version: version as u64,
+        };
+        if !key.opens_wrapped(binding, &wrapped) {
+            out.push((name, version as u64));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
