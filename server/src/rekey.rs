@@ -22,7 +22,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::envelope::{Binding, MasterKey, Sealed, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+use crate::envelope::{Binding, MasterKey, Sealed};
 use crate::error::Error;
 use crate::key_provider::KeySource;
 use crate::keys::{KeyRing, KeySet, Keys, MacKey};
@@ -70,14 +70,12 @@ fn unflat(blob: &[u8]) -> Option<Sealed> {
 
 /// The key check blob for `key` (what `server init` stores).
 pub fn key_check(key: &MasterKey) -> Result<Vec<u8>, Error> {
-    Ok(flat(&key.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?))
+    crate::keys::seal_key_check(key)
 }
 
 /// Whether `blob` is `key`'s key check.
 pub fn key_matches(blob: &[u8], key: &MasterKey) -> bool {
-    unflat(blob)
-        .and_then(|s| key.open(KEY_CHECK, &s).ok())
-        .is_some_and(|p| p.as_bytes() == KEY_CHECK_PLAINTEXT)
+    crate::keys::key_check_opens(key, blob)
 }
 
 fn epoch_of(store: &dyn Store, key: &str) -> Result<Option<u32>, Error> {

@@ -12,6 +12,18 @@ use std::path::Path;
 use crate::common::*;
 
 /// Runs `sql` (statements separated by ';') on the database file.
+/// Puts back the master key check a database from before the upgrade
+/// holds (v1), sealed with the test server's master key.
+fn put_pre_upgrade_key_check(s: &TestServer) {
+    let key = secretfs_server::state_dir::load_master_key(&s.state.join("master.key")).unwrap();
+    let v1 = secretfs_server::keys::pre_upgrade_key_check(&key).unwrap();
+    let hex: String = v1.iter().map(|b| format!("{b:02x}")).collect();
+    edit_db(
+        &s.db(),
+        &format!("UPDATE meta SET value = X'{hex}' WHERE key = 'master_key_check';"),
+    );
+}
+
 fn edit_db(db: &Path, sql: &str) {
     let out = python()
         .args([
@@ -504,6 +516,16 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
          DROP TABLE audit_head;
          PRAGMA user_version = 3;",
     );
+    // Rewound like that but with the key check this version writes (v2),
+    // it is an attack (edited rows adopted): refused, nothing changed.
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "run", "--state-dir"])
+        .arg(&s.state)
+        .args(["--listen", "127.0.0.1:0"]);
+    let run = run_cmd(cmd, None).fails(1, "rewound without the key");
+    assert!(run.stderr.contains("nothing was changed"), "{}", run.stderr);
+    // A real schema-3 database holds the check from before the upgrade (v1).
+    put_pre_upgrade_key_check(&s);
     s.restart_on("127.0.0.1:0");
     assert!(
         s.log().contains("signed once under the master key")

@@ -437,8 +437,123 @@ mod tests {
             .execute_batch("UPDATE audit SET chain = NULL; DELETE FROM audit_head;")
             .unwrap();
         drop(s);
-        let s = Arc::new(SqliteStore::open(&path, false, keys).unwrap());
+        let s = Arc::new(SqliteStore::open(&path, false, keys.clone()).unwrap());
         assert_eq!(kind(&s), Some((BreakKind::Edited, 1)));
         assert!(s.append_audit(&[entry("x")]).is_err());
+        // The upgrade replaced the v1 key check with the v2 one.
+        let check = s.get_meta(crate::state_dir::META_KEY_CHECK).unwrap().unwrap();
+        assert_eq!(
+            crate::keys::key_check_state(keys.get().current.master(), &check),
+            crate::keys::KeyCheckState::Upgraded
+        );
+    }
+
+    /// Dropping the chain columns and lowering user_version (the reviewer's
+    /// attack) no longer gets a forged log adopted: the v2 key check says
+    /// the database was upgraded, so the open is refused, nothing changed.
+    #[test]
+    fn a_schema_rewound_without_the_key_is_refused_not_readopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            // A store as `server init` makes it (with a key check).
+            let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
+            let check = crate::rekey::key_check(keys.get().current.master()).unwrap();
+            s.put_meta(crate::state_dir::META_KEY_CHECK, &check).unwrap();
+            s.append_audit(&[entry("a"), entry("mallory"), entry("c")])
+                .unwrap();
+            assert_eq!(s.verify_audit().unwrap().broken, None);
+        }
+        let before = migrate::MIGRATIONS
+            .iter()
+            .position(|m| *m == migrate::AUDIT_CHAIN)
+            .unwrap();
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "DELETE FROM audit WHERE actor = 'mallory';
+             INSERT INTO audit (at_ms, actor, action, allowed) VALUES (5, 'forged', 'secret.delete', 1);
+             ALTER TABLE audit DROP COLUMN chain; ALTER TABLE audit DROP COLUMN epoch;
+             DROP TABLE audit_head; DROP TABLE row_set; PRAGMA user_version = {before};"
+        ))
+        .unwrap();
+        drop(c);
+        let err = SqliteStore::open(&path, false, keys.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("already upgraded")
+                && err.contains("rewound")
+                && err.contains("nothing was changed"),
+            "{err}"
+        );
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, before, "nothing migrated");
+        // Rewound to before row MACs too: the same.
+        c.execute_batch("PRAGMA user_version = 3").unwrap();
+        drop(c);
+        let err = SqliteStore::open(&path, false, keys).unwrap_err().to_string();
+        assert!(err.contains("rewound"), "{err}");
+    }
+
+    /// A v1 key check put back into an upgraded database is refused too.
+    #[test]
+    fn a_pre_upgrade_key_check_in_an_upgraded_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
+            let v1 = crate::keys::pre_upgrade_key_check(keys.get().current.master()).unwrap();
+            s.put_meta(crate::state_dir::META_KEY_CHECK, &v1).unwrap();
+        }
+        let err = SqliteStore::open(&path, false, keys).unwrap_err().to_string();
+        assert!(err.contains("from before its upgrade"), "{err}");
+    }
+
+    /// A trigger put into the file would rewrite entries before they are
+    /// chained: the open is refused, naming it.
+    #[test]
+    fn a_trigger_view_or_unknown_table_in_the_file_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
+            s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        }
+        for (sql, name) in [
+            (
+                "CREATE TRIGGER hide AFTER INSERT ON audit WHEN NEW.actor = 'evil'
+                 BEGIN UPDATE audit SET actor = 'alice', secret = 'other' WHERE id = NEW.id; END;",
+                "trigger \"hide\"",
+            ),
+            ("CREATE VIEW v AS SELECT * FROM audit", "view \"v\""),
+            ("CREATE TABLE stash (x)", "table \"stash\""),
+        ] {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(sql).unwrap();
+            drop(c);
+            let err = SqliteStore::open(&path, false, keys.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(name) && err.contains("Restore it from a backup"),
+                "{err}"
+            );
+            let c = rusqlite::Connection::open(&path).unwrap();
+            let drop_sql = match name.split(' ').next().unwrap() {
+                "trigger" => "DROP TRIGGER hide",
+                "view" => "DROP VIEW v",
+                _ => "DROP TABLE stash",
+            };
+            c.execute_batch(drop_sql).unwrap();
+        }
+        let s = SqliteStore::open(&path, false, keys).unwrap();
+        s.append_audit(&[entry("evil")]).unwrap();
+        assert_eq!(s.verify_audit().unwrap().broken, None);
     }
 }
