@@ -20,17 +20,26 @@ use crate::store::{now_ms, AuditEntry, AuditFilter, Result, StoreError};
 /// Makes the writer connection's list of entries to chain (per connection,
 /// never in the database file).
 pub(super) fn setup_writer(conn: &Connection) -> Result<()> {
-    conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS audit_pending (id INTEGER PRIMARY KEY)")?;
+    // The entry as the server inserted it is kept here too: a trigger in
+    // the database file could rewrite the row before it is chained, and
+    // nothing in the file can touch a TEMP table.
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS audit_pending (
+           id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, actor TEXT NOT NULL,
+           action TEXT NOT NULL, secret TEXT, client TEXT, grp TEXT, version INTEGER,
+           allowed INTEGER NOT NULL, detail TEXT NOT NULL)",
+    )?;
     Ok(())
 }
 
 pub(super) fn insert(tx: &Connection, e: &AuditEntry) -> Result<()> {
+    let at_ms = if e.at_ms == 0 { now_ms() } else { e.at_ms };
     let id: i64 = tx.prepare_cached(
         "INSERT INTO audit (at_ms, actor, action, secret, client, grp, version, allowed, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
     )?
     .query_row(params![
-        if e.at_ms == 0 { now_ms() } else { e.at_ms },
+        at_ms,
         e.actor,
         e.action,
         e.secret,
@@ -40,8 +49,23 @@ pub(super) fn insert(tx: &Connection, e: &AuditEntry) -> Result<()> {
         e.allowed,
         e.detail
     ], |r| r.get(0))?;
-    tx.prepare_cached("INSERT INTO temp.audit_pending (id) VALUES (?1)")?
-        .execute([id])?;
+    tx.prepare_cached(
+        "INSERT INTO temp.audit_pending
+           (id, at_ms, actor, action, secret, client, grp, version, allowed, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        id,
+        at_ms,
+        e.actor,
+        e.action,
+        e.secret,
+        e.client,
+        e.group,
+        e.version.map(|v| v as i64),
+        e.allowed,
+        e.detail
+    ])?;
     Ok(())
 }
 
@@ -55,10 +79,14 @@ fn tampered(what: String) -> StoreError {
 /// Chains the entries this write job inserted, after the head, and moves
 /// the head; in the job's transaction.
 pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
-    let ids: Vec<i64> = tx
-        .prepare_cached("SELECT id FROM temp.audit_pending ORDER BY id")?
-        .query_map([], |r| r.get(0))?
+    let inserted: Vec<AuditEntry> = tx
+        .prepare_cached(
+            "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail
+             FROM temp.audit_pending ORDER BY id",
+        )?
+        .query_map([], entry)?
         .collect::<Result<_, _>>()?;
+    let ids: Vec<i64> = inserted.iter().map(|e| e.id as i64).collect();
     if ids.is_empty() {
         return Ok(());
     }
@@ -71,7 +99,10 @@ pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
     let after: i64 = tx
         .prepare_cached("SELECT COUNT(*) FROM audit WHERE id > ?1")?
         .query_row([head.last_id as i64], |r| r.get(0))?;
-    if after as usize != ids.len() || ids[0] <= head.last_id as i64 {
+    // The ids the server writes are contiguous: the first after the head
+    // is the head's plus one (a gap is an entry deleted without the key).
+    let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
+    if after as usize != ids.len() || ids[0] != head.last_id as i64 + 1 || !contiguous {
         return Err(tampered(format!(
             "the audit log holds entries after its head (entry {}) that this server did not write",
             head.last_id
@@ -81,8 +112,16 @@ pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
     let mut prev = head.chain;
     let mut load = tx.prepare_cached(&format!("{SELECT} WHERE id = ?1"))?;
     let mut store = tx.prepare_cached("UPDATE audit SET epoch = ?1, chain = ?2 WHERE id = ?3")?;
-    for id in &ids {
+    for (id, mine) in ids.iter().zip(&inserted) {
         let e = load.query_row([id], entry)?;
+        // Chained only as the server wrote it: a row rewritten in between
+        // (a trigger in the file) fails the job.
+        if e != *mine {
+            return Err(tampered(format!(
+                "audit entry {id} was changed between its insert and its chaining (is there a \
+                 trigger in the database file?)"
+            )));
+        }
         let chain = chain_value(keys, &e, &prev);
         store.execute(params![epoch, chain, id])?;
         prev = chain;
@@ -497,6 +536,32 @@ mod tests {
         drop(c);
         let err = SqliteStore::open(&path, false, keys).unwrap_err().to_string();
         assert!(err.contains("rewound"), "{err}");
+    }
+
+    /// A trigger added while the server runs (the open's check is past)
+    /// rewrites an entry between its insert and its chaining: the job
+    /// fails, nothing is chained, the log stays whole.
+    #[test]
+    fn an_entry_changed_between_insert_and_chain_fails_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        let s = SqliteStore::open(&path, true, keys).unwrap();
+        s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TRIGGER hide AFTER INSERT ON audit WHEN NEW.actor = 'evil'
+             BEGIN UPDATE audit SET actor = 'alice' WHERE id = NEW.id; END;",
+        )
+        .unwrap();
+        let err = s.append_audit(&[entry("evil")]).unwrap_err().to_string();
+        assert!(err.contains("changed between its insert and its chaining"), "{err}");
+        let v = s.verify_audit().unwrap();
+        assert_eq!((v.checked, v.broken), (2, None));
+        assert!(s.query_audit(&Default::default()).unwrap().iter().all(|e| e.actor != "alice"));
+        // Entries the trigger leaves alone are chained as before.
+        s.append_audit(&[entry("c")]).unwrap();
+        assert_eq!(s.verify_audit().unwrap().checked, 3);
     }
 
     /// A v1 key check put back into an upgraded database is refused too.
