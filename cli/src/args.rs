@@ -342,6 +342,11 @@ pub struct RunArgs {
         env = "SECRETFS_AUDIT_LOG_KEEP"
     )]
     pub audit_log_keep: u32,
+    /// Seconds a write to --audit-log may block (a stalled reader of
+    /// stdout, a hung filesystem) before requests are refused; for tests.
+    #[arg(long, hide = true, default_value_t = 10, env = "SECRETFS_AUDIT_LOG_STALL_SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_stall_secs: u64,
     /// Seconds between checks of the row set while running (default one
     /// hour); for tests.
     #[arg(long, hide = true, default_value_t = 3600, env = "SECRETFS_INTEGRITY_CHECK_SECS",
