@@ -339,19 +339,19 @@ impl Out {
     }
 }
 
-/// PATH.N-1 to PATH.N, ..., PATH to PATH.1 (PATH removed when none are kept).
+/// PATH.N-1 to PATH.N, ..., PATH to PATH.1. At least one rotated file is
+/// kept (`--audit-log-keep` is 1 or more): removing PATH instead would
+/// leave, after a crash between the removal and the next line, a sink with
+/// no last line to resume from and check.
 fn rotate(path: &Path, keep: u32) -> std::io::Result<()> {
+    let keep = keep.max(1);
     for n in (1..keep).rev() {
         let from = rotated(path, n);
         if from.exists() {
             std::fs::rename(&from, rotated(path, n + 1))?;
         }
     }
-    if keep == 0 {
-        std::fs::remove_file(path)
-    } else {
-        std::fs::rename(path, rotated(path, 1))
-    }
+    std::fs::rename(path, rotated(path, 1))
 }
 
 /// Checks the sink against the database and starts the exporter thread,

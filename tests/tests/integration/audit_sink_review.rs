@@ -229,3 +229,17 @@ fn the_stdout_sink_resumes_after_the_last_entry_it_exported() {
     }));
     s.stop(Signal::TERM);
 }
+
+#[test]
+fn keeping_no_rotated_audit_file_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path());
+    let mut run = Command::new(bin());
+    run.args(["server", "run", "--state-dir"])
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0", "--audit-log"])
+        .arg(tmp.path().join("audit.jsonl"))
+        .args(["--audit-log-keep", "0"]);
+    let out = run_cmd(run, None).fails(2, "--audit-log-keep");
+    assert!(out.stderr.contains("0 is not in 1.."), "{}", out.stderr);
+}

@@ -211,7 +211,14 @@ pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<AuditVerdict> {
     let mut prev = GENESIS.to_vec();
     while let Some(row) = rows.next()? {
         let id = row.get::<_, i64>(0)? as u64;
+        // `allowed` is 0 or 1 as the server writes it; any other value
+        // reads as `true` (the MAC holds) but escapes `--outcome allowed`.
+        let allowed = row.get_ref(8)?;
         let item = match chained(row) {
+            _ if !matches!(allowed, rusqlite::types::ValueRef::Integer(0 | 1)) => Err((
+                id,
+                format!("its allowed column holds {allowed:?}, neither 0 nor 1"),
+            )),
             Ok((entry, epoch, chain)) => {
                 let next = chain.clone().unwrap_or_default();
                 let item = ChainedEntry {
@@ -562,6 +569,20 @@ mod tests {
         // Entries the trigger leaves alone are chained as before.
         s.append_audit(&[entry("c")]).unwrap();
         assert_eq!(s.verify_audit().unwrap().checked, 3);
+    }
+
+    /// `allowed = 2` reads as true (the MAC holds) but hides the entry from
+    /// `--outcome allowed`: an edited entry.
+    #[test]
+    fn an_allowed_value_other_than_0_or_1_is_an_edit() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        s.db.writer()
+            .execute("UPDATE audit SET allowed = 2 WHERE id = 2", [])
+            .unwrap();
+        assert_eq!(kind(&s), Some((BreakKind::Edited, 2)));
+        let detail = s.verify_audit().unwrap().broken.unwrap().detail;
+        assert!(detail.contains("neither 0 nor 1"), "{detail}");
     }
 
     /// A v1 key check put back into an upgraded database is refused too.
