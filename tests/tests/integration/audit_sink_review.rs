@@ -2,7 +2,8 @@
 //! marks the sink stalled (requests refused) until it completes, a FIFO
 //! sink works, and stdout resumes after the last entry it exported, so
 //! what was committed but not exported (kill -9) or written while the
-//! server ran without it reaches it.
+//! server ran without it reaches it. And a trigger put into the database
+//! file (it would rewrite entries before they are chained) is refused.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -242,4 +243,26 @@ fn keeping_no_rotated_audit_file_is_refused() {
         .args(["--audit-log-keep", "0"]);
     let out = run_cmd(run, None).fails(2, "--audit-log-keep");
     assert!(out.stderr.contains("0 is not in 1.."), "{}", out.stderr);
+}
+
+#[test]
+fn a_trigger_in_the_database_file_is_refused_by_run_and_named_by_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = init(tmp.path());
+    let conn = rusqlite::Connection::open(state.join("secretfs.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER hide AFTER INSERT ON audit WHEN NEW.actor = 'evil'
+         BEGIN UPDATE audit SET actor = 'alice' WHERE id = NEW.id; END;",
+    )
+    .unwrap();
+    drop(conn);
+    let mut run = Command::new(bin());
+    run.args(["server", "run", "--state-dir"])
+        .arg(&state)
+        .args(["--listen", "127.0.0.1:0"]);
+    let out = run_cmd(run, None).fails(1, "trigger \"hide\"");
+    assert!(out.stderr.contains("Restore it from a backup"), "{}", out.stderr);
+    let mut verify = Command::new(bin());
+    verify.args(["server", "verify", "--state-dir"]).arg(&state);
+    run_cmd(verify, None).fails(1, "trigger \"hide\"");
 }
