@@ -521,7 +521,8 @@ impl Resume {
     /// Records the last id exported (a new file renamed over the old).
     fn save(&mut self, id: u64, chain: &[u8]) {
         use std::os::unix::fs::OpenOptionsExt;
-        let text = json!({"target": self.target, "id": id, "chain": hex::encode(chain)}).to_string();
+        let text =
+            json!({"target": self.target, "id": id, "chain": hex::encode(chain)}).to_string();
         let mut tmp = self.file.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -548,7 +549,8 @@ impl Resume {
     }
 }
 
-const FILE_FIX: &str = "restore the database from a backup, or move the audit log aside to start a \
+const FILE_FIX: &str =
+    "restore the database from a backup, or move the audit log aside to start a \
                         new one after investigating (`secretfs audit verify` checks the database's \
                         own chain)";
 

@@ -313,9 +313,15 @@ impl<'k> Walker<'k> {
                     BreakKind::Deleted,
                     from,
                     if from == to {
-                        format!("entry {from} is missing (the ids jump from {} to {id})", self.prev_id)
+                        format!(
+                            "entry {from} is missing (the ids jump from {} to {id})",
+                            self.prev_id
+                        )
                     } else {
-                        format!("entries {from} to {to} are missing (the ids jump from {} to {id})", self.prev_id)
+                        format!(
+                            "entries {from} to {to} are missing (the ids jump from {} to {id})",
+                            self.prev_id
+                        )
                     },
                 );
             }
@@ -518,7 +524,11 @@ mod tests {
         let head = AuditHead::sign(&k, 6, prev);
         let v = walk(&k, rows, Some(head));
         assert_eq!(kind(&v), (BreakKind::Deleted, 3));
-        assert!(v.broken.unwrap().detail.contains("entries 3 to 4 are missing"));
+        assert!(v
+            .broken
+            .unwrap()
+            .detail
+            .contains("entries 3 to 4 are missing"));
     }
 
     #[test]

@@ -141,7 +141,10 @@ fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() 
     let long = ["x".repeat(250), "y".repeat(250), "z".repeat(250)].join("/");
     let mut refused = None;
     for i in 0..400 {
-        let run = s.cli(&["secret", "add", &format!("stall/{long}/{i:03}")], Some(b"v"));
+        let run = s.cli(
+            &["secret", "add", &format!("stall/{long}/{i:03}")],
+            Some(b"v"),
+        );
         if run.code != 0 {
             refused = Some(run);
             break;
@@ -149,7 +152,9 @@ fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() 
     }
     let refused = refused.expect("a sink that cannot write was never noticed");
     assert!(
-        refused.stderr.contains("stalled: no write completed for 1 s")
+        refused
+            .stderr
+            .contains("stalled: no write completed for 1 s")
             && refused.stderr.contains("the audit log on stdout"),
         "{}",
         refused.stderr
@@ -160,7 +165,10 @@ fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() 
         .cli(&["secret", "add", "stall/after"], Some(b"v"))
         .code
         == 0));
-    assert!(eventually(Duration::from_secs(20), || created(&seen, "stall/after") == 1));
+    assert!(eventually(Duration::from_secs(20), || created(
+        &seen,
+        "stall/after"
+    ) == 1));
     s.stop(Signal::TERM);
 }
 
@@ -205,7 +213,10 @@ fn the_stdout_sink_resumes_after_the_last_entry_it_exported() {
     let (mut s, out) = Raw::start(&state, &stdout_sink);
     let first = collect(out);
     s.cli(&["secret", "add", "resume/one"], Some(b"v")).ok();
-    assert!(eventually(Duration::from_secs(20), || created(&first, "resume/one") == 1));
+    assert!(eventually(Duration::from_secs(20), || created(
+        &first,
+        "resume/one"
+    ) == 1));
     s.stop(Signal::TERM);
     // A run without the sink: its entry is committed, never exported.
     let (mut s, _out) = Raw::start(&state, &[]);
@@ -215,7 +226,10 @@ fn the_stdout_sink_resumes_after_the_last_entry_it_exported() {
     let (mut s, out) = Raw::start(&state, &stdout_sink);
     let second = collect(out);
     assert!(
-        eventually(Duration::from_secs(20), || created(&second, "resume/offline") == 1),
+        eventually(Duration::from_secs(20), || created(
+            &second,
+            "resume/offline"
+        ) == 1),
         "{:?}",
         second.lock().unwrap()
     );
@@ -261,7 +275,11 @@ fn a_trigger_in_the_database_file_is_refused_by_run_and_named_by_verify() {
         .arg(&state)
         .args(["--listen", "127.0.0.1:0"]);
     let out = run_cmd(run, None).fails(1, "trigger \"hide\"");
-    assert!(out.stderr.contains("Restore it from a backup"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("Restore it from a backup"),
+        "{}",
+        out.stderr
+    );
     let mut verify = Command::new(bin());
     verify.args(["server", "verify", "--state-dir"]).arg(&state);
     run_cmd(verify, None).fails(1, "trigger \"hide\"");

@@ -487,7 +487,10 @@ mod tests {
         assert_eq!(kind(&s), Some((BreakKind::Edited, 1)));
         assert!(s.append_audit(&[entry("x")]).is_err());
         // The upgrade replaced the v1 key check with the v2 one.
-        let check = s.get_meta(crate::state_dir::META_KEY_CHECK).unwrap().unwrap();
+        let check = s
+            .get_meta(crate::state_dir::META_KEY_CHECK)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             crate::keys::key_check_state(keys.get().current.master(), &check),
             crate::keys::KeyCheckState::Upgraded
@@ -506,7 +509,8 @@ mod tests {
             // A store as `server init` makes it (with a key check).
             let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
             let check = crate::rekey::key_check(keys.get().current.master()).unwrap();
-            s.put_meta(crate::state_dir::META_KEY_CHECK, &check).unwrap();
+            s.put_meta(crate::state_dir::META_KEY_CHECK, &check)
+                .unwrap();
             s.append_audit(&[entry("a"), entry("mallory"), entry("c")])
                 .unwrap();
             assert_eq!(s.verify_audit().unwrap().broken, None);
@@ -541,7 +545,9 @@ mod tests {
         // Rewound to before row MACs too: the same.
         c.execute_batch("PRAGMA user_version = 3").unwrap();
         drop(c);
-        let err = SqliteStore::open(&path, false, keys).unwrap_err().to_string();
+        let err = SqliteStore::open(&path, false, keys)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("rewound"), "{err}");
     }
 
@@ -562,10 +568,17 @@ mod tests {
         )
         .unwrap();
         let err = s.append_audit(&[entry("evil")]).unwrap_err().to_string();
-        assert!(err.contains("changed between its insert and its chaining"), "{err}");
+        assert!(
+            err.contains("changed between its insert and its chaining"),
+            "{err}"
+        );
         let v = s.verify_audit().unwrap();
         assert_eq!((v.checked, v.broken), (2, None));
-        assert!(s.query_audit(&Default::default()).unwrap().iter().all(|e| e.actor != "alice"));
+        assert!(s
+            .query_audit(&Default::default())
+            .unwrap()
+            .iter()
+            .all(|e| e.actor != "alice"));
         // Entries the trigger leaves alone are chained as before.
         s.append_audit(&[entry("c")]).unwrap();
         assert_eq!(s.verify_audit().unwrap().checked, 3);
@@ -596,7 +609,9 @@ mod tests {
             let v1 = crate::keys::pre_upgrade_key_check(keys.get().current.master()).unwrap();
             s.put_meta(crate::state_dir::META_KEY_CHECK, &v1).unwrap();
         }
-        let err = SqliteStore::open(&path, false, keys).unwrap_err().to_string();
+        let err = SqliteStore::open(&path, false, keys)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("from before its upgrade"), "{err}");
     }
 
