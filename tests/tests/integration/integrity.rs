@@ -364,12 +364,24 @@ fn deleting_a_grant_only_takes_access_away() {
 }
 
 /// Copies `table`'s rows matching `filter` into `copy` (an old copy of the
-/// database, kept by someone who can write it).
+/// database, kept by someone who can write it), in a file beside it (a
+/// table of its own in the database would be refused at start).
 fn keep_copy(s: &TestServer, table: &str, copy: &str, filter: &str) {
     edit_db(
         &s.db(),
-        &format!("CREATE TABLE {copy} AS SELECT * FROM {table} WHERE {filter}"),
+        &format!(
+            "{} CREATE TABLE old.{copy} AS SELECT * FROM {table} WHERE {filter};",
+            attach_copy(s)
+        ),
     );
+}
+
+/// SQL that attaches the copies `keep_copy` made as `old`.
+fn attach_copy(s: &TestServer) -> String {
+    format!(
+        "ATTACH DATABASE '{}' AS old;",
+        s.state.join("old-copy.db").display()
+    )
 }
 
 #[test]
@@ -393,7 +405,13 @@ fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
 
     // The old membership row put back, its old MAC and all: the row is
     // good by itself, so only the row set tells.
-    edit_db(&s.db(), "INSERT INTO group_clients SELECT * FROM saved_gc");
+    edit_db(
+        &s.db(),
+        &format!(
+            "{} INSERT INTO group_clients SELECT * FROM old.saved_gc;",
+            attach_copy(&s)
+        ),
+    );
     let run = start_refused(&s);
     assert!(run.stderr.contains("since revision"), "{}", run.stderr);
     let (code, bad, stderr) = verify(&s);
@@ -424,10 +442,13 @@ fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
     s.stop();
     edit_db(
         &s.db(),
-        "UPDATE secrets SET current_version = (SELECT current_version FROM saved_s),
-                version_count = (SELECT version_count FROM saved_s),
-                updated_at = (SELECT updated_at FROM saved_s),
-                mac = (SELECT mac FROM saved_s) WHERE name = 'db'",
+        &format!(
+            "{} UPDATE secrets SET current_version = (SELECT current_version FROM old.saved_s),
+                version_count = (SELECT version_count FROM old.saved_s),
+                updated_at = (SELECT updated_at FROM old.saved_s),
+                mac = (SELECT mac FROM old.saved_s) WHERE name = 'db';",
+            attach_copy(&s)
+        ),
     );
     start_refused(&s);
     let (code, bad, stderr) = verify(&s);
