@@ -391,7 +391,7 @@ fn the_stdout_sink_writes_one_json_line_per_entry() {
 }
 
 /// The gRPC health status (overall) on the plain-text health listener.
-fn health(addr: &str) -> i32 {
+pub(crate) fn health(addr: &str) -> i32 {
     rt().block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -409,8 +409,8 @@ fn health(addr: &str) -> i32 {
     })
 }
 
-const SERVING: i32 = 1;
-const NOT_SERVING: i32 = 2;
+pub(crate) const SERVING: i32 = 1;
+pub(crate) const NOT_SERVING: i32 = 2;
 
 #[test]
 fn a_sink_that_cannot_write_refuses_requests_and_catches_up_once_it_can() {

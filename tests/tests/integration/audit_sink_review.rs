@@ -10,6 +10,7 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::audit_chain::{health, NOT_SERVING, SERVING};
 use crate::common::{bin, eventually, run_cmd, signal, wait_bounded, Identity, Run, Signal};
 
 /// A server run straight from the binary (`server run` with `extra`), its
@@ -17,6 +18,7 @@ use crate::common::{bin, eventually, run_cmd, signal, wait_bounded, Identity, Ru
 struct Raw {
     child: Option<Child>,
     addr: String,
+    health_addr: Option<String>,
     state: PathBuf,
     admin: Identity,
 }
@@ -56,6 +58,7 @@ impl Raw {
             Raw {
                 child: Some(child),
                 addr: addr["addr"].as_str().unwrap().to_owned(),
+                health_addr: addr["health_addr"].as_str().map(str::to_owned),
                 state: state.to_owned(),
                 admin: Identity::in_dir(state, "admin"),
             },
@@ -135,7 +138,19 @@ fn created(seen: &Mutex<Vec<serde_json::Value>>, name: &str) -> usize {
 fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() {
     let tmp = tempfile::tempdir().unwrap();
     let state = init(tmp.path());
-    let (mut s, stdout) = Raw::start(&state, &["--audit-log", "-", "--audit-log-stall-secs", "1"]);
+    let (mut s, stdout) = Raw::start(
+        &state,
+        &[
+            "--audit-log",
+            "-",
+            "--audit-log-stall-secs",
+            "1",
+            "--health-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let health_addr = s.health_addr.clone().unwrap();
+    assert_eq!(health(&health_addr), SERVING);
     // Never read (a stalled log shipper) until the pipe is full and the
     // sink blocks: then requests are refused, naming the stall.
     let long = ["x".repeat(250), "y".repeat(250), "z".repeat(250)].join("/");
@@ -159,6 +174,7 @@ fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() 
         "{}",
         refused.stderr
     );
+    assert_eq!(health(&health_addr), NOT_SERVING);
     // The reader comes back: the write completes and requests are served.
     let seen = collect(stdout);
     assert!(eventually(Duration::from_secs(30), || s
@@ -169,6 +185,7 @@ fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() 
         &seen,
         "stall/after"
     ) == 1));
+    assert!(eventually(Duration::from_secs(10), || health(&health_addr) == SERVING));
     s.stop(Signal::TERM);
 }
 

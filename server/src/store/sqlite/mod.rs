@@ -297,7 +297,9 @@ pub(crate) fn foreign_schema_objects(conn: &Connection) -> Result<Vec<String>> {
         if kind == "table" && KNOWN_TABLES.contains(&name.as_str()) {
             continue;
         }
-        found.push(format!("{kind} \"{name}\""));
+        // The name is the editor's: quoted with escapes, and cut short.
+        let name: String = name.chars().take(64).collect();
+        found.push(format!("{kind} {name:?}"));
     }
     Ok(found)
 }
