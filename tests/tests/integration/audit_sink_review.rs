@@ -174,7 +174,8 @@ fn a_sink_whose_write_blocks_is_marked_stalled_and_recovers_when_it_completes() 
         "{}",
         refused.stderr
     );
-    assert_eq!(health(&health_addr), NOT_SERVING);
+    assert!(eventually(Duration::from_secs(10), || health(&health_addr)
+        == NOT_SERVING));
     // The reader comes back: the write completes and requests are served.
     let seen = collect(stdout);
     assert!(eventually(Duration::from_secs(30), || s
