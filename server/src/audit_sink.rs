@@ -120,6 +120,15 @@ impl SinkStatus {
     /// The sentence a refused request gets while the sink cannot write.
     pub fn refusal(&self) -> Option<String> {
         let why = lock(&self.failed).clone()?;
+        if why.starts_with("stalled") {
+            return Some(format!(
+                "{} cannot be written ({why}); every request is refused until it can, so nothing \
+                 happens that the external audit does not record. Its reader stopped reading (a \
+                 stuck log shipper) or its filesystem hangs: fix that, and requests are served \
+                 again as soon as the write completes",
+                self.name
+            ));
+        }
         Some(format!(
             "{} cannot be written ({why}); every request is refused until it can, so nothing \
              happens that the external audit does not record. Free space on its filesystem or \
