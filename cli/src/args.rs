@@ -334,14 +334,22 @@ pub struct RunArgs {
           env = "SECRETFS_AUDIT_LOG_MAX_SIZE",
           value_parser = clap::value_parser!(u64).range(4096..))]
     pub audit_log_max_size: u64,
-    /// Rotated --audit-log files kept: PATH.1 (newest) to PATH.N; 0 keeps none.
+    /// Rotated --audit-log files kept: PATH.1 (newest) to PATH.N (at least 1:
+    /// the file is renamed, never removed, so a crash mid-rotation loses no
+    /// line).
     #[arg(
         long,
         value_name = "N",
         default_value_t = 5,
-        env = "SECRETFS_AUDIT_LOG_KEEP"
+        env = "SECRETFS_AUDIT_LOG_KEEP",
+        value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub audit_log_keep: u32,
+    /// Seconds a write to --audit-log may block (a stalled reader of
+    /// stdout, a hung filesystem) before requests are refused; for tests.
+    #[arg(long, hide = true, default_value_t = 10, env = "SECRETFS_AUDIT_LOG_STALL_SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub audit_log_stall_secs: u64,
     /// Seconds between checks of the row set while running (default one
     /// hour); for tests.
     #[arg(long, hide = true, default_value_t = 3600, env = "SECRETFS_INTEGRITY_CHECK_SECS",

@@ -15,15 +15,26 @@
 //! On start a file sink resumes after the id of its last line, and that
 //! line must match the database (same id, same chain value): a database
 //! whose audit tail was deleted and head row rolled back is refused there.
-//! A new file starts with the whole log; stdout (and any file that is not
-//! a regular file) starts after the current head, since a log shipper would
-//! otherwise get the whole log again at every start.
+//! A new file starts with the whole log. Stdout (and any file that is not
+//! a regular file: a FIFO, a character device) cannot be read back, so the
+//! last id exported there is remembered in a small file in the state
+//! directory (`audit-sink.exported`, written after each batch): the next
+//! start resumes after it, so entries committed but not exported at a
+//! crash, or written while the server ran without this sink (`server
+//! verify --accept`), still reach it (at least once: a crash between a
+//! write and the record repeats that batch). With no record for this
+//! target (its first start), it starts after the current head.
+//!
+//! A write that blocks (stdout piped to a stalled reader, a hung network
+//! filesystem) never returns an error; a watchdog marks the sink failed
+//! ("stalled") once entries wait and no write has completed for
+//! [`DEFAULT_STALL`], with the same refusals, until a write completes.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -40,6 +51,8 @@ const RETRY: Duration = Duration::from_secs(1);
 
 pub const DEFAULT_MAX_SIZE: u64 = 100 * 1024 * 1024;
 pub const DEFAULT_KEEP: u32 = 5;
+/// Entries wait and no write completed for this long: the sink is stalled.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(10);
 
 /// Where the audit goes besides the database.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +68,11 @@ pub struct SinkOptions {
     pub max_size: u64,
     /// Rotated files kept: PATH.1 (newest) to PATH.N.
     pub keep: u32,
+    /// A write pending this long without completing marks the sink failed.
+    pub stall: Duration,
+    /// Where a sink that cannot be read back (stdout, a FIFO) records the
+    /// last id it exported (the server sets it in the state directory).
+    pub resume_file: Option<PathBuf>,
 }
 
 /// What the rest of the server sees of the sink.
@@ -69,6 +87,8 @@ pub struct SinkStatus {
     serving: tokio::sync::watch::Sender<bool>,
     /// Set at shutdown: export what is committed, then end.
     stop: std::sync::atomic::AtomicBool,
+    /// When the write under way began (the watchdog's clock).
+    writing_since: Mutex<Option<Instant>>,
 }
 
 impl SinkStatus {
@@ -79,6 +99,7 @@ impl SinkStatus {
             exported: Mutex::new(None),
             serving: tokio::sync::watch::channel(true).0,
             stop: Default::default(),
+            writing_since: Mutex::new(None),
         }
     }
 
@@ -99,6 +120,15 @@ impl SinkStatus {
     /// The sentence a refused request gets while the sink cannot write.
     pub fn refusal(&self) -> Option<String> {
         let why = lock(&self.failed).clone()?;
+        if why.starts_with("stalled") {
+            return Some(format!(
+                "{} cannot be written ({why}); every request is refused until it can, so nothing \
+                 happens that the external audit does not record. Its reader stopped reading (a \
+                 stuck log shipper) or its filesystem hangs: fix that, and requests are served \
+                 again as soon as the write completes",
+                self.name
+            ));
+        }
         Some(format!(
             "{} cannot be written ({why}); every request is refused until it can, so nothing \
              happens that the external audit does not record. Free space on its filesystem or \
@@ -208,14 +238,20 @@ fn last_line(path: &Path) -> Result<Option<(u64, Vec<u8>)>, Error> {
 
 /// Opens the sink file for appending: created 0600, never through a
 /// symbolic link.
+///
+/// Opened non-blocking, so a FIFO without a reader fails at once (ENXIO)
+/// instead of blocking the start forever; writes then block as usual.
 fn open_append(path: &Path) -> std::io::Result<File> {
+    use rustix::fs::OFlags;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags((OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
         .open(path)?;
+    let flags = rustix::fs::fcntl_getfl(&f)?;
+    rustix::fs::fcntl_setfl(&f, flags - OFlags::NONBLOCK)?;
     let meta = f.metadata()?;
     if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
@@ -291,7 +327,10 @@ impl Out {
                         n += 1;
                     }
                     let f = file.as_mut().expect("opened above");
-                    let written = f.write_all(chunk.as_bytes()).and_then(|()| f.sync_data());
+                    // fsync only means something for a regular file (a FIFO
+                    // or a character device refuses it with EINVAL).
+                    let durable = |f: &mut File| if *regular { f.sync_data() } else { Ok(()) };
+                    let written = f.write_all(chunk.as_bytes()).and_then(|()| durable(f));
                     if let Err(e) = written {
                         // Leave no partial line behind, and reopen on retry.
                         if *regular {
@@ -309,19 +348,19 @@ impl Out {
     }
 }
 
-/// PATH.N-1 to PATH.N, ..., PATH to PATH.1 (PATH removed when none are kept).
+/// PATH.N-1 to PATH.N, ..., PATH to PATH.1. At least one rotated file is
+/// kept (`--audit-log-keep` is 1 or more): removing PATH instead would
+/// leave, after a crash between the removal and the next line, a sink with
+/// no last line to resume from and check.
 fn rotate(path: &Path, keep: u32) -> std::io::Result<()> {
+    let keep = keep.max(1);
     for n in (1..keep).rev() {
         let from = rotated(path, n);
         if from.exists() {
             std::fs::rename(&from, rotated(path, n + 1))?;
         }
     }
-    if keep == 0 {
-        std::fs::remove_file(path)
-    } else {
-        std::fs::rename(path, rotated(path, 1))
-    }
+    std::fs::rename(path, rotated(path, 1))
 }
 
 /// Checks the sink against the database and starts the exporter thread,
@@ -347,11 +386,18 @@ pub fn start(
             };
             // Fails the start on a path that cannot be opened (a missing
             // directory, no permission), rather than the first request.
-            open_append(path).map_err(|e| {
-                Error::io(
-                    format!("cannot open {name} (--audit-log); create its directory or give another path"),
-                    e,
-                )
+            let opened = open_append(path).map_err(|e| {
+                if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
+                    Error::Config(format!(
+                        "{name} is a FIFO with no reader (--audit-log); start its reader first, \
+                         then the server"
+                    ))
+                } else {
+                    Error::io(
+                        format!("cannot open {name} (--audit-log); create its directory or give another path"),
+                        e,
+                    )
+                }
             })?;
             let mut last = None;
             if regular {
@@ -364,11 +410,14 @@ pub fn start(
                     last = Some((0, crate::store::audit_chain::GENESIS.to_vec()));
                 }
             }
+            // A FIFO keeps the end opened here: closing it would give its
+            // reader an end of file.
+            let file = (!regular).then_some(opened);
             (
                 name,
                 Out::File {
                     path: path.clone(),
-                    file: None,
+                    file,
                     size: 0,
                     regular,
                 },
@@ -376,30 +425,153 @@ pub fn start(
             )
         }
     };
+    // A sink that cannot be read back resumes from its record.
+    let resume = match start {
+        Some(_) => None,
+        None => opts
+            .resume_file
+            .clone()
+            .map(|file| Resume::new(file, &opts.target)),
+    };
     let start = match start {
         Some((0, chain)) => (0, chain),
         Some((id, chain)) => {
-            check_against_store(store.as_ref(), &name, id, &chain)?;
+            check_against_store(store.as_ref(), &name, id, &chain, FILE_FIX)?;
             (id, chain)
         }
-        None => (head_id, head.map(|h| h.chain).unwrap_or_default()),
+        None => match resume.as_ref().and_then(Resume::load) {
+            Some((0, chain)) => (0, chain),
+            Some((id, chain)) => {
+                let file = resume.as_ref().map(|r| r.file.display().to_string());
+                let fix = format!(
+                    "restore the database from a backup, or after investigating delete {} to start \
+                     the sink at the current end of the log (`secretfs audit verify` checks the \
+                     database's own chain)",
+                    file.as_deref().unwrap_or_default()
+                );
+                check_against_store(store.as_ref(), &name, id, &chain, &fix)?;
+                (id, chain)
+            }
+            None => (head_id, head.map(|h| h.chain).unwrap_or_default()),
+        },
     };
     let status = Arc::new(SinkStatus::new(name));
     *lock(&status.exported) = Some(start.clone());
     let weak = Arc::downgrade(store);
     let thread_status = status.clone();
+    let stall = opts.stall;
     let thread = std::thread::Builder::new()
         .name("audit-sink".into())
-        .spawn(move || export(weak, thread_status, out, opts, start.0))
+        .spawn(move || export(weak, thread_status, out, opts, start.0, resume))
+        .map_err(|e| Error::io("cannot start the audit sink thread".to_owned(), e))?;
+    let weak = Arc::downgrade(store);
+    let watched = status.clone();
+    std::thread::Builder::new()
+        .name("audit-sink-watchdog".into())
+        .spawn(move || watchdog(weak, watched, stall))
         .map_err(|e| Error::io("cannot start the audit sink thread".to_owned(), e))?;
     Ok((status, thread))
 }
 
+/// Marks the sink failed while a write has been pending for `stall`
+/// without completing (the exporter, blocked in it, cannot); ends with the
+/// store or at shutdown.
+fn watchdog(store: Weak<dyn Store>, status: Arc<SinkStatus>, stall: Duration) {
+    let tick = (stall / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        std::thread::sleep(tick);
+        if store.strong_count() == 0 || status.stopping() {
+            return;
+        }
+        // Held while marking, so a write that completes meanwhile clears
+        // the mark after it, never before.
+        let since = lock(&status.writing_since);
+        if since.is_some_and(|t| t.elapsed() >= stall) {
+            status.set_failed(Some(format!(
+                "stalled: no write completed for {} s",
+                stall.as_secs_f64().round()
+            )));
+        }
+    }
+}
+
+/// The record of the last id a sink that cannot be read back exported.
+struct Resume {
+    file: PathBuf,
+    target: String,
+    warned: bool,
+}
+
+impl Resume {
+    fn new(file: PathBuf, target: &SinkTarget) -> Resume {
+        let target = match target {
+            SinkTarget::Stdout => "-".to_owned(),
+            SinkTarget::File(p) => p.display().to_string(),
+        };
+        Resume {
+            file,
+            target,
+            warned: false,
+        }
+    }
+
+    /// The last id and chain value recorded for this target (none for
+    /// another target, or no record).
+    fn load(&self) -> Option<(u64, Vec<u8>)> {
+        let text = std::fs::read_to_string(&self.file).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        if v["target"].as_str() != Some(self.target.as_str()) {
+            return None;
+        }
+        let chain = hex::decode(v["chain"].as_str()?).ok()?;
+        Some((v["id"].as_u64()?, chain))
+    }
+
+    /// Records the last id exported (a new file renamed over the old).
+    fn save(&mut self, id: u64, chain: &[u8]) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let text =
+            json!({"target": self.target, "id": id, "chain": hex::encode(chain)}).to_string();
+        let mut tmp = self.file.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let saved = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, &self.file));
+        match saved {
+            Ok(()) => self.warned = false,
+            Err(e) if !self.warned => {
+                self.warned = true;
+                tracing::warn!(
+                    file = %self.file.display(),
+                    error = %e,
+                    "cannot record the last entry the audit sink exported; a restart may resend some"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+const FILE_FIX: &str =
+    "restore the database from a backup, or move the audit log aside to start a \
+                        new one after investigating (`secretfs audit verify` checks the database's \
+                        own chain)";
+
 /// The sink's last entry must be the database's entry of that id.
-fn check_against_store(store: &dyn Store, name: &str, id: u64, chain: &[u8]) -> Result<(), Error> {
+fn check_against_store(
+    store: &dyn Store,
+    name: &str,
+    id: u64,
+    chain: &[u8],
+    fix: &str,
+) -> Result<(), Error> {
     let found = store.audit_after(id - 1, 1)?.into_iter().next();
-    let fix = "restore the database from a backup, or move the audit log aside to start a new one \
-               after investigating (`secretfs audit verify` checks the database's own chain)";
     match found {
         Some(c) if c.entry.id == id && c.chain.as_deref() == Some(chain) => Ok(()),
         Some(c) if c.entry.id == id => Err(Error::Config(format!(
@@ -419,6 +591,7 @@ fn export(
     mut out: Out,
     opts: SinkOptions,
     mut last: u64,
+    mut resume: Option<Resume>,
 ) {
     loop {
         let Some(store) = store.upgrade() else {
@@ -442,15 +615,27 @@ fn export(
             }
         };
         let lines: Vec<String> = batch.iter().map(line).collect();
+        *lock(&status.writing_since) = Some(Instant::now());
         let (written, result) = out.write(&lines, &opts);
         if let Some(tail) = written.checked_sub(1).map(|i| &batch[i]) {
             last = tail.entry.id;
-            *lock(&status.exported) = Some((last, tail.chain.clone().unwrap_or_default()));
+            let chain = tail.chain.clone().unwrap_or_default();
+            if let Some(r) = resume.as_mut() {
+                r.save(last, &chain);
+            }
+            *lock(&status.exported) = Some((last, chain));
         }
+        // Cleared under the lock the watchdog marks under (see `watchdog`).
+        let mut since = lock(&status.writing_since);
+        *since = None;
         match result {
-            Ok(()) => status.set_failed(None),
+            Ok(()) => {
+                status.set_failed(None);
+                drop(since);
+            }
             Err(e) => {
                 status.set_failed(Some(e.to_string()));
+                drop(since);
                 if status.stopping() {
                     return;
                 }
@@ -496,6 +681,8 @@ mod tests {
             target: SinkTarget::File(path.clone()),
             max_size: 2000,
             keep: 2,
+            stall: DEFAULT_STALL,
+            resume_file: None,
         };
         let (status, _t) = start(&store, opts.clone()).unwrap();
         wait(|| status.exported().is_some_and(|(id, _)| id == 5));
@@ -558,6 +745,8 @@ mod tests {
             target: SinkTarget::File(path.clone()),
             max_size: DEFAULT_MAX_SIZE,
             keep: 1,
+            stall: DEFAULT_STALL,
+            resume_file: None,
         };
         std::fs::write(&path, "{\"id\":7,\"chain\":\"00\"}\n").unwrap();
         let err = start(&store, opts.clone()).unwrap_err().to_string();
@@ -588,6 +777,8 @@ mod tests {
             target: SinkTarget::File("/dev/full".into()),
             max_size: DEFAULT_MAX_SIZE,
             keep: 1,
+            stall: DEFAULT_STALL,
+            resume_file: None,
         };
         let (status, _t) = start(&store, opts).unwrap();
         let mut serving = status.serving();

@@ -272,6 +272,31 @@ impl Keys {
     }
 }
 
+/// The binding of the master key check a database made or upgraded by
+/// this version holds: a check under [`crate::envelope::KEY_CHECK`] (v1)
+/// marks a database from before row MACs and the audit chain, the only
+/// kind whose rows and entries are adopted (see [`key_check_state`]).
+pub const KEY_CHECK_V2: Binding<'static> = Binding {
+    secret_id: 0,
+    name: "secretfs master key check v2",
+    version: 2,
+};
+pub const KEY_CHECK_V2_PLAINTEXT: &[u8] =
+    b"secretfs master key check v2: rows authenticated, audit chained";
+
+/// What a database's master key check is under a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheckState {
+    /// A check from before the upgrade (v1): the database's rows and audit
+    /// entries were never authenticated; migrations 0004-0006 adopt them,
+    /// once, and replace this check with a v2 one.
+    PreUpgrade,
+    /// The check of a database made or upgraded by this version (v2).
+    Upgraded,
+    /// The check does not open under the key (another key, or damaged).
+    NoMatch,
+}
+
 /// A stored `wrapped key || ciphertext` blob (the master key check, a
 /// retired audit key) as sealed parts; `None` when too short.
 pub fn split_sealed(blob: &[u8]) -> Option<Sealed> {
@@ -282,14 +307,62 @@ pub fn split_sealed(blob: &[u8]) -> Option<Sealed> {
     })
 }
 
-/// Whether `blob` (the database's master key check: the wrapped data key,
-/// then the ciphertext) opens under `master` to the expected plaintext.
-/// The one parse of the key check (state_dir, rekey, the store's upgrade).
-pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
+/// What `blob` (the database's master key check: the wrapped data key,
+/// then the ciphertext) is under `master`. The one function every reader
+/// of the key check goes through: a v1 check is good only for a database
+/// whose schema predates the upgrade, a v2 check only for one after it.
+pub fn key_check_state(master: &MasterKey, blob: &[u8]) -> KeyCheckState {
     use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
-    split_sealed(blob)
-        .and_then(|sealed| master.open(KEY_CHECK, &sealed).ok())
-        .is_some_and(|p| p.as_bytes() == KEY_CHECK_PLAINTEXT)
+    let Some(sealed) = split_sealed(blob) else {
+        return KeyCheckState::NoMatch;
+    };
+    if matches!(master.open(KEY_CHECK_V2, &sealed), Ok(p) if p.as_bytes() == KEY_CHECK_V2_PLAINTEXT)
+    {
+        KeyCheckState::Upgraded
+    } else if matches!(master.open(KEY_CHECK, &sealed), Ok(p) if p.as_bytes() == KEY_CHECK_PLAINTEXT)
+    {
+        KeyCheckState::PreUpgrade
+    } else {
+        KeyCheckState::NoMatch
+    }
+}
+
+/// [`key_check_state`] under any master key `keys` holds (the current one
+/// first).
+pub fn key_check_state_any(keys: &Keys, blob: &[u8]) -> KeyCheckState {
+    let mut state = KeyCheckState::NoMatch;
+    for set in keys.sets() {
+        match key_check_state(set.master(), blob) {
+            KeyCheckState::NoMatch => {}
+            found => {
+                state = found;
+                break;
+            }
+        }
+    }
+    state
+}
+
+/// Whether `blob` is `master`'s key check as a database made or upgraded
+/// by this version holds it (v2). A v1 check does not pass: it belongs
+/// only in a database whose schema predates the upgrade.
+pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
+    key_check_state(master, blob) == KeyCheckState::Upgraded
+}
+
+/// The key check for `master` that `server init`, the upgrade and a rekey
+/// write (v2).
+pub fn seal_key_check(master: &MasterKey) -> Result<Vec<u8>, Error> {
+    let sealed = master.seal(KEY_CHECK_V2, KEY_CHECK_V2_PLAINTEXT)?;
+    Ok([sealed.wrapped_key, sealed.ciphertext].concat())
+}
+
+/// The key check a database from before the upgrade holds (v1): only for
+/// tests and fixtures that make such a database.
+pub fn pre_upgrade_key_check(master: &MasterKey) -> Result<Vec<u8>, Error> {
+    use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
+    let sealed = master.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?;
+    Ok([sealed.wrapped_key, sealed.ciphertext].concat())
 }
 
 /// Length of the wrapped data key at the head of the key check.
@@ -391,5 +464,18 @@ mod tests {
         let kept = MacKey::from_bytes(&old_set.audit_bytes()[..]);
         let tag = old_set.audit().tag(&input);
         assert!(kept.verify(&input, &tag));
+    }
+
+    #[test]
+    fn key_check_versions_are_told_apart() {
+        let k = MasterKey::generate().unwrap();
+        let other = MasterKey::generate().unwrap();
+        let v1 = pre_upgrade_key_check(&k).unwrap();
+        let v2 = seal_key_check(&k).unwrap();
+        assert_eq!(key_check_state(&k, &v1), KeyCheckState::PreUpgrade);
+        assert_eq!(key_check_state(&k, &v2), KeyCheckState::Upgraded);
+        assert_eq!(key_check_state(&other, &v2), KeyCheckState::NoMatch);
+        assert_eq!(key_check_state(&k, &v2[..10]), KeyCheckState::NoMatch);
+        assert!(key_check_opens(&k, &v2) && !key_check_opens(&k, &v1));
     }
 }

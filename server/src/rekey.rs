@@ -25,7 +25,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::envelope::{Binding, MasterKey, Sealed, KEY_CHECK, KEY_CHECK_PLAINTEXT};
+use crate::envelope::{Binding, MasterKey, Sealed};
 use crate::error::Error;
 use crate::key_provider::KeySource;
 use crate::keys::{KeyRing, KeySet, Keys, MacKey};
@@ -68,7 +68,7 @@ fn unflat(blob: &[u8]) -> Option<Sealed> {
 
 /// The key check blob for `key` (what `server init` stores).
 pub fn key_check(key: &MasterKey) -> Result<Vec<u8>, Error> {
-    Ok(flat(&key.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?))
+    crate::keys::seal_key_check(key)
 }
 
 /// Whether `blob` is `key`'s key check.

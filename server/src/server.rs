@@ -399,7 +399,8 @@ impl Server {
         // Checked against the database before anything is served: a sink
         // ahead of the database's audit log refuses the start.
         let (audit_sink, audit_sink_thread) = match opts.audit_log.clone() {
-            Some(sink) => {
+            Some(mut sink) => {
+                sink.resume_file = Some(dir.audit_sink_record());
                 let (status, exporter) = crate::audit_sink::start(&store, sink)?;
                 (Some(status), Some(exporter))
             }

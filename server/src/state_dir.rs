@@ -67,6 +67,11 @@ impl StateDir {
     pub fn database(&self) -> PathBuf {
         self.path.join("secretfs.db")
     }
+    /// The last entry a sink that cannot be read back (stdout, a FIFO)
+    /// exported (see `audit_sink`).
+    pub fn audit_sink_record(&self) -> PathBuf {
+        self.path.join("audit-sink.exported")
+    }
     /// Held by the running server (see `state_lock`).
     pub fn lock_file(&self) -> PathBuf {
         self.path.join("lock")

@@ -244,6 +244,8 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                     },
                     max_size: a.audit_log_max_size,
                     keep: a.audit_log_keep,
+                    stall: std::time::Duration::from_secs(a.audit_log_stall_secs),
+                    resume_file: None,
                 }),
                 integrity_check: std::time::Duration::from_secs(a.integrity_check_secs),
             })

@@ -305,6 +305,26 @@ impl<'k> Walker<'k> {
             );
         };
         if self.links(&row.entry, row.epoch, &self.prev_chain, &chain) {
+            // The server writes contiguous ids: a gap is entries deleted,
+            // even where the link holds (chained across the gap).
+            if id != self.prev_id + 1 {
+                let (from, to) = (self.prev_id + 1, id.saturating_sub(1));
+                return self.broken(
+                    BreakKind::Deleted,
+                    from,
+                    if from == to {
+                        format!(
+                            "entry {from} is missing (the ids jump from {} to {id})",
+                            self.prev_id
+                        )
+                    } else {
+                        format!(
+                            "entries {from} to {to} are missing (the ids jump from {} to {id})",
+                            self.prev_id
+                        )
+                    },
+                );
+            }
             self.verdict.checked += 1;
             self.prev_id = id;
             self.prev_chain = chain;
@@ -484,6 +504,31 @@ mod tests {
     fn kind(v: &AuditVerdict) -> (BreakKind, u64) {
         let b = v.broken.as_ref().expect("a break");
         (b.kind, b.id)
+    }
+
+    /// An id gap is a deletion even when the chain links across it.
+    #[test]
+    fn an_id_gap_is_reported_even_where_the_link_holds() {
+        let k = keys();
+        let (mut rows, _) = chain(&k, 4);
+        // Re-chain with entry 3 numbered 5 (ids 1, 2, 5, 6).
+        let mut prev = GENESIS.to_vec();
+        for (i, r) in rows.iter_mut().enumerate() {
+            if i >= 2 {
+                r.entry.id += 2;
+            }
+            let c = chain_value(&k, &r.entry, &prev);
+            r.chain = Some(c.clone());
+            r.prev = std::mem::replace(&mut prev, c);
+        }
+        let head = AuditHead::sign(&k, 6, prev);
+        let v = walk(&k, rows, Some(head));
+        assert_eq!(kind(&v), (BreakKind::Deleted, 3));
+        assert!(v
+            .broken
+            .unwrap()
+            .detail
+            .contains("entries 3 to 4 are missing"));
     }
 
     #[test]

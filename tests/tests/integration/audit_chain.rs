@@ -391,7 +391,7 @@ fn the_stdout_sink_writes_one_json_line_per_entry() {
 }
 
 /// The gRPC health status (overall) on the plain-text health listener.
-fn health(addr: &str) -> i32 {
+pub(crate) fn health(addr: &str) -> i32 {
     rt().block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -409,8 +409,8 @@ fn health(addr: &str) -> i32 {
     })
 }
 
-const SERVING: i32 = 1;
-const NOT_SERVING: i32 = 2;
+pub(crate) const SERVING: i32 = 1;
+pub(crate) const NOT_SERVING: i32 = 2;
 
 #[test]
 fn a_sink_that_cannot_write_refuses_requests_and_catches_up_once_it_can() {
@@ -493,4 +493,42 @@ fn a_sink_that_cannot_write_refuses_requests_and_catches_up_once_it_can() {
     assert!(ids.contains(&pending), "{ids:?}");
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
     assert_eq!(ids[0], 1, "a new sink file starts with the whole log");
+}
+
+/// The log stays whole across completed rekeys (entries chained under
+/// three key epochs, old audit keys kept sealed) and a kill -9 in the
+/// middle of a third rekey followed by a restart.
+#[test]
+fn verify_is_whole_across_two_rekeys_and_a_restart() {
+    let mut s = TestServer::start_with(&["--rekey-batch", "2", "--rekey-pause", "5ms"]);
+    some_changes(&s, 5);
+    s.cli(&["server", "rekey"]).ok();
+    some_changes_named(&s, "mid", 3);
+    let (v, ok) = verify(&s);
+    assert!(ok, "after one rekey: {v}");
+    s.cli(&["server", "rekey"]).ok();
+    // kill -9 in the middle of a third rekey, then restart.
+    let mut rekey = s.cmd_as(&s.admin.clone());
+    rekey
+        .args(["server", "rekey", "--no-wait"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = rekey.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    s.kill9();
+    let _ = child.kill();
+    let _ = child.wait();
+    s.restart_on("127.0.0.1:0");
+    some_changes_named(&s, "late", 3);
+    let (v, ok) = verify(&s);
+    assert!(ok, "after two rekeys and a restart: {v}\n{}", s.log());
+    let conn = rusqlite::Connection::open(s.db()).unwrap();
+    let epochs: Vec<i64> = conn
+        .prepare("SELECT DISTINCT epoch FROM audit ORDER BY epoch")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(epochs.len() >= 3, "{epochs:?}");
 }

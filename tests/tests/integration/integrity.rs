@@ -12,6 +12,18 @@ use std::path::Path;
 use crate::common::*;
 
 /// Runs `sql` (statements separated by ';') on the database file.
+/// Puts back the master key check a database from before the upgrade
+/// holds (v1), sealed with the test server's master key.
+fn put_pre_upgrade_key_check(s: &TestServer) {
+    let key = secretfs_server::state_dir::load_master_key(&s.state.join("master.key")).unwrap();
+    let v1 = secretfs_server::keys::pre_upgrade_key_check(&key).unwrap();
+    let hex: String = v1.iter().map(|b| format!("{b:02x}")).collect();
+    edit_db(
+        &s.db(),
+        &format!("UPDATE meta SET value = X'{hex}' WHERE key = 'master_key_check';"),
+    );
+}
+
 fn edit_db(db: &Path, sql: &str) {
     let out = python()
         .args([
@@ -352,12 +364,24 @@ fn deleting_a_grant_only_takes_access_away() {
 }
 
 /// Copies `table`'s rows matching `filter` into `copy` (an old copy of the
-/// database, kept by someone who can write it).
+/// database, kept by someone who can write it), in a file beside it (a
+/// table of its own in the database would be refused at start).
 fn keep_copy(s: &TestServer, table: &str, copy: &str, filter: &str) {
     edit_db(
         &s.db(),
-        &format!("CREATE TABLE {copy} AS SELECT * FROM {table} WHERE {filter}"),
+        &format!(
+            "{} CREATE TABLE old.{copy} AS SELECT * FROM {table} WHERE {filter};",
+            attach_copy(s)
+        ),
     );
+}
+
+/// SQL that attaches the copies `keep_copy` made as `old`.
+fn attach_copy(s: &TestServer) -> String {
+    format!(
+        "ATTACH DATABASE '{}' AS old;",
+        s.state.join("old-copy.db").display()
+    )
 }
 
 #[test]
@@ -381,7 +405,13 @@ fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
 
     // The old membership row put back, its old MAC and all: the row is
     // good by itself, so only the row set tells.
-    edit_db(&s.db(), "INSERT INTO group_clients SELECT * FROM saved_gc");
+    edit_db(
+        &s.db(),
+        &format!(
+            "{} INSERT INTO group_clients SELECT * FROM old.saved_gc;",
+            attach_copy(&s)
+        ),
+    );
     let run = start_refused(&s);
     assert!(run.stderr.contains("since revision"), "{}", run.stderr);
     let (code, bad, stderr) = verify(&s);
@@ -412,10 +442,13 @@ fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
     s.stop();
     edit_db(
         &s.db(),
-        "UPDATE secrets SET current_version = (SELECT current_version FROM saved_s),
-                version_count = (SELECT version_count FROM saved_s),
-                updated_at = (SELECT updated_at FROM saved_s),
-                mac = (SELECT mac FROM saved_s) WHERE name = 'db'",
+        &format!(
+            "{} UPDATE secrets SET current_version = (SELECT current_version FROM old.saved_s),
+                version_count = (SELECT version_count FROM old.saved_s),
+                updated_at = (SELECT updated_at FROM old.saved_s),
+                mac = (SELECT mac FROM old.saved_s) WHERE name = 'db';",
+            attach_copy(&s)
+        ),
     );
     start_refused(&s);
     let (code, bad, stderr) = verify(&s);
@@ -504,6 +537,16 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
          DROP TABLE audit_head;
          PRAGMA user_version = 3;",
     );
+    // Rewound like that but with the key check this version writes (v2),
+    // it is an attack (edited rows adopted): refused, nothing changed.
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "run", "--state-dir"])
+        .arg(&s.state)
+        .args(["--listen", "127.0.0.1:0"]);
+    let run = run_cmd(cmd, None).fails(1, "rewound without the key");
+    assert!(run.stderr.contains("nothing was changed"), "{}", run.stderr);
+    // A real schema-3 database holds the check from before the upgrade (v1).
+    put_pre_upgrade_key_check(&s);
     s.restart_on("127.0.0.1:0");
     assert!(
         s.log().contains("signed once under the master key")

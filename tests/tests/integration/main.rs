@@ -9,6 +9,7 @@ mod common;
 
 mod audit;
 mod audit_chain;
+mod audit_sink_review;
 mod caller;
 mod certs;
 mod container;

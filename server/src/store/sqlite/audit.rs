@@ -20,17 +20,26 @@ use crate::store::{now_ms, AuditEntry, AuditFilter, Result, StoreError};
 /// Makes the writer connection's list of entries to chain (per connection,
 /// never in the database file).
 pub(super) fn setup_writer(conn: &Connection) -> Result<()> {
-    conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS audit_pending (id INTEGER PRIMARY KEY)")?;
+    // The entry as the server inserted it is kept here too: a trigger in
+    // the database file could rewrite the row before it is chained, and
+    // nothing in the file can touch a TEMP table.
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS audit_pending (
+           id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, actor TEXT NOT NULL,
+           action TEXT NOT NULL, secret TEXT, client TEXT, grp TEXT, version INTEGER,
+           allowed INTEGER NOT NULL, detail TEXT NOT NULL)",
+    )?;
     Ok(())
 }
 
 pub(super) fn insert(tx: &Connection, e: &AuditEntry) -> Result<()> {
+    let at_ms = if e.at_ms == 0 { now_ms() } else { e.at_ms };
     let id: i64 = tx.prepare_cached(
         "INSERT INTO audit (at_ms, actor, action, secret, client, grp, version, allowed, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
     )?
     .query_row(params![
-        if e.at_ms == 0 { now_ms() } else { e.at_ms },
+        at_ms,
         e.actor,
         e.action,
         e.secret,
@@ -40,8 +49,23 @@ pub(super) fn insert(tx: &Connection, e: &AuditEntry) -> Result<()> {
         e.allowed,
         e.detail
     ], |r| r.get(0))?;
-    tx.prepare_cached("INSERT INTO temp.audit_pending (id) VALUES (?1)")?
-        .execute([id])?;
+    tx.prepare_cached(
+        "INSERT INTO temp.audit_pending
+           (id, at_ms, actor, action, secret, client, grp, version, allowed, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        id,
+        at_ms,
+        e.actor,
+        e.action,
+        e.secret,
+        e.client,
+        e.group,
+        e.version.map(|v| v as i64),
+        e.allowed,
+        e.detail
+    ])?;
     Ok(())
 }
 
@@ -55,10 +79,14 @@ fn tampered(what: String) -> StoreError {
 /// Chains the entries this write job inserted, after the head, and moves
 /// the head; in the job's transaction.
 pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
-    let ids: Vec<i64> = tx
-        .prepare_cached("SELECT id FROM temp.audit_pending ORDER BY id")?
-        .query_map([], |r| r.get(0))?
+    let inserted: Vec<AuditEntry> = tx
+        .prepare_cached(
+            "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail
+             FROM temp.audit_pending ORDER BY id",
+        )?
+        .query_map([], entry)?
         .collect::<Result<_, _>>()?;
+    let ids: Vec<i64> = inserted.iter().map(|e| e.id as i64).collect();
     if ids.is_empty() {
         return Ok(());
     }
@@ -71,7 +99,10 @@ pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
     let after: i64 = tx
         .prepare_cached("SELECT COUNT(*) FROM audit WHERE id > ?1")?
         .query_row([head.last_id as i64], |r| r.get(0))?;
-    if after as usize != ids.len() || ids[0] <= head.last_id as i64 {
+    // The ids the server writes are contiguous: the first after the head
+    // is the head's plus one (a gap is an entry deleted without the key).
+    let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
+    if after as usize != ids.len() || ids[0] != head.last_id as i64 + 1 || !contiguous {
         return Err(tampered(format!(
             "the audit log holds entries after its head (entry {}) that this server did not write",
             head.last_id
@@ -81,8 +112,16 @@ pub(super) fn chain_pending(tx: &Connection, keys: &Keys) -> Result<()> {
     let mut prev = head.chain;
     let mut load = tx.prepare_cached(&format!("{SELECT} WHERE id = ?1"))?;
     let mut store = tx.prepare_cached("UPDATE audit SET epoch = ?1, chain = ?2 WHERE id = ?3")?;
-    for id in &ids {
+    for (id, mine) in ids.iter().zip(&inserted) {
         let e = load.query_row([id], entry)?;
+        // Chained only as the server wrote it: a row rewritten in between
+        // (a trigger in the file) fails the job.
+        if e != *mine {
+            return Err(tampered(format!(
+                "audit entry {id} was changed between its insert and its chaining (is there a \
+                 trigger in the database file?)"
+            )));
+        }
         let chain = chain_value(keys, &e, &prev);
         store.execute(params![epoch, chain, id])?;
         prev = chain;
@@ -172,7 +211,14 @@ pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<AuditVerdict> {
     let mut prev = GENESIS.to_vec();
     while let Some(row) = rows.next()? {
         let id = row.get::<_, i64>(0)? as u64;
+        // `allowed` is 0 or 1 as the server writes it; any other value
+        // reads as `true` (the MAC holds) but escapes `--outcome allowed`.
+        let allowed = row.get_ref(8)?;
         let item = match chained(row) {
+            _ if !matches!(allowed, rusqlite::types::ValueRef::Integer(0 | 1)) => Err((
+                id,
+                format!("its allowed column holds {allowed:?}, neither 0 nor 1"),
+            )),
             Ok((entry, epoch, chain)) => {
                 let next = chain.clone().unwrap_or_default();
                 let item = ChainedEntry {
@@ -437,8 +483,178 @@ mod tests {
             .execute_batch("UPDATE audit SET chain = NULL; DELETE FROM audit_head;")
             .unwrap();
         drop(s);
-        let s = Arc::new(SqliteStore::open(&path, false, keys).unwrap());
+        let s = Arc::new(SqliteStore::open(&path, false, keys.clone()).unwrap());
         assert_eq!(kind(&s), Some((BreakKind::Edited, 1)));
         assert!(s.append_audit(&[entry("x")]).is_err());
+        // The upgrade replaced the v1 key check with the v2 one.
+        let check = s
+            .get_meta(crate::state_dir::META_KEY_CHECK)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            crate::keys::key_check_state(keys.get().current.master(), &check),
+            crate::keys::KeyCheckState::Upgraded
+        );
+    }
+
+    /// Dropping the chain columns and lowering user_version (the reviewer's
+    /// attack) no longer gets a forged log adopted: the v2 key check says
+    /// the database was upgraded, so the open is refused, nothing changed.
+    #[test]
+    fn a_schema_rewound_without_the_key_is_refused_not_readopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            // A store as `server init` makes it (with a key check).
+            let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
+            let check = crate::rekey::key_check(keys.get().current.master()).unwrap();
+            s.put_meta(crate::state_dir::META_KEY_CHECK, &check)
+                .unwrap();
+            s.append_audit(&[entry("a"), entry("mallory"), entry("c")])
+                .unwrap();
+            assert_eq!(s.verify_audit().unwrap().broken, None);
+        }
+        let before = migrate::MIGRATIONS
+            .iter()
+            .position(|m| *m == migrate::AUDIT_CHAIN)
+            .unwrap();
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(&format!(
+            "DELETE FROM audit WHERE actor = 'mallory';
+             INSERT INTO audit (at_ms, actor, action, allowed) VALUES (5, 'forged', 'secret.delete', 1);
+             ALTER TABLE audit DROP COLUMN chain; ALTER TABLE audit DROP COLUMN epoch;
+             DROP TABLE audit_head; DROP TABLE row_set; PRAGMA user_version = {before};"
+        ))
+        .unwrap();
+        drop(c);
+        let err = SqliteStore::open(&path, false, keys.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("already upgraded")
+                && err.contains("rewound")
+                && err.contains("nothing was changed"),
+            "{err}"
+        );
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version as usize, before, "nothing migrated");
+        // Rewound to before row MACs too: the same.
+        c.execute_batch("PRAGMA user_version = 3").unwrap();
+        drop(c);
+        let err = SqliteStore::open(&path, false, keys)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rewound"), "{err}");
+    }
+
+    /// A trigger added while the server runs (the open's check is past)
+    /// rewrites an entry between its insert and its chaining: the job
+    /// fails, nothing is chained, the log stays whole.
+    #[test]
+    fn an_entry_changed_between_insert_and_chain_fails_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        let s = SqliteStore::open(&path, true, keys).unwrap();
+        s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(
+            "CREATE TRIGGER hide AFTER INSERT ON audit WHEN NEW.actor = 'evil'
+             BEGIN UPDATE audit SET actor = 'alice' WHERE id = NEW.id; END;",
+        )
+        .unwrap();
+        let err = s.append_audit(&[entry("evil")]).unwrap_err().to_string();
+        assert!(
+            err.contains("changed between its insert and its chaining"),
+            "{err}"
+        );
+        let v = s.verify_audit().unwrap();
+        assert_eq!((v.checked, v.broken), (2, None));
+        assert!(s
+            .query_audit(&Default::default())
+            .unwrap()
+            .iter()
+            .all(|e| e.actor != "alice"));
+        // Entries the trigger leaves alone are chained as before.
+        s.append_audit(&[entry("c")]).unwrap();
+        assert_eq!(s.verify_audit().unwrap().checked, 3);
+    }
+
+    /// `allowed = 2` reads as true (the MAC holds) but hides the entry from
+    /// `--outcome allowed`: an edited entry.
+    #[test]
+    fn an_allowed_value_other_than_0_or_1_is_an_edit() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        s.db.writer()
+            .execute("UPDATE audit SET allowed = 2 WHERE id = 2", [])
+            .unwrap();
+        assert_eq!(kind(&s), Some((BreakKind::Edited, 2)));
+        let detail = s.verify_audit().unwrap().broken.unwrap().detail;
+        assert!(detail.contains("neither 0 nor 1"), "{detail}");
+    }
+
+    /// A v1 key check put back into an upgraded database is refused too.
+    #[test]
+    fn a_pre_upgrade_key_check_in_an_upgraded_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
+            let v1 = crate::keys::pre_upgrade_key_check(keys.get().current.master()).unwrap();
+            s.put_meta(crate::state_dir::META_KEY_CHECK, &v1).unwrap();
+        }
+        let err = SqliteStore::open(&path, false, keys)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("from before its upgrade"), "{err}");
+    }
+
+    /// A trigger put into the file would rewrite entries before they are
+    /// chained: the open is refused, naming it.
+    #[test]
+    fn a_trigger_view_or_unknown_table_in_the_file_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let keys = KeyRing::generate().unwrap();
+        {
+            let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
+            s.append_audit(&[entry("a"), entry("b")]).unwrap();
+        }
+        for (sql, name) in [
+            (
+                "CREATE TRIGGER hide AFTER INSERT ON audit WHEN NEW.actor = 'evil'
+                 BEGIN UPDATE audit SET actor = 'alice', secret = 'other' WHERE id = NEW.id; END;",
+                "trigger \"hide\"",
+            ),
+            ("CREATE VIEW v AS SELECT * FROM audit", "view \"v\""),
+            ("CREATE TABLE stash (x)", "table \"stash\""),
+        ] {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(sql).unwrap();
+            drop(c);
+            let err = SqliteStore::open(&path, false, keys.clone())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(name) && err.contains("Restore it from a backup"),
+                "{err}"
+            );
+            let c = rusqlite::Connection::open(&path).unwrap();
+            let drop_sql = match name.split(' ').next().unwrap() {
+                "trigger" => "DROP TRIGGER hide",
+                "view" => "DROP VIEW v",
+                _ => "DROP TABLE stash",
+            };
+            c.execute_batch(drop_sql).unwrap();
+        }
+        let s = SqliteStore::open(&path, false, keys).unwrap();
+        s.append_audit(&[entry("evil")]).unwrap();
+        assert_eq!(s.verify_audit().unwrap().broken, None);
     }
 }

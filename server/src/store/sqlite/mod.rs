@@ -160,6 +160,8 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
+        check_schema_objects(&conn)?;
+        refuse_rewound(&conn, keys)?;
         migrate::migrate(&mut conn, &mut |sql, tx| {
             if sql == migrate::ROW_MACS {
                 macs::adopt(tx, &keys.get())?;
@@ -170,6 +172,9 @@ impl SqliteStore {
                 audit::adopt(tx, &keys.get())?;
             } else if sql == migrate::ROW_SET {
                 row_set::start(tx, &keys.get())?;
+                // The last adopting step: from now on the database says,
+                // under the key, that it was upgraded (see `refuse_rewound`).
+                upgrade_key_check(tx, &keys.get())?;
             }
             Ok(())
         })?;
@@ -177,6 +182,143 @@ impl SqliteStore {
         row_set::setup_writer(&conn)?;
         Ok(conn)
     }
+}
+
+/// The schema version from which a database holds the v2 key check
+/// (`keys::KEY_CHECK_V2`): the step that adds the row set replaces the v1
+/// check, in its own transaction.
+const KEY_CHECK_V2_FROM: usize = 6;
+
+fn user_version(conn: &Connection) -> Result<usize> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
+}
+
+fn key_check_blob(conn: &Connection) -> Result<Option<Vec<u8>>> {
+    let has_meta: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM main.sqlite_master WHERE type = 'table' AND name = 'meta')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_meta {
+        return Ok(None);
+    }
+    Ok(conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [crate::state_dir::META_KEY_CHECK],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Whether adoption (migrations 0004-0006 signing the rows and chaining the
+/// entries found) may happen is decided by the key check, not by
+/// `PRAGMA user_version`, which anyone can lower: a database whose schema
+/// predates the upgrade but whose check is the upgraded one (v2) had its
+/// schema rewound without the key, to get edited rows or entries adopted.
+/// Refused before anything is changed. After the migrations, a v1 check
+/// in an upgraded database (one put back from before the upgrade) is
+/// refused too.
+fn refuse_rewound(conn: &Connection, keys: &KeyRing) -> Result<()> {
+    let version = user_version(conn)?;
+    let Some(blob) = key_check_blob(conn)? else {
+        return Ok(());
+    };
+    let state = crate::keys::key_check_state_any(&keys.get(), &blob);
+    if version < KEY_CHECK_V2_FROM && state == crate::keys::KeyCheckState::Upgraded {
+        return Err(StoreError::Check(
+            format!(
+                "this database was already upgraded (its master key check says so), yet its schema \
+                 is version {version}: its schema was rewound without the key, to have edited rows \
+                 or audit entries taken as authentic. Restore it from a backup; nothing was changed"
+            )
+            .into(),
+        ));
+    }
+    if version >= KEY_CHECK_V2_FROM && state == crate::keys::KeyCheckState::PreUpgrade {
+        return Err(StoreError::Check(
+            "this database's master key check is one from before its upgrade (a copy was put \
+             back without the key). Restore the database from a backup; nothing was changed"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces the v1 key check of a database being upgraded with the v2 one,
+/// in the transaction of the last adopting step.
+fn upgrade_key_check(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
+    let Some(blob) = key_check_blob(tx)? else {
+        return Ok(());
+    };
+    if crate::keys::key_check_state(keys.current.master(), &blob)
+        == crate::keys::KeyCheckState::PreUpgrade
+    {
+        let v2 = crate::keys::seal_key_check(keys.current.master()).map_err(StoreError::backend)?;
+        tx.execute(
+            "UPDATE meta SET value = ?2 WHERE key = ?1",
+            rusqlite::params![crate::state_dir::META_KEY_CHECK, v2],
+        )?;
+    }
+    Ok(())
+}
+
+/// The tables the migrations make (SQLite's own `sqlite_*` tables aside).
+const KNOWN_TABLES: &[&str] = &[
+    "meta",
+    "secrets",
+    "secret_versions",
+    "clients",
+    "client_certs",
+    "groups",
+    "group_clients",
+    "group_secrets",
+    "audit",
+    "revision",
+    "revoked_certs",
+    "audit_head",
+    "row_set",
+];
+
+/// What the database file holds beyond the schema the migrations make: a
+/// trigger (it could rewrite rows and audit entries as the server writes
+/// them, before they are signed or chained), a view, or an unknown table.
+/// The server's own triggers are TEMP ones, on its connection only.
+pub(crate) fn foreign_schema_objects(conn: &Connection) -> Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT type, name FROM main.sqlite_master
+         WHERE type IN ('trigger', 'view') OR (type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\')
+         ORDER BY type, name",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut found = Vec::new();
+    for row in rows {
+        let (kind, name) = row?;
+        if kind == "table" && KNOWN_TABLES.contains(&name.as_str()) {
+            continue;
+        }
+        // The name is the editor's: quoted with escapes, and cut short.
+        let name: String = name.chars().take(64).collect();
+        found.push(format!("{kind} {name:?}"));
+    }
+    Ok(found)
+}
+
+/// Refuses a database holding a trigger, a view or an unknown table.
+fn check_schema_objects(conn: &Connection) -> Result<()> {
+    let found = foreign_schema_objects(conn)?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Check(
+        format!(
+            "the database holds {} that secretfs never makes: it was edited without the server \
+             (a trigger can rewrite rows and audit entries as they are written). Restore it from \
+             a backup; nothing was changed",
+            found.join(", ")
+        )
+        .into(),
+    ))
 }
 
 /// Before the audit log is chained under `keys`: the database's master key
@@ -206,15 +348,15 @@ fn check_key(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
     if blob.len() < crate::keys::KEY_CHECK_WRAPPED {
         return refuse("the database's master key check is damaged");
     }
-    let opens = crate::keys::key_check_opens(keys.current.master(), &blob)
-        || keys
-            .previous
-            .as_ref()
-            .is_some_and(|p| crate::keys::key_check_opens(p.master(), &blob));
-    if opens {
-        Ok(())
-    } else {
-        refuse("the master key does not match this database (put the right master.key back)")
+    // Only a database from before the upgrade (a v1 check) is adopted.
+    match crate::keys::key_check_state_any(keys, &blob) {
+        crate::keys::KeyCheckState::PreUpgrade => Ok(()),
+        crate::keys::KeyCheckState::Upgraded => {
+            refuse("this database was already upgraded; its schema was rewound without the key: restore it from a backup")
+        }
+        crate::keys::KeyCheckState::NoMatch => {
+            refuse("the master key does not match this database (put the right master.key back)")
+        }
     }
 }
 
@@ -734,6 +876,16 @@ mod tests {
         conn.execute_batch(&format!(
             "DROP TABLE row_set; PRAGMA user_version = {before};"
         ))
+        .unwrap();
+        // Rewound, it holds the upgraded (v2) key check: refused.
+        let err = SqliteStore::open(&path, false, keys.clone()).unwrap_err();
+        assert!(err.to_string().contains("rewound"), "{err}");
+        // With the check it had before the upgrade (v1), it is one.
+        let v1 = crate::keys::pre_upgrade_key_check(&MasterKey::from_hex(&hex).unwrap()).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'master_key_check'",
+            [v1],
+        )
         .unwrap();
         drop(conn);
         // Under another key: refused, nothing changed.

@@ -307,7 +307,9 @@ pub(super) fn start(tx: &Connection, keys: &Keys) -> Result<()> {
             )
             .optional()?;
         match check {
-            Some(blob) if crate::keys::key_check_opens(keys.current.master(), &blob) => {}
+            Some(blob)
+                if crate::keys::key_check_state(keys.current.master(), &blob)
+                    == crate::keys::KeyCheckState::PreUpgrade => {}
             Some(_) => return Err(StoreError::KeyMismatch),
             None => {
                 return Err(StoreError::Backend(
