@@ -166,7 +166,7 @@ impl KeyOptions {
                 if let Some(c) = self.credential.as_ref().filter(|c| *c != credential) {
                     return Err(Error::Config(format!(
                         "this state directory's master key is the systemd credential {credential} ({}), \
-                         but --credential / SECRETFS_MASTER_KEY_CREDENTIAL asks for {c}; a rekey moves the key \
+                         but --master-key-credential / SECRETFS_MASTER_KEY_CREDENTIAL asks for {c}; a rekey moves the key \
                          to a new credential and records it there. Drop the override (and load {credential} in the unit)",
                         dir.path.join(DESCRIPTOR).display()
                     )));
@@ -992,7 +992,9 @@ mod tests {
         };
         let err = with("key-1").resolve(&dir).unwrap_err().to_string();
         assert!(
-            err.contains("master-key.json") && err.contains("Drop the override"),
+            err.contains("master-key.json")
+                && err.contains("Drop the override")
+                && err.contains("--master-key-credential"),
             "{err}"
         );
         assert!(with("key-2").resolve(&dir).is_ok());

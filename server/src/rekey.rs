@@ -200,6 +200,20 @@ pub fn repair_at_start(
             row_set_agrees(
                 "the database records no rekey, yet a new master key from one is in the state directory",
             )?;
+            // Versions a rekey already moved need the next key: its records
+            // were removed from the database, and putting the key aside
+            // would lose them (an accepted row set cannot tell).
+            let stuck = store.versions_not_opening(keys.current.master())?;
+            if !stuck.is_empty() {
+                return Err(Error::Config(format!(
+                    "the database records no rekey, yet {} secret version(s) ({}) do not open under the current key: \
+                     a rekey was in progress and its records were removed from the database. The new key in the state \
+                     directory was kept. Restore the database from a backup (accepting the rows does not bring the \
+                     records back). {verify}",
+                    stuck.len(),
+                    name_versions(&stuck)
+                )));
+            }
             if let Some(aside) = source.set_aside_next(dir)? {
                 audit_or_log(
                     store,
@@ -938,6 +952,33 @@ mod tests {
         // Any other key is refused.
         let err = keys_at_start(&dir, &source, &store, MasterKey::generate().unwrap()).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn a_next_key_versions_need_is_kept_when_the_rekey_records_are_gone() {
+        let f = fix();
+        add(f.store.as_ref(), &f.ring, "old", None);
+        // A rekey moved one version to the new key, then its records were
+        // deleted from the database (and the row set accepted): the next
+        // key must not be put aside, or "moved" is lost.
+        let mut source = KeySource::File;
+        let k2 = source.create_next(&f.dir, None).unwrap();
+        add(f.store.as_ref(), &f.ring, "moved", Some(&k2));
+        let next_file = f.tmp.path().join("master.key.next");
+        let err = restart(&f).unwrap_err().to_string();
+        assert!(
+            err.contains("1 secret version")
+                && err.contains("moved v1")
+                && err.contains("records were removed"),
+            "{err}"
+        );
+        assert!(next_file.exists(), "the next key was kept");
+        // Without such a version, a stray next key is put aside as before.
+        let g = fix();
+        add(g.store.as_ref(), &g.ring, "old", None);
+        KeySource::File.create_next(&g.dir, None).unwrap();
+        restart(&g).unwrap();
+        assert!(!g.tmp.path().join("master.key.next").exists());
     }
 
     #[test]

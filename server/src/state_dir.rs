@@ -342,6 +342,19 @@ pub struct Opened {
 /// finish or discard what an interrupted rekey left in the provider; a
 /// command beside a running server must not.
 pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Result<Opened, Error> {
+    // The upgrade signs rows, chains the audit log and seals the row set:
+    // only `server run` (holding the state lock) makes it, never a command
+    // beside a server of the older version, which would go on writing
+    // unsigned rows into the upgraded database.
+    if !repair && SqliteStore::needs_upgrade(&dir.database())? {
+        return Err(Error::FailedPrecondition(format!(
+            "the database in {} was made by an older secretfs and needs the upgrade `secretfs server run` \
+             makes at its start: stop the running server, start this version's `server run --state-dir {}` \
+             once, then run this command again. Nothing was changed",
+            dir.path.display(),
+            dir.path.display()
+        )));
+    }
     let mut source = opts.resolve(dir)?;
     let current = source.load(dir)?;
     let keys = KeyRing::new(current.clone_key());

@@ -547,6 +547,27 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
     assert!(run.stderr.contains("nothing was changed"), "{}", run.stderr);
     // A real schema-3 database holds the check from before the upgrade (v1).
     put_pre_upgrade_key_check(&s);
+    // Only `server run` upgrades: verify and admin-cert refuse a database
+    // that needs it (beside an older server they would upgrade under it),
+    // naming `server run`, and change nothing.
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "verify", "--state-dir"]).arg(&s.state);
+    run_cmd(cmd, None).fails(1, "needs the upgrade `secretfs server run`");
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["server", "admin-cert", "--state-dir"])
+        .arg(&s.state)
+        .arg("--out")
+        .arg(s.tmp.path().join("break-glass"));
+    run_cmd(cmd, None).fails(1, "needs the upgrade `secretfs server run`");
+    let version = python()
+        .args([
+            "-c",
+            "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA user_version').fetchone()[0])",
+        ])
+        .arg(s.db())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), "3");
     s.restart_on("127.0.0.1:0");
     assert!(
         s.log().contains("signed once under the master key")

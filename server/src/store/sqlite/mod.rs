@@ -63,6 +63,21 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl SqliteStore {
+    /// Whether the database at `path` has migrations this version would
+    /// run (read only; false for a missing file).
+    pub fn needs_upgrade(path: &Path) -> Result<bool> {
+        if !path.exists() {
+            return Ok(false);
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        Ok((version as usize) < migrate::MIGRATIONS.len())
+    }
+
     /// Opens (creating when `create`) the database and brings its schema up
     /// to date.
     pub fn open(path: &Path, create: bool, keys: Arc<KeyRing>) -> Result<Self> {
