@@ -62,7 +62,7 @@ pub enum StoreError {
     /// The master key does not open the database's key check (found where
     /// the store itself must know, e.g. before it signs an upgraded
     /// database's rows).
-    #[error("the master key does not match this database (it was made with another key)")]
+    #[error("the master key does not match this database (it was made with another key); nothing was changed")]
     KeyMismatch,
     /// A grouped commit this write was part of failed (the cause is shared
     /// by every write in the group, so it is kept as text).

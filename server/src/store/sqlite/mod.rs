@@ -207,7 +207,8 @@ impl SqliteStore {
             } else if sql == migrate::AUDIT_CHAIN {
                 // Chain the entries made before chaining, once, under the
                 // verified key: a later open never adopts anything.
-                check_key(tx, &keys.get())?;
+                let entries: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
+                adoption_key_check(tx, &keys.get(), entries > 0)?;
                 audit::adopt(tx, &keys.get())?;
             } else if sql == migrate::ROW_SET {
                 row_set::start(tx, &keys.get())?;
@@ -360,42 +361,35 @@ fn check_schema_objects(conn: &Connection) -> Result<()> {
     ))
 }
 
-/// Before the audit log is chained under `keys`: the database's master key
-/// check must open under them (a store with entries and no check is refused).
-fn check_key(tx: &Connection, keys: &crate::keys::Keys) -> Result<()> {
-    let blob: Option<Vec<u8>> = tx
-        .query_row(
-            "SELECT value FROM meta WHERE key = ?1",
-            [crate::state_dir::META_KEY_CHECK],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let refuse = |why: &str| {
-        Err(StoreError::Check(
-            format!("cannot chain the audit log at this upgrade: {why}; nothing was changed")
-                .into(),
-        ))
-    };
-    let Some(blob) = blob else {
-        let entries: i64 = tx.query_row("SELECT COUNT(*) FROM audit", [], |r| r.get(0))?;
-        return if entries == 0 {
-            Ok(())
-        } else {
-            refuse("the database has no master key check")
-        };
-    };
-    if blob.len() < crate::keys::KEY_CHECK_WRAPPED {
-        return refuse("the database's master key check is damaged");
+/// Whether an adopting migration step (row MACs, the audit chain, the row
+/// set) may sign what the database holds under `keys`: only under the
+/// master key check from before the upgrade (v1) that opens under them.
+/// A database with nothing to adopt (`has_data` false: a new one) needs
+/// none. The one check all three steps make; nothing is changed when it
+/// refuses.
+pub(super) fn adoption_key_check(
+    tx: &Connection,
+    keys: &crate::keys::Keys,
+    has_data: bool,
+) -> Result<()> {
+    if !has_data {
+        return Ok(());
     }
-    // Only a database from before the upgrade (a v1 check) is adopted.
+    let Some(blob) = key_check_blob(tx)? else {
+        return Err(StoreError::Check(
+            "the database has rows but no master key check; it was not made by \
+             `secretfs server init`. Nothing was changed"
+                .into(),
+        ));
+    };
     match crate::keys::key_check_state_any(keys, &blob) {
         crate::keys::KeyCheckState::PreUpgrade => Ok(()),
-        crate::keys::KeyCheckState::Upgraded => {
-            refuse("this database was already upgraded; its schema was rewound without the key: restore it from a backup")
-        }
-        crate::keys::KeyCheckState::NoMatch => {
-            refuse("the master key does not match this database (put the right master.key back)")
-        }
+        crate::keys::KeyCheckState::Upgraded => Err(StoreError::Check(
+            "this database was already upgraded; its schema was rewound without the key: \
+             restore it from a backup. Nothing was changed"
+                .into(),
+        )),
+        crate::keys::KeyCheckState::NoMatch => Err(StoreError::KeyMismatch),
     }
 }
 

@@ -298,28 +298,7 @@ pub(super) fn start(tx: &Connection, keys: &Keys) -> Result<()> {
         )
         .map(|c| n + c)
     })?;
-    if rows > 0 {
-        let check: Option<Vec<u8>> = tx
-            .query_row(
-                "SELECT value FROM meta WHERE key = ?1",
-                [integrity::META_UNSIGNED],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match check {
-            Some(blob)
-                if crate::keys::key_check_state(keys.current.master(), &blob)
-                    == crate::keys::KeyCheckState::PreUpgrade => {}
-            Some(_) => return Err(StoreError::KeyMismatch),
-            None => {
-                return Err(StoreError::Backend(
-                    "the database has rows but no master key check; it was not made by \
-                     `secretfs server init`"
-                        .into(),
-                ))
-            }
-        }
-    }
+    super::adoption_key_check(tx, keys, rows > 0)?;
     let at = sign_all(tx, keys)?;
     if rows > 0 {
         tracing::warn!(
