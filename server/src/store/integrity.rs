@@ -176,8 +176,10 @@ pub fn xor_into(acc: &mut [u8; MAC_LEN], h: &[u8; MAC_LEN]) {
 }
 
 /// The sealed row set record: the digest over every protected row, the
-/// key epoch whose row set key made it, the revision it was last written
-/// at and the revision at which a full recomputation last agreed with it.
+/// key epoch whose row set key made it, the revision it was last signed in
+/// full at (`written_at`: informational, nothing reads it; the write jobs
+/// that fold a change into the digest leave it) and the revision at which
+/// a full recomputation last agreed with it.
 /// Sealed (AES-GCM under the master key): whoever reads the database
 /// never sees the digest.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -159,11 +159,14 @@ impl SqliteStore {
 
     fn with(mut db: Connections, keys: Arc<KeyRing>) -> Self {
         // Every write job ends by chaining the audit entries it inserted,
-        // then by folding the rows it changed into the row set.
+        // then by folding the rows it changed into the row set (one keys
+        // handle for both).
         let ring = keys.clone();
-        db.after_job(Box::new(move |tx| audit::chain_pending(tx, &ring.get())));
-        let ring = keys.clone();
-        db.after_job(Box::new(move |tx| row_set::flush(tx, &ring.get())));
+        db.after_job(Box::new(move |tx| {
+            let keys = ring.get();
+            audit::chain_pending(tx, &keys)?;
+            row_set::flush(tx, &keys)
+        }));
         SqliteStore {
             db,
             feed: Arc::new(LocalFeed::default()),

@@ -178,8 +178,9 @@ pub(super) fn flush(tx: &Connection, keys: &Keys) -> Result<()> {
     tx.prepare_cached("DELETE FROM temp.row_set_pending")?
         .execute([])?;
     if let (true, Stored::Good(mut rec)) = (any, record) {
+        // `written_at` stays as it was: nothing reads it, and a query for
+        // the revision on every write job is not worth it.
         xor_into(&mut rec.digest, &delta);
-        rec.written_at = revision(tx)?;
         write(tx, keys, &rec)?;
     }
     Ok(())
