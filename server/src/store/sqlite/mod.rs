@@ -180,7 +180,7 @@ impl SqliteStore {
         let keys = self.keys.get();
         f(&Checker {
             keys: &keys,
-            log: Some(&self.bad_rows),
+            log: &self.bad_rows,
         })
     }
 
@@ -327,7 +327,7 @@ const KNOWN_TABLES: &[&str] = &[
 /// trigger (it could rewrite rows and audit entries as the server writes
 /// them, before they are signed or chained), a view, or an unknown table.
 /// The server's own triggers are TEMP ones, on its connection only.
-pub(crate) fn foreign_schema_objects(conn: &Connection) -> Result<Vec<String>> {
+fn foreign_schema_objects(conn: &Connection) -> Result<Vec<String>> {
     let mut stmt = conn.prepare(
         "SELECT type, name FROM main.sqlite_master
          WHERE type IN ('trigger', 'view') OR (type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\')
