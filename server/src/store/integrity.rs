@@ -20,7 +20,8 @@
 //! open), `revoked_certs` (a row there only refuses; deleting one admits
 //! nobody, since a pinned client's certificate must also be recorded under
 //! its own id), `revision` (a counter) and `audit` (its own chain).
-//! A future `token_bindings` table gets its own kind ([`TOKEN_BINDINGS`]).
+//! The kind `token_bindings` is reserved for the bindings of tokens to
+//! clients (not built yet): a future `token_bindings` table gets its own kind.
 //!
 //! A MAC proves a row was written with the key, not that it is still
 //! current: an old copy put back passes. The row set ([`row_set_h`],
@@ -42,8 +43,6 @@ pub const GROUP_CLIENTS: &str = "group_clients";
 pub const GROUP_SECRETS: &str = "group_secrets";
 pub const SECRETS: &str = "secrets";
 pub const META: &str = "meta";
-/// Reserved for the bindings of tokens to clients (not built yet).
-pub const TOKEN_BINDINGS: &str = "token_bindings";
 
 /// The meta key whose presence (with a good MAC) says the rows of this
 /// database were adopted (MAC'd) when it was upgraded to authenticated
@@ -176,8 +175,10 @@ pub fn xor_into(acc: &mut [u8; MAC_LEN], h: &[u8; MAC_LEN]) {
 }
 
 /// The sealed row set record: the digest over every protected row, the
-/// key epoch whose row set key made it, the revision it was last written
-/// at and the revision at which a full recomputation last agreed with it.
+/// key epoch whose row set key made it, the revision it was last signed in
+/// full at (`written_at`: informational, nothing reads it; the write jobs
+/// that fold a change into the digest leave it) and the revision at which
+/// a full recomputation last agreed with it.
 /// Sealed (AES-GCM under the master key): whoever reads the database
 /// never sees the digest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,7 +309,7 @@ impl BadRowLog {
 /// rows with.
 pub struct Checker<'a> {
     pub keys: &'a Keys,
-    pub log: Option<&'a BadRowLog>,
+    pub log: &'a BadRowLog,
 }
 
 impl Checker<'_> {
@@ -323,13 +324,11 @@ impl Checker<'_> {
     ) -> bool {
         let good = mac.is_some_and(|m| self.keys.row_ok(input, m));
         if !good {
-            if let Some(log) = self.log {
-                log.report(BadRow {
-                    table,
-                    key: key(),
-                    what: what(mac),
-                });
-            }
+            self.log.report(BadRow {
+                table,
+                key: key(),
+                what: what(mac),
+            });
         }
         good
     }

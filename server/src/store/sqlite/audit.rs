@@ -208,7 +208,6 @@ pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<AuditVerdict> {
     let mut walker = Walker::new(keys, head(tx)?);
     let mut select = tx.prepare(&format!("{SELECT} ORDER BY id"))?;
     let mut rows = select.query([])?;
-    let mut prev = GENESIS.to_vec();
     while let Some(row) = rows.next()? {
         let id = row.get::<_, i64>(0)? as u64;
         // `allowed` is 0 or 1 as the server writes it; any other value
@@ -219,16 +218,13 @@ pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<AuditVerdict> {
                 id,
                 format!("its allowed column holds {allowed:?}, neither 0 nor 1"),
             )),
-            Ok((entry, epoch, chain)) => {
-                let next = chain.clone().unwrap_or_default();
-                let item = ChainedEntry {
-                    entry,
-                    epoch,
-                    chain,
-                    prev: std::mem::replace(&mut prev, next),
-                };
-                Ok(item)
-            }
+            // The walker keeps the previous chain value itself.
+            Ok((entry, epoch, chain)) => Ok(ChainedEntry {
+                entry,
+                epoch,
+                chain,
+                prev: Vec::new(),
+            }),
             Err(e) => Err((
                 id,
                 format!("a column holds a value of the wrong type ({e})"),
@@ -335,20 +331,7 @@ pub(super) fn query(tx: &Connection, filter: &AuditFilter) -> Result<Vec<AuditEn
                 .after_id
                 .map(|i| i64::try_from(i).unwrap_or(i64::MAX))
         ],
-        |r| {
-            Ok(AuditEntry {
-                id: r.get::<_, i64>(0)? as u64,
-                at_ms: r.get(1)?,
-                actor: r.get(2)?,
-                action: r.get(3)?,
-                secret: r.get(4)?,
-                client: r.get(5)?,
-                group: r.get(6)?,
-                version: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
-                allowed: r.get(8)?,
-                detail: r.get(9)?,
-            })
-        },
+        entry,
     )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

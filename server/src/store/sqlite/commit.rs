@@ -25,9 +25,9 @@ pub(super) struct Connections {
     /// Writers waiting for the connection: while there are any, a writer
     /// leaves the transaction open for them instead of committing.
     waiting: AtomicUsize,
-    /// Run at the end of every write job, in its transaction, in order
-    /// (the row set: see `row_set::flush`).
-    after_job: Vec<AfterJob>,
+    /// Run at the end of every write job, in its transaction (the audit
+    /// chain and the row set: see `SqliteStore::with`).
+    after_job: Option<AfterJob>,
 }
 
 pub(super) type AfterJob = Box<dyn Fn(&Connection) -> Result<()> + Send + Sync>;
@@ -57,19 +57,19 @@ impl Connections {
             group: Mutex::new(GroupCommit::default()),
             committed: Condvar::new(),
             waiting: AtomicUsize::new(0),
-            after_job: Vec::new(),
+            after_job: None,
         }
     }
 
-    /// Adds a step every write job ends with, in the job's transaction.
+    /// Sets the step every write job ends with, in the job's transaction.
     pub(super) fn after_job(&mut self, f: AfterJob) {
-        self.after_job.push(f);
+        self.after_job = Some(f);
     }
 
-    /// A job, then the after-job steps, on the writer connection.
+    /// A job, then the after-job step, on the writer connection.
     fn job<T>(&self, conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
         let out = f(conn)?;
-        for after in &self.after_job {
+        if let Some(after) = &self.after_job {
             after(conn)?;
         }
         Ok(out)

@@ -8,134 +8,180 @@ use crate::keys::{Keys, MacInput};
 use crate::store::integrity::{self, BadRow, SecretRow, META_ROWS_AUTHENTICATED};
 use crate::store::{Result, StoreError};
 
-/// One protected table: a SELECT of its MAC'd columns followed by `rowid`
-/// and `mac` (a `WHERE` may be appended), and how a row becomes its key
-/// and MAC input (`None`: a row that is not signed).
+/// One protected table: static SQL over its MAC'd columns followed by
+/// `rowid` and `mac`, how a row becomes its MAC input (`None`: a row that
+/// is not signed) and its key (for reports only).
 pub(super) struct Table {
     pub name: &'static str,
+    /// Every row.
     select: &'static str,
-    /// Index of `rowid` in `select`; `mac` follows it.
+    /// The row with `rowid = ?1`.
+    select_one: &'static str,
+    /// Sets `mac = ?1` of the row with `rowid = ?2`.
+    set_mac: &'static str,
+    /// Index of `rowid` in the selects; `mac` follows it.
     at: usize,
-    input: fn(&Row<'_>) -> rusqlite::Result<Option<Keyed>>,
+    input: fn(&Row<'_>) -> rusqlite::Result<Option<MacInput>>,
+    key: fn(&Row<'_>) -> rusqlite::Result<String>,
 }
 
-/// A row's key (for reports) and what its MAC covers.
-type Keyed = (String, MacInput);
+/// A [`Table`] with its SQL put together at compile time from the table
+/// (a literal equal to `$name`) and its MAC'd columns.
+macro_rules! table {
+    ($name:expr, $table:literal, $cols:literal, at: $at:expr, input: $input:expr, key: $key:expr $(,)?) => {
+        Table {
+            name: $name,
+            select: concat!("SELECT ", $cols, ", rowid, mac FROM ", $table),
+            select_one: concat!(
+                "SELECT ",
+                $cols,
+                ", rowid, mac FROM ",
+                $table,
+                " WHERE rowid = ?1"
+            ),
+            set_mac: concat!("UPDATE ", $table, " SET mac = ?1 WHERE rowid = ?2"),
+            at: $at,
+            input: $input,
+            key: $key,
+        }
+    };
+}
 
-pub(super) const CLIENTS: Table = Table {
-    name: integrity::CLIENTS,
-    select: "SELECT id, name, admin, enabled, pinned, created_at, rowid, mac FROM clients",
+pub(super) const CLIENTS: Table = table!(
+    integrity::CLIENTS,
+    "clients",
+    "id, name, admin, enabled, pinned, created_at",
     at: 6,
     input: |r| {
-        let id = r.get::<_, i64>(0)? as u64;
-        Ok(Some((
-            format!("id={id}"),
-            integrity::client(
-                id,
-                &r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ),
+        Ok(Some(integrity::client(
+            r.get::<_, i64>(0)? as u64,
+            &r.get::<_, String>(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
         )))
     },
-};
+    key: |r| Ok(format!("id={}", r.get::<_, i64>(0)? as u64)),
+);
 
-pub(super) const CLIENT_CERTS: Table = Table {
-    name: integrity::CLIENT_CERTS,
-    select: "SELECT client_id, serial, not_after, issued_at, rowid, mac FROM client_certs",
+pub(super) const CLIENT_CERTS: Table = table!(
+    integrity::CLIENT_CERTS,
+    "client_certs",
+    "client_id, serial, not_after, issued_at",
     at: 4,
     input: |r| {
-        let (client_id, serial) = (r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?);
-        Ok(Some((
-            format!("client_id={client_id} serial={serial}"),
-            integrity::client_cert(client_id, &serial, r.get(2)?, r.get(3)?),
+        Ok(Some(integrity::client_cert(
+            r.get::<_, i64>(0)? as u64,
+            &r.get::<_, String>(1)?,
+            r.get(2)?,
+            r.get(3)?,
         )))
     },
-};
+    key: |r| {
+        Ok(format!(
+            "client_id={} serial={}",
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, String>(1)?
+        ))
+    },
+);
 
-pub(super) const GROUPS: Table = Table {
-    name: integrity::GROUPS,
-    select: "SELECT id, name, rowid, mac FROM groups",
+pub(super) const GROUPS: Table = table!(
+    integrity::GROUPS,
+    "groups",
+    "id, name",
     at: 2,
     input: |r| {
-        let id = r.get::<_, i64>(0)? as u64;
-        Ok(Some((
-            format!("id={id}"),
-            integrity::group(id, &r.get::<_, String>(1)?),
+        Ok(Some(integrity::group(
+            r.get::<_, i64>(0)? as u64,
+            &r.get::<_, String>(1)?,
         )))
     },
-};
+    key: |r| Ok(format!("id={}", r.get::<_, i64>(0)? as u64)),
+);
 
-pub(super) const GROUP_CLIENTS: Table = Table {
-    name: integrity::GROUP_CLIENTS,
-    select: "SELECT group_id, client_id, rowid, mac FROM group_clients",
+pub(super) const GROUP_CLIENTS: Table = table!(
+    integrity::GROUP_CLIENTS,
+    "group_clients",
+    "group_id, client_id",
     at: 2,
     input: |r| {
-        let (g, c) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
-        Ok(Some((
-            format!("group_id={g} client_id={c}"),
-            integrity::group_client(g, c),
+        Ok(Some(integrity::group_client(
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64,
         )))
     },
-};
+    key: |r| {
+        Ok(format!(
+            "group_id={} client_id={}",
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64
+        ))
+    },
+);
 
-pub(super) const GROUP_SECRETS: Table = Table {
-    name: integrity::GROUP_SECRETS,
-    select: "SELECT group_id, secret_id, rowid, mac FROM group_secrets",
+pub(super) const GROUP_SECRETS: Table = table!(
+    integrity::GROUP_SECRETS,
+    "group_secrets",
+    "group_id, secret_id",
     at: 2,
     input: |r| {
-        let (g, s) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64);
-        Ok(Some((
-            format!("group_id={g} secret_id={s}"),
-            integrity::group_secret(g, s),
+        Ok(Some(integrity::group_secret(
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64,
         )))
     },
-};
+    key: |r| {
+        Ok(format!(
+            "group_id={} secret_id={}",
+            r.get::<_, i64>(0)? as u64,
+            r.get::<_, i64>(1)? as u64
+        ))
+    },
+);
 
-pub(super) const SECRETS: Table = Table {
-    name: integrity::SECRETS,
-    select: "SELECT id, name, description, labels, mode, owner, grp, expires_at, \
-             current_version, version_count, created_at, updated_at, rowid, mac FROM secrets",
+pub(super) const SECRETS: Table = table!(
+    integrity::SECRETS,
+    "secrets",
+    "id, name, description, labels, mode, owner, grp, expires_at, current_version, \
+     version_count, created_at, updated_at",
     at: 12,
     input: |r| {
-        let id = r.get::<_, i64>(0)? as u64;
         let (name, description, labels): (String, String, String) =
             (r.get(1)?, r.get(2)?, r.get(3)?);
-        Ok(Some((
-            format!("id={id}"),
-            integrity::secret(&SecretRow {
-                id,
-                name: &name,
-                description: &description,
-                labels: &labels,
-                mode: r.get(4)?,
-                owner: r.get(5)?,
-                grp: r.get(6)?,
-                expires_at: r.get(7)?,
-                current_version: r.get::<_, i64>(8)? as u64,
-                version_count: r.get::<_, i64>(9)? as u64,
-                created_at: r.get(10)?,
-                updated_at: r.get(11)?,
-            }),
-        )))
+        Ok(Some(integrity::secret(&SecretRow {
+            id: r.get::<_, i64>(0)? as u64,
+            name: &name,
+            description: &description,
+            labels: &labels,
+            mode: r.get(4)?,
+            owner: r.get(5)?,
+            grp: r.get(6)?,
+            expires_at: r.get(7)?,
+            current_version: r.get::<_, i64>(8)? as u64,
+            version_count: r.get::<_, i64>(9)? as u64,
+            created_at: r.get(10)?,
+            updated_at: r.get(11)?,
+        })))
     },
-};
+    key: |r| Ok(format!("id={}", r.get::<_, i64>(0)? as u64)),
+);
 
-pub(super) const META: Table = Table {
-    name: integrity::META,
-    select: "SELECT key, value, rowid, mac FROM meta",
+pub(super) const META: Table = table!(
+    integrity::META,
+    "meta",
+    "key, value",
     at: 2,
     input: |r| {
         let key: String = r.get(0)?;
         if key == integrity::META_UNSIGNED {
             return Ok(None);
         }
-        let value = meta_value(r, 1)?;
-        Ok(Some((format!("key={key}"), integrity::meta(&key, &value))))
+        Ok(Some(integrity::meta(&key, &meta_value(r, 1)?)))
     },
-};
+    key: |r| Ok(format!("key={}", r.get::<_, String>(0)?)),
+);
 
 pub(super) const TABLES: [&Table; 7] = [
     &META,
@@ -174,32 +220,34 @@ pub(super) fn meta_value(r: &Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
     }
 }
 
-/// Calls `f(key, input, mac, rowid)` for every signed row of `table` that
-/// `filter` (a `WHERE` clause with `?1`, or "") selects.
+/// Calls `f(input, mac, rowid)` for every signed row that `sql` (one of
+/// `table`'s selects, with `?1` bound to `arg` if given) selects.
 fn scan(
     tx: &Connection,
     table: &Table,
-    filter: &str,
+    sql: &str,
     arg: Option<i64>,
-    mut f: impl FnMut(String, MacInput, Option<Vec<u8>>, i64) -> Result<()>,
+    mut f: impl FnMut(MacInput, Option<Vec<u8>>, i64) -> Result<()>,
 ) -> Result<()> {
-    scan_all(tx, table, filter, arg, |row, mac, rowid| match row {
-        Ok(Some((key, input))) => f(key, input, mac, rowid),
-        Ok(None) => Ok(()),
-        Err(e) => Err(e.into()),
+    scan_all(tx, table, sql, arg, |r, mac, rowid| {
+        match (table.input)(r) {
+            Ok(Some(input)) => f(input, mac, rowid),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     })
 }
 
-/// As [`scan`], handing on a row whose columns cannot be read (a value of
-/// the wrong type, put there by hand) as an error instead of stopping.
+/// As [`scan`], handing on every row as it is (a row whose columns cannot
+/// be read, a value of the wrong type put there by hand, does not stop it).
 fn scan_all(
     tx: &Connection,
     table: &Table,
-    filter: &str,
+    sql: &str,
     arg: Option<i64>,
-    mut f: impl FnMut(rusqlite::Result<Option<(String, MacInput)>>, Option<Vec<u8>>, i64) -> Result<()>,
+    mut f: impl FnMut(&Row<'_>, Option<Vec<u8>>, i64) -> Result<()>,
 ) -> Result<()> {
-    let mut stmt = tx.prepare_cached(&format!("{} {filter}", table.select))?;
+    let mut stmt = tx.prepare_cached(sql)?;
     let mut rows = match arg {
         Some(a) => stmt.query([a])?,
         None => stmt.query([])?,
@@ -208,17 +256,14 @@ fn scan_all(
         let rowid: i64 = r.get(table.at)?;
         // A mac that is not a blob is as good as none.
         let mac = r.get::<_, Option<Vec<u8>>>(table.at + 1).unwrap_or(None);
-        f((table.input)(r), mac, rowid)?;
+        f(r, mac, rowid)?;
     }
     Ok(())
 }
 
 fn set_mac(tx: &Connection, table: &Table, rowid: i64, mac: &[u8]) -> Result<()> {
-    tx.prepare_cached(&format!(
-        "UPDATE {} SET mac = ?1 WHERE rowid = ?2",
-        table.name
-    ))?
-    .execute(params![mac, rowid])?;
+    tx.prepare_cached(table.set_mac)?
+        .execute(params![mac, rowid])?;
     Ok(())
 }
 
@@ -226,16 +271,10 @@ fn set_mac(tx: &Connection, table: &Table, rowid: i64, mac: &[u8]) -> Result<()>
 /// transaction just made or checked) under the current key.
 pub(super) fn sign(tx: &Connection, keys: &Keys, table: &Table, rowid: i64) -> Result<()> {
     let mut found = None;
-    scan(
-        tx,
-        table,
-        "WHERE rowid = ?1",
-        Some(rowid),
-        |_, input, _, _| {
-            found = Some(keys.row_tag(&input));
-            Ok(())
-        },
-    )?;
+    scan(tx, table, table.select_one, Some(rowid), |input, _, _| {
+        found = Some(keys.row_tag(&input));
+        Ok(())
+    })?;
     match found {
         Some(tag) => set_mac(tx, table, rowid, &tag),
         // The meta row that is not signed.
@@ -248,14 +287,14 @@ pub(super) fn sign(tx: &Connection, keys: &Keys, table: &Table, rowid: i64) -> R
 pub(super) fn verify(tx: &Connection, keys: &Keys) -> Result<Vec<BadRow>> {
     let mut bad = Vec::new();
     for table in TABLES {
-        scan_all(tx, table, "", None, |row, mac, rowid| {
-            match row {
+        scan_all(tx, table, table.select, None, |r, mac, rowid| {
+            match (table.input)(r) {
                 Ok(None) => {}
-                Ok(Some((key, input))) => {
+                Ok(Some(input)) => {
                     if !mac.as_deref().is_some_and(|m| keys.row_ok(&input, m)) {
                         bad.push(BadRow {
                             table: table.name,
-                            key,
+                            key: (table.key)(r)?,
                             what: integrity::what(mac.as_deref()),
                         });
                     }
@@ -298,7 +337,7 @@ pub(super) fn reseal(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize
     let mut done = 0;
     for table in TABLES {
         let mut todo = Vec::new();
-        scan(tx, table, "", None, |_, input, mac, rowid| {
+        scan(tx, table, table.select, None, |input, mac, rowid| {
             if done + todo.len() < limit {
                 if let Some(m) = mac.as_deref() {
                     if !keys.current.rows().verify(&input, m) && previous.rows().verify(&input, m) {
@@ -347,7 +386,7 @@ pub(super) fn adopt(tx: &Connection, keys: &Keys) -> Result<()> {
     }
     let mut rows = 0usize;
     for table in TABLES {
-        scan(tx, table, "", None, |_, _, _, _| {
+        scan(tx, table, table.select, None, |_, _, _| {
             rows += 1;
             Ok(())
         })?;
@@ -356,7 +395,7 @@ pub(super) fn adopt(tx: &Connection, keys: &Keys) -> Result<()> {
     let mut signed = 0usize;
     for table in TABLES {
         let mut todo = Vec::new();
-        scan(tx, table, "", None, |_, input, _, rowid| {
+        scan(tx, table, table.select, None, |input, _, rowid| {
             todo.push((rowid, keys.row_tag(&input)));
             Ok(())
         })?;
@@ -377,12 +416,5 @@ pub(super) fn adopt(tx: &Connection, keys: &Keys) -> Result<()> {
 }
 
 fn put_marker(tx: &Connection, keys: &Keys) -> Result<()> {
-    let value = b"1";
-    let tag = keys.row_tag(&integrity::meta(META_ROWS_AUTHENTICATED, value));
-    tx.execute(
-        "INSERT INTO meta (key, value, mac) VALUES (?1, ?2, ?3)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value, mac = excluded.mac",
-        params![META_ROWS_AUTHENTICATED, &value[..], &tag[..]],
-    )?;
-    Ok(())
+    write_meta(tx, keys, META_ROWS_AUTHENTICATED, b"1")
 }

@@ -159,11 +159,14 @@ impl SqliteStore {
 
     fn with(mut db: Connections, keys: Arc<KeyRing>) -> Self {
         // Every write job ends by chaining the audit entries it inserted,
-        // then by folding the rows it changed into the row set.
+        // then by folding the rows it changed into the row set (one keys
+        // handle for both).
         let ring = keys.clone();
-        db.after_job(Box::new(move |tx| audit::chain_pending(tx, &ring.get())));
-        let ring = keys.clone();
-        db.after_job(Box::new(move |tx| row_set::flush(tx, &ring.get())));
+        db.after_job(Box::new(move |tx| {
+            let keys = ring.get();
+            audit::chain_pending(tx, &keys)?;
+            row_set::flush(tx, &keys)
+        }));
         SqliteStore {
             db,
             feed: Arc::new(LocalFeed::default()),
@@ -177,7 +180,7 @@ impl SqliteStore {
         let keys = self.keys.get();
         f(&Checker {
             keys: &keys,
-            log: Some(&self.bad_rows),
+            log: &self.bad_rows,
         })
     }
 
@@ -324,7 +327,7 @@ const KNOWN_TABLES: &[&str] = &[
 /// trigger (it could rewrite rows and audit entries as the server writes
 /// them, before they are signed or chained), a view, or an unknown table.
 /// The server's own triggers are TEMP ones, on its connection only.
-pub(crate) fn foreign_schema_objects(conn: &Connection) -> Result<Vec<String>> {
+fn foreign_schema_objects(conn: &Connection) -> Result<Vec<String>> {
     let mut stmt = conn.prepare(
         "SELECT type, name FROM main.sqlite_master
          WHERE type IN ('trigger', 'view') OR (type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\')

@@ -15,25 +15,15 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::audit::revision;
+use super::macs;
 use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
 use crate::store::integrity::{
     self, row_set_h, row_set_mismatch, xor_into, BadRow, RowSetRecord, StoredMac,
 };
 use crate::store::{Result, StoreError};
 
-/// The protected tables, as (kind, table): the same as `macs::TABLES`.
-/// The master key check (`meta`) is left out, as it is of row MACs.
-const KINDS: [(&str, &str); 7] = [
-    (integrity::META, "meta"),
-    (integrity::CLIENTS, "clients"),
-    (integrity::CLIENT_CERTS, "client_certs"),
-    (integrity::GROUPS, "groups"),
-    (integrity::GROUP_CLIENTS, "group_clients"),
-    (integrity::GROUP_SECRETS, "group_secrets"),
-    (integrity::SECRETS, "secrets"),
-];
-
-/// Which rows of `table` are in the set (SQL over `row`, `old` or `new`).
+/// Which rows of `table` are in the set (SQL over `row`, `old` or `new`):
+/// the master key check (`meta`) is left out, as it is of row MACs.
 fn member(table: &str, row: &str) -> String {
     if table == "meta" {
         format!("{row}.key <> '{}'", integrity::META_UNSIGNED)
@@ -50,7 +40,8 @@ pub(super) fn setup_writer(conn: &Connection) -> Result<()> {
     let mut sql = String::from(
         "CREATE TEMP TABLE IF NOT EXISTS row_set_pending (kind TEXT NOT NULL, mac);\n",
     );
-    for (kind, table) in KINDS {
+    // The protected tables (`macs::TABLES`), each named by its kind.
+    for (kind, table) in macs::TABLES.map(|t| (t.name, t.name)) {
         let push = |row: &str| {
             format!("INSERT INTO row_set_pending (kind, mac) VALUES ('{kind}', {row}.mac);")
         };
@@ -178,8 +169,9 @@ pub(super) fn flush(tx: &Connection, keys: &Keys) -> Result<()> {
     tx.prepare_cached("DELETE FROM temp.row_set_pending")?
         .execute([])?;
     if let (true, Stored::Good(mut rec)) = (any, record) {
+        // `written_at` stays as it was: nothing reads it, and a query for
+        // the revision on every write job is not worth it.
         xor_into(&mut rec.digest, &delta);
-        rec.written_at = revision(tx)?;
         write(tx, keys, &rec)?;
     }
     Ok(())
@@ -188,7 +180,7 @@ pub(super) fn flush(tx: &Connection, keys: &Keys) -> Result<()> {
 /// The digest over every protected row as it is now, under each key.
 fn compute<const N: usize>(tx: &Connection, keys: [&MacKey; N]) -> Result<[[u8; MAC_LEN]; N]> {
     let mut out = [[0u8; MAC_LEN]; N];
-    for (kind, table) in KINDS {
+    for (kind, table) in macs::TABLES.map(|t| (t.name, t.name)) {
         let mut stmt = tx.prepare_cached(&format!(
             "SELECT mac FROM {table} WHERE {}",
             member(table, table)
@@ -282,12 +274,13 @@ pub(super) fn sign_all(tx: &Connection, keys: &Keys) -> Result<u64> {
 pub(super) fn start(tx: &Connection, keys: &Keys) -> Result<()> {
     // The adoption's own record (written by the migration before this
     // one, also on a new database) is not a row to vouch for.
-    let rows: i64 = KINDS.iter().try_fold(0i64, |n, (_, table)| {
+    let rows: i64 = macs::TABLES.iter().try_fold(0i64, |n, t| {
+        let table = t.name;
         tx.query_row(
             &format!(
                 "SELECT count(*) FROM {table} WHERE {} AND {}",
                 member(table, table),
-                if *table == "meta" {
+                if table == integrity::META {
                     "key <> ?1"
                 } else {
                     "?1 IS NOT NULL"
