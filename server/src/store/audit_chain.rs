@@ -47,7 +47,9 @@ pub struct ChainedEntry {
     pub entry: AuditEntry,
     pub epoch: Option<u32>,
     pub chain: Option<Vec<u8>>,
-    /// The previous entry's chain value (GENESIS before the first).
+    /// The previous entry's chain value (GENESIS before the first), as the
+    /// sink exports it (`Store::audit_after`). Empty in the verify walk,
+    /// which keeps the previous chain value itself.
     pub prev: Vec<u8>,
 }
 
