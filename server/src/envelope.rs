@@ -122,12 +122,6 @@ impl MasterKey {
         Ok(MasterKey::new(key))
     }
 
-    /// A second handle on the same key (a key set is rebuilt around it
-    /// when a rekey starts or ends).
-    pub fn clone_key(&self) -> MasterKey {
-        MasterKey::new(self.raw.clone())
-    }
-
     /// The key file's text: 64 hex digits and a newline.
     pub fn to_hex(&self) -> Zeroizing<String> {
         let mut digits = Zeroizing::new([0u8; 2 * KEY_LEN]);

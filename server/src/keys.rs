@@ -40,7 +40,10 @@ const HKDF_SALT: &[u8] = b"secretfs/v1 hkdf";
 /// Length of every MAC this module makes (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
 
-/// An HMAC-SHA256 key derived from the master key for one purpose.
+/// An HMAC-SHA256 key derived from the master key for one purpose. A
+/// clone copies the key's state: clone only to keep a retired audit key
+/// in the next ring (see [`Keys::retired_audit`]).
+#[derive(Clone)]
 pub struct MacKey(hmac::Key);
 
 impl fmt::Debug for MacKey {
@@ -51,15 +54,11 @@ impl fmt::Debug for MacKey {
 
 impl MacKey {
     fn derive(master: &MasterKey, label: &[u8]) -> MacKey {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.raw());
-        let info = [label];
-        let okm = prk
-            .expand(&info, hmac::HMAC_SHA256)
-            .expect("HKDF-SHA256 can make one SHA-256 block");
-        MacKey(hmac::Key::from(okm))
+        MacKey::from_bytes(&MacKey::derive_bytes(master, label)[..])
     }
 
-    /// The derived key's bytes (to keep a retired audit key, sealed).
+    /// The derived key's bytes (every derived key is made from these; a
+    /// retired audit key is kept as them, sealed).
     fn derive_bytes(master: &MasterKey, label: &[u8]) -> zeroize::Zeroizing<[u8; MAC_LEN]> {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(master.raw());
         let info = [label];
@@ -156,6 +155,13 @@ impl MacInput {
 /// verifiable across a rekey (see [`Keys::retired_audit`]).
 pub struct KeySet {
     epoch: u32,
+    /// Built once per master key and shared (see [`KeySet::at_epoch`]):
+    /// rings before and after a rekey starts or ends hold the same keys,
+    /// never rebuilt copies left behind in freed memory.
+    derived: Arc<Derived>,
+}
+
+struct Derived {
     master: MasterKey,
     rows: MacKey,
     audit: MacKey,
@@ -172,32 +178,43 @@ impl KeySet {
     pub fn new(epoch: u32, master: MasterKey) -> KeySet {
         KeySet {
             epoch,
-            rows: MacKey::derive(&master, ROW_LABEL),
-            audit: MacKey::derive(&master, AUDIT_LABEL),
-            row_set: MacKey::derive(&master, ROW_SET_LABEL),
-            master,
+            derived: Arc::new(Derived {
+                rows: MacKey::derive(&master, ROW_LABEL),
+                audit: MacKey::derive(&master, AUDIT_LABEL),
+                row_set: MacKey::derive(&master, ROW_SET_LABEL),
+                master,
+            }),
+        }
+    }
+
+    /// The same keys under `epoch` (shared, not rebuilt): a key loaded
+    /// before the store says which epoch it is.
+    pub fn at_epoch(&self, epoch: u32) -> KeySet {
+        KeySet {
+            epoch,
+            derived: self.derived.clone(),
         }
     }
     /// The key of the digest over every protected row (replay detection).
     pub fn row_set(&self) -> &MacKey {
-        &self.row_set
+        &self.derived.row_set
     }
     pub fn epoch(&self) -> u32 {
         self.epoch
     }
     pub fn master(&self) -> &MasterKey {
-        &self.master
+        &self.derived.master
     }
     pub fn rows(&self) -> &MacKey {
-        &self.rows
+        &self.derived.rows
     }
     pub fn audit(&self) -> &MacKey {
-        &self.audit
+        &self.derived.audit
     }
     /// The audit key's bytes: kept, sealed under the next master key, when
     /// a rekey retires this set (see [`Keys::retired_audit`]).
     pub fn audit_bytes(&self) -> zeroize::Zeroizing<[u8; MAC_LEN]> {
-        MacKey::derive_bytes(&self.master, AUDIT_LABEL)
+        MacKey::derive_bytes(self.master(), AUDIT_LABEL)
     }
 }
 
@@ -208,26 +225,28 @@ impl KeySet {
 /// gone).
 #[derive(Debug)]
 pub struct Keys {
-    pub current: KeySet,
-    pub previous: Option<KeySet>,
+    pub current: Arc<KeySet>,
+    pub previous: Option<Arc<KeySet>>,
     pub retired_audit: std::collections::BTreeMap<u32, MacKey>,
 }
 
 impl Keys {
     /// Keys of epoch 1 (a store `server init` made, never rekeyed).
     pub fn new(master: MasterKey) -> Keys {
-        Keys {
-            current: KeySet::new(1, master),
-            previous: None,
-            retired_audit: Default::default(),
-        }
+        Keys::new_at(1, master)
     }
 
     /// Keys of `epoch`, no rekey in progress.
     pub fn new_at(epoch: u32, master: MasterKey) -> Keys {
+        Keys::of(Arc::new(KeySet::new(epoch, master)), None)
+    }
+
+    /// Keys of sets already built (shared with the ring they replace), no
+    /// retired audit keys.
+    pub fn of(current: Arc<KeySet>, previous: Option<Arc<KeySet>>) -> Keys {
         Keys {
-            current: KeySet::new(epoch, master),
-            previous: None,
+            current,
+            previous,
             retired_audit: Default::default(),
         }
     }
@@ -236,12 +255,12 @@ impl Keys {
     pub fn audit_for(&self, epoch: u32) -> Option<&MacKey> {
         self.sets()
             .find(|k| k.epoch == epoch)
-            .map(|k| &k.audit)
+            .map(|k| k.audit())
             .or_else(|| self.retired_audit.get(&epoch))
     }
 
     fn sets(&self) -> impl Iterator<Item = &KeySet> {
-        std::iter::once(&self.current).chain(self.previous.as_ref())
+        std::iter::once(&*self.current).chain(self.previous.as_deref())
     }
 
     /// The key set of `epoch`, if this server holds it (the current or
@@ -252,19 +271,19 @@ impl Keys {
 
     /// A row's MAC, under the current key.
     pub fn row_tag(&self, input: &MacInput) -> [u8; MAC_LEN] {
-        self.current.rows.tag(input)
+        self.current.rows().tag(input)
     }
 
     /// Whether a row's MAC is good under the current or the previous key.
     pub fn row_ok(&self, input: &MacInput, tag: &[u8]) -> bool {
-        self.sets().any(|k| k.rows.verify(input, tag))
+        self.sets().any(|k| k.rows().verify(input, tag))
     }
 
     /// Opens a sealed version under the current or the previous master key.
     pub fn open(&self, binding: Binding<'_>, sealed: &Sealed) -> Result<Plaintext, Error> {
-        match self.current.master.open(binding, sealed) {
+        match self.current.master().open(binding, sealed) {
             Err(e) => match &self.previous {
-                Some(prev) => prev.master.open(binding, sealed).map_err(|_| e),
+                Some(prev) => prev.master().open(binding, sealed).map_err(|_| e),
                 None => Err(e),
             },
             ok => ok,
@@ -353,16 +372,22 @@ pub fn key_check_opens(master: &MasterKey, blob: &[u8]) -> bool {
 /// The key check for `master` that `server init`, the upgrade and a rekey
 /// write (v2).
 pub fn seal_key_check(master: &MasterKey) -> Result<Vec<u8>, Error> {
-    let sealed = master.seal(KEY_CHECK_V2, KEY_CHECK_V2_PLAINTEXT)?;
-    Ok([sealed.wrapped_key, sealed.ciphertext].concat())
+    Ok(join_sealed(
+        master.seal(KEY_CHECK_V2, KEY_CHECK_V2_PLAINTEXT)?,
+    ))
+}
+
+/// The stored `wrapped key || ciphertext` blob of `sealed` (the inverse of
+/// [`split_sealed`]).
+pub fn join_sealed(sealed: Sealed) -> Vec<u8> {
+    [sealed.wrapped_key, sealed.ciphertext].concat()
 }
 
 /// The key check a database from before the upgrade holds (v1): only for
 /// tests and fixtures that make such a database.
 pub fn pre_upgrade_key_check(master: &MasterKey) -> Result<Vec<u8>, Error> {
     use crate::envelope::{KEY_CHECK, KEY_CHECK_PLAINTEXT};
-    let sealed = master.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?;
-    Ok([sealed.wrapped_key, sealed.ciphertext].concat())
+    Ok(join_sealed(master.seal(KEY_CHECK, KEY_CHECK_PLAINTEXT)?))
 }
 
 /// Length of the wrapped data key at the head of the key check.
@@ -374,7 +399,12 @@ pub struct KeyRing(RwLock<Arc<Keys>>);
 
 impl KeyRing {
     pub fn new(master: MasterKey) -> Arc<KeyRing> {
-        Arc::new(KeyRing(RwLock::new(Arc::new(Keys::new(master)))))
+        KeyRing::of(Keys::new(master))
+    }
+
+    /// A ring holding `keys`.
+    pub fn of(keys: Keys) -> Arc<KeyRing> {
+        Arc::new(KeyRing(RwLock::new(Arc::new(keys))))
     }
 
     /// A ring with a fresh random key (tests, benchmarks).
@@ -437,11 +467,10 @@ mod tests {
             .master()
             .seal(crate::envelope::KEY_CHECK, b"x")
             .unwrap();
-        let during = Keys {
-            current: KeySet::new(2, MasterKey::generate().unwrap()),
-            previous: Some(KeySet::new(1, old)),
-            retired_audit: Default::default(),
-        };
+        let during = Keys::of(
+            Arc::new(KeySet::new(2, MasterKey::generate().unwrap())),
+            Some(Arc::new(KeySet::new(1, old))),
+        );
         assert!(during.audit_for(1).is_some() && during.audit_for(2).is_some());
         assert!(during.audit_for(3).is_none());
         assert!(during.row_ok(&input, &old_tag));

@@ -25,9 +25,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::envelope::{Binding, MasterKey, Sealed};
+use crate::envelope::Binding;
+#[cfg(test)]
+use crate::envelope::MasterKey;
 use crate::error::Error;
 use crate::key_provider::KeySource;
+use crate::keys::{join_sealed, key_check_opens, seal_key_check, split_sealed};
 use crate::keys::{KeyRing, KeySet, Keys, MacKey};
 use crate::state_dir::{StateDir, META_KEY_CHECK};
 use crate::store::Store;
@@ -38,7 +41,8 @@ pub const META_EPOCH: &str = "key_epoch";
 pub const META_REKEY_TO: &str = "rekey_to";
 /// The key check of the key a rekey in progress moves to.
 pub const META_REKEY_CHECK: &str = "rekey_key_check";
-const META_CURSOR: &str = "rekey_cursor";
+/// Where the re-wrap batches stand (the store's cursor).
+pub const META_CURSOR: &str = "rekey_cursor";
 
 /// Versions re-wrapped per transaction unless told otherwise.
 pub const DEFAULT_BATCH: usize = 500;
@@ -53,27 +57,6 @@ fn audit_key_binding(epoch: u32) -> Binding<'static> {
         name: "secretfs retired audit key",
         version: u64::from(epoch),
     }
-}
-
-/// `wrapped key || ciphertext`, as the key check is stored.
-fn flat(s: &Sealed) -> Vec<u8> {
-    let mut blob = s.wrapped_key.clone();
-    blob.extend_from_slice(&s.ciphertext);
-    blob
-}
-
-fn unflat(blob: &[u8]) -> Option<Sealed> {
-    crate::keys::split_sealed(blob)
-}
-
-/// The key check blob for `key` (what `server init` stores).
-pub fn key_check(key: &MasterKey) -> Result<Vec<u8>, Error> {
-    crate::keys::seal_key_check(key)
-}
-
-/// Whether `blob` is `key`'s key check.
-pub fn key_matches(blob: &[u8], key: &MasterKey) -> bool {
-    crate::keys::key_check_opens(key, blob)
 }
 
 fn epoch_of(store: &dyn Store, key: &str) -> Result<Option<u32>, Error> {
@@ -100,12 +83,14 @@ pub enum Repair {
 /// The keys to start with, from the provider's current (and next) key and
 /// what the store records; `true` when a rekey is in progress (resume it),
 /// and what a crash between the store and the provider left to repair.
-/// Changes nothing.
+/// Changes nothing. `current` and `next` are the provider's keys as
+/// loaded (any epoch): the keys returned share them, never rebuilt.
 pub fn keys_at_start(
     dir: &StateDir,
     source: &KeySource,
     store: &dyn Store,
-    current: MasterKey,
+    current: &KeySet,
+    next: Option<&KeySet>,
 ) -> Result<(Keys, bool, Repair), Error> {
     let check = store.get_meta(META_KEY_CHECK)?.ok_or_else(|| {
         Error::Config(
@@ -114,16 +99,9 @@ pub fn keys_at_start(
         )
     })?;
     let epoch = epoch_of(store, META_EPOCH)?.unwrap_or(1);
-    let mismatch = || {
-        Error::Config(format!(
-            "the master key from {} does not match this database (it was made with another key); \
-             put the right key back (from backup) and start again. Nothing was changed",
-            source.describe(dir)
-        ))
-    };
-    let next = source.load_next(dir)?;
+    let mismatch = || crate::state_dir::key_mismatch(source, dir);
     let (mut keys, in_progress, repair) = if let Some(to) = epoch_of(store, META_REKEY_TO)? {
-        if !key_matches(&check, &current) {
+        if !key_check_opens(current.master(), &check) {
             return Err(mismatch());
         }
         let next = next.ok_or_else(|| {
@@ -134,33 +112,38 @@ pub fn keys_at_start(
             ))
         })?;
         let next_check = store.get_meta(META_REKEY_CHECK)?.unwrap_or_default();
-        if !key_matches(&next_check, &next) {
+        if !key_check_opens(next.master(), &next_check) {
             return Err(Error::Config(format!(
                 "a rekey to master key epoch {to} is in progress but the new key found does not match it; restore the right one from backup"
             )));
         }
         (
-            Keys {
-                current: KeySet::new(to, next),
-                previous: Some(KeySet::new(epoch, current)),
-                retired_audit: Default::default(),
-            },
+            Keys::of(
+                Arc::new(next.at_epoch(to)),
+                Some(Arc::new(current.at_epoch(epoch))),
+            ),
             true,
             Repair::None,
         )
-    } else if key_matches(&check, &current) {
+    } else if key_check_opens(current.master(), &check) {
         let repair = if next.is_some() {
             Repair::SetAsideNext
         } else {
             Repair::None
         };
-        (Keys::new_at(epoch, current), false, repair)
+        (
+            Keys::of(Arc::new(current.at_epoch(epoch)), None),
+            false,
+            repair,
+        )
     } else {
         // A rekey that completed in the store but not in the provider.
         match next {
-            Some(next) if key_matches(&check, &next) => {
-                (Keys::new_at(epoch, next), false, Repair::CommitNext)
-            }
+            Some(next) if key_check_opens(next.master(), &check) => (
+                Keys::of(Arc::new(next.at_epoch(epoch)), None),
+                false,
+                Repair::CommitNext,
+            ),
             _ => return Err(mismatch()),
         }
     };
@@ -296,7 +279,7 @@ fn open_retired(
     let Some(blob) = store.get_meta(&audit_key_meta(epoch))? else {
         return Ok(None);
     };
-    let sealed = unflat(&blob).ok_or_else(|| {
+    let sealed = split_sealed(&blob).ok_or_else(|| {
         Error::Config(format!(
             "the database's retired audit key of epoch {epoch} is damaged"
         ))
@@ -440,7 +423,7 @@ impl Rekeyer {
                 )));
             }
             if let Some(check) = self.store.get_meta(META_KEY_CHECK)? {
-                if !key_matches(&check, &source.load(&self.dir)?) {
+                if !key_check_opens(&source.load(&self.dir)?, &check) {
                     return Err(Error::FailedPrecondition(format!(
                         "the master key in {} is not the one the database names (the last rekey's final step did not happen); \
                          nothing was changed. Restart the server to complete it, then ask again",
@@ -450,7 +433,7 @@ impl Rekeyer {
             }
             source.create_next(&self.dir, new_credential)?
         };
-        let check = key_check(&next)?;
+        let check = seal_key_check(&next)?;
         let to_bytes = to.to_be_bytes();
         self.store.put_metas_audited(
             &[
@@ -460,12 +443,11 @@ impl Rekeyer {
             ],
             &rekey_entry(actor, format!("started: master key epoch {from} to {to}")),
         )?;
-        let old = KeySet::new(from, keys.current.master().clone_key());
-        let retired = load_retired(self.store.as_ref(), &keys)?;
+        // The ring's sets and retired audit keys carry over as they are.
         self.keys.replace(Keys {
-            current: KeySet::new(to, next),
-            previous: Some(old),
-            retired_audit: retired,
+            current: Arc::new(KeySet::new(to, next)),
+            previous: Some(keys.current.clone()),
+            retired_audit: keys.retired_audit.clone(),
         });
         state.running = true;
         state.rewrapped = 0;
@@ -540,7 +522,9 @@ impl Rekeyer {
         }
         while {
             self.stopped()?;
-            reseal_rows(self.store.as_ref(), self.batch)? > 0
+            // Re-signs a batch under the current row key; 0 when every
+            // row is (and then the row set has moved to the new key too).
+            self.store.reseal_rows(self.batch)? > 0
         } {
             if !self.pause.is_zero() {
                 std::thread::sleep(self.pause);
@@ -563,18 +547,18 @@ impl Rekeyer {
             if let Some(bytes) = open_retired(self.store.as_ref(), &keys, epoch)? {
                 sealed.push((
                     audit_key_meta(epoch),
-                    flat(&new.seal(audit_key_binding(epoch), bytes.as_bytes())?),
+                    join_sealed(new.seal(audit_key_binding(epoch), bytes.as_bytes())?),
                 ));
             }
         }
         sealed.push((
             audit_key_meta(previous.epoch()),
-            flat(&new.seal(
+            join_sealed(new.seal(
                 audit_key_binding(previous.epoch()),
                 &previous.audit_bytes()[..],
             )?),
         ));
-        let check = key_check(new)?;
+        let check = seal_key_check(new)?;
         let to_bytes = to.to_be_bytes();
         let mut entries: Vec<(&str, Option<&[u8]>)> = vec![
             (META_KEY_CHECK, Some(&check)),
@@ -604,13 +588,10 @@ impl Rekeyer {
             let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
             source.commit_next(&self.dir)?;
         }
-        let mut retired = load_retired(self.store.as_ref(), &keys)?;
-        retired.insert(
-            previous.epoch(),
-            MacKey::from_bytes(&previous.audit_bytes()[..]),
-        );
+        let mut retired = keys.retired_audit.clone();
+        retired.insert(previous.epoch(), previous.audit().clone());
         self.keys.replace(Keys {
-            current: KeySet::new(to, new.clone_key()),
+            current: keys.current.clone(),
             previous: None,
             retired_audit: retired,
         });
@@ -634,12 +615,6 @@ fn audit_or_log(store: &dyn Store, actor: &str, detail: String) {
     if let Err(e) = store.append_audit(&[rekey_entry(actor, detail)]) {
         tracing::error!(error = %e, "cannot audit the rekey");
     }
-}
-
-/// Re-signs up to `limit` rows under the current row key; 0 when every
-/// row is (and then the row set has moved to the new key too).
-fn reseal_rows(store: &dyn Store, limit: usize) -> Result<usize, Error> {
-    Ok(store.reseal_rows(limit)?)
 }
 
 #[cfg(test)]
@@ -687,12 +662,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());
         let k1 = KeySource::File.create(&dir).unwrap();
-        let ring = KeyRing::new(k1.clone_key());
+        let check = seal_key_check(&k1).unwrap();
+        let ring = KeyRing::new(k1);
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open_in_memory_with(ring.clone()).unwrap());
-        store
-            .put_meta(META_KEY_CHECK, &key_check(&k1).unwrap())
-            .unwrap();
+        store.put_meta(META_KEY_CHECK, &check).unwrap();
         Fix {
             tmp,
             dir,
@@ -723,12 +697,20 @@ mod tests {
         panic!("the rekey thread did not stop");
     }
 
+    /// The provider's keys as a start loads them (epochs fixed later).
+    fn sets(source: &KeySource, dir: &StateDir) -> (KeySet, Option<KeySet>) {
+        let current = KeySet::new(1, source.load(dir).unwrap());
+        let next = source.load_next(dir).unwrap().map(|k| KeySet::new(2, k));
+        (current, next)
+    }
+
     /// What a restart does: keys from the provider and the store, the
     /// repair, the ring replaced.
     fn restart(f: &Fix) -> Result<bool, Error> {
         let mut source = KeySource::File;
-        let current = source.load(&f.dir)?;
-        let (keys, going, repair) = keys_at_start(&f.dir, &source, f.store.as_ref(), current)?;
+        let (current, next) = sets(&source, &f.dir);
+        let (keys, going, repair) =
+            keys_at_start(&f.dir, &source, f.store.as_ref(), &current, next.as_ref())?;
         f.ring.replace(keys);
         repair_at_start(&f.dir, &mut source, f.store.as_ref(), &f.ring.get(), repair)?;
         Ok(going)
@@ -748,15 +730,12 @@ mod tests {
         f.store
             .put_metas(&[
                 (META_REKEY_TO, Some(&2u32.to_be_bytes())),
-                (META_REKEY_CHECK, Some(&key_check(&k2).unwrap())),
+                (META_REKEY_CHECK, Some(&seal_key_check(&k2).unwrap())),
             ])
             .unwrap();
-        let k1 = f.ring.get().current.master().clone_key();
-        f.ring.replace(Keys {
-            current: KeySet::new(2, k2),
-            previous: Some(KeySet::new(1, k1)),
-            retired_audit: Default::default(),
-        });
+        let k1 = f.ring.get().current.clone();
+        f.ring
+            .replace(Keys::of(Arc::new(KeySet::new(2, k2)), Some(k1)));
         // ... whose final rename cannot happen: a non-empty directory is
         // in the way of master.key.next.
         std::fs::remove_file(&key_file).unwrap();
@@ -863,32 +842,21 @@ mod tests {
         let dir = StateDir::new(tmp.path());
         let mut source = KeySource::File;
         let k1 = source.create(&dir).unwrap();
-        let ring = KeyRing::new(k1.clone_key());
+        let check = seal_key_check(&k1).unwrap();
+        let ring = KeyRing::new(k1);
         let store = SqliteStore::open_in_memory_with(ring.clone()).unwrap();
-        store
-            .put_meta(META_KEY_CHECK, &key_check(&k1).unwrap())
-            .unwrap();
+        store.put_meta(META_KEY_CHECK, &check).unwrap();
         let next_file = tmp.path().join("master.key.next");
         let load = |s: &KeySource| s.load(&dir).unwrap();
         let start = |source: &mut KeySource, repair: bool| -> Result<(Keys, bool), Error> {
-            let current = load(source);
-            let (keys, going, fix) = keys_at_start(&dir, source, &store, current)?;
+            let (current, next) = sets(source, &dir);
+            let (keys, going, fix) = keys_at_start(&dir, source, &store, &current, next.as_ref())?;
             ring.replace(keys);
             if repair {
                 repair_at_start(&dir, source, &store, &ring.get(), fix)?;
             }
             let keys = ring.get();
-            Ok((
-                Keys {
-                    current: KeySet::new(keys.current.epoch(), keys.current.master().clone_key()),
-                    previous: keys
-                        .previous
-                        .as_ref()
-                        .map(|p| KeySet::new(p.epoch(), p.master().clone_key())),
-                    retired_audit: Default::default(),
-                },
-                going,
-            ))
+            Ok((Keys::of(keys.current.clone(), keys.previous.clone()), going))
         };
         let set_aside = || {
             std::fs::read_dir(tmp.path())
@@ -912,14 +880,14 @@ mod tests {
         assert!(!going && keys.current.epoch() == 1 && !next_file.exists());
         let aside = set_aside();
         assert_eq!(aside.len(), 1);
-        assert!(key_matches(
-            &key_check(&stray).unwrap(),
-            &crate::state_dir::load_master_key(&aside[0]).unwrap()
+        assert!(key_check_opens(
+            &crate::state_dir::load_master_key(&aside[0]).unwrap(),
+            &seal_key_check(&stray).unwrap(),
         ));
 
         // Recorded: both keys, the new one current.
         let k2 = source.create_next(&dir, None).unwrap();
-        let check2 = key_check(&k2).unwrap();
+        let check2 = seal_key_check(&k2).unwrap();
         store
             .put_metas(&[
                 (META_REKEY_TO, Some(&2u32.to_be_bytes())),
@@ -945,12 +913,13 @@ mod tests {
         assert!(!going && keys.previous.is_none() && keys.current.epoch() == 2);
         assert!(!next_file.exists());
         assert!(
-            key_matches(&check2, &load(&source)),
+            key_check_opens(&load(&source), &check2),
             "master.key is the new key"
         );
 
         // Any other key is refused.
-        let err = keys_at_start(&dir, &source, &store, MasterKey::generate().unwrap()).unwrap_err();
+        let stranger = KeySet::new(1, MasterKey::generate().unwrap());
+        let err = keys_at_start(&dir, &source, &store, &stranger, None).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
     }
 
@@ -993,7 +962,7 @@ mod tests {
         // would).
         let mut source = KeySource::File;
         let k2 = source.create_next(&f.dir, None).unwrap();
-        let check2 = key_check(&k2).unwrap();
+        let check2 = seal_key_check(&k2).unwrap();
         f.store
             .put_metas(&[
                 (META_KEY_CHECK, Some(&check2)),

@@ -266,7 +266,7 @@ fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Er
     let master = keys.get();
     let master = master.current.master();
     store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
-    store.put_meta(META_KEY_CHECK, &crate::rekey::key_check(master)?)?;
+    store.put_meta(META_KEY_CHECK, &crate::keys::seal_key_check(master)?)?;
     store.create_client(
         &NewClient {
             name: opts.admin_name.clone(),
@@ -356,27 +356,24 @@ pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Resul
         )));
     }
     let mut source = opts.resolve(dir)?;
-    let current = source.load(dir)?;
-    let keys = KeyRing::new(current.clone_key());
+    // Each key is loaded once (a PKCS#11 login each) and its set built
+    // once: the rings below share these sets (see `KeySet::at_epoch`).
+    let current = crate::keys::KeySet::new(1, source.load(dir)?);
+    let next = source
+        .load_next(dir)?
+        .map(|k| crate::keys::KeySet::new(2, k));
     // Until the rekey state is read, rows a rekey signed under the key it
     // moves to (its own meta entries among them) must read as good.
-    if let Some(next) = source.load_next(dir)? {
-        keys.replace(crate::keys::Keys {
-            current: crate::keys::KeySet::new(1, current.clone_key()),
-            previous: Some(crate::keys::KeySet::new(2, next)),
-            retired_audit: Default::default(),
-        });
-    }
+    let keys = KeyRing::of(crate::keys::Keys::of(
+        Arc::new(current.at_epoch(1)),
+        next.as_ref().map(|n| Arc::new(n.at_epoch(2))),
+    ));
     let store = SqliteStore::open(&dir.database(), false, keys.clone()).map_err(|e| match e {
-        crate::store::StoreError::KeyMismatch => Error::Config(format!(
-            "the master key from {} does not match this database (it was made with another key); \
-             put the right key back (from backup) and start again. Nothing was changed",
-            source.describe(dir)
-        )),
+        crate::store::StoreError::KeyMismatch => key_mismatch(&source, dir),
         e => e.into(),
     })?;
     let (loaded, rekey_in_progress, fix) =
-        crate::rekey::keys_at_start(dir, &source, &store, current)?;
+        crate::rekey::keys_at_start(dir, &source, &store, &current, next.as_ref())?;
     keys.replace(loaded);
     if repair {
         crate::rekey::repair_at_start(dir, &mut source, &store, &keys.get(), fix)?;
@@ -389,32 +386,13 @@ pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Resul
     })
 }
 
-fn key_mismatch(key_path: &Path) -> Error {
+/// The refusal when the master key from `source` is not the database's.
+pub(crate) fn key_mismatch(source: &KeySource, dir: &StateDir) -> Error {
     Error::Config(format!(
-        "the master key in {} does not match this database (it was made with another key); \
-         put the right master.key back (from backup) and start again. Nothing was changed",
-        key_path.display()
+        "the master key from {} does not match this database (it was made with another key); \
+         put the right key back (from backup) and start again. Nothing was changed",
+        source.describe(dir)
     ))
-}
-
-/// Proves the master key is the one this database was made with.
-pub fn verify_master_key(store: &dyn Store, key: &MasterKey, key_path: &Path) -> Result<(), Error> {
-    let blob = store.get_meta(META_KEY_CHECK)?.ok_or_else(|| {
-        Error::Config(
-            "the database has no master key check; it was not made by `secretfs server init`"
-                .into(),
-        )
-    })?;
-    if blob.len() < crate::keys::KEY_CHECK_WRAPPED {
-        return Err(Error::Config(
-            "the database's master key check is damaged".into(),
-        ));
-    }
-    if crate::keys::key_check_opens(key, &blob) {
-        Ok(())
-    } else {
-        Err(key_mismatch(key_path))
-    }
 }
 
 #[cfg(test)]
@@ -453,9 +431,19 @@ mod tests {
             0o700
         );
         let (store, keys) = open_store(&sd).unwrap();
-        verify_master_key(&store, keys.get().current.master(), &sd.master_key()).unwrap();
-        let err = verify_master_key(&store, &MasterKey::generate().unwrap(), &sd.master_key())
-            .unwrap_err();
+        let check = store.get_meta(META_KEY_CHECK).unwrap().unwrap();
+        assert!(crate::keys::key_check_opens(
+            keys.get().current.master(),
+            &check
+        ));
+        let err = crate::rekey::keys_at_start(
+            &sd,
+            &KeySource::File,
+            &store,
+            &crate::keys::KeySet::new(1, MasterKey::generate().unwrap()),
+            None,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
         assert!(store.get_client("admin").unwrap().admin);
 

@@ -491,7 +491,7 @@ mod tests {
         {
             // A store as `server init` makes it (with a key check).
             let s = SqliteStore::open(&path, true, keys.clone()).unwrap();
-            let check = crate::rekey::key_check(keys.get().current.master()).unwrap();
+            let check = crate::keys::seal_key_check(keys.get().current.master()).unwrap();
             s.put_meta(crate::state_dir::META_KEY_CHECK, &check)
                 .unwrap();
             s.append_audit(&[entry("a"), entry("mallory"), entry("c")])

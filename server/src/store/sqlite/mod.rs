@@ -1004,8 +1004,8 @@ mod tests {
         );
 
         keys.replace(Keys {
-            current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()),
-            previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap())),
+            current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()).into(),
+            previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap()).into()),
             retired_audit: Default::default(),
         });
         assert_eq!(
@@ -1026,7 +1026,7 @@ mod tests {
         // Only the new key now: every row but the bad one is good, and
         // the row set moved to the new key's row set key.
         keys.replace(Keys {
-            current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()),
+            current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()).into(),
             previous: None,
             retired_audit: Default::default(),
         });
@@ -1044,8 +1044,8 @@ mod tests {
         let s = SqliteStore::open_in_memory_with(keys.clone()).unwrap();
         conformance::tampered_rows_are_absent(&s, &|sql| s.execute_raw(sql));
         keys.replace(Keys {
-            current: KeySet::new(2, MasterKey::from_hex(&"77".repeat(32)).unwrap()),
-            previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap())),
+            current: KeySet::new(2, MasterKey::from_hex(&"77".repeat(32)).unwrap()).into(),
+            previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap()).into()),
             retired_audit: Default::default(),
         });
         // Written during the rekey: under the old row set key still.
@@ -1062,7 +1062,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.reseal_rows(5).unwrap(), 0);
         keys.replace(Keys {
-            current: KeySet::new(2, MasterKey::from_hex(&"77".repeat(32)).unwrap()),
+            current: KeySet::new(2, MasterKey::from_hex(&"77".repeat(32)).unwrap()).into(),
             previous: None,
             retired_audit: Default::default(),
         });

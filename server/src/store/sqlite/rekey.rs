@@ -7,8 +7,9 @@ use crate::envelope::Binding;
 use crate::keys::Keys;
 use crate::store::{Result, StoreError};
 
-/// Where the last batch stopped: `secret_id || version`, big-endian.
-pub(crate) const META_CURSOR: &str = "rekey_cursor";
+// META_CURSOR holds where the last batch stopped: `secret_id || version`,
+// big-endian.
+use crate::rekey::META_CURSOR;
 
 /// Sets or deletes several metadata entries, each signed like `put_meta`'s.
 pub(super) fn put_metas(
@@ -194,33 +195,32 @@ mod tests {
 
     #[test]
     fn rewrap_moves_every_version_in_batches_from_its_cursor() {
-        let old = MasterKey::generate().unwrap();
-        let new = MasterKey::generate().unwrap();
-        let ring = KeyRing::new(old.clone_key());
+        let old = KeySet::new(1, MasterKey::generate().unwrap());
+        let new = KeySet::new(2, MasterKey::generate().unwrap());
+        let ring = KeyRing::of(Keys::of(old.at_epoch(1).into(), None));
         let store = SqliteStore::open_in_memory_with(ring.clone()).unwrap();
         for i in 0..6u8 {
             add(&store, &ring, &format!("s{i}"), &[i; 5]);
         }
         assert_eq!(store.rewrap_keys(4).unwrap(), 0, "no rekey, nothing to do");
         let want: Vec<_> = (0..6u8).map(|i| Some(vec![i; 5])).collect();
-        assert_eq!(contents(&store, &old), want);
+        assert_eq!(contents(&store, old.master()), want);
 
-        ring.replace(Keys {
-            current: KeySet::new(2, new.clone_key()),
-            previous: Some(KeySet::new(1, old.clone_key())),
-            retired_audit: Default::default(),
-        });
+        ring.replace(Keys::of(
+            new.at_epoch(2).into(),
+            Some(old.at_epoch(1).into()),
+        ));
         // Written during the rekey: already under the new key.
         add(&store, &ring, "during", b"late");
         assert_eq!(store.rewrap_keys(4).unwrap(), 4);
-        let halfway = contents(&store, &new);
+        let halfway = contents(&store, new.master());
         assert_eq!(halfway.iter().filter(|c| c.is_some()).count(), 5);
         assert_eq!(store.rewrap_keys(4).unwrap(), 3);
         assert_eq!(store.rewrap_keys(4).unwrap(), 0);
         let mut want = want;
         want.push(Some(b"late".to_vec()));
-        assert_eq!(contents(&store, &new), want);
-        assert!(contents(&store, &old).iter().all(Option::is_none));
+        assert_eq!(contents(&store, new.master()), want);
+        assert!(contents(&store, old.master()).iter().all(Option::is_none));
     }
 
     #[test]
