@@ -106,13 +106,21 @@ impl CredentialWatch {
     /// them: an operator's pair written since must not be overwritten (the
     /// next poll takes it up instead).
     pub fn unchanged_on_disk(&self) -> bool {
-        let Ok(cert) = std::fs::read(&self.files.cert) else {
-            return false;
-        };
-        let Ok(key) = std::fs::read(&self.files.key).map(Zeroizing::new) else {
-            return false;
-        };
-        self.seen == Some((self.hasher.hash_one(&cert), self.hasher.hash_one(&key[..])))
+        match self.read_hashed() {
+            Ok((_, _, now)) => self.seen == Some(now),
+            Err(_) => false,
+        }
+    }
+
+    /// Reads both files, with their keyed hashes.
+    fn read_hashed(&self) -> std::io::Result<(Vec<u8>, Zeroizing<Vec<u8>>, (u64, u64))> {
+        let cert_pem = std::fs::read(&self.files.cert)?;
+        let key_pem = Zeroizing::new(std::fs::read(&self.files.key)?);
+        let hashes = (
+            self.hasher.hash_one(&cert_pem),
+            self.hasher.hash_one(&key_pem[..]),
+        );
+        Ok((cert_pem, key_pem, hashes))
     }
 
     /// Where the pair lives.
@@ -122,10 +130,8 @@ impl CredentialWatch {
 
     /// Reads both files; returns them when either differs from last time.
     pub fn poll(&mut self) -> Option<Pair> {
-        let read = std::fs::read(&self.files.cert)
-            .and_then(|c| std::fs::read(&self.files.key).map(|k| (c, Zeroizing::new(k))));
-        let (cert_pem, key_pem) = match read {
-            Ok(pair) => pair,
+        let (cert_pem, key_pem, now) = match self.read_hashed() {
+            Ok(read) => read,
             Err(e) => {
                 if !self.unreadable {
                     tracing::warn!(
@@ -140,10 +146,6 @@ impl CredentialWatch {
             }
         };
         self.unreadable = false;
-        let now = (
-            self.hasher.hash_one(&cert_pem),
-            self.hasher.hash_one(&key_pem[..]),
-        );
         if self.seen == Some(now) {
             return None;
         }
