@@ -47,6 +47,9 @@ pub struct Pair {
     pub info: CertInfo,
 }
 
+/// The keyed hashes of a certificate and key.
+type Hashes = (u64, u64);
+
 pub struct CredentialWatch {
     files: CredentialFiles,
     /// The CA the mount connects with, for the check of a new pair.
@@ -54,7 +57,7 @@ pub struct CredentialWatch {
     /// Keyed hashes of what was last seen (never the key itself): the
     /// hasher's random keys make the digest useless to anyone reading memory.
     hasher: RandomState,
-    seen: Option<(u64, u64)>,
+    seen: Option<Hashes>,
     /// Log an unreadable file once, not every poll.
     unreadable: bool,
     /// The last pair that failed the check: not checked again while the
@@ -64,7 +67,7 @@ pub struct CredentialWatch {
 
 /// A pair that failed the check, by its keyed hashes.
 struct Rejected {
-    seen: (u64, u64),
+    seen: Hashes,
     /// Why, for the warning.
     error: String,
     /// Warned once it outlasted one poll (before that it is most likely
@@ -113,7 +116,7 @@ impl CredentialWatch {
     }
 
     /// Reads both files, with their keyed hashes.
-    fn read_hashed(&self) -> std::io::Result<(Vec<u8>, Zeroizing<Vec<u8>>, (u64, u64))> {
+    fn read_hashed(&self) -> std::io::Result<(Vec<u8>, Zeroizing<Vec<u8>>, Hashes)> {
         let cert_pem = std::fs::read(&self.files.cert)?;
         let key_pem = Zeroizing::new(std::fs::read(&self.files.key)?);
         let hashes = (
