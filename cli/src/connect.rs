@@ -47,18 +47,13 @@ fn read_file(path: &Path, what: &str, flag: &str) -> Result<Vec<u8>> {
 /// certificate expires soon: the mount renews it itself and warns when its
 /// planned renewal has not happened.
 pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
-    let (config, warnings) = checked_config(args)?;
-    for warning in warnings {
-        if !matches!(warning, FileWarning::Expiring { .. }) {
-            tracing::warn!("{warning}");
-        }
-    }
-    Ok(config)
+    checked_config(args, false)
 }
 
-/// The CA, certificate and key, read and checked, with what is worth
-/// saying about them.
-fn checked_config(args: &ConnArgs) -> Result<(ConnectConfig, Vec<FileWarning>)> {
+/// The CA, certificate and key, read and checked; what is worth saying
+/// about them is logged. A certificate that expires soon is said on stderr
+/// with `expiring_on_stderr`, else not at all.
+fn checked_config(args: &ConnArgs, expiring_on_stderr: bool) -> Result<ConnectConfig> {
     let server = need(&args.server, "--server", "SECRETFS_SERVER")?;
     let ca: &PathBuf = need(&args.ca, "--ca", "SECRETFS_CA")?;
     let cert: &PathBuf = need(&args.cert, "--cert", "SECRETFS_CERT")?;
@@ -90,7 +85,16 @@ fn checked_config(args: &ConnArgs) -> Result<(ConnectConfig, Vec<FileWarning>)> 
     }
     let warnings = credentials::check_client_files(&files, SystemTime::now())
         .map_err(|e| anyhow::anyhow!(e.explain()))?;
-    Ok((config, warnings))
+    for warning in warnings {
+        match warning {
+            // On stderr, so an operator hears of it while the certificate
+            // can still renew itself.
+            FileWarning::Expiring { .. } if expiring_on_stderr => eprintln!("warning: {warning}"),
+            FileWarning::Expiring { .. } => {}
+            _ => tracing::warn!("{warning}"),
+        }
+    }
+    Ok(config)
 }
 
 /// Why a call or connection ran out of time, naming the bound and the fix;
@@ -109,15 +113,7 @@ pub fn timed_out(detail: Option<&str>) -> Option<String> {
 /// Connects within `--timeout`; each call on the channel is bounded by it
 /// too (until the server begins its answer, so a stream may stay open).
 pub async fn channel(args: &ConnArgs) -> Result<Channel> {
-    let (config, warnings) = checked_config(args)?;
-    for warning in warnings {
-        match warning {
-            // On stderr, so an operator hears of it while the certificate
-            // can still renew itself.
-            FileWarning::Expiring { .. } => eprintln!("warning: {warning}"),
-            _ => tracing::warn!("{warning}"),
-        }
-    }
+    let config = checked_config(args, true)?;
     let limit = args.timeout;
     let _ = BOUND.set((config.server.clone(), limit));
     let attempt = secretfs_proto::connect_with_call_timeout(&config, limit);

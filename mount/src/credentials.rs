@@ -47,6 +47,9 @@ pub struct Pair {
     pub info: CertInfo,
 }
 
+/// The keyed hashes of a certificate and key.
+type Hashes = (u64, u64);
+
 pub struct CredentialWatch {
     files: CredentialFiles,
     /// The CA the mount connects with, for the check of a new pair.
@@ -54,7 +57,7 @@ pub struct CredentialWatch {
     /// Keyed hashes of what was last seen (never the key itself): the
     /// hasher's random keys make the digest useless to anyone reading memory.
     hasher: RandomState,
-    seen: Option<(u64, u64)>,
+    seen: Option<Hashes>,
     /// Log an unreadable file once, not every poll.
     unreadable: bool,
     /// The last pair that failed the check: not checked again while the
@@ -64,7 +67,7 @@ pub struct CredentialWatch {
 
 /// A pair that failed the check, by its keyed hashes.
 struct Rejected {
-    seen: (u64, u64),
+    seen: Hashes,
     /// Why, for the warning.
     error: String,
     /// Warned once it outlasted one poll (before that it is most likely
@@ -106,13 +109,21 @@ impl CredentialWatch {
     /// them: an operator's pair written since must not be overwritten (the
     /// next poll takes it up instead).
     pub fn unchanged_on_disk(&self) -> bool {
-        let Ok(cert) = std::fs::read(&self.files.cert) else {
-            return false;
-        };
-        let Ok(key) = std::fs::read(&self.files.key).map(Zeroizing::new) else {
-            return false;
-        };
-        self.seen == Some((self.hasher.hash_one(&cert), self.hasher.hash_one(&key[..])))
+        match self.read_hashed() {
+            Ok((_, _, now)) => self.seen == Some(now),
+            Err(_) => false,
+        }
+    }
+
+    /// Reads both files, with their keyed hashes.
+    fn read_hashed(&self) -> std::io::Result<(Vec<u8>, Zeroizing<Vec<u8>>, Hashes)> {
+        let cert_pem = std::fs::read(&self.files.cert)?;
+        let key_pem = Zeroizing::new(std::fs::read(&self.files.key)?);
+        let hashes = (
+            self.hasher.hash_one(&cert_pem),
+            self.hasher.hash_one(&key_pem[..]),
+        );
+        Ok((cert_pem, key_pem, hashes))
     }
 
     /// Where the pair lives.
@@ -122,10 +133,8 @@ impl CredentialWatch {
 
     /// Reads both files; returns them when either differs from last time.
     pub fn poll(&mut self) -> Option<Pair> {
-        let read = std::fs::read(&self.files.cert)
-            .and_then(|c| std::fs::read(&self.files.key).map(|k| (c, Zeroizing::new(k))));
-        let (cert_pem, key_pem) = match read {
-            Ok(pair) => pair,
+        let (cert_pem, key_pem, now) = match self.read_hashed() {
+            Ok(read) => read,
             Err(e) => {
                 if !self.unreadable {
                     tracing::warn!(
@@ -140,10 +149,6 @@ impl CredentialWatch {
             }
         };
         self.unreadable = false;
-        let now = (
-            self.hasher.hash_one(&cert_pem),
-            self.hasher.hash_one(&key_pem[..]),
-        );
         if self.seen == Some(now) {
             return None;
         }

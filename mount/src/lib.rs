@@ -250,6 +250,7 @@ pub async fn run(
             server: server.clone(),
             revision: Some(mirror.revision()),
             cert: cert.clone(),
+            force: opts.force,
             ..SyncState::default()
         },
     );

@@ -52,9 +52,10 @@ pub struct Request {
 /// make one, else ECDSA P-256) and a CSR for it. The private key in use is
 /// not read for this: each copy of it is one more to wipe.
 pub fn new_request(kind: KeyKind, common_name: &str) -> Result<Request, String> {
-    let (key, csr_pem) = secretfs_proto::cert::new_key_and_csr(common_name, kind)
+    let (mut key, csr_pem) = secretfs_proto::cert::new_key_and_csr(common_name, kind)
         .map_err(|e| format!("cannot make a key and its CSR: {e}"))?;
-    let key_pem = Zeroizing::new(key.as_bytes().to_vec());
+    // Moved, not copied: the one buffer is wiped as `key_pem` is dropped.
+    let key_pem = Zeroizing::new(std::mem::take(&mut *key).into_bytes());
     Ok(Request { key_pem, csr_pem })
 }
 

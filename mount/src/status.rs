@@ -42,6 +42,8 @@ pub struct SyncState {
     pub refused_callers: Option<crate::guard::RefusalCounts>,
     /// The client certificate in use, when it could be read.
     pub cert: Option<CertInfo>,
+    /// `--force-uid`/`--force-gid`/`--force-mode`, as the tree applies them.
+    pub force: Force,
 }
 
 #[derive(Serialize)]
@@ -96,9 +98,7 @@ struct SkippedJson<'a> {
 }
 
 /// Renders the status file (pretty JSON and a trailing newline, for `cat`).
-/// `force`: `--force-uid`/`--force-gid`/`--force-mode`, as the tree applies
-/// them.
-pub fn render(state: &SyncState, force: Force, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
+pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
     let note = if state.fail_closed {
         Some(format!(
             "cut off from the server for more than {} s (--max-stale): every secret read fails \
@@ -137,9 +137,9 @@ pub fn render(state: &SyncState, force: Force, snap: &Snapshot, now: SystemTime)
         fail_closed: state.fail_closed,
         cert_serial: state.cert.as_ref().map(|c| c.serial.as_str()),
         cert_not_after: state.cert.as_ref().map(|c| rfc3339(c.not_after)),
-        force_uid: force.uid,
-        force_gid: force.gid,
-        force_mode: force.mode.map(|m| format!("{m:04o}")),
+        force_uid: state.force.uid,
+        force_gid: state.force.gid,
+        force_mode: state.force.mode.map(|m| format!("{m:04o}")),
         secrets: snap
             .files()
             .iter()
@@ -193,12 +193,7 @@ mod tests {
             file(1, 4, "db/password", b"never shown"),
             file(2, 1, ".env", b"x"),
         ]);
-        let raw = render(
-            &state,
-            Force::default(),
-            &snap,
-            t0 + Duration::from_secs(12),
-        );
+        let raw = render(&state, &snap, t0 + Duration::from_secs(12));
         assert!(!String::from_utf8_lossy(&raw).contains("never shown"));
         let v = parse(&raw);
         assert_eq!(v["identity"], "web-1");
@@ -223,14 +218,14 @@ mod tests {
         let info = CertInfo::parse(cert.as_bytes()).unwrap();
         let state = SyncState {
             cert: Some(info.clone()),
+            force: Force {
+                uid: Some(1000),
+                gid: None,
+                mode: Some(0o440),
+            },
             ..Default::default()
         };
-        let force = Force {
-            uid: Some(1000),
-            gid: None,
-            mode: Some(0o440),
-        };
-        let v = parse(&render(&state, force, &Snapshot::empty(), UNIX_EPOCH));
+        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
         assert_eq!(v["cert_serial"], "4a01ff");
         assert_eq!(v["cert_not_after"], rfc3339(info.not_after));
         assert!(v["cert_not_after"].as_str().unwrap().ends_with('Z'));
@@ -246,12 +241,7 @@ mod tests {
             connected: true,
             ..Default::default()
         };
-        let v = parse(&render(
-            &state,
-            Force::default(),
-            &Snapshot::empty(),
-            UNIX_EPOCH,
-        ));
+        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
         assert!(v["note"].as_str().unwrap().contains("no secrets granted"));
         assert_eq!(v["identity"], Value::Null);
     }
@@ -270,7 +260,6 @@ mod tests {
         };
         let v = parse(&render(
             &state,
-            Force::default(),
             &Snapshot::empty(),
             UNIX_EPOCH + Duration::from_secs(90),
         ));
@@ -294,12 +283,7 @@ mod tests {
             fail_closed: true,
             ..Default::default()
         };
-        let v = parse(&render(
-            &state,
-            Force::default(),
-            &Snapshot::empty(),
-            UNIX_EPOCH,
-        ));
+        let v = parse(&render(&state, &Snapshot::empty(), UNIX_EPOCH));
         assert_eq!(v["fail_closed"], true);
         assert_eq!(v["max_stale_seconds"], 5);
         assert!(v["note"].as_str().unwrap().contains("EIO"));

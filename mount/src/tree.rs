@@ -210,11 +210,6 @@ enum Want {
 }
 
 impl Tree {
-    /// `--force-uid`/`--force-gid`/`--force-mode`.
-    pub fn force(&self) -> Force {
-        self.defaults.force
-    }
-
     /// An empty tree (only the root and `.secretfs/status`).
     pub fn new(defaults: Defaults, now: SystemTime) -> Tree {
         let dir_attr = |ino| Attr {

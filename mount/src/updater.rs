@@ -14,15 +14,13 @@ use fuser::{INodeNo, Notifier};
 use crate::snapshot::Snapshot;
 use crate::status::{self, SyncState};
 use crate::sync::{SyncError, SyncEvent};
-use crate::tree::{lock, Force, Invalidation, SharedTree};
+use crate::tree::{lock, Invalidation, SharedTree};
 
 pub struct Updater {
     tree: SharedTree,
     notifier: Option<Notifier>,
     snapshot: Snapshot,
     state: SyncState,
-    /// The tree's `--force-*`, for the status file.
-    force: Force,
     /// Skipped names already logged, so each is logged once, not per sync.
     logged_skips: HashSet<String>,
     /// Log an outage once, not on every failed attempt.
@@ -33,9 +31,7 @@ pub struct Updater {
 
 impl Updater {
     pub fn new(tree: SharedTree, state: SyncState) -> Updater {
-        let force = lock(&tree).force();
         Updater {
-            force,
             tree,
             notifier: None,
             snapshot: Snapshot::empty(),
@@ -147,7 +143,7 @@ impl Updater {
             "cut off from the server for longer than --max-stale: secret reads now fail with EIO"
         );
         let now = SystemTime::now();
-        let content = status::render(&self.state, self.force, &self.snapshot, now);
+        let content = status::render(&self.state, &self.snapshot, now);
         let mut inval = {
             let mut tree = lock(&self.tree);
             let mut inval = tree.set_fail_closed(true);
@@ -160,7 +156,7 @@ impl Updater {
     fn install(&mut self, snap: Snapshot) {
         let now = SystemTime::now();
         self.state.fail_closed = false;
-        let content = status::render(&self.state, self.force, &snap, now);
+        let content = status::render(&self.state, &snap, now);
         let mut inval = {
             let mut tree = lock(&self.tree);
             // In the same critical section as the new snapshot: nobody reads
@@ -180,7 +176,7 @@ impl Updater {
     pub fn wipe(&mut self) {
         let now = SystemTime::now();
         self.snapshot = Snapshot::empty();
-        let content = status::render(&self.state, self.force, &self.snapshot, now);
+        let content = status::render(&self.state, &self.snapshot, now);
         let mut inval = {
             let mut tree = lock(&self.tree);
             let mut inval = tree.wipe(now);
@@ -198,7 +194,7 @@ impl Updater {
     /// Rewrites the status file (staleness changes every second).
     pub fn publish_status(&mut self) {
         let now = SystemTime::now();
-        let content = status::render(&self.state, self.force, &self.snapshot, now);
+        let content = status::render(&self.state, &self.snapshot, now);
         let mut inval = vec![lock(&self.tree).set_status(content, now)];
         self.send(&mut inval);
     }

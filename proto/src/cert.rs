@@ -90,7 +90,33 @@ pub fn new_key_and_csr(
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     let csr_pem = params.serialize_request(&*key)?.pem()?;
-    Ok((Zeroizing::new(key.serialize_pem()), csr_pem))
+    Ok((pkcs8_pem(key.serialized_der()), csr_pem))
+}
+
+/// The PKCS#8 PEM of a private key's DER, as rcgen's `serialize_pem`
+/// writes it, but without its unwiped copies: the base64 and the PEM go
+/// into pre-sized buffers that are wiped as they are dropped.
+fn pkcs8_pem(der: &[u8]) -> Zeroizing<String> {
+    use base64::Engine;
+    const BEGIN: &str = "-----BEGIN PRIVATE KEY-----\n";
+    const END: &str = "-----END PRIVATE KEY-----\n";
+    const LINE: usize = 64;
+    let len = base64::encoded_len(der.len(), true).expect("a key's DER is far from usize::MAX");
+    let mut b64 = Zeroizing::new(vec![0u8; len]);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(der, &mut b64[..])
+        .expect("the buffer has the encoded length");
+    let lines = written.div_ceil(LINE);
+    let mut pem = Zeroizing::new(String::with_capacity(
+        BEGIN.len() + written + lines + END.len(),
+    ));
+    pem.push_str(BEGIN);
+    for line in b64[..written].chunks(LINE) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str(END);
+    pem
 }
 
 /// Unix seconds as a time (before 1970 too).
@@ -225,6 +251,18 @@ pub fn expiry_notice(not_after: SystemTime, now: SystemTime) -> Option<ExpiryNot
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_key_pem_is_rcgens() {
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            assert_eq!(*pkcs8_pem(key.serialized_der()), key.serialize_pem());
+        }
+    }
 
     #[test]
     fn reads_serial_and_validity() {
