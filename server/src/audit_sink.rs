@@ -410,15 +410,23 @@ pub fn start(
                     last = Some((0, crate::store::audit_chain::GENESIS.to_vec()));
                 }
             }
-            // A FIFO keeps the end opened here: closing it would give its
-            // reader an end of file.
-            let file = (!regular).then_some(opened);
+            // The handle opened here is the one written to (a FIFO must
+            // keep its end open: closing it would give its reader an end of
+            // file); a regular file's size is read after any repair above.
+            let size = if regular {
+                opened
+                    .metadata()
+                    .map_err(|e| Error::io(format!("cannot read {name}"), e))?
+                    .len()
+            } else {
+                0
+            };
             (
                 name,
                 Out::File {
                     path: path.clone(),
-                    file,
-                    size: 0,
+                    file: Some(opened),
+                    size,
                     regular,
                 },
                 last,
@@ -439,7 +447,7 @@ pub fn start(
             check_against_store(store.as_ref(), &name, id, &chain, FILE_FIX)?;
             (id, chain)
         }
-        None => match resume.as_ref().and_then(Resume::load) {
+        None => match resume.as_ref().map(Resume::load).transpose()?.flatten() {
             Some((0, chain)) => (0, chain),
             Some((id, chain)) => {
                 let file = resume.as_ref().map(|r| r.file.display().to_string());
@@ -516,34 +524,52 @@ impl Resume {
     }
 
     /// The last id and chain value recorded for this target (none for
-    /// another target, or no record).
-    fn load(&self) -> Option<(u64, Vec<u8>)> {
-        let text = std::fs::read_to_string(&self.file).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        if v["target"].as_str() != Some(self.target.as_str()) {
-            return None;
+    /// another target, or no record). A record that cannot be read or
+    /// parsed refuses the start: starting from the head instead would skip
+    /// entries without a word.
+    fn load(&self) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        let file = self.file.display();
+        let text = match std::fs::read_to_string(&self.file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Error::io(
+                    format!(
+                        "cannot read the audit sink's resume record {file}; fix its permissions, \
+                         or after investigating delete it to start the sink at the current end of \
+                         the log"
+                    ),
+                    e,
+                ))
+            }
+        };
+        let bad = || {
+            Error::Config(format!(
+                "the audit sink's resume record {file} is damaged (not one this server wrote); \
+                 after investigating delete it to start the sink at the current end of the log"
+            ))
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
+        let Some(target) = v["target"].as_str() else {
+            return Err(bad());
+        };
+        if target != self.target {
+            return Ok(None);
         }
-        let chain = hex::decode(v["chain"].as_str()?).ok()?;
-        Some((v["id"].as_u64()?, chain))
+        let chain = v["chain"]
+            .as_str()
+            .and_then(|c| hex::decode(c).ok())
+            .ok_or_else(bad)?;
+        let id = v["id"].as_u64().ok_or_else(bad)?;
+        Ok(Some((id, chain)))
     }
 
-    /// Records the last id exported (a new file renamed over the old).
+    /// Records the last id exported (written durably, then renamed over
+    /// the old record; never through a symbolic link).
     fn save(&mut self, id: u64, chain: &[u8]) {
-        use std::os::unix::fs::OpenOptionsExt;
         let text =
             json!({"target": self.target, "id": id, "chain": hex::encode(chain)}).to_string();
-        let mut tmp = self.file.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let saved = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
-            .and_then(|()| std::fs::rename(&tmp, &self.file));
-        match saved {
+        match crate::state_dir::replace_file(&self.file, text.as_bytes(), 0o600) {
             Ok(()) => self.warned = false,
             Err(e) if !self.warned => {
                 self.warned = true;
@@ -563,6 +589,32 @@ const FILE_FIX: &str =
                         new one after investigating (`secretfs audit verify` checks the database's \
                         own chain)";
 
+/// How a sink's last entry compares with the database's entry of that id.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SinkAgreement {
+    /// The database holds the entry with the same chain value.
+    Same,
+    /// The database holds the entry with another chain value.
+    Rewritten,
+    /// The database does not hold the entry.
+    Missing,
+}
+
+/// Compares the sink's last entry (`id`, `chain`) with the database's:
+/// the one comparison the start and `audit verify` both make.
+pub(crate) fn compare_with_store(
+    store: &dyn Store,
+    id: u64,
+    chain: &[u8],
+) -> Result<SinkAgreement, Error> {
+    let found = store.audit_after(id - 1, 1)?.into_iter().next();
+    Ok(match found {
+        Some(c) if c.entry.id == id && c.chain.as_deref() == Some(chain) => SinkAgreement::Same,
+        Some(c) if c.entry.id == id => SinkAgreement::Rewritten,
+        _ => SinkAgreement::Missing,
+    })
+}
+
 /// The sink's last entry must be the database's entry of that id.
 fn check_against_store(
     store: &dyn Store,
@@ -571,14 +623,13 @@ fn check_against_store(
     chain: &[u8],
     fix: &str,
 ) -> Result<(), Error> {
-    let found = store.audit_after(id - 1, 1)?.into_iter().next();
-    match found {
-        Some(c) if c.entry.id == id && c.chain.as_deref() == Some(chain) => Ok(()),
-        Some(c) if c.entry.id == id => Err(Error::Config(format!(
+    match compare_with_store(store, id, chain)? {
+        SinkAgreement::Same => Ok(()),
+        SinkAgreement::Rewritten => Err(Error::Config(format!(
             "{name} holds entry {id} with another chain value than the database: the database's audit \
              log was rewritten; {fix}"
         ))),
-        _ => Err(Error::Config(format!(
+        SinkAgreement::Missing => Err(Error::Config(format!(
             "{name} holds entry {id}, which the database's audit log no longer has: its tail was \
              deleted; {fix}"
         ))),
@@ -667,6 +718,44 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("not within 10 s");
+    }
+
+    #[test]
+    fn a_damaged_resume_record_refuses_the_start_and_a_missing_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("sink.resume");
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_in_memory().unwrap());
+        store.append_audit(&[entry(0)]).unwrap();
+        let opts = SinkOptions {
+            target: SinkTarget::Stdout,
+            max_size: 2000,
+            keep: 1,
+            stall: DEFAULT_STALL,
+            resume_file: Some(record.clone()),
+        };
+        // No record: starts at the head.
+        let resume = Resume::new(record.clone(), &opts.target);
+        assert!(resume.load().unwrap().is_none());
+        // A record saved is read back.
+        let mut resume = resume;
+        resume.save(1, b"chain");
+        assert_eq!(resume.load().unwrap(), Some((1, b"chain".to_vec())));
+        // A torn record refuses the start, naming the file.
+        std::fs::write(&record, b"{\"target\":\"-\",\"id\":").unwrap();
+        let Err(e) = start(&store, opts.clone()) else {
+            panic!("a damaged record must refuse the start")
+        };
+        let e = e.to_string();
+        assert!(e.contains(&record.display().to_string()), "{e}");
+        assert!(e.contains("delete it"), "{e}");
+        // So does one that cannot be read.
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir(&record).unwrap();
+        let Err(e) = start(&store, opts) else {
+            panic!("a damaged record must refuse the start")
+        };
+        let e = e.to_string();
+        assert!(e.contains(&record.display().to_string()), "{e}");
     }
 
     #[test]

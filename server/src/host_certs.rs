@@ -229,8 +229,10 @@ mod tests {
             assert!(facts.client.unwrap().admin, "{name}");
         }
         assert_eq!(
-            crate::pki::cert_serial(&std::fs::read(&fresh.cert).unwrap()).as_deref(),
-            Some(fresh.serial.as_str())
+            secretfs_proto::cert::CertInfo::parse(&std::fs::read(&fresh.cert).unwrap())
+                .unwrap()
+                .serial,
+            fresh.serial
         );
         let audit = store
             .query_audit(&crate::store::AuditFilter::default())

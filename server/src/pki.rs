@@ -89,18 +89,6 @@ fn is_dns_name(name: &str) -> bool {
         })
 }
 
-/// A PEM certificate's notAfter (unix seconds), or `None` when the text
-/// holds no readable certificate.
-pub fn cert_not_after(pem: &[u8]) -> Option<i64> {
-    let info = secretfs_proto::cert::CertInfo::parse(pem).ok()?;
-    Some(secretfs_proto::cert::to_unix(info.not_after))
-}
-
-/// A PEM certificate's serial as lowercase hex (as the store records it).
-pub fn cert_serial(pem: &[u8]) -> Option<String> {
-    Some(secretfs_proto::cert::CertInfo::parse(pem).ok()?.serial)
-}
-
 /// Unix seconds as an RFC 3339 UTC time, for messages and logs
 /// ([`secretfs_proto::cert::rfc3339_unix`]: one format everywhere).
 pub fn rfc3339(secs: i64) -> String {
@@ -464,8 +452,12 @@ mod tests {
         let (ca, key) = Ca::generate("td").unwrap();
         let loaded = Ca::load(&ca.cert_pem, &key).unwrap();
         assert_eq!(
-            Some(loaded.not_after),
-            cert_not_after(ca.cert_pem.as_bytes())
+            loaded.not_after,
+            secretfs_proto::cert::to_unix(
+                secretfs_proto::cert::CertInfo::parse(ca.cert_pem.as_bytes())
+                    .unwrap()
+                    .not_after
+            )
         );
         let days = (loaded.not_after - crate::store::now_s()) / 86_400;
         assert!((CA_DAYS - 1..=CA_DAYS).contains(&days), "{days}");

@@ -482,12 +482,11 @@ impl Server {
         ));
         let domain = self.domain.clone();
         let close_watches = move || domain.close();
-        let admin =
-            AdminServer::new(AdminService::new(self.domain.clone()).with_rekey(self.rekey.clone()))
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(max + 1)
-                .max_encoding_message_size(usize::MAX);
+        let admin = AdminServer::new(AdminService::new(self.domain.clone(), self.rekey.clone()))
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max + 1)
+            .max_encoding_message_size(usize::MAX);
         let secrets = SecretsServer::new(SecretsService::new(self.domain.clone()))
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)

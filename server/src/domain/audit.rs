@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::Domain;
-use crate::audit_sink::SinkStatus;
+use crate::audit_sink::{compare_with_store, SinkAgreement, SinkStatus};
 use crate::error::Error;
 use crate::store::audit_chain::{AuditVerdict, BreakKind, ChainBreak};
 use crate::store::AuditEntry;
@@ -76,8 +76,8 @@ impl Domain {
                         ),
                     });
                 } else {
-                    let ours = d.store.audit_after(id - 1, 1)?.into_iter().next();
-                    if ours.and_then(|c| c.chain) != Some(chain) {
+                    let agreement = compare_with_store(d.store.as_ref(), id, &chain)?;
+                    if agreement != SinkAgreement::Same {
                         verdict.broken = Some(ChainBreak {
                             kind: BreakKind::Edited,
                             id,

@@ -68,7 +68,8 @@ pub struct Watcher {
     caller: Caller,
     held: Held,
     /// The ids in `held`, so each change in the feed is matched in O(1)
-    /// (a client may hold 100,000 names); rebuilt whenever `held` changes.
+    /// (a client may hold 100,000 names); rebuilt whenever `held` loses
+    /// an id or gains a new one.
     held_ids: HashSet<u64>,
     changes: broadcast::Receiver<Change>,
     closing: signal::Receiver<bool>,
@@ -348,7 +349,11 @@ impl Watcher {
             self.held.remove(gone);
         }
         self.held.extend(now_held);
-        self.held_ids = ids_of(&self.held);
+        // Every id upserted here was asked for because it is held, so it is
+        // in `held_ids` already: only a removal changes the set.
+        if !delta.removals.is_empty() {
+            self.held_ids = ids_of(&self.held);
+        }
         Ok(Some(delta))
     }
 }

@@ -14,27 +14,13 @@ use crate::store::{NewSecret, SecretUpdate};
 
 pub struct AdminService {
     domain: Arc<Domain>,
-    rekey: Option<Arc<crate::rekey::Rekeyer>>,
+    /// Serves `Rekey` and `GetRekeyStatus`.
+    rekey: Arc<crate::rekey::Rekeyer>,
 }
 
 impl AdminService {
-    pub fn new(domain: Arc<Domain>) -> Self {
-        AdminService {
-            domain,
-            rekey: None,
-        }
-    }
-
-    /// Serves `Rekey` and `GetRekeyStatus` with this rekeyer.
-    pub fn with_rekey(mut self, rekey: Arc<crate::rekey::Rekeyer>) -> Self {
-        self.rekey = Some(rekey);
-        self
-    }
-
-    fn rekeyer(&self) -> Result<Arc<crate::rekey::Rekeyer>, Status> {
-        self.rekey
-            .clone()
-            .ok_or_else(|| Status::unimplemented("this server cannot rekey"))
+    pub fn new(domain: Arc<Domain>, rekey: Arc<crate::rekey::Rekeyer>) -> Self {
+        AdminService { domain, rekey }
     }
 
     async fn admin<T>(&self, req: &Request<T>, action: Action) -> Result<Caller, Status> {
@@ -350,7 +336,7 @@ impl Admin for AdminService {
         req: Request<v1::RekeyRequest>,
     ) -> Result<Response<v1::RekeyStatus>, Status> {
         let caller = self.admin(&req, Action::ServerRekey).await?;
-        let rekey = self.rekeyer()?;
+        let rekey = self.rekey.clone();
         let credential = req.into_inner().new_credential;
         let actor = caller.name().to_owned();
         tokio::task::spawn_blocking(move || {
@@ -372,7 +358,7 @@ impl Admin for AdminService {
         req: Request<v1::Empty>,
     ) -> Result<Response<v1::RekeyStatus>, Status> {
         self.admin(&req, Action::ServerRekey).await?;
-        Ok(Response::new(rekey_status(self.rekeyer()?.status())))
+        Ok(Response::new(rekey_status(self.rekey.status())))
     }
 
     async fn query_audit(

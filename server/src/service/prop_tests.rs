@@ -498,7 +498,7 @@ async fn fixture() -> Fixture {
             .unwrap();
     }
     let f = Fixture {
-        admin: AdminService::new(domain.clone()).with_rekey(rekey),
+        admin: AdminService::new(domain.clone(), rekey),
         secrets: SecretsService::new(domain),
         store,
         _dir: dir,
