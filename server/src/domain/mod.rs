@@ -50,10 +50,10 @@ pub struct Domain {
     audit: AuditLog,
     /// Recently decrypted versions, shared by Watch streams so a rotation
     /// seen by many watchers is decrypted once.
-    plain: reads::PlainCache,
+    plain: Arc<reads::PlainCache>,
     /// Authenticated certificates, dropped by `committed` when clients
     /// change, so a removal takes effect on the very next call.
-    auth_cache: AuthCache,
+    auth_cache: Arc<AuthCache>,
     /// What each client may add to the audit log by reporting refusals.
     report_budget: ReportBudget,
     /// What refused TLS handshakes may add to the audit log.
@@ -85,6 +85,9 @@ impl Domain {
         settings: Settings,
     ) -> (Arc<Domain>, std::thread::JoinHandle<()>) {
         let (audit, thread) = AuditLog::start(store.clone());
+        let plain = Arc::<reads::PlainCache>::default();
+        let auth_cache = Arc::<AuthCache>::default();
+        follow_feed(store.feed(), auth_cache.clone(), plain.clone());
         let (closing, _) = signal::channel(false);
         let domain = Domain {
             feed: store.feed(),
@@ -96,8 +99,8 @@ impl Domain {
             max_secret_size: settings.max_secret_size,
             closing,
             audit,
-            plain: Default::default(),
-            auth_cache: Default::default(),
+            plain,
+            auth_cache,
             report_budget: Default::default(),
             handshake_budget: Default::default(),
             renew_budget: Default::default(),
@@ -246,17 +249,56 @@ impl Domain {
     }
 
     /// After every committed change, and only here: caches that depend on
-    /// what changed are dropped, then watchers are told.
+    /// what changed are dropped, then watchers are told. (Changes other
+    /// replicas commit reach the caches through [`follow_feed`].)
     fn committed(&self, change: Change) {
-        match change {
-            Change::ClientAdded { .. } | Change::ClientRemoved { .. } => {
-                self.auth_cache.invalidate()
-            }
-            // Decrypted versions of it must not outlive it.
-            Change::SecretDeleted { .. } => self.plain.clear(),
-            Change::Secret { .. } | Change::Access { .. } => {}
-        }
+        invalidate(&self.auth_cache, &self.plain, Ok(change));
         self.feed.publish(change);
+    }
+}
+
+/// Drops what `change` makes stale: `Err` is a lagging subscriber, which
+/// cannot know what it missed and drops everything.
+fn invalidate(
+    auth: &AuthCache,
+    plain: &reads::PlainCache,
+    change: Result<Change, broadcast::error::RecvError>,
+) {
+    match change {
+        Ok(Change::ClientAdded { .. } | Change::ClientRemoved { .. }) => auth.invalidate(),
+        // Decrypted versions of it must not outlive it.
+        Ok(Change::SecretDeleted { .. }) => plain.clear(),
+        Ok(Change::Secret { .. } | Change::Access { .. }) => {}
+        Ok(Change::Resync { .. }) | Err(broadcast::error::RecvError::Lagged(_)) => {
+            auth.invalidate();
+            plain.clear();
+        }
+        Err(broadcast::error::RecvError::Closed) => {}
+    }
+}
+
+/// Keeps the caches following every change on the feed, including those
+/// other replicas commit (this replica's own changes were already applied
+/// in [`Domain::committed`]; applying them twice is harmless). A thread,
+/// not a task: the domain may start outside a runtime. It ends when the
+/// store's feed closes.
+fn follow_feed(feed: Arc<dyn ChangeFeed>, auth: Arc<AuthCache>, plain: Arc<reads::PlainCache>) {
+    let mut changes = feed.subscribe();
+    drop(feed);
+    let spawned = std::thread::Builder::new()
+        .name("secretfs-cache-follow".into())
+        .spawn(move || loop {
+            let change = changes.blocking_recv();
+            let closed = matches!(change, Err(broadcast::error::RecvError::Closed));
+            invalidate(&auth, &plain, change);
+            if closed {
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the thread only changes made by this process reach the
+        // caches: fine for a store no one else writes, wrong for replicas.
+        tracing::error!(error = %e, "could not start the cache follower thread");
     }
 }
 

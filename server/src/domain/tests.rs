@@ -778,3 +778,34 @@ async fn a_row_set_mismatch_is_audited_once_and_serving_goes_on() {
     assert!(f.domain.my_secrets(&f.web).await.unwrap().is_empty());
     assert!(f.audit(Action::IntegrityBadRow).is_empty());
 }
+
+/// Another replica removes a client: the change arrives on the store's
+/// feed only (never through this domain's `committed`), and the cached
+/// authentication must go with it.
+#[tokio::test]
+async fn a_change_from_another_replica_reaches_the_auth_cache() {
+    let f = fixture().await;
+    // Cached now.
+    f.domain
+        .authenticate(peer("web", "serial-web"))
+        .await
+        .unwrap();
+    let revision = f
+        .store
+        .remove_client("web", &Action::ClientRemove.by("replica-b"))
+        .unwrap()
+        .revision;
+    f.store.feed().publish(Change::ClientRemoved { revision });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = f.domain.authenticate(peer("web", "serial-web")).await;
+        if matches!(r, Err(crate::error::Error::Unauthenticated(_))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still authenticated 5 s after another replica removed the client"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

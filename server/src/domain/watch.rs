@@ -169,7 +169,11 @@ impl Watcher {
                     // A new client belongs to no group: no view changes.
                     Ok(Change::ClientAdded { .. }) => {}
                     // Missed changes: we cannot know which, recompute all.
-                    Ok(Change::Access { .. } | Change::ClientRemoved { .. })
+                    Ok(
+                        Change::Access { .. }
+                        | Change::ClientRemoved { .. }
+                        | Change::Resync { .. },
+                    )
                     | Err(broadcast::error::RecvError::Lagged(_)) => everything = true,
                     Err(broadcast::error::RecvError::Closed) => return Err(Next::Closed),
                 }

@@ -33,6 +33,10 @@ pub enum Change {
     /// A client was removed: cached authentications are void, and a
     /// watcher's client may be gone.
     ClientRemoved { revision: u64 },
+    /// Changes up to `revision` may have been missed (a replica's listener
+    /// connection dropped): anything may have changed, so every cache is
+    /// void and every view is recomputed.
+    Resync { revision: u64 },
 }
 
 impl Change {
@@ -42,7 +46,8 @@ impl Change {
             | Change::SecretDeleted { revision, .. }
             | Change::Access { revision }
             | Change::ClientAdded { revision }
-            | Change::ClientRemoved { revision } => revision,
+            | Change::ClientRemoved { revision }
+            | Change::Resync { revision } => revision,
         }
     }
 }
