@@ -2,7 +2,8 @@
 # Runs every test of secretfs on a fresh machine: installs what the
 # end-to-end tests need (runc and busybox-static for real containers, fuse3,
 # systemd for `systemd-analyze verify` of the shipped units, softhsm2 for
-# the PKCS#11 master key tests, Python grpcio
+# the PKCS#11 master key tests, postgresql for the PostgreSQL store (the tests
+# start their own server in a temporary directory), Python grpcio
 # for the gRPC conventions test, kubernetes-validate for the Kubernetes
 # manifests) when it is missing, then runs the whole workspace's tests.
 # FUSE and container tests need root and /dev/fuse; they fail (never skip)
@@ -17,6 +18,9 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # The PKCS#11 master key provider's tests make their own SoftHSM2 token.
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+# The PostgreSQL store's tests run their own server (pgtest/): initdb and
+# postgres from Debian's package, as the package's `postgres` user.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3 python3-pip)
 if [ "${#need[@]}" -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

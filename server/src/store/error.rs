@@ -55,6 +55,10 @@ pub enum StoreError {
     Seal(#[source] Source),
     #[error("the database is not writable ({0}); check the state directory's permissions and free space")]
     Unwritable(#[source] Source),
+    /// The database cannot be reached right now (PostgreSQL down, the
+    /// network, a failover): worth retrying, nothing was written.
+    #[error("the database is unavailable ({0}); requests are refused until it is back")]
+    Unavailable(String),
     #[error("database {} does not exist; is this a state directory made by `secretfs server init`?", .path.display())]
     Missing { path: PathBuf },
     #[error("the database schema is version {found}, newer than this secretfs understands ({known}); run a newer secretfs")]

@@ -24,6 +24,7 @@ pub mod audit_chain;
 mod error;
 mod feed;
 pub mod integrity;
+mod postgres;
 mod sqlite;
 
 #[cfg(test)]
@@ -35,6 +36,7 @@ use std::sync::Arc;
 pub use error::{Entity, StoreError};
 pub use feed::{Change, ChangeFeed, LocalFeed};
 pub use integrity::BadRow;
+pub use postgres::{is_postgres_url, PgConfig, PgStore};
 pub use sqlite::SqliteStore;
 
 use crate::envelope::Sealed;
