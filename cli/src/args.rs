@@ -51,7 +51,12 @@ pub struct ConnArgs {
     /// Server address, https://HOST:PORT. Several servers (replicas): repeat the flag
     /// or give a comma list, in order of preference; a name with several addresses
     /// counts as several. A connection that fails moves on to the next.
-    #[arg(long, global = true, env = "SECRETFS_SERVER", value_name = "ADDRESS[,ADDRESS...]")]
+    #[arg(
+        long,
+        global = true,
+        env = "SECRETFS_SERVER",
+        value_name = "ADDRESS[,ADDRESS...]"
+    )]
     pub server: Vec<String>,
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long, global = true, env = "SECRETFS_CA")]

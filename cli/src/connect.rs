@@ -120,7 +120,10 @@ fn checked_config(args: &ConnArgs, expiring_on_stderr: bool) -> Result<ConnectCo
 /// Why a call or connection ran out of time, naming the bound and the fix;
 /// `None` before any connection was configured.
 pub fn timed_out(detail: Option<&str>) -> Option<String> {
-    let (server, limit) = BOUND.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+    let (server, limit) = BOUND
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()?;
     Some(format!(
         "no answer from {server} within {} (--timeout/SECRETFS_TIMEOUT){}: the server may be stopped, stuck or \
          overloaded, or unreachable; check that `secretfs server run` is up and answering at that address, \

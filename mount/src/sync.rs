@@ -321,14 +321,17 @@ impl Live {
         if *self.endpoints.current() == self.in_use {
             return;
         }
-        match secretfs_proto::connect_lazy_to(&self.connect, self.endpoints.current(), RPC_TIMEOUT) {
+        match secretfs_proto::connect_lazy_to(&self.connect, self.endpoints.current(), RPC_TIMEOUT)
+        {
             Ok(channel) => {
                 self.source = SecretsSource::new(channel);
                 self.in_use = self.endpoints.current().clone();
                 let _ = self.connection.send(self.source.clone());
             }
             // The same configuration built the first channel: not expected.
-            Err(error) => tracing::warn!(%error, server = %self.endpoints.current(), "cannot use this server"),
+            Err(error) => {
+                tracing::warn!(%error, server = %self.endpoints.current(), "cannot use this server")
+            }
         }
     }
 

@@ -651,8 +651,14 @@ mod tests {
         };
         let err = connect(&config).await.unwrap_err();
         let text = err.to_string();
-        assert!(matches!(err, ChannelError::AllFailed(ref all) if all.len() == 2), "{text}");
-        assert!(text.contains(&a.to_string()) && text.contains(&b.to_string()), "{text}");
+        assert!(
+            matches!(err, ChannelError::AllFailed(ref all) if all.len() == 2),
+            "{text}"
+        );
+        assert!(
+            text.contains(&a.to_string()) && text.contains(&b.to_string()),
+            "{text}"
+        );
         assert_eq!(err.failure(), Some(ConnectFailure::Refused), "{text}");
         assert!(!err.is_tls());
     }

@@ -22,9 +22,9 @@ pub mod channel;
 pub mod codec;
 pub mod credentials;
 pub mod files;
-pub mod servers;
 #[cfg(test)]
 mod prop_support;
+pub mod servers;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]

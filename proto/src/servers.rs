@@ -249,9 +249,9 @@ impl Endpoints {
     fn replace(&mut self, fresh: Vec<Target>, failed: &[ChannelError]) {
         let mut targets = Vec::new();
         for server in self.list.servers() {
-            let unresolved = failed.iter().any(|e| {
-                matches!(e, ChannelError::Connect { server: s, .. } if *s == server.url)
-            });
+            let unresolved = failed
+                .iter()
+                .any(|e| matches!(e, ChannelError::Connect { server: s, .. } if *s == server.url));
             let source = if unresolved { &self.targets } else { &fresh };
             targets.extend(source.iter().filter(|t| t.server == *server).cloned());
         }
@@ -341,7 +341,10 @@ mod tests {
         assert_eq!(targets[2].to_string(), "https://127.0.0.1:1");
         assert_eq!(failed.len(), 1);
         let why = failed[0].to_string();
-        assert!(why.contains("gone.example") && why.contains("no such host"), "{why}");
+        assert!(
+            why.contains("gone.example") && why.contains("no such host"),
+            "{why}"
+        );
     }
 
     #[tokio::test]
