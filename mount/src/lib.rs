@@ -454,8 +454,9 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     let list = ServerList::parse(&server)
         .map_err(|e| Attempt::Fatal(MountError::Connect(e.to_string())))?;
     let (targets, mut failed) = list.resolve().await;
-    // Why each endpoint was passed over; all certificate trouble is fatal.
-    let mut tls_only = true;
+    // Certificate trouble on every endpoint (and every name resolved) is
+    // fatal: waiting will not fix it.
+    let mut tls_only = failed.is_empty();
     for target in &targets {
         let channel =
             match secretfs_proto::channel::connect_to(cfg, target, Some(sync::RPC_TIMEOUT)).await {

@@ -296,3 +296,61 @@ fn a_mount_starts_on_the_second_server_when_the_first_is_dead() {
         m.log()
     );
 }
+
+/// The CLI as the admin in a mount namespace of its own where `localhost`
+/// has two addresses, 127.0.0.1 and 127.0.0.2 (a private /etc/hosts bound
+/// over the shared one, which is never touched).
+fn cli_with_two_address_localhost(s: &TestServer, args: &[&str]) -> Run {
+    let hosts = s.tmp.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.2 localhost\n").unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "sh",
+        "-c",
+        r#"mount --bind "$1" /etc/hosts || exit 97; shift; exec "$@""#,
+        "sh",
+    ])
+    .arg(&hosts)
+    .arg(bin())
+    .args(args)
+    .env_clear()
+    .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+    .env("SECRETFS_CA", s.state.join("ca.pem"))
+    .env("SECRETFS_CERT", &s.admin.cert)
+    .env("SECRETFS_KEY", &s.admin.key);
+    let run = run_cmd(cmd, None);
+    assert_ne!(
+        run.code, 97,
+        "these tests need `unshare --mount` and bind mounts (root): {}",
+        run.stderr
+    );
+    run
+}
+
+/// A name with two addresses is two endpoints: the server listens on the
+/// second only (127.0.0.2, not in its certificate: TLS checks the name),
+/// and the CLI gets through; with nothing listening, both are named.
+#[test]
+fn a_name_with_two_addresses_is_two_servers() {
+    let mut s = TestServer::start();
+    assert_eq!(s.stop(), 0);
+    s.restart_on("127.0.0.2:0");
+    let port = port_of(&s.addr);
+    let out =
+        cli_with_two_address_localhost(&s, &["--server", &format!("localhost:{port}"), "whoami"])
+            .ok();
+    assert!(out.stdout.contains("admin"), "{}", out.stdout);
+
+    let dead = free_port();
+    let out =
+        cli_with_two_address_localhost(&s, &["--server", &format!("localhost:{dead}"), "whoami"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    for addr in ["127.0.0.1", "127.0.0.2"] {
+        assert!(
+            out.stderr.contains(&format!("{addr}:{dead}")),
+            "names {addr}: {}",
+            out.stderr
+        );
+    }
+}
