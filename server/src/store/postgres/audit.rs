@@ -204,7 +204,10 @@ pub(super) fn verify(tx: &mut Tx<'_>, keys: &Keys) -> Result<AuditVerdict> {
                     chain,
                     prev: Vec::new(),
                 }),
-                Err(e) => Err((id, format!("a column holds a value of the wrong type ({e})"))),
+                Err(e) => Err((
+                    id,
+                    format!("a column holds a value of the wrong type ({e})"),
+                )),
             };
             walker.push(item);
             Ok(!walker.done())

@@ -122,7 +122,9 @@ impl Pooled<'_> {
         &mut self.conn.as_mut().expect("held until drop").client
     }
 
-    pub(super) fn parts(&mut self) -> (&mut postgres::Client, &mut HashMap<&'static str, Statement>) {
+    pub(super) fn parts(
+        &mut self,
+    ) -> (&mut postgres::Client, &mut HashMap<&'static str, Statement>) {
         let c = self.conn.as_mut().expect("held until drop");
         (&mut c.client, &mut c.cache)
     }

@@ -165,8 +165,10 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
     s.append_audit(&[entry("a")]).unwrap();
     drop(s);
     let raw = raw_on(&url);
-    raw("CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN NEW.actor := 'alice'; RETURN NEW; END $$");
+    raw(
+        "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.actor := 'alice'; RETURN NEW; END $$",
+    );
     for (sql, name, undo) in [
         (
             "CREATE TRIGGER hide BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION hide()",
@@ -178,11 +180,26 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
             "view \"v\"",
             "DROP VIEW v",
         ),
-        ("CREATE TABLE stash (x INT)", "table \"stash\"", "DROP TABLE stash"),
+        (
+            "CREATE TABLE stash (x INT)",
+            "table \"stash\"",
+            "DROP TABLE stash",
+        ),
         (
             "CREATE RULE keep AS ON DELETE TO audit DO INSTEAD NOTHING",
             "rule \"keep\"",
             "DROP RULE keep ON audit",
+        ),
+        (
+            "ALTER TABLE group_clients DISABLE TRIGGER row_set_group_clients",
+            "row set trigger \"row_set_group_clients\" missing or disabled",
+            "ALTER TABLE group_clients ENABLE TRIGGER row_set_group_clients",
+        ),
+        (
+            "DROP TRIGGER row_set_secrets ON secrets",
+            "row set trigger \"row_set_secrets\" missing or disabled",
+            "CREATE TRIGGER row_set_secrets AFTER INSERT OR UPDATE OR DELETE ON secrets
+                 FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
         ),
     ] {
         raw(sql);
@@ -229,13 +246,21 @@ fn reseal_moves_rows_to_the_new_key_in_batches() {
     raw("UPDATE clients SET admin = 1 WHERE name = 'app'");
     let bad = s.verify_rows().unwrap();
     assert_eq!(bad.len(), 1);
-    assert_eq!(s.reseal_rows(10).unwrap(), 0, "nothing to do without a rekey");
+    assert_eq!(
+        s.reseal_rows(10).unwrap(),
+        0,
+        "nothing to do without a rekey"
+    );
     keys.replace(Keys {
         current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()).into(),
         previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap()).into()),
         retired_audit: Default::default(),
     });
-    assert_eq!(s.verify_rows().unwrap(), bad, "old MACs are good during a rekey");
+    assert_eq!(
+        s.verify_rows().unwrap(),
+        bad,
+        "old MACs are good during a rekey"
+    );
     let mut moved = 0;
     loop {
         let n = s.reseal_rows(3).unwrap();
@@ -305,14 +330,18 @@ fn rewrap_moves_every_version_from_its_cursor_and_lists_what_does_not_open() {
             ..Default::default()
         };
         let ring = ring.clone();
-        s.create_secret(&new, &conformance::entry("secret.create"), &mut |id, version| {
-            let binding = Binding {
-                secret_id: id,
-                name,
-                version,
-            };
-            Ok(ring.get().current.master().seal(binding, content).unwrap())
-        })
+        s.create_secret(
+            &new,
+            &conformance::entry("secret.create"),
+            &mut |id, version| {
+                let binding = Binding {
+                    secret_id: id,
+                    name,
+                    version,
+                };
+                Ok(ring.get().current.master().seal(binding, content).unwrap())
+            },
+        )
         .unwrap();
     };
     for i in 0..6u8 {
@@ -321,7 +350,10 @@ fn rewrap_moves_every_version_from_its_cursor_and_lists_what_does_not_open() {
     assert_eq!(s.rewrap_keys(4).unwrap(), 0, "no rekey, nothing to do");
     assert_eq!(s.versions_not_opening(old.master()).unwrap(), vec![]);
     assert_eq!(s.versions_not_opening(new.master()).unwrap().len(), 6);
-    ring.replace(Keys::of(new.at_epoch(2).into(), Some(old.at_epoch(1).into())));
+    ring.replace(Keys::of(
+        new.at_epoch(2).into(),
+        Some(old.at_epoch(1).into()),
+    ));
     add("during", b"late");
     assert_eq!(s.rewrap_keys(4).unwrap(), 4);
     assert_eq!(s.versions_not_opening(new.master()).unwrap().len(), 2);
@@ -339,7 +371,10 @@ fn the_url_policy_allows_clear_text_only_to_loopback_and_checks_tls_fully() {
     assert_eq!(ok("postgresql://u@localhost/db"), conn::Tls::Off);
     assert_eq!(ok("postgres://u@[::1]:5432/db"), conn::Tls::Off);
     assert_eq!(ok("postgres://u@/db?host=/run/postgresql"), conn::Tls::Off);
-    assert_eq!(ok("postgres://u@db.example.com/db?sslmode=disable"), conn::Tls::Off);
+    assert_eq!(
+        ok("postgres://u@db.example.com/db?sslmode=disable"),
+        conn::Tls::Off
+    );
     assert_eq!(
         ok("postgres://u@db.example.com/db?sslmode=verify-full&sslrootcert=/etc/ca%20x.pem"),
         conn::Tls::VerifyFull("/etc/ca x.pem".into())
@@ -369,7 +404,11 @@ fn the_password_is_never_shown_and_the_given_one_wins() {
         let cfg = PgConfig::parse(url, None).unwrap();
         assert_eq!(cfg.config.get_password(), Some(&b"hunter2"[..]));
         assert!(!cfg.redacted().contains("hunter2"), "{}", cfg.redacted());
-        assert!(cfg.redacted().contains("app@127.0.0.1:5432/db"), "{}", cfg.redacted());
+        assert!(
+            cfg.redacted().contains("app@127.0.0.1:5432/db"),
+            "{}",
+            cfg.redacted()
+        );
         assert!(!format!("{cfg:?}").contains("hunter2"));
         let given = PgConfig::parse(url, Some(Zeroizing::new("s3cret".into()))).unwrap();
         assert_eq!(given.config.get_password(), Some(&b"s3cret"[..]));
@@ -380,9 +419,15 @@ fn the_password_is_never_shown_and_the_given_one_wins() {
     }
     // The timeout the URL gives is kept; else a bounded default.
     let cfg = PgConfig::parse("postgres://u@127.0.0.1/db?connect_timeout=3", None).unwrap();
-    assert_eq!(cfg.config.get_connect_timeout(), Some(&std::time::Duration::from_secs(3)));
+    assert_eq!(
+        cfg.config.get_connect_timeout(),
+        Some(&std::time::Duration::from_secs(3))
+    );
     let cfg = PgConfig::parse("postgres://u@127.0.0.1/db", None).unwrap();
-    assert_eq!(cfg.config.get_connect_timeout(), Some(&conn::CONNECT_TIMEOUT));
+    assert_eq!(
+        cfg.config.get_connect_timeout(),
+        Some(&conn::CONNECT_TIMEOUT)
+    );
 }
 
 #[test]
@@ -394,7 +439,10 @@ fn bad_connections_are_clear_errors_without_the_password() {
         let cfg = PgConfig::parse(url, password.map(|p| Zeroizing::new(p.to_owned()))).unwrap();
         let err = PgStore::open(&cfg, true, keys.clone()).unwrap_err();
         let text = err.to_string();
-        assert!(!text.contains("wrong-password") && !text.contains(secretfs_pgtest::PASSWORD), "{text}");
+        assert!(
+            !text.contains("wrong-password") && !text.contains(secretfs_pgtest::PASSWORD),
+            "{text}"
+        );
         assert!(!format!("{err:?}").contains("wrong-password"));
         (err, text)
     };
@@ -414,7 +462,10 @@ fn bad_connections_are_clear_errors_without_the_password() {
         .local_addr()
         .unwrap()
         .port();
-    let (e, err) = open(&url.replace(&pg.port().to_string(), &port.to_string()), None);
+    let (e, err) = open(
+        &url.replace(&pg.port().to_string(), &port.to_string()),
+        None,
+    );
     assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
 }
@@ -428,7 +479,10 @@ fn open_refuses_what_is_not_its_to_take() {
     let err = PgStore::open(&config(&empty), false, keys.clone())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("is empty") && err.contains("server init --database URL"), "{err}");
+    assert!(
+        err.contains("is empty") && err.contains("server init --database URL"),
+        "{err}"
+    );
     assert!(!PgStore::needs_upgrade(&config(&empty)).unwrap());
     // `create` on a store already there, or on someone's tables.
     let (s, url) = fresh(keys.clone());
@@ -436,7 +490,10 @@ fn open_refuses_what_is_not_its_to_take() {
     let err = PgStore::open(&config(&url), true, keys.clone())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("already holds tables") && err.contains("--join"), "{err}");
+    assert!(
+        err.contains("already holds tables") && err.contains("--join"),
+        "{err}"
+    );
     let other = pg.database();
     pg.superuser_on(db_name(&other))
         .batch_execute("CREATE TABLE orders (id INT)")
@@ -457,7 +514,12 @@ fn open_refuses_what_is_not_its_to_take() {
     let raw = raw_on(&url);
     raw("UPDATE schema_version SET version = 99");
     match PgStore::open(&config(&url), false, keys.clone()) {
-        Err(e @ StoreError::NewerSchema { found: 99, known: 1 }) => {
+        Err(
+            e @ StoreError::NewerSchema {
+                found: 99,
+                known: 1,
+            },
+        ) => {
             assert!(e.to_string().contains("run a newer secretfs"))
         }
         other => panic!("expected NewerSchema, got {other:?}"),
@@ -556,7 +618,13 @@ fn two_stores_on_one_database_see_each_other_and_serialise_rotations() {
             let mut out = Vec::new();
             for _ in 0..EACH {
                 let c = s
-                    .rotate_secret("db", 20, None, &conformance::entry("secret.rotate"), &mut sealed)
+                    .rotate_secret(
+                        "db",
+                        20,
+                        None,
+                        &conformance::entry("secret.rotate"),
+                        &mut sealed,
+                    )
                     .unwrap();
                 out.push((c.value.current_version, c.revision));
             }
@@ -566,7 +634,10 @@ fn two_stores_on_one_database_see_each_other_and_serialise_rotations() {
     let (ta, tb) = (rotate(a.clone()), rotate(b.clone()));
     let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
     for r in [&ra, &rb] {
-        assert!(r.windows(2).all(|w| w[1].1 > w[0].1 && w[1].0 > w[0].0), "{r:?}");
+        assert!(
+            r.windows(2).all(|w| w[1].1 > w[0].1 && w[1].0 > w[0].0),
+            "{r:?}"
+        );
     }
     let mut versions: Vec<u64> = ra.iter().chain(&rb).map(|(v, _)| *v).collect();
     let mut revisions: Vec<u64> = ra.iter().chain(&rb).map(|(_, r)| *r).collect();
