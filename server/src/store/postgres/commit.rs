@@ -138,6 +138,8 @@ pub(super) struct Job {
     pub revision: Option<u64>,
     /// The head's lock is held, and the id the next entry gets.
     pub next_audit_id: Option<u64>,
+    /// The head as read under that lock.
+    pub head: Option<crate::store::audit_chain::AuditHead>,
     /// The entries this job inserted, as inserted (chained at its end).
     pub audit: Vec<AuditEntry>,
     /// What to announce on the database's channel at commit.

@@ -658,3 +658,26 @@ fn two_stores_on_one_database_see_each_other_and_serialise_rotations() {
     assert_eq!(b.check_row_set().unwrap(), None);
     assert_eq!(a.verify_audit().unwrap().broken, None);
 }
+
+#[test]
+fn connections_ended_by_the_database_are_replaced_on_next_use() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    // Several idle connections in the pool.
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| s.list_secrets().unwrap());
+        }
+    });
+    for round in 0..3 {
+        assert!(PgCluster::shared().terminate_connections(db_name(&url)) > 0);
+        // A read and a change, each on a pooled connection that is dead:
+        // nothing was sent on it, so each is run again on a new one.
+        assert_eq!(s.get_secret("db").unwrap().version_count, 1 + round);
+        PgCluster::shared().terminate_connections(db_name(&url));
+        s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+            .unwrap();
+    }
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
