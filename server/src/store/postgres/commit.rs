@@ -63,6 +63,23 @@ impl Drop for Pooled<'_> {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *unpoison(self.idle.lock()));
+        // The driver's connections close by blocking on runtimes of their
+        // own, which panics on an async thread: a store dropped there (a
+        // server shutting down) closes them on a thread of their own.
+        if !idle.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let closing = std::thread::Builder::new()
+                .name("secretfs-pg-close".into())
+                .spawn(move || drop(idle));
+            if let Err(e) = closing {
+                tracing::warn!(error = %e, "could not close the PostgreSQL connections");
+            }
+        }
+    }
+}
+
 impl Pool {
     pub(super) fn new(cfg: PgConfig) -> Pool {
         Pool {

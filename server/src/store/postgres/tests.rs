@@ -681,3 +681,22 @@ fn connections_ended_by_the_database_are_replaced_on_next_use() {
     assert_eq!(s.verify_rows().unwrap(), vec![]);
     assert_eq!(s.verify_audit().unwrap().broken, None);
 }
+
+#[test]
+fn a_store_dropped_on_an_async_thread_closes_its_connections_safely() {
+    let (s, _) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // Calls run off the async threads, as the domain runs them.
+        let s = tokio::task::spawn_blocking(move || {
+            s.get_secret("db").unwrap();
+            s
+        })
+        .await
+        .unwrap();
+        drop(s);
+    });
+}
