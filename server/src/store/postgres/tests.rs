@@ -152,6 +152,27 @@ fn the_audit_chain_catches_edits_forgeries_and_a_deleted_head() {
     }
     assert_eq!(broken(&s), None);
     assert!(s.get_group("h").is_err(), "the refused write left nothing");
+    // A trigger added while the server runs (past the open's check)
+    // rewrites an entry before it is chained: the job fails, nothing is
+    // chained, the log stays whole.
+    raw(
+        "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.actor = 'evil' THEN NEW.actor := 'alice'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER hide BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION hide()",
+    );
+    let err = s.append_audit(&[entry("evil")]).unwrap_err().to_string();
+    assert!(
+        err.contains("changed between its insert and its chaining"),
+        "{err}"
+    );
+    s.append_audit(&[entry("fine")]).unwrap();
+    raw("DROP TRIGGER hide ON audit");
+    assert_eq!(broken(&s), None);
+    assert!(s
+        .query_audit(&Default::default())
+        .unwrap()
+        .iter()
+        .all(|e| e.actor != "alice"));
     // A deleted head stops every audited write.
     raw("DELETE FROM audit_head");
     let err = s.append_audit(&[entry("e")]).unwrap_err().to_string();
