@@ -324,7 +324,21 @@ pub(super) fn is_connection_error(e: &postgres::Error) -> bool {
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
         }
-        None => e.is_closed() || e.as_db_error().is_none(),
+        // Not a database error: the connection closed, or an I/O error
+        // under it (a type conversion is neither).
+        None => {
+            if e.is_closed() {
+                return true;
+            }
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                if s.is::<std::io::Error>() {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
     }
 }
 
