@@ -9,6 +9,8 @@ mod conn;
 mod listen;
 #[allow(dead_code)] // SKELETON: used once the store is built.
 mod notify;
+#[allow(dead_code)] // Until the store connects with it (conn.rs).
+mod tls;
 
 use std::sync::Arc;
 
