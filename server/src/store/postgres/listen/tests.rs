@@ -249,3 +249,34 @@ fn a_database_that_moved_before_the_listener_started_resyncs() {
     let next_r = db.commit("secret 1");
     assert_eq!(next(&mut rx), secret(1, next_r), "heard from {r} on");
 }
+
+#[test]
+fn a_database_restart_is_ridden_out_and_caught_up() {
+    let pg = PgCluster::start(Default::default());
+    let db = db(&pg);
+    let feed = PgFeed::start(db.source(), 0).unwrap();
+    let mut rx = feed.subscribe();
+    pg.stop();
+    until("disconnected", || !feed.connected());
+    pg.start_again();
+    // A change committed as soon as the database is back, perhaps before
+    // the listener is: heard, or covered by the reconnection's Resync.
+    let r = db.commit("secret 3");
+    let mut resynced = false;
+    loop {
+        match next(&mut rx) {
+            Change::Resync { revision } => {
+                resynced = true;
+                if revision >= r {
+                    break;
+                }
+            }
+            c if c == secret(3, r) => break,
+            c => panic!("unexpected {c:?}"),
+        }
+    }
+    until("connected again", || feed.connected());
+    if !resynced {
+        assert_eq!(next(&mut rx), Change::Resync { revision: r });
+    }
+}
