@@ -107,13 +107,6 @@ impl PgFeed {
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         Ok(Arc::new(PgFeed { shared }))
     }
-
-    /// Whether the listener is connected now (for health): while it is
-    /// not, other replicas' changes are not heard here (they are caught up
-    /// with a Resync when it is back).
-    pub fn connected(&self) -> bool {
-        self.shared.connected.load(Ordering::SeqCst)
-    }
 }
 
 impl ChangeFeed for PgFeed {
@@ -123,6 +116,13 @@ impl ChangeFeed for PgFeed {
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.shared.changes.subscribe()
+    }
+
+    /// Whether the listener is connected now: while it is not, other
+    /// replicas' changes are not heard here (they are caught up with a
+    /// Resync when it is back).
+    fn connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
     }
 }
 
@@ -360,3 +360,6 @@ fn wait(feed: &Weak<Shared>, d: Duration) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod replicas;
