@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use postgres::fallible_iterator::FallibleIterator;
 use tokio::sync::broadcast;
 
-use super::notify;
+use super::{notify, PgConfig};
 use crate::store::{Change, ChangeFeed, Result, StoreError};
 
 /// The `application_name` of the listener's connection (what an operator
@@ -106,6 +106,23 @@ impl PgFeed {
             .spawn(move || listen(weak, source, client))
             .map_err(|e| StoreError::Backend(Box::new(e)))?;
         Ok(Arc::new(PgFeed { shared }))
+    }
+
+    /// The feed of the store on `cfg` (its connections, TLS and password),
+    /// whose revision was `revision_now` when it opened.
+    pub fn for_store(cfg: &PgConfig, revision_now: u64) -> Result<Arc<PgFeed>> {
+        let conn_cfg = cfg.clone();
+        PgFeed::start(
+            Source {
+                connect: Box::new(move || super::conn::connect(&conn_cfg)),
+                revision: |c| {
+                    Ok(c.query_one("SELECT value FROM revision WHERE id = 1", &[])?
+                        .get::<_, i64>(0) as u64)
+                },
+                describe: cfg.redacted().to_string(),
+            },
+            revision_now,
+        )
     }
 }
 

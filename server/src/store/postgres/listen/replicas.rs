@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use secretfs_pgtest::PgCluster;
 use tokio::sync::broadcast;
 
-use super::APPLICATION_NAME;
+use super::{PgFeed, APPLICATION_NAME};
 use crate::keys::KeyRing;
 use crate::store::postgres::{PgConfig, PgStore};
 use crate::store::*;
@@ -21,10 +21,29 @@ fn replicas(pg: &PgCluster, n: usize) -> (String, Vec<Arc<PgStore>>) {
     let name = url.rsplit('/').next().unwrap().to_string();
     let keys = KeyRing::generate().unwrap();
     let cfg = PgConfig::parse(&url, None).unwrap();
-    let stores = (0..n)
-        .map(|i| Arc::new(PgStore::open(&cfg, i == 0, keys.clone()).unwrap()))
+    let mut stores: Vec<PgStore> = (0..n)
+        .map(|i| PgStore::open(&cfg, i == 0, keys.clone()).unwrap())
         .collect();
-    (name, stores)
+    // Until `PgStore::open` starts the listener itself, start it here as
+    // open will.
+    if listeners(pg, &name) == 0 {
+        for s in &mut stores {
+            s.feed = PgFeed::for_store(&cfg, s.revision().unwrap()).unwrap();
+        }
+    }
+    assert_eq!(listeners(pg, &name), n as i64, "one listener per replica");
+    (name, stores.into_iter().map(Arc::new).collect())
+}
+
+fn listeners(pg: &PgCluster, db: &str) -> i64 {
+    pg.superuser()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = $2",
+            &[&db, &APPLICATION_NAME],
+        )
+        .unwrap()
+        .get(0)
 }
 
 fn entry(action: &str) -> AuditEntry {
@@ -260,7 +279,10 @@ fn an_outage_refuses_writes_cleanly_and_everything_recovers_by_itself() {
 async fn a_client_removed_on_one_replica_is_refused_on_another() {
     use crate::domain::{Action, Domain, Peer, Settings};
     use crate::identity::{IdentitySource, Issuer, PeerIdentity};
-    let (_, stores) = replicas(PgCluster::shared(), 2);
+    // (Opening a store blocks: off the async threads, as the server does.)
+    let (_, stores) = tokio::task::spawn_blocking(|| replicas(PgCluster::shared(), 2))
+        .await
+        .unwrap();
     let (a, b) = (stores[0].clone(), stores[1].clone());
     let (ca, _) = crate::pki::Ca::generate("test.example").unwrap();
     let dyn_b: Arc<dyn Store> = b;
@@ -324,4 +346,9 @@ async fn a_client_removed_on_one_replica_is_refused_on_another() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // (The stores' blocking clients must not be dropped on an async
+    // thread either.)
+    tokio::task::spawn_blocking(move || drop((stores, a, domain_b)))
+        .await
+        .unwrap();
 }
