@@ -17,10 +17,15 @@ use crate::store::*;
 
 /// `n` replicas on a fresh database of `pg`: the first made it.
 fn replicas(pg: &PgCluster, n: usize) -> (String, Vec<Arc<PgStore>>) {
-    let url = pg.database();
-    let name = url.rsplit('/').next().unwrap().to_string();
+    replicas_at(pg, &pg.database(), n)
+}
+
+/// `n` replicas on the database at `url` (of `pg`).
+fn replicas_at(pg: &PgCluster, url: &str, n: usize) -> (String, Vec<Arc<PgStore>>) {
+    let base = url.split('?').next().unwrap();
+    let name = base.rsplit('/').next().unwrap().to_string();
     let keys = KeyRing::generate().unwrap();
-    let cfg = PgConfig::parse(&url, None).unwrap();
+    let cfg = PgConfig::parse(url, None).unwrap();
     let mut stores: Vec<PgStore> = (0..n)
         .map(|i| PgStore::open(&cfg, i == 0, keys.clone()).unwrap())
         .collect();
@@ -164,6 +169,42 @@ fn a_change_through_one_replica_reaches_the_others_at_its_revision() {
         }
     );
     assert_eq!(a.revision().unwrap(), removed.revision);
+}
+
+#[test]
+fn replicas_over_verify_full_tls_hear_each_other() {
+    let files = secretfs_pgtest::TlsFiles::new(&["localhost", "127.0.0.1"]);
+    let pg = PgCluster::start(files.options());
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.database(),
+        files.ca.display()
+    );
+    let (db, stores) = replicas_at(&pg, &url, 2);
+    let mut on_b = stores[1].feed().subscribe();
+    let made = add(&stores[0], "db/pw").unwrap();
+    assert_eq!(
+        next(&mut on_b),
+        Change::Secret {
+            id: made.value.id,
+            revision: made.revision
+        }
+    );
+    // Every connection of both replicas, listeners included, is TLS.
+    let (all, clear): (i64, i64) = {
+        let row = pg
+            .superuser()
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE NOT s.ssl) \
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.datname = $1 AND a.backend_type = 'client backend'",
+                &[&db],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(all >= 2, "{all} connections");
+    assert_eq!(clear, 0, "{clear} of {all} connections in clear");
 }
 
 #[test]
