@@ -29,13 +29,13 @@ pub(super) fn insert(tx: &mut Tx<'_>, e: &AuditEntry) -> Result<()> {
     let id = match tx.job.next_audit_id {
         Some(id) => id,
         None => {
-            let head = tx
-                .opt(
-                    "SELECT last_id FROM audit_head WHERE id = 1 FOR UPDATE",
-                    &[],
-                )?
-                .ok_or_else(|| tampered("the audit head row is missing".into()))?;
-            head.try_get::<_, i64>(0)? as u64 + 1
+            // The head's lock, held to commit: audit inserts of every
+            // replica queue here, in one order after the revision's.
+            let head =
+                locked_head(tx)?.ok_or_else(|| tampered("the audit head row is missing".into()))?;
+            let next = head.last_id + 1;
+            tx.job.head = Some(head);
+            next
         }
     };
     tx.job.next_audit_id = Some(id + 1);
@@ -80,7 +80,12 @@ pub(super) fn chain_pending(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     if inserted.is_empty() {
         return Ok(());
     }
-    let head = head(tx)?.ok_or_else(|| tampered("the audit head row is missing".into()))?;
+    // As read under its lock by the job's first insert.
+    let head = tx
+        .job
+        .head
+        .take()
+        .ok_or_else(|| tampered("the audit head row is missing".into()))?;
     if !head.is_authentic(keys) {
         return Err(tampered("the audit head row's MAC does not match".into()));
     }
@@ -155,11 +160,24 @@ fn chained(r: &Row) -> Result<(AuditEntry, Option<u32>, Option<Vec<u8>>)> {
 }
 
 pub(super) fn head(tx: &mut Tx<'_>) -> Result<Option<AuditHead>> {
-    tx.opt(
+    let row = tx.opt(
         "SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1",
         &[],
-    )?
-    .map(|r| {
+    )?;
+    head_of(row)
+}
+
+/// The head, locked until commit.
+fn locked_head(tx: &mut Tx<'_>) -> Result<Option<AuditHead>> {
+    let row = tx.opt(
+        "SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1 FOR UPDATE",
+        &[],
+    )?;
+    head_of(row)
+}
+
+fn head_of(row: Option<postgres::Row>) -> Result<Option<AuditHead>> {
+    row.map(|r| {
         Ok(AuditHead {
             last_id: r.try_get::<_, i64>(0)? as u64,
             chain: r.try_get(1)?,
@@ -204,7 +222,10 @@ pub(super) fn verify(tx: &mut Tx<'_>, keys: &Keys) -> Result<AuditVerdict> {
                     chain,
                     prev: Vec::new(),
                 }),
-                Err(e) => Err((id, format!("a column holds a value of the wrong type ({e})"))),
+                Err(e) => Err((
+                    id,
+                    format!("a column holds a value of the wrong type ({e})"),
+                )),
             };
             walker.push(item);
             Ok(!walker.done())
