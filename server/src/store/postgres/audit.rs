@@ -89,13 +89,16 @@ pub(super) fn chain_pending(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     if !head.is_authentic(keys) {
         return Err(tampered("the audit head row's MAC does not match".into()));
     }
-    let after: i64 = tx
-        .one(
-            "SELECT COUNT(*) FROM audit WHERE id > $1",
-            &[&(head.last_id as i64)],
-        )?
-        .try_get(0)?;
-    if after as usize != inserted.len() || inserted[0].id != head.last_id + 1 {
+    // Every entry after the head, in one query: exactly the ones this job
+    // inserted (the ids the server writes follow the head's), each as the
+    // server wrote it (a row rewritten in between, by a trigger, fails the
+    // job).
+    let after = tx.query(
+        "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail, \
+         epoch, chain FROM audit WHERE id > $1 ORDER BY id LIMIT $2",
+        &[&(head.last_id as i64), &(inserted.len() as i64 + 1)],
+    )?;
+    if after.len() != inserted.len() || inserted[0].id != head.last_id + 1 {
         return Err(tampered(format!(
             "the audit log holds entries after its head (entry {}) that this server did not write",
             head.last_id
@@ -103,15 +106,8 @@ pub(super) fn chain_pending(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     }
     let epoch = keys.current.epoch();
     let mut prev = head.chain;
-    for mine in &inserted {
-        let row = tx.one(
-            "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail, \
-             epoch, chain FROM audit WHERE id = $1",
-            &[&(mine.id as i64)],
-        )?;
-        let e = entry(&row)?;
-        // Chained only as the server wrote it: a row rewritten in between
-        // (a trigger) fails the job.
+    for (row, mine) in after.iter().zip(&inserted) {
+        let e = entry(row)?;
         if e != *mine {
             return Err(tampered(format!(
                 "audit entry {} was changed between its insert and its chaining (is there a \

@@ -398,7 +398,10 @@ fn write_once<T>(
         }
         let out = f(&mut t)?;
         audit::chain_pending(&mut t, keys)?;
-        row_set::flush(&mut t, keys)?;
+        // Audit entries are not protected rows: nothing to fold.
+        if kind != Write::AuditOnly {
+            row_set::flush(&mut t, keys)?;
+        }
         if let Some(change) = t.job.change {
             let payload = notify::payload(&change);
             t.exec("SELECT pg_notify($1, $2)", &[&notify::CHANNEL, &payload])?;

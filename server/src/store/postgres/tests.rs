@@ -152,6 +152,27 @@ fn the_audit_chain_catches_edits_forgeries_and_a_deleted_head() {
     }
     assert_eq!(broken(&s), None);
     assert!(s.get_group("h").is_err(), "the refused write left nothing");
+    // A trigger added while the server runs (past the open's check)
+    // rewrites an entry before it is chained: the job fails, nothing is
+    // chained, the log stays whole.
+    raw(
+        "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.actor = 'evil' THEN NEW.actor := 'alice'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER hide BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION hide()",
+    );
+    let err = s.append_audit(&[entry("evil")]).unwrap_err().to_string();
+    assert!(
+        err.contains("changed between its insert and its chaining"),
+        "{err}"
+    );
+    s.append_audit(&[entry("fine")]).unwrap();
+    raw("DROP TRIGGER hide ON audit");
+    assert_eq!(broken(&s), None);
+    assert!(s
+        .query_audit(&Default::default())
+        .unwrap()
+        .iter()
+        .all(|e| e.actor != "alice"));
     // A deleted head stops every audited write.
     raw("DELETE FROM audit_head");
     let err = s.append_audit(&[entry("e")]).unwrap_err().to_string();
@@ -699,4 +720,28 @@ fn a_store_dropped_on_an_async_thread_closes_its_connections_safely() {
         .unwrap();
         drop(s);
     });
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_a_storage_error_not_an_outage() {
+    let url = PgCluster::shared().database();
+    let mut c = PgCluster::shared().superuser_on(db_name(&url));
+    let e = c
+        .query_one("SELECT 'x'::TEXT", &[])
+        .unwrap()
+        .try_get::<_, i64>(0)
+        .unwrap_err();
+    assert!(!conn::is_connection_error(&e));
+    assert!(matches!(StoreError::from(e), StoreError::Backend(_)));
+    let e = c.batch_execute("SELECT nonsense").unwrap_err();
+    assert!(!conn::is_connection_error(&e));
+    let text = StoreError::from(e).to_string();
+    assert!(
+        text.contains("nonsense") && text.contains("42703"),
+        "{text}"
+    );
+    PgCluster::shared().terminate_connections(db_name(&url));
+    let e = c.batch_execute("SELECT 1").unwrap_err();
+    assert!(conn::is_connection_error(&e), "{}", conn::describe(&e));
+    assert!(matches!(StoreError::from(e), StoreError::Unavailable(_)));
 }
