@@ -20,6 +20,10 @@ mod clients;
 mod commit;
 mod conn;
 mod groups;
+// The cross-replica feed (replicas stream); PgStore::open is to start it
+// with `PgFeed::for_store`.
+#[allow(dead_code)]
+mod listen;
 mod macs;
 mod migrate;
 #[allow(dead_code)] // `parse` is the listener's (replicas stream).
