@@ -20,13 +20,9 @@ mod clients;
 mod commit;
 mod conn;
 mod groups;
-// The cross-replica feed (replicas stream); PgStore::open is to start it
-// with `PgFeed::for_store`.
-#[allow(dead_code)]
 mod listen;
 mod macs;
 mod migrate;
-#[allow(dead_code)] // `parse` is the listener's (replicas stream).
 mod notify;
 mod rekey;
 mod row_set;
@@ -45,9 +41,9 @@ use integrity::{BadRow, BadRowLog, Checker};
 
 pub struct PgStore {
     pool: Pool,
-    /// Where committed changes are announced. For now this process's own
-    /// feed: the cross-replica listener (`listen.rs`) plugs in here, as
-    /// the feed `open` makes.
+    /// Where committed changes are announced: this process's own at once,
+    /// and every replica's through the database's LISTEN/NOTIFY
+    /// (`listen.rs`).
     feed: Arc<dyn ChangeFeed>,
     keys: Arc<KeyRing>,
     bad_rows: BadRowLog,
@@ -74,10 +70,13 @@ impl PgStore {
             let mut conn = pool.get()?;
             migrate::open(conn.client(), create, &keys.get(), cfg.redacted())?;
         }
+        // Listening starts at the revision the store opens at: changes
+        // from here on, from any replica, reach this process's feed.
+        let revision = pool.read(audit::revision)?;
+        let feed = listen::PgFeed::for_store(cfg, revision)?;
         Ok(PgStore {
             pool,
-            // The listener's feed (replicas stream) replaces this one.
-            feed: Arc::new(LocalFeed::default()),
+            feed,
             keys,
             bad_rows: BadRowLog::default(),
         })

@@ -132,3 +132,30 @@ fn a_wrong_password_is_the_servers_refusal_over_tls_and_not_printed() {
     );
     assert!(!format!("{e} {e:?}").contains("not-the-password"), "{e}");
 }
+
+/// Through the store's own connect: a wrong password over TLS reads as it
+/// does without TLS (the login refused, what to check), not as a bare
+/// storage error.
+#[test]
+fn a_wrong_password_over_tls_is_explained_as_without_tls() {
+    let (files, pg) = tls_cluster();
+    let url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.database(),
+        files.ca.display()
+    );
+    let cfg = crate::store::PgConfig::parse(
+        &url,
+        Some(zeroize::Zeroizing::new("not-the-password".to_owned())),
+    )
+    .unwrap();
+    let Err(e) = super::super::conn::connect(&cfg) else {
+        panic!("a wrong password was accepted");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("check the user and the database password"),
+        "{text}"
+    );
+    assert!(!format!("{e} {e:?}").contains("not-the-password"), "{text}");
+}
