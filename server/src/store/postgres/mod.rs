@@ -409,6 +409,27 @@ impl Store for PgStore {
             audit::insert(tx, audit)
         })
     }
+
+    fn other_replicas(&self) -> Result<Vec<String>> {
+        // Every replica holds one listener session, named; this process's
+        // own is one of them while it is connected.
+        let mut others: Vec<String> = self.pool.read(|tx| {
+            tx.query(
+                "SELECT coalesce(host(client_addr), 'a local socket') FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = $1 \
+                 ORDER BY backend_start",
+                &[&listen::APPLICATION_NAME],
+            )?
+            .iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(StoreError::from))
+            .collect()
+        })?;
+        if self.feed.connected() && !others.is_empty() {
+            // Which one is ours does not matter: they are counted.
+            others.pop();
+        }
+        Ok(others)
+    }
 }
 
 #[cfg(test)]

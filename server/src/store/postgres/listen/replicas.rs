@@ -388,3 +388,18 @@ async fn a_client_removed_on_one_replica_is_refused_on_another() {
     // The stores are dropped here, on an async thread, as a server's are
     // at shutdown.
 }
+
+/// A rekey must know whether other replicas serve the database: each
+/// replica's listener counts, and a store does not count itself.
+#[test]
+fn each_replica_sees_the_others_but_not_itself() {
+    let pg = PgCluster::shared();
+    let (_, one) = replicas(pg, 1);
+    assert_eq!(one[0].other_replicas().unwrap(), Vec::<String>::new());
+    let (_, three) = replicas(pg, 3);
+    for s in &three {
+        let others = s.other_replicas().unwrap();
+        assert_eq!(others.len(), 2, "{others:?}");
+        assert!(others.iter().all(|o| o == "127.0.0.1"), "{others:?}");
+    }
+}
