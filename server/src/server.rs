@@ -22,7 +22,6 @@ use crate::error::Error;
 use crate::service::{AdminService, SecretsService};
 use crate::state_dir::{open_store_with, trust_domain, StateDir};
 use crate::state_lock::StateLock;
-use crate::store::Store;
 use crate::tls;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -52,6 +51,9 @@ pub struct RunOptions {
     /// Where the master key lives: flags over the state directory's
     /// descriptor (see [`crate::key_provider`]).
     pub keys: crate::key_provider::KeyOptions,
+    /// `--database` and its password: the state directory's record (or
+    /// SQLite) when no URL is given.
+    pub database: crate::state_dir::DatabaseOptions,
     /// Secret versions re-wrapped per transaction during a rekey.
     pub rekey_batch: usize,
     /// Pause between a rekey's batches (spares a busy server's disk).
@@ -317,8 +319,9 @@ impl Server {
         }
         let opening = dir.clone();
         let key_options = opts.keys.clone();
+        let database = opts.database.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let opened = open_store_with(&opening, &key_options, true)?;
+            let opened = open_store_with(&opening, &key_options, &database, true)?;
             // Rows put back, deleted or added without the key: refused
             // before anything is served (O(rows), read only but for the
             // revision it agreed at).
@@ -336,11 +339,12 @@ impl Server {
         .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
         let crate::state_dir::Opened {
             store,
+            database: _,
             keys,
             source,
             rekey_in_progress,
         } = opened;
-        let trust_domain = trust_domain(&store)?;
+        let trust_domain = trust_domain(store.as_ref())?;
         let ca = dir.load_ca()?;
         let provider = tls::provider();
         let server_cert = Arc::new(ReloadingCert::open(
@@ -382,7 +386,6 @@ impl Server {
             );
         }
         let max_connections = connection_limit(opts.max_connections)?;
-        let store: Arc<dyn Store> = Arc::new(store);
         let settings = Settings {
             trust_domain,
             max_secret_size: opts.max_secret_size,
