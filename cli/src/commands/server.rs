@@ -22,21 +22,24 @@ pub const DATABASE_PASSWORD_ENV: &str = "SECRETFS_DATABASE_PASSWORD";
 /// Records whether `--database` came from the command line (where a
 /// password is refused) rather than SECRETFS_DATABASE_URL.
 pub fn note_database_source(cli: &mut Cli, matches: &clap::ArgMatches) {
+    let Command::Other(OtherCommand::Server(ServerCmd { command })) = &mut cli.command else {
+        return;
+    };
+    let db = match command {
+        ServerSub::Init(a) => &mut a.database,
+        ServerSub::Run(a) => &mut a.database,
+        ServerSub::AdminCert(a) => &mut a.database,
+        ServerSub::Verify(a) => &mut a.database,
+        ServerSub::ReissueCert(_) | ServerSub::Rekey(_) => return,
+    };
+    // Asked only of the commands that have the flag (clap panics on an
+    // id a command does not know).
     let mut leaf = matches;
     while let Some((_, sub)) = leaf.subcommand() {
         leaf = sub;
     }
-    let in_argv = leaf.value_source("database") == Some(clap::parser::ValueSource::CommandLine);
-    if let Command::Other(OtherCommand::Server(ServerCmd { command })) = &mut cli.command {
-        let db = match command {
-            ServerSub::Init(a) => &mut a.database,
-            ServerSub::Run(a) => &mut a.database,
-            ServerSub::AdminCert(a) => &mut a.database,
-            ServerSub::Verify(a) => &mut a.database,
-            ServerSub::ReissueCert(_) | ServerSub::Rekey(_) => return,
-        };
-        db.database_in_argv = in_argv;
-    }
+    db.database_in_argv =
+        leaf.value_source("database") == Some(clap::parser::ValueSource::CommandLine);
 }
 
 /// The database flags as the server takes them: the password from
