@@ -1,34 +1,60 @@
 //! The PostgreSQL store: the same schema, migrations and behaviour as the
 //! SQLite store, for several replicas on one database.
 //!
-//! SKELETON: the interface the rest of the server is built against while
-//! the store is written (issue 13). Every call fails until then.
+//! - `conn`: the URL, its TLS policy, the password, driver errors.
+//! - `commit`: the pool of connections, the read and write transactions
+//!   (the revision row's lock first, the audit chain, the row set and the
+//!   notification at the end, retries).
+//! - `migrate` and `migrations/*.sql`: the schema, append only.
+//! - `rows`: row mapping shared by the queries.
+//! - `secrets`, `clients`, `groups`, `audit`: the queries of each entity.
+//! - `macs`: row MACs; `row_set`: the sealed digest over every protected
+//!   row; `rekey`: a rekey's store side.
+//! - `notify`: the NOTIFY payload; `listen` (replicas stream): the feed.
+//!
+//! Each file mirrors its namesake in `store/sqlite/`, so the two can be
+//! compared query by query.
 
+mod audit;
+mod clients;
+mod commit;
 mod conn;
-#[allow(dead_code)] // SKELETON: used once the store is built.
+mod groups;
+mod macs;
+mod migrate;
+#[allow(dead_code)] // `parse` is the listener's (replicas stream).
 mod notify;
+mod rekey;
+mod row_set;
+mod rows;
+mod secrets;
+mod tls;
 
 use std::sync::Arc;
 
 pub use conn::{is_postgres_url, PgConfig};
 
+use self::commit::{Pool, Write, POOL_SIZE};
 use super::*;
 use crate::keys::KeyRing;
+use integrity::{BadRow, BadRowLog, Checker};
 
 pub struct PgStore {
-    feed: Arc<LocalFeed>,
-    #[allow(dead_code)]
+    pool: Pool,
+    /// Where committed changes are announced. For now this process's own
+    /// feed: the cross-replica listener (`listen.rs`) plugs in here, as
+    /// the feed `open` makes.
+    feed: Arc<dyn ChangeFeed>,
     keys: Arc<KeyRing>,
+    bad_rows: BadRowLog,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PgStore")
+        f.debug_struct("PgStore")
+            .field("url", &self.pool.cfg().redacted())
+            .finish_non_exhaustive()
     }
-}
-
-fn not_built() -> StoreError {
-    StoreError::Unavailable("the PostgreSQL store is not built yet".into())
 }
 
 impl PgStore {
@@ -37,49 +63,96 @@ impl PgStore {
     /// hold a secretfs schema: an older one is brought up to date (only
     /// `server run` passes `create = false` and upgrades; see
     /// [`needs_upgrade`](Self::needs_upgrade)), a newer one is refused.
-    /// Starts listening for other replicas' changes (the feed).
+    /// Blocking: call it off the async threads.
     pub fn open(cfg: &PgConfig, create: bool, keys: Arc<KeyRing>) -> Result<PgStore> {
-        let _ = (cfg, create);
-        let _ = PgStore {
+        let pool = Pool::new(cfg.clone());
+        {
+            let mut conn = pool.get()?;
+            migrate::open(conn.client(), create, &keys.get(), cfg.redacted())?;
+        }
+        Ok(PgStore {
+            pool,
+            // The listener's feed (replicas stream) replaces this one.
             feed: Arc::new(LocalFeed::default()),
             keys,
-        };
-        Err(not_built())
+            bad_rows: BadRowLog::default(),
+        })
     }
 
     /// Whether the database has migrations this version would run (read
-    /// only).
+    /// only; false for a database without a secretfs schema).
     pub fn needs_upgrade(cfg: &PgConfig) -> Result<bool> {
-        let _ = cfg;
-        Err(not_built())
+        let mut client = conn::connect(cfg)?;
+        migrate::needs_upgrade(&mut client)
+    }
+
+    /// Runs `f` with this operation's keys (taken once) and the bad-row log.
+    fn checked<T>(&self, f: impl FnOnce(&Checker<'_>) -> T) -> T {
+        let keys = self.keys.get();
+        f(&Checker {
+            keys: &keys,
+            log: &self.bad_rows,
+        })
+    }
+
+    /// A change (the next revision), with the checker.
+    fn change<T>(&self, f: impl FnMut(&mut commit::Tx<'_>, &Checker<'_>) -> Result<T>) -> Result<T> {
+        let mut f = f;
+        self.checked(|ck| self.pool.write(ck.keys, Write::Change, |tx| f(tx, ck)))
+    }
+
+    fn read<T>(&self, mut f: impl FnMut(&mut commit::Tx<'_>, &Checker<'_>) -> Result<T>) -> Result<T> {
+        self.checked(|ck| self.pool.read(|tx| f(tx, ck)))
     }
 }
 
-#[allow(unused_variables)]
 impl Store for PgStore {
     fn concurrency(&self) -> usize {
-        1
+        POOL_SIZE
     }
+
     fn feed(&self) -> Arc<dyn ChangeFeed> {
         self.feed.clone()
     }
+
     fn revision(&self) -> Result<u64> {
-        Err(not_built())
+        self.pool.read(audit::revision)
     }
+
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Err(not_built())
+        self.read(|tx, ck| {
+            let found = tx.opt("SELECT value, mac FROM meta WHERE key = $1", &[&key])?;
+            let Some(r) = found else {
+                return Ok(None);
+            };
+            let value: Vec<u8> = r.try_get(0)?;
+            let mac: Option<Vec<u8>> = r.try_get(1)?;
+            let good = key == integrity::META_UNSIGNED
+                || ck.ok(
+                    integrity::META,
+                    || format!("key={key}"),
+                    &integrity::meta(key, &value),
+                    mac.as_deref(),
+                );
+            Ok(good.then_some(value))
+        })
     }
+
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool
+            .write(&keys, Write::Locked, |tx| macs::write_meta(tx, &keys, key, value))
     }
+
     fn create_secret(
         &self,
         new: &NewSecret,
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| secrets::create(tx, ck, new, audit, &mut *seal))
     }
+
     fn rotate_secret(
         &self,
         name: &str,
@@ -88,8 +161,9 @@ impl Store for PgStore {
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| secrets::rotate(tx, ck, name, size, expires, audit, &mut *seal))
     }
+
     fn update_secret(
         &self,
         name: &str,
@@ -97,41 +171,50 @@ impl Store for PgStore {
         check: CheckFn<'_>,
         audit: &AuditEntry,
     ) -> Result<Committed<SecretRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| secrets::update(tx, ck, name, update, check, audit))
     }
+
     fn rollback_secret(
         &self,
         name: &str,
         version: u64,
         audit: &AuditEntry,
     ) -> Result<Committed<SecretRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| secrets::rollback(tx, ck, name, version, audit))
     }
+
     fn delete_secret(&self, name: &str, audit: &AuditEntry) -> Result<Committed<u64>> {
-        Err(not_built())
+        self.change(|tx, _| secrets::delete(tx, name, audit))
     }
+
     fn get_secret(&self, name: &str) -> Result<SecretRecord> {
-        Err(not_built())
+        self.read(|tx, ck| secrets::by_name(tx, ck, name))
     }
+
     fn list_secrets(&self) -> Result<Vec<SecretRecord>> {
-        Err(not_built())
+        self.read(secrets::list)
     }
+
     fn list_versions(&self, name: &str) -> Result<Vec<VersionRecord>> {
-        Err(not_built())
+        self.read(|tx, ck| secrets::versions(tx, ck, name))
     }
+
     fn create_client(
         &self,
         new: &NewClient,
         audit: &AuditEntry,
     ) -> Result<Committed<ClientRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| clients::create(tx, ck, new, audit))
     }
+
     fn get_client(&self, name: &str) -> Result<ClientRecord> {
-        Err(not_built())
+        self.read(|tx, ck| clients::by_name(tx, ck, name))
     }
+
     fn list_clients(&self) -> Result<Vec<ClientRecord>> {
-        Err(not_built())
+        self.read(clients::list)
     }
+
     fn add_client_cert(
         &self,
         client_id: u64,
@@ -140,31 +223,38 @@ impl Store for PgStore {
         not_after: i64,
         audit: &AuditEntry,
     ) -> Result<Committed<ClientRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| clients::add_cert(tx, ck, client_id, name, serial, not_after, audit))
     }
+
     fn remove_client(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-        Err(not_built())
+        self.change(|tx, ck| clients::remove(tx, ck, name, audit))
     }
+
     fn authenticate(&self, name: &str, serial: &str) -> Result<AuthLookup> {
-        Err(not_built())
+        self.read(|tx, ck| clients::authenticate(tx, ck, name, serial))
     }
+
     fn create_group(
         &self,
         name: &str,
         description: &str,
         audit: &AuditEntry,
     ) -> Result<Committed<GroupRecord>> {
-        Err(not_built())
+        self.change(|tx, ck| groups::create(tx, ck, name, description, audit))
     }
+
     fn get_group(&self, name: &str) -> Result<GroupRecord> {
-        Err(not_built())
+        self.read(|tx, ck| groups::by_name(tx, ck, name))
     }
+
     fn list_groups(&self) -> Result<Vec<GroupRecord>> {
-        Err(not_built())
+        self.read(groups::list)
     }
+
     fn remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>> {
-        Err(not_built())
+        self.change(|tx, ck| groups::remove(tx, ck, name, audit))
     }
+
     fn set_group_member(
         &self,
         group: &str,
@@ -172,68 +262,143 @@ impl Store for PgStore {
         add: bool,
         audit: &AuditEntry,
     ) -> Result<Committed<MemberChange>> {
-        Err(not_built())
+        self.change(|tx, ck| groups::set_member(tx, ck, group, member, add, audit))
     }
+
     fn client_access(&self, client: &str) -> Result<Vec<AccessRecord>> {
-        Err(not_built())
+        self.read(|tx, ck| clients::access(tx, ck, client))
     }
+
     fn client_view(&self, client_id: u64) -> Result<View> {
-        Err(not_built())
+        self.read(|tx, ck| secrets::client_view(tx, ck, client_id))
     }
+
     fn read_sealed(
         &self,
         client_id: u64,
         names: &[String],
     ) -> Result<(Vec<SealedSecret>, Vec<String>)> {
-        Err(not_built())
+        self.read(|tx, ck| secrets::read_sealed(tx, ck, client_id, names))
     }
+
     fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>> {
-        Err(not_built())
+        self.read(|tx, ck| secrets::read_one_for_client(tx, ck, client_id, secret_id))
     }
+
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
-        Err(not_built())
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let keys = self.keys.get();
+        self.pool.write(&keys, Write::AuditOnly, |tx| {
+            entries.iter().try_for_each(|e| audit::insert(tx, e))
+        })
     }
+
     fn query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
-        Err(not_built())
+        self.pool.read(|tx| audit::query(tx, filter))
     }
+
     fn put_metas(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool
+            .write(&keys, Write::Locked, |tx| rekey::put_metas(tx, &keys, entries))
     }
+
     fn rewrap_keys(&self, limit: usize) -> Result<usize> {
-        Err(not_built())
+        // The keys are taken inside the write, after the revision row's
+        // lock: every write that began before the ring was replaced (and
+        // may have sealed under the old key) has committed by then.
+        let outer = self.keys.get();
+        self.pool.write(&outer, Write::Locked, |tx| {
+            rekey::rewrap(tx, &self.keys.get(), limit)
+        })
     }
+
     fn verify_audit(&self) -> Result<audit_chain::AuditVerdict> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool.read(|tx| audit::verify(tx, &keys))
     }
+
     fn audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<audit_chain::ChainedEntry>> {
-        Err(not_built())
+        self.pool.read(|tx| audit::after(tx, after_id, limit))
     }
+
     fn audit_head(&self) -> Result<Option<audit_chain::AuditHead>> {
-        Err(not_built())
+        self.pool.read(audit::head)
     }
+
     fn take_bad_rows(&self) -> Vec<BadRow> {
-        Vec::new()
+        self.bad_rows.take()
     }
+
     fn verify_rows(&self) -> Result<Vec<BadRow>> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool.read(|tx| {
+            let mut bad = macs::verify(tx, &keys)?;
+            if let Err(finding) = row_set::check(tx, &keys)? {
+                bad.push(finding);
+            }
+            Ok(bad)
+        })
     }
+
     fn reseal_rows(&self, limit: usize) -> Result<usize> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool.write(&keys, Write::Locked, |tx| {
+            let done = macs::reseal(tx, &keys, limit)?;
+            if done == 0 && keys.previous.is_some() {
+                row_set::move_to_current(tx, &keys)?;
+            }
+            Ok(done)
+        })
     }
+
     fn check_row_set(&self) -> Result<Option<BadRow>> {
-        Err(not_built())
+        let keys = self.keys.get();
+        let (found, at) = self
+            .pool
+            .read(|tx| Ok((row_set::check(tx, &keys)?, audit::revision(tx)?)))?;
+        match found {
+            Ok(_) => {
+                self.pool
+                    .write(&keys, Write::Locked, |tx| row_set::stamp(tx, &keys, at))?;
+                Ok(None)
+            }
+            Err(finding) => Ok(Some(finding)),
+        }
     }
+
     fn accept_row_set(&self, audit: &AuditEntry) -> Result<u64> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool.write(&keys, Write::Locked, |tx| {
+            let at = row_set::sign_all(tx, &keys)?;
+            audit::insert(
+                tx,
+                &audit.with_detail(&format!(
+                    "the rows as they are at revision {at} accepted as the row set"
+                )),
+            )?;
+            Ok(at)
+        })
     }
+
     fn versions_not_opening(&self, key: &crate::envelope::MasterKey) -> Result<Vec<(String, u64)>> {
-        Err(not_built())
+        self.pool.read(|tx| rekey::not_opening(tx, key))
     }
+
     fn put_metas_audited(
         &self,
         entries: &[(&str, Option<&[u8]>)],
         audit: &AuditEntry,
     ) -> Result<()> {
-        Err(not_built())
+        let keys = self.keys.get();
+        self.pool.write(&keys, Write::Locked, |tx| {
+            rekey::put_metas(tx, &keys, entries)?;
+            audit::insert(tx, audit)
+        })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,229 @@
+//! The PostgreSQL schema's migrations, applied in order; the
+//! `schema_version` row records how many ran. Append only: never edit a
+//! released step. One list of its own (not SQLite's): the first step is
+//! the SQLite schema after its sixth, translated.
+
+use postgres::Client;
+
+use super::commit::Tx;
+use super::{audit, macs, row_set};
+use crate::keys::Keys;
+use crate::store::{Result, StoreError};
+
+pub(super) const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_schema.sql")];
+
+/// Serialises `server init` and the upgrades of several replicas starting
+/// at once (a transaction-scoped advisory lock; the number is ours).
+const MIGRATION_LOCK: i64 = 0x5ec2_e7f5;
+
+/// The tables the migrations make.
+pub(super) const KNOWN_TABLES: &[&str] = &[
+    "schema_version",
+    "meta",
+    "secrets",
+    "secret_versions",
+    "clients",
+    "client_certs",
+    "groups",
+    "group_clients",
+    "group_secrets",
+    "audit",
+    "revision",
+    "revoked_certs",
+    "audit_head",
+    "row_set",
+];
+
+/// The triggers the migrations make (the row set's).
+const KNOWN_TRIGGERS: &[&str] = &[
+    "row_set_meta",
+    "row_set_clients",
+    "row_set_client_certs",
+    "row_set_groups",
+    "row_set_group_clients",
+    "row_set_group_secrets",
+    "row_set_secrets",
+];
+
+/// The relations (tables, views, ...) in the schema the connection works in.
+fn relations(tx: &mut Tx<'_>) -> Result<Vec<(String, String)>> {
+    tx.query(
+        "SELECT c.relname::TEXT, CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view'
+                WHEN 'f' THEN 'foreign table' ELSE 'table' END
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+          ORDER BY 2, 1",
+        &[],
+    )?
+    .iter()
+    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+    .collect()
+}
+
+/// What the schema holds beyond what the migrations make: a trigger of
+/// someone else's (it could rewrite rows and audit entries as the server
+/// writes them), a rule, a view, or an unknown table.
+fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for (name, kind) in relations(tx)? {
+        if kind == "table" && KNOWN_TABLES.contains(&name.as_str()) {
+            continue;
+        }
+        found.push(format!("{kind} {:?}", name.chars().take(64).collect::<String>()));
+    }
+    for r in tx.query(
+        "SELECT t.tgname::TEXT FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_schema() AND NOT t.tgisinternal ORDER BY 1",
+        &[],
+    )? {
+        let name: String = r.try_get(0)?;
+        if !KNOWN_TRIGGERS.contains(&name.as_str()) {
+            found.push(format!("trigger {:?}", name.chars().take(64).collect::<String>()));
+        }
+    }
+    for r in tx.query(
+        "SELECT r.rulename::TEXT FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') ORDER BY 1",
+        &[],
+    )? {
+        let name: String = r.try_get(0)?;
+        found.push(format!("rule {:?}", name.chars().take(64).collect::<String>()));
+    }
+    Ok(found)
+}
+
+fn check_objects(tx: &mut Tx<'_>) -> Result<()> {
+    let found = foreign_objects(tx)?;
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::Check(
+        format!(
+            "the database holds {} that secretfs never makes: it was edited without the server \
+             (a trigger or rule can rewrite rows and audit entries as they are written). Remove \
+             it after review, or restore the database from a backup; nothing was changed",
+            found.join(", ")
+        )
+        .into(),
+    ))
+}
+
+fn version(tx: &mut Tx<'_>) -> Result<Option<usize>> {
+    let has: bool = tx
+        .one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = current_schema() AND c.relname = 'schema_version')",
+            &[],
+        )?
+        .try_get(0)?;
+    if !has {
+        return Ok(None);
+    }
+    let v: Option<i64> = tx
+        .opt("SELECT version FROM schema_version WHERE id = 1", &[])?
+        .map(|r| r.try_get(0))
+        .transpose()?;
+    Ok(Some(v.unwrap_or(0) as usize))
+}
+
+fn run_in<T>(
+    client: &mut Client,
+    cache: &mut std::collections::HashMap<&'static str, postgres::Statement>,
+    f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+) -> Result<T> {
+    let tx = client.transaction()?;
+    let mut t = Tx::new(tx, cache);
+    let out = f(&mut t)?;
+    t.commit()?;
+    Ok(out)
+}
+
+/// Whether the database has migrations this version would run.
+pub(super) fn needs_upgrade(client: &mut Client) -> Result<bool> {
+    let mut cache = Default::default();
+    run_in(client, &mut cache, |tx| {
+        Ok(match version(tx)? {
+            None => false,
+            Some(v) => v < MIGRATIONS.len(),
+        })
+    })
+}
+
+/// Makes the schema (`create`: the database must hold no table), or
+/// checks it and brings it up to date.
+pub(super) fn open(client: &mut Client, create: bool, keys: &Keys, url: &str) -> Result<()> {
+    let mut cache = Default::default();
+    run_in(client, &mut cache, |tx| {
+        tx.one("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        let found = version(tx)?;
+        if create {
+            let tables = relations(tx)?;
+            if !tables.is_empty() {
+                let names: Vec<String> = tables.iter().take(5).map(|(n, _)| n.clone()).collect();
+                return Err(StoreError::Check(
+                    format!(
+                        "the database at {url} already holds tables ({}{}){}: it is someone's \
+                         data, and `server init` makes a new store only in an empty database. \
+                         To add a replica of the store it holds, use `secretfs server init \
+                         --database URL --join`; else give an empty database",
+                        names.join(", "),
+                        if tables.len() > 5 { ", ..." } else { "" },
+                        if found.is_some() { ", a secretfs store" } else { "" },
+                    )
+                    .into(),
+                ));
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate() {
+                tx.batch(sql)?;
+                set_version(tx, i + 1)?;
+            }
+            // What a new store starts with, under the key: the marker that
+            // its rows are authenticated, the audit head, the row set.
+            macs::put_marker(tx, keys)?;
+            audit::start(tx, keys)?;
+            row_set::forget_pending(tx)?;
+            row_set::sign_all(tx, keys)?;
+            return Ok(());
+        }
+        let Some(found) = found else {
+            let empty = relations(tx)?.is_empty();
+            return Err(StoreError::Check(
+                if empty {
+                    format!(
+                        "the database at {url} is empty: make the store in it first with \
+                         `secretfs server init --database URL`"
+                    )
+                } else {
+                    format!(
+                        "the database at {url} holds tables but no secretfs store: give the URL \
+                         of the database `secretfs server init --database URL` made"
+                    )
+                }
+                .into(),
+            ));
+        };
+        if found > MIGRATIONS.len() {
+            return Err(StoreError::NewerSchema {
+                found: found as u64,
+                known: MIGRATIONS.len() as u64,
+            });
+        }
+        check_objects(tx)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+            tx.batch(sql)?;
+            set_version(tx, i + 1)?;
+        }
+        Ok(())
+    })
+}
+
+fn set_version(tx: &mut Tx<'_>, v: usize) -> Result<()> {
+    tx.exec(
+        "INSERT INTO schema_version (id, version) VALUES (1, $1)
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        &[&(v as i64)],
+    )?;
+    Ok(())
+}

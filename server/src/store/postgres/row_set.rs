@@ -1,0 +1,217 @@
+//! The row set in PostgreSQL: the sealed digest over every protected row
+//! (`store::integrity::row_set_h`), kept right by every write job and
+//! checked against a full recomputation (as `sqlite/row_set.rs`).
+//!
+//! Every protected row change, cascades included, is caught by the
+//! schema's triggers (`secretfs_row_set_note`), which note the kind and
+//! MAC of each row added and removed in the session's own temporary table
+//! `row_set_pending` (made on each of the store's connections). At the end
+//! of each write job, in its transaction, [`flush`] folds those shares
+//! into the record.
+
+use super::audit::revision;
+use super::commit::Tx;
+use super::macs;
+use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
+use crate::store::integrity::{
+    self, row_set_h, row_set_mismatch, xor_into, BadRow, RowSetRecord, StoredMac,
+};
+use crate::store::{Result, StoreError};
+
+fn stored(mac: &Option<Vec<u8>>) -> StoredMac<'_> {
+    match mac {
+        None => StoredMac::Null,
+        Some(b) => StoredMac::Blob(b),
+    }
+}
+
+/// The record as stored.
+pub(super) enum Stored {
+    Missing,
+    Unreadable,
+    Good(RowSetRecord),
+}
+
+pub(super) fn read(tx: &mut Tx<'_>, keys: &Keys) -> Result<Stored> {
+    let row = tx.opt("SELECT sealed FROM row_set WHERE id = 1", &[])?;
+    Ok(match row {
+        None => Stored::Missing,
+        Some(r) => match RowSetRecord::open(keys, &r.try_get::<_, Vec<u8>>(0)?) {
+            Some(rec) => Stored::Good(rec),
+            None => Stored::Unreadable,
+        },
+    })
+}
+
+fn write(tx: &mut Tx<'_>, keys: &Keys, rec: &RowSetRecord) -> Result<()> {
+    let sealed = rec.seal(keys).map_err(StoreError::backend)?;
+    tx.exec(
+        "INSERT INTO row_set (id, sealed) VALUES (1, $1)
+         ON CONFLICT (id) DO UPDATE SET sealed = excluded.sealed",
+        &[&sealed],
+    )?;
+    Ok(())
+}
+
+/// Folds the shares of the rows this job added and removed into the
+/// record. A record that is missing, does not open, or is under a key not
+/// held is left as it is (a finding already).
+pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
+    let pending = tx.query("DELETE FROM pg_temp.row_set_pending RETURNING kind, mac", &[])?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let Stored::Good(mut rec) = read(tx, keys)? else {
+        return Ok(());
+    };
+    let Some(set) = keys.set_for(rec.epoch) else {
+        return Ok(());
+    };
+    let mut delta = [0u8; MAC_LEN];
+    for r in &pending {
+        let kind: String = r.try_get(0)?;
+        let mac: Option<Vec<u8>> = r.try_get(1)?;
+        xor_into(&mut delta, &row_set_h(set.row_set(), &kind, stored(&mac)));
+    }
+    xor_into(&mut rec.digest, &delta);
+    write(tx, keys, &rec)
+}
+
+/// Forgets what was noted outside a write job (the store's own setup).
+pub(super) fn forget_pending(tx: &mut Tx<'_>) -> Result<()> {
+    tx.exec("DELETE FROM pg_temp.row_set_pending", &[])?;
+    Ok(())
+}
+
+/// The digest over every protected row as it is now, under each key.
+fn compute<const N: usize>(tx: &mut Tx<'_>, keys: [&MacKey; N]) -> Result<[[u8; MAC_LEN]; N]> {
+    let mut out = [[0u8; MAC_LEN]; N];
+    for table in macs::TABLES {
+        let kind = table.name;
+        let sql = match kind {
+            integrity::META => "SELECT mac FROM meta WHERE key <> 'master_key_check'",
+            integrity::CLIENTS => "SELECT mac FROM clients",
+            integrity::CLIENT_CERTS => "SELECT mac FROM client_certs",
+            integrity::GROUPS => "SELECT mac FROM groups",
+            integrity::GROUP_CLIENTS => "SELECT mac FROM group_clients",
+            integrity::GROUP_SECRETS => "SELECT mac FROM group_secrets",
+            _ => "SELECT mac FROM secrets",
+        };
+        tx.each(sql, &[], |r| {
+            let mac: Option<Vec<u8>> = r.try_get(0)?;
+            for (acc, key) in out.iter_mut().zip(keys) {
+                xor_into(acc, &row_set_h(key, kind, stored(&mac)));
+            }
+            Ok(true)
+        })?;
+    }
+    Ok(out)
+}
+
+fn same(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn good(tx: &mut Tx<'_>, keys: &Keys) -> Result<std::result::Result<RowSetRecord, BadRow>> {
+    Ok(match read(tx, keys)? {
+        Stored::Missing => Err(row_set_mismatch(
+            None,
+            Some("the row set record was deleted"),
+        )),
+        Stored::Unreadable => Err(row_set_mismatch(
+            None,
+            Some("the row set record does not open under the master key"),
+        )),
+        Stored::Good(rec) if keys.set_for(rec.epoch).is_none() => Err(row_set_mismatch(
+            Some(rec.checked_at),
+            Some("the row set record is under a master key epoch this server does not hold"),
+        )),
+        Stored::Good(rec) => Ok(rec),
+    })
+}
+
+/// Recomputes the digest and compares: `Ok(record)` when they agree, else
+/// the finding. Read only.
+pub(super) fn check(
+    tx: &mut Tx<'_>,
+    keys: &Keys,
+) -> Result<std::result::Result<RowSetRecord, BadRow>> {
+    let rec = match good(tx, keys)? {
+        Ok(rec) => rec,
+        Err(finding) => return Ok(Err(finding)),
+    };
+    let set: &KeySet = keys.set_for(rec.epoch).expect("checked by good()");
+    let [now] = compute(tx, [set.row_set()])?;
+    Ok(if same(&now, &rec.digest) {
+        Ok(rec)
+    } else {
+        Err(row_set_mismatch(Some(rec.checked_at), None))
+    })
+}
+
+/// Records that the digest agreed with every row at revision `at`.
+pub(super) fn stamp(tx: &mut Tx<'_>, keys: &Keys, at: u64) -> Result<()> {
+    if let Stored::Good(mut rec) = read(tx, keys)? {
+        if at > rec.checked_at {
+            rec.checked_at = at;
+            write(tx, keys, &rec)?;
+        }
+    }
+    Ok(())
+}
+
+/// A new record over the rows as they are, under the current key: a new
+/// database, and an operator's `accept`. Returns the revision.
+pub(super) fn sign_all(tx: &mut Tx<'_>, keys: &Keys) -> Result<u64> {
+    let [digest] = compute(tx, [keys.current.row_set()])?;
+    let at = revision(tx)?;
+    write(
+        tx,
+        keys,
+        &RowSetRecord {
+            epoch: keys.current.epoch(),
+            written_at: at,
+            checked_at: at,
+            digest,
+        },
+    )?;
+    Ok(at)
+}
+
+/// At the end of a rekey's reseal: the record moves to the current key's
+/// row set key, after a recomputation under its own key agrees.
+pub(super) fn move_to_current(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
+    let rec = match good(tx, keys)? {
+        Ok(rec) => rec,
+        Err(finding) => return Err(cannot_move(finding)),
+    };
+    if rec.epoch == keys.current.epoch() {
+        return Ok(());
+    }
+    let old = keys.set_for(rec.epoch).expect("checked by good()");
+    let [then, now] = compute(tx, [old.row_set(), keys.current.row_set()])?;
+    if !same(&then, &rec.digest) {
+        return Err(cannot_move(row_set_mismatch(Some(rec.checked_at), None)));
+    }
+    let at = revision(tx)?;
+    write(
+        tx,
+        keys,
+        &RowSetRecord {
+            epoch: keys.current.epoch(),
+            written_at: at,
+            checked_at: at,
+            digest: now,
+        },
+    )
+}
+
+fn cannot_move(finding: BadRow) -> StoreError {
+    StoreError::Check(
+        format!(
+            "the rekey cannot finish: {}; then ask for the rekey again",
+            finding.what
+        )
+        .into(),
+    )
+}
