@@ -317,34 +317,6 @@ impl Server {
                 tracing::warn!("{warning}");
             }
         }
-        let opening = dir.clone();
-        let key_options = opts.keys.clone();
-        let database = opts.database.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            let opened = open_store_with(&opening, &key_options, &database, true)?;
-            // Rows put back, deleted or added without the key: refused
-            // before anything is served (O(rows), read only but for the
-            // revision it agreed at).
-            if let Some(finding) = opened.store.check_row_set()? {
-                return Err(Error::Config(format!(
-                    "the database failed its row set check: {}. Nothing was changed; \
-                     `secretfs server verify --state-dir {}` lists what else is wrong",
-                    finding.what,
-                    opening.path.display()
-                )));
-            }
-            Ok::<_, Error>(opened)
-        })
-        .await
-        .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
-        let crate::state_dir::Opened {
-            store,
-            database: _,
-            keys,
-            source,
-            rekey_in_progress,
-        } = opened;
-        let trust_domain = trust_domain(store.as_ref())?;
         let ca = dir.load_ca()?;
         let provider = tls::provider();
         let server_cert = Arc::new(ReloadingCert::open(
@@ -386,6 +358,53 @@ impl Server {
             );
         }
         let max_connections = connection_limit(opts.max_connections)?;
+        // Every call on the store runs off the async threads (PostgreSQL's
+        // blocking client must not be driven from one); what fails here
+        // drops the store on this blocking thread too.
+        let opening = dir.clone();
+        let key_options = opts.keys.clone();
+        let database = opts.database.clone();
+        let audit_log = opts.audit_log.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let opened = open_store_with(&opening, &key_options, &database, true)?;
+            // Rows put back, deleted or added without the key: refused
+            // before anything is served (O(rows), read only but for the
+            // revision it agreed at).
+            if let Some(finding) = opened.store.check_row_set()? {
+                return Err(Error::Config(format!(
+                    "the database failed its row set check: {}. Nothing was changed; \
+                     `secretfs server verify --state-dir {}` lists what else is wrong",
+                    finding.what,
+                    opening.path.display()
+                )));
+            }
+            let trust_domain = trust_domain(opened.store.as_ref())?;
+            // Checked against the database before anything is served: a
+            // sink ahead of the database's audit log refuses the start.
+            let sink = match audit_log {
+                Some(mut sink) => {
+                    sink.resume_file = Some(opening.audit_sink_record());
+                    Some(crate::audit_sink::start(&opened.store, sink)?)
+                }
+                None => None,
+            };
+            crate::domain::audit::check_audit_head(opened.store.as_ref(), &opened.keys.get());
+            Ok::<_, Error>((opened, trust_domain, sink))
+        })
+        .await
+        .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let (opened, trust_domain, sink) = opened;
+        let (audit_sink, audit_sink_thread) = match sink {
+            Some((status, exporter)) => (Some(status), Some(exporter)),
+            None => (None, None),
+        };
+        let crate::state_dir::Opened {
+            store,
+            database: _,
+            keys,
+            source,
+            rekey_in_progress,
+        } = opened;
         let settings = Settings {
             trust_domain,
             max_secret_size: opts.max_secret_size,
@@ -399,17 +418,6 @@ impl Server {
             opts.rekey_batch,
             opts.rekey_pause,
         );
-        // Checked against the database before anything is served: a sink
-        // ahead of the database's audit log refuses the start.
-        let (audit_sink, audit_sink_thread) = match opts.audit_log.clone() {
-            Some(mut sink) => {
-                sink.resume_file = Some(dir.audit_sink_record());
-                let (status, exporter) = crate::audit_sink::start(&store, sink)?;
-                (Some(status), Some(exporter))
-            }
-            None => (None, None),
-        };
-        crate::domain::audit::check_audit_head(store.as_ref(), &keys.get());
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
         if let Some(sink) = &audit_sink {
             domain.set_audit_sink(sink.clone());
