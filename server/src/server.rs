@@ -604,10 +604,12 @@ impl Server {
                 );
             }
         }
-        drop(self.domain);
         // A rekey's batches stop at the next one (it resumes at start).
         self.rekey.stop();
-        drop(self.rekey);
+        // Off the async threads: the last handle on the store may go here,
+        // and PostgreSQL's blocking client closes by driving its own runtime.
+        let (domain, rekey) = (self.domain, self.rekey);
+        let _ = tokio::task::spawn_blocking(move || drop((domain, rekey))).await;
         // Watch tasks still finishing hold the shared state for a moment;
         // do not wait on them for long.
         // Waits for the writer and only then releases the state lock, even

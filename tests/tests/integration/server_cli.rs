@@ -600,6 +600,9 @@ fn sigterm_stops_the_server_gracefully() {
 
 #[test]
 fn an_unwritable_database_stops_the_server_with_a_clear_message() {
+    if crate::common::sqlite_only("puts the SQLite file on a read-only filesystem") {
+        return;
+    }
     assert!(
         rustix::process::geteuid().is_root(),
         "this test needs root to make a read-only mount"
