@@ -130,7 +130,7 @@ pub enum ServerSub {
     /// Create a state directory: master key, CA, server and admin certificates, database.
     Init(InitArgs),
     /// Serve gRPC over mutual TLS until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Break glass: mint an admin certificate on the server's host from the
     /// CA key in the state directory (works while the server runs; audited).
     AdminCert(AdminCertArgs),

@@ -64,7 +64,7 @@ struct Record {
 pub enum Database {
     /// `DIR/secretfs.db`.
     Sqlite(PathBuf),
-    Postgres(PgConfig),
+    Postgres(Box<PgConfig>),
 }
 
 impl Database {
@@ -162,7 +162,7 @@ pub fn choose(dir: &StateDir, opts: &DatabaseOptions) -> Result<Database, Error>
     let given = opts.url.as_deref().map(|u| u.as_str());
     match (given, recorded) {
         (None, None) => Ok(Database::Sqlite(dir.database())),
-        (None, Some(url)) => Ok(Database::Postgres(parse(&url)?)),
+        (None, Some(url)) => Ok(Database::Postgres(Box::new(parse(&url)?))),
         (Some(url), recorded) if is_postgres_url(url) => {
             let cfg = parse(url)?;
             match recorded {
@@ -180,7 +180,7 @@ pub fn choose(dir: &StateDir, opts: &DatabaseOptions) -> Result<Database, Error>
                     dir.path.display(),
                     dir.database().display()
                 ))),
-                _ => Ok(Database::Postgres(cfg)),
+                _ => Ok(Database::Postgres(Box::new(cfg))),
             }
         }
         (Some(path), recorded) => {
