@@ -29,13 +29,13 @@ pub(super) fn insert(tx: &mut Tx<'_>, e: &AuditEntry) -> Result<()> {
     let id = match tx.job.next_audit_id {
         Some(id) => id,
         None => {
-            let head = tx
-                .opt(
-                    "SELECT last_id FROM audit_head WHERE id = 1 FOR UPDATE",
-                    &[],
-                )?
-                .ok_or_else(|| tampered("the audit head row is missing".into()))?;
-            head.try_get::<_, i64>(0)? as u64 + 1
+            // The head's lock, held to commit: audit inserts of every
+            // replica queue here, in one order after the revision's.
+            let head =
+                locked_head(tx)?.ok_or_else(|| tampered("the audit head row is missing".into()))?;
+            let next = head.last_id + 1;
+            tx.job.head = Some(head);
+            next
         }
     };
     tx.job.next_audit_id = Some(id + 1);
@@ -80,17 +80,25 @@ pub(super) fn chain_pending(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     if inserted.is_empty() {
         return Ok(());
     }
-    let head = head(tx)?.ok_or_else(|| tampered("the audit head row is missing".into()))?;
+    // As read under its lock by the job's first insert.
+    let head = tx
+        .job
+        .head
+        .take()
+        .ok_or_else(|| tampered("the audit head row is missing".into()))?;
     if !head.is_authentic(keys) {
         return Err(tampered("the audit head row's MAC does not match".into()));
     }
-    let after: i64 = tx
-        .one(
-            "SELECT COUNT(*) FROM audit WHERE id > $1",
-            &[&(head.last_id as i64)],
-        )?
-        .try_get(0)?;
-    if after as usize != inserted.len() || inserted[0].id != head.last_id + 1 {
+    // Every entry after the head, in one query: exactly the ones this job
+    // inserted (the ids the server writes follow the head's), each as the
+    // server wrote it (a row rewritten in between, by a trigger, fails the
+    // job).
+    let after = tx.query(
+        "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail, \
+         epoch, chain FROM audit WHERE id > $1 ORDER BY id LIMIT $2",
+        &[&(head.last_id as i64), &(inserted.len() as i64 + 1)],
+    )?;
+    if after.len() != inserted.len() || inserted[0].id != head.last_id + 1 {
         return Err(tampered(format!(
             "the audit log holds entries after its head (entry {}) that this server did not write",
             head.last_id
@@ -98,15 +106,8 @@ pub(super) fn chain_pending(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     }
     let epoch = keys.current.epoch();
     let mut prev = head.chain;
-    for mine in &inserted {
-        let row = tx.one(
-            "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail, \
-             epoch, chain FROM audit WHERE id = $1",
-            &[&(mine.id as i64)],
-        )?;
-        let e = entry(&row)?;
-        // Chained only as the server wrote it: a row rewritten in between
-        // (a trigger) fails the job.
+    for (row, mine) in after.iter().zip(&inserted) {
+        let e = entry(row)?;
         if e != *mine {
             return Err(tampered(format!(
                 "audit entry {} was changed between its insert and its chaining (is there a \
@@ -155,11 +156,24 @@ fn chained(r: &Row) -> Result<(AuditEntry, Option<u32>, Option<Vec<u8>>)> {
 }
 
 pub(super) fn head(tx: &mut Tx<'_>) -> Result<Option<AuditHead>> {
-    tx.opt(
+    let row = tx.opt(
         "SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1",
         &[],
-    )?
-    .map(|r| {
+    )?;
+    head_of(row)
+}
+
+/// The head, locked until commit.
+fn locked_head(tx: &mut Tx<'_>) -> Result<Option<AuditHead>> {
+    let row = tx.opt(
+        "SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1 FOR UPDATE",
+        &[],
+    )?;
+    head_of(row)
+}
+
+fn head_of(row: Option<postgres::Row>) -> Result<Option<AuditHead>> {
+    row.map(|r| {
         Ok(AuditHead {
             last_id: r.try_get::<_, i64>(0)? as u64,
             chain: r.try_get(1)?,
@@ -204,7 +218,10 @@ pub(super) fn verify(tx: &mut Tx<'_>, keys: &Keys) -> Result<AuditVerdict> {
                     chain,
                     prev: Vec::new(),
                 }),
-                Err(e) => Err((id, format!("a column holds a value of the wrong type ({e})"))),
+                Err(e) => Err((
+                    id,
+                    format!("a column holds a value of the wrong type ({e})"),
+                )),
             };
             walker.push(item);
             Ok(!walker.done())

@@ -98,7 +98,11 @@ fn record(c: ClientAuth, created_at: i64) -> ClientRecord {
 /// newest good certificate and its good memberships.
 pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
     let found = match tx.opt(
-        concat!("SELECT ", client_cols!(), " FROM clients c WHERE c.name = $1"),
+        concat!(
+            "SELECT ",
+            client_cols!(),
+            " FROM clients c WHERE c.name = $1"
+        ),
         &[&name],
     )? {
         Some(r) => rows::client_at(&r, 0, ck)?,
@@ -296,7 +300,11 @@ pub(super) fn authenticate(
         )?
         .try_get(0)?;
     let client = match tx.opt(
-        concat!("SELECT ", client_cols!(), " FROM clients c WHERE c.name = $1"),
+        concat!(
+            "SELECT ",
+            client_cols!(),
+            " FROM clients c WHERE c.name = $1"
+        ),
         &[&name],
     )? {
         Some(r) => rows::client_at(&r, 0, ck)?.map(|(c, _)| c),
@@ -331,11 +339,7 @@ pub(super) fn authenticate(
 
 /// What the client can read and through which groups: only paths whose
 /// every row (membership, grant, group, secret) is good.
-pub(super) fn access(
-    tx: &mut Tx<'_>,
-    ck: &Checker<'_>,
-    client: &str,
-) -> Result<Vec<AccessRecord>> {
+pub(super) fn access(tx: &mut Tx<'_>, ck: &Checker<'_>, client: &str) -> Result<Vec<AccessRecord>> {
     let cid = rows::checked_id(tx, ck, Entity::Client, client)?;
     let rows = tx.query(
         concat!(

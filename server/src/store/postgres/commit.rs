@@ -63,6 +63,23 @@ impl Drop for Pooled<'_> {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut *unpoison(self.idle.lock()));
+        // The driver's connections close by blocking on runtimes of their
+        // own, which panics on an async thread: a store dropped there (a
+        // server shutting down) closes them on a thread of their own.
+        if !idle.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let closing = std::thread::Builder::new()
+                .name("secretfs-pg-close".into())
+                .spawn(move || drop(idle));
+            if let Err(e) = closing {
+                tracing::warn!(error = %e, "could not close the PostgreSQL connections");
+            }
+        }
+    }
+}
+
 impl Pool {
     pub(super) fn new(cfg: PgConfig) -> Pool {
         Pool {
@@ -122,7 +139,9 @@ impl Pooled<'_> {
         &mut self.conn.as_mut().expect("held until drop").client
     }
 
-    pub(super) fn parts(&mut self) -> (&mut postgres::Client, &mut HashMap<&'static str, Statement>) {
+    pub(super) fn parts(
+        &mut self,
+    ) -> (&mut postgres::Client, &mut HashMap<&'static str, Statement>) {
         let c = self.conn.as_mut().expect("held until drop");
         (&mut c.client, &mut c.cache)
     }
@@ -136,6 +155,8 @@ pub(super) struct Job {
     pub revision: Option<u64>,
     /// The head's lock is held, and the id the next entry gets.
     pub next_audit_id: Option<u64>,
+    /// The head as read under that lock.
+    pub head: Option<crate::store::audit_chain::AuditHead>,
     /// The entries this job inserted, as inserted (chained at its end).
     pub audit: Vec<AuditEntry>,
     /// What to announce on the database's channel at commit.
@@ -377,7 +398,10 @@ fn write_once<T>(
         }
         let out = f(&mut t)?;
         audit::chain_pending(&mut t, keys)?;
-        row_set::flush(&mut t, keys)?;
+        // Audit entries are not protected rows: nothing to fold.
+        if kind != Write::AuditOnly {
+            row_set::flush(&mut t, keys)?;
+        }
         if let Some(change) = t.job.change {
             let payload = notify::payload(&change);
             t.exec("SELECT pg_notify($1, $2)", &[&notify::CHANNEL, &payload])?;

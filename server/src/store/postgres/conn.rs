@@ -250,7 +250,9 @@ pub(super) fn connect_error(cfg: &PgConfig, e: &postgres::Error) -> StoreError {
     let user = cfg.config.get_user().unwrap_or("?");
     if let Some(db) = e.as_db_error() {
         let code = db.code();
-        if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
             return StoreError::Check(
                 format!(
                     "PostgreSQL at {at} refused the login of user {user:?} ({}): check the user \
@@ -271,7 +273,10 @@ pub(super) fn connect_error(cfg: &PgConfig, e: &postgres::Error) -> StoreError {
             );
         }
     }
-    StoreError::Unavailable(format!("cannot connect to PostgreSQL at {at}: {}", describe(e)))
+    StoreError::Unavailable(format!(
+        "cannot connect to PostgreSQL at {at}: {}",
+        describe(e)
+    ))
 }
 
 /// What went wrong, in words: the server's message for a database error

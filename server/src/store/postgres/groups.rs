@@ -156,8 +156,8 @@ pub(super) fn remove(
     );
     Ok(Committed {
         value: (),
-        revision: record_change(tx, &audit.with_detail(&what), |revision| {
-            Change::Access { revision }
+        revision: record_change(tx, &audit.with_detail(&what), |revision| Change::Access {
+            revision,
         })?,
     })
 }

@@ -35,8 +35,18 @@ macro_rules! table {
         Table {
             name: $name,
             select: concat!("SELECT ", $cols, ", ctid::text, mac FROM ", $table),
-            select_id: concat!("SELECT ", $cols, ", ctid::text, mac FROM ", $table, " WHERE id = $1"),
-            set_mac: concat!("UPDATE ", $table, " SET mac = $1 WHERE ctid = ($2::text)::tid"),
+            select_id: concat!(
+                "SELECT ",
+                $cols,
+                ", ctid::text, mac FROM ",
+                $table,
+                " WHERE id = $1"
+            ),
+            set_mac: concat!(
+                "UPDATE ",
+                $table,
+                " SET mac = $1 WHERE ctid = ($2::text)::tid"
+            ),
             set_mac_id: concat!("UPDATE ", $table, " SET mac = $1 WHERE id = $2"),
             at: $at,
             input: $input,

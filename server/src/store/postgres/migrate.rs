@@ -60,26 +60,43 @@ fn relations(tx: &mut Tx<'_>) -> Result<Vec<(String, String)>> {
     .collect()
 }
 
-/// What the schema holds beyond what the migrations make: a trigger of
-/// someone else's (it could rewrite rows and audit entries as the server
-/// writes them), a rule, a view, or an unknown table.
+/// What the schema holds beyond what the migrations make (a trigger of
+/// someone else's, which could rewrite rows and audit entries as the
+/// server writes them, a rule, a view, an unknown table), and the row
+/// set's triggers it lacks (dropped or disabled: the server's own writes
+/// would no longer reach the row set).
 fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
     let mut found = Vec::new();
     for (name, kind) in relations(tx)? {
         if kind == "table" && KNOWN_TABLES.contains(&name.as_str()) {
             continue;
         }
-        found.push(format!("{kind} {:?}", name.chars().take(64).collect::<String>()));
+        found.push(format!(
+            "{kind} {:?}",
+            name.chars().take(64).collect::<String>()
+        ));
     }
+    let mut ours = Vec::new();
     for r in tx.query(
-        "SELECT t.tgname::TEXT FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-           JOIN pg_namespace n ON n.oid = c.relnamespace
+        "SELECT t.tgname::TEXT, t.tgenabled <> 'D' FROM pg_trigger t
+           JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
           WHERE n.nspname = current_schema() AND NOT t.tgisinternal ORDER BY 1",
         &[],
     )? {
         let name: String = r.try_get(0)?;
+        let enabled: bool = r.try_get(1)?;
         if !KNOWN_TRIGGERS.contains(&name.as_str()) {
-            found.push(format!("trigger {:?}", name.chars().take(64).collect::<String>()));
+            found.push(format!(
+                "trigger {:?}",
+                name.chars().take(64).collect::<String>()
+            ));
+        } else if enabled {
+            ours.push(name);
+        }
+    }
+    for name in KNOWN_TRIGGERS {
+        if !ours.iter().any(|o| o == name) {
+            found.push(format!("its row set trigger {name:?} missing or disabled"));
         }
     }
     for r in tx.query(
@@ -89,7 +106,10 @@ fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
         &[],
     )? {
         let name: String = r.try_get(0)?;
-        found.push(format!("rule {:?}", name.chars().take(64).collect::<String>()));
+        found.push(format!(
+            "rule {:?}",
+            name.chars().take(64).collect::<String>()
+        ));
     }
     Ok(found)
 }
@@ -101,9 +121,10 @@ fn check_objects(tx: &mut Tx<'_>) -> Result<()> {
     }
     Err(StoreError::Check(
         format!(
-            "the database holds {} that secretfs never makes: it was edited without the server \
-             (a trigger or rule can rewrite rows and audit entries as they are written). Remove \
-             it after review, or restore the database from a backup; nothing was changed",
+            "the database holds {}, which is not the schema secretfs makes: it was edited \
+             without the server (a trigger or rule can rewrite rows and audit entries as they \
+             are written). Put it right after review, or restore the database from a backup; \
+             nothing was changed",
             found.join(", ")
         )
         .into(),
@@ -170,7 +191,11 @@ pub(super) fn open(client: &mut Client, create: bool, keys: &Keys, url: &str) ->
                          --database URL --join`; else give an empty database",
                         names.join(", "),
                         if tables.len() > 5 { ", ..." } else { "" },
-                        if found.is_some() { ", a secretfs store" } else { "" },
+                        if found.is_some() {
+                            ", a secretfs store"
+                        } else {
+                            ""
+                        },
                     )
                     .into(),
                 ));

@@ -96,12 +96,18 @@ impl PgStore {
     }
 
     /// A change (the next revision), with the checker.
-    fn change<T>(&self, f: impl FnMut(&mut commit::Tx<'_>, &Checker<'_>) -> Result<T>) -> Result<T> {
+    fn change<T>(
+        &self,
+        f: impl FnMut(&mut commit::Tx<'_>, &Checker<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut f = f;
         self.checked(|ck| self.pool.write(ck.keys, Write::Change, |tx| f(tx, ck)))
     }
 
-    fn read<T>(&self, mut f: impl FnMut(&mut commit::Tx<'_>, &Checker<'_>) -> Result<T>) -> Result<T> {
+    fn read<T>(
+        &self,
+        mut f: impl FnMut(&mut commit::Tx<'_>, &Checker<'_>) -> Result<T>,
+    ) -> Result<T> {
         self.checked(|ck| self.pool.read(|tx| f(tx, ck)))
     }
 }
@@ -140,8 +146,9 @@ impl Store for PgStore {
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
         let keys = self.keys.get();
-        self.pool
-            .write(&keys, Write::Locked, |tx| macs::write_meta(tx, &keys, key, value))
+        self.pool.write(&keys, Write::Locked, |tx| {
+            macs::write_meta(tx, &keys, key, value)
+        })
     }
 
     fn create_secret(
@@ -301,8 +308,9 @@ impl Store for PgStore {
 
     fn put_metas(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<()> {
         let keys = self.keys.get();
-        self.pool
-            .write(&keys, Write::Locked, |tx| rekey::put_metas(tx, &keys, entries))
+        self.pool.write(&keys, Write::Locked, |tx| {
+            rekey::put_metas(tx, &keys, entries)
+        })
     }
 
     fn rewrap_keys(&self, limit: usize) -> Result<usize> {

@@ -57,7 +57,10 @@ fn write(tx: &mut Tx<'_>, keys: &Keys, rec: &RowSetRecord) -> Result<()> {
 /// record. A record that is missing, does not open, or is under a key not
 /// held is left as it is (a finding already).
 pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
-    let pending = tx.query("DELETE FROM pg_temp.row_set_pending RETURNING kind, mac", &[])?;
+    let pending = tx.query(
+        "DELETE FROM pg_temp.row_set_pending RETURNING kind, mac",
+        &[],
+    )?;
     if pending.is_empty() {
         return Ok(());
     }

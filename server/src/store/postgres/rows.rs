@@ -254,14 +254,22 @@ pub(super) fn checked_id(
     let found = match kind {
         Entity::Secret => tx
             .opt(
-                concat!("SELECT ", secret_cols!(), " FROM secrets s WHERE s.name = $1"),
+                concat!(
+                    "SELECT ",
+                    secret_cols!(),
+                    " FROM secrets s WHERE s.name = $1"
+                ),
                 &[&name],
             )?
             .map(|r| Ok::<_, StoreError>(secret_at(&r, 0, ck)?.map(|s| s.id)))
             .transpose()?,
         Entity::Client => tx
             .opt(
-                concat!("SELECT ", client_cols!(), " FROM clients c WHERE c.name = $1"),
+                concat!(
+                    "SELECT ",
+                    client_cols!(),
+                    " FROM clients c WHERE c.name = $1"
+                ),
                 &[&name],
             )?
             .map(|r| Ok::<_, StoreError>(client_at(&r, 0, ck)?.map(|(c, _)| c.id)))
@@ -299,8 +307,7 @@ pub(super) fn insert_named<T>(
     match inserted {
         Err(e)
             if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION)
-                && e
-                    .as_db_error()
+                && e.as_db_error()
                     .and_then(|d| d.constraint())
                     .is_some_and(|c| c.ends_with("_name_key")) =>
         {

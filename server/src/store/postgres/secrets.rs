@@ -64,7 +64,8 @@ fn conflicting(tx: &mut Tx<'_>, name: &str) -> Result<Option<String>> {
 
 /// The first secret under `$1/`: a range on the name's unique index
 /// (names compare bytewise, COLLATE "C", and '0' is the byte after '/').
-const DESCENDANT: &str = "SELECT name FROM secrets WHERE name >= $1::TEXT || '/' AND name < $1::TEXT || '0'
+const DESCENDANT: &str =
+    "SELECT name FROM secrets WHERE name >= $1::TEXT || '/' AND name < $1::TEXT || '0'
       ORDER BY name LIMIT 1";
 
 pub(super) fn create(

@@ -152,6 +152,27 @@ fn the_audit_chain_catches_edits_forgeries_and_a_deleted_head() {
     }
     assert_eq!(broken(&s), None);
     assert!(s.get_group("h").is_err(), "the refused write left nothing");
+    // A trigger added while the server runs (past the open's check)
+    // rewrites an entry before it is chained: the job fails, nothing is
+    // chained, the log stays whole.
+    raw(
+        "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF NEW.actor = 'evil' THEN NEW.actor := 'alice'; END IF; RETURN NEW; END $$;
+         CREATE TRIGGER hide BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION hide()",
+    );
+    let err = s.append_audit(&[entry("evil")]).unwrap_err().to_string();
+    assert!(
+        err.contains("changed between its insert and its chaining"),
+        "{err}"
+    );
+    s.append_audit(&[entry("fine")]).unwrap();
+    raw("DROP TRIGGER hide ON audit");
+    assert_eq!(broken(&s), None);
+    assert!(s
+        .query_audit(&Default::default())
+        .unwrap()
+        .iter()
+        .all(|e| e.actor != "alice"));
     // A deleted head stops every audited write.
     raw("DELETE FROM audit_head");
     let err = s.append_audit(&[entry("e")]).unwrap_err().to_string();
@@ -165,8 +186,10 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
     s.append_audit(&[entry("a")]).unwrap();
     drop(s);
     let raw = raw_on(&url);
-    raw("CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN NEW.actor := 'alice'; RETURN NEW; END $$");
+    raw(
+        "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.actor := 'alice'; RETURN NEW; END $$",
+    );
     for (sql, name, undo) in [
         (
             "CREATE TRIGGER hide BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION hide()",
@@ -178,11 +201,26 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
             "view \"v\"",
             "DROP VIEW v",
         ),
-        ("CREATE TABLE stash (x INT)", "table \"stash\"", "DROP TABLE stash"),
+        (
+            "CREATE TABLE stash (x INT)",
+            "table \"stash\"",
+            "DROP TABLE stash",
+        ),
         (
             "CREATE RULE keep AS ON DELETE TO audit DO INSTEAD NOTHING",
             "rule \"keep\"",
             "DROP RULE keep ON audit",
+        ),
+        (
+            "ALTER TABLE group_clients DISABLE TRIGGER row_set_group_clients",
+            "row set trigger \"row_set_group_clients\" missing or disabled",
+            "ALTER TABLE group_clients ENABLE TRIGGER row_set_group_clients",
+        ),
+        (
+            "DROP TRIGGER row_set_secrets ON secrets",
+            "row set trigger \"row_set_secrets\" missing or disabled",
+            "CREATE TRIGGER row_set_secrets AFTER INSERT OR UPDATE OR DELETE ON secrets
+                 FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
         ),
     ] {
         raw(sql);
@@ -229,13 +267,21 @@ fn reseal_moves_rows_to_the_new_key_in_batches() {
     raw("UPDATE clients SET admin = 1 WHERE name = 'app'");
     let bad = s.verify_rows().unwrap();
     assert_eq!(bad.len(), 1);
-    assert_eq!(s.reseal_rows(10).unwrap(), 0, "nothing to do without a rekey");
+    assert_eq!(
+        s.reseal_rows(10).unwrap(),
+        0,
+        "nothing to do without a rekey"
+    );
     keys.replace(Keys {
         current: KeySet::new(2, MasterKey::from_hex(&new).unwrap()).into(),
         previous: Some(KeySet::new(1, MasterKey::from_hex(&old).unwrap()).into()),
         retired_audit: Default::default(),
     });
-    assert_eq!(s.verify_rows().unwrap(), bad, "old MACs are good during a rekey");
+    assert_eq!(
+        s.verify_rows().unwrap(),
+        bad,
+        "old MACs are good during a rekey"
+    );
     let mut moved = 0;
     loop {
         let n = s.reseal_rows(3).unwrap();
@@ -305,14 +351,18 @@ fn rewrap_moves_every_version_from_its_cursor_and_lists_what_does_not_open() {
             ..Default::default()
         };
         let ring = ring.clone();
-        s.create_secret(&new, &conformance::entry("secret.create"), &mut |id, version| {
-            let binding = Binding {
-                secret_id: id,
-                name,
-                version,
-            };
-            Ok(ring.get().current.master().seal(binding, content).unwrap())
-        })
+        s.create_secret(
+            &new,
+            &conformance::entry("secret.create"),
+            &mut |id, version| {
+                let binding = Binding {
+                    secret_id: id,
+                    name,
+                    version,
+                };
+                Ok(ring.get().current.master().seal(binding, content).unwrap())
+            },
+        )
         .unwrap();
     };
     for i in 0..6u8 {
@@ -321,7 +371,10 @@ fn rewrap_moves_every_version_from_its_cursor_and_lists_what_does_not_open() {
     assert_eq!(s.rewrap_keys(4).unwrap(), 0, "no rekey, nothing to do");
     assert_eq!(s.versions_not_opening(old.master()).unwrap(), vec![]);
     assert_eq!(s.versions_not_opening(new.master()).unwrap().len(), 6);
-    ring.replace(Keys::of(new.at_epoch(2).into(), Some(old.at_epoch(1).into())));
+    ring.replace(Keys::of(
+        new.at_epoch(2).into(),
+        Some(old.at_epoch(1).into()),
+    ));
     add("during", b"late");
     assert_eq!(s.rewrap_keys(4).unwrap(), 4);
     assert_eq!(s.versions_not_opening(new.master()).unwrap().len(), 2);
@@ -329,4 +382,342 @@ fn rewrap_moves_every_version_from_its_cursor_and_lists_what_does_not_open() {
     assert_eq!(s.rewrap_keys(4).unwrap(), 0);
     assert_eq!(s.versions_not_opening(new.master()).unwrap(), vec![]);
     assert_eq!(s.versions_not_opening(old.master()).unwrap().len(), 7);
+}
+
+#[test]
+fn the_url_policy_allows_clear_text_only_to_loopback_and_checks_tls_fully() {
+    let ok = |url: &str| PgConfig::parse(url, None).unwrap().tls;
+    let refused = |url: &str| PgConfig::parse(url, None).unwrap_err().to_string();
+    assert_eq!(ok("postgres://u@127.0.0.1:5432/db"), conn::Tls::Off);
+    assert_eq!(ok("postgresql://u@localhost/db"), conn::Tls::Off);
+    assert_eq!(ok("postgres://u@[::1]:5432/db"), conn::Tls::Off);
+    assert_eq!(ok("postgres://u@/db?host=/run/postgresql"), conn::Tls::Off);
+    assert_eq!(
+        ok("postgres://u@db.example.com/db?sslmode=disable"),
+        conn::Tls::Off
+    );
+    assert_eq!(
+        ok("postgres://u@db.example.com/db?sslmode=verify-full&sslrootcert=/etc/ca%20x.pem"),
+        conn::Tls::VerifyFull("/etc/ca x.pem".into())
+    );
+    let err = refused("postgres://u@db.example.com/db");
+    assert!(
+        err.contains("sslmode=verify-full&sslrootcert=CA.pem") && err.contains("sslmode=disable"),
+        "{err}"
+    );
+    for mode in ["require", "verify-ca", "prefer", "allow"] {
+        let err = refused(&format!("postgres://u@db.example.com/db?sslmode={mode}"));
+        assert!(err.contains(mode) && err.contains("verify-full"), "{err}");
+    }
+    let err = refused("postgres://u@db.example.com/db?sslmode=verify-full");
+    assert!(err.contains("sslrootcert"), "{err}");
+    assert!(refused("postgres://u@h/db?sslmode=bogus").contains("unknown sslmode"));
+    assert!(refused("mysql://u@h/db").contains("not a PostgreSQL URL"));
+    assert!(refused("postgres://127.0.0.1/db").contains("names no user"));
+}
+
+#[test]
+fn the_password_is_never_shown_and_the_given_one_wins() {
+    for url in [
+        "postgres://app:hunter2@127.0.0.1:5432/db",
+        "postgres://app@127.0.0.1:5432/db?password=hunter2&connect_timeout=3",
+    ] {
+        let cfg = PgConfig::parse(url, None).unwrap();
+        assert_eq!(cfg.config.get_password(), Some(&b"hunter2"[..]));
+        assert!(!cfg.redacted().contains("hunter2"), "{}", cfg.redacted());
+        assert!(
+            cfg.redacted().contains("app@127.0.0.1:5432/db"),
+            "{}",
+            cfg.redacted()
+        );
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        let given = PgConfig::parse(url, Some(Zeroizing::new("s3cret".into()))).unwrap();
+        assert_eq!(given.config.get_password(), Some(&b"s3cret"[..]));
+        // An unparseable URL's error does not show it either.
+        let bad = url.replace("5432", "notaport");
+        let err = PgConfig::parse(&bad, None).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+    // The timeout the URL gives is kept; else a bounded default.
+    let cfg = PgConfig::parse("postgres://u@127.0.0.1/db?connect_timeout=3", None).unwrap();
+    assert_eq!(
+        cfg.config.get_connect_timeout(),
+        Some(&std::time::Duration::from_secs(3))
+    );
+    let cfg = PgConfig::parse("postgres://u@127.0.0.1/db", None).unwrap();
+    assert_eq!(
+        cfg.config.get_connect_timeout(),
+        Some(&conn::CONNECT_TIMEOUT)
+    );
+}
+
+#[test]
+fn bad_connections_are_clear_errors_without_the_password() {
+    let pg = PgCluster::shared();
+    let keys = KeyRing::generate().unwrap();
+    let url = pg.database();
+    let open = |url: &str, password: Option<&str>| {
+        let cfg = PgConfig::parse(url, password.map(|p| Zeroizing::new(p.to_owned()))).unwrap();
+        let err = PgStore::open(&cfg, true, keys.clone()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            !text.contains("wrong-password") && !text.contains(secretfs_pgtest::PASSWORD),
+            "{text}"
+        );
+        assert!(!format!("{err:?}").contains("wrong-password"));
+        (err, text)
+    };
+    let (_, err) = open(&url, Some("wrong-password"));
+    assert!(
+        err.contains("refused the login") && err.contains("password"),
+        "{err}"
+    );
+    let (_, err) = open(&url.replace(db_name(&url), "nosuchdb"), None);
+    assert!(
+        err.contains("\"nosuchdb\" does not exist") && err.contains("createdb"),
+        "{err}"
+    );
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (e, err) = open(
+        &url.replace(&pg.port().to_string(), &port.to_string()),
+        None,
+    );
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
+}
+
+#[test]
+fn open_refuses_what_is_not_its_to_take() {
+    let keys = KeyRing::generate().unwrap();
+    let pg = PgCluster::shared();
+    // An empty database without `create`: names `server init`.
+    let empty = pg.database();
+    let err = PgStore::open(&config(&empty), false, keys.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is empty") && err.contains("server init --database URL"),
+        "{err}"
+    );
+    assert!(!PgStore::needs_upgrade(&config(&empty)).unwrap());
+    // `create` on a store already there, or on someone's tables.
+    let (s, url) = fresh(keys.clone());
+    add_secret(&s, "db");
+    let err = PgStore::open(&config(&url), true, keys.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already holds tables") && err.contains("--join"),
+        "{err}"
+    );
+    let other = pg.database();
+    pg.superuser_on(db_name(&other))
+        .batch_execute("CREATE TABLE orders (id INT)")
+        .unwrap();
+    let err = PgStore::open(&config(&other), true, keys.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("orders"), "{err}");
+    let err = PgStore::open(&config(&other), false, keys.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no secretfs store"), "{err}");
+    // Nothing changed either way.
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    // A newer schema is refused, naming both versions; an older one is
+    // reported by needs_upgrade.
+    assert!(!PgStore::needs_upgrade(&config(&url)).unwrap());
+    let raw = raw_on(&url);
+    raw("UPDATE schema_version SET version = 99");
+    match PgStore::open(&config(&url), false, keys.clone()) {
+        Err(
+            e @ StoreError::NewerSchema {
+                found: 99,
+                known: 1,
+            },
+        ) => {
+            assert!(e.to_string().contains("run a newer secretfs"))
+        }
+        other => panic!("expected NewerSchema, got {other:?}"),
+    }
+    raw("UPDATE schema_version SET version = 0");
+    assert!(PgStore::needs_upgrade(&config(&url)).unwrap());
+    raw("UPDATE schema_version SET version = 1");
+    let again = PgStore::open(&config(&url), false, keys).unwrap();
+    assert_eq!(again.get_secret("db").unwrap().version_count, 1);
+}
+
+#[test]
+fn the_schema_knows_the_unsigned_meta_key() {
+    // The migration's triggers and `row_set::compute` name it literally.
+    assert_eq!(integrity::META_UNSIGNED, "master_key_check");
+    assert!(migrate::MIGRATIONS[0].contains("'master_key_check'"));
+}
+
+#[test]
+fn each_change_is_announced_in_its_transaction_and_nothing_else_is() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    let mut listener = PgCluster::shared().superuser_on(db_name(&url));
+    listener
+        .batch_execute(&format!("LISTEN {}", notify::CHANNEL))
+        .unwrap();
+    let db = add_secret(&s, "db");
+    let created = s.revision().unwrap();
+    // What does not commit, or changes no revision, sends nothing.
+    assert!(s
+        .rotate_secret("nope", 1, None, &entry("x"), &mut sealed)
+        .is_err());
+    assert!(s.create_group("g", "", &entry("x")).is_ok());
+    assert!(s.create_group("g", "", &entry("x")).is_err());
+    s.put_meta("trust_domain", b"t").unwrap();
+    s.append_audit(&[entry("read")]).unwrap();
+    s.remove_client("nobody", &entry("x")).unwrap_err();
+    let client = s
+        .create_client(
+            &NewClient {
+                name: "app".into(),
+                admin: false,
+                cert: None,
+            },
+            &entry("client.create"),
+        )
+        .unwrap();
+    s.remove_client("app", &entry("client.remove")).unwrap();
+    s.delete_secret("db", &entry("secret.delete")).unwrap();
+    let want = [
+        Change::Secret {
+            id: db.id,
+            revision: created,
+        },
+        Change::Access {
+            revision: created + 1,
+        },
+        Change::ClientAdded {
+            revision: client.revision,
+        },
+        Change::ClientRemoved {
+            revision: client.revision + 1,
+        },
+        Change::SecretDeleted {
+            id: db.id,
+            revision: client.revision + 2,
+        },
+    ];
+    let mut got = Vec::new();
+    let mut notifications = listener.notifications();
+    let mut waits = notifications.timeout_iter(std::time::Duration::from_secs(30));
+    use ::postgres::fallible_iterator::FallibleIterator;
+    while got.len() < want.len() {
+        let n = waits.next().unwrap().expect("a notification within 30 s");
+        assert_eq!(n.channel(), notify::CHANNEL);
+        got.push(notify::parse(n.payload()).unwrap());
+    }
+    assert_eq!(got, want);
+}
+
+#[test]
+fn two_stores_on_one_database_see_each_other_and_serialise_rotations() {
+    let keys = KeyRing::generate().unwrap();
+    let (a, url) = fresh(keys.clone());
+    let b = PgStore::open(&config(&url), false, keys).unwrap();
+    let db = add_secret(&a, "db");
+    assert_eq!(b.get_secret("db").unwrap().id, db.id);
+    b.create_group("g", "", &entry("admin")).unwrap();
+    assert!(a.get_group("g").is_ok());
+    assert_eq!(a.revision().unwrap(), b.revision().unwrap());
+
+    const EACH: usize = 150;
+    let start = a.revision().unwrap();
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    let rotate = |s: Arc<PgStore>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for _ in 0..EACH {
+                let c = s
+                    .rotate_secret(
+                        "db",
+                        20,
+                        None,
+                        &conformance::entry("secret.rotate"),
+                        &mut sealed,
+                    )
+                    .unwrap();
+                out.push((c.value.current_version, c.revision));
+            }
+            out
+        })
+    };
+    let (ta, tb) = (rotate(a.clone()), rotate(b.clone()));
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    for r in [&ra, &rb] {
+        assert!(
+            r.windows(2).all(|w| w[1].1 > w[0].1 && w[1].0 > w[0].0),
+            "{r:?}"
+        );
+    }
+    let mut versions: Vec<u64> = ra.iter().chain(&rb).map(|(v, _)| *v).collect();
+    let mut revisions: Vec<u64> = ra.iter().chain(&rb).map(|(_, r)| *r).collect();
+    versions.sort_unstable();
+    revisions.sort_unstable();
+    // Every rotation got its own version and its own revision, with no
+    // gap: one sequence across both stores.
+    assert_eq!(versions, (2..2 + 2 * EACH as u64).collect::<Vec<_>>());
+    assert_eq!(
+        revisions,
+        (start + 1..start + 1 + 2 * EACH as u64).collect::<Vec<_>>()
+    );
+    let now = b.get_secret("db").unwrap();
+    assert_eq!(now.version_count, 1 + 2 * EACH as u64);
+    assert_eq!(now.current_version, now.version_count);
+    assert_eq!(a.list_versions("db").unwrap().len(), 1 + 2 * EACH);
+    assert_eq!(a.verify_rows().unwrap(), vec![]);
+    assert_eq!(b.check_row_set().unwrap(), None);
+    assert_eq!(a.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn connections_ended_by_the_database_are_replaced_on_next_use() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    // Several idle connections in the pool.
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| s.list_secrets().unwrap());
+        }
+    });
+    for round in 0..3 {
+        assert!(PgCluster::shared().terminate_connections(db_name(&url)) > 0);
+        // A read and a change, each on a pooled connection that is dead:
+        // nothing was sent on it, so each is run again on a new one.
+        assert_eq!(s.get_secret("db").unwrap().version_count, 1 + round);
+        PgCluster::shared().terminate_connections(db_name(&url));
+        s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+            .unwrap();
+    }
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn a_store_dropped_on_an_async_thread_closes_its_connections_safely() {
+    let (s, _) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        // Calls run off the async threads, as the domain runs them.
+        let s = tokio::task::spawn_blocking(move || {
+            s.get_secret("db").unwrap();
+            s
+        })
+        .await
+        .unwrap();
+        drop(s);
+    });
 }
