@@ -3,17 +3,17 @@
 //! ```text
 //! DIR/            0700
 //!   master.key    0600  256-bit master key, hex (back it up apart from the database);
-//!                       the file provider's (see `key_provider`)
+//! the file provider's (see `key_provider`)
 //!   master-key.json     where the master key lives (provider; no secret)
 //!   master.key.wrapped  0600  the master key wrapped by a PKCS#11 token (pkcs11 provider)
 //!   master.key.next, master.key.wrapped.next   a rekey's new key until it completes
-//!   ca.pem              the CA certificate clients trust
+//!   ca.pem the CA certificate clients trust
 //!   ca.key        0600  the CA key (signs client certificates)
 //!   server.pem, server.key (0600)
 //!   admin.pem, admin.key (0600)   the first admin's client identity
 //!   secretfs.db (+ -wal, -shm)    SQLite: sealed secrets, clients, groups, audit
 //!   database.json       PostgreSQL only: the database's URL without its password
-//!                       (see `database`); then there is no secretfs.db
+//! (see `database`); then there is no secretfs.db
 //!   lock          0600  locked by the running server, holds its pid (made by `server run`)
 //! ```
 //!
@@ -37,7 +37,7 @@ use crate::key_provider::{KeyOptions, KeySource};
 use crate::keys::KeyRing;
 use crate::names::check_entity_name;
 use crate::pki::Ca;
-use crate::store::{NewClient, PgStore, Store};
+use crate::store::{NewClient, Store};
 
 pub use database::{
     choose as choose_database, redact, url_has_password, Database, DatabaseOptions,
@@ -279,15 +279,9 @@ fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Er
     write_new(&dir.admin_key(), key_bytes(&admin.key_pem), 0o600)?;
 
     let keys = KeyRing::new(master);
-    let store = db.open(true, keys.clone()).map_err(|e| match &db {
-        // The store refuses a database that is not empty; the usual
-        // reason is another replica's secretfs in it.
-        Database::Postgres(cfg) if PgStore::needs_upgrade(cfg).is_ok() => Error::Config(format!(
-            "cannot make a new secretfs database in {}: {e}. It already holds secretfs tables:              to add this server as a replica of the servers using it, run              `secretfs server init --database URL --join DIR` with DIR a copy of a replica's state              directory (or give an empty database). Nothing was changed",
-            cfg.redacted()
-        )),
-        _ => db.failed(e),
-    })?;
+    // The store refuses a database that is not empty, naming `--join`
+    // when it holds a secretfs schema (another replica's).
+    let store = db.open(true, keys.clone()).map_err(|e| db.failed(e))?;
     if let Database::Postgres(cfg) = &db {
         database::record(dir, cfg)?;
     }
@@ -341,14 +335,14 @@ pub const JOINED_FILES: [&str; 7] = [
 fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Result<(), Error> {
     let Database::Postgres(cfg) = db else {
         return Err(Error::InvalidArgument(
-            "--join adds a replica on a shared PostgreSQL database; give --database postgres://...              (SQLite serves one server only)"
+            "--join adds a replica on a shared PostgreSQL database; give --database postgres://... (SQLite serves one server only)"
                 .into(),
         ));
     };
     let from_dir = StateDir::new(from);
     if !from_dir.ca_key().is_file() {
         return Err(Error::Config(format!(
-            "--join {}: not a copy of a secretfs state directory (it has no ca.key); copy a replica's              state directory (or at least {}) and give that",
+            "--join {}: not a copy of a secretfs state directory (it has no ca.key); copy a replica's state directory (or at least {}) and give that",
             from.display(),
             JOINED_FILES.join(", ")
         )));
@@ -356,7 +350,7 @@ fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Resul
     for next in ["master.key.next", "master.key.wrapped.next"] {
         if from.join(next).exists() {
             return Err(Error::FailedPrecondition(format!(
-                "--join {}: a rekey was in progress when it was copied ({next}); wait for                  `secretfs server rekey --status` to say it is done, copy the state directory again,                  and retry. Nothing was changed",
+                "--join {}: a rekey was in progress when it was copied ({next}); wait for `secretfs server rekey --status` to say it is done, copy the state directory again, and retry. Nothing was changed",
                 from.display()
             )));
         }
@@ -382,7 +376,7 @@ fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Resul
     let master = source.load(dir)?;
     if db.needs_upgrade()? {
         return Err(Error::FailedPrecondition(format!(
-            "the database {} was made by an older secretfs: upgrade it first by starting this              version's `secretfs server run` on one of its replicas, then join. Nothing was changed",
+            "the database {} was made by an older secretfs: upgrade it first by starting this version's `secretfs server run` on one of its replicas, then join. Nothing was changed",
             cfg.redacted()
         )));
     }
@@ -405,7 +399,7 @@ fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Resul
 
 fn join_mismatch(source: &KeySource, dir: &StateDir, cfg: &crate::store::PgConfig) -> Error {
     Error::Config(format!(
-        "the database {} was made with another master key than the one from {} (copied by --join):          join with a copy of a state directory of a replica of this database. Nothing was written",
+        "the database {} was made with another master key than the one from {} (copied by --join): join with a copy of a state directory of a replica of this database. Nothing was written",
         cfg.redacted(),
         source.describe(dir)
     ))

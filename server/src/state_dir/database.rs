@@ -100,6 +100,13 @@ impl Database {
     /// says what is wrong with it).
     pub fn failed(&self, e: StoreError) -> Error {
         match (self, e) {
+            // At start, "refused until it is back" is not the advice:
+            // nothing runs yet.
+            (Database::Postgres(cfg), StoreError::Unavailable(why)) => Error::Config(format!(
+                "cannot connect to the PostgreSQL database {}: {why}. Check that PostgreSQL runs and \
+                 the URL's host and port, and the password given; then start again. Nothing was changed",
+                cfg.redacted()
+            )),
             (Database::Postgres(cfg), e) => Error::Config(format!(
                 "cannot use the PostgreSQL database {}: {e}. Nothing was changed",
                 cfg.redacted()

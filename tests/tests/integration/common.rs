@@ -182,14 +182,20 @@ pub fn sqlite_only(why: &str) -> bool {
 /// server command this process starts as SECRETFS_DATABASE_PASSWORD (set
 /// once: std's Command takes the environment under the same lock).
 pub fn fresh_database() -> String {
-    static PASSWORD: OnceLock<()> = OnceLock::new();
-    PASSWORD.get_or_init(|| {
-        std::env::set_var("SECRETFS_DATABASE_PASSWORD", secretfs_pgtest::PASSWORD);
-    });
+    database_password_in_env();
     let url = secretfs_pgtest::PgCluster::shared().database();
     let without = url.replacen(&format!(":{}@", secretfs_pgtest::PASSWORD), "@", 1);
     assert_ne!(url, without, "the test cluster's URL carries its password");
     without
+}
+
+/// SECRETFS_DATABASE_PASSWORD for every command this process starts: the
+/// test clusters' password.
+pub fn database_password_in_env() {
+    static PASSWORD: OnceLock<()> = OnceLock::new();
+    PASSWORD.get_or_init(|| {
+        std::env::set_var("SECRETFS_DATABASE_PASSWORD", secretfs_pgtest::PASSWORD);
+    });
 }
 
 pub struct TestServer {

@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{bin, fresh_database, marker, run_cmd, Run, TestServer};
+use crate::common::{
+    bin, database_password_in_env, fresh_database, marker, run_cmd, Run, TestServer,
+};
 
 /// `server init --database URL` in `tmp/NAME`, with `extra` flags.
 fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> (PathBuf, Run) {
@@ -28,6 +30,7 @@ fn run_fails(state: &Path, configure: impl FnOnce(&mut Command)) -> Run {
         .arg(state);
     configure(&mut cmd);
     let r = run_cmd(cmd, None);
+    eprintln!("server run refused: {}", r.stderr.trim_end());
     assert_ne!(r.code, 0, "server run should refuse to start: {}", r.stderr);
     // The driver's bare "db error" is not an explanation.
     assert!(!r.stderr.contains("db error"), "{}", r.stderr);
@@ -117,6 +120,7 @@ fn init_on_a_database_in_use_is_refused_without_join() {
     let tmp = tempfile::tempdir().unwrap();
     let (state, r) = init(tmp.path(), "b", &url, &[]);
     assert_ne!(r.code, 0);
+    eprintln!("init refused: {}", r.stderr.trim_end());
     assert!(r.stderr.contains("--join"), "{}", r.stderr);
     assert!(!state.exists());
     // A is untouched: its admin still works.
@@ -170,6 +174,7 @@ fn join_with_another_master_key_is_refused_and_writes_nothing() {
     copy_dir(&other.state, &copy);
     let (state, r) = init(tmp.path(), "b", &url, &["--join", copy.to_str().unwrap()]);
     assert_ne!(r.code, 0);
+    eprintln!("init --join refused: {}", r.stderr.trim_end());
     assert!(r.stderr.contains("another master key"), "{}", r.stderr);
     assert!(!state.exists());
     let entries: Vec<_> = std::fs::read_dir(tmp.path())
@@ -218,6 +223,7 @@ fn start_up_errors_name_the_problem() {
 
 #[test]
 fn an_unreachable_database_is_a_clear_error_at_start() {
+    database_password_in_env();
     let cluster = secretfs_pgtest::PgCluster::start(Default::default());
     let url = cluster
         .database()
@@ -230,7 +236,8 @@ fn an_unreachable_database_is_a_clear_error_at_start() {
     let port = cluster.port().to_string();
     assert!(r.stderr.contains(&port), "{}", r.stderr);
     assert!(
-        r.stderr.contains("cannot use the PostgreSQL database"),
+        r.stderr
+            .contains("cannot connect to the PostgreSQL database"),
         "{}",
         r.stderr
     );
