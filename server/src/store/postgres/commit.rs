@@ -417,6 +417,12 @@ impl Pool {
         unpoison(self.writer.group.lock()).commits
     }
 
+    /// Writers waiting for the writer connection.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.writer.waiting.load(SeqCst)
+    }
+
     /// Runs `f` as one write job and returns once it is durable: the
     /// write's first lock (see [`Write`]), `f`, then the end of every
     /// write job (the audit chain, the row set, the notification), in a
