@@ -2,7 +2,7 @@
 //! and what a driver error means to the rest of the server.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -324,7 +324,21 @@ pub(super) fn is_connection_error(e: &postgres::Error) -> bool {
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
         }
-        None => e.is_closed() || e.as_db_error().is_none(),
+        // Not a database error: the connection closed, or an I/O error
+        // under it (a type conversion is neither).
+        None => {
+            if e.is_closed() {
+                return true;
+            }
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                if s.is::<std::io::Error>() {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
     }
 }
 
@@ -345,14 +359,5 @@ pub(super) fn code_of(e: &StoreError) -> Option<&SqlState> {
     match e {
         StoreError::Backend(b) => b.downcast_ref::<PgError>().and_then(|p| p.code.as_ref()),
         _ => None,
-    }
-}
-
-/// For tests and the TLS stub: the CA path of a verify-full config.
-#[allow(dead_code)]
-pub(super) fn root_ca(cfg: &PgConfig) -> Option<&Path> {
-    match &cfg.tls {
-        Tls::VerifyFull(p) => Some(p),
-        Tls::Off => None,
     }
 }
