@@ -64,3 +64,7 @@ fi
 # rebuild another package's binary, so a stale one would be tested silently.
 cargo build -p secretfs --bin secretfs
 cargo test --workspace "$@"
+# The end-to-end suite again on PostgreSQL: every TestServer on a fresh
+# database of the tests' own cluster (tests/tests/integration/common.rs);
+# tests whose subject is the SQLite file say so and return.
+SECRETFS_TEST_STORE=postgres cargo test -p secretfs-tests --test integration "$@"

@@ -137,7 +137,7 @@ pub enum ServerSub {
     /// Create a state directory: master key, CA, server and admin certificates, database.
     Init(InitArgs),
     /// Serve gRPC over mutual TLS until SIGINT/SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Break glass: mint an admin certificate on the server's host from the
     /// CA key in the state directory (works while the server runs; audited).
     AdminCert(AdminCertArgs),
@@ -158,6 +158,8 @@ pub struct VerifyArgs {
     /// The state directory `server run` uses.
     #[arg(long, env = "SECRETFS_STATE_DIR")]
     pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// After review, take the rows as they are now as the row set (when
     /// rows were put back, deleted or added without the key); the server
     /// must be stopped. Bad rows stay bad. Audited as integrity.accept.
@@ -228,6 +230,48 @@ impl KeyArgs {
     }
 }
 
+/// Which database (PostgreSQL) and its password; see the operator guide.
+#[derive(Clone, Default, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL database, postgres://USER@HOST:PORT/DBNAME (libpq's URL
+    /// form, e.g. ?sslmode=verify-full&sslrootcert=FILE). Default: SQLite in
+    /// the state directory; after `server init` recorded one, that one. No
+    /// password here (argv is visible to every user): see
+    /// --database-password-file.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SECRETFS_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database: Option<String>,
+    /// A file (mode 0600) holding the database password (or set
+    /// SECRETFS_DATABASE_PASSWORD, or put the URL with its password in
+    /// SECRETFS_DATABASE_URL).
+    #[arg(long, value_name = "FILE", env = "SECRETFS_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+    /// --database was on the command line (not from SECRETFS_DATABASE_URL):
+    /// set from the matches after parsing.
+    #[arg(skip)]
+    pub database_in_argv: bool,
+}
+
+// The URL may hold a password (from the environment): never printed.
+impl std::fmt::Debug for DatabaseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseArgs")
+            .field(
+                "database",
+                &self
+                    .database
+                    .as_deref()
+                    .map(secretfs_server::state_dir::redact),
+            )
+            .field("database_password_file", &self.database_password_file)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RekeyArgs {
     /// systemd provider only: the credential holding the new key (load it
@@ -258,6 +302,8 @@ pub struct AdminCertArgs {
     pub days: Option<u32>,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +333,13 @@ pub struct InitArgs {
     pub advertise: String,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Add a replica on a PostgreSQL database other servers already use:
+    /// DIR is a copy of one replica's state directory (its master key, CA
+    /// and admin identity are shared; this server gets its own certificate).
+    #[arg(long, value_name = "DIR", env = "SECRETFS_JOIN")]
+    pub join: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -323,6 +376,8 @@ pub struct RunArgs {
     pub address_file: Option<PathBuf>,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
     /// During a rekey: secret versions re-wrapped per transaction.
     #[arg(long, default_value_t = 500, env = "SECRETFS_REKEY_BATCH",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]

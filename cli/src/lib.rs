@@ -22,13 +22,18 @@ mod output;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// Exit code for usage errors (clap uses it too).
 pub const EXIT_USAGE: u8 = 2;
 
 pub fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    // Parsed from the matches, which also say where --database came from
+    // (a password is refused in argv, not in the environment).
+    let matches = <args::Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <args::Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    commands::server::note_database_source(&mut cli, &matches);
     init_tracing(&cli);
     let ready = match commands::prepare(cli) {
         Ok(ready) => ready,

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::names::check_entity_name;
 use crate::pki::{rfc3339, Issued};
 use crate::state_dir::{replace_error, trust_domain, StateDir};
-use crate::store::{AuditEntry, NewClient, Store, StoreError};
+use crate::store::{AuditEntry, NewClient, StoreError};
 
 /// Who the audit log names for changes made this way.
 pub const LOCAL_ADMIN_CERT: &str = "local:admin-cert";
@@ -64,7 +64,14 @@ pub struct AdminCert {
 /// it, and writes NAME.pem, NAME.key and ca.pem into `out` (replaced
 /// atomically).
 pub fn admin_cert(state_dir: &Path, out: &Path, name: &str, days: u32) -> Result<AdminCert, Error> {
-    admin_cert_with(state_dir, out, name, days, &Default::default())
+    admin_cert_with(
+        state_dir,
+        out,
+        name,
+        days,
+        &Default::default(),
+        &Default::default(),
+    )
 }
 
 /// [`admin_cert`] with the master key provider flags given.
@@ -74,11 +81,12 @@ pub fn admin_cert_with(
     name: &str,
     days: u32,
     keys: &crate::key_provider::KeyOptions,
+    db: &crate::state_dir::DatabaseOptions,
 ) -> Result<AdminCert, Error> {
     check_entity_name("client", name)?;
     let dir = existing(state_dir)?;
-    let store = crate::state_dir::open_store_with(&dir, keys, false)?.store;
-    let trust_domain = trust_domain(&store)?;
+    let store = crate::state_dir::open_store_with(&dir, keys, db, false)?.store;
+    let trust_domain = trust_domain(store.as_ref())?;
     let existing = match store.get_client(name) {
         Ok(c) => Some(c),
         Err(StoreError::NotFound { .. }) => None,
@@ -217,6 +225,8 @@ mod tests {
             trust_domain: "td".into(),
             sans: vec![],
             admin_name: "admin".into(),
+            database: Default::default(),
+            join: None,
         })
         .unwrap();
         let out = tmp.path().join("out");
@@ -286,6 +296,8 @@ mod tests {
             trust_domain: "td".into(),
             sans: vec![],
             admin_name: "admin".into(),
+            database: Default::default(),
+            join: None,
         })
         .unwrap();
         let old_key = std::fs::read(sd.server_key()).unwrap();

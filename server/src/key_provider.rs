@@ -620,39 +620,7 @@ impl fmt::Debug for Token {
 
 fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
     if let Some(p) = pin_file {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(p)
-            .map_err(|e| {
-                Error::io(
-                    format!(
-                        "cannot read the PKCS#11 PIN file {} (--pkcs11-pin-file)",
-                        p.display()
-                    ),
-                    e,
-                )
-            })?
-            .permissions()
-            .mode()
-            & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(Error::Config(format!(
-                "the PKCS#11 PIN file {} is readable by others (mode {mode:04o}); run `chmod 600 {}`",
-                p.display(),
-                p.display()
-            )));
-        }
-        let text = Zeroizing::new(fs::read_to_string(p).map_err(|e| {
-            Error::io(
-                format!(
-                    "cannot read the PKCS#11 PIN file {} (--pkcs11-pin-file)",
-                    p.display()
-                ),
-                e,
-            )
-        })?);
-        return Ok(Zeroizing::new(
-            text.trim_end_matches(['\n', '\r']).to_owned(),
-        ));
+        return crate::state_dir::read_private_file(p, "PKCS#11 PIN", "--pkcs11-pin-file");
     }
     match std::env::var(PIN_ENV) {
         Ok(v) => Ok(Zeroizing::new(v)),

@@ -22,7 +22,6 @@ use crate::error::Error;
 use crate::service::{AdminService, SecretsService};
 use crate::state_dir::{open_store_with, trust_domain, StateDir};
 use crate::state_lock::StateLock;
-use crate::store::Store;
 use crate::tls;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -52,6 +51,9 @@ pub struct RunOptions {
     /// Where the master key lives: flags over the state directory's
     /// descriptor (see [`crate::key_provider`]).
     pub keys: crate::key_provider::KeyOptions,
+    /// `--database` and its password: the state directory's record (or
+    /// SQLite) when no URL is given.
+    pub database: crate::state_dir::DatabaseOptions,
     /// Secret versions re-wrapped per transaction during a rekey.
     pub rekey_batch: usize,
     /// Pause between a rekey's batches (spares a busy server's disk).
@@ -315,32 +317,6 @@ impl Server {
                 tracing::warn!("{warning}");
             }
         }
-        let opening = dir.clone();
-        let key_options = opts.keys.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            let opened = open_store_with(&opening, &key_options, true)?;
-            // Rows put back, deleted or added without the key: refused
-            // before anything is served (O(rows), read only but for the
-            // revision it agreed at).
-            if let Some(finding) = opened.store.check_row_set()? {
-                return Err(Error::Config(format!(
-                    "the database failed its row set check: {}. Nothing was changed; \
-                     `secretfs server verify --state-dir {}` lists what else is wrong",
-                    finding.what,
-                    opening.path.display()
-                )));
-            }
-            Ok::<_, Error>(opened)
-        })
-        .await
-        .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
-        let crate::state_dir::Opened {
-            store,
-            keys,
-            source,
-            rekey_in_progress,
-        } = opened;
-        let trust_domain = trust_domain(&store)?;
         let ca = dir.load_ca()?;
         let provider = tls::provider();
         let server_cert = Arc::new(ReloadingCert::open(
@@ -382,7 +358,53 @@ impl Server {
             );
         }
         let max_connections = connection_limit(opts.max_connections)?;
-        let store: Arc<dyn Store> = Arc::new(store);
+        // Every call on the store runs off the async threads (PostgreSQL's
+        // blocking client must not be driven from one); what fails here
+        // drops the store on this blocking thread too.
+        let opening = dir.clone();
+        let key_options = opts.keys.clone();
+        let database = opts.database.clone();
+        let audit_log = opts.audit_log.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let opened = open_store_with(&opening, &key_options, &database, true)?;
+            // Rows put back, deleted or added without the key: refused
+            // before anything is served (O(rows), read only but for the
+            // revision it agreed at).
+            if let Some(finding) = opened.store.check_row_set()? {
+                return Err(Error::Config(format!(
+                    "the database failed its row set check: {}. Nothing was changed; \
+                     `secretfs server verify --state-dir {}` lists what else is wrong",
+                    finding.what,
+                    opening.path.display()
+                )));
+            }
+            let trust_domain = trust_domain(opened.store.as_ref())?;
+            // Checked against the database before anything is served: a
+            // sink ahead of the database's audit log refuses the start.
+            let sink = match audit_log {
+                Some(mut sink) => {
+                    sink.resume_file = Some(opening.audit_sink_record());
+                    Some(crate::audit_sink::start(&opened.store, sink)?)
+                }
+                None => None,
+            };
+            crate::domain::audit::check_audit_head(opened.store.as_ref(), &opened.keys.get());
+            Ok::<_, Error>((opened, trust_domain, sink))
+        })
+        .await
+        .map_err(|_| Error::Stopped("opening the database failed; see the server log"))??;
+        let (opened, trust_domain, sink) = opened;
+        let (audit_sink, audit_sink_thread) = match sink {
+            Some((status, exporter)) => (Some(status), Some(exporter)),
+            None => (None, None),
+        };
+        let crate::state_dir::Opened {
+            store,
+            database: _,
+            keys,
+            source,
+            rekey_in_progress,
+        } = opened;
         let settings = Settings {
             trust_domain,
             max_secret_size: opts.max_secret_size,
@@ -396,17 +418,6 @@ impl Server {
             opts.rekey_batch,
             opts.rekey_pause,
         );
-        // Checked against the database before anything is served: a sink
-        // ahead of the database's audit log refuses the start.
-        let (audit_sink, audit_sink_thread) = match opts.audit_log.clone() {
-            Some(mut sink) => {
-                sink.resume_file = Some(dir.audit_sink_record());
-                let (status, exporter) = crate::audit_sink::start(&store, sink)?;
-                (Some(status), Some(exporter))
-            }
-            None => (None, None),
-        };
-        crate::domain::audit::check_audit_head(store.as_ref(), &keys.get());
         let (domain, audit_thread) = Domain::start(store, keys, ca, settings);
         if let Some(sink) = &audit_sink {
             domain.set_audit_sink(sink.clone());
@@ -593,10 +604,12 @@ impl Server {
                 );
             }
         }
-        drop(self.domain);
         // A rekey's batches stop at the next one (it resumes at start).
         self.rekey.stop();
-        drop(self.rekey);
+        // Off the async threads: the last handle on the store may go here,
+        // and PostgreSQL's blocking client closes by driving its own runtime.
+        let (domain, rekey) = (self.domain, self.rekey);
+        let _ = tokio::task::spawn_blocking(move || drop((domain, rekey))).await;
         // Watch tasks still finishing hold the shared state for a moment;
         // do not wait on them for long.
         // Waits for the writer and only then releases the state lock, even

@@ -3,17 +3,25 @@
 //! ```text
 //! DIR/            0700
 //!   master.key    0600  256-bit master key, hex (back it up apart from the database);
-//!                       the file provider's (see `key_provider`)
+//! the file provider's (see `key_provider`)
 //!   master-key.json     where the master key lives (provider; no secret)
 //!   master.key.wrapped  0600  the master key wrapped by a PKCS#11 token (pkcs11 provider)
 //!   master.key.next, master.key.wrapped.next   a rekey's new key until it completes
-//!   ca.pem              the CA certificate clients trust
+//!   ca.pem the CA certificate clients trust
 //!   ca.key        0600  the CA key (signs client certificates)
 //!   server.pem, server.key (0600)
 //!   admin.pem, admin.key (0600)   the first admin's client identity
 //!   secretfs.db (+ -wal, -shm)    SQLite: sealed secrets, clients, groups, audit
+//!   database.json       PostgreSQL only: the database's URL without its password
+//! (see `database`); then there is no secretfs.db
 //!   lock          0600  locked by the running server, holds its pid (made by `server run`)
 //! ```
+//!
+//! Replicas on one PostgreSQL database share the master key (its provider's
+//! files), the CA (ca.pem, ca.key) and admin.pem/admin.key: `server init
+//! --join DIR` copies them ([`JOINED_FILES`]) and makes the rest its own.
+
+mod database;
 
 use std::fs;
 use std::io::Write;
@@ -29,7 +37,11 @@ use crate::key_provider::{KeyOptions, KeySource};
 use crate::keys::KeyRing;
 use crate::names::check_entity_name;
 use crate::pki::Ca;
-use crate::store::{NewClient, SqliteStore, Store};
+use crate::store::{NewClient, Store};
+
+pub use database::{
+    choose as choose_database, redact, url_has_password, Database, DatabaseOptions,
+};
 
 pub const META_TRUST_DOMAIN: &str = "trust_domain";
 pub const META_KEY_CHECK: &str = "master_key_check";
@@ -66,6 +78,10 @@ impl StateDir {
     }
     pub fn database(&self) -> PathBuf {
         self.path.join("secretfs.db")
+    }
+    /// PostgreSQL: which database (see [`database`]).
+    pub fn database_record(&self) -> PathBuf {
+        self.path.join(database::RECORD)
     }
     /// The last entry a sink that cannot be read back (stdout, a FIFO)
     /// exported (see `audit_sink`).
@@ -118,6 +134,11 @@ pub struct InitOptions {
     /// DNS names and IP addresses for the server certificate.
     pub sans: Vec<String>,
     pub admin_name: String,
+    /// Where the database is (none: SQLite in the state directory).
+    pub database: DatabaseOptions,
+    /// `--join DIR`: a copy of a replica's state directory; the new one
+    /// shares its master key, CA and admin identity, and the database.
+    pub join: Option<PathBuf>,
 }
 
 pub fn default_sans() -> Vec<String> {
@@ -238,20 +259,16 @@ pub fn init_with(opts: &InitOptions, source: &KeySource) -> Result<StateDir, Err
 }
 
 fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Error> {
+    let db = database::choose(dir, &opts.database)?;
+    if let Some(from) = &opts.join {
+        return join(dir, opts, from, &db);
+    }
     let master = source.create(dir)?;
 
     let (ca, ca_key) = Ca::generate(&opts.trust_domain)?;
     write_new(&dir.ca_cert(), ca.cert_pem.as_bytes(), 0o644)?;
     write_new(&dir.ca_key(), ca_key.as_bytes(), 0o600)?;
-
-    let sans = if opts.sans.is_empty() {
-        default_sans()
-    } else {
-        opts.sans.clone()
-    };
-    let server = ca.issue_server(&sans)?;
-    write_new(&dir.server_cert(), server.cert_pem.as_bytes(), 0o644)?;
-    write_new(&dir.server_key(), key_bytes(&server.key_pem), 0o600)?;
+    server_cert(dir, &ca, opts)?;
 
     let admin = ca.issue_client(
         &opts.trust_domain,
@@ -262,7 +279,12 @@ fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Er
     write_new(&dir.admin_key(), key_bytes(&admin.key_pem), 0o600)?;
 
     let keys = KeyRing::new(master);
-    let store = SqliteStore::open(&dir.database(), true, keys.clone())?;
+    // The store refuses a database that is not empty, naming `--join`
+    // when it holds a secretfs schema (another replica's).
+    let store = db.open(true, keys.clone()).map_err(|e| db.failed(e))?;
+    if let Database::Postgres(cfg) = &db {
+        database::record(dir, cfg)?;
+    }
     let master = keys.get();
     let master = master.current.master();
     store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
@@ -282,8 +304,133 @@ fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Er
     Ok(())
 }
 
+/// This server's own certificate, for `opts.sans`.
+fn server_cert(dir: &StateDir, ca: &Ca, opts: &InitOptions) -> Result<(), Error> {
+    let sans = if opts.sans.is_empty() {
+        default_sans()
+    } else {
+        opts.sans.clone()
+    };
+    let server = ca.issue_server(&sans)?;
+    write_new(&dir.server_cert(), server.cert_pem.as_bytes(), 0o644)?;
+    write_new(&dir.server_key(), key_bytes(&server.key_pem), 0o600)
+}
+
+/// What replicas share, copied by `server init --join` (those present:
+/// the master key's descriptor and the file or wrapped key it names).
+pub const JOINED_FILES: [&str; 7] = [
+    "master-key.json",
+    "master.key",
+    "master.key.wrapped",
+    "ca.pem",
+    "ca.key",
+    "admin.pem",
+    "admin.key",
+];
+
+/// `server init --join FROM`: a replica of the servers on `db`, sharing
+/// FROM's master key, CA and admin identity; its own server certificate.
+/// Nothing is written to the database: it is only checked (its schema is
+/// current, the master key opens its key check).
+fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Result<(), Error> {
+    let Database::Postgres(cfg) = db else {
+        return Err(Error::InvalidArgument(
+            "--join adds a replica on a shared PostgreSQL database; give --database postgres://... (SQLite serves one server only)"
+                .into(),
+        ));
+    };
+    let from_dir = StateDir::new(from);
+    if !from_dir.ca_key().is_file() {
+        return Err(Error::Config(format!(
+            "--join {}: not a copy of a secretfs state directory (it has no ca.key); copy a replica's state directory (or at least {}) and give that",
+            from.display(),
+            JOINED_FILES.join(", ")
+        )));
+    }
+    for next in ["master.key.next", "master.key.wrapped.next"] {
+        if from.join(next).exists() {
+            return Err(Error::FailedPrecondition(format!(
+                "--join {}: a rekey was in progress when it was copied ({next}); wait for `secretfs server rekey --status` to say it is done, copy the state directory again, and retry. Nothing was changed",
+                from.display()
+            )));
+        }
+    }
+    for name in JOINED_FILES {
+        let src = from.join(name);
+        let bytes = match fs::read(&src) {
+            Ok(b) => Zeroizing::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("cannot read {}", src.display()), e)),
+        };
+        let mode = if name.ends_with(".pem") || name.ends_with(".json") {
+            0o644
+        } else {
+            0o600
+        };
+        write_new(&dir.path.join(name), &bytes, mode)?;
+    }
+    let ca = dir.load_ca()?;
+    server_cert(dir, &ca, opts)?;
+
+    let source = KeySource::read(dir)?;
+    let master = source.load(dir)?;
+    if db.needs_upgrade()? {
+        return Err(Error::FailedPrecondition(format!(
+            "the database {} was made by an older secretfs: upgrade it first by starting this version's `secretfs server run` on one of its replicas, then join. Nothing was changed",
+            cfg.redacted()
+        )));
+    }
+    let keys = KeyRing::new(master);
+    let store = db.open(false, keys.clone()).map_err(|e| match e {
+        crate::store::StoreError::KeyMismatch => join_mismatch(&source, &from_dir, cfg),
+        e => db.failed(e),
+    })?;
+    // A row sealed under another key reads as absent: no check at all is
+    // the same refusal as one that does not open.
+    let opens = store
+        .get_meta(META_KEY_CHECK)?
+        .is_some_and(|check| crate::keys::key_check_opens(keys.get().current.master(), &check));
+    if !opens {
+        return Err(join_mismatch(&source, &from_dir, cfg));
+    }
+    trust_domain(store.as_ref())?;
+    database::record(dir, cfg)
+}
+
+fn join_mismatch(source: &KeySource, dir: &StateDir, cfg: &crate::store::PgConfig) -> Error {
+    Error::Config(format!(
+        "the database {} was made with another master key than the one from {} (copied by --join): join with a copy of a state directory of a replica of this database. Nothing was written",
+        cfg.redacted(),
+        source.describe(dir)
+    ))
+}
+
 fn key_bytes(key: &Option<Zeroizing<String>>) -> &[u8] {
     key.as_ref().map(|k| k.as_bytes()).unwrap_or_default()
+}
+
+/// A small secret from a file only its owner can read (a PIN, a
+/// password), without its trailing newline. `what` and `flag` name it in
+/// errors.
+pub fn read_private_file(path: &Path, what: &str, flag: &str) -> Result<Zeroizing<String>, Error> {
+    let cannot = |e| {
+        Error::io(
+            format!("cannot read the {what} file {} ({flag})", path.display()),
+            e,
+        )
+    };
+    let mode = fs::metadata(path).map_err(cannot)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "the {what} file {} is readable by others (mode {mode:04o}); run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        )));
+    }
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(cannot)?);
+    Ok(Zeroizing::new(
+        text.trim_end_matches(['\n', '\r']).to_owned(),
+    ))
 }
 
 /// Loads the master key, refusing a file others can read.
@@ -322,13 +469,21 @@ pub fn load_master_key(path: &Path) -> Result<MasterKey, Error> {
 /// state directory beside it (`admin-cert`, `verify`) start from. An
 /// upgrade that adopts the rows of an older database (row MACs) checks the
 /// key itself before it signs anything.
-pub fn open_store(dir: &StateDir) -> Result<(SqliteStore, Arc<KeyRing>), Error> {
-    open_store_with(dir, &KeyOptions::default(), false).map(|o| (o.store, o.keys))
+pub fn open_store(dir: &StateDir) -> Result<(Arc<dyn Store>, Arc<KeyRing>), Error> {
+    open_store_with(
+        dir,
+        &KeyOptions::default(),
+        &DatabaseOptions::default(),
+        false,
+    )
+    .map(|o| (o.store, o.keys))
 }
 
 /// What [`open_store_with`] opened.
 pub struct Opened {
-    pub store: SqliteStore,
+    pub store: Arc<dyn Store>,
+    /// The path or URL (without password), for messages.
+    pub database: String,
     pub keys: Arc<KeyRing>,
     /// Where the master key lives (the descriptor, flags applied).
     pub source: KeySource,
@@ -337,21 +492,28 @@ pub struct Opened {
 }
 
 /// [`open_store`] with the provider flags given: the key from its
-/// provider, both keys while a rekey is in progress (see [`crate::rekey`]).
-/// `repair`: the caller holds the state lock (`server run`), so it may
-/// finish or discard what an interrupted rekey left in the provider; a
-/// command beside a running server must not.
-pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Result<Opened, Error> {
+/// provider, both keys while a rekey is in progress (see [`crate::rekey`]),
+/// the database the state directory records (or `db` names, which must be
+/// the same). `repair`: the caller holds the state lock (`server run`), so
+/// it may finish or discard what an interrupted rekey left in the provider;
+/// a command beside a running server must not.
+pub fn open_store_with(
+    dir: &StateDir,
+    opts: &KeyOptions,
+    db: &DatabaseOptions,
+    repair: bool,
+) -> Result<Opened, Error> {
+    let db = database::choose(dir, db)?;
     // The upgrade signs rows, chains the audit log and seals the row set:
     // only `server run` (holding the state lock) makes it, never a command
     // beside a server of the older version, which would go on writing
     // unsigned rows into the upgraded database.
-    if !repair && SqliteStore::needs_upgrade(&dir.database())? {
+    if !repair && db.needs_upgrade()? {
         return Err(Error::FailedPrecondition(format!(
-            "the database in {} was made by an older secretfs and needs the upgrade `secretfs server run` \
+            "the database {} was made by an older secretfs and needs the upgrade `secretfs server run` \
              makes at its start: stop the running server, start this version's `server run --state-dir {}` \
              once, then run this command again. Nothing was changed",
-            dir.path.display(),
+            db.describe(),
             dir.path.display()
         )));
     }
@@ -368,18 +530,19 @@ pub fn open_store_with(dir: &StateDir, opts: &KeyOptions, repair: bool) -> Resul
         Arc::new(current.at_epoch(1)),
         next.as_ref().map(|n| Arc::new(n.at_epoch(2))),
     ));
-    let store = SqliteStore::open(&dir.database(), false, keys.clone()).map_err(|e| match e {
+    let store = db.open(false, keys.clone()).map_err(|e| match e {
         crate::store::StoreError::KeyMismatch => key_mismatch(&source, dir),
-        e => e.into(),
+        e => db.failed(e),
     })?;
     let (loaded, rekey_in_progress, fix) =
-        crate::rekey::keys_at_start(dir, &source, &store, &current, next.as_ref())?;
+        crate::rekey::keys_at_start(dir, &source, store.as_ref(), &current, next.as_ref())?;
     keys.replace(loaded);
     if repair {
-        crate::rekey::repair_at_start(dir, &mut source, &store, &keys.get(), fix)?;
+        crate::rekey::repair_at_start(dir, &mut source, store.as_ref(), &keys.get(), fix)?;
     }
     Ok(Opened {
         store,
+        database: db.describe(),
         keys,
         source,
         rekey_in_progress,
@@ -405,6 +568,8 @@ mod tests {
             trust_domain: "test.local".into(),
             sans: vec![],
             admin_name: "admin".into(),
+            database: DatabaseOptions::default(),
+            join: None,
         }
     }
 
@@ -439,7 +604,7 @@ mod tests {
         let err = crate::rekey::keys_at_start(
             &sd,
             &KeySource::File,
-            &store,
+            store.as_ref(),
             &crate::keys::KeySet::new(1, MasterKey::generate().unwrap()),
             None,
         )

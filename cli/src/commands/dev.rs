@@ -137,6 +137,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
             trust_domain: "secretfs.local".into(),
             sans: secretfs_server::state_dir::default_sans(),
             admin_name: "admin".into(),
+            // `secretfs dev` keeps SQLite: one server, nothing to set up.
+            database: Default::default(),
+            join: None,
         };
         tokio::task::spawn_blocking(move || secretfs_server::init(&opts)).await??;
         eprintln!("created {}", state.path.display());
@@ -151,6 +154,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         max_connections: None,
         client_ca: Vec::new(),
         keys: Default::default(),
+        database: Default::default(),
         rekey_batch: secretfs_server::rekey::DEFAULT_BATCH,
         rekey_pause: std::time::Duration::ZERO,
         audit_log: None,

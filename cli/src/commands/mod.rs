@@ -7,7 +7,7 @@ mod group;
 mod identity;
 mod mount;
 mod secret;
-mod server;
+pub mod server;
 
 use anyhow::Result;
 

@@ -8,7 +8,75 @@ use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use crate::args::{ConnArgs, Format, RekeyArgs, ServerCmd, ServerSub, VerifyArgs};
+use secretfs_server::state_dir::{url_has_password, DatabaseOptions};
+use zeroize::Zeroizing;
+
+use crate::args::{
+    Cli, Command, ConnArgs, DatabaseArgs, Format, OtherCommand, RekeyArgs, ServerCmd, ServerSub,
+    VerifyArgs,
+};
+
+/// The password's environment variable (a flag would put it in argv).
+pub const DATABASE_PASSWORD_ENV: &str = "SECRETFS_DATABASE_PASSWORD";
+
+/// Records whether `--database` came from the command line (where a
+/// password is refused) rather than SECRETFS_DATABASE_URL.
+pub fn note_database_source(cli: &mut Cli, matches: &clap::ArgMatches) {
+    let Command::Other(OtherCommand::Server(ServerCmd { command })) = &mut cli.command else {
+        return;
+    };
+    let db = match command {
+        ServerSub::Init(a) => &mut a.database,
+        ServerSub::Run(a) => &mut a.database,
+        ServerSub::AdminCert(a) => &mut a.database,
+        ServerSub::Verify(a) => &mut a.database,
+        ServerSub::ReissueCert(_) | ServerSub::Rekey(_) => return,
+    };
+    // Asked only of the commands that have the flag (clap panics on an
+    // id a command does not know).
+    let mut leaf = matches;
+    while let Some((_, sub)) = leaf.subcommand() {
+        leaf = sub;
+    }
+    db.database_in_argv =
+        leaf.value_source("database") == Some(clap::parser::ValueSource::CommandLine);
+}
+
+/// The database flags as the server takes them: the password from
+/// `--database-password-file` or SECRETFS_DATABASE_PASSWORD, never from a
+/// URL on the command line.
+pub fn database_options(a: &DatabaseArgs) -> Result<DatabaseOptions> {
+    database_options_from(a, std::env::var(DATABASE_PASSWORD_ENV).ok())
+}
+
+fn database_options_from(
+    a: &DatabaseArgs,
+    env_password: Option<String>,
+) -> Result<DatabaseOptions> {
+    if let Some(url) = &a.database {
+        if a.database_in_argv && url_has_password(url) {
+            anyhow::bail!(
+                "--database {}: a password on the command line is visible to every user of this host \
+                 (ps, /proc); give it in --database-password-file FILE (mode 0600), in \
+                 {DATABASE_PASSWORD_ENV}, or put the whole URL in SECRETFS_DATABASE_URL instead of --database",
+                secretfs_server::state_dir::redact(url)
+            );
+        }
+    }
+    let password = match (&a.database_password_file, env_password) {
+        (Some(file), _) => Some(secretfs_server::state_dir::read_private_file(
+            file,
+            "database password",
+            "--database-password-file",
+        )?),
+        (None, Some(p)) => Some(Zeroizing::new(p)),
+        (None, None) => None,
+    };
+    Ok(DatabaseOptions {
+        url: a.database.clone().map(Zeroizing::new),
+        password,
+    })
+}
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -112,7 +180,10 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                 trust_domain: a.trust_domain,
                 sans: a.sans,
                 admin_name: "admin".into(),
+                database: database_options(&a.database)?,
+                join: a.join.clone(),
             };
+            let joined = a.join.is_some();
             let source = a.keys.options().for_init()?;
             let is_file = source == secretfs_server::key_provider::KeySource::File;
             let kept = source.clone();
@@ -131,6 +202,17 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                         "master_key": is_file.then(|| absolute(&dir.master_key())),
                     }))?
                 ),
+                Format::Text if joined => {
+                    eprintln!(
+                        "created state directory {} for a new replica (master key, CA and admin identity copied from {})",
+                        absolute(&dir.path).display(),
+                        a.join.as_deref().unwrap_or(Path::new("")).display()
+                    );
+                    eprintln!(
+                        "start it:  secretfs server run --state-dir {}",
+                        absolute(&dir.path).display()
+                    );
+                }
                 Format::Text => {
                     eprintln!("created state directory {}", absolute(&dir.path).display());
                     if is_file {
@@ -158,6 +240,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
             // clap refuses --days outside 1..=3650; 0 means the default.
             let days = a.days.unwrap_or(0);
             let keys = a.keys.options();
+            let db = database_options(&a.database)?;
             let made = tokio::task::spawn_blocking(move || {
                 secretfs_server::host_certs::admin_cert_with(
                     &a.state_dir,
@@ -165,6 +248,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                     &a.name,
                     days,
                     &keys,
+                    &db,
                 )
             })
             .await??;
@@ -234,6 +318,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                 health_listen: a.health_listen,
                 max_connections: a.max_connections,
                 keys: a.keys.options(),
+                database: database_options(&a.database)?,
                 rekey_batch: a.rekey_batch,
                 rekey_pause: a.rekey_pause,
                 audit_log: a.audit_log.map(|path| SinkOptions {
@@ -265,12 +350,18 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
 /// row set (asked first on a terminal).
 async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
     let dir = StateDir::new(&a.state_dir);
-    let database = absolute(&dir.database());
+    let db = database_options(&a.database)?;
+    // The path, or the PostgreSQL URL without its password.
+    let database = match secretfs_server::state_dir::choose_database(&dir, &db)? {
+        secretfs_server::state_dir::Database::Sqlite(path) => absolute(&path).display().to_string(),
+        other => other.describe(),
+    };
     let checking = dir.clone();
     let keys = a.keys.options();
     let key_options = keys.clone();
+    let checking_db = db.clone();
     let found = tokio::task::spawn_blocking(move || {
-        secretfs_server::row_review::verify(&checking, &key_options)
+        secretfs_server::row_review::verify(&checking, &key_options, &checking_db)
     })
     .await??;
     let (set, bad): (Vec<_>, Vec<_>) = found
@@ -285,12 +376,13 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
             };
             crate::confirm::ask(&format!(
                 "{what}. Take the rows of {} as they are now as the row set (bad rows stay bad)?",
-                database.display()
+                database
             ))?;
         }
-        let revision =
-            tokio::task::spawn_blocking(move || secretfs_server::row_review::accept(&dir, &keys))
-                .await??;
+        let revision = tokio::task::spawn_blocking(move || {
+            secretfs_server::row_review::accept(&dir, &keys, &db)
+        })
+        .await??;
         match format {
             Format::Json => println!(
                 "{}",
@@ -301,7 +393,7 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
             ),
             Format::Text => println!(
                 "the rows of {} as they are at revision {revision} are now the row set (audited as integrity.accept)",
-                database.display()
+                database
             ),
         }
         if bad.is_empty() {
@@ -322,7 +414,7 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
             }))?
         ),
         Format::Text if bad.is_empty() && set.is_none() => {
-            println!("every authenticated row of {} is good, and no row was put back, deleted or added without the key", database.display())
+            println!("every authenticated row of {} is good, and no row was put back, deleted or added without the key", database)
         }
         Format::Text => {
             for row in bad.iter().chain(&set) {
@@ -330,9 +422,7 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
             }
         }
     }
-    let set_text = set
-        .as_ref()
-        .map(|f| format!("{} ({})", f.what, database.display()));
+    let set_text = set.as_ref().map(|f| format!("{} ({})", f.what, database));
     if bad.is_empty() {
         return match set_text {
             Some(text) => Err(anyhow::anyhow!(text)),
@@ -344,8 +434,106 @@ async fn verify(a: VerifyArgs, format: Format) -> Result<()> {
          Restore the database from a backup taken before the edit, and find out who could write it{}",
         bad.len(),
         if bad.len() == 1 { "" } else { "s" },
-        database.display(),
+        database,
         if bad.len() == 1 { "it" } else { "them" },
         set_text.map(|t| format!(". Also: {t}")).unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+
+    /// Parses like `main` does, with `url_env` as SECRETFS_DATABASE_URL
+    /// (a URL on the command line wins over it; no other test sets it).
+    fn database_args(argv: &[&str], url_env: Option<&str>) -> DatabaseArgs {
+        // clap reads the variable when the command is built.
+        if let Some(url) = url_env {
+            std::env::set_var("SECRETFS_DATABASE_URL", url);
+        }
+        let cmd = Cli::command();
+        let matches = cmd.try_get_matches_from(argv).unwrap();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap();
+        note_database_source(&mut cli, &matches);
+        match cli.command {
+            Command::Other(OtherCommand::Server(ServerCmd {
+                command: ServerSub::Run(a),
+            })) => a.database,
+            _ => unreachable!(),
+        }
+    }
+
+    const RUN: [&str; 5] = ["secretfs", "server", "run", "--state-dir", "d"];
+
+    #[test]
+    fn a_password_in_a_url_on_the_command_line_is_refused_naming_the_ways_that_work() {
+        let argv = [&RUN[..], &["--database", "postgres://u:hunter2@h/db"]].concat();
+        let a = database_args(&argv, None);
+        assert!(a.database_in_argv);
+        let err = database_options_from(&a, None).err().unwrap().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+        for way in [
+            "--database-password-file",
+            DATABASE_PASSWORD_ENV,
+            "SECRETFS_DATABASE_URL",
+        ] {
+            assert!(err.contains(way), "{err}");
+        }
+        // Without the password, the same URL is taken, password from the
+        // environment.
+        let argv = [&RUN[..], &["--database", "postgres://u@h/db"]].concat();
+        let a = database_args(&argv, None);
+        let opts = database_options_from(&a, Some("pw".into())).unwrap();
+        assert_eq!(
+            opts.url.as_deref().map(|u| u.as_str()),
+            Some("postgres://u@h/db")
+        );
+        assert_eq!(opts.password.as_deref().map(|p| p.as_str()), Some("pw"));
+    }
+
+    #[test]
+    fn a_password_in_the_url_from_the_environment_is_taken() {
+        let a = database_args(&RUN, Some("postgres://u:pw@h/db"));
+        assert!(!a.database_in_argv);
+        let opts = database_options_from(&a, None).unwrap();
+        assert_eq!(
+            opts.url.as_deref().map(|u| u.as_str()),
+            Some("postgres://u:pw@h/db")
+        );
+        assert!(!format!("{a:?}").contains("pw@"), "{a:?}");
+    }
+
+    #[test]
+    fn the_password_file_must_be_private_and_wins_over_the_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let a = DatabaseArgs {
+            database: Some("postgres://u@h/db".into()),
+            database_password_file: Some(file.clone()),
+            database_in_argv: true,
+        };
+        let err = database_options_from(&a, None).err().unwrap().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let opts = database_options_from(&a, Some("from-env".into())).unwrap();
+        assert_eq!(
+            opts.password.as_deref().map(|p| p.as_str()),
+            Some("from-file")
+        );
+        let missing = DatabaseArgs {
+            database_password_file: Some(tmp.path().join("none")),
+            ..a
+        };
+        let err = database_options_from(&missing, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--database-password-file"), "{err}");
+    }
 }

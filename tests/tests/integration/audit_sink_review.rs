@@ -279,6 +279,9 @@ fn keeping_no_rotated_audit_file_is_refused() {
 
 #[test]
 fn a_trigger_in_the_database_file_is_refused_by_run_and_named_by_verify() {
+    if crate::common::sqlite_only("plants a trigger in the SQLite file") {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let state = init(tmp.path());
     let conn = rusqlite::Connection::open(state.join("secretfs.db")).unwrap();

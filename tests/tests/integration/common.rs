@@ -1,6 +1,13 @@
 //! Starts the real `secretfs` binary: a server on a free loopback port in a
 //! fresh state directory, and CLI calls against it as the admin or as any
 //! client. Everything is killed and removed on drop.
+//!
+//! The store is SQLite in the state directory, or with
+//! `SECRETFS_TEST_STORE=postgres` a fresh PostgreSQL database of the tests'
+//! own cluster per server (`secretfs_pgtest`), given to `server init
+//! --database` as an operator would: the URL in argv without its password,
+//! the password in SECRETFS_DATABASE_PASSWORD. Tests whose subject is the
+//! SQLite file itself say so with [`sqlite_only`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -141,8 +148,60 @@ pub fn copy_identity(who: &Identity, dir: &Path) -> Identity {
     copy
 }
 
+/// The store the suite runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestStore {
+    Sqlite,
+    Postgres,
+}
+
+/// `SECRETFS_TEST_STORE`: `sqlite` (the default) or `postgres`.
+pub fn test_store() -> TestStore {
+    static STORE: OnceLock<TestStore> = OnceLock::new();
+    *STORE.get_or_init(|| match std::env::var("SECRETFS_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("sqlite") => TestStore::Sqlite,
+        Ok("postgres") => TestStore::Postgres,
+        Ok(other) => panic!("SECRETFS_TEST_STORE={other:?}: use sqlite or postgres"),
+    })
+}
+
+/// For a test whose subject is the SQLite file itself (edited behind the
+/// server's back, its modes, its WAL): true, with a line saying so, when
+/// the suite runs on another store; the test then returns at once.
+pub fn sqlite_only(why: &str) -> bool {
+    let store = test_store();
+    if store == TestStore::Sqlite {
+        return false;
+    }
+    eprintln!("not run on {store:?}: {why}");
+    true
+}
+
+/// A fresh, empty database of the tests' PostgreSQL cluster: its URL
+/// without the password, as it goes in argv. The password reaches every
+/// server command this process starts as SECRETFS_DATABASE_PASSWORD (set
+/// once: std's Command takes the environment under the same lock).
+pub fn fresh_database() -> String {
+    database_password_in_env();
+    let url = secretfs_pgtest::PgCluster::shared().database();
+    let without = url.replacen(&format!(":{}@", secretfs_pgtest::PASSWORD), "@", 1);
+    assert_ne!(url, without, "the test cluster's URL carries its password");
+    without
+}
+
+/// SECRETFS_DATABASE_PASSWORD for every command this process starts: the
+/// test clusters' password.
+pub fn database_password_in_env() {
+    static PASSWORD: OnceLock<()> = OnceLock::new();
+    PASSWORD.get_or_init(|| {
+        std::env::set_var("SECRETFS_DATABASE_PASSWORD", secretfs_pgtest::PASSWORD);
+    });
+}
+
 pub struct TestServer {
     pub tmp: tempfile::TempDir,
+    /// The PostgreSQL database (URL without password) on that store.
+    pub database: Option<String>,
     pub state: PathBuf,
     pub addr: String,
     /// The plain-text health listener's address, with `--health-listen`.
@@ -249,11 +308,28 @@ impl TestServer {
         let state = tmp.path().join("state");
         let mut init = Command::new(bin());
         init.args(["server", "init", "--state-dir"]).arg(&state);
+        let database = (test_store() == TestStore::Postgres).then(fresh_database);
+        if let Some(url) = &database {
+            init.args(["--database", url]);
+        }
         init_with(&mut init);
         run_cmd(init, None).ok();
+        Self::run_state(tmp, state, database, wrapper, args)
+    }
+
+    /// `server run` on a state directory `server init` made (in `tmp`,
+    /// which the server owns from now on).
+    pub fn run_state(
+        tmp: tempfile::TempDir,
+        state: PathBuf,
+        database: Option<String>,
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> TestServer {
         let admin = Identity::in_dir(&state, "admin");
         let mut server = TestServer {
             tmp,
+            database,
             state,
             addr: String::new(),
             health_addr: None,
@@ -422,6 +498,7 @@ impl TestServer {
             .collect()
     }
 
+    /// The SQLite file (tests that use it are [`sqlite_only`]).
     pub fn db(&self) -> PathBuf {
         self.state.join("secretfs.db")
     }

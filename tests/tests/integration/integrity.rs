@@ -158,6 +158,9 @@ fn id_of(s: &TestServer, table: &str, name: &str) -> i64 {
 
 #[test]
 fn every_protected_column_edited_without_the_key_is_detected() {
+    if crate::common::sqlite_only("edits every protected column in the SQLite file") {
+        return;
+    }
     let mut s = TestServer::start();
     // One secret per column to edit, all granted to `app` through `g`;
     // `ok` is never touched (the control).
@@ -339,6 +342,9 @@ fn every_protected_column_edited_without_the_key_is_detected() {
 
 #[test]
 fn deleting_a_grant_only_takes_access_away() {
+    if crate::common::sqlite_only("deletes a grant row from the SQLite file") {
+        return;
+    }
     let (mut s, app) = TestServer::start_for_app(&[("db", "one"), ("other", "two")]);
     assert_eq!(s.cli_as(&app, &["read", "db"], None).ok().stdout, "one");
     let db = id_of(&s, "secrets", "db");
@@ -386,6 +392,9 @@ fn attach_copy(s: &TestServer) -> String {
 
 #[test]
 fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
+    if crate::common::sqlite_only("puts rows back by editing the SQLite file") {
+        return;
+    }
     let (mut s, app) = TestServer::start_for_app(&[("db", "one")]);
     keep_copy(&s, "secrets", "saved_s", "name = 'db'");
     s.cli_in(&["secret", "rotate", "db"], b"two").ok();
@@ -463,6 +472,9 @@ fn a_row_put_back_with_its_old_mac_is_detected_and_refused_until_accepted() {
 
 #[test]
 fn a_running_server_reports_a_row_set_mismatch_once_and_keeps_serving() {
+    if crate::common::sqlite_only("edits the SQLite file behind the running server") {
+        return;
+    }
     let mut s = TestServer::start_with(&["--integrity-check-secs", "1"]);
     s.add_secret("db", b"one");
     s.add_secret("other", b"two");
@@ -499,6 +511,9 @@ fn a_running_server_reports_a_row_set_mismatch_once_and_keeps_serving() {
 
 #[test]
 fn removing_a_revocation_readmits_nobody() {
+    if crate::common::sqlite_only("deletes a revocation row from the SQLite file") {
+        return;
+    }
     let s = TestServer::start();
     let first = s.add_client("app");
     let old = copy_identity(&first, &s.tmp.path().join("old"));
@@ -517,6 +532,11 @@ fn removing_a_revocation_readmits_nobody() {
 
 #[test]
 fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
+    if crate::common::sqlite_only(
+        "builds a pre-row-MAC SQLite database (no PostgreSQL database predates row MACs)",
+    ) {
+        return;
+    }
     let (mut s, app) = TestServer::start_for_app(&[("db", "one")]);
     s.stop();
     // What a database of schema 3 looks like: no mac columns, no

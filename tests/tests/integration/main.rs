@@ -26,6 +26,7 @@ mod metadata;
 mod mount;
 mod mount_lifecycle;
 mod rails;
+mod replicas;
 mod review;
 mod server_cli;
 mod sidecar;
