@@ -1,7 +1,9 @@
-//! Connections and transactions: a small pool of blocking connections,
-//! each with its prepared statements, and the write transaction every
-//! change runs in (the revision row's lock first, the audit chain and the
-//! row set at its end, the notification, retries).
+//! Connections and transactions: a small pool of blocking connections for
+//! reads, each with its prepared statements, and the writer: a connection
+//! of its own on which write jobs share transactions (group commit, as
+//! SQLite's writer), each job in its own savepoint (the revision row's
+//! lock first, the audit chain and the row set at its end, the
+//! notification), with retries.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
