@@ -230,7 +230,18 @@ impl PgConfig {
 pub(super) fn connect(cfg: &PgConfig) -> Result<postgres::Client> {
     let client = match &cfg.tls {
         Tls::Off => cfg.config.connect(postgres::NoTls),
-        Tls::VerifyFull(ca) => return finish(cfg, super::tls::connect(&cfg.config, ca)?),
+        Tls::VerifyFull(ca) => {
+            let client = super::tls::connect(&cfg.config, ca).map_err(|e| match e {
+                // The server's own refusal (password, database) is told
+                // the same way with TLS as without.
+                StoreError::Backend(source) => match source.downcast_ref::<postgres::Error>() {
+                    Some(pg) => connect_error(cfg, pg),
+                    None => StoreError::Backend(source),
+                },
+                other => other,
+            })?;
+            return finish(cfg, client);
+        }
     };
     finish(cfg, client.map_err(|e| connect_error(cfg, &e))?)
 }
