@@ -381,9 +381,11 @@ enum Again {
     No(StoreError),
 }
 
-/// Jobs one transaction takes at most (the revision row's lock is held
-/// across the whole batch, so other replicas' writers wait for it).
-const MAX_BATCH: usize = 64;
+/// Jobs one transaction takes at most: the revision row's lock is held
+/// across the whole batch, so other replicas' writers wait for it; and
+/// each job's savepoint is a subtransaction, of which PostgreSQL caches 64
+/// per transaction (past that every snapshot in the database gets slower).
+const MAX_BATCH: usize = 32;
 
 /// The writer: its own connection (reads never wait for a batch), the
 /// batch's state, and the writers queued for the connection.

@@ -1038,3 +1038,50 @@ fn a_batch_whose_connection_is_lost_before_commit_is_run_again_on_a_new_one() {
     assert_eq!(s.verify_rows().unwrap(), vec![]);
     assert_eq!(s.verify_audit().unwrap().broken, None);
 }
+
+#[test]
+fn a_batch_takes_at_most_its_limit_of_jobs() {
+    let (s, _) = fresh(KeyRing::generate().unwrap());
+    const QUEUED: usize = 40;
+    for i in 0..=QUEUED {
+        add_secret(&s, &format!("s{i}"));
+    }
+    let start = s.revision().unwrap();
+    let commits = s.pool.commits();
+    let s = &s;
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    let mut revisions: Vec<u64> = std::thread::scope(|scope| {
+        let first = scope.spawn(move || {
+            let mut seal = |id: u64, v: u64| {
+                inside.send(()).unwrap();
+                until_queued(s, QUEUED);
+                sealed(id, v)
+            };
+            s.rotate_secret("s0", 20, None, &entry("rotate"), &mut seal)
+                .unwrap()
+                .revision
+        });
+        is_inside.recv().unwrap();
+        let others: Vec<_> = (1..=QUEUED)
+            .map(|i| {
+                scope.spawn(move || {
+                    s.rotate_secret(&format!("s{i}"), 20, None, &entry("rotate"), &mut sealed)
+                        .unwrap()
+                        .revision
+                })
+            })
+            .collect();
+        let mut out = vec![first.join().unwrap()];
+        out.extend(others.into_iter().map(|t| t.join().unwrap()));
+        out
+    });
+    // 41 jobs queued together: a full batch, then the rest.
+    assert_eq!(s.pool.commits() - commits, 2);
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions,
+        (start + 1..=start + 1 + QUEUED as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
