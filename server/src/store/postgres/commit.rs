@@ -1,7 +1,9 @@
-//! Connections and transactions: a small pool of blocking connections,
-//! each with its prepared statements, and the write transaction every
-//! change runs in (the revision row's lock first, the audit chain and the
-//! row set at its end, the notification, retries).
+//! Connections and transactions: a small pool of blocking connections for
+//! reads, each with its prepared statements, and the writer: a connection
+//! of its own on which write jobs share transactions (group commit, as
+//! SQLite's writer), each job in its own savepoint (the revision row's
+//! lock first, the audit chain and the row set at its end, the
+//! notification), with retries.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -379,9 +381,11 @@ enum Again {
     No(StoreError),
 }
 
-/// Jobs one transaction takes at most (the revision row's lock is held
-/// across the whole batch, so other replicas' writers wait for it).
-const MAX_BATCH: usize = 64;
+/// Jobs one transaction takes at most: the revision row's lock is held
+/// across the whole batch, so other replicas' writers wait for it; and
+/// each job's savepoint is a subtransaction, of which PostgreSQL caches 64
+/// per transaction (past that every snapshot in the database gets slower).
+const MAX_BATCH: usize = 32;
 
 /// The writer: its own connection (reads never wait for a batch), the
 /// batch's state, and the writers queued for the connection.

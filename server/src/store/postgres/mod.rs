@@ -2,9 +2,9 @@
 //! SQLite store, for several replicas on one database.
 //!
 //! - `conn`: the URL, its TLS policy, the password, driver errors.
-//! - `commit`: the pool of connections, the read and write transactions
-//!   (the revision row's lock first, the audit chain, the row set and the
-//!   notification at the end, retries).
+//! - `commit`: the pool of connections for reads, the writer connection
+//!   and its group commit (each job: the revision row's lock first, the
+//!   audit chain, the row set and the notification at the end), retries.
 //! - `migrate` and `migrations/*.sql`: the schema, append only.
 //! - `rows`: row mapping shared by the queries.
 //! - `secrets`, `clients`, `groups`, `audit`: the queries of each entity.

@@ -930,3 +930,158 @@ fn a_value_of_the_wrong_type_is_a_storage_error_not_an_outage() {
     assert!(conn::is_connection_error(&e), "{}", conn::describe(&e));
     assert!(matches!(StoreError::from(e), StoreError::Unavailable(_)));
 }
+
+#[test]
+fn a_job_hit_by_a_serialization_failure_is_run_again_alone() {
+    let keys = KeyRing::generate().unwrap();
+    let (s, _) = fresh(keys.clone());
+    add_secret(&s, "db");
+    let start = s.revision().unwrap();
+    let s = &s;
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    let mut runs = 0;
+    let runs = &mut runs;
+    let seals = std::sync::atomic::AtomicUsize::new(0);
+    let seals = &seals;
+    let rotated = std::thread::scope(|scope| {
+        let first = scope.spawn(move || {
+            let mut seal = |id: u64, v: u64| {
+                seals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                inside.send(()).unwrap();
+                until_queued(s, 1);
+                sealed(id, v)
+            };
+            s.rotate_secret("db", 20, None, &entry("rotate"), &mut seal)
+                .unwrap()
+                .revision
+        });
+        is_inside.recv().unwrap();
+        let k = keys.get();
+        // Queued behind the first, in its transaction: fails once as a
+        // serialization failure would, then succeeds.
+        s.pool
+            .write(&k, Write::Locked, |tx| {
+                *runs += 1;
+                if *runs == 1 {
+                    tx.batch(
+                        "DO $$ BEGIN RAISE EXCEPTION 'conflict' \
+                         USING ERRCODE = 'serialization_failure'; END $$",
+                    )?;
+                }
+                macs::write_meta(tx, &k, "trust_domain", b"again")
+            })
+            .unwrap();
+        first.join().unwrap()
+    });
+    assert_eq!(*runs, 2);
+    // The other job of the batch committed as it was, run once.
+    assert_eq!(seals.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(rotated, start + 1);
+    assert_eq!(s.get_secret("db").unwrap().version_count, 2);
+    assert_eq!(
+        s.get_meta("trust_domain").unwrap().as_deref(),
+        Some(&b"again"[..])
+    );
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.check_row_set().unwrap(), None);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn a_batch_whose_connection_is_lost_before_commit_is_run_again_on_a_new_one() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    for i in 0..4 {
+        add_secret(&s, &format!("s{i}"));
+    }
+    let start = s.revision().unwrap();
+    let s = &s;
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    let seals = std::sync::atomic::AtomicUsize::new(0);
+    let seals = &seals;
+    let revisions: Vec<u64> = std::thread::scope(|scope| {
+        let first = scope.spawn(move || {
+            let mut seal = |id: u64, v: u64| {
+                if seals.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    inside.send(()).unwrap();
+                    until_queued(s, 3);
+                    // PostgreSQL restarts (or fails over) mid-batch.
+                    assert!(PgCluster::shared().terminate_connections(db_name(&url)) > 0);
+                }
+                sealed(id, v)
+            };
+            s.rotate_secret("s0", 20, None, &entry("rotate"), &mut seal)
+                .unwrap()
+                .revision
+        });
+        is_inside.recv().unwrap();
+        let others: Vec<_> = (1..4)
+            .map(|i| {
+                scope.spawn(move || {
+                    s.rotate_secret(&format!("s{i}"), 20, None, &entry("rotate"), &mut sealed)
+                        .unwrap()
+                        .revision
+                })
+            })
+            .collect();
+        let mut out = vec![first.join().unwrap()];
+        out.extend(others.into_iter().map(|t| t.join().unwrap()));
+        out
+    });
+    // The first job's seal ran again, on the new connection.
+    assert_eq!(seals.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let mut revisions = revisions;
+    revisions.sort_unstable();
+    assert_eq!(revisions, (start + 1..=start + 4).collect::<Vec<_>>());
+    for i in 0..4 {
+        assert_eq!(s.get_secret(&format!("s{i}")).unwrap().version_count, 2);
+    }
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn a_batch_takes_at_most_its_limit_of_jobs() {
+    let (s, _) = fresh(KeyRing::generate().unwrap());
+    const QUEUED: usize = 40;
+    for i in 0..=QUEUED {
+        add_secret(&s, &format!("s{i}"));
+    }
+    let start = s.revision().unwrap();
+    let commits = s.pool.commits();
+    let s = &s;
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    let mut revisions: Vec<u64> = std::thread::scope(|scope| {
+        let first = scope.spawn(move || {
+            let mut seal = |id: u64, v: u64| {
+                inside.send(()).unwrap();
+                until_queued(s, QUEUED);
+                sealed(id, v)
+            };
+            s.rotate_secret("s0", 20, None, &entry("rotate"), &mut seal)
+                .unwrap()
+                .revision
+        });
+        is_inside.recv().unwrap();
+        let others: Vec<_> = (1..=QUEUED)
+            .map(|i| {
+                scope.spawn(move || {
+                    s.rotate_secret(&format!("s{i}"), 20, None, &entry("rotate"), &mut sealed)
+                        .unwrap()
+                        .revision
+                })
+            })
+            .collect();
+        let mut out = vec![first.join().unwrap()];
+        out.extend(others.into_iter().map(|t| t.join().unwrap()));
+        out
+    });
+    // 41 jobs queued together: a full batch, then the rest.
+    assert_eq!(s.pool.commits() - commits, 2);
+    revisions.sort_unstable();
+    assert_eq!(
+        revisions,
+        (start + 1..=start + 1 + QUEUED as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
