@@ -48,9 +48,16 @@ pub enum Format {
 /// How to reach the server and as whom.
 #[derive(Clone, Debug, Args)]
 pub struct ConnArgs {
-    /// Server address, https://HOST:PORT.
-    #[arg(long, global = true, env = "SECRETFS_SERVER")]
-    pub server: Option<String>,
+    /// Server address, https://HOST:PORT. Several servers (replicas): repeat the flag
+    /// or give a comma list, in order of preference; a name with several addresses
+    /// counts as several. A connection that fails moves on to the next.
+    #[arg(
+        long,
+        global = true,
+        env = "SECRETFS_SERVER",
+        value_name = "ADDRESS[,ADDRESS...]"
+    )]
+    pub server: Vec<String>,
     /// CA certificate (PEM) that signed the server's certificate.
     #[arg(long, global = true, env = "SECRETFS_CA")]
     pub ca: Option<PathBuf>,

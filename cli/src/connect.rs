@@ -3,12 +3,13 @@
 //! every connection and call is bounded by `--timeout`.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use secretfs_proto::channel::{ChannelError, ConnectFailure};
 use secretfs_proto::credentials::{self, ClientFiles, FileContents, FileWarning};
+use secretfs_proto::servers::ServerList;
 use secretfs_proto::v1::admin_client::AdminClient;
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::ConnectConfig;
@@ -20,17 +21,36 @@ use crate::fail::UsageError;
 /// Replies can carry many secrets at once (a mount's first sync).
 const MAX_REPLY: usize = 256 * 1024 * 1024;
 
-/// The server and `--timeout` of this process's connection, for the
-/// message when a call runs out of time (`fail` reads it).
-static BOUND: OnceLock<(String, Duration)> = OnceLock::new();
+/// The server (the list until one answered) and `--timeout` of this
+/// process's connection, for the message when a call runs out of time
+/// (`fail` reads it).
+static BOUND: Mutex<Option<(String, Duration)>> = Mutex::new(None);
+
+fn bound(server: String, limit: Duration) {
+    *BOUND.lock().unwrap_or_else(PoisonError::into_inner) = Some((server, limit));
+}
+
+/// `--server` (repeated, or comma lists, or `SECRETFS_SERVER`) as one
+/// comma list, checked: an empty item or a bad address is a usage error
+/// naming it.
+fn servers(args: &ConnArgs) -> Result<String> {
+    if args.server.is_empty() {
+        return Err(missing("--server", "SECRETFS_SERVER"));
+    }
+    let joined = args.server.join(",");
+    ServerList::parse(&joined).map_err(|e| UsageError(format!("--server/SECRETFS_SERVER: {e}")))?;
+    Ok(joined)
+}
+
+fn missing(flag: &str, env: &str) -> anyhow::Error {
+    UsageError(format!(
+        "no {flag} given: pass {flag} or set {env} (`secretfs server init` and `secretfs dev` print the export lines)"
+    ))
+    .into()
+}
 
 fn need<'a, T>(value: &'a Option<T>, flag: &str, env: &str) -> Result<&'a T> {
-    value.as_ref().ok_or_else(|| {
-        UsageError(format!(
-            "no {flag} given: pass {flag} or set {env} (`secretfs server init` and `secretfs dev` print the export lines)"
-        ))
-        .into()
-    })
+    value.as_ref().ok_or_else(|| missing(flag, env))
 }
 
 fn read_file(path: &Path, what: &str, flag: &str) -> Result<Vec<u8>> {
@@ -54,12 +74,12 @@ pub fn config(args: &ConnArgs) -> Result<ConnectConfig> {
 /// about them is logged. A certificate that expires soon is said on stderr
 /// with `expiring_on_stderr`, else not at all.
 fn checked_config(args: &ConnArgs, expiring_on_stderr: bool) -> Result<ConnectConfig> {
-    let server = need(&args.server, "--server", "SECRETFS_SERVER")?;
+    let server = servers(args)?;
     let ca: &PathBuf = need(&args.ca, "--ca", "SECRETFS_CA")?;
     let cert: &PathBuf = need(&args.cert, "--cert", "SECRETFS_CERT")?;
     let key: &PathBuf = need(&args.key, "--key", "SECRETFS_KEY")?;
     let config = ConnectConfig {
-        server: server.clone(),
+        server,
         ca_pem: read_file(ca, "CA certificate", "--ca/SECRETFS_CA")?,
         cert_pem: read_file(cert, "client certificate", "--cert/SECRETFS_CERT")?,
         key_pem: zeroize::Zeroizing::new(read_file(key, "client key", "--key/SECRETFS_KEY")?),
@@ -100,25 +120,38 @@ fn checked_config(args: &ConnArgs, expiring_on_stderr: bool) -> Result<ConnectCo
 /// Why a call or connection ran out of time, naming the bound and the fix;
 /// `None` before any connection was configured.
 pub fn timed_out(detail: Option<&str>) -> Option<String> {
-    let (server, limit) = BOUND.get()?;
+    let (server, limit) = BOUND
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()?;
     Some(format!(
         "no answer from {server} within {} (--timeout/SECRETFS_TIMEOUT){}: the server may be stopped, stuck or \
          overloaded, or unreachable; check that `secretfs server run` is up and answering at that address, \
          or allow longer with --timeout DURATION",
-        humantime::format_duration(*limit),
+        humantime::format_duration(limit),
         detail.map(|d| format!(" ({d})")).unwrap_or_default()
     ))
 }
 
-/// Connects within `--timeout`; each call on the channel is bounded by it
-/// too (until the server begins its answer, so a stream may stay open).
+/// Connects within `--timeout` (each server of a list in turn, each
+/// within it); each call on the channel is bounded by it too (until the
+/// server begins its answer, so a stream may stay open). A call stays on
+/// the server that answered: a command is never sent twice.
 pub async fn channel(args: &ConnArgs) -> Result<Channel> {
     let config = checked_config(args, true)?;
     let limit = args.timeout;
-    let _ = BOUND.set((config.server.clone(), limit));
-    let attempt = secretfs_proto::connect_with_call_timeout(&config, limit);
-    match tokio::time::timeout(limit, attempt).await {
-        Ok(Ok(channel)) => Ok(channel),
+    bound(config.server.clone(), limit);
+    let count = ServerList::parse(&config.server).map_or(1, |l| l.len().max(1));
+    let whole = limit.saturating_mul(u32::try_from(count).unwrap_or(u32::MAX));
+    let attempt = secretfs_proto::connect_any(&config, Some(limit));
+    match tokio::time::timeout(whole, attempt).await {
+        Ok(Ok((channel, connected))) => {
+            for e in &connected.passed_over {
+                tracing::debug!(error = %e, "passed over a server");
+            }
+            bound(connected.target().to_string(), limit);
+            Ok(channel)
+        }
         Ok(Err(ChannelError::Connect {
             failure: ConnectFailure::Timeout,
             ..

@@ -67,6 +67,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use secretfs_proto::channel::ChannelError;
+use secretfs_proto::servers::{Endpoints, ServerList};
 use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
 
@@ -227,6 +228,7 @@ pub async fn run(
         stream,
         snapshot,
         identity,
+        endpoints,
     } = first;
 
     let defaults = Defaults {
@@ -307,6 +309,9 @@ pub async fn run(
         mirror,
         stream: Some(stream),
         connect: opts.connect.clone(),
+        in_use: endpoints.current().clone(),
+        serving: endpoints.current().clone(),
+        endpoints,
         credentials,
         refresh: opts.refresh,
         renewal: cert.map(|c| renewal::Schedule::with_renewal(c, opts.renew_after, opts.renew)),
@@ -403,6 +408,7 @@ struct FirstSync {
     stream: tonic::Streaming<secretfs_proto::v1::WatchEvent>,
     snapshot: Snapshot,
     identity: Option<String>,
+    endpoints: Endpoints,
 }
 
 /// Connects and syncs, retrying unreachable servers until `start_timeout`.
@@ -440,48 +446,85 @@ enum Attempt {
     Fatal(MountError),
 }
 
+/// The first sync from the first endpoint that gives it, in order: one that
+/// cannot be reached (or answers UNAVAILABLE) is passed over; an answer
+/// from the server (this client refused) is final.
 async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     let server = cfg.server.clone();
-    let channel = match secretfs_proto::connect_with_call_timeout(cfg, sync::RPC_TIMEOUT).await {
-        Ok(c) => c,
-        Err(ChannelError::Connect {
-            reason, failure, ..
-        }) if failure.is_tls() => {
-            return Err(Attempt::Fatal(MountError::TlsRefused { server, reason }))
+    let list = ServerList::parse(&server)
+        .map_err(|e| Attempt::Fatal(MountError::Connect(e.to_string())))?;
+    let (targets, mut failed) = list.resolve().await;
+    // Certificate trouble on every endpoint (and every name resolved) is
+    // fatal: waiting will not fix it.
+    let mut tls_only = failed.is_empty();
+    for target in &targets {
+        let channel =
+            match secretfs_proto::channel::connect_to(cfg, target, Some(sync::RPC_TIMEOUT)).await {
+                Ok(c) => c,
+                Err(e @ ChannelError::Connect { .. }) => {
+                    tls_only &= e.is_tls();
+                    failed.push(e);
+                    continue;
+                }
+                Err(e) => return Err(Attempt::Fatal(MountError::Connect(e.to_string()))),
+            };
+        let mut source = SecretsSource::new(channel);
+        let mut mirror = Mirror::new();
+        let (stream, snapshot) = match source.first_sync(&mut mirror).await {
+            Ok(s) => s,
+            Err(SyncError::Refused(message)) => {
+                return Err(Attempt::Fatal(MountError::ClientRefused {
+                    server: target.to_string(),
+                    message,
+                }))
+            }
+            Err(e @ (SyncError::TlsRefused(_) | SyncError::Unreachable(_))) => {
+                tls_only &= matches!(e, SyncError::TlsRefused(_));
+                failed.push(ChannelError::Connect {
+                    server: target.to_string(),
+                    reason: e.to_string(),
+                    failure: secretfs_proto::channel::ConnectFailure::Other,
+                });
+                continue;
+            }
+            Err(e) => return Err(Attempt::Retry(format!("{target}: {e}"))),
+        };
+        if !failed.is_empty() {
+            tracing::info!(
+                server = %target,
+                passed_over = %ChannelError::AllFailed(failed),
+                "synced from a server after others did not answer"
+            );
         }
-        Err(ChannelError::Connect { reason, .. }) => return Err(Attempt::Retry(reason)),
-        Err(e) => return Err(Attempt::Fatal(MountError::Connect(e.to_string()))),
+        // Only for the status page: a server without WhoAmI is fine.
+        let identity = match source.whoami().await {
+            Ok(name) => Some(name),
+            Err(e) => {
+                tracing::debug!(error = %e, "WhoAmI failed; status will show no identity");
+                None
+            }
+        };
+        return Ok(FirstSync {
+            source,
+            mirror,
+            stream,
+            snapshot,
+            identity,
+            endpoints: Endpoints::new(list, targets.clone(), target),
+        });
+    }
+    let reason = match failed.len() {
+        1 => match &failed[0] {
+            ChannelError::Connect { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        },
+        _ => ChannelError::AllFailed(failed).to_string(),
     };
-    let mut source = SecretsSource::new(channel);
-    let mut mirror = Mirror::new();
-    let (stream, snapshot) = match source.first_sync(&mut mirror).await {
-        Ok(s) => s,
-        Err(SyncError::Refused(message)) => {
-            return Err(Attempt::Fatal(MountError::ClientRefused {
-                server,
-                message,
-            }))
-        }
-        Err(SyncError::TlsRefused(r)) => {
-            return Err(Attempt::Fatal(MountError::TlsRefused { server, reason: r }))
-        }
-        Err(e) => return Err(Attempt::Retry(e.to_string())),
-    };
-    // Only for the status page: a server without WhoAmI is fine.
-    let identity = match source.whoami().await {
-        Ok(name) => Some(name),
-        Err(e) => {
-            tracing::debug!(error = %e, "WhoAmI failed; status will show no identity");
-            None
-        }
-    };
-    Ok(FirstSync {
-        source,
-        mirror,
-        stream,
-        snapshot,
-        identity,
-    })
+    if tls_only && !targets.is_empty() {
+        Err(Attempt::Fatal(MountError::TlsRefused { server, reason }))
+    } else {
+        Err(Attempt::Retry(reason))
+    }
 }
 
 /// Keeps secrets out of core dumps and away from ptrace by other users.

@@ -3,9 +3,15 @@
 //! the updater.
 //!
 //! [`live_loop`] owns the connection after the first sync:
-//! - a broken stream or an unreachable server: report it, reconnect after a
-//!   jittered backoff (first retry 50-100 ms, doubling, capped at 3 s), and
-//!   resume from what is held (the server sends only what changed meanwhile);
+//! - a broken stream or an unreachable server (a transport failure, or
+//!   UNAVAILABLE): move at once to the next endpoint that has not failed
+//!   since the last success ([`Endpoints`]: several `--server`s, a name's
+//!   several addresses), without reporting an outage; when every one has
+//!   failed, report it, resolve the names again and reconnect from the
+//!   first after a jittered backoff (first retry 50-100 ms, doubling,
+//!   capped at 3 s). Either way the new stream resumes from what is held
+//!   (the server sends only what changed meanwhile), and the files stay
+//!   as they are until it has;
 //! - a refused event (out of order, malformed): drop the stream and
 //!   reconnect the same way; nothing of the event was applied;
 //! - the server refuses the client (removed, disabled): report it (the mount
@@ -23,6 +29,7 @@ use std::time::Duration;
 use secretfs_proto::channel::{error_chain, ConnectFailure};
 use secretfs_proto::credentials::{key_matches, FileContents};
 use secretfs_proto::files::ReplaceError;
+use secretfs_proto::servers::{Endpoints, Target};
 use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{
     Empty, RenewCertificateRequest, ReportRefusalsRequest, WatchEvent, WatchRequest,
@@ -274,6 +281,12 @@ pub struct Live {
     /// What the channel was built from; the certificate and key are swapped
     /// when their files change.
     pub connect: ConnectConfig,
+    /// The endpoint in use and where to go when it fails.
+    pub endpoints: Endpoints,
+    /// The endpoint `source` is connected to.
+    pub in_use: Target,
+    /// The endpoint the last applied event came from (a move is logged once).
+    pub serving: Target,
     pub credentials: Option<CredentialWatch>,
     /// Interval of the from-scratch safety-net resync.
     pub refresh: Duration,
@@ -289,6 +302,52 @@ pub struct Live {
     /// The connection in use, for others that call as this client (the
     /// refusal reporter): a clone shares the channel.
     pub connection: tokio::sync::watch::Sender<SecretsSource>,
+}
+
+impl Live {
+    /// The endpoint in use failed: moves to the next one not tried since
+    /// the last success, if any. False when every one has failed.
+    fn fail_over(&mut self) -> bool {
+        if self.endpoints.failed().is_none() {
+            return false;
+        }
+        self.use_endpoint();
+        true
+    }
+
+    /// A channel to the endpoint now current, unless it is the one in use
+    /// (a lazy channel reconnects by itself).
+    fn use_endpoint(&mut self) {
+        if *self.endpoints.current() == self.in_use {
+            return;
+        }
+        match secretfs_proto::connect_lazy_to(&self.connect, self.endpoints.current(), RPC_TIMEOUT)
+        {
+            Ok(channel) => {
+                self.source = SecretsSource::new(channel);
+                self.in_use = self.endpoints.current().clone();
+                let _ = self.connection.send(self.source.clone());
+            }
+            // The same configuration built the first channel: not expected.
+            Err(error) => {
+                tracing::warn!(%error, server = %self.endpoints.current(), "cannot use this server")
+            }
+        }
+    }
+
+    /// An event from the endpoint in use was applied: every endpoint may
+    /// be tried again, and a move is logged (once).
+    fn serving(&mut self) {
+        self.endpoints.succeeded();
+        if self.serving != self.in_use {
+            tracing::info!(
+                server = %self.in_use,
+                previous = %self.serving,
+                "moved to another server; the secrets are resynced from it"
+            );
+            self.serving = self.in_use.clone();
+        }
+    }
 }
 
 /// Why a stream was left.
@@ -345,7 +404,20 @@ pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
         let delay = match stop {
             Stop::Gone => return,
             Stop::Now => continue,
+            Stop::Failed(e @ (SyncError::Unreachable(_) | SyncError::TlsRefused(_)))
+                if live.fail_over() =>
+            {
+                // Another endpoint is left to try: at once, and no outage
+                // to report (the files stay; the status stays connected).
+                tracing::debug!(error = %e, next = %live.endpoints.current(), "server lost; trying the next one");
+                continue;
+            }
             Stop::Failed(e) => {
+                if matches!(e, SyncError::Unreachable(_) | SyncError::TlsRefused(_)) {
+                    // Every endpoint failed: a replica may have moved.
+                    live.endpoints.reresolve().await;
+                    live.use_endpoint();
+                }
                 let delay = if matches!(e, SyncError::Refused(_)) {
                     // The mount empties; what we held no longer counts.
                     live.mirror.clear();
@@ -389,6 +461,7 @@ async fn follow(
                 Ok(Step::Applied(snapshot, revision)) => {
                     initial = InitialEvent::received();
                     on_success();
+                    live.serving();
                     if events.send(SyncEvent::Synced { snapshot, revision }).await.is_err() {
                         return Stop::Gone;
                     }
@@ -638,7 +711,7 @@ async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<Sync
     let mut cfg = live.connect.clone();
     cfg.cert_pem = pair.cert_pem;
     cfg.key_pem = pair.key_pem;
-    match secretfs_proto::connect_lazy(&cfg, RPC_TIMEOUT) {
+    match secretfs_proto::connect_lazy_to(&cfg, &live.in_use, RPC_TIMEOUT) {
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
             let _ = events.send(SyncEvent::Certificate(pair.info.clone())).await;

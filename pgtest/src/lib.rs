@@ -37,6 +37,72 @@ pub struct Options {
     pub tls: Option<(PathBuf, PathBuf)>,
 }
 
+/// A test CA and a server certificate it signed, as PEM files in a
+/// directory of their own (removed on drop): for [`Options::tls`] and for
+/// the client's root CA.
+pub struct TlsFiles {
+    dir: PathBuf,
+    /// The CA's certificate (what `sslrootcert` names).
+    pub ca: PathBuf,
+    /// The server's certificate and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A new CA, and a server certificate for `names` (host names or IP
+    /// addresses, e.g. `["localhost", "127.0.0.1"]`).
+    pub fn new(names: &[&str]) -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        remove_stale_clusters();
+        let dir = std::env::temp_dir().join(format!(
+            "secretfs-pgtest-{}-{}-tls",
+            std::process::id(),
+            next_id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "secretfs test PostgreSQL CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().copied().unwrap_or("server"),
+        );
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let files = TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.crt"),
+            key: dir.join("server.key"),
+            dir,
+        };
+        std::fs::write(&files.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        files
+    }
+
+    /// [`Options`] for a cluster serving this certificate.
+    pub fn options(&self) -> Options {
+        Options {
+            tls: Some((self.cert.clone(), self.key.clone())),
+        }
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// One running PostgreSQL server.
 pub struct PgCluster {
     dir: PathBuf,
@@ -387,6 +453,14 @@ mod tests {
         // the DbError.)
         let db = err.as_db_error().expect("a refusal from the server");
         assert!(db.message().contains("password"), "{db}");
+    }
+
+    #[test]
+    fn a_cluster_with_tls_has_ssl_on() {
+        let files = TlsFiles::new(&["localhost", "127.0.0.1"]);
+        let pg = PgCluster::start(files.options());
+        let on: String = pg.superuser().query_one("SHOW ssl", &[]).unwrap().get(0);
+        assert_eq!(on, "on");
     }
 
     #[test]

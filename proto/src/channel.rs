@@ -4,15 +4,24 @@
 //! and a client certificate + key (the caller's identity). Errors name the
 //! file or the server and say what to check, because "transport error" is
 //! all tonic says on its own.
+//!
+//! `ConnectConfig::server` may list several servers (`A,B`, see
+//! [`crate::servers`]): [`connect`] tries their endpoints in order until one
+//! answers, and names every one and why when none does. Only a failure to
+//! connect moves on to the next: once a channel is up, its calls stay on
+//! that server (a call is never sent twice by this layer).
 
 use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::servers::{ServerList, Target};
+
 /// Where and as whom to connect. PEM contents, already read from files.
 #[derive(Clone)]
 pub struct ConnectConfig {
-    /// `https://host:port` or `host:port`.
+    /// `https://host:port` or `host:port`; or several, comma-separated, in
+    /// order of preference.
     pub server: String,
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
@@ -30,13 +39,17 @@ impl std::fmt::Debug for ConnectConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChannelError {
     #[error(
         "invalid server address {0:?}: use https://HOST:PORT (for example https://127.0.0.1:7443)"
     )]
     BadAddress(String),
+    #[error(
+        "empty item in the server list {0:?}: give addresses separated by single commas, such as https://a:7443,https://b:7443"
+    )]
+    EmptyServer(String),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
     #[error("cannot connect to {server}: {reason}")]
@@ -46,6 +59,44 @@ pub enum ChannelError {
         reason: String,
         failure: ConnectFailure,
     },
+    /// Every server of a list failed: each one's `Connect` error, in order.
+    #[error("cannot connect to any of the servers: {}", list_failures(.0))]
+    AllFailed(Vec<ChannelError>),
+}
+
+fn list_failures(all: &[ChannelError]) -> String {
+    let each: Vec<String> = all
+        .iter()
+        .map(|e| match e {
+            ChannelError::Connect { server, reason, .. } => format!("{server}: {reason}"),
+            other => other.to_string(),
+        })
+        .collect();
+    each.join("; ")
+}
+
+impl ChannelError {
+    /// Why connecting failed, when every server failed the same way.
+    pub fn failure(&self) -> Option<ConnectFailure> {
+        match self {
+            ChannelError::Connect { failure, .. } => Some(*failure),
+            ChannelError::AllFailed(all) => {
+                let mut kinds = all.iter().map(ChannelError::failure);
+                let first = kinds.next()??;
+                kinds.all(|k| k == Some(first)).then_some(first)
+            }
+            _ => None,
+        }
+    }
+
+    /// Certificate trouble on every server: waiting will not fix it.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            ChannelError::Connect { failure, .. } => failure.is_tls(),
+            ChannelError::AllFailed(all) => !all.is_empty() && all.iter().all(Self::is_tls),
+            _ => false,
+        }
+    }
 }
 
 /// Normalises `host:port` to `https://host:port`; refuses plain http.
@@ -66,17 +117,20 @@ pub fn server_url(server: &str) -> Result<String, ChannelError> {
     Ok(url)
 }
 
-fn endpoint(config: &ConnectConfig) -> Result<Endpoint, ChannelError> {
-    let url = server_url(&config.server)?;
+fn endpoint(config: &ConnectConfig, target: &Target) -> Result<Endpoint, ChannelError> {
     // The TCP connect timeout alone lets a server that accepts but never
     // answers (stopped, overloaded) hold a client in the TLS handshake
     // forever: bound that too.
-    let tls = ClientTlsConfig::new()
+    let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&config.ca_pem))
         .identity(Identity::from_pem(&config.cert_pem, &config.key_pem))
         .timeout(config.connect_timeout);
-    Endpoint::from_shared(url)
-        .map_err(|_| ChannelError::BadAddress(config.server.clone()))?
+    if !target.server.is_ip() {
+        // Dialled by address (one of the name's), checked by name.
+        tls = tls.domain_name(target.server.host.clone());
+    }
+    Endpoint::from_shared(target.dial_url())
+        .map_err(|_| ChannelError::BadAddress(target.server.url.clone()))?
         .tls_config(tls)
         .map_err(|e| ChannelError::Tls(ConnectFailure::classify(&e).explain(&error_chain(&e))))
         .map(|ep| {
@@ -91,7 +145,7 @@ fn endpoint(config: &ConnectConfig) -> Result<Endpoint, ChannelError> {
 /// Connects now, so a bad address, CA or certificate shows up here with a
 /// clear message rather than on the first call.
 pub async fn connect(config: &ConnectConfig) -> Result<Channel, ChannelError> {
-    connect_endpoint(config, endpoint(config)?).await
+    Ok(connect_any(config, None).await?.0)
 }
 
 /// As [`connect`], and every call on the channel fails with a timeout
@@ -102,28 +156,94 @@ pub async fn connect_with_call_timeout(
     config: &ConnectConfig,
     call_timeout: Duration,
 ) -> Result<Channel, ChannelError> {
-    connect_endpoint(config, endpoint(config)?.timeout(call_timeout)).await
+    Ok(connect_any(config, Some(call_timeout)).await?.0)
 }
 
-async fn connect_endpoint(config: &ConnectConfig, ep: Endpoint) -> Result<Channel, ChannelError> {
+/// A connection to the first endpoint of `config.server` that answers, in
+/// order; the endpoints, and which one answered. A single server's failure
+/// is its own `Connect` error; several are [`ChannelError::AllFailed`].
+pub async fn connect_any(
+    config: &ConnectConfig,
+    call_timeout: Option<Duration>,
+) -> Result<(Channel, Connected), ChannelError> {
+    let list = ServerList::parse(&config.server)?;
+    let (targets, mut failed) = list.resolve().await;
+    for (i, target) in targets.iter().enumerate() {
+        match connect_to(config, target, call_timeout).await {
+            Ok(channel) => {
+                let connected = Connected {
+                    list,
+                    targets: targets.clone(),
+                    at: i,
+                    passed_over: failed,
+                };
+                return Ok((channel, connected));
+            }
+            Err(e) => failed.push(e),
+        }
+    }
+    if failed.len() == 1 {
+        Err(failed.remove(0))
+    } else {
+        Err(ChannelError::AllFailed(failed))
+    }
+}
+
+/// Where [`connect_any`] got through.
+#[derive(Clone, Debug)]
+pub struct Connected {
+    pub list: ServerList,
+    pub targets: Vec<Target>,
+    at: usize,
+    /// Why the endpoints before it did not answer (proto logs nothing: the
+    /// caller may).
+    pub passed_over: Vec<ChannelError>,
+}
+
+impl Connected {
+    /// The endpoint that answered.
+    pub fn target(&self) -> &Target {
+        &self.targets[self.at]
+    }
+
+    /// The failover state of a long-running client, starting there.
+    pub fn endpoints(&self) -> crate::servers::Endpoints {
+        crate::servers::Endpoints::new(self.list.clone(), self.targets.clone(), self.target())
+    }
+}
+
+/// Connects to one endpoint now.
+pub async fn connect_to(
+    config: &ConnectConfig,
+    target: &Target,
+    call_timeout: Option<Duration>,
+) -> Result<Channel, ChannelError> {
+    let mut ep = endpoint(config, target)?;
+    if let Some(limit) = call_timeout {
+        ep = ep.timeout(limit);
+    }
     ep.connect().await.map_err(|e| {
         let failure = ConnectFailure::classify(&e);
         ChannelError::Connect {
-            server: config.server.clone(),
+            server: target.to_string(),
             reason: failure.explain(&error_chain(&e)),
             failure,
         }
     })
 }
 
-/// A channel that connects on first use and reconnects by itself: for
-/// long-running clients such as the mount. Calls time out as with
+/// A channel to one endpoint that connects on first use and reconnects by
+/// itself: for long-running clients such as the mount, which choose the
+/// endpoint ([`crate::servers::Endpoints`]). Calls time out as with
 /// [`connect_with_call_timeout`].
-pub fn connect_lazy(
+pub fn connect_lazy_to(
     config: &ConnectConfig,
+    target: &Target,
     call_timeout: Duration,
 ) -> Result<Channel, ChannelError> {
-    Ok(endpoint(config)?.timeout(call_timeout).connect_lazy())
+    Ok(endpoint(config, target)?
+        .timeout(call_timeout)
+        .connect_lazy())
 }
 
 /// Joins an error and its sources into one line.
@@ -511,5 +631,35 @@ mod tests {
             }
             other => panic!("expected a refused connection, got {other:?}"),
         }
+    }
+
+    /// Two servers down: the error names both, each with why.
+    #[tokio::test]
+    async fn every_failed_server_is_named() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (a, b) = (closed_port(), closed_port());
+        let config = ConnectConfig {
+            server: format!("{a},https://{b}"),
+            ca_pem: cert.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem().into_bytes()),
+            connect_timeout: Duration::from_secs(5),
+        };
+        let err = connect(&config).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ChannelError::AllFailed(ref all) if all.len() == 2),
+            "{text}"
+        );
+        assert!(
+            text.contains(&a.to_string()) && text.contains(&b.to_string()),
+            "{text}"
+        );
+        assert_eq!(err.failure(), Some(ConnectFailure::Refused), "{text}");
+        assert!(!err.is_tls());
     }
 }

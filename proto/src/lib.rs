@@ -6,6 +6,8 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled proto, for server reflection.
 //! - [`channel`]: a mutual-TLS [`tonic::transport::Channel`] from PEM files,
 //!   shared by the CLI and the mount so both connect the same way.
+//! - [`servers`]: several servers (`--server A,B`), a name's several
+//!   addresses, and where a long-running client goes when one fails.
 //! - [`cert`]: a certificate's serial and validity, the one time format
 //!   (RFC 3339, UTC) and the one expiry warning, for server, CLI and mount.
 //! - [`credentials`]: checks of the client's own CA, certificate and key
@@ -22,6 +24,7 @@ pub mod credentials;
 pub mod files;
 #[cfg(test)]
 mod prop_support;
+pub mod servers;
 
 /// Generated code for package `secretfs.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -29,7 +32,9 @@ pub mod v1 {
     tonic::include_proto!("secretfs.v1");
 }
 
-pub use channel::{connect, connect_lazy, connect_with_call_timeout, ChannelError, ConnectConfig};
+pub use channel::{
+    connect, connect_any, connect_lazy_to, connect_with_call_timeout, ChannelError, ConnectConfig,
+};
 
 /// `secretfs.proto` compiled (a `FileDescriptorSet`), for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -408,6 +408,20 @@ impl Rekeyer {
                 keys.current.epoch()
             )));
         }
+        // Each replica holds its own copy of the master key: one that kept
+        // the old key would go on sealing under it while this one moves
+        // the data away from it.
+        let others = self.store.other_replicas()?;
+        if !others.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} other replica(s) serve this database (from {}): a rekey runs with one replica \
+                 only; nothing was changed. Stop the others, rekey here, then copy the new master \
+                 key to each replica's state directory and start them (README: \
+                 \"Running several replicas\")",
+                others.len(),
+                others.join(", ")
+            )));
+        }
         let from = keys.current.epoch();
         let to = from + 1;
         let next = {

@@ -27,7 +27,7 @@ fn ignore_exists<T>(r: Result<T, tonic::Status>) -> Result<()> {
 
 fn conn_for(server: &str, ca: PathBuf, cert: PathBuf, key: PathBuf) -> ConnArgs {
     ConnArgs {
-        server: Some(server.to_owned()),
+        server: vec![server.to_owned()],
         ca: Some(ca),
         cert: Some(cert),
         key: Some(key),

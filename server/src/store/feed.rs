@@ -58,6 +58,11 @@ pub trait ChangeFeed: Send + Sync {
     /// Every change from now on: this process's and, for a shared store,
     /// other replicas'.
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+    /// Whether other replicas' changes are heard now (for health). Always
+    /// true for a store no one else writes.
+    fn connected(&self) -> bool {
+        true
+    }
 }
 
 /// The feed of a store only this process writes.

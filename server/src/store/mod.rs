@@ -577,6 +577,14 @@ pub trait Store: Send + Sync + 'static {
         entries: &[(&str, Option<&[u8]>)],
         audit: &AuditEntry,
     ) -> Result<()>;
+    // -- replicas (issue 13)
+    /// Other server processes serving this database now (replicas), each
+    /// described by where it connects from: what must not run while a
+    /// rekey changes the master key under them. Empty for a store only
+    /// this process opens.
+    fn other_replicas(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }
 
 pub fn now_ms() -> i64 {

@@ -17,6 +17,7 @@ mod deploy;
 mod dev;
 mod dockerfile;
 mod docs;
+mod failover;
 mod grpc_conventions;
 mod integrity;
 mod key_providers;

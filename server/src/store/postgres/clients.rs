@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::audit::record_change;
 use super::commit::Tx;
-use super::macs;
+use super::macs::{self, client_mac_cols};
 use super::rows::{self, client_cols, insert_named, secret_cols};
 use crate::store::integrity::{self, Checker};
 use crate::store::*;
@@ -198,8 +198,11 @@ pub(super) fn create(
 ) -> Result<Committed<ClientRecord>> {
     let now = now_s();
     let inserted = tx.try_one(
-        "INSERT INTO clients (name, admin, enabled, pinned, created_at) VALUES ($1, $2, 1, $3, $4)
-         RETURNING id",
+        concat!(
+            "INSERT INTO clients (name, admin, enabled, pinned, created_at) \
+             VALUES ($1, $2, 1, $3, $4) RETURNING ",
+            client_mac_cols!()
+        ),
         &[
             &new.name,
             &i64::from(new.admin),
@@ -207,8 +210,9 @@ pub(super) fn create(
             &now,
         ],
     )?;
-    let id: i64 = insert_named(inserted, Entity::Client, &new.name)?.try_get(0)?;
-    macs::sign(tx, ck.keys, &macs::CLIENTS, id)?;
+    let row = insert_named(inserted, Entity::Client, &new.name)?;
+    let id: i64 = row.try_get(0)?;
+    macs::sign_row(tx, ck.keys, &macs::CLIENTS, &row)?;
     if let Some((serial, not_after)) = &new.cert {
         insert_cert(tx, ck, id, serial, *not_after, now)?;
     }

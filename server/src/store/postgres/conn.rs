@@ -2,7 +2,7 @@
 //! and what a driver error means to the rest of the server.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -230,7 +230,18 @@ impl PgConfig {
 pub(super) fn connect(cfg: &PgConfig) -> Result<postgres::Client> {
     let client = match &cfg.tls {
         Tls::Off => cfg.config.connect(postgres::NoTls),
-        Tls::VerifyFull(ca) => return finish(cfg, super::tls::connect(&cfg.config, ca)?),
+        Tls::VerifyFull(ca) => {
+            let client = super::tls::connect(&cfg.config, ca).map_err(|e| match e {
+                // The server's own refusal (password, database) is told
+                // the same way with TLS as without.
+                StoreError::Backend(source) => match source.downcast_ref::<postgres::Error>() {
+                    Some(pg) => connect_error(cfg, pg),
+                    None => StoreError::Backend(source),
+                },
+                other => other,
+            })?;
+            return finish(cfg, client);
+        }
     };
     finish(cfg, client.map_err(|e| connect_error(cfg, &e))?)
 }
@@ -324,7 +335,21 @@ pub(super) fn is_connection_error(e: &postgres::Error) -> bool {
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
         }
-        None => e.is_closed() || e.as_db_error().is_none(),
+        // Not a database error: the connection closed, or an I/O error
+        // under it (a type conversion is neither).
+        None => {
+            if e.is_closed() {
+                return true;
+            }
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                if s.is::<std::io::Error>() {
+                    return true;
+                }
+                source = s.source();
+            }
+            false
+        }
     }
 }
 
@@ -345,14 +370,5 @@ pub(super) fn code_of(e: &StoreError) -> Option<&SqlState> {
     match e {
         StoreError::Backend(b) => b.downcast_ref::<PgError>().and_then(|p| p.code.as_ref()),
         _ => None,
-    }
-}
-
-/// For tests and the TLS stub: the CA path of a verify-full config.
-#[allow(dead_code)]
-pub(super) fn root_ca(cfg: &PgConfig) -> Option<&Path> {
-    match &cfg.tls {
-        Tls::VerifyFull(p) => Some(p),
-        Tls::Off => None,
     }
 }

@@ -4,8 +4,9 @@ use std::collections::HashMap;
 
 use super::audit::record_change;
 use super::commit::Tx;
+use super::macs::{self, group_mac_cols};
 use super::rows::{self, client_cols, insert_named};
-use super::{macs, secrets};
+use super::secrets;
 use crate::store::integrity::{self, Checker};
 use crate::store::*;
 
@@ -116,11 +117,14 @@ pub(super) fn create(
     audit: &AuditEntry,
 ) -> Result<Committed<GroupRecord>> {
     let inserted = tx.try_one(
-        "INSERT INTO groups (name, description, created_at) VALUES ($1, $2, $3) RETURNING id",
+        concat!(
+            "INSERT INTO groups (name, description, created_at) VALUES ($1, $2, $3) RETURNING ",
+            group_mac_cols!()
+        ),
         &[&name, &description, &now_s()],
     )?;
-    let id: i64 = insert_named(inserted, Entity::Group, name)?.try_get(0)?;
-    macs::sign(tx, ck.keys, &macs::GROUPS, id)?;
+    let row = insert_named(inserted, Entity::Group, name)?;
+    macs::sign_row(tx, ck.keys, &macs::GROUPS, &row)?;
     let revision = record_change(tx, audit, |revision| Change::Access { revision })?;
     Ok(Committed {
         value: by_name(tx, ck, name)?,

@@ -18,8 +18,6 @@ pub(super) struct Table {
     pub name: &'static str,
     /// Every row: the MAC'd columns, `ctid::text`, `mac`.
     select: &'static str,
-    /// The row with `id = $1` (tables with an id).
-    select_id: &'static str,
     /// Sets `mac = $1` of the row with `ctid = $2`.
     set_mac: &'static str,
     /// Sets `mac = $1` of the row with `id = $2`.
@@ -30,18 +28,31 @@ pub(super) struct Table {
     key: fn(&Row) -> Result<String>,
 }
 
+/// The MAC'd columns of `secrets`, `clients` and `groups`, as their
+/// [`Table`]s read them: what a write's `RETURNING` gives [`sign_row`].
+macro_rules! secret_mac_cols {
+    () => {
+        "id, name, description, labels, mode, owner, grp, expires_at, current_version, \
+         version_count, created_at, updated_at"
+    };
+}
+macro_rules! client_mac_cols {
+    () => {
+        "id, name, admin, enabled, pinned, created_at"
+    };
+}
+macro_rules! group_mac_cols {
+    () => {
+        "id, name"
+    };
+}
+pub(super) use {client_mac_cols, group_mac_cols, secret_mac_cols};
+
 macro_rules! table {
-    ($name:expr, $table:literal, $cols:literal, at: $at:expr, input: $input:expr, key: $key:expr $(,)?) => {
+    ($name:expr, $table:literal, $cols:expr, at: $at:expr, input: $input:expr, key: $key:expr $(,)?) => {
         Table {
             name: $name,
             select: concat!("SELECT ", $cols, ", ctid::text, mac FROM ", $table),
-            select_id: concat!(
-                "SELECT ",
-                $cols,
-                ", ctid::text, mac FROM ",
-                $table,
-                " WHERE id = $1"
-            ),
             set_mac: concat!(
                 "UPDATE ",
                 $table,
@@ -70,7 +81,7 @@ fn u32_of(v: i64) -> u32 {
 pub(super) const CLIENTS: Table = table!(
     integrity::CLIENTS,
     "clients",
-    "id, name, admin, enabled, pinned, created_at",
+    client_mac_cols!(),
     at: 6,
     input: |r| {
         Ok(Some(integrity::client(
@@ -104,7 +115,7 @@ pub(super) const CLIENT_CERTS: Table = table!(
 pub(super) const GROUPS: Table = table!(
     integrity::GROUPS,
     "groups",
-    "id, name",
+    group_mac_cols!(),
     at: 2,
     input: |r| Ok(Some(integrity::group(id(r, 0)?, &r.try_get::<_, String>(1)?))),
     key: |r| Ok(format!("id={}", id(r, 0)?)),
@@ -131,8 +142,7 @@ pub(super) const GROUP_SECRETS: Table = table!(
 pub(super) const SECRETS: Table = table!(
     integrity::SECRETS,
     "secrets",
-    "id, name, description, labels, mode, owner, grp, expires_at, current_version, \
-     version_count, created_at, updated_at",
+    secret_mac_cols!(),
     at: 12,
     input: |r| {
         let (name, description, labels): (String, String, String) =
@@ -193,14 +203,12 @@ pub(super) fn write_meta(tx: &mut Tx<'_>, keys: &Keys, key: &str, value: &[u8]) 
     Ok(())
 }
 
-/// Signs the row of `table` (one with an id) with this id under the
-/// current key.
-pub(super) fn sign(tx: &mut Tx<'_>, keys: &Keys, table: &Table, row_id: i64) -> Result<()> {
-    let Some(row) = tx.opt(table.select_id, &[&row_id])? else {
-        return Ok(());
-    };
-    if let Some(input) = (table.input)(&row)? {
+/// Signs the row a write just made or changed, as its `RETURNING` of the
+/// table's MAC'd columns gave it (no read back: one round trip less).
+pub(super) fn sign_row(tx: &mut Tx<'_>, keys: &Keys, table: &Table, row: &Row) -> Result<()> {
+    if let Some(input) = (table.input)(row)? {
         let tag = keys.row_tag(&input).to_vec();
+        let row_id: i64 = row.try_get(0)?;
         tx.exec(table.set_mac_id, &[&tag, &row_id])?;
     }
     Ok(())

@@ -20,9 +20,9 @@ mod clients;
 mod commit;
 mod conn;
 mod groups;
+mod listen;
 mod macs;
 mod migrate;
-#[allow(dead_code)] // `parse` is the listener's (replicas stream).
 mod notify;
 mod rekey;
 mod row_set;
@@ -41,9 +41,9 @@ use integrity::{BadRow, BadRowLog, Checker};
 
 pub struct PgStore {
     pool: Pool,
-    /// Where committed changes are announced. For now this process's own
-    /// feed: the cross-replica listener (`listen.rs`) plugs in here, as
-    /// the feed `open` makes.
+    /// Where committed changes are announced: this process's own at once,
+    /// and every replica's through the database's LISTEN/NOTIFY
+    /// (`listen.rs`).
     feed: Arc<dyn ChangeFeed>,
     keys: Arc<KeyRing>,
     bad_rows: BadRowLog,
@@ -70,10 +70,13 @@ impl PgStore {
             let mut conn = pool.get()?;
             migrate::open(conn.client(), create, &keys.get(), cfg.redacted())?;
         }
+        // Listening starts at the revision the store opens at: changes
+        // from here on, from any replica, reach this process's feed.
+        let revision = pool.read(audit::revision)?;
+        let feed = listen::PgFeed::for_store(cfg, revision)?;
         Ok(PgStore {
             pool,
-            // The listener's feed (replicas stream) replaces this one.
-            feed: Arc::new(LocalFeed::default()),
+            feed,
             keys,
             bad_rows: BadRowLog::default(),
         })
@@ -405,6 +408,27 @@ impl Store for PgStore {
             rekey::put_metas(tx, &keys, entries)?;
             audit::insert(tx, audit)
         })
+    }
+
+    fn other_replicas(&self) -> Result<Vec<String>> {
+        // Every replica holds one listener session, named; this process's
+        // own is one of them while it is connected.
+        let mut others: Vec<String> = self.pool.read(|tx| {
+            tx.query(
+                "SELECT coalesce(host(client_addr), 'a local socket') FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = $1 \
+                 ORDER BY backend_start",
+                &[&listen::APPLICATION_NAME],
+            )?
+            .iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(StoreError::from))
+            .collect()
+        })?;
+        if self.feed.connected() && !others.is_empty() {
+            // Which one is ours does not matter: they are counted.
+            others.pop();
+        }
+        Ok(others)
     }
 }
 

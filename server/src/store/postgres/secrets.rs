@@ -3,7 +3,7 @@
 
 use super::audit::{record_change, revision};
 use super::commit::Tx;
-use super::macs;
+use super::macs::{self, secret_mac_cols};
 use super::rows::{
     self, insert_named, secret_cols, select_granted, select_granted_sealed, select_secrets,
     SEALED_PATH, VIEW_PATH,
@@ -84,9 +84,12 @@ pub(super) fn create(
     let now = now_s();
     let labels = serde_json::to_string(&new.labels).map_err(StoreError::backend)?;
     let inserted = tx.try_one(
-        "INSERT INTO secrets (name, description, labels, mode, owner, grp, expires_at,
+        concat!(
+            "INSERT INTO secrets (name, description, labels, mode, owner, grp, expires_at,
                               current_version, version_count, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 1, 1, $8, $8) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 1, 1, $8, $8) RETURNING ",
+            secret_mac_cols!()
+        ),
         &[
             &new.name,
             &new.description,
@@ -98,8 +101,9 @@ pub(super) fn create(
             &now,
         ],
     )?;
-    let id: i64 = insert_named(inserted, Entity::Secret, &new.name)?.try_get(0)?;
-    macs::sign(tx, ck.keys, &macs::SECRETS, id)?;
+    let row = insert_named(inserted, Entity::Secret, &new.name)?;
+    let id: i64 = row.try_get(0)?;
+    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
     let sealed = seal(id as u64, 1)?;
     insert_version(tx, id, 1, new.size, &audit.actor, &sealed)?;
     let revision = record_change(
@@ -137,12 +141,15 @@ pub(super) fn rotate(
         Some(set) => set,
         None => current.expires_at.filter(|t| *t > now),
     };
-    tx.exec(
-        "UPDATE secrets SET current_version = $2, version_count = $2, updated_at = $3, expires_at = $4
-          WHERE id = $1",
+    let row = tx.one(
+        concat!(
+            "UPDATE secrets SET current_version = $2, version_count = $2, updated_at = $3, \
+             expires_at = $4 WHERE id = $1 RETURNING ",
+            secret_mac_cols!()
+        ),
         &[&(current.id as i64), &(version as i64), &now, &expires_at],
     )?;
-    macs::sign(tx, ck.keys, &macs::SECRETS, current.id as i64)?;
+    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
     let mut entry = AuditEntry {
         version: Some(version),
         ..audit.clone()
@@ -188,11 +195,14 @@ pub(super) fn rollback(
             version,
         });
     }
-    tx.exec(
-        "UPDATE secrets SET current_version = $2, updated_at = $3 WHERE id = $1",
+    let row = tx.one(
+        concat!(
+            "UPDATE secrets SET current_version = $2, updated_at = $3 WHERE id = $1 RETURNING ",
+            secret_mac_cols!()
+        ),
         &[&(current.id as i64), &(version as i64), &now_s()],
     )?;
-    macs::sign(tx, ck.keys, &macs::SECRETS, current.id as i64)?;
+    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
     let id = current.id;
     let revision = record_change(
         tx,
@@ -222,9 +232,12 @@ pub(super) fn update(
     check(&record)?;
     if !changed.is_empty() {
         let labels = serde_json::to_string(&record.labels).map_err(StoreError::backend)?;
-        tx.exec(
-            "UPDATE secrets SET description = $2, labels = $3, mode = $4, owner = $5, grp = $6,
-                    expires_at = $7, updated_at = $8 WHERE id = $1",
+        let row = tx.one(
+            concat!(
+                "UPDATE secrets SET description = $2, labels = $3, mode = $4, owner = $5, \
+                 grp = $6, expires_at = $7, updated_at = $8 WHERE id = $1 RETURNING ",
+                secret_mac_cols!()
+            ),
             &[
                 &(record.id as i64),
                 &record.description,
@@ -236,7 +249,7 @@ pub(super) fn update(
                 &now_s(),
             ],
         )?;
-        macs::sign(tx, ck.keys, &macs::SECRETS, record.id as i64)?;
+        macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
     }
     let detail = if changed.is_empty() {
         "no change".to_owned()

@@ -721,3 +721,27 @@ fn a_store_dropped_on_an_async_thread_closes_its_connections_safely() {
         drop(s);
     });
 }
+
+#[test]
+fn a_value_of_the_wrong_type_is_a_storage_error_not_an_outage() {
+    let url = PgCluster::shared().database();
+    let mut c = PgCluster::shared().superuser_on(db_name(&url));
+    let e = c
+        .query_one("SELECT 'x'::TEXT", &[])
+        .unwrap()
+        .try_get::<_, i64>(0)
+        .unwrap_err();
+    assert!(!conn::is_connection_error(&e));
+    assert!(matches!(StoreError::from(e), StoreError::Backend(_)));
+    let e = c.batch_execute("SELECT nonsense").unwrap_err();
+    assert!(!conn::is_connection_error(&e));
+    let text = StoreError::from(e).to_string();
+    assert!(
+        text.contains("nonsense") && text.contains("42703"),
+        "{text}"
+    );
+    PgCluster::shared().terminate_connections(db_name(&url));
+    let e = c.batch_execute("SELECT 1").unwrap_err();
+    assert!(conn::is_connection_error(&e), "{}", conn::describe(&e));
+    assert!(matches!(StoreError::from(e), StoreError::Unavailable(_)));
+}

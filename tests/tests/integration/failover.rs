@@ -1,0 +1,356 @@
+//! Several servers: `--server A,B` (and repeated flags) on the CLI and the
+//! mount. The CLI connects to the first that answers and names every one
+//! when none does; a mount whose server dies moves to the next, keeps its
+//! files readable throughout, and follows changes made there.
+//!
+//! With the SQLite store two live "replicas" are two copies of one state
+//! directory (same CA, master key and secrets), taken while the server is
+//! stopped; the PostgreSQL replica tests are elsewhere.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// A loopback port nobody listens on (bound, then closed).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_cli_uses_the_next_server_when_the_first_is_dead() {
+    let s = TestServer::start();
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let live = s.url();
+
+    let list = format!("{dead},{live}");
+    let out = s.cli(&["--server", &list, "whoami"]).ok();
+    assert!(out.stdout.contains("admin"), "{}", out.stdout);
+    // Two flags, the dead one first; and a list in SECRETFS_SERVER.
+    s.cli(&["--server", &dead, "--server", &live, "secret", "list"])
+        .ok();
+    let mut cmd = s.cmd_as(&s.admin);
+    cmd.env("SECRETFS_SERVER", &list).arg("whoami");
+    run_cmd(cmd, None).ok();
+    // A name: dialled by its address, the certificate checked by the name.
+    let named = format!("{dead},localhost:{}", port_of(&s.addr));
+    s.cli(&["--server", &named, "whoami"]).ok();
+}
+
+#[test]
+fn when_every_server_is_dead_the_error_names_each_one_and_why() {
+    let s = TestServer::start();
+    let (a, b) = (
+        format!("https://127.0.0.1:{}", free_port()),
+        format!("https://127.0.0.1:{}", free_port()),
+    );
+    let out = s.cli(&["--server", &format!("{a},{b}"), "whoami"]);
+    assert_ne!(out.code, 0, "{}", out.stderr);
+    for server in [&a, &b] {
+        assert!(out.stderr.contains(server.as_str()), "{}", out.stderr);
+    }
+    assert!(
+        out.stderr.contains("server run"),
+        "says why: {}",
+        out.stderr
+    );
+    // Bad lists are usage errors naming the item.
+    let live = s.url();
+    s.cli(&["--server", &format!("{live},,{a}"), "whoami"])
+        .fails(2, "empty item");
+    s.cli(&["--server", &format!("{live},http://x:1"), "whoami"])
+        .fails(2, "http://x:1");
+}
+
+/// Reads `file` until told to stop; every read must give non-empty bytes
+/// (never ENOENT, never empty) and the status must say connected.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Reader {
+    fn start(file: PathBuf, status: Option<PathBuf>) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (halt, record) = (stop.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            let mut reads = 0;
+            while !halt.load(Ordering::Relaxed) {
+                match std::fs::read(&file) {
+                    Ok(bytes) if !bytes.is_empty() => {}
+                    Ok(_) => record.lock().unwrap().push("empty read".into()),
+                    Err(e) => record.lock().unwrap().push(format!("read failed: {e}")),
+                }
+                if let Some(status) = &status {
+                    let text = std::fs::read_to_string(status).unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                    if v["connected"] != true {
+                        record.lock().unwrap().push(format!("status: {text}"));
+                    }
+                }
+                reads += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            reads
+        });
+        Reader {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops reading; the problems seen, and how many reads there were.
+    fn finish(mut self) -> (Vec<String>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        let reads = self.thread.take().unwrap().join().unwrap();
+        (self.seen.lock().unwrap().clone(), reads)
+    }
+}
+
+fn wait_for(m: &Mount, name: &str, want: &[u8]) {
+    assert!(
+        eventually(LONG, || std::fs::read(m.file(name)).ok().as_deref()
+            == Some(want)),
+        "{name} never showed {:?}\nmount log:\n{}",
+        String::from_utf8_lossy(want),
+        m.log()
+    );
+}
+
+fn moves(m: &Mount) -> usize {
+    m.log().matches("moved to another server").count()
+}
+
+/// A second `server run` on a copy of a state directory: another replica
+/// as far as a client can tell (same CA, same secrets).
+struct Copy {
+    child: Child,
+    addr: String,
+    _log: Arc<Mutex<String>>,
+}
+
+impl Copy {
+    fn start(state: &Path, dir: &Path) -> Copy {
+        let copy = dir.join("state-copy");
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(state)
+            .arg(&copy)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp -a {}", state.display());
+        let address_file = dir.join("copy-address.json");
+        let mut child = Command::new(bin())
+            .args(["server", "run", "--state-dir"])
+            .arg(&copy)
+            .args(["--listen", "127.0.0.1:0", "--address-file"])
+            .arg(&address_file)
+            .env("SECRETFS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let start = Instant::now();
+        let addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&address_file) {
+                let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                break v["addr"].as_str().unwrap().to_owned();
+            }
+            assert!(
+                child.try_wait().unwrap().is_none() && start.elapsed() < LONG,
+                "the copy did not start: {}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Copy {
+            child,
+            addr,
+            _log: log,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+impl Drop for Copy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Both replicas up: the one in use is killed; the mount moves to the other
+/// at once, its files never go missing or empty and its status never says
+/// disconnected; a rotation made there reaches it; the move is logged once.
+#[test]
+fn a_mount_moves_to_a_live_replica_without_a_gap() {
+    let (mut s, app) = TestServer::start_for_app(&[("db/password", "pw-1")]);
+    // The copy is taken while the server is stopped (SQLite's files whole).
+    let port = port_of(&s.addr);
+    assert_eq!(s.stop(), 0);
+    let other = Copy::start(&s.state, s.tmp.path());
+    s.restart_on(&format!("127.0.0.1:{port}"));
+
+    let list = format!("{},{}", s.url(), other.url());
+    let m = s.mount_as(&app, &["--server", &list, "--refresh", "1h"]);
+    wait_for(&m, "db/password", b"pw-1");
+    assert_eq!(moves(&m), 0, "{}", m.log());
+
+    let reader = Reader::start(m.file("db/password"), Some(m.path.join(".secretfs/status")));
+    s.kill9();
+    // The rotation is made on the replica the mount must have moved to.
+    let mut cmd = s.cmd_as(&s.admin);
+    cmd.env("SECRETFS_SERVER", other.url())
+        .args(["secret", "rotate", "db/password"]);
+    run_cmd(cmd, Some(b"pw-2")).ok();
+    wait_for(&m, "db/password", b"pw-2");
+    let (problems, reads) = reader.finish();
+    assert!(reads > 0);
+    assert!(
+        problems.is_empty(),
+        "{} problems, first: {:?}\nmount log:\n{}",
+        problems.len(),
+        problems.first(),
+        m.log()
+    );
+    let log = m.log();
+    assert_eq!(moves(&m), 1, "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("moved to another server"))
+        .unwrap();
+    assert!(line.contains(&other.addr), "names where it went: {line}");
+}
+
+/// The server dies and comes back at the mount's second address: the files
+/// stay readable while nothing answers (the mount serves what it holds),
+/// and it follows the server to its new address.
+#[test]
+fn a_mount_follows_its_server_to_the_second_address() {
+    let (mut s, app) = TestServer::start_for_app(&[("db/password", "pw-1")]);
+    let second = format!("127.0.0.1:{}", free_port());
+    let list = format!("{},https://{second}", s.url());
+    let m = s.mount_as(&app, &["--server", &list, "--refresh", "1h"]);
+    wait_for(&m, "db/password", b"pw-1");
+
+    let reader = Reader::start(m.file("db/password"), None);
+    s.kill9();
+    s.restart_on(&second);
+    s.cli_in(&["secret", "rotate", "db/password"], b"pw-2").ok();
+    wait_for(&m, "db/password", b"pw-2");
+    let (problems, reads) = reader.finish();
+    assert!(reads > 0);
+    assert!(
+        problems.is_empty(),
+        "{} problems, first: {:?}\nmount log:\n{}",
+        problems.len(),
+        problems.first(),
+        m.log()
+    );
+    assert!(
+        eventually(LONG, || moves(&m) == 1),
+        "the move is logged once:\n{}",
+        m.log()
+    );
+    assert!(m.log().contains(&second), "{}", m.log());
+}
+
+/// The first server of the list is down when the mount starts: it syncs
+/// from the second, and the status shows the list it was given.
+#[test]
+fn a_mount_starts_on_the_second_server_when_the_first_is_dead() {
+    let (s, app) = TestServer::start_for_app(&[("db/password", "pw-1")]);
+    let list = format!("https://127.0.0.1:{},{}", free_port(), s.url());
+    let m = s.mount_as(&app, &["--server", &list, "--refresh", "1h"]);
+    wait_for(&m, "db/password", b"pw-1");
+    assert_eq!(m.status()["connected"], true);
+    assert!(
+        m.log()
+            .contains("synced from a server after others did not answer"),
+        "{}",
+        m.log()
+    );
+}
+
+/// The CLI as the admin in a mount namespace of its own where `localhost`
+/// has two addresses, 127.0.0.1 and 127.0.0.2 (a private /etc/hosts bound
+/// over the shared one, which is never touched).
+fn cli_with_two_address_localhost(s: &TestServer, args: &[&str]) -> Run {
+    let hosts = s.tmp.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.2 localhost\n").unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "sh",
+        "-c",
+        r#"mount --bind "$1" /etc/hosts || exit 97; shift; exec "$@""#,
+        "sh",
+    ])
+    .arg(&hosts)
+    .arg(bin())
+    .args(args)
+    .env_clear()
+    .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+    .env("SECRETFS_CA", s.state.join("ca.pem"))
+    .env("SECRETFS_CERT", &s.admin.cert)
+    .env("SECRETFS_KEY", &s.admin.key);
+    let run = run_cmd(cmd, None);
+    assert_ne!(
+        run.code, 97,
+        "these tests need `unshare --mount` and bind mounts (root): {}",
+        run.stderr
+    );
+    run
+}
+
+/// A name with two addresses is two endpoints: the server listens on the
+/// second only (127.0.0.2, not in its certificate: TLS checks the name),
+/// and the CLI gets through; with nothing listening, both are named.
+#[test]
+fn a_name_with_two_addresses_is_two_servers() {
+    let mut s = TestServer::start();
+    assert_eq!(s.stop(), 0);
+    s.restart_on("127.0.0.2:0");
+    let port = port_of(&s.addr);
+    let out =
+        cli_with_two_address_localhost(&s, &["--server", &format!("localhost:{port}"), "whoami"])
+            .ok();
+    assert!(out.stdout.contains("admin"), "{}", out.stdout);
+
+    let dead = free_port();
+    let out =
+        cli_with_two_address_localhost(&s, &["--server", &format!("localhost:{dead}"), "whoami"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    for addr in ["127.0.0.1", "127.0.0.2"] {
+        assert!(
+            out.stderr.contains(&format!("{addr}:{dead}")),
+            "names {addr}: {}",
+            out.stderr
+        );
+    }
+}
