@@ -11,7 +11,7 @@ use secretfs_proto::v1::secrets_client::SecretsClient;
 use secretfs_proto::v1::{Empty, ReadSecretsRequest};
 use secretfs_server::domain::Action;
 use secretfs_server::envelope::Binding;
-use secretfs_server::store::{Member, NewClient, NewSecret, Store, StoreError};
+use secretfs_server::store::{Member, NewClient, NewSecret, StoreError};
 use tonic::transport::Channel;
 
 use crate::harness::{filler, init_state, rss_kib, Identity, Server};
