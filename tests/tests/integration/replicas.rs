@@ -84,6 +84,23 @@ fn init_and_run_on_postgres_record_the_database_without_its_password() {
     let r = a.cli_as(&app, &["read", "db/password"], None).ok();
     assert_eq!(r.stdout, secret);
     assert!(!a.log().contains(secretfs_pgtest::PASSWORD));
+    // The commands beside the server find the database by the record.
+    let mut verify = Command::new(bin());
+    verify
+        .args(["server", "verify", "--state-dir"])
+        .arg(&a.state);
+    let r = run_cmd(verify, None).ok();
+    assert!(r.stdout.contains(&url), "{}", r.stdout);
+    let out = a.tmp.path().join("break-glass");
+    let mut admin_cert = Command::new(bin());
+    admin_cert
+        .args(["server", "admin-cert", "--name", "root2", "--state-dir"])
+        .arg(&a.state)
+        .arg("--out")
+        .arg(&out);
+    run_cmd(admin_cert, None).ok();
+    let root2 = crate::common::Identity::in_dir(&out, "root2");
+    a.cli_as(&root2, &["secret", "list"], None).ok();
 }
 
 #[test]
@@ -211,9 +228,27 @@ fn start_up_errors_name_the_problem() {
     });
     assert!(r.stderr.contains("not usable"), "{}", r.stderr);
 
-    // The database dropped behind the servers' back: an unknown name.
+    // A schema from a newer secretfs: refused, and left as it is.
     let name = url.rsplit('/').next().unwrap().to_owned();
-    secretfs_pgtest::PgCluster::shared()
+    let cluster = secretfs_pgtest::PgCluster::shared();
+    let bump = |by: i64| {
+        cluster
+            .superuser_on(&name)
+            .execute(
+                "UPDATE schema_version SET version = version + $1 WHERE id = 1",
+                &[&by],
+            )
+            .unwrap();
+    };
+    bump(100);
+    let r = run_fails(&a.state, |_| {});
+    assert!(r.stderr.contains("newer"), "{}", r.stderr);
+    bump(-100);
+    a.restart_on("127.0.0.1:0");
+    a.stop();
+
+    // The database dropped behind the servers' back: an unknown name.
+    cluster
         .superuser()
         .batch_execute(&format!("DROP DATABASE {name}"))
         .unwrap();

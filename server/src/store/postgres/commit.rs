@@ -4,12 +4,14 @@
 //! row set at its end, the notification, retries).
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
-use postgres::{IsolationLevel, Row, Statement};
+use postgres::{Row, Statement};
 
 use super::conn::{self, PgConfig};
 use super::{audit, notify, row_set};
@@ -37,6 +39,9 @@ pub(super) struct Pool {
     idle: Mutex<Vec<Conn>>,
     busy: Mutex<usize>,
     freed: Condvar,
+    /// Writes run on a connection of their own, in batches (see
+    /// [`Pool::write`]); the pool's connections are for reads.
+    writer: Writer,
 }
 
 fn unpoison<T>(r: std::sync::LockResult<T>) -> T {
@@ -54,7 +59,8 @@ pub(super) struct Pooled<'p> {
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if !conn.client.is_closed() {
+            // A panic may have left a transaction open on it.
+            if !conn.client.is_closed() && !std::thread::panicking() {
                 unpoison(self.pool.idle.lock()).push(conn);
             }
         }
@@ -65,7 +71,8 @@ impl Drop for Pooled<'_> {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let idle = std::mem::take(&mut *unpoison(self.idle.lock()));
+        let mut idle = std::mem::take(&mut *unpoison(self.idle.lock()));
+        idle.extend(self.writer.take_conn());
         // The driver's connections close by blocking on runtimes of their
         // own, which panics on an async thread: a store dropped there (a
         // server shutting down) closes them on a thread of their own.
@@ -87,6 +94,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             busy: Mutex::new(0),
             freed: Condvar::new(),
+            writer: Writer::new(),
         }
     }
 
@@ -163,56 +171,73 @@ pub(super) struct Job {
     pub change: Option<Change>,
 }
 
-/// A transaction with its connection's statement cache.
+/// A statement run in a transaction the caller opened on `client` (a read
+/// transaction, a write batch's savepoint), with the connection's
+/// statement cache. The transaction is begun and ended with plain
+/// statements (`BEGIN`, `SAVEPOINT`, `COMMIT`): a write batch's
+/// transaction outlives each job's borrow of the connection.
 pub(super) struct Tx<'c> {
-    tx: postgres::Transaction<'c>,
+    client: &'c mut postgres::Client,
     cache: &'c mut HashMap<&'static str, Statement>,
     pub job: Job,
 }
 
-impl<'c> Tx<'c> {
-    pub(super) fn new(
-        tx: postgres::Transaction<'c>,
-        cache: &'c mut HashMap<&'static str, Statement>,
-    ) -> Self {
-        Tx {
-            tx,
-            cache,
-            job: Job::default(),
+/// Runs `f` in one transaction begun with `begin` on `client`, committed
+/// if `f` succeeds and rolled back otherwise.
+pub(super) fn in_transaction<T>(
+    client: &mut postgres::Client,
+    cache: &mut HashMap<&'static str, Statement>,
+    begin: &str,
+    f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+) -> Result<T> {
+    client.batch_execute(begin)?;
+    let mut t = Tx {
+        client: &mut *client,
+        cache,
+        job: Job::default(),
+    };
+    match f(&mut t) {
+        Ok(out) => {
+            client.batch_execute("COMMIT")?;
+            Ok(out)
+        }
+        Err(e) => {
+            // A dead connection is dropped by its owner; a live one is
+            // left outside any transaction.
+            let _ = client.batch_execute("ROLLBACK");
+            Err(e)
         }
     }
+}
 
-    pub(super) fn commit(self) -> Result<()> {
-        Ok(self.tx.commit()?)
-    }
-
+impl<'c> Tx<'c> {
     fn stmt(&mut self, sql: &'static str) -> Result<Statement> {
         if let Some(s) = self.cache.get(sql) {
             return Ok(s.clone());
         }
-        let s = self.tx.prepare(sql)?;
+        let s = self.client.prepare(sql)?;
         self.cache.insert(sql, s.clone());
         Ok(s)
     }
 
     pub fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>> {
         let st = self.stmt(sql)?;
-        Ok(self.tx.query(&st, p)?)
+        Ok(self.client.query(&st, p)?)
     }
 
     pub fn opt(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>> {
         let st = self.stmt(sql)?;
-        Ok(self.tx.query_opt(&st, p)?)
+        Ok(self.client.query_opt(&st, p)?)
     }
 
     pub fn one(&mut self, sql: &'static str, p: Params<'_>) -> Result<Row> {
         let st = self.stmt(sql)?;
-        Ok(self.tx.query_one(&st, p)?)
+        Ok(self.client.query_one(&st, p)?)
     }
 
     pub fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64> {
         let st = self.stmt(sql)?;
-        Ok(self.tx.execute(&st, p)?)
+        Ok(self.client.execute(&st, p)?)
     }
 
     /// As [`exec`](Self::exec), the driver's error kept (a unique
@@ -223,7 +248,7 @@ impl<'c> Tx<'c> {
         p: Params<'_>,
     ) -> Result<std::result::Result<u64, postgres::Error>> {
         let st = self.stmt(sql)?;
-        Ok(self.tx.execute(&st, p))
+        Ok(self.client.execute(&st, p))
     }
 
     /// As [`one`](Self::one), the driver's error kept.
@@ -233,7 +258,7 @@ impl<'c> Tx<'c> {
         p: Params<'_>,
     ) -> Result<std::result::Result<Row, postgres::Error>> {
         let st = self.stmt(sql)?;
-        Ok(self.tx.query_one(&st, p))
+        Ok(self.client.query_one(&st, p))
     }
 
     /// Rows one at a time (never the whole result in memory): `f` sees
@@ -246,7 +271,7 @@ impl<'c> Tx<'c> {
     ) -> Result<()> {
         use postgres::fallible_iterator::FallibleIterator;
         let st = self.stmt(sql)?;
-        let mut rows = self.tx.query_raw(&st, p.iter().copied())?;
+        let mut rows = self.client.query_raw(&st, p.iter().copied())?;
         while let Some(row) = rows.next()? {
             if !f(&row)? {
                 break;
@@ -256,7 +281,7 @@ impl<'c> Tx<'c> {
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.tx.batch_execute(sql)?)
+        Ok(self.client.batch_execute(sql)?)
     }
 }
 
@@ -293,12 +318,135 @@ fn backoff(n: u32) -> Duration {
     Duration::from_millis(5u64 << n.min(6)) + Duration::from_nanos(u64::from(jitter))
 }
 
+/// The write batch: the transaction open on the writer connection, and
+/// the commits writers wait for.
+#[derive(Default)]
+struct Group {
+    /// A transaction is open on the writer connection.
+    open: bool,
+    /// Jobs run in the open transaction.
+    jobs: usize,
+    /// A job of the open transaction took (or may still hold) the
+    /// revision row's lock.
+    revision: bool,
+    /// An audit-only job of the open transaction took (or may still hold)
+    /// the audit head's lock.
+    head: bool,
+    /// Bumped by every end of a transaction; a writer waits for the one
+    /// after its job.
+    epoch: u64,
+    /// COMMITs sent (tests count them).
+    commits: u64,
+    /// Epochs whose transaction did not commit, with why (rare; pruned).
+    failed: std::collections::BTreeMap<u64, Failed>,
+}
+
+/// Why a batch did not commit, for every writer whose job was in it.
+#[derive(Clone, Debug)]
+enum Failed {
+    /// A serialization failure or deadlock at COMMIT: nothing was
+    /// written; every job is run again.
+    Conflict(String),
+    /// The connection was lost before COMMIT: nothing was written.
+    Lost(String),
+    /// COMMIT failed (nothing was written), or the statements that end a
+    /// job's savepoint did.
+    Commit(String),
+    /// The connection was lost during COMMIT: the outcome is unknown.
+    Unknown(String),
+}
+
+impl Failed {
+    fn error(&self) -> Again {
+        match self {
+            Failed::Conflict(why) => Again::Conflict(StoreError::CommitFailed(why.clone())),
+            Failed::Lost(why) => Again::Lost(StoreError::Unavailable(why.clone())),
+            Failed::Commit(why) => Again::No(StoreError::CommitFailed(why.clone())),
+            Failed::Unknown(why) => Again::No(StoreError::Unavailable(why.clone())),
+        }
+    }
+}
+
+/// A write attempt's failure, and whether the writer tries again.
+enum Again {
+    /// A serialization failure or deadlock: nothing of this job was
+    /// written; again after a backoff.
+    Conflict(StoreError),
+    /// The connection was lost before COMMIT: nothing was written; once
+    /// more on a new connection.
+    Lost(StoreError),
+    /// Final.
+    No(StoreError),
+}
+
+/// Jobs one transaction takes at most (the revision row's lock is held
+/// across the whole batch, so other replicas' writers wait for it).
+const MAX_BATCH: usize = 64;
+
+/// The writer: its own connection (reads never wait for a batch), the
+/// batch's state, and the writers queued for the connection.
+pub(super) struct Writer {
+    conn: Mutex<Option<Conn>>,
+    group: Mutex<Group>,
+    committed: Condvar,
+    /// Writers waiting for the connection: while there are any, a writer
+    /// leaves the transaction open for them instead of committing.
+    waiting: AtomicUsize,
+}
+
+impl Writer {
+    pub(super) fn new() -> Writer {
+        Writer {
+            conn: Mutex::new(None),
+            group: Mutex::new(Group::default()),
+            committed: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The writer's connection, if made (the pool's drop closes it).
+    pub(super) fn take_conn(&self) -> Option<Conn> {
+        unpoison(self.conn.lock()).take()
+    }
+}
+
 impl Pool {
-    /// Runs `f` in a write transaction (READ COMMITTED: every statement
-    /// after the lock sees every change committed before), then the end of
-    /// every write job (the audit chain, the row set, the notification),
-    /// and commits. Retried whole on a serialization failure or deadlock,
-    /// and once on a connection found dead before anything was sent.
+    /// COMMITs the writer sent (each covers one or more write jobs).
+    #[cfg(test)]
+    pub(super) fn commits(&self) -> u64 {
+        unpoison(self.writer.group.lock()).commits
+    }
+
+    /// Writers waiting for the writer connection.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.writer.waiting.load(SeqCst)
+    }
+
+    /// Runs `f` as one write job and returns once it is durable: the
+    /// write's first lock (see [`Write`]), `f`, then the end of every
+    /// write job (the audit chain, the row set, the notification), in a
+    /// transaction (READ COMMITTED: every statement after the lock sees
+    /// every change committed before).
+    ///
+    /// Group commit, as SQLite's writer: a durable COMMIT (a WAL flush)
+    /// costs more than the statements of a change, and the revision row's
+    /// lock makes changes queue anyway, so writers that queue while one is
+    /// working share its transaction on the writer connection. Each job
+    /// runs in its own savepoint (a failing job rolls back alone, its
+    /// revision with it); the last writer of a burst commits for all, and
+    /// every writer returns only after the COMMIT that covers its job. A
+    /// failed COMMIT fails every job in it (`CommitFailed`).
+    ///
+    /// Retries: a job that fails with a serialization failure or deadlock
+    /// is rolled back to its savepoint (its locks released, so the other
+    /// side goes on once this batch commits) and run again in a later
+    /// transaction, after a backoff; the others commit. Should COMMIT
+    /// itself fail so, every job of the batch is run again by its writer.
+    /// A connection lost before COMMIT (PostgreSQL restarted) fails the
+    /// whole batch, and each job is run once more on a new connection.
+    /// `f` (and a seal callback in it) may so be called more than once;
+    /// nothing of an earlier call is kept.
     pub(super) fn write<T>(
         &self,
         keys: &Keys,
@@ -309,47 +457,230 @@ impl Pool {
         let mut fresh = false;
         loop {
             attempt += 1;
-            let mut pooled = self.get_fresh(fresh)?;
-            let reused = pooled.reused;
-            match write_once(&mut pooled, keys, kind, &mut f) {
-                Err(Failure::Before(e)) if retryable(&e) && attempt < ATTEMPTS => {
-                    drop(pooled);
+            match self.write_in_batch(keys, kind, &mut f) {
+                Ok(out) => return Ok(out),
+                Err(Again::Conflict(_)) if attempt < ATTEMPTS => {
                     std::thread::sleep(backoff(attempt));
                 }
-                Err(Failure::Before(StoreError::Unavailable(_))) if reused && !fresh => {
-                    // An idle connection that died (PostgreSQL restarted):
-                    // nothing was written; once more on a new one.
-                    fresh = true;
-                }
-                Err(Failure::Before(e)) | Err(Failure::Commit(e)) => return Err(e),
-                Ok(out) => return Ok(out),
+                Err(Again::Lost(_)) if !fresh => fresh = true,
+                Err(Again::Conflict(e) | Again::Lost(e) | Again::No(e)) => return Err(e),
             }
         }
     }
 
+    fn write_in_batch<T>(
+        &self,
+        keys: &Keys,
+        kind: Write,
+        f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
+    ) -> std::result::Result<T, Again> {
+        let w = &self.writer;
+        w.waiting.fetch_add(1, SeqCst);
+        let mut slot = unpoison(w.conn.lock());
+        w.waiting.fetch_sub(1, SeqCst);
+        let (open, jobs, revision, head) = {
+            let g = unpoison(w.group.lock());
+            (g.open, g.jobs, g.revision, g.head)
+        };
+        // One lock order, revision row then audit head: a transaction that
+        // may hold the head (an audit-only job's) without the revision row
+        // is committed before a write that takes the row joins.
+        let lock_order = kind != Write::AuditOnly && head && !revision;
+        if open && (lock_order || jobs >= MAX_BATCH) {
+            // For the jobs in it (their writers see how it ended); this
+            // one goes in the next.
+            self.end_batch(&mut slot);
+        }
+        if !unpoison(w.group.lock()).open {
+            self.begin(&mut slot)?;
+        }
+        let epoch = {
+            let mut g = unpoison(w.group.lock());
+            g.jobs += 1;
+            match kind {
+                Write::AuditOnly => g.head = true,
+                Write::Change | Write::Locked => g.revision = true,
+            }
+            g.epoch
+        };
+        let conn = slot.as_mut().expect("a transaction is open on it");
+        let (client, cache) = (&mut conn.client, &mut conn.cache);
+        // The job's result, or its panic (resumed once the batch is safe).
+        let out = match client.batch_execute("SAVEPOINT job") {
+            Err(e) => Ok(Err(StoreError::from(e))),
+            Ok(()) => {
+                let mut t = Tx {
+                    client: &mut *client,
+                    cache: &mut *cache,
+                    job: Job::default(),
+                };
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_job(&mut t, keys, kind, f)
+                }))
+            }
+        };
+        let kept = matches!(out, Ok(Ok(_)));
+        let closed = if kept {
+            client.batch_execute("RELEASE SAVEPOINT job")
+        } else {
+            client.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+        };
+        if let Err(e) = closed {
+            // The transaction is in an unknown state (or the connection is
+            // gone): end it for everyone.
+            let lost = conn::is_connection_error(&e) || client.is_closed();
+            let _ = client.batch_execute("ROLLBACK");
+            let failure = if lost {
+                *slot = None;
+                Failed::Lost(lost_before(&conn::describe(&e)))
+            } else {
+                Failed::Commit(StoreError::from(e).to_string())
+            };
+            self.finish(epoch, Some(failure.clone()));
+            drop(slot);
+            return match out {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(Err(e)) if retryable(&e) => Err(Again::Conflict(e)),
+                _ => Err(failure.error()),
+            };
+        }
+        if w.waiting.load(SeqCst) == 0 {
+            // The last writer of the burst commits for all.
+            self.end_batch(&mut slot);
+        }
+        drop(slot);
+        match out {
+            Err(panic) => std::panic::resume_unwind(panic),
+            // The job wrote nothing: its own error, whatever the batch does.
+            Ok(Err(e)) if retryable(&e) => Err(Again::Conflict(e)),
+            Ok(Err(e)) => Err(Again::No(e)),
+            Ok(Ok(v)) => {
+                self.wait_for(epoch).map_err(|f| f.error())?;
+                Ok(v)
+            }
+        }
+    }
+
+    /// Opens the batch's transaction on the writer connection (made if
+    /// there is none; a closed one is replaced, once more if BEGIN finds
+    /// it dead).
+    fn begin(&self, slot: &mut Option<Conn>) -> std::result::Result<(), Again> {
+        for tries in 0.. {
+            if slot.as_ref().is_some_and(|c| c.client.is_closed()) {
+                *slot = None;
+            }
+            let reused = slot.is_some();
+            if slot.is_none() {
+                *slot = Some(Conn {
+                    client: conn::connect(&self.cfg).map_err(Again::No)?,
+                    cache: HashMap::new(),
+                });
+            }
+            let c = slot.as_mut().expect("just made");
+            match c.client.batch_execute("BEGIN") {
+                Ok(()) => break,
+                Err(e) if reused && tries == 0 && conn::is_connection_error(&e) => {
+                    // An idle connection that died (PostgreSQL restarted).
+                    *slot = None;
+                }
+                Err(e) => {
+                    if c.client.is_closed() {
+                        *slot = None;
+                    }
+                    return Err(Again::No(e.into()));
+                }
+            }
+        }
+        let mut g = unpoison(self.writer.group.lock());
+        g.open = true;
+        g.jobs = 0;
+        g.revision = false;
+        g.head = false;
+        Ok(())
+    }
+
+    /// Commits the open transaction for every job in it and wakes their
+    /// writers; its epoch (`None`: nothing was open).
+    fn end_batch(&self, slot: &mut Option<Conn>) -> Option<u64> {
+        let epoch = {
+            let g = unpoison(self.writer.group.lock());
+            if !g.open {
+                return None;
+            }
+            g.epoch
+        };
+        let conn = slot.as_mut().expect("a transaction is open on it");
+        let committed = conn.client.batch_execute("COMMIT");
+        unpoison(self.writer.group.lock()).commits += 1;
+        let mut dead = false;
+        let failure = committed.err().map(|e| {
+            if conn::is_connection_error(&e) || conn.client.is_closed() {
+                dead = true;
+                Failed::Unknown(format!(
+                    "the connection to PostgreSQL was lost while committing, so whether the \
+                     change was made is unknown: look before doing it again ({})",
+                    conn::describe(&e)
+                ))
+            } else {
+                let _ = conn.client.batch_execute("ROLLBACK");
+                let e = StoreError::from(e);
+                if retryable(&e) {
+                    Failed::Conflict(e.to_string())
+                } else {
+                    Failed::Commit(e.to_string())
+                }
+            }
+        });
+        if dead {
+            *slot = None;
+        }
+        self.finish(epoch, failure);
+        Some(epoch)
+    }
+
+    /// Marks `epoch`'s transaction ended (committed, or not with why) and
+    /// wakes the writers waiting on it.
+    fn finish(&self, epoch: u64, failure: Option<Failed>) {
+        let mut g = unpoison(self.writer.group.lock());
+        g.open = false;
+        g.epoch = epoch + 1;
+        if let Some(why) = failure {
+            g.failed.insert(epoch, why);
+        }
+        while g.failed.len() > 64 {
+            g.failed.pop_first();
+        }
+        drop(g);
+        self.writer.committed.notify_all();
+    }
+
+    /// Waits until `epoch`'s transaction has ended; why it did not commit.
+    fn wait_for(&self, epoch: u64) -> std::result::Result<(), Failed> {
+        let mut g = unpoison(self.writer.group.lock());
+        while g.epoch == epoch {
+            g = unpoison(self.writer.committed.wait(g));
+        }
+        match g.failed.get(&epoch) {
+            Some(why) => Err(why.clone()),
+            None => Ok(()),
+        }
+    }
+
     /// Runs `f` in one read transaction (REPEATABLE READ, read only: every
-    /// statement sees the same snapshot, as SQLite's read transaction).
+    /// statement sees the same snapshot, as SQLite's read transaction), on
+    /// a pooled connection (never the writer's).
     pub(super) fn read<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut fresh = false;
         loop {
             let mut pooled = self.get_fresh(fresh)?;
             let reused = pooled.reused;
             let (client, cache) = pooled.parts();
-            let out = (|| {
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()?;
-                let mut t = Tx {
-                    tx,
-                    cache,
-                    job: Job::default(),
-                };
-                let out = f(&mut t)?;
-                t.tx.commit()?;
-                Ok(out)
-            })();
+            let out = in_transaction(
+                client,
+                cache,
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+                &mut f,
+            );
             match out {
                 Err(StoreError::Unavailable(_)) if reused && !fresh => fresh = true,
                 other => return other,
@@ -358,68 +689,42 @@ impl Pool {
     }
 }
 
-enum Failure {
-    /// Before COMMIT was sent: nothing was written.
-    Before(StoreError),
-    /// COMMIT failed.
-    Commit(StoreError),
+fn lost_before(why: &str) -> String {
+    format!("the connection to PostgreSQL was lost before the change was committed: nothing was written ({why})")
 }
 
-fn write_once<T>(
-    pooled: &mut Pooled<'_>,
+/// One write job in its savepoint: the write's first lock, `f`, and the
+/// end of every job.
+fn run_job<T>(
+    t: &mut Tx<'_>,
     keys: &Keys,
     kind: Write,
     f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
-) -> std::result::Result<T, Failure> {
-    let (client, cache) = pooled.parts();
-    let tx = client
-        .transaction()
-        .map_err(|e| Failure::Before(e.into()))?;
-    let mut t = Tx {
-        tx,
-        cache,
-        job: Job::default(),
-    };
-    let out = (|| {
-        match kind {
-            Write::Change => {
-                let v: i64 = t
-                    .one(
-                        "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
-                        &[],
-                    )?
-                    .try_get(0)?;
-                t.job.revision = Some(v as u64);
-            }
-            Write::Locked => {
-                t.one("SELECT value FROM revision WHERE id = 1 FOR UPDATE", &[])?;
-            }
-            Write::AuditOnly => {}
+) -> Result<T> {
+    match kind {
+        Write::Change => {
+            let v: i64 = t
+                .one(
+                    "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
+                    &[],
+                )?
+                .try_get(0)?;
+            t.job.revision = Some(v as u64);
         }
-        let out = f(&mut t)?;
-        audit::chain_pending(&mut t, keys)?;
-        // Audit entries are not protected rows: nothing to fold.
-        if kind != Write::AuditOnly {
-            row_set::flush(&mut t, keys)?;
+        Write::Locked => {
+            t.one("SELECT value FROM revision WHERE id = 1 FOR UPDATE", &[])?;
         }
-        if let Some(change) = t.job.change {
-            let payload = notify::payload(&change);
-            t.exec("SELECT pg_notify($1, $2)", &[&notify::CHANNEL, &payload])?;
-        }
-        Ok(out)
-    })()
-    .map_err(Failure::Before)?;
-    let Tx { tx, .. } = t;
-    tx.commit().map_err(|e| {
-        Failure::Commit(if conn::is_connection_error(&e) {
-            StoreError::Unavailable(format!(
-                "the connection to PostgreSQL was lost while committing, so whether the change \
-                 was made is unknown: look before doing it again ({})",
-                conn::describe(&e)
-            ))
-        } else {
-            e.into()
-        })
-    })?;
+        Write::AuditOnly => {}
+    }
+    let out = f(t)?;
+    audit::chain_pending(t, keys)?;
+    // Audit entries are not protected rows: nothing to fold.
+    if kind != Write::AuditOnly {
+        row_set::flush(t, keys)?;
+    }
+    if let Some(change) = t.job.change {
+        let payload = notify::payload(&change);
+        t.exec("SELECT pg_notify($1, $2)", &[&notify::CHANNEL, &payload])?;
+    }
     Ok(out)
 }

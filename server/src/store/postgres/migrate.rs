@@ -154,11 +154,7 @@ fn run_in<T>(
     cache: &mut std::collections::HashMap<&'static str, postgres::Statement>,
     f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
 ) -> Result<T> {
-    let tx = client.transaction()?;
-    let mut t = Tx::new(tx, cache);
-    let out = f(&mut t)?;
-    t.commit()?;
-    Ok(out)
+    super::commit::in_transaction(client, cache, "BEGIN", f)
 }
 
 /// Whether the database has migrations this version would run.

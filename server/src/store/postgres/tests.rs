@@ -76,7 +76,192 @@ fn replayed_rows_are_detected() {
 #[test]
 fn concurrent_writes() {
     let (s, _) = fresh(KeyRing::generate().unwrap());
-    conformance::concurrent_writes(Arc::new(s));
+    let s = Arc::new(s);
+    let before = s.pool.commits();
+    conformance::concurrent_writes(s.clone());
+    // 600 writes (200 that commit work, 400 that fail) took fewer commits.
+    let commits = s.pool.commits() - before;
+    assert!(
+        commits < 600,
+        "{commits} commits for 600 writes: no group commit happened"
+    );
+}
+
+/// Waits (bounded) until `n` writers are queued for the writer connection.
+fn until_queued(s: &PgStore, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while s.pool.queued() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} writers never queued for the writer connection ({} did)",
+            s.pool.queued()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn writers_that_queue_share_one_commit_and_a_failing_job_rolls_back_alone() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    const ROTATIONS: usize = 10;
+    for i in 0..ROTATIONS {
+        add_secret(&s, &format!("s{i}"));
+    }
+    add_secret(&s, "taken");
+    let start = s.revision().unwrap();
+    let audited = |s: &PgStore| {
+        s.query_audit(&AuditFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap()
+        .len()
+    };
+    let audit_before = audited(&s);
+    let mut listener = PgCluster::shared().superuser_on(db_name(&url));
+    listener
+        .batch_execute(&format!("LISTEN {}", notify::CHANNEL))
+        .unwrap();
+    let commits = s.pool.commits();
+    // Queued behind the first: the other rotations, three jobs that fail
+    // (a missing secret, a name taken, a seal that fails after the job
+    // wrote its version's row), and a read's audit entry.
+    const QUEUED: usize = ROTATIONS - 1 + 3 + 1;
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    let s = &s;
+    let (first, revisions, failures) = std::thread::scope(|scope| {
+        let first = scope.spawn(move || {
+            let mut seal = |id: u64, v: u64| {
+                inside.send(()).unwrap();
+                // The writer connection is held until all are queued.
+                until_queued(s, QUEUED);
+                sealed(id, v)
+            };
+            s.rotate_secret("s0", 20, None, &entry("rotate"), &mut seal)
+                .unwrap()
+                .revision
+        });
+        is_inside.recv().unwrap();
+        let rotations: Vec<_> = (1..ROTATIONS)
+            .map(|i| {
+                scope.spawn(move || {
+                    s.rotate_secret(&format!("s{i}"), 20, None, &entry("rotate"), &mut sealed)
+                        .unwrap()
+                        .revision
+                })
+            })
+            .collect();
+        let failing = [
+            scope.spawn(|| {
+                s.rotate_secret("missing", 20, None, &entry("rotate"), &mut sealed)
+                    .map(|_| ())
+            }),
+            scope.spawn(|| {
+                let new = NewSecret {
+                    name: "taken".into(),
+                    size: 20,
+                    ..Default::default()
+                };
+                s.create_secret(&new, &entry("create"), &mut sealed)
+                    .map(|_| ())
+            }),
+            scope.spawn(|| {
+                let mut seal = |_: u64, _: u64| Err(StoreError::Seal("boom".into()));
+                s.rotate_secret("s1", 20, None, &entry("rotate"), &mut seal)
+                    .map(|_| ())
+            }),
+        ];
+        let read_audit = scope.spawn(|| s.append_audit(&[entry("read")]).unwrap());
+        let revisions: Vec<u64> = rotations.into_iter().map(|t| t.join().unwrap()).collect();
+        let failures: Vec<_> = failing.into_iter().map(|t| t.join().unwrap()).collect();
+        read_audit.join().unwrap();
+        (first.join().unwrap(), revisions, failures)
+    });
+    // All in one transaction: one COMMIT for fifteen writes.
+    assert_eq!(s.pool.commits() - commits, 1);
+    // Each failing job failed alone, with its own error.
+    assert!(
+        matches!(failures[0], Err(StoreError::NotFound { .. })),
+        "{:?}",
+        failures[0]
+    );
+    assert!(
+        matches!(failures[1], Err(StoreError::AlreadyExists { .. })),
+        "{:?}",
+        failures[1]
+    );
+    assert!(
+        matches!(failures[2], Err(StoreError::Seal(_))),
+        "{:?}",
+        failures[2]
+    );
+    // Each rotation got its own revision, with no gap: the failed jobs'
+    // revisions rolled back with them.
+    let mut all: Vec<u64> = revisions.iter().copied().chain([first]).collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (start + 1..=start + ROTATIONS as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(s.revision().unwrap(), start + ROTATIONS as u64);
+    for i in 0..ROTATIONS {
+        let now = s.get_secret(&format!("s{i}")).unwrap();
+        assert_eq!((now.current_version, now.version_count), (2, 2), "s{i}");
+    }
+    assert_eq!(s.list_versions("s1").unwrap().len(), 2);
+    assert!(s.get_secret("missing").is_err());
+    // Only the jobs that committed left audit entries, chained.
+    assert_eq!(audited(s), audit_before + ROTATIONS + 1);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.check_row_set().unwrap(), None);
+    // Each change was announced with its own revision.
+    let mut got = Vec::new();
+    let mut notifications = listener.notifications();
+    let mut waits = notifications.timeout_iter(std::time::Duration::from_secs(30));
+    use ::postgres::fallible_iterator::FallibleIterator;
+    while got.len() < ROTATIONS {
+        let n = waits.next().unwrap().expect("a notification within 30 s");
+        match notify::parse(n.payload()).unwrap() {
+            Change::Secret { revision, .. } => got.push(revision),
+            other => panic!("{other:?}"),
+        }
+    }
+    got.sort_unstable();
+    assert_eq!(got, all);
+}
+
+#[test]
+fn a_change_does_not_join_a_batch_that_holds_only_the_audit_head() {
+    let keys = KeyRing::generate().unwrap();
+    let (s, _) = fresh(keys.clone());
+    add_secret(&s, "db");
+    let commits = s.pool.commits();
+    let s = &s;
+    let (inside, is_inside) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let read = scope.spawn(move || {
+            let k = keys.get();
+            s.pool.write(&k, Write::AuditOnly, |tx| {
+                inside.send(()).unwrap();
+                until_queued(s, 1);
+                audit::insert(tx, &entry("read"))
+            })
+        });
+        is_inside.recv().unwrap();
+        let rotate = scope.spawn(|| {
+            s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+                .unwrap()
+        });
+        read.join().unwrap().unwrap();
+        rotate.join().unwrap();
+    });
+    // The audit-only batch (the head's lock without the revision row's)
+    // was committed before the change took the revision row: one lock
+    // order, revision row then head, on every replica.
+    assert_eq!(s.pool.commits() - commits, 2);
+    assert_eq!(s.get_secret("db").unwrap().version_count, 2);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
 }
 
 fn entry(actor: &str) -> AuditEntry {
