@@ -58,15 +58,35 @@ pub struct Server {
     pub state: PathBuf,
     pub addr: String,
     pub admin: Identity,
+    /// The PostgreSQL URL (with its password) it runs on; None: SQLite.
+    pub database: Option<String>,
     child: Option<Child>,
 }
 
 /// Runs `secretfs server init` into `dir/state`.
 pub fn init_state(env: &Env, dir: &Path) -> Result<PathBuf> {
+    init_state_with(env, dir, None, None)
+}
+
+/// `server init` into `dir/state`, on PostgreSQL `database` (a URL with
+/// its password, passed as `SECRETFS_DATABASE_URL` so it is never in
+/// argv) when given, joining the replica whose state directory is `join`.
+pub fn init_state_with(
+    env: &Env,
+    dir: &Path,
+    database: Option<&str>,
+    join: Option<&Path>,
+) -> Result<PathBuf> {
     let state = dir.join("state");
-    let out = Command::new(&env.bin)
-        .args(["server", "init", "--state-dir"])
-        .arg(&state)
+    let mut cmd = Command::new(&env.bin);
+    cmd.args(["server", "init", "--state-dir"]).arg(&state);
+    if let Some(url) = database {
+        cmd.env("SECRETFS_DATABASE_URL", url);
+    }
+    if let Some(j) = join {
+        cmd.arg("--join").arg(j);
+    }
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .context("run secretfs server init")?;
@@ -87,15 +107,68 @@ impl Server {
         Server::start_on(env, dir, state)
     }
 
+    /// A new state directory on PostgreSQL database `url` (with its
+    /// password) and a server on it.
+    pub fn start_pg(env: &Env, url: &str) -> Result<Server> {
+        let dir = env.fresh_dir("server")?;
+        let state = init_state_with(env, &dir, Some(url), None)?;
+        Server::start_with(env, dir, state, Some(url.to_owned()), "127.0.0.1:0")
+    }
+
+    /// A second replica of `first` (on PostgreSQL): `server init --join`
+    /// from `first`'s state directory, then `server run`.
+    pub fn start_replica(first: &Server) -> Result<Server> {
+        let url = first
+            .database
+            .as_deref()
+            .context("replicas need a PostgreSQL server")?;
+        let env = &first.env;
+        let dir = env.fresh_dir("replica")?;
+        let state = init_state_with(env, &dir, Some(url), Some(&first.state))?;
+        Server::start_with(env, dir, state, Some(url.to_owned()), "127.0.0.1:0")
+    }
+
     /// A server on an existing state directory (made by `init_state`).
     pub fn start_on(env: &Env, dir: PathBuf, state: PathBuf) -> Result<Server> {
+        Server::start_with(env, dir, state, None, "127.0.0.1:0")
+    }
+
+    /// This server again, on the same state directory, database and
+    /// address, after it stopped or was killed.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let again = Server::start_with(
+            &self.env,
+            self.dir.clone(),
+            self.state.clone(),
+            self.database.clone(),
+            &self.addr,
+        )?;
+        *self = again;
+        Ok(())
+    }
+
+    /// A server on an existing state directory, on PostgreSQL `database`
+    /// when given (the URL in the environment, never in argv), listening
+    /// on `listen`.
+    pub fn start_with(
+        env: &Env,
+        dir: PathBuf,
+        state: PathBuf,
+        database: Option<String>,
+        listen: &str,
+    ) -> Result<Server> {
         // The server writes its bound address here once it listens.
         let address_file = dir.join("server-address.json");
         let _ = std::fs::remove_file(&address_file);
-        let mut child = Command::new(&env.bin)
+        let mut cmd = Command::new(&env.bin);
+        if let Some(url) = &database {
+            cmd.env("SECRETFS_DATABASE_URL", url);
+        }
+        let mut child = cmd
             .args(["server", "run", "--state-dir"])
             .arg(&state)
-            .args(["--listen", "127.0.0.1:0", "--address-file"])
+            .args(["--listen", listen, "--address-file"])
             .arg(&address_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -145,6 +218,7 @@ impl Server {
             state,
             addr,
             admin,
+            database,
             child: Some(child),
         })
     }
@@ -284,6 +358,14 @@ impl Server {
         Ok(meta.current_version)
     }
 
+    /// SIGKILL at once (a crashed replica): returns when it is gone.
+    pub fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM, then SIGKILL if it lingers.
     pub fn stop(&mut self) {
         if let Some(child) = self.child.take() {
@@ -325,12 +407,23 @@ impl Mount {
     /// Spawns `secretfs mount` as `who` at a new directory; returns without
     /// waiting (see `wait_ready`).
     pub fn spawn(server: &Server, who: &Identity, extra: &[String]) -> Result<Mount> {
+        Mount::spawn_to(server, &server.url(), who, extra)
+    }
+
+    /// As `spawn`, with `SECRETFS_SERVER` set to `servers` (e.g. a comma
+    /// list of replicas); `server` gives the CA and the scratch space.
+    pub fn spawn_to(
+        server: &Server,
+        servers: &str,
+        who: &Identity,
+        extra: &[String],
+    ) -> Result<Mount> {
         let dir = server.env.fresh_dir("mnt")?;
         let path = dir.join("m");
         std::fs::create_dir(&path)?;
         let log = File::create(dir.join("mount.log"))?;
         let child = Command::new(&server.env.bin)
-            .env("SECRETFS_SERVER", server.url())
+            .env("SECRETFS_SERVER", servers)
             .env("SECRETFS_CA", server.state.join("ca.pem"))
             .env("SECRETFS_CERT", &who.cert)
             .env("SECRETFS_KEY", &who.key)
@@ -378,6 +471,18 @@ impl Mount {
 
     pub fn start(server: &Server, who: &Identity, extra: &[String]) -> Result<Mount> {
         let mut m = Mount::spawn(server, who, extra)?;
+        m.wait_ready(Duration::from_secs(60))?;
+        Ok(m)
+    }
+
+    /// As `start`, with `SECRETFS_SERVER` set to `servers`.
+    pub fn start_to(
+        server: &Server,
+        servers: &str,
+        who: &Identity,
+        extra: &[String],
+    ) -> Result<Mount> {
+        let mut m = Mount::spawn_to(server, servers, who, extra)?;
         m.wait_ready(Duration::from_secs(60))?;
         Ok(m)
     }

@@ -19,10 +19,12 @@ mod stats;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use secretfs_pgtest::PgCluster;
 
 use crate::harness::Env;
 use crate::report::{Header, Row};
@@ -43,7 +45,9 @@ struct Cli {
     out: PathBuf,
     /// Run only these rows (repeatable): read, caller-check, first-read,
     /// readdir, rpc, rotate, propagation, watch-fanout, mount-rss,
-    /// mount-start, scale.
+    /// mount-start, scale, pg-rotate, pg-rpc, replica-propagation,
+    /// failover (the last four start a PostgreSQL of their own: Debian's
+    /// postgresql package must be installed).
     #[arg(long)]
     only: Vec<String>,
     /// Scratch space for state directories and mountpoints (on disk, not
@@ -99,6 +103,10 @@ pub const ALL_ROWS: &[&str] = &[
     "mount-rss",
     "mount-start",
     "scale",
+    "pg-rotate",
+    "pg-rpc",
+    "replica-propagation",
+    "failover",
 ];
 
 /// Sizes for a full or a quick run.
@@ -118,6 +126,8 @@ pub struct Sizes {
     pub scale_big: (usize, usize, usize),
     pub scale_small: (usize, usize, usize),
     pub scale_calls: usize,
+    /// Replicas killed under a mount, one failover sample each.
+    pub failover_kills: usize,
 }
 
 impl Sizes {
@@ -139,6 +149,7 @@ impl Sizes {
                 scale_big: (500, 50, 5),
                 scale_small: (100, 10, 1),
                 scale_calls: 30,
+                failover_kills: 2,
             }
         } else {
             Sizes {
@@ -156,6 +167,7 @@ impl Sizes {
                 scale_big: (100_000, 10_000, 1_000),
                 scale_small: (1_000, 100, 10),
                 scale_calls: 500,
+                failover_kills: 10,
             }
         }
     }
@@ -168,6 +180,39 @@ pub struct Ctx {
     pub rt: tokio::runtime::Runtime,
     /// This executable, for helper subprocesses.
     pub me: PathBuf,
+    /// The PostgreSQL of this run, started by the first row that needs it
+    /// (each such row takes a database of its own), or why it could not.
+    pg: OnceLock<std::result::Result<PgCluster, String>>,
+}
+
+impl Ctx {
+    /// This run's PostgreSQL cluster, started on first use.
+    pub fn pg(&self) -> Result<&PgCluster> {
+        match self.pg.get_or_init(start_pg) {
+            Ok(c) => Ok(c),
+            Err(e) => anyhow::bail!("{e}"),
+        }
+    }
+}
+
+fn start_pg() -> std::result::Result<PgCluster, String> {
+    const HOW: &str = "the PostgreSQL rows need Debian's postgresql package \
+                       (`apt-get install postgresql`, as scripts/test.sh does)";
+    if !std::path::Path::new("/usr/lib/postgresql").is_dir() {
+        return Err(format!(
+            "PostgreSQL is not installed (no /usr/lib/postgresql): {HOW}"
+        ));
+    }
+    // pgtest panics with what is missing; the bench reports it as this
+    // row's error instead.
+    std::panic::catch_unwind(|| PgCluster::start(Default::default())).map_err(|p| {
+        let why = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        format!("PostgreSQL could not start ({why}): {HOW}")
+    })
 }
 
 fn sh(cmd: &str) -> String {
@@ -256,6 +301,7 @@ fn main() -> Result<()> {
             .enable_all()
             .build()?,
         me,
+        pg: OnceLock::new(),
     };
     let started = sh("date -u +%Y-%m-%dT%H:%M:%SZ");
     let load_before = sh("uptime");

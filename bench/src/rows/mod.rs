@@ -2,6 +2,7 @@
 
 pub mod propagation;
 pub mod read;
+pub mod replicas;
 pub mod rpc;
 pub mod scale;
 pub mod startup;
@@ -24,6 +25,10 @@ pub fn run(id: &str, ctx: &Ctx) -> Result<Vec<Row>> {
         "mount-rss" => startup::mount_rss(ctx),
         "mount-start" => startup::mount_start(ctx),
         "scale" => scale::scale(ctx),
+        "pg-rotate" => replicas::pg_rotate(ctx),
+        "pg-rpc" => replicas::pg_read_secrets(ctx),
+        "replica-propagation" => replicas::propagation(ctx),
+        "failover" => replicas::failover(ctx),
         other => anyhow::bail!("unknown row {other}"),
     }
 }

@@ -14,24 +14,24 @@ use crate::report::{Row, Verdict};
 use crate::stats::{ms, Samples};
 use crate::Ctx;
 
-const SECRET: &str = "prop/s";
+pub const SECRET: &str = "prop/s";
 /// A reader that has not seen a rotation by then counts as lost.
-const GIVE_UP: Duration = Duration::from_secs(5);
+pub const GIVE_UP: Duration = Duration::from_secs(5);
 /// How many threads poll the mounts.
-const POLLERS: usize = 4;
+pub const POLLERS: usize = 4;
 
-fn content(i: usize) -> Vec<u8> {
+pub fn content(i: usize) -> Vec<u8> {
     format!("rotation-{i:08}").into_bytes()
 }
 
 /// How rotations reach this build's mounts.
-struct Mode {
-    watch: bool,
-    args: Vec<String>,
-    label: &'static str,
+pub struct Mode {
+    pub watch: bool,
+    pub args: Vec<String>,
+    pub label: &'static str,
 }
 
-fn mode(ctx: &Ctx) -> Mode {
+pub fn mode(ctx: &Ctx) -> Mode {
     // Live rotation brings `--max-stale` with it (issue 4); without it the
     // mount only re-syncs every --refresh.
     if ctx.env.mount_has_flag("--max-stale") {
@@ -50,40 +50,67 @@ fn mode(ctx: &Ctx) -> Mode {
     }
 }
 
-struct Propagation {
+pub struct Propagation {
     /// Reply → new bytes readable, one sample per mount per rotation.
-    visible: Samples,
+    pub visible: Samples,
     /// The open+read+close that first returned the new bytes.
-    first_read: Samples,
-    lost: usize,
-    rotations: usize,
-    mounts: usize,
-    /// CPU per rotation: the server, all mounts together.
-    server_cpu_ms: f64,
-    mounts_cpu_ms: f64,
+    pub first_read: Samples,
+    pub lost: usize,
+    pub rotations: usize,
+    pub mounts: usize,
+    /// CPU per rotation: the server(s), all mounts together.
+    pub server_cpu_ms: f64,
+    pub mounts_cpu_ms: f64,
 }
 
 fn setup(ctx: &Ctx) -> Result<(Server, Identity)> {
     let server = Server::start(&ctx.env)?;
+    let who = setup_on(ctx, &server)?;
+    Ok((server, who))
+}
+
+/// The watched secret and a client that may read it, on `server`.
+pub fn setup_on(ctx: &Ctx, server: &Server) -> Result<Identity> {
     let who = server.add_client("watcher")?;
     ctx.rt.block_on(server.grant_new_secrets(
         "watchers",
         &["watcher"],
         &[(SECRET.to_owned(), content(0))],
     ))?;
-    Ok((server, who))
+    Ok(who)
 }
 
 fn measure(ctx: &Ctx, mounts: usize, rotations: usize, mode: &Mode) -> Result<Propagation> {
     let (server, who) = setup(ctx)?;
+    measure_on(ctx, &server, &[&server], &who, mounts, rotations, mode)
+}
+
+/// Rotations made on `rotate_on`, read through `mounts` mounts spread
+/// round-robin over `mount_on` (replicas of one database, or the same
+/// server); server CPU is that of every server named.
+pub fn measure_on(
+    ctx: &Ctx,
+    rotate_on: &Server,
+    mount_on: &[&Server],
+    who: &Identity,
+    mounts: usize,
+    rotations: usize,
+    mode: &Mode,
+) -> Result<Propagation> {
     let mut ms_: Vec<Mount> = (0..mounts)
-        .map(|_| Mount::spawn(&server, &who, &mode.args))
+        .map(|i| Mount::spawn(mount_on[i % mount_on.len()], who, &mode.args))
         .collect::<Result<_>>()?;
     for m in &mut ms_ {
         m.wait_ready(Duration::from_secs(120))?;
     }
     let files: Vec<_> = ms_.iter().map(|m| c_path(&m.path.join(SECRET))).collect();
-    let mut admin = ctx.rt.block_on(server.admin_client())?;
+    let mut admin = ctx.rt.block_on(rotate_on.admin_client())?;
+    let mut pids: Vec<u32> = std::iter::once(rotate_on.pid())
+        .chain(mount_on.iter().map(|s| s.pid()))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let servers_cpu = || pids.iter().map(|&p| cpu_ms(p)).sum::<f64>();
     let mut out = Propagation {
         visible: Samples::default(),
         first_read: Samples::default(),
@@ -94,7 +121,7 @@ fn measure(ctx: &Ctx, mounts: usize, rotations: usize, mode: &Mode) -> Result<Pr
         mounts_cpu_ms: 0.0,
     };
     let mounts_cpu = || ms_.iter().map(|m| cpu_ms(m.pid())).sum::<f64>();
-    let (server_cpu0, mounts_cpu0) = (cpu_ms(server.pid()), mounts_cpu());
+    let (server_cpu0, mounts_cpu0) = (servers_cpu(), mounts_cpu());
     let chunk = mounts.div_ceil(POLLERS.min(mounts));
     for i in 1..=rotations {
         let want = content(i);
@@ -144,7 +171,7 @@ fn measure(ctx: &Ctx, mounts: usize, rotations: usize, mode: &Mode) -> Result<Pr
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    out.server_cpu_ms = (cpu_ms(server.pid()) - server_cpu0) / rotations as f64;
+    out.server_cpu_ms = (servers_cpu() - server_cpu0) / rotations as f64;
     out.mounts_cpu_ms = (mounts_cpu() - mounts_cpu0) / rotations as f64;
     drop(ms_);
     Ok(out)

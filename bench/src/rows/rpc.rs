@@ -19,19 +19,19 @@ use crate::report::{Row, Verdict};
 use crate::stats::{ms, ratio, Samples};
 use crate::Ctx;
 
-const PAYLOAD: usize = 4096;
+pub const PAYLOAD: usize = 4096;
 const CONNECTIONS: usize = 8;
 const IN_FLIGHT: usize = 64;
 
-struct Load {
-    per_sec: f64,
-    latencies: Samples,
+pub struct Load {
+    pub per_sec: f64,
+    pub latencies: Samples,
 }
 
 /// `IN_FLIGHT` callers over `CONNECTIONS` connections, each issuing
 /// `ReadSecrets` (or, with `list`, `ListMySecrets`: no decryption, no
 /// audit) back to back for `seconds`.
-async fn load(cfg: &ConnectConfig, name: &str, seconds: f64, list: bool) -> Result<Load> {
+pub async fn load(cfg: &ConnectConfig, name: &str, seconds: f64, list: bool) -> Result<Load> {
     let mut clients = Vec::new();
     for _ in 0..CONNECTIONS {
         // One `connect` = one TCP + TLS connection.
@@ -193,8 +193,8 @@ pub fn read_secrets(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(vec![row])
 }
 
-const ROTATE_SIZE: usize = 1024;
-const ROTATORS: usize = 8;
+pub const ROTATE_SIZE: usize = 1024;
+pub const ROTATORS: usize = 8;
 
 /// Raw SQLite: one row of the same size per durable transaction.
 fn raw_sqlite(dir: &Path, n: usize) -> Result<f64> {
@@ -227,23 +227,27 @@ fn raw_sqlite(dir: &Path, n: usize) -> Result<f64> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-pub fn rotate(ctx: &Ctx) -> Result<Vec<Row>> {
-    let n = ctx.sizes.rotations;
-    let mut row = Row::new(
-        "rotate",
-        "rotate throughput (durable), 1 KiB content",
-        "≥ 0.5× raw",
-    );
-    let server = Server::start(&ctx.env)?;
+/// `ROTATORS` secrets of `ROTATE_SIZE` bytes to rotate, on `server`.
+pub fn rotate_setup(ctx: &Ctx, server: &Server) -> Result<Vec<(String, Vec<u8>)>> {
     let names: Vec<(String, Vec<u8>)> = (0..ROTATORS)
         .map(|i| (format!("rot/k{i}"), filler(ROTATE_SIZE, i as u64)))
         .collect();
     ctx.rt
         .block_on(server.grant_new_secrets("rot", &[], &names))?;
-    let raw_before = raw_sqlite(&server.dir, n)?;
-    let per_sec = ctx.rt.block_on(async {
+    Ok(names)
+}
+
+/// `n` `Admin.RotateSecret` calls, `ROTATORS` in flight over one
+/// connection, one secret each; rotations per second.
+pub fn rotate_load(
+    ctx: &Ctx,
+    server: &Server,
+    names: &[(String, Vec<u8>)],
+    n: usize,
+) -> Result<f64> {
+    ctx.rt.block_on(async {
         let admin = server.admin_client().await?;
-        let names = Arc::new(names);
+        let names = Arc::new(names.to_vec());
         let start = Instant::now();
         let mut tasks = Vec::new();
         for i in 0..ROTATORS {
@@ -265,7 +269,20 @@ pub fn rotate(ctx: &Ctx) -> Result<Vec<Row>> {
             t.await??;
         }
         anyhow::Ok((n / ROTATORS * ROTATORS) as f64 / start.elapsed().as_secs_f64())
-    })?;
+    })
+}
+
+pub fn rotate(ctx: &Ctx) -> Result<Vec<Row>> {
+    let n = ctx.sizes.rotations;
+    let mut row = Row::new(
+        "rotate",
+        "rotate throughput (durable), 1 KiB content",
+        "≥ 0.5× raw",
+    );
+    let server = Server::start(&ctx.env)?;
+    let names = rotate_setup(ctx, &server)?;
+    let raw_before = raw_sqlite(&server.dir, n)?;
+    let per_sec = rotate_load(ctx, &server, &names, n)?;
     let raw_after = raw_sqlite(&server.dir, n)?;
     let raw = raw_before.max(raw_after);
     row.secretfs = format!("{per_sec:.0} rotations/s");
