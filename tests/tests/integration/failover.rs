@@ -354,3 +354,30 @@ fn a_name_with_two_addresses_is_two_servers() {
         );
     }
 }
+
+/// `--timeout` bounds each address, not each server: `localhost` has two
+/// addresses, the first a listener that accepts TCP but never answers (a
+/// stopped process), the second the live server. The first costs one
+/// `--timeout` and is passed over; the command succeeds.
+#[test]
+fn an_address_that_never_answers_costs_one_timeout_and_is_passed_over() {
+    let mut s = TestServer::start();
+    assert_eq!(s.stop(), 0);
+    s.restart_on("127.0.0.2:0");
+    let port = port_of(&s.addr);
+    // Accepts (the kernel completes the handshake) and never replies.
+    let silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let out = cli_with_two_address_localhost(
+        &s,
+        &[
+            "--timeout",
+            "2s",
+            "--server",
+            &format!("localhost:{port}"),
+            "whoami",
+        ],
+    )
+    .ok();
+    assert!(out.stdout.contains("admin"), "{}", out.stdout);
+    drop(silent);
+}
