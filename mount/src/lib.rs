@@ -559,3 +559,98 @@ fn forbid_core_dumps() {
         tracing::warn!(%error, "cannot mark the process non-dumpable");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::task::{Context, Poll};
+    use tonic::body::Body;
+    use tonic::codegen::http;
+
+    /// Answers every call with INTERNAL: a replica whose store is broken.
+    #[derive(Clone)]
+    struct Broken;
+
+    impl tonic::server::NamedService for Broken {
+        const NAME: &'static str = "secretfs.v1.Secrets";
+    }
+
+    impl tonic::codegen::Service<http::Request<Body>> for Broken {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            std::future::ready(Ok(
+                tonic::Status::internal("the store is broken").into_http()
+            ))
+        }
+    }
+
+    /// A CA, and a certificate and key it signed for `names`.
+    fn leaf(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    async fn broken_server(cert: &str, key: &str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(Broken);
+        tokio::spawn(
+            server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    /// A server that answers INTERNAL is that server's failure: the first
+    /// sync goes on to the next, and names both when neither serves.
+    #[tokio::test]
+    async fn the_first_sync_passes_over_a_server_that_answers_internal() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let (server_cert, server_key) = leaf(&issuer, &["127.0.0.1"]);
+        let (client_cert, client_key) = leaf(&issuer, &["app"]);
+        let a = broken_server(&server_cert, &server_key).await;
+        let b = broken_server(&server_cert, &server_key).await;
+        let cfg = ConnectConfig {
+            server: format!("{a},{b}"),
+            ca_pem: ca_pem.into_bytes(),
+            cert_pem: client_cert.into_bytes(),
+            key_pem: zeroize::Zeroizing::new(client_key.into_bytes()),
+            connect_timeout: Duration::from_secs(10),
+        };
+        let attempt = tokio::time::timeout(Duration::from_secs(60), try_first_sync(&cfg))
+            .await
+            .expect("the first sync is bounded");
+        match attempt {
+            Ok(_) => panic!("neither server serves"),
+            Err(Attempt::Fatal(e)) => panic!("not fatal: {e}"),
+            Err(Attempt::Retry(reason)) => {
+                for addr in [a, b] {
+                    assert!(reason.contains(&addr.to_string()), "names {addr}: {reason}");
+                }
+                assert!(reason.contains("the store is broken"), "{reason}");
+            }
+        }
+    }
+}
