@@ -38,6 +38,7 @@ fn servers(args: &ConnArgs) -> Result<String> {
         return Err(missing("--server", "SECRETFS_SERVER"));
     }
     let joined = args.server.join(",");
+    // Checked here (a usage error); `connect_any` reads the same text.
     ServerList::parse(&joined).map_err(|e| UsageError(format!("--server/SECRETFS_SERVER: {e}")))?;
     Ok(joined)
 }
@@ -133,33 +134,32 @@ pub fn timed_out(detail: Option<&str>) -> Option<String> {
     ))
 }
 
-/// Connects within `--timeout` (each server of a list in turn, each
-/// within it); each call on the channel is bounded by it too (until the
-/// server begins its answer, so a stream may stay open). A call stays on
-/// the server that answered: a command is never sent twice.
+/// Connects to the first address of `--server` that answers, in order:
+/// each name's lookup and each address's attempt is bounded by `--timeout`
+/// (a timeout is that address's failure, named with the others when none
+/// answers), so a list costs at most one `--timeout` per address. Each
+/// call on the channel is bounded by it too (until the server begins its
+/// answer, so a stream may stay open). A call stays on the server that
+/// answered: a command is never sent twice.
 pub async fn channel(args: &ConnArgs) -> Result<Channel> {
     let config = checked_config(args, true)?;
     let limit = args.timeout;
     bound(config.server.clone(), limit);
-    let count = ServerList::parse(&config.server).map_or(1, |l| l.len().max(1));
-    let whole = limit.saturating_mul(u32::try_from(count).unwrap_or(u32::MAX));
-    let attempt = secretfs_proto::connect_any(&config, Some(limit));
-    match tokio::time::timeout(whole, attempt).await {
-        Ok(Ok((channel, connected))) => {
+    match secretfs_proto::connect_any(&config, Some(limit)).await {
+        Ok((channel, connected)) => {
             for e in &connected.passed_over {
                 tracing::debug!(error = %e, "passed over a server");
             }
             bound(connected.target().to_string(), limit);
             Ok(channel)
         }
-        Ok(Err(ChannelError::Connect {
+        Err(ChannelError::Connect {
             failure: ConnectFailure::Timeout,
             ..
-        }))
-        | Err(_) => Err(anyhow::anyhow!(
+        }) => Err(anyhow::anyhow!(
             timed_out(None).unwrap_or_else(|| "timed out".into())
         )),
-        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -63,10 +63,14 @@ mod privileges;
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use secretfs_proto::channel::ChannelError;
+use secretfs_proto::channel::{
+    collapse, connect_to, list_failures, try_in_order, ChannelError, ConnectFailure, KeepAlive,
+    NoneAnswered, Tried,
+};
 use secretfs_proto::servers::{Endpoints, ServerList};
 use secretfs_proto::ConnectConfig;
 use tokio::sync::mpsc;
@@ -250,6 +254,7 @@ pub async fn run(
         SyncState {
             identity,
             server: server.clone(),
+            server_in_use: Some(endpoints.current().to_string()),
             revision: Some(mirror.revision()),
             cert: cert.clone(),
             force: opts.force,
@@ -325,18 +330,16 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Precise, not at the next tick: `--max-stale` is a promise.
-        let stale_at = updater.stale_deadline();
-        let stale = async {
-            match stale_at {
-                Some(t) => tokio::time::sleep_until(t.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let stale = at(updater.stale_deadline());
+        // A move that has not brought a server within the grace is an
+        // outage: precise too.
+        let moved = at(updater.move_deadline());
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             Some(event) = rx.recv() => updater.on_event(event),
             () = stale => updater.check_stale(),
+            () = moved => updater.check_moving(),
             _ = tick.tick() => {
                 if let Some(g) = &guard {
                     updater.set_refused_callers(g.counts());
@@ -360,6 +363,14 @@ pub async fn run(
     // Whatever the kernel still references, no secret outlives `run`.
     updater.wipe();
     Ok(())
+}
+
+/// Sleeps until `deadline`; never without one.
+async fn at(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends the caller check's refusals to the server's audit log, batched
@@ -447,84 +458,98 @@ enum Attempt {
 }
 
 /// The first sync from the first endpoint that gives it, in order: one that
-/// cannot be reached (or answers UNAVAILABLE) is passed over; an answer
-/// from the server (this client refused) is final.
+/// cannot be reached or used, or answers with a failure of its own
+/// (UNAVAILABLE, INTERNAL, a bad event, ...), is passed over; an answer
+/// every replica would give (this client refused; not found, a bad
+/// request) ends the attempt.
 async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
     let server = cfg.server.clone();
     let list = ServerList::parse(&server)
         .map_err(|e| Attempt::Fatal(MountError::Connect(e.to_string())))?;
-    let (targets, mut failed) = list.resolve().await;
+    let (targets, unresolved) = list.resolve(cfg.connect_timeout).await;
     // Certificate trouble on every endpoint (and every name resolved) is
     // fatal: waiting will not fix it.
-    let mut tls_only = failed.is_empty();
-    for target in &targets {
-        let channel =
-            match secretfs_proto::channel::connect_to(cfg, target, Some(sync::RPC_TIMEOUT)).await {
-                Ok(c) => c,
-                Err(e @ ChannelError::Connect { .. }) => {
-                    tls_only &= e.is_tls();
-                    failed.push(e);
-                    continue;
+    let tls_only = AtomicBool::new(unresolved.is_empty() && !targets.is_empty());
+    let failed = unresolved.into_iter().map(|u| u.error).collect();
+    let found = try_in_order(&targets, failed, |target| {
+        let tls_only = &tls_only;
+        async move {
+            let channel =
+                match connect_to(cfg, &target, Some(sync::RPC_TIMEOUT), KeepAlive::MOUNT).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Unusable addresses too: that endpoint's failure.
+                        if !e.is_tls() {
+                            tls_only.store(false, Ordering::Relaxed);
+                        }
+                        return Tried::Next(e);
+                    }
+                };
+            let mut source = SecretsSource::new(channel);
+            let mut mirror = Mirror::new();
+            match source.first_sync(&mut mirror).await {
+                Ok((stream, snapshot)) => Tried::Done((source, mirror, stream, snapshot)),
+                Err(SyncError::Refused(message)) => {
+                    Tried::Stop(Attempt::Fatal(MountError::ClientRefused {
+                        server: target.to_string(),
+                        message,
+                    }))
                 }
-                Err(e) => return Err(Attempt::Fatal(MountError::Connect(e.to_string()))),
-            };
-        let mut source = SecretsSource::new(channel);
-        let mut mirror = Mirror::new();
-        let (stream, snapshot) = match source.first_sync(&mut mirror).await {
-            Ok(s) => s,
-            Err(SyncError::Refused(message)) => {
-                return Err(Attempt::Fatal(MountError::ClientRefused {
-                    server: target.to_string(),
-                    message,
-                }))
+                Err(e) if e.moves_on() => {
+                    if !matches!(e, SyncError::TlsRefused(_)) {
+                        tls_only.store(false, Ordering::Relaxed);
+                    }
+                    Tried::Next(ChannelError::Connect {
+                        server: target.to_string(),
+                        reason: e.to_string(),
+                        failure: ConnectFailure::Other,
+                    })
+                }
+                Err(e) => Tried::Stop(Attempt::Retry(format!("{target}: {e}"))),
             }
-            Err(e @ (SyncError::TlsRefused(_) | SyncError::Unreachable(_))) => {
-                tls_only &= matches!(e, SyncError::TlsRefused(_));
-                failed.push(ChannelError::Connect {
-                    server: target.to_string(),
-                    reason: e.to_string(),
-                    failure: secretfs_proto::channel::ConnectFailure::Other,
-                });
-                continue;
-            }
-            Err(e) => return Err(Attempt::Retry(format!("{target}: {e}"))),
-        };
-        if !failed.is_empty() {
-            tracing::info!(
-                server = %target,
-                passed_over = %ChannelError::AllFailed(failed),
-                "synced from a server after others did not answer"
-            );
         }
-        // Only for the status page: a server without WhoAmI is fine.
-        let identity = match source.whoami().await {
-            Ok(name) => Some(name),
-            Err(e) => {
-                tracing::debug!(error = %e, "WhoAmI failed; status will show no identity");
-                None
-            }
-        };
-        return Ok(FirstSync {
-            source,
-            mirror,
-            stream,
-            snapshot,
-            identity,
-            endpoints: Endpoints::new(list, targets.clone(), target),
-        });
-    }
-    let reason = match failed.len() {
-        1 => match &failed[0] {
-            ChannelError::Connect { reason, .. } => reason.clone(),
-            other => other.to_string(),
-        },
-        _ => ChannelError::AllFailed(failed).to_string(),
+    })
+    .await;
+    let found = match found {
+        Ok(found) => found,
+        Err(NoneAnswered::Stopped(attempt)) => return Err(attempt),
+        Err(NoneAnswered::Failed(failed)) => {
+            let reason = match collapse(failed) {
+                ChannelError::Connect { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            return Err(if tls_only.load(Ordering::Relaxed) {
+                Attempt::Fatal(MountError::TlsRefused { server, reason })
+            } else {
+                Attempt::Retry(reason)
+            });
+        }
     };
-    if tls_only && !targets.is_empty() {
-        Err(Attempt::Fatal(MountError::TlsRefused { server, reason }))
-    } else {
-        Err(Attempt::Retry(reason))
+    let target = &targets[found.at];
+    if !found.passed_over.is_empty() {
+        tracing::info!(
+            server = %target,
+            passed_over = %list_failures(&found.passed_over),
+            "synced from a server after passing over others that failed"
+        );
     }
+    let (mut source, mirror, stream, snapshot) = found.value;
+    // Only for the status page: a server without WhoAmI is fine.
+    let identity = match source.whoami().await {
+        Ok(name) => Some(name),
+        Err(e) => {
+            tracing::debug!(error = %e, "WhoAmI failed; status will show no identity");
+            None
+        }
+    };
+    Ok(FirstSync {
+        source,
+        mirror,
+        stream,
+        snapshot,
+        identity,
+        endpoints: Endpoints::new(list, targets.clone(), target),
+    })
 }
 
 /// Keeps secrets out of core dumps and away from ptrace by other users.
@@ -532,5 +557,100 @@ fn forbid_core_dumps() {
     use rustix::process::{set_dumpable_behavior, DumpableBehavior};
     if let Err(error) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
         tracing::warn!(%error, "cannot mark the process non-dumpable");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::task::{Context, Poll};
+    use tonic::body::Body;
+    use tonic::codegen::http;
+
+    /// Answers every call with INTERNAL: a replica whose store is broken.
+    #[derive(Clone)]
+    struct Broken;
+
+    impl tonic::server::NamedService for Broken {
+        const NAME: &'static str = "secretfs.v1.Secrets";
+    }
+
+    impl tonic::codegen::Service<http::Request<Body>> for Broken {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            std::future::ready(Ok(
+                tonic::Status::internal("the store is broken").into_http()
+            ))
+        }
+    }
+
+    /// A CA, and a certificate and key it signed for `names`.
+    fn leaf(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, names: &[&str]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    async fn broken_server(cert: &str, key: &str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(Broken);
+        tokio::spawn(
+            server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    /// A server that answers INTERNAL is that server's failure: the first
+    /// sync goes on to the next, and names both when neither serves.
+    #[tokio::test]
+    async fn the_first_sync_passes_over_a_server_that_answers_internal() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let (server_cert, server_key) = leaf(&issuer, &["127.0.0.1"]);
+        let (client_cert, client_key) = leaf(&issuer, &["app"]);
+        let a = broken_server(&server_cert, &server_key).await;
+        let b = broken_server(&server_cert, &server_key).await;
+        let cfg = ConnectConfig {
+            server: format!("{a},{b}"),
+            ca_pem: ca_pem.into_bytes(),
+            cert_pem: client_cert.into_bytes(),
+            key_pem: zeroize::Zeroizing::new(client_key.into_bytes()),
+            connect_timeout: Duration::from_secs(10),
+        };
+        let attempt = tokio::time::timeout(Duration::from_secs(60), try_first_sync(&cfg))
+            .await
+            .expect("the first sync is bounded");
+        match attempt {
+            Ok(_) => panic!("neither server serves"),
+            Err(Attempt::Fatal(e)) => panic!("not fatal: {e}"),
+            Err(Attempt::Retry(reason)) => {
+                for addr in [a, b] {
+                    assert!(reason.contains(&addr.to_string()), "names {addr}: {reason}");
+                }
+                assert!(reason.contains("the store is broken"), "{reason}");
+            }
+        }
     }
 }

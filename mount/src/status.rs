@@ -20,6 +20,8 @@ pub struct SyncState {
     /// Client name from `WhoAmI`, if the server told us.
     pub identity: Option<String>,
     pub server: String,
+    /// The endpoint events come from now (`https://name:port (ip:port)`).
+    pub server_in_use: Option<String>,
     /// A Watch stream is open and its events are applied as they come:
     /// what is shown is current.
     pub connected: bool,
@@ -50,6 +52,9 @@ pub struct SyncState {
 struct StatusJson<'a> {
     identity: Option<&'a str>,
     server: &'a str,
+    /// The address in use now (one of `server`'s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_in_use: Option<&'a str>,
     connected: bool,
     last_sync: Option<String>,
     /// 0 while connected (changes arrive as they commit); otherwise the
@@ -121,6 +126,7 @@ pub fn render(state: &SyncState, snap: &Snapshot, now: SystemTime) -> Vec<u8> {
     let json = StatusJson {
         identity: state.identity.as_deref(),
         server: &state.server,
+        server_in_use: state.server_in_use.as_deref(),
         connected: state.connected,
         last_sync: state.last_sync.map(rfc3339),
         seconds_stale: if state.connected {

@@ -3,17 +3,22 @@
 //! the updater.
 //!
 //! [`live_loop`] owns the connection after the first sync:
-//! - a broken stream or an unreachable server (a transport failure, or
-//!   UNAVAILABLE): move at once to the next endpoint that has not failed
-//!   since the last success ([`Endpoints`]: several `--server`s, a name's
-//!   several addresses), without reporting an outage; when every one has
-//!   failed, report it, resolve the names again and reconnect from the
-//!   first after a jittered backoff (first retry 50-100 ms, doubling,
-//!   capped at 3 s). Either way the new stream resumes from what is held
-//!   (the server sends only what changed meanwhile), and the files stay
-//!   as they are until it has;
-//! - a refused event (out of order, malformed): drop the stream and
-//!   reconnect the same way; nothing of the event was applied;
+//! - a broken stream, an unreachable server (a transport failure, or
+//!   UNAVAILABLE), a server error (INTERNAL, RESOURCE_EXHAUSTED, ...: any
+//!   code but the four below) or a refused event (out of order, malformed;
+//!   nothing of it was applied): that endpoint's failure. Move at once to
+//!   the next endpoint that has not failed since the last success
+//!   ([`Endpoints`]: several `--server`s, a name's several addresses) and
+//!   tell the updater a move is under way ([`SyncEvent::Moving`]: the
+//!   `--max-stale` clock starts; the outage is reported if no server serves
+//!   within [`crate::updater::MOVE_GRACE`]). When every one has failed,
+//!   report the outage, resolve the names again (bounded) and reconnect
+//!   from the first after a jittered backoff (first retry 50-100 ms,
+//!   doubling, capped at 3 s). Either way the new stream resumes from what
+//!   is held (the server sends only what changed meanwhile), and the files
+//!   stay as they are until it has;
+//! - NOT_FOUND or INVALID_ARGUMENT: reported, retried on the same endpoint
+//!   (another replica would answer the same);
 //! - the server refuses the client (removed, disabled): report it (the mount
 //!   empties), forget everything, retry slowly;
 //! - every `refresh`: a from-scratch stream (the whole view again), the
@@ -26,7 +31,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use secretfs_proto::channel::{error_chain, ConnectFailure};
+use secretfs_proto::channel::{error_chain, ConnectFailure, KeepAlive};
 use secretfs_proto::credentials::{key_matches, FileContents};
 use secretfs_proto::files::ReplaceError;
 use secretfs_proto::servers::{Endpoints, Target};
@@ -76,8 +81,11 @@ pub enum SyncError {
     /// The server answered that this client may not read (unknown,
     /// disabled or removed). Its message is passed through.
     Refused(String),
-    /// Any other error the server reported.
+    /// NOT_FOUND or INVALID_ARGUMENT: another replica would answer the same.
     Failed(String),
+    /// The server failed (INTERNAL, RESOURCE_EXHAUSTED, ...): that server's
+    /// trouble, another may serve.
+    Faulty(String),
     /// The server sent an event we could not accept; nothing of it was
     /// applied.
     BadEvent(EventError),
@@ -91,6 +99,7 @@ impl std::fmt::Display for SyncError {
             }
             SyncError::Refused(m) => write!(f, "server refused this client: {m}"),
             SyncError::Failed(m) => write!(f, "sync failed: {m}"),
+            SyncError::Faulty(m) => write!(f, "server error: {m}"),
             SyncError::BadEvent(e) => {
                 write!(f, "refused an event from the server ({e}); resyncing")
             }
@@ -110,7 +119,25 @@ fn classify(status: tonic::Status) -> SyncError {
                 SyncError::Unreachable(error_chain(&status))
             }
         }
-        _ => SyncError::Failed(format!("{:?}: {}", status.code(), status.message())),
+        Code::NotFound | Code::InvalidArgument => {
+            SyncError::Failed(format!("{:?}: {}", status.code(), status.message()))
+        }
+        _ => SyncError::Faulty(format!("{:?}: {}", status.code(), status.message())),
+    }
+}
+
+impl SyncError {
+    /// That endpoint's failure: another may do better, so move on. Never
+    /// for an answer every replica would give (the client refused, not
+    /// found, a bad request).
+    pub fn moves_on(&self) -> bool {
+        matches!(
+            self,
+            SyncError::Unreachable(_)
+                | SyncError::TlsRefused(_)
+                | SyncError::Faulty(_)
+                | SyncError::BadEvent(_)
+        )
     }
 }
 
@@ -122,6 +149,11 @@ pub enum SyncEvent {
         revision: u64,
     },
     Error(SyncError),
+    /// The server in use failed (why) and the loop is moving to the next:
+    /// not yet an outage, but the `--max-stale` clock starts.
+    Moving(SyncError),
+    /// Events now come from this endpoint (at start, and after a move).
+    Serving(String),
     /// A new client certificate is in use (renewed, or new files).
     Certificate(CertInfo),
 }
@@ -311,42 +343,54 @@ impl Live {
         if self.endpoints.failed().is_none() {
             return false;
         }
-        self.use_endpoint();
-        true
+        self.use_endpoint()
     }
 
     /// A channel to the endpoint now current, unless it is the one in use
-    /// (a lazy channel reconnects by itself).
-    fn use_endpoint(&mut self) {
-        if *self.endpoints.current() == self.in_use {
-            return;
-        }
-        match secretfs_proto::connect_lazy_to(&self.connect, self.endpoints.current(), RPC_TIMEOUT)
-        {
-            Ok(channel) => {
-                self.source = SecretsSource::new(channel);
-                self.in_use = self.endpoints.current().clone();
-                let _ = self.connection.send(self.source.clone());
+    /// (a lazy channel reconnects by itself). One that cannot be used is
+    /// that endpoint's failure: the next is taken. False when every one
+    /// has failed.
+    fn use_endpoint(&mut self) -> bool {
+        loop {
+            if *self.endpoints.current() == self.in_use {
+                return true;
             }
-            // The same configuration built the first channel: not expected.
-            Err(error) => {
-                tracing::warn!(%error, server = %self.endpoints.current(), "cannot use this server")
+            match secretfs_proto::connect_lazy_to(
+                &self.connect,
+                self.endpoints.current(),
+                RPC_TIMEOUT,
+                KeepAlive::MOUNT,
+            ) {
+                Ok(channel) => {
+                    self.source = SecretsSource::new(channel);
+                    self.in_use = self.endpoints.current().clone();
+                    let _ = self.connection.send(self.source.clone());
+                    return true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, server = %self.endpoints.current(), "cannot use this server; passing over it");
+                    if self.endpoints.failed().is_none() {
+                        return false;
+                    }
+                }
             }
         }
     }
 
     /// An event from the endpoint in use was applied: every endpoint may
-    /// be tried again, and a move is logged (once).
-    fn serving(&mut self) {
+    /// be tried again, and a move is logged (once). True after a move.
+    fn serving(&mut self) -> bool {
         self.endpoints.succeeded();
-        if self.serving != self.in_use {
-            tracing::info!(
-                server = %self.in_use,
-                previous = %self.serving,
-                "moved to another server; the secrets are resynced from it"
-            );
-            self.serving = self.in_use.clone();
+        if self.serving == self.in_use {
+            return false;
         }
+        tracing::info!(
+            server = %self.in_use,
+            previous = %self.serving,
+            "moved to another server; the secrets are resynced from it"
+        );
+        self.serving = self.in_use.clone();
+        true
     }
 }
 
@@ -404,20 +448,18 @@ pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
         let delay = match stop {
             Stop::Gone => return,
             Stop::Now => continue,
-            Stop::Failed(e @ (SyncError::Unreachable(_) | SyncError::TlsRefused(_)))
-                if live.fail_over() =>
-            {
-                // Another endpoint is left to try: at once, and no outage
-                // to report (the files stay; the status stays connected).
+            Stop::Failed(e) if e.moves_on() && live.fail_over() => {
+                // Another endpoint is left to try: at once. The files stay;
+                // the updater starts the stale clock and reports an outage
+                // only if no server serves within the grace.
                 tracing::debug!(error = %e, next = %live.endpoints.current(), "server lost; trying the next one");
+                if events.send(SyncEvent::Moving(e)).await.is_err() {
+                    return;
+                }
                 continue;
             }
             Stop::Failed(e) => {
-                if matches!(e, SyncError::Unreachable(_) | SyncError::TlsRefused(_)) {
-                    // Every endpoint failed: a replica may have moved.
-                    live.endpoints.reresolve().await;
-                    live.use_endpoint();
-                }
+                let moves_on = e.moves_on();
                 let delay = if matches!(e, SyncError::Refused(_)) {
                     // The mount empties; what we held no longer counts.
                     live.mirror.clear();
@@ -427,8 +469,14 @@ pub async fn live_loop(mut live: Live, events: mpsc::Sender<SyncEvent>) {
                     retry.next_delay()
                 };
                 tracing::debug!(error = %e, ?delay, "watch stream lost; reconnecting");
+                // The outage is reported before anything else can take time.
                 if events.send(SyncEvent::Error(e)).await.is_err() {
                     return;
+                }
+                if moves_on {
+                    // Every endpoint failed: a replica may have moved.
+                    live.endpoints.reresolve(live.connect.connect_timeout).await;
+                    live.use_endpoint();
                 }
                 delay
             }
@@ -461,7 +509,11 @@ async fn follow(
                 Ok(Step::Applied(snapshot, revision)) => {
                     initial = InitialEvent::received();
                     on_success();
-                    live.serving();
+                    if live.serving()
+                        && events.send(SyncEvent::Serving(live.in_use.to_string())).await.is_err()
+                    {
+                        return Stop::Gone;
+                    }
                     if events.send(SyncEvent::Synced { snapshot, revision }).await.is_err() {
                         return Stop::Gone;
                     }
@@ -711,7 +763,7 @@ async fn use_credentials(live: &mut Live, pair: Pair, events: &mpsc::Sender<Sync
     let mut cfg = live.connect.clone();
     cfg.cert_pem = pair.cert_pem;
     cfg.key_pem = pair.key_pem;
-    match secretfs_proto::connect_lazy_to(&cfg, &live.in_use, RPC_TIMEOUT) {
+    match secretfs_proto::connect_lazy_to(&cfg, &live.in_use, RPC_TIMEOUT, KeepAlive::MOUNT) {
         Ok(channel) => {
             live.source = SecretsSource::new(channel);
             let _ = events.send(SyncEvent::Certificate(pair.info.clone())).await;
@@ -796,9 +848,23 @@ mod tests {
             classify(tonic::Status::unavailable("down")),
             SyncError::Unreachable(_)
         ));
-        assert!(matches!(
-            classify(tonic::Status::internal("db")),
-            SyncError::Failed(_)
-        ));
+        // A server's own failure moves on; an answer every replica would
+        // give does not.
+        for status in [
+            tonic::Status::internal("db"),
+            tonic::Status::resource_exhausted("busy"),
+            tonic::Status::unavailable("down"),
+        ] {
+            assert!(classify(status.clone()).moves_on(), "{status:?}");
+        }
+        for status in [
+            tonic::Status::permission_denied("removed"),
+            tonic::Status::unauthenticated("unknown"),
+            tonic::Status::not_found("x"),
+            tonic::Status::invalid_argument("x"),
+        ] {
+            assert!(!classify(status.clone()).moves_on(), "{status:?}");
+        }
+        assert!(SyncError::BadEvent(EventError::MissingInitial).moves_on());
     }
 }

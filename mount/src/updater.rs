@@ -16,6 +16,12 @@ use crate::status::{self, SyncState};
 use crate::sync::{SyncError, SyncEvent};
 use crate::tree::{lock, Invalidation, SharedTree};
 
+/// How long a move to another server may take before it is reported as an
+/// outage (status `connected: false`): the status never says connected for
+/// longer than this after the stream in use broke, unless a server is
+/// serving again.
+pub const MOVE_GRACE: Duration = Duration::from_secs(1);
+
 pub struct Updater {
     tree: SharedTree,
     notifier: Option<Notifier>,
@@ -25,8 +31,12 @@ pub struct Updater {
     logged_skips: HashSet<String>,
     /// Log an outage once, not on every failed attempt.
     in_outage: bool,
-    /// When the connection was lost (monotonic, for `--max-stale`).
+    /// When the connection was lost (monotonic, for `--max-stale`); set
+    /// too while a move is under way.
     lost_at: Option<Instant>,
+    /// A move under way: since when (wall clock, for the status), and why
+    /// the server in use was left.
+    moving: Option<(SystemTime, SyncError)>,
 }
 
 impl Updater {
@@ -39,6 +49,7 @@ impl Updater {
             logged_skips: HashSet::new(),
             in_outage: false,
             lost_at: None,
+            moving: None,
         }
     }
 
@@ -59,6 +70,8 @@ impl Updater {
                 self.synced(snapshot);
             }
             SyncEvent::Error(e) => self.failed(e),
+            SyncEvent::Moving(e) => self.moving(e),
+            SyncEvent::Serving(server) => self.state.server_in_use = Some(server),
             SyncEvent::Certificate(info) => {
                 self.state.cert = Some(info);
                 self.publish_status();
@@ -88,13 +101,53 @@ impl Updater {
         self.state.last_error = None;
         self.state.disconnected_since = None;
         self.lost_at = None;
+        self.moving = None;
         self.install(snap);
     }
 
-    fn failed(&mut self, err: SyncError) {
+    /// The server in use failed and another is being tried: the files
+    /// stay, the status stays connected for now, but the stale clock runs
+    /// from this moment (`--max-stale` counts from the break, not from
+    /// the end of the move).
+    fn moving(&mut self, err: SyncError) {
+        if !self.state.connected {
+            // Already an outage: one more failed attempt.
+            self.state.last_error = Some(err.to_string());
+            return;
+        }
         if self.lost_at.is_none() {
             self.lost_at = Some(Instant::now());
-            self.state.disconnected_since = Some(SystemTime::now());
+        }
+        if self.moving.is_none() {
+            self.moving = Some((SystemTime::now(), err));
+        }
+    }
+
+    /// When a move under way becomes an outage, if one is.
+    pub fn move_deadline(&self) -> Option<Instant> {
+        match (&self.moving, self.lost_at) {
+            (Some(_), Some(lost)) => Some(lost + MOVE_GRACE),
+            _ => None,
+        }
+    }
+
+    /// Reports the outage once a move has taken longer than [`MOVE_GRACE`].
+    pub fn check_moving(&mut self) {
+        if self.move_deadline().is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        if let Some((_, err)) = self.moving.take() {
+            self.failed(err);
+        }
+    }
+
+    fn failed(&mut self, err: SyncError) {
+        let moving_since = self.moving.take().map(|(since, _)| since);
+        if self.lost_at.is_none() {
+            self.lost_at = Some(Instant::now());
+        }
+        if self.state.disconnected_since.is_none() {
+            self.state.disconnected_since = Some(moving_since.unwrap_or_else(SystemTime::now));
         }
         self.state.connected = false;
         self.state.last_error = Some(err.to_string());
@@ -229,5 +282,80 @@ pub fn notify(notifier: &Notifier, batch: &[Invalidation]) {
             // ENOTDIR/ENOTEMPTY etc. still invalidate the dentry; log only.
             tracing::debug!(?inv, error = %e, "kernel declined an invalidation");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::{Defaults, Tree};
+    use std::sync::{Arc, Mutex};
+
+    fn updater(max_stale: Option<Duration>) -> Updater {
+        let defaults = Defaults {
+            uid: 0,
+            gid: 0,
+            mode: 0o400,
+            force: Default::default(),
+        };
+        let tree = Arc::new(Mutex::new(Tree::new(defaults, SystemTime::now())));
+        let mut u = Updater::new(
+            tree,
+            SyncState {
+                server: "https://a:1,https://b:1".into(),
+                ..SyncState::default()
+            },
+        );
+        u.set_max_stale(max_stale);
+        u.synced(Snapshot::empty());
+        u
+    }
+
+    /// A move starts the `--max-stale` clock at once, keeps the status
+    /// connected for the grace, and is an outage after it.
+    #[test]
+    fn a_move_starts_the_stale_clock_and_becomes_an_outage_after_the_grace() {
+        let mut u = updater(Some(Duration::from_secs(5)));
+        assert!(u.stale_deadline().is_none());
+        let before = Instant::now();
+        u.on_event(SyncEvent::Moving(SyncError::Unreachable("reset".into())));
+        let stale = u
+            .stale_deadline()
+            .expect("the stale clock runs during a move");
+        assert!(stale >= before + Duration::from_secs(5));
+        assert!(stale <= Instant::now() + Duration::from_secs(5));
+        assert!(
+            u.state.connected,
+            "connected while the move may still succeed"
+        );
+        let deadline = u.move_deadline().expect("a move has a deadline");
+        assert!(deadline <= Instant::now() + MOVE_GRACE);
+
+        u.check_moving();
+        if Instant::now() < deadline {
+            assert!(u.state.connected, "not before the grace");
+        }
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        u.check_moving();
+        assert!(!u.state.connected, "an outage once the grace passed");
+        assert!(u.state.disconnected_since.is_some());
+        assert!(u.move_deadline().is_none());
+        assert_eq!(u.stale_deadline(), Some(stale), "counted from the break");
+    }
+
+    /// A move that succeeds within the grace is no outage; the server in
+    /// use is shown.
+    #[test]
+    fn a_move_that_succeeds_clears_the_clock() {
+        let mut u = updater(Some(Duration::from_secs(5)));
+        u.on_event(SyncEvent::Moving(SyncError::Unreachable("reset".into())));
+        u.on_event(SyncEvent::Serving("https://b:1".into()));
+        u.on_event(SyncEvent::Synced {
+            snapshot: Snapshot::empty(),
+            revision: 2,
+        });
+        assert!(u.state.connected);
+        assert!(u.stale_deadline().is_none() && u.move_deadline().is_none());
+        assert_eq!(u.state.server_in_use.as_deref(), Some("https://b:1"));
     }
 }

@@ -11,6 +11,7 @@
 //! connect moves on to the next: once a channel is up, its calls stay on
 //! that server (a call is never sent twice by this layer).
 
+use std::future::Future;
 use std::time::Duration;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -64,7 +65,9 @@ pub enum ChannelError {
     AllFailed(Vec<ChannelError>),
 }
 
-fn list_failures(all: &[ChannelError]) -> String {
+/// Each failure as `SERVER: why`, joined with `; ` (for logs that name the
+/// addresses passed over).
+pub fn list_failures(all: &[ChannelError]) -> String {
     let each: Vec<String> = all
         .iter()
         .map(|e| match e {
@@ -76,19 +79,6 @@ fn list_failures(all: &[ChannelError]) -> String {
 }
 
 impl ChannelError {
-    /// Why connecting failed, when every server failed the same way.
-    pub fn failure(&self) -> Option<ConnectFailure> {
-        match self {
-            ChannelError::Connect { failure, .. } => Some(*failure),
-            ChannelError::AllFailed(all) => {
-                let mut kinds = all.iter().map(ChannelError::failure);
-                let first = kinds.next()??;
-                kinds.all(|k| k == Some(first)).then_some(first)
-            }
-            _ => None,
-        }
-    }
-
     /// Certificate trouble on every server: waiting will not fix it.
     pub fn is_tls(&self) -> bool {
         match self {
@@ -117,7 +107,34 @@ pub fn server_url(server: &str) -> Result<String, ChannelError> {
     Ok(url)
 }
 
-fn endpoint(config: &ConnectConfig, target: &Target) -> Result<Endpoint, ChannelError> {
+/// HTTP/2 keep-alive pings: how soon a server that vanished without a word
+/// (host powered off, network cut) is noticed on an open connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepAlive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl KeepAlive {
+    /// A command: its calls are bounded by `--timeout` anyway.
+    pub const COMMAND: KeepAlive = KeepAlive {
+        interval: Duration::from_secs(20),
+        timeout: Duration::from_secs(10),
+    };
+    /// A mount's long-lived Watch: a replica that dies silently is noticed
+    /// within about 3 s (a ping every second, 2 s for its answer), so the
+    /// mount moves to the next one.
+    pub const MOUNT: KeepAlive = KeepAlive {
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
+    };
+}
+
+fn endpoint(
+    config: &ConnectConfig,
+    target: &Target,
+    keep_alive: KeepAlive,
+) -> Result<Endpoint, ChannelError> {
     // The TCP connect timeout alone lets a server that accepts but never
     // answers (stopped, overloaded) hold a client in the TLS handshake
     // forever: bound that too.
@@ -136,8 +153,8 @@ fn endpoint(config: &ConnectConfig, target: &Target) -> Result<Endpoint, Channel
         .map(|ep| {
             ep.connect_timeout(config.connect_timeout)
                 .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(keep_alive.interval)
+                .keep_alive_timeout(keep_alive.timeout)
                 .keep_alive_while_idle(true)
         })
 }
@@ -160,32 +177,101 @@ pub async fn connect_with_call_timeout(
 }
 
 /// A connection to the first endpoint of `config.server` that answers, in
-/// order; the endpoints, and which one answered. A single server's failure
-/// is its own `Connect` error; several are [`ChannelError::AllFailed`].
+/// order; the endpoints, and which one answered. Each name's lookup and
+/// each address's attempt is bounded by `config.connect_timeout` (a timeout
+/// is that address's failure, named with the others). A single server's
+/// failure is its own `Connect` error; several are
+/// [`ChannelError::AllFailed`].
 pub async fn connect_any(
     config: &ConnectConfig,
     call_timeout: Option<Duration>,
 ) -> Result<(Channel, Connected), ChannelError> {
     let list = ServerList::parse(&config.server)?;
-    let (targets, mut failed) = list.resolve().await;
-    for (i, target) in targets.iter().enumerate() {
-        match connect_to(config, target, call_timeout).await {
-            Ok(channel) => {
-                let connected = Connected {
-                    list,
-                    targets: targets.clone(),
-                    at: i,
-                    passed_over: failed,
-                };
-                return Ok((channel, connected));
+    let (targets, unresolved) = list.resolve(config.connect_timeout).await;
+    let failed = unresolved.into_iter().map(|u| u.error).collect();
+    let found: Result<_, NoneAnswered<std::convert::Infallible>> =
+        try_in_order(&targets, failed, |target| async move {
+            match connect_to(config, &target, call_timeout, KeepAlive::COMMAND).await {
+                Ok(channel) => Tried::Done(channel),
+                Err(e) => Tried::Next(e),
             }
-            Err(e) => failed.push(e),
+        })
+        .await;
+    match found {
+        Ok(found) => Ok((
+            found.value,
+            Connected {
+                list,
+                at: found.at,
+                targets,
+                passed_over: found.passed_over,
+            },
+        )),
+        Err(NoneAnswered::Failed(failed)) => Err(collapse(failed)),
+        Err(NoneAnswered::Stopped(never)) => match never {},
+    }
+}
+
+/// What one endpoint's attempt came to (see [`try_in_order`]).
+pub enum Tried<T, E> {
+    Done(T),
+    /// That endpoint's failure: try the next.
+    Next(ChannelError),
+    /// An answer that moving on would not change: stop here.
+    Stop(E),
+}
+
+/// The first endpoint whose attempt succeeded.
+pub struct Found<T> {
+    pub value: T,
+    /// Its index in the targets.
+    pub at: usize,
+    /// The failures before it (unresolved names first), in order.
+    pub passed_over: Vec<ChannelError>,
+}
+
+/// Why [`try_in_order`] found nothing.
+pub enum NoneAnswered<E> {
+    /// An attempt said stop.
+    Stopped(E),
+    /// Every endpoint failed: each failure, in order (`failed` given first).
+    Failed(Vec<ChannelError>),
+}
+
+/// Runs `attempt` on each endpoint in order until one is done or says
+/// stop; `failed` holds failures already known (names that did not
+/// resolve). The one loop the CLI's connect and the mount's first sync share.
+pub async fn try_in_order<T, E, F, Fut>(
+    targets: &[Target],
+    mut failed: Vec<ChannelError>,
+    mut attempt: F,
+) -> Result<Found<T>, NoneAnswered<E>>
+where
+    F: FnMut(Target) -> Fut,
+    Fut: Future<Output = Tried<T, E>>,
+{
+    for (at, target) in targets.iter().enumerate() {
+        match attempt(target.clone()).await {
+            Tried::Done(value) => {
+                return Ok(Found {
+                    value,
+                    at,
+                    passed_over: failed,
+                })
+            }
+            Tried::Next(e) => failed.push(e),
+            Tried::Stop(e) => return Err(NoneAnswered::Stopped(e)),
         }
     }
+    Err(NoneAnswered::Failed(failed))
+}
+
+/// One failure as itself, several as [`ChannelError::AllFailed`].
+pub fn collapse(mut failed: Vec<ChannelError>) -> ChannelError {
     if failed.len() == 1 {
-        Err(failed.remove(0))
+        failed.remove(0)
     } else {
-        Err(ChannelError::AllFailed(failed))
+        ChannelError::AllFailed(failed)
     }
 }
 
@@ -205,24 +291,35 @@ impl Connected {
     pub fn target(&self) -> &Target {
         &self.targets[self.at]
     }
-
-    /// The failover state of a long-running client, starting there.
-    pub fn endpoints(&self) -> crate::servers::Endpoints {
-        crate::servers::Endpoints::new(self.list.clone(), self.targets.clone(), self.target())
-    }
 }
 
-/// Connects to one endpoint now.
+/// Connects to one endpoint now, within `config.connect_timeout` (TCP, TLS
+/// and HTTP/2 set-up together): a timeout is a `Connect` error naming it.
 pub async fn connect_to(
     config: &ConnectConfig,
     target: &Target,
     call_timeout: Option<Duration>,
+    keep_alive: KeepAlive,
 ) -> Result<Channel, ChannelError> {
-    let mut ep = endpoint(config, target)?;
+    let mut ep = endpoint(config, target, keep_alive)?;
     if let Some(limit) = call_timeout {
         ep = ep.timeout(limit);
     }
-    ep.connect().await.map_err(|e| {
+    let connected = match tokio::time::timeout(config.connect_timeout, ep.connect()).await {
+        Ok(connected) => connected,
+        Err(_) => {
+            let failure = ConnectFailure::Timeout;
+            return Err(ChannelError::Connect {
+                server: target.to_string(),
+                reason: failure.explain(&format!(
+                    "no answer within {:.1} s",
+                    config.connect_timeout.as_secs_f64()
+                )),
+                failure,
+            });
+        }
+    };
+    connected.map_err(|e| {
         let failure = ConnectFailure::classify(&e);
         ChannelError::Connect {
             server: target.to_string(),
@@ -240,8 +337,9 @@ pub fn connect_lazy_to(
     config: &ConnectConfig,
     target: &Target,
     call_timeout: Duration,
+    keep_alive: KeepAlive,
 ) -> Result<Channel, ChannelError> {
-    Ok(endpoint(config, target)?
+    Ok(endpoint(config, target, keep_alive)?
         .timeout(call_timeout)
         .connect_lazy())
 }
@@ -659,7 +757,122 @@ mod tests {
             text.contains(&a.to_string()) && text.contains(&b.to_string()),
             "{text}"
         );
-        assert_eq!(err.failure(), Some(ConnectFailure::Refused), "{text}");
+        let ChannelError::AllFailed(all) = &err else {
+            unreachable!()
+        };
+        assert!(
+            all.iter().all(|e| matches!(
+                e,
+                ChannelError::Connect {
+                    failure: ConnectFailure::Refused,
+                    ..
+                }
+            )),
+            "{text}"
+        );
         assert!(!err.is_tls());
+    }
+
+    fn self_signed(server: String, timeout: Duration) -> ConnectConfig {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        ConnectConfig {
+            server,
+            ca_pem: cert.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: zeroize::Zeroizing::new(key.serialize_pem().into_bytes()),
+            connect_timeout: timeout,
+        }
+    }
+
+    /// Each address is bounded on its own: one that never answers is a
+    /// timeout named in the list, and the next is still tried.
+    #[tokio::test]
+    async fn an_address_that_never_answers_is_a_timeout_and_the_next_is_tried() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = closed_port();
+        let config = self_signed(
+            format!("{},{closed}", silent.local_addr().unwrap()),
+            Duration::from_millis(300),
+        );
+        let attempt = connect(&config);
+        let err = match tokio::time::timeout(Duration::from_secs(60), attempt).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => panic!("nothing answers"),
+            Err(_) => panic!("connecting hung"),
+        };
+        let ChannelError::AllFailed(all) = &err else {
+            panic!("{err}")
+        };
+        assert!(
+            matches!(
+                all.as_slice(),
+                [
+                    ChannelError::Connect {
+                        failure: ConnectFailure::Timeout,
+                        ..
+                    },
+                    ChannelError::Connect {
+                        failure: ConnectFailure::Refused,
+                        ..
+                    }
+                ]
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&closed.to_string()), "{err}");
+        drop(silent);
+    }
+
+    /// An address that cannot be dialled (`BadAddress` from building its
+    /// endpoint) is that address's failure, not the end of the list.
+    #[tokio::test]
+    async fn an_unusable_address_is_passed_over() {
+        let closed = closed_port();
+        let config = self_signed(format!("{closed}"), Duration::from_secs(5));
+        let list = ServerList::parse(&config.server).unwrap();
+        let live = Target {
+            server: list.servers()[0].clone(),
+            addr: closed,
+        };
+        let unusable = Target {
+            server: list.servers()[0].clone(),
+            addr: "[fe80::1]:443".parse().unwrap(),
+        };
+        let found: Result<Found<Channel>, NoneAnswered<()>> =
+            try_in_order(&[unusable.clone(), live], Vec::new(), |target| {
+                let config = config.clone();
+                let unusable = unusable.clone();
+                async move {
+                    if target == unusable {
+                        return Tried::Next(ChannelError::BadAddress(target.dial_url()));
+                    }
+                    match connect_to(&config, &target, None, KeepAlive::COMMAND).await {
+                        Ok(c) => Tried::Done(c),
+                        Err(e) => Tried::Next(e),
+                    }
+                }
+            })
+            .await;
+        let Err(NoneAnswered::Failed(failed)) = found else {
+            panic!("nothing answers")
+        };
+        assert!(
+            matches!(
+                failed.as_slice(),
+                [
+                    ChannelError::BadAddress(_),
+                    ChannelError::Connect {
+                        failure: ConnectFailure::Refused,
+                        ..
+                    }
+                ]
+            ),
+            "{}",
+            list_failures(&failed)
+        );
     }
 }

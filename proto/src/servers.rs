@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use crate::channel::{server_url, ChannelError};
 
@@ -59,18 +60,27 @@ impl ServerList {
         self.servers.is_empty()
     }
 
-    /// Every endpoint, and the servers whose name did not resolve (with why).
-    pub async fn resolve(&self) -> (Vec<Target>, Vec<ChannelError>) {
-        self.resolve_with(|host, port| async move {
-            tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map(Iterator::collect)
-        })
+    /// Every endpoint, and the servers whose name did not resolve (with
+    /// why). Each name's lookup is bounded by `limit`: a resolver that does
+    /// not answer is that name's failure.
+    pub async fn resolve(&self, limit: Duration) -> (Vec<Target>, Vec<Unresolved>) {
+        self.resolve_with(
+            |host, port| async move {
+                tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map(Iterator::collect)
+            },
+            limit,
+        )
         .await
     }
 
     /// As [`ServerList::resolve`] with the resolver given (tests).
-    pub async fn resolve_with<F, Fut>(&self, lookup: F) -> (Vec<Target>, Vec<ChannelError>)
+    pub async fn resolve_with<F, Fut>(
+        &self,
+        lookup: F,
+        limit: Duration,
+    ) -> (Vec<Target>, Vec<Unresolved>)
     where
         F: Fn(String, u16) -> Fut,
         Fut: Future<Output = std::io::Result<Vec<SocketAddr>>>,
@@ -80,17 +90,27 @@ impl ServerList {
         for server in &self.servers {
             let addrs = match server.host.parse::<IpAddr>() {
                 Ok(ip) => vec![SocketAddr::new(ip, server.port)],
-                Err(_) => match lookup(server.host.clone(), server.port).await {
-                    Ok(addrs) if !addrs.is_empty() => addrs,
-                    Ok(_) => {
-                        failed.push(unresolved(server, "the name has no address".into()));
-                        continue;
+                Err(_) => {
+                    let why =
+                        match tokio::time::timeout(limit, lookup(server.host.clone(), server.port))
+                            .await
+                        {
+                            Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+                            Ok(Ok(_)) => Err("the name has no address".to_owned()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!(
+                                "no answer from the resolver within {}",
+                                humantime_secs(limit)
+                            )),
+                        };
+                    match why {
+                        Ok(addrs) => addrs,
+                        Err(why) => {
+                            failed.push(Unresolved::new(server, why));
+                            continue;
+                        }
                     }
-                    Err(e) => {
-                        failed.push(unresolved(server, e.to_string()));
-                        continue;
-                    }
-                },
+                }
             };
             for addr in addrs {
                 let target = Target {
@@ -106,14 +126,31 @@ impl ServerList {
     }
 }
 
-fn unresolved(server: &Server, why: String) -> ChannelError {
-    ChannelError::Connect {
-        server: server.url.clone(),
-        reason: format!(
-            "cannot resolve {}: {why} (check the name, or give the address)",
-            server.host
-        ),
-        failure: crate::channel::ConnectFailure::Other,
+fn humantime_secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// A server whose name did not resolve, and why (as a connection error
+/// naming it, for the list of failures).
+#[derive(Clone, Debug)]
+pub struct Unresolved {
+    pub server: Server,
+    pub error: ChannelError,
+}
+
+impl Unresolved {
+    fn new(server: &Server, why: String) -> Unresolved {
+        Unresolved {
+            server: server.clone(),
+            error: ChannelError::Connect {
+                server: server.url.clone(),
+                reason: format!(
+                    "cannot resolve {}: {why} (check the name, or give the address)",
+                    server.host
+                ),
+                failure: crate::channel::ConnectFailure::Other,
+            },
+        }
     }
 }
 
@@ -238,20 +275,19 @@ impl Endpoints {
         Some(&self.targets[next])
     }
 
-    /// Resolves the names again and starts from the first endpoint. A name
-    /// that no longer resolves keeps its old addresses (a resolver hiccup
-    /// must not leave the client with nothing to try).
-    pub async fn reresolve(&mut self) {
-        let (fresh, failed) = self.list.resolve().await;
+    /// Resolves the names again (each lookup bounded by `limit`) and
+    /// starts from the first endpoint. A name that no longer resolves keeps
+    /// its old addresses (a resolver hiccup must not leave the client with
+    /// nothing to try).
+    pub async fn reresolve(&mut self, limit: Duration) {
+        let (fresh, failed) = self.list.resolve(limit).await;
         self.replace(fresh, &failed);
     }
 
-    fn replace(&mut self, fresh: Vec<Target>, failed: &[ChannelError]) {
+    fn replace(&mut self, fresh: Vec<Target>, failed: &[Unresolved]) {
         let mut targets = Vec::new();
         for server in self.list.servers() {
-            let unresolved = failed
-                .iter()
-                .any(|e| matches!(e, ChannelError::Connect { server: s, .. } if *s == server.url));
+            let unresolved = failed.iter().any(|u| u.server == *server);
             let source = if unresolved { &self.targets } else { &fresh };
             targets.extend(source.iter().filter(|t| t.server == *server).cloned());
         }
@@ -303,6 +339,31 @@ mod tests {
         assert!(err.to_string().contains("h:2/path"), "{err}");
     }
 
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// A resolver that never answers is that name's failure, in time; the
+    /// other servers are still endpoints.
+    #[tokio::test]
+    async fn a_lookup_that_never_answers_is_bounded() {
+        let list = ServerList::parse("slow.example:7443,127.0.0.1:1").unwrap();
+        let never = |_: String, _: u16| std::future::pending::<std::io::Result<Vec<SocketAddr>>>();
+        let resolved = tokio::time::timeout(
+            Duration::from_secs(30),
+            list.resolve_with(never, Duration::from_millis(50)),
+        )
+        .await
+        .expect("resolution is bounded");
+        let (targets, failed) = resolved;
+        assert_eq!(targets.len(), 1);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].server.host, "slow.example");
+        let why = failed[0].error.to_string();
+        assert!(
+            why.contains("slow.example") && why.contains("resolver"),
+            "{why}"
+        );
+    }
+
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -322,7 +383,7 @@ mod tests {
     #[tokio::test]
     async fn a_name_with_several_addresses_is_several_endpoints() {
         let list = ServerList::parse("db.example:7443,127.0.0.1:1,gone.example:7443").unwrap();
-        let (targets, failed) = list.resolve_with(table).await;
+        let (targets, failed) = list.resolve_with(table, SECOND).await;
         let dialled: Vec<String> = targets.iter().map(Target::dial_url).collect();
         assert_eq!(
             dialled,
@@ -340,7 +401,7 @@ mod tests {
         );
         assert_eq!(targets[2].to_string(), "https://127.0.0.1:1");
         assert_eq!(failed.len(), 1);
-        let why = failed[0].to_string();
+        let why = failed[0].error.to_string();
         assert!(
             why.contains("gone.example") && why.contains("no such host"),
             "{why}"
@@ -351,17 +412,17 @@ mod tests {
     async fn two_names_on_one_address_stay_two_endpoints() {
         // One address, two names: TLS checks each name, so both are kept.
         let list = ServerList::parse("db.example:7443,one.example:7443").unwrap();
-        let (targets, _) = list.resolve_with(table).await;
+        let (targets, _) = list.resolve_with(table, SECOND).await;
         assert_eq!(targets.len(), 3);
         let list = ServerList::parse("127.0.0.1:5,127.0.0.1:5").unwrap();
-        let (targets, _) = list.resolve_with(table).await;
+        let (targets, _) = list.resolve_with(table, SECOND).await;
         assert_eq!(targets.len(), 1);
     }
 
     #[tokio::test]
     async fn failover_tries_each_endpoint_in_order_once_per_round() {
         let list = ServerList::parse("db.example:7443,127.0.0.1:1").unwrap();
-        let (targets, _) = list.resolve_with(table).await;
+        let (targets, _) = list.resolve_with(table, SECOND).await;
         let mut eps = Endpoints::new(list, targets.clone(), &targets[1]);
         assert_eq!(eps.current().addr, addr("10.0.0.2:7443"));
         // The one in use fails: the first in order that has not failed.
@@ -376,7 +437,7 @@ mod tests {
     #[tokio::test]
     async fn resolving_again_finds_moved_replicas_and_keeps_unresolvable_ones() {
         let list = ServerList::parse("db.example:7443,127.0.0.1:1").unwrap();
-        let (targets, _) = list.resolve_with(table).await;
+        let (targets, _) = list.resolve_with(table, SECOND).await;
         let mut eps = Endpoints::new(list.clone(), targets.clone(), &targets[2]);
         // db.example moved to a third address.
         let moved = vec![
@@ -390,7 +451,7 @@ mod tests {
         assert_eq!(eps.len(), 2);
         assert_eq!(eps.current().addr, addr("10.0.0.3:7443"), "from the top");
         // db.example does not resolve now: its last addresses are kept.
-        let failed = vec![unresolved(&list.servers()[0], "timeout".into())];
+        let failed = vec![Unresolved::new(&list.servers()[0], "timeout".into())];
         eps.replace(vec![targets[2].clone()], &failed);
         assert_eq!(eps.current().addr, addr("10.0.0.3:7443"));
         assert_eq!(eps.len(), 2);

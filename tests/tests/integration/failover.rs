@@ -223,6 +223,13 @@ fn a_mount_moves_to_a_live_replica_without_a_gap() {
 
     let reader = Reader::start(m.file("db/password"), Some(m.path.join(".secretfs/status")));
     s.kill9();
+    // At once: not after a backoff or a keep-alive (20-30 s). A bound, not
+    // a timing measurement: the point is the order of magnitude.
+    assert!(
+        eventually(Duration::from_secs(5), || moves(&m) == 1),
+        "the move is logged within seconds of the kill:\n{}",
+        m.log()
+    );
     // The rotation is made on the replica the mount must have moved to.
     let mut cmd = s.cmd_as(&s.admin);
     cmd.env("SECRETFS_SERVER", other.url())
@@ -245,6 +252,9 @@ fn a_mount_moves_to_a_live_replica_without_a_gap() {
         .find(|l| l.contains("moved to another server"))
         .unwrap();
     assert!(line.contains(&other.addr), "names where it went: {line}");
+    let status = m.status();
+    assert_eq!(status["server"], list.as_str(), "{status}");
+    assert_eq!(status["server_in_use"], other.url().as_str(), "{status}");
 }
 
 /// The server dies and comes back at the mount's second address: the files
@@ -281,20 +291,131 @@ fn a_mount_follows_its_server_to_the_second_address() {
 }
 
 /// The first server of the list is down when the mount starts: it syncs
-/// from the second, and the status shows the list it was given.
+/// from the second; the status shows the list it was given and the address
+/// in use; the log names the address passed over.
 #[test]
 fn a_mount_starts_on_the_second_server_when_the_first_is_dead() {
     let (s, app) = TestServer::start_for_app(&[("db/password", "pw-1")]);
-    let list = format!("https://127.0.0.1:{},{}", free_port(), s.url());
+    let dead = format!("https://127.0.0.1:{}", free_port());
+    let list = format!("{dead},{}", s.url());
     let m = s.mount_as(&app, &["--server", &list, "--refresh", "1h"]);
     wait_for(&m, "db/password", b"pw-1");
-    assert_eq!(m.status()["connected"], true);
+    let status = m.status();
+    assert_eq!(status["connected"], true, "{status}");
+    assert_eq!(status["server"], list.as_str(), "{status}");
+    assert_eq!(status["server_in_use"], s.url().as_str(), "{status}");
+    let log = m.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("after passing over others that failed"))
+        .unwrap_or_else(|| panic!("{log}"));
     assert!(
-        m.log()
-            .contains("synced from a server after others did not answer"),
-        "{}",
+        line.contains(&dead),
+        "names the address passed over: {line}"
+    );
+}
+
+/// A replica that stops answering without closing anything (SIGSTOP: the
+/// kernel keeps its connections open) is noticed by the keep-alive within
+/// seconds, and the mount moves to the other.
+#[test]
+fn a_mount_leaves_a_replica_that_went_silent() {
+    let (mut s, app) = TestServer::start_for_app(&[("db/password", "pw-1")]);
+    let port = port_of(&s.addr);
+    assert_eq!(s.stop(), 0);
+    let silent = Copy::start(&s.state, s.tmp.path());
+    s.restart_on(&format!("127.0.0.1:{port}"));
+
+    let list = format!("{},{}", silent.url(), s.url());
+    let m = s.mount_as(&app, &["--server", &list, "--refresh", "1h"]);
+    wait_for(&m, "db/password", b"pw-1");
+    assert_eq!(moves(&m), 0, "{}", m.log());
+    let stopped = Command::new("kill")
+        .args(["-STOP", &silent.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    // Keep-alive 1 s + 2 s, then the move; a bound well under the 30 s of
+    // the default keep-alive.
+    let moved = eventually(Duration::from_secs(15), || moves(&m) == 1);
+    let _ = Command::new("kill")
+        .args(["-CONT", &silent.child.id().to_string()])
+        .status();
+    assert!(moved, "no move away from a silent replica:\n{}", m.log());
+    s.cli_in(&["secret", "rotate", "db/password"], b"pw-2").ok();
+    wait_for(&m, "db/password", b"pw-2");
+}
+
+/// Counts TCP connections to a loopback listener that hangs up at once.
+struct Counter {
+    port: u16,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Counter {
+    fn start() -> Counter {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, halt) = (count.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        n.fetch_add(1, Ordering::Relaxed);
+                        drop(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Counter { port, count, stop }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Every address down: after one round the status says disconnected (the
+/// files stay: no --max-stale), and the mount backs off rather than
+/// hammering them (connection attempts counted over a few seconds).
+#[test]
+fn with_every_address_down_the_mount_reports_it_and_backs_off() {
+    let (mut s, app) = TestServer::start_for_app(&[("db/password", "pw-1")]);
+    let counter = Counter::start();
+    let list = format!("{},https://127.0.0.1:{}", s.url(), counter.port);
+    let m = s.mount_as(&app, &["--server", &list, "--refresh", "1h"]);
+    wait_for(&m, "db/password", b"pw-1");
+    s.kill9();
+    assert!(
+        eventually(LONG, || m.status()["connected"] == false),
+        "the outage is reported:\n{}",
         m.log()
     );
+    assert!(counter.count() >= 1, "the second address was tried");
+    let before = counter.count();
+    std::thread::sleep(Duration::from_secs(5));
+    let attempts = counter.count() - before;
+    // Backoff from 100 ms doubling to 3 s: a handful of rounds in 5 s. A
+    // loop without a pause would make thousands.
+    assert!(
+        attempts <= 30,
+        "{attempts} connection attempts in 5 s:\n{}",
+        m.log()
+    );
+    assert_eq!(std::fs::read(m.file("db/password")).unwrap(), b"pw-1");
+    let status = m.status();
+    assert!(status["last_error"].is_string(), "{status}");
 }
 
 /// The CLI as the admin in a mount namespace of its own where `localhost`
@@ -353,4 +474,31 @@ fn a_name_with_two_addresses_is_two_servers() {
             out.stderr
         );
     }
+}
+
+/// `--timeout` bounds each address, not each server: `localhost` has two
+/// addresses, the first a listener that accepts TCP but never answers (a
+/// stopped process), the second the live server. The first costs one
+/// `--timeout` and is passed over; the command succeeds.
+#[test]
+fn an_address_that_never_answers_costs_one_timeout_and_is_passed_over() {
+    let mut s = TestServer::start();
+    assert_eq!(s.stop(), 0);
+    s.restart_on("127.0.0.2:0");
+    let port = port_of(&s.addr);
+    // Accepts (the kernel completes the handshake) and never replies.
+    let silent = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let out = cli_with_two_address_localhost(
+        &s,
+        &[
+            "--timeout",
+            "2s",
+            "--server",
+            &format!("localhost:{port}"),
+            "whoami",
+        ],
+    )
+    .ok();
+    assert!(out.stdout.contains("admin"), "{}", out.stdout);
+    drop(silent);
 }
