@@ -412,11 +412,7 @@ fn write_once<T>(
     let Tx { tx, .. } = t;
     tx.commit().map_err(|e| {
         Failure::Commit(if conn::is_connection_error(&e) {
-            StoreError::Unavailable(format!(
-                "the connection to PostgreSQL was lost while committing, so whether the change \
-                 was made is unknown: look before doing it again ({})",
-                conn::describe(&e)
-            ))
+            StoreError::OutcomeUnknown(conn::describe(&e))
         } else {
             e.into()
         })

@@ -745,3 +745,212 @@ fn a_value_of_the_wrong_type_is_a_storage_error_not_an_outage() {
     assert!(conn::is_connection_error(&e), "{}", conn::describe(&e));
     assert!(matches!(StoreError::from(e), StoreError::Unavailable(_)));
 }
+
+#[test]
+fn the_redacted_url_is_what_the_driver_parsed_without_the_password() {
+    for (url, password) in [
+        ("postgres://app:hun/ter2@127.0.0.1:5432/db", "hun/ter2"),
+        ("postgres://app:hun?ter2@127.0.0.1:5432/db", "hun?ter2"),
+        ("postgres://app:hun%40ter2@127.0.0.1:5432/db", "hun@ter2"),
+        ("postgres://app:hun%2Fter2@127.0.0.1:5432/db", "hun/ter2"),
+        (
+            "postgres://app@127.0.0.1:5432/db?pass%77ord=hunter2",
+            "hunter2",
+        ),
+    ] {
+        let cfg = PgConfig::parse(url, None).unwrap();
+        assert_eq!(
+            cfg.config.get_password(),
+            Some(password.as_bytes()),
+            "{url}"
+        );
+        let shown = format!("{} {cfg:?}", cfg.redacted());
+        for piece in ["hun", "ter2", "hunter2"] {
+            assert!(!shown.contains(piece), "{url}: {shown}");
+        }
+        assert!(
+            cfg.redacted()
+                .starts_with("postgres://app@127.0.0.1:5432/db"),
+            "{url}: {shown}"
+        );
+    }
+    // An '@' left in the password: refused, and nothing after the user shown.
+    let err = PgConfig::parse("postgres://app:hun@ter2@127.0.0.1/db", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("%40") && !err.contains("hun") && !err.contains("ter2"),
+        "{err}"
+    );
+    // What is not secret is kept, and the redacted URL connects as the
+    // URL did once the password is given apart.
+    let cfg = PgConfig::parse(
+        "postgresql://app:pw@db1.example.com:5433,db2.example.com:5434/my%20db?\
+         sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=7&\
+         hostaddr=10.0.0.1,10.0.0.2&options=-c%20work_mem%3D4MB",
+        None,
+    )
+    .unwrap();
+    let again = PgConfig::parse(cfg.redacted(), Some(Zeroizing::new("pw".into()))).unwrap();
+    assert_eq!(again.config.get_hosts(), cfg.config.get_hosts());
+    assert_eq!(again.config.get_ports(), cfg.config.get_ports());
+    assert_eq!(again.config.get_hostaddrs(), cfg.config.get_hostaddrs());
+    assert_eq!(again.config.get_dbname(), Some("my db"));
+    assert_eq!(again.config.get_options(), cfg.config.get_options());
+    assert_eq!(
+        again.config.get_connect_timeout(),
+        Some(&std::time::Duration::from_secs(7))
+    );
+    assert_eq!(again.tls, cfg.tls);
+    assert_eq!(again.redacted(), cfg.redacted());
+    // A URL the driver cannot parse is not shown past its scheme.
+    let err = PgConfig::parse("postgres://app:hun/ter2@127.0.0.1:notaport/db", None)
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("hun") && !err.contains("ter2"), "{err}");
+}
+
+#[test]
+fn hostaddr_is_where_the_clear_text_policy_looks() {
+    let err = PgConfig::parse("postgres://u@localhost/db?hostaddr=10.0.0.5", None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in clear"), "{err}");
+    let cfg = PgConfig::parse("postgres://u@db.example.com/db?hostaddr=127.0.0.1", None).unwrap();
+    assert_eq!(cfg.tls, conn::Tls::Off);
+}
+
+/// `url` with session settings given in its `options`.
+fn with_options(url: &str, settings: &[(&str, &str)]) -> String {
+    let options: Vec<String> = settings
+        .iter()
+        .map(|(k, v)| format!("-c%20{k}%3D{v}"))
+        .collect();
+    format!("{url}?options={}", options.join("%20"))
+}
+
+#[test]
+fn sessions_start_with_timeouts_and_a_pinned_search_path() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    drop(s);
+    let mut c = conn::connect(&config(&url)).unwrap();
+    let show = |c: &mut ::postgres::Client, what: &str| -> String {
+        c.query_one(&format!("SHOW {what}"), &[])
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    assert_eq!(show(&mut c, "lock_timeout"), "5s");
+    assert_eq!(show(&mut c, "idle_in_transaction_session_timeout"), "15s");
+    assert_eq!(show(&mut c, "statement_timeout"), "1min");
+    assert_eq!(show(&mut c, "search_path"), "public, pg_catalog, pg_temp");
+    // The URL's own options win over the defaults.
+    let mut c = conn::connect(&config(&with_options(&url, &[("lock_timeout", "2s")]))).unwrap();
+    assert_eq!(show(&mut c, "lock_timeout"), "2s");
+    assert_eq!(show(&mut c, "statement_timeout"), "1min");
+    // What the timeouts and a standby report is an outage (nothing was
+    // written), said in words.
+    let e = c
+        .batch_execute("SET statement_timeout = '10ms'; SELECT pg_sleep(5)")
+        .unwrap_err();
+    let e = StoreError::from(e);
+    assert!(
+        matches!(&e, StoreError::Unavailable(m) if m.contains("statement_timeout")),
+        "{e:?}"
+    );
+    c.batch_execute("RESET statement_timeout").unwrap();
+    let e = c
+        .batch_execute("BEGIN READ ONLY; INSERT INTO revoked_certs VALUES ('x', 'y', 0)")
+        .unwrap_err();
+    let e = StoreError::from(e);
+    assert!(
+        matches!(&e, StoreError::Unavailable(m) if m.contains("read only")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_writer_that_stops_while_holding_the_write_lock_delays_writes_only_for_a_while() {
+    let base = PgCluster::shared().database();
+    let name = db_name(&base).to_owned();
+    // Short timeouts for the test (the URL can give them).
+    let url = with_options(
+        &base,
+        &[
+            ("lock_timeout", "200ms"),
+            ("idle_in_transaction_session_timeout", "1s"),
+        ],
+    );
+    let cfg = config(&url);
+    let s = PgStore::open(&cfg, true, KeyRing::generate().unwrap()).unwrap();
+    add_secret(&s, "db");
+    // Someone holds the revision row's lock and does nothing more: a
+    // write fails as Unavailable after lock_timeout instead of hanging.
+    let mut holder = PgCluster::shared().superuser_on(&name);
+    holder
+        .batch_execute("BEGIN; UPDATE revision SET value = value WHERE id = 1")
+        .unwrap();
+    let err = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("lock_timeout")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    // Reads are not held up.
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    holder.batch_execute("ROLLBACK").unwrap();
+    // A session of the store's (a replica that died while writing) idle
+    // in its transaction is ended by PostgreSQL, which frees the lock.
+    let mut dead = conn::connect(&cfg).unwrap();
+    dead.batch_execute("BEGIN; UPDATE revision SET value = value WHERE id = 1")
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed) {
+            Ok(r) => {
+                assert_eq!(r.value.version_count, 2);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(dead.batch_execute("SELECT 1").is_err());
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn a_connection_lost_during_commit_is_an_unknown_outcome_not_an_outage() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    // A deferred trigger (added behind the open store's back) ends the
+    // session at COMMIT.
+    let raw = raw_on(&url);
+    raw(
+        "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$",
+    );
+    raw(
+        "CREATE CONSTRAINT TRIGGER die AFTER INSERT ON audit DEFERRABLE INITIALLY DEFERRED
+         FOR EACH ROW EXECUTE FUNCTION die()",
+    );
+    let err = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::OutcomeUnknown(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("may or may not have been made") && text.contains("secret versions"),
+        "{text}"
+    );
+    let status = tonic::Status::from(crate::error::Error::from(err));
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("may or may not"), "{status:?}");
+    raw("DROP TRIGGER die ON audit");
+    s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap();
+}
