@@ -186,6 +186,11 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
     s.append_audit(&[entry("a")]).unwrap();
     drop(s);
     let raw = raw_on(&url);
+    let restore_note = format!(
+        "CREATE OR REPLACE FUNCTION secretfs_row_set_note() RETURNS trigger LANGUAGE plpgsql
+             SET search_path = pg_catalog, pg_temp AS $${}$$",
+        migrate::function_body("secretfs_row_set_note").unwrap()
+    );
     raw(
         "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN NEW.actor := 'alice'; RETURN NEW; END $$",
@@ -213,13 +218,42 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
         ),
         (
             "ALTER TABLE group_clients DISABLE TRIGGER row_set_group_clients",
-            "row set trigger \"row_set_group_clients\" missing or disabled",
+            "trigger \"row_set_group_clients\" missing or disabled",
             "ALTER TABLE group_clients ENABLE TRIGGER row_set_group_clients",
         ),
         (
             "DROP TRIGGER row_set_secrets ON secrets",
-            "row set trigger \"row_set_secrets\" missing or disabled",
+            "trigger \"row_set_secrets\" missing or disabled",
             "CREATE TRIGGER row_set_secrets AFTER INSERT OR UPDATE OR DELETE ON secrets
+                 FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
+        ),
+        (
+            "ALTER TABLE secrets ENABLE REPLICA TRIGGER row_set_secrets",
+            "trigger \"row_set_secrets\" missing or disabled",
+            "ALTER TABLE secrets ENABLE TRIGGER row_set_secrets",
+        ),
+        (
+            "ALTER TABLE audit DISABLE TRIGGER no_truncate_audit",
+            "trigger \"no_truncate_audit\" missing or disabled",
+            "ALTER TABLE audit ENABLE TRIGGER no_truncate_audit",
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION secretfs_row_set_note() RETURNS trigger
+                 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+                 AS $$ BEGIN RETURN NULL; END $$",
+            "function \"secretfs_row_set_note\" changed",
+            restore_note.as_str(),
+        ),
+        (
+            "ALTER FUNCTION secretfs_row_set_note() RESET search_path",
+            "function \"secretfs_row_set_note\" changed",
+            restore_note.as_str(),
+        ),
+        (
+            "CREATE OR REPLACE TRIGGER row_set_clients AFTER INSERT ON clients
+                 FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
+            "trigger \"row_set_clients\" or its function",
+            "CREATE OR REPLACE TRIGGER row_set_clients AFTER INSERT OR UPDATE OR DELETE ON clients
                  FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
         ),
     ] {
@@ -953,4 +987,106 @@ fn a_connection_lost_during_commit_is_an_unknown_outcome_not_an_outage() {
     raw("DROP TRIGGER die ON audit");
     s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
         .unwrap();
+}
+
+#[test]
+fn a_trigger_added_after_start_gets_no_row_signed() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let raw = raw_on(&url);
+    raw(
+        "CREATE FUNCTION promote() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.admin := 1; RETURN NEW; END $$",
+    );
+    raw("CREATE TRIGGER promote BEFORE INSERT ON clients FOR EACH ROW EXECUTE FUNCTION promote()");
+    raw(
+        "CREATE FUNCTION open_up() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.mode := 511; RETURN NEW; END $$",
+    );
+    raw("CREATE TRIGGER open_up BEFORE UPDATE ON secrets FOR EACH ROW EXECUTE FUNCTION open_up()");
+    raw(
+        "CREATE FUNCTION rename() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.name := 'other'; RETURN NEW; END $$",
+    );
+    raw("CREATE TRIGGER rename BEFORE INSERT ON groups FOR EACH ROW EXECUTE FUNCTION rename()");
+    let new = NewClient {
+        name: "web".into(),
+        admin: false,
+        cert: None,
+    };
+    let err = s
+        .create_client(&new, &conformance::entry("client.add"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("clients row")
+            && err.contains("trigger")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    let err = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("secrets row") && err.contains("trigger"),
+        "{err}"
+    );
+    let err = s
+        .update_secret(
+            "db",
+            &SecretUpdate {
+                description: Some("x".into()),
+                ..Default::default()
+            },
+            &mut |_| Ok(()),
+            &entry("update"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("secrets row"), "{err}");
+    let err = s
+        .create_group("ops", "", &conformance::entry("group.add"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("groups row"), "{err}");
+    raw("DROP TRIGGER promote ON clients; DROP TRIGGER open_up ON secrets; DROP TRIGGER rename ON groups");
+    // Nothing was written; every row is as the server signed it.
+    assert!(s.list_clients().unwrap().iter().all(|c| c.name != "web"));
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(broken(&s), None);
+    s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap();
+}
+
+#[test]
+fn truncate_is_refused_on_every_protected_table_and_the_audit() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let mut other = PgCluster::shared().superuser_on(db_name(&url));
+    for table in [
+        "meta",
+        "clients",
+        "client_certs",
+        "groups",
+        "group_clients",
+        "group_secrets",
+        "secrets",
+        "audit",
+        "audit_head",
+        "row_set",
+    ] {
+        let err = other
+            .batch_execute(&format!("TRUNCATE {table} CASCADE"))
+            .unwrap_err();
+        assert!(
+            conn::describe(&err).contains("TRUNCATE of"),
+            "{table}: {}",
+            conn::describe(&err)
+        );
+    }
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(broken(&s), None);
 }
