@@ -1039,7 +1039,7 @@ fn a_trigger_added_after_start_gets_no_row_signed() {
                 description: Some("x".into()),
                 ..Default::default()
             },
-            &mut |_| Ok(()),
+            &|_| Ok(()),
             &entry("update"),
         )
         .unwrap_err()
