@@ -311,12 +311,16 @@ impl Pool {
             attempt += 1;
             let mut pooled = self.get_fresh(fresh)?;
             let reused = pooled.reused;
-            match write_once(&mut pooled, keys, kind, &mut f) {
+            let out = write_once(&mut pooled, keys, kind, &mut f);
+            // Only a connection that died is worth a new one (a lock or
+            // statement timeout is Unavailable on a sound connection).
+            let dead = pooled.client().is_closed();
+            match out {
                 Err(Failure::Before(e)) if retryable(&e) && attempt < ATTEMPTS => {
                     drop(pooled);
                     std::thread::sleep(backoff(attempt));
                 }
-                Err(Failure::Before(StoreError::Unavailable(_))) if reused && !fresh => {
+                Err(Failure::Before(StoreError::Unavailable(_))) if reused && !fresh && dead => {
                     // An idle connection that died (PostgreSQL restarted):
                     // nothing was written; once more on a new one.
                     fresh = true;
@@ -351,7 +355,11 @@ impl Pool {
                 Ok(out)
             })();
             match out {
-                Err(StoreError::Unavailable(_)) if reused && !fresh => fresh = true,
+                Err(StoreError::Unavailable(_))
+                    if reused && !fresh && pooled.client().is_closed() =>
+                {
+                    fresh = true
+                }
                 other => return other,
             }
         }

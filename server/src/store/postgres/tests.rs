@@ -931,6 +931,23 @@ fn a_writer_that_stops_while_holding_the_write_lock_delays_writes_only_for_a_whi
         "{err:?}"
     );
     assert!(err.to_string().contains("nothing was written"), "{err}");
+    // A timeout on a sound connection does not replace it: the pool does
+    // not grow however many writes time out.
+    for _ in 0..12 {
+        let err = s
+            .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+    let open: i64 = holder
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = 'secretfs'",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(open <= commit::POOL_SIZE as i64, "{open} connections");
     // Reads are not held up.
     assert_eq!(s.get_secret("db").unwrap().version_count, 1);
     holder.batch_execute("ROLLBACK").unwrap();
