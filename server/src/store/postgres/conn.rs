@@ -17,7 +17,8 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The session settings every connection starts with (PostgreSQL's
 /// startup `options`; an `options=-c NAME=VALUE` of the URL comes after
-/// them and wins). See docs/decisions.md, "Timeouts".
+/// them and wins). Why these values: docs/decisions.md, "The PostgreSQL
+/// store: review fixes".
 ///
 /// - `lock_timeout`: how long a write waits for a lock (the revision
 ///   row's, held by another writer) before it fails as Unavailable; it
