@@ -135,6 +135,14 @@ impl Pool {
 }
 
 impl Pooled<'_> {
+    /// Whether the connection died (only then is a failed call worth a
+    /// new one: a lock or statement timeout is Unavailable on a sound
+    /// connection, which is kept). A round trip, on that error path only.
+    fn is_dead(&mut self) -> bool {
+        let client = self.client();
+        client.is_closed() || client.is_valid(Duration::from_secs(2)).is_err()
+    }
+
     pub(super) fn client(&mut self) -> &mut postgres::Client {
         &mut self.conn.as_mut().expect("held until drop").client
     }
@@ -311,16 +319,14 @@ impl Pool {
             attempt += 1;
             let mut pooled = self.get_fresh(fresh)?;
             let reused = pooled.reused;
-            let out = write_once(&mut pooled, keys, kind, &mut f);
-            // Only a connection that died is worth a new one (a lock or
-            // statement timeout is Unavailable on a sound connection).
-            let dead = pooled.client().is_closed();
-            match out {
+            match write_once(&mut pooled, keys, kind, &mut f) {
                 Err(Failure::Before(e)) if retryable(&e) && attempt < ATTEMPTS => {
                     drop(pooled);
                     std::thread::sleep(backoff(attempt));
                 }
-                Err(Failure::Before(StoreError::Unavailable(_))) if reused && !fresh && dead => {
+                Err(Failure::Before(StoreError::Unavailable(_)))
+                    if reused && !fresh && pooled.is_dead() =>
+                {
                     // An idle connection that died (PostgreSQL restarted):
                     // nothing was written; once more on a new one.
                     fresh = true;
@@ -355,9 +361,7 @@ impl Pool {
                 Ok(out)
             })();
             match out {
-                Err(StoreError::Unavailable(_))
-                    if reused && !fresh && pooled.client().is_closed() =>
-                {
+                Err(StoreError::Unavailable(_)) if reused && !fresh && pooled.is_dead() => {
                     fresh = true
                 }
                 other => return other,
