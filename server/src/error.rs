@@ -129,9 +129,11 @@ impl Error {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::Store(StoreError::Unwritable(_) | StoreError::Unavailable(_)) => {
-                Code::Unavailable
-            }
+            Error::Store(
+                StoreError::Unwritable(_)
+                | StoreError::Unavailable(_)
+                | StoreError::OutcomeUnknown(_),
+            ) => Code::Unavailable,
             Error::OverBudget(_) => Code::ResourceExhausted,
             Error::Crypto(_)
             | Error::Store(_)

@@ -59,6 +59,11 @@ pub enum StoreError {
     /// network, a failover): worth retrying, nothing was written.
     #[error("the database is unavailable ({0}); requests are refused until it is back")]
     Unavailable(String),
+    /// The connection to the database was lost while the commit was on
+    /// its way: the change may or may not have been made (unlike
+    /// `Unavailable`, which means nothing was written).
+    #[error("the database connection was lost while committing: the change may or may not have been made; check (e.g. `secretfs secret versions NAME`) before repeating it ({0})")]
+    OutcomeUnknown(String),
     #[error("database {} does not exist; is this a state directory made by `secretfs server init`?", .path.display())]
     Missing { path: PathBuf },
     #[error("the database schema is version {found}, newer than this secretfs understands ({known}); run a newer secretfs")]

@@ -212,7 +212,15 @@ pub(super) fn create(
     )?;
     let row = insert_named(inserted, Entity::Client, &new.name)?;
     let id: i64 = row.try_get(0)?;
-    macs::sign_row(tx, ck.keys, &macs::CLIENTS, &row)?;
+    let expected = integrity::client(
+        id as u64,
+        &new.name,
+        new.admin,
+        true,
+        new.cert.is_some(),
+        now,
+    );
+    macs::sign_row(tx, ck.keys, &macs::CLIENTS, &row, &expected)?;
     if let Some((serial, not_after)) = &new.cert {
         insert_cert(tx, ck, id, serial, *not_after, now)?;
     }

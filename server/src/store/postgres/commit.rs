@@ -145,6 +145,14 @@ impl Pool {
 }
 
 impl Pooled<'_> {
+    /// Whether the connection died (only then is a failed call worth a
+    /// new one: a lock or statement timeout is Unavailable on a sound
+    /// connection, which is kept). A round trip, on that error path only.
+    fn is_dead(&mut self) -> bool {
+        let client = self.client();
+        client.is_closed() || client.is_valid(Duration::from_secs(2)).is_err()
+    }
+
     pub(super) fn client(&mut self) -> &mut postgres::Client {
         &mut self.conn.as_mut().expect("held until drop").client
     }
@@ -364,7 +372,7 @@ impl Failed {
             Failed::Conflict(why) => Again::Conflict(StoreError::CommitFailed(why.clone())),
             Failed::Lost(why) => Again::Lost(StoreError::Unavailable(why.clone())),
             Failed::Commit(why) => Again::No(StoreError::CommitFailed(why.clone())),
-            Failed::Unknown(why) => Again::No(StoreError::Unavailable(why.clone())),
+            Failed::Unknown(why) => Again::No(StoreError::OutcomeUnknown(why.clone())),
         }
     }
 }
@@ -686,7 +694,9 @@ impl Pool {
                 &mut f,
             );
             match out {
-                Err(StoreError::Unavailable(_)) if reused && !fresh => fresh = true,
+                Err(StoreError::Unavailable(_)) if reused && !fresh && pooled.is_dead() => {
+                    fresh = true
+                }
                 other => return other,
             }
         }

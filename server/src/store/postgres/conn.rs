@@ -15,6 +15,44 @@ use crate::store::{Result, StoreError};
 /// How long a connection attempt may take when the URL does not say.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The session settings every connection starts with (PostgreSQL's
+/// startup `options`; an `options=-c NAME=VALUE` of the URL comes after
+/// them and wins). Why these values: docs/decisions.md, "The PostgreSQL
+/// store: review fixes".
+///
+/// - `lock_timeout`: how long a write waits for a lock (the revision
+///   row's, held by another writer) before it fails as Unavailable; it
+///   bounds how long writers, and the reads queued behind them for a
+///   connection of the pool, stall behind a writer that hangs.
+/// - `idle_in_transaction_session_timeout`: PostgreSQL ends a session of
+///   ours idle in a transaction this long (a replica that died or was cut
+///   off while holding the revision row's lock), which frees that lock.
+///   No transaction of ours waits on anything but the database.
+/// - `statement_timeout`: a runaway statement is cancelled.
+pub(super) const SESSION_TIMEOUTS: &str = "-c lock_timeout=5s \
+     -c idle_in_transaction_session_timeout=15s -c statement_timeout=60s";
+
+/// How a dead peer is noticed on an open connection (TCP keepalives, and
+/// data left unacknowledged), instead of the kernel's hours.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVES_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn set_timeouts(config: &mut postgres::Config) {
+    let options = match config.get_options() {
+        Some(given) => format!("{SESSION_TIMEOUTS} {given}"),
+        None => SESSION_TIMEOUTS.to_owned(),
+    };
+    config
+        .options(&options)
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVES_IDLE)
+        .keepalives_interval(KEEPALIVES_INTERVAL)
+        .keepalives_retries(KEEPALIVES_RETRIES)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
+}
+
 /// True for the URLs that choose PostgreSQL (`postgres://`,
 /// `postgresql://`); anything else given as `--database` is a SQLite path.
 pub fn is_postgres_url(s: &str) -> bool {
@@ -53,33 +91,117 @@ fn bad_url(redacted: &str, why: impl std::fmt::Display) -> StoreError {
     StoreError::Check(format!("the database URL {redacted} {why}").into())
 }
 
-/// `url` without its password (in the authority or as a parameter).
-fn redact(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, hosts)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}@{hosts}")
+/// What a URL that cannot be parsed is shown as: its scheme only (where
+/// its password ends is unknown).
+fn redact_unparsed(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _))
+            if scheme.len() <= 16 && scheme.chars().all(|c| c.is_ascii_alphanumeric()) =>
+        {
+            format!("{scheme}://... (the rest not shown: it may hold the password)")
         }
-        None => authority.to_owned(),
+        _ => "(not shown: it may hold the password)".to_owned(),
+    }
+}
+
+/// `s` percent-encoded but for the characters a URL never needs to escape.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The URL of `config` without its password, rebuilt from what the
+/// driver parsed (so nothing the driver reads as the password, wherever
+/// the URL put it, can be shown): the user, the hosts and ports, the
+/// database and the options that are not secret. It connects as the URL
+/// did when the password is given apart.
+fn redacted_url(
+    config: &postgres::Config,
+    connect_timeout: Option<Duration>,
+    sslmode: Option<&str>,
+    rootcert: Option<&std::path::Path>,
+) -> String {
+    let mut out = String::from("postgres://");
+    if let Some(user) = config.get_user() {
+        out.push_str(&encode(user));
+        out.push('@');
+    }
+    let hosts = config.get_hosts();
+    let ports = config.get_ports();
+    let port_of = |i: usize| match ports.len() {
+        0 => None,
+        1 => Some(ports[0]),
+        _ => ports.get(i).copied(),
     };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|p| !p.to_ascii_lowercase().starts_with("password="))
-                .collect();
-            if kept.is_empty() {
-                path.to_owned()
+    let mut query: Vec<String> = Vec::new();
+    let all_tcp = hosts.iter().all(|h| matches!(h, Host::Tcp(_)));
+    if all_tcp {
+        let mut first = true;
+        for (i, host) in hosts.iter().enumerate() {
+            let Host::Tcp(name) = host else { continue };
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            if name.parse::<std::net::Ipv6Addr>().is_ok() {
+                out.push_str(&format!("[{name}]"));
             } else {
-                format!("{path}?{}", kept.join("&"))
+                out.push_str(&encode(name));
+            }
+            if let Some(p) = port_of(i) {
+                out.push_str(&format!(":{p}"));
             }
         }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{authority}{tail}")
+    } else {
+        let names: Vec<String> = hosts
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(name) => encode(name),
+                Host::Unix(path) => encode(&path.to_string_lossy()),
+            })
+            .collect();
+        query.push(format!("host={}", names.join(",")));
+        if !ports.is_empty() {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            query.push(format!("port={}", ports.join(",")));
+        }
+    }
+    out.push('/');
+    if let Some(db) = config.get_dbname() {
+        out.push_str(&encode(db));
+    }
+    let addrs = config.get_hostaddrs();
+    if !addrs.is_empty() {
+        let addrs: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+        query.push(format!("hostaddr={}", encode(&addrs.join(","))));
+    }
+    if let Some(t) = connect_timeout {
+        query.push(format!("connect_timeout={}", t.as_secs()));
+    }
+    if let Some(options) = config.get_options() {
+        query.push(format!("options={}", encode(options)));
+    }
+    if config.get_target_session_attrs() == postgres::config::TargetSessionAttrs::ReadWrite {
+        query.push("target_session_attrs=read-write".into());
+    }
+    if let Some(mode) = sslmode {
+        query.push(format!("sslmode={}", encode(mode)));
+    }
+    if let Some(ca) = rootcert {
+        query.push(format!("sslrootcert={}", encode(&ca.to_string_lossy())));
+    }
+    if !query.is_empty() {
+        out.push('?');
+        out.push_str(&query.join("&"));
+    }
+    out
 }
 
 /// A URL's query value, percent-decoded.
@@ -127,7 +249,8 @@ impl PgConfig {
     /// socket only; the modes that do not check the server (`allow`,
     /// `prefer`, `require`, `verify-ca`) are refused.
     pub fn parse(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConfig> {
-        let redacted = redact(url);
+        // Until the driver has parsed it, nothing of the URL is shown.
+        let redacted = redact_unparsed(url);
         if !is_postgres_url(url) {
             return Err(bad_url(
                 &redacted,
@@ -136,13 +259,22 @@ impl PgConfig {
         }
         // sslmode and sslrootcert are ours: the driver knows only
         // disable/prefer/require.
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        // The query starts at the first '?' after the credentials, which
+        // the driver takes up to the first '@' (a password may hold '?').
+        let authority = url.find("://").map_or(0, |i| i + 3);
+        let after_creds = url[authority..]
+            .find('@')
+            .map_or(authority, |i| authority + i + 1);
+        let (base, query) = match url[after_creds..].find('?') {
+            Some(i) => (&url[..after_creds + i], &url[after_creds + i + 1..]),
+            None => (url, ""),
+        };
         let mut sslmode = None;
         let mut rootcert = None;
         let mut rest = Vec::new();
         for param in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = param.split_once('=').unwrap_or((param, ""));
-            match k {
+            match decode(k).as_str() {
                 "sslmode" => sslmode = Some(decode(v)),
                 "sslrootcert" => rootcert = Some(PathBuf::from(decode(v))),
                 _ => rest.push(param),
@@ -158,16 +290,37 @@ impl PgConfig {
         if let Some(pw) = password {
             config.password(pw.as_bytes());
         }
+        // The driver takes the credentials up to the first '@': a second
+        // one means a password with an '@' not percent-encoded, and the
+        // rest of it taken for the host (which would then be shown).
+        let at_in_host = config.get_hosts().iter().any(|h| match h {
+            Host::Tcp(name) => name.contains('@'),
+            Host::Unix(_) => false,
+        });
+        if at_in_host {
+            return Err(bad_url(
+                &redact_unparsed(url),
+                "has an '@' after its user and password: write an '@' in the password as %40 \
+                 (and '/', '?', '#', ':' as %2F, %3F, %23, %3A), or give the password apart",
+            ));
+        }
         if config.get_user().is_none() {
             return Err(bad_url(
                 &redacted,
                 "names no user: give one as postgres://USER@HOST/DATABASE",
             ));
         }
+        let redacted = redacted_url(
+            &config,
+            config.get_connect_timeout().copied(),
+            sslmode.as_deref(),
+            rootcert.as_deref(),
+        );
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("secretfs");
+        set_timeouts(&mut config);
         let tls = match sslmode.as_deref() {
             Some("verify-full") => match rootcert {
                 Some(ca) => Tls::VerifyFull(ca),
@@ -181,7 +334,15 @@ impl PgConfig {
             },
             Some("disable") => Tls::Off,
             None => {
-                if config.get_hosts().iter().all(is_loopback) {
+                // `hostaddr` is where the driver connects (the host
+                // names only the server's name then).
+                let addrs = config.get_hostaddrs();
+                let loopback = if addrs.is_empty() {
+                    config.get_hosts().iter().all(is_loopback)
+                } else {
+                    addrs.iter().all(IpAddr::is_loopback)
+                };
+                if loopback {
                     Tls::Off
                 } else {
                     return Err(bad_url(
@@ -247,9 +408,16 @@ pub(super) fn connect(cfg: &PgConfig) -> Result<postgres::Client> {
 }
 
 fn finish(cfg: &PgConfig, mut client: postgres::Client) -> Result<postgres::Client> {
+    // The search path is pinned to the schema the tables are in (the
+    // first of the login's search path that exists), then the catalog and
+    // the session's temporary schema last: a table or function someone
+    // makes in another schema is never taken for ours or the catalog's.
     client
         .batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS row_set_pending (kind TEXT NOT NULL, mac BYTEA)",
+            "SELECT pg_catalog.set_config('search_path', \
+                 pg_catalog.concat_ws(', ', pg_catalog.quote_ident(pg_catalog.current_schema()), \
+                 'pg_catalog', 'pg_temp'), false); \
+             CREATE TEMP TABLE IF NOT EXISTS row_set_pending (kind TEXT NOT NULL, mac BYTEA)",
         )
         .map_err(|e| connect_error(cfg, &e))?;
     Ok(client)
@@ -353,8 +521,34 @@ pub(super) fn is_connection_error(e: &postgres::Error) -> bool {
     }
 }
 
+/// What a database error that means "not now" (nothing was written,
+/// worth trying again later) says to the operator; None for the rest.
+pub(super) fn unavailable_because(code: &SqlState) -> Option<&'static str> {
+    Some(match code.code() {
+        "55P03" => {
+            "another writer held the database's write lock longer than lock_timeout (a \
+             replica that stopped while writing: PostgreSQL ends its session within \
+             idle_in_transaction_session_timeout); nothing was written, try again"
+        }
+        "57014" => {
+            "the statement ran longer than statement_timeout and was cancelled; nothing was \
+             written"
+        }
+        "25006" => {
+            "the database is read only (a standby, e.g. after a failover): nothing was \
+             written; point --database at the primary"
+        }
+        "57P01" | "57P02" => "PostgreSQL is shutting down or restarting",
+        "57P03" => "PostgreSQL is not accepting connections yet (starting up or recovering)",
+        _ => return None,
+    })
+}
+
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> StoreError {
+        if let Some(why) = e.code().and_then(unavailable_because) {
+            return StoreError::Unavailable(format!("PostgreSQL: {why}: {}", describe(&e)));
+        }
         if is_connection_error(&e) {
             return StoreError::Unavailable(format!("PostgreSQL: {}", describe(&e)));
         }

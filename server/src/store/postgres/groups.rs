@@ -124,7 +124,9 @@ pub(super) fn create(
         &[&name, &description, &now_s()],
     )?;
     let row = insert_named(inserted, Entity::Group, name)?;
-    macs::sign_row(tx, ck.keys, &macs::GROUPS, &row)?;
+    let id: i64 = row.try_get(0)?;
+    let expected = integrity::group(id as u64, name);
+    macs::sign_row(tx, ck.keys, &macs::GROUPS, &row, &expected)?;
     let revision = record_change(tx, audit, |revision| Change::Access { revision })?;
     Ok(Committed {
         value: by_name(tx, ck, name)?,

@@ -12,7 +12,7 @@ use postgres::Row;
 use super::commit::Tx;
 use crate::keys::{Keys, MacInput};
 use crate::store::integrity::{self, BadRow, SecretRow, META_ROWS_AUTHENTICATED};
-use crate::store::Result;
+use crate::store::{Result, StoreError};
 
 pub(super) struct Table {
     pub name: &'static str,
@@ -203,14 +203,36 @@ pub(super) fn write_meta(tx: &mut Tx<'_>, keys: &Keys, key: &str, value: &[u8]) 
     Ok(())
 }
 
-/// Signs the row a write just made or changed, as its `RETURNING` of the
-/// table's MAC'd columns gave it (no read back: one round trip less).
-pub(super) fn sign_row(tx: &mut Tx<'_>, keys: &Keys, table: &Table, row: &Row) -> Result<()> {
-    if let Some(input) = (table.input)(row)? {
-        let tag = keys.row_tag(&input).to_vec();
-        let row_id: i64 = row.try_get(0)?;
-        tx.exec(table.set_mac_id, &[&tag, &row_id])?;
+/// Signs the row a write just made or changed as the server bound it
+/// (`expected`), never as the database gave it back: a trigger added after
+/// the store opened (by anyone with the TRIGGER privilege) could change a
+/// row as it is written, and a MAC over `RETURNING` would vouch for that.
+/// When the `RETURNING` of the table's MAC'd columns differs, the write is
+/// refused (the transaction is rolled back: nothing is written).
+pub(super) fn sign_row(
+    tx: &mut Tx<'_>,
+    keys: &Keys,
+    table: &Table,
+    row: &Row,
+    expected: &MacInput,
+) -> Result<()> {
+    let returned = (table.input)(row).ok().flatten();
+    if returned.as_ref() != Some(expected) {
+        let key = (table.key)(row).unwrap_or_else(|_| "?".into());
+        return Err(StoreError::Check(
+            format!(
+                "the {} row {key} came back from the database other than the server wrote \
+                 it: a trigger that is not secretfs's changes rows as they are written (list \
+                 the table's triggers, e.g. `\\d {}` in psql, and drop it after review); \
+                 nothing was written",
+                table.name, table.name
+            )
+            .into(),
+        ));
     }
+    let tag = keys.row_tag(expected).to_vec();
+    let row_id: i64 = row.try_get(0)?;
+    tx.exec(table.set_mac_id, &[&tag, &row_id])?;
     Ok(())
 }
 

@@ -34,16 +34,96 @@ pub(super) const KNOWN_TABLES: &[&str] = &[
     "row_set",
 ];
 
-/// The triggers the migrations make (the row set's).
-const KNOWN_TRIGGERS: &[&str] = &[
-    "row_set_meta",
-    "row_set_clients",
-    "row_set_client_certs",
-    "row_set_groups",
-    "row_set_group_clients",
-    "row_set_group_secrets",
-    "row_set_secrets",
+/// The triggers the migrations make: name, table, function, and
+/// `pg_trigger.tgtype` (the row set's: AFTER INSERT OR UPDATE OR DELETE
+/// FOR EACH ROW, 1 + 4 + 8 + 16; TRUNCATE's refusal: BEFORE TRUNCATE FOR
+/// EACH STATEMENT, 2 + 32).
+const KNOWN_TRIGGERS: &[(&str, &str, &str, i16)] = &[
+    (
+        "row_set_meta",
+        "meta",
+        "secretfs_row_set_note_meta",
+        ROW_SET,
+    ),
+    (
+        "row_set_clients",
+        "clients",
+        "secretfs_row_set_note",
+        ROW_SET,
+    ),
+    (
+        "row_set_client_certs",
+        "client_certs",
+        "secretfs_row_set_note",
+        ROW_SET,
+    ),
+    ("row_set_groups", "groups", "secretfs_row_set_note", ROW_SET),
+    (
+        "row_set_group_clients",
+        "group_clients",
+        "secretfs_row_set_note",
+        ROW_SET,
+    ),
+    (
+        "row_set_group_secrets",
+        "group_secrets",
+        "secretfs_row_set_note",
+        ROW_SET,
+    ),
+    (
+        "row_set_secrets",
+        "secrets",
+        "secretfs_row_set_note",
+        ROW_SET,
+    ),
+    ("no_truncate_meta", "meta", NO_TRUNCATE, TRUNCATE),
+    ("no_truncate_clients", "clients", NO_TRUNCATE, TRUNCATE),
+    (
+        "no_truncate_client_certs",
+        "client_certs",
+        NO_TRUNCATE,
+        TRUNCATE,
+    ),
+    ("no_truncate_groups", "groups", NO_TRUNCATE, TRUNCATE),
+    (
+        "no_truncate_group_clients",
+        "group_clients",
+        NO_TRUNCATE,
+        TRUNCATE,
+    ),
+    (
+        "no_truncate_group_secrets",
+        "group_secrets",
+        NO_TRUNCATE,
+        TRUNCATE,
+    ),
+    ("no_truncate_secrets", "secrets", NO_TRUNCATE, TRUNCATE),
+    ("no_truncate_audit", "audit", NO_TRUNCATE, TRUNCATE),
+    (
+        "no_truncate_audit_head",
+        "audit_head",
+        NO_TRUNCATE,
+        TRUNCATE,
+    ),
+    ("no_truncate_row_set", "row_set", NO_TRUNCATE, TRUNCATE),
 ];
+const ROW_SET: i16 = 1 + 4 + 8 + 16;
+const TRUNCATE: i16 = 2 + 32;
+const NO_TRUNCATE: &str = "secretfs_no_truncate";
+
+/// The body (PostgreSQL's `prosrc`) of the trigger function `name` as the
+/// migrations make it: the text between the dollar quotes after its
+/// `CREATE FUNCTION`.
+pub(super) fn function_body(name: &str) -> Option<&'static str> {
+    let head = format!("CREATE FUNCTION {name}()");
+    MIGRATIONS.iter().rev().find_map(|sql| {
+        let at = sql.find(&head)?;
+        let rest = &sql[at..];
+        let open = rest.find("$$")? + 2;
+        let len = rest[open..].find("$$")?;
+        Some(&rest[open..open + len])
+    })
+}
 
 /// The relations (tables, views, ...) in the schema the connection works in.
 fn relations(tx: &mut Tx<'_>) -> Result<Vec<(String, String)>> {
@@ -78,25 +158,52 @@ fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
     }
     let mut ours = Vec::new();
     for r in tx.query(
-        "SELECT t.tgname::TEXT, t.tgenabled <> 'D' FROM pg_trigger t
+        "SELECT t.tgname::TEXT, c.relname::TEXT, t.tgenabled IN ('O', 'A'), p.proname::TEXT,
+                p.prosrc, p.pronamespace = c.relnamespace, t.tgtype,
+                t.tgqual IS NULL AND pg_catalog.cardinality(t.tgattr::int2[]) = 0 AND t.tgnargs = 0,
+                p.proconfig = ARRAY['search_path=pg_catalog, pg_temp']
+           FROM pg_trigger t
            JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+           JOIN pg_proc p ON p.oid = t.tgfoid
           WHERE n.nspname = current_schema() AND NOT t.tgisinternal ORDER BY 1",
         &[],
     )? {
         let name: String = r.try_get(0)?;
-        let enabled: bool = r.try_get(1)?;
-        if !KNOWN_TRIGGERS.contains(&name.as_str()) {
+        let table: String = r.try_get(1)?;
+        let enabled: bool = r.try_get(2)?;
+        let function: String = r.try_get(3)?;
+        let body: String = r.try_get(4)?;
+        let same_schema: bool = r.try_get(5)?;
+        let kind: i16 = r.try_get(6)?;
+        let plain: bool = r.try_get(7)?;
+        let pinned: Option<bool> = r.try_get(8)?;
+        let known = KNOWN_TRIGGERS.iter().find(|k| k.0 == name);
+        let Some(&(_, want_table, want_function, want_kind)) = known else {
             found.push(format!(
                 "trigger {:?}",
                 name.chars().take(64).collect::<String>()
+            ));
+            continue;
+        };
+        let as_made = table == want_table
+            && function == want_function
+            && same_schema
+            && kind == want_kind
+            && plain
+            && pinned == Some(true)
+            && function_body(want_function) == Some(body.as_str());
+        if !as_made {
+            found.push(format!(
+                "its trigger {name:?} or its function {want_function:?} changed from what \
+                 the migrations make"
             ));
         } else if enabled {
             ours.push(name);
         }
     }
-    for name in KNOWN_TRIGGERS {
-        if !ours.iter().any(|o| o == name) {
-            found.push(format!("its row set trigger {name:?} missing or disabled"));
+    for (name, ..) in KNOWN_TRIGGERS {
+        if !ours.iter().any(|o| o == name) && !found.iter().any(|f| f.contains(name)) {
+            found.push(format!("its trigger {name:?} missing or disabled"));
         }
     }
     for r in tx.query(

@@ -103,7 +103,21 @@ pub(super) fn create(
     )?;
     let row = insert_named(inserted, Entity::Secret, &new.name)?;
     let id: i64 = row.try_get(0)?;
-    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
+    let expected = integrity::secret(&integrity::SecretRow {
+        id: id as u64,
+        name: &new.name,
+        description: &new.description,
+        labels: &labels,
+        mode: new.mode,
+        owner: new.owner,
+        grp: new.group,
+        expires_at: new.expires_at,
+        current_version: 1,
+        version_count: 1,
+        created_at: now,
+        updated_at: now,
+    });
+    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row, &expected)?;
     let sealed = seal(id as u64, 1)?;
     insert_version(tx, id, 1, new.size, &audit.actor, &sealed)?;
     let revision = record_change(
@@ -121,6 +135,32 @@ pub(super) fn create(
         value: by_name(tx, ck, &new.name)?,
         revision,
     })
+}
+
+/// Signs a `secrets` row an update made as the server meant it
+/// (`expected`: the row as read, MAC checked, with the update's columns).
+fn sign_secret(
+    tx: &mut Tx<'_>,
+    ck: &Checker<'_>,
+    row: &::postgres::Row,
+    expected: &SecretRecord,
+) -> Result<()> {
+    let labels = serde_json::to_string(&expected.labels).map_err(StoreError::backend)?;
+    let input = integrity::secret(&integrity::SecretRow {
+        id: expected.id,
+        name: &expected.name,
+        description: &expected.description,
+        labels: &labels,
+        mode: expected.mode,
+        owner: expected.owner,
+        grp: expected.group,
+        expires_at: expected.expires_at,
+        current_version: expected.current_version,
+        version_count: expected.version_count,
+        created_at: expected.created_at,
+        updated_at: expected.updated_at,
+    });
+    macs::sign_row(tx, ck.keys, &macs::SECRETS, row, &input)
 }
 
 pub(super) fn rotate(
@@ -149,7 +189,14 @@ pub(super) fn rotate(
         ),
         &[&(current.id as i64), &(version as i64), &now, &expires_at],
     )?;
-    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
+    let expected = SecretRecord {
+        current_version: version,
+        version_count: version,
+        updated_at: now,
+        expires_at,
+        ..current.clone()
+    };
+    sign_secret(tx, ck, &row, &expected)?;
     let mut entry = AuditEntry {
         version: Some(version),
         ..audit.clone()
@@ -195,14 +242,20 @@ pub(super) fn rollback(
             version,
         });
     }
+    let now = now_s();
     let row = tx.one(
         concat!(
             "UPDATE secrets SET current_version = $2, updated_at = $3 WHERE id = $1 RETURNING ",
             secret_mac_cols!()
         ),
-        &[&(current.id as i64), &(version as i64), &now_s()],
+        &[&(current.id as i64), &(version as i64), &now],
     )?;
-    macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
+    let expected = SecretRecord {
+        current_version: version,
+        updated_at: now,
+        ..current.clone()
+    };
+    sign_secret(tx, ck, &row, &expected)?;
     let id = current.id;
     let revision = record_change(
         tx,
@@ -232,6 +285,7 @@ pub(super) fn update(
     check(&record)?;
     if !changed.is_empty() {
         let labels = serde_json::to_string(&record.labels).map_err(StoreError::backend)?;
+        let now = now_s();
         let row = tx.one(
             concat!(
                 "UPDATE secrets SET description = $2, labels = $3, mode = $4, owner = $5, \
@@ -246,10 +300,14 @@ pub(super) fn update(
                 &record.owner.map(i64::from),
                 &record.group.map(i64::from),
                 &record.expires_at,
-                &now_s(),
+                &now,
             ],
         )?;
-        macs::sign_row(tx, ck.keys, &macs::SECRETS, &row)?;
+        let expected = SecretRecord {
+            updated_at: now,
+            ..record.clone()
+        };
+        sign_secret(tx, ck, &row, &expected)?;
     }
     let detail = if changed.is_empty() {
         "no change".to_owned()

@@ -371,6 +371,11 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
     s.append_audit(&[entry("a")]).unwrap();
     drop(s);
     let raw = raw_on(&url);
+    let restore_note = format!(
+        "CREATE OR REPLACE FUNCTION secretfs_row_set_note() RETURNS trigger LANGUAGE plpgsql
+             SET search_path = pg_catalog, pg_temp AS $${}$$",
+        migrate::function_body("secretfs_row_set_note").unwrap()
+    );
     raw(
         "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN NEW.actor := 'alice'; RETURN NEW; END $$",
@@ -398,13 +403,42 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
         ),
         (
             "ALTER TABLE group_clients DISABLE TRIGGER row_set_group_clients",
-            "row set trigger \"row_set_group_clients\" missing or disabled",
+            "trigger \"row_set_group_clients\" missing or disabled",
             "ALTER TABLE group_clients ENABLE TRIGGER row_set_group_clients",
         ),
         (
             "DROP TRIGGER row_set_secrets ON secrets",
-            "row set trigger \"row_set_secrets\" missing or disabled",
+            "trigger \"row_set_secrets\" missing or disabled",
             "CREATE TRIGGER row_set_secrets AFTER INSERT OR UPDATE OR DELETE ON secrets
+                 FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
+        ),
+        (
+            "ALTER TABLE secrets ENABLE REPLICA TRIGGER row_set_secrets",
+            "trigger \"row_set_secrets\" missing or disabled",
+            "ALTER TABLE secrets ENABLE TRIGGER row_set_secrets",
+        ),
+        (
+            "ALTER TABLE audit DISABLE TRIGGER no_truncate_audit",
+            "trigger \"no_truncate_audit\" missing or disabled",
+            "ALTER TABLE audit ENABLE TRIGGER no_truncate_audit",
+        ),
+        (
+            "CREATE OR REPLACE FUNCTION secretfs_row_set_note() RETURNS trigger
+                 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+                 AS $$ BEGIN RETURN NULL; END $$",
+            "function \"secretfs_row_set_note\" changed",
+            restore_note.as_str(),
+        ),
+        (
+            "ALTER FUNCTION secretfs_row_set_note() RESET search_path",
+            "function \"secretfs_row_set_note\" changed",
+            restore_note.as_str(),
+        ),
+        (
+            "CREATE OR REPLACE TRIGGER row_set_clients AFTER INSERT ON clients
+                 FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
+            "trigger \"row_set_clients\" or its function",
+            "CREATE OR REPLACE TRIGGER row_set_clients AFTER INSERT OR UPDATE OR DELETE ON clients
                  FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note()",
         ),
     ] {
@@ -1084,4 +1118,332 @@ fn a_batch_takes_at_most_its_limit_of_jobs() {
     );
     assert_eq!(s.verify_rows().unwrap(), vec![]);
     assert_eq!(s.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn the_redacted_url_is_what_the_driver_parsed_without_the_password() {
+    for (url, password) in [
+        ("postgres://app:hun/ter2@127.0.0.1:5432/db", "hun/ter2"),
+        ("postgres://app:hun?ter2@127.0.0.1:5432/db", "hun?ter2"),
+        ("postgres://app:hun%40ter2@127.0.0.1:5432/db", "hun@ter2"),
+        ("postgres://app:hun%2Fter2@127.0.0.1:5432/db", "hun/ter2"),
+        (
+            "postgres://app@127.0.0.1:5432/db?pass%77ord=hunter2",
+            "hunter2",
+        ),
+    ] {
+        let cfg = PgConfig::parse(url, None).unwrap();
+        assert_eq!(
+            cfg.config.get_password(),
+            Some(password.as_bytes()),
+            "{url}"
+        );
+        let shown = format!("{} {cfg:?}", cfg.redacted());
+        for piece in ["hun", "ter2", "hunter2"] {
+            assert!(!shown.contains(piece), "{url}: {shown}");
+        }
+        assert!(
+            cfg.redacted()
+                .starts_with("postgres://app@127.0.0.1:5432/db"),
+            "{url}: {shown}"
+        );
+    }
+    // An '@' left in the password: refused, and nothing after the user shown.
+    let err = PgConfig::parse("postgres://app:hun@ter2@127.0.0.1/db", None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("%40") && !err.contains("hun") && !err.contains("ter2"),
+        "{err}"
+    );
+    // What is not secret is kept, and the redacted URL connects as the
+    // URL did once the password is given apart.
+    let cfg = PgConfig::parse(
+        "postgresql://app:pw@db1.example.com:5433,db2.example.com:5434/my%20db?\
+         sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=7&\
+         hostaddr=10.0.0.1,10.0.0.2&options=-c%20work_mem%3D4MB",
+        None,
+    )
+    .unwrap();
+    let again = PgConfig::parse(cfg.redacted(), Some(Zeroizing::new("pw".into()))).unwrap();
+    assert_eq!(again.config.get_hosts(), cfg.config.get_hosts());
+    assert_eq!(again.config.get_ports(), cfg.config.get_ports());
+    assert_eq!(again.config.get_hostaddrs(), cfg.config.get_hostaddrs());
+    assert_eq!(again.config.get_dbname(), Some("my db"));
+    assert_eq!(again.config.get_options(), cfg.config.get_options());
+    assert_eq!(
+        again.config.get_connect_timeout(),
+        Some(&std::time::Duration::from_secs(7))
+    );
+    assert_eq!(again.tls, cfg.tls);
+    assert_eq!(again.redacted(), cfg.redacted());
+    // A URL the driver cannot parse is not shown past its scheme.
+    let err = PgConfig::parse("postgres://app:hun/ter2@127.0.0.1:notaport/db", None)
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("hun") && !err.contains("ter2"), "{err}");
+}
+
+#[test]
+fn hostaddr_is_where_the_clear_text_policy_looks() {
+    let err = PgConfig::parse("postgres://u@localhost/db?hostaddr=10.0.0.5", None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("in clear"), "{err}");
+    let cfg = PgConfig::parse("postgres://u@db.example.com/db?hostaddr=127.0.0.1", None).unwrap();
+    assert_eq!(cfg.tls, conn::Tls::Off);
+}
+
+/// `url` with session settings given in its `options`.
+fn with_options(url: &str, settings: &[(&str, &str)]) -> String {
+    let options: Vec<String> = settings
+        .iter()
+        .map(|(k, v)| format!("-c%20{k}%3D{v}"))
+        .collect();
+    format!("{url}?options={}", options.join("%20"))
+}
+
+#[test]
+fn sessions_start_with_timeouts_and_a_pinned_search_path() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    drop(s);
+    let mut c = conn::connect(&config(&url)).unwrap();
+    let show = |c: &mut ::postgres::Client, what: &str| -> String {
+        c.query_one(&format!("SHOW {what}"), &[])
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    assert_eq!(show(&mut c, "lock_timeout"), "5s");
+    assert_eq!(show(&mut c, "idle_in_transaction_session_timeout"), "15s");
+    assert_eq!(show(&mut c, "statement_timeout"), "1min");
+    assert_eq!(show(&mut c, "search_path"), "public, pg_catalog, pg_temp");
+    // The URL's own options win over the defaults.
+    let mut c = conn::connect(&config(&with_options(&url, &[("lock_timeout", "2s")]))).unwrap();
+    assert_eq!(show(&mut c, "lock_timeout"), "2s");
+    assert_eq!(show(&mut c, "statement_timeout"), "1min");
+    // What the timeouts and a standby report is an outage (nothing was
+    // written), said in words.
+    let e = c
+        .batch_execute("SET statement_timeout = '10ms'; SELECT pg_sleep(5)")
+        .unwrap_err();
+    let e = StoreError::from(e);
+    assert!(
+        matches!(&e, StoreError::Unavailable(m) if m.contains("statement_timeout")),
+        "{e:?}"
+    );
+    c.batch_execute("RESET statement_timeout").unwrap();
+    let e = c
+        .batch_execute("BEGIN READ ONLY; INSERT INTO revoked_certs VALUES ('x', 'y', 0)")
+        .unwrap_err();
+    let e = StoreError::from(e);
+    assert!(
+        matches!(&e, StoreError::Unavailable(m) if m.contains("read only")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_writer_that_stops_while_holding_the_write_lock_delays_writes_only_for_a_while() {
+    let base = PgCluster::shared().database();
+    let name = db_name(&base).to_owned();
+    // Short timeouts for the test (the URL can give them).
+    let url = with_options(
+        &base,
+        &[
+            ("lock_timeout", "200ms"),
+            ("idle_in_transaction_session_timeout", "1s"),
+        ],
+    );
+    let cfg = config(&url);
+    let s = PgStore::open(&cfg, true, KeyRing::generate().unwrap()).unwrap();
+    add_secret(&s, "db");
+    // Someone holds the revision row's lock and does nothing more: a
+    // write fails as Unavailable after lock_timeout instead of hanging.
+    let mut holder = PgCluster::shared().superuser_on(&name);
+    holder
+        .batch_execute("BEGIN; UPDATE revision SET value = value WHERE id = 1")
+        .unwrap();
+    let err = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("lock_timeout")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    // A timeout on a sound connection does not replace it: the pool does
+    // not grow however many writes time out.
+    for _ in 0..12 {
+        let err = s
+            .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+    let open: i64 = holder
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = 'secretfs'",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert!(open <= commit::POOL_SIZE as i64, "{open} connections");
+    // Reads are not held up.
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    holder.batch_execute("ROLLBACK").unwrap();
+    // A session of the store's (a replica that died while writing) idle
+    // in its transaction is ended by PostgreSQL, which frees the lock.
+    let mut dead = conn::connect(&cfg).unwrap();
+    dead.batch_execute("BEGIN; UPDATE revision SET value = value WHERE id = 1")
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed) {
+            Ok(r) => {
+                assert_eq!(r.value.version_count, 2);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(dead.batch_execute("SELECT 1").is_err());
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(s.verify_audit().unwrap().broken, None);
+}
+
+#[test]
+fn a_connection_lost_during_commit_is_an_unknown_outcome_not_an_outage() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    // A deferred trigger (added behind the open store's back) ends the
+    // session at COMMIT.
+    let raw = raw_on(&url);
+    raw(
+        "CREATE FUNCTION die() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$",
+    );
+    raw(
+        "CREATE CONSTRAINT TRIGGER die AFTER INSERT ON audit DEFERRABLE INITIALLY DEFERRED
+         FOR EACH ROW EXECUTE FUNCTION die()",
+    );
+    let err = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::OutcomeUnknown(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("may or may not have been made") && text.contains("secret versions"),
+        "{text}"
+    );
+    let status = tonic::Status::from(crate::error::Error::from(err));
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    assert!(status.message().contains("may or may not"), "{status:?}");
+    raw("DROP TRIGGER die ON audit");
+    s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap();
+}
+
+#[test]
+fn a_trigger_added_after_start_gets_no_row_signed() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let raw = raw_on(&url);
+    raw(
+        "CREATE FUNCTION promote() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.admin := 1; RETURN NEW; END $$",
+    );
+    raw("CREATE TRIGGER promote BEFORE INSERT ON clients FOR EACH ROW EXECUTE FUNCTION promote()");
+    raw(
+        "CREATE FUNCTION open_up() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.mode := 511; RETURN NEW; END $$",
+    );
+    raw("CREATE TRIGGER open_up BEFORE UPDATE ON secrets FOR EACH ROW EXECUTE FUNCTION open_up()");
+    raw(
+        "CREATE FUNCTION rename() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN NEW.name := 'other'; RETURN NEW; END $$",
+    );
+    raw("CREATE TRIGGER rename BEFORE INSERT ON groups FOR EACH ROW EXECUTE FUNCTION rename()");
+    let new = NewClient {
+        name: "web".into(),
+        admin: false,
+        cert: None,
+    };
+    let err = s
+        .create_client(&new, &conformance::entry("client.add"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("clients row")
+            && err.contains("trigger")
+            && err.contains("nothing was written"),
+        "{err}"
+    );
+    let err = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("secrets row") && err.contains("trigger"),
+        "{err}"
+    );
+    let err = s
+        .update_secret(
+            "db",
+            &SecretUpdate {
+                description: Some("x".into()),
+                ..Default::default()
+            },
+            &|_| Ok(()),
+            &entry("update"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("secrets row"), "{err}");
+    let err = s
+        .create_group("ops", "", &conformance::entry("group.add"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("groups row"), "{err}");
+    raw("DROP TRIGGER promote ON clients; DROP TRIGGER open_up ON secrets; DROP TRIGGER rename ON groups");
+    // Nothing was written; every row is as the server signed it.
+    assert!(s.list_clients().unwrap().iter().all(|c| c.name != "web"));
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(broken(&s), None);
+    s.rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap();
+}
+
+#[test]
+fn truncate_is_refused_on_every_protected_table_and_the_audit() {
+    let (s, url) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let mut other = PgCluster::shared().superuser_on(db_name(&url));
+    for table in [
+        "meta",
+        "clients",
+        "client_certs",
+        "groups",
+        "group_clients",
+        "group_secrets",
+        "secrets",
+        "audit",
+        "audit_head",
+        "row_set",
+    ] {
+        let err = other
+            .batch_execute(&format!("TRUNCATE {table} CASCADE"))
+            .unwrap_err();
+        assert!(
+            conn::describe(&err).contains("TRUNCATE of"),
+            "{table}: {}",
+            conn::describe(&err)
+        );
+    }
+    assert_eq!(s.get_secret("db").unwrap().version_count, 1);
+    assert_eq!(s.verify_rows().unwrap(), vec![]);
+    assert_eq!(broken(&s), None);
 }

@@ -131,6 +131,8 @@ CREATE TABLE row_set (
     id     BIGINT PRIMARY KEY CHECK (id = 1),
     sealed BYTEA NOT NULL
 );
+-- The trigger functions run with a search path of their own (the catalog,
+-- then the session's temporary schema), whatever the session's.
 -- The row set's pending shares: every row added to or removed from a
 -- protected table (cascades included) notes its kind and MAC in the
 -- session's own temporary table `row_set_pending`, which the server makes
@@ -139,7 +141,8 @@ CREATE TABLE row_set (
 -- is not the server's) cannot write a protected table at all. An update
 -- notes the old row as removed and the new one as added (equal shares
 -- cancel out).
-CREATE FUNCTION secretfs_row_set_note() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION secretfs_row_set_note() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
         INSERT INTO pg_temp.row_set_pending (kind, mac) VALUES (TG_TABLE_NAME, OLD.mac);
@@ -151,7 +154,8 @@ BEGIN
 END
 $$;
 -- `meta`: the master key check is not in the set (nor MAC'd).
-CREATE FUNCTION secretfs_row_set_note_meta() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION secretfs_row_set_note_meta() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_OP <> 'INSERT' AND OLD.key <> 'master_key_check' THEN
         INSERT INTO pg_temp.row_set_pending (kind, mac) VALUES ('meta', OLD.mac);
@@ -176,3 +180,33 @@ CREATE TRIGGER row_set_group_secrets AFTER INSERT OR UPDATE OR DELETE ON group_s
     FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note();
 CREATE TRIGGER row_set_secrets AFTER INSERT OR UPDATE OR DELETE ON secrets
     FOR EACH ROW EXECUTE FUNCTION secretfs_row_set_note();
+-- TRUNCATE fires no row trigger: it would empty a protected table without
+-- the row set seeing it, or the audit log, its head or the row set itself
+-- without a trace. Refused on each of them, for everyone.
+CREATE FUNCTION secretfs_no_truncate() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RAISE EXCEPTION 'secretfs: TRUNCATE of % is refused (it would bypass the row set and the audit chain)', TG_TABLE_NAME
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$;
+CREATE TRIGGER no_truncate_meta BEFORE TRUNCATE ON meta
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_clients BEFORE TRUNCATE ON clients
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_client_certs BEFORE TRUNCATE ON client_certs
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_groups BEFORE TRUNCATE ON groups
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_group_clients BEFORE TRUNCATE ON group_clients
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_group_secrets BEFORE TRUNCATE ON group_secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_secrets BEFORE TRUNCATE ON secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_audit BEFORE TRUNCATE ON audit
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_audit_head BEFORE TRUNCATE ON audit_head
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
+CREATE TRIGGER no_truncate_row_set BEFORE TRUNCATE ON row_set
+    FOR EACH STATEMENT EXECUTE FUNCTION secretfs_no_truncate();
