@@ -477,6 +477,11 @@ async fn try_first_sync(cfg: &ConnectConfig) -> Result<FirstSync, Attempt> {
             let channel =
                 match connect_to(cfg, &target, Some(sync::RPC_TIMEOUT), KeepAlive::MOUNT).await {
                     Ok(c) => c,
+                    // Our own key, certificate or CA cannot be used: the
+                    // same at every address, and waiting will not fix it.
+                    Err(e @ ChannelError::Tls(_)) => {
+                        return Tried::Stop(Attempt::Fatal(MountError::Connect(e.to_string())))
+                    }
                     Err(e) => {
                         // Unusable addresses too: that endpoint's failure.
                         if !e.is_tls() {
