@@ -202,7 +202,7 @@ impl Drop for Reader {
     }
 }
 
-/// 1. A rotation made through one replica reaches mounts on the others;
+/// (1) A rotation made through one replica reaches mounts on the others;
 /// and from another one back.
 #[test]
 fn a_rotation_through_one_replica_reaches_mounts_on_the_others() {
@@ -229,7 +229,7 @@ fn a_rotation_through_one_replica_reaches_mounts_on_the_others() {
     wait_for(&on_c, "api/token", b"tok-1");
 }
 
-/// 2. A client removed through A is refused through B at once: its next
+/// (2) A client removed through A is refused through B at once: its next
 /// CLI call, its Watch on B, its mount on B.
 #[test]
 fn a_client_removed_on_one_replica_is_refused_on_the_other_at_once() {
@@ -293,7 +293,7 @@ fn a_client_removed_on_one_replica_is_refused_on_the_other_at_once() {
     );
 }
 
-/// 3. The replica a `--server A,B` mount is on is killed (-9): the mount
+/// (3) The replica a `--server A,B` mount is on is killed (-9): the mount
 /// keeps serving, moves to B, and a rotation made through B meanwhile
 /// reaches it.
 #[test]
@@ -379,7 +379,7 @@ fn kill_listener_of(pid: u32) -> usize {
     sessions.len()
 }
 
-/// 4. B's listener connection is killed (pg_terminate_backend), twice,
+/// (4) B's listener connection is killed (pg_terminate_backend), twice,
 /// while rotations go through A: B's mount ends on the last one once the
 /// listener is back, and follows rotations after.
 #[test]
@@ -440,7 +440,7 @@ fn a_replica_whose_listener_is_killed_catches_up_with_every_rotation() {
     wait_for(&on_b, "db/password", after.as_bytes());
 }
 
-/// 5. PostgreSQL restarted under two replicas with mounts: the mounts
+/// (5) PostgreSQL restarted under two replicas with mounts: the mounts
 /// serve throughout, writes fail with a clear "unavailable" while it is
 /// down, and after it is back writes work through both replicas (not
 /// restarted) and reach the mounts on both.
@@ -524,7 +524,7 @@ fn postgres_restarted_under_two_replicas_and_everything_recovers() {
     assert!(!b.log().contains(secretfs_pgtest::PASSWORD));
 }
 
-/// 6. One secret rotated by two CLI loops at once, one through each
+/// (6) One secret rotated by two CLI loops at once, one through each
 /// replica: every acknowledged rotation is a version of its own.
 #[test]
 fn concurrent_rotations_through_two_replicas_each_get_a_version() {
@@ -586,7 +586,7 @@ fn random_in(range: std::ops::Range<usize>) -> usize {
     range.start + (u64::from_le_bytes(b.try_into().unwrap()) as usize) % (range.end - range.start)
 }
 
-/// 7. 200 rotations through A, A killed (-9) at a random point among them,
+/// (7) 200 rotations through A, A killed (-9) at a random point among them,
 /// the rest through B: every acknowledged rotation is in the database, and
 /// the last one reaches every mount (on A's and on B's address, each with
 /// both addresses).
