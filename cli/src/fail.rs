@@ -62,6 +62,13 @@ pub fn explain_status(status: &tonic::Status) -> String {
         return message.to_owned();
     }
     match status.code() {
+        // The server itself answered UNAVAILABLE (its database is down, say):
+        // its message says why and what to expect. A failure of the
+        // connection always carries its cause as a source (tonic sets one);
+        // a status decoded from the server's reply has none.
+        Code::Unavailable if std::error::Error::source(status).is_none() && !message.is_empty() => {
+            format!("the server is up but cannot serve this now: {message}")
+        }
         Code::Unavailable | Code::Unknown | Code::Cancelled => {
             let detail = format!(
                 "{message}{}",

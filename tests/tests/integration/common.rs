@@ -993,3 +993,15 @@ impl Drop for RuncContainer {
         }
     }
 }
+
+/// For a test that always needs PostgreSQL (several replicas on one
+/// database), whatever the suite's store: true, with a line saying so, in
+/// the sqlite pass (the test then returns at once), so scripts/test.sh's
+/// two passes do not run it twice.
+pub fn postgres_pass_only(why: &str) -> bool {
+    if test_store() == TestStore::Postgres {
+        return false;
+    }
+    eprintln!("run in the postgres pass only (SECRETFS_TEST_STORE=postgres): {why}");
+    true
+}

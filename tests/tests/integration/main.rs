@@ -27,6 +27,7 @@ mod mount;
 mod mount_lifecycle;
 mod rails;
 mod replicas;
+mod replicas_live;
 mod review;
 mod server_cli;
 mod sidecar;
