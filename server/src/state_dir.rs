@@ -1,20 +1,22 @@
 //! The state directory: what `server init` creates and `server run` reads.
 //!
 //! ```text
-//! DIR/            0700
-//!   master.key    0600  256-bit master key, hex (back it up apart from the database);
-//! the file provider's (see `key_provider`)
-//!   master-key.json     where the master key lives (provider; no secret)
-//!   master.key.wrapped  0600  the master key wrapped by a PKCS#11 token (pkcs11 provider)
-//!   master.key.next, master.key.wrapped.next   a rekey's new key until it completes
-//!   ca.pem the CA certificate clients trust
-//!   ca.key        0600  the CA key (signs client certificates)
+//! DIR/                0700
+//!   master.key        0600  256-bit master key, hex (back it up apart from the
+//!                           database); the file provider's (see `key_provider`)
+//!   master-key.json         where the master key lives (provider; no secret)
+//!   master.key.wrapped 0600 the master key wrapped by a PKCS#11 token (pkcs11)
+//!   master.key.next, master.key.wrapped.next
+//!                           a rekey's new key until it completes
+//!   ca.pem                  the CA certificate clients trust
+//!   ca.key            0600  the CA key (signs client certificates)
 //!   server.pem, server.key (0600)
 //!   admin.pem, admin.key (0600)   the first admin's client identity
 //!   secretfs.db (+ -wal, -shm)    SQLite: sealed secrets, clients, groups, audit
-//!   database.json       PostgreSQL only: the database's URL without its password
-//! (see `database`); then there is no secretfs.db
-//!   lock          0600  locked by the running server, holds its pid (made by `server run`)
+//!   database.json           PostgreSQL only: the database's URL without its
+//!                           password (see `database`); then there is no secretfs.db
+//!   lock              0600  locked by the running server, holds its pid
+//!                           (made by `server run`)
 //! ```
 //!
 //! Replicas on one PostgreSQL database share the master key (its provider's
@@ -39,9 +41,7 @@ use crate::names::check_entity_name;
 use crate::pki::Ca;
 use crate::store::{NewClient, Store};
 
-pub use database::{
-    choose as choose_database, redact, url_has_password, Database, DatabaseOptions,
-};
+pub use database::{choose as choose_database, parse_url, shown, Database, DatabaseOptions};
 
 pub const META_TRUST_DOMAIN: &str = "trust_domain";
 pub const META_KEY_CHECK: &str = "master_key_check";
@@ -158,6 +158,12 @@ fn check_trust_domain(td: &str) -> Result<(), Error> {
             "trust domain {td:?} is not valid; use lowercase letters, digits, '.', '-' or '_' (e.g. example.org)"
         )))
     }
+}
+
+/// `p` made absolute (as it is when that fails), for messages and for
+/// comparing paths.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Writes a new file with the given mode; never overwrites.

@@ -1,14 +1,15 @@
 //! `secretfs server init|run|admin-cert|reissue-cert|verify`
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use secretfs_server::state_dir::{url_has_password, DatabaseOptions};
+use secretfs_server::state_dir::{absolute, DatabaseOptions};
 use zeroize::Zeroizing;
 
 use crate::args::{
@@ -38,29 +39,69 @@ pub fn note_database_source(cli: &mut Cli, matches: &clap::ArgMatches) {
     while let Some((_, sub)) = leaf.subcommand() {
         leaf = sub;
     }
+    // Fails closed: only a URL clap says came from the environment may
+    // hold a password.
     db.database_in_argv =
-        leaf.value_source("database") == Some(clap::parser::ValueSource::CommandLine);
+        leaf.value_source("database") != Some(clap::parser::ValueSource::EnvVariable);
 }
 
 /// The database flags as the server takes them: the password from
 /// `--database-password-file` or SECRETFS_DATABASE_PASSWORD, never from a
 /// URL on the command line.
 pub fn database_options(a: &DatabaseArgs) -> Result<DatabaseOptions> {
-    database_options_from(a, std::env::var(DATABASE_PASSWORD_ENV).ok())
+    let env_password = match ENV_PASSWORD.get() {
+        Some(taken) => taken.as_ref().map(|p| p.to_string()),
+        None => std::env::var(DATABASE_PASSWORD_ENV).ok(),
+    };
+    database_options_from(a, env_password)
 }
+
+/// SECRETFS_DATABASE_PASSWORD as it was at start (see [`take_environment`]).
+static ENV_PASSWORD: OnceLock<Option<Zeroizing<String>>> = OnceLock::new();
+
+/// Takes the secrets the environment may hold (the database password, a
+/// URL with its password, the PKCS#11 PIN) out of the process
+/// environment, so no child process and no later getenv (a C library's
+/// too) sees them. (The kernel's copy of the start-up environment in
+/// /proc/PID/environ stays, readable by the same user and root only.)
+/// Call in `main` after the arguments are parsed (clap has read
+/// SECRETFS_DATABASE_URL) and before any thread or runtime starts:
+/// changing the environment races other threads' getenv.
+pub fn take_environment() {
+    take_password();
+    std::env::remove_var(DATABASE_URL_ENV);
+    secretfs_server::key_provider::take_pin_from_environment();
+}
+
+fn take_password() {
+    let password = std::env::var(DATABASE_PASSWORD_ENV)
+        .ok()
+        .map(Zeroizing::new);
+    let _ = ENV_PASSWORD.set(password);
+    std::env::remove_var(DATABASE_PASSWORD_ENV);
+}
+
+/// The URL's environment variable (clap reads it for --database).
+pub const DATABASE_URL_ENV: &str = "SECRETFS_DATABASE_URL";
 
 fn database_options_from(
     a: &DatabaseArgs,
     env_password: Option<String>,
 ) -> Result<DatabaseOptions> {
     if let Some(url) = &a.database {
-        if a.database_in_argv && url_has_password(url) {
-            anyhow::bail!(
-                "--database {}: a password on the command line is visible to every user of this host \
-                 (ps, /proc); give it in --database-password-file FILE (mode 0600), in \
-                 {DATABASE_PASSWORD_ENV}, or put the whole URL in SECRETFS_DATABASE_URL instead of --database",
-                secretfs_server::state_dir::redact(url)
-            );
+        // Whether the URL holds a password is the driver's reading of it
+        // (`pass%77ord=` is one too), so the URL is parsed here first.
+        if a.database_in_argv && secretfs_server::store::is_postgres_url(url) {
+            let cfg = secretfs_server::state_dir::parse_url(url, None)?;
+            if cfg.password_given() {
+                // The URL is not repeated: what a redactor misses of it
+                // would be printed here.
+                anyhow::bail!(
+                    "--database: a password in the URL on the command line is visible to every user of \
+                     this host (ps, /proc); give it in --database-password-file FILE (mode 0600), in \
+                     {DATABASE_PASSWORD_ENV}, or put the whole URL in SECRETFS_DATABASE_URL instead of --database"
+                );
+            }
         }
     }
     let password = match (&a.database_password_file, env_password) {
@@ -76,10 +117,6 @@ fn database_options_from(
         url: a.database.clone().map(Zeroizing::new),
         password,
     })
-}
-
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// The lines that point the CLI at a server as the admin in `dir`.
@@ -471,28 +508,57 @@ mod tests {
 
     #[test]
     fn a_password_in_a_url_on_the_command_line_is_refused_naming_the_ways_that_work() {
-        let argv = [&RUN[..], &["--database", "postgres://u:hunter2@h/db"]].concat();
-        let a = database_args(&argv, None);
-        assert!(a.database_in_argv);
-        let err = database_options_from(&a, None).err().unwrap().to_string();
-        assert!(!err.contains("hunter2"), "{err}");
-        for way in [
-            "--database-password-file",
-            DATABASE_PASSWORD_ENV,
-            "SECRETFS_DATABASE_URL",
+        for url in [
+            "postgres://u:hunter2@127.0.0.1/db",
+            // The driver decodes the parameter's name: a password too.
+            "postgres://u@127.0.0.1/db?pass%77ord=hunter2",
         ] {
-            assert!(err.contains(way), "{err}");
+            let argv = [&RUN[..], &["--database", url]].concat();
+            let a = database_args(&argv, None);
+            assert!(a.database_in_argv);
+            let err = database_options_from(&a, None).err().unwrap().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            for way in [
+                "--database-password-file",
+                DATABASE_PASSWORD_ENV,
+                "SECRETFS_DATABASE_URL",
+            ] {
+                assert!(err.contains(way), "{err}");
+            }
         }
+        // Built by hand (no value source known): counted as argv.
+        let a = DatabaseArgs {
+            database: Some("postgres://u:hunter2@127.0.0.1/db".into()),
+            ..DatabaseArgs::default()
+        };
+        assert!(database_options_from(&a, None).is_err());
         // Without the password, the same URL is taken, password from the
         // environment.
-        let argv = [&RUN[..], &["--database", "postgres://u@h/db"]].concat();
+        let argv = [&RUN[..], &["--database", "postgres://u@127.0.0.1/db"]].concat();
         let a = database_args(&argv, None);
         let opts = database_options_from(&a, Some("pw".into())).unwrap();
         assert_eq!(
             opts.url.as_deref().map(|u| u.as_str()),
-            Some("postgres://u@h/db")
+            Some("postgres://u@127.0.0.1/db")
         );
         assert_eq!(opts.password.as_deref().map(|p| p.as_str()), Some("pw"));
+    }
+
+    #[test]
+    fn the_password_variable_is_taken_out_of_the_environment_and_still_used() {
+        // No other test reads or sets this variable.
+        std::env::set_var(DATABASE_PASSWORD_ENV, "from-env");
+        take_password();
+        assert!(std::env::var_os(DATABASE_PASSWORD_ENV).is_none());
+        let a = DatabaseArgs {
+            database: Some("postgres://u@127.0.0.1/db".into()),
+            ..DatabaseArgs::default()
+        };
+        let opts = database_options(&a).unwrap();
+        assert_eq!(
+            opts.password.as_deref().map(|p| p.as_str()),
+            Some("from-env")
+        );
     }
 
     #[test]
@@ -514,7 +580,7 @@ mod tests {
         std::fs::write(&file, "from-file\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let a = DatabaseArgs {
-            database: Some("postgres://u@h/db".into()),
+            database: Some("postgres://u@127.0.0.1/db".into()),
             database_password_file: Some(file.clone()),
             database_in_argv: true,
         };
