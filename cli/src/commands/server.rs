@@ -119,6 +119,21 @@ fn database_options_from(
     })
 }
 
+/// What `server run` needs besides the state directory on PostgreSQL: the
+/// database password (never recorded in the state directory).
+fn password_hint(on_postgres: bool, a: &DatabaseArgs) -> String {
+    if !on_postgres {
+        return String::new();
+    }
+    match &a.database_password_file {
+        Some(file) => format!(" --database-password-file {}", absolute(file).display()),
+        None => format!(
+            " --database-password-file FILE  (or with {DATABASE_PASSWORD_ENV} set; the password \
+             is not kept in the state directory)"
+        ),
+    }
+}
+
 /// The lines that point the CLI at a server as the admin in `dir`.
 pub fn export_lines(dir: &StateDir, server: &str) -> String {
     format!(
@@ -221,12 +236,43 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                 join: a.join.clone(),
             };
             let joined = a.join.is_some();
-            let source = a.keys.options().for_init()?;
-            let is_file = source == secretfs_server::key_provider::KeySource::File;
+            let on_postgres = opts
+                .database
+                .url
+                .as_deref()
+                .is_some_and(|u| secretfs_server::store::is_postgres_url(u));
+            // The new replica's key is where the copied descriptor says;
+            // the flags only override it for this host.
+            let source = if joined {
+                secretfs_server::key_provider::KeySource::File
+            } else {
+                a.keys.options().for_init()?
+            };
             let kept = source.clone();
-            let dir =
-                tokio::task::spawn_blocking(move || secretfs_server::init_with(&opts, &source))
-                    .await??;
+            let key_options = a.keys.options();
+            let dir = tokio::task::spawn_blocking(move || {
+                if joined {
+                    secretfs_server::state_dir::init_join(&opts, &key_options)
+                } else {
+                    secretfs_server::init_with(&opts, &source)
+                }
+            })
+            .await??;
+            let is_file = dir.master_key().exists();
+            if let Some(from) = &a.join {
+                // Said in either format (on stderr): the copy holds the
+                // master key and the CA key.
+                eprintln!(
+                    "delete the copy {} now (e.g. `rm -r {}`): it holds the master key and the CA key",
+                    absolute(from).display(),
+                    absolute(from).display()
+                );
+            }
+            let run_line = format!(
+                "secretfs server run --state-dir {}{}",
+                absolute(&dir.path).display(),
+                password_hint(on_postgres, &a.database)
+            );
             match format {
                 Format::Json => println!(
                     "{}",
@@ -245,10 +291,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                         absolute(&dir.path).display(),
                         a.join.as_deref().unwrap_or(Path::new("")).display()
                     );
-                    eprintln!(
-                        "start it:  secretfs server run --state-dir {}",
-                        absolute(&dir.path).display()
-                    );
+                    eprintln!("start it:  {run_line}");
                 }
                 Format::Text => {
                     eprintln!("created state directory {}", absolute(&dir.path).display());
@@ -263,10 +306,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                             kept.describe(&dir)
                         );
                     }
-                    eprintln!(
-                        "start the server:  secretfs server run --state-dir {}",
-                        absolute(&dir.path).display()
-                    );
+                    eprintln!("start the server:  {run_line}");
                     eprintln!("then, to use the CLI as the admin:");
                     print!("{}", export_lines(&dir, &a.advertise));
                 }
