@@ -266,7 +266,8 @@ fn init_keys(opts: &InitOptions, keys: Keys) -> Result<StateDir, Error> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("cannot chmod {}", tmp.display()), e))?;
 
-    let result = fill(&StateDir::new(&tmp), opts, keys).and_then(|()| {
+    let mut made = None;
+    let result = fill(&StateDir::new(&tmp), opts, keys, &mut made).and_then(|()| {
         if target.exists() {
             fs::remove_dir(target)
                 .map_err(|e| Error::io(format!("cannot replace empty {}", target.display()), e))?;
@@ -279,13 +280,74 @@ fn init_keys(opts: &InitOptions, keys: Keys) -> Result<StateDir, Error> {
         })
     });
     if let Err(e) = result {
+        // The master key goes with the temporary directory: the schema
+        // made for it goes too, or its key check would name a key that no
+        // longer exists.
+        let e = match made {
+            Some(made) => made.undo(e),
+            None => e,
+        };
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
     Ok(StateDir::new(target))
 }
 
-fn fill(dir: &StateDir, opts: &InitOptions, keys: Keys) -> Result<(), Error> {
+/// What `init` made in a PostgreSQL database, undone if it fails later.
+struct Made {
+    store: Arc<dyn Store>,
+    cfg: crate::store::PgConfig,
+    /// The key check this init wrote (none yet: nothing but the schema).
+    check: Option<Vec<u8>>,
+}
+
+impl Made {
+    /// Drops the schema this init made, when the database still holds
+    /// this init's key check (or none); else, or when the drop fails,
+    /// `failed` says what to do by hand.
+    fn undo(self, failed: Error) -> Error {
+        let Made { store, cfg, check } = self;
+        // None: the check was not written yet (nothing else writes to a
+        // database this init made the schema of: another init is refused
+        // it as not empty, `--join` only reads).
+        let ours = store
+            .get_meta(META_KEY_CHECK)
+            .map(|c| c.is_none() || c == check);
+        // Its connections closed before the tables go.
+        drop(store);
+        let dropped = match ours {
+            Ok(true) => crate::store::PgStore::drop_schema(&cfg).map_err(|e| e.to_string()),
+            Ok(false) => Err("its key check is not the one this init wrote".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        match dropped {
+            Ok(()) => Error::Config(format!(
+                "{failed}; the schema this init made in {} was dropped again, nothing was kept",
+                cfg.redacted()
+            )),
+            Err(why) => Error::Config(format!(
+                "{failed}; the schema this init made in the database {} could not be dropped ({why}), \
+                 and the master key it was made for is gone: make that database empty again before \
+                 another init (as a PostgreSQL superuser: `dropdb DBNAME && createdb -O USER DBNAME`, \
+                 with the URL's database name and user)",
+                cfg.redacted()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: fail `init` after the store made its schema.
+    static FAIL_AFTER_SCHEMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn fill(
+    dir: &StateDir,
+    opts: &InitOptions,
+    keys: Keys,
+    made: &mut Option<Made>,
+) -> Result<(), Error> {
     let db = database::choose(dir, &opts.database)?;
     let source = match (keys, &opts.join) {
         (Keys::Join(keys), Some(from)) => return join(dir, opts, from, &db, keys),
@@ -317,12 +379,22 @@ fn fill(dir: &StateDir, opts: &InitOptions, keys: Keys) -> Result<(), Error> {
     // when it holds a secretfs schema (another replica's).
     let store = db.open(true, keys.clone()).map_err(|e| db.failed(e))?;
     if let Database::Postgres(cfg) = &db {
+        *made = Some(Made {
+            store: store.clone(),
+            cfg: (**cfg).clone(),
+            check: None,
+        });
         database::record(dir, cfg)?;
     }
     let master = keys.get();
     let master = master.current.master();
     store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
-    store.put_meta(META_KEY_CHECK, &crate::keys::seal_key_check(master)?)?;
+    let check = crate::keys::seal_key_check(master)?;
+    if let Some(made) = made {
+        // Before the write: a write that fails may have landed.
+        made.check = Some(check.clone());
+    }
+    store.put_meta(META_KEY_CHECK, &check)?;
     store.create_client(
         &NewClient {
             name: opts.admin_name.clone(),
@@ -335,6 +407,10 @@ fn fill(dir: &StateDir, opts: &InitOptions, keys: Keys) -> Result<(), Error> {
             ..crate::domain::Action::ClientCreate.by("server init")
         },
     )?;
+    #[cfg(test)]
+    if FAIL_AFTER_SCHEMA.with(|f| f.get()) {
+        return Err(Error::Config("failed on purpose after the schema".into()));
+    }
     Ok(())
 }
 
@@ -772,6 +848,23 @@ mod tests {
             fs::read(b.master_key()).unwrap(),
             fs::read(a.master_key()).unwrap()
         );
+    }
+
+    #[test]
+    fn a_failed_init_on_postgres_drops_the_schema_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = secretfs_pgtest::PgCluster::shared().database();
+        let mut o = opts(&tmp.path().join("a"));
+        o.database = DatabaseOptions::postgres(&url, None);
+        FAIL_AFTER_SCHEMA.with(|f| f.set(true));
+        let err = init(&o).unwrap_err().to_string();
+        FAIL_AFTER_SCHEMA.with(|f| f.set(false));
+        assert!(err.contains("was dropped again"), "{err}");
+        assert!(!o.state_dir.exists());
+        // The database is empty again: a new init takes it.
+        let sd = init(&o).unwrap();
+        let opened = open_store_with(&sd, &KeyOptions::default(), &o.database, false).unwrap();
+        assert!(opened.store.get_client("admin").unwrap().admin);
     }
 
     #[test]
