@@ -133,7 +133,7 @@ fn wait_rekeyed(s: &TestServer) -> u64 {
 /// `server run` on `state` with `args` and `env`, expected to fail at
 /// start; returns its stderr.
 fn run_fails(state: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state)
         .args(args)
@@ -451,7 +451,7 @@ fn pkcs11_provider_with_softhsm2() {
     // Another token's key cannot unwrap it.
     let other = tempfile::tempdir().unwrap();
     let other_conf = softhsm_token(other.path(), "secretfs");
-    let mut init = Command::new(bin());
+    let mut init = crate::common::secretfs();
     init.args(["server", "init", "--state-dir"])
         .arg(other.path().join("state"))
         .args(pkcs11)
@@ -477,13 +477,13 @@ fn pkcs11_provider_with_softhsm2() {
 #[test]
 fn provider_flags_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut init = Command::new(bin());
+    let mut init = crate::common::secretfs();
     init.args(["server", "init", "--state-dir"])
         .arg(tmp.path().join("s"))
         .args(["--master-key-provider", "pkcs11"]);
     run_cmd(init, None).fails(1, "--pkcs11-module");
     assert!(!tmp.path().join("s").exists());
-    let mut init = Command::new(bin());
+    let mut init = crate::common::secretfs();
     init.args(["server", "init", "--state-dir"])
         .arg(tmp.path().join("s"))
         .args(["--master-key-provider", "systemd"])

@@ -435,7 +435,7 @@ fn wrong_or_missing_master_key_stops_the_server_with_a_clear_message() {
     let key_path = s.state.join("master.key");
     let original = std::fs::read(&key_path).unwrap();
     let run = |s: &TestServer| {
-        let mut cmd = Command::new(bin());
+        let mut cmd = crate::common::secretfs();
         cmd.args(["server", "run", "--state-dir"])
             .arg(&s.state)
             .args(["--listen", "127.0.0.1:0"]);
@@ -524,7 +524,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     );
 
     // Connection settings missing or wrong.
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.env_clear().args(["secret", "list"]);
     run_cmd(cmd, None).fails(2, "SECRETFS_SERVER");
     let mut cmd = s.cmd_as(&s.admin);
@@ -558,7 +558,7 @@ fn certificates_from_another_ca_are_refused_both_ways() {
 fn init_refuses_an_existing_state_dir_and_prints_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("st");
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"]).arg(&dir).args([
         "--san",
         "secrets.internal",
@@ -575,11 +575,11 @@ fn init_refuses_an_existing_state_dir_and_prints_exports() {
         assert!(r.stdout.contains(&format!("export {var}")), "{}", r.stdout);
     }
     let key_before = std::fs::read(dir.join("master.key")).unwrap();
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"]).arg(&dir);
     run_cmd(cmd, None).fails(1, "already exists");
     assert_eq!(std::fs::read(dir.join("master.key")).unwrap(), key_before);
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"])
         .arg(tmp.path().join("x"))
         .args(["--san", "bad name!"]);
@@ -625,7 +625,7 @@ fn an_unwritable_database_stops_the_server_with_a_clear_message() {
         ro.display(),
         s.state.display()
     ));
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--state-dir"])
         .arg(ro.join("state"))
         .args(["--listen", "127.0.0.1:0"]);
