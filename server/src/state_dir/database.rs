@@ -204,8 +204,8 @@ pub fn choose(dir: &StateDir, opts: &DatabaseOptions) -> Result<Database, Error>
 pub fn parse_url(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConfig, Error> {
     PgConfig::parse(url, password).map_err(|e| {
         Error::Config(format!(
-            "{e}; give postgres://USER@HOST:PORT/DBNAME (libpq's URL form, e.g. \
-             ?sslmode=verify-full&sslrootcert=FILE)"
+            "{e}; the URL is not usable: give postgres://USER@HOST:PORT/DBNAME (libpq's URL \
+             form, e.g. ?sslmode=verify-full&sslrootcert=FILE)"
         ))
     })
 }

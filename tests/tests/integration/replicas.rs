@@ -58,7 +58,12 @@ fn replica_a() -> (TestServer, String) {
     let tmp = tempfile::tempdir().unwrap();
     let url = fresh_database();
     let (state, r) = init(tmp.path(), "a", &url, &[]);
-    r.ok();
+    let r = r.ok();
+    assert!(
+        r.stderr.contains("--database-password-file"),
+        "{}",
+        r.stderr
+    );
     (
         TestServer::run_state(tmp, state, Some(url.clone()), &[], &[]),
         url,
@@ -114,6 +119,17 @@ fn a_password_in_a_url_on_the_command_line_is_refused() {
     }
     assert!(!r.stderr.contains("argv-pw-7d1c"), "{}", r.stderr);
     assert!(!state.exists());
+    // A parameter name the driver decodes to `password` is one too.
+    let encoded = format!("{}?pass%77ord=argv-pw-7d1c", fresh_database());
+    let (_, r) = init(tmp.path(), "s", &encoded, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--database-password-file"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("argv-pw-7d1c"), "{}", r.stderr);
+    assert!(!state.exists());
     // The same URL from the environment is how it may be given.
     let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"])
@@ -152,7 +168,16 @@ fn a_joined_replica_serves_what_another_wrote() {
         &url,
         &["--join", copy.to_str().unwrap(), "--san", "127.0.0.1"],
     );
-    r.ok();
+    let r = r.ok();
+    // The copy holds the master key: init says to delete it, and how to
+    // start (the password is not in the state directory).
+    assert!(r.stderr.contains("delete the copy"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("server run --state-dir")
+            && r.stderr.contains("--database-password-file"),
+        "{}",
+        r.stderr
+    );
     // Shared: the CA and the admin identity; its own: the server's key.
     for shared in ["ca.pem", "ca.key", "admin.pem", "master.key"] {
         assert_eq!(
