@@ -62,9 +62,24 @@ fi
 
 # The end-to-end tests run target/debug/secretfs; `cargo test` alone does not
 # rebuild another package's binary, so a stale one would be tested silently.
+#
+# Arguments go to the first run (`cargo test --workspace ARGS`); of them,
+# only those after `--` (test filters, --nocapture, --test-threads) go to the
+# PostgreSQL pass too: cargo's own options (-p, --lib, ...) would not fit its
+# fixed `-p secretfs-tests --test integration`.
 cargo build -p secretfs --bin secretfs
 cargo test --workspace "$@"
-# The end-to-end suite again on PostgreSQL: every TestServer on a fresh
-# database of the tests' own cluster (tests/tests/integration/common.rs);
-# tests whose subject is the SQLite file say so and return.
-SECRETFS_TEST_STORE=postgres cargo test -p secretfs-tests --test integration "$@"
+test_args=()
+seen_dashes=0
+for arg in "$@"; do
+    if [ "$seen_dashes" = 1 ]; then
+        test_args+=("$arg")
+    elif [ "$arg" = "--" ]; then
+        seen_dashes=1
+    fi
+done
+# The end-to-end suite again on PostgreSQL: every TestServer (and every test
+# that runs `server init` itself) on a fresh database of the tests' own
+# cluster (tests/tests/integration/common.rs); tests whose subject is the
+# SQLite file say so and return.
+SECRETFS_TEST_STORE=postgres cargo test -p secretfs-tests --test integration -- "${test_args[@]}"

@@ -231,7 +231,7 @@ impl KeyArgs {
 }
 
 /// Which database (PostgreSQL) and its password; see the operator guide.
-#[derive(Clone, Default, Args)]
+#[derive(Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL database, postgres://USER@HOST:PORT/DBNAME (libpq's URL
     /// form, e.g. ?sslmode=verify-full&sslrootcert=FILE). Default: SQLite in
@@ -250,10 +250,21 @@ pub struct DatabaseArgs {
     /// SECRETFS_DATABASE_URL).
     #[arg(long, value_name = "FILE", env = "SECRETFS_DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
-    /// --database was on the command line (not from SECRETFS_DATABASE_URL):
-    /// set from the matches after parsing.
-    #[arg(skip)]
+    /// --database may have come from the command line: true unless clap
+    /// says it came from SECRETFS_DATABASE_URL (set from the matches after
+    /// parsing; fails closed).
+    #[arg(skip = true)]
     pub database_in_argv: bool,
+}
+
+impl Default for DatabaseArgs {
+    fn default() -> Self {
+        DatabaseArgs {
+            database: None,
+            database_password_file: None,
+            database_in_argv: true,
+        }
+    }
 }
 
 // The URL may hold a password (from the environment): never printed.
@@ -265,7 +276,7 @@ impl std::fmt::Debug for DatabaseArgs {
                 &self
                     .database
                     .as_deref()
-                    .map(secretfs_server::state_dir::redact),
+                    .map(secretfs_server::state_dir::shown),
             )
             .field("database_password_file", &self.database_password_file)
             .finish_non_exhaustive()

@@ -34,6 +34,8 @@ pub fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     commands::server::note_database_source(&mut cli, &matches);
+    // Before any thread starts (no runtime yet, no mount, no tracing).
+    commands::server::take_environment();
     init_tracing(&cli);
     let ready = match commands::prepare(cli) {
         Ok(ready) => ready,

@@ -26,6 +26,14 @@ use std::time::{Duration, Instant};
 pub const USER: &str = "secretfs";
 /// Its password (tests only).
 pub const PASSWORD: &str = "secretfs-test-password";
+/// `url` (one of [`PgCluster::url`]'s) without its password, as an
+/// operator gives it in argv.
+pub fn url_without_password(url: &str) -> String {
+    let without = url.replacen(&format!(":{PASSWORD}@"), "@", 1);
+    assert_ne!(url, without, "the test cluster's URL carries its password");
+    without
+}
+
 /// The superuser's password (tests only).
 const SUPER_PASSWORD: &str = "postgres-test-password";
 

@@ -618,11 +618,27 @@ impl fmt::Debug for Token {
     }
 }
 
+/// [`PIN_ENV`] as it was when [`take_pin_from_environment`] ran.
+static TAKEN_PIN: std::sync::OnceLock<Option<Zeroizing<String>>> = std::sync::OnceLock::new();
+
+/// Reads [`PIN_ENV`] once and removes it from the process environment (no
+/// child process or later getenv sees the PIN). Call from `main` before
+/// any thread starts: changing the environment races other threads'
+/// getenv.
+pub fn take_pin_from_environment() {
+    let _ = TAKEN_PIN.set(std::env::var(PIN_ENV).ok().map(Zeroizing::new));
+    std::env::remove_var(PIN_ENV);
+}
+
 fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
     if let Some(p) = pin_file {
         return crate::state_dir::read_private_file(p, "PKCS#11 PIN", "--pkcs11-pin-file");
     }
-    match std::env::var(PIN_ENV) {
+    let from_env = match TAKEN_PIN.get() {
+        Some(taken) => taken.as_ref().map(|p| p.to_string()).ok_or(()),
+        None => std::env::var(PIN_ENV).map_err(|_| ()),
+    };
+    match from_env {
         Ok(v) => Ok(Zeroizing::new(v)),
         Err(_) => Err(Error::Config(format!(
             "the PKCS#11 token needs its user PIN: give --pkcs11-pin-file FILE or set {PIN_ENV}"
@@ -982,6 +998,15 @@ mod tests {
         );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(pin(&Some(p)).unwrap().as_str(), "1234");
+    }
+
+    #[test]
+    fn the_pin_variable_is_taken_out_of_the_environment_and_still_used() {
+        // No other test of this crate sets the variable.
+        std::env::set_var(PIN_ENV, "4321");
+        take_pin_from_environment();
+        assert!(std::env::var_os(PIN_ENV).is_none());
+        assert_eq!(pin(&None).unwrap().as_str(), "4321");
     }
 
     #[test]

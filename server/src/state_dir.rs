@@ -1,20 +1,22 @@
 //! The state directory: what `server init` creates and `server run` reads.
 //!
 //! ```text
-//! DIR/            0700
-//!   master.key    0600  256-bit master key, hex (back it up apart from the database);
-//! the file provider's (see `key_provider`)
-//!   master-key.json     where the master key lives (provider; no secret)
-//!   master.key.wrapped  0600  the master key wrapped by a PKCS#11 token (pkcs11 provider)
-//!   master.key.next, master.key.wrapped.next   a rekey's new key until it completes
-//!   ca.pem the CA certificate clients trust
-//!   ca.key        0600  the CA key (signs client certificates)
+//! DIR/                0700
+//!   master.key        0600  256-bit master key, hex (back it up apart from the
+//!                           database); the file provider's (see `key_provider`)
+//!   master-key.json         where the master key lives (provider; no secret)
+//!   master.key.wrapped 0600 the master key wrapped by a PKCS#11 token (pkcs11)
+//!   master.key.next, master.key.wrapped.next
+//!                           a rekey's new key until it completes
+//!   ca.pem                  the CA certificate clients trust
+//!   ca.key            0600  the CA key (signs client certificates)
 //!   server.pem, server.key (0600)
 //!   admin.pem, admin.key (0600)   the first admin's client identity
 //!   secretfs.db (+ -wal, -shm)    SQLite: sealed secrets, clients, groups, audit
-//!   database.json       PostgreSQL only: the database's URL without its password
-//! (see `database`); then there is no secretfs.db
-//!   lock          0600  locked by the running server, holds its pid (made by `server run`)
+//!   database.json           PostgreSQL only: the database's URL without its
+//!                           password (see `database`); then there is no secretfs.db
+//!   lock              0600  locked by the running server, holds its pid
+//!                           (made by `server run`)
 //! ```
 //!
 //! Replicas on one PostgreSQL database share the master key (its provider's
@@ -39,9 +41,7 @@ use crate::names::check_entity_name;
 use crate::pki::Ca;
 use crate::store::{NewClient, Store};
 
-pub use database::{
-    choose as choose_database, redact, url_has_password, Database, DatabaseOptions,
-};
+pub use database::{choose as choose_database, parse_url, shown, Database, DatabaseOptions};
 
 pub const META_TRUST_DOMAIN: &str = "trust_domain";
 pub const META_KEY_CHECK: &str = "master_key_check";
@@ -160,6 +160,12 @@ fn check_trust_domain(td: &str) -> Result<(), Error> {
     }
 }
 
+/// `p` made absolute (as it is when that fails), for messages and for
+/// comparing paths.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// Writes a new file with the given mode; never overwrites.
 pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), Error> {
     let mut f = fs::OpenOptions::new()
@@ -197,7 +203,28 @@ pub fn init(opts: &InitOptions) -> Result<StateDir, Error> {
 }
 
 /// [`init`] with the master key kept by `source` (see [`crate::key_provider`]).
+/// With `opts.join`, the key is where the copied descriptor says.
 pub fn init_with(opts: &InitOptions, source: &KeySource) -> Result<StateDir, Error> {
+    init_keys(opts, Keys::New(source))
+}
+
+/// `server init --join`: the new replica's master key is where the copied
+/// descriptor says, with `keys`' overrides for this host (see
+/// [`KeyOptions::resolve`]).
+pub fn init_join(opts: &InitOptions, keys: &KeyOptions) -> Result<StateDir, Error> {
+    init_keys(opts, Keys::Join(keys))
+}
+
+/// Where `init` gets the master key.
+#[derive(Clone, Copy)]
+enum Keys<'a> {
+    /// A new key, kept by this provider.
+    New(&'a KeySource),
+    /// The joined copy's, with these overrides.
+    Join(&'a KeyOptions),
+}
+
+fn init_keys(opts: &InitOptions, keys: Keys) -> Result<StateDir, Error> {
     check_trust_domain(&opts.trust_domain)?;
     check_entity_name("client", &opts.admin_name)?;
     let target = &opts.state_dir;
@@ -239,7 +266,8 @@ pub fn init_with(opts: &InitOptions, source: &KeySource) -> Result<StateDir, Err
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o700))
         .map_err(|e| Error::io(format!("cannot chmod {}", tmp.display()), e))?;
 
-    let result = fill(&StateDir::new(&tmp), opts, source).and_then(|()| {
+    let mut made = None;
+    let result = fill(&StateDir::new(&tmp), opts, keys, &mut made).and_then(|()| {
         if target.exists() {
             fs::remove_dir(target)
                 .map_err(|e| Error::io(format!("cannot replace empty {}", target.display()), e))?;
@@ -252,17 +280,85 @@ pub fn init_with(opts: &InitOptions, source: &KeySource) -> Result<StateDir, Err
         })
     });
     if let Err(e) = result {
+        // The master key goes with the temporary directory: the schema
+        // made for it goes too, or its key check would name a key that no
+        // longer exists.
+        let e = match made {
+            Some(made) => made.undo(e),
+            None => e,
+        };
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
     Ok(StateDir::new(target))
 }
 
-fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Error> {
-    let db = database::choose(dir, &opts.database)?;
-    if let Some(from) = &opts.join {
-        return join(dir, opts, from, &db);
+/// What `init` made in a PostgreSQL database, undone if it fails later.
+struct Made {
+    store: Arc<dyn Store>,
+    cfg: crate::store::PgConfig,
+    /// The key check this init wrote (none yet: nothing but the schema).
+    check: Option<Vec<u8>>,
+}
+
+impl Made {
+    /// Drops the schema this init made, when the database still holds
+    /// this init's key check (or none); else, or when the drop fails,
+    /// `failed` says what to do by hand.
+    fn undo(self, failed: Error) -> Error {
+        let Made { store, cfg, check } = self;
+        // None: the check was not written yet (nothing else writes to a
+        // database this init made the schema of: another init is refused
+        // it as not empty, `--join` only reads).
+        let ours = store
+            .get_meta(META_KEY_CHECK)
+            .map(|c| c.is_none() || c == check);
+        // Its connections closed before the tables go.
+        drop(store);
+        let dropped = match ours {
+            Ok(true) => crate::store::PgStore::drop_schema(&cfg).map_err(|e| e.to_string()),
+            Ok(false) => Err("its key check is not the one this init wrote".to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        match dropped {
+            Ok(()) => Error::Config(format!(
+                "{failed}; the schema this init made in {} was dropped again, nothing was kept",
+                cfg.redacted()
+            )),
+            Err(why) => Error::Config(format!(
+                "{failed}; the schema this init made in the database {} could not be dropped ({why}), \
+                 and the master key it was made for is gone: make that database empty again before \
+                 another init (as a PostgreSQL superuser: `dropdb DBNAME && createdb -O USER DBNAME`, \
+                 with the URL's database name and user)",
+                cfg.redacted()
+            )),
+        }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: fail `init` after the store made its schema.
+    static FAIL_AFTER_SCHEMA: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn fill(
+    dir: &StateDir,
+    opts: &InitOptions,
+    keys: Keys,
+    made: &mut Option<Made>,
+) -> Result<(), Error> {
+    let db = database::choose(dir, &opts.database)?;
+    let source = match (keys, &opts.join) {
+        (Keys::Join(keys), Some(from)) => return join(dir, opts, from, &db, keys),
+        (Keys::New(_), Some(from)) => return join(dir, opts, from, &db, &KeyOptions::default()),
+        (Keys::Join(_), None) => {
+            return Err(Error::InvalidArgument(
+                "init_join needs the copy to join (InitOptions::join)".into(),
+            ))
+        }
+        (Keys::New(source), None) => source,
+    };
     let master = source.create(dir)?;
 
     let (ca, ca_key) = Ca::generate(&opts.trust_domain)?;
@@ -283,12 +379,22 @@ fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Er
     // when it holds a secretfs schema (another replica's).
     let store = db.open(true, keys.clone()).map_err(|e| db.failed(e))?;
     if let Database::Postgres(cfg) = &db {
+        *made = Some(Made {
+            store: store.clone(),
+            cfg: (**cfg).clone(),
+            check: None,
+        });
         database::record(dir, cfg)?;
     }
     let master = keys.get();
     let master = master.current.master();
     store.put_meta(META_TRUST_DOMAIN, opts.trust_domain.as_bytes())?;
-    store.put_meta(META_KEY_CHECK, &crate::keys::seal_key_check(master)?)?;
+    let check = crate::keys::seal_key_check(master)?;
+    if let Some(made) = made {
+        // Before the write: a write that fails may have landed.
+        made.check = Some(check.clone());
+    }
+    store.put_meta(META_KEY_CHECK, &check)?;
     store.create_client(
         &NewClient {
             name: opts.admin_name.clone(),
@@ -301,6 +407,10 @@ fn fill(dir: &StateDir, opts: &InitOptions, source: &KeySource) -> Result<(), Er
             ..crate::domain::Action::ClientCreate.by("server init")
         },
     )?;
+    #[cfg(test)]
+    if FAIL_AFTER_SCHEMA.with(|f| f.get()) {
+        return Err(Error::Config("failed on purpose after the schema".into()));
+    }
     Ok(())
 }
 
@@ -332,7 +442,13 @@ pub const JOINED_FILES: [&str; 7] = [
 /// FROM's master key, CA and admin identity; its own server certificate.
 /// Nothing is written to the database: it is only checked (its schema is
 /// current, the master key opens its key check).
-fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Result<(), Error> {
+fn join(
+    dir: &StateDir,
+    opts: &InitOptions,
+    from: &Path,
+    db: &Database,
+    keys: &KeyOptions,
+) -> Result<(), Error> {
     let Database::Postgres(cfg) = db else {
         return Err(Error::InvalidArgument(
             "--join adds a replica on a shared PostgreSQL database; give --database postgres://... (SQLite serves one server only)"
@@ -356,23 +472,22 @@ fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Resul
         }
     }
     for name in JOINED_FILES {
-        let src = from.join(name);
-        let bytes = match fs::read(&src) {
-            Ok(b) => Zeroizing::new(b),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io(format!("cannot read {}", src.display()), e)),
+        let public = name.ends_with(".pem") || name.ends_with(".json");
+        let Some(bytes) = read_copied(&from.join(name), public)? else {
+            continue;
         };
-        let mode = if name.ends_with(".pem") || name.ends_with(".json") {
-            0o644
-        } else {
-            0o600
-        };
-        write_new(&dir.path.join(name), &bytes, mode)?;
+        write_new(
+            &dir.path.join(name),
+            &bytes,
+            if public { 0o644 } else { 0o600 },
+        )?;
     }
     let ca = dir.load_ca()?;
     server_cert(dir, &ca, opts)?;
 
-    let source = KeySource::read(dir)?;
+    // The descriptor's provider, with this host's overrides (a module at
+    // another path, another PIN file).
+    let source = keys.resolve(dir)?;
     let master = source.load(dir)?;
     if db.needs_upgrade()? {
         return Err(Error::FailedPrecondition(format!(
@@ -395,6 +510,53 @@ fn join(dir: &StateDir, opts: &InitOptions, from: &Path, db: &Database) -> Resul
     }
     trust_domain(store.as_ref())?;
     database::record(dir, cfg)
+}
+
+/// A file of the copy `--join` reads: a regular file (not a link, not a
+/// FIFO), and a key only its owner can read. None when it is absent.
+fn read_copied(path: &Path, public: bool) -> Result<Option<Zeroizing<Vec<u8>>>, Error> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let not_regular = || {
+        Error::Config(format!(
+            "--join: {} is not a regular file (a link, a directory or a device); copy the state \
+             directory's files themselves (e.g. with tar) and retry. Nothing was changed",
+            path.display()
+        ))
+    };
+    // The name is looked at without following a link, then the file
+    // opened is checked to be the one looked at (nothing swapped in
+    // between).
+    let before = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
+    };
+    if !before.file_type().is_file() {
+        return Err(not_regular());
+    }
+    let mut f = fs::File::open(path)
+        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    if !meta.is_file() || meta.dev() != before.dev() || meta.ino() != before.ino() {
+        return Err(not_regular());
+    }
+    let mode = meta.mode() & 0o777;
+    if !public && mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "--join: {} holds a key and is readable by others (mode {mode:04o}); whoever could read \
+             the copy may have the master key or the CA key. Keep the copy private (copy with \
+             umask 077, or `chmod -R go= {}`) and retry. Nothing was changed",
+            path.display(),
+            path.parent().unwrap_or(Path::new(".")).display()
+        )));
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.read_to_end(&mut bytes)
+        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+    Ok(Some(bytes))
 }
 
 fn join_mismatch(source: &KeySource, dir: &StateDir, cfg: &crate::store::PgConfig) -> Error {
@@ -630,6 +792,79 @@ mod tests {
         bad.trust_domain = "Bad Domain".into();
         assert!(init(&bad).is_err());
         assert!(!tmp.path().join("x").exists());
+    }
+
+    #[test]
+    fn the_copy_join_reads_must_be_private_regular_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("ca.key");
+        write_new(&key, b"key", 0o640).unwrap();
+        let err = read_copied(&key, false).unwrap_err().to_string();
+        assert!(err.contains("readable by others"), "{err}");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_copied(&key, false).unwrap().unwrap().as_slice(),
+            b"key"
+        );
+        let link = tmp.path().join("master.key");
+        std::os::unix::fs::symlink(&key, &link).unwrap();
+        let err = read_copied(&link, false).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let pem = tmp.path().join("ca.pem");
+        write_new(&pem, b"cert", 0o644).unwrap();
+        assert!(read_copied(&pem, true).unwrap().is_some());
+        assert!(read_copied(&tmp.path().join("none"), false)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn join_takes_the_key_flags_and_refuses_a_copy_others_can_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = secretfs_pgtest::PgCluster::shared().database();
+        let mut first = opts(&tmp.path().join("a"));
+        first.database = DatabaseOptions::postgres(&url, None);
+        let a = init(&first).unwrap();
+        let mut second = opts(&tmp.path().join("b"));
+        second.database = DatabaseOptions::postgres(&url, None);
+        second.join = Some(a.path.clone());
+        // A flag for another provider than the copy's is not ignored.
+        let pkcs11 = KeyOptions {
+            provider: Some(crate::key_provider::ProviderKind::Pkcs11),
+            ..KeyOptions::default()
+        };
+        let err = init_join(&second, &pkcs11).unwrap_err().to_string();
+        assert!(err.contains("--master-key-provider"), "{err}");
+        assert!(!second.state_dir.exists());
+        fs::set_permissions(a.ca_key(), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = init_join(&second, &KeyOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("readable by others"), "{err}");
+        assert!(!second.state_dir.exists());
+        fs::set_permissions(a.ca_key(), fs::Permissions::from_mode(0o600)).unwrap();
+        let b = init_join(&second, &KeyOptions::default()).unwrap();
+        assert_eq!(
+            fs::read(b.master_key()).unwrap(),
+            fs::read(a.master_key()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_failed_init_on_postgres_drops_the_schema_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = secretfs_pgtest::PgCluster::shared().database();
+        let mut o = opts(&tmp.path().join("a"));
+        o.database = DatabaseOptions::postgres(&url, None);
+        FAIL_AFTER_SCHEMA.with(|f| f.set(true));
+        let err = init(&o).unwrap_err().to_string();
+        FAIL_AFTER_SCHEMA.with(|f| f.set(false));
+        assert!(err.contains("was dropped again"), "{err}");
+        assert!(!o.state_dir.exists());
+        // The database is empty again: a new init takes it.
+        let sd = init(&o).unwrap();
+        let opened = open_store_with(&sd, &KeyOptions::default(), &o.database, false).unwrap();
+        assert!(opened.store.get_client("admin").unwrap().admin);
     }
 
     #[test]

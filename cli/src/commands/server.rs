@@ -1,14 +1,15 @@
 //! `secretfs server init|run|admin-cert|reissue-cert|verify`
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use secretfs_server::state_dir::{url_has_password, DatabaseOptions};
+use secretfs_server::state_dir::{absolute, DatabaseOptions};
 use zeroize::Zeroizing;
 
 use crate::args::{
@@ -38,29 +39,69 @@ pub fn note_database_source(cli: &mut Cli, matches: &clap::ArgMatches) {
     while let Some((_, sub)) = leaf.subcommand() {
         leaf = sub;
     }
+    // Fails closed: only a URL clap says came from the environment may
+    // hold a password.
     db.database_in_argv =
-        leaf.value_source("database") == Some(clap::parser::ValueSource::CommandLine);
+        leaf.value_source("database") != Some(clap::parser::ValueSource::EnvVariable);
 }
 
 /// The database flags as the server takes them: the password from
 /// `--database-password-file` or SECRETFS_DATABASE_PASSWORD, never from a
 /// URL on the command line.
 pub fn database_options(a: &DatabaseArgs) -> Result<DatabaseOptions> {
-    database_options_from(a, std::env::var(DATABASE_PASSWORD_ENV).ok())
+    let env_password = match ENV_PASSWORD.get() {
+        Some(taken) => taken.as_ref().map(|p| p.to_string()),
+        None => std::env::var(DATABASE_PASSWORD_ENV).ok(),
+    };
+    database_options_from(a, env_password)
 }
+
+/// SECRETFS_DATABASE_PASSWORD as it was at start (see [`take_environment`]).
+static ENV_PASSWORD: OnceLock<Option<Zeroizing<String>>> = OnceLock::new();
+
+/// Takes the secrets the environment may hold (the database password, a
+/// URL with its password, the PKCS#11 PIN) out of the process
+/// environment, so no child process and no later getenv (a C library's
+/// too) sees them. (The kernel's copy of the start-up environment in
+/// /proc/PID/environ stays, readable by the same user and root only.)
+/// Call in `main` after the arguments are parsed (clap has read
+/// SECRETFS_DATABASE_URL) and before any thread or runtime starts:
+/// changing the environment races other threads' getenv.
+pub fn take_environment() {
+    take_password();
+    std::env::remove_var(DATABASE_URL_ENV);
+    secretfs_server::key_provider::take_pin_from_environment();
+}
+
+fn take_password() {
+    let password = std::env::var(DATABASE_PASSWORD_ENV)
+        .ok()
+        .map(Zeroizing::new);
+    let _ = ENV_PASSWORD.set(password);
+    std::env::remove_var(DATABASE_PASSWORD_ENV);
+}
+
+/// The URL's environment variable (clap reads it for --database).
+pub const DATABASE_URL_ENV: &str = "SECRETFS_DATABASE_URL";
 
 fn database_options_from(
     a: &DatabaseArgs,
     env_password: Option<String>,
 ) -> Result<DatabaseOptions> {
     if let Some(url) = &a.database {
-        if a.database_in_argv && url_has_password(url) {
-            anyhow::bail!(
-                "--database {}: a password on the command line is visible to every user of this host \
-                 (ps, /proc); give it in --database-password-file FILE (mode 0600), in \
-                 {DATABASE_PASSWORD_ENV}, or put the whole URL in SECRETFS_DATABASE_URL instead of --database",
-                secretfs_server::state_dir::redact(url)
-            );
+        // Whether the URL holds a password is the driver's reading of it
+        // (`pass%77ord=` is one too), so the URL is parsed here first.
+        if a.database_in_argv && secretfs_server::store::is_postgres_url(url) {
+            let cfg = secretfs_server::state_dir::parse_url(url, None)?;
+            if cfg.password_given() {
+                // The URL is not repeated: what a redactor misses of it
+                // would be printed here.
+                anyhow::bail!(
+                    "--database: a password in the URL on the command line is visible to every user of \
+                     this host (ps, /proc); give it in --database-password-file FILE (mode 0600), in \
+                     {DATABASE_PASSWORD_ENV}, or put the whole URL in SECRETFS_DATABASE_URL instead of --database"
+                );
+            }
         }
     }
     let password = match (&a.database_password_file, env_password) {
@@ -78,8 +119,19 @@ fn database_options_from(
     })
 }
 
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+/// What `server run` needs besides the state directory on PostgreSQL: the
+/// database password (never recorded in the state directory).
+fn password_hint(on_postgres: bool, a: &DatabaseArgs) -> String {
+    if !on_postgres {
+        return String::new();
+    }
+    match &a.database_password_file {
+        Some(file) => format!(" --database-password-file {}", absolute(file).display()),
+        None => format!(
+            " --database-password-file FILE  (or with {DATABASE_PASSWORD_ENV} set; the password \
+             is not kept in the state directory)"
+        ),
+    }
 }
 
 /// The lines that point the CLI at a server as the admin in `dir`.
@@ -184,12 +236,43 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                 join: a.join.clone(),
             };
             let joined = a.join.is_some();
-            let source = a.keys.options().for_init()?;
-            let is_file = source == secretfs_server::key_provider::KeySource::File;
+            let on_postgres = opts
+                .database
+                .url
+                .as_deref()
+                .is_some_and(|u| secretfs_server::store::is_postgres_url(u));
+            // The new replica's key is where the copied descriptor says;
+            // the flags only override it for this host.
+            let source = if joined {
+                secretfs_server::key_provider::KeySource::File
+            } else {
+                a.keys.options().for_init()?
+            };
             let kept = source.clone();
-            let dir =
-                tokio::task::spawn_blocking(move || secretfs_server::init_with(&opts, &source))
-                    .await??;
+            let key_options = a.keys.options();
+            let dir = tokio::task::spawn_blocking(move || {
+                if joined {
+                    secretfs_server::state_dir::init_join(&opts, &key_options)
+                } else {
+                    secretfs_server::init_with(&opts, &source)
+                }
+            })
+            .await??;
+            let is_file = dir.master_key().exists();
+            if let Some(from) = &a.join {
+                // Said in either format (on stderr): the copy holds the
+                // master key and the CA key.
+                eprintln!(
+                    "delete the copy {} now (e.g. `rm -r {}`): it holds the master key and the CA key",
+                    absolute(from).display(),
+                    absolute(from).display()
+                );
+            }
+            let run_line = format!(
+                "secretfs server run --state-dir {}{}",
+                absolute(&dir.path).display(),
+                password_hint(on_postgres, &a.database)
+            );
             match format {
                 Format::Json => println!(
                     "{}",
@@ -208,10 +291,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                         absolute(&dir.path).display(),
                         a.join.as_deref().unwrap_or(Path::new("")).display()
                     );
-                    eprintln!(
-                        "start it:  secretfs server run --state-dir {}",
-                        absolute(&dir.path).display()
-                    );
+                    eprintln!("start it:  {run_line}");
                 }
                 Format::Text => {
                     eprintln!("created state directory {}", absolute(&dir.path).display());
@@ -226,10 +306,7 @@ pub async fn run(conn: &ConnArgs, cmd: ServerCmd, format: Format) -> Result<()> 
                             kept.describe(&dir)
                         );
                     }
-                    eprintln!(
-                        "start the server:  secretfs server run --state-dir {}",
-                        absolute(&dir.path).display()
-                    );
+                    eprintln!("start the server:  {run_line}");
                     eprintln!("then, to use the CLI as the admin:");
                     print!("{}", export_lines(&dir, &a.advertise));
                 }
@@ -471,28 +548,57 @@ mod tests {
 
     #[test]
     fn a_password_in_a_url_on_the_command_line_is_refused_naming_the_ways_that_work() {
-        let argv = [&RUN[..], &["--database", "postgres://u:hunter2@h/db"]].concat();
-        let a = database_args(&argv, None);
-        assert!(a.database_in_argv);
-        let err = database_options_from(&a, None).err().unwrap().to_string();
-        assert!(!err.contains("hunter2"), "{err}");
-        for way in [
-            "--database-password-file",
-            DATABASE_PASSWORD_ENV,
-            "SECRETFS_DATABASE_URL",
+        for url in [
+            "postgres://u:hunter2@127.0.0.1/db",
+            // The driver decodes the parameter's name: a password too.
+            "postgres://u@127.0.0.1/db?pass%77ord=hunter2",
         ] {
-            assert!(err.contains(way), "{err}");
+            let argv = [&RUN[..], &["--database", url]].concat();
+            let a = database_args(&argv, None);
+            assert!(a.database_in_argv);
+            let err = database_options_from(&a, None).err().unwrap().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            for way in [
+                "--database-password-file",
+                DATABASE_PASSWORD_ENV,
+                "SECRETFS_DATABASE_URL",
+            ] {
+                assert!(err.contains(way), "{err}");
+            }
         }
+        // Built by hand (no value source known): counted as argv.
+        let a = DatabaseArgs {
+            database: Some("postgres://u:hunter2@127.0.0.1/db".into()),
+            ..DatabaseArgs::default()
+        };
+        assert!(database_options_from(&a, None).is_err());
         // Without the password, the same URL is taken, password from the
         // environment.
-        let argv = [&RUN[..], &["--database", "postgres://u@h/db"]].concat();
+        let argv = [&RUN[..], &["--database", "postgres://u@127.0.0.1/db"]].concat();
         let a = database_args(&argv, None);
         let opts = database_options_from(&a, Some("pw".into())).unwrap();
         assert_eq!(
             opts.url.as_deref().map(|u| u.as_str()),
-            Some("postgres://u@h/db")
+            Some("postgres://u@127.0.0.1/db")
         );
         assert_eq!(opts.password.as_deref().map(|p| p.as_str()), Some("pw"));
+    }
+
+    #[test]
+    fn the_password_variable_is_taken_out_of_the_environment_and_still_used() {
+        // No other test reads or sets this variable.
+        std::env::set_var(DATABASE_PASSWORD_ENV, "from-env");
+        take_password();
+        assert!(std::env::var_os(DATABASE_PASSWORD_ENV).is_none());
+        let a = DatabaseArgs {
+            database: Some("postgres://u@127.0.0.1/db".into()),
+            ..DatabaseArgs::default()
+        };
+        let opts = database_options(&a).unwrap();
+        assert_eq!(
+            opts.password.as_deref().map(|p| p.as_str()),
+            Some("from-env")
+        );
     }
 
     #[test]
@@ -514,7 +620,7 @@ mod tests {
         std::fs::write(&file, "from-file\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let a = DatabaseArgs {
-            database: Some("postgres://u@h/db".into()),
+            database: Some("postgres://u@127.0.0.1/db".into()),
             database_password_file: Some(file.clone()),
             database_in_argv: true,
         };

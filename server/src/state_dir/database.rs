@@ -36,7 +36,7 @@ pub struct DatabaseOptions {
 impl std::fmt::Debug for DatabaseOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseOptions")
-            .field("url", &self.url.as_ref().map(|u| redact(u)))
+            .field("url", &self.url.as_ref().map(|u| shown(u)))
             .field("password", &self.password.as_ref().map(|_| "(hidden)"))
             .finish()
     }
@@ -148,24 +148,12 @@ pub fn record(dir: &StateDir, cfg: &PgConfig) -> Result<(), Error> {
     super::write_new(&dir.database_record(), &text, 0o644)
 }
 
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
 /// The database `opts` and the state directory's record name together:
 /// the record when nothing is given, the given one when nothing is
 /// recorded (`server init`), and a refusal when they differ.
 pub fn choose(dir: &StateDir, opts: &DatabaseOptions) -> Result<Database, Error> {
     let recorded = recorded(dir)?;
-    let parse = |url: &str| {
-        PgConfig::parse(url, opts.password.clone()).map_err(|e| {
-            Error::Config(format!(
-                "the database URL {} is not usable: {e}; give postgres://USER@HOST:PORT/DBNAME \
-                 (libpq's URL form, e.g. ?sslmode=verify-full&sslrootcert=FILE)",
-                redact(url)
-            ))
-        })
-    };
+    let parse = |url: &str| parse_url(url, opts.password.clone());
     let given = opts.url.as_deref().map(|u| u.as_str());
     match (given, recorded) {
         (None, None) => Ok(Database::Sqlite(dir.database())),
@@ -199,7 +187,7 @@ pub fn choose(dir: &StateDir, opts: &DatabaseOptions) -> Result<Database, Error>
                     dir.database_record().display()
                 )));
             }
-            if absolute(Path::new(path)) != absolute(&dir.database()) {
+            if super::absolute(Path::new(path)) != super::absolute(&dir.database()) {
                 return Err(Error::InvalidArgument(format!(
                     "--database {path}: a SQLite database lives in the state directory ({}); give no \
                      --database for SQLite, or a postgres://USER@HOST/DBNAME URL for PostgreSQL",
@@ -211,53 +199,28 @@ pub fn choose(dir: &StateDir, opts: &DatabaseOptions) -> Result<Database, Error>
     }
 }
 
-/// Where a password may sit in a PostgreSQL URL: `user:PASSWORD@` or a
-/// `password=` parameter.
-pub fn url_has_password(url: &str) -> bool {
-    let Some((_, rest)) = url.split_once("://") else {
-        return false;
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    let in_userinfo = authority
-        .rsplit_once('@')
-        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
-    let in_query = url.split_once('?').is_some_and(|(_, query)| {
-        query
-            .split(['&', '#'])
-            .any(|kv| kv.split('=').next() == Some("password"))
-    });
-    in_userinfo || in_query
+/// Parses a PostgreSQL URL (see [`PgConfig::parse`]); the error names
+/// the URL without its password.
+pub fn parse_url(url: &str, password: Option<Zeroizing<String>>) -> Result<PgConfig, Error> {
+    PgConfig::parse(url, password).map_err(|e| {
+        Error::Config(format!(
+            "{e}; the URL is not usable: give postgres://USER@HOST:PORT/DBNAME (libpq's URL \
+             form, e.g. ?sslmode=verify-full&sslrootcert=FILE)"
+        ))
+    })
 }
 
-/// `url` with any password replaced, for messages before it is parsed.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+/// `url` for Debug output: a SQLite path as it is, a PostgreSQL URL
+/// without its password ([`PgConfig::redacted`]), or nothing of a URL
+/// that does not parse (where its password is cannot be told).
+pub fn shown(url: &str) -> String {
+    if !is_postgres_url(url) {
         return url.to_owned();
-    };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:(hidden)@{host}"),
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some(("password", _)) => "password=(hidden)".to_owned(),
-                    _ => kv.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", query.join("&"))
-        }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{authority}{tail}")
+    }
+    match PgConfig::parse(url, None) {
+        Ok(cfg) => cfg.redacted().to_owned(),
+        Err(_) => "(a PostgreSQL URL that does not parse; not shown)".to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -265,29 +228,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_found_in_userinfo_and_parameters() {
+    fn passwords_are_found_in_every_form_the_driver_takes() {
         for url in [
-            "postgres://u:pw@h/db",
-            "postgresql://u:p%40w@h:5432/db?sslmode=require",
-            "postgres://h/db?sslmode=require&password=x",
-            "postgres://u:@h/db",
+            "postgres://u:pw@127.0.0.1/db",
+            "postgresql://u:p%40w@localhost:5432/db?sslmode=disable",
+            "postgres://u@127.0.0.1/db?sslmode=disable&password=x",
+            // The driver decodes the key: this is a password too.
+            "postgres://u@127.0.0.1/db?pass%77ord=x",
+            "postgres://u:@127.0.0.1/db",
         ] {
-            assert!(url_has_password(url), "{url}");
-            assert!(
-                !redact(url).contains("pw") && !redact(url).contains("=x"),
-                "{url}"
-            );
+            let cfg = parse_url(url, None).unwrap();
+            assert!(cfg.password_given(), "{url}");
         }
         for url in [
-            "postgres://u@h/db",
-            "postgres://h:5432/db",
+            "postgres://u@127.0.0.1/db",
+            "postgres://u@localhost:5432/db",
             "postgres://u@h/db?sslmode=verify-full&sslrootcert=/etc/ca.pem",
             // '@' and ':' after the authority are not a password.
-            "postgres://u@h/db?application_name=a:b@c",
+            "postgres://u@127.0.0.1/db?application_name=a:b@c",
         ] {
-            assert!(!url_has_password(url), "{url}");
-            assert_eq!(redact(url), url);
+            let cfg = parse_url(url, None).unwrap();
+            assert!(!cfg.password_given(), "{url}");
+            assert_eq!(shown(url), cfg.redacted(), "{url}");
         }
+        assert!(!shown("postgres://u:hunter2@h/db?sslmode=bogus").contains("hunter2"));
+        assert_eq!(
+            shown("/var/lib/secretfs/secretfs.db"),
+            "/var/lib/secretfs/secretfs.db"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::audit_chain::{health, NOT_SERVING, SERVING};
-use crate::common::{bin, eventually, run_cmd, signal, wait_bounded, Identity, Run, Signal};
+use crate::common::{eventually, run_cmd, signal, wait_bounded, Identity, Run, Signal};
 
 /// A server run straight from the binary (`server run` with `extra`), its
 /// stdout piped to the test.
@@ -24,11 +24,7 @@ struct Raw {
 }
 
 fn init(tmp: &Path) -> PathBuf {
-    let state = tmp.join("state");
-    let mut init = Command::new(bin());
-    init.args(["server", "init", "--state-dir"]).arg(&state);
-    run_cmd(init, None).ok();
-    state
+    crate::common::init_state(tmp, &[]).0
 }
 
 impl Raw {
@@ -40,7 +36,7 @@ impl Raw {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(bin())
+        let mut child = crate::common::secretfs()
             .args(["server", "run", "--state-dir"])
             .arg(state)
             .args(["--listen", "127.0.0.1:0", "--address-file"])
@@ -67,7 +63,7 @@ impl Raw {
     }
 
     fn cli(&self, args: &[&str], input: Option<&[u8]>) -> Run {
-        let mut c = Command::new(bin());
+        let mut c = crate::common::secretfs();
         c.args(args)
             .arg("--server")
             .arg(format!("https://{}", self.addr))
@@ -198,7 +194,7 @@ fn a_fifo_sink_needs_a_reader_at_start_and_then_delivers_every_line() {
     let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(made.success());
     // No reader: refused at once with the fix, not blocked forever.
-    let mut run = Command::new(bin());
+    let mut run = crate::common::secretfs();
     run.args(["server", "run", "--state-dir"])
         .arg(&state)
         .args(["--listen", "127.0.0.1:0", "--audit-log"])
@@ -267,7 +263,7 @@ fn the_stdout_sink_resumes_after_the_last_entry_it_exported() {
 fn keeping_no_rotated_audit_file_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let state = init(tmp.path());
-    let mut run = Command::new(bin());
+    let mut run = crate::common::secretfs();
     run.args(["server", "run", "--state-dir"])
         .arg(&state)
         .args(["--listen", "127.0.0.1:0", "--audit-log"])
@@ -291,7 +287,7 @@ fn a_trigger_in_the_database_file_is_refused_by_run_and_named_by_verify() {
     )
     .unwrap();
     drop(conn);
-    let mut run = Command::new(bin());
+    let mut run = crate::common::secretfs();
     run.args(["server", "run", "--state-dir"])
         .arg(&state)
         .args(["--listen", "127.0.0.1:0"]);
@@ -301,7 +297,7 @@ fn a_trigger_in_the_database_file_is_refused_by_run_and_named_by_verify() {
         "{}",
         out.stderr
     );
-    let mut verify = Command::new(bin());
+    let mut verify = crate::common::secretfs();
     verify.args(["server", "verify", "--state-dir"]).arg(&state);
     run_cmd(verify, None).fails(1, "trigger \"hide\"");
 }

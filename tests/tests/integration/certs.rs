@@ -7,7 +7,6 @@
 //! operator looks.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use secretfs_proto::cert::{to_unix, CertInfo};
@@ -179,7 +178,7 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
     let s = TestServer::start();
     let out = s.tmp.path().join("glass");
     let state = s.state.to_str().unwrap();
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "admin-cert", "--state-dir", state, "--out"])
         .arg(&out)
         .args(["--name", "root"]);
@@ -201,7 +200,7 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
     assert_eq!(created[0]["actor"], "local:admin-cert");
 
     // The existing admin gets a new certificate beside its old one.
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "admin-cert", "--state-dir", state, "--out"])
         .arg(&out)
         .args(["-o", "json"]);
@@ -215,7 +214,7 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
 
     // Not for a client that is not an admin.
     s.add_client("web");
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "admin-cert", "--state-dir", state, "--out"])
         .arg(&out)
         .args(["--name", "web"]);
@@ -225,11 +224,11 @@ fn break_glass_admin_certificates_work_against_the_running_server() {
     // writes would not be readable by the server: refused up front.
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&s.state).unwrap());
     std::os::unix::fs::chown(&s.state, Some(owner + 12_345), None).unwrap();
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "admin-cert", "--state-dir", state, "--out"])
         .arg(&out);
     let refused = run_cmd(cmd, None);
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args([
         "server",
         "reissue-cert",
@@ -261,7 +260,7 @@ fn a_reissued_server_certificate_with_a_new_name_is_served_without_a_restart() {
     as_admin_at("127.0.0.1").ok();
     as_admin_at("127.0.0.2").fails(1, "server reissue-cert");
 
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "reissue-cert", "--state-dir"])
         .arg(&s.state)
         .args([
@@ -287,7 +286,7 @@ fn a_reissued_server_certificate_with_a_new_name_is_served_without_a_restart() {
         s.log()
     );
 
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "reissue-cert", "--state-dir"])
         .arg(&s.state);
     run_cmd(cmd, None).fails(2, "--san");
@@ -503,7 +502,7 @@ fn refused_tls_handshakes_are_audited_with_the_peer_address_and_the_cause() {
     let dir = s.tmp.path().join("bad");
     // Another CA (of another name): a second state directory's admin.
     let other = s.tmp.path().join("other-state");
-    let mut init = Command::new(bin());
+    let mut init = crate::common::secretfs();
     init.args([
         "server",
         "init",

@@ -6,7 +6,7 @@
 //! `SECRETFS_TEST_STORE=postgres` a fresh PostgreSQL database of the tests'
 //! own cluster per server (`secretfs_pgtest`), given to `server init
 //! --database` as an operator would: the URL in argv without its password,
-//! the password in SECRETFS_DATABASE_PASSWORD. Tests whose subject is the
+//! the password in SECRETFS_DATABASE_PASSWORD of each command ([`secretfs`]). Tests whose subject is the
 //! SQLite file itself say so with [`sqlite_only`].
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -178,24 +178,51 @@ pub fn sqlite_only(why: &str) -> bool {
 }
 
 /// A fresh, empty database of the tests' PostgreSQL cluster: its URL
-/// without the password, as it goes in argv. The password reaches every
-/// server command this process starts as SECRETFS_DATABASE_PASSWORD (set
-/// once: std's Command takes the environment under the same lock).
+/// without the password, as it goes in argv. The password reaches the
+/// server commands in SECRETFS_DATABASE_PASSWORD (see [`secretfs`]).
 pub fn fresh_database() -> String {
-    database_password_in_env();
-    let url = secretfs_pgtest::PgCluster::shared().database();
-    let without = url.replacen(&format!(":{}@", secretfs_pgtest::PASSWORD), "@", 1);
-    assert_ne!(url, without, "the test cluster's URL carries its password");
-    without
+    secretfs_pgtest::url_without_password(&secretfs_pgtest::PgCluster::shared().database())
 }
 
-/// SECRETFS_DATABASE_PASSWORD for every command this process starts: the
-/// test clusters' password.
-pub fn database_password_in_env() {
-    static PASSWORD: OnceLock<()> = OnceLock::new();
-    PASSWORD.get_or_init(|| {
-        std::env::set_var("SECRETFS_DATABASE_PASSWORD", secretfs_pgtest::PASSWORD);
-    });
+/// A command running the `secretfs` binary, with the test clusters'
+/// password in its SECRETFS_DATABASE_PASSWORD (a server command on SQLite
+/// ignores it). Given per command: setting it in this multi-threaded
+/// process would race other threads' C getenv.
+pub fn secretfs() -> Command {
+    let mut cmd = Command::new(bin());
+    with_database_password(&mut cmd);
+    cmd
+}
+
+/// `cmd` with the test clusters' password in SECRETFS_DATABASE_PASSWORD.
+pub fn with_database_password(cmd: &mut Command) -> &mut Command {
+    cmd.env("SECRETFS_DATABASE_PASSWORD", secretfs_pgtest::PASSWORD)
+}
+
+/// `server init` of a state directory `tmp/state` on the suite's store (a
+/// fresh database of the tests' cluster on PostgreSQL), with `extra`
+/// flags; it must succeed. Every test that runs `server init` itself
+/// starts here, so it runs on both stores. Returns the state directory and
+/// the database URL (without password) on PostgreSQL.
+pub fn init_state(tmp: &Path, extra: &[&str]) -> (PathBuf, Option<String>) {
+    let state = tmp.join("state");
+    let database = (test_store() == TestStore::Postgres).then(fresh_database);
+    init_on(&state, database.as_deref(), |c| {
+        c.args(extra);
+    })
+    .ok();
+    (state, database)
+}
+
+/// `server init --state-dir STATE [--database URL]`, `configure`d, run.
+pub fn init_on(state: &Path, database: Option<&str>, configure: impl FnOnce(&mut Command)) -> Run {
+    let mut init = secretfs();
+    init.args(["server", "init", "--state-dir"]).arg(state);
+    if let Some(url) = database {
+        init.args(["--database", url]);
+    }
+    configure(&mut init);
+    run_cmd(init, None)
 }
 
 pub struct TestServer {
@@ -306,14 +333,8 @@ impl TestServer {
         args: &[&str],
     ) -> TestServer {
         let state = tmp.path().join("state");
-        let mut init = Command::new(bin());
-        init.args(["server", "init", "--state-dir"]).arg(&state);
         let database = (test_store() == TestStore::Postgres).then(fresh_database);
-        if let Some(url) = &database {
-            init.args(["--database", url]);
-        }
-        init_with(&mut init);
-        run_cmd(init, None).ok();
+        init_on(&state, database.as_deref(), init_with).ok();
         Self::run_state(tmp, state, database, wrapper, args)
     }
 
@@ -353,9 +374,10 @@ impl TestServer {
             Some((program, args)) => {
                 let mut cmd = Command::new(program);
                 cmd.args(args).arg(bin());
+                with_database_password(&mut cmd);
                 cmd
             }
-            None => Command::new(bin()),
+            None => secretfs(),
         };
         cmd.args(["server", "run", "--state-dir"])
             .arg(&self.state)

@@ -154,7 +154,7 @@ impl Copy {
             .unwrap();
         assert!(status.success(), "cp -a {}", state.display());
         let address_file = dir.join("copy-address.json");
-        let mut child = Command::new(bin())
+        let mut child = crate::common::secretfs()
             .args(["server", "run", "--state-dir"])
             .arg(&copy)
             .args(["--listen", "127.0.0.1:0", "--address-file"])

@@ -50,7 +50,7 @@ const PUT_BACK: &str = "rows were put back, deleted or added without the key";
 /// `server run` on the stopped server's state: must refuse to start,
 /// naming the row set.
 fn start_refused(s: &TestServer) -> Run {
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--state-dir"])
         .arg(&s.state)
         .args(["--listen", "127.0.0.1:0"]);
@@ -62,7 +62,7 @@ fn start_refused(s: &TestServer) -> Run {
 
 /// `server verify --accept --yes` (the server stopped).
 fn accept(s: &TestServer) -> Run {
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "verify", "--accept", "--yes"])
         .env("SECRETFS_STATE_DIR", &s.state);
     run_cmd(cmd, None)
@@ -70,7 +70,7 @@ fn accept(s: &TestServer) -> Run {
 
 /// `server verify -o json`: (exit code, the row set's finding).
 fn verify_set(s: &TestServer) -> (i32, Option<String>) {
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "verify", "-o", "json"])
         .env("SECRETFS_STATE_DIR", &s.state);
     let run = run_cmd(cmd, None);
@@ -81,7 +81,7 @@ fn verify_set(s: &TestServer) -> (i32, Option<String>) {
 /// `server verify` beside the server, as JSON: (exit code, bad rows as
 /// "table key", stderr).
 fn verify(s: &TestServer) -> (i32, Vec<String>, String) {
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "verify", "-o", "json"])
         .env("SECRETFS_STATE_DIR", &s.state);
     let run = run_cmd(cmd, None);
@@ -559,7 +559,7 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
     );
     // Rewound like that but with the key check this version writes (v2),
     // it is an attack (edited rows adopted): refused, nothing changed.
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--state-dir"])
         .arg(&s.state)
         .args(["--listen", "127.0.0.1:0"]);
@@ -570,10 +570,10 @@ fn a_database_made_before_row_macs_is_adopted_and_serves_as_before() {
     // Only `server run` upgrades: verify and admin-cert refuse a database
     // that needs it (beside an older server they would upgrade under it),
     // naming `server run`, and change nothing.
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "verify", "--state-dir"]).arg(&s.state);
     run_cmd(cmd, None).fails(1, "needs the upgrade `secretfs server run`");
-    let mut cmd = std::process::Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "admin-cert", "--state-dir"])
         .arg(&s.state)
         .arg("--out")

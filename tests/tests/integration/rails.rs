@@ -15,7 +15,7 @@ use secretfs_proto::v1::secrets_client::SecretsClient;
 use crate::common::*;
 
 fn server_run(state: &Path) -> Command {
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--state-dir"])
         .arg(state)
         .args(["--listen", "127.0.0.1:0"]);
@@ -30,13 +30,13 @@ fn a_second_server_on_one_state_directory_is_refused() {
     assert!(r.stderr.contains(&format!("pid {pid}")), "{}", r.stderr);
     assert!(r.stderr.contains("Stop that server first"), "{}", r.stderr);
     // The same through the environment, as the systemd unit sets it.
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run"])
         .env("SECRETFS_STATE_DIR", &s.state)
         .env("SECRETFS_LISTEN", "127.0.0.1:0");
     run_cmd(cmd, None).fails(1, &format!("pid {pid}"));
     // init never touches a directory a server is using.
-    let mut init = Command::new(bin());
+    let mut init = crate::common::secretfs();
     init.args(["server", "init", "--state-dir"]).arg(&s.state);
     run_cmd(init, None).fails(1, "in use by another secretfs server");
     // The first server is unharmed, and once it stops the directory is free.
@@ -375,7 +375,7 @@ fn the_server_unit_documents_every_server_variable() {
     let unit = repo_file("deploy/systemd/secretfs-server.service");
     let mut seen = Vec::new();
     for sub in ["init", "run"] {
-        let mut cmd = Command::new(bin());
+        let mut cmd = crate::common::secretfs();
         cmd.args(["server", sub, "--help"]);
         let help = run_cmd(cmd, None).ok().stdout;
         // Help wraps lines anywhere, "[env:" and its name included.
@@ -428,7 +428,7 @@ impl Drop for Killed {
 fn the_server_takes_every_setting_from_the_environment() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
-    let mut init = Command::new(bin());
+    let mut init = crate::common::secretfs();
     init.args(["server", "init"])
         .env("SECRETFS_STATE_DIR", &state)
         .env("SECRETFS_TRUST_DOMAIN", "example.org")
@@ -454,7 +454,7 @@ fn the_server_takes_every_setting_from_the_environment() {
     );
 
     let address_file = tmp.path().join("address.json");
-    let server = Command::new(bin())
+    let server = crate::common::secretfs()
         .args(["server", "run"])
         .env("SECRETFS_STATE_DIR", &state)
         .env("SECRETFS_LISTEN", "127.0.0.1:0")
@@ -475,7 +475,7 @@ fn the_server_takes_every_setting_from_the_environment() {
     );
     let text = std::fs::read_to_string(&address_file).expect("the server started");
     let addr: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let mut add = Command::new(bin());
+    let mut add = crate::common::secretfs();
     add.env_clear()
         .env("SECRETFS_SERVER", addr["addr"].as_str().unwrap())
         .env("SECRETFS_CA", state.join("ca.pem"))

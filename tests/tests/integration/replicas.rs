@@ -8,24 +8,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{
-    bin, database_password_in_env, fresh_database, marker, run_cmd, Run, TestServer,
-};
+use crate::common::{fresh_database, init_on, marker, run_cmd, Run, TestServer};
 
 /// `server init --database URL` in `tmp/NAME`, with `extra` flags.
 fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> (PathBuf, Run) {
     let state = tmp.join(name);
-    let mut cmd = Command::new(bin());
-    cmd.args(["server", "init", "--state-dir"])
-        .arg(&state)
-        .args(["--database", url])
-        .args(extra);
-    (state, run_cmd(cmd, None))
+    let r = init_on(&state, Some(url), |c| {
+        c.args(extra);
+    });
+    (state, r)
 }
 
 /// `server run` on `state` that must fail at start; its result.
 fn run_fails(state: &Path, configure: impl FnOnce(&mut Command)) -> Run {
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state);
     configure(&mut cmd);
@@ -62,7 +58,12 @@ fn replica_a() -> (TestServer, String) {
     let tmp = tempfile::tempdir().unwrap();
     let url = fresh_database();
     let (state, r) = init(tmp.path(), "a", &url, &[]);
-    r.ok();
+    let r = r.ok();
+    assert!(
+        r.stderr.contains("--database-password-file"),
+        "{}",
+        r.stderr
+    );
     (
         TestServer::run_state(tmp, state, Some(url.clone()), &[], &[]),
         url,
@@ -85,14 +86,14 @@ fn init_and_run_on_postgres_record_the_database_without_its_password() {
     assert_eq!(r.stdout, secret);
     assert!(!a.log().contains(secretfs_pgtest::PASSWORD));
     // The commands beside the server find the database by the record.
-    let mut verify = Command::new(bin());
+    let mut verify = crate::common::secretfs();
     verify
         .args(["server", "verify", "--state-dir"])
         .arg(&a.state);
     let r = run_cmd(verify, None).ok();
     assert!(r.stdout.contains(&url), "{}", r.stdout);
     let out = a.tmp.path().join("break-glass");
-    let mut admin_cert = Command::new(bin());
+    let mut admin_cert = crate::common::secretfs();
     admin_cert
         .args(["server", "admin-cert", "--name", "root2", "--state-dir"])
         .arg(&a.state)
@@ -118,8 +119,19 @@ fn a_password_in_a_url_on_the_command_line_is_refused() {
     }
     assert!(!r.stderr.contains("argv-pw-7d1c"), "{}", r.stderr);
     assert!(!state.exists());
+    // A parameter name the driver decodes to `password` is one too.
+    let encoded = format!("{}?pass%77ord=argv-pw-7d1c", fresh_database());
+    let (_, r) = init(tmp.path(), "s", &encoded, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--database-password-file"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("argv-pw-7d1c"), "{}", r.stderr);
+    assert!(!state.exists());
     // The same URL from the environment is how it may be given.
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"])
         .arg(&state)
         .env(
@@ -156,7 +168,16 @@ fn a_joined_replica_serves_what_another_wrote() {
         &url,
         &["--join", copy.to_str().unwrap(), "--san", "127.0.0.1"],
     );
-    r.ok();
+    let r = r.ok();
+    // The copy holds the master key: init says to delete it, and how to
+    // start (the password is not in the state directory).
+    assert!(r.stderr.contains("delete the copy"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("server run --state-dir")
+            && r.stderr.contains("--database-password-file"),
+        "{}",
+        r.stderr
+    );
     // Shared: the CA and the admin identity; its own: the server's key.
     for shared in ["ca.pem", "ca.key", "admin.pem", "master.key"] {
         assert_eq!(
@@ -258,11 +279,8 @@ fn start_up_errors_name_the_problem() {
 
 #[test]
 fn an_unreachable_database_is_a_clear_error_at_start() {
-    database_password_in_env();
     let cluster = secretfs_pgtest::PgCluster::start(Default::default());
-    let url = cluster
-        .database()
-        .replacen(&format!(":{}@", secretfs_pgtest::PASSWORD), "@", 1);
+    let url = secretfs_pgtest::url_without_password(&cluster.database());
     let tmp = tempfile::tempdir().unwrap();
     let (state, r) = init(tmp.path(), "s", &url, &[]);
     r.ok();

@@ -332,9 +332,6 @@ fn audit_records_changes_reads_and_denials_with_filters() {
 
 #[test]
 fn no_plaintext_in_database_wal_or_logs() {
-    if crate::common::sqlite_only("scans the SQLite file and its WAL for plaintext") {
-        return;
-    }
     let mut s = TestServer::start();
     let first = marker("first");
     let second = marker("second");
@@ -349,8 +346,7 @@ fn no_plaintext_in_database_wal_or_logs() {
     );
     // Scan while running (the WAL holds the recent writes) and after a stop.
     let scan = |s: &TestServer, when: &str| {
-        for suffix in ["", "-wal", "-shm", "-journal"] {
-            let p = std::path::PathBuf::from(format!("{}{suffix}", s.db().display()));
+        for p in database_files(s) {
             let bytes = read_all(&p);
             for m in [&first, &second] {
                 assert!(
@@ -367,11 +363,54 @@ fn no_plaintext_in_database_wal_or_logs() {
             );
         }
     };
-    let wal = std::path::PathBuf::from(format!("{}-wal", s.db().display()));
-    assert!(!read_all(&wal).is_empty(), "WAL in use");
+    let wal = match &s.database {
+        None => std::path::PathBuf::from(format!("{}-wal", s.db().display())),
+        Some(_) => secretfs_pgtest::PgCluster::shared()
+            .dir()
+            .join("data/pg_wal"),
+    };
+    let wal_bytes: usize = database_files(&s)
+        .iter()
+        .filter(|p| p.starts_with(&wal))
+        .map(|p| read_all(p).len())
+        .sum();
+    assert!(wal_bytes > 0, "WAL in use");
     scan(&s, "running");
     assert_eq!(s.stop(), 0);
     scan(&s, "stopped");
+}
+
+/// The files that hold `s`'s database: the SQLite file, its WAL and
+/// journal; on PostgreSQL the test cluster's files of that database, its
+/// WAL (pg_wal) and its log.
+fn database_files(s: &TestServer) -> Vec<std::path::PathBuf> {
+    let Some(url) = &s.database else {
+        return ["", "-wal", "-shm", "-journal"]
+            .iter()
+            .map(|suffix| std::path::PathBuf::from(format!("{}{suffix}", s.db().display())))
+            .collect();
+    };
+    let cluster = secretfs_pgtest::PgCluster::shared();
+    let name = url.rsplit('/').next().unwrap();
+    let oid: u32 = cluster
+        .superuser()
+        .query_one("SELECT oid FROM pg_database WHERE datname = $1", &[&name])
+        .unwrap()
+        .get(0);
+    let data = cluster.dir().join("data");
+    let mut files = vec![cluster.dir().join("postgres.log")];
+    let mut dirs = vec![data.join("pg_wal"), data.join(format!("base/{oid}"))];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().map(Result::unwrap) {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
 }
 
 #[test]
@@ -435,7 +474,7 @@ fn wrong_or_missing_master_key_stops_the_server_with_a_clear_message() {
     let key_path = s.state.join("master.key");
     let original = std::fs::read(&key_path).unwrap();
     let run = |s: &TestServer| {
-        let mut cmd = Command::new(bin());
+        let mut cmd = crate::common::secretfs();
         cmd.args(["server", "run", "--state-dir"])
             .arg(&s.state)
             .args(["--listen", "127.0.0.1:0"]);
@@ -524,7 +563,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     );
 
     // Connection settings missing or wrong.
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.env_clear().args(["secret", "list"]);
     run_cmd(cmd, None).fails(2, "SECRETFS_SERVER");
     let mut cmd = s.cmd_as(&s.admin);
@@ -558,7 +597,7 @@ fn certificates_from_another_ca_are_refused_both_ways() {
 fn init_refuses_an_existing_state_dir_and_prints_exports() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("st");
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"]).arg(&dir).args([
         "--san",
         "secrets.internal",
@@ -575,11 +614,11 @@ fn init_refuses_an_existing_state_dir_and_prints_exports() {
         assert!(r.stdout.contains(&format!("export {var}")), "{}", r.stdout);
     }
     let key_before = std::fs::read(dir.join("master.key")).unwrap();
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"]).arg(&dir);
     run_cmd(cmd, None).fails(1, "already exists");
     assert_eq!(std::fs::read(dir.join("master.key")).unwrap(), key_before);
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "init", "--state-dir"])
         .arg(tmp.path().join("x"))
         .args(["--san", "bad name!"]);
@@ -625,7 +664,7 @@ fn an_unwritable_database_stops_the_server_with_a_clear_message() {
         ro.display(),
         s.state.display()
     ));
-    let mut cmd = Command::new(bin());
+    let mut cmd = crate::common::secretfs();
     cmd.args(["server", "run", "--state-dir"])
         .arg(ro.join("state"))
         .args(["--listen", "127.0.0.1:0"]);

@@ -384,6 +384,14 @@ impl PgConfig {
     pub fn redacted(&self) -> &str {
         &self.redacted
     }
+
+    /// Whether a password is set: on a config parsed with no password
+    /// given (`parse(url, None)`), whether the URL itself carried one, in
+    /// any form the driver takes (`user:PW@`, `password=`, a
+    /// percent-encoded key such as `pass%77ord=`).
+    pub fn password_given(&self) -> bool {
+        self.config.get_password().is_some()
+    }
 }
 
 /// A new connection, with what every connection of the store needs (the

@@ -125,6 +125,23 @@ pub(super) fn function_body(name: &str) -> Option<&'static str> {
     })
 }
 
+/// Drops what the migrations made (the tables with their indexes and
+/// triggers, and the row set's functions), in one transaction: `server
+/// init` undoing the schema it made when a later step failed. Never for a
+/// database in use (see `PgStore::drop_schema`).
+pub(super) fn drop_all(client: &mut Client) -> Result<()> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    let tables = KNOWN_TABLES.join(", ");
+    tx.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {tables};
+         DROP FUNCTION IF EXISTS secretfs_row_set_note();
+         DROP FUNCTION IF EXISTS secretfs_row_set_note_meta();"
+    ))?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// The relations (tables, views, ...) in the schema the connection works in.
 fn relations(tx: &mut Tx<'_>) -> Result<Vec<(String, String)>> {
     tx.query(

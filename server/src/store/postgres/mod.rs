@@ -89,6 +89,15 @@ impl PgStore {
         migrate::needs_upgrade(&mut client)
     }
 
+    /// Drops the schema [`open`](Self::open) with `create` made: `server
+    /// init` undoing its own work when a step after it failed (its key
+    /// check is the one this init wrote, or none yet). Not for a database
+    /// in use: every table and what is in it is gone. Blocking.
+    pub fn drop_schema(cfg: &PgConfig) -> Result<()> {
+        let mut client = conn::connect(cfg)?;
+        migrate::drop_all(&mut client)
+    }
+
     /// Runs `f` with this operation's keys (taken once) and the bad-row log.
     fn checked<T>(&self, f: impl FnOnce(&Checker<'_>) -> T) -> T {
         let keys = self.keys.get();
