@@ -25,18 +25,10 @@ const WHY: &str = "replicas need PostgreSQL, whatever SECRETFS_TEST_STORE says";
 /// The listener connection's application_name (server/src/store/postgres/listen.rs).
 const LISTEN_APP: &str = "secretfs-listen";
 
-/// `url` without its password, as argv carries it (the password reaches the
-/// servers as SECRETFS_DATABASE_PASSWORD).
-fn without_password(url: &str) -> String {
-    let out = url.replacen(&format!(":{}@", secretfs_pgtest::PASSWORD), "@", 1);
-    assert_ne!(out, url, "the test cluster's URL carries its password");
-    out
-}
-
 /// `server init --database URL` in `tmp/NAME` with `extra` flags; must work.
 fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> PathBuf {
     let state = tmp.join(name);
-    let mut cmd = Command::new(bin());
+    let mut cmd = secretfs();
     cmd.args(["server", "init", "--state-dir"])
         .arg(&state)
         .args(["--database", url])
@@ -49,7 +41,6 @@ fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> PathBuf {
 /// each further one `init --join` from a copy of the first's state
 /// directory, as the README's operator does it.
 fn replicas(url: &str, n: usize) -> Vec<TestServer> {
-    database_password_in_env();
     let tmp = tempfile::tempdir().unwrap();
     let state = init(tmp.path(), "r0", url, &[]);
     let first = TestServer::run_state(tmp, state, Some(url.to_owned()), &[], &[]);
@@ -514,9 +505,11 @@ fn postgres_restarted_under_two_replicas_and_everything_recovers() {
     if postgres_pass_only(WHY) {
         return;
     }
-    database_password_in_env();
     let cluster = secretfs_pgtest::PgCluster::start(Default::default());
-    let rs = replicas(&without_password(&cluster.database()), 2);
+    let rs = replicas(
+        &secretfs_pgtest::url_without_password(&cluster.database()),
+        2,
+    );
     let (a, b) = (&rs[0], &rs[1]);
     a.add_secret("db/password", b"pw-1");
     let app = a.add_client("app");
