@@ -133,10 +133,18 @@ pub(super) fn drop_all(client: &mut Client) -> Result<()> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     let tables = KNOWN_TABLES.join(", ");
+    // Every function a known trigger calls (one list with the open's
+    // check, so a function added by a migration is dropped too).
+    let mut functions: Vec<&str> = KNOWN_TRIGGERS.iter().map(|t| t.2).collect();
+    functions.sort_unstable();
+    functions.dedup();
+    let functions = functions
+        .iter()
+        .map(|f| format!("{f}()"))
+        .collect::<Vec<_>>()
+        .join(", ");
     tx.batch_execute(&format!(
-        "DROP TABLE IF EXISTS {tables};
-         DROP FUNCTION IF EXISTS secretfs_row_set_note();
-         DROP FUNCTION IF EXISTS secretfs_row_set_note_meta();"
+        "DROP TABLE IF EXISTS {tables}; DROP FUNCTION IF EXISTS {functions};"
     ))?;
     tx.commit()?;
     Ok(())
