@@ -400,7 +400,6 @@ impl Server {
         };
         let crate::state_dir::Opened {
             store,
-            database: _,
             keys,
             source,
             rekey_in_progress,

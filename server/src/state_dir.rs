@@ -581,7 +581,9 @@ pub fn read_private_file(path: &Path, what: &str, flag: &str) -> Result<Zeroizin
             e,
         )
     };
-    let mode = fs::metadata(path).map_err(cannot)?.permissions().mode() & 0o777;
+    // One open: the mode checked is the mode of the file read.
+    let mut file = fs::File::open(path).map_err(cannot)?;
+    let mode = file.metadata().map_err(cannot)?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(Error::Config(format!(
             "the {what} file {} is readable by others (mode {mode:04o}); run `chmod 600 {}`",
@@ -589,7 +591,8 @@ pub fn read_private_file(path: &Path, what: &str, flag: &str) -> Result<Zeroizin
             path.display()
         )));
     }
-    let text = Zeroizing::new(fs::read_to_string(path).map_err(cannot)?);
+    let mut text = Zeroizing::new(String::new());
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot)?;
     Ok(Zeroizing::new(
         text.trim_end_matches(['\n', '\r']).to_owned(),
     ))
@@ -644,8 +647,6 @@ pub fn open_store(dir: &StateDir) -> Result<(Arc<dyn Store>, Arc<KeyRing>), Erro
 /// What [`open_store_with`] opened.
 pub struct Opened {
     pub store: Arc<dyn Store>,
-    /// The path or URL (without password), for messages.
-    pub database: String,
     pub keys: Arc<KeyRing>,
     /// Where the master key lives (the descriptor, flags applied).
     pub source: KeySource,
@@ -704,7 +705,6 @@ pub fn open_store_with(
     }
     Ok(Opened {
         store,
-        database: db.describe(),
         keys,
         source,
         rekey_in_progress,

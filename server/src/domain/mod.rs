@@ -285,7 +285,10 @@ fn invalidate(
 fn follow_feed(feed: Arc<dyn ChangeFeed>, auth: Arc<AuthCache>, plain: Arc<reads::PlainCache>) {
     let mut changes = feed.subscribe();
     drop(feed);
-    let spawned = std::thread::Builder::new()
+    // Without the thread a replica's caches would miss other replicas'
+    // changes (a removed client still admitted): no domain without it, as
+    // none without its audit writer.
+    std::thread::Builder::new()
         .name("secretfs-cache-follow".into())
         .spawn(move || loop {
             let change = changes.blocking_recv();
@@ -294,12 +297,8 @@ fn follow_feed(feed: Arc<dyn ChangeFeed>, auth: Arc<AuthCache>, plain: Arc<reads
             if closed {
                 return;
             }
-        });
-    if let Err(e) = spawned {
-        // Without the thread only changes made by this process reach the
-        // caches: fine for a store no one else writes, wrong for replicas.
-        tracing::error!(error = %e, "could not start the cache follower thread");
-    }
+        })
+        .expect("spawn the cache follower thread");
 }
 
 #[cfg(test)]

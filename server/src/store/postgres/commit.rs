@@ -628,11 +628,8 @@ impl Pool {
         let failure = committed.err().map(|e| {
             if conn::is_connection_error(&e) || conn.client.is_closed() {
                 dead = true;
-                Failed::Unknown(format!(
-                    "the connection to PostgreSQL was lost while committing, so whether the \
-                     change was made is unknown: look before doing it again ({})",
-                    conn::describe(&e)
-                ))
+                // (OutcomeUnknown says what it means; this is the cause.)
+                Failed::Unknown(conn::describe(&e))
             } else {
                 let _ = conn.client.batch_execute("ROLLBACK");
                 let e = StoreError::from(e);

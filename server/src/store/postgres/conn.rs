@@ -280,12 +280,13 @@ impl PgConfig {
                 _ => rest.push(param),
             }
         }
-        let driver_url = if rest.is_empty() {
+        // It may hold the password: wiped when dropped.
+        let driver_url = Zeroizing::new(if rest.is_empty() {
             base.to_owned()
         } else {
             format!("{base}?{}", rest.join("&"))
-        };
-        let mut config = postgres::Config::from_str(&driver_url)
+        });
+        let mut config = postgres::Config::from_str(driver_url.as_str())
             .map_err(|e| bad_url(&redacted, format_args!("cannot be parsed: {e}")))?;
         if let Some(pw) = password {
             config.password(pw.as_bytes());

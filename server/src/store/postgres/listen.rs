@@ -251,19 +251,12 @@ fn session(source: &Source) -> Result<(postgres::Client, u64)> {
 }
 
 fn unavailable(what: &str, e: &postgres::Error) -> StoreError {
-    StoreError::Unavailable(format!("{what}: {}", cause(e)))
+    StoreError::Unavailable(format!("{what}: {}", super::conn::describe(e)))
 }
 
 /// `e` for a person: postgres::Error's Display is only "db error" for the
 /// server's own errors, whose message is in the DbError. Neither carries
 /// the password.
-fn cause(e: &postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => db.message().to_string(),
-        None => e.to_string(),
-    }
-}
-
 /// Why a listening session ended.
 enum End {
     /// The feed was dropped.
@@ -350,12 +343,12 @@ fn serve(feed: &Weak<Shared>, client: &mut postgres::Client) -> End {
                 }
                 if last_word.elapsed() >= PING_AFTER {
                     if let Err(e) = client.is_valid(PING_TIMEOUT) {
-                        return End::Lost(format!("no answer: {}", cause(&e)));
+                        return End::Lost(format!("no answer: {}", super::conn::describe(&e)));
                     }
                     last_word = Instant::now();
                 }
             }
-            Err(e) => return End::Lost(cause(&e)),
+            Err(e) => return End::Lost(super::conn::describe(&e)),
         }
     }
 }

@@ -112,17 +112,24 @@ const TRUNCATE: i16 = 2 + 32;
 const NO_TRUNCATE: &str = "secretfs_no_truncate";
 
 /// The body (PostgreSQL's `prosrc`) of the trigger function `name` as the
-/// migrations make it: the text between the dollar quotes after its
-/// `CREATE FUNCTION`.
-pub(super) fn function_body(name: &str) -> Option<&'static str> {
-    let head = format!("CREATE FUNCTION {name}()");
-    MIGRATIONS.iter().rev().find_map(|sql| {
-        let at = sql.find(&head)?;
-        let rest = &sql[at..];
-        let open = rest.find("$$")? + 2;
-        let len = rest[open..].find("$$")?;
-        Some(&rest[open..open + len])
-    })
+/// first `version` migrations make it (a database is checked before its
+/// pending migrations run): the text between the dollar quotes after the
+/// last `CREATE [OR REPLACE] FUNCTION` of it.
+pub(super) fn function_body(name: &str, version: usize) -> Option<&'static str> {
+    let heads = [
+        format!("CREATE FUNCTION {name}()"),
+        format!("CREATE OR REPLACE FUNCTION {name}()"),
+    ];
+    MIGRATIONS[..version.min(MIGRATIONS.len())]
+        .iter()
+        .rev()
+        .find_map(|sql| {
+            let at = heads.iter().filter_map(|h| sql.rfind(h.as_str())).max()?;
+            let rest = &sql[at..];
+            let open = rest.find("$$")? + 2;
+            let len = rest[open..].find("$$")?;
+            Some(&rest[open..open + len])
+        })
 }
 
 /// Drops what the migrations made (the tables with their indexes and
@@ -170,7 +177,7 @@ fn relations(tx: &mut Tx<'_>) -> Result<Vec<(String, String)>> {
 /// server writes them, a rule, a view, an unknown table), and the row
 /// set's triggers it lacks (dropped or disabled: the server's own writes
 /// would no longer reach the row set).
-fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
+fn foreign_objects(tx: &mut Tx<'_>, version: usize) -> Result<Vec<String>> {
     let mut found = Vec::new();
     for (name, kind) in relations(tx)? {
         if kind == "table" && KNOWN_TABLES.contains(&name.as_str()) {
@@ -216,7 +223,7 @@ fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
             && kind == want_kind
             && plain
             && pinned == Some(true)
-            && function_body(want_function) == Some(body.as_str());
+            && function_body(want_function, version) == Some(body.as_str());
         if !as_made {
             found.push(format!(
                 "its trigger {name:?} or its function {want_function:?} changed from what \
@@ -246,8 +253,8 @@ fn foreign_objects(tx: &mut Tx<'_>) -> Result<Vec<String>> {
     Ok(found)
 }
 
-fn check_objects(tx: &mut Tx<'_>) -> Result<()> {
-    let found = foreign_objects(tx)?;
+fn check_objects(tx: &mut Tx<'_>, version: usize) -> Result<()> {
+    let found = foreign_objects(tx, version)?;
     if found.is_empty() {
         return Ok(());
     }
@@ -363,7 +370,7 @@ pub(super) fn open(client: &mut Client, create: bool, keys: &Keys, url: &str) ->
                 known: MIGRATIONS.len() as u64,
             });
         }
-        check_objects(tx)?;
+        check_objects(tx, found)?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found) {
             tx.batch(sql)?;
             set_version(tx, i + 1)?;

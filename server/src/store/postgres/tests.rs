@@ -374,7 +374,7 @@ fn a_trigger_or_unknown_table_in_the_schema_is_refused_at_open() {
     let restore_note = format!(
         "CREATE OR REPLACE FUNCTION secretfs_row_set_note() RETURNS trigger LANGUAGE plpgsql
              SET search_path = pg_catalog, pg_temp AS $${}$$",
-        migrate::function_body("secretfs_row_set_note").unwrap()
+        migrate::function_body("secretfs_row_set_note", migrate::MIGRATIONS.len()).unwrap()
     );
     raw(
         "CREATE FUNCTION hide() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -86,8 +86,9 @@ impl Db {
         let url = self.url.clone();
         Source {
             connect: Box::new(move || {
-                postgres::Client::connect(&url, postgres::NoTls)
-                    .map_err(|e| StoreError::Unavailable(cause(&e)))
+                postgres::Client::connect(&url, postgres::NoTls).map_err(|e| {
+                    StoreError::Unavailable(crate::store::postgres::conn::describe(&e))
+                })
             }),
             revision: |c| {
                 Ok(c.query_one("SELECT value FROM revision WHERE id = 1", &[])?
