@@ -1027,3 +1027,18 @@ pub fn postgres_pass_only(why: &str) -> bool {
     eprintln!("run in the postgres pass only (SECRETFS_TEST_STORE=postgres): {why}");
     true
 }
+
+/// A copy of `state` (what an operator copies to the new replica's host).
+pub fn copy_dir(state: &Path, to: &Path) {
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(state)
+        .arg(to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{fresh_database, init_on, marker, run_cmd, Run, TestServer};
+use crate::common::{copy_dir, fresh_database, init_on, marker, run_cmd, Run, TestServer};
 
 /// `server init --database URL` in `tmp/NAME`, with `extra` flags.
 fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> (PathBuf, Run) {
@@ -36,21 +36,6 @@ fn run_fails(state: &Path, configure: impl FnOnce(&mut Command)) -> Run {
         r.stderr
     );
     r
-}
-
-/// A copy of `state` (what an operator copies to the new replica's host).
-fn copy_dir(state: &Path, to: &Path) {
-    let out = Command::new("cp")
-        .arg("-a")
-        .arg(state)
-        .arg(to)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A server of its own on a fresh database.

@@ -8,7 +8,6 @@
 //! starts its own.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,12 +27,10 @@ const LISTEN_APP: &str = "secretfs-listen";
 /// `server init --database URL` in `tmp/NAME` with `extra` flags; must work.
 fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> PathBuf {
     let state = tmp.join(name);
-    let mut cmd = secretfs();
-    cmd.args(["server", "init", "--state-dir"])
-        .arg(&state)
-        .args(["--database", url])
-        .args(extra);
-    run_cmd(cmd, None).ok();
+    init_on(&state, Some(url), |c| {
+        c.args(extra);
+    })
+    .ok();
     state
 }
 
@@ -48,17 +45,7 @@ fn replicas(url: &str, n: usize) -> Vec<TestServer> {
     for i in 1..n {
         let tmp = tempfile::tempdir().unwrap();
         let copy = tmp.path().join("copy-of-r0");
-        let out = Command::new("cp")
-            .arg("-a")
-            .arg(&all[0].state)
-            .arg(&copy)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        copy_dir(&all[0].state, &copy);
         let state = init(
             tmp.path(),
             &format!("r{i}"),
