@@ -1,17 +1,19 @@
 //! The audit table, its hash chain, and the revision counter every change
 //! bumps (as `sqlite/audit.rs`).
 //!
-//! Chaining: `insert` takes the head row's lock (first insert of a job),
-//! gives the entry the next id after the head and keeps the entry as
-//! inserted in the job (in this process: nothing in the database can touch
-//! it); at the end of the job, in its transaction, `chain_pending` chains
-//! exactly those entries after the head and moves the head. An entry found
-//! after the head that this server did not write fails the write.
+//! Chaining: a job holds the head row's lock (taken with a change's first
+//! statements, at an audit-only job's first insert, or kept from an earlier
+//! job of the same transaction); `insert` gives the entry the next id after
+//! the head and its chain value, and the row must come back as written; at
+//! the end of the job, in its transaction, `finish` writes the moved head.
+//! An entry found at an id after the head that this server did not write
+//! fails the write.
 
 use postgres::error::SqlState;
 use postgres::Row;
 
-use super::commit::Tx;
+use super::commit::{owned, Owned, Tx};
+use super::session::{Answer, Want};
 use crate::keys::Keys;
 use crate::store::audit_chain::{
     chain_value, AuditHead, AuditVerdict, ChainedEntry, Walker, GENESIS,
@@ -25,105 +27,141 @@ fn tampered(what: String) -> StoreError {
     ))
 }
 
-pub(super) fn insert(tx: &mut Tx<'_>, e: &AuditEntry) -> Result<()> {
-    let id = match tx.job.next_audit_id {
-        Some(id) => id,
-        None => {
-            // The head's lock, held to commit: audit inserts of every
-            // replica queue here, in one order after the revision's.
-            let head =
-                locked_head(tx)?.ok_or_else(|| tampered("the audit head row is missing".into()))?;
-            let next = head.last_id + 1;
-            tx.job.head = Some(head);
-            next
-        }
-    };
-    tx.job.next_audit_id = Some(id + 1);
-    let at_ms = if e.at_ms == 0 { now_ms() } else { e.at_ms };
-    let inserted = tx.try_exec(
-        "INSERT INTO audit (id, at_ms, actor, action, secret, client, grp, version, allowed, detail)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        &[
-            &(id as i64),
-            &at_ms,
-            &e.actor,
-            &e.action,
-            &e.secret,
-            &e.client,
-            &e.group,
-            &e.version.map(|v| v as i64),
-            &i64::from(e.allowed),
-            &e.detail,
-        ],
-    )?;
-    match inserted {
-        Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            return Err(tampered(format!(
-                "the audit log holds entries after its head (entry {}) that this server did not write",
-                id - 1
-            )))
-        }
-        other => drop(other?),
-    }
-    tx.job.audit.push(AuditEntry {
-        id,
-        at_ms,
-        ..e.clone()
-    });
-    Ok(())
-}
-
-/// Chains the entries this write job inserted, after the head, and moves
-/// the head; in the job's transaction.
-pub(super) fn chain_pending(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
-    let inserted = std::mem::take(&mut tx.job.audit);
-    if inserted.is_empty() {
+/// Takes the head's lock in the job's next round trip, unless the job
+/// holds it already (see `Job::head`).
+pub(super) fn lock_head(tx: &mut Tx<'_>) -> Result<()> {
+    if tx.job.head.is_some() {
         return Ok(());
     }
-    // As read under its lock by the job's first insert.
+    tx.later(LOCKED_HEAD, Want::Rows, owned![], |job, answer| {
+        let rows = match answer? {
+            Answer::Rows(rows) => rows,
+            Answer::Count(_) => Vec::new(),
+        };
+        job.head = head_of(rows.into_iter().next())?;
+        job.head_unchecked = true;
+        Ok(())
+    })
+}
+
+/// The head as the job holds it (its lock taken), its MAC checked.
+fn held_head<'t>(tx: &'t mut Tx<'_>, keys: &Keys) -> Result<&'t mut AuditHead> {
+    if tx.job.head.is_none() {
+        // The head's lock, held to commit: audit inserts of every replica
+        // queue here, in one order after the revision's.
+        tx.job.head = head_of(tx.opt(LOCKED_HEAD, &[])?)?;
+        tx.job.head_unchecked = true;
+    }
     let head = tx
         .job
         .head
-        .take()
+        .as_mut()
         .ok_or_else(|| tampered("the audit head row is missing".into()))?;
-    if !head.is_authentic(keys) {
+    if std::mem::take(&mut tx.job.head_unchecked) && !head.is_authentic(keys) {
         return Err(tampered("the audit head row's MAC does not match".into()));
     }
-    // Every entry after the head, in one query: exactly the ones this job
-    // inserted (the ids the server writes follow the head's), each as the
-    // server wrote it (a row rewritten in between, by a trigger, fails the
-    // job).
-    let after = tx.query(
-        "SELECT id, at_ms, actor, action, secret, client, grp, version, allowed, detail, \
-         epoch, chain FROM audit WHERE id > $1 ORDER BY id LIMIT $2",
-        &[&(head.last_id as i64), &(inserted.len() as i64 + 1)],
-    )?;
-    if after.len() != inserted.len() || inserted[0].id != head.last_id + 1 {
-        return Err(tampered(format!(
-            "the audit log holds entries after its head (entry {}) that this server did not write",
-            head.last_id
-        )));
-    }
+    Ok(head)
+}
+
+/// Appends `e` to the log, chained after the head (the head moves in the
+/// job; [`finish`] writes it). The insert is sent with the job's next
+/// round trip; it fails the job if an entry already has its id (one the
+/// server did not write), or if the row comes back other than written (a
+/// trigger on the audit table).
+pub(super) fn insert(tx: &mut Tx<'_>, e: &AuditEntry) -> Result<()> {
+    let keys = tx
+        .keys
+        .ok_or_else(|| StoreError::Backend("an audit entry outside a write job".into()))?;
+    let head = held_head(tx, keys)?;
+    let at_ms = if e.at_ms == 0 { now_ms() } else { e.at_ms };
+    let mine = AuditEntry {
+        id: head.last_id + 1,
+        at_ms,
+        ..e.clone()
+    };
     let epoch = keys.current.epoch();
-    let mut prev = head.chain;
-    for (row, mine) in after.iter().zip(&inserted) {
-        let e = entry(row)?;
-        if e != *mine {
-            return Err(tampered(format!(
-                "audit entry {} was changed between its insert and its chaining (is there a \
-                 trigger on the audit table?)",
-                mine.id
-            )));
-        }
-        let chain = chain_value(keys, &e, &prev);
-        tx.exec(
-            "UPDATE audit SET epoch = $1, chain = $2 WHERE id = $3",
-            &[&i64::from(epoch), &chain, &(mine.id as i64)],
-        )?;
-        prev = chain;
+    let chain = chain_value(keys, &mine, &head.chain);
+    head.last_id = mine.id;
+    head.chain = chain.clone();
+    tx.job.head_moved = true;
+    let after = mine.id - 1;
+    tx.later(
+        "INSERT INTO audit (id, at_ms, actor, action, secret, client, grp, version, allowed, detail, epoch, chain)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+         RETURNING id, at_ms, actor, action, secret, client, grp, version, allowed, detail, epoch, chain",
+        Want::Rows,
+        owned![
+            mine.id as i64,
+            at_ms,
+            mine.actor.clone(),
+            mine.action.clone(),
+            mine.secret.clone(),
+            mine.client.clone(),
+            mine.group.clone(),
+            mine.version.map(|v| v as i64),
+            i64::from(mine.allowed),
+            mine.detail.clone(),
+            i64::from(epoch),
+            chain.clone(),
+        ],
+        move |_, answer| {
+            let rows = match answer {
+                Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    return Err(tampered(format!(
+                        "the audit log holds entries after its head (entry {after}) that this \
+                         server did not write"
+                    )))
+                }
+                Err(err) => return Err(err.into()),
+                Ok(Answer::Rows(rows)) => rows,
+                Ok(Answer::Count(_)) => Vec::new(),
+            };
+            let as_written = match rows.first().map(chained).transpose()? {
+                Some((entry, Some(e), Some(c))) => entry == mine && e == epoch && c == chain,
+                _ => false,
+            };
+            if !as_written {
+                return Err(tampered(format!(
+                    "audit entry {} came back from the database other than the server wrote it \
+                     (is there a trigger on the audit table?)",
+                    mine.id
+                )));
+            }
+            Ok(())
+        },
+    )
+}
+
+/// At the end of a write job: no entry follows the job's own, and the head
+/// they moved is written (sent with the job's last round trip).
+pub(super) fn finish(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
+    if !std::mem::take(&mut tx.job.head_moved) {
+        return Ok(());
     }
-    let last = inserted.last().expect("not empty").id;
-    put_head(tx, &AuditHead::sign(keys, last, prev))
+    let head = tx
+        .job
+        .head
+        .as_ref()
+        .ok_or_else(|| tampered("the audit head row is missing".into()))?;
+    let head = AuditHead::sign(keys, head.last_id, head.chain.clone());
+    // Nothing after the job's entries either (a forged entry at a later
+    // id would be adopted by the writes that reach it).
+    let last = head.last_id;
+    tx.later(
+        "SELECT id FROM audit WHERE id > $1 ORDER BY id LIMIT 1",
+        Want::Rows,
+        owned![last as i64],
+        move |_, answer| match answer? {
+            Answer::Rows(rows) if !rows.is_empty() => Err(tampered(format!(
+                "the audit log holds entries after its head (entry {last}) that this server \
+                 did not write"
+            ))),
+            _ => Ok(()),
+        },
+    )?;
+    tx.later_exec(PUT_HEAD, put_head_params(&head))?;
+    tx.job.head = Some(head);
+    Ok(())
 }
 
 /// The head of a new database: no entry, the genesis value.
@@ -164,13 +202,8 @@ pub(super) fn head(tx: &mut Tx<'_>) -> Result<Option<AuditHead>> {
 }
 
 /// The head, locked until commit.
-fn locked_head(tx: &mut Tx<'_>) -> Result<Option<AuditHead>> {
-    let row = tx.opt(
-        "SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1 FOR UPDATE",
-        &[],
-    )?;
-    head_of(row)
-}
+const LOCKED_HEAD: &str =
+    "SELECT last_id, chain, epoch, mac FROM audit_head WHERE id = 1 FOR UPDATE";
 
 fn head_of(row: Option<postgres::Row>) -> Result<Option<AuditHead>> {
     row.map(|r| {
@@ -184,14 +217,22 @@ fn head_of(row: Option<postgres::Row>) -> Result<Option<AuditHead>> {
     .transpose()
 }
 
+const PUT_HEAD: &str =
+    "INSERT INTO audit_head (id, last_id, chain, epoch, mac) VALUES (1, $1, $2, $3, $4)
+     ON CONFLICT (id) DO UPDATE SET last_id = excluded.last_id, chain = excluded.chain,
+         epoch = excluded.epoch, mac = excluded.mac";
+
+fn put_head_params(h: &AuditHead) -> Owned {
+    owned![
+        h.last_id as i64,
+        h.chain.clone(),
+        i64::from(h.epoch),
+        h.mac.clone()
+    ]
+}
+
 fn put_head(tx: &mut Tx<'_>, h: &AuditHead) -> Result<()> {
-    tx.exec(
-        "INSERT INTO audit_head (id, last_id, chain, epoch, mac) VALUES (1, $1, $2, $3, $4)
-         ON CONFLICT (id) DO UPDATE SET last_id = excluded.last_id, chain = excluded.chain,
-             epoch = excluded.epoch, mac = excluded.mac",
-        &[&(h.last_id as i64), &h.chain, &i64::from(h.epoch), &h.mac],
-    )?;
-    Ok(())
+    tx.later_exec(PUT_HEAD, put_head_params(h))
 }
 
 /// Walks the whole log in one read transaction, a row at a time.

@@ -16,9 +16,11 @@ use postgres::types::ToSql;
 use postgres::{Row, Statement};
 
 use super::conn::{self, PgConfig};
+use super::session::{Answer, Cache, Pipelined, Session, Want};
 use super::{audit, notify, row_set};
 use crate::keys::Keys;
-use crate::store::{AuditEntry, Change, Result, StoreError};
+use crate::store::audit_chain::AuditHead;
+use crate::store::{Change, Result, StoreError};
 
 /// Connections kept: what `Store::concurrency` reports.
 pub(super) const POOL_SIZE: usize = 8;
@@ -27,13 +29,25 @@ pub(super) const POOL_SIZE: usize = 8;
 /// failure or a deadlock (it rolled the transaction back: nothing written).
 const ATTEMPTS: u32 = 5;
 
-pub(super) type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+pub(super) use super::session::Params;
+
+/// A statement's parameters, owned: a statement sent later (see
+/// [`Tx::later`]) outlives the values its caller had.
+pub(super) type Owned = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// [`Owned`] parameters from values: `owned![a, b]`.
+macro_rules! owned {
+    ($($v:expr),* $(,)?) => {
+        vec![$(Box::new($v) as Box<dyn ::postgres::types::ToSql + Sync + Send>),*]
+    };
+}
+pub(super) use owned;
 
 /// One connection and its prepared statements (`Client::prepare` is a
 /// round trip; one change runs some thirty statements).
-pub(super) struct Conn {
-    client: postgres::Client,
-    cache: HashMap<&'static str, Statement>,
+pub(super) struct Conn<C = postgres::Client> {
+    client: C,
+    cache: Cache,
 }
 
 pub(super) struct Pool {
@@ -73,15 +87,15 @@ impl Drop for Pooled<'_> {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let mut idle = std::mem::take(&mut *unpoison(self.idle.lock()));
-        idle.extend(self.writer.take_conn());
+        let idle = std::mem::take(&mut *unpoison(self.idle.lock()));
+        let writer = self.writer.take_conn();
         // The driver's connections close by blocking on runtimes of their
         // own, which panics on an async thread: a store dropped there (a
         // server shutting down) closes them on a thread of their own.
-        if !idle.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+        if (!idle.is_empty() || writer.is_some()) && tokio::runtime::Handle::try_current().is_ok() {
             let closing = std::thread::Builder::new()
                 .name("secretfs-pg-close".into())
-                .spawn(move || drop(idle));
+                .spawn(move || drop((idle, writer)));
             if let Err(e) = closing {
                 tracing::warn!(error = %e, "could not close the PostgreSQL connections");
             }
@@ -157,28 +171,44 @@ impl Pooled<'_> {
         &mut self.conn.as_mut().expect("held until drop").client
     }
 
-    pub(super) fn parts(
-        &mut self,
-    ) -> (&mut postgres::Client, &mut HashMap<&'static str, Statement>) {
+    pub(super) fn parts(&mut self) -> (&mut postgres::Client, &mut Cache) {
         let c = self.conn.as_mut().expect("held until drop");
         (&mut c.client, &mut c.cache)
     }
 }
 
-/// What a write job leaves for its end (the audit entries to chain, the
-/// change to announce).
+/// What a write job carries from its statements to its end (the revision,
+/// the audit head, the change to announce).
 #[derive(Default)]
 pub(super) struct Job {
     /// The revision this change commits at (taken first thing).
     pub revision: Option<u64>,
-    /// The head's lock is held, and the id the next entry gets.
-    pub next_audit_id: Option<u64>,
-    /// The head as read under that lock.
-    pub head: Option<crate::store::audit_chain::AuditHead>,
-    /// The entries this job inserted, as inserted (chained at its end).
-    pub audit: Vec<AuditEntry>,
+    /// The audit head as this job sees it, its lock held: read under the
+    /// lock, or kept from an earlier job of the batch (whose lock the
+    /// batch's transaction holds); moved by each entry the job inserts.
+    pub head: Option<AuditHead>,
+    /// `head` was read from the database and its MAC is not checked yet.
+    pub head_unchecked: bool,
+    /// The job inserted audit entries: the head is written at its end.
+    pub head_moved: bool,
     /// What to announce on the database's channel at commit.
     pub change: Option<Change>,
+    /// The row set's sealed record, as read at the end of the job.
+    pub row_set: Option<Option<Vec<u8>>>,
+}
+
+/// What checks a statement sent later: its answer, or its error (an error
+/// must fail the job; a check may say which). It may note what it learnt
+/// in the job.
+type Check<'c> =
+    Box<dyn FnOnce(&mut Job, std::result::Result<Answer, postgres::Error>) -> Result<()> + 'c>;
+
+/// A statement waiting to be sent (see [`Tx::later`]).
+struct Queued<'c> {
+    st: Statement,
+    want: Want,
+    params: Owned,
+    check: Check<'c>,
 }
 
 /// A statement run in a transaction the caller opened on `client` (a read
@@ -186,27 +216,35 @@ pub(super) struct Job {
 /// statement cache. The transaction is begun and ended with plain
 /// statements (`BEGIN`, `SAVEPOINT`, `COMMIT`): a write batch's
 /// transaction outlives each job's borrow of the connection.
+///
+/// Statements whose answer is only checked (most writes) are sent later
+/// ([`Tx::later`]): they wait until the next statement whose answer is
+/// needed, or the end of the job, and go with it in one round trip, in
+/// order, on a session that pipelines (the writer's).
 pub(super) struct Tx<'c> {
-    client: &'c mut postgres::Client,
-    cache: &'c mut HashMap<&'static str, Statement>,
+    client: &'c mut dyn Session,
+    cache: &'c mut Cache,
     pub job: Job,
+    /// The master keys: in a write job.
+    pub keys: Option<&'c Keys>,
+    queued: Vec<Queued<'c>>,
+    /// A statement of this transaction was sent.
+    sent: bool,
 }
 
 /// Runs `f` in one transaction begun with `begin` on `client`, committed
 /// if `f` succeeds and rolled back otherwise.
 pub(super) fn in_transaction<T>(
     client: &mut postgres::Client,
-    cache: &mut HashMap<&'static str, Statement>,
+    cache: &mut Cache,
     begin: &str,
     f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
 ) -> Result<T> {
     client.batch_execute(begin)?;
-    let mut t = Tx {
-        client: &mut *client,
-        cache,
-        job: Job::default(),
-    };
-    match f(&mut t) {
+    let mut t = Tx::new(&mut *client, cache, None);
+    let out = f(&mut t).and_then(|out| t.flush().map(|()| out));
+    drop(t);
+    match out {
         Ok(out) => {
             client.batch_execute("COMMIT")?;
             Ok(out)
@@ -220,7 +258,29 @@ pub(super) fn in_transaction<T>(
     }
 }
 
+fn rows(answer: Answer) -> Vec<Row> {
+    match answer {
+        Answer::Rows(rows) => rows,
+        Answer::Count(_) => Vec::new(),
+    }
+}
+
+fn row_count(n: usize) -> StoreError {
+    StoreError::Backend(format!("a statement returned {n} rows where one was expected").into())
+}
+
 impl<'c> Tx<'c> {
+    fn new(client: &'c mut dyn Session, cache: &'c mut Cache, keys: Option<&'c Keys>) -> Tx<'c> {
+        Tx {
+            client,
+            cache,
+            job: Job::default(),
+            keys,
+            queued: Vec::new(),
+            sent: false,
+        }
+    }
+
     fn stmt(&mut self, sql: &'static str) -> Result<Statement> {
         if let Some(s) = self.cache.get(sql) {
             return Ok(s.clone());
@@ -230,24 +290,136 @@ impl<'c> Tx<'c> {
         Ok(s)
     }
 
-    pub fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>> {
+    /// Sends `sql` with what waits to be sent, in one round trip, and
+    /// checks what waited; `sql`'s own answer or error.
+    fn now(
+        &mut self,
+        sql: &'static str,
+        want: Want,
+        p: Params<'_>,
+    ) -> Result<std::result::Result<Answer, postgres::Error>> {
         let st = self.stmt(sql)?;
-        Ok(self.client.query(&st, p)?)
+        self.sent = true;
+        if self.queued.is_empty() {
+            return Ok(match want {
+                Want::Rows => self.client.query(&st, p).map(Answer::Rows),
+                Want::Count => self.client.execute(&st, p).map(Answer::Count),
+            });
+        }
+        let mut answers = self.send(Some((&st, want, p)))?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError::Backend("a statement sent before it failed".into()))
+    }
+
+    /// Sends what waits (and `last`), then runs the checks of what waited,
+    /// in order; the answers left (`last`'s).
+    fn send(
+        &mut self,
+        last: Option<(&Statement, Want, Params<'_>)>,
+    ) -> Result<Vec<std::result::Result<Answer, postgres::Error>>> {
+        let queued = std::mem::take(&mut self.queued);
+        let mut answers = {
+            let params: Vec<Vec<&(dyn ToSql + Sync)>> = queued
+                .iter()
+                .map(|q| {
+                    q.params
+                        .iter()
+                        .map(|b| &**b as &(dyn ToSql + Sync))
+                        .collect()
+                })
+                .collect();
+            let mut items: Vec<(&Statement, Want, Params<'_>)> = queued
+                .iter()
+                .zip(&params)
+                .map(|(q, p)| (&q.st, q.want, p.as_slice()))
+                .collect();
+            items.extend(last);
+            self.sent = true;
+            self.client.pipeline(&items).into_iter()
+        };
+        for q in queued {
+            match answers.next() {
+                Some(answer) => (q.check)(&mut self.job, answer)?,
+                None => {
+                    return Err(StoreError::Backend(
+                        "a statement sent before it failed".into(),
+                    ))
+                }
+            }
+        }
+        Ok(answers.collect())
+    }
+
+    /// Queues `sql` to be sent with the next statement whose answer is
+    /// needed (or at [`flush`](Self::flush)); `check` sees its answer.
+    pub fn later(
+        &mut self,
+        sql: &'static str,
+        want: Want,
+        params: Owned,
+        check: impl FnOnce(&mut Job, std::result::Result<Answer, postgres::Error>) -> Result<()> + 'c,
+    ) -> Result<()> {
+        let st = self.stmt(sql)?;
+        self.queued.push(Queued {
+            st,
+            want,
+            params,
+            check: Box::new(check),
+        });
+        Ok(())
+    }
+
+    /// As [`later`](Self::later), for a statement that only has to succeed.
+    pub fn later_exec(&mut self, sql: &'static str, params: Owned) -> Result<()> {
+        self.later(sql, Want::Count, params, |_, answer| {
+            answer.map(drop).map_err(StoreError::from)
+        })
+    }
+
+    /// As [`later`](Self::later), for a statement that returns exactly one
+    /// row, which `check` sees.
+    pub fn later_one(
+        &mut self,
+        sql: &'static str,
+        params: Owned,
+        check: impl FnOnce(&mut Job, Row) -> Result<()> + 'c,
+    ) -> Result<()> {
+        self.later(sql, Want::Rows, params, |job, answer| {
+            let mut rows = rows(answer?);
+            match rows.len() {
+                1 => check(job, rows.pop().expect("one row")),
+                n => Err(row_count(n)),
+            }
+        })
+    }
+
+    /// Sends what waits, and checks it.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.queued.is_empty() {
+            self.send(None)?;
+        }
+        Ok(())
+    }
+
+    pub fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>> {
+        Ok(rows(self.now(sql, Want::Rows, p)??))
     }
 
     pub fn opt(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>> {
-        let st = self.stmt(sql)?;
-        Ok(self.client.query_opt(&st, p)?)
+        let mut rows = self.query(sql, p)?;
+        match rows.len() {
+            0 | 1 => Ok(rows.pop()),
+            n => Err(row_count(n)),
+        }
     }
 
     pub fn one(&mut self, sql: &'static str, p: Params<'_>) -> Result<Row> {
-        let st = self.stmt(sql)?;
-        Ok(self.client.query_one(&st, p)?)
+        self.try_one(sql, p)?.map_err(StoreError::from)
     }
 
     pub fn exec(&mut self, sql: &'static str, p: Params<'_>) -> Result<u64> {
-        let st = self.stmt(sql)?;
-        Ok(self.client.execute(&st, p)?)
+        self.try_exec(sql, p)?.map_err(StoreError::from)
     }
 
     /// As [`exec`](Self::exec), the driver's error kept (a unique
@@ -257,8 +429,10 @@ impl<'c> Tx<'c> {
         sql: &'static str,
         p: Params<'_>,
     ) -> Result<std::result::Result<u64, postgres::Error>> {
-        let st = self.stmt(sql)?;
-        Ok(self.client.execute(&st, p))
+        Ok(self.now(sql, Want::Count, p)?.map(|a| match a {
+            Answer::Count(n) => n,
+            Answer::Rows(rows) => rows.len() as u64,
+        }))
     }
 
     /// As [`one`](Self::one), the driver's error kept.
@@ -267,8 +441,16 @@ impl<'c> Tx<'c> {
         sql: &'static str,
         p: Params<'_>,
     ) -> Result<std::result::Result<Row, postgres::Error>> {
-        let st = self.stmt(sql)?;
-        Ok(self.client.query_one(&st, p))
+        match self.now(sql, Want::Rows, p)? {
+            Err(e) => Ok(Err(e)),
+            Ok(answer) => {
+                let mut rows = rows(answer);
+                match rows.len() {
+                    1 => Ok(Ok(rows.pop().expect("one row"))),
+                    n => Err(row_count(n)),
+                }
+            }
+        }
     }
 
     /// Rows one at a time (never the whole result in memory): `f` sees
@@ -279,18 +461,15 @@ impl<'c> Tx<'c> {
         p: Params<'_>,
         mut f: impl FnMut(&Row) -> Result<bool>,
     ) -> Result<()> {
-        use postgres::fallible_iterator::FallibleIterator;
+        self.flush()?;
         let st = self.stmt(sql)?;
-        let mut rows = self.client.query_raw(&st, p.iter().copied())?;
-        while let Some(row) = rows.next()? {
-            if !f(&row)? {
-                break;
-            }
-        }
-        Ok(())
+        self.sent = true;
+        self.client.each(&st, p, &mut f)
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<()> {
+        self.flush()?;
+        self.sent = true;
         Ok(self.client.batch_execute(sql)?)
     }
 }
@@ -392,13 +571,14 @@ enum Again {
 /// Jobs one transaction takes at most: the revision row's lock is held
 /// across the whole batch, so other replicas' writers wait for it; and
 /// each job's savepoint is a subtransaction, of which PostgreSQL caches 64
-/// per transaction (past that every snapshot in the database gets slower).
+/// per transaction (past that every snapshot in the database gets slower;
+/// the savepoints nest, unreleased, to COMMIT: 32 deep at most).
 const MAX_BATCH: usize = 32;
 
 /// The writer: its own connection (reads never wait for a batch), the
 /// batch's state, and the writers queued for the connection.
 pub(super) struct Writer {
-    conn: Mutex<Option<Conn>>,
+    conn: Mutex<Option<WriterConn>>,
     group: Mutex<Group>,
     committed: Condvar,
     /// Writers waiting for the connection: while there are any, a writer
@@ -417,9 +597,19 @@ impl Writer {
     }
 
     /// The writer's connection, if made (the pool's drop closes it).
-    pub(super) fn take_conn(&self) -> Option<Conn> {
+    pub(super) fn take_conn(&self) -> Option<WriterConn> {
         unpoison(self.conn.lock()).take()
     }
+}
+
+/// The writer's connection (one that pipelines), and what the open
+/// batch's transaction holds.
+pub(super) struct WriterConn {
+    conn: Conn<Pipelined>,
+    /// The audit head, locked by a kept job of the open transaction, as
+    /// its last kept job left it (the next job starts from it instead of
+    /// reading it again); none outside a transaction.
+    head: Option<AuditHead>,
 }
 
 impl Pool {
@@ -515,27 +705,27 @@ impl Pool {
             }
             g.epoch
         };
-        let conn = slot.as_mut().expect("a transaction is open on it");
-        let (client, cache) = (&mut conn.client, &mut conn.cache);
+        let wc = slot.as_mut().expect("a transaction is open on it");
+        let (client, cache) = (&mut wc.conn.client, &mut wc.conn.cache);
+        let mut t = Tx::new(&mut *client, &mut *cache, Some(keys));
+        t.job.head = wc.head.clone();
         // The job's result, or its panic (resumed once the batch is safe).
-        let out = match client.batch_execute("SAVEPOINT job") {
-            Err(e) => Ok(Err(StoreError::from(e))),
-            Ok(()) => {
-                let mut t = Tx {
-                    client: &mut *client,
-                    cache: &mut *cache,
-                    job: Job::default(),
-                };
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_job(&mut t, keys, kind, f)
-                }))
-            }
-        };
+        let out =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&mut t, kind, f)));
+        let (sent, head) = (t.sent, t.job.head.take());
+        drop(t);
         let kept = matches!(out, Ok(Ok(_)));
         let closed = if kept {
-            client.batch_execute("RELEASE SAVEPOINT job")
-        } else {
+            // Its savepoint stays open to COMMIT: the locks it took (the
+            // head's) are held with it.
+            wc.head = head;
+            Ok(())
+        } else if sent {
+            // The head as before the job: its lock is held if it was.
             client.batch_execute("ROLLBACK TO SAVEPOINT job; RELEASE SAVEPOINT job")
+        } else {
+            // Nothing of it was sent: no savepoint to roll back to.
+            Ok(())
         };
         if let Err(e) = closed {
             // The transaction is in an unknown state (or the connection is
@@ -576,19 +766,24 @@ impl Pool {
     /// Opens the batch's transaction on the writer connection (made if
     /// there is none; a closed one is replaced, once more if BEGIN finds
     /// it dead).
-    fn begin(&self, slot: &mut Option<Conn>) -> std::result::Result<(), Again> {
+    fn begin(&self, slot: &mut Option<WriterConn>) -> std::result::Result<(), Again> {
         for tries in 0.. {
-            if slot.as_ref().is_some_and(|c| c.client.is_closed()) {
+            if slot.as_ref().is_some_and(|c| c.conn.client.is_closed()) {
                 *slot = None;
             }
             let reused = slot.is_some();
             if slot.is_none() {
-                *slot = Some(Conn {
-                    client: conn::connect(&self.cfg).map_err(Again::No)?,
-                    cache: HashMap::new(),
+                *slot = Some(WriterConn {
+                    conn: Conn {
+                        client: conn::connect_pipelined(&self.cfg).map_err(Again::No)?,
+                        cache: HashMap::new(),
+                    },
+                    head: None,
                 });
             }
-            let c = slot.as_mut().expect("just made");
+            let wc = slot.as_mut().expect("just made");
+            wc.head = None;
+            let c = &mut wc.conn;
             match c.client.batch_execute("BEGIN") {
                 Ok(()) => break,
                 Err(e) if reused && tries == 0 && conn::is_connection_error(&e) => {
@@ -613,7 +808,7 @@ impl Pool {
 
     /// Commits the open transaction for every job in it and wakes their
     /// writers; its epoch (`None`: nothing was open).
-    fn end_batch(&self, slot: &mut Option<Conn>) -> Option<u64> {
+    fn end_batch(&self, slot: &mut Option<WriterConn>) -> Option<u64> {
         let epoch = {
             let g = unpoison(self.writer.group.lock());
             if !g.open {
@@ -621,7 +816,9 @@ impl Pool {
             }
             g.epoch
         };
-        let conn = slot.as_mut().expect("a transaction is open on it");
+        let wc = slot.as_mut().expect("a transaction is open on it");
+        wc.head = None;
+        let conn = &mut wc.conn;
         let committed = conn.client.batch_execute("COMMIT");
         unpoison(self.writer.group.lock()).commits += 1;
         let mut dead = false;
@@ -705,37 +902,58 @@ fn lost_before(why: &str) -> String {
 }
 
 /// One write job in its savepoint: the write's first lock, `f`, and the
-/// end of every job.
+/// end of every job, its statements sent in three round trips for a
+/// rotation (the savepoint and the locks with the job's first read; its
+/// writes with the row set's pending shares; the row set, the head and
+/// the notification).
 fn run_job<T>(
     t: &mut Tx<'_>,
-    keys: &Keys,
     kind: Write,
     f: &mut impl FnMut(&mut Tx<'_>) -> Result<T>,
 ) -> Result<T> {
+    t.later_exec("SAVEPOINT job", owned![])?;
     match kind {
         Write::Change => {
-            let v: i64 = t
-                .one(
-                    "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
-                    &[],
-                )?
-                .try_get(0)?;
-            t.job.revision = Some(v as u64);
+            t.later_one(
+                "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
+                owned![],
+                |job, row| {
+                    job.revision = Some(row.try_get::<_, i64>(0)? as u64);
+                    Ok(())
+                },
+            )?;
+            // Every change is audited: the head's lock now, in one order
+            // after the revision's.
+            audit::lock_head(t)?;
         }
         Write::Locked => {
-            t.one("SELECT value FROM revision WHERE id = 1 FOR UPDATE", &[])?;
+            t.later_one(
+                "SELECT value FROM revision WHERE id = 1 FOR UPDATE",
+                owned![],
+                |_, _| Ok(()),
+            )?;
         }
         Write::AuditOnly => {}
     }
     let out = f(t)?;
-    audit::chain_pending(t, keys)?;
+    let keys = t
+        .keys
+        .ok_or_else(|| StoreError::Backend("a write job without keys".into()))?;
+    audit::finish(t, keys)?;
     // Audit entries are not protected rows: nothing to fold.
     if kind != Write::AuditOnly {
         row_set::flush(t, keys)?;
     }
     if let Some(change) = t.job.change {
         let payload = notify::payload(&change);
-        t.exec("SELECT pg_notify($1, $2)", &[&notify::CHANNEL, &payload])?;
+        t.later_exec(
+            "SELECT pg_notify($1, $2)",
+            owned![notify::CHANNEL.to_owned(), payload],
+        )?;
     }
+    // Its savepoint is left open (nested in the earlier jobs' until the
+    // batch's COMMIT): a check of its last answers can still fail it, and
+    // releasing it would be one more round trip.
+    t.flush()?;
     Ok(out)
 }

@@ -10,6 +10,7 @@ use postgres::config::Host;
 use postgres::error::SqlState;
 use zeroize::Zeroizing;
 
+use super::session::{self, Pipelined, Session};
 use crate::store::{Result, StoreError};
 
 /// How long a connection attempt may take when the URL does not say.
@@ -39,7 +40,7 @@ const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVES_RETRIES: u32 = 3;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn set_timeouts(config: &mut postgres::Config) {
+fn set_timeouts(config: &mut tokio_postgres::Config) {
     let options = match config.get_options() {
         Some(given) => format!("{SESSION_TIMEOUTS} {given}"),
         None => SESSION_TIMEOUTS.to_owned(),
@@ -73,7 +74,7 @@ pub(super) enum Tls {
 /// Where and how to connect, parsed and checked once at start.
 #[derive(Clone)]
 pub struct PgConfig {
-    pub(super) config: postgres::Config,
+    pub(super) config: tokio_postgres::Config,
     pub(super) tls: Tls,
     redacted: String,
 }
@@ -123,7 +124,7 @@ fn encode(s: &str) -> String {
 /// database and the options that are not secret. It connects as the URL
 /// did when the password is given apart.
 fn redacted_url(
-    config: &postgres::Config,
+    config: &tokio_postgres::Config,
     connect_timeout: Option<Duration>,
     sslmode: Option<&str>,
     rootcert: Option<&std::path::Path>,
@@ -286,7 +287,7 @@ impl PgConfig {
         } else {
             format!("{base}?{}", rest.join("&"))
         });
-        let mut config = postgres::Config::from_str(driver_url.as_str())
+        let mut config = tokio_postgres::Config::from_str(driver_url.as_str())
             .map_err(|e| bad_url(&redacted, format_args!("cannot be parsed: {e}")))?;
         if let Some(pw) = password {
             config.password(pw.as_bytes());
@@ -398,39 +399,56 @@ impl PgConfig {
 /// A new connection, with what every connection of the store needs (the
 /// row set's pending table, see `row_set`).
 pub(super) fn connect(cfg: &PgConfig) -> Result<postgres::Client> {
-    let client = match &cfg.tls {
-        Tls::Off => cfg.config.connect(postgres::NoTls),
+    let mut client = match &cfg.tls {
+        Tls::Off => postgres::Config::from(cfg.config.clone())
+            .connect(postgres::NoTls)
+            .map_err(|e| connect_error(cfg, &e))?,
         Tls::VerifyFull(ca) => {
-            let client = super::tls::connect(&cfg.config, ca).map_err(|e| match e {
-                // The server's own refusal (password, database) is told
-                // the same way with TLS as without.
-                StoreError::Backend(source) => match source.downcast_ref::<postgres::Error>() {
-                    Some(pg) => connect_error(cfg, pg),
-                    None => StoreError::Backend(source),
-                },
-                other => other,
-            })?;
-            return finish(cfg, client);
+            super::tls::connect(&cfg.config, ca).map_err(|e| tls_connect_error(cfg, e))?
         }
     };
-    finish(cfg, client.map_err(|e| connect_error(cfg, &e))?)
-}
-
-fn finish(cfg: &PgConfig, mut client: postgres::Client) -> Result<postgres::Client> {
-    // The search path is pinned to the schema the tables are in (the
-    // first of the login's search path that exists), then the catalog and
-    // the session's temporary schema last: a table or function someone
-    // makes in another schema is never taken for ours or the catalog's.
     client
-        .batch_execute(
-            "SELECT pg_catalog.set_config('search_path', \
-                 pg_catalog.concat_ws(', ', pg_catalog.quote_ident(pg_catalog.current_schema()), \
-                 'pg_catalog', 'pg_temp'), false); \
-             CREATE TEMP TABLE IF NOT EXISTS row_set_pending (kind TEXT NOT NULL, mac BYTEA)",
-        )
+        .batch_execute(SESSION_SETUP)
         .map_err(|e| connect_error(cfg, &e))?;
     Ok(client)
 }
+
+/// As [`connect`], a session that pipelines (the writer's).
+pub(super) fn connect_pipelined(cfg: &PgConfig) -> Result<Pipelined> {
+    let rt = session::runtime()?;
+    let mut session = match &cfg.tls {
+        Tls::Off => Pipelined::connect(rt, cfg.config.connect(tokio_postgres::NoTls))
+            .map_err(|e| connect_error(cfg, &e))?,
+        Tls::VerifyFull(ca) => super::tls::connect_pipelined(&cfg.config, ca, rt)
+            .map_err(|e| tls_connect_error(cfg, e))?,
+    };
+    session
+        .batch_execute(SESSION_SETUP)
+        .map_err(|e| connect_error(cfg, &e))?;
+    Ok(session)
+}
+
+/// The server's own refusal (password, database) is told the same way
+/// with TLS as without.
+fn tls_connect_error(cfg: &PgConfig, e: StoreError) -> StoreError {
+    match e {
+        StoreError::Backend(source) => match source.downcast_ref::<postgres::Error>() {
+            Some(pg) => connect_error(cfg, pg),
+            None => StoreError::Backend(source),
+        },
+        other => other,
+    }
+}
+
+/// The search path is pinned to the schema the tables are in (the first
+/// of the login's search path that exists), then the catalog and the
+/// session's temporary schema last: a table or function someone makes in
+/// another schema is never taken for ours or the catalog's. And the row
+/// set's pending table (see `row_set`).
+const SESSION_SETUP: &str = "SELECT pg_catalog.set_config('search_path', \
+     pg_catalog.concat_ws(', ', pg_catalog.quote_ident(pg_catalog.current_schema()), \
+     'pg_catalog', 'pg_temp'), false); \
+     CREATE TEMP TABLE IF NOT EXISTS row_set_pending (kind TEXT NOT NULL, mac BYTEA)";
 
 /// Why a connection could not be made, with the fix; never the password.
 pub(super) fn connect_error(cfg: &PgConfig, e: &postgres::Error) -> StoreError {

@@ -9,7 +9,7 @@
 
 use postgres::Row;
 
-use super::commit::Tx;
+use super::commit::{owned, Tx};
 use crate::keys::{Keys, MacInput};
 use crate::store::integrity::{self, BadRow, SecretRow, META_ROWS_AUTHENTICATED};
 use crate::store::{Result, StoreError};
@@ -216,6 +216,14 @@ pub(super) fn sign_row(
     row: &Row,
     expected: &MacInput,
 ) -> Result<()> {
+    as_written(table, row, expected)?;
+    let tag = keys.row_tag(expected).to_vec();
+    let row_id: i64 = row.try_get(0)?;
+    tx.later_exec(table.set_mac_id, owned![tag, row_id])
+}
+
+/// Checks a row a write returned is as the server wrote it.
+pub(super) fn as_written(table: &Table, row: &Row, expected: &MacInput) -> Result<()> {
     let returned = (table.input)(row).ok().flatten();
     if returned.as_ref() != Some(expected) {
         let key = (table.key)(row).unwrap_or_else(|_| "?".into());
@@ -230,9 +238,6 @@ pub(super) fn sign_row(
             .into(),
         ));
     }
-    let tag = keys.row_tag(expected).to_vec();
-    let row_id: i64 = row.try_get(0)?;
-    tx.exec(table.set_mac_id, &[&tag, &row_id])?;
     Ok(())
 }
 

@@ -28,6 +28,7 @@ mod rekey;
 mod row_set;
 mod rows;
 mod secrets;
+mod session;
 mod tls;
 
 use std::sync::Arc;

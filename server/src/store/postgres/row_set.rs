@@ -10,8 +10,9 @@
 //! into the record.
 
 use super::audit::revision;
-use super::commit::Tx;
+use super::commit::{owned, Tx};
 use super::macs;
+use super::session::{Answer, Want};
 use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
 use crate::store::integrity::{
     self, row_set_h, row_set_mismatch, xor_into, BadRow, RowSetRecord, StoredMac,
@@ -32,39 +33,55 @@ pub(super) enum Stored {
     Good(RowSetRecord),
 }
 
+const READ: &str = "SELECT sealed FROM row_set WHERE id = 1";
+
 pub(super) fn read(tx: &mut Tx<'_>, keys: &Keys) -> Result<Stored> {
-    let row = tx.opt("SELECT sealed FROM row_set WHERE id = 1", &[])?;
-    Ok(match row {
+    let sealed = tx.opt(READ, &[])?.map(|r| r.try_get(0)).transpose()?;
+    Ok(opened(keys, sealed))
+}
+
+fn opened(keys: &Keys, sealed: Option<Vec<u8>>) -> Stored {
+    match sealed {
         None => Stored::Missing,
-        Some(r) => match RowSetRecord::open(keys, &r.try_get::<_, Vec<u8>>(0)?) {
+        Some(sealed) => match RowSetRecord::open(keys, &sealed) {
             Some(rec) => Stored::Good(rec),
             None => Stored::Unreadable,
         },
-    })
+    }
 }
 
+/// Writes the record (sent with the job's next round trip).
 fn write(tx: &mut Tx<'_>, keys: &Keys, rec: &RowSetRecord) -> Result<()> {
     let sealed = rec.seal(keys).map_err(StoreError::backend)?;
-    tx.exec(
+    tx.later_exec(
         "INSERT INTO row_set (id, sealed) VALUES (1, $1)
          ON CONFLICT (id) DO UPDATE SET sealed = excluded.sealed",
-        &[&sealed],
-    )?;
-    Ok(())
+        owned![sealed],
+    )
 }
 
 /// Folds the shares of the rows this job added and removed into the
 /// record. A record that is missing, does not open, or is under a key not
 /// held is left as it is (a finding already).
 pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
+    // The record, read in the same round trip as the shares.
+    tx.later(READ, Want::Rows, owned![], |job, answer| {
+        let rows = match answer? {
+            Answer::Rows(rows) => rows,
+            Answer::Count(_) => Vec::new(),
+        };
+        job.row_set = Some(rows.first().map(|r| r.try_get(0)).transpose()?);
+        Ok(())
+    })?;
     let pending = tx.query(
         "DELETE FROM pg_temp.row_set_pending RETURNING kind, mac",
         &[],
     )?;
+    let sealed = tx.job.row_set.take().flatten();
     if pending.is_empty() {
         return Ok(());
     }
-    let Stored::Good(mut rec) = read(tx, keys)? else {
+    let Stored::Good(mut rec) = opened(keys, sealed) else {
         return Ok(());
     };
     let Some(set) = keys.set_for(rec.epoch) else {

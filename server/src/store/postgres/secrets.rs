@@ -2,7 +2,7 @@
 //! `sqlite/secrets.rs`).
 
 use super::audit::{record_change, revision};
-use super::commit::Tx;
+use super::commit::{owned, Tx};
 use super::macs::{self, secret_mac_cols};
 use super::rows::{
     self, insert_named, secret_cols, select_granted, select_granted_sealed, select_secrets,
@@ -21,6 +21,7 @@ pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<S
     .ok_or_else(|| StoreError::not_found(Entity::Secret, name))
 }
 
+/// Inserts a version made at `at` (sent with the job's next round trip).
 fn insert_version(
     tx: &mut Tx<'_>,
     id: i64,
@@ -28,21 +29,21 @@ fn insert_version(
     size: u64,
     actor: &str,
     sealed: &Sealed,
+    at: i64,
 ) -> Result<()> {
-    tx.exec(
+    tx.later_exec(
         "INSERT INTO secret_versions (secret_id, version, wrapped_key, ciphertext, size, created_at, created_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &[
-            &id,
-            &(version as i64),
-            &sealed.wrapped_key,
-            &sealed.ciphertext,
-            &(size as i64),
-            &now_s(),
-            &actor,
+        owned![
+            id,
+            version as i64,
+            sealed.wrapped_key.clone(),
+            sealed.ciphertext.clone(),
+            size as i64,
+            at,
+            actor.to_owned(),
         ],
-    )?;
-    Ok(())
+    )
 }
 
 /// A secret that would share a path with `name` as file and directory:
@@ -119,7 +120,7 @@ pub(super) fn create(
     });
     macs::sign_row(tx, ck.keys, &macs::SECRETS, &row, &expected)?;
     let sealed = seal(id as u64, 1)?;
-    insert_version(tx, id, 1, new.size, &audit.actor, &sealed)?;
+    insert_version(tx, id, 1, new.size, &audit.actor, &sealed, now_s())?;
     let revision = record_change(
         tx,
         &AuditEntry {
@@ -145,8 +146,13 @@ fn sign_secret(
     row: &::postgres::Row,
     expected: &SecretRecord,
 ) -> Result<()> {
+    macs::sign_row(tx, ck.keys, &macs::SECRETS, row, &mac_input(expected)?)
+}
+
+/// What a `secrets` row's MAC covers.
+fn mac_input(expected: &SecretRecord) -> Result<crate::keys::MacInput> {
     let labels = serde_json::to_string(&expected.labels).map_err(StoreError::backend)?;
-    let input = integrity::secret(&integrity::SecretRow {
+    Ok(integrity::secret(&integrity::SecretRow {
         id: expected.id,
         name: &expected.name,
         description: &expected.description,
@@ -159,10 +165,12 @@ fn sign_secret(
         version_count: expected.version_count,
         created_at: expected.created_at,
         updated_at: expected.updated_at,
-    });
-    macs::sign_row(tx, ck.keys, &macs::SECRETS, row, &input)
+    }))
 }
 
+/// A new version: after the secret's read, every statement is sent with
+/// the job's next round trip, and the record returned is the one written
+/// (the row comes back as written, or the job fails).
 pub(super) fn rotate(
     tx: &mut Tx<'_>,
     ck: &Checker<'_>,
@@ -175,28 +183,40 @@ pub(super) fn rotate(
     let current = by_name(tx, ck, name)?;
     let version = current.version_count + 1;
     let sealed = seal(current.id, version)?;
-    insert_version(tx, current.id as i64, version, size, &audit.actor, &sealed)?;
     let now = now_s();
+    insert_version(
+        tx,
+        current.id as i64,
+        version,
+        size,
+        &audit.actor,
+        &sealed,
+        now,
+    )?;
     let expires_at = match expires {
         Some(set) => set,
         None => current.expires_at.filter(|t| *t > now),
     };
-    let row = tx.one(
-        concat!(
-            "UPDATE secrets SET current_version = $2, version_count = $2, updated_at = $3, \
-             expires_at = $4 WHERE id = $1 RETURNING ",
-            secret_mac_cols!()
-        ),
-        &[&(current.id as i64), &(version as i64), &now, &expires_at],
-    )?;
-    let expected = SecretRecord {
+    let written = SecretRecord {
         current_version: version,
         version_count: version,
         updated_at: now,
         expires_at,
+        size,
+        version_created_at: now,
         ..current.clone()
     };
-    sign_secret(tx, ck, &row, &expected)?;
+    let input = mac_input(&written)?;
+    let tag = ck.keys.row_tag(&input).to_vec();
+    tx.later_one(
+        concat!(
+            "UPDATE secrets SET current_version = $2, version_count = $2, updated_at = $3, \
+             expires_at = $4, mac = $5 WHERE id = $1 RETURNING ",
+            secret_mac_cols!()
+        ),
+        owned![current.id as i64, version as i64, now, expires_at, tag],
+        move |_, row| macs::as_written(&macs::SECRETS, &row, &input),
+    )?;
     let mut entry = AuditEntry {
         version: Some(version),
         ..audit.clone()
@@ -217,7 +237,7 @@ pub(super) fn rotate(
     let id = current.id;
     let revision = record_change(tx, &entry, |revision| Change::Secret { id, revision })?;
     Ok(Committed {
-        value: by_name(tx, ck, name)?,
+        value: written,
         revision,
     })
 }

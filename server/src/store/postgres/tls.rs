@@ -17,6 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::session::Pipelined;
 use crate::store::StoreError;
 
 /// Why a verify-full connection was refused on our side.
@@ -44,20 +45,50 @@ pub enum PgTlsError {
 /// Connects to `config`'s server over TLS, verifying its certificate
 /// against the CA in the PEM file `root_ca` and its host name.
 pub(super) fn connect(
-    config: &postgres::Config,
+    config: &tokio_postgres::Config,
     root_ca: &Path,
 ) -> Result<postgres::Client, StoreError> {
+    let (config, tls, progress, host) = verified(config, root_ca)?;
+    postgres::Config::from(config)
+        .connect(tls)
+        .map_err(|e| classify(e, &host, root_ca, &progress))
+}
+
+/// As [`connect`], a session that pipelines, on `rt`.
+pub(super) fn connect_pipelined(
+    config: &tokio_postgres::Config,
+    root_ca: &Path,
+    rt: tokio::runtime::Runtime,
+) -> Result<Pipelined, StoreError> {
+    let (config, tls, progress, host) = verified(config, root_ca)?;
+    Pipelined::connect(rt, config.connect(tls)).map_err(|e| classify(e, &host, root_ca, &progress))
+}
+
+/// What a verify-full connection is made with: `config` requiring TLS,
+/// the connector trusting only `root_ca`, its progress, and the host name
+/// the certificate must name.
+fn verified(
+    config: &tokio_postgres::Config,
+    root_ca: &Path,
+) -> Result<
+    (
+        tokio_postgres::Config,
+        Tracked<MakeRustlsConnect>,
+        Arc<Progress>,
+        String,
+    ),
+    StoreError,
+> {
     let connector = connector(root_ca).map_err(backend)?;
     let progress = Arc::new(Progress::default());
     let mut config = config.clone();
     config.ssl_mode(SslMode::Require);
     let host = host_of(&config);
-    config
-        .connect(Tracked {
-            inner: connector,
-            progress: progress.clone(),
-        })
-        .map_err(|e| classify(e, &host, root_ca, &progress))
+    let tls = Tracked {
+        inner: connector,
+        progress: progress.clone(),
+    };
+    Ok((config, tls, progress, host))
 }
 
 fn backend(e: PgTlsError) -> StoreError {
@@ -96,7 +127,7 @@ fn connector(root_ca: &Path) -> Result<MakeRustlsConnect, PgTlsError> {
 
 /// The host name the certificate is checked against (the first host; the
 /// store connects to one).
-fn host_of(config: &postgres::Config) -> String {
+fn host_of(config: &tokio_postgres::Config) -> String {
     match config.get_hosts().first() {
         Some(postgres::config::Host::Tcp(h)) => h.clone(),
         Some(postgres::config::Host::Unix(p)) => p.display().to_string(),

@@ -15,7 +15,7 @@ fn tls_cluster() -> &'static (TlsFiles, PgCluster) {
     })
 }
 
-fn config(url: &str) -> postgres::Config {
+fn config(url: &str) -> tokio_postgres::Config {
     url.parse().unwrap()
 }
 
@@ -73,7 +73,7 @@ fn a_certificate_for_another_name_is_refused() {
     let url = pg.database();
     // The right server, reached by address, under a name its certificate
     // does not have.
-    let mut cfg = postgres::Config::new();
+    let mut cfg = tokio_postgres::Config::new();
     cfg.host("db.example")
         .hostaddr("127.0.0.1".parse().unwrap())
         .port(pg.port())
