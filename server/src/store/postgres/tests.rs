@@ -1447,3 +1447,39 @@ fn truncate_is_refused_on_every_protected_table_and_the_audit() {
     assert_eq!(s.verify_rows().unwrap(), vec![]);
     assert_eq!(broken(&s), None);
 }
+
+/// Rotations from 8 threads (as the `pg-rotate` bench row's 8 in flight):
+/// how many a second, and how many share a COMMIT. A measurement: `cargo
+/// test --release -p secretfs-server --lib rotations_per_commit --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn rotations_per_commit() {
+    const THREADS: usize = 8;
+    const EACH: usize = 250;
+    let (s, _) = fresh(KeyRing::generate().unwrap());
+    for i in 0..THREADS {
+        add_secret(&s, &format!("r{i}"));
+    }
+    let commits = s.pool.commits();
+    let start = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..THREADS {
+            let s = &s;
+            scope.spawn(move || {
+                for _ in 0..EACH {
+                    s.rotate_secret(&format!("r{i}"), 20, None, &entry("rotate"), &mut sealed)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let took = start.elapsed();
+    let n = THREADS * EACH;
+    let commits = s.pool.commits() - commits;
+    println!(
+        "{n} rotations in {took:?}: {:.0}/s, {commits} commits ({:.1} rotations each)",
+        n as f64 / took.as_secs_f64(),
+        n as f64 / commits as f64
+    );
+}
