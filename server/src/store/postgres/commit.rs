@@ -203,6 +203,9 @@ pub(super) struct Job {
 type Check<'c> =
     Box<dyn FnOnce(&mut Job, std::result::Result<Answer, postgres::Error>) -> Result<()> + 'c>;
 
+/// A statement that only has to succeed, and its parameters.
+type Plain = (Statement, Owned);
+
 /// A statement waiting to be sent (see [`Tx::later`]).
 struct Queued<'c> {
     st: Statement,
@@ -230,6 +233,14 @@ pub(super) struct Tx<'c> {
     queued: Vec<Queued<'c>>,
     /// A statement of this transaction was sent.
     sent: bool,
+    /// What earlier jobs of the batch left to end themselves (see
+    /// [`Tx::later_tail`]): sent first, with this job's first round trip.
+    carried: Vec<Plain>,
+    /// Why a carried statement failed: the batch's transaction cannot
+    /// commit.
+    carried_failed: Option<String>,
+    /// This job's own statements for the batch's next round trip.
+    tail: Vec<Plain>,
 }
 
 /// Runs `f` in one transaction begun with `begin` on `client`, committed
@@ -242,7 +253,17 @@ pub(super) fn in_transaction<T>(
 ) -> Result<T> {
     client.batch_execute(begin)?;
     let mut t = Tx::new(&mut *client, cache, None);
-    let out = f(&mut t).and_then(|out| t.flush().map(|()| out));
+    let out = f(&mut t).and_then(|out| {
+        for (st, params) in std::mem::take(&mut t.tail) {
+            t.queued.push(Queued {
+                st,
+                want: Want::Count,
+                params,
+                check: Box::new(|_, answer| answer.map(drop).map_err(StoreError::from)),
+            });
+        }
+        t.flush().map(|()| out)
+    });
     drop(t);
     match out {
         Ok(out) => {
@@ -256,6 +277,10 @@ pub(super) fn in_transaction<T>(
             Err(e)
         }
     }
+}
+
+fn refs(params: &Owned) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect()
 }
 
 fn rows(answer: Answer) -> Vec<Row> {
@@ -278,6 +303,9 @@ impl<'c> Tx<'c> {
             keys,
             queued: Vec::new(),
             sent: false,
+            carried: Vec::new(),
+            carried_failed: None,
+            tail: Vec::new(),
         }
     }
 
@@ -300,7 +328,7 @@ impl<'c> Tx<'c> {
     ) -> Result<std::result::Result<Answer, postgres::Error>> {
         let st = self.stmt(sql)?;
         self.sent = true;
-        if self.queued.is_empty() {
+        if self.queued.is_empty() && self.carried.is_empty() {
             return Ok(match want {
                 Want::Rows => self.client.query(&st, p).map(Answer::Rows),
                 Want::Count => self.client.execute(&st, p).map(Answer::Count),
@@ -319,25 +347,35 @@ impl<'c> Tx<'c> {
         last: Option<(&Statement, Want, Params<'_>)>,
     ) -> Result<Vec<std::result::Result<Answer, postgres::Error>>> {
         let queued = std::mem::take(&mut self.queued);
+        let carried = std::mem::take(&mut self.carried);
         let mut answers = {
-            let params: Vec<Vec<&(dyn ToSql + Sync)>> = queued
+            let carried_params: Vec<_> = carried.iter().map(|(_, p)| refs(p)).collect();
+            let params: Vec<_> = queued.iter().map(|q| refs(&q.params)).collect();
+            let mut items: Vec<(&Statement, Want, Params<'_>)> = carried
                 .iter()
-                .map(|q| {
-                    q.params
-                        .iter()
-                        .map(|b| &**b as &(dyn ToSql + Sync))
-                        .collect()
-                })
+                .zip(&carried_params)
+                .map(|((st, _), p)| (st, Want::Count, p.as_slice()))
                 .collect();
-            let mut items: Vec<(&Statement, Want, Params<'_>)> = queued
-                .iter()
-                .zip(&params)
-                .map(|(q, p)| (&q.st, q.want, p.as_slice()))
-                .collect();
+            items.extend(
+                queued
+                    .iter()
+                    .zip(&params)
+                    .map(|(q, p)| (&q.st, q.want, p.as_slice())),
+            );
             items.extend(last);
             self.sent = true;
             self.client.pipeline(&items).into_iter()
         };
+        for _ in &carried {
+            let why = match answers.next() {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => conn::describe(&e),
+                None => "not sent".to_owned(),
+            };
+            let why = format!("the end of an earlier change of the batch failed: {why}");
+            self.carried_failed = Some(why.clone());
+            return Err(StoreError::CommitFailed(why));
+        }
         for q in queued {
             match answers.next() {
                 Some(answer) => (q.check)(&mut self.job, answer)?,
@@ -394,9 +432,19 @@ impl<'c> Tx<'c> {
         })
     }
 
+    /// Queues `sql`, which only has to succeed, to end this job: it is
+    /// sent with the batch's next round trip (the next job's first, or
+    /// before COMMIT), and if it fails the batch does not commit. For the
+    /// last writes of a job, whose failure means a lost connection.
+    pub fn later_tail(&mut self, sql: &'static str, params: Owned) -> Result<()> {
+        let st = self.stmt(sql)?;
+        self.tail.push((st, params));
+        Ok(())
+    }
+
     /// Sends what waits, and checks it.
     pub fn flush(&mut self) -> Result<()> {
-        if !self.queued.is_empty() {
+        if !self.queued.is_empty() || !self.carried.is_empty() {
             self.send(None)?;
         }
         Ok(())
@@ -610,6 +658,9 @@ pub(super) struct WriterConn {
     /// its last kept job left it (the next job starts from it instead of
     /// reading it again); none outside a transaction.
     head: Option<AuditHead>,
+    /// What kept jobs left to end themselves (see [`Tx::later_tail`]),
+    /// not sent yet.
+    tail: Vec<Plain>,
 }
 
 impl Pool {
@@ -709,16 +760,40 @@ impl Pool {
         let (client, cache) = (&mut wc.conn.client, &mut wc.conn.cache);
         let mut t = Tx::new(&mut *client, &mut *cache, Some(keys));
         t.job.head = wc.head.clone();
+        t.carried = std::mem::take(&mut wc.tail);
         // The job's result, or its panic (resumed once the batch is safe).
         let out =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&mut t, kind, f)));
         let (sent, head) = (t.sent, t.job.head.take());
+        let (carried, tail, carried_failed) = (
+            std::mem::take(&mut t.carried),
+            std::mem::take(&mut t.tail),
+            t.carried_failed.take(),
+        );
         drop(t);
+        if let Some(why) = carried_failed {
+            // An earlier job's end failed: the transaction is aborted.
+            // None of its jobs commits; this one runs again in the next.
+            let lost = client.is_closed();
+            let _ = client.batch_execute("ROLLBACK");
+            if lost {
+                *slot = None;
+            }
+            self.finish(epoch, Some(Failed::Commit(why.clone())));
+            drop(slot);
+            if let Err(panic) = out {
+                std::panic::resume_unwind(panic);
+            }
+            return Err(Again::Lost(StoreError::CommitFailed(why)));
+        }
+        // Not sent: still to go with the batch's next round trip.
+        wc.tail = carried;
         let kept = matches!(out, Ok(Ok(_)));
         let closed = if kept {
             // Its savepoint stays open to COMMIT: the locks it took (the
             // head's) are held with it.
             wc.head = head;
+            wc.tail.extend(tail);
             Ok(())
         } else if sent {
             // The head as before the job: its lock is held if it was.
@@ -779,10 +854,12 @@ impl Pool {
                         cache: HashMap::new(),
                     },
                     head: None,
+                    tail: Vec::new(),
                 });
             }
             let wc = slot.as_mut().expect("just made");
             wc.head = None;
+            wc.tail.clear();
             let c = &mut wc.conn;
             match c.client.batch_execute("BEGIN") {
                 Ok(()) => break,
@@ -818,7 +895,37 @@ impl Pool {
         };
         let wc = slot.as_mut().expect("a transaction is open on it");
         wc.head = None;
+        let tail = std::mem::take(&mut wc.tail);
         let conn = &mut wc.conn;
+        // The kept jobs' last statements first: COMMIT in a transaction one
+        // of them aborted would roll it back without an error.
+        let ended = {
+            let params: Vec<_> = tail.iter().map(|(_, p)| refs(p)).collect();
+            let items: Vec<(&Statement, Want, Params<'_>)> = tail
+                .iter()
+                .zip(&params)
+                .map(|((st, _), p)| (st, Want::Count, p.as_slice()))
+                .collect();
+            conn.client
+                .pipeline(&items)
+                .into_iter()
+                .find_map(Result::err)
+        };
+        if let Some(e) = ended {
+            let lost = conn::is_connection_error(&e) || conn.client.is_closed();
+            let failure = if lost {
+                *slot = None;
+                Failed::Lost(lost_before(&conn::describe(&e)))
+            } else {
+                let _ = conn.client.batch_execute("ROLLBACK");
+                Failed::Commit(format!(
+                    "the end of a change failed: {}",
+                    conn::describe(&e)
+                ))
+            };
+            self.finish(epoch, Some(failure));
+            return Some(epoch);
+        }
         let committed = conn.client.batch_execute("COMMIT");
         unpoison(self.writer.group.lock()).commits += 1;
         let mut dead = false;
@@ -902,10 +1009,11 @@ fn lost_before(why: &str) -> String {
 }
 
 /// One write job in its savepoint: the write's first lock, `f`, and the
-/// end of every job, its statements sent in three round trips for a
-/// rotation (the savepoint and the locks with the job's first read; its
-/// writes with the row set's pending shares; the row set, the head and
-/// the notification).
+/// end of every job. A rotation's statements go in two round trips: the
+/// savepoint and the locks with the job's first read (and what the
+/// batch's previous job left, see [`Tx::later_tail`]); its writes with
+/// the row set's pending shares. The row set's write and the notification
+/// go with the batch's next round trip.
 fn run_job<T>(
     t: &mut Tx<'_>,
     kind: Write,
@@ -946,7 +1054,7 @@ fn run_job<T>(
     }
     if let Some(change) = t.job.change {
         let payload = notify::payload(&change);
-        t.later_exec(
+        t.later_tail(
             "SELECT pg_notify($1, $2)",
             owned![notify::CHANNEL.to_owned(), payload],
         )?;

@@ -50,14 +50,13 @@ fn opened(keys: &Keys, sealed: Option<Vec<u8>>) -> Stored {
     }
 }
 
+const WRITE: &str = "INSERT INTO row_set (id, sealed) VALUES (1, $1)
+     ON CONFLICT (id) DO UPDATE SET sealed = excluded.sealed";
+
 /// Writes the record (sent with the job's next round trip).
 fn write(tx: &mut Tx<'_>, keys: &Keys, rec: &RowSetRecord) -> Result<()> {
     let sealed = rec.seal(keys).map_err(StoreError::backend)?;
-    tx.later_exec(
-        "INSERT INTO row_set (id, sealed) VALUES (1, $1)
-         ON CONFLICT (id) DO UPDATE SET sealed = excluded.sealed",
-        owned![sealed],
-    )
+    tx.later_exec(WRITE, owned![sealed])
 }
 
 /// Folds the shares of the rows this job added and removed into the
@@ -94,7 +93,9 @@ pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
         xor_into(&mut delta, &row_set_h(set.row_set(), &kind, stored(&mac)));
     }
     xor_into(&mut rec.digest, &delta);
-    write(tx, keys, &rec)
+    // The job's last write: with the batch's next round trip.
+    let sealed = rec.seal(keys).map_err(StoreError::backend)?;
+    tx.later_tail(WRITE, owned![sealed])
 }
 
 /// Forgets what was noted outside a write job (the store's own setup).
