@@ -183,6 +183,9 @@ impl Pooled<'_> {
 pub(super) struct Job {
     /// The revision this change commits at (taken first thing).
     pub revision: Option<u64>,
+    /// The revision the batch's transaction holds the lock of, taken by
+    /// an earlier kept change (the next is one after it).
+    pub held_revision: Option<u64>,
     /// The audit head as this job sees it, its lock held: read under the
     /// lock, or kept from an earlier job of the batch (whose lock the
     /// batch's transaction holds); moved by each entry the job inserts.
@@ -252,6 +255,28 @@ pub(super) fn in_transaction<T>(
     f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
 ) -> Result<T> {
     client.batch_execute(begin)?;
+    let out = outside_transaction(client, cache, f);
+    match out {
+        Ok(out) => {
+            client.batch_execute("COMMIT")?;
+            Ok(out)
+        }
+        Err(e) => {
+            // A dead connection is dropped by its owner; a live one is
+            // left outside any transaction.
+            let _ = client.batch_execute("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Runs `f`'s statements on `client` as they come (each its own
+/// transaction, unless `f` is in one).
+fn outside_transaction<T>(
+    client: &mut postgres::Client,
+    cache: &mut Cache,
+    f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
+) -> Result<T> {
     let mut t = Tx::new(&mut *client, cache, None);
     let out = f(&mut t).and_then(|out| {
         for (st, params) in std::mem::take(&mut t.tail) {
@@ -265,18 +290,7 @@ pub(super) fn in_transaction<T>(
         t.flush().map(|()| out)
     });
     drop(t);
-    match out {
-        Ok(out) => {
-            client.batch_execute("COMMIT")?;
-            Ok(out)
-        }
-        Err(e) => {
-            // A dead connection is dropped by its owner; a live one is
-            // left outside any transaction.
-            let _ = client.batch_execute("ROLLBACK");
-            Err(e)
-        }
-    }
+    out
 }
 
 fn refs(params: &Owned) -> Vec<&(dyn ToSql + Sync)> {
@@ -661,6 +675,10 @@ pub(super) struct WriterConn {
     /// What kept jobs left to end themselves (see [`Tx::later_tail`]),
     /// not sent yet.
     tail: Vec<Plain>,
+    /// The revision the last kept change of the open transaction took
+    /// (its lock held by the transaction): the next change takes the one
+    /// after without waiting for the answer.
+    revision: Option<u64>,
 }
 
 impl Pool {
@@ -760,11 +778,12 @@ impl Pool {
         let (client, cache) = (&mut wc.conn.client, &mut wc.conn.cache);
         let mut t = Tx::new(&mut *client, &mut *cache, Some(keys));
         t.job.head = wc.head.clone();
+        t.job.held_revision = wc.revision;
         t.carried = std::mem::take(&mut wc.tail);
         // The job's result, or its panic (resumed once the batch is safe).
         let out =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&mut t, kind, f)));
-        let (sent, head) = (t.sent, t.job.head.take());
+        let (sent, head, revision) = (t.sent, t.job.head.take(), t.job.revision);
         let (carried, tail, carried_failed) = (
             std::mem::take(&mut t.carried),
             std::mem::take(&mut t.tail),
@@ -794,6 +813,9 @@ impl Pool {
             // head's) are held with it.
             wc.head = head;
             wc.tail.extend(tail);
+            if revision.is_some() {
+                wc.revision = revision;
+            }
             Ok(())
         } else if sent {
             // The head as before the job: its lock is held if it was.
@@ -855,11 +877,13 @@ impl Pool {
                     },
                     head: None,
                     tail: Vec::new(),
+                    revision: None,
                 });
             }
             let wc = slot.as_mut().expect("just made");
             wc.head = None;
             wc.tail.clear();
+            wc.revision = None;
             let c = &mut wc.conn;
             match c.client.batch_execute("BEGIN") {
                 Ok(()) => break,
@@ -895,6 +919,7 @@ impl Pool {
         };
         let wc = slot.as_mut().expect("a transaction is open on it");
         wc.head = None;
+        wc.revision = None;
         let tail = std::mem::take(&mut wc.tail);
         let conn = &mut wc.conn;
         // The kept jobs' last statements first: COMMIT in a transaction one
@@ -982,18 +1007,36 @@ impl Pool {
     /// Runs `f` in one read transaction (REPEATABLE READ, read only: every
     /// statement sees the same snapshot, as SQLite's read transaction), on
     /// a pooled connection (never the writer's).
-    pub(super) fn read<T>(&self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+    pub(super) fn read<T>(&self, f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.read_in(true, f)
+    }
+
+    /// As [`read`](Self::read), for one statement: no transaction around
+    /// it (a statement sees one snapshot), so one round trip.
+    pub(super) fn read_one<T>(&self, f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.read_in(false, f)
+    }
+
+    fn read_in<T>(
+        &self,
+        transaction: bool,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<T>,
+    ) -> Result<T> {
         let mut fresh = false;
         loop {
             let mut pooled = self.get_fresh(fresh)?;
             let reused = pooled.reused;
             let (client, cache) = pooled.parts();
-            let out = in_transaction(
-                client,
-                cache,
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-                &mut f,
-            );
+            let out = if transaction {
+                in_transaction(
+                    client,
+                    cache,
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+                    &mut f,
+                )
+            } else {
+                outside_transaction(client, cache, &mut f)
+            };
             match out {
                 Err(StoreError::Unavailable(_)) if reused && !fresh && pooled.is_dead() => {
                     fresh = true
@@ -1022,17 +1065,36 @@ fn run_job<T>(
     t.later_exec("SAVEPOINT job", owned![])?;
     match kind {
         Write::Change => {
-            t.later_one(
-                "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value",
-                owned![],
-                |job, row| {
-                    job.revision = Some(row.try_get::<_, i64>(0)? as u64);
-                    Ok(())
-                },
-            )?;
+            const NEXT: &str = "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value";
+            match t.job.held_revision {
+                // The lock is the transaction's: the next revision is known.
+                Some(held) => {
+                    t.job.revision = Some(held + 1);
+                    t.later_one(NEXT, owned![], move |_, row| {
+                        let v = row.try_get::<_, i64>(0)? as u64;
+                        if v == held + 1 {
+                            Ok(())
+                        } else {
+                            Err(StoreError::Backend(
+                                format!("the revision moved under its lock ({held} to {v})").into(),
+                            ))
+                        }
+                    })?;
+                }
+                None => {
+                    t.later_one(NEXT, owned![], |job, row| {
+                        job.revision = Some(row.try_get::<_, i64>(0)? as u64);
+                        Ok(())
+                    })?;
+                }
+            }
             // Every change is audited: the head's lock now, in one order
-            // after the revision's.
+            // after the revision's; the first change of a transaction waits
+            // for both (what it writes needs them).
             audit::lock_head(t)?;
+            if t.job.revision.is_none() {
+                t.flush()?;
+            }
         }
         Write::Locked => {
             t.later_one(

@@ -181,7 +181,22 @@ impl Store for PgStore {
         audit: &AuditEntry,
         seal: SealFn<'_>,
     ) -> Result<Committed<SecretRecord>> {
-        self.change(|tx, ck| secrets::rotate(tx, ck, name, size, expires, audit, &mut *seal))
+        // The secret is read first on a connection of the pool, off the
+        // revision row's lock, so the writer makes the rotation in one
+        // round trip; should it have changed meanwhile, the rotation is
+        // made again, reading it under the lock.
+        self.checked(|ck| {
+            let seen = self.pool.read_one(|tx| secrets::seen(tx, ck, name))?;
+            let mut rotate = |seen: Option<&secrets::Seen>| {
+                self.pool.write(ck.keys, Write::Change, |tx| {
+                    secrets::rotate(tx, ck, name, size, expires, audit, &mut *seal, seen)
+                })
+            };
+            match rotate(Some(&seen)) {
+                Err(e) if secrets::is_stale(&e) => rotate(None),
+                done => done,
+            }
+        })
     }
 
     fn update_secret(

@@ -8,6 +8,7 @@ use super::rows::{
     self, insert_named, secret_cols, select_granted, select_granted_sealed, select_secrets,
     SEALED_PATH, VIEW_PATH,
 };
+use super::session::{Answer, Want};
 use crate::envelope::Sealed;
 use crate::store::integrity::Checker;
 use crate::store::*;
@@ -168,9 +169,45 @@ fn mac_input(expected: &SecretRecord) -> Result<crate::keys::MacInput> {
     }))
 }
 
-/// A new version: after the secret's read, every statement is sent with
-/// the job's next round trip, and the record returned is the one written
-/// (the row comes back as written, or the job fails).
+/// A secret as read before a change, and its row's MAC: the change's
+/// UPDATE finds the row only if it is still so.
+pub(super) struct Seen {
+    record: SecretRecord,
+    mac: Vec<u8>,
+}
+
+/// The secret `name` as it is now (its MAC checked), for a change made on
+/// the writer without reading it again (see [`rotate`]).
+pub(super) fn seen(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<Seen> {
+    let row = tx.opt(select_secrets!("WHERE s.name = $1"), &[&name])?;
+    let not_found = || StoreError::not_found(Entity::Secret, name);
+    let row = row.ok_or_else(not_found)?;
+    let record = rows::secret(&row, ck)?.ok_or_else(not_found)?;
+    let mac: Option<Vec<u8>> = row.try_get(12)?;
+    Ok(Seen {
+        record,
+        mac: mac.ok_or_else(not_found)?,
+    })
+}
+
+/// The secret changed between a [`Seen`] read and the change: the change
+/// wrote nothing, and is made again reading it under the lock.
+#[derive(Debug, thiserror::Error)]
+#[error("the secret changed since it was read")]
+struct Stale;
+
+/// Whether `e` is [`rotate`]'s "changed since it was read".
+pub(super) fn is_stale(e: &StoreError) -> bool {
+    matches!(e, StoreError::Backend(b) if b.is::<Stale>())
+}
+
+/// A new version. With `seen` (the secret read before, off the lock) a
+/// rotation is one round trip on the writer: every statement is sent
+/// together, the UPDATE finds the row only if its MAC is still the one
+/// read (else the job fails as [`is_stale`], nothing written), and the
+/// row must come back as written. Without, the secret is read first
+/// under the lock. The record returned is the one written.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rotate(
     tx: &mut Tx<'_>,
     ck: &Checker<'_>,
@@ -179,20 +216,15 @@ pub(super) fn rotate(
     expires: Option<Option<i64>>,
     audit: &AuditEntry,
     seal: SealFn<'_>,
+    seen: Option<&Seen>,
 ) -> Result<Committed<SecretRecord>> {
-    let current = by_name(tx, ck, name)?;
+    let (current, guard) = match seen {
+        Some(seen) => (seen.record.clone(), Some(seen.mac.clone())),
+        None => (by_name(tx, ck, name)?, None),
+    };
     let version = current.version_count + 1;
     let sealed = seal(current.id, version)?;
     let now = now_s();
-    insert_version(
-        tx,
-        current.id as i64,
-        version,
-        size,
-        &audit.actor,
-        &sealed,
-        now,
-    )?;
     let expires_at = match expires {
         Some(set) => set,
         None => current.expires_at.filter(|t| *t > now),
@@ -208,14 +240,47 @@ pub(super) fn rotate(
     };
     let input = mac_input(&written)?;
     let tag = ck.keys.row_tag(&input).to_vec();
-    tx.later_one(
+    let guarded = guard.is_some();
+    // First: a stale row fails here, before the version's insert (which
+    // would then collide) is checked.
+    tx.later(
         concat!(
             "UPDATE secrets SET current_version = $2, version_count = $2, updated_at = $3, \
-             expires_at = $4, mac = $5 WHERE id = $1 RETURNING ",
+             expires_at = $4, mac = $5 WHERE id = $1 AND ($6::BYTEA IS NULL OR mac = $6) \
+             RETURNING ",
             secret_mac_cols!()
         ),
-        owned![current.id as i64, version as i64, now, expires_at, tag],
-        move |_, row| macs::as_written(&macs::SECRETS, &row, &input),
+        Want::Rows,
+        owned![
+            current.id as i64,
+            version as i64,
+            now,
+            expires_at,
+            tag,
+            guard
+        ],
+        move |_, answer| {
+            let mut rows = match answer? {
+                Answer::Rows(rows) => rows,
+                Answer::Count(_) => Vec::new(),
+            };
+            match rows.pop() {
+                None if guarded => Err(StoreError::Backend(Box::new(Stale))),
+                Some(row) if rows.is_empty() => macs::as_written(&macs::SECRETS, &row, &input),
+                _ => Err(StoreError::Backend(
+                    "the secret's UPDATE did not touch exactly its row".into(),
+                )),
+            }
+        },
+    )?;
+    insert_version(
+        tx,
+        current.id as i64,
+        version,
+        size,
+        &audit.actor,
+        &sealed,
+        now,
     )?;
     let mut entry = AuditEntry {
         version: Some(version),

@@ -124,7 +124,7 @@ fn writers_that_queue_share_one_commit_and_a_failing_job_rolls_back_alone() {
         .unwrap();
     let commits = s.pool.commits();
     // Queued behind the first: the other rotations, three jobs that fail
-    // (a missing secret, a name taken, a seal that fails after the job
+    // (an update of a missing secret, a name taken, a seal that fails after the job
     // wrote its version's row), and a read's audit entry.
     const QUEUED: usize = ROTATIONS - 1 + 3 + 1;
     let (inside, is_inside) = std::sync::mpsc::channel();
@@ -152,8 +152,14 @@ fn writers_that_queue_share_one_commit_and_a_failing_job_rolls_back_alone() {
             })
             .collect();
         let failing = [
+            // (A rotation of a missing secret fails before the writer: it
+            // reads the secret first, off the lock.)
             scope.spawn(|| {
-                s.rotate_secret("missing", 20, None, &entry("rotate"), &mut sealed)
+                let update = SecretUpdate {
+                    description: Some("d".into()),
+                    ..Default::default()
+                };
+                s.update_secret("missing", &update, &|_| Ok(()), &entry("update"))
                     .map(|_| ())
             }),
             scope.spawn(|| {
@@ -1482,4 +1488,51 @@ fn rotations_per_commit() {
         n as f64 / took.as_secs_f64(),
         n as f64 / commits as f64
     );
+}
+
+/// A rotation reads its secret off the writer first; one made meanwhile
+/// makes that read stale: the guarded write finds no row and writes
+/// nothing, and the rotation is made again under the lock.
+#[test]
+fn a_rotation_from_a_stale_read_writes_nothing_and_is_made_again() {
+    let (s, _) = fresh(KeyRing::generate().unwrap());
+    add_secret(&s, "db");
+    let keys = s.keys.get();
+    let ck = Checker {
+        keys: &keys,
+        log: &s.bad_rows,
+    };
+    let seen = s.pool.read_one(|tx| secrets::seen(tx, &ck, "db")).unwrap();
+    let between = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap();
+    assert_eq!(between.value.current_version, 2);
+    let revision = s.revision().unwrap();
+    let stale = s.pool.write(&keys, Write::Change, |tx| {
+        secrets::rotate(
+            tx,
+            &ck,
+            "db",
+            20,
+            None,
+            &entry("rotate"),
+            &mut sealed,
+            Some(&seen),
+        )
+    });
+    assert!(
+        matches!(&stale, Err(e) if secrets::is_stale(e)),
+        "{:?}",
+        stale.map(|c| c.value.current_version)
+    );
+    // Nothing of it: no version 2 written twice, no revision, no entry.
+    assert_eq!(s.revision().unwrap(), revision);
+    assert_eq!(s.get_secret("db").unwrap().current_version, 2);
+    // Through the store, the same race ends in a new version.
+    let again = s
+        .rotate_secret("db", 20, None, &entry("rotate"), &mut sealed)
+        .unwrap();
+    assert_eq!(again.value.current_version, 3);
+    assert_eq!(again.value, s.get_secret("db").unwrap());
+    assert_eq!(s.verify_audit().unwrap().broken, None);
 }
