@@ -332,6 +332,70 @@ impl Checker<'_> {
         }
         good
     }
+
+    /// Whether a `clients` row's MAC is good (reported when not).
+    pub fn client_ok(
+        &self,
+        c: &crate::store::ClientAuth,
+        created_at: i64,
+        mac: Option<&[u8]>,
+    ) -> bool {
+        let id = c.id;
+        self.ok(
+            CLIENTS,
+            || format!("id={id}"),
+            &client(c.id, &c.name, c.admin, c.enabled, c.pinned, created_at),
+            mac,
+        )
+    }
+
+    /// Whether a `client_certs` row's MAC is good (reported when not).
+    pub fn cert_ok(
+        &self,
+        client_id: u64,
+        serial: &str,
+        not_after: i64,
+        issued_at: i64,
+        mac: Option<&[u8]>,
+    ) -> bool {
+        self.ok(
+            CLIENT_CERTS,
+            || format!("client_id={client_id} serial={serial}"),
+            &client_cert(client_id, serial, not_after, issued_at),
+            mac,
+        )
+    }
+
+    /// Whether a `groups` row's MAC is good (reported when not).
+    pub fn group_ok(&self, id: u64, name: &str, mac: Option<&[u8]>) -> bool {
+        self.ok(GROUPS, || format!("id={id}"), &group(id, name), mac)
+    }
+
+    /// Whether a `group_clients` row's MAC is good (reported when not).
+    pub fn group_client_ok(&self, group_id: u64, client_id: u64, mac: Option<&[u8]>) -> bool {
+        self.ok(
+            GROUP_CLIENTS,
+            || format!("group_id={group_id} client_id={client_id}"),
+            &group_client(group_id, client_id),
+            mac,
+        )
+    }
+
+    /// Whether a `group_secrets` row's MAC is good (reported when not).
+    pub fn group_secret_ok(&self, group_id: u64, secret_id: u64, mac: Option<&[u8]>) -> bool {
+        self.ok(
+            GROUP_SECRETS,
+            || format!("group_id={group_id} secret_id={secret_id}"),
+            &group_secret(group_id, secret_id),
+            mac,
+        )
+    }
+
+    /// Whether a `secrets` row's MAC is good (reported when not).
+    pub fn secret_ok(&self, row: &SecretRow<'_>, mac: Option<&[u8]>) -> bool {
+        let id = row.id;
+        self.ok(SECRETS, || format!("id={id}"), &secret(row), mac)
+    }
 }
 
 /// Why a row is bad, in words.

@@ -21,27 +21,11 @@ fn newest_cert(tx: &mut Tx<'_>, ck: &Checker<'_>, id: u64) -> Result<Option<(Str
         let (serial, not_after, issued_at): (String, i64, i64) =
             (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
         let mac: Option<Vec<u8>> = r.try_get(3)?;
-        if cert_ok(ck, id, &serial, not_after, issued_at, mac.as_deref()) {
+        if ck.cert_ok(id, &serial, not_after, issued_at, mac.as_deref()) {
             return Ok(Some((serial, not_after)));
         }
     }
     Ok(None)
-}
-
-fn cert_ok(
-    ck: &Checker<'_>,
-    id: u64,
-    serial: &str,
-    not_after: i64,
-    issued_at: i64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::CLIENT_CERTS,
-        || format!("client_id={id} serial={serial}"),
-        &integrity::client_cert(id, serial, not_after, issued_at),
-        mac,
-    )
 }
 
 /// `(client id, group name)` of every good membership of a good group, of
@@ -70,7 +54,7 @@ fn groups_of(
         let cid: i64 = r.try_get(3)?;
         let mac: Option<Vec<u8>> = r.try_get(4)?;
         let gid = r.try_get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid, cid as u64, mac.as_deref()) {
+        if !ck.group_client_ok(gid, cid as u64, mac.as_deref()) {
             continue;
         }
         if let Some((_, name)) = rows::group_at(r, 0, ck)? {
@@ -136,14 +120,7 @@ pub(super) fn list(tx: &mut Tx<'_>, ck: &Checker<'_>) -> Result<Vec<ClientRecord
         let (serial, not_after, issued_at): (String, i64, i64) =
             (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
         let mac: Option<Vec<u8>> = r.try_get(4)?;
-        if cert_ok(
-            ck,
-            cid as u64,
-            &serial,
-            not_after,
-            issued_at,
-            mac.as_deref(),
-        ) {
+        if ck.cert_ok(cid as u64, &serial, not_after, issued_at, mac.as_deref()) {
             certs.insert(cid, (serial, not_after));
         }
     }
@@ -330,9 +307,7 @@ pub(super) fn authenticate(
         )? {
             Some(r) => {
                 let mac: Option<Vec<u8>> = r.try_get(2)?;
-                cert_ok(
-                    ck,
-                    c.id,
+                ck.cert_ok(c.id,
                     serial,
                     r.try_get(0)?,
                     r.try_get(1)?,
@@ -371,8 +346,8 @@ pub(super) fn access(tx: &mut Tx<'_>, ck: &Checker<'_>, client: &str) -> Result<
         let sid = r.try_get::<_, i64>(0)? as u64;
         let gs: Option<Vec<u8>> = r.try_get(16)?;
         let gc: Option<Vec<u8>> = r.try_get(17)?;
-        if !rows::group_client_ok(ck, gid, cid as u64, gc.as_deref())
-            || !rows::group_secret_ok(ck, gid, sid, gs.as_deref())
+        if !ck.group_client_ok(gid, cid as u64, gc.as_deref())
+            || !ck.group_secret_ok(gid, sid, gs.as_deref())
         {
             continue;
         }

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::audit::record_change;
 use super::macs;
 use super::rows::{self, client_cols, insert_named, secret_cols};
-use crate::store::integrity::{self, Checker};
+use crate::store::integrity::Checker;
 use crate::store::*;
 
 /// The client's newest good certificate (serial, not after).
@@ -20,27 +20,11 @@ fn newest_cert(tx: &Connection, ck: &Checker<'_>, id: u64) -> Result<Option<(Str
     while let Some(r) = rows.next()? {
         let (serial, not_after, issued_at): (String, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
         let mac: Option<Vec<u8>> = r.get(3)?;
-        if cert_ok(ck, id, &serial, not_after, issued_at, mac.as_deref()) {
+        if ck.cert_ok(id, &serial, not_after, issued_at, mac.as_deref()) {
             return Ok(Some((serial, not_after)));
         }
     }
     Ok(None)
-}
-
-fn cert_ok(
-    ck: &Checker<'_>,
-    id: u64,
-    serial: &str,
-    not_after: i64,
-    issued_at: i64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::CLIENT_CERTS,
-        || format!("client_id={id} serial={serial}"),
-        &integrity::client_cert(id, serial, not_after, issued_at),
-        mac,
-    )
 }
 
 /// `(client id, group name)` of every good membership of a good group, of
@@ -77,7 +61,7 @@ fn groups_of(
         let cid: i64 = r.get(3)?;
         let mac: Option<Vec<u8>> = r.get(4)?;
         let gid = r.get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid, cid as u64, mac.as_deref()) {
+        if !ck.group_client_ok(gid, cid as u64, mac.as_deref()) {
             continue;
         }
         if let Some((_, name)) = rows::group_at(r, 0, ck)? {
@@ -143,14 +127,7 @@ pub(super) fn list(tx: &Connection, ck: &Checker<'_>) -> Result<Vec<ClientRecord
             let (serial, not_after, issued_at): (String, i64, i64) =
                 (r.get(1)?, r.get(2)?, r.get(3)?);
             let mac: Option<Vec<u8>> = r.get(4)?;
-            if cert_ok(
-                ck,
-                cid as u64,
-                &serial,
-                not_after,
-                issued_at,
-                mac.as_deref(),
-            ) {
+            if ck.cert_ok(cid as u64, &serial, not_after, issued_at, mac.as_deref()) {
                 certs.insert(cid, (serial, not_after));
             }
         }
@@ -313,7 +290,7 @@ pub(super) fn authenticate(
             )?
             .query_row(params![c.id as i64, serial], |r| {
                 let mac: Option<Vec<u8>> = r.get(2)?;
-                Ok(cert_ok(ck, c.id, serial, r.get(0)?, r.get(1)?, mac.as_deref()))
+                Ok(ck.cert_ok(c.id, serial, r.get(0)?, r.get(1)?, mac.as_deref()))
             })
             .optional()?
             .unwrap_or(false),
@@ -345,8 +322,8 @@ pub(super) fn access(tx: &Connection, ck: &Checker<'_>, client: &str) -> Result<
         let sid = r.get::<_, i64>(0)? as u64;
         let gs: Option<Vec<u8>> = r.get(16)?;
         let gc: Option<Vec<u8>> = r.get(17)?;
-        if !rows::group_client_ok(ck, gid, cid as u64, gc.as_deref())
-            || !rows::group_secret_ok(ck, gid, sid, gs.as_deref())
+        if !ck.group_client_ok(gid, cid as u64, gc.as_deref())
+            || !ck.group_secret_ok(gid, sid, gs.as_deref())
         {
             continue;
         }

@@ -45,7 +45,7 @@ fn clients_of(
         let gid: i64 = r.get(7)?;
         let mac: Option<Vec<u8>> = r.get(8)?;
         let cid = r.get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid as u64, cid, mac.as_deref()) {
+        if !ck.group_client_ok(gid as u64, cid, mac.as_deref()) {
             continue;
         }
         if let Some((c, _)) = rows::client_at(r, 0, ck)? {

@@ -3,7 +3,7 @@
 use rusqlite::{Connection, OptionalExtension, Row};
 
 use crate::envelope::Sealed;
-use crate::store::integrity::{self, Checker, SecretRow};
+use crate::store::integrity::{Checker, SecretRow};
 use crate::store::{ClientAuth, Entity, Result, SealedSecret, SecretRecord, StoreError};
 
 /// The `secrets` columns a row's MAC covers, then its MAC: 13 columns, as
@@ -98,29 +98,24 @@ pub(super) fn secret_at(
         version_created_at: 0,
     };
     let mac: Option<Vec<u8>> = row.get(at + 12)?;
-    let input = integrity::secret(&SecretRow {
-        id: record.id,
-        name: &record.name,
-        description: &record.description,
-        labels: &labels,
-        mode: record.mode,
-        owner: record.owner,
-        grp: record.group,
-        expires_at: record.expires_at,
-        current_version: record.current_version,
-        version_count: record.version_count,
-        created_at: record.created_at,
-        updated_at: record.updated_at,
-    });
-    let id = record.id;
-    Ok(ck
-        .ok(
-            integrity::SECRETS,
-            || format!("id={id}"),
-            &input,
-            mac.as_deref(),
-        )
-        .then_some(record))
+    let good = ck.secret_ok(
+        &SecretRow {
+            id: record.id,
+            name: &record.name,
+            description: &record.description,
+            labels: &labels,
+            mode: record.mode,
+            owner: record.owner,
+            grp: record.group,
+            expires_at: record.expires_at,
+            current_version: record.current_version,
+            version_count: record.version_count,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        },
+        mac.as_deref(),
+    );
+    Ok(good.then_some(record))
 }
 
 /// A row of [`select_secrets`] (or [`select_granted`]), if its MAC is good.
@@ -167,7 +162,7 @@ pub(super) fn path_ok(
         Some(known) => *known,
         None => {
             let gc: Option<Vec<u8>> = row.get(at + 2)?;
-            let ok = group_client_ok(ck, group_id, client_id, gc.as_deref());
+            let ok = ck.group_client_ok(group_id, client_id, gc.as_deref());
             memberships.insert(group_id, ok);
             ok
         }
@@ -176,35 +171,7 @@ pub(super) fn path_ok(
         return Ok(false);
     }
     let gs: Option<Vec<u8>> = row.get(at + 1)?;
-    Ok(group_secret_ok(ck, group_id, secret_id, gs.as_deref()))
-}
-
-pub(super) fn group_client_ok(
-    ck: &Checker<'_>,
-    group: u64,
-    client: u64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::GROUP_CLIENTS,
-        || format!("group_id={group} client_id={client}"),
-        &integrity::group_client(group, client),
-        mac,
-    )
-}
-
-pub(super) fn group_secret_ok(
-    ck: &Checker<'_>,
-    group: u64,
-    secret: u64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::GROUP_SECRETS,
-        || format!("group_id={group} secret_id={secret}"),
-        &integrity::group_secret(group, secret),
-        mac,
-    )
+    Ok(ck.group_secret_ok(group_id, secret_id, gs.as_deref()))
 }
 
 /// The client in the 7 columns of [`client_cols`] from `at`, and when it
@@ -223,15 +190,8 @@ pub(super) fn client_at(
     };
     let created_at: i64 = row.get(at + 5)?;
     let mac: Option<Vec<u8>> = row.get(at + 6)?;
-    let input = integrity::client(c.id, &c.name, c.admin, c.enabled, c.pinned, created_at);
-    let id = c.id;
     Ok(ck
-        .ok(
-            integrity::CLIENTS,
-            || format!("id={id}"),
-            &input,
-            mac.as_deref(),
-        )
+        .client_ok(&c, created_at, mac.as_deref())
         .then_some((c, created_at)))
 }
 
@@ -244,14 +204,7 @@ pub(super) fn group_at(
     let id = row.get::<_, i64>(at)? as u64;
     let name: String = row.get(at + 1)?;
     let mac: Option<Vec<u8>> = row.get(at + 2)?;
-    Ok(ck
-        .ok(
-            integrity::GROUPS,
-            || format!("id={id}"),
-            &integrity::group(id, &name),
-            mac.as_deref(),
-        )
-        .then_some((id, name)))
+    Ok(ck.group_ok(id, &name, mac.as_deref()).then_some((id, name)))
 }
 
 /// The id of the named row, if its MAC is good (NotFound when not): what

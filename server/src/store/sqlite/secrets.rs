@@ -415,7 +415,7 @@ pub(super) fn of_group(
         let gid: i64 = r.get(13)?;
         let mac: Option<Vec<u8>> = r.get(14)?;
         let sid = r.get::<_, i64>(0)? as u64;
-        if rows::group_secret_ok(ck, gid as u64, sid, mac.as_deref()) {
+        if ck.group_secret_ok(gid as u64, sid, mac.as_deref()) {
             if let Some(s) = rows::secret_at(r, 0, ck)? {
                 out.push((gid, s.name));
             }
