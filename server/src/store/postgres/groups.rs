@@ -150,16 +150,7 @@ pub(super) fn remove(
         .remove(&id)
         .unwrap_or_default();
     tx.exec("DELETE FROM groups WHERE id = $1", &[&id])?;
-    let list = |what: &str, names: &[String]| match names.len() {
-        0 => format!("no {what}s"),
-        1 => format!("1 {what} ({})", some_names(names, 20)),
-        n => format!("{n} {what}s ({})", some_names(names, 20)),
-    };
-    let what = format!(
-        "removed with {} and {}",
-        list("client", &clients),
-        list("secret", &secrets)
-    );
+    let what = detail::group_removed(&clients, &secrets);
     Ok(Committed {
         value: (),
         revision: record_change(tx, &audit.with_detail(&what), |revision| Change::Access {
@@ -239,7 +230,7 @@ pub(super) fn set_member(
     };
     let mut entry = audit.clone();
     if !changed {
-        entry.detail = "no change".into();
+        entry.detail = detail::NO_CHANGE.into();
     }
     let revision = record_change(tx, &entry, |revision| Change::Access { revision })?;
     Ok(Committed {

@@ -249,11 +249,7 @@ pub(super) fn remove(
         params![id, name, now_s()],
     )?;
     tx.execute("DELETE FROM clients WHERE id = ?1", [id])?;
-    let what = if groups.is_empty() {
-        "was in no group".to_owned()
-    } else {
-        format!("was in groups {}", some_names(&groups, 20))
-    };
+    let what = detail::client_removed(&groups);
     Ok(Committed {
         value: (),
         revision: record_change(tx, &audit.with_detail(&what))?,

@@ -746,12 +746,7 @@ impl Store for SqliteStore {
         let keys = self.keys.get();
         self.db.write(|tx| {
             let at = row_set::sign_all(tx, &keys)?;
-            audit::insert(
-                tx,
-                &audit.with_detail(&format!(
-                    "the rows as they are at revision {at} accepted as the row set"
-                )),
-            )?;
+            audit::insert(tx, &audit.with_detail(&super::detail::row_set_accepted(at)))?;
             Ok(at)
         })
     }
