@@ -26,6 +26,7 @@ mod error;
 mod feed;
 pub mod integrity;
 mod postgres;
+mod rewrap;
 mod sqlite;
 
 #[cfg(test)]
