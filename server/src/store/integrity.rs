@@ -90,6 +90,32 @@ pub fn group_secret(group_id: u64, secret_id: u64) -> MacInput {
     MacInput::new(GROUP_SECRETS).u64(group_id).u64(secret_id)
 }
 
+/// A kind of membership row (`group_clients`, `group_secrets`): what it
+/// links a group to, its MAC input, and a backend's statements that read
+/// one's `mac`, add one (with its `mac`) and delete one, each by group id
+/// then member id.
+pub struct Link {
+    pub member: crate::store::Entity,
+    pub input: fn(u64, u64) -> MacInput,
+    pub select_mac: &'static str,
+    pub insert: &'static str,
+    pub delete: &'static str,
+}
+
+impl Link {
+    /// The link for `member` among a backend's `[clients, secrets]`
+    /// links, and the member's name.
+    pub fn of<'m>(
+        links: &'static [Link; 2],
+        member: &'m crate::store::Member,
+    ) -> (&'static Link, &'m str) {
+        match member {
+            crate::store::Member::Client(name) => (&links[0], name),
+            crate::store::Member::Secret(name) => (&links[1], name),
+        }
+    }
+}
+
 /// A `secrets` row as stored. `labels` is the labels' JSON exactly as
 /// stored (a `BTreeMap` serialized: keys in order, so one set of labels
 /// has one text).

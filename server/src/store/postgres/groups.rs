@@ -7,7 +7,7 @@ use super::commit::Tx;
 use super::macs::{self, group_mac_cols};
 use super::rows::{self, client_cols, insert_named};
 use super::secrets;
-use crate::store::integrity::{self, Checker};
+use crate::store::integrity::{self, Checker, Link};
 use crate::store::*;
 
 fn clients_of(
@@ -159,6 +159,24 @@ pub(super) fn remove(
     })
 }
 
+/// The membership rows, `[clients, secrets]` as [`Link::of`] takes them.
+static LINKS: [Link; 2] = [
+    Link {
+        member: Entity::Client,
+        input: integrity::group_client,
+        select_mac: "SELECT mac FROM group_clients WHERE group_id = $1 AND client_id = $2",
+        insert: "INSERT INTO group_clients (group_id, client_id, mac) VALUES ($1, $2, $3)",
+        delete: "DELETE FROM group_clients WHERE group_id = $1 AND client_id = $2",
+    },
+    Link {
+        member: Entity::Secret,
+        input: integrity::group_secret,
+        select_mac: "SELECT mac FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
+        insert: "INSERT INTO group_secrets (group_id, secret_id, mac) VALUES ($1, $2, $3)",
+        delete: "DELETE FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
+    },
+];
+
 /// Adds `name` (a client or a secret) to `group`, or takes it out;
 /// adding twice or removing what is not there changes nothing: the
 /// audit entry says so, and `changed` is false.
@@ -170,33 +188,18 @@ pub(super) fn set_member(
     add: bool,
     audit: &AuditEntry,
 ) -> Result<Committed<MemberChange>> {
-    let (entity, name, client) = match member {
-        Member::Client(name) => (Entity::Client, name, true),
-        Member::Secret(name) => (Entity::Secret, name, false),
-    };
+    let (link, name) = Link::of(&LINKS, member);
     let changed = if add {
         // Links are made only between good rows.
         let gid = rows::checked_id(tx, ck, Entity::Group, group)?;
-        let id = rows::checked_id(tx, ck, entity, name)?;
+        let id = rows::checked_id(tx, ck, link.member, name)?;
         // A row already there that is bad (added without the key) is
         // replaced by the operator's own.
-        let existing = if client {
-            tx.opt(
-                "SELECT mac FROM group_clients WHERE group_id = $1 AND client_id = $2",
-                &[&gid, &id],
-            )?
-        } else {
-            tx.opt(
-                "SELECT mac FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
-                &[&gid, &id],
-            )?
-        };
-        let existing: Option<Option<Vec<u8>>> = existing.map(|r| r.try_get(0)).transpose()?;
-        let input = if client {
-            integrity::group_client(gid as u64, id as u64)
-        } else {
-            integrity::group_secret(gid as u64, id as u64)
-        };
+        let existing: Option<Option<Vec<u8>>> = tx
+            .opt(link.select_mac, &[&gid, &id])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        let input = (link.input)(gid as u64, id as u64);
         let good = existing
             .as_ref()
             .map(|mac| mac.as_deref().is_some_and(|m| ck.keys.row_ok(&input, m)));
@@ -204,20 +207,10 @@ pub(super) fn set_member(
             Some(true) => false,
             bad_or_none => {
                 if bad_or_none.is_some() {
-                    delete_link(tx, client, gid, id)?;
+                    tx.exec(link.delete, &[&gid, &id])?;
                 }
                 let tag = ck.keys.row_tag(&input).to_vec();
-                if client {
-                    tx.exec(
-                        "INSERT INTO group_clients (group_id, client_id, mac) VALUES ($1, $2, $3)",
-                        &[&gid, &id, &tag],
-                    )?;
-                } else {
-                    tx.exec(
-                        "INSERT INTO group_secrets (group_id, secret_id, mac) VALUES ($1, $2, $3)",
-                        &[&gid, &id, &tag],
-                    )?;
-                }
+                tx.exec(link.insert, &[&gid, &id, &tag])?;
                 true
             }
         }
@@ -225,8 +218,8 @@ pub(super) fn set_member(
         // Taking a member out only removes access: rows are found by name
         // whatever their MACs.
         let gid = rows::id_by_name(tx, Entity::Group, group)?;
-        let id = rows::id_by_name(tx, entity, name)?;
-        delete_link(tx, client, gid, id)? > 0
+        let id = rows::id_by_name(tx, link.member, name)?;
+        tx.exec(link.delete, &[&gid, &id])? > 0
     };
     let mut entry = audit.clone();
     if !changed {
@@ -240,18 +233,4 @@ pub(super) fn set_member(
         },
         revision,
     })
-}
-
-fn delete_link(tx: &mut Tx<'_>, client: bool, gid: i64, id: i64) -> Result<u64> {
-    if client {
-        tx.exec(
-            "DELETE FROM group_clients WHERE group_id = $1 AND client_id = $2",
-            &[&gid, &id],
-        )
-    } else {
-        tx.exec(
-            "DELETE FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
-            &[&gid, &id],
-        )
-    }
 }

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::audit::record_change;
 use super::rows::{self, client_cols, insert_named};
 use super::{macs, secrets};
-use crate::store::integrity::{self, Checker};
+use crate::store::integrity::{self, Checker, Link};
 use crate::store::*;
 
 /// The client names of every good membership of a good client, by group
@@ -168,6 +168,24 @@ pub(super) fn remove(
     })
 }
 
+/// The membership rows, `[clients, secrets]` as [`Link::of`] takes them.
+static LINKS: [Link; 2] = [
+    Link {
+        member: Entity::Client,
+        input: integrity::group_client,
+        select_mac: "SELECT mac FROM group_clients WHERE group_id = ?1 AND client_id = ?2",
+        insert: "INSERT INTO group_clients (group_id, client_id, mac) VALUES (?1, ?2, ?3)",
+        delete: "DELETE FROM group_clients WHERE group_id = ?1 AND client_id = ?2",
+    },
+    Link {
+        member: Entity::Secret,
+        input: integrity::group_secret,
+        select_mac: "SELECT mac FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2",
+        insert: "INSERT INTO group_secrets (group_id, secret_id, mac) VALUES (?1, ?2, ?3)",
+        delete: "DELETE FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2",
+    },
+];
+
 /// Adds `name` (a client or a secret) to `group`, or takes it out;
 /// adding twice or removing what is not there changes nothing: the
 /// audit entry says so, and `changed` is false.
@@ -179,28 +197,17 @@ pub(super) fn set_member(
     add: bool,
     audit: &AuditEntry,
 ) -> Result<Committed<MemberChange>> {
-    let (entity, table, column, name) = match member {
-        Member::Client(name) => (Entity::Client, &macs::GROUP_CLIENTS, "client_id", name),
-        Member::Secret(name) => (Entity::Secret, &macs::GROUP_SECRETS, "secret_id", name),
-    };
-    let link = table.name;
+    let (link, name) = Link::of(&LINKS, member);
     let changed = if add {
         // Links are made only between good rows.
         let gid = rows::checked_id(tx, ck, Entity::Group, group)?;
-        let id = rows::checked_id(tx, ck, entity, name)?;
+        let id = rows::checked_id(tx, ck, link.member, name)?;
         // A row already there that is bad (added without the key) is
         // replaced by the operator's own.
         let existing: Option<Option<Vec<u8>>> = tx
-            .query_row(
-                &format!("SELECT mac FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
-                params![gid, id],
-                |r| r.get(0),
-            )
+            .query_row(link.select_mac, params![gid, id], |r| r.get(0))
             .optional()?;
-        let input = match member {
-            Member::Client(_) => integrity::group_client(gid as u64, id as u64),
-            Member::Secret(_) => integrity::group_secret(gid as u64, id as u64),
-        };
+        let input = (link.input)(gid as u64, id as u64);
         let good = existing
             .as_ref()
             .map(|mac| mac.as_deref().is_some_and(|m| ck.keys.row_ok(&input, m)));
@@ -208,15 +215,9 @@ pub(super) fn set_member(
             Some(true) => false,
             bad_or_none => {
                 if bad_or_none.is_some() {
-                    tx.execute(
-                        &format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
-                        params![gid, id],
-                    )?;
+                    tx.execute(link.delete, params![gid, id])?;
                 }
-                tx.execute(
-                    &format!("INSERT INTO {link} (group_id, {column}, mac) VALUES (?1, ?2, ?3)"),
-                    params![gid, id, &ck.keys.row_tag(&input)[..]],
-                )?;
+                tx.execute(link.insert, params![gid, id, &ck.keys.row_tag(&input)[..]])?;
                 true
             }
         }
@@ -224,11 +225,8 @@ pub(super) fn set_member(
         // Taking a member out only removes access: rows are found by name
         // whatever their MACs.
         let gid = rows::id_by_name(tx, Entity::Group, group)?;
-        let id = rows::id_by_name(tx, entity, name)?;
-        tx.execute(
-            &format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
-            params![gid, id],
-        )? > 0
+        let id = rows::id_by_name(tx, link.member, name)?;
+        tx.execute(link.delete, params![gid, id])? > 0
     };
     let mut entry = audit.clone();
     if !changed {
