@@ -219,6 +219,17 @@ const ROW_SET_FORMAT: u8 = 1;
 const ROW_SET_LEN: usize = 1 + 4 + 8 + 8 + MAC_LEN;
 
 impl RowSetRecord {
+    /// A record of `digest` under the current key, written and checked
+    /// at revision `at`.
+    pub fn current(keys: &Keys, at: u64, digest: [u8; MAC_LEN]) -> RowSetRecord {
+        RowSetRecord {
+            epoch: keys.current.epoch(),
+            written_at: at,
+            checked_at: at,
+            digest,
+        }
+    }
+
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, crate::error::Error> {
         let mut plain = Vec::with_capacity(ROW_SET_LEN);
         plain.push(ROW_SET_FORMAT);
@@ -253,6 +264,53 @@ impl RowSetRecord {
             digest: p[21..].try_into().expect("32 bytes"),
         })
     }
+}
+
+/// The row set record as read from a backend.
+pub enum StoredRecord {
+    Missing,
+    /// It does not open under any key this server holds (edited, or
+    /// sealed under a key no longer held).
+    Unreadable,
+    Good(RowSetRecord),
+}
+
+/// The record, if it can be checked: there, opening, and under a key
+/// epoch this server holds (`keys.set_for(rec.epoch)` is then `Some`);
+/// else the finding.
+pub fn checkable(keys: &Keys, stored: StoredRecord) -> Result<RowSetRecord, BadRow> {
+    match stored {
+        StoredRecord::Missing => Err(row_set_mismatch(
+            None,
+            Some("the row set record was deleted"),
+        )),
+        StoredRecord::Unreadable => Err(row_set_mismatch(
+            None,
+            Some("the row set record does not open under the master key"),
+        )),
+        StoredRecord::Good(rec) if keys.set_for(rec.epoch).is_none() => Err(row_set_mismatch(
+            Some(rec.checked_at),
+            Some("the row set record is under a master key epoch this server does not hold"),
+        )),
+        StoredRecord::Good(rec) => Ok(rec),
+    }
+}
+
+/// Whether two digests are equal, in time that does not depend on where
+/// they differ.
+pub fn same(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A rekey's end refused because the row set is a finding.
+pub fn cannot_move(finding: BadRow) -> crate::store::StoreError {
+    crate::store::StoreError::Check(
+        format!(
+            "the rekey cannot finish: {}; then ask for the rekey again",
+            finding.what
+        )
+        .into(),
+    )
 }
 
 /// The finding when the row set does not agree: rows were put back,
