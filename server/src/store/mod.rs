@@ -21,6 +21,7 @@
 //!   reports it once ([`Store::take_bad_rows`]).
 
 pub mod audit_chain;
+mod columns;
 mod detail;
 mod error;
 mod feed;

@@ -6,72 +6,25 @@ use crate::envelope::Sealed;
 use crate::store::integrity::{Checker, SecretRow};
 use crate::store::{ClientAuth, Entity, Result, SealedSecret, SecretRecord, StoreError};
 
-/// The `secrets` columns a row's MAC covers, then its MAC: 13 columns, as
-/// [`secret_at`] reads them.
-macro_rules! secret_cols {
-    () => {
-        "s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, s.expires_at, \
-         s.current_version, s.version_count, s.created_at, s.updated_at, s.mac"
-    };
-}
+pub(super) use crate::store::columns::{
+    client_cols, secret_cols, select_secrets, SEALED_PATH, VIEW_PATH,
+};
 
-/// The `clients` columns a row's MAC covers, then its MAC: 7 columns, as
-/// [`client_at`] reads them.
-macro_rules! client_cols {
-    () => {
-        "c.id, c.name, c.admin, c.enabled, c.pinned, c.created_at, c.mac"
-    };
-}
-
-/// `SELECT` of secrets with their current version's size and time, as
-/// [`secret`] maps them; the rest of the query follows. Macros rather than
-/// consts so queries are `concat!`ed at compile time, not formatted per call.
-macro_rules! select_secrets {
-    ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version ",
-            $($rest)*
-        )
-    };
-}
-
-/// As [`select_secrets`], with each path by which client `?1` may read the
-/// secret (the group, and both membership rows' MACs, at [`VIEW_PATH`]).
+/// `columns::select_granted` for client `?1`.
 macro_rules! select_granted {
     ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at, gs.group_id, gs.mac, gc.mac \
-             FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = ?1 ",
-            $($rest)*
-        )
+        $crate::store::columns::select_granted!("?1"; $($rest)*)
     };
 }
 
-/// As [`select_granted`], with the current version's sealed content, as
-/// [`sealed_secret`] maps it (the path at [`SEALED_PATH`]).
+/// `columns::select_granted_sealed` for client `?1`.
 macro_rules! select_granted_sealed {
     ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at, v.wrapped_key, v.ciphertext, \
-             gs.group_id, gs.mac, gc.mac FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = ?1 ",
-            $($rest)*
-        )
+        $crate::store::columns::select_granted_sealed!("?1"; $($rest)*)
     };
 }
 
-pub(super) use {client_cols, secret_cols, select_granted, select_granted_sealed, select_secrets};
-
-/// Where the path columns start in [`select_granted`] and
-/// [`select_granted_sealed`].
-pub(super) const VIEW_PATH: usize = 15;
-pub(super) const SEALED_PATH: usize = 17;
+pub(super) use {select_granted, select_granted_sealed};
 
 /// The secret in the 13 columns of [`secret_cols`] from `at`, if its MAC
 /// is good (size and version time left 0).
