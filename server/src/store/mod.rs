@@ -26,6 +26,7 @@ mod detail;
 mod error;
 mod feed;
 pub mod integrity;
+mod mapping;
 mod postgres;
 mod rewrap;
 mod sqlite;

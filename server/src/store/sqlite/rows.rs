@@ -2,9 +2,9 @@
 
 use rusqlite::{Connection, OptionalExtension, Row};
 
-use crate::envelope::Sealed;
-use crate::store::integrity::{Checker, SecretRow};
-use crate::store::{ClientAuth, Entity, Result, SealedSecret, SecretRecord, StoreError};
+use crate::store::integrity::Checker;
+use crate::store::mapping::Columns;
+use crate::store::{Entity, Result, StoreError};
 
 pub(super) use crate::store::columns::{
     client_cols, secret_cols, select_secrets, SEALED_PATH, VIEW_PATH,
@@ -26,138 +26,36 @@ macro_rules! select_granted_sealed {
 
 pub(super) use {select_granted, select_granted_sealed};
 
-/// The secret in the 13 columns of [`secret_cols`] from `at`, if its MAC
-/// is good (size and version time left 0).
-pub(super) fn secret_at(
-    row: &Row<'_>,
-    at: usize,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<SecretRecord>> {
-    let labels: String = row.get(at + 3)?;
-    let record = SecretRecord {
-        id: row.get::<_, i64>(at)? as u64,
-        name: row.get(at + 1)?,
-        description: row.get(at + 2)?,
-        labels: serde_json::from_str(&labels).unwrap_or_default(),
-        mode: row.get(at + 4)?,
-        owner: row.get(at + 5)?,
-        group: row.get(at + 6)?,
-        expires_at: row.get(at + 7)?,
-        current_version: row.get::<_, i64>(at + 8)? as u64,
-        version_count: row.get::<_, i64>(at + 9)? as u64,
-        created_at: row.get(at + 10)?,
-        updated_at: row.get(at + 11)?,
-        size: 0,
-        version_created_at: 0,
-    };
-    let mac: Option<Vec<u8>> = row.get(at + 12)?;
-    let good = ck.secret_ok(
-        &SecretRow {
-            id: record.id,
-            name: &record.name,
-            description: &record.description,
-            labels: &labels,
-            mode: record.mode,
-            owner: record.owner,
-            grp: record.group,
-            expires_at: record.expires_at,
-            current_version: record.current_version,
-            version_count: record.version_count,
-            created_at: record.created_at,
-            updated_at: record.updated_at,
-        },
-        mac.as_deref(),
-    );
-    Ok(good.then_some(record))
-}
+pub(super) use crate::store::mapping::{
+    client_at, group_at, path_ok, sealed_secret, secret, secret_at,
+};
 
-/// A row of [`select_secrets`] (or [`select_granted`]), if its MAC is good.
-pub(super) fn secret(row: &Row<'_>, ck: &Checker<'_>) -> rusqlite::Result<Option<SecretRecord>> {
-    let Some(mut record) = secret_at(row, 0, ck)? else {
-        return Ok(None);
-    };
-    record.size = row.get::<_, i64>(13)? as u64;
-    record.version_created_at = row.get(14)?;
-    Ok(Some(record))
-}
-
-/// A row of [`select_granted_sealed`], if the secret's MAC is good.
-pub(super) fn sealed_secret(
-    row: &Row<'_>,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<SealedSecret>> {
-    let Some(record) = secret(row, ck)? else {
-        return Ok(None);
-    };
-    Ok(Some(SealedSecret {
-        record,
-        sealed: Sealed {
-            wrapped_key: row.get(15)?,
-            ciphertext: row.get(16)?,
-        },
-    }))
-}
-
-/// Whether the path at `at` (group id, `group_secrets` MAC,
-/// `group_clients` MAC) really links `client_id` to the row's secret.
-/// `memberships` remembers each group's `group_clients` verdict for the
-/// rest of the query (one row per group, met once per secret).
-pub(super) fn path_ok(
-    row: &Row<'_>,
-    at: usize,
-    client_id: u64,
-    ck: &Checker<'_>,
-    memberships: &mut std::collections::HashMap<u64, bool>,
-) -> rusqlite::Result<bool> {
-    let secret_id = row.get::<_, i64>(0)? as u64;
-    let group_id = row.get::<_, i64>(at)? as u64;
-    let member = match memberships.get(&group_id) {
-        Some(known) => *known,
-        None => {
-            let gc: Option<Vec<u8>> = row.get(at + 2)?;
-            let ok = ck.group_client_ok(group_id, client_id, gc.as_deref());
-            memberships.insert(group_id, ok);
-            ok
-        }
-    };
-    if !member {
-        return Ok(false);
+impl Columns for Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
     }
-    let gs: Option<Vec<u8>> = row.get(at + 1)?;
-    Ok(ck.group_secret_ok(group_id, secret_id, gs.as_deref()))
-}
-
-/// The client in the 7 columns of [`client_cols`] from `at`, and when it
-/// was made, if its MAC is good.
-pub(super) fn client_at(
-    row: &Row<'_>,
-    at: usize,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<(ClientAuth, i64)>> {
-    let c = ClientAuth {
-        id: row.get::<_, i64>(at)? as u64,
-        name: row.get(at + 1)?,
-        admin: row.get(at + 2)?,
-        enabled: row.get(at + 3)?,
-        pinned: row.get(at + 4)?,
-    };
-    let created_at: i64 = row.get(at + 5)?;
-    let mac: Option<Vec<u8>> = row.get(at + 6)?;
-    Ok(ck
-        .client_ok(&c, created_at, mac.as_deref())
-        .then_some((c, created_at)))
-}
-
-/// The group in 3 columns (id, name, mac) from `at`, if its MAC is good.
-pub(super) fn group_at(
-    row: &Row<'_>,
-    at: usize,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<(u64, String)>> {
-    let id = row.get::<_, i64>(at)? as u64;
-    let name: String = row.get(at + 1)?;
-    let mac: Option<Vec<u8>> = row.get(at + 2)?;
-    Ok(ck.group_ok(id, &name, mac.as_deref()).then_some((id, name)))
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn small(&self, i: usize) -> rusqlite::Result<u32> {
+        self.get(i)
+    }
+    fn opt_small(&self, i: usize) -> rusqlite::Result<Option<u32>> {
+        self.get(i)
+    }
+    fn flag(&self, i: usize) -> rusqlite::Result<bool> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn blob(&self, i: usize) -> rusqlite::Result<Vec<u8>> {
+        self.get(i)
+    }
+    fn opt_blob(&self, i: usize) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.get(i)
+    }
 }
 
 /// The id of the named row, if its MAC is good (NotFound when not): what
