@@ -764,7 +764,7 @@ mod tests {
 
     #[test]
     fn a_cached_join_is_not_parsed_again_on_every_use() {
-        use super::rows::{secret_cols, select_secrets};
+        use super::rows::select_secrets;
         let dir = tempfile::tempdir().unwrap();
         let s =
             SqliteStore::open(&dir.path().join("db"), true, KeyRing::generate().unwrap()).unwrap();
