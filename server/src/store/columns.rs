@@ -34,15 +34,15 @@ macro_rules! select_secrets {
     };
 }
 
-/// As [`select_secrets`], with each path by which the client (placeholder
-/// `$client`) may read the secret (the group, and both membership rows'
-/// MACs, at [`VIEW_PATH`]).
-macro_rules! select_granted {
-    ($client:literal; $($rest:tt)*) => {
+/// The secrets client `$client` may read, each with the path it may read
+/// it by (group id, both membership rows' MACs) after the `$extra`
+/// columns: what [`select_granted`] and [`select_granted_sealed`] are.
+macro_rules! granted {
+    ($extra:literal; $client:literal; $($rest:tt)*) => {
         concat!(
-            "SELECT ", $crate::store::columns::secret_cols!(), ", v.size, v.created_at, \
-             gs.group_id, gs.mac, gc.mac \
-             FROM secrets s \
+            "SELECT ", $crate::store::columns::secret_cols!(), ", v.size, v.created_at, ",
+            $extra,
+            "gs.group_id, gs.mac, gc.mac FROM secrets s \
              JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
              JOIN group_secrets gs ON gs.secret_id = s.id \
              JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = ",
@@ -50,6 +50,15 @@ macro_rules! select_granted {
             " ",
             $($rest)*
         )
+    };
+}
+
+/// As [`select_secrets`], with each path by which the client (placeholder
+/// `$client`) may read the secret (the group, and both membership rows'
+/// MACs, at [`VIEW_PATH`]).
+macro_rules! select_granted {
+    ($client:literal; $($rest:tt)*) => {
+        $crate::store::columns::granted!(""; $client; $($rest)*)
     };
 }
 
@@ -58,20 +67,13 @@ macro_rules! select_granted {
 /// [`SEALED_PATH`]).
 macro_rules! select_granted_sealed {
     ($client:literal; $($rest:tt)*) => {
-        concat!(
-            "SELECT ", $crate::store::columns::secret_cols!(), ", v.size, v.created_at, \
-             v.wrapped_key, v.ciphertext, gs.group_id, gs.mac, gc.mac FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = ",
-            $client,
-            " ",
-            $($rest)*
-        )
+        $crate::store::columns::granted!("v.wrapped_key, v.ciphertext, "; $client; $($rest)*)
     };
 }
 
-pub(crate) use {client_cols, secret_cols, select_granted, select_granted_sealed, select_secrets};
+pub(crate) use {
+    client_cols, granted, secret_cols, select_granted, select_granted_sealed, select_secrets,
+};
 
 /// Where the path columns start in [`select_granted`] and
 /// [`select_granted_sealed`].
