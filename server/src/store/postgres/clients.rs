@@ -78,10 +78,9 @@ fn record(c: ClientAuth, created_at: i64) -> ClientRecord {
     }
 }
 
-/// The client, if its row's MAC is good (a bad row is NotFound), with its
-/// newest good certificate and its good memberships.
-pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
-    let found = match tx.opt(
+/// The client named `name` and when it was made, if its row's MAC is good.
+fn named(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<Option<(ClientAuth, i64)>> {
+    match tx.opt(
         concat!(
             "SELECT ",
             client_cols!(),
@@ -89,10 +88,16 @@ pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<C
         ),
         &[&name],
     )? {
-        Some(r) => rows::client_at(&r, 0, ck)?,
-        None => None,
-    };
-    let (c, created_at) = found.ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
+        Some(r) => rows::client_at(&r, 0, ck),
+        None => Ok(None),
+    }
+}
+
+/// The client, if its row's MAC is good (a bad row is NotFound), with its
+/// newest good certificate and its good memberships.
+pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
+    let (c, created_at) =
+        named(tx, ck, name)?.ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
     let mut found = record(c, created_at);
     if let Some((serial, not_after)) = newest_cert(tx, ck, found.id)? {
         found.cert_serial = Some(serial);
@@ -284,17 +289,7 @@ pub(super) fn authenticate(
             &[&serial],
         )?
         .try_get(0)?;
-    let client = match tx.opt(
-        concat!(
-            "SELECT ",
-            client_cols!(),
-            " FROM clients c WHERE c.name = $1"
-        ),
-        &[&name],
-    )? {
-        Some(r) => rows::client_at(&r, 0, ck)?.map(|(c, _)| c),
-        None => None,
-    };
+    let client = named(tx, ck, name)?.map(|(c, _)| c);
     let serial_issued = match &client {
         None => false,
         Some(c) => match tx.opt(

@@ -57,6 +57,17 @@ fn secrets_of(
     Ok(out)
 }
 
+/// The good clients and secrets of group `id` (whatever its own row).
+fn members_of(tx: &mut Tx<'_>, ck: &Checker<'_>, id: i64) -> Result<(Vec<String>, Vec<String>)> {
+    let clients = clients_of(tx, ck, Some(id))?
+        .remove(&id)
+        .unwrap_or_default();
+    let secrets = secrets_of(tx, ck, Some(id))?
+        .remove(&id)
+        .unwrap_or_default();
+    Ok((clients, secrets))
+}
+
 /// The group, if its row's MAC is good (a bad row is NotFound), with its
 /// good members.
 pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<GroupRecord> {
@@ -72,16 +83,13 @@ pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<G
     };
     let (id, description, created_at): (i64, String, i64) =
         found.ok_or_else(|| StoreError::not_found(Entity::Group, name))?;
+    let (clients, secrets) = members_of(tx, ck, id)?;
     Ok(GroupRecord {
         name: name.to_owned(),
         description,
         created_at,
-        clients: clients_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
-        secrets: secrets_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
+        clients,
+        secrets,
     })
 }
 
@@ -143,12 +151,7 @@ pub(super) fn remove(
     audit: &AuditEntry,
 ) -> Result<Committed<()>> {
     let id = rows::id_by_name(tx, Entity::Group, name)?;
-    let clients = clients_of(tx, ck, Some(id))?
-        .remove(&id)
-        .unwrap_or_default();
-    let secrets = secrets_of(tx, ck, Some(id))?
-        .remove(&id)
-        .unwrap_or_default();
+    let (clients, secrets) = members_of(tx, ck, id)?;
     tx.exec("DELETE FROM groups WHERE id = $1", &[&id])?;
     let what = detail::group_removed(&clients, &secrets);
     Ok(Committed {

@@ -85,10 +85,9 @@ fn record(c: ClientAuth, created_at: i64) -> ClientRecord {
     }
 }
 
-/// The client, if its row's MAC is good (a bad row is NotFound), with its
-/// newest good certificate and its good memberships.
-pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
-    let (c, created_at) = tx
+/// The client named `name` and when it was made, if its row's MAC is good.
+fn named(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<Option<(ClientAuth, i64)>> {
+    Ok(tx
         .prepare_cached(concat!(
             "SELECT ",
             client_cols!(),
@@ -96,8 +95,14 @@ pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<C
         ))?
         .query_row([name], |r| rows::client_at(r, 0, ck))
         .optional()?
-        .flatten()
-        .ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
+        .flatten())
+}
+
+/// The client, if its row's MAC is good (a bad row is NotFound), with its
+/// newest good certificate and its good memberships.
+pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
+    let (c, created_at) =
+        named(tx, ck, name)?.ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
     let mut found = record(c, created_at);
     if let Some((serial, not_after)) = newest_cert(tx, ck, found.id)? {
         found.cert_serial = Some(serial);
@@ -268,16 +273,7 @@ pub(super) fn authenticate(
     // Runs on every auth cache miss: the client and its certificate of
     // this serial, each only if its row is good (a bad clients row is an
     // unknown client; a bad certificate row was never issued).
-    let client = tx
-        .prepare_cached(concat!(
-            "SELECT ",
-            client_cols!(),
-            " FROM clients c WHERE c.name = ?1"
-        ))?
-        .query_row([name], |r| rows::client_at(r, 0, ck))
-        .optional()?
-        .flatten()
-        .map(|(c, _)| c);
+    let client = named(tx, ck, name)?.map(|(c, _)| c);
     let serial_issued = match &client {
         None => false,
         Some(c) => tx
