@@ -160,3 +160,72 @@ pub fn group_at<R: Columns + ?Sized>(
     let mac = row.opt_blob(at + 2)?;
     Ok(ck.group_ok(id, &name, mac.as_deref()).then_some((id, name)))
 }
+
+/// A certificate of client `client_id` in 4 columns (serial, not_after,
+/// issued_at, mac) from `at`: its serial and expiry, if its MAC is good.
+pub fn cert_at<R: Columns + ?Sized>(
+    row: &R,
+    at: usize,
+    client_id: u64,
+    ck: &Checker<'_>,
+) -> Result<Option<(String, i64)>, R::Error> {
+    let (serial, not_after, issued_at) = (row.text(at)?, row.int(at + 1)?, row.int(at + 2)?);
+    let mac = row.opt_blob(at + 3)?;
+    Ok(ck
+        .cert_ok(client_id, &serial, not_after, issued_at, mac.as_deref())
+        .then_some((serial, not_after)))
+}
+
+/// A client's membership (g.id, g.name, g.mac, gc.client_id, gc.mac): the
+/// client's id and the group's name, if the membership and then the group
+/// are good.
+pub fn group_of_client<R: Columns + ?Sized>(
+    row: &R,
+    ck: &Checker<'_>,
+) -> Result<Option<(i64, String)>, R::Error> {
+    let cid = row.int(3)?;
+    let mac = row.opt_blob(4)?;
+    let gid = row.int(0)? as u64;
+    if !ck.group_client_ok(gid, cid as u64, mac.as_deref()) {
+        return Ok(None);
+    }
+    Ok(group_at(row, 0, ck)?.map(|(_, name)| (cid, name)))
+}
+
+/// A group's member (`client_cols`, gc.group_id, gc.mac): the group's id
+/// and the client's name, if the membership and then the client are good.
+pub fn client_of_group<R: Columns + ?Sized>(
+    row: &R,
+    ck: &Checker<'_>,
+) -> Result<Option<(i64, String)>, R::Error> {
+    let gid = row.int(7)?;
+    let mac = row.opt_blob(8)?;
+    let cid = row.int(0)? as u64;
+    if !ck.group_client_ok(gid as u64, cid, mac.as_deref()) {
+        return Ok(None);
+    }
+    Ok(client_at(row, 0, ck)?.map(|(c, _)| (gid, c.name)))
+}
+
+/// A path by which client `client_id` reads a secret (`secret_cols`,
+/// g.id, g.name, g.mac, gs.mac, gc.mac): the secret's and the group's
+/// names, if every row of it (membership, grant, group, secret) is good.
+pub fn access_at<R: Columns + ?Sized>(
+    row: &R,
+    client_id: u64,
+    ck: &Checker<'_>,
+) -> Result<Option<(String, String)>, R::Error> {
+    let gid = row.int(13)? as u64;
+    let sid = row.int(0)? as u64;
+    let gs = row.opt_blob(16)?;
+    let gc = row.opt_blob(17)?;
+    if !ck.group_client_ok(gid, client_id, gc.as_deref())
+        || !ck.group_secret_ok(gid, sid, gs.as_deref())
+    {
+        return Ok(None);
+    }
+    let Some((_, group)) = group_at(row, 13, ck)? else {
+        return Ok(None);
+    };
+    Ok(secret_at(row, 0, ck)?.map(|secret| (secret.name, group)))
+}

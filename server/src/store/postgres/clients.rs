@@ -18,11 +18,8 @@ fn newest_cert(tx: &mut Tx<'_>, ck: &Checker<'_>, id: u64) -> Result<Option<(Str
         &[&(id as i64)],
     )?;
     for r in &rows {
-        let (serial, not_after, issued_at): (String, i64, i64) =
-            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-        let mac: Option<Vec<u8>> = r.try_get(3)?;
-        if ck.cert_ok(id, &serial, not_after, issued_at, mac.as_deref()) {
-            return Ok(Some((serial, not_after)));
+        if let Some(cert) = rows::cert_at(r, 0, id, ck)? {
+            return Ok(Some(cert));
         }
     }
     Ok(None)
@@ -51,13 +48,7 @@ fn groups_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     for r in &rows {
-        let cid: i64 = r.try_get(3)?;
-        let mac: Option<Vec<u8>> = r.try_get(4)?;
-        let gid = r.try_get::<_, i64>(0)? as u64;
-        if !ck.group_client_ok(gid, cid as u64, mac.as_deref()) {
-            continue;
-        }
-        if let Some((_, name)) = rows::group_at(r, 0, ck)? {
+        if let Some((cid, name)) = rows::group_of_client(r, ck)? {
             out.entry(cid).or_default().push(name);
         }
     }
@@ -122,11 +113,8 @@ pub(super) fn list(tx: &mut Tx<'_>, ck: &Checker<'_>) -> Result<Vec<ClientRecord
         if certs.contains_key(&cid) {
             continue;
         }
-        let (serial, not_after, issued_at): (String, i64, i64) =
-            (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-        let mac: Option<Vec<u8>> = r.try_get(4)?;
-        if ck.cert_ok(cid as u64, &serial, not_after, issued_at, mac.as_deref()) {
-            certs.insert(cid, (serial, not_after));
+        if let Some(cert) = rows::cert_at(r, 1, cid as u64, ck)? {
+            certs.insert(cid, cert);
         }
     }
     let mut out = Vec::new();
@@ -333,22 +321,9 @@ pub(super) fn access(tx: &mut Tx<'_>, ck: &Checker<'_>, client: &str) -> Result<
     )?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &rows {
-        let gid = r.try_get::<_, i64>(13)? as u64;
-        let sid = r.try_get::<_, i64>(0)? as u64;
-        let gs: Option<Vec<u8>> = r.try_get(16)?;
-        let gc: Option<Vec<u8>> = r.try_get(17)?;
-        if !ck.group_client_ok(gid, cid as u64, gc.as_deref())
-            || !ck.group_secret_ok(gid, sid, gs.as_deref())
-        {
-            continue;
+        if let Some((secret, group)) = rows::access_at(r, cid as u64, ck)? {
+            out.entry(secret).or_default().push(group);
         }
-        let Some((_, group)) = rows::group_at(r, 13, ck)? else {
-            continue;
-        };
-        let Some(secret) = rows::secret_at(r, 0, ck)? else {
-            continue;
-        };
-        out.entry(secret.name).or_default().push(group);
     }
     Ok(out
         .into_iter()

@@ -29,7 +29,8 @@ macro_rules! select_granted_sealed {
 pub(super) use {select_granted, select_granted_sealed};
 
 pub(super) use crate::store::mapping::{
-    client_at, group_at, path_ok, sealed_secret, secret, secret_at,
+    access_at, cert_at, client_at, client_of_group, group_at, group_of_client, path_ok,
+    sealed_secret, secret, secret_at,
 };
 
 fn u32_of(v: i64) -> u32 {

@@ -18,10 +18,8 @@ fn newest_cert(tx: &Connection, ck: &Checker<'_>, id: u64) -> Result<Option<(Str
     )?;
     let mut rows = stmt.query([id as i64])?;
     while let Some(r) = rows.next()? {
-        let (serial, not_after, issued_at): (String, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        let mac: Option<Vec<u8>> = r.get(3)?;
-        if ck.cert_ok(id, &serial, not_after, issued_at, mac.as_deref()) {
-            return Ok(Some((serial, not_after)));
+        if let Some(cert) = rows::cert_at(r, 0, id, ck)? {
+            return Ok(Some(cert));
         }
     }
     Ok(None)
@@ -58,13 +56,7 @@ fn groups_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     while let Some(r) = rows.next()? {
-        let cid: i64 = r.get(3)?;
-        let mac: Option<Vec<u8>> = r.get(4)?;
-        let gid = r.get::<_, i64>(0)? as u64;
-        if !ck.group_client_ok(gid, cid as u64, mac.as_deref()) {
-            continue;
-        }
-        if let Some((_, name)) = rows::group_at(r, 0, ck)? {
+        if let Some((cid, name)) = rows::group_of_client(r, ck)? {
             out.entry(cid).or_default().push(name);
         }
     }
@@ -129,11 +121,8 @@ pub(super) fn list(tx: &Connection, ck: &Checker<'_>) -> Result<Vec<ClientRecord
             if certs.contains_key(&cid) {
                 continue;
             }
-            let (serial, not_after, issued_at): (String, i64, i64) =
-                (r.get(1)?, r.get(2)?, r.get(3)?);
-            let mac: Option<Vec<u8>> = r.get(4)?;
-            if ck.cert_ok(cid as u64, &serial, not_after, issued_at, mac.as_deref()) {
-                certs.insert(cid, (serial, not_after));
+            if let Some(cert) = rows::cert_at(r, 1, cid as u64, ck)? {
+                certs.insert(cid, cert);
             }
         }
     }
@@ -310,22 +299,9 @@ pub(super) fn access(tx: &Connection, ck: &Checker<'_>, client: &str) -> Result<
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut rows = stmt.query([cid])?;
     while let Some(r) = rows.next()? {
-        let gid = r.get::<_, i64>(13)? as u64;
-        let sid = r.get::<_, i64>(0)? as u64;
-        let gs: Option<Vec<u8>> = r.get(16)?;
-        let gc: Option<Vec<u8>> = r.get(17)?;
-        if !ck.group_client_ok(gid, cid as u64, gc.as_deref())
-            || !ck.group_secret_ok(gid, sid, gs.as_deref())
-        {
-            continue;
+        if let Some((secret, group)) = rows::access_at(r, cid as u64, ck)? {
+            out.entry(secret).or_default().push(group);
         }
-        let Some((_, group)) = rows::group_at(r, 13, ck)? else {
-            continue;
-        };
-        let Some(secret) = rows::secret_at(r, 0, ck)? else {
-            continue;
-        };
-        out.entry(secret.name).or_default().push(group);
     }
     Ok(out
         .into_iter()

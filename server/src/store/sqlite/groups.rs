@@ -42,14 +42,8 @@ fn clients_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     while let Some(r) = rows.next()? {
-        let gid: i64 = r.get(7)?;
-        let mac: Option<Vec<u8>> = r.get(8)?;
-        let cid = r.get::<_, i64>(0)? as u64;
-        if !ck.group_client_ok(gid as u64, cid, mac.as_deref()) {
-            continue;
-        }
-        if let Some((c, _)) = rows::client_at(r, 0, ck)? {
-            out.entry(gid).or_default().push(c.name);
+        if let Some((gid, name)) = rows::client_of_group(r, ck)? {
+            out.entry(gid).or_default().push(name);
         }
     }
     Ok(out)
