@@ -90,6 +90,32 @@ pub fn group_secret(group_id: u64, secret_id: u64) -> MacInput {
     MacInput::new(GROUP_SECRETS).u64(group_id).u64(secret_id)
 }
 
+/// A kind of membership row (`group_clients`, `group_secrets`): what it
+/// links a group to, its MAC input, and a backend's statements that read
+/// one's `mac`, add one (with its `mac`) and delete one, each by group id
+/// then member id.
+pub struct Link {
+    pub member: crate::store::Entity,
+    pub input: fn(u64, u64) -> MacInput,
+    pub select_mac: &'static str,
+    pub insert: &'static str,
+    pub delete: &'static str,
+}
+
+impl Link {
+    /// The link for `member` among a backend's `[clients, secrets]`
+    /// links, and the member's name.
+    pub fn of<'m>(
+        links: &'static [Link; 2],
+        member: &'m crate::store::Member,
+    ) -> (&'static Link, &'m str) {
+        match member {
+            crate::store::Member::Client(name) => (&links[0], name),
+            crate::store::Member::Secret(name) => (&links[1], name),
+        }
+    }
+}
+
 /// A `secrets` row as stored. `labels` is the labels' JSON exactly as
 /// stored (a `BTreeMap` serialized: keys in order, so one set of labels
 /// has one text).
@@ -193,6 +219,17 @@ const ROW_SET_FORMAT: u8 = 1;
 const ROW_SET_LEN: usize = 1 + 4 + 8 + 8 + MAC_LEN;
 
 impl RowSetRecord {
+    /// A record of `digest` under the current key, written and checked
+    /// at revision `at`.
+    pub fn current(keys: &Keys, at: u64, digest: [u8; MAC_LEN]) -> RowSetRecord {
+        RowSetRecord {
+            epoch: keys.current.epoch(),
+            written_at: at,
+            checked_at: at,
+            digest,
+        }
+    }
+
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>, crate::error::Error> {
         let mut plain = Vec::with_capacity(ROW_SET_LEN);
         plain.push(ROW_SET_FORMAT);
@@ -227,6 +264,53 @@ impl RowSetRecord {
             digest: p[21..].try_into().expect("32 bytes"),
         })
     }
+}
+
+/// The row set record as read from a backend.
+pub enum StoredRecord {
+    Missing,
+    /// It does not open under any key this server holds (edited, or
+    /// sealed under a key no longer held).
+    Unreadable,
+    Good(RowSetRecord),
+}
+
+/// The record, if it can be checked: there, opening, and under a key
+/// epoch this server holds (`keys.set_for(rec.epoch)` is then `Some`);
+/// else the finding.
+pub fn checkable(keys: &Keys, stored: StoredRecord) -> Result<RowSetRecord, BadRow> {
+    match stored {
+        StoredRecord::Missing => Err(row_set_mismatch(
+            None,
+            Some("the row set record was deleted"),
+        )),
+        StoredRecord::Unreadable => Err(row_set_mismatch(
+            None,
+            Some("the row set record does not open under the master key"),
+        )),
+        StoredRecord::Good(rec) if keys.set_for(rec.epoch).is_none() => Err(row_set_mismatch(
+            Some(rec.checked_at),
+            Some("the row set record is under a master key epoch this server does not hold"),
+        )),
+        StoredRecord::Good(rec) => Ok(rec),
+    }
+}
+
+/// Whether two digests are equal, in time that does not depend on where
+/// they differ.
+pub fn same(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A rekey's end refused because the row set is a finding.
+pub fn cannot_move(finding: BadRow) -> crate::store::StoreError {
+    crate::store::StoreError::Check(
+        format!(
+            "the rekey cannot finish: {}; then ask for the rekey again",
+            finding.what
+        )
+        .into(),
+    )
 }
 
 /// The finding when the row set does not agree: rows were put back,
@@ -331,6 +415,70 @@ impl Checker<'_> {
             });
         }
         good
+    }
+
+    /// Whether a `clients` row's MAC is good (reported when not).
+    pub fn client_ok(
+        &self,
+        c: &crate::store::ClientAuth,
+        created_at: i64,
+        mac: Option<&[u8]>,
+    ) -> bool {
+        let id = c.id;
+        self.ok(
+            CLIENTS,
+            || format!("id={id}"),
+            &client(c.id, &c.name, c.admin, c.enabled, c.pinned, created_at),
+            mac,
+        )
+    }
+
+    /// Whether a `client_certs` row's MAC is good (reported when not).
+    pub fn cert_ok(
+        &self,
+        client_id: u64,
+        serial: &str,
+        not_after: i64,
+        issued_at: i64,
+        mac: Option<&[u8]>,
+    ) -> bool {
+        self.ok(
+            CLIENT_CERTS,
+            || format!("client_id={client_id} serial={serial}"),
+            &client_cert(client_id, serial, not_after, issued_at),
+            mac,
+        )
+    }
+
+    /// Whether a `groups` row's MAC is good (reported when not).
+    pub fn group_ok(&self, id: u64, name: &str, mac: Option<&[u8]>) -> bool {
+        self.ok(GROUPS, || format!("id={id}"), &group(id, name), mac)
+    }
+
+    /// Whether a `group_clients` row's MAC is good (reported when not).
+    pub fn group_client_ok(&self, group_id: u64, client_id: u64, mac: Option<&[u8]>) -> bool {
+        self.ok(
+            GROUP_CLIENTS,
+            || format!("group_id={group_id} client_id={client_id}"),
+            &group_client(group_id, client_id),
+            mac,
+        )
+    }
+
+    /// Whether a `group_secrets` row's MAC is good (reported when not).
+    pub fn group_secret_ok(&self, group_id: u64, secret_id: u64, mac: Option<&[u8]>) -> bool {
+        self.ok(
+            GROUP_SECRETS,
+            || format!("group_id={group_id} secret_id={secret_id}"),
+            &group_secret(group_id, secret_id),
+            mac,
+        )
+    }
+
+    /// Whether a `secrets` row's MAC is good (reported when not).
+    pub fn secret_ok(&self, row: &SecretRow<'_>, mac: Option<&[u8]>) -> bool {
+        let id = row.id;
+        self.ok(SECRETS, || format!("id={id}"), &secret(row), mac)
     }
 }
 

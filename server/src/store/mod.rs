@@ -21,10 +21,14 @@
 //!   reports it once ([`Store::take_bad_rows`]).
 
 pub mod audit_chain;
+mod columns;
+mod detail;
 mod error;
 mod feed;
 pub mod integrity;
+mod mapping;
 mod postgres;
+mod rewrap;
 mod sqlite;
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -871,6 +872,90 @@ pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     f()
+}
+
+/// How long a wait for something that must happen may take before it
+/// fails: generous, for a shared, noisy machine.
+pub const LONG: Duration = Duration::from_secs(30);
+
+/// Waits (up to [`LONG`]) until the mount's `name` holds `want`; fails
+/// naming what it shows instead, with the mount's log.
+#[track_caller]
+pub fn wait_for(m: &Mount, name: &str, want: &[u8]) {
+    assert!(
+        eventually(LONG, || std::fs::read(m.file(name)).ok().as_deref()
+            == Some(want)),
+        "{name} never showed {:?} (shows {:?})\nmount log:\n{}",
+        String::from_utf8_lossy(&want[..want.len().min(40)]),
+        std::fs::read(m.file(name))
+            .map(|b| String::from_utf8_lossy(&b[..b.len().min(40)]).into_owned()),
+        m.log()
+    );
+}
+
+/// Reads a mount's file over and over in a thread until told to stop:
+/// every read must give non-empty bytes (never ENOENT, never empty) and,
+/// given the mount's status file, the status must say connected.
+pub struct Reader {
+    stop: Arc<AtomicBool>,
+    problems: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Reader {
+    pub fn start(file: PathBuf, status: Option<PathBuf>) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let problems = Arc::new(Mutex::new(Vec::new()));
+        let (halt, record) = (stop.clone(), problems.clone());
+        let thread = std::thread::spawn(move || {
+            let mut reads = 0;
+            while !halt.load(Ordering::Relaxed) {
+                match std::fs::read(&file) {
+                    Ok(bytes) if !bytes.is_empty() => {}
+                    Ok(_) => record.lock().unwrap().push("empty read".into()),
+                    Err(e) => record.lock().unwrap().push(format!("read failed: {e}")),
+                }
+                if let Some(status) = &status {
+                    let text = std::fs::read_to_string(status).unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                    if v["connected"] != true {
+                        record.lock().unwrap().push(format!("status: {text}"));
+                    }
+                }
+                reads += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            reads
+        });
+        Reader {
+            stop,
+            problems,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops; fails the test if any read (or status) was wrong or none
+    /// was made.
+    #[track_caller]
+    pub fn finish(mut self, m: &Mount) {
+        self.stop.store(true, Ordering::Relaxed);
+        let reads = self.thread.take().unwrap().join().unwrap();
+        let problems = self.problems.lock().unwrap().clone();
+        assert!(reads > 0);
+        assert!(
+            problems.is_empty(),
+            "{} of {reads} reads failed, first: {:?}\nmount log:\n{}",
+            problems.len(),
+            problems.first(),
+            m.log()
+        );
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Fails with a clear message where runc or busybox-static is missing.

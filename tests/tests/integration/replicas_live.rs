@@ -8,15 +8,12 @@
 //! starts its own.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use secretfs_proto::v1;
 
 use crate::common::*;
-
-const LONG: Duration = Duration::from_secs(30);
 
 /// Why these tests skip the sqlite pass.
 const WHY: &str = "replicas need PostgreSQL, whatever SECRETFS_TEST_STORE says";
@@ -104,80 +101,12 @@ fn sized(tag: &str, size: usize) -> Vec<u8> {
     v
 }
 
-fn wait_for(m: &Mount, name: &str, want: &[u8]) {
-    assert!(
-        eventually(LONG, || std::fs::read(m.file(name)).ok().as_deref()
-            == Some(want)),
-        "{name} never showed {:?} (shows {:?})\nmount log:\n{}",
-        String::from_utf8_lossy(&want[..want.len().min(40)]),
-        std::fs::read(m.file(name))
-            .map(|b| String::from_utf8_lossy(&b[..b.len().min(40)]).into_owned()),
-        m.log()
-    );
-}
-
 /// A mount on `via` (its address only unless `args` says otherwise) that
 /// relies on pushed changes: no periodic resync to hide a missed one.
 fn mount(via: &TestServer, app: &Identity, args: &[&str]) -> Mount {
     let mut all = vec!["--refresh", "1h"];
     all.extend_from_slice(args);
     via.mount_as(app, &all)
-}
-
-/// Reads a file over and over in a thread until told to stop; every read
-/// must give non-empty bytes.
-struct Reader {
-    stop: Arc<AtomicBool>,
-    problems: Arc<Mutex<Vec<String>>>,
-    thread: Option<std::thread::JoinHandle<usize>>,
-}
-
-impl Reader {
-    fn start(file: PathBuf) -> Reader {
-        let stop = Arc::new(AtomicBool::new(false));
-        let problems = Arc::new(Mutex::new(Vec::new()));
-        let (halt, record) = (stop.clone(), problems.clone());
-        let thread = std::thread::spawn(move || {
-            let mut reads = 0;
-            while !halt.load(Ordering::Relaxed) {
-                match std::fs::read(&file) {
-                    Ok(bytes) if !bytes.is_empty() => {}
-                    Ok(_) => record.lock().unwrap().push("empty read".into()),
-                    Err(e) => record.lock().unwrap().push(format!("read failed: {e}")),
-                }
-                reads += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            reads
-        });
-        Reader {
-            stop,
-            problems,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops; fails the test if any read failed or none was made.
-    #[track_caller]
-    fn finish(mut self, m: &Mount) {
-        self.stop.store(true, Ordering::Relaxed);
-        let reads = self.thread.take().unwrap().join().unwrap();
-        let problems = self.problems.lock().unwrap().clone();
-        assert!(reads > 0);
-        assert!(
-            problems.is_empty(),
-            "{} of {reads} reads failed, first: {:?}\nmount log:\n{}",
-            problems.len(),
-            problems.first(),
-            m.log()
-        );
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
 }
 
 /// (1) A rotation made through one replica reaches mounts on the others;
@@ -301,7 +230,7 @@ fn a_mount_whose_replica_is_killed_moves_to_the_other_and_follows_it() {
     wait_for(&m, "db/password", b"pw-1");
     assert_eq!(m.status()["server_in_use"], rs[0].url().as_str());
 
-    let reader = Reader::start(m.file("db/password"));
+    let reader = Reader::start(m.file("db/password"), None);
     rs[0].kill9();
     let two = marker("through-b");
     rotate(&rs[1], "db/password", two.as_bytes()).ok();
@@ -505,8 +434,8 @@ fn postgres_restarted_under_two_replicas_and_everything_recovers() {
     wait_for(&on_a, "db/password", b"pw-1");
     wait_for(&on_b, "db/password", b"pw-1");
     let (read_a, read_b) = (
-        Reader::start(on_a.file("db/password")),
-        Reader::start(on_b.file("db/password")),
+        Reader::start(on_a.file("db/password"), None),
+        Reader::start(on_b.file("db/password"), None),
     );
 
     cluster.stop();

@@ -18,30 +18,11 @@ fn newest_cert(tx: &mut Tx<'_>, ck: &Checker<'_>, id: u64) -> Result<Option<(Str
         &[&(id as i64)],
     )?;
     for r in &rows {
-        let (serial, not_after, issued_at): (String, i64, i64) =
-            (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
-        let mac: Option<Vec<u8>> = r.try_get(3)?;
-        if cert_ok(ck, id, &serial, not_after, issued_at, mac.as_deref()) {
-            return Ok(Some((serial, not_after)));
+        if let Some(cert) = rows::cert_at(r, 0, id, ck)? {
+            return Ok(Some(cert));
         }
     }
     Ok(None)
-}
-
-fn cert_ok(
-    ck: &Checker<'_>,
-    id: u64,
-    serial: &str,
-    not_after: i64,
-    issued_at: i64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::CLIENT_CERTS,
-        || format!("client_id={id} serial={serial}"),
-        &integrity::client_cert(id, serial, not_after, issued_at),
-        mac,
-    )
 }
 
 /// `(client id, group name)` of every good membership of a good group, of
@@ -67,13 +48,7 @@ fn groups_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     for r in &rows {
-        let cid: i64 = r.try_get(3)?;
-        let mac: Option<Vec<u8>> = r.try_get(4)?;
-        let gid = r.try_get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid, cid as u64, mac.as_deref()) {
-            continue;
-        }
-        if let Some((_, name)) = rows::group_at(r, 0, ck)? {
+        if let Some((cid, name)) = rows::group_of_client(r, ck)? {
             out.entry(cid).or_default().push(name);
         }
     }
@@ -94,10 +69,9 @@ fn record(c: ClientAuth, created_at: i64) -> ClientRecord {
     }
 }
 
-/// The client, if its row's MAC is good (a bad row is NotFound), with its
-/// newest good certificate and its good memberships.
-pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
-    let found = match tx.opt(
+/// The client named `name` and when it was made, if its row's MAC is good.
+fn named(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<Option<(ClientAuth, i64)>> {
+    match tx.opt(
         concat!(
             "SELECT ",
             client_cols!(),
@@ -105,10 +79,16 @@ pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<C
         ),
         &[&name],
     )? {
-        Some(r) => rows::client_at(&r, 0, ck)?,
-        None => None,
-    };
-    let (c, created_at) = found.ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
+        Some(r) => rows::client_at(&r, 0, ck),
+        None => Ok(None),
+    }
+}
+
+/// The client, if its row's MAC is good (a bad row is NotFound), with its
+/// newest good certificate and its good memberships.
+pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
+    let (c, created_at) =
+        named(tx, ck, name)?.ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
     let mut found = record(c, created_at);
     if let Some((serial, not_after)) = newest_cert(tx, ck, found.id)? {
         found.cert_serial = Some(serial);
@@ -133,18 +113,8 @@ pub(super) fn list(tx: &mut Tx<'_>, ck: &Checker<'_>) -> Result<Vec<ClientRecord
         if certs.contains_key(&cid) {
             continue;
         }
-        let (serial, not_after, issued_at): (String, i64, i64) =
-            (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-        let mac: Option<Vec<u8>> = r.try_get(4)?;
-        if cert_ok(
-            ck,
-            cid as u64,
-            &serial,
-            not_after,
-            issued_at,
-            mac.as_deref(),
-        ) {
-            certs.insert(cid, (serial, not_after));
+        if let Some(cert) = rows::cert_at(r, 1, cid as u64, ck)? {
+            certs.insert(cid, cert);
         }
     }
     let mut out = Vec::new();
@@ -286,11 +256,7 @@ pub(super) fn remove(
         &[&id, &name, &now_s()],
     )?;
     tx.exec("DELETE FROM clients WHERE id = $1", &[&id])?;
-    let what = if groups.is_empty() {
-        "was in no group".to_owned()
-    } else {
-        format!("was in groups {}", some_names(&groups, 20))
-    };
+    let what = detail::client_removed(&groups);
     Ok(Committed {
         value: (),
         revision: record_change(tx, &audit.with_detail(&what), |revision| {
@@ -311,17 +277,7 @@ pub(super) fn authenticate(
             &[&serial],
         )?
         .try_get(0)?;
-    let client = match tx.opt(
-        concat!(
-            "SELECT ",
-            client_cols!(),
-            " FROM clients c WHERE c.name = $1"
-        ),
-        &[&name],
-    )? {
-        Some(r) => rows::client_at(&r, 0, ck)?.map(|(c, _)| c),
-        None => None,
-    };
+    let client = named(tx, ck, name)?.map(|(c, _)| c);
     let serial_issued = match &client {
         None => false,
         Some(c) => match tx.opt(
@@ -330,9 +286,7 @@ pub(super) fn authenticate(
         )? {
             Some(r) => {
                 let mac: Option<Vec<u8>> = r.try_get(2)?;
-                cert_ok(
-                    ck,
-                    c.id,
+                ck.cert_ok(c.id,
                     serial,
                     r.try_get(0)?,
                     r.try_get(1)?,
@@ -367,22 +321,9 @@ pub(super) fn access(tx: &mut Tx<'_>, ck: &Checker<'_>, client: &str) -> Result<
     )?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in &rows {
-        let gid = r.try_get::<_, i64>(13)? as u64;
-        let sid = r.try_get::<_, i64>(0)? as u64;
-        let gs: Option<Vec<u8>> = r.try_get(16)?;
-        let gc: Option<Vec<u8>> = r.try_get(17)?;
-        if !rows::group_client_ok(ck, gid, cid as u64, gc.as_deref())
-            || !rows::group_secret_ok(ck, gid, sid, gs.as_deref())
-        {
-            continue;
+        if let Some((secret, group)) = rows::access_at(r, cid as u64, ck)? {
+            out.entry(secret).or_default().push(group);
         }
-        let Some((_, group)) = rows::group_at(r, 13, ck)? else {
-            continue;
-        };
-        let Some(secret) = rows::secret_at(r, 0, ck)? else {
-            continue;
-        };
-        out.entry(secret.name).or_default().push(group);
     }
     Ok(out
         .into_iter()

@@ -7,7 +7,7 @@ use super::commit::Tx;
 use super::macs::{self, group_mac_cols};
 use super::rows::{self, client_cols, insert_named};
 use super::secrets;
-use crate::store::integrity::{self, Checker};
+use crate::store::integrity::{self, Checker, Link};
 use crate::store::*;
 
 fn clients_of(
@@ -32,14 +32,8 @@ fn clients_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     for r in &rows {
-        let gid: i64 = r.try_get(7)?;
-        let mac: Option<Vec<u8>> = r.try_get(8)?;
-        let cid = r.try_get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid as u64, cid, mac.as_deref()) {
-            continue;
-        }
-        if let Some((c, _)) = rows::client_at(r, 0, ck)? {
-            out.entry(gid).or_default().push(c.name);
+        if let Some((gid, name)) = rows::client_of_group(r, ck)? {
+            out.entry(gid).or_default().push(name);
         }
     }
     Ok(out)
@@ -57,6 +51,17 @@ fn secrets_of(
     Ok(out)
 }
 
+/// The good clients and secrets of group `id` (whatever its own row).
+fn members_of(tx: &mut Tx<'_>, ck: &Checker<'_>, id: i64) -> Result<(Vec<String>, Vec<String>)> {
+    let clients = clients_of(tx, ck, Some(id))?
+        .remove(&id)
+        .unwrap_or_default();
+    let secrets = secrets_of(tx, ck, Some(id))?
+        .remove(&id)
+        .unwrap_or_default();
+    Ok((clients, secrets))
+}
+
 /// The group, if its row's MAC is good (a bad row is NotFound), with its
 /// good members.
 pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<GroupRecord> {
@@ -72,16 +77,13 @@ pub(super) fn by_name(tx: &mut Tx<'_>, ck: &Checker<'_>, name: &str) -> Result<G
     };
     let (id, description, created_at): (i64, String, i64) =
         found.ok_or_else(|| StoreError::not_found(Entity::Group, name))?;
+    let (clients, secrets) = members_of(tx, ck, id)?;
     Ok(GroupRecord {
         name: name.to_owned(),
         description,
         created_at,
-        clients: clients_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
-        secrets: secrets_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
+        clients,
+        secrets,
     })
 }
 
@@ -143,23 +145,9 @@ pub(super) fn remove(
     audit: &AuditEntry,
 ) -> Result<Committed<()>> {
     let id = rows::id_by_name(tx, Entity::Group, name)?;
-    let clients = clients_of(tx, ck, Some(id))?
-        .remove(&id)
-        .unwrap_or_default();
-    let secrets = secrets_of(tx, ck, Some(id))?
-        .remove(&id)
-        .unwrap_or_default();
+    let (clients, secrets) = members_of(tx, ck, id)?;
     tx.exec("DELETE FROM groups WHERE id = $1", &[&id])?;
-    let list = |what: &str, names: &[String]| match names.len() {
-        0 => format!("no {what}s"),
-        1 => format!("1 {what} ({})", some_names(names, 20)),
-        n => format!("{n} {what}s ({})", some_names(names, 20)),
-    };
-    let what = format!(
-        "removed with {} and {}",
-        list("client", &clients),
-        list("secret", &secrets)
-    );
+    let what = detail::group_removed(&clients, &secrets);
     Ok(Committed {
         value: (),
         revision: record_change(tx, &audit.with_detail(&what), |revision| Change::Access {
@@ -167,6 +155,24 @@ pub(super) fn remove(
         })?,
     })
 }
+
+/// The membership rows, `[clients, secrets]` as [`Link::of`] takes them.
+static LINKS: [Link; 2] = [
+    Link {
+        member: Entity::Client,
+        input: integrity::group_client,
+        select_mac: "SELECT mac FROM group_clients WHERE group_id = $1 AND client_id = $2",
+        insert: "INSERT INTO group_clients (group_id, client_id, mac) VALUES ($1, $2, $3)",
+        delete: "DELETE FROM group_clients WHERE group_id = $1 AND client_id = $2",
+    },
+    Link {
+        member: Entity::Secret,
+        input: integrity::group_secret,
+        select_mac: "SELECT mac FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
+        insert: "INSERT INTO group_secrets (group_id, secret_id, mac) VALUES ($1, $2, $3)",
+        delete: "DELETE FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
+    },
+];
 
 /// Adds `name` (a client or a secret) to `group`, or takes it out;
 /// adding twice or removing what is not there changes nothing: the
@@ -179,33 +185,18 @@ pub(super) fn set_member(
     add: bool,
     audit: &AuditEntry,
 ) -> Result<Committed<MemberChange>> {
-    let (entity, name, client) = match member {
-        Member::Client(name) => (Entity::Client, name, true),
-        Member::Secret(name) => (Entity::Secret, name, false),
-    };
+    let (link, name) = Link::of(&LINKS, member);
     let changed = if add {
         // Links are made only between good rows.
         let gid = rows::checked_id(tx, ck, Entity::Group, group)?;
-        let id = rows::checked_id(tx, ck, entity, name)?;
+        let id = rows::checked_id(tx, ck, link.member, name)?;
         // A row already there that is bad (added without the key) is
         // replaced by the operator's own.
-        let existing = if client {
-            tx.opt(
-                "SELECT mac FROM group_clients WHERE group_id = $1 AND client_id = $2",
-                &[&gid, &id],
-            )?
-        } else {
-            tx.opt(
-                "SELECT mac FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
-                &[&gid, &id],
-            )?
-        };
-        let existing: Option<Option<Vec<u8>>> = existing.map(|r| r.try_get(0)).transpose()?;
-        let input = if client {
-            integrity::group_client(gid as u64, id as u64)
-        } else {
-            integrity::group_secret(gid as u64, id as u64)
-        };
+        let existing: Option<Option<Vec<u8>>> = tx
+            .opt(link.select_mac, &[&gid, &id])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        let input = (link.input)(gid as u64, id as u64);
         let good = existing
             .as_ref()
             .map(|mac| mac.as_deref().is_some_and(|m| ck.keys.row_ok(&input, m)));
@@ -213,20 +204,10 @@ pub(super) fn set_member(
             Some(true) => false,
             bad_or_none => {
                 if bad_or_none.is_some() {
-                    delete_link(tx, client, gid, id)?;
+                    tx.exec(link.delete, &[&gid, &id])?;
                 }
                 let tag = ck.keys.row_tag(&input).to_vec();
-                if client {
-                    tx.exec(
-                        "INSERT INTO group_clients (group_id, client_id, mac) VALUES ($1, $2, $3)",
-                        &[&gid, &id, &tag],
-                    )?;
-                } else {
-                    tx.exec(
-                        "INSERT INTO group_secrets (group_id, secret_id, mac) VALUES ($1, $2, $3)",
-                        &[&gid, &id, &tag],
-                    )?;
-                }
+                tx.exec(link.insert, &[&gid, &id, &tag])?;
                 true
             }
         }
@@ -234,12 +215,12 @@ pub(super) fn set_member(
         // Taking a member out only removes access: rows are found by name
         // whatever their MACs.
         let gid = rows::id_by_name(tx, Entity::Group, group)?;
-        let id = rows::id_by_name(tx, entity, name)?;
-        delete_link(tx, client, gid, id)? > 0
+        let id = rows::id_by_name(tx, link.member, name)?;
+        tx.exec(link.delete, &[&gid, &id])? > 0
     };
     let mut entry = audit.clone();
     if !changed {
-        entry.detail = "no change".into();
+        entry.detail = detail::NO_CHANGE.into();
     }
     let revision = record_change(tx, &entry, |revision| Change::Access { revision })?;
     Ok(Committed {
@@ -249,18 +230,4 @@ pub(super) fn set_member(
         },
         revision,
     })
-}
-
-fn delete_link(tx: &mut Tx<'_>, client: bool, gid: i64, id: i64) -> Result<u64> {
-    if client {
-        tx.exec(
-            "DELETE FROM group_clients WHERE group_id = $1 AND client_id = $2",
-            &[&gid, &id],
-        )
-    } else {
-        tx.exec(
-            "DELETE FROM group_secrets WHERE group_id = $1 AND secret_id = $2",
-            &[&gid, &id],
-        )
-    }
 }

@@ -3,10 +3,10 @@
 //! `sqlite/rekey.rs`).
 
 use super::commit::Tx;
-use crate::envelope::Binding;
 use crate::keys::Keys;
 use crate::rekey::META_CURSOR;
-use crate::store::{Result, StoreError};
+use crate::store::rewrap::{self, cursor_at, cursor_of, rewrap_version};
+use crate::store::Result;
 
 /// Sets or deletes several metadata entries, each signed like `put_meta`'s.
 pub(super) fn put_metas(
@@ -28,20 +28,14 @@ fn cursor(tx: &mut Tx<'_>) -> Result<(i64, i64)> {
         .opt("SELECT value FROM meta WHERE key = $1", &[&META_CURSOR])?
         .map(|r| r.try_get(0))
         .transpose()?;
-    Ok(match blob {
-        Some(b) if b.len() == 16 => (
-            i64::from_be_bytes(b[..8].try_into().unwrap_or_default()),
-            i64::from_be_bytes(b[8..].try_into().unwrap_or_default()),
-        ),
-        _ => (-1, -1),
-    })
+    Ok(cursor_of(blob.as_deref()))
 }
 
 /// One batch; see [`crate::store::Store::rewrap_keys`].
 pub(super) fn rewrap(tx: &mut Tx<'_>, keys: &Keys, limit: usize) -> Result<usize> {
-    let Some(previous) = &keys.previous else {
+    if keys.previous.is_none() {
         return Ok(0);
-    };
+    }
     let (after_id, after_version) = cursor(tx)?;
     let rows = tx.query(
         "SELECT v.secret_id, v.version, s.name, v.wrapped_key
@@ -58,33 +52,16 @@ pub(super) fn rewrap(tx: &mut Tx<'_>, keys: &Keys, limit: usize) -> Result<usize
     for r in &rows {
         let (id, version, name, wrapped): (i64, i64, String, Vec<u8>) =
             (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?);
-        let binding = Binding {
-            secret_id: id as u64,
-            name: &name,
-            version: version as u64,
-        };
-        match keys
-            .current
-            .master()
-            .rewrap(previous.master(), binding, &wrapped)
-        {
-            Ok(Some(new)) => {
-                tx.exec(
-                    "UPDATE secret_versions SET wrapped_key = $3 WHERE secret_id = $1 AND version = $2",
-                    &[&id, &version, &new],
-                )?;
-            }
-            Ok(None) => {}
-            Err(crate::error::Error::Integrity { .. }) => {
-                tracing::warn!(secret = %name, version, "rekey: this version's data key opens under neither master key; left as it was");
-            }
-            Err(e) => return Err(StoreError::Seal(Box::new(e))),
+        if let Some(new) = rewrap_version(keys, id, &name, version, &wrapped)? {
+            tx.exec(
+                "UPDATE secret_versions SET wrapped_key = $3 WHERE secret_id = $1 AND version = $2",
+                &[&id, &version, &new],
+            )?;
         }
         last = Some((id, version));
     }
     if let Some((id, version)) = last {
-        let mut c = id.to_be_bytes().to_vec();
-        c.extend_from_slice(&version.to_be_bytes());
+        let c = cursor_at(id, version);
         put_metas(tx, keys, &[(META_CURSOR, Some(&c))])?;
     }
     Ok(rows.len())
@@ -105,12 +82,7 @@ pub(super) fn not_opening(
             let (id, version, name): (i64, i64, String) =
                 (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
             let wrapped: Vec<u8> = r.try_get(3)?;
-            let binding = Binding {
-                secret_id: id as u64,
-                name: &name,
-                version: version as u64,
-            };
-            if !key.opens_wrapped(binding, &wrapped) {
+            if !rewrap::opens(key, id, &name, version, &wrapped) {
                 out.push((name, version as u64));
             }
             Ok(true)

@@ -15,7 +15,8 @@ use super::macs;
 use super::session::{Answer, Want};
 use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
 use crate::store::integrity::{
-    self, row_set_h, row_set_mismatch, xor_into, BadRow, RowSetRecord, StoredMac,
+    self, cannot_move, checkable, row_set_h, row_set_mismatch, same, xor_into, BadRow,
+    RowSetRecord, StoredMac, StoredRecord,
 };
 use crate::store::{Result, StoreError};
 
@@ -116,7 +117,16 @@ fn compute<const N: usize>(tx: &mut Tx<'_>, keys: [&MacKey; N]) -> Result<[[u8; 
             integrity::GROUPS => "SELECT mac FROM groups",
             integrity::GROUP_CLIENTS => "SELECT mac FROM group_clients",
             integrity::GROUP_SECRETS => "SELECT mac FROM group_secrets",
-            _ => "SELECT mac FROM secrets",
+            integrity::SECRETS => "SELECT mac FROM secrets",
+            other => {
+                return Err(StoreError::Backend(
+                    format!(
+                        "the row set has no query for the protected table {other:?} (a \
+                         table was added to the protected ones without one)"
+                    )
+                    .into(),
+                ))
+            }
         };
         tx.each(sql, &[], |r| {
             let mac: Option<Vec<u8>> = r.try_get(0)?;
@@ -129,26 +139,13 @@ fn compute<const N: usize>(tx: &mut Tx<'_>, keys: [&MacKey; N]) -> Result<[[u8; 
     Ok(out)
 }
 
-fn same(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn good(tx: &mut Tx<'_>, keys: &Keys) -> Result<std::result::Result<RowSetRecord, BadRow>> {
-    Ok(match read(tx, keys)? {
-        Stored::Missing => Err(row_set_mismatch(
-            None,
-            Some("the row set record was deleted"),
-        )),
-        Stored::Unreadable => Err(row_set_mismatch(
-            None,
-            Some("the row set record does not open under the master key"),
-        )),
-        Stored::Good(rec) if keys.set_for(rec.epoch).is_none() => Err(row_set_mismatch(
-            Some(rec.checked_at),
-            Some("the row set record is under a master key epoch this server does not hold"),
-        )),
-        Stored::Good(rec) => Ok(rec),
-    })
+    let stored = match read(tx, keys)? {
+        Stored::Missing => StoredRecord::Missing,
+        Stored::Unreadable => StoredRecord::Unreadable,
+        Stored::Good(rec) => StoredRecord::Good(rec),
+    };
+    Ok(checkable(keys, stored))
 }
 
 /// Recomputes the digest and compares: `Ok(record)` when they agree, else
@@ -215,24 +212,5 @@ pub(super) fn move_to_current(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
         return Err(cannot_move(row_set_mismatch(Some(rec.checked_at), None)));
     }
     let at = revision(tx)?;
-    write(
-        tx,
-        keys,
-        &RowSetRecord {
-            epoch: keys.current.epoch(),
-            written_at: at,
-            checked_at: at,
-            digest: now,
-        },
-    )
-}
-
-fn cannot_move(finding: BadRow) -> StoreError {
-    StoreError::Check(
-        format!(
-            "the rekey cannot finish: {}; then ask for the rekey again",
-            finding.what
-        )
-        .into(),
-    )
+    write(tx, keys, &RowSetRecord::current(keys, at, now))
 }

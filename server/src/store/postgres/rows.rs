@@ -4,244 +4,78 @@
 use postgres::Row;
 
 use super::commit::Tx;
-use crate::envelope::Sealed;
-use crate::store::integrity::{self, Checker, SecretRow};
-use crate::store::{ClientAuth, Entity, Result, SealedSecret, SecretRecord, StoreError};
+use crate::store::integrity::Checker;
+use crate::store::mapping::Columns;
+use crate::store::{Entity, Result, StoreError};
 
-/// The `secrets` columns a row's MAC covers, then its MAC: 13 columns, as
-/// [`secret_at`] reads them.
-macro_rules! secret_cols {
-    () => {
-        "s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, s.expires_at, \
-         s.current_version, s.version_count, s.created_at, s.updated_at, s.mac"
-    };
-}
+pub(super) use crate::store::columns::{
+    client_cols, secret_cols, select_secrets, SEALED_PATH, VIEW_PATH,
+};
 
-/// The `clients` columns a row's MAC covers, then its MAC: 7 columns, as
-/// [`client_at`] reads them.
-macro_rules! client_cols {
-    () => {
-        "c.id, c.name, c.admin, c.enabled, c.pinned, c.created_at, c.mac"
-    };
-}
-
-/// `SELECT` of secrets with their current version's size and time, as
-/// [`secret`] maps them; the rest of the query follows.
-macro_rules! select_secrets {
-    ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version ",
-            $($rest)*
-        )
-    };
-}
-
-/// As [`select_secrets`], with each path by which client `$1` may read the
-/// secret (the group, and both membership rows' MACs, at [`VIEW_PATH`]).
+/// `columns::select_granted` for client `$1`.
 macro_rules! select_granted {
     ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at, gs.group_id, gs.mac, gc.mac \
-             FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = $1 ",
-            $($rest)*
-        )
+        $crate::store::columns::select_granted!("$1"; $($rest)*)
     };
 }
 
-/// As [`select_granted`], with the current version's sealed content, as
-/// [`sealed_secret`] maps it (the path at [`SEALED_PATH`]).
+/// `columns::select_granted_sealed` for client `$1`.
 macro_rules! select_granted_sealed {
     ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at, v.wrapped_key, v.ciphertext, \
-             gs.group_id, gs.mac, gc.mac FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = $1 ",
-            $($rest)*
-        )
+        $crate::store::columns::select_granted_sealed!("$1"; $($rest)*)
     };
 }
 
-pub(super) use {client_cols, secret_cols, select_granted, select_granted_sealed, select_secrets};
+pub(super) use {select_granted, select_granted_sealed};
 
-pub(super) const VIEW_PATH: usize = 15;
-pub(super) const SEALED_PATH: usize = 17;
+pub(super) use crate::store::mapping::{
+    access_at, cert_at, client_at, client_of_group, group_at, group_of_client, path_ok,
+    sealed_secret, secret, secret_at,
+};
 
 fn u32_of(v: i64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// The secret in the 13 columns of [`secret_cols`] from `at`, if its MAC
-/// is good (size and version time left 0).
-pub(super) fn secret_at(row: &Row, at: usize, ck: &Checker<'_>) -> Result<Option<SecretRecord>> {
-    let labels: String = row.try_get(at + 3)?;
-    let record = SecretRecord {
-        id: row.try_get::<_, i64>(at)? as u64,
-        name: row.try_get(at + 1)?,
-        description: row.try_get(at + 2)?,
-        labels: serde_json::from_str(&labels).unwrap_or_default(),
-        mode: u32_of(row.try_get(at + 4)?),
-        owner: row.try_get::<_, Option<i64>>(at + 5)?.map(u32_of),
-        group: row.try_get::<_, Option<i64>>(at + 6)?.map(u32_of),
-        expires_at: row.try_get(at + 7)?,
-        current_version: row.try_get::<_, i64>(at + 8)? as u64,
-        version_count: row.try_get::<_, i64>(at + 9)? as u64,
-        created_at: row.try_get(at + 10)?,
-        updated_at: row.try_get(at + 11)?,
-        size: 0,
-        version_created_at: 0,
-    };
-    let mac: Option<Vec<u8>> = row.try_get(at + 12)?;
-    let input = integrity::secret(&SecretRow {
-        id: record.id,
-        name: &record.name,
-        description: &record.description,
-        labels: &labels,
-        mode: record.mode,
-        owner: record.owner,
-        grp: record.group,
-        expires_at: record.expires_at,
-        current_version: record.current_version,
-        version_count: record.version_count,
-        created_at: record.created_at,
-        updated_at: record.updated_at,
-    });
-    let id = record.id;
-    Ok(ck
-        .ok(
-            integrity::SECRETS,
-            || format!("id={id}"),
-            &input,
-            mac.as_deref(),
-        )
-        .then_some(record))
-}
-
-/// A row of [`select_secrets`] (or [`select_granted`]), if its MAC is good.
-pub(super) fn secret(row: &Row, ck: &Checker<'_>) -> Result<Option<SecretRecord>> {
-    let Some(mut record) = secret_at(row, 0, ck)? else {
-        return Ok(None);
-    };
-    record.size = row.try_get::<_, i64>(13)? as u64;
-    record.version_created_at = row.try_get(14)?;
-    Ok(Some(record))
-}
-
-/// A row of [`select_granted_sealed`], if the secret's MAC is good.
-pub(super) fn sealed_secret(row: &Row, ck: &Checker<'_>) -> Result<Option<SealedSecret>> {
-    let Some(record) = secret(row, ck)? else {
-        return Ok(None);
-    };
-    Ok(Some(SealedSecret {
-        record,
-        sealed: Sealed {
-            wrapped_key: row.try_get(15)?,
-            ciphertext: row.try_get(16)?,
-        },
-    }))
-}
-
-/// Whether the path at `at` (group id, `group_secrets` MAC,
-/// `group_clients` MAC) really links `client_id` to the row's secret.
-pub(super) fn path_ok(
-    row: &Row,
-    at: usize,
-    client_id: u64,
-    ck: &Checker<'_>,
-    memberships: &mut std::collections::HashMap<u64, bool>,
-) -> Result<bool> {
-    let secret_id = row.try_get::<_, i64>(0)? as u64;
-    let group_id = row.try_get::<_, i64>(at)? as u64;
-    let member = match memberships.get(&group_id) {
-        Some(known) => *known,
-        None => {
-            let gc: Option<Vec<u8>> = row.try_get(at + 2)?;
-            let ok = group_client_ok(ck, group_id, client_id, gc.as_deref());
-            memberships.insert(group_id, ok);
-            ok
-        }
-    };
-    if !member {
-        return Ok(false);
+/// Integers are `BIGINT`: flags are 0 or 1, and a mode, owner or group
+/// beyond `u32` reads as `u32::MAX` (its MAC then fails).
+impl Columns for Row {
+    type Error = StoreError;
+    fn int(&self, i: usize) -> Result<i64> {
+        Ok(self.try_get(i)?)
     }
-    let gs: Option<Vec<u8>> = row.try_get(at + 1)?;
-    Ok(group_secret_ok(ck, group_id, secret_id, gs.as_deref()))
+    fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
+    fn small(&self, i: usize) -> Result<u32> {
+        Ok(u32_of(self.try_get(i)?))
+    }
+    fn opt_small(&self, i: usize) -> Result<Option<u32>> {
+        Ok(self.try_get::<_, Option<i64>>(i)?.map(u32_of))
+    }
+    fn flag(&self, i: usize) -> Result<bool> {
+        Ok(self.try_get::<_, i64>(i)? != 0)
+    }
+    fn text(&self, i: usize) -> Result<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn blob(&self, i: usize) -> Result<Vec<u8>> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_blob(&self, i: usize) -> Result<Option<Vec<u8>>> {
+        Ok(self.try_get(i)?)
+    }
 }
 
-pub(super) fn group_client_ok(
-    ck: &Checker<'_>,
-    group: u64,
-    client: u64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::GROUP_CLIENTS,
-        || format!("group_id={group} client_id={client}"),
-        &integrity::group_client(group, client),
-        mac,
-    )
-}
-
+/// `Checker::group_secret_ok`, kept for `secrets.rs` (the writer path's
+/// file) until it calls the `Checker` itself.
 pub(super) fn group_secret_ok(
     ck: &Checker<'_>,
     group: u64,
     secret: u64,
     mac: Option<&[u8]>,
 ) -> bool {
-    ck.ok(
-        integrity::GROUP_SECRETS,
-        || format!("group_id={group} secret_id={secret}"),
-        &integrity::group_secret(group, secret),
-        mac,
-    )
-}
-
-/// The client in the 7 columns of [`client_cols`] from `at`, and when it
-/// was made, if its MAC is good.
-pub(super) fn client_at(
-    row: &Row,
-    at: usize,
-    ck: &Checker<'_>,
-) -> Result<Option<(ClientAuth, i64)>> {
-    let c = ClientAuth {
-        id: row.try_get::<_, i64>(at)? as u64,
-        name: row.try_get(at + 1)?,
-        admin: row.try_get::<_, i64>(at + 2)? != 0,
-        enabled: row.try_get::<_, i64>(at + 3)? != 0,
-        pinned: row.try_get::<_, i64>(at + 4)? != 0,
-    };
-    let created_at: i64 = row.try_get(at + 5)?;
-    let mac: Option<Vec<u8>> = row.try_get(at + 6)?;
-    let input = integrity::client(c.id, &c.name, c.admin, c.enabled, c.pinned, created_at);
-    let id = c.id;
-    Ok(ck
-        .ok(
-            integrity::CLIENTS,
-            || format!("id={id}"),
-            &input,
-            mac.as_deref(),
-        )
-        .then_some((c, created_at)))
-}
-
-/// The group in 3 columns (id, name, mac) from `at`, if its MAC is good.
-pub(super) fn group_at(row: &Row, at: usize, ck: &Checker<'_>) -> Result<Option<(u64, String)>> {
-    let id = row.try_get::<_, i64>(at)? as u64;
-    let name: String = row.try_get(at + 1)?;
-    let mac: Option<Vec<u8>> = row.try_get(at + 2)?;
-    Ok(ck
-        .ok(
-            integrity::GROUPS,
-            || format!("id={id}"),
-            &integrity::group(id, &name),
-            mac.as_deref(),
-        )
-        .then_some((id, name)))
+    ck.group_secret_ok(group, secret, mac)
 }
 
 /// The id of the named row, if its MAC is good (NotFound when not).

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::audit::record_change;
 use super::macs;
 use super::rows::{self, client_cols, insert_named, secret_cols};
-use crate::store::integrity::{self, Checker};
+use crate::store::integrity::Checker;
 use crate::store::*;
 
 /// The client's newest good certificate (serial, not after).
@@ -18,29 +18,11 @@ fn newest_cert(tx: &Connection, ck: &Checker<'_>, id: u64) -> Result<Option<(Str
     )?;
     let mut rows = stmt.query([id as i64])?;
     while let Some(r) = rows.next()? {
-        let (serial, not_after, issued_at): (String, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        let mac: Option<Vec<u8>> = r.get(3)?;
-        if cert_ok(ck, id, &serial, not_after, issued_at, mac.as_deref()) {
-            return Ok(Some((serial, not_after)));
+        if let Some(cert) = rows::cert_at(r, 0, id, ck)? {
+            return Ok(Some(cert));
         }
     }
     Ok(None)
-}
-
-fn cert_ok(
-    ck: &Checker<'_>,
-    id: u64,
-    serial: &str,
-    not_after: i64,
-    issued_at: i64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::CLIENT_CERTS,
-        || format!("client_id={id} serial={serial}"),
-        &integrity::client_cert(id, serial, not_after, issued_at),
-        mac,
-    )
 }
 
 /// `(client id, group name)` of every good membership of a good group, of
@@ -74,13 +56,7 @@ fn groups_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     while let Some(r) = rows.next()? {
-        let cid: i64 = r.get(3)?;
-        let mac: Option<Vec<u8>> = r.get(4)?;
-        let gid = r.get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid, cid as u64, mac.as_deref()) {
-            continue;
-        }
-        if let Some((_, name)) = rows::group_at(r, 0, ck)? {
+        if let Some((cid, name)) = rows::group_of_client(r, ck)? {
             out.entry(cid).or_default().push(name);
         }
     }
@@ -101,10 +77,9 @@ fn record(c: ClientAuth, created_at: i64) -> ClientRecord {
     }
 }
 
-/// The client, if its row's MAC is good (a bad row is NotFound), with its
-/// newest good certificate and its good memberships.
-pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
-    let (c, created_at) = tx
+/// The client named `name` and when it was made, if its row's MAC is good.
+fn named(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<Option<(ClientAuth, i64)>> {
+    Ok(tx
         .prepare_cached(concat!(
             "SELECT ",
             client_cols!(),
@@ -112,8 +87,14 @@ pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<C
         ))?
         .query_row([name], |r| rows::client_at(r, 0, ck))
         .optional()?
-        .flatten()
-        .ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
+        .flatten())
+}
+
+/// The client, if its row's MAC is good (a bad row is NotFound), with its
+/// newest good certificate and its good memberships.
+pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<ClientRecord> {
+    let (c, created_at) =
+        named(tx, ck, name)?.ok_or_else(|| StoreError::not_found(Entity::Client, name))?;
     let mut found = record(c, created_at);
     if let Some((serial, not_after)) = newest_cert(tx, ck, found.id)? {
         found.cert_serial = Some(serial);
@@ -140,18 +121,8 @@ pub(super) fn list(tx: &Connection, ck: &Checker<'_>) -> Result<Vec<ClientRecord
             if certs.contains_key(&cid) {
                 continue;
             }
-            let (serial, not_after, issued_at): (String, i64, i64) =
-                (r.get(1)?, r.get(2)?, r.get(3)?);
-            let mac: Option<Vec<u8>> = r.get(4)?;
-            if cert_ok(
-                ck,
-                cid as u64,
-                &serial,
-                not_after,
-                issued_at,
-                mac.as_deref(),
-            ) {
-                certs.insert(cid, (serial, not_after));
+            if let Some(cert) = rows::cert_at(r, 1, cid as u64, ck)? {
+                certs.insert(cid, cert);
             }
         }
     }
@@ -272,11 +243,7 @@ pub(super) fn remove(
         params![id, name, now_s()],
     )?;
     tx.execute("DELETE FROM clients WHERE id = ?1", [id])?;
-    let what = if groups.is_empty() {
-        "was in no group".to_owned()
-    } else {
-        format!("was in groups {}", some_names(&groups, 20))
-    };
+    let what = detail::client_removed(&groups);
     Ok(Committed {
         value: (),
         revision: record_change(tx, &audit.with_detail(&what))?,
@@ -295,16 +262,7 @@ pub(super) fn authenticate(
     // Runs on every auth cache miss: the client and its certificate of
     // this serial, each only if its row is good (a bad clients row is an
     // unknown client; a bad certificate row was never issued).
-    let client = tx
-        .prepare_cached(concat!(
-            "SELECT ",
-            client_cols!(),
-            " FROM clients c WHERE c.name = ?1"
-        ))?
-        .query_row([name], |r| rows::client_at(r, 0, ck))
-        .optional()?
-        .flatten()
-        .map(|(c, _)| c);
+    let client = named(tx, ck, name)?.map(|(c, _)| c);
     let serial_issued = match &client {
         None => false,
         Some(c) => tx
@@ -313,7 +271,7 @@ pub(super) fn authenticate(
             )?
             .query_row(params![c.id as i64, serial], |r| {
                 let mac: Option<Vec<u8>> = r.get(2)?;
-                Ok(cert_ok(ck, c.id, serial, r.get(0)?, r.get(1)?, mac.as_deref()))
+                Ok(ck.cert_ok(c.id, serial, r.get(0)?, r.get(1)?, mac.as_deref()))
             })
             .optional()?
             .unwrap_or(false),
@@ -341,22 +299,9 @@ pub(super) fn access(tx: &Connection, ck: &Checker<'_>, client: &str) -> Result<
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut rows = stmt.query([cid])?;
     while let Some(r) = rows.next()? {
-        let gid = r.get::<_, i64>(13)? as u64;
-        let sid = r.get::<_, i64>(0)? as u64;
-        let gs: Option<Vec<u8>> = r.get(16)?;
-        let gc: Option<Vec<u8>> = r.get(17)?;
-        if !rows::group_client_ok(ck, gid, cid as u64, gc.as_deref())
-            || !rows::group_secret_ok(ck, gid, sid, gs.as_deref())
-        {
-            continue;
+        if let Some((secret, group)) = rows::access_at(r, cid as u64, ck)? {
+            out.entry(secret).or_default().push(group);
         }
-        let Some((_, group)) = rows::group_at(r, 13, ck)? else {
-            continue;
-        };
-        let Some(secret) = rows::secret_at(r, 0, ck)? else {
-            continue;
-        };
-        out.entry(secret.name).or_default().push(group);
     }
     Ok(out
         .into_iter()

@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::audit::record_change;
 use super::rows::{self, client_cols, insert_named};
 use super::{macs, secrets};
-use crate::store::integrity::{self, Checker};
+use crate::store::integrity::{self, Checker, Link};
 use crate::store::*;
 
 /// The client names of every good membership of a good client, by group
@@ -42,14 +42,8 @@ fn clients_of(
     };
     let mut out: HashMap<i64, Vec<String>> = HashMap::new();
     while let Some(r) = rows.next()? {
-        let gid: i64 = r.get(7)?;
-        let mac: Option<Vec<u8>> = r.get(8)?;
-        let cid = r.get::<_, i64>(0)? as u64;
-        if !rows::group_client_ok(ck, gid as u64, cid, mac.as_deref()) {
-            continue;
-        }
-        if let Some((c, _)) = rows::client_at(r, 0, ck)? {
-            out.entry(gid).or_default().push(c.name);
+        if let Some((gid, name)) = rows::client_of_group(r, ck)? {
+            out.entry(gid).or_default().push(name);
         }
     }
     Ok(out)
@@ -67,6 +61,17 @@ fn secrets_of(
     Ok(out)
 }
 
+/// The good clients and secrets of group `id` (whatever its own row).
+fn members_of(tx: &Connection, ck: &Checker<'_>, id: i64) -> Result<(Vec<String>, Vec<String>)> {
+    let clients = clients_of(tx, ck, Some(id))?
+        .remove(&id)
+        .unwrap_or_default();
+    let secrets = secrets_of(tx, ck, Some(id))?
+        .remove(&id)
+        .unwrap_or_default();
+    Ok((clients, secrets))
+}
+
 /// The group, if its row's MAC is good (a bad row is NotFound), with its
 /// good members.
 pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<GroupRecord> {
@@ -82,16 +87,13 @@ pub(super) fn by_name(tx: &Connection, ck: &Checker<'_>, name: &str) -> Result<G
         .flatten()
         .transpose()?
         .ok_or_else(|| StoreError::not_found(Entity::Group, name))?;
+    let (clients, secrets) = members_of(tx, ck, id)?;
     Ok(GroupRecord {
         name: name.to_owned(),
         description,
         created_at,
-        clients: clients_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
-        secrets: secrets_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
+        clients,
+        secrets,
     })
 }
 
@@ -149,33 +151,32 @@ pub(super) fn remove(
     audit: &AuditEntry,
 ) -> Result<Committed<()>> {
     let id = rows::id_by_name(tx, Entity::Group, name)?;
-    let held = GroupRecord {
-        name: name.to_owned(),
-        description: String::new(),
-        created_at: 0,
-        clients: clients_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
-        secrets: secrets_of(tx, ck, Some(id))?
-            .remove(&id)
-            .unwrap_or_default(),
-    };
+    let (clients, secrets) = members_of(tx, ck, id)?;
     tx.execute("DELETE FROM groups WHERE id = ?1", [id])?;
-    let list = |what: &str, names: &[String]| match names.len() {
-        0 => format!("no {what}s"),
-        1 => format!("1 {what} ({})", some_names(names, 20)),
-        n => format!("{n} {what}s ({})", some_names(names, 20)),
-    };
-    let what = format!(
-        "removed with {} and {}",
-        list("client", &held.clients),
-        list("secret", &held.secrets)
-    );
+    let what = detail::group_removed(&clients, &secrets);
     Ok(Committed {
         value: (),
         revision: record_change(tx, &audit.with_detail(&what))?,
     })
 }
+
+/// The membership rows, `[clients, secrets]` as [`Link::of`] takes them.
+static LINKS: [Link; 2] = [
+    Link {
+        member: Entity::Client,
+        input: integrity::group_client,
+        select_mac: "SELECT mac FROM group_clients WHERE group_id = ?1 AND client_id = ?2",
+        insert: "INSERT INTO group_clients (group_id, client_id, mac) VALUES (?1, ?2, ?3)",
+        delete: "DELETE FROM group_clients WHERE group_id = ?1 AND client_id = ?2",
+    },
+    Link {
+        member: Entity::Secret,
+        input: integrity::group_secret,
+        select_mac: "SELECT mac FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2",
+        insert: "INSERT INTO group_secrets (group_id, secret_id, mac) VALUES (?1, ?2, ?3)",
+        delete: "DELETE FROM group_secrets WHERE group_id = ?1 AND secret_id = ?2",
+    },
+];
 
 /// Adds `name` (a client or a secret) to `group`, or takes it out;
 /// adding twice or removing what is not there changes nothing: the
@@ -188,28 +189,17 @@ pub(super) fn set_member(
     add: bool,
     audit: &AuditEntry,
 ) -> Result<Committed<MemberChange>> {
-    let (entity, table, column, name) = match member {
-        Member::Client(name) => (Entity::Client, &macs::GROUP_CLIENTS, "client_id", name),
-        Member::Secret(name) => (Entity::Secret, &macs::GROUP_SECRETS, "secret_id", name),
-    };
-    let link = table.name;
+    let (link, name) = Link::of(&LINKS, member);
     let changed = if add {
         // Links are made only between good rows.
         let gid = rows::checked_id(tx, ck, Entity::Group, group)?;
-        let id = rows::checked_id(tx, ck, entity, name)?;
+        let id = rows::checked_id(tx, ck, link.member, name)?;
         // A row already there that is bad (added without the key) is
         // replaced by the operator's own.
         let existing: Option<Option<Vec<u8>>> = tx
-            .query_row(
-                &format!("SELECT mac FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
-                params![gid, id],
-                |r| r.get(0),
-            )
+            .query_row(link.select_mac, params![gid, id], |r| r.get(0))
             .optional()?;
-        let input = match member {
-            Member::Client(_) => integrity::group_client(gid as u64, id as u64),
-            Member::Secret(_) => integrity::group_secret(gid as u64, id as u64),
-        };
+        let input = (link.input)(gid as u64, id as u64);
         let good = existing
             .as_ref()
             .map(|mac| mac.as_deref().is_some_and(|m| ck.keys.row_ok(&input, m)));
@@ -217,15 +207,9 @@ pub(super) fn set_member(
             Some(true) => false,
             bad_or_none => {
                 if bad_or_none.is_some() {
-                    tx.execute(
-                        &format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
-                        params![gid, id],
-                    )?;
+                    tx.execute(link.delete, params![gid, id])?;
                 }
-                tx.execute(
-                    &format!("INSERT INTO {link} (group_id, {column}, mac) VALUES (?1, ?2, ?3)"),
-                    params![gid, id, &ck.keys.row_tag(&input)[..]],
-                )?;
+                tx.execute(link.insert, params![gid, id, &ck.keys.row_tag(&input)[..]])?;
                 true
             }
         }
@@ -233,15 +217,12 @@ pub(super) fn set_member(
         // Taking a member out only removes access: rows are found by name
         // whatever their MACs.
         let gid = rows::id_by_name(tx, Entity::Group, group)?;
-        let id = rows::id_by_name(tx, entity, name)?;
-        tx.execute(
-            &format!("DELETE FROM {link} WHERE group_id = ?1 AND {column} = ?2"),
-            params![gid, id],
-        )? > 0
+        let id = rows::id_by_name(tx, link.member, name)?;
+        tx.execute(link.delete, params![gid, id])? > 0
     };
     let mut entry = audit.clone();
     if !changed {
-        entry.detail = "no change".into();
+        entry.detail = detail::NO_CHANGE.into();
     }
     let revision = record_change(tx, &entry)?;
     Ok(Committed {

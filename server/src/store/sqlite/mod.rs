@@ -746,12 +746,7 @@ impl Store for SqliteStore {
         let keys = self.keys.get();
         self.db.write(|tx| {
             let at = row_set::sign_all(tx, &keys)?;
-            audit::insert(
-                tx,
-                &audit.with_detail(&format!(
-                    "the rows as they are at revision {at} accepted as the row set"
-                )),
-            )?;
+            audit::insert(tx, &audit.with_detail(&super::detail::row_set_accepted(at)))?;
             Ok(at)
         })
     }
@@ -769,7 +764,7 @@ mod tests {
 
     #[test]
     fn a_cached_join_is_not_parsed_again_on_every_use() {
-        use super::rows::{secret_cols, select_secrets};
+        use super::rows::select_secrets;
         let dir = tempfile::tempdir().unwrap();
         let s =
             SqliteStore::open(&dir.path().join("db"), true, KeyRing::generate().unwrap()).unwrap();

@@ -3,13 +3,10 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::envelope::Binding;
 use crate::keys::Keys;
-use crate::store::{Result, StoreError};
-
-// META_CURSOR holds where the last batch stopped: `secret_id || version`,
-// big-endian.
 use crate::rekey::META_CURSOR;
+use crate::store::rewrap::{self, cursor_at, cursor_of, rewrap_version};
+use crate::store::Result;
 
 /// Sets or deletes several metadata entries, each signed like `put_meta`'s.
 pub(super) fn put_metas(
@@ -34,22 +31,16 @@ fn cursor(tx: &Connection) -> Result<(i64, i64)> {
             |r| r.get(0),
         )
         .optional()?;
-    Ok(match blob {
-        Some(b) if b.len() == 16 => (
-            i64::from_be_bytes(b[..8].try_into().unwrap_or_default()),
-            i64::from_be_bytes(b[8..].try_into().unwrap_or_default()),
-        ),
-        _ => (-1, -1),
-    })
+    Ok(cursor_of(blob.as_deref()))
 }
 
 /// One batch; see [`crate::store::Store::rewrap_keys`]. A version neither
 /// key opens (damaged before the rekey) is left as it is: it did not read
 /// before and does not now.
 pub(super) fn rewrap(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize> {
-    let Some(previous) = &keys.previous else {
+    if keys.previous.is_none() {
         return Ok(0);
-    };
+    }
     let (after_id, after_version) = cursor(tx)?;
     let rows: Vec<(i64, i64, String, Vec<u8>)> = tx
         .prepare(
@@ -64,32 +55,15 @@ pub(super) fn rewrap(tx: &Connection, keys: &Keys, limit: usize) -> Result<usize
         )?
         .collect::<rusqlite::Result<_>>()?;
     for (id, version, name, wrapped) in &rows {
-        let binding = Binding {
-            secret_id: *id as u64,
-            name,
-            version: *version as u64,
-        };
-        match keys
-            .current
-            .master()
-            .rewrap(previous.master(), binding, wrapped)
-        {
-            Ok(Some(new)) => {
-                tx.execute(
-                    "UPDATE secret_versions SET wrapped_key = ?3 WHERE secret_id = ?1 AND version = ?2",
-                    params![id, version, new],
-                )?;
-            }
-            Ok(None) => {}
-            Err(crate::error::Error::Integrity { .. }) => {
-                tracing::warn!(secret = %name, version, "rekey: this version's data key opens under neither master key; left as it was");
-            }
-            Err(e) => return Err(StoreError::Seal(Box::new(e))),
+        if let Some(new) = rewrap_version(keys, *id, name, *version, wrapped)? {
+            tx.execute(
+                "UPDATE secret_versions SET wrapped_key = ?3 WHERE secret_id = ?1 AND version = ?2",
+                params![id, version, new],
+            )?;
         }
     }
     if let Some((id, version, _, _)) = rows.last() {
-        let mut c = id.to_be_bytes().to_vec();
-        c.extend_from_slice(&version.to_be_bytes());
+        let c = cursor_at(*id, *version);
         put_metas(tx, keys, &[(META_CURSOR, Some(&c))])?;
     }
     Ok(rows.len())
@@ -110,12 +84,7 @@ pub(super) fn not_opening(
     while let Some(r) = rows.next()? {
         let (id, version, name): (i64, i64, String) = (r.get(0)?, r.get(1)?, r.get(2)?);
         let wrapped: Vec<u8> = r.get(3)?;
-        let binding = Binding {
-            secret_id: id as u64,
-            name: &name,
-            version: version as u64,
-        };
-        if !key.opens_wrapped(binding, &wrapped) {
+        if !rewrap::opens(key, id, &name, version, &wrapped) {
             out.push((name, version as u64));
         }
     }
@@ -125,7 +94,7 @@ pub(super) fn not_opening(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{MasterKey, Sealed};
+    use crate::envelope::{Binding, MasterKey, Sealed};
     use crate::keys::{KeyRing, KeySet};
     use crate::store::sqlite::SqliteStore;
     use crate::store::{AuditEntry, NewSecret, Store};

@@ -18,8 +18,12 @@ use super::audit::revision;
 use super::macs;
 use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
 use crate::store::integrity::{
-    self, row_set_h, row_set_mismatch, xor_into, BadRow, RowSetRecord, StoredMac,
+    self, cannot_move, checkable, row_set_h, row_set_mismatch, same, xor_into, BadRow,
+    RowSetRecord, StoredMac,
 };
+
+/// The record as stored.
+pub(super) use crate::store::integrity::StoredRecord as Stored;
 use crate::store::{Result, StoreError};
 
 /// Which rows of `table` are in the set (SQL over `row`, `old` or `new`):
@@ -96,15 +100,6 @@ fn stored(v: ValueRef<'_>) -> StoredMac<'_> {
         ValueRef::Integer(i) => StoredMac::Integer(i),
         ValueRef::Real(f) => StoredMac::Real(f),
     }
-}
-
-/// The record as stored.
-pub(super) enum Stored {
-    Missing,
-    /// It does not open under any key this server holds (edited, or
-    /// sealed under a key no longer held).
-    Unreadable,
-    Good(RowSetRecord),
 }
 
 pub(super) fn read(tx: &Connection, keys: &Keys) -> Result<Stored> {
@@ -196,27 +191,9 @@ fn compute<const N: usize>(tx: &Connection, keys: [&MacKey; N]) -> Result<[[u8; 
     Ok(out)
 }
 
-fn same(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The record and the key set it is under, or the finding.
 fn good(tx: &Connection, keys: &Keys) -> Result<std::result::Result<RowSetRecord, BadRow>> {
-    Ok(match read(tx, keys)? {
-        Stored::Missing => Err(row_set_mismatch(
-            None,
-            Some("the row set record was deleted"),
-        )),
-        Stored::Unreadable => Err(row_set_mismatch(
-            None,
-            Some("the row set record does not open under the master key"),
-        )),
-        Stored::Good(rec) if keys.set_for(rec.epoch).is_none() => Err(row_set_mismatch(
-            Some(rec.checked_at),
-            Some("the row set record is under a master key epoch this server does not hold"),
-        )),
-        Stored::Good(rec) => Ok(rec),
-    })
+    Ok(checkable(keys, read(tx, keys)?))
 }
 
 /// Recomputes the digest and compares: `Ok(record)` when they agree, else
@@ -255,16 +232,7 @@ pub(super) fn stamp(tx: &Connection, keys: &Keys, at: u64) -> Result<()> {
 pub(super) fn sign_all(tx: &Connection, keys: &Keys) -> Result<u64> {
     let [digest] = compute(tx, [keys.current.row_set()])?;
     let at = revision(tx)?;
-    write(
-        tx,
-        keys,
-        &RowSetRecord {
-            epoch: keys.current.epoch(),
-            written_at: at,
-            checked_at: at,
-            digest,
-        },
-    )?;
+    write(tx, keys, &RowSetRecord::current(keys, at, digest))?;
     Ok(at)
 }
 
@@ -322,24 +290,5 @@ pub(super) fn move_to_current(tx: &Connection, keys: &Keys) -> Result<()> {
         return Err(cannot_move(row_set_mismatch(Some(rec.checked_at), None)));
     }
     let at = revision(tx)?;
-    write(
-        tx,
-        keys,
-        &RowSetRecord {
-            epoch: keys.current.epoch(),
-            written_at: at,
-            checked_at: at,
-            digest: now,
-        },
-    )
-}
-
-fn cannot_move(finding: BadRow) -> StoreError {
-    StoreError::Check(
-        format!(
-            "the rekey cannot finish: {}; then ask for the rekey again",
-            finding.what
-        )
-        .into(),
-    )
+    write(tx, keys, &RowSetRecord::current(keys, at, now))
 }

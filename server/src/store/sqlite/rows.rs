@@ -2,256 +2,61 @@
 
 use rusqlite::{Connection, OptionalExtension, Row};
 
-use crate::envelope::Sealed;
-use crate::store::integrity::{self, Checker, SecretRow};
-use crate::store::{ClientAuth, Entity, Result, SealedSecret, SecretRecord, StoreError};
+use crate::store::integrity::Checker;
+use crate::store::mapping::Columns;
+use crate::store::{Entity, Result, StoreError};
 
-/// The `secrets` columns a row's MAC covers, then its MAC: 13 columns, as
-/// [`secret_at`] reads them.
-macro_rules! secret_cols {
-    () => {
-        "s.id, s.name, s.description, s.labels, s.mode, s.owner, s.grp, s.expires_at, \
-         s.current_version, s.version_count, s.created_at, s.updated_at, s.mac"
-    };
-}
+pub(super) use crate::store::columns::{
+    client_cols, secret_cols, select_secrets, SEALED_PATH, VIEW_PATH,
+};
 
-/// The `clients` columns a row's MAC covers, then its MAC: 7 columns, as
-/// [`client_at`] reads them.
-macro_rules! client_cols {
-    () => {
-        "c.id, c.name, c.admin, c.enabled, c.pinned, c.created_at, c.mac"
-    };
-}
-
-/// `SELECT` of secrets with their current version's size and time, as
-/// [`secret`] maps them; the rest of the query follows. Macros rather than
-/// consts so queries are `concat!`ed at compile time, not formatted per call.
-macro_rules! select_secrets {
-    ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version ",
-            $($rest)*
-        )
-    };
-}
-
-/// As [`select_secrets`], with each path by which client `?1` may read the
-/// secret (the group, and both membership rows' MACs, at [`VIEW_PATH`]).
+/// `columns::select_granted` for client `?1`.
 macro_rules! select_granted {
     ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at, gs.group_id, gs.mac, gc.mac \
-             FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = ?1 ",
-            $($rest)*
-        )
+        $crate::store::columns::select_granted!("?1"; $($rest)*)
     };
 }
 
-/// As [`select_granted`], with the current version's sealed content, as
-/// [`sealed_secret`] maps it (the path at [`SEALED_PATH`]).
+/// `columns::select_granted_sealed` for client `?1`.
 macro_rules! select_granted_sealed {
     ($($rest:tt)*) => {
-        concat!(
-            "SELECT ", secret_cols!(), ", v.size, v.created_at, v.wrapped_key, v.ciphertext, \
-             gs.group_id, gs.mac, gc.mac FROM secrets s \
-             JOIN secret_versions v ON v.secret_id = s.id AND v.version = s.current_version \
-             JOIN group_secrets gs ON gs.secret_id = s.id \
-             JOIN group_clients gc ON gc.group_id = gs.group_id AND gc.client_id = ?1 ",
-            $($rest)*
-        )
+        $crate::store::columns::select_granted_sealed!("?1"; $($rest)*)
     };
 }
 
-pub(super) use {client_cols, secret_cols, select_granted, select_granted_sealed, select_secrets};
+pub(super) use {select_granted, select_granted_sealed};
 
-/// Where the path columns start in [`select_granted`] and
-/// [`select_granted_sealed`].
-pub(super) const VIEW_PATH: usize = 15;
-pub(super) const SEALED_PATH: usize = 17;
+pub(super) use crate::store::mapping::{
+    access_at, cert_at, client_at, client_of_group, group_at, group_of_client, path_ok,
+    sealed_secret, secret, secret_at,
+};
 
-/// The secret in the 13 columns of [`secret_cols`] from `at`, if its MAC
-/// is good (size and version time left 0).
-pub(super) fn secret_at(
-    row: &Row<'_>,
-    at: usize,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<SecretRecord>> {
-    let labels: String = row.get(at + 3)?;
-    let record = SecretRecord {
-        id: row.get::<_, i64>(at)? as u64,
-        name: row.get(at + 1)?,
-        description: row.get(at + 2)?,
-        labels: serde_json::from_str(&labels).unwrap_or_default(),
-        mode: row.get(at + 4)?,
-        owner: row.get(at + 5)?,
-        group: row.get(at + 6)?,
-        expires_at: row.get(at + 7)?,
-        current_version: row.get::<_, i64>(at + 8)? as u64,
-        version_count: row.get::<_, i64>(at + 9)? as u64,
-        created_at: row.get(at + 10)?,
-        updated_at: row.get(at + 11)?,
-        size: 0,
-        version_created_at: 0,
-    };
-    let mac: Option<Vec<u8>> = row.get(at + 12)?;
-    let input = integrity::secret(&SecretRow {
-        id: record.id,
-        name: &record.name,
-        description: &record.description,
-        labels: &labels,
-        mode: record.mode,
-        owner: record.owner,
-        grp: record.group,
-        expires_at: record.expires_at,
-        current_version: record.current_version,
-        version_count: record.version_count,
-        created_at: record.created_at,
-        updated_at: record.updated_at,
-    });
-    let id = record.id;
-    Ok(ck
-        .ok(
-            integrity::SECRETS,
-            || format!("id={id}"),
-            &input,
-            mac.as_deref(),
-        )
-        .then_some(record))
-}
-
-/// A row of [`select_secrets`] (or [`select_granted`]), if its MAC is good.
-pub(super) fn secret(row: &Row<'_>, ck: &Checker<'_>) -> rusqlite::Result<Option<SecretRecord>> {
-    let Some(mut record) = secret_at(row, 0, ck)? else {
-        return Ok(None);
-    };
-    record.size = row.get::<_, i64>(13)? as u64;
-    record.version_created_at = row.get(14)?;
-    Ok(Some(record))
-}
-
-/// A row of [`select_granted_sealed`], if the secret's MAC is good.
-pub(super) fn sealed_secret(
-    row: &Row<'_>,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<SealedSecret>> {
-    let Some(record) = secret(row, ck)? else {
-        return Ok(None);
-    };
-    Ok(Some(SealedSecret {
-        record,
-        sealed: Sealed {
-            wrapped_key: row.get(15)?,
-            ciphertext: row.get(16)?,
-        },
-    }))
-}
-
-/// Whether the path at `at` (group id, `group_secrets` MAC,
-/// `group_clients` MAC) really links `client_id` to the row's secret.
-/// `memberships` remembers each group's `group_clients` verdict for the
-/// rest of the query (one row per group, met once per secret).
-pub(super) fn path_ok(
-    row: &Row<'_>,
-    at: usize,
-    client_id: u64,
-    ck: &Checker<'_>,
-    memberships: &mut std::collections::HashMap<u64, bool>,
-) -> rusqlite::Result<bool> {
-    let secret_id = row.get::<_, i64>(0)? as u64;
-    let group_id = row.get::<_, i64>(at)? as u64;
-    let member = match memberships.get(&group_id) {
-        Some(known) => *known,
-        None => {
-            let gc: Option<Vec<u8>> = row.get(at + 2)?;
-            let ok = group_client_ok(ck, group_id, client_id, gc.as_deref());
-            memberships.insert(group_id, ok);
-            ok
-        }
-    };
-    if !member {
-        return Ok(false);
+impl Columns for Row<'_> {
+    type Error = rusqlite::Error;
+    fn int(&self, i: usize) -> rusqlite::Result<i64> {
+        self.get(i)
     }
-    let gs: Option<Vec<u8>> = row.get(at + 1)?;
-    Ok(group_secret_ok(ck, group_id, secret_id, gs.as_deref()))
-}
-
-pub(super) fn group_client_ok(
-    ck: &Checker<'_>,
-    group: u64,
-    client: u64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::GROUP_CLIENTS,
-        || format!("group_id={group} client_id={client}"),
-        &integrity::group_client(group, client),
-        mac,
-    )
-}
-
-pub(super) fn group_secret_ok(
-    ck: &Checker<'_>,
-    group: u64,
-    secret: u64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.ok(
-        integrity::GROUP_SECRETS,
-        || format!("group_id={group} secret_id={secret}"),
-        &integrity::group_secret(group, secret),
-        mac,
-    )
-}
-
-/// The client in the 7 columns of [`client_cols`] from `at`, and when it
-/// was made, if its MAC is good.
-pub(super) fn client_at(
-    row: &Row<'_>,
-    at: usize,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<(ClientAuth, i64)>> {
-    let c = ClientAuth {
-        id: row.get::<_, i64>(at)? as u64,
-        name: row.get(at + 1)?,
-        admin: row.get(at + 2)?,
-        enabled: row.get(at + 3)?,
-        pinned: row.get(at + 4)?,
-    };
-    let created_at: i64 = row.get(at + 5)?;
-    let mac: Option<Vec<u8>> = row.get(at + 6)?;
-    let input = integrity::client(c.id, &c.name, c.admin, c.enabled, c.pinned, created_at);
-    let id = c.id;
-    Ok(ck
-        .ok(
-            integrity::CLIENTS,
-            || format!("id={id}"),
-            &input,
-            mac.as_deref(),
-        )
-        .then_some((c, created_at)))
-}
-
-/// The group in 3 columns (id, name, mac) from `at`, if its MAC is good.
-pub(super) fn group_at(
-    row: &Row<'_>,
-    at: usize,
-    ck: &Checker<'_>,
-) -> rusqlite::Result<Option<(u64, String)>> {
-    let id = row.get::<_, i64>(at)? as u64;
-    let name: String = row.get(at + 1)?;
-    let mac: Option<Vec<u8>> = row.get(at + 2)?;
-    Ok(ck
-        .ok(
-            integrity::GROUPS,
-            || format!("id={id}"),
-            &integrity::group(id, &name),
-            mac.as_deref(),
-        )
-        .then_some((id, name)))
+    fn opt_int(&self, i: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(i)
+    }
+    fn small(&self, i: usize) -> rusqlite::Result<u32> {
+        self.get(i)
+    }
+    fn opt_small(&self, i: usize) -> rusqlite::Result<Option<u32>> {
+        self.get(i)
+    }
+    fn flag(&self, i: usize) -> rusqlite::Result<bool> {
+        self.get(i)
+    }
+    fn text(&self, i: usize) -> rusqlite::Result<String> {
+        self.get(i)
+    }
+    fn blob(&self, i: usize) -> rusqlite::Result<Vec<u8>> {
+        self.get(i)
+    }
+    fn opt_blob(&self, i: usize) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.get(i)
+    }
 }
 
 /// The id of the named row, if its MAC is good (NotFound when not): what

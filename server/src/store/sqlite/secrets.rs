@@ -140,17 +140,7 @@ pub(super) fn rotate(
         version: Some(version),
         ..audit.clone()
     };
-    if expires_at != current.expires_at {
-        let what = match (expires, current.expires_at) {
-            (None, Some(t)) => {
-                format!("expiry {} had passed: cleared", shown_expiry(Some(t)))
-            }
-            _ => format!(
-                "expiry {} -> {}",
-                shown_expiry(current.expires_at),
-                shown_expiry(expires_at)
-            ),
-        };
+    if let Some(what) = detail::expiry_moved(expires, current.expires_at, expires_at) {
         entry = entry.with_detail(&what);
     }
     let revision = record_change(tx, &entry)?;
@@ -188,7 +178,7 @@ pub(super) fn rollback(
         tx,
         &AuditEntry {
             version: Some(version),
-            detail: format!("from version {}", current.current_version),
+            detail: detail::rolled_back_from(current.current_version),
             ..audit.clone()
         },
     )?;
@@ -227,16 +217,11 @@ pub(super) fn update(
         ])?;
         macs::sign(tx, ck.keys, &macs::SECRETS, record.id as i64)?;
     }
-    let detail = if changed.is_empty() {
-        "no change".to_owned()
-    } else {
-        changed.join(", ")
-    };
     let revision = record_change(
         tx,
         &AuditEntry {
             version: Some(record.current_version),
-            ..audit.with_detail(&detail)
+            ..audit.with_detail(&detail::updated(&changed))
         },
     )?;
     Ok(Committed {
@@ -259,15 +244,7 @@ pub(super) fn delete(tx: &Connection, name: &str, audit: &AuditEntry) -> Result<
         id,
     )?;
     tx.execute("DELETE FROM secrets WHERE id = ?1", [id])?;
-    let what = format!(
-        "removed {versions} version{}; granted to {}",
-        if versions == 1 { "" } else { "s" },
-        if groups.is_empty() {
-            "no group".to_owned()
-        } else {
-            format!("groups {}", some_names(&groups, 20))
-        }
-    );
+    let what = detail::secret_deleted(versions, &groups);
     let revision = record_change(tx, &audit.with_detail(&what))?;
     Ok(Committed {
         value: id as u64,
@@ -415,7 +392,7 @@ pub(super) fn of_group(
         let gid: i64 = r.get(13)?;
         let mac: Option<Vec<u8>> = r.get(14)?;
         let sid = r.get::<_, i64>(0)? as u64;
-        if rows::group_secret_ok(ck, gid as u64, sid, mac.as_deref()) {
+        if ck.group_secret_ok(gid as u64, sid, mac.as_deref()) {
             if let Some(s) = rows::secret_at(r, 0, ck)? {
                 out.push((gid, s.name));
             }
