@@ -411,9 +411,7 @@ impl Store for PgStore {
             let at = row_set::sign_all(tx, &keys)?;
             audit::insert(
                 tx,
-                &audit.with_detail(&format!(
-                    "the rows as they are at revision {at} accepted as the row set"
-                )),
+                &audit.with_detail(&crate::store::detail::row_set_accepted(at)),
             )?;
             Ok(at)
         })

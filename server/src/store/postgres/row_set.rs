@@ -16,7 +16,7 @@ use super::session::{Answer, Want};
 use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
 use crate::store::integrity::{
     self, cannot_move, checkable, row_set_h, row_set_mismatch, same, xor_into, BadRow,
-    RowSetRecord, StoredMac, StoredRecord,
+    RowSetRecord, StoredMac,
 };
 use crate::store::{Result, StoreError};
 
@@ -28,11 +28,7 @@ fn stored(mac: &Option<Vec<u8>>) -> StoredMac<'_> {
 }
 
 /// The record as stored.
-pub(super) enum Stored {
-    Missing,
-    Unreadable,
-    Good(RowSetRecord),
-}
+pub(super) use crate::store::integrity::StoredRecord as Stored;
 
 const READ: &str = "SELECT sealed FROM row_set WHERE id = 1";
 
@@ -140,12 +136,7 @@ fn compute<const N: usize>(tx: &mut Tx<'_>, keys: [&MacKey; N]) -> Result<[[u8; 
 }
 
 fn good(tx: &mut Tx<'_>, keys: &Keys) -> Result<std::result::Result<RowSetRecord, BadRow>> {
-    let stored = match read(tx, keys)? {
-        Stored::Missing => StoredRecord::Missing,
-        Stored::Unreadable => StoredRecord::Unreadable,
-        Stored::Good(rec) => StoredRecord::Good(rec),
-    };
-    Ok(checkable(keys, stored))
+    Ok(checkable(keys, read(tx, keys)?))
 }
 
 /// Recomputes the digest and compares: `Ok(record)` when they agree, else
@@ -183,16 +174,7 @@ pub(super) fn stamp(tx: &mut Tx<'_>, keys: &Keys, at: u64) -> Result<()> {
 pub(super) fn sign_all(tx: &mut Tx<'_>, keys: &Keys) -> Result<u64> {
     let [digest] = compute(tx, [keys.current.row_set()])?;
     let at = revision(tx)?;
-    write(
-        tx,
-        keys,
-        &RowSetRecord {
-            epoch: keys.current.epoch(),
-            written_at: at,
-            checked_at: at,
-            digest,
-        },
-    )?;
+    write(tx, keys, &RowSetRecord::current(keys, at, digest))?;
     Ok(at)
 }
 

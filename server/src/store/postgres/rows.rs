@@ -67,17 +67,6 @@ impl Columns for Row {
     }
 }
 
-/// `Checker::group_secret_ok`, kept for `secrets.rs` (the writer path's
-/// file) until it calls the `Checker` itself.
-pub(super) fn group_secret_ok(
-    ck: &Checker<'_>,
-    group: u64,
-    secret: u64,
-    mac: Option<&[u8]>,
-) -> bool {
-    ck.group_secret_ok(group, secret, mac)
-}
-
 /// The id of the named row, if its MAC is good (NotFound when not).
 pub(super) fn checked_id(
     tx: &mut Tx<'_>,

@@ -286,17 +286,7 @@ pub(super) fn rotate(
         version: Some(version),
         ..audit.clone()
     };
-    if expires_at != current.expires_at {
-        let what = match (expires, current.expires_at) {
-            (None, Some(t)) => {
-                format!("expiry {} had passed: cleared", shown_expiry(Some(t)))
-            }
-            _ => format!(
-                "expiry {} -> {}",
-                shown_expiry(current.expires_at),
-                shown_expiry(expires_at)
-            ),
-        };
+    if let Some(what) = detail::expiry_moved(expires, current.expires_at, expires_at) {
         entry = entry.with_detail(&what);
     }
     let id = current.id;
@@ -346,7 +336,7 @@ pub(super) fn rollback(
         tx,
         &AuditEntry {
             version: Some(version),
-            detail: format!("from version {}", current.current_version),
+            detail: detail::rolled_back_from(current.current_version),
             ..audit.clone()
         },
         |revision| Change::Secret { id, revision },
@@ -394,17 +384,12 @@ pub(super) fn update(
         };
         sign_secret(tx, ck, &row, &expected)?;
     }
-    let detail = if changed.is_empty() {
-        "no change".to_owned()
-    } else {
-        changed.join(", ")
-    };
     let id = record.id;
     let revision = record_change(
         tx,
         &AuditEntry {
             version: Some(record.current_version),
-            ..audit.with_detail(&detail)
+            ..audit.with_detail(&detail::updated(&changed))
         },
         |revision| Change::Secret { id, revision },
     )?;
@@ -429,15 +414,7 @@ pub(super) fn delete(tx: &mut Tx<'_>, name: &str, audit: &AuditEntry) -> Result<
         id,
     )?;
     tx.exec("DELETE FROM secrets WHERE id = $1", &[&id])?;
-    let what = format!(
-        "removed {versions} version{}; granted to {}",
-        if versions == 1 { "" } else { "s" },
-        if groups.is_empty() {
-            "no group".to_owned()
-        } else {
-            format!("groups {}", some_names(&groups, 20))
-        }
-    );
+    let what = detail::secret_deleted(versions, &groups);
     let revision = record_change(tx, &audit.with_detail(&what), |revision| {
         Change::SecretDeleted {
             id: id as u64,
@@ -586,7 +563,7 @@ pub(super) fn of_group(
         let gid: i64 = r.try_get(13)?;
         let mac: Option<Vec<u8>> = r.try_get(14)?;
         let sid = r.try_get::<_, i64>(0)? as u64;
-        if rows::group_secret_ok(ck, gid as u64, sid, mac.as_deref()) {
+        if ck.group_secret_ok(gid as u64, sid, mac.as_deref()) {
             if let Some(s) = rows::secret_at(r, 0, ck)? {
                 out.push((gid, s.name));
             }
