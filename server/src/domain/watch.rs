@@ -11,14 +11,14 @@
 //! audited as a read before it is handed out.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, watch as signal};
+use tokio::sync::{broadcast, oneshot, watch as signal};
 
 use super::{Caller, Domain, Opened};
 use crate::error::Error;
 use crate::names::check_secret_name;
-use crate::store::{Change, SecretRecord};
+use crate::store::{AuditEntry, Change, SealedSecret, SecretRecord};
 
 /// The most entries a client may say it holds.
 pub const MAX_KNOWN: usize = 100_000;
@@ -279,15 +279,16 @@ impl Watcher {
     /// unchanged): fetch just those secrets, re-checking in the same read
     /// that the client may still read them, and decrypt each version once
     /// for all watchers (a metadata-only change decrypts nothing).
-    async fn rotated(&mut self, ids: Vec<u64>, revision: u64) -> Result<Option<Delta>, Error> {
-        let caller = self.caller.clone();
+    ///
+    /// Watchers of one client woken by the same change share that read
+    /// (see [`Flights`]): one store read and one audit append for all of
+    /// them, each still with its own decision and its own audit entry.
+    async fn rotated(&mut self, mut ids: Vec<u64>, revision: u64) -> Result<Option<Delta>, Error> {
         // What the client holds of just these secrets (not a copy of all
         // it holds: this runs for every watcher of a rotated secret).
-        // Per id: the (name, version, digest) held of it.
-        type HeldOf = Vec<(String, u64, u64)>;
         let known: Vec<(u64, HeldOf)> = ids
-            .into_iter()
-            .map(|id| {
+            .iter()
+            .map(|&id| {
                 let held = self
                     .held
                     .iter()
@@ -297,58 +298,53 @@ impl Watcher {
                 (id, held)
             })
             .collect();
-        let (delta, audit, now_held) = self
+        ids.sort_unstable();
+        let key = FlightKey {
+            client_id: self.caller.client.id,
+            ids,
+            revision,
+        };
+        let (reply, answer) = oneshot::channel();
+        let rider = Rider {
+            actor: self.caller.name().to_owned(),
+            known: known.clone(),
+            reply,
+        };
+        if self.domain.flights.board(key.clone(), rider) {
+            tokio::spawn(self.domain.clone().fly(key));
+        }
+        let ridden = match answer.await {
+            Ok(ridden) => ridden?,
+            // The shared read or its audit failed: read alone, and get
+            // this watcher's own answer (or error).
+            Err(_) => self.alone(known, revision).await?,
+        };
+        Ok(self.apply(ridden))
+    }
+
+    /// [`rotated`](Self::rotated) without company: this watcher's own read
+    /// and audit append.
+    async fn alone(&self, known: Vec<(u64, HeldOf)>, revision: u64) -> Result<Ridden, Error> {
+        let caller = self.caller.clone();
+        let (ridden, audit) = self
             .domain
             .run(move |d| {
-                let mut upserts = Vec::new();
-                let mut meta_updates = Vec::new();
-                let mut removals = Vec::new();
-                let mut audit = Vec::new();
-                // What the client holds of these secrets after the delta.
-                let mut now_held = Vec::new();
-                for (id, held) in known {
-                    let Some(s) = d.store.read_one_for_client(caller.client.id, id)? else {
-                        // Deleted, or access lost in between.
-                        removals.extend(held.into_iter().map(|(name, ..)| name));
-                        continue;
-                    };
-                    let version = s.record.current_version;
-                    let digest = s.record.meta_digest();
-                    let held_now = held
-                        .iter()
-                        .find(|(name, v, _)| *name == s.record.name && *v == version);
-                    if let Some((_, _, held_digest)) = held_now {
-                        // The version it holds is current: at most the
-                        // metadata changed, and that needs no content.
-                        if *held_digest != digest {
-                            now_held.push((s.record.name.clone(), (id, version, digest)));
-                            meta_updates.push(s.record);
-                        }
-                        continue;
-                    }
-                    let (content, entry) = d.open(caller.name(), &s, true, "watch")?;
-                    audit.push(entry);
-                    now_held.push((s.record.name.clone(), (s.record.id, version, digest)));
-                    upserts.push(Opened {
-                        record: s.record,
-                        content,
-                    });
-                }
-                removals.sort();
-                let delta = Delta {
-                    revision,
-                    initial: false,
-                    upserts,
-                    meta_updates,
-                    removals,
-                };
-                Ok((delta, audit, now_held))
+                let ids: Vec<u64> = known.iter().map(|(id, _)| *id).collect();
+                let found = read_found(d, caller.client.id, &ids)?;
+                decide(d, caller.name(), &found, known, revision)
             })
             .await?;
-        if delta.upserts.is_empty() && delta.removals.is_empty() && delta.meta_updates.is_empty() {
-            return Ok(None);
-        }
         self.domain.audit.append(audit).await?;
+        Ok(ridden)
+    }
+
+    /// Takes what a fast-path read decided for this watcher into what it
+    /// holds; `None` when nothing changed for it.
+    fn apply(&mut self, ridden: Ridden) -> Option<Delta> {
+        let Ridden { delta, now_held } = ridden;
+        if delta.upserts.is_empty() && delta.removals.is_empty() && delta.meta_updates.is_empty() {
+            return None;
+        }
         for gone in &delta.removals {
             self.held.remove(gone);
         }
@@ -358,7 +354,187 @@ impl Watcher {
         if !delta.removals.is_empty() {
             self.held_ids = ids_of(&self.held);
         }
-        Ok(Some(delta))
+        Some(delta)
+    }
+}
+
+/// Per secret id: the (name, version, digest) a watcher holds of it.
+type HeldOf = Vec<(String, u64, u64)>;
+
+/// What a fast-path read decided for one watcher: its delta, and what it
+/// holds of the read secrets afterwards.
+struct Ridden {
+    delta: Delta,
+    now_held: Vec<(String, (u64, u64, u64))>,
+}
+
+/// Reads `ids` as `client_id` may read them now: per id, its sealed
+/// current content, or `None` (deleted, or no longer granted to it).
+fn read_found(
+    d: &Domain,
+    client_id: u64,
+    ids: &[u64],
+) -> Result<Vec<(u64, Option<SealedSecret>)>, Error> {
+    ids.iter()
+        .map(|&id| Ok((id, d.store.read_one_for_client(client_id, id)?)))
+        .collect()
+}
+
+/// One watcher's delta from a read of the secrets it holds (`found`, read
+/// for its own client), and the audit entries of the content it gets.
+fn decide(
+    d: &Domain,
+    actor: &str,
+    found: &[(u64, Option<SealedSecret>)],
+    known: Vec<(u64, HeldOf)>,
+    revision: u64,
+) -> Result<(Ridden, Vec<AuditEntry>), Error> {
+    let mut upserts = Vec::new();
+    let mut meta_updates = Vec::new();
+    let mut removals = Vec::new();
+    let mut audit = Vec::new();
+    // What the client holds of these secrets after the delta.
+    let mut now_held = Vec::new();
+    for (id, held) in known {
+        let s = found
+            .iter()
+            .find(|(found_id, _)| *found_id == id)
+            .and_then(|(_, s)| s.as_ref());
+        let Some(s) = s else {
+            // Deleted, or access lost in between.
+            removals.extend(held.into_iter().map(|(name, ..)| name));
+            continue;
+        };
+        let version = s.record.current_version;
+        let digest = s.record.meta_digest();
+        let held_now = held
+            .iter()
+            .find(|(name, v, _)| *name == s.record.name && *v == version);
+        if let Some((_, _, held_digest)) = held_now {
+            // The version it holds is current: at most the metadata
+            // changed, and that needs no content.
+            if *held_digest != digest {
+                now_held.push((s.record.name.clone(), (id, version, digest)));
+                meta_updates.push(s.record.clone());
+            }
+            continue;
+        }
+        let (content, entry) = d.open(actor, s, true, "watch")?;
+        audit.push(entry);
+        now_held.push((s.record.name.clone(), (s.record.id, version, digest)));
+        upserts.push(Opened {
+            record: s.record.clone(),
+            content,
+        });
+    }
+    removals.sort();
+    let delta = Delta {
+        revision,
+        initial: false,
+        upserts,
+        meta_updates,
+        removals,
+    };
+    Ok((Ridden { delta, now_held }, audit))
+}
+
+/// Which shared read a watcher may join: the same client (so the same
+/// access check: a watcher never rides on another client's read), the
+/// same secrets, woken by the same change (so the read began after that
+/// change committed).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(super) struct FlightKey {
+    client_id: u64,
+    /// Sorted.
+    ids: Vec<u64>,
+    revision: u64,
+}
+
+/// A watcher waiting for a shared read.
+struct Rider {
+    actor: String,
+    known: Vec<(u64, HeldOf)>,
+    /// Dropped unanswered when the shared read or its audit fails: the
+    /// watcher then reads alone.
+    reply: oneshot::Sender<Result<Ridden, Error>>,
+}
+
+/// Shared fast-path reads in progress, by [`FlightKey`]. A rotation seen
+/// by N watchers of one client costs one store read (the access check and
+/// the sealed row together, as each would have made it), one decryption
+/// and one audit append of N entries, not N of each. A read is shared
+/// only while it is in progress: a later change starts a new one.
+#[derive(Default)]
+pub(super) struct Flights(Mutex<HashMap<FlightKey, Vec<Rider>>>);
+
+impl Flights {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FlightKey, Vec<Rider>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `rider` to the read for `key`; true when it is the first, and
+    /// its watcher must start the read.
+    fn board(&self, key: FlightKey, rider: Rider) -> bool {
+        let mut flights = self.lock();
+        let riders = flights.entry(key).or_default();
+        riders.push(rider);
+        riders.len() == 1
+    }
+
+    /// Everyone who joined the read for `key`; later watchers start anew.
+    fn depart(&self, key: &FlightKey) -> Vec<Rider> {
+        self.lock().remove(key).unwrap_or_default()
+    }
+
+    /// How many watchers wait on reads in progress.
+    #[cfg(test)]
+    pub(super) fn riders(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+}
+
+impl Domain {
+    /// Makes the shared read for `key`, decides for every watcher that
+    /// joined it, appends all their audit entries at once, and answers
+    /// each once they are durable. A task of its own: a watcher that goes
+    /// away does not end the read the others wait for.
+    async fn fly(self: Arc<Self>, key: FlightKey) {
+        let revision = key.revision;
+        let again = key.clone();
+        let done = self
+            .run(move |d| {
+                let found = read_found(d, key.client_id, &key.ids)?;
+                // Whoever joined before now is answered by this read: each
+                // joined after the change the read followed had committed.
+                let riders = d.flights.depart(&key);
+                let mut answers = Vec::with_capacity(riders.len());
+                let mut audit = Vec::with_capacity(riders.len());
+                for rider in riders {
+                    if rider.reply.is_closed() {
+                        continue; // Gone: nothing to read or audit for it.
+                    }
+                    let answer = decide(d, &rider.actor, &found, rider.known, revision)
+                        .map(|(ridden, entries)| {
+                            audit.extend(entries);
+                            ridden
+                        });
+                    answers.push((rider.reply, answer));
+                }
+                Ok((answers, audit))
+            })
+            .await;
+        let Ok((answers, audit)) = done else {
+            // The read failed: its riders were dropped (or never taken,
+            // and are taken now), so each reads alone.
+            drop(self.flights.depart(&again));
+            return;
+        };
+        if self.audit.append(audit).await.is_err() {
+            return; // Each reads alone, and reports its own error.
+        }
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
+        }
     }
 }
 
