@@ -513,11 +513,12 @@ impl Domain {
                     if rider.reply.is_closed() {
                         continue; // Gone: nothing to read or audit for it.
                     }
-                    let answer = decide(d, &rider.actor, &found, rider.known, revision)
-                        .map(|(ridden, entries)| {
+                    let answer = decide(d, &rider.actor, &found, rider.known, revision).map(
+                        |(ridden, entries)| {
                             audit.extend(entries);
                             ridden
-                        });
+                        },
+                    );
                     answers.push((rider.reply, answer));
                 }
                 Ok((answers, audit))
