@@ -501,12 +501,20 @@ impl Domain {
     async fn fly(self: Arc<Self>, key: FlightKey) {
         let revision = key.revision;
         let again = key.clone();
+        // The other watchers this change woke are runnable now: let them
+        // board before the read starts (no wait, just a turn of the
+        // scheduler; one who comes late starts a read of its own).
+        tokio::task::yield_now().await;
         let done = self
             .run(move |d| {
                 let found = read_found(d, key.client_id, &key.ids)?;
                 // Whoever joined before now is answered by this read: each
                 // joined after the change the read followed had committed.
                 let riders = d.flights.depart(&key);
+                tracing::debug!(
+                    watchers = riders.len(),
+                    "one read for the watchers of a change"
+                );
                 let mut answers = Vec::with_capacity(riders.len());
                 let mut audit = Vec::with_capacity(riders.len());
                 for rider in riders {
