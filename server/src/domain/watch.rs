@@ -9,6 +9,11 @@
 //! diff is against what the client holds, a reconnect transfers only what
 //! it missed, and an event is never applied twice. Every content yielded is
 //! audited as a read before it is handed out.
+//!
+//! The watchers of one client woken by the same change share its reads
+//! and one audit append (`Flights`); each still gets its own diff and
+//! its own audit entries. The first event and the recompute after a lag
+//! are each watcher's own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
