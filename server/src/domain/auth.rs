@@ -7,7 +7,7 @@ use super::{Action, Domain};
 use crate::auth_cache::CertKey;
 use crate::error::Error;
 use crate::identity::{Issuer, PeerIdentity};
-use crate::store::ClientAuth;
+use crate::store::{ClientAuth, ClientRecord};
 
 /// The TLS peer as the listener saw it.
 #[derive(Clone, Debug)]
@@ -151,16 +151,25 @@ impl Domain {
     /// Whether a watcher's client is still there and enabled: a removed or
     /// disabled client's stream ends at once.
     pub(super) fn still_allowed(&self, caller: &Caller) -> Result<(), Error> {
-        let name = &caller.client.name;
-        match self.store.get_client(name) {
-            Ok(c) if c.id == caller.client.id && c.enabled => Ok(()),
-            Ok(c) if c.id == caller.client.id => Err(Error::PermissionDenied(format!(
-                "client \"{name}\" was disabled"
-            ))),
-            Ok(_) | Err(crate::store::StoreError::NotFound { .. }) => Err(Error::PermissionDenied(format!(
-                "client \"{name}\" was removed; an operator can add it again with `secretfs client add {name}`"
-            ))),
+        match self.store.get_client(&caller.client.name) {
+            Ok(c) => still_is(caller, Some(&c)),
+            Err(crate::store::StoreError::NotFound { .. }) => still_is(caller, None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// [`Domain::still_allowed`] on the client found under the caller's name
+/// (`None`: no such client), for watchers that share the lookup.
+pub(super) fn still_is(caller: &Caller, found: Option<&ClientRecord>) -> Result<(), Error> {
+    let name = &caller.client.name;
+    match found {
+        Some(c) if c.id == caller.client.id && c.enabled => Ok(()),
+        Some(c) if c.id == caller.client.id => Err(Error::PermissionDenied(format!(
+            "client \"{name}\" was disabled"
+        ))),
+        _ => Err(Error::PermissionDenied(format!(
+            "client \"{name}\" was removed; an operator can add it again with `secretfs client add {name}`"
+        ))),
     }
 }

@@ -51,6 +51,9 @@ pub struct Domain {
     /// Recently decrypted versions, shared by Watch streams so a rotation
     /// seen by many watchers is decrypted once.
     plain: Arc<reads::PlainCache>,
+    /// Fast-path Watch reads in progress, shared by the watchers of one
+    /// client woken by the same change.
+    flights: watch::Flights,
     /// Authenticated certificates, dropped by `committed` when clients
     /// change, so a removal takes effect on the very next call.
     auth_cache: Arc<AuthCache>,
@@ -100,6 +103,7 @@ impl Domain {
             closing,
             audit,
             plain,
+            flights: Default::default(),
             auth_cache,
             report_budget: Default::default(),
             handshake_budget: Default::default(),

@@ -1,6 +1,7 @@
 //! The domain against an in-memory store: what each operation writes to
 //! the audit log, what it announces, and what a watcher sees.
 
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
 use super::admin::{CreateSecret, Member, Membership};
@@ -10,13 +11,30 @@ use crate::identity::{IdentitySource, Issuer, PeerIdentity};
 use crate::store::*;
 
 /// A store that hands out ciphertext altered on its way out of the
-/// database (a mock: the real tampering tests run the real server).
+/// database (a mock: the real tampering tests run the real server). It
+/// also counts the reads watchers make and the audit appends, and can
+/// hold the fast path's reads and the view reads at a gate until a test
+/// opens it.
 struct Tampering {
     inner: SqliteStore,
     tamper: std::sync::atomic::AtomicBool,
+    reads_one: std::sync::atomic::AtomicUsize,
+    views: std::sync::atomic::AtomicUsize,
+    sealed: std::sync::atomic::AtomicUsize,
+    appends: std::sync::atomic::AtomicUsize,
+    gate_shut: std::sync::atomic::AtomicBool,
 }
 
 impl Tampering {
+    /// Holds a read here while a test lets watchers gather (bounded: a
+    /// test that fails to open the gate fails, it does not hang).
+    fn gate(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.gate_shut.load(SeqCst) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     fn spoil(&self, mut s: SealedSecret) -> SealedSecret {
         if self.tamper.load(std::sync::atomic::Ordering::Relaxed) {
             if let Some(b) = s.sealed.ciphertext.last_mut() {
@@ -64,8 +82,6 @@ impl Store for Tampering {
         remove_group(&self, name: &str, audit: &AuditEntry) -> Result<Committed<()>>;
         set_group_member(&self, group: &str, member: &Member, add: bool, audit: &AuditEntry) -> Result<Committed<MemberChange>>;
         client_access(&self, client: &str) -> Result<Vec<AccessRecord>>;
-        client_view(&self, client_id: u64) -> Result<View>;
-        append_audit(&self, entries: &[AuditEntry]) -> Result<()>;
         query_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
         verify_audit(&self) -> Result<crate::store::audit_chain::AuditVerdict>;
         audit_after(&self, after_id: u64, limit: usize) -> Result<Vec<crate::store::audit_chain::ChainedEntry>>;
@@ -82,11 +98,25 @@ impl Store for Tampering {
         client_id: u64,
         names: &[String],
     ) -> Result<(Vec<SealedSecret>, Vec<String>)> {
+        self.sealed.fetch_add(1, SeqCst);
         let (found, denied) = self.inner.read_sealed(client_id, names)?;
         Ok((found.into_iter().map(|s| self.spoil(s)).collect(), denied))
     }
 
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<()> {
+        self.appends.fetch_add(1, SeqCst);
+        self.inner.append_audit(entries)
+    }
+
+    fn client_view(&self, client_id: u64) -> Result<View> {
+        self.gate();
+        self.views.fetch_add(1, SeqCst);
+        self.inner.client_view(client_id)
+    }
+
     fn read_one_for_client(&self, client_id: u64, secret_id: u64) -> Result<Option<SealedSecret>> {
+        self.gate();
+        self.reads_one.fetch_add(1, SeqCst);
         Ok(self
             .inner
             .read_one_for_client(client_id, secret_id)?
@@ -119,6 +149,11 @@ async fn fixture() -> Fixture {
     let store = Arc::new(Tampering {
         inner: SqliteStore::open_in_memory().unwrap(),
         tamper: Default::default(),
+        reads_one: Default::default(),
+        views: Default::default(),
+        sealed: Default::default(),
+        appends: Default::default(),
+        gate_shut: Default::default(),
     });
     let (ca, _) = crate::pki::Ca::generate("test.example").unwrap();
     let settings = Settings {
@@ -808,4 +843,312 @@ async fn a_change_from_another_replica_reaches_the_auth_cache() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+}
+
+impl Fixture {
+    /// Adds a client without the admin role and authenticates it.
+    async fn client(&self, name: &str) -> Caller {
+        let serial = format!("serial-{name}");
+        self.store
+            .create_client(
+                &NewClient {
+                    name: name.into(),
+                    admin: false,
+                    cert: Some((serial.clone(), i64::MAX)),
+                },
+                &Action::ClientCreate.by("test"),
+            )
+            .unwrap();
+        self.domain.authenticate(peer(name, &serial)).await.unwrap()
+    }
+
+    async fn rotate(&self, name: &str, content: &[u8]) {
+        self.domain
+            .rotate_secret(
+                &self.admin,
+                name.into(),
+                Plaintext::new(content.to_vec()),
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Waits (bounded) until `n` watchers wait on shared reads.
+    async fn riders(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.domain.flights.riders() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} watchers joined shared reads, not {n}",
+                self.domain.flights.riders()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Runs `w.next()` in a task of its own (as each Watch stream does).
+fn next_in_task(
+    mut w: Watcher,
+) -> tokio::task::JoinHandle<(Watcher, std::result::Result<Next, crate::error::Error>)> {
+    tokio::spawn(async move {
+        let next = w.next().await;
+        (w, next)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_of_one_client_share_one_read_and_one_audit_append_per_change() {
+    const N: usize = 8;
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut watchers = Vec::new();
+    for _ in 0..N {
+        let mut w = f.domain.watch(f.web.clone(), Held::new());
+        assert_eq!(names(&event(w.next().await.unwrap())).len(), 1);
+        watchers.push(w);
+    }
+    // Every watcher wakes for the rotation and asks for the new version
+    // while the first read is held: all of them join it.
+    f.store.gate_shut.store(true, SeqCst);
+    f.rotate("a", b"a2").await;
+    let tasks: Vec<_> = watchers.into_iter().map(next_in_task).collect();
+    f.riders(N).await;
+    let (reads, appends) = (f.store.reads_one.load(SeqCst), f.store.appends.load(SeqCst));
+    f.store.gate_shut.store(false, SeqCst);
+    for t in tasks {
+        let (_, next) = t.await.unwrap();
+        let delta = event(next.unwrap());
+        assert_eq!(names(&delta), [("a".into(), b"a2".to_vec())]);
+    }
+    assert_eq!(
+        f.store.reads_one.load(SeqCst) - reads,
+        1,
+        "one read for {N} watchers"
+    );
+    assert_eq!(
+        f.store.appends.load(SeqCst) - appends,
+        1,
+        "one audit append"
+    );
+    // Still one audit entry per watcher's read, each before its bytes.
+    let v2: Vec<_> = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| e.version == Some(2))
+        .map(|e| (e.actor, e.detail))
+        .collect();
+    assert_eq!(v2, vec![("web".to_owned(), "watch".to_owned()); N]);
+    assert_eq!(f.domain.flights.riders(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_whose_grant_went_gets_nothing_while_another_client_reads_the_same_change() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let other = f.client("other").await;
+    // "other" reads "a" through a group of its own.
+    let d = &f.domain;
+    d.create_group(&f.admin, "g2".into(), String::new())
+        .await
+        .unwrap();
+    for m in [Member::Client("other".into()), Member::Secret("a".into())] {
+        d.set_member(&f.admin, "g2".into(), m, Membership::Add)
+            .await
+            .unwrap();
+    }
+    let mut web_w = d.watch(f.web.clone(), Held::new());
+    let mut other_w = d.watch(other.clone(), Held::new());
+    for w in [&mut web_w, &mut other_w] {
+        assert_eq!(names(&event(w.next().await.unwrap())).len(), 1);
+    }
+    // Both wake for the rotation and wait on their reads; then "other"
+    // loses its grant before either read is made.
+    f.store.gate_shut.store(true, SeqCst);
+    f.rotate("a", b"a2").await;
+    let web_t = next_in_task(web_w);
+    let other_t = next_in_task(other_w);
+    f.riders(2).await;
+    d.set_member(
+        &f.admin,
+        "g2".into(),
+        Member::Client("other".into()),
+        Membership::Remove,
+    )
+    .await
+    .unwrap();
+    f.store.gate_shut.store(false, SeqCst);
+    let web_delta = event(web_t.await.unwrap().1.unwrap());
+    assert_eq!(names(&web_delta), [("a".into(), b"a2".to_vec())]);
+    let (mut other_w, next) = other_t.await.unwrap();
+    let other_delta = event(next.unwrap());
+    assert!(other_delta.upserts.is_empty(), "no content without a grant");
+    assert_eq!(other_delta.removals, ["a"]);
+    // No read of version 2 was audited for it; a later rotation is none
+    // of its business, and its stream goes on until shutdown.
+    f.rotate("a", b"a3").await;
+    let web_reads: Vec<_> = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| e.version == Some(2))
+        .map(|e| e.actor)
+        .collect();
+    assert_eq!(web_reads, ["web"]);
+    d.close();
+    assert!(matches!(other_w.next().await.unwrap(), Next::ShuttingDown));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_gone_mid_read_leaves_the_others_answered_and_is_not_audited() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        let mut w = f.domain.watch(f.web.clone(), Held::new());
+        event(w.next().await.unwrap());
+        watchers.push(w);
+    }
+    f.store.gate_shut.store(true, SeqCst);
+    f.rotate("a", b"a2").await;
+    // The first to ask starts the read, then goes away (its client hung
+    // up) before the read is made.
+    let mut rest = watchers.into_iter();
+    let first = next_in_task(rest.next().unwrap());
+    f.riders(1).await;
+    let others: Vec<_> = rest.map(next_in_task).collect();
+    f.riders(3).await;
+    first.abort();
+    assert!(first.await.is_err_and(|e| e.is_cancelled()));
+    f.store.gate_shut.store(false, SeqCst);
+    for t in others {
+        let delta = event(t.await.unwrap().1.unwrap());
+        assert_eq!(names(&delta), [("a".into(), b"a2".to_vec())]);
+    }
+    let v2 = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| e.version == Some(2))
+        .count();
+    assert_eq!(v2, 2, "a read handed to no one is not audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_of_one_client_share_the_recompute_after_a_grant_change() {
+    const N: usize = 6;
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut watchers = Vec::new();
+    for _ in 0..N {
+        let mut w = f.domain.watch(f.web.clone(), Held::new());
+        event(w.next().await.unwrap());
+        watchers.push(w);
+    }
+    f.store.gate_shut.store(true, SeqCst);
+    f.granted(&["b"]).await;
+    let tasks: Vec<_> = watchers.into_iter().map(next_in_task).collect();
+    f.riders(N).await;
+    let count = |c: &std::sync::atomic::AtomicUsize| c.load(SeqCst);
+    let before = [
+        count(&f.store.views),
+        count(&f.store.sealed),
+        count(&f.store.appends),
+    ];
+    f.store.gate_shut.store(false, SeqCst);
+    let mut watchers = Vec::new();
+    for t in tasks {
+        let (w, next) = t.await.unwrap();
+        let delta = event(next.unwrap());
+        assert_eq!(names(&delta), [("b".into(), b"b".to_vec())]);
+        assert!(delta.removals.is_empty());
+        watchers.push(w);
+    }
+    let after = [
+        count(&f.store.views),
+        count(&f.store.sealed),
+        count(&f.store.appends),
+    ];
+    assert_eq!(
+        after
+            .iter()
+            .zip(before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        [1, 1, 1],
+        "one view read, one content read, one audit append for {N} watchers"
+    );
+    let b_reads = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| e.secret.as_deref() == Some("b"))
+        .count();
+    assert_eq!(b_reads, N, "one audit entry per watcher");
+    // A removed client's watchers all end, each with its own error.
+    f.domain
+        .remove_client(&f.admin, "web".into())
+        .await
+        .unwrap();
+    let tasks: Vec<_> = watchers.into_iter().map(next_in_task).collect();
+    for t in tasks {
+        let (_, next) = t.await.unwrap();
+        let Err(e) = next else {
+            panic!("the watch of a removed client went on")
+        };
+        assert!(e.to_string().contains("was removed"), "{e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_grant_went_gets_nothing_from_another_clients_shared_recompute() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let other = f.client("other").await;
+    let d = &f.domain;
+    d.create_group(&f.admin, "g2".into(), String::new())
+        .await
+        .unwrap();
+    for m in [Member::Client("other".into()), Member::Secret("a".into())] {
+        d.set_member(&f.admin, "g2".into(), m, Membership::Add)
+            .await
+            .unwrap();
+    }
+    let mut watchers = vec![
+        d.watch(f.web.clone(), Held::new()),
+        d.watch(f.web.clone(), Held::new()),
+        d.watch(other.clone(), Held::new()),
+    ];
+    for w in &mut watchers {
+        assert_eq!(names(&event(w.next().await.unwrap())).len(), 1);
+    }
+    // "b" is granted to web's group; all three recompute, and "other"
+    // loses "a" before any view is read.
+    f.store.gate_shut.store(true, SeqCst);
+    f.granted(&["b"]).await;
+    let tasks: Vec<_> = watchers.into_iter().map(next_in_task).collect();
+    f.riders(3).await;
+    d.set_member(
+        &f.admin,
+        "g2".into(),
+        Member::Client("other".into()),
+        Membership::Remove,
+    )
+    .await
+    .unwrap();
+    f.store.gate_shut.store(false, SeqCst);
+    let mut deltas: Vec<Delta> = Vec::new();
+    for t in tasks {
+        deltas.push(event(t.await.unwrap().1.unwrap()));
+    }
+    for web in &deltas[..2] {
+        assert_eq!(names(web), [("b".into(), b"b".to_vec())]);
+    }
+    assert!(deltas[2].upserts.is_empty(), "no content without a grant");
+    assert_eq!(deltas[2].removals, ["a"]);
+    let others_reads = f
+        .audit(Action::SecretRead)
+        .into_iter()
+        .filter(|e| e.actor == "other")
+        .count();
+    assert_eq!(others_reads, 1, "only its first view's \"a\"");
 }
