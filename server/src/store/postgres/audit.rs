@@ -132,20 +132,12 @@ pub(super) fn insert(tx: &mut Tx<'_>, e: &AuditEntry) -> Result<()> {
     )
 }
 
-/// At the end of a write job: no entry follows the job's own, and the head
-/// they moved is written (sent with the job's last round trip).
-pub(super) fn finish(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
-    if !std::mem::take(&mut tx.job.head_moved) {
-        return Ok(());
-    }
-    let head = tx
-        .job
-        .head
-        .as_ref()
-        .ok_or_else(|| tampered("the audit head row is missing".into()))?;
+/// At the end of a batch whose jobs inserted entries: no entry follows
+/// theirs, and the head they moved is written.
+pub(super) fn close(tx: &mut Tx<'_>, keys: &Keys, head: &AuditHead) -> Result<()> {
     let head = AuditHead::sign(keys, head.last_id, head.chain.clone());
-    // Nothing after the job's entries either (a forged entry at a later
-    // id would be adopted by the writes that reach it).
+    // Nothing after the last entry either (a forged entry at a later id
+    // would be adopted by the writes that reach it).
     let last = head.last_id;
     tx.later(
         "SELECT id FROM audit WHERE id > $1 ORDER BY id LIMIT 1",
@@ -159,9 +151,7 @@ pub(super) fn finish(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
             _ => Ok(()),
         },
     )?;
-    tx.later_exec(PUT_HEAD, put_head_params(&head))?;
-    tx.job.head = Some(head);
-    Ok(())
+    tx.later_exec(PUT_HEAD, put_head_params(&head))
 }
 
 /// The head of a new database: no entry, the genesis value.

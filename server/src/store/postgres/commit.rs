@@ -206,9 +206,6 @@ pub(super) struct Job {
 type Check<'c> =
     Box<dyn FnOnce(&mut Job, std::result::Result<Answer, postgres::Error>) -> Result<()> + 'c>;
 
-/// A statement that only has to succeed, and its parameters.
-type Plain = (Statement, Owned);
-
 /// A statement waiting to be sent (see [`Tx::later`]).
 struct Queued<'c> {
     st: Statement,
@@ -236,14 +233,6 @@ pub(super) struct Tx<'c> {
     queued: Vec<Queued<'c>>,
     /// A statement of this transaction was sent.
     sent: bool,
-    /// What earlier jobs of the batch left to end themselves (see
-    /// [`Tx::later_tail`]): sent first, with this job's first round trip.
-    carried: Vec<Plain>,
-    /// Why a carried statement failed: the batch's transaction cannot
-    /// commit.
-    carried_failed: Option<String>,
-    /// This job's own statements for the batch's next round trip.
-    tail: Vec<Plain>,
 }
 
 /// Runs `f` in one transaction begun with `begin` on `client`, committed
@@ -278,17 +267,7 @@ fn outside_transaction<T>(
     f: impl FnOnce(&mut Tx<'_>) -> Result<T>,
 ) -> Result<T> {
     let mut t = Tx::new(&mut *client, cache, None);
-    let out = f(&mut t).and_then(|out| {
-        for (st, params) in std::mem::take(&mut t.tail) {
-            t.queued.push(Queued {
-                st,
-                want: Want::Count,
-                params,
-                check: Box::new(|_, answer| answer.map(drop).map_err(StoreError::from)),
-            });
-        }
-        t.flush().map(|()| out)
-    });
+    let out = f(&mut t).and_then(|out| t.flush().map(|()| out));
     drop(t);
     out
 }
@@ -317,9 +296,6 @@ impl<'c> Tx<'c> {
             keys,
             queued: Vec::new(),
             sent: false,
-            carried: Vec::new(),
-            carried_failed: None,
-            tail: Vec::new(),
         }
     }
 
@@ -342,7 +318,7 @@ impl<'c> Tx<'c> {
     ) -> Result<std::result::Result<Answer, postgres::Error>> {
         let st = self.stmt(sql)?;
         self.sent = true;
-        if self.queued.is_empty() && self.carried.is_empty() {
+        if self.queued.is_empty() {
             return Ok(match want {
                 Want::Rows => self.client.query(&st, p).map(Answer::Rows),
                 Want::Count => self.client.execute(&st, p).map(Answer::Count),
@@ -361,35 +337,17 @@ impl<'c> Tx<'c> {
         last: Option<(&Statement, Want, Params<'_>)>,
     ) -> Result<Vec<std::result::Result<Answer, postgres::Error>>> {
         let queued = std::mem::take(&mut self.queued);
-        let carried = std::mem::take(&mut self.carried);
         let mut answers = {
-            let carried_params: Vec<_> = carried.iter().map(|(_, p)| refs(p)).collect();
             let params: Vec<_> = queued.iter().map(|q| refs(&q.params)).collect();
-            let mut items: Vec<(&Statement, Want, Params<'_>)> = carried
+            let mut items: Vec<(&Statement, Want, Params<'_>)> = queued
                 .iter()
-                .zip(&carried_params)
-                .map(|((st, _), p)| (st, Want::Count, p.as_slice()))
+                .zip(&params)
+                .map(|(q, p)| (&q.st, q.want, p.as_slice()))
                 .collect();
-            items.extend(
-                queued
-                    .iter()
-                    .zip(&params)
-                    .map(|(q, p)| (&q.st, q.want, p.as_slice())),
-            );
             items.extend(last);
             self.sent = true;
             self.client.pipeline(&items).into_iter()
         };
-        for _ in &carried {
-            let why = match answers.next() {
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => conn::describe(&e),
-                None => "not sent".to_owned(),
-            };
-            let why = format!("the end of an earlier change of the batch failed: {why}");
-            self.carried_failed = Some(why.clone());
-            return Err(StoreError::CommitFailed(why));
-        }
         for q in queued {
             match answers.next() {
                 Some(answer) => (q.check)(&mut self.job, answer)?,
@@ -446,19 +404,9 @@ impl<'c> Tx<'c> {
         })
     }
 
-    /// Queues `sql`, which only has to succeed, to end this job: it is
-    /// sent with the batch's next round trip (the next job's first, or
-    /// before COMMIT), and if it fails the batch does not commit. For the
-    /// last writes of a job, whose failure means a lost connection.
-    pub fn later_tail(&mut self, sql: &'static str, params: Owned) -> Result<()> {
-        let st = self.stmt(sql)?;
-        self.tail.push((st, params));
-        Ok(())
-    }
-
     /// Sends what waits, and checks it.
     pub fn flush(&mut self) -> Result<()> {
-        if !self.queued.is_empty() || !self.carried.is_empty() {
+        if !self.queued.is_empty() {
             self.send(None)?;
         }
         Ok(())
@@ -672,13 +620,33 @@ pub(super) struct WriterConn {
     /// its last kept job left it (the next job starts from it instead of
     /// reading it again); none outside a transaction.
     head: Option<AuditHead>,
-    /// What kept jobs left to end themselves (see [`Tx::later_tail`]),
-    /// not sent yet.
-    tail: Vec<Plain>,
     /// The revision the last kept change of the open transaction took
     /// (its lock held by the transaction): the next change takes the one
     /// after without waiting for the answer.
     revision: Option<u64>,
+    /// What the batch's kept jobs left for its end (see [`Deferred`]).
+    deferred: Deferred,
+}
+
+/// What every job of a batch would otherwise end with, done once at the
+/// batch's end, before COMMIT: the audit head its entries moved is
+/// written (and checked to have no entry after it), the row set's pending
+/// shares are folded into the record, the changes are announced. A job
+/// that reads the row set record or the head from the database itself (a
+/// `Write::Locked` one) never joins a batch with something deferred.
+#[derive(Default)]
+struct Deferred {
+    head_moved: bool,
+    /// A kept job may have changed protected rows (pending shares).
+    shares: bool,
+    /// The notifications, in commit order.
+    notify: Vec<String>,
+}
+
+impl Deferred {
+    fn any(&self) -> bool {
+        self.head_moved || self.shares || !self.notify.is_empty()
+    }
 }
 
 impl Pool {
@@ -757,10 +725,15 @@ impl Pool {
         // may hold the head (an audit-only job's) without the revision row
         // is committed before a write that takes the row joins.
         let lock_order = kind != Write::AuditOnly && head && !revision;
-        if open && (lock_order || jobs >= MAX_BATCH) {
+        // A job that reads the row set or the head itself sees them whole.
+        let whole = kind == Write::Locked
+            && slot
+                .as_ref()
+                .is_some_and(|c| c.deferred.any() || c.revision.is_some());
+        if open && (lock_order || whole || jobs >= MAX_BATCH) {
             // For the jobs in it (their writers see how it ended); this
             // one goes in the next.
-            self.end_batch(&mut slot);
+            self.end_batch(&mut slot, keys);
         }
         if !unpoison(w.group.lock()).open {
             self.begin(&mut slot)?;
@@ -779,43 +752,24 @@ impl Pool {
         let mut t = Tx::new(&mut *client, &mut *cache, Some(keys));
         t.job.head = wc.head.clone();
         t.job.held_revision = wc.revision;
-        t.carried = std::mem::take(&mut wc.tail);
         // The job's result, or its panic (resumed once the batch is safe).
         let out =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(&mut t, kind, f)));
         let (sent, head, revision) = (t.sent, t.job.head.take(), t.job.revision);
-        let (carried, tail, carried_failed) = (
-            std::mem::take(&mut t.carried),
-            std::mem::take(&mut t.tail),
-            t.carried_failed.take(),
-        );
+        let (head_moved, change) = (t.job.head_moved, t.job.change);
         drop(t);
-        if let Some(why) = carried_failed {
-            // An earlier job's end failed: the transaction is aborted.
-            // None of its jobs commits; this one runs again in the next.
-            let lost = client.is_closed();
-            let _ = client.batch_execute("ROLLBACK");
-            if lost {
-                *slot = None;
-            }
-            self.finish(epoch, Some(Failed::Commit(why.clone())));
-            drop(slot);
-            if let Err(panic) = out {
-                std::panic::resume_unwind(panic);
-            }
-            return Err(Again::Lost(StoreError::CommitFailed(why)));
-        }
-        // Not sent: still to go with the batch's next round trip.
-        wc.tail = carried;
         let kept = matches!(out, Ok(Ok(_)));
         let closed = if kept {
             // Its savepoint stays open to COMMIT: the locks it took (the
             // head's) are held with it.
             wc.head = head;
-            wc.tail.extend(tail);
             if revision.is_some() {
                 wc.revision = revision;
             }
+            let d = &mut wc.deferred;
+            d.head_moved |= head_moved;
+            d.shares |= kind != Write::AuditOnly;
+            d.notify.extend(change.map(|c| notify::payload(&c)));
             Ok(())
         } else if sent {
             // The head as before the job: its lock is held if it was.
@@ -845,7 +799,7 @@ impl Pool {
         }
         if w.waiting.load(SeqCst) == 0 {
             // The last writer of the burst commits for all.
-            self.end_batch(&mut slot);
+            self.end_batch(&mut slot, keys);
         }
         drop(slot);
         match out {
@@ -876,14 +830,14 @@ impl Pool {
                         cache: HashMap::new(),
                     },
                     head: None,
-                    tail: Vec::new(),
                     revision: None,
+                    deferred: Deferred::default(),
                 });
             }
             let wc = slot.as_mut().expect("just made");
             wc.head = None;
-            wc.tail.clear();
             wc.revision = None;
+            wc.deferred = Deferred::default();
             let c = &mut wc.conn;
             match c.client.batch_execute("BEGIN") {
                 Ok(()) => break,
@@ -907,9 +861,10 @@ impl Pool {
         Ok(())
     }
 
-    /// Commits the open transaction for every job in it and wakes their
-    /// writers; its epoch (`None`: nothing was open).
-    fn end_batch(&self, slot: &mut Option<WriterConn>) -> Option<u64> {
+    /// Ends the open transaction for every job in it (what they deferred,
+    /// then COMMIT) and wakes their writers; its epoch (`None`: nothing
+    /// was open).
+    fn end_batch(&self, slot: &mut Option<WriterConn>, keys: &Keys) -> Option<u64> {
         let epoch = {
             let g = unpoison(self.writer.group.lock());
             if !g.open {
@@ -918,60 +873,46 @@ impl Pool {
             g.epoch
         };
         let wc = slot.as_mut().expect("a transaction is open on it");
-        wc.head = None;
-        wc.revision = None;
-        let tail = std::mem::take(&mut wc.tail);
+        let head = wc.head.take();
+        let revision = wc.revision.take();
+        let deferred = std::mem::take(&mut wc.deferred);
         let conn = &mut wc.conn;
-        // The kept jobs' last statements first: COMMIT in a transaction one
-        // of them aborted would roll it back without an error.
-        let ended = {
-            let params: Vec<_> = tail.iter().map(|(_, p)| refs(p)).collect();
-            let items: Vec<(&Statement, Want, Params<'_>)> = tail
-                .iter()
-                .zip(&params)
-                .map(|((st, _), p)| (st, Want::Count, p.as_slice()))
-                .collect();
-            conn.client
-                .pipeline(&items)
-                .into_iter()
-                .find_map(Result::err)
+        let outcome = {
+            let mut t = Tx::new(&mut conn.client, &mut conn.cache, Some(keys));
+            end_jobs(&mut t, keys, head, revision, deferred)
+                // COMMIT goes with the jobs' last writes, which only have
+                // to succeed: had one failed, COMMIT would roll back.
+                .and_then(|()| t.now("COMMIT", Want::Count, &[]))
         };
-        if let Some(e) = ended {
-            let lost = conn::is_connection_error(&e) || conn.client.is_closed();
-            let failure = if lost {
-                *slot = None;
-                Failed::Lost(lost_before(&conn::describe(&e)))
-            } else {
-                let _ = conn.client.batch_execute("ROLLBACK");
-                Failed::Commit(format!(
-                    "the end of a change failed: {}",
-                    conn::describe(&e)
-                ))
-            };
-            self.finish(epoch, Some(failure));
-            return Some(epoch);
-        }
-        let committed = conn.client.batch_execute("COMMIT");
         unpoison(self.writer.group.lock()).commits += 1;
-        let mut dead = false;
-        let failure = committed.err().map(|e| {
-            if conn::is_connection_error(&e) || conn.client.is_closed() {
-                dead = true;
-                // (OutcomeUnknown says what it means; this is the cause.)
-                Failed::Unknown(conn::describe(&e))
-            } else {
-                let _ = conn.client.batch_execute("ROLLBACK");
-                let e = StoreError::from(e);
-                if retryable(&e) {
-                    Failed::Conflict(e.to_string())
+        let failure = match outcome {
+            Ok(Ok(_)) => None,
+            // Before COMMIT: nothing was committed.
+            Err(e) => Some(
+                if conn.client.is_closed() || matches!(e, StoreError::Unavailable(_)) {
+                    *slot = None;
+                    Failed::Lost(lost_before(&e.to_string()))
                 } else {
+                    let _ = conn.client.batch_execute("ROLLBACK");
                     Failed::Commit(e.to_string())
-                }
-            }
-        });
-        if dead {
-            *slot = None;
-        }
+                },
+            ),
+            Ok(Err(e)) => Some(
+                if conn::is_connection_error(&e) || conn.client.is_closed() {
+                    *slot = None;
+                    // (OutcomeUnknown says what it means; this is the cause.)
+                    Failed::Unknown(conn::describe(&e))
+                } else {
+                    let _ = conn.client.batch_execute("ROLLBACK");
+                    let e = StoreError::from(e);
+                    if retryable(&e) {
+                        Failed::Conflict(e.to_string())
+                    } else {
+                        Failed::Commit(e.to_string())
+                    }
+                },
+            ),
+        };
         self.finish(epoch, failure);
         Some(epoch)
     }
@@ -1047,6 +988,43 @@ impl Pool {
     }
 }
 
+/// The end of a batch's jobs (see [`Deferred`]): one round trip, and
+/// the row set's write left queued to go with COMMIT (row_set::flush reads
+/// the pending shares: that round trip checks what came before it).
+fn end_jobs(
+    t: &mut Tx<'_>,
+    keys: &Keys,
+    head: Option<AuditHead>,
+    revision: Option<u64>,
+    deferred: Deferred,
+) -> Result<()> {
+    if let Some(v) = revision {
+        t.later_exec(
+            "UPDATE revision SET value = $1 WHERE id = 1",
+            owned![v as i64],
+        )?;
+    }
+    if deferred.head_moved {
+        let head = head.ok_or_else(|| StoreError::Backend("the audit head moved unheld".into()))?;
+        audit::close(t, keys, &head)?;
+    }
+    if !deferred.notify.is_empty() {
+        t.later_exec(
+            "SELECT pg_notify($1, p) FROM unnest($2::TEXT[]) WITH ORDINALITY AS n(p, i) ORDER BY i",
+            owned![notify::CHANNEL.to_owned(), deferred.notify],
+        )?;
+    }
+    // Audit entries are not protected rows: nothing to fold for them.
+    // Everything whose check reads its answer is sent and checked here,
+    // before COMMIT (which would commit whatever a check then refused):
+    // what stays queued only has to succeed.
+    if deferred.shares {
+        row_set::flush(t, keys)
+    } else {
+        t.flush()
+    }
+}
+
 fn lost_before(why: &str) -> String {
     format!("the connection to PostgreSQL was lost before the change was committed: nothing was written ({why})")
 }
@@ -1067,20 +1045,9 @@ fn run_job<T>(
         Write::Change => {
             const NEXT: &str = "UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value";
             match t.job.held_revision {
-                // The lock is the transaction's: the next revision is known.
-                Some(held) => {
-                    t.job.revision = Some(held + 1);
-                    t.later_one(NEXT, owned![], move |_, row| {
-                        let v = row.try_get::<_, i64>(0)? as u64;
-                        if v == held + 1 {
-                            Ok(())
-                        } else {
-                            Err(StoreError::Backend(
-                                format!("the revision moved under its lock ({held} to {v})").into(),
-                            ))
-                        }
-                    })?;
-                }
+                // The lock is the transaction's: the next revision is
+                // known, and written once at the batch's end.
+                Some(held) => t.job.revision = Some(held + 1),
                 None => {
                     t.later_one(NEXT, owned![], |job, row| {
                         job.revision = Some(row.try_get::<_, i64>(0)? as u64);
@@ -1106,21 +1073,7 @@ fn run_job<T>(
         Write::AuditOnly => {}
     }
     let out = f(t)?;
-    let keys = t
-        .keys
-        .ok_or_else(|| StoreError::Backend("a write job without keys".into()))?;
-    audit::finish(t, keys)?;
-    // Audit entries are not protected rows: nothing to fold.
-    if kind != Write::AuditOnly {
-        row_set::flush(t, keys)?;
-    }
-    if let Some(change) = t.job.change {
-        let payload = notify::payload(&change);
-        t.later_tail(
-            "SELECT pg_notify($1, $2)",
-            owned![notify::CHANNEL.to_owned(), payload],
-        )?;
-    }
+    // What every job ends with is done once, at the batch's end.
     // Its savepoint is left open (nested in the earlier jobs' until the
     // batch's COMMIT): a check of its last answers can still fail it, and
     // releasing it would be one more round trip.

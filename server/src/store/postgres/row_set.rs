@@ -56,8 +56,8 @@ fn write(tx: &mut Tx<'_>, keys: &Keys, rec: &RowSetRecord) -> Result<()> {
     tx.later_exec(WRITE, owned![sealed])
 }
 
-/// Folds the shares of the rows this job added and removed into the
-/// record. A record that is missing, does not open, or is under a key not
+/// Folds the shares of the rows the batch's jobs added and removed into
+/// the record. A record that is missing, does not open, or is under a key not
 /// held is left as it is (a finding already).
 pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     // The record, read in the same round trip as the shares.
@@ -90,9 +90,7 @@ pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
         xor_into(&mut delta, &row_set_h(set.row_set(), &kind, stored(&mac)));
     }
     xor_into(&mut rec.digest, &delta);
-    // The job's last write: with the batch's next round trip.
-    let sealed = rec.seal(keys).map_err(StoreError::backend)?;
-    tx.later_tail(WRITE, owned![sealed])
+    write(tx, keys, &rec)
 }
 
 /// Forgets what was noted outside a write job (the store's own setup).
