@@ -5,9 +5,9 @@
 //! statements, at an audit-only job's first insert, or kept from an earlier
 //! job of the same transaction); `insert` gives the entry the next id after
 //! the head and its chain value, and the row must come back as written; at
-//! the end of the job, in its transaction, `finish` writes the moved head.
+//! the end of the batch, in its transaction, `close` writes the moved head.
 //! An entry found at an id after the head that this server did not write
-//! fails the write.
+//! fails the write (the batch, when found at its end).
 
 use postgres::error::SqlState;
 use postgres::Row;
@@ -64,7 +64,7 @@ fn held_head<'t>(tx: &'t mut Tx<'_>, keys: &Keys) -> Result<&'t mut AuditHead> {
 }
 
 /// Appends `e` to the log, chained after the head (the head moves in the
-/// job; [`finish`] writes it). The insert is sent with the job's next
+/// job; [`close`] writes it at the batch's end). The insert is sent with the job's next
 /// round trip; it fails the job if an entry already has its id (one the
 /// server did not write), or if the row comes back other than written (a
 /// trigger on the audit table).

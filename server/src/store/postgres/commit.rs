@@ -1,9 +1,10 @@
 //! Connections and transactions: a small pool of blocking connections for
 //! reads, each with its prepared statements, and the writer: a connection
-//! of its own on which write jobs share transactions (group commit, as
-//! SQLite's writer), each job in its own savepoint (the revision row's
-//! lock first, the audit chain and the row set at its end, the
-//! notification), with retries.
+//! of its own that pipelines (`session.rs`), on which write jobs share
+//! transactions (group commit, as SQLite's writer), each job in its own
+//! savepoint (the revision row's lock first), and what every job ends
+//! with (the audit head, the row set, the notifications) done once at the
+//! end of the batch; with retries.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -525,8 +526,7 @@ struct Group {
     open: bool,
     /// Jobs run in the open transaction.
     jobs: usize,
-    /// A job of the open transaction took (or may still hold) the
-    /// revision row's lock.
+    /// A kept job of the open transaction holds the revision row's lock.
     revision: bool,
     /// An audit-only job of the open transaction took (or may still hold)
     /// the audit head's lock.
@@ -663,10 +663,10 @@ impl Pool {
     }
 
     /// Runs `f` as one write job and returns once it is durable: the
-    /// write's first lock (see [`Write`]), `f`, then the end of every
-    /// write job (the audit chain, the row set, the notification), in a
-    /// transaction (READ COMMITTED: every statement after the lock sees
-    /// every change committed before).
+    /// write's first lock (see [`Write`]) and `f`, in a transaction (READ
+    /// COMMITTED: every statement after the lock sees every change
+    /// committed before) whose end (see [`Deferred`]) writes the audit
+    /// head, folds the row set and announces the changes.
     ///
     /// Group commit, as SQLite's writer: a durable COMMIT (a WAL flush)
     /// costs more than the statements of a change, and the revision row's
@@ -741,9 +741,11 @@ impl Pool {
         let epoch = {
             let mut g = unpoison(w.group.lock());
             g.jobs += 1;
-            match kind {
-                Write::AuditOnly => g.head = true,
-                Write::Change | Write::Locked => g.revision = true,
+            // The head's lock may be held from here; the revision row's
+            // only once a job that took it is kept (one rolled back to its
+            // savepoint released it).
+            if kind == Write::AuditOnly {
+                g.head = true;
             }
             g.epoch
         };
@@ -765,6 +767,9 @@ impl Pool {
             wc.head = head;
             if revision.is_some() {
                 wc.revision = revision;
+            }
+            if kind != Write::AuditOnly {
+                unpoison(w.group.lock()).revision = true;
             }
             let d = &mut wc.deferred;
             d.head_moved |= head_moved;
@@ -797,8 +802,10 @@ impl Pool {
                 _ => Err(failure.error()),
             };
         }
-        if w.waiting.load(SeqCst) == 0 {
-            // The last writer of the burst commits for all.
+        if w.waiting.load(SeqCst) == 0 || kind == Write::Locked {
+            // The last writer of the burst commits for all; a job that
+            // may have moved the row set or the keys' epoch (a rekey's)
+            // ends its batch with its own keys, alone.
             self.end_batch(&mut slot, keys);
         }
         drop(slot);
@@ -877,34 +884,57 @@ impl Pool {
         let revision = wc.revision.take();
         let deferred = std::mem::take(&mut wc.deferred);
         let conn = &mut wc.conn;
-        let outcome = {
+        // A panic here would leave the batch open with its state taken:
+        // the transaction is dropped with its connection, and every job of
+        // it fails, before the panic goes on.
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut t = Tx::new(&mut conn.client, &mut conn.cache, Some(keys));
-            end_jobs(&mut t, keys, head, revision, deferred)
+            match end_jobs(&mut t, keys, head, revision, deferred) {
+                Err(e) => Err(e),
                 // COMMIT goes with the jobs' last writes, which only have
                 // to succeed: had one failed, COMMIT would roll back.
-                .and_then(|()| t.now("COMMIT", Want::Count, &[]))
-        };
+                // Whatever fails in this round trip is COMMIT's outcome.
+                Ok(()) => Ok(t
+                    .now("COMMIT", Want::Count, &[])
+                    .and_then(|r| r.map(drop).map_err(StoreError::from))),
+            }
+        }));
         unpoison(self.writer.group.lock()).commits += 1;
+        let outcome = match ended {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                *slot = None;
+                self.finish(
+                    epoch,
+                    Some(Failed::Commit("the end of the batch panicked".into())),
+                );
+                std::panic::resume_unwind(panic);
+            }
+        };
         let failure = match outcome {
-            Ok(Ok(_)) => None,
-            // Before COMMIT: nothing was committed.
+            Ok(Ok(())) => None,
+            // Before COMMIT was sent: nothing was committed.
             Err(e) => Some(
                 if conn.client.is_closed() || matches!(e, StoreError::Unavailable(_)) {
                     *slot = None;
                     Failed::Lost(lost_before(&e.to_string()))
                 } else {
                     let _ = conn.client.batch_execute("ROLLBACK");
-                    Failed::Commit(e.to_string())
+                    if retryable(&e) {
+                        Failed::Conflict(e.to_string())
+                    } else {
+                        Failed::Commit(e.to_string())
+                    }
                 },
             ),
+            // In COMMIT's round trip.
             Ok(Err(e)) => Some(
-                if conn::is_connection_error(&e) || conn.client.is_closed() {
+                if conn.client.is_closed() || matches!(e, StoreError::Unavailable(_)) {
                     *slot = None;
                     // (OutcomeUnknown says what it means; this is the cause.)
-                    Failed::Unknown(conn::describe(&e))
+                    Failed::Unknown(e.to_string())
                 } else {
                     let _ = conn.client.batch_execute("ROLLBACK");
-                    let e = StoreError::from(e);
                     if retryable(&e) {
                         Failed::Conflict(e.to_string())
                     } else {
@@ -1029,12 +1059,11 @@ fn lost_before(why: &str) -> String {
     format!("the connection to PostgreSQL was lost before the change was committed: nothing was written ({why})")
 }
 
-/// One write job in its savepoint: the write's first lock, `f`, and the
-/// end of every job. A rotation's statements go in two round trips: the
-/// savepoint and the locks with the job's first read (and what the
-/// batch's previous job left, see [`Tx::later_tail`]); its writes with
-/// the row set's pending shares. The row set's write and the notification
-/// go with the batch's next round trip.
+/// One write job in its savepoint: the write's first lock and `f`. After
+/// the first job of a batch (which waits for the revision and the head),
+/// a rotation read off the lock is one round trip: savepoint, secret,
+/// version and audit entry together. What every job ends with is the
+/// batch's end (see [`Deferred`]).
 fn run_job<T>(
     t: &mut Tx<'_>,
     kind: Write,

@@ -6,8 +6,9 @@
 //! schema's triggers (`secretfs_row_set_note`), which note the kind and
 //! MAC of each row added and removed in the session's own temporary table
 //! `row_set_pending` (made on each of the store's connections). At the end
-//! of each write job, in its transaction, [`flush`] folds those shares
-//! into the record.
+//! of each write batch, in its transaction, [`flush`] folds those shares
+//! into the record (a job rolled back to its savepoint takes its notes
+//! with it).
 
 use super::audit::revision;
 use super::commit::{owned, Tx};
