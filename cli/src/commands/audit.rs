@@ -137,6 +137,11 @@ pub async fn run(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> {
     if format == Format::Text {
         println!("{}", HEADERS.join("  "));
     }
+    // Listened for from here on, once: a Ctrl-C that comes while a query
+    // is out (a listener made anew each pass would miss it, and the
+    // default action is gone once one was made) still ends the follow.
+    let stop = super::shutdown_signal()?;
+    tokio::pin!(stop);
     let mut last = 0;
     let mut batch = events;
     loop {
@@ -158,12 +163,16 @@ pub async fn run(conn: &ConnArgs, a: AuditArgs, format: Format) -> Result<()> {
         let _ = std::io::stdout().flush();
         tokio::select! {
             _ = tokio::time::sleep(FOLLOW_EVERY) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => return Ok(()),
         }
         // After the cursor: everything new, oldest first, whatever
         // `--since` said (the cursor is later anyway).
         query.after_id = last;
-        batch = match c.query_audit(query.clone()).await {
+        let reply = tokio::select! {
+            reply = c.query_audit(query.clone()) => reply,
+            _ = &mut stop => return Ok(()),
+        };
+        batch = match reply {
             Ok(reply) => reply.into_inner().events,
             // A server restarting is waited for; anything else ends it.
             Err(status) if status.code() == tonic::Code::Unavailable => {
