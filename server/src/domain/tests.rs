@@ -23,12 +23,17 @@ struct Tampering {
     sealed: std::sync::atomic::AtomicUsize,
     appends: std::sync::atomic::AtomicUsize,
     gate_shut: std::sync::atomic::AtomicBool,
+    /// Reads that came to the gate while it was shut.
+    at_gate: std::sync::atomic::AtomicUsize,
 }
 
 impl Tampering {
     /// Holds a read here while a test lets watchers gather (bounded: a
     /// test that fails to open the gate fails, it does not hang).
     fn gate(&self) {
+        if self.gate_shut.load(SeqCst) {
+            self.at_gate.fetch_add(1, SeqCst);
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while self.gate_shut.load(SeqCst) && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -154,6 +159,7 @@ async fn fixture() -> Fixture {
         sealed: Default::default(),
         appends: Default::default(),
         gate_shut: Default::default(),
+        at_gate: Default::default(),
     });
     let (ca, _) = crate::pki::Ca::generate("test.example").unwrap();
     let settings = Settings {
@@ -875,6 +881,19 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Waits (bounded) until `n` reads came to the shut gate.
+    async fn at_gate(&self, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self.store.at_gate.load(SeqCst) != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} reads came to the gate, not {n}",
+                self.store.at_gate.load(SeqCst)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// Waits (bounded) until `n` watchers wait on shared reads.
     async fn riders(&self, n: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -1151,4 +1170,35 @@ async fn a_client_whose_grant_went_gets_nothing_from_another_clients_shared_reco
         .filter(|e| e.actor == "other")
         .count();
     assert_eq!(others_reads, 1, "only its first view's \"a\"");
+}
+
+/// A Resync's revision is not one change's (a gap, a reconnect, a restored
+/// database): a watcher told of one must not be answered by a shared read
+/// that began before it, keyed by the same number. It reads alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_told_of_a_resync_reads_alone_not_from_a_read_already_under_way() {
+    let f = fixture().await;
+    f.granted(&["a"]).await;
+    let mut first = f.domain.watch(f.web.clone(), Held::new());
+    event(first.next().await.unwrap());
+    let mut second = f.domain.watch(f.web.clone(), Held::new());
+    event(second.next().await.unwrap());
+    f.store.gate_shut.store(true, SeqCst);
+    f.granted(&["b"]).await;
+    // The first starts the shared recompute, held at the gate.
+    let first = next_in_task(first);
+    f.riders(1).await;
+    f.at_gate(1).await;
+    // Something was missed, as the feed says after the grant.
+    let revision = f.store.revision().unwrap();
+    f.store.feed().publish(Change::Resync { revision });
+    let second = next_in_task(second);
+    // It reads on its own (a second read at the gate), not as a rider.
+    f.at_gate(2).await;
+    assert_eq!(f.domain.flights.riders(), 1);
+    f.store.gate_shut.store(false, SeqCst);
+    for t in [first, second] {
+        let delta = event(t.await.unwrap().1.unwrap());
+        assert_eq!(names(&delta), [("b".into(), b"b".to_vec())]);
+    }
 }

@@ -166,8 +166,12 @@ impl Watcher {
             let mut next = Some(first);
             while let Some(r) = next {
                 match &r {
+                    // A Resync's revision is not one change's (a gap, a
+                    // reconnect, a restored database): like a lag, it keys
+                    // no shared read, so no watcher is answered by a read
+                    // that began before what it was told.
+                    Ok(Change::Resync { .. }) | Err(_) => lagged = true,
                     Ok(change) => seen = seen.max(change.revision()),
-                    Err(_) => lagged = true,
                 }
                 match r {
                     Ok(
@@ -634,24 +638,36 @@ impl Domain {
     async fn fly(self: Arc<Self>, key: FlightKey) {
         let revision = key.revision;
         let again = key.clone();
+        // Set once the read took its riders (after that, an entry for the
+        // key is a newer read's).
+        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let took = taken.clone();
         // The other watchers this change woke are runnable now: let them
         // board before the read starts (no wait, just a turn of the
         // scheduler; one who comes late starts a read of its own).
         tokio::task::yield_now().await;
         let done = self
             .run(move |d| match &key.asked {
-                Asked::Secrets(ids) => fly_secrets(d, &key, ids, revision),
-                Asked::View => fly_view(d, &key),
+                Asked::Secrets(ids) => fly_secrets(d, &key, ids, revision, &took),
+                Asked::View => fly_view(d, &key, &took),
             })
             .await;
-        let Ok((answers, audit)) = done else {
-            // The read failed: its riders were dropped (or never taken,
-            // and are taken now), so each reads alone.
-            drop(self.flights.depart(&again));
-            return;
+        let (answers, audit) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                // Its riders were dropped (or never taken, and are taken
+                // now): each reads alone.
+                tracing::debug!(error = %e, "a shared watch read failed; each watcher reads alone");
+                if !taken.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(self.flights.depart(&again));
+                }
+                return;
+            }
         };
-        if self.audit.append(audit).await.is_err() {
-            return; // Each reads alone, and reports its own error.
+        if let Err(e) = self.audit.append(audit).await {
+            // Each reads alone, and reports its own error.
+            tracing::debug!(error = %e, "a shared watch read's audit failed; each watcher reads alone");
+            return;
         }
         for (reply, answer) in answers {
             let _ = reply.send(answer);
@@ -679,11 +695,13 @@ fn fly_secrets(
     key: &FlightKey,
     ids: &[u64],
     revision: u64,
+    taken: &std::sync::atomic::AtomicBool,
 ) -> Result<(Answers, Vec<AuditEntry>), Error> {
     let found = read_found(d, key.client_id, ids)?;
     // Whoever joined before now is answered by this read: each joined
     // after the change the read followed had committed.
     let riders = d.flights.depart(key);
+    taken.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::debug!(
         watchers = riders.len(),
         "one read for the watchers of a change"
@@ -710,7 +728,11 @@ fn fly_secrets(
 /// The recompute's shared reads: the client (still there and enabled?),
 /// its view, and the content any rider needs, once; each rider's delta
 /// from them.
-fn fly_view(d: &Domain, key: &FlightKey) -> Result<(Answers, Vec<AuditEntry>), Error> {
+fn fly_view(
+    d: &Domain,
+    key: &FlightKey,
+    taken: &std::sync::atomic::AtomicBool,
+) -> Result<(Answers, Vec<AuditEntry>), Error> {
     let client = match d.store.get_client(&key.client_name) {
         Ok(c) => Some(c),
         Err(crate::store::StoreError::NotFound { .. }) => None,
@@ -725,6 +747,7 @@ fn fly_view(d: &Domain, key: &FlightKey) -> Result<(Answers, Vec<AuditEntry>), E
         None
     };
     let riders = d.flights.depart(key);
+    taken.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::debug!(
         watchers = riders.len(),
         "one view read for the watchers of a change"
