@@ -618,29 +618,22 @@ impl fmt::Debug for Token {
     }
 }
 
-/// [`PIN_ENV`] as it was when [`take_pin_from_environment`] ran.
-static TAKEN_PIN: std::sync::OnceLock<Option<Zeroizing<String>>> = std::sync::OnceLock::new();
+/// [`PIN_ENV`], taken out of the environment at start.
+static TAKEN_PIN: crate::state_dir::TakenEnv = crate::state_dir::TakenEnv::new(PIN_ENV);
 
-/// Reads [`PIN_ENV`] once and removes it from the process environment (no
-/// child process or later getenv sees the PIN). Call from `main` before
-/// any thread starts: changing the environment races other threads'
-/// getenv.
+/// Reads [`PIN_ENV`] once and removes it from the process environment (see
+/// [`crate::state_dir::TakenEnv`]).
 pub fn take_pin_from_environment() {
-    let _ = TAKEN_PIN.set(std::env::var(PIN_ENV).ok().map(Zeroizing::new));
-    std::env::remove_var(PIN_ENV);
+    TAKEN_PIN.take();
 }
 
 fn pin(pin_file: &Option<PathBuf>) -> Result<Zeroizing<String>, Error> {
     if let Some(p) = pin_file {
         return crate::state_dir::read_private_file(p, "PKCS#11 PIN", "--pkcs11-pin-file");
     }
-    let from_env = match TAKEN_PIN.get() {
-        Some(taken) => taken.as_ref().map(|p| p.to_string()).ok_or(()),
-        None => std::env::var(PIN_ENV).map_err(|_| ()),
-    };
-    match from_env {
-        Ok(v) => Ok(Zeroizing::new(v)),
-        Err(_) => Err(Error::Config(format!(
+    match TAKEN_PIN.get() {
+        Some(v) => Ok(v),
+        None => Err(Error::Config(format!(
             "the PKCS#11 token needs its user PIN: give --pkcs11-pin-file FILE or set {PIN_ENV}"
         ))),
     }

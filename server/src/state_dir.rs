@@ -571,6 +571,42 @@ fn key_bytes(key: &Option<Zeroizing<String>>) -> &[u8] {
     key.as_ref().map(|k| k.as_bytes()).unwrap_or_default()
 }
 
+/// A secret given in an environment variable (a PIN, a password), taken
+/// out of the process environment once at start ([`TakenEnv::take`]), so
+/// no child process and no later getenv (a C library's too) sees it.
+pub struct TakenEnv {
+    name: &'static str,
+    value: std::sync::OnceLock<Option<Zeroizing<String>>>,
+}
+
+impl TakenEnv {
+    pub const fn new(name: &'static str) -> TakenEnv {
+        TakenEnv {
+            name,
+            value: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reads the variable and removes it. Call from `main` before any
+    /// thread starts: changing the environment races other threads'
+    /// getenv.
+    pub fn take(&self) {
+        let _ = self
+            .value
+            .set(std::env::var(self.name).ok().map(Zeroizing::new));
+        std::env::remove_var(self.name);
+    }
+
+    /// Its value as taken (or as set now, when it was never taken: tests,
+    /// library callers).
+    pub fn get(&self) -> Option<Zeroizing<String>> {
+        match self.value.get() {
+            Some(taken) => taken.clone(),
+            None => std::env::var(self.name).ok().map(Zeroizing::new),
+        }
+    }
+}
+
 /// A small secret from a file only its owner can read (a PIN, a
 /// password), without its trailing newline. `what` and `flag` name it in
 /// errors.

@@ -2,14 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::OnceLock;
 
 use anyhow::{Context, Result};
 use secretfs_server::audit_sink::{SinkOptions, SinkTarget};
 use secretfs_server::{InitOptions, RunOptions, Server, StateDir};
 use serde_json::json;
 
-use secretfs_server::state_dir::{absolute, DatabaseOptions};
+use secretfs_server::state_dir::{absolute, DatabaseOptions, TakenEnv};
 use zeroize::Zeroizing;
 
 use crate::args::{
@@ -49,15 +48,11 @@ pub fn note_database_source(cli: &mut Cli, matches: &clap::ArgMatches) {
 /// `--database-password-file` or SECRETFS_DATABASE_PASSWORD, never from a
 /// URL on the command line.
 pub fn database_options(a: &DatabaseArgs) -> Result<DatabaseOptions> {
-    let env_password = match ENV_PASSWORD.get() {
-        Some(taken) => taken.as_ref().map(|p| p.to_string()),
-        None => std::env::var(DATABASE_PASSWORD_ENV).ok(),
-    };
-    database_options_from(a, env_password)
+    database_options_from(a, ENV_PASSWORD.get())
 }
 
 /// SECRETFS_DATABASE_PASSWORD as it was at start (see [`take_environment`]).
-static ENV_PASSWORD: OnceLock<Option<Zeroizing<String>>> = OnceLock::new();
+static ENV_PASSWORD: TakenEnv = TakenEnv::new(DATABASE_PASSWORD_ENV);
 
 /// Takes the secrets the environment may hold (the database password, a
 /// URL with its password, the PKCS#11 PIN) out of the process
@@ -68,17 +63,9 @@ static ENV_PASSWORD: OnceLock<Option<Zeroizing<String>>> = OnceLock::new();
 /// SECRETFS_DATABASE_URL) and before any thread or runtime starts:
 /// changing the environment races other threads' getenv.
 pub fn take_environment() {
-    take_password();
+    ENV_PASSWORD.take();
     std::env::remove_var(DATABASE_URL_ENV);
     secretfs_server::key_provider::take_pin_from_environment();
-}
-
-fn take_password() {
-    let password = std::env::var(DATABASE_PASSWORD_ENV)
-        .ok()
-        .map(Zeroizing::new);
-    let _ = ENV_PASSWORD.set(password);
-    std::env::remove_var(DATABASE_PASSWORD_ENV);
 }
 
 /// The URL's environment variable (clap reads it for --database).
@@ -86,7 +73,7 @@ pub const DATABASE_URL_ENV: &str = "SECRETFS_DATABASE_URL";
 
 fn database_options_from(
     a: &DatabaseArgs,
-    env_password: Option<String>,
+    env_password: Option<Zeroizing<String>>,
 ) -> Result<DatabaseOptions> {
     if let Some(url) = &a.database {
         // Whether the URL holds a password is the driver's reading of it
@@ -110,7 +97,7 @@ fn database_options_from(
             "database password",
             "--database-password-file",
         )?),
-        (None, Some(p)) => Some(Zeroizing::new(p)),
+        (None, Some(p)) => Some(p),
         (None, None) => None,
     };
     Ok(DatabaseOptions {
@@ -576,7 +563,7 @@ mod tests {
         // environment.
         let argv = [&RUN[..], &["--database", "postgres://u@127.0.0.1/db"]].concat();
         let a = database_args(&argv, None);
-        let opts = database_options_from(&a, Some("pw".into())).unwrap();
+        let opts = database_options_from(&a, Some(Zeroizing::new("pw".into()))).unwrap();
         assert_eq!(
             opts.url.as_deref().map(|u| u.as_str()),
             Some("postgres://u@127.0.0.1/db")
@@ -588,7 +575,7 @@ mod tests {
     fn the_password_variable_is_taken_out_of_the_environment_and_still_used() {
         // No other test reads or sets this variable.
         std::env::set_var(DATABASE_PASSWORD_ENV, "from-env");
-        take_password();
+        ENV_PASSWORD.take();
         assert!(std::env::var_os(DATABASE_PASSWORD_ENV).is_none());
         let a = DatabaseArgs {
             database: Some("postgres://u@127.0.0.1/db".into()),
@@ -627,7 +614,7 @@ mod tests {
         let err = database_options_from(&a, None).err().unwrap().to_string();
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let opts = database_options_from(&a, Some("from-env".into())).unwrap();
+        let opts = database_options_from(&a, Some(Zeroizing::new("from-env".into()))).unwrap();
         assert_eq!(
             opts.password.as_deref().map(|p| p.as_str()),
             Some("from-file")

@@ -289,31 +289,17 @@ impl Watcher {
     /// (see [`Flights`]): one store read and one audit append for all of
     /// them, each still with its own decision and its own audit entry.
     async fn rotated(&mut self, mut ids: Vec<u64>, revision: u64) -> Result<Option<Delta>, Error> {
-        // What the client holds of just these secrets (not a copy of all
-        // it holds: this runs for every watcher of a rotated secret).
-        let known: Vec<(u64, HeldOf)> = ids
-            .iter()
-            .map(|&id| {
-                let held = self
-                    .held
-                    .iter()
-                    .filter(|(_, (held_id, ..))| *held_id == id)
-                    .map(|(name, (_, version, digest))| (name.clone(), *version, *digest))
-                    .collect();
-                (id, held)
-            })
-            .collect();
         ids.sort_unstable();
         let key = FlightKey {
             client_id: self.caller.client.id,
             client_name: self.caller.name().to_owned(),
-            asked: Asked::Secrets(ids),
+            asked: Asked::Secrets(ids.clone()),
             revision,
         };
         let (reply, answer) = oneshot::channel();
         let rider = Rider {
             caller: self.caller.clone(),
-            known: Known::Of(known.clone()),
+            known: Known::Of(self.known_of(&ids)),
             reply,
         };
         if self.domain.flights.board(key.clone(), rider) {
@@ -323,9 +309,25 @@ impl Watcher {
             Ok(ridden) => ridden?,
             // The shared read or its audit failed: read alone, and get
             // this watcher's own answer (or error).
-            Err(_) => self.alone(known, revision).await?,
+            Err(_) => self.alone(self.known_of(&ids), revision).await?,
         };
         Ok(self.apply(ridden))
+    }
+
+    /// What the client holds of just these secrets (not a copy of all it
+    /// holds: this runs for every watcher of a rotated secret).
+    fn known_of(&self, ids: &[u64]) -> Vec<(u64, HeldOf)> {
+        ids.iter()
+            .map(|&id| {
+                let held = self
+                    .held
+                    .iter()
+                    .filter(|(_, (held_id, ..))| *held_id == id)
+                    .map(|(name, (_, version, digest))| (name.clone(), *version, *digest))
+                    .collect();
+                (id, held)
+            })
+            .collect()
     }
 
     /// [`rotated`](Self::rotated) without company: this watcher's own read

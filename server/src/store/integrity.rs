@@ -135,6 +135,27 @@ pub struct SecretRow<'a> {
     pub updated_at: i64,
 }
 
+impl<'a> SecretRow<'a> {
+    /// The row of `r`, its labels as stored (`labels`, JSON): the one
+    /// list of what a secret's MAC covers, for every record at hand.
+    pub fn of(r: &'a crate::store::SecretRecord, labels: &'a str) -> SecretRow<'a> {
+        SecretRow {
+            id: r.id,
+            name: &r.name,
+            description: &r.description,
+            labels,
+            mode: r.mode,
+            owner: r.owner,
+            grp: r.group,
+            expires_at: r.expires_at,
+            current_version: r.current_version,
+            version_count: r.version_count,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
 pub fn secret(r: &SecretRow<'_>) -> MacInput {
     MacInput::new(SECRETS)
         .u64(r.id)

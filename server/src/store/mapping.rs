@@ -49,23 +49,7 @@ pub fn secret_at<R: Columns + ?Sized>(
         version_created_at: 0,
     };
     let mac = row.opt_blob(at + 12)?;
-    let good = ck.secret_ok(
-        &SecretRow {
-            id: record.id,
-            name: &record.name,
-            description: &record.description,
-            labels: &labels,
-            mode: record.mode,
-            owner: record.owner,
-            grp: record.group,
-            expires_at: record.expires_at,
-            current_version: record.current_version,
-            version_count: record.version_count,
-            created_at: record.created_at,
-            updated_at: record.updated_at,
-        },
-        mac.as_deref(),
-    );
+    let good = ck.secret_ok(&SecretRow::of(&record, &labels), mac.as_deref());
     Ok(good.then_some(record))
 }
 

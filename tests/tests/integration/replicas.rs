@@ -2,13 +2,17 @@
 //! `server init --database URL` (the password never in argv), `server init
 //! --join DIR` for each further replica, and the start-up errors a wrong
 //! URL, password, port or database name give. Always on PostgreSQL (the
-//! tests' own cluster, `secretfs_pgtest`), whatever SECRETFS_TEST_STORE
-//! says.
+//! tests' own cluster, `secretfs_pgtest`), in the suite's postgres pass
+//! only ([`postgres_pass_only`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{copy_dir, fresh_database, init_on, marker, run_cmd, Run, TestServer};
+use crate::common::{
+    copy_dir, fresh_database, init_on, marker, postgres_pass_only, run_cmd, Run, TestServer,
+};
+
+const WHY: &str = "replicas need PostgreSQL, whatever SECRETFS_TEST_STORE says";
 
 /// `server init --database URL` in `tmp/NAME`, with `extra` flags.
 fn init(tmp: &Path, name: &str, url: &str, extra: &[&str]) -> (PathBuf, Run) {
@@ -57,6 +61,9 @@ fn replica_a() -> (TestServer, String) {
 
 #[test]
 fn init_and_run_on_postgres_record_the_database_without_its_password() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let (a, url) = replica_a();
     assert_eq!(a.database.as_deref(), Some(url.as_str()));
     let record = std::fs::read_to_string(a.state.join("database.json")).unwrap();
@@ -91,6 +98,9 @@ fn init_and_run_on_postgres_record_the_database_without_its_password() {
 
 #[test]
 fn a_password_in_a_url_on_the_command_line_is_refused() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let url = fresh_database().replacen("://secretfs@", "://secretfs:argv-pw-7d1c@", 1);
     let (state, r) = init(tmp.path(), "s", &url, &[]);
@@ -130,6 +140,9 @@ fn a_password_in_a_url_on_the_command_line_is_refused() {
 
 #[test]
 fn init_on_a_database_in_use_is_refused_without_join() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let (a, url) = replica_a();
     let tmp = tempfile::tempdir().unwrap();
     let (state, r) = init(tmp.path(), "b", &url, &[]);
@@ -143,6 +156,9 @@ fn init_on_a_database_in_use_is_refused_without_join() {
 
 #[test]
 fn a_joined_replica_serves_what_another_wrote() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let (a, url) = replica_a();
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("copy-of-a");
@@ -190,6 +206,9 @@ fn a_joined_replica_serves_what_another_wrote() {
 
 #[test]
 fn join_with_another_master_key_is_refused_and_writes_nothing() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let (a, url) = replica_a();
     let (other, _) = replica_a();
     let tmp = tempfile::tempdir().unwrap();
@@ -210,6 +229,9 @@ fn join_with_another_master_key_is_refused_and_writes_nothing() {
 
 #[test]
 fn start_up_errors_name_the_problem() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let (mut a, url) = replica_a();
     a.stop();
 
@@ -264,6 +286,9 @@ fn start_up_errors_name_the_problem() {
 
 #[test]
 fn an_unreachable_database_is_a_clear_error_at_start() {
+    if postgres_pass_only(WHY) {
+        return;
+    }
     let cluster = secretfs_pgtest::PgCluster::start(Default::default());
     let url = secretfs_pgtest::url_without_password(&cluster.database());
     let tmp = tempfile::tempdir().unwrap();

@@ -34,10 +34,7 @@ pub(super) fn lock_head(tx: &mut Tx<'_>) -> Result<()> {
         return Ok(());
     }
     tx.later(LOCKED_HEAD, Want::Rows, owned![], |job, answer| {
-        let rows = match answer? {
-            Answer::Rows(rows) => rows,
-            Answer::Count(_) => Vec::new(),
-        };
+        let rows = answer?.into_rows();
         job.head = head_of(rows.into_iter().next())?;
         job.head_unchecked = true;
         Ok(())
@@ -113,8 +110,7 @@ pub(super) fn insert(tx: &mut Tx<'_>, e: &AuditEntry) -> Result<()> {
                     )))
                 }
                 Err(err) => return Err(err.into()),
-                Ok(Answer::Rows(rows)) => rows,
-                Ok(Answer::Count(_)) => Vec::new(),
+                Ok(answer) => answer.into_rows(),
             };
             let as_written = match rows.first().map(chained).transpose()? {
                 Some((entry, Some(e), Some(c))) => entry == mine && e == epoch && c == chain,

@@ -193,11 +193,12 @@ pub(super) struct Job {
     pub head: Option<AuditHead>,
     /// `head` was read from the database and its MAC is not checked yet.
     pub head_unchecked: bool,
-    /// The job inserted audit entries: the head is written at its end.
+    /// The job inserted audit entries: the head is written at the batch's
+    /// end.
     pub head_moved: bool,
     /// What to announce on the database's channel at commit.
     pub change: Option<Change>,
-    /// The row set's sealed record, as read at the end of the job.
+    /// The row set's sealed record, as read at the end of the batch.
     pub row_set: Option<Option<Vec<u8>>>,
 }
 
@@ -275,13 +276,6 @@ fn outside_transaction<T>(
 
 fn refs(params: &Owned) -> Vec<&(dyn ToSql + Sync)> {
     params.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect()
-}
-
-fn rows(answer: Answer) -> Vec<Row> {
-    match answer {
-        Answer::Rows(rows) => rows,
-        Answer::Count(_) => Vec::new(),
-    }
 }
 
 fn row_count(n: usize) -> StoreError {
@@ -397,7 +391,7 @@ impl<'c> Tx<'c> {
         check: impl FnOnce(&mut Job, Row) -> Result<()> + 'c,
     ) -> Result<()> {
         self.later(sql, Want::Rows, params, |job, answer| {
-            let mut rows = rows(answer?);
+            let mut rows = answer?.into_rows();
             match rows.len() {
                 1 => check(job, rows.pop().expect("one row")),
                 n => Err(row_count(n)),
@@ -414,7 +408,7 @@ impl<'c> Tx<'c> {
     }
 
     pub fn query(&mut self, sql: &'static str, p: Params<'_>) -> Result<Vec<Row>> {
-        Ok(rows(self.now(sql, Want::Rows, p)??))
+        Ok(self.now(sql, Want::Rows, p)??.into_rows())
     }
 
     pub fn opt(&mut self, sql: &'static str, p: Params<'_>) -> Result<Option<Row>> {
@@ -455,7 +449,7 @@ impl<'c> Tx<'c> {
         match self.now(sql, Want::Rows, p)? {
             Err(e) => Ok(Err(e)),
             Ok(answer) => {
-                let mut rows = rows(answer);
+                let mut rows = answer.into_rows();
                 match rows.len() {
                     1 => Ok(Ok(rows.pop().expect("one row"))),
                     n => Err(row_count(n)),
@@ -914,35 +908,14 @@ impl Pool {
         let failure = match outcome {
             Ok(Ok(())) => None,
             // Before COMMIT was sent: nothing was committed.
-            Err(e) => Some(
-                if conn.client.is_closed() || matches!(e, StoreError::Unavailable(_)) {
-                    *slot = None;
-                    Failed::Lost(lost_before(&e.to_string()))
-                } else {
-                    let _ = conn.client.batch_execute("ROLLBACK");
-                    if retryable(&e) {
-                        Failed::Conflict(e.to_string())
-                    } else {
-                        Failed::Commit(e.to_string())
-                    }
-                },
-            ),
-            // In COMMIT's round trip.
-            Ok(Err(e)) => Some(
-                if conn.client.is_closed() || matches!(e, StoreError::Unavailable(_)) {
-                    *slot = None;
-                    // (OutcomeUnknown says what it means; this is the cause.)
-                    Failed::Unknown(e.to_string())
-                } else {
-                    let _ = conn.client.batch_execute("ROLLBACK");
-                    if retryable(&e) {
-                        Failed::Conflict(e.to_string())
-                    } else {
-                        Failed::Commit(e.to_string())
-                    }
-                },
-            ),
+            Err(e) => Some(rolled_back(conn, e, |why| Failed::Lost(lost_before(&why)))),
+            // In COMMIT's round trip: committed or not, unless the
+            // connection still answers.
+            Ok(Err(e)) => Some(rolled_back(conn, e, Failed::Unknown)),
         };
+        if matches!(failure, Some(Failed::Lost(_) | Failed::Unknown(_))) {
+            *slot = None;
+        }
         self.finish(epoch, failure);
         Some(epoch)
     }
@@ -1052,6 +1025,21 @@ fn end_jobs(
         row_set::flush(t, keys)
     } else {
         t.flush()
+    }
+}
+
+/// Why a batch whose end failed with `e` did not commit: its transaction
+/// is rolled back, and if the connection no longer answers (a timeout is
+/// Unavailable too, on a sound connection: the ROLLBACK tells them apart)
+/// it is `if_lost`.
+fn rolled_back(conn: &mut Conn<Pipelined>, e: StoreError, if_lost: fn(String) -> Failed) -> Failed {
+    let why = e.to_string();
+    if conn.client.is_closed() || conn.client.batch_execute("ROLLBACK").is_err() {
+        if_lost(why)
+    } else if retryable(&e) {
+        Failed::Conflict(why)
+    } else {
+        Failed::Commit(why)
     }
 }
 

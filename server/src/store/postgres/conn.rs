@@ -550,24 +550,23 @@ pub(super) fn is_connection_error(e: &postgres::Error) -> bool {
 
 /// What a database error that means "not now" (nothing was written,
 /// worth trying again later) says to the operator; None for the rest.
-pub(super) fn unavailable_because(code: &SqlState) -> Option<&'static str> {
-    Some(match code.code() {
-        "55P03" => {
-            "another writer held the database's write lock longer than lock_timeout (a \
-             replica that stopped while writing: PostgreSQL ends its session within \
-             idle_in_transaction_session_timeout); nothing was written, try again"
-        }
-        "57014" => {
-            "the statement ran longer than statement_timeout and was cancelled; nothing was \
-             written"
-        }
-        "25006" => {
-            "the database is read only (a standby, e.g. after a failover): nothing was \
-             written; point --database at the primary"
-        }
-        "57P01" | "57P02" => "PostgreSQL is shutting down or restarting",
-        "57P03" => "PostgreSQL is not accepting connections yet (starting up or recovering)",
-        _ => return None,
+fn unavailable_because(code: &SqlState) -> Option<&'static str> {
+    Some(if *code == SqlState::LOCK_NOT_AVAILABLE {
+        "another writer held the database's write lock longer than lock_timeout (a \
+         replica that stopped while writing: PostgreSQL ends its session within \
+         idle_in_transaction_session_timeout); nothing was written, try again"
+    } else if *code == SqlState::QUERY_CANCELED {
+        "the statement ran longer than statement_timeout and was cancelled; nothing was \
+         written"
+    } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+        "the database is read only (a standby, e.g. after a failover): nothing was \
+         written; point --database at the primary"
+    } else if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN {
+        "PostgreSQL is shutting down or restarting"
+    } else if *code == SqlState::CANNOT_CONNECT_NOW {
+        "PostgreSQL is not accepting connections yet (starting up or recovering)"
+    } else {
+        return None;
     })
 }
 

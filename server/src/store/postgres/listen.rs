@@ -53,13 +53,11 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// reconnection resyncs anyway).
 const MAX_LOCAL: usize = 100_000;
 
-/// Where the listener connects and how it reads the database's revision.
+/// Where the listener connects.
 pub struct Source {
     /// A new connection to the database (the store's own connect, with its
     /// TLS and password).
     pub connect: Box<dyn Fn() -> Result<postgres::Client> + Send>,
-    /// The revision the database is at now.
-    pub revision: fn(&mut postgres::Client) -> std::result::Result<u64, postgres::Error>,
     /// What to call the database in logs (the URL without its password).
     pub describe: String,
 }
@@ -115,10 +113,6 @@ impl PgFeed {
         PgFeed::start(
             Source {
                 connect: Box::new(move || super::conn::connect(&conn_cfg)),
-                revision: |c| {
-                    Ok(c.query_one("SELECT value FROM revision WHERE id = 1", &[])?
-                        .get::<_, i64>(0) as u64)
-                },
                 describe: cfg.redacted().to_string(),
             },
             revision_now,
@@ -245,7 +239,9 @@ fn session(source: &Source) -> Result<(postgres::Client, u64)> {
             notify::CHANNEL
         ))
         .map_err(|e| unavailable("cannot listen for changes", &e))?;
-    let current = (source.revision)(&mut client)
+    let current = client
+        .query_one("SELECT value FROM revision WHERE id = 1", &[])
+        .map(|r| r.get::<_, i64>(0) as u64)
         .map_err(|e| unavailable("cannot read the database's revision", &e))?;
     Ok((client, current))
 }
@@ -254,9 +250,6 @@ fn unavailable(what: &str, e: &postgres::Error) -> StoreError {
     StoreError::Unavailable(format!("{what}: {}", super::conn::describe(e)))
 }
 
-/// `e` for a person: postgres::Error's Display is only "db error" for the
-/// server's own errors, whose message is in the DbError. Neither carries
-/// the password.
 /// Why a listening session ended.
 enum End {
     /// The feed was dropped.

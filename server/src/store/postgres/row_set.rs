@@ -13,7 +13,7 @@
 use super::audit::revision;
 use super::commit::{owned, Tx};
 use super::macs;
-use super::session::{Answer, Want};
+use super::session::Want;
 use crate::keys::{KeySet, Keys, MacKey, MAC_LEN};
 use crate::store::integrity::{
     self, cannot_move, checkable, row_set_h, row_set_mismatch, same, xor_into, BadRow,
@@ -63,10 +63,7 @@ fn write(tx: &mut Tx<'_>, keys: &Keys, rec: &RowSetRecord) -> Result<()> {
 pub(super) fn flush(tx: &mut Tx<'_>, keys: &Keys) -> Result<()> {
     // The record, read in the same round trip as the shares.
     tx.later(READ, Want::Rows, owned![], |job, answer| {
-        let rows = match answer? {
-            Answer::Rows(rows) => rows,
-            Answer::Count(_) => Vec::new(),
-        };
+        let rows = answer?.into_rows();
         job.row_set = Some(rows.first().map(|r| r.try_get(0)).transpose()?);
         Ok(())
     })?;

@@ -8,7 +8,7 @@ use super::rows::{
     self, insert_named, secret_cols, select_granted, select_granted_sealed, select_secrets,
     SEALED_PATH, VIEW_PATH,
 };
-use super::session::{Answer, Want};
+use super::session::Want;
 use crate::envelope::Sealed;
 use crate::store::integrity::Checker;
 use crate::store::*;
@@ -105,23 +105,26 @@ pub(super) fn create(
     )?;
     let row = insert_named(inserted, Entity::Secret, &new.name)?;
     let id: i64 = row.try_get(0)?;
-    let expected = integrity::secret(&integrity::SecretRow {
+    let written = SecretRecord {
         id: id as u64,
-        name: &new.name,
-        description: &new.description,
-        labels: &labels,
+        name: new.name.clone(),
+        description: new.description.clone(),
+        labels: new.labels.clone(),
         mode: new.mode,
         owner: new.owner,
-        grp: new.group,
+        group: new.group,
         expires_at: new.expires_at,
         current_version: 1,
         version_count: 1,
         created_at: now,
         updated_at: now,
-    });
+        size: new.size,
+        version_created_at: now,
+    };
+    let expected = integrity::secret(&integrity::SecretRow::of(&written, &labels));
     macs::sign_row(tx, ck.keys, &macs::SECRETS, &row, &expected)?;
     let sealed = seal(id as u64, 1)?;
-    insert_version(tx, id, 1, new.size, &audit.actor, &sealed, now_s())?;
+    insert_version(tx, id, 1, new.size, &audit.actor, &sealed, now)?;
     let revision = record_change(
         tx,
         &AuditEntry {
@@ -133,8 +136,9 @@ pub(super) fn create(
             revision,
         },
     )?;
+    // The record as written (its row came back so, or the job failed).
     Ok(Committed {
-        value: by_name(tx, ck, &new.name)?,
+        value: written,
         revision,
     })
 }
@@ -153,20 +157,9 @@ fn sign_secret(
 /// What a `secrets` row's MAC covers.
 fn mac_input(expected: &SecretRecord) -> Result<crate::keys::MacInput> {
     let labels = serde_json::to_string(&expected.labels).map_err(StoreError::backend)?;
-    Ok(integrity::secret(&integrity::SecretRow {
-        id: expected.id,
-        name: &expected.name,
-        description: &expected.description,
-        labels: &labels,
-        mode: expected.mode,
-        owner: expected.owner,
-        grp: expected.group,
-        expires_at: expected.expires_at,
-        current_version: expected.current_version,
-        version_count: expected.version_count,
-        created_at: expected.created_at,
-        updated_at: expected.updated_at,
-    }))
+    Ok(integrity::secret(&integrity::SecretRow::of(
+        expected, &labels,
+    )))
 }
 
 /// A secret as read before a change, and its row's MAC: the change's
@@ -260,10 +253,7 @@ pub(super) fn rotate(
             guard
         ],
         move |_, answer| {
-            let mut rows = match answer? {
-                Answer::Rows(rows) => rows,
-                Answer::Count(_) => Vec::new(),
-            };
+            let mut rows = answer?.into_rows();
             match rows.pop() {
                 None if guarded => Err(StoreError::Backend(Box::new(Stale))),
                 Some(row) if rows.is_empty() => macs::as_written(&macs::SECRETS, &row, &input),

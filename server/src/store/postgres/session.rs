@@ -35,6 +35,16 @@ pub(super) enum Answer {
     Count(u64),
 }
 
+impl Answer {
+    /// Its rows (none for a count).
+    pub(super) fn into_rows(self) -> Vec<Row> {
+        match self {
+            Answer::Rows(rows) => rows,
+            Answer::Count(_) => Vec::new(),
+        }
+    }
+}
+
 /// The calls a transaction makes on a connection.
 pub(super) trait Session {
     fn prepare(&mut self, sql: &str) -> Result<Statement, Error>;

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use secretfs_pgtest::PgCluster;
 use tokio::sync::broadcast;
 
+use super::tests::{next, until};
 use super::APPLICATION_NAME;
 use crate::keys::KeyRing;
+use crate::store::conformance::entry;
 use crate::store::postgres::{PgConfig, PgStore};
 use crate::store::*;
 
@@ -42,15 +44,6 @@ fn listeners(pg: &PgCluster, db: &str) -> i64 {
         )
         .unwrap()
         .get(0)
-}
-
-fn entry(action: &str) -> AuditEntry {
-    AuditEntry {
-        actor: "admin".into(),
-        action: action.into(),
-        allowed: true,
-        ..Default::default()
-    }
 }
 
 fn sealed() -> Sealed {
@@ -88,19 +81,6 @@ fn rotate(store: &PgStore, name: &str) -> Result<Committed<SecretRecord>> {
     )
 }
 
-fn next(rx: &mut broadcast::Receiver<Change>) -> Change {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match rx.try_recv() {
-            Ok(change) => return change,
-            Err(broadcast::error::TryRecvError::Empty) => {}
-            Err(e) => panic!("the feed failed: {e}"),
-        }
-        assert!(Instant::now() < deadline, "no change within 20 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Waits until every revision up to `last` was delivered on `rx`, one by
 /// one or covered by a Resync; returns whether a Resync came.
 fn covered_up_to(rx: &mut broadcast::Receiver<Change>, from: u64, last: u64) -> bool {
@@ -122,14 +102,6 @@ fn covered_up_to(rx: &mut broadcast::Receiver<Change>, from: u64, last: u64) -> 
         }
     }
     resynced
-}
-
-fn until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok() {
-        assert!(Instant::now() < deadline, "not {what} within 30 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

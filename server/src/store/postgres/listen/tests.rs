@@ -90,10 +90,6 @@ impl Db {
                     StoreError::Unavailable(crate::store::postgres::conn::describe(&e))
                 })
             }),
-            revision: |c| {
-                Ok(c.query_one("SELECT value FROM revision WHERE id = 1", &[])?
-                    .get::<_, i64>(0) as u64)
-            },
             describe: "test database".into(),
         }
     }
@@ -119,23 +115,25 @@ impl Db {
     }
 }
 
-fn next(rx: &mut broadcast::Receiver<Change>) -> Change {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// The next change on `rx` (bounded wait). Also the replica tests'.
+pub(super) fn next(rx: &mut broadcast::Receiver<Change>) -> Change {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match rx.try_recv() {
             Ok(change) => return change,
             Err(broadcast::error::TryRecvError::Empty) => {}
             Err(e) => panic!("the feed failed: {e}"),
         }
-        assert!(Instant::now() < deadline, "no change within 20 s");
+        assert!(Instant::now() < deadline, "no change within 30 s");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-fn until(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// Waits (bounded) until `ok`. Also the replica tests'.
+pub(super) fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
     while !ok() {
-        assert!(Instant::now() < deadline, "not {what} within 20 s");
+        assert!(Instant::now() < deadline, "not {what} within 30 s");
         std::thread::sleep(Duration::from_millis(10));
     }
 }
